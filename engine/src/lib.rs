@@ -1,0 +1,1 @@
+//! The chinwag gateway.
