@@ -147,7 +147,7 @@ decimal_id!(
 );
 
 /// Parses a canonical decimal `u64`: digits only, no sign, no surrounding space.
-fn parse_decimal_u64(s: &str) -> Result<u64, IdError> {
+pub(crate) fn parse_decimal_u64(s: &str) -> Result<u64, IdError> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(IdError("expected a decimal u64"));
     }

@@ -1,0 +1,657 @@
+//! The binary codec: a 16-byte header, then a body laid out per op.
+//!
+//! Header (big-endian): `u32 length` of the whole frame, header included · `u8 version` (1) ·
+//! `u8 op` · `u16 flags` · `u64 req`. Flag bit 0 ([`FLAG_REQ`]) says the frame carries a `req`;
+//! the other bits are reserved and must be 0. Body fields are fixed-width big-endian integers,
+//! strings with a `u16` (short strings) or `u32` (message bodies) byte length, and lists with a
+//! count. `docs/protocol.md` gives every byte of every op.
+//!
+//! Decoding borrows: strings in the decoded [`Frame`] point into the input. Encoding appends to a
+//! caller's `BytesMut`. Nothing here panics on any input.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind};
+use crate::limits;
+use crate::message::{
+    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
+    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
+    SendOk, Target,
+};
+
+/// The header's size in bytes.
+pub const HEADER_LEN: usize = 16;
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Flag bit 0: the frame carries a `req`.
+pub const FLAG_REQ: u16 = 0x0001;
+
+/// The fixed header of every frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The whole frame's length, header included.
+    pub len: u32,
+    /// The op's binary code (not yet checked against known ops).
+    pub op: u8,
+    /// The `req`, when [`FLAG_REQ`] is set.
+    pub req: Option<u64>,
+}
+
+impl Header {
+    /// Reads a header from the first [`HEADER_LEN`] bytes of `bytes`.
+    pub fn parse(bytes: &[u8]) -> Result<Header, DecodeError> {
+        let Some(head) = bytes.get(..HEADER_LEN) else {
+            return Err(DecodeError::new(None, DecodeErrorKind::Truncated));
+        };
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let flags = u16::from_be_bytes([head[6], head[7]]);
+        let mut req_bytes = [0; 8];
+        req_bytes.copy_from_slice(&head[8..16]);
+        let req = (flags & FLAG_REQ != 0).then(|| u64::from_be_bytes(req_bytes));
+        let fail = |kind| Err(DecodeError::new(req, kind));
+        if head[4] != VERSION {
+            return fail(DecodeErrorKind::BadVersion(head[4]));
+        }
+        if flags & !FLAG_REQ != 0 {
+            return fail(DecodeErrorKind::BadValue("reserved flag bits are set"));
+        }
+        if (len as usize) < HEADER_LEN {
+            return fail(DecodeErrorKind::BadLength("frame shorter than its header"));
+        }
+        Ok(Header {
+            len,
+            op: head[5],
+            req,
+        })
+    }
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodeError(pub &'static str);
+
+impl std::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot encode: {}", self.0)
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+/// Appends `frame` to `out`. On error `out` is left as it was.
+pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.put_u32(0); // Patched once the body's length is known.
+    out.put_u8(VERSION);
+    out.put_u8(frame.message.op() as u8);
+    out.put_u16(if frame.req.is_some() { FLAG_REQ } else { 0 });
+    out.put_u64(frame.req.unwrap_or(0));
+    let result = encode_body(&frame.message, out).and_then(|()| {
+        u32::try_from(out.len() - start).map_err(|_| EncodeError("frame exceeds 4 GiB"))
+    });
+    match result {
+        Ok(len) => {
+            out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// Encodes `frame` into a new buffer.
+pub fn encode_to_bytes(frame: &Frame<'_>) -> Result<Bytes, EncodeError> {
+    let mut out = BytesMut::with_capacity(64);
+    encode(frame, &mut out)?;
+    Ok(out.freeze())
+}
+
+fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeError> {
+    match message {
+        Message::Login(m) => {
+            out.put_u8(m.device as u8);
+            put_str16(out, &m.token, "token")?;
+        }
+        Message::LoginOk(m) => {
+            put_uid(out, m.uid);
+            out.put_u64(m.device_id.get());
+            out.put_u64(m.node_id.get());
+            out.put_u64(m.ts);
+        }
+        Message::Send(m) => {
+            match m.target {
+                Target::Conv(conv) => {
+                    out.put_u8(TARGET_CONV);
+                    out.put_u64(conv.0);
+                }
+                Target::Shop(shop) => {
+                    out.put_u8(TARGET_SHOP);
+                    out.put_u64(shop.0);
+                }
+                Target::User(uid) => {
+                    out.put_u8(TARGET_USER);
+                    put_uid(out, uid);
+                }
+            }
+            put_str16(out, &m.cmid, "cmid")?;
+            put_str16(out, &m.kind, "kind")?;
+            put_str32(out, &m.body)?;
+        }
+        Message::SendOk(m) => {
+            out.put_u64(m.conv.0);
+            out.put_u64(m.seq.0);
+            out.put_u64(m.ts);
+        }
+        Message::Read(c) | Message::ReadOk(c) => {
+            out.put_u64(c.conv.0);
+            out.put_u64(c.seq.0);
+        }
+        Message::Resolve(conv) | Message::ResolveOk(conv) => out.put_u64(conv.0),
+        Message::History(m) => {
+            out.put_u64(m.conv.0);
+            let (range, seq) = match m.range {
+                HistoryRange::Newest => (RANGE_NEWEST, Seq(0)),
+                HistoryRange::Before(seq) => (RANGE_BEFORE, seq),
+                HistoryRange::After(seq) => (RANGE_AFTER, seq),
+            };
+            out.put_u8(range);
+            out.put_u64(seq.0);
+            out.put_u16(m.limit);
+        }
+        Message::HistoryOk(m) => {
+            out.put_u64(m.conv.0);
+            put_count16(out, m.msgs.len(), "msgs")?;
+            for msg in &m.msgs {
+                put_msg(out, msg)?;
+            }
+        }
+        Message::Convs | Message::Ping | Message::Pong => {}
+        Message::ConvsOk(convs) => {
+            let count = u32::try_from(convs.len()).map_err(|_| EncodeError("too many convs"))?;
+            out.put_u32(count);
+            for c in convs {
+                out.put_u64(c.conv.0);
+                match c.conv_type {
+                    ConvType::Shop(shop) => {
+                        out.put_u8(CONV_SHOP);
+                        out.put_u64(shop.0);
+                    }
+                    ConvType::Direct => out.put_u8(CONV_DIRECT),
+                    ConvType::Group => out.put_u8(CONV_GROUP),
+                }
+                put_uids(out, &c.members)?;
+                out.put_u64(c.last_seq.0);
+                out.put_u64(c.read_seq.0);
+                out.put_u64(c.unread);
+                match &c.last {
+                    None => out.put_u8(0),
+                    Some(msg) => {
+                        out.put_u8(1);
+                        put_msg(out, msg)?;
+                    }
+                }
+            }
+        }
+        Message::Msg(m) => put_msg(out, m)?,
+        Message::Receipt(m) => {
+            out.put_u64(m.conv.0);
+            put_uid(out, m.uid);
+            out.put_u64(m.seq.0);
+        }
+        Message::Members(m) => {
+            out.put_u64(m.conv.0);
+            put_uids(out, &m.members)?;
+        }
+        Message::Kicked(reason) => put_str16(out, reason, "reason")?,
+        Message::Error(m) => {
+            out.put_u8(m.code as u8);
+            put_str16(out, &m.message, "message")?;
+        }
+    }
+    Ok(())
+}
+
+const TARGET_CONV: u8 = 1;
+const TARGET_SHOP: u8 = 2;
+const TARGET_USER: u8 = 3;
+const RANGE_NEWEST: u8 = 0;
+const RANGE_BEFORE: u8 = 1;
+const RANGE_AFTER: u8 = 2;
+const CONV_SHOP: u8 = 0;
+const CONV_DIRECT: u8 = 1;
+const CONV_GROUP: u8 = 2;
+/// A uid on the wire: `u8 kind` · `u64 id`.
+const UID_LEN: usize = 9;
+
+fn put_uid(out: &mut BytesMut, uid: Uid) {
+    out.put_u8(uid.kind as u8);
+    out.put_u64(uid.id);
+}
+
+fn put_uids(out: &mut BytesMut, uids: &[Uid]) -> Result<(), EncodeError> {
+    put_count16(out, uids.len(), "members")?;
+    for uid in uids {
+        put_uid(out, *uid);
+    }
+    Ok(())
+}
+
+fn put_count16(out: &mut BytesMut, n: usize, what: &'static str) -> Result<(), EncodeError> {
+    out.put_u16(u16::try_from(n).map_err(|_| EncodeError(what))?);
+    Ok(())
+}
+
+fn put_str16(out: &mut BytesMut, s: &str, what: &'static str) -> Result<(), EncodeError> {
+    out.put_u16(u16::try_from(s.len()).map_err(|_| EncodeError(what))?);
+    out.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_str32(out: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
+    out.put_u32(u32::try_from(s.len()).map_err(|_| EncodeError("body"))?);
+    out.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_msg(out: &mut BytesMut, m: &Msg<'_>) -> Result<(), EncodeError> {
+    out.put_u64(m.conv.0);
+    out.put_u64(m.seq.0);
+    put_uid(out, m.from);
+    out.put_u64(m.ts);
+    put_str16(out, &m.kind, "kind")?;
+    put_str32(out, &m.body)?;
+    put_str16(out, &m.cmid, "cmid")
+}
+
+/// Decodes exactly one whole frame: `bytes` must be as long as its header says.
+pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
+    let header = Header::parse(bytes)?;
+    if header.len as usize != bytes.len() {
+        return Err(DecodeError::new(
+            header.req,
+            DecodeErrorKind::BadLength("frame length differs from the bytes given"),
+        ));
+    }
+    decode_body(header, &bytes[HEADER_LEN..])
+}
+
+/// Splits a buffer holding frames back to back (one binary WebSocket message) into frames.
+///
+/// Yields an error and stops at the first frame whose header is bad or whose length runs past
+/// the buffer; a frame whose body is bad yields its error and the next frame follows, since its
+/// length is still known.
+pub fn frames(bytes: &[u8]) -> Frames<'_> {
+    Frames { rest: bytes }
+}
+
+/// The iterator of [`frames`].
+#[derive(Debug)]
+pub struct Frames<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<Frame<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let header = match Header::parse(self.rest) {
+            Ok(header) => header,
+            Err(e) => {
+                self.rest = &[];
+                return Some(Err(e));
+            }
+        };
+        let Some(frame) = self.rest.get(..header.len as usize) else {
+            self.rest = &[];
+            return Some(Err(DecodeError::new(
+                header.req,
+                DecodeErrorKind::Truncated,
+            )));
+        };
+        self.rest = &self.rest[frame.len()..];
+        Some(decode_body(header, &frame[HEADER_LEN..]))
+    }
+}
+
+fn decode_body(header: Header, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
+    let req = header.req;
+    let fail = |kind| DecodeError::new(req, kind);
+    let op = Op::from_code(header.op)
+        .ok_or_else(|| fail(DecodeErrorKind::UnknownOp(format!("0x{:02x}", header.op))))?;
+    let mut r = Reader { bytes: body };
+    let message = read_message(op, &mut r).map_err(fail)?;
+    if !r.bytes.is_empty() {
+        return Err(fail(DecodeErrorKind::BadLength("bytes follow the body")));
+    }
+    Ok(Frame { req, message })
+}
+
+fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErrorKind> {
+    Ok(match op {
+        Op::Login => {
+            let device = DeviceType::from_bits(r.u8()?)
+                .ok_or(DecodeErrorKind::BadValue("unknown device type"))?;
+            let token = r.str16("token")?;
+            limits::check_token(&token)?;
+            Message::Login(Login { token, device })
+        }
+        Op::LoginOk => Message::LoginOk(LoginOk {
+            uid: r.uid()?,
+            device_id: DeviceId::from_u64(r.u64()?).map_err(|e| DecodeErrorKind::BadValue(e.0))?,
+            node_id: NodeId::from_u64(r.u64()?).map_err(|e| DecodeErrorKind::BadValue(e.0))?,
+            ts: r.u64()?,
+        }),
+        Op::Send => {
+            let target = match r.u8()? {
+                TARGET_CONV => Target::Conv(ConvId(r.u64()?)),
+                TARGET_SHOP => Target::Shop(ShopId(r.u64()?)),
+                TARGET_USER => Target::User(r.uid()?),
+                _ => return Err(DecodeErrorKind::BadValue("unknown send target")),
+            };
+            let cmid = r.str16("cmid")?;
+            let kind = r.str16("kind")?;
+            let body = r.str32("body")?;
+            limits::check_cmid(&cmid)?;
+            limits::check_kind(&kind)?;
+            Message::Send(Send {
+                target,
+                cmid,
+                kind,
+                body,
+            })
+        }
+        Op::SendOk => Message::SendOk(SendOk {
+            conv: ConvId(r.u64()?),
+            seq: Seq(r.u64()?),
+            ts: r.u64()?,
+        }),
+        Op::Read => Message::Read(r.cursor()?),
+        Op::ReadOk => Message::ReadOk(r.cursor()?),
+        Op::Resolve => Message::Resolve(ConvId(r.u64()?)),
+        Op::ResolveOk => Message::ResolveOk(ConvId(r.u64()?)),
+        Op::History => {
+            let conv = ConvId(r.u64()?);
+            let range = r.u8()?;
+            let seq = Seq(r.u64()?);
+            let range = match range {
+                RANGE_NEWEST if seq.0 == 0 => HistoryRange::Newest,
+                RANGE_BEFORE if seq.0 != 0 => HistoryRange::Before(seq),
+                RANGE_AFTER => HistoryRange::After(seq),
+                _ => return Err(DecodeErrorKind::BadValue("history range")),
+            };
+            let limit = limits::check_history_limit(u64::from(r.u16()?))?;
+            Message::History(History { conv, range, limit })
+        }
+        Op::HistoryOk => {
+            let conv = ConvId(r.u64()?);
+            let count = r.u16()?;
+            let mut msgs = r.list_with_capacity(usize::from(count), MSG_LEN_MIN);
+            for _ in 0..count {
+                msgs.push(r.msg()?);
+            }
+            Message::HistoryOk(HistoryOk { conv, msgs })
+        }
+        Op::Convs => Message::Convs,
+        Op::ConvsOk => {
+            let count = r.u32()?;
+            let mut convs = r.list_with_capacity(count as usize, CONV_LEN_MIN);
+            for _ in 0..count {
+                let conv = ConvId(r.u64()?);
+                let conv_type = match r.u8()? {
+                    CONV_SHOP => ConvType::Shop(ShopId(r.u64()?)),
+                    CONV_DIRECT => ConvType::Direct,
+                    CONV_GROUP => ConvType::Group,
+                    _ => return Err(DecodeErrorKind::BadValue("unknown conversation type")),
+                };
+                let members = r.uids()?;
+                let last_seq = Seq(r.u64()?);
+                let read_seq = Seq(r.u64()?);
+                let unread = r.u64()?;
+                let last = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.msg()?),
+                    _ => return Err(DecodeErrorKind::BadValue("last presence byte")),
+                };
+                convs.push(ConvSummary {
+                    conv,
+                    conv_type,
+                    members,
+                    last_seq,
+                    read_seq,
+                    unread,
+                    last,
+                });
+            }
+            Message::ConvsOk(convs)
+        }
+        Op::Ping => Message::Ping,
+        Op::Pong => Message::Pong,
+        Op::Msg => Message::Msg(r.msg()?),
+        Op::Receipt => Message::Receipt(Receipt {
+            conv: ConvId(r.u64()?),
+            uid: r.uid()?,
+            seq: Seq(r.u64()?),
+        }),
+        Op::Members => Message::Members(Members {
+            conv: ConvId(r.u64()?),
+            members: r.uids()?,
+        }),
+        Op::Kicked => Message::Kicked(r.str16("reason")?),
+        Op::Error => Message::Error(ErrorReply {
+            code: ErrorCode::from_code(r.u8()?)
+                .ok_or(DecodeErrorKind::BadValue("unknown error code"))?,
+            message: r.str16("message")?,
+        }),
+    })
+}
+
+/// The fewest bytes a `msg` entry takes (conv, seq, uid, ts, three empty strings).
+const MSG_LEN_MIN: usize = 8 + 8 + UID_LEN + 8 + 2 + 4 + 2;
+/// The fewest bytes a `convs_ok` entry takes.
+const CONV_LEN_MIN: usize = 8 + 1 + 2 + 8 + 8 + 8 + 1;
+
+/// A cursor over a body. Every read checks the bytes left, so no input can make it panic.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeErrorKind> {
+        if self.bytes.len() < n {
+            return Err(DecodeErrorKind::Truncated);
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeErrorKind> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeErrorKind> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeErrorKind> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeErrorKind> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeErrorKind> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    fn str_of(&mut self, len: usize, field: &'static str) -> Result<Cow<'a, str>, DecodeErrorKind> {
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(Cow::Borrowed)
+            .map_err(|_| DecodeErrorKind::InvalidUtf8(field))
+    }
+
+    fn str16(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeErrorKind> {
+        let len = self.u16()?;
+        self.str_of(usize::from(len), field)
+    }
+
+    fn str32(&mut self, field: &'static str) -> Result<Cow<'a, str>, DecodeErrorKind> {
+        let len = self.u32()?;
+        self.str_of(len as usize, field)
+    }
+
+    fn uid(&mut self) -> Result<Uid, DecodeErrorKind> {
+        let kind = UidKind::from_code(self.u8()?).ok_or(DecodeErrorKind::BadValue("uid kind"))?;
+        Ok(Uid::new(kind, self.u64()?))
+    }
+
+    fn uids(&mut self) -> Result<Vec<Uid>, DecodeErrorKind> {
+        let count = self.u16()?;
+        let mut uids = self.list_with_capacity(usize::from(count), UID_LEN);
+        for _ in 0..count {
+            uids.push(self.uid()?);
+        }
+        Ok(uids)
+    }
+
+    fn cursor(&mut self) -> Result<Cursor, DecodeErrorKind> {
+        Ok(Cursor {
+            conv: ConvId(self.u64()?),
+            seq: Seq(self.u64()?),
+        })
+    }
+
+    fn msg(&mut self) -> Result<Msg<'a>, DecodeErrorKind> {
+        Ok(Msg {
+            conv: ConvId(self.u64()?),
+            seq: Seq(self.u64()?),
+            from: self.uid()?,
+            ts: self.u64()?,
+            kind: self.str16("kind")?,
+            body: self.str32("body")?,
+            cmid: self.str16("cmid")?,
+        })
+    }
+
+    /// A vector for `count` entries of at least `entry_len_min` bytes each. The capacity is
+    /// capped by the bytes left, so a forged count cannot make the decoder allocate more than
+    /// its input could fill.
+    fn list_with_capacity<T>(&self, count: usize, entry_len_min: usize) -> Vec<T> {
+        Vec::with_capacity(count.min(self.bytes.len() / entry_len_min))
+    }
+}
+
+/// Reassembles frames from a byte stream (the backend TCP port, node links) that arrives in
+/// chunks of any size.
+///
+/// A frame's length is checked against `frame_len_max` as soon as its four length bytes are in,
+/// before any of its body is buffered. After an error the stream's framing is lost: the decoder
+/// stays failed and the connection should be closed.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    /// Whole frames not yet taken, then the start of an incomplete one.
+    buf: BytesMut,
+    /// Where the incomplete frame starts in `buf`; everything before it is whole frames.
+    partial_at: usize,
+    frame_len_max: usize,
+    failed: bool,
+}
+
+impl StreamDecoder {
+    /// A decoder refusing frames longer than `frame_len_max` bytes (header included).
+    pub fn new(frame_len_max: usize) -> StreamDecoder {
+        StreamDecoder {
+            buf: BytesMut::new(),
+            partial_at: 0,
+            frame_len_max,
+            failed: false,
+        }
+    }
+
+    /// Adds bytes read from the stream.
+    ///
+    /// Fails as soon as a frame's length field is complete and out of bounds; none of that
+    /// frame's body is buffered, and the decoder stays failed.
+    pub fn extend(&mut self, mut chunk: &[u8]) -> Result<(), DecodeError> {
+        if self.failed {
+            return Err(DecodeError::new(
+                None,
+                DecodeErrorKind::BadValue("stream already failed"),
+            ));
+        }
+        while !chunk.is_empty() {
+            // Copy up to the next point where something must be checked: the end of the
+            // partial frame's length field, or the end of the partial frame.
+            let have = self.buf.len() - self.partial_at;
+            let want = match self.partial_len() {
+                None => 4 - have,
+                Some(len) => len - have,
+            };
+            let n = want.min(chunk.len());
+            self.buf.extend_from_slice(&chunk[..n]);
+            chunk = &chunk[n..];
+            if let Some(len) = self.partial_len() {
+                self.check_len(len)?;
+                if self.buf.len() - self.partial_at == len {
+                    self.partial_at = self.buf.len();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next whole frame's bytes, if one is buffered. Decode it with [`decode`].
+    pub fn next_frame(&mut self) -> Option<Bytes> {
+        if self.partial_at == 0 {
+            return None;
+        }
+        // Everything before `partial_at` is whole frames whose lengths were checked.
+        let len = read_len(&self.buf);
+        self.partial_at -= len;
+        Some(self.buf.split_to(len).freeze())
+    }
+
+    /// Bytes buffered and not yet returned as frames.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The length of the incomplete frame, once its length field is in.
+    fn partial_len(&self) -> Option<usize> {
+        let partial = &self.buf[self.partial_at..];
+        (partial.len() >= 4).then(|| read_len(partial))
+    }
+
+    fn check_len(&mut self, len: usize) -> Result<(), DecodeError> {
+        let kind = if len < HEADER_LEN {
+            DecodeErrorKind::BadLength("frame shorter than its header")
+        } else if len > self.frame_len_max {
+            DecodeErrorKind::TooLarge {
+                len: len as u64,
+                max: self.frame_len_max,
+            }
+        } else {
+            return Ok(());
+        };
+        self.failed = true;
+        self.buf.clear();
+        self.partial_at = 0;
+        Err(DecodeError::new(None, kind))
+    }
+}
+
+/// The length field at the start of `bytes` (which holds at least four).
+fn read_len(bytes: &[u8]) -> usize {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize
+}

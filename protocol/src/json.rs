@@ -1,0 +1,583 @@
+//! The JSON text form of the contract: one object per WebSocket text message.
+//!
+//! Ids that can exceed 2^53 (`conv`, `shop`, `device_id`, `node_id`) are decimal strings; `seq`,
+//! `unread`, `ts`, `req` and `limit` are numbers; uids are `"kind:id"`. Unknown fields are
+//! ignored, so clients may add their own; a duplicated field is an error.
+//!
+//! Decoding borrows every string that has no escape sequence. Encoding writes straight into a
+//! caller's `BytesMut` with its own string escaper, so an outgoing push costs one pass.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
+use crate::limits;
+use crate::message::{
+    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
+    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
+    SendOk, Target, HISTORY_LIMIT_DEFAULT,
+};
+
+/// Every field any op may carry. One flat struct deserializes without buffering and lets each op
+/// pick its fields and say precisely which is missing.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawFrame<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    req: Option<u64>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    device: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    uid: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    node_id: Option<Cow<'a, str>>,
+    ts: Option<u64>,
+    #[serde(borrow)]
+    conv: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    shop: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cmid: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    body: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    from: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<u64>,
+    #[serde(borrow)]
+    msgs: Option<Vec<RawMsg<'a>>>,
+    #[serde(borrow)]
+    convs: Option<Vec<RawConv<'a>>>,
+    #[serde(borrow)]
+    members: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawMsg<'a> {
+    #[serde(borrow)]
+    conv: Cow<'a, str>,
+    seq: u64,
+    #[serde(borrow)]
+    from: Cow<'a, str>,
+    ts: u64,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    #[serde(borrow)]
+    cmid: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RawConv<'a> {
+    #[serde(borrow)]
+    conv: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    conv_type: Cow<'a, str>,
+    #[serde(default, borrow)]
+    shop: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    members: Vec<Cow<'a, str>>,
+    last_seq: u64,
+    read_seq: u64,
+    unread: u64,
+    #[serde(default, borrow)]
+    last: Option<RawMsg<'a>>,
+}
+
+/// Just the `req`, to echo it when the rest of a frame does not decode.
+#[derive(Deserialize)]
+struct RawReq {
+    #[serde(default)]
+    req: Option<u64>,
+}
+
+/// Decodes one JSON object.
+pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
+    let raw: RawFrame<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let req = serde_json::from_str::<RawReq>(text)
+                .ok()
+                .and_then(|r| r.req);
+            return Err(DecodeError::new(
+                req,
+                DecodeErrorKind::BadJson(e.to_string()),
+            ));
+        }
+    };
+    let req = raw.req;
+    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind))?;
+    Ok(Frame { req, message })
+}
+
+/// Decodes one JSON object given as bytes (a WebSocket text message, already UTF-8 checked or not).
+pub fn decode_bytes(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| DecodeError::new(None, DecodeErrorKind::InvalidUtf8("text")))?;
+    decode(text)
+}
+
+fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
+    let op_name = raw.op.ok_or(DecodeErrorKind::MissingField("op"))?;
+    let op = Op::from_name(&op_name)
+        .ok_or_else(|| DecodeErrorKind::UnknownOp(truncate(&op_name, 64)))?;
+    let conv = || parse_field::<ConvId>(&raw.conv, "conv");
+    Ok(match op {
+        Op::Login => {
+            let token = need(raw.token, "token")?;
+            limits::check_token(&token)?;
+            Message::Login(Login {
+                device: parse_field(&raw.device, "device")?,
+                token,
+            })
+        }
+        Op::LoginOk => Message::LoginOk(LoginOk {
+            uid: parse_field(&raw.uid, "uid")?,
+            device_id: parse_field::<DeviceId>(&raw.device_id, "device_id")?,
+            node_id: parse_field::<NodeId>(&raw.node_id, "node_id")?,
+            ts: need(raw.ts, "ts")?,
+        }),
+        Op::Send => {
+            let target = match (&raw.conv, &raw.shop, &raw.user) {
+                (Some(_), None, None) => Target::Conv(conv()?),
+                (None, Some(_), None) => Target::Shop(parse_field(&raw.shop, "shop")?),
+                (None, None, Some(_)) => Target::User(parse_field(&raw.user, "user")?),
+                (None, None, None) => return Err(DecodeErrorKind::MissingField("conv|shop|user")),
+                _ => {
+                    return Err(DecodeErrorKind::BadValue(
+                        "send takes exactly one of conv, shop, user",
+                    ))
+                }
+            };
+            let cmid = need(raw.cmid, "cmid")?;
+            let kind = need(raw.kind, "kind")?;
+            limits::check_cmid(&cmid)?;
+            limits::check_kind(&kind)?;
+            Message::Send(Send {
+                target,
+                cmid,
+                kind,
+                body: need(raw.body, "body")?,
+            })
+        }
+        Op::SendOk => Message::SendOk(SendOk {
+            conv: conv()?,
+            seq: Seq(need(raw.seq, "seq")?),
+            ts: need(raw.ts, "ts")?,
+        }),
+        Op::Read => Message::Read(Cursor {
+            conv: conv()?,
+            seq: Seq(need(raw.seq, "seq")?),
+        }),
+        Op::ReadOk => Message::ReadOk(Cursor {
+            conv: conv()?,
+            seq: Seq(need(raw.seq, "seq")?),
+        }),
+        Op::Resolve => Message::Resolve(conv()?),
+        Op::ResolveOk => Message::ResolveOk(conv()?),
+        Op::History => {
+            let range = match (raw.before.filter(|&b| b != 0), raw.after) {
+                (None, None) => HistoryRange::Newest,
+                (Some(before), None) => HistoryRange::Before(Seq(before)),
+                (None, Some(after)) => HistoryRange::After(Seq(after)),
+                (Some(_), Some(_)) => {
+                    return Err(DecodeErrorKind::BadValue(
+                        "history takes before or after, not both",
+                    ))
+                }
+            };
+            let limit = match raw.limit {
+                None => HISTORY_LIMIT_DEFAULT,
+                Some(limit) => limits::check_history_limit(limit)?,
+            };
+            Message::History(History {
+                conv: conv()?,
+                range,
+                limit,
+            })
+        }
+        Op::HistoryOk => Message::HistoryOk(HistoryOk {
+            conv: conv()?,
+            msgs: need(raw.msgs, "msgs")?
+                .into_iter()
+                .map(msg_from_raw)
+                .collect::<Result<_, _>>()?,
+        }),
+        Op::Convs => Message::Convs,
+        Op::ConvsOk => Message::ConvsOk(
+            need(raw.convs, "convs")?
+                .into_iter()
+                .map(conv_from_raw)
+                .collect::<Result<_, _>>()?,
+        ),
+        Op::Ping => Message::Ping,
+        Op::Pong => Message::Pong,
+        Op::Msg => Message::Msg(msg_from_raw(RawMsg {
+            conv: need(raw.conv, "conv")?,
+            seq: need(raw.seq, "seq")?,
+            from: need(raw.from, "from")?,
+            ts: need(raw.ts, "ts")?,
+            kind: need(raw.kind, "kind")?,
+            body: need(raw.body, "body")?,
+            cmid: need(raw.cmid, "cmid")?,
+        })?),
+        Op::Receipt => Message::Receipt(Receipt {
+            conv: conv()?,
+            uid: parse_field(&raw.uid, "uid")?,
+            seq: Seq(need(raw.seq, "seq")?),
+        }),
+        Op::Members => Message::Members(Members {
+            conv: conv()?,
+            members: parse_uids(&need(raw.members, "members")?)?,
+        }),
+        Op::Kicked => Message::Kicked(need(raw.reason, "reason")?),
+        Op::Error => Message::Error(ErrorReply {
+            code: ErrorCode::from_str(&need(raw.code, "code")?)
+                .map_err(|()| DecodeErrorKind::BadValue("unknown error code"))?,
+            message: need(raw.message, "message")?,
+        }),
+    })
+}
+
+fn need<T>(field: Option<T>, name: &'static str) -> Result<T, DecodeErrorKind> {
+    field.ok_or(DecodeErrorKind::MissingField(name))
+}
+
+fn parse_field<T: FromStr>(
+    field: &Option<Cow<'_, str>>,
+    name: &'static str,
+) -> Result<T, DecodeErrorKind> {
+    parse_str(
+        field
+            .as_deref()
+            .ok_or(DecodeErrorKind::MissingField(name))?,
+        name,
+    )
+}
+
+fn parse_str<T: FromStr>(text: &str, name: &'static str) -> Result<T, DecodeErrorKind> {
+    text.parse().map_err(|_| DecodeErrorKind::BadValue(name))
+}
+
+fn parse_uids(uids: &[Cow<'_, str>]) -> Result<Vec<Uid>, DecodeErrorKind> {
+    if uids.len() > usize::from(u16::MAX) {
+        return Err(DecodeErrorKind::BadValue("members"));
+    }
+    uids.iter().map(|uid| parse_str(uid, "members")).collect()
+}
+
+fn msg_from_raw(raw: RawMsg<'_>) -> Result<Msg<'_>, DecodeErrorKind> {
+    Ok(Msg {
+        conv: parse_str(&raw.conv, "conv")?,
+        seq: Seq(raw.seq),
+        from: parse_str(&raw.from, "from")?,
+        ts: raw.ts,
+        kind: raw.kind,
+        body: raw.body,
+        cmid: raw.cmid,
+    })
+}
+
+fn conv_from_raw(raw: RawConv<'_>) -> Result<ConvSummary<'_>, DecodeErrorKind> {
+    let conv_type = match (&*raw.conv_type, &raw.shop) {
+        ("shop", Some(shop)) => ConvType::Shop(parse_str::<ShopId>(shop, "shop")?),
+        ("direct", None) => ConvType::Direct,
+        ("group", None) => ConvType::Group,
+        _ => {
+            return Err(DecodeErrorKind::BadValue(
+                "type (shop needs a shop, others none)",
+            ))
+        }
+    };
+    Ok(ConvSummary {
+        conv: parse_str(&raw.conv, "conv")?,
+        conv_type,
+        members: parse_uids(&raw.members)?,
+        last_seq: Seq(raw.last_seq),
+        read_seq: Seq(raw.read_seq),
+        unread: raw.unread,
+        last: raw.last.map(msg_from_raw).transpose()?,
+    })
+}
+
+fn truncate(s: &str, len_max: usize) -> String {
+    let mut end = s.len().min(len_max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Appends `frame` as one JSON object to `out`.
+pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
+    let mut w = Writer { out };
+    w.raw("{\"op\":\"");
+    w.raw(frame.message.op().name());
+    w.raw("\"");
+    if let Some(req) = frame.req {
+        w.num("req", req);
+    }
+    match &frame.message {
+        Message::Login(m) => {
+            w.str("token", &m.token);
+            w.str("device", m.device.as_str());
+        }
+        Message::LoginOk(m) => {
+            w.display("uid", m.uid);
+            w.display("device_id", m.device_id);
+            w.display("node_id", m.node_id);
+            w.num("ts", m.ts);
+        }
+        Message::Send(m) => {
+            match m.target {
+                Target::Conv(conv) => w.display("conv", conv),
+                Target::Shop(shop) => w.display("shop", shop),
+                Target::User(uid) => w.display("user", uid),
+            }
+            w.str("cmid", &m.cmid);
+            w.str("kind", &m.kind);
+            w.str("body", &m.body);
+        }
+        Message::SendOk(m) => {
+            w.display("conv", m.conv);
+            w.num("seq", m.seq.0);
+            w.num("ts", m.ts);
+        }
+        Message::Read(c) | Message::ReadOk(c) => {
+            w.display("conv", c.conv);
+            w.num("seq", c.seq.0);
+        }
+        Message::Resolve(conv) | Message::ResolveOk(conv) => w.display("conv", *conv),
+        Message::History(m) => {
+            w.display("conv", m.conv);
+            match m.range {
+                HistoryRange::Newest => {}
+                HistoryRange::Before(seq) => w.num("before", seq.0),
+                HistoryRange::After(seq) => w.num("after", seq.0),
+            }
+            w.num("limit", u64::from(m.limit));
+        }
+        Message::HistoryOk(m) => {
+            w.display("conv", m.conv);
+            w.raw(",\"msgs\":[");
+            for (i, msg) in m.msgs.iter().enumerate() {
+                if i > 0 {
+                    w.raw(",");
+                }
+                w.raw("{");
+                w.msg_fields(msg);
+                w.raw("}");
+            }
+            w.raw("]");
+        }
+        Message::Convs | Message::Ping | Message::Pong => {}
+        Message::ConvsOk(convs) => {
+            w.raw(",\"convs\":[");
+            for (i, c) in convs.iter().enumerate() {
+                if i > 0 {
+                    w.raw(",");
+                }
+                w.raw("{\"conv\":");
+                w.id(c.conv);
+                w.str("type", c.conv_type.name());
+                if let ConvType::Shop(shop) = c.conv_type {
+                    w.display("shop", shop);
+                }
+                w.uids("members", &c.members);
+                w.num("last_seq", c.last_seq.0);
+                w.num("read_seq", c.read_seq.0);
+                w.num("unread", c.unread);
+                match &c.last {
+                    None => w.raw(",\"last\":null"),
+                    Some(msg) => {
+                        w.raw(",\"last\":{");
+                        w.msg_fields(msg);
+                        w.raw("}");
+                    }
+                }
+                w.raw("}");
+            }
+            w.raw("]");
+        }
+        Message::Msg(m) => {
+            w.raw(",");
+            w.msg_fields(m);
+        }
+        Message::Receipt(m) => {
+            w.display("conv", m.conv);
+            w.display("uid", m.uid);
+            w.num("seq", m.seq.0);
+        }
+        Message::Members(m) => {
+            w.display("conv", m.conv);
+            w.uids("members", &m.members);
+        }
+        Message::Kicked(reason) => w.str("reason", reason),
+        Message::Error(m) => {
+            w.str("code", m.code.as_str());
+            w.str("message", &m.message);
+        }
+    }
+    w.raw("}");
+}
+
+/// Encodes `frame` into a new buffer.
+pub fn encode_to_bytes(frame: &Frame<'_>) -> Bytes {
+    let mut out = BytesMut::with_capacity(96);
+    encode(frame, &mut out);
+    out.freeze()
+}
+
+/// Writes JSON fields. Every field but the first of an object is written with its leading comma.
+struct Writer<'b> {
+    out: &'b mut BytesMut,
+}
+
+impl Writer<'_> {
+    fn raw(&mut self, s: &str) {
+        self.out.put_slice(s.as_bytes());
+    }
+
+    fn key(&mut self, key: &str) {
+        self.raw(",\"");
+        self.raw(key);
+        self.raw("\":");
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        self.key(key);
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = n;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.out.put_slice(&digits[i..]);
+    }
+
+    fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        self.id(value);
+    }
+
+    /// An id's text form as a JSON string.
+    fn id(&mut self, value: impl std::fmt::Display) {
+        use std::fmt::Write;
+        self.raw("\"");
+        // Ids print only digits, ':' and ASCII letters: nothing to escape.
+        let mut text = IdText::default();
+        // IdText never fails to take an id's text (it is at most "service:" + 20 digits).
+        let _ = write!(text, "{value}");
+        self.out.put_slice(text.as_bytes());
+        self.raw("\"");
+    }
+
+    fn str(&mut self, key: &str, s: &str) {
+        self.key(key);
+        self.string(s);
+    }
+
+    fn uids(&mut self, key: &str, uids: &[Uid]) {
+        self.key(key);
+        self.raw("[");
+        for (i, uid) in uids.iter().enumerate() {
+            if i > 0 {
+                self.raw(",");
+            }
+            self.id(uid);
+        }
+        self.raw("]");
+    }
+
+    /// The fields of a `msg` entry, the first without a leading comma.
+    fn msg_fields(&mut self, m: &Msg<'_>) {
+        self.raw("\"conv\":");
+        self.id(m.conv);
+        self.num("seq", m.seq.0);
+        self.display("from", m.from);
+        self.num("ts", m.ts);
+        self.str("kind", &m.kind);
+        self.str("body", &m.body);
+        self.str("cmid", &m.cmid);
+    }
+
+    /// A JSON string: quotes, backslashes and control characters escaped, everything else
+    /// (all of Unicode) as UTF-8.
+    fn string(&mut self, s: &str) {
+        self.raw("\"");
+        let bytes = s.as_bytes();
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let escape: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..=0x1f => b"",
+                _ => continue,
+            };
+            self.out.put_slice(&bytes[start..i]);
+            if escape.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                self.out.put_slice(b"\\u00");
+                self.out.put_u8(HEX[usize::from(b >> 4)]);
+                self.out.put_u8(HEX[usize::from(b & 0xf)]);
+            } else {
+                self.out.put_slice(escape);
+            }
+            start = i + 1;
+        }
+        self.out.put_slice(&bytes[start..]);
+        self.raw("\"");
+    }
+}
+
+/// A stack buffer for an id's text form, so ids are written without allocating.
+#[derive(Default)]
+struct IdText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl IdText {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for IdText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! Bounds on the fields a client controls, shared by both decoders so that whatever one
+//! encoding accepts, the other can carry.
+
+use crate::message::{DecodeErrorKind, HISTORY_LIMIT_MAX, HISTORY_LIMIT_MIN};
+
+/// The longest `cmid`, in bytes (a UUID takes 36).
+pub const CMID_LEN_MAX: usize = 128;
+/// The longest message `kind`, in bytes.
+pub const KIND_LEN_MAX: usize = 64;
+/// The longest login token, in bytes.
+pub const TOKEN_LEN_MAX: usize = 4096;
+
+pub(crate) fn check_cmid(cmid: &str) -> Result<(), DecodeErrorKind> {
+    if cmid.is_empty() || cmid.len() > CMID_LEN_MAX {
+        return Err(DecodeErrorKind::BadValue("cmid must be 1..=128 bytes"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_kind(kind: &str) -> Result<(), DecodeErrorKind> {
+    if kind.is_empty() || kind.len() > KIND_LEN_MAX {
+        return Err(DecodeErrorKind::BadValue("kind must be 1..=64 bytes"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_token(token: &str) -> Result<(), DecodeErrorKind> {
+    if token.len() > TOKEN_LEN_MAX {
+        return Err(DecodeErrorKind::BadValue("token longer than 4096 bytes"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_history_limit(limit: u64) -> Result<u16, DecodeErrorKind> {
+    match u16::try_from(limit) {
+        Ok(limit) if (HISTORY_LIMIT_MIN..=HISTORY_LIMIT_MAX).contains(&limit) => Ok(limit),
+        _ => Err(DecodeErrorKind::BadValue("limit must be in 1..=200")),
+    }
+}

@@ -1,0 +1,895 @@
+//! The message model: every op of the contract as a typed value.
+//!
+//! A [`Frame`] is one message with its envelope (`req`). Both encodings map to and from it:
+//! [`crate::binary`] and [`crate::json`]. Strings are `Cow<'a, str>` so that decoding borrows
+//! from its input (the binary decoder always does; the JSON decoder does unless the string has
+//! escapes), and [`Frame::into_owned`] detaches a frame from its buffer when it must outlive it.
+//!
+//! Values that cannot be valid do not exist here: a `send` has exactly one target, a `history`
+//! has at most one of `before`/`after` and a limit in 1..=200, a uid has a known kind.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid};
+
+/// The smallest and largest `history` page, and the page size when the request names none.
+pub const HISTORY_LIMIT_MIN: u16 = 1;
+/// See [`HISTORY_LIMIT_MIN`].
+pub const HISTORY_LIMIT_MAX: u16 = 200;
+/// See [`HISTORY_LIMIT_MIN`].
+pub const HISTORY_LIMIT_DEFAULT: u16 = 50;
+
+/// One message and its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// The request id a client chose; a reply echoes it. `None` when absent.
+    pub req: Option<u64>,
+    /// The message.
+    pub message: Message<'a>,
+}
+
+impl<'a> Frame<'a> {
+    /// A frame without a request id (pushes, and requests that need no reply matching).
+    pub fn new(message: Message<'a>) -> Frame<'a> {
+        Frame { req: None, message }
+    }
+
+    /// A frame carrying a request id.
+    pub fn with_req(req: u64, message: Message<'a>) -> Frame<'a> {
+        Frame {
+            req: Some(req),
+            message,
+        }
+    }
+
+    /// The frame with every borrowed string copied, so that it outlives its input.
+    pub fn into_owned(self) -> Frame<'static> {
+        Frame {
+            req: self.req,
+            message: self.message.into_owned(),
+        }
+    }
+}
+
+/// Every op of the contract: requests, replies, and pushes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// `login` (client → server).
+    Login(Login<'a>),
+    /// `login_ok` (reply).
+    LoginOk(LoginOk),
+    /// `send` (client → server).
+    Send(Send<'a>),
+    /// `send_ok` (reply).
+    SendOk(SendOk),
+    /// `read` (client → server).
+    Read(Cursor),
+    /// `read_ok` (reply): the user's cursor after the request.
+    ReadOk(Cursor),
+    /// `resolve` (client → server).
+    Resolve(ConvId),
+    /// `resolve_ok` (reply).
+    ResolveOk(ConvId),
+    /// `history` (client → server).
+    History(History),
+    /// `history_ok` (reply).
+    HistoryOk(HistoryOk<'a>),
+    /// `convs` (client → server).
+    Convs,
+    /// `convs_ok` (reply).
+    ConvsOk(Vec<ConvSummary<'a>>),
+    /// `ping` (client → server).
+    Ping,
+    /// `pong` (reply).
+    Pong,
+    /// `msg` (push): a message stored in a conversation of the user.
+    Msg(Msg<'a>),
+    /// `receipt` (push): a member's read cursor moved.
+    Receipt(Receipt),
+    /// `members` (push): a conversation's member list changed.
+    Members(Members),
+    /// `kicked` (push): this device logged in elsewhere or was kicked.
+    Kicked(Cow<'a, str>),
+    /// `error` (push or reply): a request failed.
+    Error(ErrorReply<'a>),
+}
+
+/// The `op` of every message, with its JSON name and binary code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Op {
+    /// `login`
+    Login = 0x01,
+    /// `send`
+    Send = 0x02,
+    /// `read`
+    Read = 0x03,
+    /// `resolve`
+    Resolve = 0x04,
+    /// `history`
+    History = 0x05,
+    /// `convs`
+    Convs = 0x06,
+    /// `ping`
+    Ping = 0x07,
+    /// `login_ok`
+    LoginOk = 0x81,
+    /// `send_ok`
+    SendOk = 0x82,
+    /// `read_ok`
+    ReadOk = 0x83,
+    /// `resolve_ok`
+    ResolveOk = 0x84,
+    /// `history_ok`
+    HistoryOk = 0x85,
+    /// `convs_ok`
+    ConvsOk = 0x86,
+    /// `pong`
+    Pong = 0x87,
+    /// `msg`
+    Msg = 0xc1,
+    /// `receipt`
+    Receipt = 0xc2,
+    /// `members`
+    Members = 0xc3,
+    /// `kicked`
+    Kicked = 0xc4,
+    /// `error`
+    Error = 0xc5,
+}
+
+impl Op {
+    /// Every op, requests first, then replies, then pushes.
+    pub const ALL: [Op; 19] = [
+        Op::Login,
+        Op::Send,
+        Op::Read,
+        Op::Resolve,
+        Op::History,
+        Op::Convs,
+        Op::Ping,
+        Op::LoginOk,
+        Op::SendOk,
+        Op::ReadOk,
+        Op::ResolveOk,
+        Op::HistoryOk,
+        Op::ConvsOk,
+        Op::Pong,
+        Op::Msg,
+        Op::Receipt,
+        Op::Members,
+        Op::Kicked,
+        Op::Error,
+    ];
+
+    /// The op with this binary code.
+    pub fn from_code(code: u8) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| *op as u8 == code)
+    }
+
+    /// The op with this JSON name.
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// The JSON name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Login => "login",
+            Op::Send => "send",
+            Op::Read => "read",
+            Op::Resolve => "resolve",
+            Op::History => "history",
+            Op::Convs => "convs",
+            Op::Ping => "ping",
+            Op::LoginOk => "login_ok",
+            Op::SendOk => "send_ok",
+            Op::ReadOk => "read_ok",
+            Op::ResolveOk => "resolve_ok",
+            Op::HistoryOk => "history_ok",
+            Op::ConvsOk => "convs_ok",
+            Op::Pong => "pong",
+            Op::Msg => "msg",
+            Op::Receipt => "receipt",
+            Op::Members => "members",
+            Op::Kicked => "kicked",
+            Op::Error => "error",
+        }
+    }
+
+    /// Whether a client sends this op (as opposed to receiving it).
+    pub fn is_request(self) -> bool {
+        (self as u8) < 0x80
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Message<'_> {
+    /// This message's op.
+    pub fn op(&self) -> Op {
+        match self {
+            Message::Login(_) => Op::Login,
+            Message::LoginOk(_) => Op::LoginOk,
+            Message::Send(_) => Op::Send,
+            Message::SendOk(_) => Op::SendOk,
+            Message::Read(_) => Op::Read,
+            Message::ReadOk(_) => Op::ReadOk,
+            Message::Resolve(_) => Op::Resolve,
+            Message::ResolveOk(_) => Op::ResolveOk,
+            Message::History(_) => Op::History,
+            Message::HistoryOk(_) => Op::HistoryOk,
+            Message::Convs => Op::Convs,
+            Message::ConvsOk(_) => Op::ConvsOk,
+            Message::Ping => Op::Ping,
+            Message::Pong => Op::Pong,
+            Message::Msg(_) => Op::Msg,
+            Message::Receipt(_) => Op::Receipt,
+            Message::Members(_) => Op::Members,
+            Message::Kicked(_) => Op::Kicked,
+            Message::Error(_) => Op::Error,
+        }
+    }
+
+    /// The message with every borrowed string copied.
+    pub fn into_owned(self) -> Message<'static> {
+        match self {
+            Message::Login(m) => Message::Login(Login {
+                token: own(m.token),
+                device: m.device,
+            }),
+            Message::LoginOk(m) => Message::LoginOk(m),
+            Message::Send(m) => Message::Send(Send {
+                target: m.target,
+                cmid: own(m.cmid),
+                kind: own(m.kind),
+                body: own(m.body),
+            }),
+            Message::SendOk(m) => Message::SendOk(m),
+            Message::Read(m) => Message::Read(m),
+            Message::ReadOk(m) => Message::ReadOk(m),
+            Message::Resolve(m) => Message::Resolve(m),
+            Message::ResolveOk(m) => Message::ResolveOk(m),
+            Message::History(m) => Message::History(m),
+            Message::HistoryOk(m) => Message::HistoryOk(HistoryOk {
+                conv: m.conv,
+                msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
+            }),
+            Message::Convs => Message::Convs,
+            Message::ConvsOk(convs) => {
+                Message::ConvsOk(convs.into_iter().map(ConvSummary::into_owned).collect())
+            }
+            Message::Ping => Message::Ping,
+            Message::Pong => Message::Pong,
+            Message::Msg(m) => Message::Msg(m.into_owned()),
+            Message::Receipt(m) => Message::Receipt(m),
+            Message::Members(m) => Message::Members(m),
+            Message::Kicked(reason) => Message::Kicked(own(reason)),
+            Message::Error(m) => Message::Error(ErrorReply {
+                code: m.code,
+                message: own(m.message),
+            }),
+        }
+    }
+}
+
+fn own(s: Cow<'_, str>) -> Cow<'static, str> {
+    Cow::Owned(s.into_owned())
+}
+
+/// `login`: authenticate this connection as one device of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login<'a> {
+    /// A JWT (HS256) signed with the gateway's secret.
+    pub token: Cow<'a, str>,
+    /// The kind of device logging in.
+    pub device: DeviceType,
+}
+
+/// `login_ok`: who the connection is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginOk {
+    /// The user the token named.
+    pub uid: Uid,
+    /// The device's stable id.
+    pub device_id: DeviceId,
+    /// The node holding the connection.
+    pub node_id: NodeId,
+    /// Server time, milliseconds since the Unix epoch.
+    pub ts: u64,
+}
+
+/// Where a `send` goes: exactly one of the contract's three targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `conv`: an existing conversation the sender is a member of.
+    Conv(ConvId),
+    /// `shop`: the sender's conversation with this shop.
+    Shop(ShopId),
+    /// `user`: the direct conversation with this user.
+    User(Uid),
+}
+
+/// `send`: store a message in a conversation and push it to its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Send<'a> {
+    /// Where the message goes.
+    pub target: Target,
+    /// The client's id for the message, unique per sender (idempotency key).
+    pub cmid: Cow<'a, str>,
+    /// What the body is, e.g. `text`.
+    pub kind: Cow<'a, str>,
+    /// The content.
+    pub body: Cow<'a, str>,
+}
+
+/// `send_ok`: where the message was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendOk {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The message's seq in it.
+    pub seq: Seq,
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub ts: u64,
+}
+
+/// A read cursor: `read` (the highest seq read) and `read_ok` (the cursor after the request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The seq.
+    pub seq: Seq,
+}
+
+/// Which page of a conversation `history` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// The newest messages (`before` absent or 0).
+    Newest,
+    /// The messages just before this seq (exclusive).
+    Before(Seq),
+    /// The messages just after this seq (exclusive).
+    After(Seq),
+}
+
+/// `history`: a page of a conversation, ascending by seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Which page.
+    pub range: HistoryRange,
+    /// How many messages at most; always in
+    /// [`HISTORY_LIMIT_MIN`]..=[`HISTORY_LIMIT_MAX`].
+    pub limit: u16,
+}
+
+/// `history_ok`: the page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryOk<'a> {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The messages, ascending by seq.
+    pub msgs: Vec<Msg<'a>>,
+}
+
+/// A stored message: the `msg` push and a `history_ok` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg<'a> {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its seq in the conversation.
+    pub seq: Seq,
+    /// The sender.
+    pub from: Uid,
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// What the body is, e.g. `text`.
+    pub kind: Cow<'a, str>,
+    /// The content.
+    pub body: Cow<'a, str>,
+    /// The sender's client message id.
+    pub cmid: Cow<'a, str>,
+}
+
+impl Msg<'_> {
+    /// The message with every borrowed string copied.
+    pub fn into_owned(self) -> Msg<'static> {
+        Msg {
+            conv: self.conv,
+            seq: self.seq,
+            from: self.from,
+            ts: self.ts,
+            kind: own(self.kind),
+            body: own(self.body),
+            cmid: own(self.cmid),
+        }
+    }
+}
+
+/// What kind of conversation a [`ConvSummary`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvType {
+    /// A shop and one of its customers, plus the agents assigned to it.
+    Shop(ShopId),
+    /// Two users.
+    Direct,
+    /// Members set by a backend service.
+    Group,
+}
+
+impl ConvType {
+    /// The JSON name (`shop`, `direct`, `group`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvType::Shop(_) => "shop",
+            ConvType::Direct => "direct",
+            ConvType::Group => "group",
+        }
+    }
+}
+
+/// One entry of `convs_ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSummary<'a> {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its type (and shop, for shop conversations).
+    pub conv_type: ConvType,
+    /// Its members.
+    pub members: Vec<Uid>,
+    /// The seq of its newest message (0 when empty).
+    pub last_seq: Seq,
+    /// The user's read cursor.
+    pub read_seq: Seq,
+    /// `last_seq - read_seq`.
+    pub unread: u64,
+    /// Its newest message.
+    pub last: Option<Msg<'a>>,
+}
+
+impl ConvSummary<'_> {
+    /// The summary with every borrowed string copied.
+    pub fn into_owned(self) -> ConvSummary<'static> {
+        ConvSummary {
+            conv: self.conv,
+            conv_type: self.conv_type,
+            members: self.members,
+            last_seq: self.last_seq,
+            read_seq: self.read_seq,
+            unread: self.unread,
+            last: self.last.map(Msg::into_owned),
+        }
+    }
+}
+
+/// `receipt`: a member's read cursor moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// The conversation.
+    pub conv: ConvId,
+    /// The reader.
+    pub uid: Uid,
+    /// The reader's cursor.
+    pub seq: Seq,
+}
+
+/// `members`: a conversation's member list changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its members now.
+    pub members: Vec<Uid>,
+}
+
+/// `error`: why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply<'a> {
+    /// The machine-readable reason.
+    pub code: ErrorCode,
+    /// A sentence for people.
+    pub message: Cow<'a, str>,
+}
+
+/// The error codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// A malformed frame, an unknown op after login, a bad field.
+    BadRequest = 1,
+    /// A bad, expired or incomplete token.
+    Unauthorized = 2,
+    /// Anything but `login`/`ping` before login.
+    NotLoggedIn = 3,
+    /// The conversation is not the user's.
+    NotMember = 4,
+    /// No such conversation or user.
+    NotFound = 5,
+    /// A message over the size limit.
+    TooLarge = 6,
+    /// Too many messages per second.
+    RateLimited = 7,
+    /// The gateway cannot serve the request now (e.g. the disk is full).
+    Unavailable = 8,
+    /// A bug in the gateway.
+    Internal = 9,
+}
+
+impl ErrorCode {
+    /// Every code, in code order.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotLoggedIn,
+        ErrorCode::NotMember,
+        ErrorCode::NotFound,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code with this binary value.
+    pub fn from_code(code: u8) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| *c as u8 == code)
+    }
+
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotLoggedIn => "not_logged_in",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl FromStr for ErrorCode {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or(())
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why bytes did not decode into a [`Frame`]. Both encodings share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// The `req` of the offending frame, when it could be read, so an `error` reply can echo it.
+    pub req: Option<u64>,
+    /// What was wrong.
+    pub kind: DecodeErrorKind,
+}
+
+/// What was wrong with a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeErrorKind {
+    /// The op is not one this version knows (binary code or JSON name).
+    UnknownOp(String),
+    /// The frame ended before its body did.
+    Truncated,
+    /// A length field disagrees with the bytes present (binary), or bytes follow the body.
+    BadLength(&'static str),
+    /// The protocol version is not 1.
+    BadVersion(u8),
+    /// A string is not valid UTF-8.
+    InvalidUtf8(&'static str),
+    /// A field is missing.
+    MissingField(&'static str),
+    /// A field holds a value outside its range or of the wrong type.
+    BadValue(&'static str),
+    /// The text is not a JSON object.
+    BadJson(String),
+    /// A frame's length exceeds the configured maximum.
+    TooLarge {
+        /// The length the header announced.
+        len: u64,
+        /// The maximum.
+        max: usize,
+    },
+}
+
+impl DecodeError {
+    pub(crate) fn new(req: Option<u64>, kind: DecodeErrorKind) -> DecodeError {
+        DecodeError { req, kind }
+    }
+
+    /// The contract's error code for this failure (`bad_request`, or `too_large`).
+    pub fn code(&self) -> ErrorCode {
+        match self.kind {
+            DecodeErrorKind::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            DecodeErrorKind::UnknownOp(op) => write!(f, "unknown op {op}"),
+            DecodeErrorKind::Truncated => f.write_str("frame ends before its body"),
+            DecodeErrorKind::BadLength(what) => write!(f, "bad length: {what}"),
+            DecodeErrorKind::BadVersion(v) => write!(f, "unsupported protocol version {v}"),
+            DecodeErrorKind::InvalidUtf8(field) => write!(f, "{field} is not valid UTF-8"),
+            DecodeErrorKind::MissingField(field) => write!(f, "missing field {field}"),
+            DecodeErrorKind::BadValue(what) => write!(f, "bad value: {what}"),
+            DecodeErrorKind::BadJson(why) => write!(f, "bad JSON: {why}"),
+            DecodeErrorKind::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the maximum of {max}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Proptest strategies for every message, shared by the codec tests of both encodings.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::*;
+    use crate::ids::{DeviceIdParts, NodeIdParts, NodeType, UidKind};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    pub fn uid() -> impl Strategy<Value = Uid> {
+        (0u8..4, any::<u64>()).prop_map(|(k, id)| Uid::new(UidKind::from_code(k).unwrap(), id))
+    }
+
+    /// Text with quotes, backslashes, control characters and non-ASCII, to exercise escaping.
+    fn text() -> impl Strategy<Value = Cow<'static, str>> {
+        "(\\PC|[\"\\\\\n\t\u{0}\u{1f}é中😀]){0,40}".prop_map(Cow::Owned)
+    }
+
+    fn short(len_max: usize) -> impl Strategy<Value = Cow<'static, str>> {
+        text().prop_filter_map("1..=len_max bytes", move |s| {
+            (!s.is_empty() && s.len() <= len_max).then_some(s)
+        })
+    }
+
+    pub fn msg() -> impl Strategy<Value = Msg<'static>> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            uid(),
+            any::<u64>(),
+            text(),
+            text(),
+            text(),
+        )
+            .prop_map(|(conv, seq, from, ts, kind, body, cmid)| Msg {
+                conv: ConvId(conv),
+                seq: Seq(seq),
+                from,
+                ts,
+                kind,
+                body,
+                cmid,
+            })
+    }
+
+    fn conv_summary() -> impl Strategy<Value = ConvSummary<'static>> {
+        (
+            any::<u64>(),
+            prop_oneof![
+                any::<u64>().prop_map(|s| ConvType::Shop(ShopId(s))),
+                Just(ConvType::Direct),
+                Just(ConvType::Group)
+            ],
+            vec(uid(), 0..5),
+            (any::<u64>(), any::<u64>(), any::<u64>()),
+            proptest::option::of(msg()),
+        )
+            .prop_map(
+                |(conv, conv_type, members, (last, read, unread), last_msg)| ConvSummary {
+                    conv: ConvId(conv),
+                    conv_type,
+                    members,
+                    last_seq: Seq(last),
+                    read_seq: Seq(read),
+                    unread,
+                    last: last_msg,
+                },
+            )
+    }
+
+    fn device_id() -> impl Strategy<Value = DeviceId> {
+        (0u8..3, 0u16..4096, 0u8..4, 0u32..1 << 30, any::<u16>()).prop_map(
+            |(nt, cluster, dt, ts, counter)| {
+                DeviceId::pack(DeviceIdParts {
+                    node_type: NodeType::from_bits(nt).unwrap(),
+                    cluster,
+                    device_type: DeviceType::from_bits(dt).unwrap(),
+                    ts,
+                    counter,
+                })
+                .unwrap()
+            },
+        )
+    }
+
+    fn node_id() -> impl Strategy<Value = NodeId> {
+        (0u8..3, 0u16..4096, any::<u32>(), any::<u16>()).prop_map(|(nt, number, ip, port)| {
+            NodeId::pack(NodeIdParts {
+                node_type: NodeType::from_bits(nt).unwrap(),
+                number,
+                ip: ip.into(),
+                port,
+            })
+            .unwrap()
+        })
+    }
+
+    fn cursor() -> impl Strategy<Value = Cursor> {
+        (any::<u64>(), any::<u64>()).prop_map(|(c, s)| Cursor {
+            conv: ConvId(c),
+            seq: Seq(s),
+        })
+    }
+
+    pub fn message() -> impl Strategy<Value = Message<'static>> {
+        prop_oneof![
+            ("[A-Za-z0-9._-]{0,300}", 0u8..4).prop_map(|(token, d)| Message::Login(Login {
+                token: Cow::Owned(token),
+                device: DeviceType::from_bits(d).unwrap(),
+            })),
+            (uid(), device_id(), node_id(), any::<u64>()).prop_map(
+                |(uid, device_id, node_id, ts)| {
+                    Message::LoginOk(LoginOk {
+                        uid,
+                        device_id,
+                        node_id,
+                        ts,
+                    })
+                }
+            ),
+            (
+                prop_oneof![
+                    any::<u64>().prop_map(|c| Target::Conv(ConvId(c))),
+                    any::<u64>().prop_map(|s| Target::Shop(ShopId(s))),
+                    uid().prop_map(Target::User),
+                ],
+                short(crate::limits::CMID_LEN_MAX),
+                short(crate::limits::KIND_LEN_MAX),
+                text()
+            )
+                .prop_map(|(target, cmid, kind, body)| Message::Send(Send {
+                    target,
+                    cmid,
+                    kind,
+                    body
+                })),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(c, s, ts)| Message::SendOk(
+                SendOk {
+                    conv: ConvId(c),
+                    seq: Seq(s),
+                    ts
+                }
+            )),
+            cursor().prop_map(Message::Read),
+            cursor().prop_map(Message::ReadOk),
+            any::<u64>().prop_map(|c| Message::Resolve(ConvId(c))),
+            any::<u64>().prop_map(|c| Message::ResolveOk(ConvId(c))),
+            (
+                any::<u64>(),
+                prop_oneof![
+                    Just(HistoryRange::Newest),
+                    (1..u64::MAX).prop_map(|s| HistoryRange::Before(Seq(s))),
+                    any::<u64>().prop_map(|s| HistoryRange::After(Seq(s))),
+                ],
+                HISTORY_LIMIT_MIN..=HISTORY_LIMIT_MAX
+            )
+                .prop_map(|(c, range, limit)| Message::History(History {
+                    conv: ConvId(c),
+                    range,
+                    limit
+                })),
+            (any::<u64>(), vec(msg(), 0..4)).prop_map(|(c, msgs)| Message::HistoryOk(HistoryOk {
+                conv: ConvId(c),
+                msgs
+            })),
+            Just(Message::Convs),
+            vec(conv_summary(), 0..4).prop_map(Message::ConvsOk),
+            Just(Message::Ping),
+            Just(Message::Pong),
+            msg().prop_map(Message::Msg),
+            (any::<u64>(), uid(), any::<u64>()).prop_map(|(c, uid, s)| Message::Receipt(Receipt {
+                conv: ConvId(c),
+                uid,
+                seq: Seq(s)
+            })),
+            (any::<u64>(), vec(uid(), 0..6)).prop_map(|(c, members)| Message::Members(Members {
+                conv: ConvId(c),
+                members
+            })),
+            text().prop_map(Message::Kicked),
+            (0usize..9, text()).prop_map(|(i, message)| Message::Error(ErrorReply {
+                code: ErrorCode::ALL[i],
+                message
+            })),
+        ]
+    }
+
+    pub fn frame() -> impl Strategy<Value = Frame<'static>> {
+        (proptest::option::of(any::<u64>()), message())
+            .prop_map(|(req, message)| Frame { req, message })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{binary, json};
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn op_codes_and_names_are_unique_and_inverse() {
+        let codes: HashSet<u8> = Op::ALL.iter().map(|op| *op as u8).collect();
+        let names: HashSet<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+        assert_eq!(codes.len(), Op::ALL.len());
+        assert_eq!(names.len(), Op::ALL.len());
+        for op in Op::ALL {
+            assert_eq!(Op::from_code(op as u8), Some(op));
+            assert_eq!(Op::from_name(op.name()), Some(op));
+        }
+        assert_eq!(
+            Op::ALL.iter().filter(|op| op.is_request()).count(),
+            7,
+            "login, send, read, resolve, history, convs, ping"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn every_op_round_trips_through_binary(frame in strategies::frame()) {
+            let mut wire = BytesMut::new();
+            binary::encode(&frame, &mut wire).unwrap();
+            prop_assert_eq!(binary::decode(&wire).unwrap(), frame);
+        }
+
+        #[test]
+        fn every_op_round_trips_through_json(frame in strategies::frame()) {
+            let mut text = BytesMut::new();
+            json::encode(&frame, &mut text);
+            let parsed: serde_json::Value = serde_json::from_slice(&text).unwrap();
+            prop_assert!(parsed.is_object());
+            prop_assert_eq!(json::decode_bytes(&text).unwrap(), frame);
+        }
+
+        #[test]
+        fn binary_and_json_carry_the_same_frame(frame in strategies::frame()) {
+            let mut wire = BytesMut::new();
+            binary::encode(&frame, &mut wire).unwrap();
+            let from_binary = binary::decode(&wire).unwrap();
+            let mut text = BytesMut::new();
+            json::encode(&from_binary, &mut text);
+            prop_assert_eq!(json::decode_bytes(&text).unwrap(), frame);
+        }
+    }
+}
