@@ -655,3 +655,289 @@ impl StreamDecoder {
 fn read_len(bytes: &[u8]) -> usize {
     u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::strategies;
+    use proptest::prelude::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn encoded(frame: &Frame<'_>) -> Vec<u8> {
+        encode_to_bytes(frame).unwrap().to_vec()
+    }
+
+    // Golden vectors: if one of these changes, the wire format changed and every peer breaks.
+    #[test]
+    fn golden_ping() {
+        let frame = Frame::with_req(1, Message::Ping);
+        assert_eq!(
+            hex(&encoded(&frame)),
+            "00000010".to_owned() + "01" + "07" + "0001" + "0000000000000001"
+        );
+    }
+
+    #[test]
+    fn golden_send() {
+        let frame = Frame::with_req(
+            7,
+            Message::Send(Send {
+                target: Target::Conv(ConvId(42)),
+                cmid: "c-1".into(),
+                kind: "text".into(),
+                body: "hello".into(),
+            }),
+        );
+        let expected = [
+            "0000002d01020001",
+            "0000000000000007",
+            "01",
+            "000000000000002a",
+            "0003632d31",
+            "000474657874",
+            "0000000568656c6c6f",
+        ]
+        .concat();
+        assert_eq!(hex(&encoded(&frame)), expected);
+    }
+
+    #[test]
+    fn golden_msg_push() {
+        let frame = Frame::new(Message::Msg(Msg {
+            conv: ConvId(42),
+            seq: Seq(3),
+            from: Uid::new(UidKind::Buyer, 1001),
+            ts: 1_767_225_600_000,
+            kind: "text".into(),
+            body: "hi".into(),
+            cmid: "c-1".into(),
+        }));
+        let expected = [
+            "0000004201c10000",
+            "0000000000000000",
+            "000000000000002a",
+            "0000000000000003",
+            "00",
+            "00000000000003e9",
+            "0000019b76daa800",
+            "000474657874",
+            "000000026869",
+            "0003632d31",
+        ]
+        .concat();
+        assert_eq!(hex(&encoded(&frame)), expected);
+    }
+
+    #[test]
+    fn golden_error() {
+        let frame = Frame::with_req(
+            9,
+            Message::Error(ErrorReply {
+                code: ErrorCode::NotMember,
+                message: "no".into(),
+            }),
+        );
+        assert_eq!(
+            hex(&encoded(&frame)),
+            "0000001501c500010000000000000009040002".to_owned() + "6e6f"
+        );
+    }
+
+    #[test]
+    fn decoding_borrows_strings_from_the_input() {
+        let frame = Frame::new(Message::Kicked("elsewhere".into()));
+        let wire = encoded(&frame);
+        let decoded = decode(&wire).unwrap();
+        let Message::Kicked(Cow::Borrowed(reason)) = decoded.message else {
+            panic!("expected a borrowed reason, got {decoded:?}");
+        };
+        assert!(wire.as_ptr_range().contains(&reason.as_ptr()));
+    }
+
+    #[test]
+    fn rejects_bad_headers_with_typed_errors() {
+        let ping = encoded(&Frame::with_req(5, Message::Ping));
+        let kind = |bytes: &[u8]| decode(bytes).unwrap_err().kind;
+
+        assert_eq!(kind(&ping[..10]), DecodeErrorKind::Truncated);
+        let mut v2 = ping.clone();
+        v2[4] = 2;
+        assert_eq!(kind(&v2), DecodeErrorKind::BadVersion(2));
+        let mut unknown = ping.clone();
+        unknown[5] = 0x7f;
+        assert_eq!(kind(&unknown), DecodeErrorKind::UnknownOp("0x7f".into()));
+        // The req is still reported, so the error reply can echo it.
+        assert_eq!(decode(&unknown).unwrap_err().req, Some(5));
+        let mut flags = ping.clone();
+        flags[7] = 0x03;
+        assert!(matches!(kind(&flags), DecodeErrorKind::BadValue(_)));
+        let mut short = ping.clone();
+        short[3] = 8;
+        assert!(matches!(kind(&short), DecodeErrorKind::BadLength(_)));
+        let mut long = ping.clone();
+        long.push(0);
+        assert!(matches!(kind(&long), DecodeErrorKind::BadLength(_)));
+    }
+
+    #[test]
+    fn rejects_bad_bodies_with_typed_errors() {
+        let send = Frame::new(Message::Send(Send {
+            target: Target::Shop(ShopId(1)),
+            cmid: "c".into(),
+            kind: "text".into(),
+            body: "abc".into(),
+        }));
+        let wire = encoded(&send);
+        let kind = |bytes: &[u8]| decode(bytes).unwrap_err().kind;
+
+        // A body cut short, with the header's length made to agree.
+        let mut cut = wire[..wire.len() - 1].to_vec();
+        cut[3] -= 1;
+        assert_eq!(kind(&cut), DecodeErrorKind::Truncated);
+        // Invalid UTF-8 in the body.
+        let mut bad_utf8 = wire.clone();
+        let at = bad_utf8.len() - 1;
+        bad_utf8[at] = 0xff;
+        assert_eq!(kind(&bad_utf8), DecodeErrorKind::InvalidUtf8("body"));
+        // An unknown target tag.
+        let mut target = wire.clone();
+        target[HEADER_LEN] = 9;
+        assert!(matches!(kind(&target), DecodeErrorKind::BadValue(_)));
+        // History limit out of range.
+        let mut history = encoded(&Frame::new(Message::History(History {
+            conv: ConvId(1),
+            range: HistoryRange::After(Seq(3)),
+            limit: 200,
+        })));
+        let at = history.len() - 1;
+        history[at] = 201;
+        assert!(matches!(kind(&history), DecodeErrorKind::BadValue(_)));
+        // An empty cmid.
+        let empty_cmid = Frame::new(Message::Send(Send {
+            cmid: "".into(),
+            ..match send.message {
+                Message::Send(s) => s,
+                _ => unreachable!(),
+            }
+        }));
+        assert!(matches!(
+            kind(&encoded(&empty_cmid)),
+            DecodeErrorKind::BadValue(_)
+        ));
+    }
+
+    #[test]
+    fn a_forged_count_does_not_allocate_beyond_the_input() {
+        // convs_ok claiming 4 billion entries in a 4-byte body.
+        let mut wire = vec![0, 0, 0, 20, VERSION, Op::ConvsOk as u8, 0, 0];
+        wire.extend_from_slice(&[0; 8]);
+        wire.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode(&wire).unwrap_err().kind, DecodeErrorKind::Truncated);
+    }
+
+    #[test]
+    fn frames_splits_back_to_back_frames_and_survives_a_bad_body() {
+        let mut buf = BytesMut::new();
+        encode(&Frame::with_req(1, Message::Ping), &mut buf).unwrap();
+        let bad_at = buf.len();
+        encode(&Frame::with_req(2, Message::Resolve(ConvId(3))), &mut buf).unwrap();
+        buf[bad_at + 5] = 0x70; // Unknown op; the length still frames it.
+        encode(&Frame::with_req(3, Message::Convs), &mut buf).unwrap();
+        let got: Vec<_> = frames(&buf).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref().unwrap().req, Some(1));
+        assert_eq!(got[1].as_ref().unwrap_err().req, Some(2));
+        assert_eq!(got[2].as_ref().unwrap().message, Message::Convs);
+        // A length running past the buffer ends the iteration with an error.
+        let cut = &buf[..buf.len() - 1];
+        let got: Vec<_> = frames(cut).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[2].as_ref().unwrap_err().kind,
+            DecodeErrorKind::Truncated
+        );
+    }
+
+    #[test]
+    fn rejects_frame_longer_than_limit_before_buffering_its_body() {
+        let mut decoder = StreamDecoder::new(64);
+        let mut header = vec![0, 0, 0x10, 0]; // 4096 bytes announced.
+        header.extend_from_slice(&[VERSION, Op::Ping as u8, 0, 0]);
+        let err = decoder.extend(&header).unwrap_err();
+        assert_eq!(err.kind, DecodeErrorKind::TooLarge { len: 4096, max: 64 });
+        assert_eq!(decoder.buffered_len(), 0);
+        // The stream stays failed.
+        assert!(decoder.extend(&[0]).is_err());
+        // A too-large frame behind good ones in the same chunk is caught too, and no more
+        // than its length field was looked at.
+        let mut decoder = StreamDecoder::new(64);
+        let mut chunk = encoded(&Frame::new(Message::Ping));
+        chunk.extend_from_slice(&[0, 0, 0x10, 0]);
+        chunk.extend_from_slice(&[0xaa; 1000]);
+        assert!(decoder.extend(&chunk).is_err());
+        assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn stream_decoder_rejects_a_length_shorter_than_the_header() {
+        let mut decoder = StreamDecoder::new(1024);
+        let err = decoder.extend(&[0, 0, 0, 3]).unwrap_err();
+        assert!(matches!(err.kind, DecodeErrorKind::BadLength(_)));
+    }
+
+    proptest! {
+        #[test]
+        fn stream_decoder_reassembles_frames_from_any_chunking(
+            frames_in in proptest::collection::vec(strategies::frame(), 1..8),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..20),
+        ) {
+            let mut stream = BytesMut::new();
+            for frame in &frames_in {
+                encode(frame, &mut stream).unwrap();
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut decoder = StreamDecoder::new(1 << 20);
+            let mut out = Vec::new();
+            for pair in cuts.windows(2) {
+                decoder.extend(&stream[pair[0]..pair[1]]).unwrap();
+                while let Some(bytes) = decoder.next_frame() {
+                    out.push(decode(&bytes).unwrap().into_owned());
+                }
+            }
+            prop_assert_eq!(out, frames_in);
+            prop_assert_eq!(decoder.buffered_len(), 0);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(&bytes);
+            for _ in frames(&bytes) {}
+            let mut decoder = StreamDecoder::new(128);
+            if decoder.extend(&bytes).is_ok() {
+                while let Some(frame) = decoder.next_frame() {
+                    let _ = decode(&frame);
+                }
+            }
+        }
+
+        #[test]
+        fn decoders_never_panic_on_mutated_frames(
+            frame in strategies::frame(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut wire = encoded(&frame);
+            for (at, byte) in flips {
+                let i = at.index(wire.len());
+                wire[i] = byte;
+            }
+            let _ = decode(&wire);
+            for _ in frames(&wire) {}
+        }
+    }
+}

@@ -21,39 +21,73 @@ use crate::message::{
     SendOk, Target, HISTORY_LIMIT_DEFAULT,
 };
 
+/// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
+/// always copies when wrapped in `Option` or `Vec`; this visitor borrows wherever serde_json
+/// hands it a borrowed string.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s)))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Every field any op may carry. One flat struct deserializes without buffering and lets each op
 /// pick its fields and say precisely which is missing.
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct RawFrame<'a> {
     #[serde(borrow)]
-    op: Option<Cow<'a, str>>,
+    op: Option<Text<'a>>,
     req: Option<u64>,
     #[serde(borrow)]
-    token: Option<Cow<'a, str>>,
+    token: Option<Text<'a>>,
     #[serde(borrow)]
-    device: Option<Cow<'a, str>>,
+    device: Option<Text<'a>>,
     #[serde(borrow)]
-    uid: Option<Cow<'a, str>>,
+    uid: Option<Text<'a>>,
     #[serde(borrow)]
-    device_id: Option<Cow<'a, str>>,
+    device_id: Option<Text<'a>>,
     #[serde(borrow)]
-    node_id: Option<Cow<'a, str>>,
+    node_id: Option<Text<'a>>,
     ts: Option<u64>,
     #[serde(borrow)]
-    conv: Option<Cow<'a, str>>,
+    conv: Option<Text<'a>>,
     #[serde(borrow)]
-    shop: Option<Cow<'a, str>>,
+    shop: Option<Text<'a>>,
     #[serde(borrow)]
-    user: Option<Cow<'a, str>>,
+    user: Option<Text<'a>>,
     #[serde(borrow)]
-    cmid: Option<Cow<'a, str>>,
+    cmid: Option<Text<'a>>,
     #[serde(borrow)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<Text<'a>>,
     #[serde(borrow)]
-    body: Option<Cow<'a, str>>,
+    body: Option<Text<'a>>,
     #[serde(borrow)]
-    from: Option<Cow<'a, str>>,
+    from: Option<Text<'a>>,
     seq: Option<u64>,
     before: Option<u64>,
     after: Option<u64>,
@@ -63,41 +97,41 @@ struct RawFrame<'a> {
     #[serde(borrow)]
     convs: Option<Vec<RawConv<'a>>>,
     #[serde(borrow)]
-    members: Option<Vec<Cow<'a, str>>>,
+    members: Option<Vec<Text<'a>>>,
     #[serde(borrow)]
-    reason: Option<Cow<'a, str>>,
+    reason: Option<Text<'a>>,
     #[serde(borrow)]
-    code: Option<Cow<'a, str>>,
+    code: Option<Text<'a>>,
     #[serde(borrow)]
-    message: Option<Cow<'a, str>>,
+    message: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
 struct RawMsg<'a> {
     #[serde(borrow)]
-    conv: Cow<'a, str>,
+    conv: Text<'a>,
     seq: u64,
     #[serde(borrow)]
-    from: Cow<'a, str>,
+    from: Text<'a>,
     ts: u64,
     #[serde(borrow)]
-    kind: Cow<'a, str>,
+    kind: Text<'a>,
     #[serde(borrow)]
-    body: Cow<'a, str>,
+    body: Text<'a>,
     #[serde(borrow)]
-    cmid: Cow<'a, str>,
+    cmid: Text<'a>,
 }
 
 #[derive(Deserialize)]
 struct RawConv<'a> {
     #[serde(borrow)]
-    conv: Cow<'a, str>,
+    conv: Text<'a>,
     #[serde(rename = "type", borrow)]
-    conv_type: Cow<'a, str>,
+    conv_type: Text<'a>,
     #[serde(default, borrow)]
-    shop: Option<Cow<'a, str>>,
+    shop: Option<Text<'a>>,
     #[serde(borrow)]
-    members: Vec<Cow<'a, str>>,
+    members: Vec<Text<'a>>,
     last_seq: u64,
     read_seq: u64,
     unread: u64,
@@ -145,7 +179,7 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
     let conv = || parse_field::<ConvId>(&raw.conv, "conv");
     Ok(match op {
         Op::Login => {
-            let token = need(raw.token, "token")?;
+            let token = need_text(raw.token, "token")?;
             limits::check_token(&token)?;
             Message::Login(Login {
                 device: parse_field(&raw.device, "device")?,
@@ -170,15 +204,15 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
                     ))
                 }
             };
-            let cmid = need(raw.cmid, "cmid")?;
-            let kind = need(raw.kind, "kind")?;
+            let cmid = need_text(raw.cmid, "cmid")?;
+            let kind = need_text(raw.kind, "kind")?;
             limits::check_cmid(&cmid)?;
             limits::check_kind(&kind)?;
             Message::Send(Send {
                 target,
                 cmid,
                 kind,
-                body: need(raw.body, "body")?,
+                body: need_text(raw.body, "body")?,
             })
         }
         Op::SendOk => Message::SendOk(SendOk {
@@ -251,11 +285,11 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             conv: conv()?,
             members: parse_uids(&need(raw.members, "members")?)?,
         }),
-        Op::Kicked => Message::Kicked(need(raw.reason, "reason")?),
+        Op::Kicked => Message::Kicked(need_text(raw.reason, "reason")?),
         Op::Error => Message::Error(ErrorReply {
             code: ErrorCode::from_str(&need(raw.code, "code")?)
                 .map_err(|()| DecodeErrorKind::BadValue("unknown error code"))?,
-            message: need(raw.message, "message")?,
+            message: need_text(raw.message, "message")?,
         }),
     })
 }
@@ -264,8 +298,15 @@ fn need<T>(field: Option<T>, name: &'static str) -> Result<T, DecodeErrorKind> {
     field.ok_or(DecodeErrorKind::MissingField(name))
 }
 
+fn need_text<'a>(
+    field: Option<Text<'a>>,
+    name: &'static str,
+) -> Result<Cow<'a, str>, DecodeErrorKind> {
+    need(field, name).map(|text| text.0)
+}
+
 fn parse_field<T: FromStr>(
-    field: &Option<Cow<'_, str>>,
+    field: &Option<Text<'_>>,
     name: &'static str,
 ) -> Result<T, DecodeErrorKind> {
     parse_str(
@@ -280,7 +321,7 @@ fn parse_str<T: FromStr>(text: &str, name: &'static str) -> Result<T, DecodeErro
     text.parse().map_err(|_| DecodeErrorKind::BadValue(name))
 }
 
-fn parse_uids(uids: &[Cow<'_, str>]) -> Result<Vec<Uid>, DecodeErrorKind> {
+fn parse_uids(uids: &[Text<'_>]) -> Result<Vec<Uid>, DecodeErrorKind> {
     if uids.len() > usize::from(u16::MAX) {
         return Err(DecodeErrorKind::BadValue("members"));
     }
@@ -293,9 +334,9 @@ fn msg_from_raw(raw: RawMsg<'_>) -> Result<Msg<'_>, DecodeErrorKind> {
         seq: Seq(raw.seq),
         from: parse_str(&raw.from, "from")?,
         ts: raw.ts,
-        kind: raw.kind,
-        body: raw.body,
-        cmid: raw.cmid,
+        kind: raw.kind.0,
+        body: raw.body.0,
+        cmid: raw.cmid.0,
     })
 }
 
@@ -579,5 +620,223 @@ impl std::fmt::Write for IdText {
         slot.copy_from_slice(s.as_bytes());
         self.len = end;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DeviceType, UidKind};
+    use proptest::prelude::*;
+
+    fn kind(text: &str) -> DecodeErrorKind {
+        decode(text).unwrap_err().kind
+    }
+
+    fn encoded(frame: &Frame<'_>) -> String {
+        String::from_utf8(encode_to_bytes(frame).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn decodes_the_contracts_examples() {
+        let login = decode(r#"{"op":"login","req":1,"token":"t.t.t","device":"ios"}"#).unwrap();
+        assert_eq!(login.req, Some(1));
+        assert_eq!(
+            login.message,
+            Message::Login(Login {
+                token: "t.t.t".into(),
+                device: DeviceType::Ios
+            })
+        );
+        let send = decode(r#"{"op":"send","user":"agent:7","cmid":"x","kind":"text","body":"hi"}"#)
+            .unwrap();
+        assert!(matches!(
+            send.message,
+            Message::Send(Send {
+                target: Target::User(Uid {
+                    kind: UidKind::Agent,
+                    id: 7
+                }),
+                ..
+            })
+        ));
+        assert_eq!(
+            decode(r#"{"op":"ping"}"#).unwrap(),
+            Frame::new(Message::Ping)
+        );
+        let history = decode(r#"{"op":"history","conv":"9","before":0}"#).unwrap();
+        assert_eq!(
+            history.message,
+            Message::History(History {
+                conv: ConvId(9),
+                range: HistoryRange::Newest,
+                limit: HISTORY_LIMIT_DEFAULT
+            })
+        );
+    }
+
+    #[test]
+    fn encodes_ids_as_strings_and_counts_as_numbers() {
+        let frame = Frame::with_req(
+            3,
+            Message::SendOk(SendOk {
+                conv: ConvId(u64::MAX),
+                seq: Seq(12),
+                ts: 1_767_225_600_000,
+            }),
+        );
+        assert_eq!(
+            encoded(&frame),
+            r#"{"op":"send_ok","req":3,"conv":"18446744073709551615","seq":12,"ts":1767225600000}"#
+        );
+        let convs = Frame::new(Message::ConvsOk(vec![ConvSummary {
+            conv: ConvId(5),
+            conv_type: ConvType::Shop(ShopId(8)),
+            members: vec![Uid::new(UidKind::Buyer, 1), Uid::new(UidKind::Agent, 2)],
+            last_seq: Seq(0),
+            read_seq: Seq(0),
+            unread: 0,
+            last: None,
+        }]));
+        assert_eq!(
+            encoded(&convs),
+            r#"{"op":"convs_ok","convs":[{"conv":"5","type":"shop","shop":"8","members":["buyer:1","agent:2"],"last_seq":0,"read_seq":0,"unread":0,"last":null}]}"#
+        );
+    }
+
+    #[test]
+    fn escapes_strings() {
+        let frame = Frame::new(Message::Kicked("a\"b\\c\nd\u{1}é".into()));
+        let text = encoded(&frame);
+        assert_eq!(text, r#"{"op":"kicked","reason":"a\"b\\c\nd\u0001é"}"#);
+        assert_eq!(decode(&text).unwrap(), frame);
+    }
+
+    #[test]
+    fn borrows_unescaped_strings() {
+        let text = r#"{"op":"send","conv":"1","cmid":"c","kind":"text","body":"plain"}"#;
+        let Message::Send(send) = decode(text).unwrap().message else {
+            panic!("expected send");
+        };
+        assert!(matches!(send.body, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn rejects_bad_frames_with_typed_errors() {
+        assert_eq!(
+            kind(r#"{"op":"fly"}"#),
+            DecodeErrorKind::UnknownOp("fly".into())
+        );
+        assert_eq!(kind(r#"{"req":1}"#), DecodeErrorKind::MissingField("op"));
+        assert!(matches!(kind("[1,2]"), DecodeErrorKind::BadJson(_)));
+        assert!(matches!(kind("{"), DecodeErrorKind::BadJson(_)));
+        assert!(matches!(kind(""), DecodeErrorKind::BadJson(_)));
+        assert_eq!(
+            kind(r#"{"op":"send","cmid":"c","kind":"t","body":"b"}"#),
+            DecodeErrorKind::MissingField("conv|shop|user")
+        );
+        assert!(matches!(
+            kind(r#"{"op":"send","conv":"1","shop":"2","cmid":"c","kind":"t","body":"b"}"#),
+            DecodeErrorKind::BadValue(_)
+        ));
+        assert_eq!(
+            kind(r#"{"op":"send","conv":"1","kind":"t","body":"b"}"#),
+            DecodeErrorKind::MissingField("cmid")
+        );
+        // Ids must be decimal strings; numbers must be numbers.
+        assert!(matches!(
+            kind(r#"{"op":"read","conv":1,"seq":2}"#),
+            DecodeErrorKind::BadJson(_)
+        ));
+        assert!(matches!(
+            kind(r#"{"op":"read","conv":"1","seq":"2"}"#),
+            DecodeErrorKind::BadJson(_)
+        ));
+        assert_eq!(
+            kind(r#"{"op":"read","conv":"x","seq":2}"#),
+            DecodeErrorKind::BadValue("conv")
+        );
+        assert!(matches!(
+            kind(r#"{"op":"read","conv":"1","seq":-1}"#),
+            DecodeErrorKind::BadJson(_)
+        ));
+        assert!(matches!(
+            kind(r#"{"op":"read","conv":"1","seq":1.5}"#),
+            DecodeErrorKind::BadJson(_)
+        ));
+        assert_eq!(
+            kind(r#"{"op":"login","token":"t","device":"fridge"}"#),
+            DecodeErrorKind::BadValue("device")
+        );
+        assert!(matches!(
+            kind(r#"{"op":"history","conv":"1","limit":0}"#),
+            DecodeErrorKind::BadValue(_)
+        ));
+        assert!(matches!(
+            kind(r#"{"op":"history","conv":"1","limit":201}"#),
+            DecodeErrorKind::BadValue(_)
+        ));
+        assert!(matches!(
+            kind(r#"{"op":"history","conv":"1","before":5,"after":2}"#),
+            DecodeErrorKind::BadValue(_)
+        ));
+        assert!(matches!(
+            kind(r#"{"op":"ping","op":"ping"}"#),
+            DecodeErrorKind::BadJson(_)
+        ));
+        let long_cmid = format!(
+            r#"{{"op":"send","conv":"1","cmid":"{}","kind":"t","body":"b"}}"#,
+            "c".repeat(129)
+        );
+        assert!(matches!(kind(&long_cmid), DecodeErrorKind::BadValue(_)));
+    }
+
+    #[test]
+    fn reports_the_req_of_a_bad_frame() {
+        assert_eq!(
+            decode(r#"{"op":"fly","req":42}"#).unwrap_err().req,
+            Some(42)
+        );
+        assert_eq!(
+            decode(r#"{"op":"read","req":43,"conv":7}"#)
+                .unwrap_err()
+                .req,
+            Some(43)
+        );
+        assert_eq!(decode(r#"{"op":"read","req":44"#).unwrap_err().req, None);
+    }
+
+    #[test]
+    fn ignores_unknown_fields() {
+        let frame = decode(r#"{"op":"ping","req":2,"trace":{"id":[1,2]}}"#).unwrap();
+        assert_eq!(frame, Frame::with_req(2, Message::Ping));
+    }
+
+    #[test]
+    fn rejects_invalid_utf8() {
+        assert_eq!(
+            decode_bytes(b"{\"op\":\"ping\",\"x\":\"\xff\"}")
+                .unwrap_err()
+                .kind,
+            DecodeErrorKind::InvalidUtf8("text")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+            let _ = decode(&text);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_json_shaped_text(
+            fields in proptest::collection::vec(
+                ("(op|req|conv|shop|user|cmid|kind|body|seq|before|after|limit|token|device|members|msgs|convs|code|message|reason|uid|from|ts|type|last)",
+                 "(\"[a-z0-9:_]{0,12}\"|-?[0-9]{1,22}|null|true|\\[\\]|\\{\\}|1\\.5|\\[\"buyer:1\"\\])"),
+                0..8)
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let _ = decode(&format!("{{{}}}", body.join(",")));
+        }
     }
 }
