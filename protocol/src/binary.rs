@@ -57,6 +57,11 @@ impl Header {
         if flags & !FLAG_REQ != 0 {
             return fail(DecodeErrorKind::BadValue("reserved flag bits are set"));
         }
+        // One frame, one encoding: without the flag the req field must be 0, so that what
+        // decodes re-encodes to the same bytes (found by the stream decoder fuzz target).
+        if req.is_none() && req_bytes != [0; 8] {
+            return fail(DecodeErrorKind::BadValue("req set without its flag"));
+        }
         if (len as usize) < HEADER_LEN {
             return fail(DecodeErrorKind::BadLength("frame shorter than its header"));
         }
@@ -879,6 +884,19 @@ mod tests {
         chunk.extend_from_slice(&[0xaa; 1000]);
         assert!(decoder.extend(&chunk).is_err());
         assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    #[test]
+    fn fuzz_1_req_bytes_without_the_req_flag_are_rejected() {
+        // From the stream decoder fuzz target: such a frame decoded, then re-encoded with a
+        // zero req field, so two byte strings meant one frame.
+        let bytes = [
+            0, 0, 0, 19, 1, 1, 0, 0, 0, 138, 0, 10, 0, 1, 255, 255, 2, 0, 0,
+        ];
+        assert!(matches!(
+            decode(&bytes).unwrap_err().kind,
+            DecodeErrorKind::BadValue("req set without its flag")
+        ));
     }
 
     #[test]

@@ -181,15 +181,15 @@ impl Client {
         self.send(&Frame::with_req(req, message))?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let frame = self.receive_until(deadline)?;
-            if frame.req != Some(req) {
-                self.inbox.push_back(frame);
-                continue;
+            if let Some(at) = self.inbox.iter().position(|f| f.req == Some(req)) {
+                // `position` found it, so `remove` has an element to return.
+                let frame = self.inbox.remove(at).expect("index from position");
+                return match frame.message {
+                    Message::Error(e) => Err(ClientError::Rejected(e)),
+                    _ => Ok(frame),
+                };
             }
-            return match frame.message {
-                Message::Error(e) => Err(ClientError::Rejected(e)),
-                _ => Ok(frame),
-            };
+            self.receive_until(deadline)?;
         }
     }
 
@@ -219,14 +219,14 @@ impl Client {
     /// The next frame that is not a reply to a pending call, waiting up to `timeout`.
     /// `Ok(None)` if none came in time.
     pub fn next_push(&mut self, timeout: Duration) -> Result<Option<Frame<'static>>, ClientError> {
-        if let Some(frame) = self.inbox.pop_front() {
-            return Ok(Some(frame));
+        if self.inbox.is_empty() {
+            match self.receive_until(Instant::now() + timeout) {
+                Ok(()) => {}
+                Err(ClientError::TimedOut) => return Ok(None),
+                Err(e) => return Err(e),
+            }
         }
-        match self.receive_until(Instant::now() + timeout) {
-            Ok(frame) => Ok(Some(frame)),
-            Err(ClientError::TimedOut) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self.inbox.pop_front())
     }
 
     /// Closes the connection with a normal close and waits briefly for the server's answer.
@@ -248,12 +248,9 @@ impl Client {
         &mut self.ws
     }
 
-    /// The next frame from the inbox or the socket.
-    fn receive_until(&mut self, deadline: Instant) -> Result<Frame<'static>, ClientError> {
+    /// Reads one WebSocket message (waiting until `deadline`) and queues its frames.
+    fn receive_until(&mut self, deadline: Instant) -> Result<(), ClientError> {
         loop {
-            if let Some(frame) = self.inbox.pop_front() {
-                return Ok(frame);
-            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ClientError::TimedOut);
@@ -263,12 +260,14 @@ impl Client {
                 WsMessage::Text(text) => {
                     let frame = json::decode(&text).map_err(ClientError::Decode)?;
                     self.inbox.push_back(frame.into_owned());
+                    return Ok(());
                 }
                 WsMessage::Binary(bytes) => {
                     for frame in binary::frames(&bytes) {
                         let frame = frame.map_err(ClientError::Decode)?;
                         self.inbox.push_back(frame.into_owned());
                     }
+                    return Ok(());
                 }
                 // Pings are answered by tungstenite on the next read or write.
                 WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {}
@@ -280,5 +279,138 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ConvId, DeviceId, NodeId, Seq, Uid, UidKind};
+    use crate::message::{ErrorCode, Msg, SendOk};
+    use std::net::TcpListener;
+    use std::thread;
+
+    /// A peer that answers like a gateway would, scripted per request: enough to test the
+    /// client's request/reply matching, push queueing and both encodings.
+    fn scripted_peer() -> (String, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let handle = thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut ws = tungstenite::accept(stream).unwrap();
+            loop {
+                let (frame, binary) = match ws.read() {
+                    Ok(WsMessage::Text(t)) => (json::decode(&t).unwrap().into_owned(), false),
+                    Ok(WsMessage::Binary(b)) => (binary::decode(&b).unwrap().into_owned(), true),
+                    Ok(_) => continue,
+                    Err(_) => return,
+                };
+                let push = Frame::new(Message::Msg(Msg {
+                    conv: ConvId(1),
+                    seq: Seq(9),
+                    from: Uid::new(UidKind::Agent, 2),
+                    ts: 5,
+                    kind: "text".into(),
+                    body: "pushed first".into(),
+                    cmid: "m".into(),
+                }));
+                let reply = match frame.message {
+                    Message::Login(_) => Message::LoginOk(LoginOk {
+                        uid: Uid::new(UidKind::Buyer, 1),
+                        device_id: DeviceId::from_u64(77).unwrap(),
+                        node_id: NodeId::from_u64(88).unwrap(),
+                        ts: 1,
+                    }),
+                    Message::Send(_) => Message::SendOk(SendOk {
+                        conv: ConvId(1),
+                        seq: Seq(10),
+                        ts: 2,
+                    }),
+                    _ => Message::Error(ErrorReply {
+                        code: ErrorCode::BadRequest,
+                        message: "no".into(),
+                    }),
+                };
+                let reply = Frame {
+                    req: frame.req,
+                    message: reply,
+                };
+                let out = if binary {
+                    // Push and reply back to back in one binary message.
+                    let mut buf = BytesMut::new();
+                    binary::encode(&push, &mut buf).unwrap();
+                    binary::encode(&reply, &mut buf).unwrap();
+                    vec![WsMessage::binary(buf.freeze())]
+                } else {
+                    [push, reply]
+                        .iter()
+                        .map(|f| {
+                            let text = String::from_utf8(json::encode_to_bytes(f).to_vec());
+                            WsMessage::text(text.unwrap())
+                        })
+                        .collect()
+                };
+                for message in out {
+                    ws.send(message).unwrap();
+                }
+            }
+        });
+        (url, handle)
+    }
+
+    fn exercise(encoding: Encoding) {
+        let (url, peer) = scripted_peer();
+        let mut client = Client::connect(&url, encoding).unwrap();
+        let me = client.login("token", DeviceType::Web).unwrap();
+        assert_eq!(me.device_id.get(), 77);
+        let reply = client
+            .call(Message::Send(crate::message::Send {
+                target: crate::message::Target::Conv(ConvId(1)),
+                cmid: "c".into(),
+                kind: "text".into(),
+                body: "hi".into(),
+            }))
+            .unwrap();
+        assert_eq!(reply.req, Some(2));
+        assert!(matches!(
+            reply.message,
+            Message::SendOk(SendOk { seq: Seq(10), .. })
+        ));
+        match client.call(Message::Convs) {
+            Err(ClientError::Rejected(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        // The three pushes that arrived before the replies come out in order.
+        for _ in 0..3 {
+            let push = client
+                .next_push(Duration::from_millis(10))
+                .unwrap()
+                .unwrap();
+            assert!(matches!(push.message, Message::Msg(_)));
+        }
+        assert!(client
+            .next_push(Duration::from_millis(50))
+            .unwrap()
+            .is_none());
+        client.close().unwrap();
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn calls_match_replies_and_queue_pushes_in_json() {
+        exercise(Encoding::Json);
+    }
+
+    #[test]
+    fn calls_match_replies_and_queue_pushes_in_binary() {
+        exercise(Encoding::Binary);
+    }
+
+    #[test]
+    fn connect_refuses_urls_that_are_not_ws() {
+        assert!(matches!(
+            Client::connect("http://127.0.0.1:1/ws", Encoding::Json),
+            Err(ClientError::Io(_))
+        ));
     }
 }
