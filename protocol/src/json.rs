@@ -508,6 +508,10 @@ impl Writer<'_> {
 
     fn num(&mut self, key: &str, n: u64) {
         self.key(key);
+        self.decimal(n);
+    }
+
+    fn decimal(&mut self, n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
         let mut n = n;
@@ -522,20 +526,19 @@ impl Writer<'_> {
         self.out.put_slice(&digits[i..]);
     }
 
-    fn display(&mut self, key: &str, value: impl std::fmt::Display) {
+    fn display(&mut self, key: &str, value: impl JsonId) {
         self.key(key);
         self.id(value);
     }
 
-    /// An id's text form as a JSON string.
-    fn id(&mut self, value: impl std::fmt::Display) {
-        use std::fmt::Write;
+    /// An id as a JSON string. Ids hold only ASCII letters, digits and ':': nothing to escape.
+    fn id(&mut self, value: impl JsonId) {
         self.raw("\"");
-        // Ids print only digits, ':' and ASCII letters: nothing to escape.
-        let mut text = IdText::default();
-        // IdText never fails to take an id's text (it is at most "service:" + 20 digits).
-        let _ = write!(text, "{value}");
-        self.out.put_slice(text.as_bytes());
+        if let Some(prefix) = value.kind() {
+            self.raw(prefix);
+            self.raw(":");
+        }
+        self.decimal(value.number());
         self.raw("\"");
     }
 
@@ -551,7 +554,7 @@ impl Writer<'_> {
             if i > 0 {
                 self.raw(",");
             }
-            self.id(uid);
+            self.id(*uid);
         }
         self.raw("]");
     }
@@ -600,26 +603,44 @@ impl Writer<'_> {
     }
 }
 
-/// A stack buffer for an id's text form, so ids are written without allocating.
-#[derive(Default)]
-struct IdText {
-    buf: [u8; 32],
-    len: usize,
+/// An id written as a JSON string: a decimal u64, with a uid's kind in front.
+trait JsonId: Copy {
+    fn kind(self) -> Option<&'static str> {
+        None
+    }
+    fn number(self) -> u64;
 }
 
-impl IdText {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+impl JsonId for ConvId {
+    fn number(self) -> u64 {
+        self.0
     }
 }
 
-impl std::fmt::Write for IdText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let slot = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        slot.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
+impl JsonId for ShopId {
+    fn number(self) -> u64 {
+        self.0
+    }
+}
+
+impl JsonId for DeviceId {
+    fn number(self) -> u64 {
+        self.get()
+    }
+}
+
+impl JsonId for NodeId {
+    fn number(self) -> u64 {
+        self.get()
+    }
+}
+
+impl JsonId for Uid {
+    fn kind(self) -> Option<&'static str> {
+        Some(self.kind.as_str())
+    }
+    fn number(self) -> u64 {
+        self.id
     }
 }
 
