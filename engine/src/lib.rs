@@ -1,1 +1,3 @@
 //! The chinwag gateway.
+
+pub mod store;
