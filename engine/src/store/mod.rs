@@ -32,6 +32,9 @@ mod segment;
 mod snapshot;
 mod state;
 
+#[cfg(test)]
+mod crash_test;
+
 use std::collections::VecDeque;
 use std::fs;
 use std::path::PathBuf;
@@ -309,6 +312,17 @@ impl Store {
                 }
             }
         }
+        if report.truncated.is_none() {
+            // A record torn before its length was stored reads as the end, but its other
+            // bytes are still there: clear them before new records are written over them.
+            let last = self.segments.len() - 1;
+            let end = self.segments[last].end;
+            let dropped = self.truncate(last, end)?;
+            if dropped > 0 {
+                let active = &self.segments[last];
+                report.truncated = Some((segment::position(active.id, end), dropped));
+            }
+        }
         Ok(())
     }
 
@@ -328,7 +342,9 @@ impl Store {
             }
         }
         seg.end = off;
-        seg.sync(seg.capacity())?;
+        if dropped > 0 {
+            seg.sync(seg.capacity())?;
+        }
         while self.segments.len() > idx + 1 {
             if let Some(later) = self.segments.pop_back() {
                 dropped += later.map.iter().filter(|&&b| b != 0).count() as u64;
@@ -1249,10 +1265,9 @@ mod tests {
                 (1..=5 + whole).collect::<Vec<_>>(),
                 "cut {cut}"
             );
-            assert_eq!(
-                report.truncated.is_some(),
-                report.truncated.is_some_and(|t| t.1 > 0)
-            );
+            // Recovery reports a cut exactly when a record was torn in its middle.
+            let inside = records[6..].iter().any(|(s, l)| *s < cut && cut < s + l);
+            assert_eq!(report.truncated.is_some(), inside, "cut {cut}");
         }
     }
 
