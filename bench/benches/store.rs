@@ -54,7 +54,10 @@ fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("store_append_100B");
     group.throughput(Throughput::Elements(BATCH));
     group.sample_size(20);
-    for (name, policy) in [("never", FsyncPolicy::Never), ("always", FsyncPolicy::Always)] {
+    for (name, policy) in [
+        ("never", FsyncPolicy::Never),
+        ("always", FsyncPolicy::Always),
+    ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = open(dir.path(), policy);
         let (mut n, mut cmid) = (0, Vec::new());
@@ -78,7 +81,11 @@ fn history(c: &mut Criterion) {
     group.bench_function("newest", |b| {
         b.iter(|| {
             conv = (conv + 7_919) % CONVS;
-            black_box(store.history(ConvId(conv), HistoryFrom::Newest, 50).expect("read"))
+            black_box(
+                store
+                    .history(ConvId(conv), HistoryFrom::Newest, 50)
+                    .expect("read"),
+            )
         })
     });
     group.bench_function("after_seq_100", |b| {

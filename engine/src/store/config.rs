@@ -64,10 +64,11 @@ pub struct StoreConfig {
     /// One in this many seqs of a conversation has its log position in the in-memory index;
     /// a read walks at most this many extra records.
     pub index_stride: u32,
-    /// The idempotency window keeps at least this many cmids per sender ...
-    pub cmid_window_count_min: usize,
-    /// ... and every cmid younger than this.
+    /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
+    /// ... unless the log holds more than this many; then the oldest go first. At about 50
+    /// bytes of memory each, the default costs up to 200 MB per shard.
+    pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,
     /// Retention deletes the oldest sealed segments while the log is larger than this.
@@ -92,8 +93,8 @@ impl StoreConfig {
             kind_bytes_max: 32,
             members_max: 1_000,
             index_stride: 16,
-            cmid_window_count_min: 10_000,
             cmid_window_age_ms: 24 * 3_600 * 1_000,
+            cmid_window_entries_max: 4_000_000,
             retention_age_ms: None,
             retention_bytes_max: None,
             snapshots_kept: 2,

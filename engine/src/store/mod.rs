@@ -157,8 +157,8 @@ impl Store {
         let limits = Limits {
             index_stride: u64::from(config.index_stride),
             members_max: config.members_max,
-            cmid_window_count_min: config.cmid_window_count_min,
             cmid_window_age_ms: config.cmid_window_age_ms,
+            cmid_window_entries_max: config.cmid_window_entries_max,
         };
         let mut report = RecoveryReport::default();
         let ids = segment::list(&dir)?;
@@ -414,8 +414,16 @@ impl Store {
         if let Some(&(what, len, max)) = limits.iter().find(|(_, len, max)| len > max) {
             return Err(StoreError::TooLarge { what, len, max });
         }
-        if let Some((conv, seq)) = self.state.duplicate(msg.sender, msg.cmid) {
-            return Ok(Appended::Duplicate { conv, seq });
+        if let Some(pos) = self.state.cmid_position(msg.sender, msg.cmid) {
+            // Confirm against the stored message: the window keys are hashes.
+            if let Some(m) = self.message_at(pos)? {
+                if m.sender == msg.sender && m.cmid == msg.cmid {
+                    return Ok(Appended::Duplicate {
+                        conv: m.conv,
+                        seq: m.seq,
+                    });
+                }
+            }
         }
         let conv = self
             .state

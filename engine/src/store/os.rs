@@ -39,3 +39,28 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn is_disk_full(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
+
+/// Faults in every page of a freshly created (all-zero) mapping for writing, so that appends
+/// into it never stop for a page fault (allocating and zeroing a page cache page, and the file
+/// system's write fault) on the shard's thread. The store runs it on the thread that prepares
+/// the next segment.
+pub fn prefault_for_writing(map: &mut MmapMut) {
+    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_WRITE only
+    // faults its pages in (as a write would) and does not change their contents.
+    let rc = unsafe {
+        libc::madvise(
+            map.as_mut_ptr().cast(),
+            map.len(),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if rc != 0 {
+        // Kernels before 5.14 lack MADV_POPULATE_WRITE: write to one byte per page instead.
+        // The mapping is all zeros, so writing zeros changes nothing.
+        for byte in map.iter_mut().step_by(4096) {
+            // SAFETY: `byte` is a valid, exclusive reference into the mapping; the volatile
+            // write keeps the compiler from dropping a store of the value already there.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}

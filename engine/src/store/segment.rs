@@ -104,6 +104,7 @@ impl Segment {
         map.flush_range(0, HEADER_BYTES)
             .and_then(|()| file.sync_all())
             .map_err(|e| fail("sync segment", &tmp, e))?;
+        os::prefault_for_writing(&mut map);
         fs::rename(&tmp, &path).map_err(|e| fail("rename segment", &path, e))?;
         os::sync_dir(dir).map_err(|e| fail("sync directory", dir, e))?;
         Ok(Segment {

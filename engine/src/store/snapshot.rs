@@ -24,7 +24,7 @@ use smallvec::SmallVec;
 use super::error::{Position, StoreError};
 use super::os;
 use super::record::ConvKind;
-use super::state::{pair, CmidWindow, Conversation, Limits, State};
+use super::state::{pair, Conversation, Limits, State};
 
 const MAGIC: &[u8; 8] = b"CHWGSNP1";
 const VERSION: u32 = 1;
@@ -142,19 +142,11 @@ fn encode(state: &State) -> Vec<u8> {
             w.u64(seq.0);
         }
     }
-    w.u32(state.cmids.len() as u32);
-    for (&sender, window) in &state.cmids {
-        w.uid(sender);
-        w.u32(window.order.len() as u32);
-        for (ts, cmid) in &window.order {
-            // Every cmid in the order has its seq in `seen` (they are kept together).
-            let (conv, seq) = window.seen.get(cmid).copied().unwrap_or_default();
-            w.u64(*ts);
-            w.u64(conv.0);
-            w.u64(seq.0);
-            w.u8(cmid.len() as u8);
-            w.0.extend_from_slice(cmid);
-        }
+    w.u32(state.cmids.order.len() as u32);
+    for &(ts, key, pos) in &state.cmids.order {
+        w.u64(ts);
+        w.u64(key);
+        w.u64(pos);
     }
     w.u32(state.chain_repairs.len() as u32);
     for (&from, &to) in &state.chain_repairs {
@@ -221,18 +213,9 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
         );
     }
     for _ in 0..r.u32()? {
-        let sender = r.uid()?;
-        let mut window = CmidWindow::default();
-        for _ in 0..r.u32()? {
-            let ts = r.u64()?;
-            let conv = ConvId(r.u64()?);
-            let seq = Seq(r.u64()?);
-            let len = usize::from(r.u8()?);
-            let cmid: Box<[u8]> = r.take(len)?.into();
-            window.seen.insert(cmid.clone(), (conv, seq));
-            window.order.push_back((ts, cmid));
-        }
-        state.cmids.insert(sender, window);
+        let (ts, key, pos) = (r.u64()?, r.u64()?, r.u64()?);
+        state.cmids.by_key.insert(key, pos);
+        state.cmids.order.push_back((ts, key, pos));
     }
     for _ in 0..r.u32()? {
         let (from, to) = (r.u64()?, r.u64()?);
@@ -310,8 +293,8 @@ mod tests {
         Limits {
             index_stride: 2,
             members_max: 10,
-            cmid_window_count_min: 100,
             cmid_window_age_ms: 1_000,
+            cmid_window_entries_max: 100,
         }
     }
 
@@ -374,8 +357,8 @@ mod tests {
         let c = &back.convs[&ConvId(5)];
         assert_eq!((c.seq, c.index.as_slice()), (3, &[1u64 << 32 | 128][..]));
         assert_eq!(
-            back.duplicate(Uid::new(UidKind::Buyer, 1), b"c"),
-            Some((ConvId(5), Seq(2)))
+            back.cmid_position(Uid::new(UidKind::Buyer, 1), b"c"),
+            Some((1 << 32) | 128)
         );
         assert_eq!(
             back.shop_convs[&(ShopId(3), Uid::new(UidKind::Buyer, 1))],

@@ -74,12 +74,36 @@ impl Conversation {
     }
 }
 
-/// Recent cmids of one sender, for idempotent sends.
+/// The idempotency window: recent (sender, cmid) pairs and where their message is.
+///
+/// Entries are keyed by a 64-bit hash of the pair and hold only the message's position; the
+/// store confirms a hit by reading that record's sender and cmid, so a hash collision can never
+/// turn a new message into a duplicate. No allocation per message, ~50 bytes per entry.
 #[derive(Debug, Default)]
 pub struct CmidWindow {
-    pub(super) seen: AHashMap<Box<[u8]>, (ConvId, Seq)>,
-    /// Oldest first: (ts, cmid).
-    pub(super) order: VecDeque<(u64, Box<[u8]>)>,
+    pub(super) by_key: AHashMap<u64, Position>,
+    /// Oldest first: (ts, key, position).
+    pub(super) order: VecDeque<(u64, u64, Position)>,
+}
+
+/// The window's key of a sender's cmid. A fixed function (not a seeded hasher), because keys
+/// are saved in snapshots and must mean the same after a restart.
+pub fn cmid_key(sender: Uid, cmid: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = (sender.id ^ (sender.kind as u64) << 56).wrapping_mul(K) ^ cmid.len() as u64;
+    for chunk in cmid.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(word))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    // Final avalanche (the finalizer of MurmurHash3).
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ h >> 33
 }
 
 /// Limits the state enforces, taken from the store's configuration.
@@ -87,8 +111,8 @@ pub struct CmidWindow {
 pub struct Limits {
     pub index_stride: u64,
     pub members_max: usize,
-    pub cmid_window_count_min: usize,
     pub cmid_window_age_ms: u64,
+    pub cmid_window_entries_max: usize,
 }
 
 /// Everything replay rebuilds.
@@ -102,7 +126,7 @@ pub struct State {
     pub(super) devices: AHashMap<(Uid, DeviceType), DeviceId>,
     pub(super) device_max: Option<DeviceId>,
     pub(super) conv_max: Option<ConvId>,
-    pub(super) cmids: AHashMap<Uid, CmidWindow>,
+    pub(super) cmids: CmidWindow,
     /// Chain links that point at a record the operator skipped (`skip_corrupt`), mapped to
     /// the conversation's previous message that is still readable.
     pub(super) chain_repairs: AHashMap<Position, Position>,
@@ -125,14 +149,20 @@ impl State {
             devices: AHashMap::new(),
             device_max: None,
             conv_max: None,
-            cmids: AHashMap::new(),
+            // Sized for its limit up front: growing a table of millions of entries would stall
+            // the shard for tens of ms at each doubling. Untouched memory costs no RSS.
+            cmids: CmidWindow {
+                by_key: AHashMap::with_capacity(limits.cmid_window_entries_max),
+                order: VecDeque::with_capacity(limits.cmid_window_entries_max),
+            },
             chain_repairs: AHashMap::new(),
         }
     }
 
-    /// The original seq of a message this sender already sent with this cmid.
-    pub fn duplicate(&self, sender: Uid, cmid: &[u8]) -> Option<(ConvId, Seq)> {
-        self.cmids.get(&sender)?.seen.get(cmid).copied()
+    /// Where the message is that this sender probably sent with this cmid (the caller
+    /// confirms by reading it).
+    pub fn cmid_position(&self, sender: Uid, cmid: &[u8]) -> Option<Position> {
+        self.cmids.by_key.get(&cmid_key(sender, cmid)).copied()
     }
 
     /// Whether `record` may be applied now. `allow_gap` admits a message seq beyond the next
@@ -150,9 +180,6 @@ impl State {
                 }
                 if m.prev != conv.last_pos && !allow_gap {
                     return Err("message does not chain to its conversation's last");
-                }
-                if self.duplicate(m.sender, m.cmid).is_some() {
-                    return Err("message repeats a cmid of its sender");
                 }
                 Ok(())
             }
@@ -323,17 +350,19 @@ impl State {
         c.set_cursor(m.sender, m.seq);
 
         let limits = self.limits;
-        let window = self.cmids.entry(m.sender).or_default();
-        let cmid: Box<[u8]> = m.cmid.into();
-        window.seen.insert(cmid.clone(), (m.conv, m.seq));
-        window.order.push_back((m.ts_ms, cmid));
-        while window.order.len() > limits.cmid_window_count_min {
-            let (ts, _) = window.order[0];
-            if ts.saturating_add(limits.cmid_window_age_ms) >= m.ts_ms {
+        let window = &mut self.cmids;
+        let key = cmid_key(m.sender, m.cmid);
+        window.by_key.insert(key, pos);
+        window.order.push_back((m.ts_ms, key, pos));
+        while let Some(&(ts, key, at)) = window.order.front() {
+            let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
+            if !expired && window.order.len() <= limits.cmid_window_entries_max {
                 break;
             }
-            if let Some((_, old)) = window.order.pop_front() {
-                window.seen.remove(&old);
+            window.order.pop_front();
+            // A later message with a colliding key may own the entry now.
+            if window.by_key.get(&key) == Some(&at) {
+                window.by_key.remove(&key);
             }
         }
     }
@@ -360,8 +389,8 @@ mod tests {
         Limits {
             index_stride: 4,
             members_max: 3,
-            cmid_window_count_min: 2,
             cmid_window_age_ms: 1_000,
+            cmid_window_entries_max: 3,
         }
     }
 
@@ -419,20 +448,51 @@ mod tests {
     }
 
     #[test]
-    fn cmid_window_keeps_the_newest_count_or_age() {
+    fn cmid_window_keeps_the_young_up_to_its_size() {
         let mut s = State::new(limits());
         shop_conv(&mut s, 1);
         for (seq, (ts, cmid)) in [(0, b"a"), (10, b"b"), (20, b"c")].iter().enumerate() {
-            s.apply(&message(1, seq as u64 + 1, *ts, *cmid), 8);
+            s.apply(
+                &message(1, seq as u64 + 1, *ts, *cmid),
+                8 * (seq as u64 + 1),
+            );
         }
-        // Three cmids, all younger than the age limit: all kept.
-        assert_eq!(s.duplicate(BUYER, b"a"), Some((ConvId(1), Seq(1))));
-        s.apply(&message(1, 4, 5_000, b"d"), 8);
-        // Past the age limit, only the newest `count_min` stay.
-        assert_eq!(s.duplicate(BUYER, b"a"), None);
-        assert_eq!(s.duplicate(BUYER, b"b"), None);
-        assert_eq!(s.duplicate(BUYER, b"c"), Some((ConvId(1), Seq(3))));
-        assert_eq!(s.duplicate(BUYER, b"d"), Some((ConvId(1), Seq(4))));
+        assert_eq!(s.cmid_position(BUYER, b"a"), Some(8));
+        assert_eq!(
+            s.cmid_position(AGENT, b"a"),
+            None,
+            "keys include the sender"
+        );
+        // Over the size limit, the oldest goes.
+        s.apply(&message(1, 4, 30, b"d"), 32);
+        assert_eq!(s.cmid_position(BUYER, b"a"), None);
+        assert_eq!(s.cmid_position(BUYER, b"b"), Some(16));
+        // Past the age limit, all older ones go.
+        s.apply(&message(1, 5, 1_025, b"e"), 40);
+        assert_eq!(s.cmid_position(BUYER, b"b"), None);
+        assert_eq!(s.cmid_position(BUYER, b"c"), None);
+        assert_eq!(s.cmid_position(BUYER, b"d"), Some(32));
+        assert_eq!(s.cmid_position(BUYER, b"e"), Some(40));
+    }
+
+    #[test]
+    fn cmid_keys_differ_for_nearby_inputs() {
+        let mut inputs = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for id in 0..50 {
+            for n in 0..300u32 {
+                // Lengths around the 8-byte words the key is computed from.
+                for len in [1, 7, 8, 9, 16, 17] {
+                    let mut cmid = format!("{n}-cmid-of-{id}").into_bytes();
+                    cmid.resize(len, b'_');
+                    let sender = Uid::new(UidKind::ALL[id % 4], id as u64);
+                    keys.insert(cmid_key(sender, &cmid));
+                    inputs.insert((sender, cmid));
+                }
+            }
+        }
+        assert!(inputs.len() > 50_000);
+        assert_eq!(keys.len(), inputs.len());
     }
 
     #[test]
