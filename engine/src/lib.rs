@@ -1,3 +1,4 @@
 //! The chinwag gateway.
 
 pub mod dispatch;
+pub mod store;
