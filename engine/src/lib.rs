@@ -1,1 +1,9 @@
 //! The chinwag gateway.
+//!
+//! Read top-down as the data flows: `net` (listeners, HTTP, WebSocket framing) → `shard` (the
+//! event loops and sessions) → `ops` (config, metrics, the token secret); `node` starts it all.
+
+pub mod net;
+pub mod node;
+pub mod ops;
+pub mod shard;
