@@ -349,5 +349,11 @@ impl Shard {
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
         m.closed(session.close_reason);
+        tracing::debug!(
+            shard = self.ctx.shard_id,
+            slot = token.0,
+            reason = session.close_reason.label(),
+            "closed"
+        );
     }
 }

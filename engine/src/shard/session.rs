@@ -38,10 +38,23 @@ enum Phase {
     Http,
     /// An open WebSocket on an endpoint.
     Open(Endpoint),
-    /// A close frame or a final HTTP answer is queued; nothing more will be sent. The socket
-    /// is shut for writing once the queue is written, and dropped at the peer's EOF or after
-    /// `close_timeout_ms`.
-    Closing,
+    /// Nothing more will be sent but what is queued. Every closing connection is dropped after
+    /// `close_timeout_ms` at the latest.
+    Closing(Closing),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    /// We sent a close frame first and read on for the peer's close frame.
+    AwaitingClose,
+    /// Both close frames are exchanged: drop the connection once the queue is written (the
+    /// server closes TCP first, RFC 6455 §7.1.1).
+    Done,
+    /// A final HTTP answer, or a peer that broke framing while we awaited its close frame:
+    /// after the queue is written, shut the socket for writing and read (dropping the bytes)
+    /// until the peer's EOF, so closing never turns into a reset that destroys our last bytes
+    /// in flight.
+    Linger,
 }
 
 /// A fragmented message being put together.
@@ -131,7 +144,7 @@ impl Session {
     /// Returns `true` if the connection is done.
     pub fn on_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
-            if self.phase == Phase::Closing {
+            if matches!(self.phase, Phase::Closing(Closing::Linger | Closing::Done)) {
                 return self.discard_input(rbuf, ctx);
             }
             let carried = self.inbound.len();
@@ -147,7 +160,7 @@ impl Session {
                 let data = &mut rbuf[..carried + n];
                 let consumed = self.on_bytes(data, ctx);
                 let rest = &data[consumed..];
-                if rest.is_empty() || self.phase == Phase::Closing {
+                if rest.is_empty() || !self.reads_frames() {
                     self.inbound = Vec::new();
                 } else {
                     self.inbound.clear();
@@ -173,7 +186,7 @@ impl Session {
                 buf.truncate(carried + n);
                 self.on_read(n, ctx);
                 let consumed = self.on_bytes(&mut buf, ctx);
-                if consumed < buf.len() && self.phase != Phase::Closing {
+                if consumed < buf.len() && self.reads_frames() {
                     buf.drain(..consumed);
                     self.inbound = buf;
                 }
@@ -188,6 +201,14 @@ impl Session {
         }
         ctx.read_again.push(Token(self.slot as usize));
         false
+    }
+
+    /// Whether incoming bytes are still parsed as frames.
+    fn reads_frames(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Http | Phase::Open(_) | Phase::Closing(Closing::AwaitingClose)
+        )
     }
 
     fn on_read(&mut self, n: usize, ctx: &mut Context) {
@@ -239,7 +260,7 @@ impl Session {
             }
         }
         loop {
-            if self.phase == Phase::Closing {
+            if !self.reads_frames() {
                 return data.len();
             }
             let rest = &mut data[pos..];
@@ -252,9 +273,18 @@ impl Session {
                 }
             };
             let payload = &mut rest[header.header_len..header.frame_len()];
-            frame::unmask(payload, header.mask, 0);
             pos += header.frame_len();
             metrics::add(&ctx.metrics().frames_in, 1);
+            if self.phase == Phase::Closing(Closing::AwaitingClose) {
+                // Only the peer's close frame matters now; its payload is not checked, the
+                // connection ends either way.
+                if header.opcode == Opcode::Close {
+                    self.phase = Phase::Closing(Closing::Done);
+                    self.mark_dirty(ctx);
+                }
+                continue;
+            }
+            frame::unmask(payload, header.mask, 0);
             if let Err(e) = self.on_frame(header.opcode, header.fin, payload, ctx) {
                 self.fail(e, ctx);
             }
@@ -281,14 +311,14 @@ impl Session {
             ),
             Route::Respond(answer) => answer,
         };
-        let ok = answer.starts_with(b"HTTP/1.1 2");
+        let malformed = answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431");
         self.queue(answer, ctx);
-        self.phase = Phase::Closing;
+        self.phase = Phase::Closing(Closing::Linger);
         self.timer_ms = ctx.now_ms;
-        self.close_reason = if ok {
-            CloseReason::HttpDone
-        } else {
+        self.close_reason = if malformed {
             CloseReason::ProtocolError
+        } else {
+            CloseReason::HttpDone
         };
         false
     }
@@ -350,6 +380,8 @@ impl Session {
                     CloseRequest::Code(code) => code,
                 };
                 self.close(code, "", CloseReason::PeerClosed, ctx);
+                // Our reply completes the handshake.
+                self.phase = Phase::Closing(Closing::Done);
             }
         }
         Ok(())
@@ -366,7 +398,7 @@ impl Session {
         match self.phase {
             Phase::Open(Endpoint::Echo) => self.send(frame::encode(opcode, payload), ctx),
             Phase::Open(Endpoint::App) => self.on_app_message(opcode, payload, ctx),
-            Phase::Http | Phase::Closing => {}
+            Phase::Http | Phase::Closing(_) => {}
         }
     }
 
@@ -432,20 +464,30 @@ impl Session {
     /// Starts the close handshake: queues a close frame with `code`; no frame is sent after it.
     pub fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context) {
         match self.phase {
-            Phase::Closing => return,
+            Phase::Closing(_) => return,
             Phase::Open(_) => {
                 metrics::add(&ctx.metrics().frames_out, 1);
                 self.queue(frame::encode_close(code, reason), ctx);
+                self.phase = Phase::Closing(Closing::AwaitingClose);
             }
-            Phase::Http => self.mark_dirty(ctx),
+            Phase::Http => {
+                self.mark_dirty(ctx);
+                self.phase = Phase::Closing(Closing::Linger);
+            }
         }
-        self.phase = Phase::Closing;
         self.close_reason = why;
         self.timer_ms = ctx.now_ms;
         self.message = None;
     }
 
     fn fail(&mut self, error: FrameError, ctx: &mut Context) {
+        if self.phase == Phase::Closing(Closing::AwaitingClose) {
+            // The peer broke framing after our close frame: its close frame cannot be found
+            // any more, so stop parsing and wait for its EOF.
+            self.phase = Phase::Closing(Closing::Linger);
+            self.mark_dirty(ctx);
+            return;
+        }
         let why = match error {
             FrameError::TooLarge => CloseReason::TooLarge,
             FrameError::Protocol | FrameError::InvalidUtf8 => CloseReason::ProtocolError,
@@ -477,17 +519,22 @@ impl Session {
                 return false;
             }
         }
-        if self.phase == Phase::Closing && !self.write_shut {
-            self.write_shut = true;
-            // Our last byte is out: tell the peer with a FIN, then wait for its EOF.
-            let _ = self.stream.shutdown(Shutdown::Write);
+        match self.phase {
+            Phase::Closing(Closing::Done) => return true,
+            Phase::Closing(Closing::Linger) if !self.write_shut => {
+                self.write_shut = true;
+                // Our last byte is out: tell the peer with a FIN, then wait for its EOF.
+                let _ = self.stream.shutdown(Shutdown::Write);
+            }
+            _ => {}
         }
         false
     }
 
     /// Whether a writable event has work to do.
     pub fn wants_flush(&self) -> bool {
-        !self.outbox.is_empty() || (self.phase == Phase::Closing && !self.write_shut)
+        !self.outbox.is_empty()
+            || matches!(self.phase, Phase::Closing(Closing::Done | Closing::Linger))
     }
 
     /// Checks this session's timeout at `ctx.now_ms`. Returns `true` if the connection is done.
@@ -508,7 +555,7 @@ impl Session {
                 );
                 false
             }
-            Phase::Closing => elapsed_ms >= limits.close_timeout_ms,
+            Phase::Closing(_) => elapsed_ms >= limits.close_timeout_ms,
             _ => false,
         }
     }
@@ -529,7 +576,7 @@ impl Session {
                 );
                 false
             }
-            Phase::Closing => false,
+            Phase::Closing(_) => false,
         }
     }
 }
