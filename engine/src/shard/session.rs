@@ -375,9 +375,16 @@ impl Session {
             Opcode::Ping => self.send(frame::encode(Opcode::Pong, payload), ctx),
             Opcode::Pong => {}
             Opcode::Close => {
-                let code = match frame::parse_close(payload)? {
-                    CloseRequest::Empty => frame::CLOSE_NORMAL,
-                    CloseRequest::Code(code) => code,
+                let code = match frame::parse_close(payload) {
+                    Ok(CloseRequest::Empty) => frame::CLOSE_NORMAL,
+                    Ok(CloseRequest::Code(code)) => code,
+                    Err(e) => {
+                        // A malformed close is still the peer's close: answer with the error
+                        // code and end the connection without waiting for another.
+                        self.fail(e, ctx);
+                        self.phase = Phase::Closing(Closing::Done);
+                        return Ok(());
+                    }
                 };
                 self.close(code, "", CloseReason::PeerClosed, ctx);
                 // Our reply completes the handshake.
