@@ -31,6 +31,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node of `mailboxes.len()` shards.
+    pub fn new(config: Config, mailboxes: Vec<Mailbox>) -> Node {
+        Node {
+            config,
+            metrics: mailboxes.iter().map(|_| ShardMetrics::default()).collect(),
+            mailboxes: mailboxes.into_boxed_slice(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -75,12 +85,7 @@ pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Resul
         ));
         polls.push(poll);
     }
-    let node = Arc::new(Node {
-        config,
-        metrics: (0..shard_count).map(|_| ShardMetrics::default()).collect(),
-        mailboxes: mailboxes.into_boxed_slice(),
-        draining: AtomicBool::new(false),
-    });
+    let node = Arc::new(Node::new(config, mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let signal_node = Arc::clone(&node);

@@ -429,3 +429,36 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod random_input {
+    use super::*;
+
+    /// Arbitrary bytes never make the parser panic or promise more than the buffer and the
+    /// limit allow (a poor man's fuzz run, deterministic so it can sit in the unit tests).
+    #[test]
+    fn parse_header_survives_random_bytes() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut buf = [0u8; 16];
+        for _ in 0..200_000 {
+            let len = (next() % 17) as usize;
+            for byte in &mut buf[..len] {
+                *byte = next() as u8;
+            }
+            if let Ok(Some(header)) = parse_header(&buf[..len], 1000) {
+                assert!(header.header_len <= len);
+                assert!(header.payload_len <= 1000);
+                let mut payload = vec![0u8; header.payload_len];
+                unmask(&mut payload, header.mask, (next() % 8) as usize);
+            }
+            let mut check = Utf8Check::default();
+            let _ = check.feed(&buf[..len], next() % 2 == 0);
+        }
+    }
+}

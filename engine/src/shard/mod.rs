@@ -357,3 +357,83 @@ impl Shard {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::mailbox::{Mailbox, SessionRef};
+    use super::*;
+    use crate::net::frame::{self, Opcode};
+    use crate::ops::config::Config;
+
+    /// A frame handed to the shard's mailbox by another thread reaches the right session, and
+    /// a frame addressed to an earlier session of the same slot is dropped.
+    #[test]
+    fn mailbox_frames_reach_their_session_only() {
+        let poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+        let node = Arc::new(Node::new(Config::default(), vec![Mailbox::new(16, waker)]));
+        let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shard = Shard::new(0, Arc::clone(&node), poll, listener).unwrap();
+        let thread = std::thread::spawn(move || shard.run());
+
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+
+        // The first session of the shard is slot 0, generation 1.
+        let stale = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 2,
+        };
+        let live = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 1,
+        };
+        let mailbox = &node.mailboxes[0];
+        mailbox
+            .send(ShardMsg::Send {
+                to: stale,
+                frame: frame::encode(Opcode::Text, b"not for you"),
+            })
+            .unwrap();
+        mailbox
+            .send(ShardMsg::Send {
+                to: live,
+                frame: frame::encode(Opcode::Text, b"pushed"),
+            })
+            .unwrap();
+        let mut received = [0u8; 8];
+        client.read_exact(&mut received).unwrap();
+        assert_eq!(&received, b"\x81\x06pushed");
+
+        node.drain();
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).unwrap();
+        assert_eq!(close[..2], [0x88, 12]);
+        assert_eq!(
+            u16::from_be_bytes([close[2], close[3]]),
+            frame::CLOSE_GOING_AWAY
+        );
+        drop(client);
+        thread.join().unwrap().unwrap();
+    }
+}
