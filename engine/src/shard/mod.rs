@@ -1,0 +1,439 @@
+//! A shard: one thread, one `mio::Poll`, one listener, one slab of sessions.
+//!
+//! A shard owns its sockets outright; no other thread touches them. Work from other threads
+//! arrives in the shard's [`Mailbox`](mailbox::Mailbox), drained once per loop turn.
+//!
+//! One loop turn:
+//! 1. wait for events (or until the next timer sweep);
+//! 2. accept new connections until `WouldBlock`; read each readable session, handling every
+//!    whole frame — replies only go into the session's outbox and mark it dirty;
+//! 3. drain the mailbox (frames for sessions of this shard);
+//! 4. flush every dirty session with one vectored write: whatever the turn produced for a
+//!    socket leaves in one system call (write corking);
+//! 5. every so often, sweep the slab for handshake, idle and close timeouts.
+
+pub mod mailbox;
+pub mod outbox;
+pub mod session;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::node::Node;
+use crate::ops::metrics::{self, ShardMetrics};
+use mailbox::ShardMsg;
+use session::Session;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+pub const WAKER: Token = Token(usize::MAX);
+
+/// The shard-wide read buffer; every socket of the shard reads into it.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+const _: () = assert!(READ_BUFFER_BYTES > session::CARRY_BYTES_MAX);
+
+/// Mailbox messages handled per loop turn, so a flood from other shards cannot starve sockets.
+const MAILBOX_BATCH: usize = 4096;
+
+/// The limits a session checks, copied out of the config for quick access.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub enable_echo: bool,
+    pub frame_bytes_max: usize,
+    pub message_bytes_max: usize,
+    pub send_queue_bytes_max: usize,
+    pub messages_per_s_max: u32,
+    pub connections_per_shard_max: usize,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub close_timeout_ms: u64,
+}
+
+impl Limits {
+    /// How often the slab is swept for timeouts: often enough that a timeout fires within a
+    /// fraction of its length, rarely enough that the sweep (one pass over the slab) costs
+    /// little against the traffic of a full shard.
+    fn sweep_interval_ms(&self) -> u64 {
+        let shortest = self
+            .handshake_timeout_ms
+            .min(self.idle_timeout_ms)
+            .min(self.close_timeout_ms);
+        (shortest / 4).clamp(10, 1000)
+    }
+}
+
+/// What a session may use of its shard while it handles an event.
+pub struct Context {
+    pub shard_id: usize,
+    pub node: Arc<Node>,
+    pub limits: Limits,
+    /// Milliseconds since the shard started, read once per loop turn.
+    pub now_ms: u64,
+    /// Sessions with output queued this turn.
+    dirty: Vec<Token>,
+    /// Sessions that used their read budget and may have more to read.
+    read_again: Vec<Token>,
+}
+
+impl Context {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.shard_id]
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.node.is_draining()
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.node.render_metrics()
+    }
+}
+
+pub struct Shard {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    sessions: Slab<Session>,
+    rbuf: Box<[u8]>,
+    ctx: Context,
+    next_generation: u32,
+    started: Instant,
+    accept_warned_ms: Option<u64>,
+}
+
+impl Shard {
+    /// A shard with its `poll` (whose waker is in `node.mailboxes[shard_id]`) and listener.
+    pub fn new(
+        shard_id: usize,
+        node: Arc<Node>,
+        poll: Poll,
+        mut listener: TcpListener,
+    ) -> io::Result<Shard> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let config = &node.config;
+        let limits = Limits {
+            enable_echo: config.enable_echo,
+            frame_bytes_max: config.frame_bytes_max,
+            message_bytes_max: config.message_bytes_max,
+            send_queue_bytes_max: config.send_queue_bytes_max,
+            messages_per_s_max: config.messages_per_s_max,
+            connections_per_shard_max: config.connections_per_shard_max,
+            handshake_timeout_ms: config.handshake_timeout_ms,
+            idle_timeout_ms: config.idle_timeout_ms,
+            close_timeout_ms: config.close_timeout_ms,
+        };
+        Ok(Shard {
+            poll,
+            listener: Some(listener),
+            sessions: Slab::new(),
+            rbuf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
+            ctx: Context {
+                shard_id,
+                node,
+                limits,
+                now_ms: 0,
+                dirty: Vec::new(),
+                read_again: Vec::new(),
+            },
+            next_generation: 0,
+            started: Instant::now(),
+            accept_warned_ms: None,
+        })
+    }
+
+    /// Runs the loop until the node has drained. Returns an error only if polling fails.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let sweep_interval_ms = self.ctx.limits.sweep_interval_ms();
+        let mut next_sweep_ms = sweep_interval_ms;
+        let mut drained = false;
+        loop {
+            let timeout_ms = if self.ctx.read_again.is_empty() {
+                next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
+            } else {
+                0
+            };
+            match self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(timeout_ms)))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let turn_start = Instant::now();
+            self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
+
+            for token in std::mem::take(&mut self.ctx.read_again) {
+                self.on_readable(token);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    // The mailbox is drained below, once per turn, whatever woke us.
+                    WAKER => {}
+                    token => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(token);
+                        }
+                        if event.is_writable() {
+                            self.on_writable(token);
+                        }
+                    }
+                }
+            }
+            self.drain_mailbox();
+            if !drained && self.ctx.is_draining() {
+                drained = true;
+                self.start_drain();
+            }
+            self.flush_dirty();
+            if self.ctx.now_ms >= next_sweep_ms {
+                self.sweep();
+                self.flush_dirty();
+                next_sweep_ms = self.ctx.now_ms + sweep_interval_ms;
+            }
+            self.ctx
+                .metrics()
+                .record_turn(turn_start.elapsed().as_micros() as u64);
+            if drained && self.sessions.is_empty() {
+                tracing::info!(shard = self.ctx.shard_id, "drained");
+                return Ok(());
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        loop {
+            let (mut stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Typically EMFILE. The connection stays in the backlog until a later
+                    // accept succeeds; say so at most once a second.
+                    metrics::add(&self.ctx.metrics().accept_errors, 1);
+                    if self
+                        .accept_warned_ms
+                        .map_or(true, |ms| self.ctx.now_ms >= ms + 1000)
+                    {
+                        self.accept_warned_ms = Some(self.ctx.now_ms);
+                        tracing::warn!(shard = self.ctx.shard_id, error = %e, "accept failed");
+                    }
+                    return;
+                }
+            };
+            let m = self.ctx.metrics();
+            if self.sessions.len() >= self.ctx.limits.connections_per_shard_max {
+                // Dropping the stream closes it: the cheapest refusal, and the client sees it.
+                metrics::add(&m.connections_refused, 1);
+                continue;
+            }
+            // Small frames are the norm (chat); corking per loop turn already batches them.
+            let _ = stream.set_nodelay(true);
+            let entry = self.sessions.vacant_entry();
+            let token = Token(entry.key());
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(shard = self.ctx.shard_id, error = %e, "register failed");
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            entry.insert(Session::new(
+                stream,
+                token.0,
+                self.next_generation,
+                self.ctx.now_ms,
+            ));
+            metrics::add(&m.connections_accepted, 1);
+            metrics::add(&m.connections_open, 1);
+        }
+    }
+
+    fn on_readable(&mut self, token: Token) {
+        // A token may be stale (its session ended earlier this turn): nothing to do then.
+        let Some(session) = self.sessions.get_mut(token.0) else {
+            return;
+        };
+        if session.on_readable(&mut self.rbuf, &mut self.ctx) {
+            self.remove(token);
+        }
+    }
+
+    fn on_writable(&mut self, token: Token) {
+        let Some(session) = self.sessions.get_mut(token.0) else {
+            return;
+        };
+        if session.wants_flush() && session.flush(&mut self.ctx) {
+            self.remove(token);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.ctx.dirty);
+        for token in dirty.drain(..) {
+            let Some(session) = self.sessions.get_mut(token.0) else {
+                continue;
+            };
+            if session.flush(&mut self.ctx) {
+                self.remove(token);
+            }
+        }
+        // Hand the (now empty) list back to keep its capacity for the next turn.
+        self.ctx.dirty = dirty;
+    }
+
+    fn drain_mailbox(&mut self) {
+        let node = Arc::clone(&self.ctx.node);
+        let sessions = &mut self.sessions;
+        let ctx = &mut self.ctx;
+        node.mailboxes[ctx.shard_id].drain(MAILBOX_BATCH, |msg| {
+            metrics::add(&ctx.metrics().mailbox_messages, 1);
+            match msg {
+                ShardMsg::Send { to, frame } => {
+                    if let Some(session) = sessions.get_mut(to.slot as usize) {
+                        if session.generation() == to.generation {
+                            session.send(frame, ctx);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Stops accepting and starts the close handshake on every connection.
+    fn start_drain(&mut self) {
+        tracing::info!(
+            shard = self.ctx.shard_id,
+            connections = self.sessions.len(),
+            "draining"
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let done: Vec<usize> = self
+            .sessions
+            .iter_mut()
+            .filter_map(|(key, session)| session.on_drain(&mut self.ctx).then_some(key))
+            .collect();
+        for key in done {
+            self.remove(Token(key));
+        }
+    }
+
+    fn sweep(&mut self) {
+        let done: Vec<usize> = self
+            .sessions
+            .iter_mut()
+            .filter_map(|(key, session)| session.on_timer(&mut self.ctx).then_some(key))
+            .collect();
+        for key in done {
+            self.remove(Token(key));
+        }
+    }
+
+    fn remove(&mut self, token: Token) {
+        // Dropping the stream closes the socket, which also takes it out of the epoll set.
+        let session = self.sessions.remove(token.0);
+        let m = self.ctx.metrics();
+        metrics::sub(&m.connections_open, 1);
+        metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
+        m.closed(session.close_reason);
+        tracing::debug!(
+            shard = self.ctx.shard_id,
+            slot = token.0,
+            reason = session.close_reason.label(),
+            "closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::mailbox::{Mailbox, SessionRef};
+    use super::*;
+    use crate::net::frame::{self, Opcode};
+    use crate::ops::config::Config;
+
+    /// A frame handed to the shard's mailbox by another thread reaches the right session, and
+    /// a frame addressed to an earlier session of the same slot is dropped.
+    #[test]
+    fn mailbox_frames_reach_their_session_only() {
+        let poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+        let node = Arc::new(Node::new(Config::default(), vec![Mailbox::new(16, waker)]));
+        let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shard = Shard::new(0, Arc::clone(&node), poll, listener).unwrap();
+        let thread = std::thread::spawn(move || shard.run());
+
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+
+        // The first session of the shard is slot 0, generation 1.
+        let stale = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 2,
+        };
+        let live = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 1,
+        };
+        let mailbox = &node.mailboxes[0];
+        mailbox
+            .send(ShardMsg::Send {
+                to: stale,
+                frame: frame::encode(Opcode::Text, b"not for you"),
+            })
+            .unwrap();
+        mailbox
+            .send(ShardMsg::Send {
+                to: live,
+                frame: frame::encode(Opcode::Text, b"pushed"),
+            })
+            .unwrap();
+        let mut received = [0u8; 8];
+        client.read_exact(&mut received).unwrap();
+        assert_eq!(&received, b"\x81\x06pushed");
+
+        node.drain();
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).unwrap();
+        assert_eq!(close[..2], [0x88, 12]);
+        assert_eq!(
+            u16::from_be_bytes([close[2], close[3]]),
+            frame::CLOSE_GOING_AWAY
+        );
+        drop(client);
+        thread.join().unwrap().unwrap();
+    }
+}
