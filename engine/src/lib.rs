@@ -8,5 +8,6 @@ pub mod dispatch;
 pub mod net;
 pub mod node;
 pub mod ops;
+pub mod route;
 pub mod shard;
 pub mod store;

@@ -7,24 +7,31 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
+use chinwag_protocol::{DeviceIdGenerator, NodeId, NodeType};
 use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::net::listener;
-use crate::ops::config::Config;
+use crate::ops::config::{Config, Fsync};
 use crate::ops::metrics::{self, ShardMetrics};
+use crate::route::owner::Owner;
 use crate::shard::mailbox::Mailbox;
 use crate::shard::{Shard, WAKER};
+use crate::store::{FsyncPolicy, Store, StoreConfig};
 
 /// Messages one shard's mailbox holds before senders are told it is full.
 const MAILBOX_CAPACITY: usize = 64 * 1024;
 
 pub struct Node {
     pub config: Config,
+    /// The secret that signs login tokens.
+    pub jwt_secret: Vec<u8>,
+    /// This node's id, from its listening address.
+    pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
     pub mailboxes: Box<[Mailbox]>,
     draining: AtomicBool,
@@ -32,9 +39,18 @@ pub struct Node {
 
 impl Node {
     /// A node of `mailboxes.len()` shards.
-    pub fn new(config: Config, mailboxes: Vec<Mailbox>) -> Node {
+    pub fn new(config: Config, jwt_secret: Vec<u8>, mailboxes: Vec<Mailbox>) -> Node {
+        let node_id = match config.listen {
+            SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
+            SocketAddr::V6(addr) => NodeId::for_addr(
+                NodeType::Connector,
+                std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, addr.port()),
+            ),
+        };
         Node {
             config,
+            jwt_secret,
+            node_id,
             metrics: mailboxes.iter().map(|_| ShardMetrics::default()).collect(),
             mailboxes: mailboxes.into_boxed_slice(),
             draining: AtomicBool::new(false),
@@ -85,7 +101,10 @@ pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Resul
         ));
         polls.push(poll);
     }
-    let node = Arc::new(Node::new(config, mailboxes));
+    let jwt_secret =
+        crate::ops::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
+    let owners = open_owners(&config, shard_count)?;
+    let node = Arc::new(Node::new(config, jwt_secret.into_bytes(), mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let signal_node = Arc::clone(&node);
@@ -99,8 +118,9 @@ pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Resul
         })?;
 
     let mut shards = Vec::with_capacity(shard_count);
-    for (id, (poll, listener)) in polls.into_iter().zip(listeners).enumerate() {
-        let shard = Shard::new(id, Arc::clone(&node), poll, listener)?;
+    for (id, ((poll, listener), owner)) in polls.into_iter().zip(listeners).zip(owners).enumerate()
+    {
+        let shard = Shard::new(id, Arc::clone(&node), poll, listener, owner)?;
         let handle = thread::Builder::new()
             .name(format!("chinwag-shard-{id}"))
             .spawn(move || shard.run())?;
@@ -123,4 +143,73 @@ pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Resul
         }
     }
     result
+}
+
+/// The file in the data directory that records how many shards the logs were written by.
+const SHARDS_FILE: &str = "shards";
+
+/// Opens (recovering) every shard's log under the data directory and builds its owner.
+///
+/// Conversation ids and owners are tied to the shard count, so a data directory keeps the count
+/// it was created with: starting with another one is refused with a clear error.
+fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
+    if shards > crate::route::SHARDS_MAX {
+        return Err(io::Error::other(format!(
+            "at most {} shards are supported",
+            crate::route::SHARDS_MAX
+        )));
+    }
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir)?;
+    let pinned = dir.join(SHARDS_FILE);
+    match std::fs::read_to_string(&pinned) {
+        Ok(text) => {
+            let was: usize = text.trim().parse().map_err(|_| {
+                io::Error::other(format!("{} is not a shard count", pinned.display()))
+            })?;
+            if was != shards {
+                return Err(io::Error::other(format!(
+                    "the data directory {} was written by {was} shards; start with --shards {was}",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::write(&pinned, format!("{shards}\n"))?;
+        }
+        Err(e) => return Err(e),
+    }
+    let fsync = match config.fsync {
+        Fsync::Never => FsyncPolicy::Never,
+        Fsync::Interval => FsyncPolicy::Interval,
+        Fsync::Always => FsyncPolicy::Always,
+    };
+    let mut stores = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        let mut store_config = StoreConfig::new(dir.join(format!("shard-{shard}")));
+        store_config.fsync = fsync;
+        store_config.body_bytes_max = config.message_bytes_max;
+        let (store, report) = Store::open(store_config)
+            .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
+        tracing::info!(
+            shard,
+            records = report.records,
+            bytes = report.bytes,
+            truncated = report.truncated.is_some(),
+            "log recovered"
+        );
+        stores.push(store);
+    }
+    // One generator for the node, continuing after every device any shard registered.
+    let mut generator =
+        DeviceIdGenerator::new(NodeType::Client, 0).map_err(|e| io::Error::other(e.to_string()))?;
+    for last in stores.iter().filter_map(Store::device_max) {
+        generator.resume_after(last);
+    }
+    let generator = Arc::new(Mutex::new(generator));
+    Ok(stores
+        .into_iter()
+        .enumerate()
+        .map(|(shard, store)| Owner::new(shard, store, Arc::clone(&generator)))
+        .collect())
 }

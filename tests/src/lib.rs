@@ -69,7 +69,11 @@ impl Server {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let data_dir = tempfile::tempdir().expect("tempdir");
+        Server::start_in(tempfile::tempdir().expect("tempdir"), args, env)
+    }
+
+    /// Starts `chinwag serve` on an existing data directory (a restart).
+    pub fn start_in(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(binary());
         command
             .arg("serve")
@@ -121,6 +125,18 @@ impl Server {
             data_dir,
             log,
         }
+    }
+
+    /// Waits for the process to exit (after a signal) and hands back its data directory.
+    pub fn into_data_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.wait();
+        let fresh = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.data_dir, fresh)
+    }
+
+    /// The WebSocket URL of the client contract.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
     }
 
     pub fn log(&self) -> String {

@@ -27,10 +27,14 @@ pub enum CloseReason {
     IdleTimeout,
     /// The node is shutting down (1001).
     Drain,
+    /// A login token was refused (1008).
+    Unauthorized,
+    /// The device logged in on another connection (4001).
+    Kicked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::PeerGone,
         CloseReason::PeerClosed,
         CloseReason::HttpDone,
@@ -40,6 +44,8 @@ impl CloseReason {
         CloseReason::HandshakeTimeout,
         CloseReason::IdleTimeout,
         CloseReason::Drain,
+        CloseReason::Unauthorized,
+        CloseReason::Kicked,
     ];
 
     pub fn label(self) -> &'static str {
@@ -53,6 +59,8 @@ impl CloseReason {
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Drain => "drain",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::Kicked => "kicked",
         }
     }
 }
@@ -78,6 +86,8 @@ pub struct ShardMetrics {
     pub messages_rate_limited: AtomicU64,
     pub app_messages: AtomicU64,
     pub mailbox_messages: AtomicU64,
+    /// Messages for another shard dropped because its mailbox was full.
+    pub mailbox_full_drops: AtomicU64,
     pub accept_errors: AtomicU64,
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
@@ -224,6 +234,13 @@ pub fn render(scrape: &Scrape) -> String {
         "counter",
         "Messages from other shards handled.",
         &|m| load(&m.mailbox_messages),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_mailbox_full_drops_total",
+        "counter",
+        "Messages for another shard dropped because its mailbox was full.",
+        &|m| load(&m.mailbox_full_drops),
     );
     per_shard(
         &mut out,

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 
+use crate::route::Routed;
+
 /// Where a session lives: its shard, its slab slot, and the generation that tells it apart
 /// from a later session in the same slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +27,9 @@ pub enum ShardMsg {
     /// Queue an already encoded server frame on a session of this shard (a push or a fan-out
     /// from another shard). Dropped if the session is gone.
     Send { to: SessionRef, frame: Bytes },
+    /// Work of the conversation layer: requests for this shard as owner, pushes for its
+    /// devices, login steps.
+    Routed(Routed),
 }
 
 pub struct Mailbox {

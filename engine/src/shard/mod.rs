@@ -26,6 +26,8 @@ use slab::Slab;
 
 use crate::node::Node;
 use crate::ops::metrics::{self, ShardMetrics};
+use crate::route::owner::{self, Outgoing, Owner};
+use crate::route::{owner_of, LocalDevice, LocalDevices, Request, Routed};
 use mailbox::ShardMsg;
 use session::Session;
 
@@ -73,6 +75,10 @@ pub struct Context {
     pub limits: Limits,
     /// Milliseconds since the shard started, read once per loop turn.
     pub now_ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
+    pub unix_ms: u64,
+    /// Work for owner shards (this one included) posted during the turn.
+    outgoing: Vec<(usize, ShardMsg)>,
     /// Sessions with output queued this turn.
     dirty: Vec<Token>,
     /// Sessions that used their read budget and may have more to read.
@@ -97,6 +103,12 @@ pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
     sessions: Slab<Session>,
+    /// The conversations, devices and shops this shard owns.
+    owner: Owner,
+    /// This shard's part of the routing table: its logged-in sessions by user.
+    local: LocalDevices,
+    /// Mailbox messages taken this turn, handled after the drain.
+    inbox: Vec<ShardMsg>,
     rbuf: Box<[u8]>,
     ctx: Context,
     next_generation: u32,
@@ -111,6 +123,7 @@ impl Shard {
         node: Arc<Node>,
         poll: Poll,
         mut listener: TcpListener,
+        owner: Owner,
     ) -> io::Result<Shard> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -130,12 +143,17 @@ impl Shard {
             poll,
             listener: Some(listener),
             sessions: Slab::new(),
+            owner,
+            local: LocalDevices::default(),
+            inbox: Vec::new(),
             rbuf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
             ctx: Context {
                 shard_id,
                 node,
                 limits,
                 now_ms: 0,
+                unix_ms: owner::unix_ms(),
+                outgoing: Vec::new(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
             },
@@ -167,6 +185,7 @@ impl Shard {
             }
             let turn_start = Instant::now();
             self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
+            self.ctx.unix_ms = owner::unix_ms();
 
             for token in std::mem::take(&mut self.ctx.read_again) {
                 self.on_readable(token);
@@ -187,6 +206,7 @@ impl Shard {
                 }
             }
             self.drain_mailbox();
+            self.route_and_commit();
             if !drained && self.ctx.is_draining() {
                 drained = true;
                 self.start_drain();
@@ -201,6 +221,13 @@ impl Shard {
                 .metrics()
                 .record_turn(turn_start.elapsed().as_micros() as u64);
             if drained && self.sessions.is_empty() {
+                // Whatever the last sessions posted (their logouts) is handled, then the log
+                // is flushed and snapshotted so the next start replays little.
+                self.route_and_commit();
+                let store = self.owner.store_mut();
+                if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
+                    tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
+                }
                 tracing::info!(shard = self.ctx.shard_id, "drained");
                 return Ok(());
             }
@@ -295,20 +322,156 @@ impl Shard {
 
     fn drain_mailbox(&mut self) {
         let node = Arc::clone(&self.ctx.node);
-        let sessions = &mut self.sessions;
-        let ctx = &mut self.ctx;
-        node.mailboxes[ctx.shard_id].drain(MAILBOX_BATCH, |msg| {
-            metrics::add(&ctx.metrics().mailbox_messages, 1);
-            match msg {
-                ShardMsg::Send { to, frame } => {
-                    if let Some(session) = sessions.get_mut(to.slot as usize) {
-                        if session.generation() == to.generation {
-                            session.send(frame, ctx);
+        let inbox = &mut self.inbox;
+        node.mailboxes[self.ctx.shard_id].drain(MAILBOX_BATCH, |msg| inbox.push(msg));
+        metrics::add(
+            &self.ctx.metrics().mailbox_messages,
+            self.inbox.len() as u64,
+        );
+        let mut inbox = std::mem::take(&mut self.inbox);
+        for msg in inbox.drain(..) {
+            self.handle(msg);
+        }
+        // Keep the buffer's capacity for the next turn.
+        self.inbox = inbox;
+    }
+
+    /// Delivers the turn's posted work (to this shard's owner or through other shards'
+    /// mailboxes), then commits the owner's log and sends what the commit released. Handling
+    /// a released message can post more (a completed login tells the shop's dispatcher), so
+    /// this goes round until nothing is left.
+    fn route_and_commit(&mut self) {
+        loop {
+            let posted = std::mem::take(&mut self.ctx.outgoing);
+            for (shard, msg) in posted {
+                self.deliver(shard, msg);
+            }
+            for out in self.owner.commit() {
+                match out {
+                    Outgoing::To(shard, msg) => self.deliver(shard, msg),
+                    Outgoing::All(fanout) => {
+                        for shard in 0..self.ctx.shards() {
+                            let msg = ShardMsg::Routed(Routed::Fanout(Arc::clone(&fanout)));
+                            self.deliver(shard, msg);
                         }
                     }
                 }
             }
-        });
+            if self.ctx.outgoing.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn deliver(&mut self, shard: usize, msg: ShardMsg) {
+        if shard == self.ctx.shard_id {
+            return self.handle(msg);
+        }
+        if self.ctx.node.mailboxes[shard].send(msg).is_err() {
+            // The other shard is far behind; shedding this message is the bounded choice.
+            // Its session sees a missing reply or push, which history repairs.
+            metrics::add(&self.ctx.metrics().mailbox_full_drops, 1);
+        }
+    }
+
+    /// Acts on one message for this shard.
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Send { to, frame } => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.send(frame, &mut self.ctx);
+                }
+            }
+            ShardMsg::Routed(Routed::Request(request)) => {
+                self.owner.handle(*request, self.ctx.unix_ms);
+            }
+            ShardMsg::Routed(Routed::Fanout(fanout)) => {
+                for uid in &fanout.users {
+                    for d in self.local.of(*uid) {
+                        if Some(d.device) == fanout.except {
+                            continue;
+                        }
+                        // The table and the slab change together (login, `remove`).
+                        if let Some(session) = self.sessions.get_mut(d.slot as usize) {
+                            if session.generation() == d.generation {
+                                session.send(fanout.frame(d.encoding).clone(), &mut self.ctx);
+                            }
+                        }
+                    }
+                }
+            }
+            ShardMsg::Routed(Routed::Registered {
+                session: to,
+                uid,
+                device,
+            }) => {
+                let completed = match self.sessions.get_mut(to.slot as usize) {
+                    Some(session) if session.generation() == to.generation => {
+                        session.on_registered(device, &mut self.ctx)
+                    }
+                    _ => false,
+                };
+                match (completed, device) {
+                    (true, Some(device)) => self.logged_in(to, uid, device),
+                    // The session ended while its device was being registered.
+                    (false, Some(device)) => self.ctx.post(
+                        owner_of(&uid, self.ctx.shards()),
+                        Request::Unregister {
+                            session: to,
+                            uid,
+                            device,
+                        },
+                    ),
+                    _ => {}
+                }
+            }
+            ShardMsg::Routed(Routed::Kick { session: to }) => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.kick(&mut self.ctx);
+                }
+            }
+            ShardMsg::Routed(Routed::ConvsPart {
+                session: to,
+                req,
+                convs,
+            }) => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.on_convs_part(req, convs, &mut self.ctx);
+                }
+            }
+        }
+    }
+
+    /// A session completed its login: route its pushes here, and tell the dispatcher of an
+    /// agent's shop.
+    fn logged_in(
+        &mut self,
+        to: mailbox::SessionRef,
+        uid: chinwag_protocol::Uid,
+        device: chinwag_protocol::DeviceId,
+    ) {
+        let Some(session) = self.sessions.get(to.slot as usize) else {
+            return;
+        };
+        let Some((_, _, shop, encoding)) = session.logged_in() else {
+            return;
+        };
+        self.local.insert(
+            uid,
+            LocalDevice {
+                device,
+                slot: to.slot,
+                generation: to.generation,
+                encoding,
+            },
+        );
+        if let Some(shop) = shop {
+            let shards = self.ctx.shards();
+            self.ctx.post(
+                owner_of(&shop, shards),
+                Request::AgentOnline { shop, agent: uid },
+            );
+        }
     }
 
     /// Stops accepting and starts the close handshake on every connection.
@@ -345,6 +508,25 @@ impl Shard {
     fn remove(&mut self, token: Token) {
         // Dropping the stream closes the socket, which also takes it out of the epoll set.
         let session = self.sessions.remove(token.0);
+        if let Some((uid, device, shop, _)) = session.logged_in() {
+            let me = session.session_ref(self.ctx.shard_id as u32);
+            self.local.remove(uid, me.slot, me.generation);
+            let shards = self.ctx.shards();
+            self.ctx.post(
+                owner_of(&uid, shards),
+                Request::Unregister {
+                    session: me,
+                    uid,
+                    device,
+                },
+            );
+            if let Some(shop) = shop {
+                self.ctx.post(
+                    owner_of(&shop, shards),
+                    Request::AgentOffline { shop, agent: uid },
+                );
+            }
+        }
         let m = self.ctx.metrics();
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
@@ -356,6 +538,13 @@ impl Shard {
             "closed"
         );
     }
+}
+
+/// The session in `slot`, if it is still the one of `generation`.
+fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Option<&mut Session> {
+    sessions
+        .get_mut(slot as usize)
+        .filter(|s| s.generation() == generation)
 }
 
 #[cfg(test)]
@@ -373,10 +562,16 @@ mod tests {
     fn mailbox_frames_reach_their_session_only() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-        let node = Arc::new(Node::new(Config::default(), vec![Mailbox::new(16, waker)]));
+        let node = Arc::new(Node::new(
+            Config::default(),
+            b"secret".to_vec(),
+            vec![Mailbox::new(16, waker)],
+        ));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let shard = Shard::new(0, Arc::clone(&node), poll, listener).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let owner = Owner::for_tests(0, dir.path());
+        let shard = Shard::new(0, Arc::clone(&node), poll, listener, owner).unwrap();
         let thread = std::thread::spawn(move || shard.run());
 
         let mut client = std::net::TcpStream::connect(addr).unwrap();

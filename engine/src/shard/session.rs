@@ -21,6 +21,9 @@ use crate::net::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
 use crate::net::http::{self, Endpoint, Parsed, Route};
 use crate::ops::metrics::{self, CloseReason};
 
+mod protocol;
+pub use protocol::CLOSE_KICKED;
+
 /// Reads one session may do in one loop turn before the shard moves on to others; the rest
 /// waits for the next turn, so a fast sender cannot starve its neighbours.
 const READS_PER_TURN: usize = 16;
@@ -81,6 +84,9 @@ pub struct Session {
     pub(super) close_reason: CloseReason,
     /// Already in the shard's list of sessions to flush this turn.
     dirty: bool,
+    /// Who the session is, once it sent `login` (boxed: most of a session's life is idle, and
+    /// an idle session should stay small).
+    login: Option<Box<protocol::LoginState>>,
     write_shut: bool,
 }
 
@@ -120,6 +126,7 @@ impl Session {
             close_reason: CloseReason::PeerGone,
             dirty: false,
             write_shut: false,
+            login: None,
         }
     }
 
@@ -397,9 +404,12 @@ impl Session {
     /// A whole message (text already checked to be UTF-8) arrived.
     fn on_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
         if !self.take_rate_token(ctx) {
-            // Over messages_per_s_max. On /echo the message is dropped; on /ws the protocol
-            // will answer `error` `rate_limited` here.
+            // Over messages_per_s_max. On /echo the message is dropped; on /ws it is refused
+            // with `error` `rate_limited`.
             metrics::add(&ctx.metrics().messages_rate_limited, 1);
+            if self.phase == Phase::Open(Endpoint::App) {
+                self.on_app_rate_limited(opcode, payload, ctx);
+            }
             return;
         }
         match self.phase {
@@ -407,17 +417,6 @@ impl Session {
             Phase::Open(Endpoint::App) => self.on_app_message(opcode, payload, ctx),
             Phase::Http | Phase::Closing(_) => {}
         }
-    }
-
-    /// One complete application message from `/ws`: a text message (one JSON object, already
-    /// checked to be UTF-8) or a binary message (frames of the binary codec).
-    ///
-    /// This is where the protocol plugs in: decode `payload`, act, and answer with
-    /// [`Session::send`] (e.g. `self.send(frame::encode(Opcode::Text, json), ctx)`); a frame
-    /// for sessions on other shards goes through their `Mailbox` as `ShardMsg::Send`.
-    /// Until the protocol is wired in (the next issue), messages are counted and not answered.
-    fn on_app_message(&mut self, _opcode: Opcode, _payload: &[u8], ctx: &mut Context) {
-        metrics::add(&ctx.metrics().app_messages, 1);
     }
 
     /// Fixed-window rate limit: at most `messages_per_s_max` messages per one-second window.

@@ -662,6 +662,11 @@ impl Store {
         self.state.convs.get(&conv)
     }
 
+    /// Every conversation in this log, in no particular order.
+    pub fn conversations(&self) -> impl Iterator<Item = (ConvId, &Conversation)> + '_ {
+        self.state.convs.iter().map(|(id, c)| (*id, c))
+    }
+
     /// The conversation of this shop and buyer.
     pub fn shop_conv(&self, shop: ShopId, buyer: Uid) -> Option<ConvId> {
         self.state.shop_convs.get(&(shop, buyer)).copied()
