@@ -762,3 +762,25 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         }
     }
 }
+
+#[test]
+fn chinwag_token_mints_tokens_the_gateway_accepts() {
+    let server = start();
+    let output = std::process::Command::new(chinwag_tests::binary())
+        .args([
+            "token", "--secret", SECRET, "--uid", "agent:8", "--shop", "12", "--ttl", "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap();
+    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
+    let ok = client.login(token.trim(), DeviceType::Web).unwrap();
+    assert_eq!(ok.uid, agent(8));
+    // An agent without a shop is refused at the command line.
+    let refused = std::process::Command::new(chinwag_tests::binary())
+        .args(["token", "--secret", SECRET, "--uid", "agent:8"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
