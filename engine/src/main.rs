@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start a node: WebSocket and HTTP on the client port.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a login token (JWT, HS256) for a user, to try the gateway out or drive load tests.
     Token(TokenArgs),
 }
@@ -47,7 +47,7 @@ struct TokenArgs {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => mint_token(args),
     }
 }

@@ -365,7 +365,7 @@ mod tests {
         let a = Uid::new(UidKind::Agent, 1);
         let b = Uid::new(UidKind::Buyer, 2);
         assert_eq!(user_pair(a, b), user_pair(b, a));
-        assert_eq!(owner_of_conv(ConvId(0x1234_05)), 5);
+        assert_eq!(owner_of_conv(ConvId(0x0012_3405)), 5);
     }
 
     #[test]
