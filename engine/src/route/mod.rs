@@ -182,6 +182,18 @@ pub enum Request {
 }
 
 impl Request {
+    /// The client request's origin, for requests a client made.
+    pub fn origin(&self) -> Option<&Origin> {
+        match self {
+            Request::Send { origin, .. }
+            | Request::Read { origin, .. }
+            | Request::Resolve { origin, .. }
+            | Request::History { origin, .. }
+            | Request::Convs { origin } => Some(origin),
+            _ => None,
+        }
+    }
+
     /// The shard that owns this request's subject, among `shards`.
     pub fn owner(&self, shards: usize) -> usize {
         match self {

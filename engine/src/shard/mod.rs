@@ -28,6 +28,7 @@ use crate::node::Node;
 use crate::ops::metrics::{self, ShardMetrics};
 use crate::route::owner::{self, Outgoing, Owner};
 use crate::route::{owner_of, LocalDevice, LocalDevices, Request, Routed};
+use chinwag_protocol::ErrorCode;
 use mailbox::ShardMsg;
 use session::Session;
 
@@ -367,10 +368,21 @@ impl Shard {
         if shard == self.ctx.shard_id {
             return self.handle(msg);
         }
-        if self.ctx.node.mailboxes[shard].send(msg).is_err() {
-            // The other shard is far behind; shedding this message is the bounded choice.
-            // Its session sees a missing reply or push, which history repairs.
+        if let Err(msg) = self.ctx.node.mailboxes[shard].send(msg) {
+            // The other shard is far behind; shedding this message is the bounded choice. A
+            // client request posted from here is answered `unavailable`; a lost push is
+            // repaired by `history`.
             metrics::add(&self.ctx.metrics().mailbox_full_drops, 1);
+            if let ShardMsg::Routed(Routed::Request(request)) = msg {
+                if let Some(origin) = request.origin() {
+                    let error =
+                        origin.error(ErrorCode::Unavailable, "the owner shard is overloaded");
+                    self.handle(ShardMsg::Send {
+                        to: origin.session,
+                        frame: error,
+                    });
+                }
+            }
         }
     }
 

@@ -21,6 +21,10 @@ use crate::shard::mailbox::ShardMsg;
 /// Close code after `kicked` (PROTOCOL.md).
 pub const CLOSE_KICKED: u16 = 4001;
 
+/// `convs` requests one session may have waiting for their shards' parts; each holds a
+/// partial list, so the number is bounded.
+const CONVS_IN_FLIGHT_MAX: usize = 4;
+
 /// A session that sent `login`: who it is, and what it waits for.
 #[derive(Debug)]
 pub struct LoginState {
@@ -166,6 +170,15 @@ impl Session {
                     Message::History(history) => Request::History { origin, history },
                     Message::Convs => {
                         let shards = ctx.shards();
+                        if self
+                            .login
+                            .as_ref()
+                            .is_some_and(|l| l.gathers.len() >= CONVS_IN_FLIGHT_MAX)
+                        {
+                            let error = origin
+                                .error(ErrorCode::RateLimited, "too many convs requests in flight");
+                            return self.send(error, ctx);
+                        }
                         if let Some(login) = self.login.as_mut() {
                             login.gathers.push(Gather {
                                 req,
