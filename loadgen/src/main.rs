@@ -3,12 +3,18 @@
 //! - `echo`: many connections in a closed loop (one message in flight per connection), for
 //!   messages per second and per second of the server's CPU time.
 //! - `idle`: many connections that only complete the handshake, for memory per connection.
+//! - `connect`: many logged-in chinwag connections held with heartbeats (`scenarios::connect`).
+//! - `chat`: users chatting in direct conversations, every push checked (`scenarios::chat`).
 //!
 //! Every run is bounded in connections and time and talks only to the address it is given,
 //! from source addresses in 127.0.0.0/8.
 
+mod check;
 mod client;
 mod procfs;
+mod proto;
+mod report;
+mod scenarios;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -32,6 +38,10 @@ enum Command {
     Echo(EchoArgs),
     /// Open connections and hold them idle; report the server's RSS growth per connection.
     Idle(IdleArgs),
+    /// Open chinwag connections at a rate, log each in, hold them with heartbeats.
+    Connect(scenarios::connect::ConnectArgs),
+    /// Users in direct conversations sending to each other; latency and order checked.
+    Chat(scenarios::chat::ChatArgs),
 }
 
 #[derive(Args, Clone)]
@@ -82,6 +92,8 @@ fn main() -> ExitCode {
     let target = match &cli.command {
         Command::Echo(a) => &a.target,
         Command::Idle(a) => &a.target,
+        Command::Connect(a) => return run_scenario(&a.common, || scenarios::connect::run(a)),
+        Command::Chat(a) => return run_scenario(&a.common, || scenarios::chat::run(a)),
     };
     if !matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || target.sources == 0 {
         eprintln!("chinwag-loadgen: --addr must be in 127.0.0.0/8 and --sources at least 1");
@@ -90,6 +102,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(a) => client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s),
         Command::Idle(a) => client::idle(&a.target, a.hold_s),
+        Command::Connect(_) | Command::Chat(_) => unreachable!("returned above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,4 +117,32 @@ fn main() -> ExitCode {
 pub fn source(i: usize, sources: u8) -> SocketAddr {
     let last = 1 + (i % sources as usize) as u8;
     SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0))
+}
+
+/// Runs a protocol scenario and prints its report. Exits 1 if the server broke the contract
+/// (any violation) or any connection or request failed, 2 on bad flags.
+fn run_scenario(
+    common: &scenarios::Common,
+    run: impl FnOnce() -> std::io::Result<report::Report>,
+) -> ExitCode {
+    if let Err(e) = common.validate() {
+        eprintln!("chinwag-loadgen: {e}");
+        return ExitCode::from(2);
+    }
+    let report = match run() {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("chinwag-loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = report.emit(common.json_out.as_deref(), common.hgrm_out.as_deref()) {
+        eprintln!("chinwag-loadgen: writing the report: {e}");
+        return ExitCode::FAILURE;
+    }
+    if report.violations.count > 0 || report.failures_total() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,0 +1,479 @@
+//! Many chinwag connections on one `mio::Poll`: TCP connect from a chosen source address, the
+//! WebSocket upgrade, and protocol frames in and out in either encoding.
+//!
+//! A [`Fleet`] owns the connections; a scenario drives it with [`Fleet::turn`], which hands
+//! every event of a connection (upgraded, a decoded frame, a failure) to the scenario together
+//! with that connection's [`Writer`], so the scenario can answer in place. Nothing the server
+//! sends can panic this code: a bad byte becomes an [`Event::Bad`] or a failed connection.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chinwag_protocol::{binary, json, DecodeError, Frame};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Socket, Type};
+
+/// The largest WebSocket message accepted from the server; more is a protocol failure.
+const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Bytes read from a socket per `read` call.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Which encoding the connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Binary frames in binary WebSocket messages.
+    Binary,
+    /// JSON objects in text WebSocket messages.
+    Json,
+}
+
+/// Why a connection ended. [`Failure::cause`] names it for the report's failure table.
+#[derive(Debug)]
+pub enum Failure {
+    /// The TCP connect failed (refused, no ports left, ...).
+    Connect(io::Error),
+    /// The server answered the upgrade with something other than 101.
+    Refused(String),
+    /// The server sent a close frame with this code.
+    Closed(Option<u16>),
+    /// The server closed the TCP connection without a close frame.
+    Eof,
+    /// Reading or writing the socket failed.
+    Io(io::Error),
+    /// The server broke the WebSocket framing.
+    Framing(&'static str),
+}
+
+impl Failure {
+    /// A short stable name for counting failures by cause.
+    pub fn cause(&self) -> String {
+        match self {
+            Failure::Connect(e) => format!("connect: {}", e.kind()),
+            Failure::Refused(status) => format!("upgrade refused: {status}"),
+            Failure::Closed(Some(code)) => format!("closed by server: {code}"),
+            Failure::Closed(None) => "closed by server".to_string(),
+            Failure::Eof => "eof".to_string(),
+            Failure::Io(e) => format!("io: {}", e.kind()),
+            Failure::Framing(what) => format!("framing: {what}"),
+        }
+    }
+}
+
+/// What happened on one connection.
+pub enum Event<'a> {
+    /// The WebSocket upgrade completed; the connection may send.
+    Upgraded,
+    /// A protocol frame arrived.
+    Frame(Frame<'a>),
+    /// A protocol frame arrived that does not decode.
+    Bad(DecodeError),
+    /// The connection is over; no more events come from it.
+    Failed(Failure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Upgrading,
+    Open,
+    Done,
+}
+
+/// The sending half of a connection: frames are encoded into `outbound` and written out by the
+/// fleet after the scenario's callback returns.
+pub struct Writer {
+    encoding: Encoding,
+    outbound: Vec<u8>,
+    scratch: BytesMut,
+}
+
+impl Writer {
+    /// Queues `frame` as one WebSocket message. A frame the codec refuses (a string over its
+    /// length limit) is a bug of the scenario, not of the server.
+    pub fn send(&mut self, frame: &Frame<'_>) {
+        self.scratch.clear();
+        let opcode = match self.encoding {
+            Encoding::Binary => {
+                binary::encode(frame, &mut self.scratch).expect("scenario frames fit the codec");
+                0x2
+            }
+            Encoding::Json => {
+                json::encode(frame, &mut self.scratch);
+                0x1
+            }
+        };
+        put_client_frame(&mut self.outbound, opcode, &self.scratch);
+    }
+}
+
+/// Appends one masked client frame. The masking key is zero: servers must unmask whatever the
+/// key is, and a zero key spares the client a pass over each payload (RFC 6455 asks for an
+/// unpredictable key to protect proxies, which a loopback load test does not have).
+fn put_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(payload);
+}
+
+/// One connection.
+pub struct Conn {
+    /// `None` once the connection is done (or if it never connected).
+    stream: Option<TcpStream>,
+    phase: Phase,
+    inbound: Vec<u8>,
+    /// Its sending half.
+    pub writer: Writer,
+}
+
+impl Conn {
+    /// Whether the connection has failed or been closed.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+}
+
+/// Where and how connections are opened.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// The server.
+    pub addr: SocketAddr,
+    /// The request path, `/ws` for chinwag.
+    pub path: String,
+    /// Source addresses used in turn, so that many connections do not run out of ports.
+    pub sources: Vec<Ipv4Addr>,
+    /// The encoding frames are sent in.
+    pub encoding: Encoding,
+}
+
+/// Connections on one poll; a connection's index is its `Token`.
+pub struct Fleet {
+    poll: Poll,
+    events: Events,
+    dial: Dial,
+    request: Vec<u8>,
+    read_buf: Vec<u8>,
+    /// The connections, in the order they were opened.
+    pub conns: Vec<Conn>,
+}
+
+impl Fleet {
+    /// An empty fleet.
+    pub fn new(dial: Dial) -> io::Result<Fleet> {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            dial.path, dial.addr
+        );
+        Ok(Fleet {
+            poll: Poll::new()?,
+            events: Events::with_capacity(4096),
+            dial,
+            request: request.into_bytes(),
+            read_buf: vec![0; READ_CHUNK_BYTES],
+            conns: Vec::new(),
+        })
+    }
+
+    /// Starts one more connection. Its index is `conns.len()` before the call. A connect that
+    /// fails at once is returned; the connection then exists and is done.
+    pub fn open(&mut self) -> Result<usize, Failure> {
+        let i = self.conns.len();
+        let source = self.dial.sources[i % self.dial.sources.len()];
+        let writer = Writer {
+            encoding: self.dial.encoding,
+            outbound: Vec::new(),
+            scratch: BytesMut::with_capacity(256),
+        };
+        // A connection that fails at once still takes its index, so indexes stay dense.
+        let mut conn = Conn {
+            stream: None,
+            phase: Phase::Done,
+            inbound: Vec::new(),
+            writer,
+        };
+        let result = connect(SocketAddr::from((source, 0)), self.dial.addr)
+            .map_err(Failure::Connect)
+            .and_then(|mut stream| {
+                self.poll
+                    .registry()
+                    .register(
+                        &mut stream,
+                        Token(i),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .map_err(Failure::Io)?;
+                Ok(stream)
+            });
+        let result = result.map(|stream| {
+            conn.stream = Some(stream);
+            conn.phase = Phase::Connecting;
+            i
+        });
+        self.conns.push(conn);
+        result
+    }
+
+    /// Closes connection `i` from the client side (dropping its socket) and marks it done.
+    pub fn close(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if let Some(mut stream) = conn.stream.take() {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        conn.phase = Phase::Done;
+    }
+
+    /// Writes what connection `i` has queued. Call after queueing frames outside [`turn`].
+    ///
+    /// [`turn`]: Fleet::turn
+    pub fn flush(&mut self, i: usize) -> Result<(), Failure> {
+        let conn = &mut self.conns[i];
+        let (Phase::Open, Some(stream)) = (conn.phase, conn.stream.as_mut()) else {
+            return Ok(());
+        };
+        let result = write_out(stream, &mut conn.writer.outbound);
+        if result.is_err() {
+            self.close(i);
+        }
+        result
+    }
+
+    /// Waits up to `timeout` for readiness and hands every event to `on_event(index, writer,
+    /// event)`. A connection's queued frames are written after its events are handled.
+    pub fn turn(
+        &mut self,
+        timeout: Duration,
+        mut on_event: impl FnMut(usize, &mut Writer, Event<'_>),
+    ) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for event in self.events.iter() {
+            let i = event.token().0;
+            let Some(conn) = self.conns.get_mut(i) else {
+                continue;
+            };
+            if let Err(failure) = drive(conn, &self.request, &mut self.read_buf, i, &mut on_event) {
+                if let Some(mut stream) = conn.stream.take() {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                }
+                conn.phase = Phase::Done;
+                on_event(i, &mut conn.writer, Event::Failed(failure));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves one connection forward after a readiness event. Returns an error if the connection is
+/// over.
+fn drive(
+    conn: &mut Conn,
+    request: &[u8],
+    read_buf: &mut [u8],
+    i: usize,
+    on_event: &mut impl FnMut(usize, &mut Writer, Event<'_>),
+) -> Result<(), Failure> {
+    let Conn {
+        stream,
+        phase,
+        inbound,
+        writer,
+    } = conn;
+    let Some(stream) = stream.as_mut() else {
+        return Ok(());
+    };
+    if *phase == Phase::Connecting {
+        match stream.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => return Err(Failure::Connect(e)),
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+            Err(e) => return Err(Failure::Connect(e)),
+        }
+        writer.outbound.extend_from_slice(request);
+        *phase = Phase::Upgrading;
+    }
+    // Read until the socket is drained (mio readiness is edge-triggered).
+    loop {
+        match stream.read(read_buf) {
+            Ok(0) => {
+                if *phase == Phase::Upgrading {
+                    return Err(Failure::Refused("eof before the upgrade answer".into()));
+                }
+                return Err(Failure::Eof);
+            }
+            Ok(n) => inbound.extend_from_slice(&read_buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failure::Io(e)),
+        }
+    }
+    if *phase == Phase::Upgrading {
+        let Some(end) = inbound.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if inbound.len() > 8192 {
+                return Err(Failure::Refused("upgrade answer too long".into()));
+            }
+            return write_out(stream, &mut writer.outbound);
+        };
+        if !inbound.starts_with(b"HTTP/1.1 101") {
+            let status = String::from_utf8_lossy(&inbound[..end.min(40)]);
+            return Err(Failure::Refused(
+                status.lines().next().unwrap_or("").to_string(),
+            ));
+        }
+        inbound.drain(..end + 4);
+        *phase = Phase::Open;
+        on_event(i, writer, Event::Upgraded);
+    }
+    let consumed = read_messages(inbound, writer, i, on_event)?;
+    inbound.drain(..consumed);
+    write_out(stream, &mut writer.outbound)
+}
+
+/// Handles every complete server frame in `buf`. Returns the bytes consumed.
+fn read_messages(
+    buf: &[u8],
+    writer: &mut Writer,
+    i: usize,
+    on_event: &mut impl FnMut(usize, &mut Writer, Event<'_>),
+) -> Result<usize, Failure> {
+    let mut at = 0;
+    while let Some((header_len, payload_len)) = server_frame(&buf[at..])? {
+        let first = buf[at];
+        let payload = &buf[at + header_len..at + header_len + payload_len];
+        at += header_len + payload_len;
+        if first & 0x80 == 0 {
+            // chinwag never fragments; a continuation here would need reassembly we do not do.
+            return Err(Failure::Framing("fragmented message"));
+        }
+        match first & 0x0F {
+            0x1 => match json::decode_bytes(payload) {
+                Ok(frame) => on_event(i, writer, Event::Frame(frame)),
+                Err(e) => on_event(i, writer, Event::Bad(e)),
+            },
+            0x2 => {
+                for frame in binary::frames(payload) {
+                    match frame {
+                        Ok(frame) => on_event(i, writer, Event::Frame(frame)),
+                        Err(e) => on_event(i, writer, Event::Bad(e)),
+                    }
+                }
+            }
+            0x8 => {
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                return Err(Failure::Closed(code));
+            }
+            0x9 => put_client_frame(&mut writer.outbound, 0xA, payload),
+            0xA => {}
+            _ => return Err(Failure::Framing("unknown opcode")),
+        }
+    }
+    Ok(at)
+}
+
+/// The header and payload length of the server frame at the start of `buf`, if all of it is
+/// there.
+fn server_frame(buf: &[u8]) -> Result<Option<(usize, usize)>, Failure> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if buf[1] & 0x80 != 0 {
+        return Err(Failure::Framing("masked server frame"));
+    }
+    let (header_len, payload_len) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (4, u16::from_be_bytes([buf[2], buf[3]]) as u64),
+        127 if buf.len() >= 10 => {
+            let mut len = [0; 8];
+            len.copy_from_slice(&buf[2..10]);
+            (10, u64::from_be_bytes(len))
+        }
+        126 | 127 => return Ok(None),
+        n => (2, n as u64),
+    };
+    if payload_len > MESSAGE_BYTES_MAX as u64 {
+        return Err(Failure::Framing("message over 16 MiB"));
+    }
+    let payload_len = payload_len as usize;
+    Ok((buf.len() >= header_len + payload_len).then_some((header_len, payload_len)))
+}
+
+/// Writes as much of `outbound` as the socket takes.
+fn write_out(stream: &mut TcpStream, outbound: &mut Vec<u8>) -> Result<(), Failure> {
+    let mut written = 0;
+    while written < outbound.len() {
+        match stream.write(&outbound[written..]) {
+            Ok(0) => return Err(Failure::Eof),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failure::Io(e)),
+        }
+    }
+    outbound.drain(..written);
+    Ok(())
+}
+
+/// A non-blocking connect from `source` to `target`.
+fn connect(source: SocketAddr, target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&source.into())?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frame_lengths_use_the_three_forms() {
+        for (len, header) in [(5, 2), (126, 4), (70_000, 10)] {
+            let mut out = Vec::new();
+            put_client_frame(&mut out, 0x2, &vec![7; len]);
+            assert_eq!(out.len(), header + 4 + len);
+            assert_eq!(out[0], 0x82);
+            assert_ne!(out[1] & 0x80, 0, "client frames are masked");
+        }
+    }
+
+    #[test]
+    fn server_frame_needs_all_its_bytes_and_refuses_masks() {
+        assert!(matches!(server_frame(&[0x82, 3, 1, 2]), Ok(None)));
+        assert!(matches!(
+            server_frame(&[0x82, 3, 1, 2, 3]),
+            Ok(Some((2, 3)))
+        ));
+        assert!(matches!(server_frame(&[0x82, 126, 0]), Ok(None)));
+        assert!(matches!(
+            server_frame(&[0x82, 0x83, 0, 0]),
+            Err(Failure::Framing(_))
+        ));
+        let huge = [0x82, 127, 0xFF, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(server_frame(&huge), Err(Failure::Framing(_))));
+    }
+}

@@ -1,0 +1,468 @@
+//! `chat`: users in direct conversations, each sending in a closed loop (a window of messages
+//! in flight) or at an open-loop rate.
+//!
+//! User `2k` and user `2k + 1` share a direct conversation (the engine's only client-created
+//! conversation with a configurable peer; shop conversations pair a buyer with one agent, and
+//! group conversations have no client API yet). The first `send` names the peer (`user`), the
+//! following ones the conversation (`conv`) from `send_ok`.
+//!
+//! Latency is measured from a message's *intended* send time to its `send_ok` and to the push
+//! at the other member. In a closed loop the intended time is the moment it is sent; in an
+//! open loop it is the message's slot in the schedule, so a server that stalls is charged for
+//! every message the stall delayed (no coordinated omission). The intended time travels in the
+//! body (20 decimal digits of nanoseconds since the run started), so the receiver needs no
+//! lookup.
+//!
+//! Every push and `send_ok` goes through a [`SeqTrack`]; after the run drains, every seq of
+//! every conversation must have been seen by both members exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io;
+use std::time::{Duration, Instant};
+
+use chinwag_protocol::{ConvId, Frame, Message, Send, Target, Uid, UidKind};
+use clap::Args;
+
+use crate::check::{SeqTrack, Violation, Violations};
+use crate::procfs;
+use crate::proto::{Event, Writer};
+use crate::report::{self, Progress, Report};
+use crate::scenarios::{connect_and_login, Common};
+
+/// Digits of the intended send time at the start of every body.
+const STAMP_DIGITS: usize = 20;
+
+/// Flags of `chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Direct conversations; two users (one connection each) per conversation.
+    #[arg(long, default_value_t = 1000)]
+    pub conversations: usize,
+    /// Messages per second each user sends (open loop); 0 runs a closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_per_user_per_s: f64,
+    /// Closed loop: messages each user keeps in flight (sent, no `send_ok` yet).
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
+    /// Open loop: most messages in flight per user; past it the schedule slips (and latency,
+    /// measured from the schedule, shows it).
+    #[arg(long, default_value_t = 1000)]
+    pub in_flight_max: usize,
+    /// Body bytes per message (at least 20: the send time is stamped in the body).
+    #[arg(long, default_value_t = 32)]
+    pub message_bytes: usize,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_s: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10)]
+    pub duration_s: u64,
+    /// Seconds allowed after sending stops for every reply and push to arrive.
+    #[arg(long, default_value_t = 10)]
+    pub drain_s: u64,
+}
+
+struct User {
+    peer: Uid,
+    conv: Option<ConvId>,
+    /// (req, intended send time in ns since the load started) of messages without `send_ok`.
+    in_flight: VecDeque<(u64, u64)>,
+    next_req: u64,
+    sent: u64,
+    track: Option<SeqTrack>,
+    lost: bool,
+}
+
+/// What the run counts as it goes.
+#[derive(Default)]
+struct Counts {
+    sent: u64,
+    send_ok: u64,
+    delivered: u64,
+    delivered_measured: u64,
+    send_ok_measured: u64,
+    errors: u64,
+    behind: u64,
+}
+
+/// Runs `chat` and returns its report.
+pub fn run(args: &ChatArgs) -> io::Result<Report> {
+    let common = &args.common;
+    if args.message_bytes < STAMP_DIGITS || args.window == 0 || args.conversations == 0 {
+        return Err(io::Error::other(
+            "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1",
+        ));
+    }
+    let mut report = Report::default();
+    let mut progress = Progress::new(!common.quiet);
+    let base = common.uid_base();
+    let n = args.conversations * 2;
+    let uid = |i: usize| Uid::new(UidKind::Buyer, base + i as u64);
+    let tokens: Vec<String> = (0..n).map(|i| common.token(uid(i))).collect();
+    let mut fleet = common.fleet()?;
+    let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
+    if opened.count() < n {
+        report.figure("logged_in", opened.count() as u64);
+        return Ok(report);
+    }
+    let mut users: Vec<User> = (0..n)
+        .map(|i| User {
+            peer: uid(i ^ 1),
+            conv: None,
+            in_flight: VecDeque::new(),
+            next_req: 2,
+            sent: 0,
+            track: None,
+            lost: false,
+        })
+        .collect();
+
+    let closed_loop = args.rate_per_user_per_s <= 0.0;
+    let mut counts = Counts::default();
+    let mut last_seq: HashMap<ConvId, u64> = HashMap::new();
+    let mut send_to_send_ok = report::latency_histogram();
+    let mut send_to_push = report::latency_histogram();
+    let mut violations = Violations::default();
+    let mut body = String::with_capacity(args.message_bytes);
+
+    let start = Instant::now();
+    let ns = |at: Instant| at.duration_since(start).as_nanos() as u64;
+    let measure_from_ns = args.warmup_s * 1_000_000_000;
+    let measure_to_ns = measure_from_ns + args.duration_s * 1_000_000_000;
+    let drain_end = start + Duration::from_nanos(measure_to_ns) + Duration::from_secs(args.drain_s);
+    let period_ns = if closed_loop {
+        0
+    } else {
+        (1e9 / args.rate_per_user_per_s) as u64
+    };
+    let server_sample = |pid: Option<u32>| -> io::Result<Option<f64>> {
+        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
+            .transpose()
+    };
+    let (mut server_cpu_from, mut server_cpu_to) = (None, None);
+    let (mut own_cpu_from, mut own_cpu_to) = (0.0, 0.0);
+    let mut measuring = false;
+
+    if closed_loop {
+        for (i, user) in users.iter_mut().enumerate() {
+            for _ in 0..args.window {
+                send(
+                    user,
+                    i,
+                    &mut fleet.conns[i].writer,
+                    0,
+                    &mut body,
+                    args,
+                    &mut counts,
+                );
+            }
+            flush(&mut fleet, i, &mut report, user);
+        }
+    }
+    loop {
+        let now = Instant::now();
+        let now_ns = ns(now);
+        if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
+            measuring = true;
+            server_cpu_from = server_sample(common.server_pid)?;
+            own_cpu_from = report::own_cpu_s();
+            send_to_send_ok.reset();
+            send_to_push.reset();
+        }
+        let sending = now_ns < measure_to_ns;
+        if !sending && server_cpu_to.is_none() {
+            server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
+            own_cpu_to = report::own_cpu_s();
+        }
+        if !sending {
+            let idle = users.iter().all(|u| u.lost || u.in_flight.is_empty());
+            if (idle && counts.delivered >= expected_deliveries(&users, &counts))
+                || now >= drain_end
+            {
+                break;
+            }
+        }
+        if sending && !closed_loop {
+            // Open loop: every user sends each message whose slot has come; users are spread
+            // evenly over one period so they do not all send in the same instant.
+            for (i, user) in users.iter_mut().enumerate() {
+                if user.lost {
+                    continue;
+                }
+                let offset_ns = period_ns * i as u64 / n as u64;
+                let mut queued = false;
+                while offset_ns + user.sent * period_ns <= now_ns {
+                    if user.in_flight.len() >= args.in_flight_max {
+                        counts.behind += 1;
+                        break;
+                    }
+                    let intended_ns = offset_ns + user.sent * period_ns;
+                    send(
+                        user,
+                        i,
+                        &mut fleet.conns[i].writer,
+                        intended_ns,
+                        &mut body,
+                        args,
+                        &mut counts,
+                    );
+                    queued = true;
+                }
+                if queued {
+                    flush(&mut fleet, i, &mut report, user);
+                }
+            }
+        }
+        fleet.turn(Duration::from_millis(1), |i, writer, event| {
+            let now_ns = ns(Instant::now());
+            let in_window = (measure_from_ns..measure_to_ns).contains(&now_ns);
+            let user = &mut users[i];
+            match event {
+                Event::Frame(Frame {
+                    req,
+                    message: Message::SendOk(ok),
+                }) => {
+                    let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    else {
+                        violations.add(Violation::Other(format!(
+                            "user {i}: send_ok for no request in flight (req {req:?})"
+                        )));
+                        return;
+                    };
+                    let (_, intended_ns) = user.in_flight.remove(at).unwrap_or_default();
+                    counts.send_ok += 1;
+                    if in_window {
+                        counts.send_ok_measured += 1;
+                    }
+                    if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
+                        let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
+                        report::record(&mut send_to_send_ok, latency);
+                    }
+                    let conv_last = last_seq.entry(ok.conv).or_default();
+                    *conv_last = (*conv_last).max(ok.seq.0);
+                    if user.conv.is_some_and(|c| c != ok.conv) {
+                        violations.add(Violation::Other(format!(
+                            "user {i}: send_ok names conv {} after conv {:?}",
+                            ok.conv, user.conv
+                        )));
+                        return;
+                    }
+                    user.conv = Some(ok.conv);
+                    let track = user
+                        .track
+                        .get_or_insert_with(|| SeqTrack::new(ok.conv.0, 1));
+                    violations.check(track.own(ok.seq.0));
+                    if closed_loop && now_ns < measure_to_ns && user.in_flight.len() < args.window {
+                        send(user, i, writer, now_ns, &mut body, args, &mut counts);
+                    }
+                }
+                Event::Frame(Frame {
+                    message: Message::Msg(msg),
+                    ..
+                }) => {
+                    counts.delivered += 1;
+                    if in_window {
+                        counts.delivered_measured += 1;
+                    }
+                    if msg.from != user.peer || user.conv.is_some_and(|c| c != msg.conv) {
+                        violations.add(Violation::Other(format!(
+                            "user {i}: push in conv {} from {}, not from its peer {}",
+                            msg.conv, msg.from, user.peer
+                        )));
+                        return;
+                    }
+                    user.conv = Some(msg.conv);
+                    let track = user
+                        .track
+                        .get_or_insert_with(|| SeqTrack::new(msg.conv.0, 1));
+                    violations.check(track.push(msg.seq.0));
+                    match msg
+                        .body
+                        .get(..STAMP_DIGITS)
+                        .and_then(|s| s.parse::<u64>().ok())
+                    {
+                        Some(intended_ns) => {
+                            if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
+                                let latency =
+                                    Duration::from_nanos(now_ns.saturating_sub(intended_ns));
+                                report::record(&mut send_to_push, latency);
+                            }
+                        }
+                        None => violations.add(Violation::Other(format!(
+                            "conv {} seq {}: body is not what was sent",
+                            msg.conv, msg.seq
+                        ))),
+                    }
+                }
+                Event::Frame(Frame {
+                    req,
+                    message: Message::Error(e),
+                }) => {
+                    counts.errors += 1;
+                    report.fail(format!("send refused: {}", e.code));
+                    if let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    {
+                        user.in_flight.remove(at);
+                        if closed_loop && now_ns < measure_to_ns {
+                            send(user, i, writer, now_ns, &mut body, args, &mut counts);
+                        }
+                    }
+                }
+                // A direct conversation's members never change, and storing a message moves
+                // only the sender's cursor, which pushes no receipt; ignore both if they come.
+                Event::Frame(Frame {
+                    message: Message::Members(_) | Message::Receipt(_),
+                    ..
+                }) => {}
+                Event::Frame(frame) => violations.add(Violation::Other(format!(
+                    "user {i}: unexpected {}",
+                    frame.message.op()
+                ))),
+                Event::Bad(e) => violations.add(Violation::Other(format!(
+                    "user {i}: undecodable frame: {e}"
+                ))),
+                Event::Failed(failure) => {
+                    report.fail(failure.cause());
+                    user.lost = true;
+                }
+                Event::Upgraded => {}
+            }
+        })?;
+        let p99_us = send_to_push.value_at_quantile(0.99);
+        let open = users.iter().filter(|u| !u.lost).count();
+        progress.tick(
+            open,
+            counts.delivered,
+            counts.errors + violations.count,
+            p99_us,
+        );
+    }
+
+    // Every seq of every conversation must have reached both members, unless one was lost.
+    for (i, user) in users.iter().enumerate() {
+        if user.lost || users[i ^ 1].lost {
+            continue;
+        }
+        let Some(conv) = user.conv.or(users[i ^ 1].conv) else {
+            continue;
+        };
+        let last = last_seq.get(&conv).copied().unwrap_or(0);
+        let track = user
+            .track
+            .clone()
+            .unwrap_or_else(|| SeqTrack::new(conv.0, 1));
+        for gap in track.finish(last) {
+            violations.add(gap);
+        }
+    }
+
+    let measured_s = args.duration_s.max(1) as f64;
+    let mode = if closed_loop {
+        format!("closed loop, window {}", args.window)
+    } else {
+        format!("open loop, {} msg/s per user", args.rate_per_user_per_s)
+    };
+    report.figure("mode", mode);
+    report.figure("encoding", if common.json { "json" } else { "binary" });
+    report.figure("conversations", args.conversations as u64);
+    report.figure("connections", n as u64);
+    report.figure("connect_login_s", opened.elapsed.as_secs_f64());
+    report.figure("sent", counts.sent);
+    report.figure("send_ok", counts.send_ok);
+    report.figure("delivered", counts.delivered);
+    report.figure("measured_s", measured_s);
+    report.figure("send_ok_per_s", counts.send_ok_measured as f64 / measured_s);
+    report.figure(
+        "delivered_per_s",
+        counts.delivered_measured as f64 / measured_s,
+    );
+    if !closed_loop {
+        report.figure("open_loop_slipped", counts.behind);
+    }
+    if let (Some(from), Some(to)) = (server_cpu_from, server_cpu_to) {
+        let cpu_s = to - from;
+        report.figure("server_cpu_s", cpu_s);
+        report.figure(
+            "server_cpu_us_per_delivered",
+            cpu_s * 1e6 / counts.delivered_measured.max(1) as f64,
+        );
+    }
+    if let Some(pid) = common.server_pid {
+        report.figure("server_rss_bytes", procfs::rss_bytes(pid)?);
+    }
+    let own_cpu_s = own_cpu_to - own_cpu_from;
+    report.figure("loadgen_cpu_s", own_cpu_s);
+    report.figure("loadgen_cpu_share_of_one_core", own_cpu_s / measured_s);
+    report.latencies.push(("send_to_push".into(), send_to_push));
+    report
+        .latencies
+        .push(("send_to_send_ok".into(), send_to_send_ok));
+    report
+        .latencies
+        .push(("connect_to_login".into(), opened.connect_to_login));
+    for v in violations.first.drain(..) {
+        report.violations.first.push(v);
+    }
+    report.violations.count += violations.count;
+    Ok(report)
+}
+
+/// Pushes each live user's peer is still owed: one per `send_ok` of the peer (a direct
+/// conversation has one other member, with one device).
+fn expected_deliveries(users: &[User], counts: &Counts) -> u64 {
+    let lost = users.iter().filter(|u| u.lost).count();
+    if lost == 0 {
+        counts.send_ok
+    } else {
+        // With lost connections the count cannot be matched; the drain waits out its time.
+        u64::MAX
+    }
+}
+
+/// Queues one `send` from user `i`, stamped with its intended send time.
+fn send(
+    user: &mut User,
+    i: usize,
+    writer: &mut Writer,
+    intended_ns: u64,
+    body: &mut String,
+    args: &ChatArgs,
+    counts: &mut Counts,
+) {
+    body.clear();
+    let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
+    while body.len() < args.message_bytes {
+        body.push('.');
+    }
+    let mut cmid = String::with_capacity(24);
+    let _ = write!(cmid, "{i}-{}", user.sent);
+    let req = user.next_req;
+    user.next_req += 1;
+    user.sent += 1;
+    counts.sent += 1;
+    user.in_flight.push_back((req, intended_ns));
+    let target = match user.conv {
+        Some(conv) => Target::Conv(conv),
+        None => Target::User(user.peer),
+    };
+    writer.send(&Frame::with_req(
+        req,
+        Message::Send(Send {
+            target,
+            cmid: cmid.as_str().into(),
+            kind: "text".into(),
+            body: body.as_str().into(),
+        }),
+    ));
+}
+
+/// Writes what user `i` queued; a failure marks the user lost.
+fn flush(fleet: &mut crate::proto::Fleet, i: usize, report: &mut Report, user: &mut User) {
+    if let Err(failure) = fleet.flush(i) {
+        report.fail(failure.cause());
+        user.lost = true;
+    }
+}

@@ -1,0 +1,236 @@
+//! Scenarios that speak the chinwag protocol (`/ws`): what they share is the command line
+//! ([`Common`]) and the opening phase ([`connect_and_login`]): open connections at a target
+//! rate from several source addresses and log each in with its own token.
+
+pub mod chat;
+pub mod connect;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chinwag_protocol::token::{self, Claims};
+use chinwag_protocol::{DeviceType, Frame, Login, Message, Uid};
+use clap::Args;
+use hdrhistogram::Histogram;
+
+use crate::proto::{Dial, Encoding, Event, Fleet};
+use crate::report::{self, Progress, Report};
+
+/// The `req` of every connection's `login`.
+const LOGIN_REQ: u64 = 1;
+
+/// Flags every protocol scenario takes.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Server address (host:port); must be in 127.0.0.0/8.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub addr: SocketAddr,
+    /// Request path of the chinwag WebSocket endpoint.
+    #[arg(long, default_value = "/ws")]
+    pub path: String,
+    /// Source addresses 127.0.0.1 .. 127.0.0.N, used in turn (each has its own ephemeral ports).
+    #[arg(long, default_value_t = 4)]
+    pub sources: u8,
+    /// Source addresses to use instead of --sources, comma-separated (each in 127.0.0.0/8).
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<Ipv4Addr>,
+    /// Speak JSON in text messages instead of the binary codec.
+    #[arg(long)]
+    pub json: bool,
+    /// The gateway's JWT secret (`chinwag serve --jwt-secret`), to mint one token per user.
+    #[arg(long, env = "CHINWAG_JWT_SECRET")]
+    pub secret: String,
+    /// The first account id; users are buyer:BASE, buyer:BASE+1, ... Default: derived from
+    /// the clock, so every run has fresh users and fresh conversations.
+    #[arg(long)]
+    pub uid_base: Option<u64>,
+    /// Connections opened per second.
+    #[arg(long, default_value_t = 5_000)]
+    pub connect_rate_per_s: u32,
+    /// Seconds allowed for every connection to open and log in.
+    #[arg(long, default_value_t = 60)]
+    pub login_timeout_s: u64,
+    /// The server's pid, to read its CPU time and memory from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Write the latency histograms as HdrHistogram percentile distributions to this file.
+    #[arg(long)]
+    pub hgrm_out: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Common {
+    /// Checks what clap cannot: every address is on the loopback network.
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) {
+            return Err("--addr must be in 127.0.0.0/8".into());
+        }
+        if self.source_addrs.iter().any(|a| !a.is_loopback()) {
+            return Err("--source-addrs must be in 127.0.0.0/8".into());
+        }
+        if self.source_addrs.is_empty() && self.sources == 0 {
+            return Err("--sources must be at least 1".into());
+        }
+        if self.connect_rate_per_s == 0 {
+            return Err("--connect-rate-per-s must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The first account id of this run.
+    pub fn uid_base(&self) -> u64 {
+        self.uid_base.unwrap_or_else(|| {
+            // Millions of ids apart per second of the clock: runs a second apart never share.
+            let now_s = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            (now_s % 1_000_000_000) * 1_000_000
+        })
+    }
+
+    /// The fleet these flags describe.
+    pub fn fleet(&self) -> std::io::Result<Fleet> {
+        let sources = if self.source_addrs.is_empty() {
+            (1..=self.sources)
+                .map(|n| Ipv4Addr::new(127, 0, 0, n))
+                .collect()
+        } else {
+            self.source_addrs.clone()
+        };
+        Fleet::new(Dial {
+            addr: self.addr,
+            path: self.path.clone(),
+            sources,
+            encoding: if self.json {
+                Encoding::Json
+            } else {
+                Encoding::Binary
+            },
+        })
+    }
+
+    /// A login token for `uid`, valid for a day.
+    pub fn token(&self, uid: Uid) -> String {
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        token::mint(
+            self.secret.as_bytes(),
+            &Claims {
+                uid,
+                shop: None,
+                exp: now_s + 86_400,
+            },
+        )
+    }
+}
+
+/// What the opening phase measured.
+pub struct Opened {
+    /// Which connections are logged in.
+    pub logged_in: Vec<bool>,
+    /// From the first connect to the last `login_ok`.
+    pub elapsed: Duration,
+    /// From each connection's connect to its `login_ok`, µs.
+    pub connect_to_login: Histogram<u64>,
+}
+
+impl Opened {
+    /// How many connections are logged in.
+    pub fn count(&self) -> usize {
+        self.logged_in.iter().filter(|l| **l).count()
+    }
+}
+
+/// Opens one connection per token at `--connect-rate-per-s` and logs each in; returns when all
+/// are logged in or failed, or when `--login-timeout-s` has passed. Failures are counted in
+/// `report` by cause; a frame other than the login reply is a violation.
+pub fn connect_and_login(
+    fleet: &mut Fleet,
+    tokens: &[String],
+    common: &Common,
+    report: &mut Report,
+    progress: &mut Progress,
+) -> std::io::Result<Opened> {
+    let n = tokens.len();
+    let mut logged_in = vec![false; n];
+    // A refused login is counted once, not again when the server then closes the connection.
+    let mut refused = vec![false; n];
+    let mut started_at = Vec::with_capacity(n);
+    let mut connect_to_login = report::latency_histogram();
+    let mut done = 0usize;
+    let mut ok = 0usize;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(common.login_timeout_s);
+    let device = DeviceType::Web;
+    while done < n && Instant::now() < deadline {
+        let due = ((start.elapsed().as_secs_f64() * common.connect_rate_per_s as f64) as usize + 1)
+            .min(n);
+        while fleet.conns.len() < due {
+            started_at.push(Instant::now());
+            if let Err(failure) = fleet.open() {
+                report.fail(failure.cause());
+                done += 1;
+            }
+        }
+        fleet.turn(Duration::from_millis(1), |i, writer, event| match event {
+            Event::Upgraded => writer.send(&Frame::with_req(
+                LOGIN_REQ,
+                Message::Login(Login {
+                    token: tokens[i].as_str().into(),
+                    device,
+                }),
+            )),
+            Event::Frame(frame) => match (frame.req, frame.message) {
+                (Some(LOGIN_REQ), Message::LoginOk(_)) if !logged_in[i] => {
+                    logged_in[i] = true;
+                    report::record(&mut connect_to_login, started_at[i].elapsed());
+                    ok += 1;
+                    done += 1;
+                }
+                (_, Message::Error(e)) if !logged_in[i] && !refused[i] => {
+                    report.fail(format!("login refused: {}", e.code));
+                    refused[i] = true;
+                    done += 1;
+                }
+                (_, other) => report
+                    .violations
+                    .add(crate::check::Violation::Other(format!(
+                        "connection {i}: unexpected {} while logging in",
+                        other.op()
+                    ))),
+            },
+            Event::Bad(e) => report
+                .violations
+                .add(crate::check::Violation::Other(format!(
+                    "connection {i}: undecodable frame: {e}"
+                ))),
+            Event::Failed(_) if refused[i] => {}
+            Event::Failed(failure) => {
+                report.fail(failure.cause());
+                if logged_in[i] {
+                    logged_in[i] = false;
+                    ok -= 1;
+                } else {
+                    done += 1;
+                }
+            }
+        })?;
+        progress.tick(ok, ok as u64, report.failures_total(), 0);
+    }
+    let timed_out = n - done;
+    for _ in 0..timed_out {
+        report.fail("login timed out".into());
+    }
+    Ok(Opened {
+        logged_in,
+        elapsed: start.elapsed(),
+        connect_to_login,
+    })
+}
