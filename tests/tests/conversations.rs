@@ -463,7 +463,10 @@ fn second_login_of_a_device_kicks_the_first() {
     assert_eq!(&*next_msg(&mut second).body, "for the new one");
     // And is kicked in its own (binary) encoding by a third login.
     let (_third, _) = login_as(&server, buyer(60), None, DeviceType::Ios, Encoding::Json);
-    assert!(matches!(next_push(&mut second, LONG), Some(Message::Kicked(_))));
+    assert!(matches!(
+        next_push(&mut second, LONG),
+        Some(Message::Kicked(_))
+    ));
 }
 
 fn members_push(client: &mut Client) -> Vec<Uid> {

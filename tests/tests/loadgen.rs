@@ -1,0 +1,383 @@
+//! `chinwag-loadgen` end to end: small runs of its scenarios against the real binary (counts
+//! asserted, zero violations), and a fake server that drops or reorders a push, which the
+//! load generator must catch and fail on.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use chinwag_protocol::{
+    binary, token, DeviceId, Frame, LoginOk, Message, Msg, NodeId, SendOk, Seq, Target, Uid,
+};
+use chinwag_tests::Server;
+use serde_json::Value;
+use tungstenite::Message as WsMessage;
+
+const SECRET: &str = "loadgen-secret";
+
+/// The `chinwag-loadgen` binary, built once per test process with this test's profile (see
+/// `chinwag_tests::binary` for why a dependency is not enough).
+fn loadgen() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let server = chinwag_tests::binary();
+            let profile_dir = server.parent().expect("target/<profile>").to_path_buf();
+            let target_dir = profile_dir.parent().expect("target/");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "chinwag-loadgen"]);
+            build.arg("--target-dir").arg(target_dir);
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "cargo build -p chinwag-loadgen failed");
+            profile_dir.join("chinwag-loadgen")
+        })
+        .clone()
+}
+
+/// Runs the load generator and returns its output and its JSON report.
+fn run(args: &[&str]) -> (Output, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json_path = dir.path().join("report.json");
+    let output = Command::new(loadgen())
+        .args(args)
+        .arg("--quiet")
+        .arg("--json-out")
+        .arg(&json_path)
+        .output()
+        .expect("run chinwag-loadgen");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let text = std::fs::read_to_string(&json_path)
+        .unwrap_or_else(|e| panic!("no report ({e}); stdout:\n{stdout}\nstderr:\n{stderr}"));
+    let report: Value = serde_json::from_str(&text).expect("report is JSON");
+    (output, report)
+}
+
+fn start() -> Server {
+    Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--fsync=never",
+    ])
+}
+
+fn addr(server: &Server) -> String {
+    server.addr.to_string()
+}
+
+#[test]
+fn connect_logs_in_and_holds_every_connection() {
+    let server = start();
+    let pid = server.pid().to_string();
+    let (output, report) = run(&[
+        "connect",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        SECRET,
+        "--connections",
+        "60",
+        "--hold-s",
+        "2",
+        "--heartbeat-s",
+        "1",
+        "--settle-s",
+        "1",
+        "--server-pid",
+        &pid,
+    ]);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["logged_in"], 60);
+    assert_eq!(report["open_at_end"], 60);
+    assert_eq!(report["failures_total"], 0);
+    assert_eq!(report["violations"], 0);
+    // Every connection pinged at least once per heartbeat of the hold, and every ping answered.
+    let pings = report["pings"].as_u64().unwrap();
+    assert!(pings >= 60, "{report}");
+    assert_eq!(report["pongs"], pings);
+    assert!(report["server_rss_bytes_per_connection"].is_number());
+}
+
+#[test]
+fn connect_counts_refused_logins_by_cause() {
+    let server = start();
+    let (output, report) = run(&[
+        "connect",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        "not-the-secret",
+        "--connections",
+        "5",
+        "--hold-s",
+        "0",
+        "--settle-s",
+        "0",
+    ]);
+    assert!(!output.status.success());
+    assert_eq!(report["logged_in"], 0);
+    assert_eq!(
+        report["failures"]["login refused: unauthorized"], 5,
+        "{report}"
+    );
+}
+
+fn chat(server: &Server, extra: &[&str]) -> (Output, Value) {
+    let addr = addr(server);
+    let mut args = vec![
+        "chat",
+        "--addr",
+        &addr,
+        "--secret",
+        SECRET,
+        "--conversations",
+        "20",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// Sent, acknowledged and delivered agree: each `send_ok` produced exactly one push at the
+/// other member of its direct conversation, and the checker saw every seq once.
+fn assert_clean_chat(output: &Output, report: &Value) {
+    assert!(output.status.success(), "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 40, "every user sent at least once: {report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    assert_eq!(report["delivered"], sent, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    assert_eq!(report["failures_total"], 0, "{report}");
+    assert!(
+        report["latency"]["send_to_push_us"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
+#[test]
+fn chat_closed_loop_delivers_every_message_in_order() {
+    let server = start();
+    let (output, report) = chat(&server, &["--window", "4"]);
+    assert_clean_chat(&output, &report);
+}
+
+#[test]
+fn chat_in_json_delivers_every_message_in_order() {
+    let server = start();
+    let (output, report) = chat(&server, &["--json"]);
+    assert_clean_chat(&output, &report);
+    assert_eq!(report["encoding"], "json");
+}
+
+#[test]
+fn chat_open_loop_sends_on_schedule() {
+    let server = start();
+    let (output, report) = chat(&server, &["--rate-per-user-per-s", "20"]);
+    assert_clean_chat(&output, &report);
+    // 40 users at 20/s for 1 s: 800 slots, give or take the one in flight at the end.
+    let sent = report["sent"].as_u64().unwrap();
+    assert!((760..=840).contains(&sent), "{report}");
+}
+
+/// What the fake server does wrong.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Never pushes this seq.
+    Drop(u64),
+    /// Pushes this seq after the next one to the same user.
+    Swap(u64),
+}
+
+/// A server that speaks just enough of the protocol for `chat` with one conversation of two
+/// users: it logs anyone in, numbers every message of the one conversation, answers `send_ok`
+/// and pushes the message to the other user, except that it commits `fault`.
+fn fake_server(fault: Fault) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().unwrap().to_string();
+    let outboxes: Arc<Mutex<HashMap<Uid, mpsc::Sender<Vec<u8>>>>> = Arc::default();
+    let state: Arc<Mutex<FakeState>> = Arc::default();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(stream) = stream else { return };
+            let (outboxes, state) = (Arc::clone(&outboxes), Arc::clone(&state));
+            std::thread::spawn(move || serve_fake(stream, outboxes, state, fault));
+        }
+    });
+    addr
+}
+
+type Outboxes = Arc<Mutex<HashMap<Uid, mpsc::Sender<Vec<u8>>>>>;
+
+/// The conversation's last seq, and a push held back by [`Fault::Swap`] with its receiver.
+#[derive(Default)]
+struct FakeState {
+    seq: u64,
+    held: Option<(Uid, Vec<u8>)>,
+}
+
+fn serve_fake(stream: TcpStream, outboxes: Outboxes, state: Arc<Mutex<FakeState>>, fault: Fault) {
+    let Ok(mut ws) = tungstenite::accept(stream) else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let mut me = None;
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(2)))
+        .unwrap();
+    let encode = |frame: &Frame<'_>| {
+        let mut out = BytesMut::new();
+        binary::encode(frame, &mut out).unwrap();
+        out.to_vec()
+    };
+    loop {
+        while let Ok(bytes) = rx.try_recv() {
+            if ws.send(WsMessage::Binary(bytes.into())).is_err() {
+                return;
+            }
+        }
+        let data = match ws.read() {
+            Ok(WsMessage::Binary(data)) => data,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        };
+        let Ok(frame) = binary::decode(&data) else {
+            return;
+        };
+        let reply = match frame.message {
+            Message::Login(login) => {
+                let now_s = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let claims = token::verify(SECRET.as_bytes(), &login.token, now_s).unwrap();
+                me = Some(claims.uid);
+                outboxes.lock().unwrap().insert(claims.uid, tx.clone());
+                Message::LoginOk(LoginOk {
+                    uid: claims.uid,
+                    device_id: DeviceId::from_u64(288230376151711744).unwrap(),
+                    node_id: NodeId::from_u64(1152921504606846976).unwrap(),
+                    ts: 0,
+                })
+            }
+            Message::Send(send) => {
+                let from = me.expect("logged in");
+                let peer = match send.target {
+                    Target::User(peer) => peer,
+                    // One conversation: the peer is whoever else logged in.
+                    _ => *outboxes
+                        .lock()
+                        .unwrap()
+                        .keys()
+                        .find(|u| **u != from)
+                        .unwrap(),
+                };
+                let mut state = state.lock().unwrap();
+                state.seq += 1;
+                let seq = state.seq;
+                let push = encode(&Frame::new(Message::Msg(Msg {
+                    conv: chinwag_protocol::ConvId(1),
+                    seq: Seq(seq),
+                    from,
+                    ts: 0,
+                    kind: send.kind.clone(),
+                    body: send.body.clone(),
+                    cmid: send.cmid.clone(),
+                })));
+                let mut pushes = Vec::new();
+                match fault {
+                    Fault::Drop(s) if s == seq => {}
+                    Fault::Swap(s) if s == seq => state.held = Some((peer, push)),
+                    _ => {
+                        pushes.push(push);
+                        if state.held.as_ref().is_some_and(|(to, _)| *to == peer) {
+                            pushes.extend(state.held.take().map(|(_, held)| held));
+                        }
+                    }
+                }
+                // The push goes out while the lock is held, so seqs leave in order.
+                if let Some(peer_tx) = outboxes.lock().unwrap().get(&peer) {
+                    for push in pushes {
+                        let _ = peer_tx.send(push);
+                    }
+                }
+                Message::SendOk(SendOk {
+                    conv: chinwag_protocol::ConvId(1),
+                    seq: Seq(seq),
+                    ts: 0,
+                })
+            }
+            _ => continue,
+        };
+        let bytes = encode(&Frame {
+            req: frame.req,
+            message: reply,
+        });
+        if ws.send(WsMessage::Binary(bytes.into())).is_err() {
+            return;
+        }
+    }
+}
+
+fn chat_against_fake(fault: Fault) -> (Output, Value) {
+    let addr = fake_server(fault);
+    run(&[
+        "chat",
+        "--addr",
+        &addr,
+        "--secret",
+        SECRET,
+        "--uid-base",
+        "1",
+        "--conversations",
+        "1",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+        "--drain-s",
+        "1",
+    ])
+}
+
+#[test]
+fn chat_fails_on_a_dropped_push() {
+    let (output, report) = chat_against_fake(Fault::Drop(3));
+    assert!(!output.status.success(), "{report}");
+    assert_eq!(report["violations"], 1, "{report}");
+    assert_eq!(report["violations_first"][0], "conv 1: seq 3 never arrived");
+}
+
+#[test]
+fn chat_fails_on_a_reordered_push() {
+    let (output, report) = chat_against_fake(Fault::Swap(3));
+    assert!(!output.status.success(), "{report}");
+    assert_eq!(report["violations"], 1, "{report}");
+    let first = report["violations_first"][0].as_str().unwrap();
+    assert!(
+        first.starts_with("conv 1: seq 3 pushed after seq "),
+        "{report}"
+    );
+}
