@@ -5,6 +5,7 @@
 //! - `idle`: many connections that only complete the handshake, for memory per connection.
 //! - `connect`: many logged-in chinwag connections held with heartbeats (`scenarios::connect`).
 //! - `chat`: users chatting in direct conversations, every push checked (`scenarios::chat`).
+//! - `fanout`: one conversation with many members (`scenarios::fanout`).
 //!
 //! Every run is bounded in connections and time and talks only to the address it is given,
 //! from source addresses in 127.0.0.0/8.
@@ -42,6 +43,8 @@ enum Command {
     Connect(scenarios::connect::ConnectArgs),
     /// Users in direct conversations sending to each other; latency and order checked.
     Chat(scenarios::chat::ChatArgs),
+    /// One conversation with many members (a shop conversation with many agents).
+    Fanout(scenarios::fanout::FanoutArgs),
 }
 
 #[derive(Args, Clone)]
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Idle(a) => &a.target,
         Command::Connect(a) => return run_scenario(&a.common, || scenarios::connect::run(a)),
         Command::Chat(a) => return run_scenario(&a.common, || scenarios::chat::run(a)),
+        Command::Fanout(a) => return run_scenario(&a.common, || scenarios::fanout::run(a)),
     };
     if !matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || target.sources == 0 {
         eprintln!("chinwag-loadgen: --addr must be in 127.0.0.0/8 and --sources at least 1");
@@ -102,7 +106,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(a) => client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s),
         Command::Idle(a) => client::idle(&a.target, a.hold_s),
-        Command::Connect(_) | Command::Chat(_) => unreachable!("returned above"),
+        Command::Connect(_) | Command::Chat(_) | Command::Fanout(_) => {
+            unreachable!("returned above")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -381,3 +381,34 @@ fn chat_fails_on_a_reordered_push() {
         "{report}"
     );
 }
+
+#[test]
+fn fanout_delivers_every_message_to_every_member() {
+    let server = start();
+    let (output, report) = run(&[
+        "fanout",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        SECRET,
+        "--members",
+        "12",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+    ]);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["members"], 12);
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    assert_eq!(report["delivered"], sent * 12, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    assert!(
+        report["latency"]["delivery_spread_us"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}

@@ -4,6 +4,7 @@
 
 pub mod chat;
 pub mod connect;
+pub mod fanout;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
