@@ -112,6 +112,24 @@ impl SeqTrack {
         Ok(())
     }
 
+    /// The lowest seq not yet seen: every seq below it has been seen exactly once.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether `seq` has been seen.
+    pub fn has_seen(&self, seq: u64) -> bool {
+        seq < self.next || self.ahead.contains(&seq)
+    }
+
+    /// A message came in a `history` page. A reconnecting device's history and its pushes
+    /// overlap by design, so a seq seen before is not a duplicate here.
+    pub fn recover(&mut self, seq: u64) {
+        if !self.has_seen(seq) {
+            let _ = self.see(seq);
+        }
+    }
+
     /// This device's own `send_ok` with `seq` arrived.
     pub fn own(&mut self, seq: u64) -> Result<(), Violation> {
         self.see(seq)
@@ -288,6 +306,19 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn history_fills_holes_without_duplicates() {
+        let mut track = SeqTrack::new(7, 1);
+        track.push(1).unwrap();
+        track.push(4).unwrap();
+        for seq in 1..=5 {
+            track.recover(seq);
+        }
+        assert_eq!(track.next(), 6);
+        assert_eq!(track.finish(5), vec![]);
+        assert!(track.has_seen(3) && !track.has_seen(6));
     }
 
     #[test]

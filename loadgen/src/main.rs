@@ -6,6 +6,7 @@
 //! - `connect`: many logged-in chinwag connections held with heartbeats (`scenarios::connect`).
 //! - `chat`: users chatting in direct conversations, every push checked (`scenarios::chat`).
 //! - `fanout`: one conversation with many members (`scenarios::fanout`).
+//! - `storm`: `chat` with reconnect storms and `history` catch-up (`scenarios::chat`).
 //!
 //! Every run is bounded in connections and time and talks only to the address it is given,
 //! from source addresses in 127.0.0.0/8.
@@ -45,6 +46,8 @@ enum Command {
     Chat(scenarios::chat::ChatArgs),
     /// One conversation with many members (a shop conversation with many agents).
     Fanout(scenarios::fanout::FanoutArgs),
+    /// `chat` with reconnect storms: a share of users drops, logs in again and catches up.
+    Storm(scenarios::chat::StormArgs),
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Connect(a) => return run_scenario(&a.common, || scenarios::connect::run(a)),
         Command::Chat(a) => return run_scenario(&a.common, || scenarios::chat::run(a)),
         Command::Fanout(a) => return run_scenario(&a.common, || scenarios::fanout::run(a)),
+        Command::Storm(a) => return run_scenario(&a.chat.common, || scenarios::chat::storm(a)),
     };
     if !matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || target.sources == 0 {
         eprintln!("chinwag-loadgen: --addr must be in 127.0.0.0/8 and --sources at least 1");
@@ -106,7 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Echo(a) => client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s),
         Command::Idle(a) => client::idle(&a.target, a.hold_s),
-        Command::Connect(_) | Command::Chat(_) | Command::Fanout(_) => {
+        Command::Connect(_) | Command::Chat(_) | Command::Fanout(_) | Command::Storm(_) => {
             unreachable!("returned above")
         }
     };

@@ -133,9 +133,13 @@ fn connect_counts_refused_logins_by_cause() {
 }
 
 fn chat(server: &Server, extra: &[&str]) -> (Output, Value) {
+    scenario("chat", server, extra)
+}
+
+fn scenario(name: &str, server: &Server, extra: &[&str]) -> (Output, Value) {
     let addr = addr(server);
     let mut args = vec![
-        "chat",
+        name,
         "--addr",
         &addr,
         "--secret",
@@ -410,5 +414,32 @@ fn fanout_delivers_every_message_to_every_member() {
             .as_u64()
             .unwrap()
             > 0
+    );
+}
+
+#[test]
+fn storm_reconnects_catch_up_without_missing_a_message() {
+    let server = start();
+    // 40 users for 1 s, 10 of them dropping; history pages of two messages, so that a
+    // catch-up takes several.
+    let (output, report) = scenario(
+        "storm",
+        &server,
+        &["--drop-share-per-s", "0.25", "--history-limit", "2"],
+    );
+    assert!(output.status.success(), "{report}");
+    assert!(report["reconnects"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        report["history_pages"].as_u64().unwrap() >= report["reconnects"].as_u64().unwrap(),
+        "{report}"
+    );
+    assert_eq!(report["not_caught_up_at_end"], 0, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    assert_eq!(report["failures_total"], 0, "{report}");
+    assert!(
+        report["latency"]["drop_to_caught_up_us"]["count"]
+            .as_u64()
+            .unwrap()
+            >= 10
     );
 }

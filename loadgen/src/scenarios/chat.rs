@@ -15,20 +15,30 @@
 //!
 //! Every push and `send_ok` goes through a [`SeqTrack`]; after the run drains, every seq of
 //! every conversation must have been seen by both members exactly once.
+//!
+//! `storm` is `chat` with reconnect storms: each second a share of the users drops its
+//! connection, connects and logs in again (same account and device type, so the same device),
+//! and catches up with `history` after the last seq it has seen, page by page. It reports the
+//! time from the drop to being caught up; a message neither pushed nor returned by `history`
+//! is a gap. Messages in flight when a connection drops may or may not have been stored; their
+//! seqs come back through `history` like everyone else's.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io;
 use std::time::{Duration, Instant};
 
-use chinwag_protocol::{ConvId, Frame, Message, Send, Target, Uid, UidKind};
+use chinwag_protocol::{
+    ConvId, DeviceType, Frame, History, HistoryRange, Login, Message, Send, Seq, Target, Uid,
+    UidKind,
+};
 use clap::Args;
 
 use crate::check::{SeqTrack, Violation, Violations};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
-use crate::scenarios::{connect_and_login, Common};
+use crate::scenarios::{connect_and_login, Common, LOGIN_REQ};
 
 /// Digits of the intended send time at the start of every body.
 const STAMP_DIGITS: usize = 20;
@@ -65,7 +75,24 @@ pub struct ChatArgs {
     pub drain_s: u64,
 }
 
+/// Flags of `storm`: those of `chat`, plus the storm.
+#[derive(Args, Debug)]
+pub struct StormArgs {
+    #[command(flatten)]
+    pub chat: ChatArgs,
+    /// Share of the users that drop and log in again each second (0.1 = 10%).
+    #[arg(long, default_value_t = 0.1)]
+    pub drop_share_per_s: f64,
+    /// Messages per `history` page while catching up (1..=200).
+    #[arg(long, default_value_t = 200)]
+    pub history_limit: u16,
+}
+
 struct User {
+    /// The index of its current connection in the fleet.
+    conn: usize,
+    /// Set from the drop of its connection until `history` has caught it up.
+    catching_up: Option<Instant>,
     peer: Uid,
     conv: Option<ConvId>,
     /// (req, intended send time in ns since the load started) of messages without `send_ok`.
@@ -86,10 +113,28 @@ struct Counts {
     send_ok_measured: u64,
     errors: u64,
     behind: u64,
+    reconnects: u64,
+    history_pages: u64,
 }
 
 /// Runs `chat` and returns its report.
 pub fn run(args: &ChatArgs) -> io::Result<Report> {
+    run_with(args, None)
+}
+
+/// Runs `storm` and returns its report.
+pub fn storm(args: &StormArgs) -> io::Result<Report> {
+    if !(0.0..=1.0).contains(&args.drop_share_per_s)
+        || !(1..=HISTORY_PAGE_FULL).contains(&args.history_limit)
+    {
+        return Err(io::Error::other(
+            "storm needs --drop-share-per-s in 0..=1 and --history-limit in 1..=200",
+        ));
+    }
+    run_with(&args.chat, Some(args))
+}
+
+fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let common = &args.common;
     if args.message_bytes < STAMP_DIGITS || args.window == 0 || args.conversations == 0 {
         return Err(io::Error::other(
@@ -110,6 +155,8 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
     }
     let mut users: Vec<User> = (0..n)
         .map(|i| User {
+            conn: i,
+            catching_up: None,
             peer: uid(i ^ 1),
             conv: None,
             in_flight: VecDeque::new(),
@@ -127,6 +174,12 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
     let mut send_to_push = report::latency_histogram();
     let mut violations = Violations::default();
     let mut body = String::with_capacity(args.message_bytes);
+    // Which user each connection belongs to; reconnects add connections.
+    let mut conn_user: Vec<usize> = (0..n).collect();
+    let mut catch_up = report::latency_histogram();
+    let mut storm_cursor = 0usize;
+    // Storms come half a second into the load, then every second.
+    let mut next_storm = Instant::now() + Duration::from_millis(500);
 
     let start = Instant::now();
     let ns = |at: Instant| at.duration_since(start).as_nanos() as u64;
@@ -177,19 +230,37 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
             server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
         }
-        if !sending {
-            let idle = users.iter().all(|u| u.lost || u.in_flight.is_empty());
-            if (idle && counts.delivered >= expected_deliveries(&users, &counts))
-                || now >= drain_end
-            {
-                break;
+        if !sending && (now >= drain_end || drained(&users, &last_seq)) {
+            break;
+        }
+        if let (Some(storm), true) = (storm, sending && now >= next_storm) {
+            next_storm += Duration::from_secs(1);
+            let drops = (storm.drop_share_per_s * n as f64).round() as usize;
+            for _ in 0..drops {
+                storm_cursor = (storm_cursor + 1) % n;
+                let user = &mut users[storm_cursor];
+                if user.lost || user.catching_up.is_some() {
+                    continue;
+                }
+                fleet.close(user.conn);
+                user.in_flight.clear();
+                user.catching_up = Some(now);
+                counts.reconnects += 1;
+                conn_user.push(storm_cursor);
+                match fleet.open() {
+                    Ok(conn) => user.conn = conn,
+                    Err(failure) => {
+                        report.fail(failure.cause());
+                        user.lost = true;
+                    }
+                }
             }
         }
         if sending && !closed_loop {
             // Open loop: every user sends each message whose slot has come; users are spread
             // evenly over one period so they do not all send in the same instant.
             for (i, user) in users.iter_mut().enumerate() {
-                if user.lost {
+                if user.lost || user.catching_up.is_some() {
                     continue;
                 }
                 let offset_ns = period_ns * i as u64 / n as u64;
@@ -203,7 +274,7 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                     send(
                         user,
                         i,
-                        &mut fleet.conns[i].writer,
+                        &mut fleet.conns[user.conn].writer,
                         intended_ns,
                         &mut body,
                         args,
@@ -212,15 +283,71 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                     queued = true;
                 }
                 if queued {
-                    flush(&mut fleet, i, &mut report, user);
+                    flush(&mut fleet, user.conn, &mut report, user);
                 }
             }
         }
-        fleet.turn(Duration::from_millis(1), |i, writer, event| {
+        fleet.turn(Duration::from_millis(1), |conn, writer, event| {
             let now_ns = ns(Instant::now());
             let in_window = (measure_from_ns..measure_to_ns).contains(&now_ns);
+            let i = conn_user[conn];
             let user = &mut users[i];
             match event {
+                // Only reconnects upgrade here; the first logins happened before the loop.
+                Event::Upgraded => writer.send(&Frame::with_req(
+                    LOGIN_REQ,
+                    Message::Login(Login {
+                        token: tokens[i].as_str().into(),
+                        device: DeviceType::Web,
+                    }),
+                )),
+                Event::Frame(Frame {
+                    message: Message::LoginOk(_),
+                    ..
+                }) => match user.conv {
+                    Some(conv) => {
+                        let after = user.track.as_ref().map_or(0, |t| t.next() - 1);
+                        ask_history(user, writer, conv, after, storm);
+                    }
+                    None => caught_up(
+                        user,
+                        i,
+                        writer,
+                        now_ns,
+                        &mut catch_up,
+                        &mut body,
+                        args,
+                        &mut counts,
+                    ),
+                },
+                Event::Frame(Frame {
+                    message: Message::HistoryOk(page),
+                    ..
+                }) => {
+                    counts.history_pages += 1;
+                    let track = user
+                        .track
+                        .get_or_insert_with(|| SeqTrack::new(page.conv.0, 1));
+                    for msg in &page.msgs {
+                        track.recover(msg.seq.0);
+                    }
+                    let limit = storm.map_or(HISTORY_PAGE_FULL, |s| s.history_limit);
+                    match page.msgs.last() {
+                        Some(last) if page.msgs.len() >= usize::from(limit) => {
+                            ask_history(user, writer, page.conv, last.seq.0, storm)
+                        }
+                        _ => caught_up(
+                            user,
+                            i,
+                            writer,
+                            now_ns,
+                            &mut catch_up,
+                            &mut body,
+                            args,
+                            &mut counts,
+                        ),
+                    }
+                }
                 Event::Frame(Frame {
                     req,
                     message: Message::SendOk(ok),
@@ -255,7 +382,11 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                         .track
                         .get_or_insert_with(|| SeqTrack::new(ok.conv.0, 1));
                     violations.check(track.own(ok.seq.0));
-                    if closed_loop && now_ns < measure_to_ns && user.in_flight.len() < args.window {
+                    if closed_loop
+                        && now_ns < measure_to_ns
+                        && user.in_flight.len() < args.window
+                        && user.catching_up.is_none()
+                    {
                         send(user, i, writer, now_ns, &mut body, args, &mut counts);
                     }
                 }
@@ -278,7 +409,10 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                     let track = user
                         .track
                         .get_or_insert_with(|| SeqTrack::new(msg.conv.0, 1));
-                    violations.check(track.push(msg.seq.0));
+                    // While catching up, pushes and history overlap by design.
+                    if user.catching_up.is_none() || !track.has_seen(msg.seq.0) {
+                        violations.check(track.push(msg.seq.0));
+                    }
                     match msg
                         .body
                         .get(..STAMP_DIGITS)
@@ -302,7 +436,12 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                     message: Message::Error(e),
                 }) => {
                     counts.errors += 1;
-                    report.fail(format!("send refused: {}", e.code));
+                    report.fail(format!("refused: {}", e.code));
+                    if user.catching_up.is_some() {
+                        // A refused login or history: this user cannot catch up.
+                        user.lost = true;
+                        return;
+                    }
                     if let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
                     {
                         user.in_flight.remove(at);
@@ -328,7 +467,6 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
                     report.fail(failure.cause());
                     user.lost = true;
                 }
-                Event::Upgraded => {}
             }
         })?;
         let p99_us = send_to_push.value_at_quantile(0.99);
@@ -382,6 +520,15 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
     if !closed_loop {
         report.figure("open_loop_slipped", counts.behind);
     }
+    if storm.is_some() {
+        report.figure("reconnects", counts.reconnects);
+        report.figure("history_pages", counts.history_pages);
+        let still = users.iter().filter(|u| u.catching_up.is_some()).count();
+        report.figure("not_caught_up_at_end", still as u64);
+        report
+            .latencies
+            .push(("drop_to_caught_up".into(), catch_up));
+    }
     if let (Some(from), Some(to)) = (server_cpu_from, server_cpu_to) {
         let cpu_s = to - from;
         report.figure("server_cpu_s", cpu_s);
@@ -410,15 +557,68 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
     Ok(report)
 }
 
-/// Pushes each live user's peer is still owed: one per `send_ok` of the peer (a direct
-/// conversation has one other member, with one device).
-fn expected_deliveries(users: &[User], counts: &Counts) -> u64 {
-    let lost = users.iter().filter(|u| u.lost).count();
-    if lost == 0 {
-        counts.send_ok
-    } else {
-        // With lost connections the count cannot be matched; the drain waits out its time.
-        u64::MAX
+/// A full `history` page when no storm says otherwise.
+const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
+
+/// Whether the run has drained: no user has a message in flight or is catching up, and every
+/// user has seen its conversation up to the last seq any `send_ok` named. A lost user (or its
+/// peer) cannot drain; the drain then waits out `--drain-s`.
+fn drained(users: &[User], last_seq: &HashMap<ConvId, u64>) -> bool {
+    users.iter().enumerate().all(|(i, user)| {
+        let peer = &users[i ^ 1];
+        let Some(conv) = user.conv.or(peer.conv) else {
+            return !user.lost && user.in_flight.is_empty();
+        };
+        let last = last_seq.get(&conv).copied().unwrap_or(0);
+        let next = user.track.as_ref().map_or(1, SeqTrack::next);
+        !user.lost
+            && !peer.lost
+            && user.in_flight.is_empty()
+            && user.catching_up.is_none()
+            && next > last
+    })
+}
+
+/// Asks for the page of `conv` after `after`.
+fn ask_history(
+    user: &mut User,
+    writer: &mut Writer,
+    conv: ConvId,
+    after: u64,
+    storm: Option<&StormArgs>,
+) {
+    let req = user.next_req;
+    user.next_req += 1;
+    writer.send(&Frame::with_req(
+        req,
+        Message::History(History {
+            conv,
+            range: HistoryRange::After(Seq(after)),
+            limit: storm.map_or(HISTORY_PAGE_FULL, |s| s.history_limit),
+        }),
+    ));
+}
+
+/// A reconnected user has caught up: record how long it took and start sending again.
+#[allow(clippy::too_many_arguments)]
+fn caught_up(
+    user: &mut User,
+    i: usize,
+    writer: &mut Writer,
+    now_ns: u64,
+    catch_up: &mut hdrhistogram::Histogram<u64>,
+    body: &mut String,
+    args: &ChatArgs,
+    counts: &mut Counts,
+) {
+    let Some(dropped_at) = user.catching_up.take() else {
+        return;
+    };
+    report::record(catch_up, dropped_at.elapsed());
+    if args.rate_per_user_per_s <= 0.0 {
+        for _ in 0..args.window {
+            send(user, i, writer, now_ns, body, args, counts);
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::proto::{Dial, Encoding, Event, Fleet};
 use crate::report::{self, Progress, Report};
 
 /// The `req` of every connection's `login`.
-const LOGIN_REQ: u64 = 1;
+pub const LOGIN_REQ: u64 = 1;
 
 /// Flags every protocol scenario takes.
 #[derive(Args, Clone, Debug)]
