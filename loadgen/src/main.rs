@@ -108,7 +108,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Echo(a) => client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s),
+        Command::Echo(a) => {
+            // The whole run's CPU (connecting included), so a reader can tell whether the
+            // load generator was the limit.
+            let cpu_start_s = report::own_cpu_s();
+            let result = client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s);
+            println!("loadgen_cpu_s: {:.2}", report::own_cpu_s() - cpu_start_s);
+            result
+        }
         Command::Idle(a) => client::idle(&a.target, a.hold_s),
         Command::Connect(_) | Command::Chat(_) | Command::Fanout(_) | Command::Storm(_) => {
             unreachable!("returned above")
