@@ -153,7 +153,12 @@ fn run_scenario(
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = report.emit(common.json_out.as_deref(), common.hgrm_out.as_deref()) {
+    let files = (
+        common.json_out.as_deref(),
+        common.hgrm_out.as_deref(),
+        common.plot.as_deref(),
+    );
+    if let Err(e) = report.emit(files.0, files.1, files.2) {
         eprintln!("chinwag-loadgen: writing the report: {e}");
         return ExitCode::FAILURE;
     }

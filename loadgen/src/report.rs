@@ -160,8 +160,100 @@ impl Report {
         out
     }
 
+    /// Latency by percentile as an SVG line chart: one line per histogram, the x axis the
+    /// percentile on the usual log scale of 1/(1 − q) (0, 90, 99, 99.9, …), the y axis µs.
+    pub fn svg(&self) -> String {
+        const WIDTH: f64 = 800.0;
+        const HEIGHT: f64 = 480.0;
+        const LEFT: f64 = 80.0;
+        const RIGHT: f64 = 20.0;
+        const TOP: f64 = 30.0;
+        const BOTTOM: f64 = 50.0;
+        // Up to 99.9999%: log10(1 / (1 - 0.999999)) = 6.
+        const NINES_MAX: f64 = 6.0;
+        const COLORS: [&str; 6] = [
+            "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+        ];
+        let lines: Vec<(&str, Vec<(f64, f64)>)> = self
+            .latencies
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(name, h)| {
+                let points = h
+                    .iter_quantiles(10)
+                    .map(|v| {
+                        let q = v.quantile_iterated_to().min(1.0 - 1e-6);
+                        ((1.0 / (1.0 - q)).log10(), v.value_iterated_to() as f64)
+                    })
+                    .collect();
+                (name.as_str(), points)
+            })
+            .collect();
+        let y_max = lines
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+            .fold(1.0, f64::max);
+        let x_of = |nines: f64| LEFT + nines / NINES_MAX * (WIDTH - LEFT - RIGHT);
+        let y_of = |us: f64| HEIGHT - BOTTOM - us / y_max * (HEIGHT - TOP - BOTTOM);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
+             font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{LEFT}\" y=\"18\">latency by percentile (µs)</text>"
+        );
+        for (nines, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
+            .iter()
+            .enumerate()
+        {
+            let x = x_of(nines as f64);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{x:.1}\" y1=\"{TOP}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
+                HEIGHT - BOTTOM,
+                HEIGHT - BOTTOM + 18.0
+            );
+        }
+        for step in 0..=5 {
+            let us = y_max * step as f64 / 5.0;
+            let y = y_of(us);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{us:.0}</text>",
+                WIDTH - RIGHT,
+                LEFT - 6.0,
+                y + 4.0
+            );
+        }
+        for (k, (name, points)) in lines.iter().enumerate() {
+            let color = COLORS[k % COLORS.len()];
+            let path: Vec<String> = points
+                .iter()
+                .map(|(x, y)| format!("{:.1},{:.1}", x_of(*x), y_of(*y)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{name}</text>",
+                path.join(" "),
+                LEFT + 10.0,
+                TOP + 16.0 * (k + 1) as f64
+            );
+        }
+        out.push_str("</svg>\n");
+        out
+    }
+
     /// Prints the text report and writes the files asked for.
-    pub fn emit(&self, json_out: Option<&Path>, hgrm_out: Option<&Path>) -> io::Result<()> {
+    pub fn emit(
+        &self,
+        json_out: Option<&Path>,
+        hgrm_out: Option<&Path>,
+        plot: Option<&Path>,
+    ) -> io::Result<()> {
         print!("{}", self.text());
         if let Some(path) = json_out {
             let mut text = serde_json::to_string_pretty(&self.json()).map_err(io::Error::other)?;
@@ -170,6 +262,9 @@ impl Report {
         }
         if let Some(path) = hgrm_out {
             std::fs::write(path, self.hgrm())?;
+        }
+        if let Some(path) = plot {
+            std::fs::write(path, self.svg())?;
         }
         Ok(())
     }
@@ -260,5 +355,8 @@ mod tests {
         assert!(text.contains("violations: 1"), "{text}");
         assert!(text.contains("conv 1: seq 2 seen twice"), "{text}");
         assert!(report.hgrm().contains("Total count = 1"));
+        let svg = report.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("<polyline") && svg.contains("send_to_push"));
     }
 }

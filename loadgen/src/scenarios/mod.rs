@@ -61,6 +61,9 @@ pub struct Common {
     /// Write the latency histograms as HdrHistogram percentile distributions to this file.
     #[arg(long)]
     pub hgrm_out: Option<PathBuf>,
+    /// Draw latency by percentile as an SVG chart to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
