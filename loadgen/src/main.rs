@@ -14,6 +14,7 @@
 mod check;
 mod client;
 mod procfs;
+mod procs;
 mod proto;
 mod report;
 mod scenarios;
@@ -146,13 +147,25 @@ fn run_scenario(
         eprintln!("chinwag-loadgen: {e}");
         return ExitCode::from(2);
     }
-    let report = match run() {
+    let result = if common.procs > 1 {
+        procs::run(common.procs, common.uid_base())
+    } else {
+        run()
+    };
+    let report = match result {
         Ok(report) => report,
         Err(e) => {
             eprintln!("chinwag-loadgen: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &common.worker_dump {
+        if let Err(e) = procs::dump(&report, path) {
+            eprintln!("chinwag-loadgen: writing the worker report: {e}");
+            return ExitCode::FAILURE;
+        }
+        return ExitCode::SUCCESS;
+    }
     let files = (
         common.json_out.as_deref(),
         common.hgrm_out.as_deref(),

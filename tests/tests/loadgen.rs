@@ -443,3 +443,15 @@ fn storm_reconnects_catch_up_without_missing_a_message() {
             >= 10
     );
 }
+
+#[test]
+fn procs_split_the_users_and_merge_the_reports() {
+    let server = start();
+    let (output, report) = chat(&server, &["--procs", "2"]);
+    assert_clean_chat(&output, &report);
+    assert_eq!(report["procs"], 2);
+    assert_eq!(
+        report["connections"], 40,
+        "both workers' users are counted: {report}"
+    );
+}

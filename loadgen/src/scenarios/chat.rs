@@ -143,8 +143,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     }
     let mut report = Report::default();
     let mut progress = Progress::new(!common.quiet);
-    let base = common.uid_base();
-    let n = args.conversations * 2;
+    let (first, conversations) = common.slice(args.conversations);
+    let base = common.uid_base() + 2 * first as u64;
+    let n = conversations * 2;
     let uid = |i: usize| Uid::new(UidKind::Buyer, base + i as u64);
     let tokens: Vec<String> = (0..n).map(|i| common.token(uid(i))).collect();
     let mut fleet = common.fleet()?;
@@ -505,7 +506,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     };
     report.figure("mode", mode);
     report.figure("encoding", if common.json { "json" } else { "binary" });
-    report.figure("conversations", args.conversations as u64);
+    report.figure("conversations", conversations as u64);
     report.figure("connections", n as u64);
     report.figure("connect_login_s", opened.elapsed.as_secs_f64());
     report.figure("sent", counts.sent);

@@ -40,8 +40,9 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let common = &args.common;
     let mut report = Report::default();
     let mut progress = Progress::new(!common.quiet);
-    let base = common.uid_base();
-    let tokens: Vec<String> = (0..args.connections as u64)
+    let (first, connections) = common.slice(args.connections);
+    let base = common.uid_base() + first as u64;
+    let tokens: Vec<String> = (0..connections as u64)
         .map(|i| common.token(Uid::new(UidKind::Buyer, base + i)))
         .collect();
     let rss_before = common.server_pid.map(procfs::rss_bytes).transpose()?;
@@ -50,7 +51,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     let logged_in = opened.count();
     let elapsed_s = opened.elapsed.as_secs_f64();
-    report.figure("connections", args.connections as u64);
+    report.figure("connections", connections as u64);
     report.figure("logged_in", logged_in as u64);
     report.figure("login_elapsed_s", elapsed_s);
     report.figure("logins_per_s", logged_in as f64 / elapsed_s.max(1e-9));
@@ -126,6 +127,10 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
             report.failures_total(),
             rtt.value_at_quantile(0.99),
         );
+    }
+    if rss_after.is_none() {
+        // A hold no longer than the settle time ends before the loop read the RSS.
+        rss_after = common.server_pid.map(procfs::rss_bytes).transpose()?;
     }
     report.figure("held_s", hold_start.elapsed().as_secs_f64());
     report.figure("open_at_end", open as u64);

@@ -146,6 +146,11 @@ fn build(
 /// Runs `fanout` and returns its report.
 pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let common = &args.common;
+    if common.procs > 1 || common.worker_of.is_some() {
+        return Err(io::Error::other(
+            "fanout has one sender and one conversation: it runs in one process (no --procs)",
+        ));
+    }
     if args.members == 0 || args.members > 999 || args.window == 0 {
         return Err(io::Error::other(
             "fanout needs --members in 1..=999 and --window >= 1",

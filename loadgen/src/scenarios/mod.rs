@@ -67,6 +67,25 @@ pub struct Common {
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Split the users over this many worker processes and merge their reports (each worker
+    /// needs its own file descriptors: keep connections per worker under the file limit).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Worker K of P takes the K-th of P slices (set by `--procs`).
+    #[arg(long, hide = true, value_parser = parse_worker_of)]
+    pub worker_of: Option<(usize, usize)>,
+    /// Where a worker writes its report for the parent (set by `--procs`).
+    #[arg(long, hide = true)]
+    pub worker_dump: Option<PathBuf>,
+}
+
+fn parse_worker_of(s: &str) -> Result<(usize, usize), String> {
+    let (k, p) = s.split_once(',').ok_or("K,P")?;
+    let (k, p): (usize, usize) = (k.parse().map_err(|_| "K,P")?, p.parse().map_err(|_| "K,P")?);
+    if k >= p {
+        return Err("K must be below P".into());
+    }
+    Ok((k, p))
 }
 
 impl Common {
@@ -84,7 +103,20 @@ impl Common {
         if self.connect_rate_per_s == 0 {
             return Err("--connect-rate-per-s must be at least 1".into());
         }
+        if self.procs == 0 {
+            return Err("--procs must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// This process's share of `total` (users or conversations): (first index, count). The
+    /// whole of it unless this is a worker of `--procs`.
+    pub fn slice(&self, total: usize) -> (usize, usize) {
+        let Some((k, p)) = self.worker_of else {
+            return (0, total);
+        };
+        let first = total * k / p;
+        (first, total * (k + 1) / p - first)
     }
 
     /// The first account id of this run.
