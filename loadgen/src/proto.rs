@@ -320,6 +320,12 @@ fn drive(
                 }
                 return Err(Failure::Eof);
             }
+            // A short read emptied the socket; later data raises a new edge (epoll reports
+            // every arrival), so the read that could only answer WouldBlock is skipped.
+            Ok(n) if n < read_buf.len() => {
+                inbound.extend_from_slice(&read_buf[..n]);
+                break;
+            }
             Ok(n) => inbound.extend_from_slice(&read_buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
