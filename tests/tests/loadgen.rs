@@ -455,3 +455,24 @@ fn procs_split_the_users_and_merge_the_reports() {
         "both workers' users are counted: {report}"
     );
 }
+
+#[test]
+fn echo_runs_against_chinwags_echo_endpoint() {
+    let server = Server::start(&["--enable-echo", "--messages-per-s-max=0"]);
+    let output = Command::new(loadgen())
+        .args(["echo", "--addr", &addr(&server), "--connections", "20"])
+        .args(["--warmup-s", "0", "--duration-s", "1"])
+        .args(["--server-pid", &server.pid().to_string()])
+        .output()
+        .expect("run chinwag-loadgen");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let messages: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("messages: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a messages line");
+    assert!(messages >= 20, "{stdout}");
+    assert!(stdout.contains("loadgen_cpu_s: "), "{stdout}");
+}
