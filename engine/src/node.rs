@@ -82,11 +82,13 @@ impl Node {
 
 /// Runs a node until SIGTERM or SIGINT has drained it. `on_listening` is told the bound
 /// address (useful with port 0).
-pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Result<()> {
+pub fn serve(mut config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Result<()> {
     let shard_count = config.shard_count();
     // The first bind resolves port 0; the other shards bind the port it got.
     let first = listener::bind(config.listen)?;
     let addr = first.local_addr()?;
+    // The node id carries the port actually bound (the configured one may be 0).
+    config.listen = addr;
     let mut listeners = vec![first];
     for _ in 1..shard_count {
         listeners.push(listener::bind(addr)?);
