@@ -123,6 +123,12 @@ fn direct_chat_in_both_encodings_reaches_every_other_device() {
     let (mut b_web, b_login) = login_as(&server, bob, None, DeviceType::Web, Encoding::Binary);
     assert_eq!(a_login.uid, alice);
     assert_ne!(a_login.device_id, b_login.device_id);
+    // The node id names the connector's address and port.
+    let node = a_login.node_id.unpack();
+    assert_eq!((node.ip, node.port), (std::net::Ipv4Addr::LOCALHOST, server.addr.port()));
+    assert_eq!(node.node_type, chinwag_protocol::NodeType::Connector);
+    let device = a_login.device_id.unpack();
+    assert_eq!(device.device_type, DeviceType::Web);
 
     let (conv, seq) = send(&mut a_web, Target::User(bob), "a-1", "hello bob");
     assert_eq!(seq, Seq(1));
