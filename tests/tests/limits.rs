@@ -167,3 +167,63 @@ fn closes_idle_connection_and_keeps_pinging_one() {
         1
     );
 }
+
+#[test]
+fn drops_peer_that_never_answers_close() {
+    let server = Server::start(&[
+        "--enable-echo",
+        "--idle-timeout-ms=300",
+        "--close-timeout-ms=400",
+    ]);
+    let mut stream = server.raw_ws("/echo");
+    // Idle: the server sends close 1000 and waits for our close frame, which never comes.
+    assert_eq!(read_close_code(&mut stream), Some(1000));
+    let start = Instant::now();
+    assert_eq!(chinwag_tests::read_frame(&mut stream), None, "then EOF");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "dropped after close_timeout_ms, not later"
+    );
+    assert_eq!(
+        server.wait_metric(
+            "chinwag_connections_closed_total",
+            "reason=\"idle_timeout\"",
+            1
+        ),
+        1
+    );
+}
+
+#[test]
+fn flooding_connection_does_not_starve_others() {
+    let server = Server::start(&["--enable-echo", "--shards=1"]);
+    let flood_addr = server.addr;
+    let flooder = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(flood_addr).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /echo HTTP/1.1\r\nHost: f\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .unwrap();
+        let burst: Vec<u8> = (0..1000)
+            .flat_map(|_| chinwag_tests::encode_frame(0x82, &[0u8; 100]))
+            .collect();
+        // Bounded: two seconds of writing as fast as the server reads. It never reads its
+        // echoes, which the rate limit (100/s by default) mostly drops anyway.
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && stream.write_all(&burst).is_ok() {}
+    });
+    let mut ws = server.ws("/echo");
+    // Twenty round trips, spread over the flood's two seconds, each answered correctly.
+    for i in 0..20 {
+        ws.send(Message::text(format!("{i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("{i}")));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    flooder.join().unwrap();
+    assert!(server.metric("chinwag_messages_rate_limited_total", "") > 0);
+}
