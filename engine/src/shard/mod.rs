@@ -169,7 +169,7 @@ impl Shard {
             self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
 
             for token in std::mem::take(&mut self.ctx.read_again) {
-                self.on_readable(token);
+                self.on_readable(token, false);
             }
             for event in events.iter() {
                 match event.token() {
@@ -178,7 +178,7 @@ impl Shard {
                     WAKER => {}
                     token => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(token);
+                            self.on_readable(token, event.is_read_closed() || event.is_error());
                         }
                         if event.is_writable() {
                             self.on_writable(token);
@@ -260,12 +260,12 @@ impl Shard {
         }
     }
 
-    fn on_readable(&mut self, token: Token) {
+    fn on_readable(&mut self, token: Token, peer_closed: bool) {
         // A token may be stale (its session ended earlier this turn): nothing to do then.
         let Some(session) = self.sessions.get_mut(token.0) else {
             return;
         };
-        if session.on_readable(&mut self.rbuf, &mut self.ctx) {
+        if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
             self.remove(token);
         }
     }

@@ -82,6 +82,8 @@ pub struct Session {
     /// Already in the shard's list of sessions to flush this turn.
     dirty: bool,
     write_shut: bool,
+    /// The peer's FIN was read while lingering: nothing more will come.
+    peer_eof: bool,
 }
 
 /// What one `read` gave.
@@ -120,6 +122,7 @@ impl Session {
             close_reason: CloseReason::PeerGone,
             dirty: false,
             write_shut: false,
+            peer_eof: false,
         }
     }
 
@@ -140,9 +143,10 @@ impl Session {
         self.outbox.len_bytes()
     }
 
-    /// Reads what the socket has and handles every whole frame in it.
+    /// Reads what the socket has and handles every whole frame in it. `peer_closed` says the
+    /// event also reported the peer's FIN, which a short read would otherwise leave unseen.
     /// Returns `true` if the connection is done.
-    pub fn on_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
+    pub fn on_readable(&mut self, rbuf: &mut [u8], peer_closed: bool, ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
             if matches!(self.phase, Phase::Closing(Closing::Linger | Closing::Done)) {
                 return self.discard_input(rbuf, ctx);
@@ -194,8 +198,8 @@ impl Session {
             };
             // A short read means the socket's receive queue is empty; with edge-triggered
             // readiness, bytes arriving later raise a new event, so skip the read that would
-            // only say WouldBlock.
-            if n < asked {
+            // only say WouldBlock. Not so if the FIN is already in: read on to see the EOF.
+            if n < asked && !peer_closed {
                 return false;
             }
         }
@@ -237,7 +241,12 @@ impl Session {
             match read_some(&mut self.stream, rbuf) {
                 ReadOutcome::Data(n) => metrics::add(&ctx.metrics().bytes_in, n as u64),
                 ReadOutcome::Blocked => return false,
-                ReadOutcome::Gone => return true,
+                ReadOutcome::Gone => {
+                    // The peer may have only shut its side: send what is queued (an HTTP
+                    // answer, say) before dropping the connection.
+                    self.peer_eof = true;
+                    return self.flush(ctx);
+                }
             }
         }
         ctx.read_again.push(Token(self.slot as usize));
@@ -528,6 +537,7 @@ impl Session {
         }
         match self.phase {
             Phase::Closing(Closing::Done) => return true,
+            Phase::Closing(Closing::Linger) if self.peer_eof => return true,
             Phase::Closing(Closing::Linger) if !self.write_shut => {
                 self.write_shut = true;
                 // Our last byte is out: tell the peer with a FIN, then wait for its EOF.
