@@ -10,7 +10,8 @@
 //! 3. drain the mailbox (frames for sessions of this shard);
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
 //!    socket leaves in one system call (write corking);
-//! 5. every so often, sweep the slab for handshake, idle and close timeouts.
+//! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
+//!    timeouts (every slot is checked once per pass of at most a second).
 
 pub mod mailbox;
 pub mod outbox;
@@ -54,10 +55,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// How often the slab is swept for timeouts: often enough that a timeout fires within a
-    /// fraction of its length, rarely enough that the sweep (one pass over the slab) costs
-    /// little against the traffic of a full shard.
-    fn sweep_interval_ms(&self) -> u64 {
+    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
+    /// timeout fires within a fraction of its length.
+    fn sweep_pass_ms(&self) -> u64 {
         let shortest = self
             .handshake_timeout_ms
             .min(self.idle_timeout_ms)
@@ -65,6 +65,10 @@ impl Limits {
         (shortest / 4).clamp(10, 1000)
     }
 }
+
+/// A pass is done in ticks of at most this long, each checking its share of the slab, so a
+/// shard of half a million connections never stalls a turn for a whole pass.
+const SWEEP_TICK_MS: u64 = 50;
 
 /// What a session may use of its shard while it handles an event.
 pub struct Context {
@@ -100,6 +104,8 @@ pub struct Shard {
     rbuf: Box<[u8]>,
     ctx: Context,
     next_generation: u32,
+    /// Where the timeout sweep goes on from.
+    sweep_cursor: usize,
     started: Instant,
     accept_warned_ms: Option<u64>,
 }
@@ -140,6 +146,7 @@ impl Shard {
                 read_again: Vec::new(),
             },
             next_generation: 0,
+            sweep_cursor: 0,
             started: Instant::now(),
             accept_warned_ms: None,
         })
@@ -148,8 +155,9 @@ impl Shard {
     /// Runs the loop until the node has drained. Returns an error only if polling fails.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
-        let sweep_interval_ms = self.ctx.limits.sweep_interval_ms();
-        let mut next_sweep_ms = sweep_interval_ms;
+        let sweep_pass_ms = self.ctx.limits.sweep_pass_ms();
+        let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
+        let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
         loop {
             let timeout_ms = if self.ctx.read_again.is_empty() {
@@ -193,9 +201,14 @@ impl Shard {
             }
             self.flush_dirty();
             if self.ctx.now_ms >= next_sweep_ms {
-                self.sweep();
+                // Each tick covers tick/pass of the slab, so every slot is seen once a pass.
+                let slots = self
+                    .sessions
+                    .capacity()
+                    .div_ceil((sweep_pass_ms / sweep_tick_ms) as usize);
+                self.sweep(slots);
                 self.flush_dirty();
-                next_sweep_ms = self.ctx.now_ms + sweep_interval_ms;
+                next_sweep_ms = self.ctx.now_ms + sweep_tick_ms;
             }
             self.ctx
                 .metrics()
@@ -331,14 +344,21 @@ impl Shard {
         }
     }
 
-    fn sweep(&mut self) {
-        let done: Vec<usize> = self
-            .sessions
-            .iter_mut()
-            .filter_map(|(key, session)| session.on_timer(&mut self.ctx).then_some(key))
-            .collect();
-        for key in done {
-            self.remove(Token(key));
+    /// Checks the timeouts of the next `slots` slab slots, wrapping around.
+    fn sweep(&mut self, slots: usize) {
+        let capacity = self.sessions.capacity();
+        if capacity == 0 {
+            return;
+        }
+        for _ in 0..slots.min(capacity) {
+            let slot = self.sweep_cursor % capacity;
+            self.sweep_cursor = slot + 1;
+            let Some(session) = self.sessions.get_mut(slot) else {
+                continue;
+            };
+            if session.on_timer(&mut self.ctx) {
+                self.remove(Token(slot));
+            }
         }
     }
 
