@@ -406,9 +406,7 @@ impl Session {
     /// A whole message (text already checked to be UTF-8) arrived.
     fn on_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
         if !self.take_rate_token(ctx) {
-            // Over messages_per_s_max. On /echo the message is dropped; on /ws the protocol
-            // will answer `error` `rate_limited` here.
-            metrics::add(&ctx.metrics().messages_rate_limited, 1);
+            self.on_rate_limited(ctx);
             return;
         }
         match self.phase {
@@ -427,6 +425,12 @@ impl Session {
     /// Until the protocol is wired in (the next issue), messages are counted and not answered.
     fn on_app_message(&mut self, _opcode: Opcode, _payload: &[u8], ctx: &mut Context) {
         metrics::add(&ctx.metrics().app_messages, 1);
+    }
+
+    /// A message over `messages_per_s_max` arrived and was dropped. On `/echo` that is all; on
+    /// `/ws` the protocol will answer `error` `rate_limited` here (next issue).
+    fn on_rate_limited(&mut self, ctx: &mut Context) {
+        metrics::add(&ctx.metrics().messages_rate_limited, 1);
     }
 
     /// Fixed-window rate limit: at most `messages_per_s_max` messages per one-second window.
