@@ -523,7 +523,14 @@ impl Session {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
             let total: usize = slices[..n].iter().map(|s| s.len()).sum();
-            let written = match self.stream.write_vectored(&slices[..n]) {
+            // One frame (the common case) goes out with send(2): the same single system
+            // call, without the iovec import and file-layer checks of writev(2).
+            let result = if n == 1 {
+                self.stream.write(&slices[0])
+            } else {
+                self.stream.write_vectored(&slices[..n])
+            };
+            let written = match result {
                 Ok(0) => return true,
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
