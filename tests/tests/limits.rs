@@ -130,18 +130,20 @@ fn refuses_connections_over_per_shard_limit() {
 
 #[test]
 fn closes_idle_connection_and_keeps_pinging_one() {
-    let server = Server::start(&["--enable-echo", "--idle-timeout-ms=600"]);
+    let server = Server::start(&["--enable-echo", "--idle-timeout-ms=1500"]);
     let mut idle = server.ws("/echo");
     let mut pinging = server.ws("/echo");
     pinging
         .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(150)))
+        .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(1500) {
+    // Pings every 100 ms or so, far inside the 1.5 s idle timeout even on a loaded machine.
+    while start.elapsed() < Duration::from_millis(3000) {
         pinging.send(Message::Ping(b"k".to_vec().into())).unwrap();
         // Reading the pong is enough; a timeout here is fine.
         let _ = pinging.read();
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(ws_close_code(&mut idle), Some(1000));
     pinging
