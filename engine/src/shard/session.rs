@@ -4,8 +4,8 @@
 //!
 //! A session owns no read buffer: the shard reads into its own buffer and lends it here. Only
 //! a session whose read ended inside a frame (or an HTTP head) keeps those bytes, in
-//! `inbound`; when they are consumed the allocation is freed, so an idle session is a few
-//! dozen bytes plus its socket.
+//! `inbound`; when they are consumed the allocation is freed, so an idle session is this
+//! struct (at most 128 bytes) plus its socket.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
