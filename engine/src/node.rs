@@ -80,9 +80,9 @@ impl Node {
     }
 }
 
-/// Runs a node until SIGTERM or SIGINT has drained it. `on_listening` is told the bound
-/// address (useful with port 0).
-pub fn serve(mut config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Result<()> {
+/// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
+/// is logged as `listening addr=...`.
+pub fn serve(mut config: Config) -> io::Result<()> {
     let shard_count = config.shard_count();
     // The first bind resolves port 0; the other shards bind the port it got.
     let first = listener::bind(config.listen)?;
@@ -129,7 +129,6 @@ pub fn serve(mut config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::R
         shards.push(handle);
     }
     tracing::info!(%addr, shards = shard_count, echo = node.config.enable_echo, "listening");
-    on_listening(addr);
 
     let mut result = Ok(());
     for (id, handle) in shards.into_iter().enumerate() {

@@ -317,4 +317,37 @@ mod tests {
         )
         .is_err());
     }
+
+    /// The defaults `--help` shows are written by hand; each must be the real default.
+    #[test]
+    fn help_defaults_are_the_defaults() {
+        let command = Wrapper::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(default) = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+            else {
+                continue;
+            };
+            if long == "jwt-secret" {
+                continue; // "generated once": not a value
+            }
+            let argv = ["chinwag".to_string(), format!("--{long}={default}")];
+            let matches = Wrapper::command().try_get_matches_from(argv).unwrap();
+            let args = Wrapper::from_arg_matches(&matches).unwrap().args;
+            assert_eq!(
+                Config::load(args, env(&[])).unwrap(),
+                Config::default(),
+                "--{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 14, "only {checked} defaults found in --help");
+    }
 }
