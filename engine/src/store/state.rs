@@ -84,6 +84,8 @@ pub struct CmidWindow {
     pub(super) by_key: AHashMap<u64, Position>,
     /// Oldest first: (ts, key, position).
     pub(super) order: VecDeque<(u64, u64, Position)>,
+    /// During replay only `order` is kept up to date (see [`State::defer_cmid_index`]).
+    pub(super) deferred: bool,
 }
 
 /// The window's key of a sender's cmid. A fixed function (not a seeded hasher), because keys
@@ -154,6 +156,7 @@ impl State {
             cmids: CmidWindow {
                 by_key: AHashMap::with_capacity(limits.cmid_window_entries_max),
                 order: VecDeque::with_capacity(limits.cmid_window_entries_max),
+                deferred: false,
             },
             chain_repairs: AHashMap::new(),
         }
@@ -352,7 +355,9 @@ impl State {
         let limits = self.limits;
         let window = &mut self.cmids;
         let key = cmid_key(m.sender, m.cmid);
-        window.by_key.insert(key, pos);
+        if !window.deferred {
+            window.by_key.insert(key, pos);
+        }
         window.order.push_back((m.ts_ms, key, pos));
         while let Some(&(ts, key, at)) = window.order.front() {
             let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
@@ -361,10 +366,28 @@ impl State {
             }
             window.order.pop_front();
             // A later message with a colliding key may own the entry now.
-            if window.by_key.get(&key) == Some(&at) {
+            if !window.deferred && window.by_key.get(&key) == Some(&at) {
                 window.by_key.remove(&key);
             }
         }
+    }
+
+    /// Replay mode: the cmid window keeps only its order until [`State::index_cmids`], so
+    /// the millions of cmids that a long replay would insert and evict again never touch the
+    /// hash table.
+    pub fn defer_cmid_index(&mut self) {
+        self.cmids.deferred = true;
+    }
+
+    /// Ends replay mode: indexes the cmids the window kept, oldest first, so a later message
+    /// with a colliding key owns the entry, as it would have live.
+    pub fn index_cmids(&mut self) {
+        let window = &mut self.cmids;
+        window.by_key.clear();
+        for &(_, key, pos) in &window.order {
+            window.by_key.insert(key, pos);
+        }
+        window.deferred = false;
     }
 
     /// Where the chain link `prev` of a message really leads.
