@@ -511,6 +511,11 @@ impl Store {
 
     /// msyncs every segment written since the last flush, then marks it acknowledged.
     fn flush(&mut self) -> Result<(), StoreError> {
+        if self.synced == self.tail() {
+            // Nothing new: an idle shard's commits cost no system call.
+            self.last_sync = Instant::now();
+            return Ok(());
+        }
         let from = segment::segment_of(self.synced);
         for seg in self.segments.iter().filter(|s| s.id >= from) {
             if let Err(e) = seg.sync(seg.end) {
@@ -570,7 +575,7 @@ impl Store {
         let (lo, hi) = match from {
             // Retention may have taken the start of the requested range: serve from the oldest
             // message still in the log instead.
-            HistoryFrom::After(_) if self.segments[0].id > 1 => {
+            HistoryFrom::After(_) if self.retired(c, lo) => {
                 let oldest = self.oldest_live_seq(c)?;
                 (
                     lo.max(oldest),
@@ -613,6 +618,20 @@ impl Store {
         }
         out.reverse();
         Ok(out)
+    }
+
+    /// Whether retention may have taken `seq` of `c`: the first index entry at or above it
+    /// is gone (one lookup, so reads of live ranges pay nothing more).
+    fn retired(&self, c: &Conversation, seq: u64) -> bool {
+        let first = self.segments[0].id;
+        if first == 1 {
+            return false;
+        }
+        let slot = seq.div_ceil(u64::from(self.config.index_stride)) as usize;
+        match c.index.get(slot.saturating_sub(1)) {
+            Some(&p) => segment::segment_of(p) < first,
+            None => segment::segment_of(c.last_pos) < first,
+        }
     }
 
     /// The oldest seq of `c` still in the log (after retention): a binary search of the index
