@@ -246,8 +246,9 @@ impl Store {
     /// corruption as the module docs say.
     fn replay(&mut self, start: Position, report: &mut RecoveryReport) -> Result<(), StoreError> {
         let first = self.segments[0].id;
-        let Some(mut idx) = usize::try_from(segment::segment_of(start) - first)
-            .ok()
+        let Some(mut idx) = segment::segment_of(start)
+            .checked_sub(first)
+            .and_then(|i| usize::try_from(i).ok())
             .filter(|&i| i < self.segments.len())
         else {
             return Err(StoreError::corrupt(start, "replay starts outside the log"));
