@@ -1459,6 +1459,128 @@ mod tests {
     }
 
     #[test]
+    fn interval_policy_flushes_only_when_the_interval_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            fsync: FsyncPolicy::Interval,
+            fsync_interval_ms: 3_600_000,
+            ..config(dir.path())
+        };
+        let (mut store, _) = open(cfg);
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        send(&mut store, 1, "a", b"x");
+        store.commit().unwrap();
+        assert!(store.synced < store.tail(), "an hour has not passed");
+        // Committed all the same: the last seq is published.
+        let handle = store.last_seq_handle(ConvId(1)).unwrap();
+        assert_eq!(handle.load(Ordering::Acquire), 1);
+        store.sync().unwrap();
+        assert_eq!(store.synced, store.tail());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_falls_back_to_an_older_one_or_a_full_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        send(&mut store, 1, "a", b"x");
+        let older = store.snapshot().unwrap();
+        send(&mut store, 1, "b", b"y");
+        let newer = store.snapshot().unwrap();
+        send(&mut store, 1, "c", b"z");
+        store.commit().unwrap();
+        drop(store);
+        let newest = dir.path().join(snapshot::file_name(newer));
+        let mut bytes = fs::read(&newest).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&newest, &bytes).unwrap();
+        let (store, report) = open(config(dir.path()));
+        assert_eq!(report.snapshot, Some(older));
+        assert_eq!(report.snapshots_rejected.len(), 1);
+        assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(3));
+        drop(store);
+        fs::remove_file(dir.path().join(snapshot::file_name(older))).unwrap();
+        let (store, report) = open(config(dir.path()));
+        assert_eq!(report.snapshot, None);
+        assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(3));
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_segment_or_the_snapshot_that_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            retention_bytes_max: Some(2 * (64 << 10)),
+            ..config(dir.path())
+        };
+        let (mut store, _) = open(cfg.clone());
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..1_000 {
+            send(&mut store, 1, &format!("m{i}"), &[1; 200]);
+        }
+        store.commit().unwrap();
+        let middle = store.segments[1].path.clone();
+        assert!(store.retain(0).unwrap().segments > 0);
+        drop(store);
+        let snapshots = snapshot::list(dir.path()).unwrap();
+        assert_eq!(snapshots.len(), 1);
+        fs::remove_file(&snapshots[0].1).unwrap();
+        assert!(matches!(
+            Store::open(cfg.clone()),
+            Err(StoreError::Corrupt { .. })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..1_000 {
+            send(&mut store, 1, &format!("m{i}"), &[1; 200]);
+        }
+        let middle_name = middle.file_name().unwrap().to_owned();
+        drop(store);
+        fs::remove_file(dir.path().join(middle_name)).unwrap();
+        let err = Store::open(config(dir.path())).err().unwrap();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn group_and_member_limits_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(StoreConfig {
+            members_max: 3,
+            ..config(dir.path())
+        });
+        let users: Vec<Uid> = (0..4).map(|i| Uid::new(UidKind::Service, i)).collect();
+        assert!(matches!(
+            store.create_group_conv(ConvId(1), &users),
+            Err(StoreError::TooLarge {
+                what: "members",
+                ..
+            })
+        ));
+        assert!(matches!(
+            store.create_group_conv(ConvId(1), &[users[0], users[0]]),
+            Err(StoreError::Invalid(_))
+        ));
+        store.create_group_conv(ConvId(1), &users[..3]).unwrap();
+        assert!(matches!(
+            store.add_member(ConvId(1), users[3]),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert!(!store.remove_member(ConvId(1), users[3]).unwrap());
+        assert!(store.remove_member(ConvId(1), users[0]).unwrap());
+        assert!(store.add_member(ConvId(1), users[3]).unwrap());
+        assert!(matches!(
+            store.create_direct_conv(ConvId(2), users[1], users[1]),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.add_member(ConvId(9), users[0]),
+            Err(StoreError::UnknownConv(ConvId(9)))
+        ));
+    }
+
+    #[test]
     fn always_policy_flushes_at_commit() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = StoreConfig {
