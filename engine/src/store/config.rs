@@ -61,6 +61,9 @@ pub struct StoreConfig {
     pub kind_bytes_max: usize,
     /// Most members one conversation may have.
     pub members_max: usize,
+    /// Most messages one [`super::Store::history`] call returns (the protocol's `limit` is
+    /// 1..=200).
+    pub history_limit_max: usize,
     /// One in this many seqs of a conversation has its log position in the in-memory index;
     /// a read walks at most this many extra records.
     pub index_stride: u32,
@@ -92,6 +95,7 @@ impl StoreConfig {
             cmid_bytes_max: 64,
             kind_bytes_max: 32,
             members_max: 1_000,
+            history_limit_max: 200,
             index_stride: 16,
             cmid_window_age_ms: 24 * 3_600 * 1_000,
             cmid_window_entries_max: 4_000_000,
