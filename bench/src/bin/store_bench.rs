@@ -4,7 +4,7 @@
 //! ```text
 //! store_bench append   [--fsync never|always] [--messages N]
 //! store_bench reads    [--convs N] [--messages N]
-//! store_bench recovery [--gib N]
+//! store_bench recovery [--gib N] [--convs N]
 //! ```
 //!
 //! Each run uses a fresh directory under `--dir` (default: the system temp dir) and removes
@@ -209,7 +209,7 @@ fn run_reads(args: &Args, dir: &Path) {
 fn run_recovery(args: &Args, dir: &Path) {
     // About 184 bytes per 100-byte message record.
     let messages = args.gib * (1 << 30) / 184;
-    let convs = 100_000;
+    let convs = if args.convs == 0 { 100_000 } else { args.convs };
     {
         let mut store = open(dir, FsyncPolicy::Never);
         create_convs(&mut store, convs);
