@@ -264,12 +264,11 @@ impl Store {
             let bad = match record::decode(&seg.map, off) {
                 Ok(Some((record, len))) => {
                     let mut ts = 0;
-                    match self.state.check(&record, skip) {
+                    match self.state.check_and_apply(&record, pos, skip) {
                         Ok(()) => {
                             if let Record::Message(m) = &record {
                                 ts = m.ts_ms;
                             }
-                            self.state.apply(&record, pos);
                             report.records += 1;
                             report.bytes += len as u64;
                         }

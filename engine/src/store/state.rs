@@ -66,6 +66,18 @@ impl Conversation {
             .map_or(Seq(0), |&(_, s)| s)
     }
 
+    /// Whether `m` is this conversation's next message.
+    fn check_message(&self, m: &MessageRef<'_>, allow_gap: bool) -> Result<(), &'static str> {
+        let next = self.seq + 1;
+        if m.seq.0 != next && !(allow_gap && m.seq.0 > next) {
+            return Err("message seq does not follow the conversation's last");
+        }
+        if m.prev != self.last_pos && !allow_gap {
+            return Err("message does not chain to its conversation's last");
+        }
+        Ok(())
+    }
+
     fn set_cursor(&mut self, uid: Uid, seq: Seq) {
         match self.cursors.iter_mut().find(|(u, _)| *u == uid) {
             Some((_, s)) => *s = (*s).max(seq),
@@ -172,20 +184,11 @@ impl State {
     /// one (only when the operator skipped corrupt records).
     pub fn check(&self, record: &Record<'_>, allow_gap: bool) -> Result<(), &'static str> {
         match record {
-            Record::Message(m) => {
-                let conv = self
-                    .convs
-                    .get(&m.conv)
-                    .ok_or("message in unknown conversation")?;
-                let next = conv.seq + 1;
-                if m.seq.0 != next && !(allow_gap && m.seq.0 > next) {
-                    return Err("message seq does not follow the conversation's last");
-                }
-                if m.prev != conv.last_pos && !allow_gap {
-                    return Err("message does not chain to its conversation's last");
-                }
-                Ok(())
-            }
+            Record::Message(m) => self
+                .convs
+                .get(&m.conv)
+                .ok_or("message in unknown conversation")?
+                .check_message(m, allow_gap),
             Record::Device {
                 uid, device_type, ..
             } => {
@@ -334,42 +337,45 @@ impl State {
     }
 
     fn apply_message(&mut self, m: &MessageRef<'_>, pos: Position) {
-        let stride = self.limits.index_stride;
-        let Some(c) = self.convs.get_mut(&m.conv) else {
-            return;
-        };
-        if m.prev != c.last_pos {
-            self.chain_repairs.insert(m.prev, c.last_pos);
+        if let Some(c) = self.convs.get_mut(&m.conv) {
+            store_message(
+                c,
+                m,
+                pos,
+                self.limits,
+                &mut self.chain_repairs,
+                &mut self.cmids,
+            );
         }
-        c.seq = m.seq.0;
-        c.last_pos = pos;
-        if m.seq.0 % stride == 0 {
-            let slot = (m.seq.0 / stride - 1) as usize;
-            // Seqs skipped by an operator's `skip_corrupt` leave holes (0) in the index.
-            c.index.resize(slot, 0);
-            c.index.push(pos);
-        }
-        // One has read what one wrote.
-        c.set_cursor(m.sender, m.seq);
+    }
 
-        let limits = self.limits;
-        let window = &mut self.cmids;
-        let key = cmid_key(m.sender, m.cmid);
-        if !window.deferred {
-            window.by_key.insert(key, pos);
+    /// [`State::check`] and [`State::apply`] in one, with a single conversation lookup for a
+    /// message (replay's hot path).
+    pub fn check_and_apply(
+        &mut self,
+        record: &Record<'_>,
+        pos: Position,
+        allow_gap: bool,
+    ) -> Result<(), &'static str> {
+        if let Record::Message(m) = record {
+            let c = self
+                .convs
+                .get_mut(&m.conv)
+                .ok_or("message in unknown conversation")?;
+            c.check_message(m, allow_gap)?;
+            store_message(
+                c,
+                m,
+                pos,
+                self.limits,
+                &mut self.chain_repairs,
+                &mut self.cmids,
+            );
+            return Ok(());
         }
-        window.order.push_back((m.ts_ms, key, pos));
-        while let Some(&(ts, key, at)) = window.order.front() {
-            let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
-            if !expired && window.order.len() <= limits.cmid_window_entries_max {
-                break;
-            }
-            window.order.pop_front();
-            // A later message with a colliding key may own the entry now.
-            if !window.deferred && window.by_key.get(&key) == Some(&at) {
-                window.by_key.remove(&key);
-            }
-        }
+        self.check(record, allow_gap)?;
+        self.apply(record, pos);
+        Ok(())
     }
 
     /// Replay mode: the cmid window keeps only its order until [`State::index_cmids`], so
@@ -399,6 +405,47 @@ impl State {
     pub fn publish_all(&self) {
         for c in self.convs.values() {
             c.published.store(c.seq, Ordering::Release);
+        }
+    }
+}
+
+/// Applies a checked message at `pos` to its conversation `c` and to the cmid window.
+fn store_message(
+    c: &mut Conversation,
+    m: &MessageRef<'_>,
+    pos: Position,
+    limits: Limits,
+    chain_repairs: &mut AHashMap<Position, Position>,
+    window: &mut CmidWindow,
+) {
+    if m.prev != c.last_pos {
+        chain_repairs.insert(m.prev, c.last_pos);
+    }
+    c.seq = m.seq.0;
+    c.last_pos = pos;
+    if m.seq.0 % limits.index_stride == 0 {
+        let slot = (m.seq.0 / limits.index_stride - 1) as usize;
+        // Seqs skipped by an operator's `skip_corrupt` leave holes (0) in the index.
+        c.index.resize(slot, 0);
+        c.index.push(pos);
+    }
+    // One has read what one wrote.
+    c.set_cursor(m.sender, m.seq);
+
+    let key = cmid_key(m.sender, m.cmid);
+    if !window.deferred {
+        window.by_key.insert(key, pos);
+    }
+    window.order.push_back((m.ts_ms, key, pos));
+    while let Some(&(ts, key, at)) = window.order.front() {
+        let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
+        if !expired && window.order.len() <= limits.cmid_window_entries_max {
+            break;
+        }
+        window.order.pop_front();
+        // A later message with a colliding key may own the entry now.
+        if !window.deferred && window.by_key.get(&key) == Some(&at) {
+            window.by_key.remove(&key);
         }
     }
 }
