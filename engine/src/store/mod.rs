@@ -127,6 +127,25 @@ pub struct Retained {
     pub bytes: u64,
 }
 
+/// Gauges of one log, for the gateway's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live segment files (the active one included).
+    pub segments: usize,
+    /// Bytes of those files on disk (preallocated).
+    pub segment_bytes: u64,
+    /// Conversations in this log.
+    pub conversations: usize,
+    /// Devices registered in this log.
+    pub devices: usize,
+    /// Entries in the cmid window.
+    pub cmid_entries: usize,
+    /// The position of the next record.
+    pub tail: Position,
+    /// The newest snapshot's position.
+    pub snapshot: Option<Position>,
+}
+
 /// One shard's conversation log and state. See the module docs for its contract.
 pub struct Store {
     config: StoreConfig,
@@ -932,6 +951,19 @@ impl Store {
         Ok((records, bytes))
     }
 
+    /// Gauges for metrics.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            segments: self.segments.len(),
+            segment_bytes: self.segments.iter().map(|s| s.capacity() as u64).sum(),
+            conversations: self.state.convs.len(),
+            devices: self.state.devices.len(),
+            cmid_entries: self.state.cmids.order.len(),
+            tail: self.tail(),
+            snapshot: self.snapshot,
+        }
+    }
+
     /// The configuration the store runs with.
     pub fn config(&self) -> &StoreConfig {
         &self.config
@@ -1207,10 +1239,15 @@ mod tests {
             send(&mut store, 1, &format!("m{i}"), &[1; 200]);
         }
         store.commit().unwrap();
-        let before = store.segments.len();
+        let before = store.stats();
         let retained = store.retain(0).unwrap();
-        assert_eq!(retained.segments, before - 3);
-        assert_eq!(store.segments.len(), 3);
+        assert_eq!(retained.segments, before.segments - 3);
+        let after = store.stats();
+        assert_eq!(after.segments, 3);
+        assert_eq!(after.segment_bytes, 3 * (64 << 10));
+        assert_eq!(after.conversations, 2);
+        assert_eq!(after.cmid_entries, 2_000);
+        assert!(after.snapshot.is_some(), "retention took a snapshot first");
         let oldest = store
             .history(ConvId(1), HistoryFrom::After(Seq(0)), 10)
             .unwrap();
