@@ -24,6 +24,7 @@
 //!
 //! Not thread-safe by design: one shard owns one `Store` (shared-nothing).
 
+mod cmid_table;
 mod config;
 mod error;
 mod os;
@@ -217,10 +218,9 @@ impl Store {
                         "the log's first segments were retired but no snapshot covers them",
                     ));
                 }
-                (
-                    State::new(limits),
-                    segment::position(1, segment::HEADER_BYTES),
-                )
+                let state = State::new(limits)
+                    .map_err(|e| StoreError::io("map the cmid window", &dir, e))?;
+                (state, segment::position(1, segment::HEADER_BYTES))
             }
         };
         let mut segments = VecDeque::with_capacity(ids.len() + 1);

@@ -158,7 +158,7 @@ fn encode(state: &State) -> Vec<u8> {
 
 fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     let mut r = Reader { bytes: body };
-    let mut state = State::new(limits);
+    let mut state = State::new(limits).map_err(|_| "no memory for the cmid window")?;
     state.device_max = match r.u64()? {
         0 => None,
         d => Some(DeviceId::from_u64(d - 1).map_err(|e| e.0)?),
@@ -300,7 +300,7 @@ mod tests {
     }
 
     fn sample() -> State {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         let buyer = Uid::new(UidKind::Buyer, 1);
         let records = [
             Record::Device {

@@ -6,6 +6,7 @@
 //! the same two steps, so a record that does not apply is corruption, never a panic.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use ahash::AHashMap;
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
 use smallvec::SmallVec;
 
+use super::cmid_table::CmidTable;
 use super::error::Position;
 use super::record::{ConvKind, MessageRef, Record};
 
@@ -91,9 +93,9 @@ impl Conversation {
 /// Entries are keyed by a 64-bit hash of the pair and hold only the message's position; the
 /// store confirms a hit by reading that record's sender and cmid, so a hash collision can never
 /// turn a new message into a duplicate. No allocation per message, ~50 bytes per entry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CmidWindow {
-    pub(super) by_key: AHashMap<u64, Position>,
+    pub(super) by_key: CmidTable,
     /// Oldest first: (ts, key, position).
     pub(super) order: VecDeque<(u64, u64, Position)>,
     /// During replay only `order` is kept up to date (see [`State::defer_cmid_index`]).
@@ -152,9 +154,9 @@ pub fn pair(a: Uid, b: Uid) -> (Uid, Uid) {
 }
 
 impl State {
-    /// Empty state.
-    pub fn new(limits: Limits) -> State {
-        State {
+    /// Empty state. Fails only if the memory for the cmid window cannot be mapped.
+    pub fn new(limits: Limits) -> io::Result<State> {
+        Ok(State {
             limits,
             convs: AHashMap::new(),
             shop_convs: AHashMap::new(),
@@ -166,18 +168,18 @@ impl State {
             // Sized for its limit up front: growing a table of millions of entries would stall
             // the shard for tens of ms at each doubling. Untouched memory costs no RSS.
             cmids: CmidWindow {
-                by_key: AHashMap::with_capacity(limits.cmid_window_entries_max),
+                by_key: CmidTable::with_capacity(limits.cmid_window_entries_max)?,
                 order: VecDeque::with_capacity(limits.cmid_window_entries_max),
                 deferred: false,
             },
             chain_repairs: AHashMap::new(),
-        }
+        })
     }
 
     /// Where the message is that this sender probably sent with this cmid (the caller
     /// confirms by reading it).
     pub fn cmid_position(&self, sender: Uid, cmid: &[u8]) -> Option<Position> {
-        self.cmids.by_key.get(&cmid_key(sender, cmid)).copied()
+        self.cmids.by_key.get(cmid_key(sender, cmid))
     }
 
     /// Whether `record` may be applied now. `allow_gap` admits a message seq beyond the next
@@ -393,6 +395,8 @@ impl State {
         for &(_, key, pos) in &window.order {
             window.by_key.insert(key, pos);
         }
+        // Colliding keys share an entry, so there may be fewer keys than cmids, never more.
+        debug_assert!(window.by_key.len() <= window.order.len());
         window.deferred = false;
     }
 
@@ -444,8 +448,8 @@ fn store_message(
         }
         window.order.pop_front();
         // A later message with a colliding key may own the entry now.
-        if !window.deferred && window.by_key.get(&key) == Some(&at) {
-            window.by_key.remove(&key);
+        if !window.deferred {
+            window.by_key.remove_if(key, at);
         }
     }
 }
@@ -494,7 +498,7 @@ mod tests {
 
     #[test]
     fn rejects_a_second_conversation_for_the_same_shop_and_buyer() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         let again = Record::Conv {
             conv: ConvId(2),
@@ -508,7 +512,7 @@ mod tests {
 
     #[test]
     fn message_seqs_must_follow_without_gap() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         assert!(s.check(&message(1, 2, 0, b"a"), false).is_err());
         s.apply(&message(1, 1, 0, b"a"), 8);
@@ -519,7 +523,7 @@ mod tests {
 
     #[test]
     fn cmid_window_keeps_the_young_up_to_its_size() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         for (seq, (ts, cmid)) in [(0, b"a"), (10, b"b"), (20, b"c")].iter().enumerate() {
             s.apply(
@@ -567,7 +571,7 @@ mod tests {
 
     #[test]
     fn members_and_cursors_follow_their_rules() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         let add = Record::Member {
             conv: ConvId(1),
