@@ -119,6 +119,15 @@ pub struct RecoveryReport {
     pub skipped: Vec<(Position, u64)>,
 }
 
+/// One stretch of a conversation's chain that [`Store::history`] walks: from the record at
+/// `pos` (expected to hold `seq`) down to `stop`.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    seq: u64,
+    pos: Position,
+    stop: u64,
+}
+
 /// What [`Store::retain`] deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Retained {
@@ -620,24 +629,53 @@ impl Store {
                 _ => slot += 1,
             }
         }
-        let mut out = Vec::with_capacity((hi - lo + 1) as usize);
-        while seq >= lo && pos != 0 {
-            let Some(m) = self.message_at(pos)? else {
-                break; // retired by retention
-            };
-            if m.conv != conv || m.seq.0 > seq {
-                return Err(StoreError::corrupt(pos, "conversation chain is broken"));
+        // Cut the walk from there down to `lo` at every indexed seq: each piece (a lane) is a
+        // chain of its own, so the lanes' record reads, each a cache miss, do not wait on each
+        // other and the CPU overlaps them, instead of one miss after another.
+        let mut lanes: SmallVec<[Lane; 8]> = SmallVec::new();
+        let mut top = Lane { seq, pos, stop: lo };
+        let mut slot = seq.saturating_sub(1) / stride;
+        while slot > 0 && slot * stride >= lo {
+            if let Some(&p) = c.index.get(slot as usize - 1).filter(|&&p| p != 0) {
+                let anchor = slot * stride;
+                lanes.push(Lane {
+                    stop: anchor + 1,
+                    ..top
+                });
+                top = Lane {
+                    seq: anchor,
+                    pos: p,
+                    stop: lo,
+                };
             }
-            // A seq below the expected one is a gap left by `skip_corrupt`.
-            seq = m.seq.0;
-            if (lo..=hi).contains(&seq) {
-                out.push(m);
-            }
-            pos = self.state.chain(m.prev);
-            seq = seq.saturating_sub(1);
+            slot -= 1;
         }
-        out.reverse();
-        Ok(out)
+        lanes.push(top);
+        let mut out: Vec<Option<MessageRef<'_>>> = vec![None; (hi - lo + 1) as usize];
+        let mut walking = true;
+        while walking {
+            walking = false;
+            for lane in lanes.iter_mut().filter(|l| l.pos != 0 && l.seq >= l.stop) {
+                let Some(m) = self.message_at(lane.pos)? else {
+                    lane.pos = 0; // retired by retention
+                    continue;
+                };
+                if m.conv != conv || m.seq.0 > lane.seq {
+                    return Err(StoreError::corrupt(
+                        lane.pos,
+                        "conversation chain is broken",
+                    ));
+                }
+                // A seq below the expected one is a gap left by `skip_corrupt`.
+                if (lo..=hi).contains(&m.seq.0) {
+                    out[(m.seq.0 - lo) as usize] = Some(m);
+                }
+                lane.pos = self.state.chain(m.prev);
+                lane.seq = m.seq.0.saturating_sub(1);
+                walking |= lane.pos != 0 && lane.seq >= lane.stop;
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Whether retention may have taken `seq` of `c`: the first index entry at or above it
