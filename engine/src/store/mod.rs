@@ -613,7 +613,7 @@ impl Store {
             }
             _ => (lo, hi),
         };
-        if k == 0 || lo > hi {
+        if lo > hi {
             return Ok(Vec::new());
         }
         // Start from the nearest known position at or above `hi` and walk the chain down.
