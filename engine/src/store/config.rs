@@ -69,9 +69,10 @@ pub struct StoreConfig {
     pub index_stride: u32,
     /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
-    /// ... unless the log holds more than this many; then the oldest go first. At about 56
-    /// bytes each (table slots at load 1/2, and the eviction order), the default reserves
-    /// 224 MB of virtual memory per shard, resident as the window fills.
+    /// ... unless the log holds more than this many; then the oldest go first. Memory: a hash
+    /// table of 32 bytes per entry (load 1/2), resident after the first few hundred thousand
+    /// cmids because keys land anywhere in it, plus 24 bytes per entry held: 224 MB per shard
+    /// at the default.
     pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,
