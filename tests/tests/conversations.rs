@@ -125,7 +125,10 @@ fn direct_chat_in_both_encodings_reaches_every_other_device() {
     assert_ne!(a_login.device_id, b_login.device_id);
     // The node id names the connector's address and port.
     let node = a_login.node_id.unpack();
-    assert_eq!((node.ip, node.port), (std::net::Ipv4Addr::LOCALHOST, server.addr.port()));
+    assert_eq!(
+        (node.ip, node.port),
+        (std::net::Ipv4Addr::LOCALHOST, server.addr.port())
+    );
     assert_eq!(node.node_type, chinwag_protocol::NodeType::Connector);
     let device = a_login.device_id.unpack();
     assert_eq!(device.device_type, DeviceType::Web);
@@ -469,7 +472,10 @@ fn second_login_of_a_device_kicks_the_first() {
     assert_eq!(&*next_msg(&mut second).body, "for the new one");
     // And is kicked in its own (binary) encoding by a third login.
     let (_third, _) = login_as(&server, buyer(60), None, DeviceType::Ios, Encoding::Json);
-    assert!(matches!(next_push(&mut second, LONG), Some(Message::Kicked(_))));
+    assert!(matches!(
+        next_push(&mut second, LONG),
+        Some(Message::Kicked(_))
+    ));
 }
 
 fn members_push(client: &mut Client) -> Vec<Uid> {

@@ -5,7 +5,7 @@
 //! A session owns no read buffer: the shard reads into its own buffer and lends it here. Only
 //! a session whose read ended inside a frame (or an HTTP head) keeps those bytes, in
 //! `inbound`; when they are consumed the allocation is freed, so an idle session is this
-//! struct (at most 128 bytes) plus its socket.
+//! struct (at most 136 bytes) plus its socket.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -611,8 +611,9 @@ mod tests {
     #[test]
     fn idle_session_is_small() {
         // What an idle connection costs in user space is this struct in the slab (no buffers);
-        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection.
+        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection. The login state
+        // is boxed, so it adds one pointer here.
         let size = std::mem::size_of::<Session>();
-        assert!(size <= 128, "Session is {size} bytes");
+        assert!(size <= 136, "Session is {size} bytes");
     }
 }
