@@ -1,0 +1,324 @@
+//! Counters and gauges for `/metrics`, in the Prometheus text format.
+//!
+//! Each shard owns one [`ShardMetrics`] and is its only writer, so a counter is bumped with a
+//! plain load and store (no locked instruction, no contention); a scrape, on whichever shard
+//! serves it, reads every shard's values with relaxed loads. A scrape may see one shard a few
+//! events ahead of another, which is fine for monitoring.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a connection ended; each is a label value of `chinwag_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed the TCP connection or reset it.
+    PeerGone,
+    /// The peer sent a WebSocket close frame.
+    PeerClosed,
+    /// A plain HTTP request was answered.
+    HttpDone,
+    /// The peer broke HTTP or WebSocket rules (400, 1002, 1007).
+    ProtocolError,
+    /// A frame or message over the size limit (1009).
+    TooLarge,
+    /// The outbound queue went over its byte limit (1008).
+    SendQueueFull,
+    HandshakeTimeout,
+    IdleTimeout,
+    /// The node is shutting down (1001).
+    Drain,
+    /// A login token was refused (1008).
+    Unauthorized,
+    /// The device logged in on another connection (4001).
+    Kicked,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 11] = [
+        CloseReason::PeerGone,
+        CloseReason::PeerClosed,
+        CloseReason::HttpDone,
+        CloseReason::ProtocolError,
+        CloseReason::TooLarge,
+        CloseReason::SendQueueFull,
+        CloseReason::HandshakeTimeout,
+        CloseReason::IdleTimeout,
+        CloseReason::Drain,
+        CloseReason::Unauthorized,
+        CloseReason::Kicked,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::HttpDone => "http_done",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::SendQueueFull => "send_queue_full",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Drain => "drain",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::Kicked => "kicked",
+        }
+    }
+}
+
+/// Upper bounds of the loop-turn histogram buckets, in microseconds.
+pub const TURN_BUCKETS_US: [u64; 10] =
+    [10, 50, 100, 250, 500, 1_000, 5_000, 10_000, 50_000, 100_000];
+
+/// One shard's counters. Aligned to its own cache lines so that shards bumping their counters
+/// never share a line.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub connections_open: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_closed: [AtomicU64; CloseReason::ALL.len()],
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub send_queue_bytes: AtomicU64,
+    pub messages_rate_limited: AtomicU64,
+    pub app_messages: AtomicU64,
+    pub mailbox_messages: AtomicU64,
+    /// Messages for another shard dropped because its mailbox was full.
+    pub mailbox_full_drops: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
+    pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
+    pub turn_us_sum: AtomicU64,
+}
+
+/// Adds `n` to a counter that only the calling shard writes.
+#[inline]
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+/// Subtracts `n` from a gauge that only the calling shard writes.
+#[inline]
+pub fn sub(gauge: &AtomicU64, n: u64) {
+    gauge.store(gauge.load(Relaxed).wrapping_sub(n), Relaxed);
+}
+
+impl ShardMetrics {
+    pub fn closed(&self, reason: CloseReason) {
+        add(&self.connections_closed[reason as usize], 1);
+    }
+
+    pub fn record_turn(&self, turn_us: u64) {
+        let bucket = TURN_BUCKETS_US
+            .iter()
+            .position(|&le| turn_us <= le)
+            .unwrap_or(TURN_BUCKETS_US.len());
+        add(&self.turn_buckets[bucket], 1);
+        add(&self.turn_us_sum, turn_us);
+    }
+}
+
+/// What a scrape needs besides the counters: each shard's mailbox depth.
+pub struct Scrape<'a> {
+    pub shards: &'a [&'a ShardMetrics],
+    pub mailbox_depths: &'a [usize],
+    pub draining: bool,
+}
+
+/// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+pub fn render(scrape: &Scrape) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let shards = scrape.shards;
+    let per_shard = |out: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     value: &dyn Fn(&ShardMetrics) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", value(m));
+        }
+    };
+    let load = |a: &AtomicU64| a.load(Relaxed);
+    per_shard(
+        &mut out,
+        "chinwag_connections_open",
+        "gauge",
+        "Connections open now.",
+        &|m| load(&m.connections_open),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        &|m| load(&m.connections_accepted),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_connections_refused_total",
+        "counter",
+        "Connections refused at accept because the shard was at connections_per_shard_max.",
+        &|m| load(&m.connections_refused),
+    );
+    let name = "chinwag_connections_closed_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Connections closed, by reason.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for reason in CloseReason::ALL {
+            let value = load(&m.connections_closed[reason as usize]);
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",reason=\"{}\"}} {value}",
+                reason.label()
+            );
+        }
+    }
+    per_shard(
+        &mut out,
+        "chinwag_frames_in_total",
+        "counter",
+        "WebSocket frames received.",
+        &|m| load(&m.frames_in),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_frames_out_total",
+        "counter",
+        "WebSocket frames queued for sending.",
+        &|m| load(&m.frames_out),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_bytes_in_total",
+        "counter",
+        "Bytes read from client sockets.",
+        &|m| load(&m.bytes_in),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_bytes_out_total",
+        "counter",
+        "Bytes written to client sockets.",
+        &|m| load(&m.bytes_out),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_send_queue_bytes",
+        "gauge",
+        "Bytes queued for sending, over all connections.",
+        &|m| load(&m.send_queue_bytes),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_messages_rate_limited_total",
+        "counter",
+        "Messages refused for going over messages_per_s_max.",
+        &|m| load(&m.messages_rate_limited),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_app_messages_total",
+        "counter",
+        "Application messages received on /ws.",
+        &|m| load(&m.app_messages),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_mailbox_messages_total",
+        "counter",
+        "Messages from other shards handled.",
+        &|m| load(&m.mailbox_messages),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_mailbox_full_drops_total",
+        "counter",
+        "Messages for another shard dropped because its mailbox was full.",
+        &|m| load(&m.mailbox_full_drops),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_accept_errors_total",
+        "counter",
+        "accept() failures (e.g. out of file descriptors).",
+        &|m| load(&m.accept_errors),
+    );
+    let name = "chinwag_mailbox_depth";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Messages waiting in a shard's inbound queue.\n# TYPE {name} gauge"
+    );
+    for (i, depth) in scrape.mailbox_depths.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {depth}");
+    }
+    let name = "chinwag_loop_turn_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time a shard spends on one loop turn, not counting the wait for events."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (i, m) in shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (b, bucket) in m.turn_buckets.iter().enumerate() {
+            cumulative += load(bucket);
+            let le = TURN_BUCKETS_US
+                .get(b)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{i}\"}} {}",
+            load(&m.turn_us_sum) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
+    }
+    let name = "chinwag_draining";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the node drains after SIGTERM.\n# TYPE {name} gauge"
+    );
+    let _ = writeln!(out, "{name} {}", u8::from(scrape.draining));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_help_type_and_cumulative_buckets() {
+        let a = ShardMetrics::default();
+        let b = ShardMetrics::default();
+        add(&a.connections_accepted, 3);
+        a.closed(CloseReason::IdleTimeout);
+        a.record_turn(5);
+        a.record_turn(70);
+        a.record_turn(1_000_000);
+        let text = render(&Scrape {
+            shards: &[&a, &b],
+            mailbox_depths: &[0, 2],
+            draining: false,
+        });
+        assert!(text.contains("# TYPE chinwag_connections_accepted_total counter\n"));
+        assert!(text.contains("chinwag_connections_accepted_total{shard=\"0\"} 3\n"));
+        assert!(text
+            .contains("chinwag_connections_closed_total{shard=\"0\",reason=\"idle_timeout\"} 1\n"));
+        assert!(text.contains("chinwag_loop_turn_seconds_bucket{shard=\"0\",le=\"0.00001\"} 1\n"));
+        assert!(text.contains("chinwag_loop_turn_seconds_bucket{shard=\"0\",le=\"0.0001\"} 2\n"));
+        assert!(text.contains("chinwag_loop_turn_seconds_bucket{shard=\"0\",le=\"+Inf\"} 3\n"));
+        assert!(text.contains("chinwag_mailbox_depth{shard=\"1\"} 2\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split(' ').count(), 2, "bad sample line {line:?}");
+        }
+    }
+}

@@ -1,0 +1,670 @@
+//! A shard: one thread, one `mio::Poll`, one listener, one slab of sessions.
+//!
+//! A shard owns its sockets outright; no other thread touches them. Work from other threads
+//! arrives in the shard's [`Mailbox`](mailbox::Mailbox), drained once per loop turn.
+//!
+//! One loop turn:
+//! 1. wait for events (or until the next timer sweep);
+//! 2. accept new connections until `WouldBlock`; read each readable session, handling every
+//!    whole frame — replies only go into the session's outbox and mark it dirty;
+//! 3. drain the mailbox (frames for sessions of this shard);
+//! 4. flush every dirty session with one vectored write: whatever the turn produced for a
+//!    socket leaves in one system call (write corking);
+//! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
+//!    timeouts (every slot is checked once per pass of at most a second).
+
+pub mod mailbox;
+pub mod outbox;
+pub mod session;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::node::Node;
+use crate::ops::metrics::{self, ShardMetrics};
+use crate::route::owner::{self, Outgoing, Owner};
+use crate::route::{owner_of, LocalDevice, LocalDevices, Request, Routed};
+use chinwag_protocol::ErrorCode;
+use mailbox::ShardMsg;
+use session::Session;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+pub const WAKER: Token = Token(usize::MAX);
+
+/// The shard-wide read buffer; every socket of the shard reads into it.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+const _: () = assert!(READ_BUFFER_BYTES > session::CARRY_BYTES_MAX);
+
+/// Events handled per loop turn. A turn reads every ready socket and then writes every dirty
+/// one; a smaller turn keeps the sockets it touches warm in the cache between the two.
+const EVENTS_PER_TURN: usize = 128;
+
+/// Mailbox messages handled per loop turn, so a flood from other shards cannot starve sockets.
+const MAILBOX_BATCH: usize = 4096;
+
+/// The limits a session checks, copied out of the config for quick access.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub enable_echo: bool,
+    pub frame_bytes_max: usize,
+    pub message_bytes_max: usize,
+    pub send_queue_bytes_max: usize,
+    pub messages_per_s_max: u32,
+    pub connections_per_shard_max: usize,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub close_timeout_ms: u64,
+}
+
+impl Limits {
+    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
+    /// timeout fires within a fraction of its length.
+    fn sweep_pass_ms(&self) -> u64 {
+        let shortest = self
+            .handshake_timeout_ms
+            .min(self.idle_timeout_ms)
+            .min(self.close_timeout_ms);
+        (shortest / 4).clamp(10, 1000)
+    }
+}
+
+/// A pass is done in ticks of at most this long, each checking its share of the slab, so a
+/// shard of half a million connections never stalls a turn for a whole pass.
+const SWEEP_TICK_MS: u64 = 50;
+
+/// What a session may use of its shard while it handles an event.
+pub struct Context {
+    pub shard_id: usize,
+    pub node: Arc<Node>,
+    pub limits: Limits,
+    /// Milliseconds since the shard started, read once per loop turn.
+    pub now_ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
+    pub unix_ms: u64,
+    /// Work for owner shards (this one included) posted during the turn.
+    outgoing: Vec<(usize, ShardMsg)>,
+    /// Sessions with output queued this turn.
+    dirty: Vec<Token>,
+    /// Sessions that used their read budget and may have more to read.
+    read_again: Vec<Token>,
+}
+
+impl Context {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.shard_id]
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.node.is_draining()
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.node.render_metrics()
+    }
+}
+
+pub struct Shard {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    sessions: Slab<Session>,
+    /// The conversations, devices and shops this shard owns.
+    owner: Owner,
+    /// This shard's part of the routing table: its logged-in sessions by user.
+    local: LocalDevices,
+    /// Mailbox messages taken this turn, handled after the drain.
+    inbox: Vec<ShardMsg>,
+    rbuf: Box<[u8]>,
+    ctx: Context,
+    next_generation: u32,
+    /// Where the timeout sweep goes on from.
+    sweep_cursor: usize,
+    started: Instant,
+    accept_warned_ms: Option<u64>,
+}
+
+impl Shard {
+    /// A shard with its `poll` (whose waker is in `node.mailboxes[shard_id]`) and listener.
+    pub fn new(
+        shard_id: usize,
+        node: Arc<Node>,
+        poll: Poll,
+        mut listener: TcpListener,
+        owner: Owner,
+    ) -> io::Result<Shard> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let config = &node.config;
+        let limits = Limits {
+            enable_echo: config.enable_echo,
+            frame_bytes_max: config.frame_bytes_max,
+            message_bytes_max: config.message_bytes_max,
+            send_queue_bytes_max: config.send_queue_bytes_max,
+            messages_per_s_max: config.messages_per_s_max,
+            connections_per_shard_max: config.connections_per_shard_max,
+            handshake_timeout_ms: config.handshake_timeout_ms,
+            idle_timeout_ms: config.idle_timeout_ms,
+            close_timeout_ms: config.close_timeout_ms,
+        };
+        Ok(Shard {
+            poll,
+            listener: Some(listener),
+            sessions: Slab::new(),
+            owner,
+            local: LocalDevices::default(),
+            inbox: Vec::new(),
+            rbuf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
+            ctx: Context {
+                shard_id,
+                node,
+                limits,
+                now_ms: 0,
+                unix_ms: owner::unix_ms(),
+                outgoing: Vec::new(),
+                dirty: Vec::new(),
+                read_again: Vec::new(),
+            },
+            next_generation: 0,
+            sweep_cursor: 0,
+            started: Instant::now(),
+            accept_warned_ms: None,
+        })
+    }
+
+    /// Runs the loop until the node has drained. Returns an error only if polling fails.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_PER_TURN);
+        let sweep_pass_ms = self.ctx.limits.sweep_pass_ms();
+        let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
+        let mut next_sweep_ms = sweep_tick_ms;
+        let mut drained = false;
+        loop {
+            let timeout_ms = if self.ctx.read_again.is_empty() {
+                next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
+            } else {
+                0
+            };
+            match self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(timeout_ms)))
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let turn_start = Instant::now();
+            self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
+            self.ctx.unix_ms = owner::unix_ms();
+
+            for token in std::mem::take(&mut self.ctx.read_again) {
+                self.on_readable(token, false);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    // The mailbox is drained below, once per turn, whatever woke us.
+                    WAKER => {}
+                    token => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(token, event.is_read_closed() || event.is_error());
+                        }
+                        if event.is_writable() {
+                            self.on_writable(token);
+                        }
+                    }
+                }
+            }
+            self.drain_mailbox();
+            self.route_and_commit();
+            if !drained && self.ctx.is_draining() {
+                drained = true;
+                self.start_drain();
+            }
+            self.flush_dirty();
+            if self.ctx.now_ms >= next_sweep_ms {
+                // Each tick covers tick/pass of the slab, so every slot is seen once a pass.
+                let slots = self
+                    .sessions
+                    .capacity()
+                    .div_ceil((sweep_pass_ms / sweep_tick_ms) as usize);
+                self.sweep(slots);
+                self.flush_dirty();
+                next_sweep_ms = self.ctx.now_ms + sweep_tick_ms;
+            }
+            self.ctx
+                .metrics()
+                .record_turn(turn_start.elapsed().as_micros() as u64);
+            if drained && self.sessions.is_empty() {
+                // Whatever the last sessions posted (their logouts) is handled, then the log
+                // is flushed and snapshotted so the next start replays little.
+                self.route_and_commit();
+                let store = self.owner.store_mut();
+                if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
+                    tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
+                }
+                tracing::info!(shard = self.ctx.shard_id, "drained");
+                return Ok(());
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        loop {
+            let (mut stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Typically EMFILE. The connection stays in the backlog until a later
+                    // accept succeeds; say so at most once a second.
+                    metrics::add(&self.ctx.metrics().accept_errors, 1);
+                    if self
+                        .accept_warned_ms
+                        .map_or(true, |ms| self.ctx.now_ms >= ms + 1000)
+                    {
+                        self.accept_warned_ms = Some(self.ctx.now_ms);
+                        tracing::warn!(shard = self.ctx.shard_id, error = %e, "accept failed");
+                    }
+                    return;
+                }
+            };
+            let m = self.ctx.metrics();
+            if self.sessions.len() >= self.ctx.limits.connections_per_shard_max {
+                // Dropping the stream closes it: the cheapest refusal, and the client sees it.
+                metrics::add(&m.connections_refused, 1);
+                continue;
+            }
+            // Small frames are the norm (chat); corking per loop turn already batches them.
+            let _ = stream.set_nodelay(true);
+            let entry = self.sessions.vacant_entry();
+            let token = Token(entry.key());
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(shard = self.ctx.shard_id, error = %e, "register failed");
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            entry.insert(Session::new(
+                stream,
+                token.0,
+                self.next_generation,
+                self.ctx.now_ms,
+            ));
+            metrics::add(&m.connections_accepted, 1);
+            metrics::add(&m.connections_open, 1);
+        }
+    }
+
+    fn on_readable(&mut self, token: Token, peer_closed: bool) {
+        // A token may be stale (its session ended earlier this turn): nothing to do then.
+        let Some(session) = self.sessions.get_mut(token.0) else {
+            return;
+        };
+        if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
+            self.remove(token);
+        }
+    }
+
+    fn on_writable(&mut self, token: Token) {
+        let Some(session) = self.sessions.get_mut(token.0) else {
+            return;
+        };
+        if session.wants_flush() && session.flush(&mut self.ctx) {
+            self.remove(token);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.ctx.dirty);
+        for token in dirty.drain(..) {
+            let Some(session) = self.sessions.get_mut(token.0) else {
+                continue;
+            };
+            if session.flush(&mut self.ctx) {
+                self.remove(token);
+            }
+        }
+        // Hand the (now empty) list back to keep its capacity for the next turn.
+        self.ctx.dirty = dirty;
+    }
+
+    fn drain_mailbox(&mut self) {
+        let node = Arc::clone(&self.ctx.node);
+        let inbox = &mut self.inbox;
+        node.mailboxes[self.ctx.shard_id].drain(MAILBOX_BATCH, |msg| inbox.push(msg));
+        metrics::add(
+            &self.ctx.metrics().mailbox_messages,
+            self.inbox.len() as u64,
+        );
+        let mut inbox = std::mem::take(&mut self.inbox);
+        for msg in inbox.drain(..) {
+            self.handle(msg);
+        }
+        // Keep the buffer's capacity for the next turn.
+        self.inbox = inbox;
+    }
+
+    /// Delivers the turn's posted work (to this shard's owner or through other shards'
+    /// mailboxes), then commits the owner's log and sends what the commit released. Handling
+    /// a released message can post more (a completed login tells the shop's dispatcher), so
+    /// this goes round until nothing is left.
+    fn route_and_commit(&mut self) {
+        loop {
+            let posted = std::mem::take(&mut self.ctx.outgoing);
+            for (shard, msg) in posted {
+                self.deliver(shard, msg);
+            }
+            for out in self.owner.commit() {
+                match out {
+                    Outgoing::To(shard, msg) => self.deliver(shard, msg),
+                    Outgoing::All(fanout) => {
+                        for shard in 0..self.ctx.shards() {
+                            let msg = ShardMsg::Routed(Routed::Fanout(Arc::clone(&fanout)));
+                            self.deliver(shard, msg);
+                        }
+                    }
+                }
+            }
+            if self.ctx.outgoing.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn deliver(&mut self, shard: usize, msg: ShardMsg) {
+        if shard == self.ctx.shard_id {
+            return self.handle(msg);
+        }
+        if let Err(msg) = self.ctx.node.mailboxes[shard].send(msg) {
+            // The other shard is far behind; shedding this message is the bounded choice. A
+            // client request posted from here is answered `unavailable`; a lost push is
+            // repaired by `history`.
+            metrics::add(&self.ctx.metrics().mailbox_full_drops, 1);
+            if let ShardMsg::Routed(Routed::Request(request)) = msg {
+                if let Some(origin) = request.origin() {
+                    let error =
+                        origin.error(ErrorCode::Unavailable, "the owner shard is overloaded");
+                    self.handle(ShardMsg::Send {
+                        to: origin.session,
+                        frame: error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Acts on one message for this shard.
+    fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Send { to, frame } => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.send(frame, &mut self.ctx);
+                }
+            }
+            ShardMsg::Routed(Routed::Request(request)) => {
+                self.owner.handle(*request, self.ctx.unix_ms);
+            }
+            ShardMsg::Routed(Routed::Fanout(fanout)) => {
+                for uid in &fanout.users {
+                    for d in self.local.of(*uid) {
+                        if Some(d.device) == fanout.except {
+                            continue;
+                        }
+                        // The table and the slab change together (login, `remove`).
+                        if let Some(session) = self.sessions.get_mut(d.slot as usize) {
+                            if session.generation() == d.generation {
+                                session.send(fanout.frame(d.encoding).clone(), &mut self.ctx);
+                            }
+                        }
+                    }
+                }
+            }
+            ShardMsg::Routed(Routed::Registered {
+                session: to,
+                uid,
+                device,
+            }) => {
+                let completed = match self.sessions.get_mut(to.slot as usize) {
+                    Some(session) if session.generation() == to.generation => {
+                        session.on_registered(device, &mut self.ctx)
+                    }
+                    _ => false,
+                };
+                match (completed, device) {
+                    (true, Some(device)) => self.logged_in(to, uid, device),
+                    // The session ended while its device was being registered.
+                    (false, Some(device)) => self.ctx.post(
+                        owner_of(&uid, self.ctx.shards()),
+                        Request::Unregister {
+                            session: to,
+                            uid,
+                            device,
+                        },
+                    ),
+                    _ => {}
+                }
+            }
+            ShardMsg::Routed(Routed::Kick { session: to }) => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.kick(&mut self.ctx);
+                }
+            }
+            ShardMsg::Routed(Routed::ConvsPart {
+                session: to,
+                req,
+                convs,
+            }) => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.on_convs_part(req, convs, &mut self.ctx);
+                }
+            }
+        }
+    }
+
+    /// A session completed its login: route its pushes here, and tell the dispatcher of an
+    /// agent's shop.
+    fn logged_in(
+        &mut self,
+        to: mailbox::SessionRef,
+        uid: chinwag_protocol::Uid,
+        device: chinwag_protocol::DeviceId,
+    ) {
+        let Some(session) = self.sessions.get(to.slot as usize) else {
+            return;
+        };
+        let Some((_, _, shop, encoding)) = session.logged_in() else {
+            return;
+        };
+        self.local.insert(
+            uid,
+            LocalDevice {
+                device,
+                slot: to.slot,
+                generation: to.generation,
+                encoding,
+            },
+        );
+        if let Some(shop) = shop {
+            let shards = self.ctx.shards();
+            self.ctx.post(
+                owner_of(&shop, shards),
+                Request::AgentOnline { shop, agent: uid },
+            );
+        }
+    }
+
+    /// Stops accepting and starts the close handshake on every connection.
+    fn start_drain(&mut self) {
+        tracing::info!(
+            shard = self.ctx.shard_id,
+            connections = self.sessions.len(),
+            "draining"
+        );
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let done: Vec<usize> = self
+            .sessions
+            .iter_mut()
+            .filter_map(|(key, session)| session.on_drain(&mut self.ctx).then_some(key))
+            .collect();
+        for key in done {
+            self.remove(Token(key));
+        }
+    }
+
+    /// Checks the timeouts of the next `slots` slab slots, wrapping around.
+    fn sweep(&mut self, slots: usize) {
+        let capacity = self.sessions.capacity();
+        if capacity == 0 {
+            return;
+        }
+        for _ in 0..slots.min(capacity) {
+            let slot = self.sweep_cursor % capacity;
+            self.sweep_cursor = slot + 1;
+            let Some(session) = self.sessions.get_mut(slot) else {
+                continue;
+            };
+            if session.on_timer(&mut self.ctx) {
+                self.remove(Token(slot));
+            }
+        }
+    }
+
+    fn remove(&mut self, token: Token) {
+        // Dropping the stream closes the socket, which also takes it out of the epoll set.
+        let session = self.sessions.remove(token.0);
+        if let Some((uid, device, shop, _)) = session.logged_in() {
+            let me = session.session_ref(self.ctx.shard_id as u32);
+            self.local.remove(uid, me.slot, me.generation);
+            let shards = self.ctx.shards();
+            self.ctx.post(
+                owner_of(&uid, shards),
+                Request::Unregister {
+                    session: me,
+                    uid,
+                    device,
+                },
+            );
+            if let Some(shop) = shop {
+                self.ctx.post(
+                    owner_of(&shop, shards),
+                    Request::AgentOffline { shop, agent: uid },
+                );
+            }
+        }
+        let m = self.ctx.metrics();
+        metrics::sub(&m.connections_open, 1);
+        metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
+        m.closed(session.close_reason);
+        tracing::debug!(
+            shard = self.ctx.shard_id,
+            slot = token.0,
+            reason = session.close_reason.label(),
+            "closed"
+        );
+    }
+}
+
+/// The session in `slot`, if it is still the one of `generation`.
+fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Option<&mut Session> {
+    sessions
+        .get_mut(slot as usize)
+        .filter(|s| s.generation() == generation)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::mailbox::{Mailbox, SessionRef};
+    use super::*;
+    use crate::net::frame::{self, Opcode};
+    use crate::ops::config::Config;
+
+    /// A frame handed to the shard's mailbox by another thread reaches the right session, and
+    /// a frame addressed to an earlier session of the same slot is dropped.
+    #[test]
+    fn mailbox_frames_reach_their_session_only() {
+        let poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+        let node = Arc::new(Node::new(
+            Config::default(),
+            b"secret".to_vec(),
+            vec![Mailbox::new(16, waker)],
+        ));
+        let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let owner = Owner::for_tests(0, dir.path());
+        let shard = Shard::new(0, Arc::clone(&node), poll, listener, owner).unwrap();
+        let thread = std::thread::spawn(move || shard.run());
+
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            client.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"));
+
+        // The first session of the shard is slot 0, generation 1.
+        let stale = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 2,
+        };
+        let live = SessionRef {
+            shard: 0,
+            slot: 0,
+            generation: 1,
+        };
+        let mailbox = &node.mailboxes[0];
+        mailbox
+            .send(ShardMsg::Send {
+                to: stale,
+                frame: frame::encode(Opcode::Text, b"not for you"),
+            })
+            .unwrap();
+        mailbox
+            .send(ShardMsg::Send {
+                to: live,
+                frame: frame::encode(Opcode::Text, b"pushed"),
+            })
+            .unwrap();
+        let mut received = [0u8; 8];
+        client.read_exact(&mut received).unwrap();
+        assert_eq!(&received, b"\x81\x06pushed");
+
+        node.drain();
+        let mut close = [0u8; 4];
+        client.read_exact(&mut close).unwrap();
+        assert_eq!(close[..2], [0x88, 12]);
+        assert_eq!(
+            u16::from_be_bytes([close[2], close[3]]),
+            frame::CLOSE_GOING_AWAY
+        );
+        drop(client);
+        thread.join().unwrap().unwrap();
+    }
+}

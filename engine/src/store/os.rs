@@ -1,0 +1,80 @@
+//! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use memmap2::{MmapMut, MmapOptions};
+
+/// Reserves `len` bytes of disk for `file`, so that writes through a mapping never find the
+/// disk full (which would be a SIGBUS, not an error). ENOSPC shows here instead.
+pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: posix_fallocate only reads its integer arguments; the descriptor is open for
+    // the duration of the call because `file` is borrowed.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    // posix_fallocate returns the error number instead of setting errno.
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Maps the whole of `file` read-write and shared, so stores reach the page cache.
+pub fn map(file: &File) -> io::Result<MmapMut> {
+    // SAFETY: the mapped file belongs to the store's directory, which no other process may
+    // write or truncate while the store is open (docs/storage.md, "Ownership"); the store
+    // never truncates a mapped segment, it only deletes whole segments after unmapping them.
+    unsafe { MmapOptions::new().map_mut(file) }
+}
+
+/// Makes a directory's entries (created, renamed, deleted files) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Whether an I/O error means the disk is full.
+pub fn is_disk_full(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Faults in every page of a freshly created (all-zero) mapping for writing, so that appends
+/// into it never stop for a page fault (allocating and zeroing a page cache page, and the file
+/// system's write fault) on the shard's thread. The store runs it on the thread that prepares
+/// the next segment.
+pub fn prefault_for_writing(map: &mut MmapMut) {
+    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_WRITE only
+    // faults its pages in (as a write would) and does not change their contents.
+    let rc = unsafe {
+        libc::madvise(
+            map.as_mut_ptr().cast(),
+            map.len(),
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if rc != 0 {
+        // Kernels before 5.14 lack MADV_POPULATE_WRITE: write to one byte per page instead.
+        // The mapping is all zeros, so writing zeros changes nothing.
+        for byte in map.iter_mut().step_by(4096) {
+            // SAFETY: `byte` is a valid, exclusive reference into the mapping; the volatile
+            // write keeps the compiler from dropping a store of the value already there.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+/// Reads a mapping's pages in ahead of a sequential scan (recovery): one call instead of a
+/// page fault every few pages. Failure (an old kernel) only costs speed.
+pub fn prefault_for_reading(map: &MmapMut) {
+    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_READ only
+    // faults its pages in and does not change their contents.
+    unsafe {
+        libc::madvise(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            libc::MADV_POPULATE_READ,
+        )
+    };
+}

@@ -1,0 +1,320 @@
+//! Segment files: one preallocated, memory-mapped file per stretch of the log.
+//!
+//! A segment is created whole (`NNNN.seg.tmp`, preallocated, header written and synced, then
+//! renamed to `NNNN.seg`), so a segment file with its final name always has a valid header and
+//! its full size on disk. Its 64-byte header:
+//!
+//! ```text
+//!  0  [8] magic "CHWGSEG1"      24 u64 file size
+//!  8  u32 format version (1)    32 u32 CRC32C of bytes 0..32
+//! 12  u32 header size (64)      40 u64 acked_end: records below this offset were acknowledged
+//! 16  u64 segment id            48 u64 newest message ts (ms), written when sealed
+//! ```
+//!
+//! `acked_end` and the newest ts are the only bytes of a segment ever overwritten.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use super::error::{Position, StoreError};
+use super::os;
+
+/// Bytes of the segment header; records start here.
+pub const HEADER_BYTES: usize = 64;
+const MAGIC: &[u8; 8] = b"CHWGSEG1";
+const VERSION: u32 = 1;
+const ACKED_END_AT: usize = 40;
+const NEWEST_TS_AT: usize = 48;
+
+const _: () = assert!(HEADER_BYTES % super::record::ALIGN == 0);
+
+/// The position of `offset` in segment `id`.
+pub const fn position(id: u64, offset: usize) -> Position {
+    id << 32 | offset as u64
+}
+
+/// The segment id of a position.
+pub const fn segment_of(pos: Position) -> u64 {
+    pos >> 32
+}
+
+/// The offset of a position in its segment.
+pub const fn offset_of(pos: Position) -> usize {
+    (pos & 0xffff_ffff) as usize
+}
+
+/// The file name of segment `id`.
+pub fn file_name(id: u64) -> String {
+    format!("{id:016x}.seg")
+}
+
+/// The id named by a segment file name, if it is one.
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+/// One mapped segment.
+pub struct Segment {
+    /// Its id: segments are numbered 1, 2, 3, ... in log order.
+    pub id: u64,
+    /// Its file.
+    pub path: PathBuf,
+    /// The whole file, mapped.
+    pub map: MmapMut,
+    /// End of its records (where the next record goes, if this is the active segment).
+    pub end: usize,
+    /// Newest message timestamp in it (ms), for age-based retention; 0 if unknown.
+    pub newest_ts_ms: u64,
+}
+
+impl Segment {
+    /// Creates segment `id` of `bytes` in `dir`: preallocated, header synced, renamed into place.
+    pub fn create(dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
+        let path = dir.join(file_name(id));
+        let tmp = path.with_extension("seg.tmp");
+        let fail = |op: &'static str, p: &Path, e: io::Error| {
+            if os::is_disk_full(&e) {
+                StoreError::DiskFull {
+                    path: p.to_path_buf(),
+                }
+            } else {
+                StoreError::io(op, p, e)
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| fail("create segment", &tmp, e))?;
+        if let Err(e) = os::preallocate(&file, bytes) {
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            return Err(fail("preallocate segment", &tmp, e));
+        }
+        let mut map = os::map(&file).map_err(|e| fail("map segment", &tmp, e))?;
+        map[..HEADER_BYTES].copy_from_slice(&header(id, bytes));
+        map.flush_range(0, HEADER_BYTES)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| fail("sync segment", &tmp, e))?;
+        os::prefault_for_writing(&mut map);
+        fs::rename(&tmp, &path).map_err(|e| fail("rename segment", &path, e))?;
+        os::sync_dir(dir).map_err(|e| fail("sync directory", dir, e))?;
+        Ok(Segment {
+            id,
+            path,
+            map,
+            end: HEADER_BYTES,
+            newest_ts_ms: 0,
+        })
+    }
+
+    /// Opens and maps an existing segment, checking its header. Its records are not read.
+    pub fn open(dir: &Path, id: u64) -> Result<Segment, StoreError> {
+        let path = dir.join(file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open segment", &path, e))?;
+        let map = os::map(&file).map_err(|e| StoreError::io("map segment", &path, e))?;
+        let at = position(id, 0);
+        if map.len() < HEADER_BYTES {
+            return Err(StoreError::corrupt(at, "segment shorter than its header"));
+        }
+        let expected = header(id, map.len() as u64);
+        if map[..36] != expected[..36] {
+            return Err(StoreError::corrupt(at, "bad segment header"));
+        }
+        let segment = Segment {
+            id,
+            path,
+            map,
+            end: HEADER_BYTES,
+            newest_ts_ms: 0,
+        };
+        let acked = segment.acked_end();
+        if acked < HEADER_BYTES || acked > segment.map.len() {
+            return Err(StoreError::corrupt(at, "segment acked_end out of range"));
+        }
+        Ok(Segment {
+            newest_ts_ms: u64_at(&segment.map, NEWEST_TS_AT),
+            ..segment
+        })
+    }
+
+    /// Offset below which every record was acknowledged under the durability policy.
+    pub fn acked_end(&self) -> usize {
+        usize::try_from(u64_at(&self.map, ACKED_END_AT)).unwrap_or(usize::MAX)
+    }
+
+    /// Records that everything below `end` is acknowledged.
+    pub fn set_acked_end(&mut self, end: usize) {
+        self.map[ACKED_END_AT..ACKED_END_AT + 8].copy_from_slice(&(end as u64).to_le_bytes());
+    }
+
+    /// Stores the newest message timestamp in the header (when the segment is sealed).
+    pub fn store_newest_ts(&mut self) {
+        let ts = self.newest_ts_ms;
+        self.map[NEWEST_TS_AT..NEWEST_TS_AT + 8].copy_from_slice(&ts.to_le_bytes());
+    }
+
+    /// Flushes the header and the records up to `end` to disk.
+    pub fn sync(&self, end: usize) -> Result<(), StoreError> {
+        self.map
+            .flush_range(0, end)
+            .map_err(|e| StoreError::io("msync segment", &self.path, e))
+    }
+
+    /// Bytes of the file.
+    pub fn capacity(&self) -> usize {
+        self.map.len()
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+fn header(id: u64, bytes: u64) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&id.to_le_bytes());
+    h[24..32].copy_from_slice(&bytes.to_le_bytes());
+    let crc = crc32c::crc32c(&h[0..32]);
+    h[32..36].copy_from_slice(&crc.to_le_bytes());
+    h[ACKED_END_AT..ACKED_END_AT + 8].copy_from_slice(&(HEADER_BYTES as u64).to_le_bytes());
+    h
+}
+
+/// The segment ids in `dir`, ascending. Leftover `.seg.tmp` files (a creation interrupted by a
+/// crash) are removed: nothing was ever written to them.
+pub fn list(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut ids = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| StoreError::io("list log directory", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("list log directory", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = parse_file_name(name) {
+            ids.push(id);
+        } else if name.ends_with(".seg.tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Creates segments off the append path: the store asks for the next segment as soon as it
+/// starts filling the current one, so a switch finds it ready.
+pub struct Preparer {
+    pending: Option<(u64, std::thread::JoinHandle<Result<Segment, StoreError>>)>,
+}
+
+impl Preparer {
+    /// Nothing in preparation.
+    pub fn new() -> Preparer {
+        Preparer { pending: None }
+    }
+
+    /// Starts creating segment `id` in the background, unless that is already under way.
+    pub fn start(&mut self, dir: &Path, id: u64, bytes: u64) {
+        if self.pending.as_ref().is_some_and(|(p, _)| *p == id) {
+            return;
+        }
+        self.abandon();
+        let dir = dir.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("chinwag-segment".into())
+            .spawn(move || Segment::create(&dir, id, bytes));
+        match handle {
+            Ok(handle) => self.pending = Some((id, handle)),
+            // No thread to spare: `take` will create the segment itself.
+            Err(_) => self.pending = None,
+        }
+    }
+
+    /// Segment `id`, waiting for its preparation if it is not done (or doing it now if it was
+    /// never started or failed).
+    pub fn take(&mut self, dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
+        if let Some((pending, handle)) = self.pending.take() {
+            if pending == id {
+                if let Ok(result) = handle.join() {
+                    return result;
+                }
+            } else {
+                let _ = handle.join();
+            }
+        }
+        // Creation is idempotent: a failed attempt left at most a `.tmp` file, recreated here.
+        Segment::create(dir, id, bytes)
+    }
+
+    /// Waits for any preparation under way and drops its result.
+    pub fn abandon(&mut self) {
+        if let Some((_, handle)) = self.pending.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Default for Preparer {
+    fn default() -> Self {
+        Preparer::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_segment_reopens_with_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 3, 64 << 10).unwrap();
+        assert_eq!(seg.capacity(), 64 << 10);
+        drop(seg);
+        assert_eq!(list(dir.path()).unwrap(), vec![3]);
+        let seg = Segment::open(dir.path(), 3).unwrap();
+        assert_eq!(seg.acked_end(), HEADER_BYTES);
+        assert!(seg.map[HEADER_BYTES..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn rejects_segment_with_a_damaged_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 1, 64 << 10).unwrap();
+        seg.map[20] ^= 1;
+        seg.sync(HEADER_BYTES).unwrap();
+        drop(seg);
+        assert!(matches!(
+            Segment::open(dir.path(), 1),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn preparer_hands_over_the_segment_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Preparer::new();
+        p.start(dir.path(), 2, 64 << 10);
+        let seg = p.take(dir.path(), 2, 64 << 10).unwrap();
+        assert_eq!(seg.id, 2);
+        // Asked for one it did not prepare, it makes it on the spot.
+        let seg = p.take(dir.path(), 3, 64 << 10).unwrap();
+        assert_eq!(seg.id, 3);
+        assert_eq!(list(dir.path()).unwrap(), vec![2, 3]);
+    }
+}
