@@ -189,9 +189,24 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
     for shard in 0..shards {
         let mut store_config = StoreConfig::new(dir.join(format!("shard-{shard}")));
         store_config.fsync = fsync;
+        store_config.fsync_interval_ms = config.fsync_interval_ms;
+        store_config.segment_bytes = config.log_segment_bytes;
+        store_config.retention_age_ms = (config.log_retention_age_s > 0)
+            .then(|| config.log_retention_age_s.saturating_mul(1000));
+        store_config.retention_bytes_max =
+            (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
+        store_config.skip_corrupt = config.skip_corrupt_records;
         store_config.body_bytes_max = config.message_bytes_max;
         let (store, report) = Store::open(store_config)
             .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
+        for (pos, len) in &report.skipped {
+            tracing::error!(
+                shard,
+                position = pos,
+                bytes = len,
+                "skipped a corrupt stretch of the log (--skip-corrupt-records)"
+            );
+        }
         tracing::info!(
             shard,
             records = report.records,

@@ -799,3 +799,60 @@ fn chinwag_token_mints_tokens_the_gateway_accepts() {
         .unwrap();
     assert!(!refused.status.success());
 }
+
+#[test]
+fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
+    let args = [
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--shards=1",
+        "--log-segment-bytes=65536",
+        "--message-bytes-max=16384",
+        "--log-retention-bytes-max=262144",
+        "--log-maintenance-interval-ms=100",
+    ];
+    let server = Server::start(&args);
+    let (mut a, a_login) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    let body = "x".repeat(1000);
+    let mut conv = ConvId(0);
+    for i in 0..1000 {
+        conv = send(&mut a, Target::User(buyer(601)), &format!("r{i}"), &body).0;
+    }
+    let log_dir = server.data_dir.path().join("shard-0");
+    let segments = || {
+        std::fs::read_dir(&log_dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".seg")
+            })
+            .count()
+    };
+    // About 1 MB of messages in 64 KiB segments, kept to 256 KiB: old segments go.
+    let deadline = std::time::Instant::now() + LONG;
+    while segments() > 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(segments() <= 6, "{} segments left", segments());
+    // The newest messages are still readable; the oldest are gone.
+    let newest = history(&mut a, conv, HistoryRange::Newest, 5);
+    assert_eq!(newest.last().unwrap().seq, Seq(1000));
+    let oldest = history(&mut a, conv, HistoryRange::After(Seq(0)), 1);
+    assert!(
+        oldest[0].seq > Seq(1),
+        "retention deleted the first messages"
+    );
+    drop(a);
+    server.signal(libc::SIGKILL);
+    let data = server.into_data_dir();
+
+    // State records of deleted segments (the device, the conversation) live on in snapshots.
+    let server = Server::start_in(data, &args, &[]);
+    let (mut a, again) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    assert_eq!(again.device_id, a_login.device_id);
+    assert_eq!(
+        send(&mut a, Target::User(buyer(601)), "after", "x"),
+        (conv, Seq(1001))
+    );
+}

@@ -110,6 +110,26 @@ impl Owner {
         Owner::new(shard, store, Arc::new(Mutex::new(generator)))
     }
 
+    /// Periodic upkeep of the log: deletes segments past retention and writes a snapshot, so
+    /// a restart replays only what came after it.
+    pub fn maintain(&mut self, now_ms: u64) {
+        match self.store.retain(now_ms) {
+            Ok(r) if r.segments > 0 => {
+                tracing::info!(
+                    shard = self.shard,
+                    segments = r.segments,
+                    bytes = r.bytes,
+                    "retention deleted log segments"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(shard = self.shard, error = %e, "log retention failed"),
+        }
+        if let Err(e) = self.store.snapshot() {
+            tracing::error!(shard = self.shard, error = %e, "log snapshot failed");
+        }
+    }
+
     /// The log (for snapshots, retention and metrics).
     pub fn store_mut(&mut self) -> &mut Store {
         &mut self.store

@@ -182,6 +182,8 @@ impl Shard {
         let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
         let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
+        let maintenance_interval_ms = self.ctx.node.config.log_maintenance_interval_ms;
+        let mut next_maintenance_ms = maintenance_interval_ms;
         loop {
             let timeout_ms = if self.ctx.read_again.is_empty() {
                 next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
@@ -220,6 +222,10 @@ impl Shard {
             }
             self.drain_mailbox();
             self.route_and_commit();
+            if self.ctx.now_ms >= next_maintenance_ms {
+                self.owner.maintain(self.ctx.unix_ms);
+                next_maintenance_ms = self.ctx.now_ms + maintenance_interval_ms;
+            }
             if !drained && self.ctx.is_draining() {
                 drained = true;
                 self.start_drain();
