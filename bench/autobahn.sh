@@ -11,6 +11,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 runner=${AUTOBAHN_RUN:-$repo/../shared/autobahn/run.sh}
 report=${1:-$repo/target/autobahn}
+# The suite's runner changes into the report directory: give it an absolute path.
+mkdir -p "$report" && report=$(cd "$report" && pwd)
 [ -x "$runner" ] || [ -f "$runner" ] || { echo "autobahn: $runner not found"; exit 2; }
 
 (cd "$repo" && cargo build --quiet --release -p chinwag-engine --bin chinwag)

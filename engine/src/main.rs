@@ -94,7 +94,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         tracing::error!(data_dir = %config.data_dir.display(), error = %e, "cannot set up the JWT secret");
         return ExitCode::FAILURE;
     }
-    match node::serve(config, |_| {}) {
+    match node::serve(config) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

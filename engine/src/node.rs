@@ -80,13 +80,15 @@ impl Node {
     }
 }
 
-/// Runs a node until SIGTERM or SIGINT has drained it. `on_listening` is told the bound
-/// address (useful with port 0).
-pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Result<()> {
+/// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
+/// is logged as `listening addr=...`.
+pub fn serve(mut config: Config) -> io::Result<()> {
     let shard_count = config.shard_count();
     // The first bind resolves port 0; the other shards bind the port it got.
     let first = listener::bind(config.listen)?;
     let addr = first.local_addr()?;
+    // The node id carries the port actually bound (the configured one may be 0).
+    config.listen = addr;
     let mut listeners = vec![first];
     for _ in 1..shard_count {
         listeners.push(listener::bind(addr)?);
@@ -127,7 +129,6 @@ pub fn serve(config: Config, on_listening: impl FnOnce(SocketAddr)) -> io::Resul
         shards.push(handle);
     }
     tracing::info!(%addr, shards = shard_count, echo = node.config.enable_echo, "listening");
-    on_listening(addr);
 
     let mut result = Ok(());
     for (id, handle) in shards.into_iter().enumerate() {
@@ -188,9 +189,24 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
     for shard in 0..shards {
         let mut store_config = StoreConfig::new(dir.join(format!("shard-{shard}")));
         store_config.fsync = fsync;
+        store_config.fsync_interval_ms = config.fsync_interval_ms;
+        store_config.segment_bytes = config.log_segment_bytes;
+        store_config.retention_age_ms = (config.log_retention_age_s > 0)
+            .then(|| config.log_retention_age_s.saturating_mul(1000));
+        store_config.retention_bytes_max =
+            (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
+        store_config.skip_corrupt = config.skip_corrupt_records;
         store_config.body_bytes_max = config.message_bytes_max;
         let (store, report) = Store::open(store_config)
             .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
+        for (pos, len) in &report.skipped {
+            tracing::error!(
+                shard,
+                position = pos,
+                bytes = len,
+                "skipped a corrupt stretch of the log (--skip-corrupt-records)"
+            );
+        }
         tracing::info!(
             shard,
             records = report.records,

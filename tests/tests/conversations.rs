@@ -123,6 +123,15 @@ fn direct_chat_in_both_encodings_reaches_every_other_device() {
     let (mut b_web, b_login) = login_as(&server, bob, None, DeviceType::Web, Encoding::Binary);
     assert_eq!(a_login.uid, alice);
     assert_ne!(a_login.device_id, b_login.device_id);
+    // The node id names the connector's address and port.
+    let node = a_login.node_id.unpack();
+    assert_eq!(
+        (node.ip, node.port),
+        (std::net::Ipv4Addr::LOCALHOST, server.addr.port())
+    );
+    assert_eq!(node.node_type, chinwag_protocol::NodeType::Connector);
+    let device = a_login.device_id.unpack();
+    assert_eq!(device.device_type, DeviceType::Web);
 
     let (conv, seq) = send(&mut a_web, Target::User(bob), "a-1", "hello bob");
     assert_eq!(seq, Seq(1));
@@ -789,4 +798,61 @@ fn chinwag_token_mints_tokens_the_gateway_accepts() {
         .output()
         .unwrap();
     assert!(!refused.status.success());
+}
+
+#[test]
+fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
+    let args = [
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--shards=1",
+        "--log-segment-bytes=65536",
+        "--message-bytes-max=16384",
+        "--log-retention-bytes-max=262144",
+        "--log-maintenance-interval-ms=100",
+    ];
+    let server = Server::start(&args);
+    let (mut a, a_login) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    let body = "x".repeat(1000);
+    let mut conv = ConvId(0);
+    for i in 0..1000 {
+        conv = send(&mut a, Target::User(buyer(601)), &format!("r{i}"), &body).0;
+    }
+    let log_dir = server.data_dir.path().join("shard-0");
+    let segments = || {
+        std::fs::read_dir(&log_dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().ends_with(".seg")
+            })
+            .count()
+    };
+    // About 1 MB of messages in 64 KiB segments, kept to 256 KiB: old segments go.
+    let deadline = std::time::Instant::now() + LONG;
+    while segments() > 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(segments() <= 6, "{} segments left", segments());
+    // The newest messages are still readable; the oldest are gone.
+    let newest = history(&mut a, conv, HistoryRange::Newest, 5);
+    assert_eq!(newest.last().unwrap().seq, Seq(1000));
+    let oldest = history(&mut a, conv, HistoryRange::After(Seq(0)), 1);
+    assert!(
+        oldest[0].seq > Seq(1),
+        "retention deleted the first messages"
+    );
+    drop(a);
+    server.signal(libc::SIGKILL);
+    let data = server.into_data_dir();
+
+    // State records of deleted segments (the device, the conversation) live on in snapshots.
+    let server = Server::start_in(data, &args, &[]);
+    let (mut a, again) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    assert_eq!(again.device_id, a_login.device_id);
+    assert_eq!(
+        send(&mut a, Target::User(buyer(601)), "after", "x"),
+        (conv, Seq(1001))
+    );
 }

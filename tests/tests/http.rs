@@ -101,3 +101,27 @@ fn upgrade_needs_websocket_headers() {
     let _ = stream.read_to_string(&mut response);
     assert_eq!(parse_response(&response).0, 426);
 }
+
+#[test]
+fn request_followed_by_fin_is_answered_and_closed_at_once() {
+    // A close timeout far beyond the wait below: only a prompt close passes.
+    let server = Server::start(&["--close-timeout-ms=60000"]);
+    let mut stream = server.tcp();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert_eq!(parse_response(&response).0, 200);
+    // The server saw our FIN with the request and drops the connection without waiting for
+    // close_timeout_ms: nothing stays open.
+    assert_eq!(
+        server.wait_metric(
+            "chinwag_connections_closed_total",
+            "reason=\"http_done\"",
+            1
+        ),
+        1
+    );
+}

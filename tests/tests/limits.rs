@@ -130,18 +130,20 @@ fn refuses_connections_over_per_shard_limit() {
 
 #[test]
 fn closes_idle_connection_and_keeps_pinging_one() {
-    let server = Server::start(&["--enable-echo", "--idle-timeout-ms=600"]);
+    let server = Server::start(&["--enable-echo", "--idle-timeout-ms=1500"]);
     let mut idle = server.ws("/echo");
     let mut pinging = server.ws("/echo");
     pinging
         .get_ref()
-        .set_read_timeout(Some(Duration::from_millis(150)))
+        .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(1500) {
+    // Pings every 100 ms or so, far inside the 1.5 s idle timeout even on a loaded machine.
+    while start.elapsed() < Duration::from_millis(3000) {
         pinging.send(Message::Ping(b"k".to_vec().into())).unwrap();
         // Reading the pong is enough; a timeout here is fine.
         let _ = pinging.read();
+        std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(ws_close_code(&mut idle), Some(1000));
     pinging
@@ -166,4 +168,64 @@ fn closes_idle_connection_and_keeps_pinging_one() {
         ),
         1
     );
+}
+
+#[test]
+fn drops_peer_that_never_answers_close() {
+    let server = Server::start(&[
+        "--enable-echo",
+        "--idle-timeout-ms=300",
+        "--close-timeout-ms=400",
+    ]);
+    let mut stream = server.raw_ws("/echo");
+    // Idle: the server sends close 1000 and waits for our close frame, which never comes.
+    assert_eq!(read_close_code(&mut stream), Some(1000));
+    let start = Instant::now();
+    assert_eq!(chinwag_tests::read_frame(&mut stream), None, "then EOF");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "dropped after close_timeout_ms, not later"
+    );
+    assert_eq!(
+        server.wait_metric(
+            "chinwag_connections_closed_total",
+            "reason=\"idle_timeout\"",
+            1
+        ),
+        1
+    );
+}
+
+#[test]
+fn flooding_connection_does_not_starve_others() {
+    let server = Server::start(&["--enable-echo", "--shards=1"]);
+    let flood_addr = server.addr;
+    let flooder = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(flood_addr).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /echo HTTP/1.1\r\nHost: f\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )
+            .unwrap();
+        let burst: Vec<u8> = (0..1000)
+            .flat_map(|_| chinwag_tests::encode_frame(0x82, &[0u8; 100]))
+            .collect();
+        // Bounded: two seconds of writing as fast as the server reads. It never reads its
+        // echoes, which the rate limit (100/s by default) mostly drops anyway.
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end && stream.write_all(&burst).is_ok() {}
+    });
+    let mut ws = server.ws("/echo");
+    // Twenty round trips, spread over the flood's two seconds, each answered correctly.
+    for i in 0..20 {
+        ws.send(Message::text(format!("{i}"))).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text(format!("{i}")));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    flooder.join().unwrap();
+    assert!(server.metric("chinwag_messages_rate_limited_total", "") > 0);
 }

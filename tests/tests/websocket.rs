@@ -144,13 +144,17 @@ fn garbage_after_handshake_does_not_disturb_others() {
 }
 
 #[test]
-fn app_endpoint_upgrades_and_answers_nothing_yet() {
+fn app_endpoint_upgrades_and_speaks_the_protocol() {
     let server = Server::start(&[]);
     let mut ws = server.ws("/ws");
-    ws.send(Message::text("{\"op\":\"ping\"}")).unwrap();
-    // The protocol is not wired in yet: the message is taken (counted) and not answered; a
-    // WebSocket ping after it gets its pong first, proving nothing else was sent.
+    ws.send(Message::text("{\"op\":\"ping\",\"req\":3}"))
+        .unwrap();
+    // The JSON `ping` op is answered with `pong`, and a WebSocket ping after it with a pong frame.
     ws.send(Message::Ping(b"p".to_vec().into())).unwrap();
+    assert_eq!(
+        ws.read().unwrap(),
+        Message::text("{\"op\":\"pong\",\"req\":3}")
+    );
     assert_eq!(ws.read().unwrap(), Message::Pong(b"p".to_vec().into()));
     assert_eq!(server.wait_metric("chinwag_app_messages_total", "", 1), 1);
 }

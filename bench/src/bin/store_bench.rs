@@ -2,9 +2,9 @@
 //! latency with 1,000,000 conversations, recovery of a multi-GiB log, restart from a snapshot.
 //!
 //! ```text
-//! store_bench append   [--fsync never|always] [--messages N]
+//! store_bench append   [--fsync never|always] [--messages N] [--cmid-entries N]
 //! store_bench reads    [--convs N] [--messages N]
-//! store_bench recovery [--gib N]
+//! store_bench recovery [--gib N] [--convs N]
 //! ```
 //!
 //! Each run uses a fresh directory under `--dir` (default: the system temp dir) and removes
@@ -25,6 +25,7 @@ struct Args {
     messages: u64,
     convs: u64,
     gib: u64,
+    cmid_entries: usize,
     dir: PathBuf,
 }
 
@@ -36,6 +37,7 @@ fn parse() -> Args {
         messages: 0,
         convs: 0,
         gib: 2,
+        cmid_entries: StoreConfig::new("").cmid_window_entries_max,
         dir: std::env::temp_dir(),
     };
     while let Some(flag) = it.next() {
@@ -45,6 +47,7 @@ fn parse() -> Args {
             "--messages" => args.messages = value.parse().unwrap_or_else(|_| usage()),
             "--convs" => args.convs = value.parse().unwrap_or_else(|_| usage()),
             "--gib" => args.gib = value.parse().unwrap_or_else(|_| usage()),
+            "--cmid-entries" => args.cmid_entries = value.parse().unwrap_or_else(|_| usage()),
             "--dir" => args.dir = value.into(),
             _ => usage(),
         }
@@ -53,7 +56,10 @@ fn parse() -> Args {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: store_bench append|reads|recovery [--fsync P] [--messages N] [--convs N] [--gib N] [--dir D]");
+    eprintln!(
+        "usage: store_bench append|reads|recovery [--fsync P] [--messages N] [--convs N] \
+         [--gib N] [--cmid-entries N] [--dir D]"
+    );
     std::process::exit(2)
 }
 
@@ -70,9 +76,10 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-fn open(dir: &Path, fsync: FsyncPolicy) -> Store {
+fn open(dir: &Path, fsync: FsyncPolicy, cmid_entries: usize) -> Store {
     let config = StoreConfig {
         fsync,
+        cmid_window_entries_max: cmid_entries,
         ..StoreConfig::new(dir)
     };
     let (store, _) = Store::open(config).expect("open");
@@ -125,7 +132,7 @@ fn run_append(args: &Args, dir: &Path) {
         args.messages
     };
     let convs = 10_000;
-    let mut store = open(dir, args.fsync);
+    let mut store = open(dir, args.fsync, args.cmid_entries);
     create_convs(&mut store, convs);
     let (wall, cpu) = (Instant::now(), thread_cpu());
     append(&mut store, 0, messages, |n| n % convs);
@@ -155,7 +162,7 @@ fn run_reads(args: &Args, dir: &Path) {
     // A few conversations are busy (2,000 messages each), the rest have a handful; all are
     // interleaved in the log as real traffic would be.
     let hot = 1_000.min(convs);
-    let mut store = open(dir, FsyncPolicy::Never);
+    let mut store = open(dir, FsyncPolicy::Never, args.cmid_entries);
     let t = Instant::now();
     create_convs(&mut store, convs);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -209,9 +216,9 @@ fn run_reads(args: &Args, dir: &Path) {
 fn run_recovery(args: &Args, dir: &Path) {
     // About 184 bytes per 100-byte message record.
     let messages = args.gib * (1 << 30) / 184;
-    let convs = 100_000;
+    let convs = if args.convs == 0 { 100_000 } else { args.convs };
     {
-        let mut store = open(dir, FsyncPolicy::Never);
+        let mut store = open(dir, FsyncPolicy::Never, args.cmid_entries);
         create_convs(&mut store, convs);
         append(&mut store, 0, messages, |n| {
             n.wrapping_mul(0x9e37_79b9) % convs
@@ -232,9 +239,19 @@ fn run_recovery(args: &Args, dir: &Path) {
             report.bytes as f64 / (1u64 << 30) as f64,
             report.bytes as f64 / secs / 1e9
         );
+        if warm {
+            let t = Instant::now();
+            let (records, bytes) = store.verify().expect("verify");
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "scan (CRC of every record, no state): {records} records, {:.2} GiB in {secs:.2} s = {:.2} GB/s",
+                bytes as f64 / (1u64 << 30) as f64,
+                bytes as f64 / secs / 1e9
+            );
+        }
         drop(store);
     }
-    let mut store = open(dir, FsyncPolicy::Never);
+    let mut store = open(dir, FsyncPolicy::Never, args.cmid_entries);
     let t = Instant::now();
     store.snapshot().expect("snapshot");
     println!("snapshot written in {:.2} s", t.elapsed().as_secs_f64());

@@ -79,6 +79,25 @@ pub struct ServeArgs {
     /// Time a closing connection has to finish the close handshake [default: 5000].
     #[arg(long, value_name = "MS")]
     pub close_timeout_ms: Option<u64>,
+    /// With --fsync interval, the longest time between two flushes of the log [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub fsync_interval_ms: Option<u64>,
+    /// Size of each preallocated log segment file [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    pub log_segment_bytes: Option<u64>,
+    /// Delete log segments whose newest message is older than this; 0 = keep [default: 0].
+    #[arg(long, value_name = "S")]
+    pub log_retention_age_s: Option<u64>,
+    /// Delete the oldest log segments while a shard's log is larger than this; 0 = no limit [default: 0].
+    #[arg(long, value_name = "BYTES")]
+    pub log_retention_bytes_max: Option<u64>,
+    /// How often each shard applies retention and writes a snapshot of its state [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub log_maintenance_interval_ms: Option<u64>,
+    /// Start even if a record in the middle of the log is corrupt, skipping it (its messages are
+    /// lost); without it such a node refuses to start [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub skip_corrupt_records: Option<bool>,
 }
 
 /// The resolved configuration of one node.
@@ -100,6 +119,12 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub close_timeout_ms: u64,
+    pub fsync_interval_ms: u64,
+    pub log_segment_bytes: u64,
+    pub log_retention_age_s: u64,
+    pub log_retention_bytes_max: u64,
+    pub log_maintenance_interval_ms: u64,
+    pub skip_corrupt_records: bool,
 }
 
 impl Default for Config {
@@ -120,6 +145,12 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
             close_timeout_ms: 5_000,
+            fsync_interval_ms: 100,
+            log_segment_bytes: 64 << 20,
+            log_retention_age_s: 0,
+            log_retention_bytes_max: 0,
+            log_maintenance_interval_ms: 300_000,
+            skip_corrupt_records: false,
         }
     }
 }
@@ -164,7 +195,13 @@ impl Config {
             connections_per_shard_max,
             handshake_timeout_ms,
             idle_timeout_ms,
-            close_timeout_ms
+            close_timeout_ms,
+            fsync_interval_ms,
+            log_segment_bytes,
+            log_retention_age_s,
+            log_retention_bytes_max,
+            log_maintenance_interval_ms,
+            skip_corrupt_records
         );
         if args.jwt_secret.is_some() {
             self.jwt_secret = args.jwt_secret;
@@ -182,6 +219,11 @@ impl Config {
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("close_timeout_ms", self.close_timeout_ms),
+            ("fsync_interval_ms", self.fsync_interval_ms),
+            (
+                "log_maintenance_interval_ms",
+                self.log_maintenance_interval_ms,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -316,5 +358,38 @@ mod tests {
             env(&[])
         )
         .is_err());
+    }
+
+    /// The defaults `--help` shows are written by hand; each must be the real default.
+    #[test]
+    fn help_defaults_are_the_defaults() {
+        let command = Wrapper::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(default) = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+            else {
+                continue;
+            };
+            if long == "jwt-secret" {
+                continue; // "generated once": not a value
+            }
+            let argv = ["chinwag".to_string(), format!("--{long}={default}")];
+            let matches = Wrapper::command().try_get_matches_from(argv).unwrap();
+            let args = Wrapper::from_arg_matches(&matches).unwrap().args;
+            assert_eq!(
+                Config::load(args, env(&[])).unwrap(),
+                Config::default(),
+                "--{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} defaults found in --help");
     }
 }

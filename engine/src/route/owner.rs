@@ -110,6 +110,26 @@ impl Owner {
         Owner::new(shard, store, Arc::new(Mutex::new(generator)))
     }
 
+    /// Periodic upkeep of the log: deletes segments past retention and writes a snapshot, so
+    /// a restart replays only what came after it.
+    pub fn maintain(&mut self, now_ms: u64) {
+        match self.store.retain(now_ms) {
+            Ok(r) if r.segments > 0 => {
+                tracing::info!(
+                    shard = self.shard,
+                    segments = r.segments,
+                    bytes = r.bytes,
+                    "retention deleted log segments"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(shard = self.shard, error = %e, "log retention failed"),
+        }
+        if let Err(e) = self.store.snapshot() {
+            tracing::error!(shard = self.shard, error = %e, "log snapshot failed");
+        }
+    }
+
     /// The log (for snapshots, retention and metrics).
     pub fn store_mut(&mut self) -> &mut Store {
         &mut self.store
@@ -233,16 +253,10 @@ impl Owner {
                         "only buyers and wechat customers write to a shop; agents use conv".into(),
                     ));
                 }
-                match self.store.shop_conv(shop, uid) {
-                    Some(conv) => conv,
-                    None => {
-                        let conv = self.next_conv_id();
-                        self.store
-                            .create_shop_conv(conv, shop, uid)
-                            .map_err(store_error)?;
-                        conv
-                    }
-                }
+                let existing = self.store.shop_conv(shop, uid);
+                self.find_or_create(existing, |store, conv| {
+                    store.create_shop_conv(conv, shop, uid)
+                })?
             }
             Target::User(other) => {
                 if other == uid {
@@ -251,16 +265,10 @@ impl Owner {
                         "a direct conversation needs two users".into(),
                     ));
                 }
-                match self.store.direct_conv(uid, other) {
-                    Some(conv) => conv,
-                    None => {
-                        let conv = self.next_conv_id();
-                        self.store
-                            .create_direct_conv(conv, uid, other)
-                            .map_err(store_error)?;
-                        conv
-                    }
-                }
+                let existing = self.store.direct_conv(uid, other);
+                self.find_or_create(existing, |store, conv| {
+                    store.create_direct_conv(conv, uid, other)
+                })?
             }
         };
 
@@ -535,6 +543,20 @@ impl Owner {
             .conv(conv)
             .map(|c| SmallVec::from_slice(c.members()))
             .unwrap_or_default()
+    }
+
+    /// `existing`, or a new conversation with the next id, created by `create`.
+    fn find_or_create(
+        &mut self,
+        existing: Option<ConvId>,
+        create: impl FnOnce(&mut Store, ConvId) -> Result<(), StoreError>,
+    ) -> Result<ConvId, (ErrorCode, String)> {
+        if let Some(conv) = existing {
+            return Ok(conv);
+        }
+        let conv = self.next_conv_id();
+        create(&mut self.store, conv).map_err(store_error)?;
+        Ok(conv)
     }
 
     fn next_conv_id(&mut self) -> ConvId {

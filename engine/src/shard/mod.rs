@@ -10,7 +10,8 @@
 //! 3. drain the mailbox (frames for sessions of this shard);
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
 //!    socket leaves in one system call (write corking);
-//! 5. every so often, sweep the slab for handshake, idle and close timeouts.
+//! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
+//!    timeouts (every slot is checked once per pass of at most a second).
 
 pub mod mailbox;
 pub mod outbox;
@@ -39,6 +40,10 @@ pub const WAKER: Token = Token(usize::MAX);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const _: () = assert!(READ_BUFFER_BYTES > session::CARRY_BYTES_MAX);
 
+/// Events handled per loop turn. A turn reads every ready socket and then writes every dirty
+/// one; a smaller turn keeps the sockets it touches warm in the cache between the two.
+const EVENTS_PER_TURN: usize = 128;
+
 /// Mailbox messages handled per loop turn, so a flood from other shards cannot starve sockets.
 const MAILBOX_BATCH: usize = 4096;
 
@@ -57,10 +62,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// How often the slab is swept for timeouts: often enough that a timeout fires within a
-    /// fraction of its length, rarely enough that the sweep (one pass over the slab) costs
-    /// little against the traffic of a full shard.
-    fn sweep_interval_ms(&self) -> u64 {
+    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
+    /// timeout fires within a fraction of its length.
+    fn sweep_pass_ms(&self) -> u64 {
         let shortest = self
             .handshake_timeout_ms
             .min(self.idle_timeout_ms)
@@ -68,6 +72,10 @@ impl Limits {
         (shortest / 4).clamp(10, 1000)
     }
 }
+
+/// A pass is done in ticks of at most this long, each checking its share of the slab, so a
+/// shard of half a million connections never stalls a turn for a whole pass.
+const SWEEP_TICK_MS: u64 = 50;
 
 /// What a session may use of its shard while it handles an event.
 pub struct Context {
@@ -113,6 +121,8 @@ pub struct Shard {
     rbuf: Box<[u8]>,
     ctx: Context,
     next_generation: u32,
+    /// Where the timeout sweep goes on from.
+    sweep_cursor: usize,
     started: Instant,
     accept_warned_ms: Option<u64>,
 }
@@ -159,6 +169,7 @@ impl Shard {
                 read_again: Vec::new(),
             },
             next_generation: 0,
+            sweep_cursor: 0,
             started: Instant::now(),
             accept_warned_ms: None,
         })
@@ -166,10 +177,13 @@ impl Shard {
 
     /// Runs the loop until the node has drained. Returns an error only if polling fails.
     pub fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        let sweep_interval_ms = self.ctx.limits.sweep_interval_ms();
-        let mut next_sweep_ms = sweep_interval_ms;
+        let mut events = Events::with_capacity(EVENTS_PER_TURN);
+        let sweep_pass_ms = self.ctx.limits.sweep_pass_ms();
+        let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
+        let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
+        let maintenance_interval_ms = self.ctx.node.config.log_maintenance_interval_ms;
+        let mut next_maintenance_ms = maintenance_interval_ms;
         loop {
             let timeout_ms = if self.ctx.read_again.is_empty() {
                 next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
@@ -189,7 +203,7 @@ impl Shard {
             self.ctx.unix_ms = owner::unix_ms();
 
             for token in std::mem::take(&mut self.ctx.read_again) {
-                self.on_readable(token);
+                self.on_readable(token, false);
             }
             for event in events.iter() {
                 match event.token() {
@@ -198,7 +212,7 @@ impl Shard {
                     WAKER => {}
                     token => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(token);
+                            self.on_readable(token, event.is_read_closed() || event.is_error());
                         }
                         if event.is_writable() {
                             self.on_writable(token);
@@ -208,15 +222,24 @@ impl Shard {
             }
             self.drain_mailbox();
             self.route_and_commit();
+            if self.ctx.now_ms >= next_maintenance_ms {
+                self.owner.maintain(self.ctx.unix_ms);
+                next_maintenance_ms = self.ctx.now_ms + maintenance_interval_ms;
+            }
             if !drained && self.ctx.is_draining() {
                 drained = true;
                 self.start_drain();
             }
             self.flush_dirty();
             if self.ctx.now_ms >= next_sweep_ms {
-                self.sweep();
+                // Each tick covers tick/pass of the slab, so every slot is seen once a pass.
+                let slots = self
+                    .sessions
+                    .capacity()
+                    .div_ceil((sweep_pass_ms / sweep_tick_ms) as usize);
+                self.sweep(slots);
                 self.flush_dirty();
-                next_sweep_ms = self.ctx.now_ms + sweep_interval_ms;
+                next_sweep_ms = self.ctx.now_ms + sweep_tick_ms;
             }
             self.ctx
                 .metrics()
@@ -288,12 +311,12 @@ impl Shard {
         }
     }
 
-    fn on_readable(&mut self, token: Token) {
+    fn on_readable(&mut self, token: Token, peer_closed: bool) {
         // A token may be stale (its session ended earlier this turn): nothing to do then.
         let Some(session) = self.sessions.get_mut(token.0) else {
             return;
         };
-        if session.on_readable(&mut self.rbuf, &mut self.ctx) {
+        if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
             self.remove(token);
         }
     }
@@ -506,14 +529,21 @@ impl Shard {
         }
     }
 
-    fn sweep(&mut self) {
-        let done: Vec<usize> = self
-            .sessions
-            .iter_mut()
-            .filter_map(|(key, session)| session.on_timer(&mut self.ctx).then_some(key))
-            .collect();
-        for key in done {
-            self.remove(Token(key));
+    /// Checks the timeouts of the next `slots` slab slots, wrapping around.
+    fn sweep(&mut self, slots: usize) {
+        let capacity = self.sessions.capacity();
+        if capacity == 0 {
+            return;
+        }
+        for _ in 0..slots.min(capacity) {
+            let slot = self.sweep_cursor % capacity;
+            self.sweep_cursor = slot + 1;
+            let Some(session) = self.sessions.get_mut(slot) else {
+                continue;
+            };
+            if session.on_timer(&mut self.ctx) {
+                self.remove(Token(slot));
+            }
         }
     }
 

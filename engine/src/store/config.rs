@@ -61,13 +61,18 @@ pub struct StoreConfig {
     pub kind_bytes_max: usize,
     /// Most members one conversation may have.
     pub members_max: usize,
+    /// Most messages one [`super::Store::history`] call returns (the protocol's `limit` is
+    /// 1..=200).
+    pub history_limit_max: usize,
     /// One in this many seqs of a conversation has its log position in the in-memory index;
     /// a read walks at most this many extra records.
     pub index_stride: u32,
     /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
-    /// ... unless the log holds more than this many; then the oldest go first. At about 50
-    /// bytes of memory each, the default costs up to 200 MB per shard.
+    /// ... unless the log holds more than this many; then the oldest go first. Memory: a hash
+    /// table of 32 bytes per entry (load 1/2), resident after the first few hundred thousand
+    /// cmids because keys land anywhere in it, plus 24 bytes per entry held: 224 MB per shard
+    /// at the default.
     pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,
@@ -92,6 +97,7 @@ impl StoreConfig {
             cmid_bytes_max: 64,
             kind_bytes_max: 32,
             members_max: 1_000,
+            history_limit_max: 200,
             index_stride: 16,
             cmid_window_age_ms: 24 * 3_600 * 1_000,
             cmid_window_entries_max: 4_000_000,

@@ -1,8 +1,9 @@
 //! Crash test: a child process appends and acknowledges on a pipe; the parent SIGKILLs it at
 //! random moments and checks, after every restart, that every acknowledged message is there
-//! with its seq and that every conversation is 1..n without gap.
+//! with its seq, that every conversation is 1..n without gap, and that retrying an
+//! acknowledged send returns its seq and stores nothing.
 //!
-//! The child is this test binary itself, re-executed on the test `crash_child` with
+//! The child is this test binary itself, re-executed on the ignored test `crash_child` with
 //! [`CHILD_DIR_ENV`] set (without it, that test returns at once).
 
 use std::io::{BufRead, BufReader, Write};
@@ -58,6 +59,7 @@ fn sender(conv: u64) -> Uid {
 
 /// The child: appends batches forever, prints `ACK conv seq cmid` once a batch is committed.
 #[test]
+#[ignore = "run only as the child process of the crash test"]
 fn crash_child() {
     let (Some(dir), Some(seed)) = (
         std::env::var_os(CHILD_DIR_ENV),
@@ -128,7 +130,8 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // The low bits pick the policy: every fourth run uses `always`.
         let seed = (rng.next() >> 8 << 2) | (run & 3);
         let mut child = Command::new(&exe)
-            .args(["--exact", "store::crash_test::crash_child", "--nocapture"])
+            .args(["--exact", "store::crash_test::crash_child", "--ignored"])
+            .arg("--nocapture")
             .args(["--test-threads", "1"])
             .env(CHILD_DIR_ENV, dir.path())
             .env(CHILD_SEED_ENV, seed.to_string())
@@ -190,7 +193,8 @@ fn parse_ack(line: &str) -> Option<(u64, u64, String)> {
 /// Reopens the log as the next child will, and holds it to the invariants.
 /// Returns whether recovery cut a torn tail.
 fn check(dir: &Path, run: u64, acked: &[(u64, u64, String)]) -> bool {
-    let (store, report) = Store::open(config(dir, 1)).unwrap_or_else(|e| panic!("run {run}: {e}"));
+    let (mut store, report) =
+        Store::open(config(dir, 1)).unwrap_or_else(|e| panic!("run {run}: {e}"));
     for c in 0..CONVS {
         let Some(conv) = store.conv(ConvId(c)) else {
             assert!(acked.iter().all(|a| a.0 != c), "run {run}: conv {c} lost");
@@ -221,6 +225,28 @@ fn check(dir: &Path, run: u64, acked: &[(u64, u64, String)]) -> bool {
             (m.seq.0, m.cmid, m.body),
             (*seq, cmid.as_bytes(), body_of(cmid).as_slice()),
             "run {run}: acked {conv}/{seq} differs"
+        );
+    }
+    // Retrying an acknowledged send after the crash stores nothing and returns its seq.
+    for (conv, seq, cmid) in acked.iter().rev().take(200) {
+        let retry = store
+            .append_message(&NewMessage {
+                conv: ConvId(*conv),
+                sender: sender(*conv),
+                device: DeviceId::from_u64(1).expect("valid"),
+                cmid: cmid.as_bytes(),
+                kind: b"text",
+                body: &body_of(cmid),
+                ts_ms: 0,
+            })
+            .unwrap();
+        assert_eq!(
+            retry,
+            Appended::Duplicate {
+                conv: ConvId(*conv),
+                seq: Seq(*seq)
+            },
+            "run {run}: retry of {cmid}"
         );
     }
     report.truncated.is_some()

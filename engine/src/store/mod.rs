@@ -24,6 +24,7 @@
 //!
 //! Not thread-safe by design: one shard owns one `Store` (shared-nothing).
 
+mod cmid_table;
 mod config;
 mod error;
 mod os;
@@ -118,6 +119,15 @@ pub struct RecoveryReport {
     pub skipped: Vec<(Position, u64)>,
 }
 
+/// One stretch of a conversation's chain that [`Store::history`] walks: from the record at
+/// `pos` (expected to hold `seq`) down to `stop`.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    seq: u64,
+    pos: Position,
+    stop: u64,
+}
+
 /// What [`Store::retain`] deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Retained {
@@ -125,6 +135,25 @@ pub struct Retained {
     pub segments: usize,
     /// Bytes of files deleted.
     pub bytes: u64,
+}
+
+/// Gauges of one log, for the gateway's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live segment files (the active one included).
+    pub segments: usize,
+    /// Bytes of those files on disk (preallocated).
+    pub segment_bytes: u64,
+    /// Conversations in this log.
+    pub conversations: usize,
+    /// Devices registered in this log.
+    pub devices: usize,
+    /// Entries in the cmid window.
+    pub cmid_entries: usize,
+    /// The position of the next record.
+    pub tail: Position,
+    /// The newest snapshot's position.
+    pub snapshot: Option<Position>,
 }
 
 /// One shard's conversation log and state. See the module docs for its contract.
@@ -198,10 +227,9 @@ impl Store {
                         "the log's first segments were retired but no snapshot covers them",
                     ));
                 }
-                (
-                    State::new(limits),
-                    segment::position(1, segment::HEADER_BYTES),
-                )
+                let state = State::new(limits)
+                    .map_err(|e| StoreError::io("map the cmid window", &dir, e))?;
+                (state, segment::position(1, segment::HEADER_BYTES))
             }
         };
         let mut segments = VecDeque::with_capacity(ids.len() + 1);
@@ -228,7 +256,9 @@ impl Store {
             snapshot: snapshot_pos,
             poisoned: false,
         };
+        store.state.defer_cmid_index();
         store.replay(start, &mut report)?;
+        store.state.index_cmids();
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.
         store.flush()?;
@@ -244,26 +274,29 @@ impl Store {
     /// corruption as the module docs say.
     fn replay(&mut self, start: Position, report: &mut RecoveryReport) -> Result<(), StoreError> {
         let first = self.segments[0].id;
-        let Some(mut idx) = usize::try_from(segment::segment_of(start) - first)
-            .ok()
+        let Some(mut idx) = segment::segment_of(start)
+            .checked_sub(first)
+            .and_then(|i| usize::try_from(i).ok())
             .filter(|&i| i < self.segments.len())
         else {
             return Err(StoreError::corrupt(start, "replay starts outside the log"));
         };
         let mut off = segment::offset_of(start);
         let skip = self.config.skip_corrupt;
+        for seg in self.segments.range(idx..) {
+            os::prefault_for_reading(&seg.map);
+        }
         while idx < self.segments.len() {
             let seg = &self.segments[idx];
             let pos = segment::position(seg.id, off);
             let bad = match record::decode(&seg.map, off) {
                 Ok(Some((record, len))) => {
                     let mut ts = 0;
-                    match self.state.check(&record, skip) {
+                    match self.state.check_and_apply(&record, pos, skip) {
                         Ok(()) => {
                             if let Record::Message(m) = &record {
                                 ts = m.ts_ms;
                             }
-                            self.state.apply(&record, pos);
                             report.records += 1;
                             report.bytes += len as u64;
                         }
@@ -506,6 +539,11 @@ impl Store {
 
     /// msyncs every segment written since the last flush, then marks it acknowledged.
     fn flush(&mut self) -> Result<(), StoreError> {
+        if self.synced == self.tail() {
+            // Nothing new: an idle shard's commits cost no system call.
+            self.last_sync = Instant::now();
+            return Ok(());
+        }
         let from = segment::segment_of(self.synced);
         for seg in self.segments.iter().filter(|s| s.id >= from) {
             if let Err(e) = seg.sync(seg.end) {
@@ -534,7 +572,8 @@ impl Store {
 
     // ---- reads ----
 
-    /// Messages of `conv` in ascending seq: at most `limit`, from where `from` says.
+    /// Messages of `conv` in ascending seq: at most `limit` (and at most
+    /// [`StoreConfig::history_limit_max`]), from where `from` says.
     ///
     /// Costs at most `limit + index_stride` record reads. Messages in segments deleted by
     /// retention are gone: the result then starts at the oldest one still in the log.
@@ -550,7 +589,7 @@ impl Store {
             .get(&conv)
             .ok_or(StoreError::UnknownConv(conv))?;
         let last = c.seq;
-        let k = limit as u64;
+        let k = limit.min(self.config.history_limit_max) as u64;
         if k == 0 {
             return Ok(Vec::new());
         }
@@ -565,7 +604,7 @@ impl Store {
         let (lo, hi) = match from {
             // Retention may have taken the start of the requested range: serve from the oldest
             // message still in the log instead.
-            HistoryFrom::After(_) if self.segments[0].id > 1 => {
+            HistoryFrom::After(_) if self.retired(c, lo) => {
                 let oldest = self.oldest_live_seq(c)?;
                 (
                     lo.max(oldest),
@@ -574,7 +613,7 @@ impl Store {
             }
             _ => (lo, hi),
         };
-        if k == 0 || lo > hi {
+        if lo > hi {
             return Ok(Vec::new());
         }
         // Start from the nearest known position at or above `hi` and walk the chain down.
@@ -590,24 +629,67 @@ impl Store {
                 _ => slot += 1,
             }
         }
-        let mut out = Vec::with_capacity((hi - lo + 1) as usize);
-        while seq >= lo && pos != 0 {
-            let Some(m) = self.message_at(pos)? else {
-                break; // retired by retention
-            };
-            if m.conv != conv || m.seq.0 > seq {
-                return Err(StoreError::corrupt(pos, "conversation chain is broken"));
+        // Cut the walk from there down to `lo` at every indexed seq: each piece (a lane) is a
+        // chain of its own, so the lanes' record reads, each a cache miss, do not wait on each
+        // other and the CPU overlaps them, instead of one miss after another.
+        let mut lanes: SmallVec<[Lane; 8]> = SmallVec::new();
+        let mut top = Lane { seq, pos, stop: lo };
+        let mut slot = seq.saturating_sub(1) / stride;
+        while slot > 0 && slot * stride >= lo {
+            if let Some(&p) = c.index.get(slot as usize - 1).filter(|&&p| p != 0) {
+                let anchor = slot * stride;
+                lanes.push(Lane {
+                    stop: anchor + 1,
+                    ..top
+                });
+                top = Lane {
+                    seq: anchor,
+                    pos: p,
+                    stop: lo,
+                };
             }
-            // A seq below the expected one is a gap left by `skip_corrupt`.
-            seq = m.seq.0;
-            if (lo..=hi).contains(&seq) {
-                out.push(m);
-            }
-            pos = self.state.chain(m.prev);
-            seq = seq.saturating_sub(1);
+            slot -= 1;
         }
-        out.reverse();
-        Ok(out)
+        lanes.push(top);
+        let mut out: Vec<Option<MessageRef<'_>>> = vec![None; (hi - lo + 1) as usize];
+        let mut walking = true;
+        while walking {
+            walking = false;
+            for lane in lanes.iter_mut().filter(|l| l.pos != 0 && l.seq >= l.stop) {
+                let Some(m) = self.message_at(lane.pos)? else {
+                    lane.pos = 0; // retired by retention
+                    continue;
+                };
+                if m.conv != conv || m.seq.0 > lane.seq {
+                    return Err(StoreError::corrupt(
+                        lane.pos,
+                        "conversation chain is broken",
+                    ));
+                }
+                // A seq below the expected one is a gap left by `skip_corrupt`.
+                if (lo..=hi).contains(&m.seq.0) {
+                    out[(m.seq.0 - lo) as usize] = Some(m);
+                }
+                lane.pos = self.state.chain(m.prev);
+                lane.seq = m.seq.0.saturating_sub(1);
+                walking |= lane.pos != 0 && lane.seq >= lane.stop;
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Whether retention may have taken `seq` of `c`: the first index entry at or above it
+    /// is gone (one lookup, so reads of live ranges pay nothing more).
+    fn retired(&self, c: &Conversation, seq: u64) -> bool {
+        let first = self.segments[0].id;
+        if first == 1 {
+            return false;
+        }
+        let slot = seq.div_ceil(u64::from(self.config.index_stride)) as usize;
+        match c.index.get(slot.saturating_sub(1)) {
+            Some(&p) => segment::segment_of(p) < first,
+            None => segment::segment_of(c.last_pos) < first,
+        }
     }
 
     /// The oldest seq of `c` still in the log (after retention): a binary search of the index
@@ -889,6 +971,42 @@ impl Store {
         Ok(retained)
     }
 
+    /// Re-reads every record in the log and checks its CRC (a scrub, e.g. for an operator's
+    /// `verify` command). Returns the records and bytes checked, or the first bad record.
+    pub fn verify(&self) -> Result<(u64, u64), StoreError> {
+        let (mut records, mut bytes) = (0, 0);
+        for seg in &self.segments {
+            let mut off = segment::HEADER_BYTES;
+            loop {
+                match record::decode(&seg.map, off) {
+                    Ok(Some((_, len))) => {
+                        records += 1;
+                        bytes += len as u64;
+                        off += len;
+                    }
+                    Ok(None) => break,
+                    Err(reason) => {
+                        return Err(StoreError::corrupt(segment::position(seg.id, off), reason))
+                    }
+                }
+            }
+        }
+        Ok((records, bytes))
+    }
+
+    /// Gauges for metrics.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            segments: self.segments.len(),
+            segment_bytes: self.segments.iter().map(|s| s.capacity() as u64).sum(),
+            conversations: self.state.convs.len(),
+            devices: self.state.devices.len(),
+            cmid_entries: self.state.cmids.order.len(),
+            tail: self.tail(),
+            snapshot: self.snapshot,
+        }
+    }
+
     /// The configuration the store runs with.
     pub fn config(&self) -> &StoreConfig {
         &self.config
@@ -901,6 +1019,12 @@ impl Drop for Store {
         self.preparer.abandon();
     }
 }
+
+// The gateway moves each shard's store into the shard's thread.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+};
 
 /// The offset of the first record at or after `from` that checks out, if any.
 fn resync(seg: &[u8], from: usize) -> Option<usize> {
@@ -1158,10 +1282,15 @@ mod tests {
             send(&mut store, 1, &format!("m{i}"), &[1; 200]);
         }
         store.commit().unwrap();
-        let before = store.segments.len();
+        let before = store.stats();
         let retained = store.retain(0).unwrap();
-        assert_eq!(retained.segments, before - 3);
-        assert_eq!(store.segments.len(), 3);
+        assert_eq!(retained.segments, before.segments - 3);
+        let after = store.stats();
+        assert_eq!(after.segments, 3);
+        assert_eq!(after.segment_bytes, 3 * (64 << 10));
+        assert_eq!(after.conversations, 2);
+        assert_eq!(after.cmid_entries, 2_000);
+        assert!(after.snapshot.is_some(), "retention took a snapshot first");
         let oldest = store
             .history(ConvId(1), HistoryFrom::After(Seq(0)), 10)
             .unwrap();
@@ -1321,6 +1450,70 @@ mod tests {
     }
 
     #[test]
+    fn power_loss_leaving_holes_after_the_last_commit_loses_nothing_committed() {
+        // Under `always`, what a power loss leaves of the records after the last commit is
+        // any subset of their pages: simulate each page missing in turn, with the pages after
+        // it (holding whole records) present.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            fsync: FsyncPolicy::Always,
+            ..config(dir.path())
+        };
+        let (mut store, _) = open(cfg.clone());
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..50 {
+            send(&mut store, 1, &format!("c{i}"), &[b'c'; 300]);
+        }
+        store.commit().unwrap();
+        let committed_end = segment::offset_of(store.tail());
+        for i in 50..120 {
+            send(&mut store, 1, &format!("u{i}"), &[b'u'; 300]);
+        }
+        let path = store.segments[0].path.clone();
+        let uncommitted_end = store.segments[0].end;
+        assert_eq!(store.segments.len(), 1, "the test stays in one segment");
+        drop(store);
+        let files = save(dir.path());
+        let first_page = committed_end / 4096 * 4096;
+        for page in (first_page..uncommitted_end).step_by(4096) {
+            restore(dir.path(), &files);
+            let mut seg = files.iter().find(|(p, _)| *p == path).unwrap().1.clone();
+            // The part of the page after the commit did not reach the disk.
+            let from = page.max(committed_end);
+            seg[from..page + 4096].fill(0);
+            fs::write(&path, &seg).unwrap();
+            let (store, _) = open(cfg.clone());
+            let msgs = store
+                .history(ConvId(1), HistoryFrom::After(Seq(0)), 200)
+                .unwrap();
+            assert!(
+                msgs.len() >= 50,
+                "page {page}: a committed message was lost"
+            );
+            assert!(msgs
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.seq.0 == i as u64 + 1));
+            assert!(msgs[..50].iter().all(|m| m.body == [b'c'; 300]));
+        }
+    }
+
+    #[test]
+    fn history_returns_at_most_the_configured_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..300 {
+            send(&mut store, 1, &format!("m{i}"), b"x");
+        }
+        let msgs = store
+            .history(ConvId(1), HistoryFrom::Newest, 10_000)
+            .unwrap();
+        assert_eq!(msgs.len(), 200);
+        assert_eq!(msgs[0].seq, Seq(101));
+    }
+
+    #[test]
     fn corruption_below_the_acknowledged_end_refuses_to_start() {
         let dir = tempfile::tempdir().unwrap();
         let (files, path, records) = torn_fixture(dir.path());
@@ -1359,7 +1552,11 @@ mod tests {
         }
         let result = std::panic::catch_unwind(|| {
             let dir = mnt.path().join("log");
-            let (mut store, _) = open(config(&dir));
+            let cfg = StoreConfig {
+                history_limit_max: usize::MAX,
+                ..config(&dir)
+            };
+            let (mut store, _) = open(cfg.clone());
             store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
             let mut stored = 0u64;
             let err = loop {
@@ -1383,7 +1580,7 @@ mod tests {
             store.commit().unwrap();
             // Everything stored before is intact, after a restart too.
             drop(store);
-            let (store, _) = open(config(&dir));
+            let (store, _) = open(cfg);
             let msgs = store
                 .history(ConvId(1), HistoryFrom::Newest, 10_000)
                 .unwrap();
@@ -1394,6 +1591,147 @@ mod tests {
         if let Err(panic) = result {
             std::panic::resume_unwind(panic);
         }
+    }
+
+    #[test]
+    fn verify_checks_every_record_and_names_the_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..500 {
+            send(&mut store, 1, &format!("m{i}"), &[3; 150]);
+        }
+        store.commit().unwrap();
+        assert_eq!(store.verify().unwrap().0, 501);
+        let seg = &mut store.segments[1];
+        seg.map[segment::HEADER_BYTES + 100] ^= 1;
+        let bad = segment::position(seg.id, segment::HEADER_BYTES);
+        assert!(matches!(
+            store.verify(),
+            Err(StoreError::Corrupt { position, .. }) if position == bad
+        ));
+    }
+
+    #[test]
+    fn interval_policy_flushes_only_when_the_interval_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            fsync: FsyncPolicy::Interval,
+            fsync_interval_ms: 3_600_000,
+            ..config(dir.path())
+        };
+        let (mut store, _) = open(cfg);
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        send(&mut store, 1, "a", b"x");
+        store.commit().unwrap();
+        assert!(store.synced < store.tail(), "an hour has not passed");
+        // Committed all the same: the last seq is published.
+        let handle = store.last_seq_handle(ConvId(1)).unwrap();
+        assert_eq!(handle.load(Ordering::Acquire), 1);
+        store.sync().unwrap();
+        assert_eq!(store.synced, store.tail());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_falls_back_to_an_older_one_or_a_full_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        send(&mut store, 1, "a", b"x");
+        let older = store.snapshot().unwrap();
+        send(&mut store, 1, "b", b"y");
+        let newer = store.snapshot().unwrap();
+        send(&mut store, 1, "c", b"z");
+        store.commit().unwrap();
+        drop(store);
+        let newest = dir.path().join(snapshot::file_name(newer));
+        let mut bytes = fs::read(&newest).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&newest, &bytes).unwrap();
+        let (store, report) = open(config(dir.path()));
+        assert_eq!(report.snapshot, Some(older));
+        assert_eq!(report.snapshots_rejected.len(), 1);
+        assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(3));
+        drop(store);
+        fs::remove_file(dir.path().join(snapshot::file_name(older))).unwrap();
+        let (store, report) = open(config(dir.path()));
+        assert_eq!(report.snapshot, None);
+        assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(3));
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_segment_or_the_snapshot_that_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            retention_bytes_max: Some(2 * (64 << 10)),
+            ..config(dir.path())
+        };
+        let (mut store, _) = open(cfg.clone());
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..1_000 {
+            send(&mut store, 1, &format!("m{i}"), &[1; 200]);
+        }
+        store.commit().unwrap();
+        let middle = store.segments[1].path.clone();
+        assert!(store.retain(0).unwrap().segments > 0);
+        drop(store);
+        let snapshots = snapshot::list(dir.path()).unwrap();
+        assert_eq!(snapshots.len(), 1);
+        fs::remove_file(&snapshots[0].1).unwrap();
+        assert!(matches!(
+            Store::open(cfg.clone()),
+            Err(StoreError::Corrupt { .. })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(config(dir.path()));
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for i in 0..1_000 {
+            send(&mut store, 1, &format!("m{i}"), &[1; 200]);
+        }
+        let middle_name = middle.file_name().unwrap().to_owned();
+        drop(store);
+        fs::remove_file(dir.path().join(middle_name)).unwrap();
+        let err = Store::open(config(dir.path())).err().unwrap();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn group_and_member_limits_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = open(StoreConfig {
+            members_max: 3,
+            ..config(dir.path())
+        });
+        let users: Vec<Uid> = (0..4).map(|i| Uid::new(UidKind::Service, i)).collect();
+        assert!(matches!(
+            store.create_group_conv(ConvId(1), &users),
+            Err(StoreError::TooLarge {
+                what: "members",
+                ..
+            })
+        ));
+        assert!(matches!(
+            store.create_group_conv(ConvId(1), &[users[0], users[0]]),
+            Err(StoreError::Invalid(_))
+        ));
+        store.create_group_conv(ConvId(1), &users[..3]).unwrap();
+        assert!(matches!(
+            store.add_member(ConvId(1), users[3]),
+            Err(StoreError::TooLarge { .. })
+        ));
+        assert!(!store.remove_member(ConvId(1), users[3]).unwrap());
+        assert!(store.remove_member(ConvId(1), users[0]).unwrap());
+        assert!(store.add_member(ConvId(1), users[3]).unwrap());
+        assert!(matches!(
+            store.create_direct_conv(ConvId(2), users[1], users[1]),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            store.add_member(ConvId(9), users[0]),
+            Err(StoreError::UnknownConv(ConvId(9)))
+        ));
     }
 
     #[test]

@@ -158,7 +158,7 @@ fn encode(state: &State) -> Vec<u8> {
 
 fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     let mut r = Reader { bytes: body };
-    let mut state = State::new(limits);
+    let mut state = State::new(limits).map_err(|_| "no memory for the cmid window")?;
     state.device_max = match r.u64()? {
         0 => None,
         d => Some(DeviceId::from_u64(d - 1).map_err(|e| e.0)?),
@@ -214,7 +214,6 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     }
     for _ in 0..r.u32()? {
         let (ts, key, pos) = (r.u64()?, r.u64()?, r.u64()?);
-        state.cmids.by_key.insert(key, pos);
         state.cmids.order.push_back((ts, key, pos));
     }
     for _ in 0..r.u32()? {
@@ -224,6 +223,8 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     if !r.bytes.is_empty() {
         return Err("trailing bytes");
     }
+    // Replay goes on from here; the store indexes the cmids once it is done.
+    state.cmids.deferred = true;
     Ok(state)
 }
 
@@ -299,7 +300,7 @@ mod tests {
     }
 
     fn sample() -> State {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         let buyer = Uid::new(UidKind::Buyer, 1);
         let records = [
             Record::Device {
@@ -351,7 +352,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = sample();
         let path = write(dir.path(), &state, 1 << 32 | 640).unwrap();
-        let (back, pos) = read(&path, limits()).unwrap();
+        let (mut back, pos) = read(&path, limits()).unwrap();
+        back.index_cmids();
         assert_eq!(pos, 1 << 32 | 640);
         assert_eq!(encode(&back), encode(&state));
         let c = &back.convs[&ConvId(5)];

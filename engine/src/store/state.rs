@@ -6,6 +6,7 @@
 //! the same two steps, so a record that does not apply is corruption, never a panic.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use ahash::AHashMap;
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
 use smallvec::SmallVec;
 
+use super::cmid_table::CmidTable;
 use super::error::Position;
 use super::record::{ConvKind, MessageRef, Record};
 
@@ -66,6 +68,18 @@ impl Conversation {
             .map_or(Seq(0), |&(_, s)| s)
     }
 
+    /// Whether `m` is this conversation's next message.
+    fn check_message(&self, m: &MessageRef<'_>, allow_gap: bool) -> Result<(), &'static str> {
+        let next = self.seq + 1;
+        if m.seq.0 != next && !(allow_gap && m.seq.0 > next) {
+            return Err("message seq does not follow the conversation's last");
+        }
+        if m.prev != self.last_pos && !allow_gap {
+            return Err("message does not chain to its conversation's last");
+        }
+        Ok(())
+    }
+
     fn set_cursor(&mut self, uid: Uid, seq: Seq) {
         match self.cursors.iter_mut().find(|(u, _)| *u == uid) {
             Some((_, s)) => *s = (*s).max(seq),
@@ -79,11 +93,13 @@ impl Conversation {
 /// Entries are keyed by a 64-bit hash of the pair and hold only the message's position; the
 /// store confirms a hit by reading that record's sender and cmid, so a hash collision can never
 /// turn a new message into a duplicate. No allocation per message, ~50 bytes per entry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CmidWindow {
-    pub(super) by_key: AHashMap<u64, Position>,
+    pub(super) by_key: CmidTable,
     /// Oldest first: (ts, key, position).
     pub(super) order: VecDeque<(u64, u64, Position)>,
+    /// During replay only `order` is kept up to date (see [`State::defer_cmid_index`]).
+    pub(super) deferred: bool,
 }
 
 /// The window's key of a sender's cmid. A fixed function (not a seeded hasher), because keys
@@ -138,9 +154,9 @@ pub fn pair(a: Uid, b: Uid) -> (Uid, Uid) {
 }
 
 impl State {
-    /// Empty state.
-    pub fn new(limits: Limits) -> State {
-        State {
+    /// Empty state. Fails only if the memory for the cmid window cannot be mapped.
+    pub fn new(limits: Limits) -> io::Result<State> {
+        Ok(State {
             limits,
             convs: AHashMap::new(),
             shop_convs: AHashMap::new(),
@@ -152,37 +168,29 @@ impl State {
             // Sized for its limit up front: growing a table of millions of entries would stall
             // the shard for tens of ms at each doubling. Untouched memory costs no RSS.
             cmids: CmidWindow {
-                by_key: AHashMap::with_capacity(limits.cmid_window_entries_max),
+                by_key: CmidTable::with_capacity(limits.cmid_window_entries_max)?,
                 order: VecDeque::with_capacity(limits.cmid_window_entries_max),
+                deferred: false,
             },
             chain_repairs: AHashMap::new(),
-        }
+        })
     }
 
     /// Where the message is that this sender probably sent with this cmid (the caller
     /// confirms by reading it).
     pub fn cmid_position(&self, sender: Uid, cmid: &[u8]) -> Option<Position> {
-        self.cmids.by_key.get(&cmid_key(sender, cmid)).copied()
+        self.cmids.by_key.get(cmid_key(sender, cmid))
     }
 
     /// Whether `record` may be applied now. `allow_gap` admits a message seq beyond the next
     /// one (only when the operator skipped corrupt records).
     pub fn check(&self, record: &Record<'_>, allow_gap: bool) -> Result<(), &'static str> {
         match record {
-            Record::Message(m) => {
-                let conv = self
-                    .convs
-                    .get(&m.conv)
-                    .ok_or("message in unknown conversation")?;
-                let next = conv.seq + 1;
-                if m.seq.0 != next && !(allow_gap && m.seq.0 > next) {
-                    return Err("message seq does not follow the conversation's last");
-                }
-                if m.prev != conv.last_pos && !allow_gap {
-                    return Err("message does not chain to its conversation's last");
-                }
-                Ok(())
-            }
+            Record::Message(m) => self
+                .convs
+                .get(&m.conv)
+                .ok_or("message in unknown conversation")?
+                .check_message(m, allow_gap),
             Record::Device {
                 uid, device_type, ..
             } => {
@@ -331,40 +339,65 @@ impl State {
     }
 
     fn apply_message(&mut self, m: &MessageRef<'_>, pos: Position) {
-        let stride = self.limits.index_stride;
-        let Some(c) = self.convs.get_mut(&m.conv) else {
-            return;
-        };
-        if m.prev != c.last_pos {
-            self.chain_repairs.insert(m.prev, c.last_pos);
+        if let Some(c) = self.convs.get_mut(&m.conv) {
+            store_message(
+                c,
+                m,
+                pos,
+                self.limits,
+                &mut self.chain_repairs,
+                &mut self.cmids,
+            );
         }
-        c.seq = m.seq.0;
-        c.last_pos = pos;
-        if m.seq.0 % stride == 0 {
-            let slot = (m.seq.0 / stride - 1) as usize;
-            // Seqs skipped by an operator's `skip_corrupt` leave holes (0) in the index.
-            c.index.resize(slot, 0);
-            c.index.push(pos);
-        }
-        // One has read what one wrote.
-        c.set_cursor(m.sender, m.seq);
+    }
 
-        let limits = self.limits;
-        let window = &mut self.cmids;
-        let key = cmid_key(m.sender, m.cmid);
-        window.by_key.insert(key, pos);
-        window.order.push_back((m.ts_ms, key, pos));
-        while let Some(&(ts, key, at)) = window.order.front() {
-            let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
-            if !expired && window.order.len() <= limits.cmid_window_entries_max {
-                break;
-            }
-            window.order.pop_front();
-            // A later message with a colliding key may own the entry now.
-            if window.by_key.get(&key) == Some(&at) {
-                window.by_key.remove(&key);
-            }
+    /// [`State::check`] and [`State::apply`] in one, with a single conversation lookup for a
+    /// message (replay's hot path).
+    pub fn check_and_apply(
+        &mut self,
+        record: &Record<'_>,
+        pos: Position,
+        allow_gap: bool,
+    ) -> Result<(), &'static str> {
+        if let Record::Message(m) = record {
+            let c = self
+                .convs
+                .get_mut(&m.conv)
+                .ok_or("message in unknown conversation")?;
+            c.check_message(m, allow_gap)?;
+            store_message(
+                c,
+                m,
+                pos,
+                self.limits,
+                &mut self.chain_repairs,
+                &mut self.cmids,
+            );
+            return Ok(());
         }
+        self.check(record, allow_gap)?;
+        self.apply(record, pos);
+        Ok(())
+    }
+
+    /// Replay mode: the cmid window keeps only its order until [`State::index_cmids`], so
+    /// the millions of cmids that a long replay would insert and evict again never touch the
+    /// hash table.
+    pub fn defer_cmid_index(&mut self) {
+        self.cmids.deferred = true;
+    }
+
+    /// Ends replay mode: indexes the cmids the window kept, oldest first, so a later message
+    /// with a colliding key owns the entry, as it would have live.
+    pub fn index_cmids(&mut self) {
+        let window = &mut self.cmids;
+        window.by_key.clear();
+        for &(_, key, pos) in &window.order {
+            window.by_key.insert(key, pos);
+        }
+        // Colliding keys share an entry, so there may be fewer keys than cmids, never more.
+        debug_assert!(window.by_key.len() <= window.order.len());
+        window.deferred = false;
     }
 
     /// Where the chain link `prev` of a message really leads.
@@ -376,6 +409,47 @@ impl State {
     pub fn publish_all(&self) {
         for c in self.convs.values() {
             c.published.store(c.seq, Ordering::Release);
+        }
+    }
+}
+
+/// Applies a checked message at `pos` to its conversation `c` and to the cmid window.
+fn store_message(
+    c: &mut Conversation,
+    m: &MessageRef<'_>,
+    pos: Position,
+    limits: Limits,
+    chain_repairs: &mut AHashMap<Position, Position>,
+    window: &mut CmidWindow,
+) {
+    if m.prev != c.last_pos {
+        chain_repairs.insert(m.prev, c.last_pos);
+    }
+    c.seq = m.seq.0;
+    c.last_pos = pos;
+    if m.seq.0 % limits.index_stride == 0 {
+        let slot = (m.seq.0 / limits.index_stride - 1) as usize;
+        // Seqs skipped by an operator's `skip_corrupt` leave holes (0) in the index.
+        c.index.resize(slot, 0);
+        c.index.push(pos);
+    }
+    // One has read what one wrote.
+    c.set_cursor(m.sender, m.seq);
+
+    let key = cmid_key(m.sender, m.cmid);
+    if !window.deferred {
+        window.by_key.insert(key, pos);
+    }
+    window.order.push_back((m.ts_ms, key, pos));
+    while let Some(&(ts, key, at)) = window.order.front() {
+        let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
+        if !expired && window.order.len() <= limits.cmid_window_entries_max {
+            break;
+        }
+        window.order.pop_front();
+        // A later message with a colliding key may own the entry now.
+        if !window.deferred {
+            window.by_key.remove_if(key, at);
         }
     }
 }
@@ -424,7 +498,7 @@ mod tests {
 
     #[test]
     fn rejects_a_second_conversation_for_the_same_shop_and_buyer() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         let again = Record::Conv {
             conv: ConvId(2),
@@ -438,7 +512,7 @@ mod tests {
 
     #[test]
     fn message_seqs_must_follow_without_gap() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         assert!(s.check(&message(1, 2, 0, b"a"), false).is_err());
         s.apply(&message(1, 1, 0, b"a"), 8);
@@ -449,7 +523,7 @@ mod tests {
 
     #[test]
     fn cmid_window_keeps_the_young_up_to_its_size() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         for (seq, (ts, cmid)) in [(0, b"a"), (10, b"b"), (20, b"c")].iter().enumerate() {
             s.apply(
@@ -497,7 +571,7 @@ mod tests {
 
     #[test]
     fn members_and_cursors_follow_their_rules() {
-        let mut s = State::new(limits());
+        let mut s = State::new(limits()).unwrap();
         shop_conv(&mut s, 1);
         let add = Record::Member {
             conv: ConvId(1),
