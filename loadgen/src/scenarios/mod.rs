@@ -235,6 +235,8 @@ pub fn connect_and_login(
                     refused[i] = true;
                     done += 1;
                 }
+                // Membership and cursor news may come at any time; not a reply, not wrong.
+                (_, Message::Members(_) | Message::Receipt(_)) => {}
                 (_, other) => report
                     .violations
                     .add(crate::check::Violation::Other(format!(
