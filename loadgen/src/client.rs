@@ -1,5 +1,6 @@
 //! The WebSocket client side: one thread, one `mio::Poll`, many connections.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,8 @@ struct Conn {
     stream: TcpStream,
     state: State,
     inbound: Vec<u8>,
-    sent_at: Instant,
+    /// When each message in flight was sent, oldest first (an echo server answers in order).
+    sent_at: VecDeque<Instant>,
 }
 
 /// A pool of connections to one endpoint.
@@ -74,7 +76,7 @@ impl Pool {
             stream,
             state: State::Connecting,
             inbound: Vec::new(),
-            sent_at: Instant::now(),
+            sent_at: VecDeque::new(),
         });
         Ok(())
     }
@@ -171,12 +173,16 @@ fn server_frame_len(buf: &[u8]) -> Option<usize> {
     (buf.len() >= header + payload).then_some(header + payload)
 }
 
+/// Closed-loop echo with `window` messages in flight per connection. The echoes that one read
+/// brings back are answered with one write, so a window above 1 also batches system calls.
 pub fn echo(
     target: &Target,
     message_bytes: usize,
+    window: usize,
     warmup_s: u64,
     duration_s: u64,
 ) -> io::Result<()> {
+    let window = window.max(1);
     let mut pool = Pool::new(target);
     let connect_start = Instant::now();
     pool.open_all(target)?;
@@ -186,9 +192,11 @@ pub fn echo(
         connect_start.elapsed()
     );
     let frame = client_frame(message_bytes);
+    let batch = frame.repeat(window);
     for conn in &mut pool.conns {
-        conn.stream.write_all(&frame)?;
-        conn.sent_at = Instant::now();
+        conn.stream.write_all(&batch)?;
+        conn.sent_at
+            .extend(std::iter::repeat(Instant::now()).take(window));
     }
     let mut latency_us =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -233,13 +241,20 @@ pub fn echo(
                     Err(e) => return Err(e),
                 }
             }
+            let now = Instant::now();
+            let mut echoed = 0;
             while let Some(len) = server_frame_len(&conn.inbound) {
                 conn.inbound.drain(..len);
-                let now = Instant::now();
-                latency_us.saturating_record(now.duration_since(conn.sent_at).as_micros() as u64);
+                let Some(sent_at) = conn.sent_at.pop_front() else {
+                    return Err(io::Error::other("the server echoed more than was sent"));
+                };
+                latency_us.saturating_record(now.duration_since(sent_at).as_micros() as u64);
                 messages += 1;
-                conn.stream.write_all(&frame)?;
-                conn.sent_at = now;
+                echoed += 1;
+            }
+            if echoed > 0 {
+                conn.stream.write_all(&batch[..echoed * frame.len()])?;
+                conn.sent_at.extend(std::iter::repeat(now).take(echoed));
             }
         }
     }

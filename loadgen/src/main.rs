@@ -77,6 +77,10 @@ struct EchoArgs {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 32)]
     message_bytes: usize,
+    /// Messages in flight per connection; the echoes one read brings back are answered with
+    /// one write.
+    #[arg(long, default_value_t = 1)]
+    window: usize,
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2)]
     warmup_s: u64,
@@ -113,7 +117,13 @@ fn main() -> ExitCode {
             // The whole run's CPU (connecting included), so a reader can tell whether the
             // load generator was the limit.
             let cpu_start_s = report::own_cpu_s();
-            let result = client::echo(&a.target, a.message_bytes, a.warmup_s, a.duration_s);
+            let result = client::echo(
+                &a.target,
+                a.message_bytes,
+                a.window,
+                a.warmup_s,
+                a.duration_s,
+            );
             println!("loadgen_cpu_s: {:.2}", report::own_cpu_s() - cpu_start_s);
             result
         }

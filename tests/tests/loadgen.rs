@@ -459,9 +459,15 @@ fn procs_split_the_users_and_merge_the_reports() {
 #[test]
 fn echo_runs_against_chinwags_echo_endpoint() {
     let server = Server::start(&["--enable-echo", "--messages-per-s-max=0"]);
+    for window in ["1", "8"] {
+        echo_once(&server, window);
+    }
+}
+
+fn echo_once(server: &Server, window: &str) {
     let output = Command::new(loadgen())
-        .args(["echo", "--addr", &addr(&server), "--connections", "20"])
-        .args(["--warmup-s", "0", "--duration-s", "1"])
+        .args(["echo", "--addr", &addr(server), "--connections", "20"])
+        .args(["--window", window, "--warmup-s", "0", "--duration-s", "1"])
         .args(["--server-pid", &server.pid().to_string()])
         .output()
         .expect("run chinwag-loadgen");
