@@ -40,7 +40,7 @@ pub struct Common {
     #[arg(long)]
     pub json: bool,
     /// The gateway's JWT secret (`chinwag serve --jwt-secret`), to mint one token per user.
-    #[arg(long, env = "CHINWAG_JWT_SECRET")]
+    #[arg(long, env = "CHINWAG_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
     /// The first account id; users are buyer:BASE, buyer:BASE+1, ... Default: derived from
     /// the clock, so every run has fresh users and fresh conversations.
