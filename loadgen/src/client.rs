@@ -4,12 +4,13 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Socket, Type};
 
-use crate::{procfs, source, Target};
+use crate::check::Violation;
+use crate::report::{self, Progress, Report};
+use crate::{procfs, source, EchoArgs, Target};
 
 /// Connections started per loop turn while connecting, so the server's accept backlog is not
 /// flooded with SYNs it would drop.
@@ -22,6 +23,8 @@ enum State {
     Connecting,
     Handshaking,
     Open,
+    /// Failed and deregistered.
+    Closed,
 }
 
 struct Conn {
@@ -38,10 +41,12 @@ struct Pool {
     conns: Vec<Conn>,
     request: Vec<u8>,
     open: usize,
+    /// The index of the first connection among all processes' (for its source address).
+    first: usize,
 }
 
 impl Pool {
-    fn new(target: &Target) -> Pool {
+    fn new(target: &Target, first: usize) -> Pool {
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -52,6 +57,7 @@ impl Pool {
             conns: Vec::with_capacity(target.connections),
             request: request.into_bytes(),
             open: 0,
+            first,
         }
     }
 
@@ -60,7 +66,7 @@ impl Pool {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        socket.bind(&source(i, target.sources).into())?;
+        socket.bind(&source(self.first + i, target.sources).into())?;
         match socket.connect(&target.addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -81,19 +87,19 @@ impl Pool {
         Ok(())
     }
 
-    /// Opens every connection and completes its handshake.
-    fn open_all(&mut self, target: &Target) -> io::Result<()> {
+    /// Opens `connections` connections and completes their handshakes.
+    fn open_all(&mut self, target: &Target, connections: usize) -> io::Result<()> {
         let mut events = Events::with_capacity(4096);
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while self.open < target.connections {
+        while self.open < connections {
             if Instant::now() > deadline {
                 return Err(io::Error::other(format!(
                     "only {} of {} connections opened",
-                    self.open, target.connections
+                    self.open, connections
                 )));
             }
             let started = self.conns.len();
-            for _ in started..target.connections.min(started + CONNECTS_PER_TURN) {
+            for _ in started..connections.min(started + CONNECTS_PER_TURN) {
                 self.connect(target)?;
             }
             self.poll
@@ -114,6 +120,21 @@ impl Pool {
             }
         }
         Ok(())
+    }
+}
+
+impl Pool {
+    /// Counts connection `i` as failed by `cause` and stops polling it.
+    fn drop_conn(&mut self, i: usize, report: &mut Report, cause: String) {
+        let conn = &mut self.conns[i];
+        if conn.state == State::Closed {
+            return;
+        }
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        conn.state = State::Closed;
+        conn.sent_at.clear();
+        self.open -= 1;
+        report.fail(cause);
     }
 }
 
@@ -173,62 +194,71 @@ fn server_frame_len(buf: &[u8]) -> Option<usize> {
     (buf.len() >= header + payload).then_some(header + payload)
 }
 
-/// Closed-loop echo with `window` messages in flight per connection. The echoes that one read
-/// brings back are answered with one write, so a window above 1 also batches system calls.
-pub fn echo(
-    target: &Target,
-    message_bytes: usize,
-    window: usize,
-    warmup_s: u64,
-    duration_s: u64,
-) -> io::Result<()> {
-    let window = window.max(1);
-    let mut pool = Pool::new(target);
+/// Closed-loop echo with `--window` messages in flight per connection. The echoes that one
+/// read brings back are answered with one write, so a window above 1 also batches system calls.
+/// A connection the server closes, or that breaks, is counted as a failure and dropped; an
+/// echo nobody sent is a violation. With `--procs`, this process takes its slice of the
+/// connections.
+pub fn echo(args: &EchoArgs) -> io::Result<Report> {
+    let target = &args.target;
+    let window = args.window.max(1);
+    let mut report = Report::default();
+    let mut progress = Progress::new(!args.run.quiet);
+    let own_cpu_start_s = report::own_cpu_s();
+    let (first, connections) = args.run.slice(target.connections);
+    let mut pool = Pool::new(target, first);
     let connect_start = Instant::now();
-    pool.open_all(target)?;
-    println!(
-        "connections: {} open in {:.2?}",
-        pool.open,
-        connect_start.elapsed()
-    );
-    let frame = client_frame(message_bytes);
+    pool.open_all(target, connections)?;
+    report.figure("mode", format!("closed loop, window {window}"));
+    report.figure("connections", pool.open as u64);
+    report.figure("connect_s", connect_start.elapsed().as_secs_f64());
+    let frame = client_frame(args.message_bytes);
     let batch = frame.repeat(window);
-    for conn in &mut pool.conns {
-        conn.stream.write_all(&batch)?;
+    for i in 0..pool.conns.len() {
+        let conn = &mut pool.conns[i];
+        let written = conn.stream.write_all(&batch);
         conn.sent_at
             .extend(std::iter::repeat(Instant::now()).take(window));
+        if let Err(e) = written {
+            pool.drop_conn(i, &mut report, format!("write: {e}"));
+        }
     }
-    let mut latency_us =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut latency = report::latency_histogram();
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs(warmup_s);
-    let end = measure_from + Duration::from_secs(duration_s);
+    let measure_from = start + Duration::from_secs(args.warmup_s);
+    let end = measure_from + Duration::from_secs(args.duration_s);
     let mut measuring = false;
-    let mut messages = 0u64;
-    let mut cpu_start = (0.0, 0.0);
-    while Instant::now() < end {
+    let (mut messages_total, mut messages) = (0u64, 0u64);
+    let server_cpu = |pid: Option<u32>| -> io::Result<Option<f64>> {
+        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
+            .transpose()
+    };
+    let mut server_cpu_from = None;
+    while Instant::now() < end && pool.open > 0 {
         if !measuring && Instant::now() >= measure_from {
             measuring = true;
             messages = 0;
-            latency_us.reset();
-            cpu_start = target
-                .server_pid
-                .map(procfs::user_system_s)
-                .transpose()?
-                .unwrap_or((0.0, 0.0));
+            latency.reset();
+            report.window_unix_ns = Some((report::unix_ns(), 0));
+            server_cpu_from = server_cpu(target.server_pid)?;
         }
         pool.poll
             .poll(&mut events, Some(Duration::from_millis(100)))?;
         for event in events.iter() {
-            let conn = &mut pool.conns[event.token().0];
-            if !event.is_readable() {
+            let i = event.token().0;
+            if !event.is_readable() || pool.conns[i].state != State::Open {
                 continue;
             }
+            let conn = &mut pool.conns[i];
+            let mut broken = None;
             loop {
                 match conn.stream.read(&mut buf) {
-                    Ok(0) => return Err(io::Error::other("server closed a connection")),
+                    Ok(0) => {
+                        broken = Some("closed by server".to_string());
+                        break;
+                    }
                     // A short read emptied the socket; data arriving later raises a new edge
                     // (epoll reports every arrival), so the read that could only answer
                     // WouldBlock is skipped: one system call in three per echoed message.
@@ -238,7 +268,10 @@ pub fn echo(
                     }
                     Ok(n) => conn.inbound.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        broken = Some(format!("read: {e}"));
+                        break;
+                    }
                 }
             }
             let now = Instant::now();
@@ -246,41 +279,54 @@ pub fn echo(
             while let Some(len) = server_frame_len(&conn.inbound) {
                 conn.inbound.drain(..len);
                 let Some(sent_at) = conn.sent_at.pop_front() else {
-                    return Err(io::Error::other("the server echoed more than was sent"));
+                    report.violations.add(Violation::Other(format!(
+                        "connection {i}: the server echoed more than was sent"
+                    )));
+                    broken = Some("echo of nothing sent".into());
+                    break;
                 };
-                latency_us.saturating_record(now.duration_since(sent_at).as_micros() as u64);
+                report::record(&mut latency, now.duration_since(sent_at));
                 messages += 1;
+                messages_total += 1;
                 echoed += 1;
             }
-            if echoed > 0 {
-                conn.stream.write_all(&batch[..echoed * frame.len()])?;
+            if echoed > 0 && broken.is_none() {
+                if let Err(e) = conn.stream.write_all(&batch[..echoed * frame.len()]) {
+                    broken = Some(format!("write: {e}"));
+                }
                 conn.sent_at.extend(std::iter::repeat(now).take(echoed));
             }
+            if let Some(cause) = broken {
+                pool.drop_conn(i, &mut report, cause);
+            }
         }
-    }
-    let wall_s = duration_s as f64;
-    println!(
-        "messages: {messages} in {wall_s:.1} s = {:.0} msg/s",
-        messages as f64 / wall_s
-    );
-    println!(
-        "latency_us: p50 {} p99 {} p99.9 {} max {}",
-        latency_us.value_at_quantile(0.5),
-        latency_us.value_at_quantile(0.99),
-        latency_us.value_at_quantile(0.999),
-        latency_us.max()
-    );
-    if let Some(pid) = target.server_pid {
-        let (user_s, system_s) = procfs::user_system_s(pid)?;
-        let (user_s, system_s) = (user_s - cpu_start.0, system_s - cpu_start.1);
-        let cpu_s = user_s + system_s;
-        println!("server_cpu_s: {cpu_s:.2} (user {user_s:.2}, system {system_s:.2})");
-        println!(
-            "msg_per_server_cpu_s: {:.0}",
-            messages as f64 / cpu_s.max(0.01)
+        progress.tick(
+            pool.open,
+            messages_total,
+            report.failures_total() + report.violations.count,
+            latency.value_at_quantile(0.99),
         );
     }
-    Ok(())
+    // A run whose every connection dropped during the warm-up measured nothing.
+    let from_ns = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
+    report.window_unix_ns = Some((from_ns, report::unix_ns()));
+    let measured_s = args.duration_s.max(1) as f64;
+    report.figure("messages", messages);
+    report.figure("measured_s", measured_s);
+    report.figure("messages_per_s", messages as f64 / measured_s);
+    if let (Some(from), Some(to)) = (server_cpu_from, server_cpu(target.server_pid)?) {
+        let cpu_s = to - from;
+        report.figure("server_cpu_s", cpu_s);
+        report.figure("msg_per_server_cpu_s", messages as f64 / cpu_s.max(0.01));
+    }
+    if let Some(pid) = target.server_pid {
+        report.figure("server_rss_bytes", procfs::rss_bytes(pid)?);
+    }
+    // The whole run's CPU (connecting included), so a reader can tell whether the load
+    // generator was the limit.
+    report.figure("loadgen_cpu_s", report::own_cpu_s() - own_cpu_start_s);
+    report.latencies.push(("echo".into(), latency));
+    Ok(report)
 }
 
 pub fn idle(target: &Target, hold_s: u64) -> io::Result<()> {
@@ -288,8 +334,8 @@ pub fn idle(target: &Target, hold_s: u64) -> io::Result<()> {
         .server_pid
         .ok_or_else(|| io::Error::other("idle needs --server-pid"))?;
     let rss_before = procfs::rss_bytes(pid)?;
-    let mut pool = Pool::new(target);
-    pool.open_all(target)?;
+    let mut pool = Pool::new(target, 0);
+    pool.open_all(target, target.connections)?;
     // Let the server finish its turn and any lazy work before reading its memory.
     std::thread::sleep(Duration::from_secs(2));
     let rss_after = procfs::rss_bytes(pid)?;

@@ -71,22 +71,24 @@ pub struct Target {
 }
 
 #[derive(Args)]
-struct EchoArgs {
+pub struct EchoArgs {
     #[command(flatten)]
-    target: Target,
+    pub target: Target,
+    #[command(flatten)]
+    pub run: procs::RunFlags,
     /// Payload bytes per message.
     #[arg(long, default_value_t = 32)]
-    message_bytes: usize,
+    pub message_bytes: usize,
     /// Messages in flight per connection; the echoes one read brings back are answered with
     /// one write.
     #[arg(long, default_value_t = 1)]
-    window: usize,
+    pub window: usize,
     /// Seconds of load before measuring.
     #[arg(long, default_value_t = 2)]
-    warmup_s: u64,
+    pub warmup_s: u64,
     /// Seconds measured.
     #[arg(long, default_value_t = 10)]
-    duration_s: u64,
+    pub duration_s: u64,
 }
 
 #[derive(Args)]
@@ -100,38 +102,47 @@ struct IdleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let target = match &cli.command {
-        Command::Echo(a) => &a.target,
-        Command::Idle(a) => &a.target,
-        Command::Connect(a) => return run_scenario(&a.common, || scenarios::connect::run(a)),
-        Command::Chat(a) => return run_scenario(&a.common, || scenarios::chat::run(a)),
-        Command::Fanout(a) => return run_scenario(&a.common, || scenarios::fanout::run(a)),
-        Command::Storm(a) => return run_scenario(&a.chat.common, || scenarios::chat::storm(a)),
-    };
-    if !matches!(target.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || target.sources == 0 {
-        eprintln!("chinwag-loadgen: --addr must be in 127.0.0.0/8 and --sources at least 1");
-        return ExitCode::from(2);
-    }
-    let result = match cli.command {
+    let common = match &cli.command {
+        Command::Idle(a) => return finish(idle(a)),
         Command::Echo(a) => {
-            // The whole run's CPU (connecting included), so a reader can tell whether the
-            // load generator was the limit.
-            let cpu_start_s = report::own_cpu_s();
-            let result = client::echo(
-                &a.target,
-                a.message_bytes,
-                a.window,
-                a.warmup_s,
-                a.duration_s,
-            );
-            println!("loadgen_cpu_s: {:.2}", report::own_cpu_s() - cpu_start_s);
-            result
+            return run_scenario(
+                &a.run,
+                None,
+                a.target.server_pid,
+                a.target.validate(),
+                || client::echo(a),
+            )
         }
-        Command::Idle(a) => client::idle(&a.target, a.hold_s),
-        Command::Connect(_) | Command::Chat(_) | Command::Fanout(_) | Command::Storm(_) => {
-            unreachable!("returned above")
-        }
+        Command::Connect(a) => &a.common,
+        Command::Chat(a) => &a.common,
+        Command::Fanout(a) => &a.common,
+        Command::Storm(a) => &a.chat.common,
     };
+    let (flags, uid_base, pid) = (&common.run, Some(common.uid_base()), common.server_pid);
+    let valid = common.validate();
+    match &cli.command {
+        Command::Connect(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
+            scenarios::connect::run(a)
+        }),
+        Command::Chat(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
+            scenarios::chat::run(a)
+        }),
+        Command::Fanout(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
+            scenarios::fanout::run(a)
+        }),
+        Command::Storm(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
+            scenarios::chat::storm(a)
+        }),
+        Command::Idle(_) | Command::Echo(_) => unreachable!("returned above"),
+    }
+}
+
+fn idle(args: &IdleArgs) -> std::io::Result<()> {
+    args.target.validate().map_err(std::io::Error::other)?;
+    client::idle(&args.target, args.hold_s)
+}
+
+fn finish(result: std::io::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -141,24 +152,37 @@ fn main() -> ExitCode {
     }
 }
 
+impl Target {
+    /// Checks what clap cannot: the server is on the loopback network, and there is a source.
+    fn validate(&self) -> Result<(), String> {
+        if !matches!(self.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || self.sources == 0 {
+            return Err("--addr must be in 127.0.0.0/8 and --sources at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// The `i`-th source address: 127.0.0.1, 127.0.0.2, ... 127.0.0.`sources`.
 pub fn source(i: usize, sources: u8) -> SocketAddr {
     let last = 1 + (i % sources as usize) as u8;
     SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0))
 }
 
-/// Runs a protocol scenario and prints its report. Exits 1 if the server broke the contract
+/// Runs a scenario (in `--procs` workers if asked) and prints its report. Exits 1 if the server broke the contract
 /// (any violation) or any connection or request failed, 2 on bad flags.
 fn run_scenario(
-    common: &scenarios::Common,
+    common: &procs::RunFlags,
+    uid_base: Option<u64>,
+    server_pid: Option<u32>,
+    valid: Result<(), String>,
     run: impl FnOnce() -> std::io::Result<report::Report>,
 ) -> ExitCode {
-    if let Err(e) = common.validate() {
+    if let Err(e) = valid.and(common.validate()) {
         eprintln!("chinwag-loadgen: {e}");
         return ExitCode::from(2);
     }
     let result = if common.procs > 1 {
-        procs::run(common.procs, common.uid_base())
+        procs::run(common.procs, uid_base, server_pid)
     } else {
         run()
     };

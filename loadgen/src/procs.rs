@@ -12,13 +12,16 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
 
+use clap::Args;
 use serde_json::{json, Value};
 
 use crate::check::Violation;
-use crate::report::{latency_histogram, Report};
+use crate::procfs;
+use crate::report::{self, latency_histogram, Report};
 
 /// Flags the parent handles itself and does not pass on to workers (each takes a value).
 const PARENT_FLAGS: [&str; 5] = [
@@ -29,17 +32,101 @@ const PARENT_FLAGS: [&str; 5] = [
     "--plot",
 ];
 
+/// Flags of how a run is split over processes and reported (every subcommand but `idle`).
+#[derive(Args, Clone, Debug)]
+pub struct RunFlags {
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Write the latency histograms as HdrHistogram percentile distributions to this file.
+    #[arg(long)]
+    pub hgrm_out: Option<PathBuf>,
+    /// Draw latency by percentile as an SVG chart to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Split the users (or connections) over this many worker processes and merge their reports (each worker
+    /// needs its own file descriptors: keep connections per worker under the file limit).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Worker K of P takes the K-th of P slices (set by `--procs`).
+    #[arg(long, hide = true, value_parser = parse_worker_of)]
+    pub worker_of: Option<(usize, usize)>,
+    /// Where a worker writes its report for the parent (set by `--procs`).
+    #[arg(long, hide = true)]
+    pub worker_dump: Option<PathBuf>,
+}
+
+impl RunFlags {
+    /// This process's share of `total` (users, conversations or connections): (first index, count). The
+    /// whole of it unless this is a worker of `--procs`.
+    pub fn slice(&self, total: usize) -> (usize, usize) {
+        let Some((k, p)) = self.worker_of else {
+            return (0, total);
+        };
+        let first = total * k / p;
+        (first, total * (k + 1) / p - first)
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.procs == 0 {
+            return Err("--procs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn parse_worker_of(s: &str) -> Result<(usize, usize), String> {
+    let (k, p) = s.split_once(',').ok_or("K,P")?;
+    let (k, p): (usize, usize) = (k.parse().map_err(|_| "K,P")?, p.parse().map_err(|_| "K,P")?);
+    if k >= p {
+        return Err("K must be below P".into());
+    }
+    Ok((k, p))
+}
+
+/// How often the parent samples the server while the workers run: the same as the kernel's
+/// clock tick (`CLK_TCK` is 100 on Linux), the resolution of the CPU time it reads.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// One reading of the server's /proc figures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Sample {
+    unix_ns: u64,
+    cpu_s: f64,
+    rss_bytes: u64,
+}
+
+fn sample(pid: u32) -> Option<Sample> {
+    let (user_s, system_s) = procfs::user_system_s(pid).ok()?;
+    Some(Sample {
+        unix_ns: report::unix_ns(),
+        cpu_s: user_s + system_s,
+        rss_bytes: procfs::rss_bytes(pid).ok()?,
+    })
+}
+
 /// Runs the command line of this process over `procs` workers; returns the merged report.
-pub fn run(procs: usize, uid_base: u64) -> io::Result<Report> {
+/// Given `server_pid`, the parent reads the server's CPU time and RSS itself every
+/// [`SAMPLE_EVERY`] while the workers run, and takes the server figures from its own samples
+/// at the ends of the workers' measured windows.
+pub fn run(procs: usize, uid_base: Option<u64>, server_pid: Option<u32>) -> io::Result<Report> {
     let exe = std::env::current_exe()?;
     let args = worker_args(std::env::args().skip(1));
     let dir = std::env::temp_dir().join(format!("chinwag-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut samples: Vec<Sample> = server_pid.and_then(sample).into_iter().collect();
     let mut children: Vec<Child> = Vec::with_capacity(procs);
     for k in 0..procs {
-        let child = Command::new(&exe)
-            .args(&args)
-            .arg(format!("--uid-base={uid_base}"))
+        let mut command = Command::new(&exe);
+        command.args(&args);
+        if let Some(base) = uid_base {
+            command.arg(format!("--uid-base={base}"));
+        }
+        let child = command
             .arg(format!("--worker-of={k},{procs}"))
             .arg("--worker-dump")
             .arg(dir.join(format!("{k}.json")))
@@ -48,19 +135,33 @@ pub fn run(procs: usize, uid_base: u64) -> io::Result<Report> {
             .spawn()?;
         children.push(child);
     }
+    // Workers bound their own runs in time; the parent waits for the last one to exit.
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; procs];
+    while statuses.iter().any(Option::is_none) {
+        samples.extend(server_pid.and_then(sample));
+        for (child, status) in children.iter_mut().zip(&mut statuses) {
+            if status.is_none() {
+                *status = child.try_wait()?;
+            }
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    }
     let mut merged = Merge::default();
-    for (k, mut child) in children.into_iter().enumerate() {
-        let status = child.wait()?;
+    for (k, status) in statuses.iter().enumerate() {
         let path = dir.join(format!("{k}.json"));
         match std::fs::read_to_string(&path) {
             Ok(text) => merged.add(&serde_json::from_str(&text).map_err(io::Error::other)?),
-            Err(e) => merged
-                .report
-                .fail(format!("worker {k} wrote no report ({status}): {e}")),
+            Err(e) => {
+                let status = status.map_or("?".into(), |s| s.to_string());
+                merged
+                    .report
+                    .fail(format!("worker {k} wrote no report ({status}): {e}"))
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     merged.report.figure("procs", procs as u64);
+    merged.server_figures(&samples);
     Ok(merged.finish())
 }
 
@@ -123,6 +224,7 @@ pub fn dump(report: &Report, path: &Path) -> io::Result<()> {
         "violations": report.violations.count,
         "violations_first": first,
         "histograms": histograms,
+        "window_unix_ns": report.window_unix_ns,
     });
     std::fs::write(path, value.to_string())
 }
@@ -149,6 +251,13 @@ impl Merge {
             *self.report.failures.entry(cause.clone()).or_default() += n.as_u64().unwrap_or(0);
         }
         self.report.violations.count += dump["violations"].as_u64().unwrap_or(0);
+        let window = &dump["window_unix_ns"];
+        if let (Some(from), Some(to)) = (window[0].as_u64(), window[1].as_u64()) {
+            self.report.window_unix_ns = Some(match self.report.window_unix_ns {
+                None => (from, to),
+                Some((a, b)) => (a.min(from), b.max(to)),
+            });
+        }
         for v in dump["violations_first"].as_array().into_iter().flatten() {
             if self.report.violations.first.len() < crate::check::Violations::KEPT {
                 let text = v.as_str().unwrap_or("?").to_string();
@@ -175,6 +284,34 @@ impl Merge {
         }
     }
 
+    /// Replaces the server figures the workers read with the parent's own `samples`: CPU time
+    /// from the last sample at or before the start of the first worker's measured window to the
+    /// first sample at or after the end of the last one, RSS before (the sample taken before
+    /// any worker started) and at that end. Only figures the workers reported are replaced.
+    fn server_figures(&mut self, samples: &[Sample]) {
+        let (Some((from_ns, to_ns)), Some(first), Some(last)) =
+            (self.report.window_unix_ns, samples.first(), samples.last())
+        else {
+            return;
+        };
+        let from = samples
+            .iter()
+            .rev()
+            .find(|s| s.unix_ns <= from_ns)
+            .unwrap_or(first);
+        let to = samples.iter().find(|s| s.unix_ns >= to_ns).unwrap_or(last);
+        let r = &mut self.report;
+        let mut set = |name: &str, value: Value| {
+            if let Some((_, v)) = r.figures.iter_mut().find(|(n, _)| n == name) {
+                *v = value;
+            }
+        };
+        set("server_cpu_s", json!(to.cpu_s - from.cpu_s));
+        set("server_rss_bytes", json!(to.rss_bytes));
+        set("server_rss_bytes_before", json!(first.rss_bytes));
+        set("server_rss_bytes_after", json!(to.rss_bytes));
+    }
+
     /// Derives the per-message and per-connection figures again from the merged totals.
     fn finish(mut self) -> Report {
         let get = |r: &Report, name: &str| {
@@ -199,6 +336,9 @@ impl Merge {
                 "server_cpu_us_per_delivered",
                 cpu * 1e6 / (rate * s).max(1.0),
             );
+        }
+        if let (Some(cpu), Some(messages)) = (get(r, "server_cpu_s"), get(r, "messages")) {
+            set(r, "msg_per_server_cpu_s", messages / cpu.max(0.01));
         }
         if let (Some(before), Some(after), Some(n)) = (
             get(r, "server_rss_bytes_before"),
@@ -275,7 +415,7 @@ mod tests {
         let mut h = latency_histogram();
         crate::report::record(&mut h, Duration::from_micros(100));
         worker.latencies.push(("send_to_push".into(), h));
-        let dir = tempfile_dir();
+        let dir = tempfile_dir("merge");
         let path = dir.join("w.json");
         dump(&worker, &path).unwrap();
         let dumped: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -295,8 +435,45 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("loadgen-procs-test-{}", std::process::id()));
+    #[test]
+    fn server_figures_come_from_the_parents_samples_over_the_union_of_windows() {
+        let worker = |from_ns, to_ns| {
+            let mut r = Report::default();
+            r.figure("messages", 100u64);
+            r.figure("server_cpu_s", 9.0);
+            r.figure("msg_per_server_cpu_s", 0.0);
+            r.figure("server_rss_bytes", 1u64);
+            r.window_unix_ns = Some((from_ns, to_ns));
+            r
+        };
+        let dir = tempfile_dir("window");
+        let mut merge = Merge::default();
+        for (k, (from_ns, to_ns)) in [(250, 600), (120, 700)].into_iter().enumerate() {
+            let path = dir.join(format!("{k}.json"));
+            dump(&worker(from_ns, to_ns), &path).unwrap();
+            merge.add(&serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap());
+        }
+        let samples: Vec<Sample> = (0..10)
+            .map(|k| Sample {
+                unix_ns: k * 100,
+                cpu_s: k as f64,
+                rss_bytes: 1000 + k,
+            })
+            .collect();
+        merge.server_figures(&samples);
+        let json = merge.finish().json();
+        // From the sample at 100 (last at or before 120) to the one at 700: 6 s, not the
+        // workers' 9 s.
+        assert_eq!(json["server_cpu_s"], 6.0);
+        assert_eq!(json["server_rss_bytes"], 1007);
+        assert_eq!(json["msg_per_server_cpu_s"], 200.0 / 6.0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A directory of this test process's own, apart from other tests running at once.
+    fn tempfile_dir(test: &str) -> std::path::PathBuf {
+        let name = format!("loadgen-procs-test-{}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
@@ -35,6 +35,9 @@ pub struct Report {
     pub latencies: Vec<(String, Histogram<u64>)>,
     /// Contract violations seen.
     pub violations: Violations,
+    /// The measured window, in ns since the Unix epoch (not printed: with `--procs` the parent
+    /// reads the server's figures over the union of its workers' windows).
+    pub window_unix_ns: Option<(u64, u64)>,
 }
 
 impl Report {
@@ -283,6 +286,13 @@ fn show(value: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Nanoseconds since the Unix epoch (a wall clock every process reads alike).
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// This process's CPU time (user + system), in seconds.

@@ -460,25 +460,45 @@ fn procs_split_the_users_and_merge_the_reports() {
 fn echo_runs_against_chinwags_echo_endpoint() {
     let server = Server::start(&["--enable-echo", "--messages-per-s-max=0"]);
     for window in ["1", "8"] {
-        echo_once(&server, window);
+        let report = echo(&server, &["--window", window]);
+        assert_eq!(report["connections"], 20, "{report}");
+        assert!(report["loadgen_cpu_s"].is_number(), "{report}");
     }
 }
 
-fn echo_once(server: &Server, window: &str) {
-    let output = Command::new(loadgen())
-        .args(["echo", "--addr", &addr(server), "--connections", "20"])
-        .args(["--window", window, "--warmup-s", "0", "--duration-s", "1"])
-        .args(["--server-pid", &server.pid().to_string()])
-        .output()
-        .expect("run chinwag-loadgen");
+#[test]
+fn echo_procs_split_the_connections_and_merge_the_reports() {
+    let server = Server::start(&["--enable-echo", "--messages-per-s-max=0"]);
+    let report = echo(&server, &["--procs", "2", "--window", "2"]);
+    assert_eq!(report["procs"], 2);
+    assert_eq!(
+        report["connections"], 20,
+        "both workers' connections: {report}"
+    );
+    // The merged histogram holds every measured echo of both workers, no more, no less.
+    assert_eq!(
+        report["latency"]["echo_us"]["count"], report["messages"],
+        "{report}"
+    );
+    // The parent read the server's CPU itself over the workers' measured window.
+    assert!(report["server_cpu_s"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(report["server_rss_bytes"].as_u64().unwrap() > 0, "{report}");
+}
+
+/// Runs `echo` with 20 connections for one measured second; asserts a clean run with echoes.
+fn echo(server: &Server, extra: &[&str]) -> Value {
+    let addr = addr(server);
+    let pid = server.pid().to_string();
+    let mut args = vec!["echo", "--addr", &addr, "--connections", "20"];
+    args.extend(["--warmup-s", "0", "--duration-s", "1", "--server-pid", &pid]);
+    args.extend(extra);
+    let (output, report) = run(&args);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    let messages: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("messages: "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("a messages line");
-    assert!(messages >= 20, "{stdout}");
-    assert!(stdout.contains("loadgen_cpu_s: "), "{stdout}");
+    assert_eq!(report["failures_total"], 0, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    // Every connection gets at least its first echo back within the second.
+    assert!(report["messages"].as_u64().unwrap() >= 20, "{report}");
+    assert!(stdout.contains("messages: "), "{stdout}");
+    report
 }

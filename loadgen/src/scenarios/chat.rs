@@ -142,7 +142,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         ));
     }
     let mut report = Report::default();
-    let mut progress = Progress::new(!common.quiet);
+    let mut progress = Progress::new(!common.run.quiet);
     let (first, conversations) = common.slice(args.conversations);
     let base = common.uid_base() + 2 * first as u64;
     let n = conversations * 2;
@@ -221,6 +221,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         let now_ns = ns(now);
         if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
             measuring = true;
+            report.window_unix_ns = Some((report::unix_ns(), 0));
             server_cpu_from = server_sample(common.server_pid)?;
             own_cpu_from = report::own_cpu_s();
             send_to_send_ok.reset();
@@ -230,6 +231,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         if !sending && server_cpu_to.is_none() {
             server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
+            let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
+            report.window_unix_ns = Some((from, report::unix_ns()));
         }
         if !sending && (now >= drain_end || drained(&users, &last_seq)) {
             break;

@@ -39,13 +39,15 @@ pub struct ConnectArgs {
 pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let common = &args.common;
     let mut report = Report::default();
-    let mut progress = Progress::new(!common.quiet);
+    let mut progress = Progress::new(!common.run.quiet);
     let (first, connections) = common.slice(args.connections);
     let base = common.uid_base() + first as u64;
     let tokens: Vec<String> = (0..connections as u64)
         .map(|i| common.token(Uid::new(UidKind::Buyer, base + i)))
         .collect();
     let rss_before = common.server_pid.map(procfs::rss_bytes).transpose()?;
+    // From before the first connect to the RSS read after the last login (for `--procs`).
+    let window_from_ns = report::unix_ns();
     let cpu_start = report::own_cpu_s();
     let mut fleet = common.fleet()?;
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
@@ -70,11 +72,13 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let settle_at = hold_start + Duration::from_secs(args.settle_s);
     let hold_end = hold_start + Duration::from_secs(args.hold_s.max(args.settle_s));
     let mut rss_after = None;
+    let mut window_to_ns = 0;
     let mut open = logged_in;
     while Instant::now() < hold_end {
         let now = Instant::now();
         if rss_after.is_none() && now >= settle_at {
             rss_after = common.server_pid.map(procfs::rss_bytes).transpose()?;
+            window_to_ns = report::unix_ns();
         }
         for i in 0..fleet.conns.len() {
             if !opened.logged_in[i] || fleet.conns[i].is_done() || next_ping[i] > now {
@@ -131,7 +135,9 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     if rss_after.is_none() {
         // A hold no longer than the settle time ends before the loop read the RSS.
         rss_after = common.server_pid.map(procfs::rss_bytes).transpose()?;
+        window_to_ns = report::unix_ns();
     }
+    report.window_unix_ns = Some((window_from_ns, window_to_ns));
     report.figure("held_s", hold_start.elapsed().as_secs_f64());
     report.figure("open_at_end", open as u64);
     report.figure("pings", pings);

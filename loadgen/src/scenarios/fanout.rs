@@ -146,7 +146,7 @@ fn build(
 /// Runs `fanout` and returns its report.
 pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let common = &args.common;
-    if common.procs > 1 || common.worker_of.is_some() {
+    if common.run.procs > 1 || common.run.worker_of.is_some() {
         return Err(io::Error::other(
             "fanout has one sender and one conversation: it runs in one process (no --procs)",
         ));
@@ -160,7 +160,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         return Err(io::Error::other("fanout needs --message-bytes >= 20"));
     }
     let mut report = Report::default();
-    let mut progress = Progress::new(!common.quiet);
+    let mut progress = Progress::new(!common.run.quiet);
     let base = common.uid_base();
     let shop = ShopId(base);
     let buyer = Uid::new(UidKind::Buyer, base);

@@ -7,7 +7,6 @@ pub mod connect;
 pub mod fanout;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_protocol::token::{self, Claims};
@@ -15,6 +14,7 @@ use chinwag_protocol::{DeviceType, Frame, Login, Message, Uid};
 use clap::Args;
 use hdrhistogram::Histogram;
 
+use crate::procs::RunFlags;
 use crate::proto::{Dial, Encoding, Event, Fleet};
 use crate::report::{self, Progress, Report};
 
@@ -55,37 +55,8 @@ pub struct Common {
     /// The server's pid, to read its CPU time and memory from /proc.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Write the report as JSON to this file.
-    #[arg(long)]
-    pub json_out: Option<PathBuf>,
-    /// Write the latency histograms as HdrHistogram percentile distributions to this file.
-    #[arg(long)]
-    pub hgrm_out: Option<PathBuf>,
-    /// Draw latency by percentile as an SVG chart to this file.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-    /// No progress line on stderr.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Split the users over this many worker processes and merge their reports (each worker
-    /// needs its own file descriptors: keep connections per worker under the file limit).
-    #[arg(long, default_value_t = 1)]
-    pub procs: usize,
-    /// Worker K of P takes the K-th of P slices (set by `--procs`).
-    #[arg(long, hide = true, value_parser = parse_worker_of)]
-    pub worker_of: Option<(usize, usize)>,
-    /// Where a worker writes its report for the parent (set by `--procs`).
-    #[arg(long, hide = true)]
-    pub worker_dump: Option<PathBuf>,
-}
-
-fn parse_worker_of(s: &str) -> Result<(usize, usize), String> {
-    let (k, p) = s.split_once(',').ok_or("K,P")?;
-    let (k, p): (usize, usize) = (k.parse().map_err(|_| "K,P")?, p.parse().map_err(|_| "K,P")?);
-    if k >= p {
-        return Err("K must be below P".into());
-    }
-    Ok((k, p))
+    #[command(flatten)]
+    pub run: RunFlags,
 }
 
 impl Common {
@@ -103,20 +74,12 @@ impl Common {
         if self.connect_rate_per_s == 0 {
             return Err("--connect-rate-per-s must be at least 1".into());
         }
-        if self.procs == 0 {
-            return Err("--procs must be at least 1".into());
-        }
         Ok(())
     }
 
-    /// This process's share of `total` (users or conversations): (first index, count). The
-    /// whole of it unless this is a worker of `--procs`.
+    /// This process's share of `total` (users or conversations); see [`RunFlags::slice`].
     pub fn slice(&self, total: usize) -> (usize, usize) {
-        let Some((k, p)) = self.worker_of else {
-            return (0, total);
-        };
-        let first = total * k / p;
-        (first, total * (k + 1) / p - first)
+        self.run.slice(total)
     }
 
     /// The first account id of this run.
