@@ -1,12 +1,8 @@
 //! `fanout`: one conversation with many members; a buyer sends, every member gets a push.
 //!
-//! The engine offers no client API for group conversations yet, and a shop conversation gets
-//! one agent per dispatch. But a buyer's message while every assigned agent is offline adds
-//! another online agent, and assignments outlast going offline. So the conversation is built
-//! one agent at a time: agent `k` of the shop logs in (the only one online), the buyer sends,
-//! agent `k` is assigned (it gets `members`), agent `k` logs out. After `--members` steps the
-//! conversation has the buyer and that many agents; they all log in again and the buyer sends.
-//! The store's members limit (1,000 per conversation) bounds `--members`.
+//! The conversation is built one agent at a time ([`shop::build`]); after `--members` steps it
+//! has the buyer and that many agents; they all log in again and the buyer sends. The store's
+//! members limit (1,000 per conversation) bounds `--members`.
 //!
 //! Reports deliveries per second, latency from send to each member's push, and the spread of
 //! one message's delivery across members (last push minus first push). Every member's pushes go
@@ -15,23 +11,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use chinwag_protocol::client::{Client, ClientError, Encoding as ClientEncoding};
-use chinwag_protocol::token::{self, Claims};
-use chinwag_protocol::{ConvId, DeviceType, Frame, Message, Send, ShopId, Target, Uid, UidKind};
+use chinwag_protocol::{Frame, Message, Send, ShopId, Target, Uid, UidKind};
 use clap::Args;
 
 use crate::check::{SeqTrack, Violation, Violations};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
-use crate::scenarios::{connect_and_login, Common};
+use crate::scenarios::{connect_and_login, shop, Common};
 
 /// Digits of the intended send time at the start of every body.
 const STAMP_DIGITS: usize = 20;
-/// Attempts to get one agent assigned before the build gives up.
-const ASSIGN_TRIES: usize = 50;
 
 /// Flags of `fanout`.
 #[derive(Args, Debug)]
@@ -61,88 +53,6 @@ pub struct FanoutArgs {
     pub build_timeout_s: u64,
 }
 
-fn mint(common: &Common, uid: Uid, shop: Option<ShopId>) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    token::mint(
-        common.secret.as_bytes(),
-        &Claims {
-            uid,
-            shop,
-            exp: now_s + 86_400,
-        },
-    )
-}
-
-/// Builds the conversation; returns it and its last seq.
-fn build(
-    common: &Common,
-    args: &FanoutArgs,
-    buyer: Uid,
-    agents: &[Uid],
-    shop: ShopId,
-) -> Result<(ConvId, u64), String> {
-    let url = format!("ws://{}{}", common.addr, common.path);
-    let encoding = if common.json {
-        ClientEncoding::Json
-    } else {
-        ClientEncoding::Binary
-    };
-    let err = |what: &str, e: ClientError| format!("fanout build: {what}: {e}");
-    let deadline = Instant::now() + Duration::from_secs(args.build_timeout_s);
-    let mut buyer_conn = Client::connect(&url, encoding).map_err(|e| err("connect", e))?;
-    buyer_conn
-        .login(&mint(common, buyer, None), DeviceType::Web)
-        .map_err(|e| err("buyer login", e))?;
-    let (mut conv, mut last_seq) = (ConvId(0), 0);
-    for (k, &agent) in agents.iter().enumerate() {
-        let mut agent_conn = Client::connect(&url, encoding).map_err(|e| err("connect", e))?;
-        agent_conn
-            .login(&mint(common, agent, Some(shop)), DeviceType::Web)
-            .map_err(|e| err("agent login", e))?;
-        let mut assigned = false;
-        for attempt in 0..ASSIGN_TRIES {
-            if Instant::now() > deadline {
-                return Err(format!("fanout build: timed out after {k} agents"));
-            }
-            let reply = buyer_conn
-                .call(Message::Send(Send {
-                    target: Target::Shop(shop),
-                    cmid: format!("build-{k}-{attempt}").into(),
-                    kind: "text".into(),
-                    body: "build".into(),
-                }))
-                .map_err(|e| err("buyer send", e))?;
-            if let Message::SendOk(ok) = reply.message {
-                conv = ok.conv;
-                last_seq = last_seq.max(ok.seq.0);
-            }
-            // The previous agent may not be offline yet at the server; then nobody new is
-            // assigned and this agent gets no `members`: send again.
-            while !assigned {
-                let push = agent_conn
-                    .next_push(Duration::from_millis(100))
-                    .map_err(|e| err("agent push", e))?;
-                match push.map(|p| p.message) {
-                    Some(Message::Members(m)) => assigned = m.members.contains(&agent),
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-            if assigned {
-                break;
-            }
-        }
-        if !assigned {
-            return Err(format!("fanout build: agent {k} was never assigned"));
-        }
-        agent_conn.close().map_err(|e| err("agent close", e))?;
-    }
-    let _ = buyer_conn.close();
-    Ok((conv, last_seq))
-}
-
 /// Runs `fanout` and returns its report.
 pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let common = &args.common;
@@ -168,13 +78,14 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         .map(|k| Uid::new(UidKind::Agent, base + k))
         .collect();
     let build_start = Instant::now();
+    let deadline = build_start + Duration::from_secs(args.build_timeout_s);
     let (conv, build_last_seq) =
-        build(common, args, buyer, &agents, shop).map_err(io::Error::other)?;
+        shop::build(common, buyer, &agents, shop, deadline).map_err(io::Error::other)?;
     report.figure("build_s", build_start.elapsed().as_secs_f64());
 
     // Connection 0 is the buyer, connection k the k-th agent.
-    let mut tokens = vec![mint(common, buyer, None)];
-    tokens.extend(agents.iter().map(|a| mint(common, *a, Some(shop))));
+    let mut tokens = vec![common.token(buyer)];
+    tokens.extend(agents.iter().map(|a| common.token_in_shop(*a, Some(shop))));
     let mut fleet = common.fleet()?;
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     if opened.count() < tokens.len() {

@@ -5,12 +5,13 @@
 pub mod chat;
 pub mod connect;
 pub mod fanout;
+pub mod shop;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_protocol::token::{self, Claims};
-use chinwag_protocol::{DeviceType, Frame, Login, Message, Uid};
+use chinwag_protocol::{DeviceType, Frame, Login, Message, ShopId, Uid};
 use clap::Args;
 use hdrhistogram::Histogram;
 
@@ -116,6 +117,11 @@ impl Common {
 
     /// A login token for `uid`, valid for a day.
     pub fn token(&self, uid: Uid) -> String {
+        self.token_in_shop(uid, None)
+    }
+
+    /// A login token for `uid` (an agent of `shop`, if given), valid for a day.
+    pub fn token_in_shop(&self, uid: Uid, shop: Option<ShopId>) -> String {
         let now_s = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -123,7 +129,7 @@ impl Common {
             self.secret.as_bytes(),
             &Claims {
                 uid,
-                shop: None,
+                shop,
                 exp: now_s + 86_400,
             },
         )
