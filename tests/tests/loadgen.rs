@@ -189,6 +189,43 @@ fn chat_in_json_delivers_every_message_in_order() {
 }
 
 #[test]
+fn chat_members_3_delivers_every_message_to_every_other_member() {
+    let server = start();
+    let addr = addr(&server);
+    let (output, report) = run(&[
+        "chat",
+        "--addr",
+        &addr,
+        "--secret",
+        SECRET,
+        "--conversations",
+        "4",
+        "--members",
+        "3",
+        "--window",
+        "2",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+    ]);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["connections"], 12, "{report}");
+    assert_eq!(report["kind"], "shop, 3 members", "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 12, "every member sent at least once: {report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    // Each message reaches the two other members (one device each) and nobody else.
+    assert_eq!(report["delivered"], sent * 2, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    assert_eq!(report["failures_total"], 0, "{report}");
+    assert_eq!(
+        report["latency"]["send_to_push_us"]["count"], report["delivered"],
+        "{report}"
+    );
+}
+
+#[test]
 fn chat_open_loop_sends_on_schedule() {
     let server = start();
     let (output, report) = chat(&server, &["--rate-per-user-per-s", "20"]);

@@ -1,10 +1,13 @@
-//! `chat`: users in direct conversations, each sending in a closed loop (a window of messages
-//! in flight) or at an open-loop rate.
+//! `chat`: users in conversations of `--members K`, each user sending in a closed loop (a window
+//! of messages in flight) or at an open-loop rate.
 //!
-//! User `2k` and user `2k + 1` share a direct conversation (the engine's only client-created
-//! conversation with a configurable peer; shop conversations pair a buyer with one agent, and
-//! group conversations have no client API yet). The first `send` names the peer (`user`), the
-//! following ones the conversation (`conv`) from `send_ok`.
+//! Users `K·c` .. `K·c + K - 1` share conversation `c`. With two members it is a direct
+//! conversation: the first `send` names the peer (`user`), the following ones the conversation
+//! (`conv`) from `send_ok`. With more, it is a shop conversation of a buyer (user `K·c`) and
+//! `K - 1` agents of the conversation's own shop, built before the load one agent at a time
+//! ([`shop::build`]: the engine assigns one agent per dispatch and has no client API for group
+//! conversations yet); every member then sends to the `conv`, and every member's seqs start
+//! after the build's.
 //!
 //! Latency is measured from a message's *intended* send time to its `send_ok` and to the push
 //! at the other member. In a closed loop the intended time is the moment it is sent; in an
@@ -14,7 +17,7 @@
 //! lookup.
 //!
 //! Every push and `send_ok` goes through a [`SeqTrack`]; after the run drains, every seq of
-//! every conversation must have been seen by both members exactly once.
+//! every conversation must have been seen by every member exactly once.
 //!
 //! `storm` is `chat` with reconnect storms: each second a share of the users drops its
 //! connection, connects and logs in again (same account and device type, so the same device),
@@ -29,8 +32,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{
-    ConvId, DeviceType, Frame, History, HistoryRange, Login, Message, Send, Seq, Target, Uid,
-    UidKind,
+    ConvId, DeviceType, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId, Target,
+    Uid, UidKind,
 };
 use clap::Args;
 
@@ -38,7 +41,7 @@ use crate::check::{SeqTrack, Violation, Violations};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
-use crate::scenarios::{connect_and_login, Common, LOGIN_REQ};
+use crate::scenarios::{connect_and_login, shop, Common, LOGIN_REQ};
 
 /// Digits of the intended send time at the start of every body.
 const STAMP_DIGITS: usize = 20;
@@ -48,9 +51,16 @@ const STAMP_DIGITS: usize = 20;
 pub struct ChatArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Direct conversations; two users (one connection each) per conversation.
+    /// Conversations; `--members` users (one connection each) per conversation.
     #[arg(long, default_value_t = 1000)]
     pub conversations: usize,
+    /// Members per conversation: 2 is a direct conversation, more a shop conversation of a
+    /// buyer and K-1 agents (at most 1,000, the store's limit).
+    #[arg(long, default_value_t = 2)]
+    pub members: usize,
+    /// Seconds allowed to build the shop conversations (`--members` above 2).
+    #[arg(long, default_value_t = 120)]
+    pub build_timeout_s: u64,
     /// Messages per second each user sends (open loop); 0 runs a closed loop.
     #[arg(long, default_value_t = 0.0)]
     pub rate_per_user_per_s: f64,
@@ -93,6 +103,7 @@ struct User {
     conn: usize,
     /// Set from the drop of its connection until `history` has caught it up.
     catching_up: Option<Instant>,
+    /// The other member of a direct conversation, named in its first `send`.
     peer: Uid,
     conv: Option<ConvId>,
     /// (req, intended send time in ns since the load started) of messages without `send_ok`.
@@ -141,13 +152,38 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1",
         ));
     }
+    if !(2..=MEMBERS_MAX).contains(&args.members) {
+        return Err(io::Error::other("chat needs --members in 2..=1000"));
+    }
     let mut report = Report::default();
     let mut progress = Progress::new(!common.run.quiet);
+    let k = args.members;
     let (first, conversations) = common.slice(args.conversations);
-    let base = common.uid_base() + 2 * first as u64;
-    let n = conversations * 2;
-    let uid = |i: usize| Uid::new(UidKind::Buyer, base + i as u64);
-    let tokens: Vec<String> = (0..n).map(|i| common.token(uid(i))).collect();
+    let base = common.uid_base() + (k * first) as u64;
+    let n = conversations * k;
+    // User i is member i % k of conversation i / k; member 0 of a shop conversation is its
+    // buyer, and the shop is named after the buyer's number.
+    let uid = |i: usize| match (k, i % k) {
+        (2, _) | (_, 0) => Uid::new(UidKind::Buyer, base + i as u64),
+        _ => Uid::new(UidKind::Agent, base + i as u64),
+    };
+    let shop_of = |i: usize| (k > 2).then(|| ShopId(base + (i - i % k) as u64));
+    let tokens: Vec<String> = (0..n)
+        .map(|i| common.token_in_shop(uid(i), shop_of(i).filter(|_| i % k > 0)))
+        .collect();
+    // Shop conversations are built before the load: (conv, last seq of the build) of each.
+    let mut built: Vec<Option<(ConvId, u64)>> = vec![None; conversations];
+    if k > 2 {
+        let build_start = Instant::now();
+        let deadline = build_start + Duration::from_secs(args.build_timeout_s);
+        for (c, conv) in built.iter_mut().enumerate() {
+            let shop = shop_of(c * k).expect("k > 2: every conversation has a shop");
+            let agents: Vec<Uid> = (c * k + 1..(c + 1) * k).map(uid).collect();
+            let done = shop::build(common, uid(c * k), &agents, shop, deadline);
+            *conv = Some(done.map_err(io::Error::other)?);
+        }
+        report.figure("build_s", build_start.elapsed().as_secs_f64());
+    }
     let mut fleet = common.fleet()?;
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     if opened.count() < n {
@@ -159,18 +195,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             conn: i,
             catching_up: None,
             peer: uid(i ^ 1),
-            conv: None,
+            conv: built[i / k].map(|(conv, _)| conv),
             in_flight: VecDeque::new(),
             next_req: 2,
             sent: 0,
-            track: None,
+            track: built[i / k].map(|(conv, last)| SeqTrack::new(conv.0, last + 1)),
             lost: false,
         })
         .collect();
 
     let closed_loop = args.rate_per_user_per_s <= 0.0;
     let mut counts = Counts::default();
-    let mut last_seq: HashMap<ConvId, u64> = HashMap::new();
+    let mut last_seq: HashMap<ConvId, u64> = built.iter().flatten().copied().collect();
     let mut send_to_send_ok = report::latency_histogram();
     let mut send_to_push = report::latency_histogram();
     let mut violations = Violations::default();
@@ -234,7 +270,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
             report.window_unix_ns = Some((from, report::unix_ns()));
         }
-        if !sending && (now >= drain_end || drained(&users, &last_seq)) {
+        if !sending && (now >= drain_end || drained(&users, k, &last_seq)) {
             break;
         }
         if let (Some(storm), true) = (storm, sending && now >= next_storm) {
@@ -402,10 +438,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if in_window {
                         counts.delivered_measured += 1;
                     }
-                    if msg.from != user.peer || user.conv.is_some_and(|c| c != msg.conv) {
+                    let from_member = group(i, k).any(|j| j != i && uid(j) == msg.from);
+                    if !from_member || user.conv.is_some_and(|c| c != msg.conv) {
                         violations.add(Violation::Other(format!(
-                            "user {i}: push in conv {} from {}, not from its peer {}",
-                            msg.conv, msg.from, user.peer
+                            "user {i}: push in conv {} from {}, not from another member",
+                            msg.conv, msg.from
                         )));
                         return;
                     }
@@ -483,12 +520,12 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         );
     }
 
-    // Every seq of every conversation must have reached both members, unless one was lost.
+    // Every seq of every conversation must have reached every member, unless one was lost.
     for (i, user) in users.iter().enumerate() {
-        if user.lost || users[i ^ 1].lost {
+        if group(i, k).any(|j| users[j].lost) {
             continue;
         }
-        let Some(conv) = user.conv.or(users[i ^ 1].conv) else {
+        let Some(conv) = group(i, k).find_map(|j| users[j].conv) else {
             continue;
         };
         let last = last_seq.get(&conv).copied().unwrap_or(0);
@@ -510,6 +547,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     report.figure("mode", mode);
     report.figure("encoding", if common.json { "json" } else { "binary" });
     report.figure("conversations", conversations as u64);
+    if k > 2 {
+        report.figure("kind", format!("shop, {k} members"));
+    }
     report.figure("connections", n as u64);
     report.figure("connect_login_s", opened.elapsed.as_secs_f64());
     report.figure("sent", counts.sent);
@@ -564,19 +604,26 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
 
+/// The most members a conversation may have (the store's limit).
+const MEMBERS_MAX: usize = 1000;
+
+/// The users of the conversation user `i` is in, with `k` members per conversation.
+fn group(i: usize, k: usize) -> std::ops::Range<usize> {
+    let first = i - i % k;
+    first..first + k
+}
+
 /// Whether the run has drained: no user has a message in flight or is catching up, and every
-/// user has seen its conversation up to the last seq any `send_ok` named. A lost user (or its
-/// peer) cannot drain; the drain then waits out `--drain-s`.
-fn drained(users: &[User], last_seq: &HashMap<ConvId, u64>) -> bool {
+/// user has seen its conversation up to the last seq any `send_ok` named. A lost user (or
+/// another member of its conversation) cannot drain; the drain then waits out `--drain-s`.
+fn drained(users: &[User], k: usize, last_seq: &HashMap<ConvId, u64>) -> bool {
     users.iter().enumerate().all(|(i, user)| {
-        let peer = &users[i ^ 1];
-        let Some(conv) = user.conv.or(peer.conv) else {
+        let Some(conv) = group(i, k).find_map(|j| users[j].conv) else {
             return !user.lost && user.in_flight.is_empty();
         };
         let last = last_seq.get(&conv).copied().unwrap_or(0);
         let next = user.track.as_ref().map_or(1, SeqTrack::next);
-        !user.lost
-            && !peer.lost
+        !group(i, k).any(|j| users[j].lost)
             && user.in_flight.is_empty()
             && user.catching_up.is_none()
             && next > last
