@@ -1,12 +1,13 @@
 //! `--procs P`: the run split over P worker processes, one report.
 //!
 //! The parent starts P copies of itself with the same flags plus `--worker-of K,P` (which
-//! slice of the users or conversations worker K takes), one `--uid-base` for all, and
-//! `--worker-dump FILE`. Each worker runs its slice on its own thread and poll, with its own
-//! file limit, and dumps its report with whole histograms. The parent sums counts, rates and
-//! the workers' CPU, keeps the longest duration and the largest server figure, merges the
-//! histograms value by value, and derives the per-message figures again from the merged
-//! totals.
+//! slice of the users, conversations or connections worker K takes), one `--uid-base` for all
+//! (protocol scenarios), and `--worker-dump FILE`. Each worker runs its slice on its own thread
+//! and poll, with its own file limit, and dumps its report with whole histograms and its
+//! measured window. The parent sums counts, rates and the workers' CPU, keeps the longest
+//! duration, merges the histograms value by value, takes the server's figures from its own
+//! samples over the union of the workers' windows, and derives the per-message figures again
+//! from the merged totals.
 //!
 //! Workers own whole conversations, so every conversation is still checked in one place.
 
@@ -356,7 +357,8 @@ impl Merge {
 }
 
 /// How one figure of two workers combines: the server's figures and durations are one
-/// measurement seen twice (keep the largest, except the RSS before any load: the smallest);
+/// measurement seen twice (keep the largest, except the RSS before any load: the smallest;
+/// the parent's own samples replace the server's figures where it has them);
 /// counts, rates and the workers' own CPU add up; text is the same for all.
 fn combine(name: &str, old: &Value, new: &Value) -> Value {
     let (Some(a), Some(b)) = (old.as_f64(), new.as_f64()) else {
