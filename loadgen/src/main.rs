@@ -1,10 +1,11 @@
 //! `chinwag-loadgen`: load for chinwag (and for any WebSocket echo server, to compare).
 //!
-//! - `echo`: many connections in a closed loop (one message in flight per connection), for
-//!   messages per second and per second of the server's CPU time.
+//! - `echo`: many connections in a closed loop (`--window` messages in flight per connection),
+//!   for messages per second and per second of the server's CPU time.
 //! - `idle`: many connections that only complete the handshake, for memory per connection.
 //! - `connect`: many logged-in chinwag connections held with heartbeats (`scenarios::connect`).
-//! - `chat`: users chatting in direct conversations, every push checked (`scenarios::chat`).
+//! - `chat`: users chatting in direct or shop conversations, every push checked
+//!   (`scenarios::chat`).
 //! - `fanout`: one conversation with many members (`scenarios::fanout`).
 //! - `storm`: `chat` with reconnect storms and `history` catch-up (`scenarios::chat`).
 //!
@@ -43,7 +44,7 @@ enum Command {
     Idle(IdleArgs),
     /// Open chinwag connections at a rate, log each in, hold them with heartbeats.
     Connect(scenarios::connect::ConnectArgs),
-    /// Users in direct conversations sending to each other; latency and order checked.
+    /// Users in conversations of K members sending to each other; latency and order checked.
     Chat(scenarios::chat::ChatArgs),
     /// One conversation with many members (a shop conversation with many agents).
     Fanout(scenarios::fanout::FanoutArgs),

@@ -191,9 +191,20 @@ fn chat_in_json_delivers_every_message_in_order() {
 #[test]
 fn chat_members_3_delivers_every_message_to_every_other_member() {
     let server = start();
-    let addr = addr(&server);
+    // In one process, then split over two (each builds and checks its own conversations).
+    for (procs, uid_base) in [("1", "1000"), ("2", "2000")] {
+        chat_members_3(&server, procs, uid_base);
+    }
+}
+
+fn chat_members_3(server: &Server, procs: &str, uid_base: &str) {
+    let addr = addr(server);
     let (output, report) = run(&[
         "chat",
+        "--procs",
+        procs,
+        "--uid-base",
+        uid_base,
         "--addr",
         &addr,
         "--secret",
