@@ -121,9 +121,7 @@ impl Pool {
         }
         Ok(())
     }
-}
 
-impl Pool {
     /// Counts connection `i` as failed by `cause` and stops polling it.
     fn drop_conn(&mut self, i: usize, report: &mut Report, cause: String) {
         let conn = &mut self.conns[i];

@@ -103,48 +103,52 @@ struct IdleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let common = match &cli.command {
-        Command::Idle(a) => return finish(idle(a)),
-        Command::Echo(a) => {
-            return run_scenario(
-                &a.run,
-                None,
-                a.target.server_pid,
-                a.target.validate(),
-                || client::echo(a),
-            )
-        }
-        Command::Connect(a) => &a.common,
-        Command::Chat(a) => &a.common,
-        Command::Fanout(a) => &a.common,
-        Command::Storm(a) => &a.chat.common,
-    };
-    let (flags, uid_base, pid) = (&common.run, Some(common.uid_base()), common.server_pid);
-    let valid = common.validate();
     match &cli.command {
-        Command::Connect(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
-            scenarios::connect::run(a)
-        }),
-        Command::Chat(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
-            scenarios::chat::run(a)
-        }),
-        Command::Fanout(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
-            scenarios::fanout::run(a)
-        }),
-        Command::Storm(a) => run_scenario(flags, uid_base, pid, valid.clone(), || {
-            scenarios::chat::storm(a)
-        }),
-        Command::Idle(_) | Command::Echo(_) => unreachable!("returned above"),
+        Command::Idle(a) => idle(a),
+        Command::Echo(a) => {
+            let launch = Launch {
+                flags: &a.run,
+                uid_base: None,
+                server_pid: a.target.server_pid,
+                valid: a.target.validate(),
+            };
+            run_scenario(launch, || client::echo(a))
+        }
+        Command::Connect(a) => run_scenario(Launch::of(&a.common), || scenarios::connect::run(a)),
+        Command::Chat(a) => run_scenario(Launch::of(&a.common), || scenarios::chat::run(a)),
+        Command::Fanout(a) => run_scenario(Launch::of(&a.common), || scenarios::fanout::run(a)),
+        Command::Storm(a) => run_scenario(Launch::of(&a.chat.common), || scenarios::chat::storm(a)),
     }
 }
 
-fn idle(args: &IdleArgs) -> std::io::Result<()> {
-    args.target.validate().map_err(std::io::Error::other)?;
-    client::idle(&args.target, args.hold_s)
+/// What [`run_scenario`] needs to know of a subcommand's flags besides the scenario itself.
+struct Launch<'a> {
+    flags: &'a procs::RunFlags,
+    /// Passed to `--procs` workers so they share one set of users.
+    uid_base: Option<u64>,
+    server_pid: Option<u32>,
+    /// The subcommand's own check of its flags.
+    valid: Result<(), String>,
 }
 
-fn finish(result: std::io::Result<()>) -> ExitCode {
-    match result {
+impl Launch<'_> {
+    fn of(common: &scenarios::Common) -> Launch<'_> {
+        Launch {
+            flags: &common.run,
+            uid_base: Some(common.uid_base()),
+            server_pid: common.server_pid,
+            valid: common.validate(),
+        }
+    }
+}
+
+/// Runs `idle`; exits 2 on bad flags, 1 if it failed.
+fn idle(args: &IdleArgs) -> ExitCode {
+    if let Err(e) = args.target.validate() {
+        eprintln!("chinwag-loadgen: {e}");
+        return ExitCode::from(2);
+    }
+    match client::idle(&args.target, args.hold_s) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chinwag-loadgen: {e}");
@@ -171,19 +175,14 @@ pub fn source(i: usize, sources: u8) -> SocketAddr {
 
 /// Runs a scenario (in `--procs` workers if asked) and prints its report. Exits 1 if the server broke the contract
 /// (any violation) or any connection or request failed, 2 on bad flags.
-fn run_scenario(
-    common: &procs::RunFlags,
-    uid_base: Option<u64>,
-    server_pid: Option<u32>,
-    valid: Result<(), String>,
-    run: impl FnOnce() -> std::io::Result<report::Report>,
-) -> ExitCode {
-    if let Err(e) = valid.and(common.validate()) {
+fn run_scenario(launch: Launch, run: impl FnOnce() -> std::io::Result<report::Report>) -> ExitCode {
+    let common = launch.flags;
+    if let Err(e) = launch.valid.and(common.validate()) {
         eprintln!("chinwag-loadgen: {e}");
         return ExitCode::from(2);
     }
     let result = if common.procs > 1 {
-        procs::run(common.procs, uid_base, server_pid)
+        procs::run(common.procs, launch.uid_base, launch.server_pid)
     } else {
         run()
     };

@@ -495,9 +495,13 @@ fn storm_reconnects_catch_up_without_missing_a_message() {
 #[test]
 fn procs_split_the_users_and_merge_the_reports() {
     let server = start();
-    let (output, report) = chat(&server, &["--procs", "2"]);
+    let pid = server.pid().to_string();
+    let (output, report) = chat(&server, &["--procs", "2", "--server-pid", &pid]);
     assert_clean_chat(&output, &report);
     assert_eq!(report["procs"], 2);
+    // The parent's own readings of the server over the workers' measured window.
+    assert!(report["server_cpu_s"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(report["server_rss_bytes"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(
         report["connections"], 40,
         "both workers' users are counted: {report}"
