@@ -10,7 +10,7 @@
 //! after the build's.
 //!
 //! Latency is measured from a message's *intended* send time to its `send_ok` and to the push
-//! at the other member. In a closed loop the intended time is the moment it is sent; in an
+//! at every other member. In a closed loop the intended time is the moment it is sent; in an
 //! open loop it is the message's slot in the schedule, so a server that stalls is charged for
 //! every message the stall delayed (no coordinated omission). The intended time travels in the
 //! body (20 decimal digits of nanoseconds since the run started), so the receiver needs no
@@ -103,7 +103,8 @@ struct User {
     conn: usize,
     /// Set from the drop of its connection until `history` has caught it up.
     catching_up: Option<Instant>,
-    /// The other member of a direct conversation, named in its first `send`.
+    /// The other member of a direct conversation, named in its first `send` (with more than
+    /// two members the conversation is known from the build and this is not used).
     peer: Uid,
     conv: Option<ConvId>,
     /// (req, intended send time in ns since the load started) of messages without `send_ok`.
