@@ -36,8 +36,9 @@ pub enum Outgoing {
 /// An output waiting for the turn's commit.
 struct Pending {
     out: Outgoing,
-    /// For an acknowledgement: the error that replaces it if the commit fails.
-    if_lost: Option<(SessionRef, Bytes)>,
+    /// For an acknowledgement: the request it answers, to answer `unavailable` instead if the
+    /// commit fails. (The error is encoded only then: commits rarely fail.)
+    if_lost: Option<Origin>,
 }
 
 /// The conversations, devices and shops one shard owns.
@@ -217,10 +218,17 @@ impl Owner {
                 pending
                     .into_iter()
                     .filter_map(|p| match (p.if_lost, p.out) {
-                        (Some((to, error)), _) => Some(Outgoing::To(
-                            to.shard as usize,
-                            ShardMsg::Send { to, frame: error },
-                        )),
+                        (Some(origin), _) => {
+                            let to = origin.session;
+                            let frame = origin.error(
+                                ErrorCode::Unavailable,
+                                "the log could not store the change",
+                            );
+                            Some(Outgoing::To(
+                                to.shard as usize,
+                                ShardMsg::Send { to, frame },
+                            ))
+                        }
                         // Pushes of the turn are dropped; replies that did not depend on the
                         // log (errors, history) still go.
                         (None, Outgoing::All(_)) => None,
@@ -567,7 +575,6 @@ impl Owner {
 
     /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.
     fn ack(&mut self, origin: &Origin, frame: Bytes) {
-        let lost = origin.error(ErrorCode::Unavailable, "the log could not store the change");
         self.pending.push(Pending {
             out: Outgoing::To(
                 origin.session.shard as usize,
@@ -576,7 +583,7 @@ impl Owner {
                     frame,
                 },
             ),
-            if_lost: Some((origin.session, lost)),
+            if_lost: Some(*origin),
         });
     }
 
