@@ -226,6 +226,13 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
     Ok(stores
         .into_iter()
         .enumerate()
-        .map(|(shard, store)| Owner::new(shard, store, Arc::clone(&generator)))
+        .map(|(shard, store)| {
+            Owner::new(
+                shard,
+                store,
+                Arc::clone(&generator),
+                config.send_queue_bytes_max / 2,
+            )
+        })
         .collect())
 }

@@ -856,3 +856,114 @@ fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
         (conv, Seq(1001))
     );
 }
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_answers_unavailable_and_keeps_what_is_stored() {
+    // A small tmpfs is a real full disk; mounting one needs root (CI runs as root).
+    let mountpoint = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(mountpoint.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("full_disk test needs root to mount a tmpfs; not run");
+        return;
+    }
+    let _mount = Mount(mountpoint.path().to_path_buf());
+    let data = tempfile::tempdir_in(mountpoint.path()).unwrap();
+    let args = [
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--shards=1",
+        "--log-segment-bytes=262144",
+        "--message-bytes-max=16384",
+    ];
+    let server = Server::start_in(data, &args, &[]);
+    let (mut a, _) = login_as(&server, buyer(700), None, DeviceType::Web, Encoding::Binary);
+    let body = "f".repeat(8000);
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for i in 0..2000 {
+        let result = a.call(Message::Send(Send {
+            target: Target::User(buyer(701)),
+            cmid: format!("f{i}").into(),
+            kind: "text".into(),
+            body: body.as_str().into(),
+        }));
+        match result {
+            Ok(Frame {
+                message: Message::SendOk(ok),
+                ..
+            }) => stored.push((ok.conv, ok.seq)),
+            Err(ClientError::Rejected(e)) => {
+                refused = Some(e.code);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(ErrorCode::Unavailable),
+        "a full disk is `unavailable`"
+    );
+    assert!(
+        stored.len() > 10,
+        "{} stored before the disk filled",
+        stored.len()
+    );
+    // Everything acknowledged is still there, 1..n, and the node still answers.
+    let conv = stored[0].0;
+    let mut seen = 0u64;
+    loop {
+        let page = history(&mut a, conv, HistoryRange::After(Seq(seen)), 200);
+        let Some(last) = page.last() else { break };
+        assert!(page
+            .iter()
+            .enumerate()
+            .all(|(i, m)| m.seq == Seq(seen + i as u64 + 1)));
+        seen = last.seq.0;
+    }
+    assert_eq!(seen, stored.len() as u64);
+    assert!(matches!(
+        a.call(Message::Ping).unwrap().message,
+        Message::Pong
+    ));
+}
+
+#[test]
+fn history_pages_fit_the_send_queue() {
+    // 100 messages of 12 KB: 1.2 MB, more than the 1 MiB send queue. A page that held them all
+    // would get the reader disconnected (1008); the page stops within half the queue instead.
+    let server = start();
+    let (mut a, _) = login_as(&server, buyer(800), None, DeviceType::Web, Encoding::Json);
+    let body = "h".repeat(12_000);
+    let mut conv = ConvId(0);
+    for i in 0..100 {
+        conv = send(&mut a, Target::User(buyer(801)), &format!("b{i}"), &body).0;
+    }
+    let first = history(&mut a, conv, HistoryRange::After(Seq(0)), 200);
+    assert!((10..100).contains(&first.len()), "{} messages in the first page", first.len());
+    assert_eq!(first[0].seq, Seq(1));
+    let newest = history(&mut a, conv, HistoryRange::Newest, 200);
+    assert_eq!(newest.last().unwrap().seq, Seq(100), "the newest page ends at the newest");
+    assert!(newest.len() < 100);
+    // Paging on reaches every message.
+    let mut seen = first.last().unwrap().seq;
+    while seen < Seq(100) {
+        let page = history(&mut a, conv, HistoryRange::After(seen), 200);
+        assert_eq!(page[0].seq, Seq(seen.0 + 1));
+        seen = page.last().unwrap().seq;
+    }
+}

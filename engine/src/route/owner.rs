@@ -24,6 +24,10 @@ use crate::dispatch::{Decision, Dispatcher};
 use crate::shard::mailbox::{SessionRef, ShardMsg};
 use crate::store::{Appended, ConvKind, HistoryFrom, MessageRef, NewMessage, Store, StoreError};
 
+/// What a `msg` entry costs on the wire besides its strings (ids, numbers, JSON punctuation
+/// and escaping slack), for the reply byte budget.
+const MSG_OVERHEAD_BYTES: usize = 160;
+
 /// Where a message from the owner goes.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -54,12 +58,19 @@ pub struct Owner {
     /// For devices of users this shard owns: the session currently logged in as each.
     sessions: AHashMap<DeviceId, SessionRef>,
     pending: Vec<Pending>,
+    /// The largest `history_ok` to build: half a connection's send queue.
+    reply_bytes_max: usize,
 }
 
 impl Owner {
     /// The owner for shard `shard`, with its opened store; rebuilds the dispatcher's
     /// assignment counts and waiting queues from the stored conversations.
-    pub fn new(shard: usize, store: Store, devices: Arc<Mutex<DeviceIdGenerator>>) -> Owner {
+    pub fn new(
+        shard: usize,
+        store: Store,
+        devices: Arc<Mutex<DeviceIdGenerator>>,
+        reply_bytes_max: usize,
+    ) -> Owner {
         let mut dispatcher = Dispatcher::new();
         let mut waiting: Vec<(ConvId, ShopId)> = Vec::new();
         for (id, conv) in store.conversations() {
@@ -97,6 +108,7 @@ impl Owner {
             devices,
             sessions: AHashMap::new(),
             pending: Vec::new(),
+            reply_bytes_max,
         }
     }
 
@@ -108,7 +120,7 @@ impl Owner {
         let (store, _) = Store::open(config).expect("a fresh log opens");
         let generator =
             DeviceIdGenerator::new(chinwag_protocol::NodeType::Client, 0).expect("cluster 0 fits");
-        Owner::new(shard, store, Arc::new(Mutex::new(generator)))
+        Owner::new(shard, store, Arc::new(Mutex::new(generator)), 1 << 20)
     }
 
     /// Periodic upkeep of the log: deletes segments past retention and writes a snapshot, so
@@ -406,13 +418,36 @@ impl Owner {
             HistoryRange::Before(seq) => HistoryFrom::Before(seq),
             HistoryRange::After(seq) => HistoryFrom::After(seq),
         };
-        let msgs = self
+        let page = self
             .store
             .history(conv, from, usize::from(history.limit))
-            .map_err(store_error)?
-            .iter()
-            .map(to_msg)
-            .collect();
+            .map_err(store_error)?;
+        // A page must fit the connection's send queue, or asking for it would get the client
+        // disconnected: keep the messages nearest the anchor within the byte budget and let
+        // the client page on (the contract's `limit` is a maximum).
+        let size =
+            |m: &MessageRef<'_>| MSG_OVERHEAD_BYTES + m.body.len() + m.kind.len() + m.cmid.len();
+        let mut budget = self.reply_bytes_max;
+        let mut fits = |m: &MessageRef<'_>| {
+            let fits = size(m) <= budget;
+            budget = budget.saturating_sub(size(m));
+            fits
+        };
+        let keep = match history.range {
+            // Ascending from the anchor: keep a prefix.
+            HistoryRange::After(_) => page.iter().take_while(|m| fits(m)).count(),
+            // Descending from the anchor: keep a suffix.
+            HistoryRange::Newest | HistoryRange::Before(_) => {
+                page.iter().rev().take_while(|m| fits(m)).count()
+            }
+        };
+        // Always at least one message, so a client can page past any single message.
+        let keep = keep.max(1).min(page.len());
+        let kept = match history.range {
+            HistoryRange::After(_) => &page[..keep],
+            HistoryRange::Newest | HistoryRange::Before(_) => &page[page.len() - keep..],
+        };
+        let msgs = kept.iter().map(to_msg).collect();
         Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
     }
 
