@@ -954,10 +954,18 @@ fn history_pages_fit_the_send_queue() {
         conv = send(&mut a, Target::User(buyer(801)), &format!("b{i}"), &body).0;
     }
     let first = history(&mut a, conv, HistoryRange::After(Seq(0)), 200);
-    assert!((10..100).contains(&first.len()), "{} messages in the first page", first.len());
+    assert!(
+        (10..100).contains(&first.len()),
+        "{} messages in the first page",
+        first.len()
+    );
     assert_eq!(first[0].seq, Seq(1));
     let newest = history(&mut a, conv, HistoryRange::Newest, 200);
-    assert_eq!(newest.last().unwrap().seq, Seq(100), "the newest page ends at the newest");
+    assert_eq!(
+        newest.last().unwrap().seq,
+        Seq(100),
+        "the newest page ends at the newest"
+    );
     assert!(newest.len() < 100);
     // Paging on reaches every message.
     let mut seen = first.last().unwrap().seq;
@@ -966,4 +974,41 @@ fn history_pages_fit_the_send_queue() {
         assert_eq!(page[0].seq, Seq(seen.0 + 1));
         seen = page.last().unwrap().seq;
     }
+}
+
+#[test]
+fn convs_list_fits_the_send_queue() {
+    // 30 conversations whose last messages are 60 KB each: 1.8 MB of `last` bodies, more than
+    // the 1 MiB send queue. Every conversation is listed; the least recent lose their `last`.
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--message-bytes-max=65536",
+    ]);
+    let (mut a, _) = login_as(&server, buyer(900), None, DeviceType::Web, Encoding::Binary);
+    let body = "c".repeat(60_000);
+    for peer in 0..30 {
+        send(
+            &mut a,
+            Target::User(buyer(1000 + peer)),
+            &format!("c{peer}"),
+            &body,
+        );
+    }
+    let listed = match a.call(Message::Convs).unwrap().message {
+        Message::ConvsOk(convs) => convs,
+        other => panic!("expected convs_ok, got {other:?}"),
+    };
+    assert_eq!(listed.len(), 30, "every conversation is listed");
+    let with_last = listed.iter().filter(|c| c.last.is_some()).count();
+    assert!(
+        (1..30).contains(&with_last),
+        "{with_last} listed with their last message"
+    );
+    assert!(listed.iter().all(|c| c.last_seq == Seq(1)));
+    assert!(matches!(
+        a.call(Message::Ping).unwrap().message,
+        Message::Pong
+    ));
 }

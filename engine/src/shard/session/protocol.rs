@@ -21,6 +21,10 @@ use crate::shard::mailbox::ShardMsg;
 /// Close code after `kicked` (PROTOCOL.md).
 pub const CLOSE_KICKED: u16 = 4001;
 
+/// What a `convs_ok` entry costs on the wire besides its members and its last message's
+/// strings, for the reply byte budget.
+const CONV_OVERHEAD_BYTES: usize = 320;
+
 /// `convs` requests one session may have waiting for their shards' parts; each holds a
 /// partial list, so the number is bounded.
 const CONVS_IN_FLIGHT_MAX: usize = 4;
@@ -261,6 +265,22 @@ impl Session {
         gather
             .convs
             .sort_by_key(|c| std::cmp::Reverse((c.last.as_ref().map_or(0, |m| m.ts), c.conv)));
+        // The list must fit the connection's send queue, or asking for it would get the client
+        // disconnected. Past half the queue, the least recently active conversations are
+        // listed without their `last` message (null, as for an empty one); `history` has it.
+        let mut budget = ctx.limits.send_queue_bytes_max / 2;
+        for conv in &mut gather.convs {
+            let size = CONV_OVERHEAD_BYTES
+                + conv.members.len() * 24
+                + conv
+                    .last
+                    .as_ref()
+                    .map_or(0, |m| m.body.len() + m.kind.len() + m.cmid.len());
+            if size > budget {
+                conv.last = None;
+            }
+            budget = budget.saturating_sub(size);
+        }
         self.reply(
             gather.req,
             gather.encoding,
