@@ -183,6 +183,15 @@ fn pushes_arrive_in_seq_order_each_once() {
         conv = Some(m.conv);
     }
     assert!(next_push(&mut b, SHORT).is_none(), "no duplicate pushes");
+    // The conversation layer's metrics count what happened.
+    assert_eq!(
+        server.wait_metric("chinwag_messages_stored_total", "", 200),
+        200
+    );
+    assert!(server.metric("chinwag_pushes_delivered_total", "") >= 200);
+    assert_eq!(server.metric("chinwag_sessions_logged_in", ""), 2);
+    assert_eq!(server.wait_metric("chinwag_log_conversations", "", 1), 1);
+    assert_eq!(server.wait_metric("chinwag_log_devices", "", 2), 2);
     let all = history(&mut a, conv.unwrap(), HistoryRange::After(Seq(0)), 200);
     assert_eq!(all.len(), 200);
     assert!(all

@@ -88,6 +88,18 @@ pub struct ShardMetrics {
     pub mailbox_messages: AtomicU64,
     /// Messages for another shard dropped because its mailbox was full.
     pub mailbox_full_drops: AtomicU64,
+    /// Sessions of this shard that completed `login`.
+    pub sessions_logged_in: AtomicU64,
+    /// Pushes (`msg`, `receipt`, `members`) queued to this shard's sessions.
+    pub pushes_delivered: AtomicU64,
+    /// Messages this shard's log stored (owner side).
+    pub messages_stored: AtomicU64,
+    /// Log commits that failed (their acknowledgements became `unavailable`).
+    pub log_commit_failures: AtomicU64,
+    /// Conversations, registered devices and segment bytes of this shard's log.
+    pub log_conversations: AtomicU64,
+    pub log_devices: AtomicU64,
+    pub log_segment_bytes: AtomicU64,
     pub accept_errors: AtomicU64,
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
@@ -234,6 +246,55 @@ pub fn render(scrape: &Scrape) -> String {
         "counter",
         "Messages from other shards handled.",
         &|m| load(&m.mailbox_messages),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_sessions_logged_in",
+        "gauge",
+        "Sessions that completed login, on this shard.",
+        &|m| load(&m.sessions_logged_in),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_pushes_delivered_total",
+        "counter",
+        "Pushes (msg, receipt, members) queued to this shard's sessions.",
+        &|m| load(&m.pushes_delivered),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_messages_stored_total",
+        "counter",
+        "Messages stored in this shard's log.",
+        &|m| load(&m.messages_stored),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_log_commit_failures_total",
+        "counter",
+        "Log commits that failed; their acknowledgements were answered unavailable.",
+        &|m| load(&m.log_commit_failures),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_log_conversations",
+        "gauge",
+        "Conversations owned by this shard.",
+        &|m| load(&m.log_conversations),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_log_devices",
+        "gauge",
+        "Devices registered in this shard's log.",
+        &|m| load(&m.log_devices),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_log_segment_bytes",
+        "gauge",
+        "Bytes of this shard's log segment files (preallocated).",
+        &|m| load(&m.log_segment_bytes),
     );
     per_shard(
         &mut out,

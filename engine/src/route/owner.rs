@@ -60,6 +60,10 @@ pub struct Owner {
     pending: Vec<Pending>,
     /// The largest `history_ok` to build: half a connection's send queue.
     reply_bytes_max: usize,
+    /// Messages stored since start (for metrics).
+    pub messages_stored: u64,
+    /// Commits that failed since start (for metrics).
+    pub commit_failures: u64,
 }
 
 impl Owner {
@@ -109,6 +113,8 @@ impl Owner {
             sessions: AHashMap::new(),
             pending: Vec::new(),
             reply_bytes_max,
+            messages_stored: 0,
+            commit_failures: 0,
         }
     }
 
@@ -141,6 +147,11 @@ impl Owner {
         if let Err(e) = self.store.snapshot() {
             tracing::error!(shard = self.shard, error = %e, "log snapshot failed");
         }
+    }
+
+    /// The log's gauges.
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        self.store.stats()
     }
 
     /// The log (for snapshots, retention and metrics).
@@ -226,6 +237,7 @@ impl Owner {
         match self.store.commit() {
             Ok(()) => pending.into_iter().map(|p| p.out).collect(),
             Err(e) => {
+                self.commit_failures += 1;
                 tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
                 pending
                     .into_iter()
@@ -318,6 +330,7 @@ impl Owner {
             .map_err(store_error)?;
         match appended {
             Appended::Stored { seq } => {
+                self.messages_stored += 1;
                 let ok = origin.reply(Message::SendOk(SendOk {
                     conv,
                     seq,

@@ -222,6 +222,9 @@ impl Shard {
             }
             self.drain_mailbox();
             self.route_and_commit();
+            if self.ctx.now_ms >= next_sweep_ms {
+                self.publish_log_metrics();
+            }
             if self.ctx.now_ms >= next_maintenance_ms {
                 self.owner.maintain(self.ctx.unix_ms);
                 next_maintenance_ms = self.ctx.now_ms + maintenance_interval_ms;
@@ -387,6 +390,21 @@ impl Shard {
         }
     }
 
+    /// Copies the owner's counters and the log's gauges into the shard's metrics (once per
+    /// sweep tick, not per message).
+    fn publish_log_metrics(&self) {
+        let m = self.ctx.metrics();
+        let stats = self.owner.store_stats();
+        let set = |gauge: &std::sync::atomic::AtomicU64, v: u64| {
+            gauge.store(v, std::sync::atomic::Ordering::Relaxed)
+        };
+        set(&m.messages_stored, self.owner.messages_stored);
+        set(&m.log_commit_failures, self.owner.commit_failures);
+        set(&m.log_conversations, stats.conversations as u64);
+        set(&m.log_devices, stats.devices as u64);
+        set(&m.log_segment_bytes, stats.segment_bytes);
+    }
+
     fn deliver(&mut self, shard: usize, msg: ShardMsg) {
         if shard == self.ctx.shard_id {
             return self.handle(msg);
@@ -430,6 +448,7 @@ impl Shard {
                         if let Some(session) = self.sessions.get_mut(d.slot as usize) {
                             if session.generation() == d.generation {
                                 session.send(fanout.frame(d.encoding).clone(), &mut self.ctx);
+                                metrics::add(&self.ctx.metrics().pushes_delivered, 1);
                             }
                         }
                     }
@@ -491,6 +510,7 @@ impl Shard {
         let Some((_, _, shop, encoding)) = session.logged_in() else {
             return;
         };
+        metrics::add(&self.ctx.metrics().sessions_logged_in, 1);
         self.local.insert(
             uid,
             LocalDevice {
@@ -552,6 +572,7 @@ impl Shard {
         let session = self.sessions.remove(token.0);
         if let Some((uid, device, shop, _)) = session.logged_in() {
             let me = session.session_ref(self.ctx.shard_id as u32);
+            metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
             let shards = self.ctx.shards();
             self.ctx.post(
