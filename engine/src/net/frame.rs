@@ -5,7 +5,7 @@
 //! parsed [`Header`] says how many bytes the whole frame needs, so the caller can tell a whole
 //! frame from a partial one without copying anything.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Frame opcodes (RFC 6455 §5.2). Reserved opcodes never get this far: [`parse_header`]
 /// rejects them.
@@ -207,16 +207,40 @@ pub fn encode(opcode: Opcode, payload: &[u8]) -> Bytes {
 
 /// Writes the header of a final, unmasked server frame of `payload_len` bytes.
 pub fn put_header(out: &mut BytesMut, opcode: Opcode, payload_len: usize) {
-    out.put_u8(0x80 | opcode.bits());
+    let mut header = [0u8; SERVER_HEADER_MAX];
+    let len = write_header(&mut header, opcode, payload_len);
+    out.put_slice(&header[..len]);
+}
+
+/// Writes a server frame header for `payload_len` bytes into `header`; returns its length.
+fn write_header(header: &mut [u8; SERVER_HEADER_MAX], opcode: Opcode, payload_len: usize) -> usize {
+    header[0] = 0x80 | opcode.bits();
     if payload_len < 126 {
-        out.put_u8(payload_len as u8);
+        header[1] = payload_len as u8;
+        2
     } else if payload_len <= u16::MAX as usize {
-        out.put_u8(126);
-        out.put_u16(payload_len as u16);
+        header[1] = 126;
+        header[2..4].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        4
     } else {
-        out.put_u8(127);
-        out.put_u64(payload_len as u64);
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
     }
+}
+
+/// Encodes a server frame whose payload `write` appends, in one buffer and without copying
+/// the payload: the header goes into room left in front of it once its length is known.
+pub fn encode_with(opcode: Opcode, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(SERVER_HEADER_MAX + 128);
+    out.put_bytes(0, SERVER_HEADER_MAX);
+    write(&mut out);
+    let mut header = [0u8; SERVER_HEADER_MAX];
+    let len = write_header(&mut header, opcode, out.len() - SERVER_HEADER_MAX);
+    let start = SERVER_HEADER_MAX - len;
+    out[start..SERVER_HEADER_MAX].copy_from_slice(&header[..len]);
+    out.advance(start);
+    out.freeze()
 }
 
 /// Encodes a close frame with `code` and a reason (at most 123 bytes, so the frame is legal).
@@ -299,6 +323,16 @@ impl Utf8Check {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encode_with_writes_the_same_bytes_as_encode() {
+        for len in [0, 1, 125, 126, 65_535, 65_536, 70_000] {
+            let payload = vec![0x5a; len];
+            let direct = encode(Opcode::Binary, &payload);
+            let in_place = encode_with(Opcode::Binary, |out| out.put_slice(&payload));
+            assert_eq!(direct, in_place, "payload of {len} bytes");
+        }
+    }
 
     fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut out = vec![first];

@@ -24,7 +24,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use ahash::AHashMap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
@@ -232,10 +232,14 @@ pub struct Fanout {
 
 impl Fanout {
     /// Encodes `message` in both encodings.
-    pub fn new(users: &[Uid], except: Option<DeviceId>, message: Message<'_>) -> Fanout {
+    pub fn new(
+        users: SmallVec<[Uid; 4]>,
+        except: Option<DeviceId>,
+        message: Message<'_>,
+    ) -> Fanout {
         let frame = Frame::new(message);
         Fanout {
-            users: SmallVec::from_slice(users),
+            users,
             except,
             json: ws_frame(&frame, Encoding::Json),
             binary: ws_frame(&frame, Encoding::Binary),
@@ -251,28 +255,23 @@ impl Fanout {
     }
 }
 
-/// Encodes `frame` as one WebSocket message in `encoding`.
+/// Encodes `frame` as one WebSocket message in `encoding`: one buffer, the payload written
+/// once behind the WebSocket header.
 pub fn ws_frame(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
-    let mut payload = BytesMut::with_capacity(128);
     match encoding {
-        Encoding::Json => {
-            json::encode(frame, &mut payload);
-            frame::encode(Opcode::Text, &payload)
-        }
-        Encoding::Binary => {
-            if binary::encode(frame, &mut payload).is_err() {
-                // Only a string over the codec's length fields fails; the gateway's own frames
-                // are bounded far below them. Say so rather than send nothing.
-                payload.clear();
+        Encoding::Json => frame::encode_with(Opcode::Text, |out| json::encode(frame, out)),
+        Encoding::Binary => frame::encode_with(Opcode::Binary, |out| {
+            if binary::encode(frame, out).is_err() {
+                // Only a string over the codec's length fields fails (and leaves `out` as it
+                // was); the gateway's own frames are bounded far below them. Say so rather
+                // than send nothing; a short error always encodes.
                 let error = Frame {
                     req: frame.req,
                     message: error(ErrorCode::Internal, "reply too large to encode"),
                 };
-                // A short error always encodes.
-                let _ = binary::encode(&error, &mut payload);
+                let _ = binary::encode(&error, out);
             }
-            frame::encode(Opcode::Binary, &payload)
-        }
+        }),
     }
 }
 
@@ -382,7 +381,7 @@ mod tests {
 
     #[test]
     fn fanout_frames_are_websocket_messages_in_both_encodings() {
-        let fanout = Fanout::new(&[], None, Message::Kicked("x".into()));
+        let fanout = Fanout::new(SmallVec::new(), None, Message::Kicked("x".into()));
         assert_eq!(fanout.json[0], 0x81, "text, final");
         assert_eq!(fanout.binary[0], 0x82, "binary, final");
         let text = &fanout.json[2..];

@@ -339,7 +339,7 @@ impl Owner {
                 self.ack(origin, ok);
                 let members = self.members(conv);
                 self.fanout(Fanout::new(
-                    &members,
+                    members,
                     Some(origin.device),
                     Message::Msg(Msg {
                         conv,
@@ -379,7 +379,7 @@ impl Owner {
         if after > before {
             let members = self.members(conv);
             self.fanout(Fanout::new(
-                &members,
+                members,
                 Some(origin.device),
                 Message::Receipt(Receipt {
                     conv,
@@ -409,7 +409,7 @@ impl Owner {
         let remaining = members.to_vec();
         members.push(origin.uid);
         self.fanout(Fanout::new(
-            &members,
+            members,
             None,
             Message::Members(Members {
                 conv,
@@ -549,12 +549,13 @@ impl Owner {
     fn assign(&mut self, conv: ConvId, agent: Uid) -> Result<(), StoreError> {
         self.store.add_member(conv, agent)?;
         let members = self.members(conv);
+        let list = members.to_vec();
         self.fanout(Fanout::new(
-            &members,
+            members,
             None,
             Message::Members(Members {
                 conv,
-                members: members.to_vec(),
+                members: list,
             }),
         ));
         Ok(())
