@@ -303,11 +303,6 @@ impl Session {
         Some((login.uid, login.device?, login.shop, login.encoding))
     }
 
-    /// The user of a login in progress or complete.
-    pub fn login_uid(&self) -> Option<Uid> {
-        self.login.as_ref().map(|l| l.uid)
-    }
-
     fn is_logged_in(&self) -> bool {
         self.login.as_ref().is_some_and(|l| l.device.is_some())
     }
