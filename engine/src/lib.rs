@@ -1,13 +1,14 @@
 //! The chinwag gateway.
 //!
 //! Read top-down as the data flows: `net` (listeners, HTTP, WebSocket framing) → `shard` (the
-//! event loops and sessions) → `store` (the conversation log) → `dispatch` (customer-service
-//! assignment) → `ops` (config, metrics, the token secret); `node` starts it all.
+//! event loops and sessions) → `bus` (messages between shards) → `logic` (the owner of
+//! devices, conversations, cursors, dispatch) → `store` (the conversation log) → `operator`
+//! (config, metrics, the token secret); `node` starts it all.
 
-pub mod dispatch;
+pub mod bus;
+pub mod logic;
 pub mod net;
 pub mod node;
-pub mod ops;
-pub mod route;
+pub mod operator;
 pub mod shard;
 pub mod store;

@@ -15,11 +15,11 @@ use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::bus::mailbox::Mailbox;
+use crate::logic::Owner;
 use crate::net::listener;
-use crate::ops::config::{Config, Fsync};
-use crate::ops::metrics::{self, ShardMetrics};
-use crate::route::owner::Owner;
-use crate::shard::mailbox::Mailbox;
+use crate::operator::config::{Config, Fsync};
+use crate::operator::metrics::{self, ShardMetrics};
 use crate::shard::{Shard, WAKER};
 use crate::store::{FsyncPolicy, Store, StoreConfig};
 
@@ -104,7 +104,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         polls.push(poll);
     }
     let jwt_secret =
-        crate::ops::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
+        crate::operator::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
     let owners = open_owners(&config, shard_count)?;
     let node = Arc::new(Node::new(config, jwt_secret.into_bytes(), mailboxes));
 
@@ -154,10 +154,10 @@ const SHARDS_FILE: &str = "shards";
 /// Conversation ids and owners are tied to the shard count, so a data directory keeps the count
 /// it was created with: starting with another one is refused with a clear error.
 fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
-    if shards > crate::route::SHARDS_MAX {
+    if shards > crate::bus::SHARDS_MAX {
         return Err(io::Error::other(format!(
             "at most {} shards are supported",
-            crate::route::SHARDS_MAX
+            crate::bus::SHARDS_MAX
         )));
     }
     let dir = &config.data_dir;

@@ -1,7 +1,7 @@
 //! A shard: one thread, one `mio::Poll`, one listener, one slab of sessions.
 //!
 //! A shard owns its sockets outright; no other thread touches them. Work from other threads
-//! arrives in the shard's [`Mailbox`](mailbox::Mailbox), drained once per loop turn.
+//! arrives in the shard's [`Mailbox`](crate::bus::mailbox::Mailbox), drained once per loop turn.
 //!
 //! One loop turn:
 //! 1. wait for events (or until the next timer sweep);
@@ -13,7 +13,6 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
-pub mod mailbox;
 pub mod outbox;
 pub mod session;
 
@@ -25,12 +24,12 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use crate::bus::mailbox::ShardMsg;
+use crate::bus::{owner_of, LocalDevice, LocalDevices, Request, Routed};
+use crate::logic::{self, Outgoing, Owner};
 use crate::node::Node;
-use crate::ops::metrics::{self, ShardMetrics};
-use crate::route::owner::{self, Outgoing, Owner};
-use crate::route::{owner_of, LocalDevice, LocalDevices, Request, Routed};
+use crate::operator::metrics::{self, ShardMetrics};
 use chinwag_protocol::ErrorCode;
-use mailbox::ShardMsg;
 use session::Session;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -163,7 +162,7 @@ impl Shard {
                 node,
                 limits,
                 now_ms: 0,
-                unix_ms: owner::unix_ms(),
+                unix_ms: logic::unix_ms(),
                 outgoing: Vec::new(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
@@ -200,7 +199,7 @@ impl Shard {
             }
             let turn_start = Instant::now();
             self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
-            self.ctx.unix_ms = owner::unix_ms();
+            self.ctx.unix_ms = logic::unix_ms();
 
             for token in std::mem::take(&mut self.ctx.read_again) {
                 self.on_readable(token, false);
@@ -500,7 +499,7 @@ impl Shard {
     /// agent's shop.
     fn logged_in(
         &mut self,
-        to: mailbox::SessionRef,
+        to: crate::bus::mailbox::SessionRef,
         uid: chinwag_protocol::Uid,
         device: chinwag_protocol::DeviceId,
     ) {
@@ -614,10 +613,10 @@ fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Optio
 mod tests {
     use std::io::{Read, Write};
 
-    use super::mailbox::{Mailbox, SessionRef};
     use super::*;
-    use crate::net::frame::{self, Opcode};
-    use crate::ops::config::Config;
+    use crate::bus::mailbox::{Mailbox, SessionRef};
+    use crate::net::ws::frame::{self, Opcode};
+    use crate::operator::config::Config;
 
     /// A frame handed to the shard's mailbox by another thread reaches the right session, and
     /// a frame addressed to an earlier session of the same slot is dropped.

@@ -14,13 +14,14 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::Token;
 
-use super::mailbox::SessionRef;
 use super::outbox::{self, Outbox};
 use super::Context;
-use crate::net::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
+use crate::bus::mailbox::SessionRef;
 use crate::net::http::{self, Endpoint, Parsed, Route};
-use crate::ops::metrics::{self, CloseReason};
+use crate::net::ws::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
+use crate::operator::metrics::{self, CloseReason};
 
+#[path = "app.rs"]
 mod protocol;
 pub use protocol::CLOSE_KICKED;
 

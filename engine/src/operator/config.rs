@@ -230,7 +230,8 @@ impl Config {
         }
         // An echo or a push of the largest message must fit in the queue, or a well-behaved
         // client sending big messages would be cut off for no fault of its own.
-        if self.send_queue_bytes_max < self.message_bytes_max + crate::net::frame::SERVER_HEADER_MAX
+        if self.send_queue_bytes_max
+            < self.message_bytes_max + crate::net::ws::frame::SERVER_HEADER_MAX
         {
             return Err(
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),

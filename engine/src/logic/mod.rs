@@ -7,6 +7,8 @@
 //! ...) and pushes go out. If the commit fails, every acknowledgement of the turn becomes an
 //! `unavailable` error and its pushes are dropped: nothing is announced that a crash could lose.
 
+pub mod dispatch;
+
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
@@ -19,9 +21,9 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
-use super::{owner_of_conv, Fanout, Origin, Request, Routed, CONV_SHARD_BITS};
-use crate::dispatch::{Decision, Dispatcher};
-use crate::shard::mailbox::{SessionRef, ShardMsg};
+use crate::bus::mailbox::{SessionRef, ShardMsg};
+use crate::bus::{owner_of_conv, Fanout, Origin, Request, Routed, CONV_SHARD_BITS};
+use crate::logic::dispatch::{Decision, Dispatcher};
 use crate::store::{Appended, ConvKind, HistoryFrom, MessageRef, NewMessage, Store, StoreError};
 
 /// What a `msg` entry costs on the wire besides its strings (ids, numbers, JSON punctuation

@@ -18,7 +18,7 @@
 //! logged-in devices ([`LocalDevices`]). All queues are FIFO per pair of shards, so a device
 //! sees one conversation's pushes in the order the owner made them.
 
-pub mod owner;
+pub mod mailbox;
 
 use std::hash::Hash;
 use std::sync::Arc;
@@ -32,8 +32,8 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
-use crate::net::frame::{self, Opcode};
-use crate::shard::mailbox::SessionRef;
+use crate::bus::mailbox::SessionRef;
+use crate::net::ws::frame::{self, Opcode};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
 /// without a lookup. That bounds a node to 256 shards.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 
-use crate::route::Routed;
+use crate::bus::Routed;
 
 /// Where a session lives: its shard, its slab slot, and the generation that tells it apart
 /// from a later session in the same slot.

@@ -14,9 +14,9 @@ use chinwag_protocol::{
 };
 
 use super::{CloseReason, Context, Endpoint, Phase, Session};
-use crate::net::frame::{self, Opcode};
-use crate::route::{self, owner_of, ws_frame, Origin, Request, Routed};
-use crate::shard::mailbox::ShardMsg;
+use crate::bus::mailbox::ShardMsg;
+use crate::bus::{self, owner_of, ws_frame, Origin, Request, Routed};
+use crate::net::ws::frame::{self, Opcode};
 
 /// Close code after `kicked` (PROTOCOL.md).
 pub const CLOSE_KICKED: u16 = 4001;
@@ -57,7 +57,7 @@ impl Session {
     /// One complete application message from `/ws`: a text message (one JSON object, already
     /// checked to be UTF-8) or a binary message (frames of the binary codec, back to back).
     pub(super) fn on_app_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
-        crate::ops::metrics::add(&ctx.metrics().app_messages, 1);
+        crate::operator::metrics::add(&ctx.metrics().app_messages, 1);
         if opcode == Opcode::Text {
             self.on_client_frame(json::decode_bytes(payload), Encoding::Json, ctx);
         } else {
@@ -89,7 +89,7 @@ impl Session {
         self.reply(
             req,
             encoding,
-            route::error(ErrorCode::RateLimited, "too many messages per second"),
+            bus::error(ErrorCode::RateLimited, "too many messages per second"),
             ctx,
         );
     }
@@ -107,7 +107,7 @@ impl Session {
                     DecodeErrorKind::UnknownOp(_) if !self.is_logged_in() => ErrorCode::NotLoggedIn,
                     _ => e.code(),
                 };
-                self.reply(e.req, encoding, route::error(code, &e.to_string()), ctx);
+                self.reply(e.req, encoding, bus::error(code, &e.to_string()), ctx);
                 return;
             }
         };
@@ -116,7 +116,7 @@ impl Session {
             Message::Ping => self.reply(req, encoding, Message::Pong, ctx),
             Message::Login(login) => {
                 if self.login.is_some() {
-                    let error = route::error(ErrorCode::BadRequest, "already logged in");
+                    let error = bus::error(ErrorCode::BadRequest, "already logged in");
                     return self.reply(req, encoding, error, ctx);
                 }
                 let now_s = ctx.unix_ms / 1000;
@@ -126,7 +126,7 @@ impl Session {
                         self.reply(
                             req,
                             encoding,
-                            route::error(ErrorCode::Unauthorized, &e.to_string()),
+                            bus::error(ErrorCode::Unauthorized, &e.to_string()),
                             ctx,
                         );
                         self.close(
@@ -158,7 +158,7 @@ impl Session {
             }
             message => {
                 let Some(origin) = self.origin(req, encoding, ctx) else {
-                    let error = route::error(ErrorCode::NotLoggedIn, "log in first");
+                    let error = bus::error(ErrorCode::NotLoggedIn, "log in first");
                     return self.reply(req, encoding, error, ctx);
                 };
                 let request = match message {
@@ -201,7 +201,7 @@ impl Session {
                         return self.reply(
                             req,
                             encoding,
-                            route::error(ErrorCode::BadRequest, &text),
+                            bus::error(ErrorCode::BadRequest, &text),
                             ctx,
                         );
                     }
@@ -226,7 +226,7 @@ impl Session {
         let (req, encoding) = (login.login_req, login.encoding);
         let Some(device) = device else {
             self.login = None;
-            let error = route::error(ErrorCode::Unavailable, "the device could not be registered");
+            let error = bus::error(ErrorCode::Unavailable, "the device could not be registered");
             self.reply(req, encoding, error, ctx);
             return false;
         };

@@ -1,0 +1,3 @@
+//! The WebSocket protocol (RFC 6455).
+
+pub mod frame;
