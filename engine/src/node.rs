@@ -1,83 +1,34 @@
-//! One node: binds the client port once per shard, starts the shard threads, and turns
-//! SIGTERM (or SIGINT) into a drain.
+//! One node: binds the client port once per shard, opens every shard's log, starts the shard
+//! threads, and turns SIGTERM (or SIGINT) into a drain.
 //!
-//! [`Node`] is the little state the shards share: the config, each shard's metrics and
-//! mailbox, and the draining flag. All of it is either read-only or lock-free.
+//! The shards share two things, both read-only or lock-free: the [`NodeState`] (configuration,
+//! secret, metrics, drain flag) and the [`PostOffice`] (their mailboxes).
 
 use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use chinwag_protocol::{DeviceIdGenerator, NodeId, NodeType};
+use chinwag_protocol::{DeviceIdGenerator, NodeType};
 use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::bus::mailbox::Mailbox;
+use crate::bus::post::PostOffice;
 use crate::logic::Owner;
 use crate::net::listener;
 use crate::operator::config::{Config, Fsync};
-use crate::operator::metrics::{self, ShardMetrics};
+use crate::operator::NodeState;
 use crate::shard::{Shard, WAKER};
 use crate::store::{FsyncPolicy, Store, StoreConfig};
 
 /// Messages one shard's mailbox holds before senders are told it is full.
 const MAILBOX_CAPACITY: usize = 64 * 1024;
 
-pub struct Node {
-    pub config: Config,
-    /// The secret that signs login tokens.
-    pub jwt_secret: Vec<u8>,
-    /// This node's id, from its listening address.
-    pub node_id: NodeId,
-    pub metrics: Box<[ShardMetrics]>,
-    pub mailboxes: Box<[Mailbox]>,
-    draining: AtomicBool,
-}
-
-impl Node {
-    /// A node of `mailboxes.len()` shards.
-    pub fn new(config: Config, jwt_secret: Vec<u8>, mailboxes: Vec<Mailbox>) -> Node {
-        let node_id = match config.listen {
-            SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
-            SocketAddr::V6(addr) => NodeId::for_addr(
-                NodeType::Connector,
-                std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, addr.port()),
-            ),
-        };
-        Node {
-            config,
-            jwt_secret,
-            node_id,
-            metrics: mailboxes.iter().map(|_| ShardMetrics::default()).collect(),
-            mailboxes: mailboxes.into_boxed_slice(),
-            draining: AtomicBool::new(false),
-        }
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Starts the drain: every shard stops accepting and closes its connections with 1001.
-    pub fn drain(&self) {
-        self.draining.store(true, Ordering::Release);
-        for mailbox in self.mailboxes.iter() {
-            mailbox.wake();
-        }
-    }
-
-    pub fn render_metrics(&self) -> String {
-        let shards: Vec<&ShardMetrics> = self.metrics.iter().collect();
-        let depths: Vec<usize> = self.mailboxes.iter().map(Mailbox::len).collect();
-        metrics::render(&metrics::Scrape {
-            shards: &shards,
-            mailbox_depths: &depths,
-            draining: self.is_draining(),
-        })
-    }
+/// Starts the drain of a node: raises the flag, then wakes every shard to see it.
+fn drain(state: &NodeState, office: &PostOffice) {
+    state.start_drain();
+    office.wake_all();
 }
 
 /// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
@@ -106,29 +57,37 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     let jwt_secret =
         crate::operator::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
     let owners = open_owners(&config, shard_count)?;
-    let node = Arc::new(Node::new(config, jwt_secret.into_bytes(), mailboxes));
+    let state = Arc::new(NodeState::new(config, jwt_secret.into_bytes(), shard_count));
+    let office = Arc::new(PostOffice::new(mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
-    let signal_node = Arc::clone(&node);
+    let (signal_state, signal_office) = (Arc::clone(&state), Arc::clone(&office));
     thread::Builder::new()
         .name("chinwag-signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 tracing::info!(signal, "signal received, draining");
-                signal_node.drain();
+                drain(&signal_state, &signal_office);
             }
         })?;
 
     let mut shards = Vec::with_capacity(shard_count);
     for (id, ((poll, listener), owner)) in polls.into_iter().zip(listeners).zip(owners).enumerate()
     {
-        let shard = Shard::new(id, Arc::clone(&node), poll, listener, owner)?;
+        let shard = Shard::new(
+            id,
+            Arc::clone(&state),
+            Arc::clone(&office),
+            poll,
+            listener,
+            owner,
+        )?;
         let handle = thread::Builder::new()
             .name(format!("chinwag-shard-{id}"))
             .spawn(move || shard.run())?;
         shards.push(handle);
     }
-    tracing::info!(%addr, shards = shard_count, echo = node.config.enable_echo, "listening");
+    tracing::info!(%addr, shards = shard_count, echo = state.config.enable_echo, "listening");
 
     let mut result = Ok(());
     for (id, handle) in shards.into_iter().enumerate() {
@@ -139,7 +98,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         if let Err(e) = outcome {
             tracing::error!(shard = id, error = %e, "shard failed");
             // One shard down: take the others down cleanly too rather than run half a node.
-            node.drain();
+            drain(&state, &office);
             result = Err(e);
         }
     }
@@ -229,6 +188,7 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
         .map(|(shard, store)| {
             Owner::new(
                 shard,
+                shards,
                 store,
                 Arc::clone(&generator),
                 config.send_queue_bytes_max / 2,

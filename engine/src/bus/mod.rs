@@ -1,29 +1,29 @@
-//! Routing: who owns what, and how work and pushes travel between shards.
+//! The Msg-Bus: the one message type that travels between shards ([`BusMsg`]), the addresses
+//! it carries ([`SessionRef`], [`Origin`]), who owns what, the mailboxes ([`mailbox`]) and the
+//! post office that sends and delivers ([`post`]).
 //!
-//! Every piece of state has one owner shard, found by hashing its key (DESIGN.md, "One node"):
+//! Every piece of state has one owner shard, found by hashing its key (docs/architecture.md,
+//! "Conversations: ownership, routing, fan-out"):
 //!
 //! | state | owner |
 //! |---|---|
-//! | a user's devices (DeviceInfo) and which session holds each device | `hash(uid)` |
+//! | a user's devices and which session holds each device | `hash(uid)` |
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
 //! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
 //!
-//! Putting a shop's conversations on the shard of its dispatcher means that assigning an agent
-//! and storing the message that caused it happen in one place, with no cross-shard protocol.
-//!
-//! A session's shard sends a [`Request`] to the owner (a plain call when it is itself the
-//! owner); the owner answers with [`ShardMsg`]s to the session's shard. Pushes for the members
-//! of a conversation go as one [`Fanout`] to every shard, each of which knows only its own
-//! logged-in devices ([`LocalDevices`]). All queues are FIFO per pair of shards, so a device
-//! sees one conversation's pushes in the order the owner made them.
+//! A session's shard posts a client's request to the owner (handled in place when it is
+//! itself the owner); the owner answers with messages for the session's shard. A push for the
+//! members of a conversation goes as one [`Fanout`] to every shard, each of which knows only
+//! its own logged-in devices. Every queue is FIFO per pair of shards, so a device sees one
+//! conversation's pushes in the order the owner made them.
 
 pub mod mailbox;
+pub mod post;
 
 use std::hash::Hash;
 use std::sync::Arc;
 
-use ahash::AHashMap;
 use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
@@ -32,7 +32,6 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
-use crate::bus::mailbox::SessionRef;
 use crate::net::ws::frame::{self, Opcode};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
@@ -105,47 +104,47 @@ pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
     })
 }
 
-/// Work for the shard that owns a conversation, a shop, or a user's devices.
+/// Where a session lives: its shard, its slab slot, and the generation that tells it apart
+/// from a later session in the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub shard: u32,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// The one message that travels between shards. The first group goes to the owner of a
+/// conversation, a shop or a user's devices ([`BusMsg::owner`] says which shard that is); the
+/// second to the shard that holds a session.
 #[derive(Debug)]
-pub enum Request {
-    /// `send`.
-    Send {
-        /// Who sends.
-        origin: Origin,
-        /// Where to.
-        target: Target,
-        /// The client message id.
-        cmid: String,
-        /// The message kind.
-        kind: String,
-        /// The body.
-        body: String,
-    },
-    /// `read`.
+pub enum BusMsg {
+    /// `send` from a client.
+    Send(Box<SendRequest>),
+    /// `read` from a client.
     Read {
         /// Who reads.
-        origin: Origin,
+        origin: Box<Origin>,
         /// Up to where.
         cursor: Cursor,
     },
-    /// `resolve`.
+    /// `resolve` from an agent.
     Resolve {
         /// The agent.
-        origin: Origin,
+        origin: Box<Origin>,
         /// The conversation.
         conv: ConvId,
     },
-    /// `history`.
+    /// `history` from a client.
     History {
         /// Who asks.
-        origin: Origin,
+        origin: Box<Origin>,
         /// Which page.
         history: History,
     },
-    /// `convs`: this shard's part of the user's conversation list.
+    /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
         /// Who asks.
-        origin: Origin,
+        origin: Box<Origin>,
     },
     /// A login on `session`: find or register the device, take it over from an older session.
     Register {
@@ -179,40 +178,99 @@ pub enum Request {
         /// The agent.
         agent: Uid,
     },
+
+    /// An encoded server message (a reply, an error) for one session. Dropped if the session
+    /// is gone.
+    Deliver {
+        /// The session.
+        to: SessionRef,
+        /// The whole WebSocket message, header included.
+        ws_message: Bytes,
+    },
+    /// A push for this shard's devices of some users.
+    Push(Arc<Fanout>),
+    /// The device of a login, found or registered by the user's owner shard (`None` if the
+    /// registration could not be stored).
+    Registered {
+        /// The session logging in.
+        session: SessionRef,
+        /// The user logging in.
+        uid: Uid,
+        /// Its device.
+        device: Option<DeviceId>,
+    },
+    /// The device logged in elsewhere: push `kicked` and close with 4001.
+    Kick {
+        /// The older session.
+        session: SessionRef,
+    },
+    /// One shard's part of a `convs` reply.
+    ConvsPart {
+        /// The session that asked.
+        session: SessionRef,
+        /// The request's `req`.
+        req: Option<u64>,
+        /// That shard's conversations of the user.
+        convs: Vec<ConvSummary<'static>>,
+    },
 }
 
-impl Request {
+// A mailbox preallocates its slots, and every message is moved through one: the bulky parts
+// (a client request's origin, a `send`'s strings) are boxed to keep a message small.
+const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// A client's `send`.
+#[derive(Debug)]
+pub struct SendRequest {
+    /// Who sends.
+    pub origin: Origin,
+    /// Where to.
+    pub target: Target,
+    /// The client message id.
+    pub cmid: String,
+    /// The message kind.
+    pub kind: String,
+    /// The body.
+    pub body: String,
+}
+
+impl BusMsg {
     /// The client request's origin, for requests a client made.
     pub fn origin(&self) -> Option<&Origin> {
         match self {
-            Request::Send { origin, .. }
-            | Request::Read { origin, .. }
-            | Request::Resolve { origin, .. }
-            | Request::History { origin, .. }
-            | Request::Convs { origin } => Some(origin),
+            BusMsg::Send(send) => Some(&send.origin),
+            BusMsg::Read { origin, .. }
+            | BusMsg::Resolve { origin, .. }
+            | BusMsg::History { origin, .. }
+            | BusMsg::Convs { origin } => Some(origin.as_ref()),
             _ => None,
         }
     }
 
-    /// The shard that owns this request's subject, among `shards`.
-    pub fn owner(&self, shards: usize) -> usize {
-        match self {
-            Request::Send { origin, target, .. } => match target {
-                Target::Conv(conv) => owner_of_conv(*conv),
-                Target::Shop(shop) => owner_of(shop, shards),
-                Target::User(other) => owner_of(&user_pair(origin.uid, *other), shards),
+    /// The shard that owns this message's subject, among `shards` (for a forged conversation
+    /// id it may be ≥ `shards`). A message for a session goes to the session's shard; a push
+    /// goes to every shard and has no single one.
+    pub fn owner(&self, shards: usize) -> Option<usize> {
+        Some(match self {
+            BusMsg::Send(send) => match send.target {
+                Target::Conv(conv) => owner_of_conv(conv),
+                Target::Shop(shop) => owner_of(&shop, shards),
+                Target::User(other) => owner_of(&user_pair(send.origin.uid, other), shards),
             },
-            Request::Read { cursor, .. } => owner_of_conv(cursor.conv),
-            Request::Resolve { conv, .. } => owner_of_conv(*conv),
-            Request::History { history, .. } => owner_of_conv(history.conv),
-            Request::Convs { origin } => origin.session.shard as usize,
-            Request::Register { uid, .. } | Request::Unregister { uid, .. } => {
-                owner_of(uid, shards)
-            }
-            Request::AgentOnline { shop, .. } | Request::AgentOffline { shop, .. } => {
+            BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
+            BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
+            BusMsg::History { history, .. } => owner_of_conv(history.conv),
+            BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
+            BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
                 owner_of(shop, shards)
             }
-        }
+            BusMsg::Deliver { to: session, .. }
+            | BusMsg::Registered { session, .. }
+            | BusMsg::Kick { session }
+            | BusMsg::ConvsPart { session, .. } => session.shard as usize,
+            BusMsg::Push(_) => return None,
+        })
     }
 }
 
@@ -275,86 +333,6 @@ pub fn ws_frame(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
     }
 }
 
-/// One logged-in session of this shard, as the routing table knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalDevice {
-    /// The device.
-    pub device: DeviceId,
-    /// The session's slab slot.
-    pub slot: u32,
-    /// The session's generation (tells it apart from a later session in the same slot).
-    pub generation: u32,
-    /// The encoding of its pushes.
-    pub encoding: Encoding,
-}
-
-/// This shard's part of the routing table: user → its devices logged in on this shard.
-#[derive(Debug, Default)]
-pub struct LocalDevices {
-    users: AHashMap<Uid, SmallVec<[LocalDevice; 2]>>,
-}
-
-impl LocalDevices {
-    /// Records a logged-in session.
-    pub fn insert(&mut self, uid: Uid, device: LocalDevice) {
-        self.users.entry(uid).or_default().push(device);
-    }
-
-    /// Forgets a session that ended.
-    pub fn remove(&mut self, uid: Uid, slot: u32, generation: u32) {
-        if let Some(devices) = self.users.get_mut(&uid) {
-            devices.retain(|d| !(d.slot == slot && d.generation == generation));
-            if devices.is_empty() {
-                self.users.remove(&uid);
-            }
-        }
-    }
-
-    /// The sessions of `uid` on this shard.
-    pub fn of(&self, uid: Uid) -> &[LocalDevice] {
-        self.users.get(&uid).map_or(&[], |d| d.as_slice())
-    }
-
-    /// Users with a session on this shard.
-    pub fn user_count(&self) -> usize {
-        self.users.len()
-    }
-}
-
-/// Work that arrives at a shard from the conversation layer (the mailbox carries it between
-/// shards; a shard hands its own to itself directly).
-#[derive(Debug)]
-pub enum Routed {
-    /// A request for this shard as owner.
-    Request(Box<Request>),
-    /// A push for this shard's devices of some users.
-    Fanout(Arc<Fanout>),
-    /// The device of a login, found or registered by the user's owner shard (`None` if the
-    /// registration could not be stored).
-    Registered {
-        /// The session logging in.
-        session: SessionRef,
-        /// The user logging in.
-        uid: Uid,
-        /// Its device.
-        device: Option<DeviceId>,
-    },
-    /// The device logged in elsewhere: push `kicked` and close with 4001.
-    Kick {
-        /// The older session.
-        session: SessionRef,
-    },
-    /// One shard's part of a `convs` reply.
-    ConvsPart {
-        /// The session that asked.
-        session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// That shard's conversations of the user.
-        convs: Vec<ConvSummary<'static>>,
-    },
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,31 +366,15 @@ mod tests {
         assert_eq!(text, br#"{"op":"kicked","reason":"x"}"#);
         assert!(binary::decode(&fanout.binary[2..]).is_ok());
     }
-
+}
+#[cfg(test)]
+mod size_probe {
     #[test]
-    fn local_devices_forget_only_the_session_that_ended() {
-        let uid = Uid::new(UidKind::Buyer, 1);
-        let mut local = LocalDevices::default();
-        let device = DeviceId::from_u64(5).unwrap();
-        let first = LocalDevice {
-            device,
-            slot: 3,
-            generation: 1,
-            encoding: Encoding::Json,
-        };
-        local.insert(uid, first);
-        local.insert(
-            uid,
-            LocalDevice {
-                generation: 2,
-                slot: 4,
-                ..first
-            },
+    fn probe() {
+        eprintln!(
+            "BusMsg {} Origin {}",
+            std::mem::size_of::<super::BusMsg>(),
+            std::mem::size_of::<super::Origin>()
         );
-        local.remove(uid, 3, 1);
-        assert_eq!(local.of(uid).len(), 1);
-        assert_eq!(local.of(uid)[0].slot, 4);
-        local.remove(uid, 4, 2);
-        assert_eq!(local.user_count(), 0);
     }
 }

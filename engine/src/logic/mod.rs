@@ -21,8 +21,7 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
-use crate::bus::mailbox::{SessionRef, ShardMsg};
-use crate::bus::{owner_of_conv, Fanout, Origin, Request, Routed, CONV_SHARD_BITS};
+use crate::bus::{owner_of_conv, BusMsg, Fanout, Origin, SendRequest, SessionRef, CONV_SHARD_BITS};
 use crate::logic::dispatch::{Decision, Dispatcher};
 use crate::store::{Appended, ConvKind, HistoryFrom, MessageRef, NewMessage, Store, StoreError};
 
@@ -30,18 +29,10 @@ use crate::store::{Appended, ConvKind, HistoryFrom, MessageRef, NewMessage, Stor
 /// and escaping slack), for the reply byte budget.
 const MSG_OVERHEAD_BYTES: usize = 160;
 
-/// Where a message from the owner goes.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// To one shard.
-    To(usize, ShardMsg),
-    /// A push to every shard.
-    All(Arc<Fanout>),
-}
-
-/// An output waiting for the turn's commit.
+/// An output waiting for the turn's commit: a message and the shard it goes to.
 struct Pending {
-    out: Outgoing,
+    to: usize,
+    msg: BusMsg,
     /// For an acknowledgement: the request it answers, to answer `unavailable` instead if the
     /// commit fails. (The error is encoded only then: commits rarely fail.)
     if_lost: Option<Origin>,
@@ -50,6 +41,8 @@ struct Pending {
 /// The conversations, devices and shops one shard owns.
 pub struct Owner {
     shard: usize,
+    /// The node's shard count (a push goes to each).
+    shards: usize,
     store: Store,
     dispatcher: Dispatcher,
     /// The next conversation counter; ids are `counter << 8 | shard`.
@@ -73,6 +66,7 @@ impl Owner {
     /// assignment counts and waiting queues from the stored conversations.
     pub fn new(
         shard: usize,
+        shards: usize,
         store: Store,
         devices: Arc<Mutex<DeviceIdGenerator>>,
         reply_bytes_max: usize,
@@ -108,6 +102,7 @@ impl Owner {
             .map_or(1, |max| (max.0 >> CONV_SHARD_BITS) + 1);
         Owner {
             shard,
+            shards,
             store,
             dispatcher,
             conv_counter,
@@ -122,13 +117,19 @@ impl Owner {
 
     /// An owner with a fresh log in `dir`, for tests.
     #[cfg(test)]
-    pub fn for_tests(shard: usize, dir: &std::path::Path) -> Owner {
+    pub fn for_tests(shard: usize, shards: usize, dir: &std::path::Path) -> Owner {
         let mut config = crate::store::StoreConfig::new(dir);
         config.segment_bytes = 1 << 20;
         let (store, _) = Store::open(config).expect("a fresh log opens");
         let generator =
             DeviceIdGenerator::new(chinwag_protocol::NodeType::Client, 0).expect("cluster 0 fits");
-        Owner::new(shard, store, Arc::new(Mutex::new(generator)), 1 << 20)
+        Owner::new(
+            shard,
+            shards,
+            store,
+            Arc::new(Mutex::new(generator)),
+            1 << 20,
+        )
     }
 
     /// Periodic upkeep of the log: deletes segments past retention and writes a snapshot, so
@@ -161,73 +162,82 @@ impl Owner {
         &mut self.store
     }
 
-    /// Acts on `request` at `now_ms` (Unix milliseconds). Its outputs wait for [`Owner::commit`].
-    pub fn handle(&mut self, request: Request, now_ms: u64) {
-        match request {
-            Request::Send {
-                origin,
-                target,
-                cmid,
-                kind,
-                body,
-            } => {
+    /// Acts on `msg` at `now_ms` (Unix milliseconds). Its outputs wait for [`Owner::commit`].
+    /// Only the messages for an owner (see [`BusMsg`]) are expected; others are ignored.
+    pub fn handle(&mut self, msg: BusMsg, now_ms: u64) {
+        match msg {
+            BusMsg::Send(send) => {
+                let SendRequest {
+                    origin,
+                    target,
+                    cmid,
+                    kind,
+                    body,
+                } = *send;
                 if let Err((code, text)) = self.send(&origin, target, &cmid, &kind, &body, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
-            Request::Read { origin, cursor } => {
+            BusMsg::Read { origin, cursor } => {
                 if let Err((code, text)) = self.read(&origin, cursor) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
-            Request::Resolve { origin, conv } => {
+            BusMsg::Resolve { origin, conv } => {
                 if let Err((code, text)) = self.resolve(&origin, conv) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
-            Request::History { origin, history } => {
+            BusMsg::History { origin, history } => {
                 let reply = match self.history(&origin, history) {
                     Ok(message) => origin.reply(message),
                     Err((code, text)) => origin.error(code, &text),
                 };
                 self.reply_now(&origin, reply);
             }
-            Request::Convs { origin } => {
+            BusMsg::Convs { origin } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
                     origin.session.shard as usize,
-                    Routed::ConvsPart {
+                    BusMsg::ConvsPart {
                         session: origin.session,
                         req: origin.req,
                         convs,
                     },
                 );
             }
-            Request::Register {
+            BusMsg::Register {
                 session,
                 uid,
                 device_type,
             } => self.register(session, uid, device_type),
-            Request::Unregister {
+            BusMsg::Unregister {
                 session, device, ..
             } => {
                 if self.sessions.get(&device) == Some(&session) {
                     self.sessions.remove(&device);
                 }
             }
-            Request::AgentOnline { shop, agent } => {
+            BusMsg::AgentOnline { shop, agent } => {
                 for assignment in self.dispatcher.agent_online(shop, agent) {
                     if let Err(e) = self.assign(assignment.conv, assignment.agent) {
                         tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
                     }
                 }
             }
-            Request::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::Deliver { .. }
+            | BusMsg::Push(_)
+            | BusMsg::Registered { .. }
+            | BusMsg::Kick { .. }
+            | BusMsg::ConvsPart { .. } => {
+                debug_assert!(false, "not a message for an owner: {msg:?}");
+            }
         }
     }
 
     /// Makes the turn's records durable and returns what may now go out, in order.
-    pub fn commit(&mut self) -> Vec<Outgoing> {
+    pub fn commit(&mut self) -> Vec<(usize, BusMsg)> {
         if self.pending.is_empty() {
             // Nothing to acknowledge; still give an `interval` policy its periodic flush.
             if let Err(e) = self.store.commit() {
@@ -237,28 +247,25 @@ impl Owner {
         }
         let pending = std::mem::take(&mut self.pending);
         match self.store.commit() {
-            Ok(()) => pending.into_iter().map(|p| p.out).collect(),
+            Ok(()) => pending.into_iter().map(|p| (p.to, p.msg)).collect(),
             Err(e) => {
                 self.commit_failures += 1;
                 tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
                 pending
                     .into_iter()
-                    .filter_map(|p| match (p.if_lost, p.out) {
+                    .filter_map(|p| match (p.if_lost, p.msg) {
                         (Some(origin), _) => {
                             let to = origin.session;
-                            let frame = origin.error(
+                            let ws_message = origin.error(
                                 ErrorCode::Unavailable,
                                 "the log could not store the change",
                             );
-                            Some(Outgoing::To(
-                                to.shard as usize,
-                                ShardMsg::Send { to, frame },
-                            ))
+                            Some((p.to, BusMsg::Deliver { to, ws_message }))
                         }
                         // Pushes of the turn are dropped; replies that did not depend on the
                         // log (errors, history) still go.
-                        (None, Outgoing::All(_)) => None,
-                        (None, out) => Some(out),
+                        (None, BusMsg::Push(_)) => None,
+                        (None, msg) => Some((p.to, msg)),
                     })
                     .collect()
             }
@@ -508,7 +515,7 @@ impl Owner {
                 // The session learns of it as a failed login.
                 self.push_out(
                     session.shard as usize,
-                    Routed::Registered {
+                    BusMsg::Registered {
                         session,
                         uid,
                         device: None,
@@ -519,12 +526,12 @@ impl Owner {
         };
         if let Some(older) = self.sessions.insert(device, session) {
             if older != session {
-                self.push_out(older.shard as usize, Routed::Kick { session: older });
+                self.push_out(older.shard as usize, BusMsg::Kick { session: older });
             }
         }
         self.push_out(
             session.shard as usize,
-            Routed::Registered {
+            BusMsg::Registered {
                 session,
                 uid,
                 device: Some(device),
@@ -625,45 +632,42 @@ impl Owner {
     }
 
     /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.
-    fn ack(&mut self, origin: &Origin, frame: Bytes) {
+    fn ack(&mut self, origin: &Origin, ws_message: Bytes) {
         self.pending.push(Pending {
-            out: Outgoing::To(
-                origin.session.shard as usize,
-                ShardMsg::Send {
-                    to: origin.session,
-                    frame,
-                },
-            ),
+            to: origin.session.shard as usize,
+            msg: BusMsg::Deliver {
+                to: origin.session,
+                ws_message,
+            },
             if_lost: Some(*origin),
         });
     }
 
     /// A reply that does not depend on the turn's records (an error, a page of history).
-    fn reply_now(&mut self, origin: &Origin, frame: Bytes) {
+    fn reply_now(&mut self, origin: &Origin, ws_message: Bytes) {
+        self.push_out(
+            origin.session.shard as usize,
+            BusMsg::Deliver {
+                to: origin.session,
+                ws_message,
+            },
+        );
+    }
+
+    fn push_out(&mut self, shard: usize, msg: BusMsg) {
         self.pending.push(Pending {
-            out: Outgoing::To(
-                origin.session.shard as usize,
-                ShardMsg::Send {
-                    to: origin.session,
-                    frame,
-                },
-            ),
+            to: shard,
+            msg,
             if_lost: None,
         });
     }
 
-    fn push_out(&mut self, shard: usize, routed: Routed) {
-        self.pending.push(Pending {
-            out: Outgoing::To(shard, ShardMsg::Routed(routed)),
-            if_lost: None,
-        });
-    }
-
+    /// A push for every shard's devices of `fanout.users`, encoded once and shared.
     fn fanout(&mut self, fanout: Fanout) {
-        self.pending.push(Pending {
-            out: Outgoing::All(Arc::new(fanout)),
-            if_lost: None,
-        });
+        let fanout = Arc::new(fanout);
+        for shard in 0..self.shards {
+            self.push_out(shard, BusMsg::Push(Arc::clone(&fanout)));
+        }
     }
 }
 

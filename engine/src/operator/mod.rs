@@ -1,5 +1,66 @@
-//! The operator's surface: configuration, metrics, the token secret.
+//! The operations of the node: what the operator sets (configuration, the token secret) and
+//! watches (metrics, the drain), and [`NodeState`], the part of it every shard shares.
 
 pub mod config;
 pub mod metrics;
 pub mod secret;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chinwag_protocol::{NodeId, NodeType};
+
+use config::Config;
+use metrics::ShardMetrics;
+
+/// What the shards of a node share besides the bus: the configuration, the secret, each
+/// shard's metrics and the draining flag. All of it is either read-only or lock-free.
+pub struct NodeState {
+    pub config: Config,
+    /// The secret that signs login tokens.
+    pub jwt_secret: Vec<u8>,
+    /// This node's id, from its listening address.
+    pub node_id: NodeId,
+    pub metrics: Box<[ShardMetrics]>,
+    draining: AtomicBool,
+}
+
+impl NodeState {
+    /// The state of a node of `shards` shards.
+    pub fn new(config: Config, jwt_secret: Vec<u8>, shards: usize) -> NodeState {
+        let node_id = match config.listen {
+            SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
+            SocketAddr::V6(addr) => NodeId::for_addr(
+                NodeType::Connector,
+                std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, addr.port()),
+            ),
+        };
+        NodeState {
+            config,
+            jwt_secret,
+            node_id,
+            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Raises the drain flag: every shard, once woken, stops accepting and closes its
+    /// connections with 1001.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The Prometheus text of every metric; `mailbox_depths` are the shards' queue lengths.
+    pub fn render_metrics(&self, mailbox_depths: &[usize]) -> String {
+        let shards: Vec<&ShardMetrics> = self.metrics.iter().collect();
+        metrics::render(&metrics::Scrape {
+            shards: &shards,
+            mailbox_depths,
+            draining: self.is_draining(),
+        })
+    }
+}

@@ -2,7 +2,7 @@
 //! op to the shard that owns its subject (`route`).
 //!
 //! A session answers `ping` and refuses what it can refuse alone (bad frames, ops before login,
-//! a bad token); everything else becomes a [`Request`] posted to its owner shard, whose answer
+//! a bad token); everything else becomes a [`BusMsg`] posted to its owner shard, whose answer
 //! comes back through the shard ([`Session::on_registered`], [`Session::on_convs_part`], or a
 //! plain frame to send).
 
@@ -14,8 +14,7 @@ use chinwag_protocol::{
 };
 
 use super::{CloseReason, Context, Endpoint, Phase, Session};
-use crate::bus::mailbox::ShardMsg;
-use crate::bus::{self, owner_of, ws_frame, Origin, Request, Routed};
+use crate::bus::{self, owner_of, ws_frame, BusMsg, Origin, SendRequest};
 use crate::net::ws::frame::{self, Opcode};
 
 /// Close code after `kicked` (PROTOCOL.md).
@@ -149,12 +148,12 @@ impl Session {
                     login_req: req,
                     gathers: Vec::new(),
                 }));
-                let request = Request::Register {
+                let request = BusMsg::Register {
                     session: self.session_ref(ctx.shard_id as u32),
                     uid,
                     device_type: login.device,
                 };
-                ctx.post(owner_of(&uid, ctx.shards()), request);
+                ctx.post.to(owner_of(&uid, ctx.shards()), request);
             }
             message => {
                 let Some(origin) = self.origin(req, encoding, ctx) else {
@@ -162,16 +161,25 @@ impl Session {
                     return self.reply(req, encoding, error, ctx);
                 };
                 let request = match message {
-                    Message::Send(send) => Request::Send {
+                    Message::Send(send) => BusMsg::Send(Box::new(SendRequest {
                         origin,
                         target: send.target,
                         cmid: send.cmid.into_owned(),
                         kind: send.kind.into_owned(),
                         body: send.body.into_owned(),
+                    })),
+                    Message::Read(cursor) => BusMsg::Read {
+                        origin: Box::new(origin),
+                        cursor,
                     },
-                    Message::Read(cursor) => Request::Read { origin, cursor },
-                    Message::Resolve(conv) => Request::Resolve { origin, conv },
-                    Message::History(history) => Request::History { origin, history },
+                    Message::Resolve(conv) => BusMsg::Resolve {
+                        origin: Box::new(origin),
+                        conv,
+                    },
+                    Message::History(history) => BusMsg::History {
+                        origin: Box::new(origin),
+                        history,
+                    },
                     Message::Convs => {
                         let shards = ctx.shards();
                         if self
@@ -192,7 +200,12 @@ impl Session {
                             });
                         }
                         for shard in 0..shards {
-                            ctx.post(shard, Request::Convs { origin });
+                            ctx.post.to(
+                                shard,
+                                BusMsg::Convs {
+                                    origin: Box::new(origin),
+                                },
+                            );
                         }
                         return;
                     }
@@ -206,13 +219,14 @@ impl Session {
                         );
                     }
                 };
-                let owner = request.owner(ctx.shards());
-                if owner >= ctx.shards() {
+                match request.owner(ctx.shards()) {
+                    Some(owner) if owner < ctx.shards() => ctx.post.to(owner, request),
                     // A conversation id naming a shard this node does not have.
-                    let error = origin.error(ErrorCode::NotFound, "no such conversation");
-                    return self.send(error, ctx);
+                    _ => {
+                        let error = origin.error(ErrorCode::NotFound, "no such conversation");
+                        self.send(error, ctx);
+                    }
                 }
-                ctx.post(owner, request);
             }
         }
     }
@@ -328,18 +342,5 @@ impl Session {
     ) {
         let frame: Bytes = ws_frame(&Frame { req, message }, encoding);
         self.send(frame, ctx);
-    }
-}
-
-impl Context {
-    /// Hands `request` to shard `shard` (this one included) at the end of the read phase.
-    pub fn post(&mut self, shard: usize, request: Request) {
-        self.outgoing
-            .push((shard, ShardMsg::Routed(Routed::Request(Box::new(request)))));
-    }
-
-    /// The node's shard count.
-    pub fn shards(&self) -> usize {
-        self.node.mailboxes.len()
     }
 }

@@ -13,6 +13,7 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
+pub mod local;
 pub mod outbox;
 pub mod session;
 
@@ -24,12 +25,12 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::bus::mailbox::ShardMsg;
-use crate::bus::{owner_of, LocalDevice, LocalDevices, Request, Routed};
-use crate::logic::{self, Outgoing, Owner};
-use crate::node::Node;
+use crate::bus::post::{Post, PostOffice};
+use crate::bus::{owner_of, BusMsg, SessionRef};
+use crate::logic::{self, Owner};
 use crate::operator::metrics::{self, ShardMetrics};
-use chinwag_protocol::ErrorCode;
+use crate::operator::NodeState;
+use local::{LocalDevice, LocalDevices};
 use session::Session;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -79,14 +80,14 @@ const SWEEP_TICK_MS: u64 = 50;
 /// What a session may use of its shard while it handles an event.
 pub struct Context {
     pub shard_id: usize,
-    pub node: Arc<Node>,
+    pub node: Arc<NodeState>,
+    /// Messages for other shards (and this one) posted during the turn, and the mailboxes.
+    pub post: Post,
     pub limits: Limits,
     /// Milliseconds since the shard started, read once per loop turn.
     pub now_ms: u64,
     /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
     pub unix_ms: u64,
-    /// Work for owner shards (this one included) posted during the turn.
-    outgoing: Vec<(usize, ShardMsg)>,
     /// Sessions with output queued this turn.
     dirty: Vec<Token>,
     /// Sessions that used their read budget and may have more to read.
@@ -103,7 +104,12 @@ impl Context {
     }
 
     pub fn render_metrics(&self) -> String {
-        self.node.render_metrics()
+        self.node.render_metrics(&self.post.office().depths())
+    }
+
+    /// The node's shard count.
+    pub fn shards(&self) -> usize {
+        self.post.shards()
     }
 }
 
@@ -116,7 +122,7 @@ pub struct Shard {
     /// This shard's part of the routing table: its logged-in sessions by user.
     local: LocalDevices,
     /// Mailbox messages taken this turn, handled after the drain.
-    inbox: Vec<ShardMsg>,
+    inbox: Vec<BusMsg>,
     rbuf: Box<[u8]>,
     ctx: Context,
     next_generation: u32,
@@ -127,10 +133,11 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard with its `poll` (whose waker is in `node.mailboxes[shard_id]`) and listener.
+    /// A shard with its `poll` (whose waker is in `office.mailbox(shard_id)`) and listener.
     pub fn new(
         shard_id: usize,
-        node: Arc<Node>,
+        node: Arc<NodeState>,
+        office: Arc<PostOffice>,
         poll: Poll,
         mut listener: TcpListener,
         owner: Owner,
@@ -160,10 +167,10 @@ impl Shard {
             ctx: Context {
                 shard_id,
                 node,
+                post: Post::new(shard_id, office),
                 limits,
                 now_ms: 0,
                 unix_ms: logic::unix_ms(),
-                outgoing: Vec::new(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
             },
@@ -220,7 +227,7 @@ impl Shard {
                 }
             }
             self.drain_mailbox();
-            self.route_and_commit();
+            self.send_and_commit();
             if self.ctx.now_ms >= next_sweep_ms {
                 self.publish_log_metrics();
             }
@@ -249,7 +256,7 @@ impl Shard {
             if drained && self.sessions.is_empty() {
                 // Whatever the last sessions posted (their logouts) is handled, then the log
                 // is flushed and snapshotted so the next start replays little.
-                self.route_and_commit();
+                self.send_and_commit();
                 let store = self.owner.store_mut();
                 if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
                     tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
@@ -347,9 +354,7 @@ impl Shard {
     }
 
     fn drain_mailbox(&mut self) {
-        let node = Arc::clone(&self.ctx.node);
-        let inbox = &mut self.inbox;
-        node.mailboxes[self.ctx.shard_id].drain(MAILBOX_BATCH, |msg| inbox.push(msg));
+        self.ctx.post.receive(MAILBOX_BATCH, &mut self.inbox);
         metrics::add(
             &self.ctx.metrics().mailbox_messages,
             self.inbox.len() as u64,
@@ -362,28 +367,19 @@ impl Shard {
         self.inbox = inbox;
     }
 
-    /// Delivers the turn's posted work (to this shard's owner or through other shards'
+    /// Sends the turn's posted messages (to this shard's owner or through other shards'
     /// mailboxes), then commits the owner's log and sends what the commit released. Handling
     /// a released message can post more (a completed login tells the shop's dispatcher), so
     /// this goes round until nothing is left.
-    fn route_and_commit(&mut self) {
+    fn send_and_commit(&mut self) {
         loop {
-            let posted = std::mem::take(&mut self.ctx.outgoing);
-            for (shard, msg) in posted {
+            for (shard, msg) in self.ctx.post.take() {
                 self.deliver(shard, msg);
             }
-            for out in self.owner.commit() {
-                match out {
-                    Outgoing::To(shard, msg) => self.deliver(shard, msg),
-                    Outgoing::All(fanout) => {
-                        for shard in 0..self.ctx.shards() {
-                            let msg = ShardMsg::Routed(Routed::Fanout(Arc::clone(&fanout)));
-                            self.deliver(shard, msg);
-                        }
-                    }
-                }
+            for (shard, msg) in self.owner.commit() {
+                self.deliver(shard, msg);
             }
-            if self.ctx.outgoing.is_empty() {
+            if self.ctx.post.is_empty() {
                 return;
             }
         }
@@ -404,40 +400,21 @@ impl Shard {
         set(&m.log_segment_bytes, stats.segment_bytes);
     }
 
-    fn deliver(&mut self, shard: usize, msg: ShardMsg) {
-        if shard == self.ctx.shard_id {
-            return self.handle(msg);
-        }
-        if let Err(msg) = self.ctx.node.mailboxes[shard].send(msg) {
-            // The other shard is far behind; shedding this message is the bounded choice. A
-            // client request posted from here is answered `unavailable`; a lost push is
-            // repaired by `history`.
-            metrics::add(&self.ctx.metrics().mailbox_full_drops, 1);
-            if let ShardMsg::Routed(Routed::Request(request)) = msg {
-                if let Some(origin) = request.origin() {
-                    let error =
-                        origin.error(ErrorCode::Unavailable, "the owner shard is overloaded");
-                    self.handle(ShardMsg::Send {
-                        to: origin.session,
-                        frame: error,
-                    });
-                }
-            }
+    fn deliver(&mut self, shard: usize, msg: BusMsg) {
+        if let Some(msg) = self.ctx.post.send(shard, msg, self.ctx.metrics()) {
+            self.handle(msg);
         }
     }
 
     /// Acts on one message for this shard.
-    fn handle(&mut self, msg: ShardMsg) {
+    fn handle(&mut self, msg: BusMsg) {
         match msg {
-            ShardMsg::Send { to, frame } => {
+            BusMsg::Deliver { to, ws_message } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.send(frame, &mut self.ctx);
+                    session.send(ws_message, &mut self.ctx);
                 }
             }
-            ShardMsg::Routed(Routed::Request(request)) => {
-                self.owner.handle(*request, self.ctx.unix_ms);
-            }
-            ShardMsg::Routed(Routed::Fanout(fanout)) => {
+            BusMsg::Push(fanout) => {
                 for uid in &fanout.users {
                     for d in self.local.of(*uid) {
                         if Some(d.device) == fanout.except {
@@ -453,11 +430,11 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Routed(Routed::Registered {
+            BusMsg::Registered {
                 session: to,
                 uid,
                 device,
-            }) => {
+            } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
                         session.on_registered(device, &mut self.ctx)
@@ -467,9 +444,9 @@ impl Shard {
                 match (completed, device) {
                     (true, Some(device)) => self.logged_in(to, uid, device),
                     // The session ended while its device was being registered.
-                    (false, Some(device)) => self.ctx.post(
+                    (false, Some(device)) => self.ctx.post.to(
                         owner_of(&uid, self.ctx.shards()),
-                        Request::Unregister {
+                        BusMsg::Unregister {
                             session: to,
                             uid,
                             device,
@@ -478,20 +455,22 @@ impl Shard {
                     _ => {}
                 }
             }
-            ShardMsg::Routed(Routed::Kick { session: to }) => {
+            BusMsg::Kick { session: to } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     session.kick(&mut self.ctx);
                 }
             }
-            ShardMsg::Routed(Routed::ConvsPart {
+            BusMsg::ConvsPart {
                 session: to,
                 req,
                 convs,
-            }) => {
+            } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     session.on_convs_part(req, convs, &mut self.ctx);
                 }
             }
+            // Everything else is for this shard as an owner.
+            request => self.owner.handle(request, self.ctx.unix_ms),
         }
     }
 
@@ -499,7 +478,7 @@ impl Shard {
     /// agent's shop.
     fn logged_in(
         &mut self,
-        to: crate::bus::mailbox::SessionRef,
+        to: SessionRef,
         uid: chinwag_protocol::Uid,
         device: chinwag_protocol::DeviceId,
     ) {
@@ -521,9 +500,9 @@ impl Shard {
         );
         if let Some(shop) = shop {
             let shards = self.ctx.shards();
-            self.ctx.post(
+            self.ctx.post.to(
                 owner_of(&shop, shards),
-                Request::AgentOnline { shop, agent: uid },
+                BusMsg::AgentOnline { shop, agent: uid },
             );
         }
     }
@@ -574,18 +553,18 @@ impl Shard {
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
             let shards = self.ctx.shards();
-            self.ctx.post(
+            self.ctx.post.to(
                 owner_of(&uid, shards),
-                Request::Unregister {
+                BusMsg::Unregister {
                     session: me,
                     uid,
                     device,
                 },
             );
             if let Some(shop) = shop {
-                self.ctx.post(
+                self.ctx.post.to(
                     owner_of(&shop, shards),
-                    Request::AgentOffline { shop, agent: uid },
+                    BusMsg::AgentOffline { shop, agent: uid },
                 );
             }
         }
@@ -614,7 +593,7 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
-    use crate::bus::mailbox::{Mailbox, SessionRef};
+    use crate::bus::mailbox::Mailbox;
     use crate::net::ws::frame::{self, Opcode};
     use crate::operator::config::Config;
 
@@ -624,16 +603,21 @@ mod tests {
     fn mailbox_frames_reach_their_session_only() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-        let node = Arc::new(Node::new(
-            Config::default(),
-            b"secret".to_vec(),
-            vec![Mailbox::new(16, waker)],
-        ));
+        let node = Arc::new(NodeState::new(Config::default(), b"secret".to_vec(), 1));
+        let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let owner = Owner::for_tests(0, dir.path());
-        let shard = Shard::new(0, Arc::clone(&node), poll, listener, owner).unwrap();
+        let owner = Owner::for_tests(0, 1, dir.path());
+        let shard = Shard::new(
+            0,
+            Arc::clone(&node),
+            Arc::clone(&office),
+            poll,
+            listener,
+            owner,
+        )
+        .unwrap();
         let thread = std::thread::spawn(move || shard.run());
 
         let mut client = std::net::TcpStream::connect(addr).unwrap();
@@ -665,24 +649,25 @@ mod tests {
             slot: 0,
             generation: 1,
         };
-        let mailbox = &node.mailboxes[0];
+        let mailbox = office.mailbox(0);
         mailbox
-            .send(ShardMsg::Send {
+            .send(BusMsg::Deliver {
                 to: stale,
-                frame: frame::encode(Opcode::Text, b"not for you"),
+                ws_message: frame::encode(Opcode::Text, b"not for you"),
             })
             .unwrap();
         mailbox
-            .send(ShardMsg::Send {
+            .send(BusMsg::Deliver {
                 to: live,
-                frame: frame::encode(Opcode::Text, b"pushed"),
+                ws_message: frame::encode(Opcode::Text, b"pushed"),
             })
             .unwrap();
         let mut received = [0u8; 8];
         client.read_exact(&mut received).unwrap();
         assert_eq!(&received, b"\x81\x06pushed");
 
-        node.drain();
+        node.start_drain();
+        office.wake_all();
         let mut close = [0u8; 4];
         client.read_exact(&mut close).unwrap();
         assert_eq!(close[..2], [0x88, 12]);

@@ -16,7 +16,7 @@ use mio::Token;
 
 use super::outbox::{self, Outbox};
 use super::Context;
-use crate::bus::mailbox::SessionRef;
+use crate::bus::SessionRef;
 use crate::net::http::{self, Endpoint, Parsed, Route};
 use crate::net::ws::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
 use crate::operator::metrics::{self, CloseReason};
