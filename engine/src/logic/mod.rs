@@ -1,33 +1,40 @@
-//! The owner side of a shard: the conversations, devices and shops this shard owns, with its
-//! log ([`Store`]) and its customer-service [`Dispatcher`].
+//! The Logic of the seed design: the owner of the conversations, devices and shops of one
+//! shard, with its log ([`Store`]) and its customer-service [`Dispatcher`].
 //!
-//! [`Owner::handle`] acts on one [`Request`] and queues what it produces. Nothing leaves before
+//! [`Owner::handle`] acts on one [`BusMsg`] and queues what it produces. Nothing leaves before
 //! [`Owner::commit`]: the shard calls it once per loop turn, and only when the log has made the
 //! turn's records durable under the fsync policy do the acknowledgements (`send_ok`, `read_ok`,
 //! ...) and pushes go out. If the commit fails, every acknowledgement of the turn becomes an
 //! `unavailable` error and its pushes are dropped: nothing is announced that a crash could lose.
+//!
+//! The owner knows no sockets: it takes messages and gives messages, so its rules are tested
+//! here without any (see `tests` at the bottom of each file). By concern:
+//! - [`devices`]: login (find or register a device, kick an older session), logout;
+//! - [`send`]: `send`, creating conversations, fan-out of `msg`;
+//! - [`cursors`]: `read` and its `receipt`;
+//! - [`reads`]: `history` pages and this shard's part of `convs`;
+//! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
+//!   coming online).
 
+mod cursors;
+mod devices;
 pub mod dispatch;
+mod reads;
+mod send;
+mod shop;
+#[cfg(test)]
+mod testing;
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use ahash::AHashMap;
 use bytes::Bytes;
-use chinwag_protocol::{
-    ConvId, ConvSummary, ConvType, Cursor, DeviceId, DeviceIdGenerator, DeviceType, ErrorCode,
-    History, HistoryOk, HistoryRange, Members, Message, Msg, Receipt, SendOk, Seq, ShopId, Target,
-    Uid, UidKind,
-};
+use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
 use crate::bus::{owner_of_conv, BusMsg, Fanout, Origin, SendRequest, SessionRef, CONV_SHARD_BITS};
-use crate::logic::dispatch::{Decision, Dispatcher};
-use crate::store::{Appended, ConvKind, HistoryFrom, MessageRef, NewMessage, Store, StoreError};
-
-/// What a `msg` entry costs on the wire besides its strings (ids, numbers, JSON punctuation
-/// and escaping slack), for the reply byte budget.
-const MSG_OVERHEAD_BYTES: usize = 160;
+use crate::store::{Store, StoreError};
+use dispatch::Dispatcher;
 
 /// An output waiting for the turn's commit: a message and the shard it goes to.
 struct Pending {
@@ -71,32 +78,7 @@ impl Owner {
         devices: Arc<Mutex<DeviceIdGenerator>>,
         reply_bytes_max: usize,
     ) -> Owner {
-        let mut dispatcher = Dispatcher::new();
-        let mut waiting: Vec<(ConvId, ShopId)> = Vec::new();
-        for (id, conv) in store.conversations() {
-            let Some(shop) = conv.shop() else { continue };
-            let agents = conv.members().iter().filter(|u| u.kind == UidKind::Agent);
-            let mut any_agent = false;
-            for agent in agents {
-                dispatcher.restore_assignment(shop, *agent);
-                any_agent = true;
-            }
-            // A conversation with customer messages and no agent was waiting when the node
-            // stopped. Its place in the queue is not stored; creation order stands in for it.
-            if !any_agent && conv.last_seq() > Seq(0) {
-                let last = store.history(id, HistoryFrom::Newest, 1).ok();
-                let from_customer = last
-                    .and_then(|m| m.first().map(|m| m.sender.kind.is_customer()))
-                    .unwrap_or(false);
-                if from_customer {
-                    waiting.push((id, shop));
-                }
-            }
-        }
-        waiting.sort_unstable();
-        for (conv, shop) in waiting {
-            dispatcher.restore_waiting(shop, conv);
-        }
+        let dispatcher = shop::restore_dispatcher(&store);
         let conv_counter = store
             .conv_max()
             .map_or(1, |max| (max.0 >> CONV_SHARD_BITS) + 1);
@@ -213,18 +195,8 @@ impl Owner {
             } => self.register(session, uid, device_type),
             BusMsg::Unregister {
                 session, device, ..
-            } => {
-                if self.sessions.get(&device) == Some(&session) {
-                    self.sessions.remove(&device);
-                }
-            }
-            BusMsg::AgentOnline { shop, agent } => {
-                for assignment in self.dispatcher.agent_online(shop, agent) {
-                    if let Err(e) = self.assign(assignment.conv, assignment.agent) {
-                        tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
-                    }
-                }
-            }
+            } => self.unregister(session, device),
+            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
             BusMsg::Deliver { .. }
             | BusMsg::Push(_)
@@ -272,304 +244,6 @@ impl Owner {
         }
     }
 
-    fn send(
-        &mut self,
-        origin: &Origin,
-        target: Target,
-        cmid: &str,
-        kind: &str,
-        body: &str,
-        now_ms: u64,
-    ) -> Result<(), (ErrorCode, String)> {
-        let uid = origin.uid;
-        let conv = match target {
-            Target::Conv(conv) => {
-                self.member_conv(conv, uid)?;
-                conv
-            }
-            Target::Shop(shop) => {
-                if !uid.kind.is_customer() {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        "only buyers and wechat customers write to a shop; agents use conv".into(),
-                    ));
-                }
-                let existing = self.store.shop_conv(shop, uid);
-                self.find_or_create(existing, |store, conv| {
-                    store.create_shop_conv(conv, shop, uid)
-                })?
-            }
-            Target::User(other) => {
-                if other == uid {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        "a direct conversation needs two users".into(),
-                    ));
-                }
-                let existing = self.store.direct_conv(uid, other);
-                self.find_or_create(existing, |store, conv| {
-                    store.create_direct_conv(conv, uid, other)
-                })?
-            }
-        };
-
-        // Customer service: make sure an online agent serves the conversation before the
-        // message goes out, so a newly assigned agent gets `members` and then the `msg`.
-        if uid.kind.is_customer() {
-            if let Some((shop, agents)) = self.shop_agents(conv) {
-                if let Decision::Assign(agent) =
-                    self.dispatcher.customer_message(shop, conv, &agents)
-                {
-                    self.assign(conv, agent).map_err(store_error)?;
-                }
-            }
-        }
-
-        let appended = self
-            .store
-            .append_message(&NewMessage {
-                conv,
-                sender: uid,
-                device: origin.device,
-                cmid: cmid.as_bytes(),
-                kind: kind.as_bytes(),
-                body: body.as_bytes(),
-                ts_ms: now_ms,
-            })
-            .map_err(store_error)?;
-        match appended {
-            Appended::Stored { seq } => {
-                self.messages_stored += 1;
-                let ok = origin.reply(Message::SendOk(SendOk {
-                    conv,
-                    seq,
-                    ts: now_ms,
-                }));
-                self.ack(origin, ok);
-                let members = self.members(conv);
-                self.fanout(Fanout::new(
-                    members,
-                    Some(origin.device),
-                    Message::Msg(Msg {
-                        conv,
-                        seq,
-                        from: uid,
-                        ts: now_ms,
-                        kind: kind.into(),
-                        body: body.into(),
-                        cmid: cmid.into(),
-                    }),
-                ));
-            }
-            Appended::Duplicate { conv, seq } => {
-                // The original's time, read back: one record read, on a rare path.
-                let ts = self
-                    .store
-                    .history(conv, HistoryFrom::After(Seq(seq.0 - 1)), 1)
-                    .ok()
-                    .and_then(|m| m.first().map(|m| m.ts_ms))
-                    .unwrap_or(now_ms);
-                let ok = origin.reply(Message::SendOk(SendOk { conv, seq, ts }));
-                self.ack(origin, ok);
-            }
-        }
-        Ok(())
-    }
-
-    fn read(&mut self, origin: &Origin, cursor: Cursor) -> Result<(), (ErrorCode, String)> {
-        let conv = cursor.conv;
-        let before = self.member_conv(conv, origin.uid)?.cursor(origin.uid);
-        let after = self
-            .store
-            .mark_read(conv, origin.uid, cursor.seq)
-            .map_err(store_error)?;
-        let ok = origin.reply(Message::ReadOk(Cursor { conv, seq: after }));
-        self.ack(origin, ok);
-        if after > before {
-            let members = self.members(conv);
-            self.fanout(Fanout::new(
-                members,
-                Some(origin.device),
-                Message::Receipt(Receipt {
-                    conv,
-                    uid: origin.uid,
-                    seq: after,
-                }),
-            ));
-        }
-        Ok(())
-    }
-
-    fn resolve(&mut self, origin: &Origin, conv: ConvId) -> Result<(), (ErrorCode, String)> {
-        if origin.uid.kind != UidKind::Agent {
-            return Err((ErrorCode::BadRequest, "only agents resolve".into()));
-        }
-        let c = self.member_conv(conv, origin.uid)?;
-        let Some(shop) = c.shop() else {
-            return Err((ErrorCode::BadRequest, "not a shop conversation".into()));
-        };
-        self.store
-            .remove_member(conv, origin.uid)
-            .map_err(store_error)?;
-        self.dispatcher.resolve(shop, origin.uid);
-        let ok = origin.reply(Message::ResolveOk(conv));
-        self.ack(origin, ok);
-        let mut members = self.members(conv);
-        let remaining = members.to_vec();
-        members.push(origin.uid);
-        self.fanout(Fanout::new(
-            members,
-            None,
-            Message::Members(Members {
-                conv,
-                members: remaining,
-            }),
-        ));
-        Ok(())
-    }
-
-    fn history(
-        &self,
-        origin: &Origin,
-        history: History,
-    ) -> Result<Message<'static>, (ErrorCode, String)> {
-        let conv = history.conv;
-        self.member_conv(conv, origin.uid)?;
-        let from = match history.range {
-            HistoryRange::Newest => HistoryFrom::Newest,
-            HistoryRange::Before(seq) => HistoryFrom::Before(seq),
-            HistoryRange::After(seq) => HistoryFrom::After(seq),
-        };
-        let page = self
-            .store
-            .history(conv, from, usize::from(history.limit))
-            .map_err(store_error)?;
-        // A page must fit the connection's send queue, or asking for it would get the client
-        // disconnected: keep the messages nearest the anchor within the byte budget and let
-        // the client page on (the contract's `limit` is a maximum).
-        let size =
-            |m: &MessageRef<'_>| MSG_OVERHEAD_BYTES + m.body.len() + m.kind.len() + m.cmid.len();
-        let mut budget = self.reply_bytes_max;
-        let mut fits = |m: &MessageRef<'_>| {
-            let fits = size(m) <= budget;
-            budget = budget.saturating_sub(size(m));
-            fits
-        };
-        let keep = match history.range {
-            // Ascending from the anchor: keep a prefix.
-            HistoryRange::After(_) => page.iter().take_while(|m| fits(m)).count(),
-            // Descending from the anchor: keep a suffix.
-            HistoryRange::Newest | HistoryRange::Before(_) => {
-                page.iter().rev().take_while(|m| fits(m)).count()
-            }
-        };
-        // Always at least one message, so a client can page past any single message.
-        let keep = keep.max(1).min(page.len());
-        let kept = match history.range {
-            HistoryRange::After(_) => &page[..keep],
-            HistoryRange::Newest | HistoryRange::Before(_) => &page[page.len() - keep..],
-        };
-        let msgs = kept.iter().map(to_msg).collect();
-        Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
-    }
-
-    fn convs_of(&self, uid: Uid) -> Vec<ConvSummary<'static>> {
-        self.store
-            .convs_of(uid)
-            .iter()
-            .filter_map(|&id| {
-                let c = self.store.conv(id)?;
-                let last_seq = c.last_seq();
-                let read_seq = c.cursor(uid);
-                let last = self
-                    .store
-                    .history(id, HistoryFrom::Newest, 1)
-                    .ok()
-                    .and_then(|m| m.first().map(to_msg));
-                Some(ConvSummary {
-                    conv: id,
-                    conv_type: match (c.kind(), c.shop()) {
-                        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
-                        (ConvKind::Group, _) => ConvType::Group,
-                        _ => ConvType::Direct,
-                    },
-                    members: c.members().to_vec(),
-                    last_seq,
-                    read_seq,
-                    unread: last_seq.0.saturating_sub(read_seq.0),
-                    last,
-                })
-            })
-            .collect()
-    }
-
-    fn register(&mut self, session: SessionRef, uid: Uid, device_type: DeviceType) {
-        let device = match self.store.device(uid, device_type) {
-            Some(device) => Ok(device),
-            None => self.new_device(uid, device_type),
-        };
-        let device = match device {
-            Ok(device) => device,
-            Err(e) => {
-                tracing::error!(%uid, error = %e, "device registration failed");
-                // The session learns of it as a failed login.
-                self.push_out(
-                    session.shard as usize,
-                    BusMsg::Registered {
-                        session,
-                        uid,
-                        device: None,
-                    },
-                );
-                return;
-            }
-        };
-        if let Some(older) = self.sessions.insert(device, session) {
-            if older != session {
-                self.push_out(older.shard as usize, BusMsg::Kick { session: older });
-            }
-        }
-        self.push_out(
-            session.shard as usize,
-            BusMsg::Registered {
-                session,
-                uid,
-                device: Some(device),
-            },
-        );
-    }
-
-    fn new_device(&mut self, uid: Uid, device_type: DeviceType) -> Result<DeviceId, String> {
-        let now_s = unix_ms() / 1000;
-        // A poisoned lock means another shard panicked mid-generation; the generator's state
-        // is a pair of integers that is never left half-written, so it is still sound.
-        let id = self
-            .devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .next(device_type, now_s)
-            .map_err(|e| e.to_string())?;
-        self.store
-            .register_device(uid, device_type, id)
-            .map_err(|e| e.to_string())
-    }
-
-    /// Adds `agent` to `conv` and pushes the new member list to every member.
-    fn assign(&mut self, conv: ConvId, agent: Uid) -> Result<(), StoreError> {
-        self.store.add_member(conv, agent)?;
-        let members = self.members(conv);
-        let list = members.to_vec();
-        self.fanout(Fanout::new(
-            members,
-            None,
-            Message::Members(Members {
-                conv,
-                members: list,
-            }),
-        ));
-        Ok(())
-    }
-
     /// The conversation, if it is here and `uid` is a member.
     fn member_conv(
         &self,
@@ -591,44 +265,11 @@ impl Owner {
         Ok(c)
     }
 
-    /// For a shop conversation: its shop and assigned agents.
-    fn shop_agents(&self, conv: ConvId) -> Option<(ShopId, SmallVec<[Uid; 4]>)> {
-        let c = self.store.conv(conv)?;
-        let shop = c.shop()?;
-        let agents = c
-            .members()
-            .iter()
-            .filter(|u| u.kind == UidKind::Agent)
-            .copied()
-            .collect();
-        Some((shop, agents))
-    }
-
     fn members(&self, conv: ConvId) -> SmallVec<[Uid; 4]> {
         self.store
             .conv(conv)
             .map(|c| SmallVec::from_slice(c.members()))
             .unwrap_or_default()
-    }
-
-    /// `existing`, or a new conversation with the next id, created by `create`.
-    fn find_or_create(
-        &mut self,
-        existing: Option<ConvId>,
-        create: impl FnOnce(&mut Store, ConvId) -> Result<(), StoreError>,
-    ) -> Result<ConvId, (ErrorCode, String)> {
-        if let Some(conv) = existing {
-            return Ok(conv);
-        }
-        let conv = self.next_conv_id();
-        create(&mut self.store, conv).map_err(store_error)?;
-        Ok(conv)
-    }
-
-    fn next_conv_id(&mut self) -> ConvId {
-        let id = ConvId(self.conv_counter << CONV_SHARD_BITS | self.shard as u64);
-        self.conv_counter += 1;
-        id
     }
 
     /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.
@@ -668,22 +309,6 @@ impl Owner {
         for shard in 0..self.shards {
             self.push_out(shard, BusMsg::Push(Arc::clone(&fanout)));
         }
-    }
-}
-
-/// A stored message as the protocol shows it. The store keeps what the protocol decoded as
-/// UTF-8; a record that somehow is not shows with replacement characters rather than failing
-/// the whole page.
-fn to_msg(m: &MessageRef<'_>) -> Msg<'static> {
-    let text = |bytes: &[u8]| Cow::Owned(String::from_utf8_lossy(bytes).into_owned());
-    Msg {
-        conv: m.conv,
-        seq: m.seq,
-        from: m.sender,
-        ts: m.ts_ms,
-        kind: text(m.kind),
-        body: text(m.body),
-        cmid: text(m.cmid),
     }
 }
 
