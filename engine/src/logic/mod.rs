@@ -66,6 +66,9 @@ pub struct Owner {
     pub messages_stored: u64,
     /// Commits that failed since start (for metrics).
     pub commit_failures: u64,
+    /// Makes the next commit fail as a full or broken disk would (unit tests only).
+    #[cfg(test)]
+    fail_next_commit: bool,
 }
 
 impl Owner {
@@ -94,6 +97,8 @@ impl Owner {
             reply_bytes_max,
             messages_stored: 0,
             commit_failures: 0,
+            #[cfg(test)]
+            fail_next_commit: false,
         }
     }
 
@@ -212,13 +217,13 @@ impl Owner {
     pub fn commit(&mut self) -> Vec<(usize, BusMsg)> {
         if self.pending.is_empty() {
             // Nothing to acknowledge; still give an `interval` policy its periodic flush.
-            if let Err(e) = self.store.commit() {
+            if let Err(e) = self.commit_log() {
                 tracing::error!(shard = self.shard, error = %e, "log commit failed");
             }
             return Vec::new();
         }
         let pending = std::mem::take(&mut self.pending);
-        match self.store.commit() {
+        match self.commit_log() {
             Ok(()) => pending.into_iter().map(|p| (p.to, p.msg)).collect(),
             Err(e) => {
                 self.commit_failures += 1;
@@ -270,6 +275,14 @@ impl Owner {
             .conv(conv)
             .map(|c| SmallVec::from_slice(c.members()))
             .unwrap_or_default()
+    }
+
+    fn commit_log(&mut self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_commit) {
+            return Err(StoreError::Poisoned);
+        }
+        self.store.commit()
     }
 
     /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.

@@ -107,3 +107,116 @@ pub(super) fn to_msg(m: &MessageRef<'_>) -> Msg<'static> {
         cmid: text(m.cmid),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{json, ConvId, History, HistoryRange, Message, Seq, Target};
+
+    use crate::bus::{BusMsg, Origin};
+    use crate::logic::testing::*;
+
+    fn page(h: &mut Harness, origin: &Origin, conv: ConvId, range: HistoryRange) -> Vec<u64> {
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(*origin),
+            history: History {
+                conv,
+                range,
+                limit: 10,
+            },
+        });
+        let texts = replies(&out, origin.session);
+        match json::decode(&texts[0]).expect("a JSON reply").message {
+            Message::HistoryOk(ok) => ok.msgs.iter().map(|m| m.seq.0).collect(),
+            other => panic!("not history_ok: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_pages_keep_the_messages_nearest_the_anchor_within_the_reply_budget() {
+        // Each 300-byte message costs 160 + 300 + its kind and cmid: two fit in 1,000 bytes.
+        let mut h = Harness::with_reply_bytes_max(1000);
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let mut conv = ConvId(0);
+        for cmid in ["1", "2", "3", "4", "5"] {
+            let out = h.turn(send(&a, Target::User(b.uid), cmid, &"x".repeat(300)));
+            conv = send_ok(&replies(&out, a.session)).0;
+        }
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Newest), [4, 5]);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Before(Seq(4))), [2, 3]);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::After(Seq(0))), [1, 2]);
+
+        // One message over the whole budget still comes, alone, so a client can page past it.
+        let out = h.turn(send(&a, Target::Conv(conv), "6", &"y".repeat(2000)));
+        assert_eq!(send_ok(&replies(&out, a.session)).1, 6);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Newest), [6]);
+    }
+
+    #[test]
+    fn history_is_for_members_only() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        let out = h.turn(send(&a, Target::User(b.uid), "1", "x"));
+        let (conv, _) = send_ok(&replies(&out, a.session));
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(c),
+            history: History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 10,
+            },
+        });
+        assert!(replies(&out, c.session)[0].contains(r#""code":"not_member""#));
+    }
+
+    #[test]
+    fn convs_gives_this_shards_conversations_of_the_user_with_unread_counts() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        h.turn(send(&b, Target::User(a.uid), "1", "from b"));
+        h.turn(send(&b, Target::User(a.uid), "2", "from b again"));
+        h.turn(send(&c, Target::User(a.uid), "3", "from c"));
+        let out = h.turn(BusMsg::Convs {
+            origin: Box::new(a),
+        });
+        let parts: Vec<_> = out
+            .iter()
+            .filter_map(|(shard, msg)| match msg {
+                BusMsg::ConvsPart {
+                    session,
+                    req,
+                    convs,
+                } => Some((*shard, *session, *req, convs)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parts.len(), 1);
+        let (shard, session, req, convs) = &parts[0];
+        assert_eq!(
+            (*shard, *session, *req),
+            (SESSION_SHARD as usize, a.session, Some(1))
+        );
+        let mut unread: Vec<_> = convs
+            .iter()
+            .map(|c| {
+                (
+                    c.last_seq.0,
+                    c.unread,
+                    c.last.as_ref().map(|m| m.body.to_string()),
+                )
+            })
+            .collect();
+        unread.sort();
+        assert_eq!(
+            unread,
+            [
+                (1, 1, Some("from c".to_string())),
+                (2, 2, Some("from b again".to_string()))
+            ]
+        );
+    }
+}

@@ -134,3 +134,121 @@ impl Owner {
         id
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{ConvId, History, HistoryRange, Target};
+
+    use crate::bus::BusMsg;
+    use crate::logic::testing::*;
+
+    #[test]
+    fn a_send_is_stored_acknowledged_and_pushed_once_to_every_shard() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let out = h.turn(send(&a, Target::User(b.uid), "c1", "hello"));
+        let (conv, seq) = send_ok(&replies(&out, a.session));
+        assert_eq!(seq, 1);
+        assert_eq!(conv, ConvId(1 << 8), "the first conversation of shard 0");
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        let (shards, users, except, text) = &pushed[0];
+        assert_eq!(shards, &[0, 1], "a push goes to every shard");
+        assert_eq!(users, &[a.uid, b.uid]);
+        assert_eq!(*except, Some(a.device), "not back to the sending device");
+        assert!(text.contains(r#""op":"msg""#) && text.contains(r#""body":"hello""#));
+
+        // The same pair writes into the same conversation; seqs go on.
+        let out = h.turn(send(&b, Target::User(a.uid), "c2", "hi"));
+        assert_eq!(send_ok(&replies(&out, b.session)), (conv, 2));
+        let out = h.turn(send(&a, Target::Conv(conv), "c3", "again"));
+        assert_eq!(send_ok(&replies(&out, a.session)), (conv, 3));
+    }
+
+    #[test]
+    fn a_repeated_cmid_is_answered_with_the_first_seq_and_not_pushed_again() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let first = h.turn(send(&a, Target::User(b.uid), "same", "hello"));
+        let again = h.turn(send(&a, Target::User(b.uid), "same", "hello"));
+        assert_eq!(
+            send_ok(&replies(&again, a.session)),
+            send_ok(&replies(&first, a.session))
+        );
+        assert!(pushes(&again).is_empty());
+    }
+
+    #[test]
+    fn only_members_write_and_unknown_conversations_are_not_found() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        let out = h.turn(send(&a, Target::User(b.uid), "c1", "hello"));
+        let (conv, _) = send_ok(&replies(&out, a.session));
+
+        let out = h.turn(send(&c, Target::Conv(conv), "c2", "intruder"));
+        let texts = replies(&out, c.session);
+        assert!(texts[0].contains(r#""code":"not_member""#), "{texts:?}");
+        assert!(pushes(&out).is_empty());
+
+        let out = h.turn(send(&a, Target::Conv(ConvId(99 << 8)), "c3", "x"));
+        assert!(replies(&out, a.session)[0].contains(r#""code":"not_found""#));
+
+        let out = h.turn(send(&a, Target::User(a.uid), "c4", "me"));
+        assert!(replies(&out, a.session)[0].contains(r#""code":"bad_request""#));
+    }
+
+    /// Issue 10: a commit that fails turns the turn's acknowledgements into `unavailable` and
+    /// drops its pushes, while a reply that did not depend on the log still goes out.
+    #[test]
+    fn a_failed_commit_answers_unavailable_and_drops_the_turns_pushes() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        let out = h.turn(send(&a, Target::User(b.uid), "c1", "stored"));
+        let (conv, _) = send_ok(&replies(&out, a.session));
+
+        h.fail_next_commit();
+        h.owner
+            .handle(send(&a, Target::Conv(conv), "c2", "lost"), h.now_ms);
+        h.owner
+            .handle(send(&b, Target::Conv(conv), "c3", "lost too"), h.now_ms);
+        h.owner.handle(
+            BusMsg::History {
+                origin: Box::new(c),
+                history: History {
+                    conv,
+                    range: HistoryRange::Newest,
+                    limit: 10,
+                },
+            },
+            h.now_ms,
+        );
+        let out = h.owner.commit();
+        for origin in [&a, &b] {
+            let texts = replies(&out, origin.session);
+            assert_eq!(texts.len(), 1, "{texts:?}");
+            assert!(texts[0].contains(r#""code":"unavailable""#), "{texts:?}");
+            assert!(
+                texts[0].contains(r#""req":1"#),
+                "answers the request: {texts:?}"
+            );
+        }
+        assert!(
+            pushes(&out).is_empty(),
+            "nothing is announced that was not stored"
+        );
+        let refused = replies(&out, c.session);
+        assert!(refused[0].contains(r#""code":"not_member""#), "{refused:?}");
+        assert_eq!(h.owner.commit_failures, 1);
+
+        // The next turn commits again.
+        let out = h.turn(send(&a, Target::Conv(conv), "c4", "back"));
+        assert!(replies(&out, a.session)[0].contains(r#""op":"send_ok""#));
+        assert_eq!(pushes(&out).len(), 1);
+    }
+}

@@ -112,3 +112,123 @@ impl Owner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{ConvId, ShopId, Target};
+
+    use crate::bus::{BusMsg, Origin};
+    use crate::logic::testing::*;
+
+    const SHOP: ShopId = ShopId(5);
+
+    fn agent_of_shop(h: &mut Harness, id: u64) -> Origin {
+        let mut origin = h.login(agent(id));
+        origin.shop = Some(SHOP);
+        origin
+    }
+
+    fn online(h: &mut Harness, agent: &Origin) -> Vec<(usize, crate::bus::BusMsg)> {
+        h.turn(BusMsg::AgentOnline {
+            shop: SHOP,
+            agent: agent.uid,
+        })
+    }
+
+    #[test]
+    fn a_customer_waits_until_an_agent_comes_online_and_is_then_assigned() {
+        let mut h = Harness::new();
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "anyone?"));
+        let (conv, seq) = send_ok(&replies(&out, customer.session));
+        assert_eq!(seq, 1, "stored while nobody serves the shop");
+        assert_eq!(
+            pushes(&out)[0].1,
+            [customer.uid],
+            "no agent is a member yet"
+        );
+
+        let support = agent_of_shop(&mut h, 9);
+        let out = online(&mut h, &support);
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        assert_eq!(pushed[0].1, [customer.uid, support.uid]);
+        assert!(
+            pushed[0].3.contains(r#""op":"members""#) && pushed[0].3.contains(&conv.to_string())
+        );
+
+        // From now on the agent is a member: it gets the customer's messages.
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "2", "hello"));
+        assert_eq!(send_ok(&replies(&out, customer.session)), (conv, 2));
+        assert_eq!(pushes(&out)[0].1, [customer.uid, support.uid]);
+    }
+
+    #[test]
+    fn an_online_agent_is_assigned_before_the_message_goes_out() {
+        let mut h = Harness::new();
+        let support = agent_of_shop(&mut h, 9);
+        online(&mut h, &support);
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 2, "{pushed:?}");
+        assert!(
+            pushed[0].3.contains(r#""op":"members""#),
+            "members first: {pushed:?}"
+        );
+        assert!(pushed[1].3.contains(r#""op":"msg""#));
+        assert_eq!(pushed[1].1, [customer.uid, support.uid]);
+    }
+
+    #[test]
+    fn resolve_takes_the_agent_out_and_tells_both() {
+        let mut h = Harness::new();
+        let support = agent_of_shop(&mut h, 9);
+        online(&mut h, &support);
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        let (conv, _) = send_ok(&replies(&out, customer.session));
+
+        let out = h.turn(BusMsg::Resolve {
+            origin: Box::new(customer),
+            conv,
+        });
+        assert!(replies(&out, customer.session)[0].contains(r#""code":"bad_request""#));
+
+        let out = h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv,
+        });
+        assert!(replies(&out, support.session)[0].contains(r#""op":"resolve_ok""#));
+        let pushed = pushes(&out);
+        assert_eq!(
+            pushed[0].1,
+            [customer.uid, support.uid],
+            "the agent hears it too"
+        );
+        assert!(pushed[0]
+            .3
+            .contains(&format!(r#""members":["{}"]"#, customer.uid)));
+
+        let out = h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv: ConvId(conv.0 + (1 << 8)),
+        });
+        assert!(replies(&out, support.session)[0].contains(r#""code":"not_found""#));
+    }
+
+    #[test]
+    fn a_waiting_conversation_is_still_waiting_after_a_restart() {
+        let mut h = Harness::new();
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "anyone?"));
+        let (conv, _) = send_ok(&replies(&out, customer.session));
+        h.restart();
+        let support = agent_of_shop(&mut h, 9);
+        let out = online(&mut h, &support);
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        assert!(pushed[0].3.contains(&conv.to_string()));
+        assert_eq!(pushed[0].1, [customer.uid, support.uid]);
+    }
+}
