@@ -1,5 +1,5 @@
 //! The client contract on one `/ws` session: decoding requests, login, and handing every other
-//! op to the shard that owns its subject (`route`).
+//! op to the shard that owns its subject.
 //!
 //! A session answers `ping` and refuses what it can refuse alone (bad frames, ops before login,
 //! a bad token); everything else becomes a [`BusMsg`] posted to its owner shard, whose answer

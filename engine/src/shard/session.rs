@@ -17,7 +17,7 @@ use mio::Token;
 use super::outbox::{self, Outbox};
 use super::Context;
 use crate::bus::SessionRef;
-use crate::net::http::{self, Endpoint, Parsed, Route};
+use crate::net::http::{self, Endpoint, Parsed};
 use crate::net::ws::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
 use crate::operator::metrics::{self, CloseReason};
 
@@ -268,9 +268,9 @@ impl Session {
         if self.phase == Phase::Http {
             match http::parse(data, ctx.limits.enable_echo) {
                 Parsed::Partial => return 0,
-                Parsed::Complete { route, head_len } => {
+                Parsed::Complete { request, head_len } => {
                     pos = head_len;
-                    if !self.on_request(route, ctx) {
+                    if !self.on_request(request, ctx) {
                         return data.len();
                     }
                 }
@@ -309,24 +309,24 @@ impl Session {
     }
 
     /// Answers an HTTP request. Returns `true` if the connection is now a WebSocket.
-    fn on_request(&mut self, route: Route, ctx: &mut Context) -> bool {
-        let answer = match route {
-            Route::Upgrade { endpoint, key } => {
+    fn on_request(&mut self, request: http::Request, ctx: &mut Context) -> bool {
+        let answer = match request {
+            http::Request::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
                 self.phase = Phase::Open(endpoint);
                 self.timer_ms = ctx.now_ms;
                 return true;
             }
-            Route::Healthz if ctx.is_draining() => {
+            http::Request::Healthz if ctx.is_draining() => {
                 http::response("503 Service Unavailable", "text/plain", b"draining\n")
             }
-            Route::Healthz => http::response("200 OK", "text/plain", b"ok\n"),
-            Route::Metrics => http::response(
+            http::Request::Healthz => http::response("200 OK", "text/plain", b"ok\n"),
+            http::Request::Metrics => http::response(
                 "200 OK",
                 "text/plain; version=0.0.4",
                 ctx.render_metrics().as_bytes(),
             ),
-            Route::Respond(answer) => answer,
+            http::Request::Respond(answer) => answer,
         };
         let malformed = answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431");
         self.queue(answer, ctx);
