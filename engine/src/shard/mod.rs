@@ -13,6 +13,7 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
+pub mod context;
 pub mod local;
 pub mod outbox;
 pub mod session;
@@ -28,8 +29,9 @@ use slab::Slab;
 use crate::bus::post::{Post, PostOffice};
 use crate::bus::{owner_of, BusMsg, SessionRef};
 use crate::logic::{self, Owner};
-use crate::operator::metrics::{self, ShardMetrics};
+use crate::operator::metrics;
 use crate::operator::NodeState;
+use context::{Context, Limits};
 use local::{LocalDevice, LocalDevices};
 use session::Session;
 
@@ -47,71 +49,9 @@ const EVENTS_PER_TURN: usize = 128;
 /// Mailbox messages handled per loop turn, so a flood from other shards cannot starve sockets.
 const MAILBOX_BATCH: usize = 4096;
 
-/// The limits a session checks, copied out of the config for quick access.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub enable_echo: bool,
-    pub frame_bytes_max: usize,
-    pub message_bytes_max: usize,
-    pub send_queue_bytes_max: usize,
-    pub messages_per_s_max: u32,
-    pub connections_per_shard_max: usize,
-    pub handshake_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub close_timeout_ms: u64,
-}
-
-impl Limits {
-    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
-    /// timeout fires within a fraction of its length.
-    fn sweep_pass_ms(&self) -> u64 {
-        let shortest = self
-            .handshake_timeout_ms
-            .min(self.idle_timeout_ms)
-            .min(self.close_timeout_ms);
-        (shortest / 4).clamp(10, 1000)
-    }
-}
-
 /// A pass is done in ticks of at most this long, each checking its share of the slab, so a
 /// shard of half a million connections never stalls a turn for a whole pass.
 const SWEEP_TICK_MS: u64 = 50;
-
-/// What a session may use of its shard while it handles an event.
-pub struct Context {
-    pub shard_id: usize,
-    pub node: Arc<NodeState>,
-    /// Messages for other shards (and this one) posted during the turn, and the mailboxes.
-    pub post: Post,
-    pub limits: Limits,
-    /// Milliseconds since the shard started, read once per loop turn.
-    pub now_ms: u64,
-    /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
-    pub unix_ms: u64,
-    /// Sessions with output queued this turn.
-    dirty: Vec<Token>,
-    /// Sessions that used their read budget and may have more to read.
-    read_again: Vec<Token>,
-}
-
-impl Context {
-    pub fn metrics(&self) -> &ShardMetrics {
-        &self.node.metrics[self.shard_id]
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.node.is_draining()
-    }
-
-    pub fn render_metrics(&self) -> String {
-        self.node.render_metrics(&self.post.office().depths())
-    }
-
-    /// The node's shard count.
-    pub fn shards(&self) -> usize {
-        self.post.shards()
-    }
-}
 
 pub struct Shard {
     poll: Poll,

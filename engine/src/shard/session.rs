@@ -14,8 +14,8 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::Token;
 
+use super::context::Context;
 use super::outbox::{self, Outbox};
-use super::Context;
 use crate::bus::SessionRef;
 use crate::net::http::{self, Endpoint, Parsed};
 use crate::net::ws::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
