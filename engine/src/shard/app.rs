@@ -13,8 +13,11 @@ use chinwag_protocol::{
     LoginOk, Message, ShopId, Uid,
 };
 
-use super::{CloseReason, Context, Endpoint, Phase, Session};
+use super::context::Context;
+use super::session::Session;
 use crate::bus::{self, owner_of, ws_frame, BusMsg, Origin, SendRequest};
+use crate::net::http::Endpoint;
+use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
 
 /// Close code after `kicked` (PROTOCOL.md).
@@ -52,17 +55,33 @@ struct Gather {
     convs: Vec<ConvSummary<'static>>,
 }
 
-impl Session {
+/// The application protocol of one `/ws` session: who logged in, and the `convs` requests
+/// waiting for their parts. It acts through the [`Session`] it is given (send, close), so it
+/// holds no socket and no queue of its own.
+#[derive(Debug, Default)]
+pub struct App {
+    /// Who the session is, once it sent `login` (boxed: most of a session's life is idle, and
+    /// an idle session should stay small).
+    login: Option<Box<LoginState>>,
+}
+
+impl App {
     /// One complete application message from `/ws`: a text message (one JSON object, already
     /// checked to be UTF-8) or a binary message (frames of the binary codec, back to back).
-    pub(super) fn on_app_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
+    pub fn on_message(
+        &mut self,
+        opcode: Opcode,
+        payload: &[u8],
+        session: &mut Session,
+        ctx: &mut Context,
+    ) {
         crate::operator::metrics::add(&ctx.metrics().app_messages, 1);
         if opcode == Opcode::Text {
-            self.on_client_frame(json::decode_bytes(payload), Encoding::Json, ctx);
+            self.on_request(json::decode_bytes(payload), Encoding::Json, session, ctx);
         } else {
             for frame in binary::frames(payload) {
-                self.on_client_frame(frame, Encoding::Binary, ctx);
-                if !matches!(self.phase, Phase::Open(Endpoint::App)) {
+                self.on_request(frame, Encoding::Binary, session, ctx);
+                if session.endpoint() != Some(Endpoint::App) {
                     break;
                 }
             }
@@ -70,10 +89,11 @@ impl Session {
     }
 
     /// A message over the rate limit: refused with `rate_limited`, echoing its `req` if it has one.
-    pub(super) fn on_app_rate_limited(
+    pub fn on_rate_limited(
         &mut self,
         opcode: Opcode,
         payload: &[u8],
+        session: &mut Session,
         ctx: &mut Context,
     ) {
         let (req, encoding) = if opcode == Opcode::Text {
@@ -85,7 +105,8 @@ impl Session {
             let req = binary::Header::parse(payload).ok().and_then(|h| h.req);
             (req, Encoding::Binary)
         };
-        self.reply(
+        reply(
+            session,
             req,
             encoding,
             bus::error(ErrorCode::RateLimited, "too many messages per second"),
@@ -93,10 +114,11 @@ impl Session {
         );
     }
 
-    fn on_client_frame(
+    fn on_request(
         &mut self,
         decoded: Result<Frame<'_>, DecodeError>,
         encoding: Encoding,
+        session: &mut Session,
         ctx: &mut Context,
     ) {
         let frame = match decoded {
@@ -106,29 +128,36 @@ impl Session {
                     DecodeErrorKind::UnknownOp(_) if !self.is_logged_in() => ErrorCode::NotLoggedIn,
                     _ => e.code(),
                 };
-                self.reply(e.req, encoding, bus::error(code, &e.to_string()), ctx);
+                reply(
+                    session,
+                    e.req,
+                    encoding,
+                    bus::error(code, &e.to_string()),
+                    ctx,
+                );
                 return;
             }
         };
         let req = frame.req;
         match frame.message {
-            Message::Ping => self.reply(req, encoding, Message::Pong, ctx),
+            Message::Ping => reply(session, req, encoding, Message::Pong, ctx),
             Message::Login(login) => {
                 if self.login.is_some() {
                     let error = bus::error(ErrorCode::BadRequest, "already logged in");
-                    return self.reply(req, encoding, error, ctx);
+                    return reply(session, req, encoding, error, ctx);
                 }
                 let now_s = ctx.unix_ms / 1000;
                 let claims = match token::verify(&ctx.node.jwt_secret, &login.token, now_s) {
                     Ok(claims) => claims,
                     Err(e) => {
-                        self.reply(
+                        reply(
+                            session,
                             req,
                             encoding,
                             bus::error(ErrorCode::Unauthorized, &e.to_string()),
                             ctx,
                         );
-                        self.close(
+                        session.close(
                             frame::CLOSE_POLICY,
                             "unauthorized",
                             CloseReason::Unauthorized,
@@ -149,16 +178,16 @@ impl Session {
                     gathers: Vec::new(),
                 }));
                 let request = BusMsg::Register {
-                    session: self.session_ref(ctx.shard_id as u32),
+                    session: session.session_ref(ctx.shard_id as u32),
                     uid,
                     device_type: login.device,
                 };
                 ctx.post.to(owner_of(&uid, ctx.shards()), request);
             }
             message => {
-                let Some(origin) = self.origin(req, encoding, ctx) else {
+                let Some(origin) = self.origin(req, encoding, session, ctx) else {
                     let error = bus::error(ErrorCode::NotLoggedIn, "log in first");
-                    return self.reply(req, encoding, error, ctx);
+                    return reply(session, req, encoding, error, ctx);
                 };
                 let request = match message {
                     Message::Send(send) => BusMsg::Send(Box::new(SendRequest {
@@ -189,7 +218,7 @@ impl Session {
                         {
                             let error = origin
                                 .error(ErrorCode::RateLimited, "too many convs requests in flight");
-                            return self.send(error, ctx);
+                            return session.send(error, ctx);
                         }
                         if let Some(login) = self.login.as_mut() {
                             login.gathers.push(Gather {
@@ -211,7 +240,8 @@ impl Session {
                     }
                     other => {
                         let text = format!("{} is not a request", other.op());
-                        return self.reply(
+                        return reply(
+                            session,
                             req,
                             encoding,
                             bus::error(ErrorCode::BadRequest, &text),
@@ -224,7 +254,7 @@ impl Session {
                     // A conversation id naming a shard this node does not have.
                     _ => {
                         let error = origin.error(ErrorCode::NotFound, "no such conversation");
-                        self.send(error, ctx);
+                        session.send(error, ctx);
                     }
                 }
             }
@@ -233,7 +263,12 @@ impl Session {
 
     /// The user's owner shard found or registered the device: the login completes.
     /// Returns the login to record in the shard's routing table, if it completed.
-    pub fn on_registered(&mut self, device: Option<DeviceId>, ctx: &mut Context) -> bool {
+    pub fn on_registered(
+        &mut self,
+        device: Option<DeviceId>,
+        session: &mut Session,
+        ctx: &mut Context,
+    ) -> bool {
         let Some(login) = self.login.as_mut() else {
             return false;
         };
@@ -241,7 +276,7 @@ impl Session {
         let Some(device) = device else {
             self.login = None;
             let error = bus::error(ErrorCode::Unavailable, "the device could not be registered");
-            self.reply(req, encoding, error, ctx);
+            reply(session, req, encoding, error, ctx);
             return false;
         };
         login.device = Some(device);
@@ -251,7 +286,7 @@ impl Session {
             node_id: ctx.node.node_id,
             ts: ctx.unix_ms,
         });
-        self.reply(req, encoding, ok, ctx);
+        reply(session, req, encoding, ok, ctx);
         true
     }
 
@@ -260,6 +295,7 @@ impl Session {
         &mut self,
         req: Option<u64>,
         convs: Vec<ConvSummary<'static>>,
+        session: &mut Session,
         ctx: &mut Context,
     ) {
         let Some(login) = self.login.as_mut() else {
@@ -295,7 +331,8 @@ impl Session {
             }
             budget = budget.saturating_sub(size);
         }
-        self.reply(
+        reply(
+            session,
             gather.req,
             gather.encoding,
             Message::ConvsOk(gather.convs),
@@ -304,11 +341,11 @@ impl Session {
     }
 
     /// The device logged in on another connection: `kicked`, then close with 4001.
-    pub fn kick(&mut self, ctx: &mut Context) {
+    pub fn kick(&mut self, session: &mut Session, ctx: &mut Context) {
         let encoding = self.login.as_ref().map_or(Encoding::Json, |l| l.encoding);
         let kicked = Message::Kicked("logged in on another connection".into());
-        self.reply(None, encoding, kicked, ctx);
-        self.close(CLOSE_KICKED, "kicked", CloseReason::Kicked, ctx);
+        reply(session, None, encoding, kicked, ctx);
+        session.close(CLOSE_KICKED, "kicked", CloseReason::Kicked, ctx);
     }
 
     /// The session's login, once complete: (uid, device, shop, encoding).
@@ -321,10 +358,16 @@ impl Session {
         self.login.as_ref().is_some_and(|l| l.device.is_some())
     }
 
-    fn origin(&self, req: Option<u64>, encoding: Encoding, ctx: &Context) -> Option<Origin> {
+    fn origin(
+        &self,
+        req: Option<u64>,
+        encoding: Encoding,
+        session: &Session,
+        ctx: &Context,
+    ) -> Option<Origin> {
         let (uid, device, shop, _) = self.logged_in()?;
         Some(Origin {
-            session: self.session_ref(ctx.shard_id as u32),
+            session: session.session_ref(ctx.shard_id as u32),
             uid,
             device,
             shop,
@@ -332,15 +375,16 @@ impl Session {
             req,
         })
     }
+}
 
-    fn reply(
-        &mut self,
-        req: Option<u64>,
-        encoding: Encoding,
-        message: Message<'_>,
-        ctx: &mut Context,
-    ) {
-        let frame: Bytes = ws_frame(&Frame { req, message }, encoding);
-        self.send(frame, ctx);
-    }
+/// Sends `message` as the answer to the request `req`, in `encoding`.
+fn reply(
+    session: &mut Session,
+    req: Option<u64>,
+    encoding: Encoding,
+    message: Message<'_>,
+    ctx: &mut Context,
+) {
+    let frame: Bytes = ws_frame(&Frame { req, message }, encoding);
+    session.send(frame, ctx);
 }

@@ -7,21 +7,17 @@ use std::sync::Arc;
 use mio::Token;
 
 use crate::bus::post::Post;
+use crate::net::ws::connection::WsLimits;
 use crate::operator::metrics::ShardMetrics;
 use crate::operator::NodeState;
 
 /// The limits a session checks, copied out of the config for quick access.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    pub enable_echo: bool,
-    pub frame_bytes_max: usize,
-    pub message_bytes_max: usize,
+    /// What the WebSocket connection enforces.
+    pub ws: WsLimits,
     pub send_queue_bytes_max: usize,
-    pub messages_per_s_max: u32,
     pub connections_per_shard_max: usize,
-    pub handshake_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub close_timeout_ms: u64,
 }
 
 impl Limits {
@@ -29,9 +25,10 @@ impl Limits {
     /// timeout fires within a fraction of its length.
     pub(super) fn sweep_pass_ms(&self) -> u64 {
         let shortest = self
+            .ws
             .handshake_timeout_ms
-            .min(self.idle_timeout_ms)
-            .min(self.close_timeout_ms);
+            .min(self.ws.idle_timeout_ms)
+            .min(self.ws.close_timeout_ms);
         (shortest / 4).clamp(10, 1000)
     }
 }

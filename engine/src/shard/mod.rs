@@ -13,6 +13,7 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
+pub mod app;
 pub mod context;
 pub mod local;
 pub mod outbox;
@@ -29,6 +30,7 @@ use slab::Slab;
 use crate::bus::post::{Post, PostOffice};
 use crate::bus::{owner_of, BusMsg, SessionRef};
 use crate::logic::{self, Owner};
+use crate::net::ws::connection::WsLimits;
 use crate::operator::metrics;
 use crate::operator::NodeState;
 use context::{Context, Limits};
@@ -86,15 +88,17 @@ impl Shard {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let config = &node.config;
         let limits = Limits {
-            enable_echo: config.enable_echo,
-            frame_bytes_max: config.frame_bytes_max,
-            message_bytes_max: config.message_bytes_max,
+            ws: WsLimits {
+                enable_echo: config.enable_echo,
+                frame_bytes_max: config.frame_bytes_max,
+                message_bytes_max: config.message_bytes_max,
+                messages_per_s_max: config.messages_per_s_max,
+                handshake_timeout_ms: config.handshake_timeout_ms,
+                idle_timeout_ms: config.idle_timeout_ms,
+                close_timeout_ms: config.close_timeout_ms,
+            },
             send_queue_bytes_max: config.send_queue_bytes_max,
-            messages_per_s_max: config.messages_per_s_max,
             connections_per_shard_max: config.connections_per_shard_max,
-            handshake_timeout_ms: config.handshake_timeout_ms,
-            idle_timeout_ms: config.idle_timeout_ms,
-            close_timeout_ms: config.close_timeout_ms,
         };
         Ok(Shard {
             poll,
@@ -377,7 +381,8 @@ impl Shard {
             } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
-                        session.on_registered(device, &mut self.ctx)
+                        let ctx = &mut self.ctx;
+                        session.with_app(|app, s| app.on_registered(device, s, ctx))
                     }
                     _ => false,
                 };
@@ -397,7 +402,8 @@ impl Shard {
             }
             BusMsg::Kick { session: to } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.kick(&mut self.ctx);
+                    let ctx = &mut self.ctx;
+                    session.with_app(|app, s| app.kick(s, ctx));
                 }
             }
             BusMsg::ConvsPart {
@@ -406,7 +412,8 @@ impl Shard {
                 convs,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.on_convs_part(req, convs, &mut self.ctx);
+                    let ctx = &mut self.ctx;
+                    session.with_app(|app, s| app.on_convs_part(req, convs, s, ctx));
                 }
             }
             // Everything else is for this shard as an owner.
@@ -425,7 +432,7 @@ impl Shard {
         let Some(session) = self.sessions.get(to.slot as usize) else {
             return;
         };
-        let Some((_, _, shop, encoding)) = session.logged_in() else {
+        let Some((_, _, shop, encoding)) = session.app().logged_in() else {
             return;
         };
         metrics::add(&self.ctx.metrics().sessions_logged_in, 1);
@@ -488,7 +495,7 @@ impl Shard {
     fn remove(&mut self, token: Token) {
         // Dropping the stream closes the socket, which also takes it out of the epoll set.
         let session = self.sessions.remove(token.0);
-        if let Some((uid, device, shop, _)) = session.logged_in() {
+        if let Some((uid, device, shop, _)) = session.app().logged_in() {
             let me = session.session_ref(self.ctx.shard_id as u32);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
@@ -511,11 +518,11 @@ impl Shard {
         let m = self.ctx.metrics();
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
-        m.closed(session.close_reason);
+        m.closed(session.close_reason());
         tracing::debug!(
             shard = self.ctx.shard_id,
             slot = token.0,
-            reason = session.close_reason.label(),
+            reason = session.close_reason().label(),
             "closed"
         );
     }
