@@ -81,7 +81,7 @@ pub struct Origin {
 impl Origin {
     /// A reply to this request, as a WebSocket frame in the request's encoding.
     pub fn reply(&self, message: Message<'_>) -> Bytes {
-        ws_frame(
+        ws_message(
             &Frame {
                 req: self.req,
                 message,
@@ -299,13 +299,13 @@ impl Fanout {
         Fanout {
             users,
             except,
-            json: ws_frame(&frame, Encoding::Json),
-            binary: ws_frame(&frame, Encoding::Binary),
+            json: ws_message(&frame, Encoding::Json),
+            binary: ws_message(&frame, Encoding::Binary),
         }
     }
 
-    /// The frame for a device speaking `encoding`.
-    pub fn frame(&self, encoding: Encoding) -> &Bytes {
+    /// The push for a device speaking `encoding`.
+    pub fn ws_message(&self, encoding: Encoding) -> &Bytes {
         match encoding {
             Encoding::Json => &self.json,
             Encoding::Binary => &self.binary,
@@ -313,9 +313,10 @@ impl Fanout {
     }
 }
 
-/// Encodes `frame` as one WebSocket message in `encoding`: one buffer, the payload written
-/// once behind the WebSocket header.
-pub fn ws_frame(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
+/// Encodes the codec's `frame` as one WebSocket message in `encoding` (a text message for
+/// JSON, a binary one for the binary codec): one buffer, the payload written once behind the
+/// WebSocket header.
+pub fn ws_message(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
     match encoding {
         Encoding::Json => frame::encode_with(Opcode::Text, |out| json::encode(frame, out)),
         Encoding::Binary => frame::encode_with(Opcode::Binary, |out| {

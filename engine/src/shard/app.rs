@@ -6,7 +6,6 @@
 //! comes back through the shard ([`Session::on_registered`], [`Session::on_convs_part`], or a
 //! plain frame to send).
 
-use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, token, ConvSummary, DecodeError, DecodeErrorKind, DeviceId, ErrorCode, Frame,
@@ -15,7 +14,7 @@ use chinwag_protocol::{
 
 use super::context::Context;
 use super::session::Session;
-use crate::bus::{self, owner_of, ws_frame, BusMsg, Origin, SendRequest};
+use crate::bus::{self, owner_of, ws_message, BusMsg, Origin, SendRequest};
 use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
@@ -385,6 +384,5 @@ fn reply(
     message: Message<'_>,
     ctx: &mut Context,
 ) {
-    let frame: Bytes = ws_frame(&Frame { req, message }, encoding);
-    session.send(frame, ctx);
+    session.send(ws_message(&Frame { req, message }, encoding), ctx);
 }

@@ -367,7 +367,7 @@ impl Shard {
                         // The table and the slab change together (login, `remove`).
                         if let Some(session) = self.sessions.get_mut(d.slot as usize) {
                             if session.generation() == d.generation {
-                                session.send(fanout.frame(d.encoding).clone(), &mut self.ctx);
+                                session.send(fanout.ws_message(d.encoding).clone(), &mut self.ctx);
                                 metrics::add(&self.ctx.metrics().pushes_delivered, 1);
                             }
                         }

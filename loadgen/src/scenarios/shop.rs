@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding as ClientEncoding};
-use chinwag_protocol::{ConvId, DeviceType, Message, Send, ShopId, Target, Uid};
+use chinwag_protocol::{ConvId, DeviceType, Message, ShopId, Target, Uid};
 
 use crate::scenarios::Common;
 
@@ -51,7 +51,7 @@ pub fn build(
                 return Err(format!("building {shop}: timed out after {k} agents"));
             }
             let reply = buyer_conn
-                .call(Message::Send(Send {
+                .call(Message::Send(chinwag_protocol::Send {
                     target: Target::Shop(shop),
                     cmid: format!("build-{k}-{attempt}").into(),
                     kind: "text".into(),
