@@ -17,10 +17,10 @@ use crate::bus::mailbox::Mailbox;
 use crate::bus::post::PostOffice;
 use crate::logic::Owner;
 use crate::net::listener;
-use crate::operator::config::{Config, Fsync};
+use crate::operator::config::Config;
 use crate::operator::NodeState;
 use crate::shard::{Shard, WAKER};
-use crate::store::{FsyncPolicy, Store, StoreConfig};
+use crate::store::{Store, StoreConfig};
 
 /// Messages one shard's mailbox holds before senders are told it is full.
 const MAILBOX_CAPACITY: usize = 64 * 1024;
@@ -139,15 +139,10 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
         }
         Err(e) => return Err(e),
     }
-    let fsync = match config.fsync {
-        Fsync::Never => FsyncPolicy::Never,
-        Fsync::Interval => FsyncPolicy::Interval,
-        Fsync::Always => FsyncPolicy::Always,
-    };
     let mut stores = Vec::with_capacity(shards);
     for shard in 0..shards {
         let mut store_config = StoreConfig::new(dir.join(format!("shard-{shard}")));
-        store_config.fsync = fsync;
+        store_config.fsync = config.fsync;
         store_config.fsync_interval_ms = config.fsync_interval_ms;
         store_config.segment_bytes = config.log_segment_bytes;
         store_config.retention_age_ms = (config.log_retention_age_s > 0)
@@ -191,7 +186,7 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
                 shards,
                 store,
                 Arc::clone(&generator),
-                config.send_queue_bytes_max / 2,
+                config.reply_bytes_max(),
             )
         })
         .collect())

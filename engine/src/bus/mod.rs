@@ -20,6 +20,7 @@
 
 pub mod mailbox;
 pub mod post;
+pub mod reply_size;
 
 use std::hash::Hash;
 use std::sync::Arc;

@@ -8,12 +8,8 @@ use chinwag_protocol::{
 };
 
 use super::{store_error, Owner};
-use crate::bus::Origin;
+use crate::bus::{reply_size, Origin};
 use crate::store::{ConvKind, HistoryFrom, MessageRef};
-
-/// What a `msg` entry costs on the wire besides its strings (ids, numbers, JSON punctuation
-/// and escaping slack), for the reply byte budget.
-const MSG_OVERHEAD_BYTES: usize = 160;
 
 impl Owner {
     pub(super) fn history(
@@ -35,8 +31,7 @@ impl Owner {
         // A page must fit the connection's send queue, or asking for it would get the client
         // disconnected: keep the messages nearest the anchor within the byte budget and let
         // the client page on (the contract's `limit` is a maximum).
-        let size =
-            |m: &MessageRef<'_>| MSG_OVERHEAD_BYTES + m.body.len() + m.kind.len() + m.cmid.len();
+        let size = |m: &MessageRef<'_>| reply_size::msg_bytes(m.kind, m.body, m.cmid);
         let mut budget = self.reply_bytes_max;
         let mut fits = |m: &MessageRef<'_>| {
             let fits = size(m) <= budget;

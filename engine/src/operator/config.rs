@@ -1,157 +1,153 @@
 //! The node's configuration: embedded defaults, then a TOML file (`--config`), then flags, then
-//! `CHINWAG_*` environment variables, each layer overriding the one before.
+//! `CHINWAG_*` environment variables, each layer overriding the one before ([`Config::load`]).
 //!
-//! Every value is declared once as a flag in [`ServeArgs`] (which gives `--help`) and once as a
-//! field of [`Config`] (which gives the default and the TOML key, the flag's name with `_` for
-//! `-`). The environment is read by turning each `CHINWAG_<FLAG>` into `--flag=value` and
-//! parsing it with the same clap definition, so a value has the same syntax everywhere.
+//! Every setting is declared once, in the [`settings!`] table below: its doc line (the `--help`
+//! text), its type, its default and how `--help` shows it. From that one entry come the flag
+//! (a field of [`ServeArgs`]), the TOML key (a field of [`Config`], the flag's name with `_`
+//! for `-`) and the environment variable (`CHINWAG_<FLAG>`, parsed by the same clap definition
+//! so a value has the same syntax everywhere).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
-/// When the conversation log is forced to disk. Carried for the store; the network layer does
-/// not use it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Fsync {
-    Never,
-    Interval,
-    Always,
-}
+use crate::store::FsyncPolicy;
 
-/// Flags of `chinwag serve`. Every value is optional here: what is not given falls through to
-/// the TOML file and then to the default shown.
-#[derive(Args, Debug, Default, Clone)]
-#[command(
-    after_help = "Every flag can also be set in the TOML file given by --config (key: the flag's name \
+/// Declares every setting of `chinwag serve`: its help text (no final period), any
+/// `#[arg(...)]` attributes for its flag, then `name: Type = default, "the default as --help
+/// shows it";`. `name: Type => Flag = ...` gives a flag whose value type differs (a flag
+/// `String` for an `Option<String>` setting).
+macro_rules! settings {
+    ($(
+        $help:literal
+        $(#[arg($($arg:tt)*)])*
+        $name:ident : $ty:ty $(=> $flag_ty:ty)? = $default:expr, $shown:literal;
+    )*) => {
+        /// Flags of `chinwag serve`. Every value is optional here: what is not given falls
+        /// through to the TOML file and then to the default shown.
+        #[derive(Args, Debug, Default, Clone)]
+        #[command(
+            after_help = "Every flag can also be set in the TOML file given by --config (key: the flag's name \
 with '_' for '-') and by the environment variable CHINWAG_<FLAG> ('-' as '_', e.g. CHINWAG_LISTEN). \
 Precedence, lowest to highest: defaults, TOML file, flags, environment."
-)]
-pub struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Client port for WebSocket and HTTP [default: 127.0.0.1:7000].
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// Data directory [default: ./chinwag-data].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Secret that signs login tokens (HS256) [default: generated once, kept in DATA_DIR/jwt-secret].
-    #[arg(long, value_name = "SECRET")]
-    pub jwt_secret: Option<String>,
-    /// Shards (event-loop threads); 0 = one per core [default: 0].
-    #[arg(long, value_name = "N")]
-    pub shards: Option<usize>,
-    /// When the log is forced to disk [default: never].
-    #[arg(long, value_enum)]
-    pub fsync: Option<Fsync>,
-    /// Serve GET /echo, a WebSocket that echoes every message [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub enable_echo: Option<bool>,
-    /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info].
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<String>,
-    /// Largest WebSocket frame payload accepted; larger closes with 1009 [default: 65536].
-    #[arg(long, value_name = "BYTES")]
-    pub frame_bytes_max: Option<usize>,
-    /// Largest WebSocket message (all fragments) accepted; larger closes with 1009 [default: 65536].
-    #[arg(long, value_name = "BYTES")]
-    pub message_bytes_max: Option<usize>,
-    /// Bytes queued for sending to one connection; over it the connection closes with 1008 [default: 1048576].
-    #[arg(long, value_name = "BYTES")]
-    pub send_queue_bytes_max: Option<usize>,
-    /// Messages per second one connection may send; 0 = no limit [default: 100].
-    #[arg(long, value_name = "N")]
-    pub messages_per_s_max: Option<u32>,
-    /// Open connections per shard; over it new connections are refused at accept [default: 262144].
-    #[arg(long, value_name = "N")]
-    pub connections_per_shard_max: Option<usize>,
-    /// Time a connection has to complete its HTTP request or handshake [default: 10000].
-    #[arg(long, value_name = "MS")]
-    pub handshake_timeout_ms: Option<u64>,
-    /// A WebSocket silent this long is closed (clients ping) [default: 90000].
-    #[arg(long, value_name = "MS")]
-    pub idle_timeout_ms: Option<u64>,
-    /// Time a closing connection has to finish the close handshake [default: 5000].
-    #[arg(long, value_name = "MS")]
-    pub close_timeout_ms: Option<u64>,
-    /// With --fsync interval, the longest time between two flushes of the log [default: 100].
-    #[arg(long, value_name = "MS")]
-    pub fsync_interval_ms: Option<u64>,
-    /// Size of each preallocated log segment file [default: 67108864].
-    #[arg(long, value_name = "BYTES")]
-    pub log_segment_bytes: Option<u64>,
-    /// Delete log segments whose newest message is older than this; 0 = keep [default: 0].
-    #[arg(long, value_name = "S")]
-    pub log_retention_age_s: Option<u64>,
-    /// Delete the oldest log segments while a shard's log is larger than this; 0 = no limit [default: 0].
-    #[arg(long, value_name = "BYTES")]
-    pub log_retention_bytes_max: Option<u64>,
-    /// How often each shard applies retention and writes a snapshot of its state [default: 300000].
-    #[arg(long, value_name = "MS")]
-    pub log_maintenance_interval_ms: Option<u64>,
-    /// Start even if a record in the middle of the log is corrupt, skipping it (its messages are
-    /// lost); without it such a node refuses to start [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub skip_corrupt_records: Option<bool>,
-}
-
-/// The resolved configuration of one node.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub jwt_secret: Option<String>,
-    pub shards: usize,
-    pub fsync: Fsync,
-    pub enable_echo: bool,
-    pub log_level: String,
-    pub frame_bytes_max: usize,
-    pub message_bytes_max: usize,
-    pub send_queue_bytes_max: usize,
-    pub messages_per_s_max: u32,
-    pub connections_per_shard_max: usize,
-    pub handshake_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub close_timeout_ms: u64,
-    pub fsync_interval_ms: u64,
-    pub log_segment_bytes: u64,
-    pub log_retention_age_s: u64,
-    pub log_retention_bytes_max: u64,
-    pub log_maintenance_interval_ms: u64,
-    pub skip_corrupt_records: bool,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
-            data_dir: PathBuf::from("./chinwag-data"),
-            jwt_secret: None,
-            shards: 0,
-            fsync: Fsync::Never,
-            enable_echo: false,
-            log_level: "info".to_string(),
-            frame_bytes_max: 64 * 1024,
-            message_bytes_max: 64 * 1024,
-            send_queue_bytes_max: 1024 * 1024,
-            messages_per_s_max: 100,
-            connections_per_shard_max: 262_144,
-            handshake_timeout_ms: 10_000,
-            idle_timeout_ms: 90_000,
-            close_timeout_ms: 5_000,
-            fsync_interval_ms: 100,
-            log_segment_bytes: 64 << 20,
-            log_retention_age_s: 0,
-            log_retention_bytes_max: 0,
-            log_maintenance_interval_ms: 300_000,
-            skip_corrupt_records: false,
+        )]
+        pub struct ServeArgs {
+            /// TOML configuration file.
+            #[arg(long, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = concat!($help, ".")]
+                #[arg(long, help = concat!($help, " [default: ", $shown, "]"))]
+                $(#[arg($($arg)*)])*
+                pub $name: Option<settings!(@flag $ty $(, $flag_ty)?)>,
+            )*
         }
+
+        /// The resolved configuration of one node.
+        #[derive(Clone, Debug, PartialEq, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( #[doc = concat!($help, ".")] pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Config {
+                Config { $( $name: $default, )* }
+            }
+        }
+
+        impl Config {
+            /// Overrides every setting `args` gives.
+            fn apply(&mut self, args: ServeArgs) {
+                $( if let Some(value) = args.$name { self.$name = value.into(); } )*
+            }
+        }
+    };
+    (@flag $ty:ty) => { $ty };
+    (@flag $ty:ty, $flag_ty:ty) => { $flag_ty };
+}
+
+settings! {
+    "Client port for WebSocket and HTTP"
+    #[arg(value_name = "ADDR")]
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7000)), "127.0.0.1:7000";
+    "Data directory"
+    #[arg(value_name = "DIR")]
+    data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
+    "Secret that signs login tokens (HS256)"
+    #[arg(value_name = "SECRET")]
+    jwt_secret: Option<String> => String = None, "generated once, kept in DATA_DIR/jwt-secret";
+    "Shards (event-loop threads); 0 = one per core"
+    #[arg(value_name = "N")]
+    shards: usize = 0, "0";
+    "When the log is forced to disk"
+    #[arg(value_parser = fsync_parser())]
+    fsync: FsyncPolicy = FsyncPolicy::Never, "never";
+    "Serve GET /echo, a WebSocket that echoes every message"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    enable_echo: bool = false, "false";
+    "Log filter: error, warn, info, debug, trace, or a tracing directive"
+    #[arg(value_name = "LEVEL")]
+    log_level: String = "info".to_string(), "info";
+    "Largest WebSocket frame payload accepted; larger closes with 1009"
+    #[arg(value_name = "BYTES")]
+    frame_bytes_max: usize = 64 * 1024, "65536";
+    "Largest WebSocket message (all fragments) accepted; larger closes with 1009"
+    #[arg(value_name = "BYTES")]
+    message_bytes_max: usize = 64 * 1024, "65536";
+    "Bytes queued for sending to one connection; over it the connection closes with 1008"
+    #[arg(value_name = "BYTES")]
+    send_queue_bytes_max: usize = 1024 * 1024, "1048576";
+    "Messages per second one connection may send; 0 = no limit"
+    #[arg(value_name = "N")]
+    messages_per_s_max: u32 = 100, "100";
+    "Open connections per shard; over it new connections are refused at accept"
+    #[arg(value_name = "N")]
+    connections_per_shard_max: usize = 262_144, "262144";
+    "Time a connection has to complete its HTTP request or handshake"
+    #[arg(value_name = "MS")]
+    handshake_timeout_ms: u64 = 10_000, "10000";
+    "A WebSocket silent this long is closed (clients ping)"
+    #[arg(value_name = "MS")]
+    idle_timeout_ms: u64 = 90_000, "90000";
+    "Time a closing connection has to finish the close handshake"
+    #[arg(value_name = "MS")]
+    close_timeout_ms: u64 = 5_000, "5000";
+    "With --fsync interval, the longest time between two flushes of the log"
+    #[arg(value_name = "MS")]
+    fsync_interval_ms: u64 = 100, "100";
+    "Size of each preallocated log segment file"
+    #[arg(value_name = "BYTES")]
+    log_segment_bytes: u64 = 64 << 20, "67108864";
+    "Delete log segments whose newest message is older than this; 0 = keep"
+    #[arg(value_name = "S")]
+    log_retention_age_s: u64 = 0, "0";
+    "Delete the oldest log segments while a shard's log is larger than this; 0 = no limit"
+    #[arg(value_name = "BYTES")]
+    log_retention_bytes_max: u64 = 0, "0";
+    "How often each shard applies retention and writes a snapshot of its state"
+    #[arg(value_name = "MS")]
+    log_maintenance_interval_ms: u64 = 300_000, "300000";
+    "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    skip_corrupt_records: bool = false, "false";
+}
+
+/// `--fsync`: the store's policy, by name.
+fn fsync_parser() -> impl TypedValueParser<Value = FsyncPolicy> {
+    PossibleValuesParser::new(["never", "interval", "always"])
+        // Cannot fail: only the listed names get this far, and each is a policy.
+        .map(|name| name.parse().unwrap_or_default())
+}
+
+/// The TOML file names the policy as the flag does.
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -171,41 +167,18 @@ impl Config {
             }
             None => Config::default(),
         };
-        config.apply(flags);
-        config.apply(env);
+        for layer in precedence(flags, env) {
+            config.apply(layer);
+        }
         config.validate()?;
         Ok(config)
     }
 
-    fn apply(&mut self, args: ServeArgs) {
-        macro_rules! take {
-            ($($field:ident),*) => { $(if let Some(value) = args.$field { self.$field = value; })* };
-        }
-        take!(
-            listen,
-            data_dir,
-            shards,
-            fsync,
-            enable_echo,
-            log_level,
-            frame_bytes_max,
-            message_bytes_max,
-            send_queue_bytes_max,
-            messages_per_s_max,
-            connections_per_shard_max,
-            handshake_timeout_ms,
-            idle_timeout_ms,
-            close_timeout_ms,
-            fsync_interval_ms,
-            log_segment_bytes,
-            log_retention_age_s,
-            log_retention_bytes_max,
-            log_maintenance_interval_ms,
-            skip_corrupt_records
-        );
-        if args.jwt_secret.is_some() {
-            self.jwt_secret = args.jwt_secret;
-        }
+    /// The largest reply the gateway builds for one request (a `history` page, a `convs`
+    /// list): half a connection's send queue, so a reply never gets its reader closed for a
+    /// full queue and leaves room for the pushes around it.
+    pub fn reply_bytes_max(&self) -> usize {
+        self.send_queue_bytes_max / 2
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -251,6 +224,12 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// The layers over the TOML file, lowest first: what a later one gives overrides an earlier
+/// one. (Kept in one place so that the order is easy to see and to change.)
+fn precedence(flags: ServeArgs, env: ServeArgs) -> [ServeArgs; 2] {
+    [flags, env]
 }
 
 impl ServeArgs {
@@ -329,7 +308,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap()); // file
-        assert_eq!(config.fsync, Fsync::Always); // file
+        assert_eq!(config.fsync, FsyncPolicy::Always); // file
         assert_eq!(config.idle_timeout_ms, 2); // flag over file
         assert_eq!(config.shards, 5); // environment over flag
         assert!(!config.enable_echo); // environment over file

@@ -14,17 +14,13 @@ use chinwag_protocol::{
 
 use super::context::Context;
 use super::session::Session;
-use crate::bus::{self, owner_of, ws_message, BusMsg, Origin, SendRequest};
+use crate::bus::{self, owner_of, reply_size, ws_message, BusMsg, Origin, SendRequest};
 use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
 
 /// Close code after `kicked` (PROTOCOL.md).
 pub const CLOSE_KICKED: u16 = 4001;
-
-/// What a `convs_ok` entry costs on the wire besides its members and its last message's
-/// strings, for the reply byte budget.
-const CONV_OVERHEAD_BYTES: usize = 320;
 
 /// `convs` requests one session may have waiting for their shards' parts; each holds a
 /// partial list, so the number is bounded.
@@ -317,14 +313,9 @@ impl App {
         // The list must fit the connection's send queue, or asking for it would get the client
         // disconnected. Past half the queue, the least recently active conversations are
         // listed without their `last` message (null, as for an empty one); `history` has it.
-        let mut budget = ctx.limits.send_queue_bytes_max / 2;
+        let mut budget = ctx.node.config.reply_bytes_max();
         for conv in &mut gather.convs {
-            let size = CONV_OVERHEAD_BYTES
-                + conv.members.len() * 24
-                + conv
-                    .last
-                    .as_ref()
-                    .map_or(0, |m| m.body.len() + m.kind.len() + m.cmid.len());
+            let size = reply_size::conv_bytes(conv);
             if size > budget {
                 conv.last = None;
             }

@@ -8,29 +8,31 @@ use mio::Token;
 
 use crate::bus::post::Post;
 use crate::net::ws::connection::WsLimits;
+use crate::operator::config::Config;
 use crate::operator::metrics::ShardMetrics;
 use crate::operator::NodeState;
 
-/// The limits a session checks, copied out of the config for quick access.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// What the WebSocket connection enforces.
-    pub ws: WsLimits,
-    pub send_queue_bytes_max: usize,
-    pub connections_per_shard_max: usize,
+/// The connection's limits, from the node's configuration.
+pub fn ws_limits(config: &Config) -> WsLimits {
+    WsLimits {
+        enable_echo: config.enable_echo,
+        frame_bytes_max: config.frame_bytes_max,
+        message_bytes_max: config.message_bytes_max,
+        messages_per_s_max: config.messages_per_s_max,
+        handshake_timeout_ms: config.handshake_timeout_ms,
+        idle_timeout_ms: config.idle_timeout_ms,
+        close_timeout_ms: config.close_timeout_ms,
+    }
 }
 
-impl Limits {
-    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
-    /// timeout fires within a fraction of its length.
-    pub(super) fn sweep_pass_ms(&self) -> u64 {
-        let shortest = self
-            .ws
-            .handshake_timeout_ms
-            .min(self.ws.idle_timeout_ms)
-            .min(self.ws.close_timeout_ms);
-        (shortest / 4).clamp(10, 1000)
-    }
+/// How long one full pass of the timeout sweep over the slab takes: short enough that a
+/// timeout fires within a fraction of its length.
+pub fn sweep_pass_ms(limits: &WsLimits) -> u64 {
+    let shortest = limits
+        .handshake_timeout_ms
+        .min(limits.idle_timeout_ms)
+        .min(limits.close_timeout_ms);
+    (shortest / 4).clamp(10, 1000)
 }
 
 /// What a session may use of its shard while it handles an event.
@@ -39,7 +41,8 @@ pub struct Context {
     pub node: Arc<NodeState>,
     /// Messages for other shards (and this one) posted during the turn, and the mailboxes.
     pub post: Post,
-    pub limits: Limits,
+    /// The connection's limits (a copy of the configuration's, kept at hand).
+    pub ws_limits: WsLimits,
     /// Milliseconds since the shard started, read once per loop turn.
     pub now_ms: u64,
     /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).

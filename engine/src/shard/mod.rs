@@ -30,10 +30,9 @@ use slab::Slab;
 use crate::bus::post::{Post, PostOffice};
 use crate::bus::{owner_of, BusMsg, SessionRef};
 use crate::logic::{self, Owner};
-use crate::net::ws::connection::WsLimits;
 use crate::operator::metrics;
 use crate::operator::NodeState;
-use context::{Context, Limits};
+use context::Context;
 use local::{LocalDevice, LocalDevices};
 use session::Session;
 
@@ -86,20 +85,7 @@ impl Shard {
     ) -> io::Result<Shard> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let config = &node.config;
-        let limits = Limits {
-            ws: WsLimits {
-                enable_echo: config.enable_echo,
-                frame_bytes_max: config.frame_bytes_max,
-                message_bytes_max: config.message_bytes_max,
-                messages_per_s_max: config.messages_per_s_max,
-                handshake_timeout_ms: config.handshake_timeout_ms,
-                idle_timeout_ms: config.idle_timeout_ms,
-                close_timeout_ms: config.close_timeout_ms,
-            },
-            send_queue_bytes_max: config.send_queue_bytes_max,
-            connections_per_shard_max: config.connections_per_shard_max,
-        };
+        let ws_limits = context::ws_limits(&node.config);
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -112,7 +98,7 @@ impl Shard {
                 shard_id,
                 node,
                 post: Post::new(shard_id, office),
-                limits,
+                ws_limits,
                 now_ms: 0,
                 unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
@@ -128,7 +114,7 @@ impl Shard {
     /// Runs the loop until the node has drained. Returns an error only if polling fails.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_PER_TURN);
-        let sweep_pass_ms = self.ctx.limits.sweep_pass_ms();
+        let sweep_pass_ms = context::sweep_pass_ms(&self.ctx.ws_limits);
         let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
         let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
@@ -235,7 +221,7 @@ impl Shard {
                 }
             };
             let m = self.ctx.metrics();
-            if self.sessions.len() >= self.ctx.limits.connections_per_shard_max {
+            if self.sessions.len() >= self.ctx.node.config.connections_per_shard_max {
                 // Dropping the stream closes it: the cheapest refusal, and the client sees it.
                 metrics::add(&m.connections_refused, 1);
                 continue;

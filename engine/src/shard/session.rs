@@ -200,7 +200,7 @@ impl Session {
 
     /// Bytes still missing from the frame that starts `inbound`.
     fn missing_bytes(&self, ctx: &Context) -> usize {
-        match frame::parse_header(&self.inbound, ctx.limits.ws.frame_bytes_max) {
+        match frame::parse_header(&self.inbound, ctx.ws_limits.frame_bytes_max) {
             Ok(Some(header)) => header.frame_len().saturating_sub(self.inbound.len()),
             // Cannot happen: more than CARRY_BYTES_MAX bytes hold a whole header, and it was
             // accepted when they were carried. Any positive answer keeps reading safely.
@@ -233,7 +233,7 @@ impl Session {
     /// incomplete HTTP head or frame.
     fn on_bytes(&mut self, data: &mut [u8], ctx: &mut Context) -> usize {
         let mut pos = 0;
-        while let Some((used, event)) = self.conn.read(&mut data[pos..], ctx.now_ms, &ctx.limits.ws)
+        while let Some((used, event)) = self.conn.read(&mut data[pos..], ctx.now_ms, &ctx.ws_limits)
         {
             pos += used;
             if event.is_frame() {
@@ -318,7 +318,7 @@ impl Session {
         if self.conn.endpoint().is_none() {
             return;
         }
-        if self.outbox.len_bytes() + frame.len() > ctx.limits.send_queue_bytes_max {
+        if self.outbox.len_bytes() + frame.len() > ctx.node.config.send_queue_bytes_max {
             let dropped = self.outbox.clear();
             metrics::sub(&ctx.metrics().send_queue_bytes, dropped as u64);
             self.close(
@@ -409,7 +409,7 @@ impl Session {
 
     /// Checks this session's timeout at `ctx.now_ms`. Returns `true` if the connection is done.
     pub fn on_timer(&mut self, ctx: &mut Context) -> bool {
-        let timer = self.conn.on_timer(ctx.now_ms, &ctx.limits.ws);
+        let timer = self.conn.on_timer(ctx.now_ms, &ctx.ws_limits);
         self.on_timer_outcome(timer, ctx)
     }
 
