@@ -5,10 +5,10 @@
 //! devices, conversations, cursors, dispatch) → `store` (the conversation log) → `operator`
 //! (config, metrics, the token secret); `node` starts it all.
 
-pub mod bus;
-pub mod logic;
-pub mod net;
+pub(crate) mod bus;
+pub(crate) mod logic;
+pub(crate) mod net;
 pub mod node;
 pub mod operator;
-pub mod shard;
+pub(crate) mod shard;
 pub mod store;

@@ -220,6 +220,7 @@ impl Server {
 
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with a pid we spawned and own; it touches no memory of ours.
+        #[allow(unsafe_code)]
         let rc = unsafe { libc::kill(self.pid(), signal) };
         assert_eq!(rc, 0, "kill");
     }

@@ -63,8 +63,4 @@ impl Mailbox {
     pub fn len(&self) -> usize {
         self.queue.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
 }

@@ -71,8 +71,6 @@ pub struct Origin {
     pub uid: Uid,
     /// The device the request came from.
     pub device: DeviceId,
-    /// For agents, the shop they work for.
-    pub shop: Option<ShopId>,
     /// The encoding of the request (the reply uses it).
     pub encoding: Encoding,
     /// The request's `req`.

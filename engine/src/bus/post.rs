@@ -36,6 +36,7 @@ impl PostOffice {
     }
 
     /// The mailbox of `shard`.
+    #[cfg(test)]
     pub fn mailbox(&self, shard: usize) -> &Mailbox {
         &self.mailboxes[shard]
     }

@@ -177,6 +177,7 @@ impl Dispatcher {
     }
 
     /// How many conversations `agent` is assigned.
+    #[cfg(test)]
     pub fn assigned_count(&self, shop: ShopId, agent: Uid) -> u32 {
         self.shops
             .get(&shop)
@@ -185,6 +186,7 @@ impl Dispatcher {
     }
 
     /// The conversations waiting in `shop`'s queue, in arrival order.
+    #[cfg(test)]
     pub fn waiting(&self, shop: ShopId) -> impl Iterator<Item = ConvId> + '_ {
         self.shops
             .get(&shop)

@@ -123,9 +123,7 @@ mod tests {
     const SHOP: ShopId = ShopId(5);
 
     fn agent_of_shop(h: &mut Harness, id: u64) -> Origin {
-        let mut origin = h.login(agent(id));
-        origin.shop = Some(SHOP);
-        origin
+        h.login(agent(id))
     }
 
     fn online(h: &mut Harness, agent: &Origin) -> Vec<(usize, crate::bus::BusMsg)> {

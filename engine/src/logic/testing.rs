@@ -78,7 +78,6 @@ impl Harness {
             session,
             uid,
             device,
-            shop: None,
             encoding: Encoding::Json,
             req: Some(1),
         }

@@ -2,7 +2,7 @@
 //! watches (metrics, the drain), and [`NodeState`], the part of it every shard shares.
 
 pub mod config;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod secret;
 
 use std::net::SocketAddr;
@@ -15,7 +15,7 @@ use metrics::ShardMetrics;
 
 /// What the shards of a node share besides the bus: the configuration, the secret, each
 /// shard's metrics and the draining flag. All of it is either read-only or lock-free.
-pub struct NodeState {
+pub(crate) struct NodeState {
     pub config: Config,
     /// The secret that signs login tokens.
     pub jwt_secret: Vec<u8>,

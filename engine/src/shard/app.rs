@@ -355,12 +355,11 @@ impl App {
         session: &Session,
         ctx: &Context,
     ) -> Option<Origin> {
-        let (uid, device, shop, _) = self.logged_in()?;
+        let (uid, device, _, _) = self.logged_in()?;
         Some(Origin {
             session: session.session_ref(ctx.shard_id as u32),
             uid,
             device,
-            shop,
             encoding,
             req,
         })

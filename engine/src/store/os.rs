@@ -1,4 +1,5 @@
 //! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
