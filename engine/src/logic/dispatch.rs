@@ -7,7 +7,7 @@
 //! customer-service policy apart from the messaging core, as the design this project implements
 //! does, so a backend service could take this over.
 //!
-//! The policy (PROTOCOL.md, "Customer-service dispatch"):
+//! The policy (the client contract's; docs/architecture.md, "Conversations", says where it runs):
 //! - A customer's message into a conversation none of whose assigned agents is online assigns
 //!   the shop's online agent with the fewest assigned conversations; among equals, the one
 //!   assigned least recently (so ties rotate fairly).

@@ -19,7 +19,7 @@ use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
 
-/// Close code after `kicked` (PROTOCOL.md).
+/// Close code after `kicked`: in the range RFC 6455 §7.4.2 leaves to applications.
 pub const CLOSE_KICKED: u16 = 4001;
 
 /// `convs` requests one session may have waiting for their shards' parts; each holds a

@@ -7,7 +7,8 @@
 //! 1. wait for events (or until the next timer sweep);
 //! 2. accept new connections until `WouldBlock`; read each readable session, handling every
 //!    whole frame — replies only go into the session's outbox and mark it dirty;
-//! 3. drain the mailbox (frames for sessions of this shard);
+//! 3. drain the mailbox (bus messages: requests for this shard as an owner, replies and pushes
+//!    for its sessions), then commit the owner's log and send what the commit released;
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
 //!    socket leaves in one system call (write corking);
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
