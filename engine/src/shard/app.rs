@@ -6,6 +6,7 @@
 //! comes back through the shard ([`Session::on_registered`], [`Session::on_convs_part`], or a
 //! plain frame to send).
 
+use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, token, ConvSummary, DecodeError, DecodeErrorKind, DeviceId, ErrorCode, Frame,
@@ -13,8 +14,7 @@ use chinwag_protocol::{
 };
 
 use super::context::Context;
-use super::session::Session;
-use crate::bus::{self, owner_of, reply_size, ws_message, BusMsg, Origin, SendRequest};
+use crate::bus::{self, owner_of, reply_size, ws_message, BusMsg, Origin, SendRequest, SessionRef};
 use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
@@ -50,8 +50,21 @@ struct Gather {
     convs: Vec<ConvSummary<'static>>,
 }
 
+/// What the application layer may do with the connection it serves (the session implements
+/// it; so could a test).
+pub trait Link {
+    /// Queues an encoded server message (closing the connection if its queue is full).
+    fn send(&mut self, ws_message: Bytes, ctx: &mut Context);
+    /// Starts the close handshake with `code`.
+    fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context);
+    /// The address other shards use for this connection.
+    fn session_ref(&self, shard: u32) -> SessionRef;
+    /// The endpoint of the open WebSocket, if it is still open.
+    fn endpoint(&self) -> Option<Endpoint>;
+}
+
 /// The application protocol of one `/ws` session: who logged in, and the `convs` requests
-/// waiting for their parts. It acts through the [`Session`] it is given (send, close), so it
+/// waiting for their parts. It acts through the [`Link`] it is given (send, close), so it
 /// holds no socket and no queue of its own.
 #[derive(Debug, Default)]
 pub struct App {
@@ -67,7 +80,7 @@ impl App {
         &mut self,
         opcode: Opcode,
         payload: &[u8],
-        session: &mut Session,
+        session: &mut impl Link,
         ctx: &mut Context,
     ) {
         crate::operator::metrics::add(&ctx.metrics().app_messages, 1);
@@ -88,7 +101,7 @@ impl App {
         &mut self,
         opcode: Opcode,
         payload: &[u8],
-        session: &mut Session,
+        session: &mut impl Link,
         ctx: &mut Context,
     ) {
         let (req, encoding) = if opcode == Opcode::Text {
@@ -113,7 +126,7 @@ impl App {
         &mut self,
         decoded: Result<Frame<'_>, DecodeError>,
         encoding: Encoding,
-        session: &mut Session,
+        session: &mut impl Link,
         ctx: &mut Context,
     ) {
         let frame = match decoded {
@@ -261,7 +274,7 @@ impl App {
     pub fn on_registered(
         &mut self,
         device: Option<DeviceId>,
-        session: &mut Session,
+        session: &mut impl Link,
         ctx: &mut Context,
     ) -> bool {
         let Some(login) = self.login.as_mut() else {
@@ -290,7 +303,7 @@ impl App {
         &mut self,
         req: Option<u64>,
         convs: Vec<ConvSummary<'static>>,
-        session: &mut Session,
+        session: &mut impl Link,
         ctx: &mut Context,
     ) {
         let Some(login) = self.login.as_mut() else {
@@ -331,7 +344,7 @@ impl App {
     }
 
     /// The device logged in on another connection: `kicked`, then close with 4001.
-    pub fn kick(&mut self, session: &mut Session, ctx: &mut Context) {
+    pub fn kick(&mut self, session: &mut impl Link, ctx: &mut Context) {
         let encoding = self.login.as_ref().map_or(Encoding::Json, |l| l.encoding);
         let kicked = Message::Kicked("logged in on another connection".into());
         reply(session, None, encoding, kicked, ctx);
@@ -352,7 +365,7 @@ impl App {
         &self,
         req: Option<u64>,
         encoding: Encoding,
-        session: &Session,
+        session: &impl Link,
         ctx: &Context,
     ) -> Option<Origin> {
         let (uid, device, _, _) = self.logged_in()?;
@@ -368,7 +381,7 @@ impl App {
 
 /// Sends `message` as the answer to the request `req`, in `encoding`.
 fn reply(
-    session: &mut Session,
+    session: &mut impl Link,
     req: Option<u64>,
     encoding: Encoding,
     message: Message<'_>,

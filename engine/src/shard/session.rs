@@ -15,7 +15,7 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::Token;
 
-use super::app::App;
+use super::app::{App, Link};
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::SessionRef;
@@ -429,6 +429,24 @@ impl Session {
             }
             Timer::Drop => true,
         }
+    }
+}
+
+impl Link for Session {
+    fn send(&mut self, ws_message: Bytes, ctx: &mut Context) {
+        Session::send(self, ws_message, ctx);
+    }
+
+    fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context) {
+        Session::close(self, code, reason, why, ctx);
+    }
+
+    fn session_ref(&self, shard: u32) -> SessionRef {
+        Session::session_ref(self, shard)
+    }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        Session::endpoint(self)
     }
 }
 
