@@ -389,3 +389,193 @@ fn reply(
 ) {
     session.send(ws_message(&Frame { req, message }, encoding), ctx);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chinwag_protocol::token::{self, Claims};
+    use chinwag_protocol::{ConvId, ConvSummary, ConvType, DeviceId, Seq, UidKind};
+
+    use super::*;
+    use crate::bus::mailbox::Mailbox;
+    use crate::bus::post::{Post, PostOffice};
+    use crate::net::ws::connection::WsLimits;
+    use crate::net::ws::frame::Opcode;
+    use crate::operator::config::Config;
+    use crate::operator::NodeState;
+
+    const SECRET: &[u8] = b"a test secret of thirty-two bytes!";
+    const SHARDS: usize = 2;
+
+    /// A link that records what the app layer did with it.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Vec<String>,
+        closed: Option<(u16, CloseReason)>,
+    }
+
+    impl Link for Recorder {
+        fn send(&mut self, ws_message: Bytes, _ctx: &mut Context) {
+            let header_len = match ws_message[1] & 0x7f {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            let text = String::from_utf8_lossy(&ws_message[header_len..]);
+            self.sent.push(text.into_owned());
+        }
+
+        fn close(&mut self, code: u16, _reason: &str, why: CloseReason, _ctx: &mut Context) {
+            self.closed = Some((code, why));
+        }
+
+        fn session_ref(&self, shard: u32) -> SessionRef {
+            SessionRef {
+                shard,
+                slot: 3,
+                generation: 1,
+            }
+        }
+
+        fn endpoint(&self) -> Option<Endpoint> {
+            self.closed.is_none().then_some(Endpoint::App)
+        }
+    }
+
+    /// A shard's context with no sockets: shard 0 of two, mailboxes that nobody drains.
+    fn context() -> (Context, Vec<mio::Poll>) {
+        let polls: Vec<mio::Poll> = (0..SHARDS).map(|_| mio::Poll::new().unwrap()).collect();
+        let mailboxes = polls
+            .iter()
+            .map(|poll| Mailbox::new(16, mio::Waker::new(poll.registry(), mio::Token(0)).unwrap()))
+            .collect();
+        let config = Config::default();
+        let ws_limits: WsLimits = crate::shard::context::ws_limits(&config);
+        let ctx = Context {
+            shard_id: 0,
+            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS)),
+            post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
+            ws_limits,
+            now_ms: 0,
+            unix_ms: 1_700_000_000_000,
+            dirty: Vec::new(),
+            read_again: Vec::new(),
+        };
+        (ctx, polls)
+    }
+
+    fn text(app: &mut App, link: &mut Recorder, ctx: &mut Context, json: &str) {
+        app.on_message(Opcode::Text, json.as_bytes(), link, ctx);
+    }
+
+    fn login(app: &mut App, link: &mut Recorder, ctx: &mut Context, uid: Uid) {
+        let claims = Claims {
+            uid,
+            shop: None,
+            exp: ctx.unix_ms / 1000 + 60,
+        };
+        let token = token::mint(SECRET, &claims);
+        let request = format!(r#"{{"op":"login","req":1,"token":"{token}","device":"web"}}"#);
+        text(app, link, ctx, &request);
+    }
+
+    #[test]
+    fn requests_before_login_are_refused_and_a_bad_token_closes_with_1008() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link) = (App::default(), Recorder::default());
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":2}"#);
+        assert!(
+            link.sent[0].contains(r#""code":"not_logged_in""#),
+            "{:?}",
+            link.sent
+        );
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"ping","req":3}"#);
+        assert!(
+            link.sent[1].contains(r#""op":"pong""#),
+            "ping needs no login"
+        );
+        assert!(ctx.post.is_empty(), "nothing reaches an owner");
+
+        let bad = r#"{"op":"login","req":4,"token":"not.a.token","device":"web"}"#;
+        text(&mut app, &mut link, &mut ctx, bad);
+        assert!(
+            link.sent[2].contains(r#""code":"unauthorized""#),
+            "{:?}",
+            link.sent
+        );
+        assert_eq!(link.closed, Some((1008, CloseReason::Unauthorized)));
+    }
+
+    #[test]
+    fn a_login_registers_with_the_users_owner_and_completes_when_it_answers() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link) = (App::default(), Recorder::default());
+        let uid = Uid::new(UidKind::Buyer, 42);
+        login(&mut app, &mut link, &mut ctx, uid);
+        let posted = ctx.post.take();
+        assert_eq!(posted.len(), 1);
+        let (
+            shard,
+            BusMsg::Register {
+                session, uid: who, ..
+            },
+        ) = &posted[0]
+        else {
+            panic!("expected a Register, got {posted:?}");
+        };
+        assert_eq!((*shard, *who), (owner_of(&uid, SHARDS), uid));
+        assert_eq!(*session, link.session_ref(0));
+        assert!(link.sent.is_empty(), "login_ok waits for the owner");
+        assert!(app.logged_in().is_none());
+
+        let device = DeviceId::from_u64(7).unwrap();
+        assert!(app.on_registered(Some(device), &mut link, &mut ctx));
+        assert!(
+            link.sent[0].contains(r#""op":"login_ok","req":1"#),
+            "{:?}",
+            link.sent
+        );
+        assert_eq!(app.logged_in().map(|l| (l.0, l.1)), Some((uid, device)));
+    }
+
+    #[test]
+    fn convs_gathers_every_shards_part_most_recent_first() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link) = (App::default(), Recorder::default());
+        let uid = Uid::new(UidKind::Buyer, 1);
+        login(&mut app, &mut link, &mut ctx, uid);
+        app.on_registered(DeviceId::from_u64(7).ok(), &mut link, &mut ctx);
+        ctx.post.take();
+
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":9}"#);
+        let asked: Vec<usize> = ctx.post.take().iter().map(|(shard, _)| *shard).collect();
+        assert_eq!(asked, [0, 1], "every shard is asked for its part");
+
+        let summary = |conv: u64, ts: Option<u64>| ConvSummary {
+            conv: ConvId(conv),
+            conv_type: ConvType::Direct,
+            members: vec![uid],
+            last_seq: Seq(1),
+            read_seq: Seq(0),
+            unread: 1,
+            last: ts.map(|ts| chinwag_protocol::Msg {
+                conv: ConvId(conv),
+                seq: Seq(1),
+                from: uid,
+                ts,
+                kind: "text".into(),
+                body: "hi".into(),
+                cmid: "c".into(),
+            }),
+        };
+        app.on_convs_part(Some(9), vec![summary(256, Some(5))], &mut link, &mut ctx);
+        assert_eq!(link.sent.len(), 1, "no reply until every shard answered");
+        app.on_convs_part(Some(9), vec![summary(257, Some(9))], &mut link, &mut ctx);
+        let reply = &link.sent[1];
+        assert!(reply.starts_with(r#"{"op":"convs_ok","req":9"#), "{reply}");
+        let first = reply.find(r#""conv":"257""#).unwrap();
+        let second = reply.find(r#""conv":"256""#).unwrap();
+        assert!(first < second, "most recently active first: {reply}");
+    }
+}
