@@ -33,7 +33,7 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
-use crate::net::ws::frame::{self, Opcode};
+use crate::net::ws::frame::{encode_with, Opcode};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
 /// without a lookup. That bounds a node to 256 shards.
@@ -317,8 +317,8 @@ impl Fanout {
 /// WebSocket header.
 pub fn ws_message(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
     match encoding {
-        Encoding::Json => frame::encode_with(Opcode::Text, |out| json::encode(frame, out)),
-        Encoding::Binary => frame::encode_with(Opcode::Binary, |out| {
+        Encoding::Json => encode_with(Opcode::Text, |out| json::encode(frame, out)),
+        Encoding::Binary => encode_with(Opcode::Binary, |out| {
             if binary::encode(frame, out).is_err() {
                 // Only a string over the codec's length fields fails (and leaves `out` as it
                 // was); the gateway's own frames are bounded far below them. Say so rather

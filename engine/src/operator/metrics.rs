@@ -8,7 +8,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-pub use crate::net::ws::connection::CloseReason;
+use crate::net::ws::connection::CloseReason;
 
 /// Upper bounds of the loop-turn histogram buckets, in microseconds.
 pub const TURN_BUCKETS_US: [u64; 10] =
