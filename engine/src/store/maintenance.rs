@@ -3,7 +3,7 @@
 use std::fs;
 
 use super::{os, record, segment, snapshot};
-use super::{Position, Retained, Store, StoreConfig, StoreError, StoreStats};
+use super::{Position, Retained, Store, StoreError, StoreStats};
 
 impl Store {
     /// Flushes the log and writes a snapshot of the state at the tail, so the next open
@@ -110,10 +110,5 @@ impl Store {
             tail: self.tail(),
             snapshot: self.snapshot,
         }
-    }
-
-    /// The configuration the store runs with.
-    pub fn config(&self) -> &StoreConfig {
-        &self.config
     }
 }

@@ -7,8 +7,7 @@
 //!
 //! - **Seqs.** Per conversation, [`Store::append_message`] assigns 1, 2, 3, ... with no gap and
 //!   no duplicate, across restarts and crashes. Only the owner of the `Store` (`&mut self`)
-//!   advances them; any thread may read the last committed seq through
-//!   [`Store::last_seq_handle`] without a lock.
+//!   advances them, and only the owner reads them: another shard asks it with a message.
 //! - **Batches and acknowledgements.** Appends during a loop turn, then one [`Store::commit`];
 //!   an acknowledgement (`send_ok`, `read_ok`, ...) for anything appended may go out only after
 //!   `commit` returned `Ok`. What a committed record then survives depends on
@@ -23,6 +22,11 @@
 //!   fails appends with [`StoreError::DiskFull`] and harms nothing stored.
 //!
 //! Not thread-safe by design: one shard owns one `Store` (shared-nothing).
+//!
+//! The code is split by what a caller does: `recovery` (open and replay), `writes` (appends,
+//! commit, state changes), `reads` (history and lookups) and `maintenance` (snapshots,
+//! retention, scrub, gauges); the on-disk formats are in `segment`, `record` and `snapshot`,
+//! the rebuilt state in `state`.
 
 mod cmid_table;
 mod config;
@@ -153,8 +157,6 @@ pub struct Store {
     segments: VecDeque<Segment>,
     preparer: Preparer,
     state: State,
-    /// Conversations whose seq advanced since the last commit, to publish at the next.
-    unpublished: Vec<ConvId>,
     /// Everything before this position has been flushed to disk.
     synced: Position,
     /// Everything before this position is marked acknowledged in the segment headers.

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Advice, MmapMut, MmapOptions};
 
 /// Reserves `len` bytes of disk for `file`, so that writes through a mapping never find the
 /// disk full (which would be a SIGBUS, not an error). ENOSPC shows here instead.
@@ -45,22 +45,12 @@ pub fn is_disk_full(err: &io::Error) -> bool {
 /// system's write fault) on the shard's thread. The store runs it on the thread that prepares
 /// the next segment.
 pub fn prefault_for_writing(map: &mut MmapMut) {
-    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_WRITE only
-    // faults its pages in (as a write would) and does not change their contents.
-    let rc = unsafe {
-        libc::madvise(
-            map.as_mut_ptr().cast(),
-            map.len(),
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if rc != 0 {
+    if map.advise(Advice::PopulateWrite).is_err() {
         // Kernels before 5.14 lack MADV_POPULATE_WRITE: write to one byte per page instead.
-        // The mapping is all zeros, so writing zeros changes nothing.
+        // The mapping is all zeros, so writing zeros changes nothing; the compiler cannot drop
+        // the stores, as it does not know what the mapping holds.
         for byte in map.iter_mut().step_by(4096) {
-            // SAFETY: `byte` is a valid, exclusive reference into the mapping; the volatile
-            // write keeps the compiler from dropping a store of the value already there.
-            unsafe { std::ptr::write_volatile(byte, 0) };
+            *byte = 0;
         }
     }
 }
@@ -68,13 +58,5 @@ pub fn prefault_for_writing(map: &mut MmapMut) {
 /// Reads a mapping's pages in ahead of a sequential scan (recovery): one call instead of a
 /// page fault every few pages. Failure (an old kernel) only costs speed.
 pub fn prefault_for_reading(map: &MmapMut) {
-    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_READ only
-    // faults its pages in and does not change their contents.
-    unsafe {
-        libc::madvise(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            libc::MADV_POPULATE_READ,
-        )
-    };
+    let _ = map.advise(Advice::PopulateRead);
 }

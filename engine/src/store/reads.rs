@@ -1,8 +1,5 @@
 //! Reads: history along the conversation chains, and lookups of the state.
 
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
 use smallvec::SmallVec;
 
@@ -179,11 +176,6 @@ impl Store {
         record::decode_message(&seg.map, segment::offset_of(pos))
             .map(Some)
             .map_err(|reason| StoreError::corrupt(pos, reason))
-    }
-
-    /// A handle on the conversation's last committed seq, readable from any thread.
-    pub fn last_seq_handle(&self, conv: ConvId) -> Option<Arc<AtomicU64>> {
-        self.state.convs.get(&conv).map(|c| c.published.clone())
     }
 
     /// The conversation, if it is in this log.

@@ -82,7 +82,6 @@ impl Store {
             segments,
             preparer: Preparer::new(),
             state,
-            unpublished: Vec::new(),
             synced: start,
             acked: start,
             last_sync: Instant::now(),
@@ -95,7 +94,6 @@ impl Store {
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.
         store.flush()?;
-        store.state.publish_all();
         let active = store.active();
         store
             .preparer

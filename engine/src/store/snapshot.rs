@@ -15,8 +15,6 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
 use smallvec::SmallVec;
@@ -206,7 +204,6 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
                 members,
                 cursors,
                 seq,
-                published: Arc::new(AtomicU64::new(seq)),
                 last_pos,
                 index,
             },

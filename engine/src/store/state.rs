@@ -7,8 +7,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use ahash::AHashMap;
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
@@ -29,10 +27,8 @@ pub struct Conversation {
     pub(super) members: SmallVec<[Uid; 2]>,
     /// Read cursors, one per user who has read anything.
     pub(super) cursors: SmallVec<[(Uid, Seq); 2]>,
-    /// The last seq stored (the owner's copy; others read `published`).
+    /// The last seq stored.
     pub(super) seq: u64,
-    /// The last seq acknowledged by a commit, readable from any thread.
-    pub(super) published: Arc<AtomicU64>,
     /// Position of the newest message (0: none).
     pub(super) last_pos: Position,
     /// `index[i]` is the position of seq `(i + 1) * stride` (0: not in the log).
@@ -311,7 +307,6 @@ impl State {
                         members: members.clone(),
                         cursors: SmallVec::new(),
                         seq: 0,
-                        published: Arc::new(AtomicU64::new(0)),
                         last_pos: 0,
                         index: Vec::new(),
                     },
@@ -403,13 +398,6 @@ impl State {
     /// Where the chain link `prev` of a message really leads.
     pub fn chain(&self, prev: Position) -> Position {
         self.chain_repairs.get(&prev).copied().unwrap_or(prev)
-    }
-
-    /// Makes every conversation's last seq visible to other threads.
-    pub fn publish_all(&self) {
-        for c in self.convs.values() {
-            c.published.store(c.seq, Ordering::Release);
-        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! Writes: appending records, committing them under the durability policy, and the state
 //! changes (devices, conversations, members, cursors).
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
@@ -91,7 +90,6 @@ impl Store {
         if let Some(active) = self.segments.back_mut() {
             active.newest_ts_ms = active.newest_ts_ms.max(msg.ts_ms);
         }
-        self.unpublished.push(msg.conv);
         Ok(Appended::Stored { seq })
     }
 
@@ -109,7 +107,7 @@ impl Store {
     /// `Ok`, acks for the batch may go out. Call once per loop turn, after the turn's appends.
     ///
     /// `never`: no system call. `interval`: flushes if the interval has passed since the last
-    /// flush. `always`: flushes (group commit). Also publishes the new last seqs.
+    /// flush. `always`: flushes (group commit).
     pub fn commit(&mut self) -> Result<(), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
@@ -124,7 +122,6 @@ impl Store {
             }
             FsyncPolicy::Always => self.flush()?,
         }
-        self.publish();
         Ok(())
     }
 
@@ -135,16 +132,7 @@ impl Store {
             return Err(StoreError::Poisoned);
         }
         self.flush()?;
-        self.publish();
         Ok(())
-    }
-
-    pub(super) fn publish(&mut self) {
-        for conv in self.unpublished.drain(..) {
-            if let Some(c) = self.state.convs.get(&conv) {
-                c.published.store(c.seq, Ordering::Release);
-            }
-        }
     }
 
     /// msyncs every segment written since the last flush, then marks it acknowledged.
@@ -220,18 +208,6 @@ impl Store {
             return Err(StoreError::ConvExists(existing));
         }
         self.create_conv(conv, ConvKind::Direct, None, &[a, b])
-    }
-
-    /// Creates a group conversation with these members.
-    pub fn create_group_conv(&mut self, conv: ConvId, members: &[Uid]) -> Result<(), StoreError> {
-        if members.len() > self.config.members_max {
-            return Err(StoreError::TooLarge {
-                what: "members",
-                len: members.len(),
-                max: self.config.members_max,
-            });
-        }
-        self.create_conv(conv, ConvKind::Group, None, members)
     }
 
     fn create_conv(
