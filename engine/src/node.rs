@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -15,6 +16,7 @@ use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::data_dir::DataDir;
 use crate::net::listener;
 use crate::ops::config::{Config, Fsync};
 use crate::ops::metrics::{self, ShardMetrics};
@@ -80,19 +82,14 @@ impl Node {
     }
 }
 
-/// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
-/// is logged as `listening addr=...`.
-pub fn serve(mut config: Config) -> io::Result<()> {
-    let shard_count = config.shard_count();
-    // The first bind resolves port 0; the other shards bind the port it got.
-    let first = listener::bind(config.listen)?;
-    let addr = first.local_addr()?;
+/// Runs a node on the locked `data_dir` until SIGTERM or SIGINT has drained it. `config.shards`
+/// is the resolved count (not 0). The bound address (useful with port 0) is logged as
+/// `listening addr=...`. A port taken by another node or program fails with `AddrInUse`.
+pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::Result<()> {
+    let shard_count = config.shards.max(1);
+    let (listeners, addr, _port_claim) = listener::bind_shards(config.listen, shard_count)?;
     // The node id carries the port actually bound (the configured one may be 0).
     config.listen = addr;
-    let mut listeners = vec![first];
-    for _ in 1..shard_count {
-        listeners.push(listener::bind(addr)?);
-    }
     let mut polls = Vec::with_capacity(shard_count);
     let mut mailboxes = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -103,10 +100,8 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         ));
         polls.push(poll);
     }
-    let jwt_secret =
-        crate::ops::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
-    let owners = open_owners(&config, shard_count)?;
-    let node = Arc::new(Node::new(config, jwt_secret.into_bytes(), mailboxes));
+    let owners = open_owners(&config, data_dir.path(), shard_count)?;
+    let node = Arc::new(Node::new(config, jwt_secret, mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let signal_node = Arc::clone(&node);
@@ -146,39 +141,16 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     result
 }
 
-/// The file in the data directory that records how many shards the logs were written by.
-const SHARDS_FILE: &str = "shards";
-
 /// Opens (recovering) every shard's log under the data directory and builds its owner.
 ///
-/// Conversation ids and owners are tied to the shard count, so a data directory keeps the count
-/// it was created with: starting with another one is refused with a clear error.
-fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
+/// Conversation ids and owners are tied to the shard count, which [`DataDir::shard_count`]
+/// keeps to the one the directory was created with.
+fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Owner>> {
     if shards > crate::route::SHARDS_MAX {
         return Err(io::Error::other(format!(
             "at most {} shards are supported",
             crate::route::SHARDS_MAX
         )));
-    }
-    let dir = &config.data_dir;
-    std::fs::create_dir_all(dir)?;
-    let pinned = dir.join(SHARDS_FILE);
-    match std::fs::read_to_string(&pinned) {
-        Ok(text) => {
-            let was: usize = text.trim().parse().map_err(|_| {
-                io::Error::other(format!("{} is not a shard count", pinned.display()))
-            })?;
-            if was != shards {
-                return Err(io::Error::other(format!(
-                    "the data directory {} was written by {was} shards; start with --shards {was}",
-                    dir.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::write(&pinned, format!("{shards}\n"))?;
-        }
-        Err(e) => return Err(e),
     }
     let fsync = match config.fsync {
         Fsync::Never => FsyncPolicy::Never,

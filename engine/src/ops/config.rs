@@ -40,10 +40,16 @@ pub struct ServeArgs {
     /// Data directory [default: ./chinwag-data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Secret that signs login tokens (HS256) [default: generated once, kept in DATA_DIR/jwt-secret].
+    /// Secret that signs login tokens (HS256), at least 32 bytes. A secret on the command line
+    /// is visible to other local users (ps, /proc): prefer --jwt-secret-file or
+    /// CHINWAG_JWT_SECRET [default: generated once, kept in DATA_DIR/jwt-secret].
     #[arg(long, value_name = "SECRET")]
     pub jwt_secret: Option<String>,
-    /// Shards (event-loop threads); 0 = one per core [default: 0].
+    /// File holding the token secret (at least 32 bytes; surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Shards (event-loop threads); 0 = the count an existing data directory was written by,
+    /// else one per core [default: 0].
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
     /// When the log is forced to disk [default: never].
@@ -107,6 +113,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub jwt_secret: Option<String>,
+    pub jwt_secret_file: Option<PathBuf>,
     pub shards: usize,
     pub fsync: Fsync,
     pub enable_echo: bool,
@@ -133,6 +140,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
             data_dir: PathBuf::from("./chinwag-data"),
             jwt_secret: None,
+            jwt_secret_file: None,
             shards: 0,
             fsync: Fsync::Never,
             enable_echo: false,
@@ -206,6 +214,9 @@ impl Config {
         if args.jwt_secret.is_some() {
             self.jwt_secret = args.jwt_secret;
         }
+        if args.jwt_secret_file.is_some() {
+            self.jwt_secret_file = args.jwt_secret_file;
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -236,19 +247,14 @@ impl Config {
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
         }
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            return Err("give jwt_secret or jwt_secret_file, not both".into());
+        }
         // Tokens share the slab's key space with the listener and waker tokens.
         if self.connections_per_shard_max > u32::MAX as usize {
             return Err("connections_per_shard_max is too large".into());
         }
         Ok(())
-    }
-
-    /// The number of shards to run: the configured number, or one per core.
-    pub fn shard_count(&self) -> usize {
-        match self.shards {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
     }
 }
 

@@ -52,6 +52,7 @@ use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 
 pub use config::{FsyncPolicy, StoreConfig};
 pub use error::{Position, StoreError};
+pub use os::try_lock_exclusive;
 pub use record::{ConvKind, MessageRef};
 pub use state::Conversation;
 

@@ -1,4 +1,5 @@
-//! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync.
+//! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync,
+//! the data directory lock.
 
 use std::fs::File;
 use std::io;
@@ -28,6 +29,25 @@ pub fn map(file: &File) -> io::Result<MmapMut> {
     // write or truncate while the store is open (docs/storage.md, "Ownership"); the store
     // never truncates a mapped segment, it only deletes whole segments after unmapping them.
     unsafe { MmapOptions::new().map_mut(file) }
+}
+
+/// Takes an exclusive advisory lock (`flock`) on `file` without waiting: `Ok(false)` if another
+/// open file description holds it. The lock lasts until the file is closed. The mappings'
+/// soundness rests on no other process writing the store's files; this lock is how a node
+/// keeps a second one out of its data directory.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock only reads its integer arguments; the descriptor is open for the duration
+    // of the call because `file` is borrowed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
 }
 
 /// Makes a directory's entries (created, renamed, deleted files) durable.
