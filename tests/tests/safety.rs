@@ -2,7 +2,7 @@
 //! port, real secrets, idempotency per conversation, stable placement, no disk growth from
 //! restarts, login refusals and a drain that load balancers can see.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,8 @@ fn issue_9_empty_and_short_secrets_are_refused_from_every_source() {
     let short_file = dir.path().join("short");
     std::fs::write(&short_file, "x\n").unwrap();
     let short_file = format!("--jwt-secret-file={}", short_file.display());
-    let cases: [(&[&str], &[(&str, &str)]); 5] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case<'_>; 5] = [
         (&["--jwt-secret", ""], &[]),
         (&["--jwt-secret", "x"], &[]),
         (&["--jwt-secret", &SECRET[..31]], &[]),
@@ -222,13 +223,4 @@ fn a_data_directory_of_the_old_format_is_refused() {
     );
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("data format 1"), "{log}");
-}
-
-/// Keeps the unused-import lint quiet for helpers only some tests use.
-#[allow(dead_code)]
-fn read_all(stream: &mut std::net::TcpStream) -> String {
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    let _ = stream.flush();
-    text
 }
