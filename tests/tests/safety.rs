@@ -224,3 +224,179 @@ fn a_data_directory_of_the_old_format_is_refused() {
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("data format 1"), "{log}");
 }
+
+mod conversations {
+    use super::*;
+    use chinwag_protocol::client::{Client, ClientError, Encoding};
+    use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
+    use chinwag_protocol::token::{self, Claims};
+    use chinwag_protocol::{
+        ConvId, DeviceType, ErrorCode, History, HistoryRange, Message, Send, Seq, ShopId, Target,
+        Uid, UidKind,
+    };
+
+    pub fn login(server: &Server, uid: Uid, encoding: Encoding) -> Client {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let token = token::mint(
+            SECRET.as_bytes(),
+            &Claims {
+                uid,
+                shop: None,
+                exp,
+            },
+        );
+        let mut client = Client::connect(&server.ws_url(), encoding).expect("connect");
+        client.login(&token, DeviceType::Web).expect("login");
+        client
+    }
+
+    pub fn send(
+        client: &mut Client,
+        target: Target,
+        cmid: &str,
+        kind: &str,
+        body: &str,
+    ) -> Result<(ConvId, Seq), ErrorCode> {
+        let reply = client.call(Message::Send(Send {
+            target,
+            cmid: cmid.into(),
+            kind: kind.into(),
+            body: body.into(),
+        }));
+        match reply {
+            Ok(frame) => match frame.message {
+                Message::SendOk(ok) => Ok((ok.conv, ok.seq)),
+                other => panic!("expected send_ok, got {other:?}"),
+            },
+            Err(ClientError::Rejected(e)) => Err(e.code),
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+
+    fn bodies(client: &mut Client, conv: ConvId) -> Vec<String> {
+        let reply = client
+            .call(Message::History(History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 50,
+            }))
+            .expect("history");
+        match reply.message {
+            Message::HistoryOk(ok) => ok.msgs.iter().map(|m| m.body.to_string()).collect(),
+            other => panic!("expected history_ok, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn issue_9_the_same_cmid_in_another_conversation_is_stored() {
+        // One shard: both conversations share one log and so one idempotency window.
+        let server = Server::start(&["--jwt-secret", SECRET, "--shards=1"]);
+        let buyer = Uid::new(UidKind::Buyer, 7);
+        let mut client = login(&server, buyer, Encoding::Json);
+        let first = send(&mut client, Target::Shop(ShopId(1)), "1", "text", "to one").unwrap();
+        let second = send(&mut client, Target::Shop(ShopId(2)), "1", "text", "to two").unwrap();
+        assert_ne!(
+            first.0, second.0,
+            "send_ok names the conversation the send named"
+        );
+        assert_eq!(second.1, Seq(1));
+        assert_eq!(bodies(&mut client, first.0), ["to one"]);
+        assert_eq!(
+            bodies(&mut client, second.0),
+            ["to two"],
+            "stored, not dropped"
+        );
+        // A repeat in the same conversation still returns the original.
+        let again = send(&mut client, Target::Conv(second.0), "1", "text", "to two").unwrap();
+        assert_eq!(again, second);
+        let again = send(&mut client, Target::Shop(ShopId(2)), "1", "text", "to two").unwrap();
+        assert_eq!(again, second);
+        assert_eq!(bodies(&mut client, second.0), ["to two"]);
+    }
+
+    #[test]
+    fn issue_9_cmid_and_kind_at_the_protocol_limits_are_stored_in_both_encodings() {
+        let server = Server::start(&["--jwt-secret", SECRET]);
+        for (i, encoding) in [Encoding::Json, Encoding::Binary].into_iter().enumerate() {
+            let mut client = login(&server, Uid::new(UidKind::Buyer, 10 + i as u64), encoding);
+            let to = Target::Shop(ShopId(3));
+            let cmid = "c".repeat(CMID_LEN_MAX);
+            let kind = "k".repeat(KIND_LEN_MAX);
+            let stored = send(&mut client, to, &cmid, &kind, "longest");
+            let (conv, seq) = stored.unwrap_or_else(|e| panic!("{encoding:?}: {e:?}"));
+            assert_eq!(seq, Seq(1));
+            let reply = client
+                .call(Message::History(History {
+                    conv,
+                    range: HistoryRange::Newest,
+                    limit: 1,
+                }))
+                .unwrap();
+            let Message::HistoryOk(ok) = reply.message else {
+                panic!("{reply:?}")
+            };
+            assert_eq!((&*ok.msgs[0].cmid, &*ok.msgs[0].kind), (&*cmid, &*kind));
+            let longer = "c".repeat(CMID_LEN_MAX + 1);
+            assert_eq!(
+                send(&mut client, to, &longer, "text", "x"),
+                Err(ErrorCode::BadRequest),
+                "{encoding:?}: a cmid over the limit"
+            );
+            let longer = "k".repeat(KIND_LEN_MAX + 1);
+            assert_eq!(
+                send(&mut client, to, "other", &longer, "x"),
+                Err(ErrorCode::BadRequest),
+                "{encoding:?}: a kind over the limit"
+            );
+        }
+    }
+}
+
+#[test]
+fn issue_9_restarts_do_not_grow_the_log() {
+    let args = [
+        "--jwt-secret",
+        SECRET,
+        "--shards=1",
+        "--log-segment-bytes=1048576",
+    ];
+    let segments = |dir: &std::path::Path| -> Vec<u64> {
+        let mut sizes: Vec<u64> = std::fs::read_dir(dir.join("shard-0"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .map(|e| e.metadata().unwrap().len())
+            .collect();
+        sizes.sort_unstable();
+        sizes
+    };
+    // Once the node has prepared its next segment: the files on disk, and the metric.
+    let settled = |server: &Server| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let on_disk = segments(server.data_dir.path());
+            let metric = server.metric("chinwag_log_segment_bytes", "");
+            let done = on_disk.len() >= 2 && metric == on_disk.iter().sum::<u64>();
+            if done || Instant::now() > deadline {
+                return (on_disk, metric);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut server = Server::start(&args);
+    let (first, _) = settled(&server);
+    assert_eq!(first, [1 << 20, 1 << 20], "the active segment and the next");
+    for restart in 0..5 {
+        server.signal(libc::SIGTERM);
+        let dir = server.into_data_dir();
+        server = Server::start_in(dir, &args, &[]);
+        let (on_disk, metric) = settled(&server);
+        assert_eq!(on_disk, first, "restart {restart} added segments");
+        // The metric counts every segment file on disk, the prepared one included.
+        assert_eq!(metric, on_disk.iter().sum::<u64>(), "restart {restart}");
+    }
+}

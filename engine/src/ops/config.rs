@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// How often each shard applies retention and writes a snapshot of its state [default: 300000].
     #[arg(long, value_name = "MS")]
     pub log_maintenance_interval_ms: Option<u64>,
+    /// Client message ids each shard remembers for idempotent sends (for 24 h at most); memory
+    /// per shard is about 56 bytes each [default: 250000].
+    #[arg(long, value_name = "N")]
+    pub cmid_window_entries_max: Option<usize>,
     /// Start even if a record in the middle of the log is corrupt, skipping it (its messages are
     /// lost); without it such a node refuses to start [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -131,6 +135,7 @@ pub struct Config {
     pub log_retention_age_s: u64,
     pub log_retention_bytes_max: u64,
     pub log_maintenance_interval_ms: u64,
+    pub cmid_window_entries_max: usize,
     pub skip_corrupt_records: bool,
 }
 
@@ -158,6 +163,7 @@ impl Default for Config {
             log_retention_age_s: 0,
             log_retention_bytes_max: 0,
             log_maintenance_interval_ms: 300_000,
+            cmid_window_entries_max: crate::store::CMID_WINDOW_ENTRIES_DEFAULT,
             skip_corrupt_records: false,
         }
     }
@@ -209,6 +215,7 @@ impl Config {
             log_retention_age_s,
             log_retention_bytes_max,
             log_maintenance_interval_ms,
+            cmid_window_entries_max,
             skip_corrupt_records
         );
         if args.jwt_secret.is_some() {
@@ -234,6 +241,10 @@ impl Config {
             (
                 "log_maintenance_interval_ms",
                 self.log_maintenance_interval_ms,
+            ),
+            (
+                "cmid_window_entries_max",
+                self.cmid_window_entries_max as u64,
             ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -102,8 +102,13 @@ impl Store {
     /// Gauges for metrics.
     pub fn stats(&self) -> StoreStats {
         StoreStats {
-            segments: self.segments.len(),
-            segment_bytes: self.segments.iter().map(|s| s.capacity() as u64).sum(),
+            segments: self.segments.len() + usize::from(self.preparer.bytes() > 0),
+            segment_bytes: self
+                .segments
+                .iter()
+                .map(|s| s.capacity() as u64)
+                .sum::<u64>()
+                + self.preparer.bytes(),
             conversations: self.state.convs.len(),
             devices: self.state.devices.len(),
             cmid_entries: self.state.cmids.order.len(),

@@ -50,7 +50,7 @@ use std::time::Instant;
 
 use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 
-pub use config::{FsyncPolicy, StoreConfig};
+pub use config::{FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT};
 pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
 pub use record::{ConvKind, MessageRef};
@@ -68,7 +68,8 @@ pub struct NewMessage<'a> {
     pub sender: Uid,
     /// From which device.
     pub device: DeviceId,
-    /// The sender's client message id: a repeat within the window is not stored again.
+    /// The sender's client message id: a repeat in the same conversation within the window is
+    /// not stored again.
     pub cmid: &'a [u8],
     /// The message kind.
     pub kind: &'a [u8],
@@ -86,12 +87,13 @@ pub enum Appended {
         /// The new message's seq.
         seq: Seq,
     },
-    /// The sender used this cmid before: nothing was stored; this is the original.
+    /// The sender used this cmid in this conversation before: nothing was stored; this is
+    /// the original.
     Duplicate {
-        /// The original message's conversation.
-        conv: ConvId,
         /// The original message's seq.
         seq: Seq,
+        /// The original message's time (ms since the Unix epoch).
+        ts_ms: u64,
     },
 }
 
@@ -135,7 +137,7 @@ pub struct Retained {
 /// Gauges of one log, for the gateway's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Live segment files (the active one included).
+    /// Segment files: the live ones (the active one included) and the one prepared next.
     pub segments: usize,
     /// Bytes of those files on disk (preallocated).
     pub segment_bytes: u64,

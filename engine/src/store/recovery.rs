@@ -91,6 +91,12 @@ impl Store {
         store.state.defer_cmid_index();
         store.replay(start, &mut report)?;
         store.state.index_cmids();
+        // A restart continues in the segment it stopped in: the empty one after it (prepared
+        // for the next switch) stays prepared instead of becoming the active one, so restarts
+        // do not add segments.
+        if let Some(prepared) = store.take_prepared(start) {
+            store.preparer.hand_over(prepared);
+        }
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.
         store.flush()?;
@@ -188,6 +194,19 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The last segment, if it is empty and follows one that replay read to its end: the
+    /// segment a previous run prepared but never wrote to.
+    fn take_prepared(&mut self, start: Position) -> Option<Segment> {
+        let n = self.segments.len();
+        let last = self.segments.back()?;
+        let empty = last.end == segment::HEADER_BYTES && last.acked_end() == segment::HEADER_BYTES;
+        // Segments before the replay start have no known end to continue at.
+        if n < 2 || !empty || segment::segment_of(start) >= last.id {
+            return None;
+        }
+        self.segments.pop_back()
     }
 
     /// Cuts the log at `off` of segment `idx`: zeroes the rest of that segment (so stale bytes

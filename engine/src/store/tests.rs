@@ -112,8 +112,8 @@ fn a_repeated_cmid_returns_the_original_seq_and_stores_nothing() {
     assert_eq!(
         send(&mut store, 1, "a", b"x"),
         Appended::Duplicate {
-            conv: ConvId(1),
-            seq: Seq(1)
+            seq: Seq(1),
+            ts_ms: 1_000
         }
     );
     assert_eq!(store.tail(), tail);
@@ -125,6 +125,98 @@ fn a_repeated_cmid_returns_the_original_seq_and_stores_nothing() {
         send(&mut store, 1, "b", b"y"),
         Appended::Duplicate { seq: Seq(2), .. }
     ));
+}
+
+#[test]
+fn issue_9_the_same_cmid_in_another_conversation_is_a_new_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(config(dir.path()));
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    store.create_shop_conv(ConvId(2), ShopId(8), BUYER).unwrap();
+    assert_eq!(
+        send(&mut store, 1, "1", b"x"),
+        Appended::Stored { seq: Seq(1) }
+    );
+    assert_eq!(
+        send(&mut store, 2, "1", b"y"),
+        Appended::Stored { seq: Seq(1) }
+    );
+    assert!(matches!(
+        send(&mut store, 2, "1", b"y"),
+        Appended::Duplicate { seq: Seq(1), .. }
+    ));
+    let second = store.history(ConvId(2), HistoryFrom::Newest, 9).unwrap();
+    assert_eq!(second.iter().map(|m| m.body).collect::<Vec<_>>(), [b"y"]);
+}
+
+#[test]
+fn holds_the_longest_cmid_and_kind_the_protocol_accepts() {
+    use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(config(dir.path()));
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    let (cmid, kind) = (vec![b'c'; CMID_LEN_MAX], vec![b'k'; KIND_LEN_MAX]);
+    let mut msg = NewMessage {
+        conv: ConvId(1),
+        sender: BUYER,
+        device: device(),
+        cmid: &cmid,
+        kind: &kind,
+        body: b"b",
+        ts_ms: 0,
+    };
+    assert_eq!(
+        store.append_message(&msg).unwrap(),
+        Appended::Stored { seq: Seq(1) }
+    );
+    let longer = vec![b'c'; CMID_LEN_MAX + 1];
+    msg.cmid = &longer;
+    assert!(matches!(
+        store.append_message(&msg),
+        Err(StoreError::TooLarge { what: "cmid", .. })
+    ));
+    store.commit().unwrap();
+    drop(store);
+    let (store, _) = open(config(dir.path()));
+    let back = store.history(ConvId(1), HistoryFrom::Newest, 1).unwrap();
+    assert_eq!((back[0].cmid, back[0].kind), (&cmid[..], &kind[..]));
+}
+
+#[test]
+fn issue_9_restarts_reopen_the_active_segment_and_add_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(config(dir.path()));
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    send(&mut store, 1, "a", b"x");
+    store.commit().unwrap();
+    let tail = store.tail();
+    let files = |dir: &Path| segment::list(dir).unwrap();
+    drop(store);
+    for i in 0..5 {
+        let (mut store, _) = open(config(dir.path()));
+        assert_eq!(
+            store.tail(),
+            tail,
+            "restart {i} continues where the log ended"
+        );
+        // The segment prepared for the next switch counts too.
+        let stats = store.stats();
+        assert_eq!(stats.segments, 2);
+        assert_eq!(stats.segment_bytes, 2 * (64 << 10));
+        store.commit().unwrap();
+        drop(store);
+        assert_eq!(files(dir.path()), [1, 2], "restart {i}");
+    }
+    // Appending after a restart fills segment 1, then switches to the prepared segment 2.
+    let (mut store, _) = open(config(dir.path()));
+    for i in 0..200 {
+        send(&mut store, 1, &format!("m{i}"), &[7; 1000]);
+    }
+    store.commit().unwrap();
+    assert!(segment::segment_of(store.tail()) >= 2);
+    drop(store);
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(201));
 }
 
 #[test]
@@ -233,10 +325,11 @@ fn retention_deletes_old_segments_and_keeps_state() {
     store.commit().unwrap();
     let before = store.stats();
     let retained = store.retain(0).unwrap();
-    assert_eq!(retained.segments, before.segments - 3);
+    // The stats count the segment prepared for the next switch; retention keeps 3 live ones.
+    assert_eq!(retained.segments, before.segments - 4);
     let after = store.stats();
-    assert_eq!(after.segments, 3);
-    assert_eq!(after.segment_bytes, 3 * (64 << 10));
+    assert_eq!(after.segments, 3 + 1);
+    assert_eq!(after.segment_bytes, (3 + 1) * (64 << 10));
     assert_eq!(after.conversations, 2);
     assert_eq!(after.cmid_entries, 2_000);
     assert!(after.snapshot.is_some(), "retention took a snapshot first");
@@ -747,7 +840,7 @@ proptest! {
         for c in 0..4u64 {
             store.create_shop_conv(ConvId(c), ShopId(c), BUYER).unwrap();
         }
-        // Per conversation, the bodies by seq - 1; per cmid, its (conv, seq).
+        // Per conversation, the bodies by seq - 1; per (conv, cmid), its seq.
         let mut model: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 4];
         let mut cmids = std::collections::HashMap::new();
         let mut cursors = [0u64; 4];
@@ -757,13 +850,13 @@ proptest! {
                     let body = vec![body; usize::from(body) * 3];
                     let cmid = format!("{cmid}");
                     let got = send(&mut store, u64::from(conv), &cmid, &body);
-                    let want = match cmids.get(&cmid) {
-                        Some(&(c, s)) => Appended::Duplicate { conv: ConvId(c), seq: Seq(s) },
+                    let want = match cmids.get(&(conv, cmid.clone())) {
+                        Some(&s) => Appended::Duplicate { seq: Seq(s), ts_ms: 1_000 },
                         None => {
                             let list = &mut model[usize::from(conv)];
                             list.push(body);
                             let seq = list.len() as u64;
-                            cmids.insert(cmid, (u64::from(conv), seq));
+                            cmids.insert((conv, cmid), seq);
                             cursors[usize::from(conv)] = seq;
                             Appended::Stored { seq: Seq(seq) }
                         }

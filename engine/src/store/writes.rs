@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
 use smallvec::SmallVec;
 
@@ -45,24 +46,24 @@ impl Store {
     }
 
     /// Appends a message: assigns the conversation's next seq, or returns the original if the
-    /// sender used this cmid within the window. Durable and acknowledgeable only after the
-    /// next successful [`Store::commit`].
+    /// sender used this cmid in this conversation within the window. Durable and
+    /// acknowledgeable only after the next successful [`Store::commit`].
     pub fn append_message(&mut self, msg: &NewMessage<'_>) -> Result<Appended, StoreError> {
         let limits = [
             ("body", msg.body.len(), self.config.body_bytes_max),
-            ("cmid", msg.cmid.len(), self.config.cmid_bytes_max),
-            ("kind", msg.kind.len(), self.config.kind_bytes_max),
+            ("cmid", msg.cmid.len(), CMID_LEN_MAX),
+            ("kind", msg.kind.len(), KIND_LEN_MAX),
         ];
         if let Some(&(what, len, max)) = limits.iter().find(|(_, len, max)| len > max) {
             return Err(StoreError::TooLarge { what, len, max });
         }
-        if let Some(pos) = self.state.cmid_position(msg.sender, msg.cmid) {
+        if let Some(pos) = self.state.cmid_position(msg.sender, msg.conv, msg.cmid) {
             // Confirm against the stored message: the window keys are hashes.
             if let Some(m) = self.message_at(pos)? {
-                if m.sender == msg.sender && m.cmid == msg.cmid {
+                if m.sender == msg.sender && m.conv == msg.conv && m.cmid == msg.cmid {
                     return Ok(Appended::Duplicate {
-                        conv: m.conv,
                         seq: m.seq,
+                        ts_ms: m.ts_ms,
                     });
                 }
             }
