@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod net;
 pub mod node;
 pub mod ops;
+pub mod placement;
 pub mod route;
 pub mod shard;
 pub mod store;

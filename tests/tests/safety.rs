@@ -318,6 +318,31 @@ mod conversations {
         assert_eq!(bodies(&mut client, second.0), ["to two"]);
     }
 
+    /// Conversation ids carry their owner shard in the low byte; the owner of a shop's and of
+    /// a direct pair's conversation is the specified placement (docs/storage.md, "Placement"),
+    /// so these are the same on any machine and any build.
+    #[test]
+    fn issue_9_placement_is_the_specified_hash() {
+        let server = Server::start(&["--jwt-secret", SECRET, "--shards=4"]);
+        let me = Uid::new(UidKind::Buyer, 1);
+        let mut client = login(&server, me, Encoding::Binary);
+        let owner = |conv: ConvId| conv.0 & 0xff;
+        let shops: Vec<u64> = (1..=8)
+            .map(|shop| {
+                let to = Target::Shop(ShopId(shop));
+                owner(send(&mut client, to, "p", "text", "hi").unwrap().0)
+            })
+            .collect();
+        assert_eq!(shops, [0, 1, 2, 3, 2, 3, 2, 1]);
+        let pairs: Vec<u64> = (2..=9)
+            .map(|other| {
+                let to = Target::User(Uid::new(UidKind::Buyer, other));
+                owner(send(&mut client, to, "p", "text", "hi").unwrap().0)
+            })
+            .collect();
+        assert_eq!(pairs, [1, 1, 3, 1, 1, 3, 0, 3]);
+    }
+
     #[test]
     fn issue_9_cmid_and_kind_at_the_protocol_limits_are_stored_in_both_encodings() {
         let server = Server::start(&["--jwt-secret", SECRET]);
