@@ -425,3 +425,55 @@ fn issue_9_restarts_do_not_grow_the_log() {
         assert_eq!(metric, on_disk.iter().sum::<u64>(), "restart {restart}");
     }
 }
+
+/// Every failed login is `unauthorized` and close 1008, whatever is wrong with the token.
+#[test]
+fn issue_9_every_failed_login_is_unauthorized_and_closes_1008() {
+    use chinwag_protocol::client::Encoding;
+    use chinwag_protocol::{binary, DeviceType, Frame, Login, Message};
+    use chinwag_tests::ws_close_code;
+    use tungstenite::Message as Ws;
+
+    let server = Server::start(&["--jwt-secret", SECRET]);
+    let long = "t".repeat(4097);
+    let json = [
+        format!(r#"{{"op":"login","req":1,"token":"{long}","device":"web"}}"#),
+        r#"{"op":"login","req":2,"token":12345,"device":"web"}"#.to_string(),
+        r#"{"op":"login","req":3,"token":["a"],"device":"web"}"#.to_string(),
+        r#"{"op":"login","req":4,"token":"not.a.jwt","device":"web"}"#.to_string(),
+    ];
+    let binary = binary::encode_to_bytes(&Frame {
+        req: Some(5),
+        message: Message::Login(Login {
+            token: long.clone().into(),
+            device: DeviceType::Web,
+        }),
+    })
+    .unwrap();
+    let cases = json
+        .into_iter()
+        .map(|text| (Ws::text(text), Encoding::Json))
+        .chain([(Ws::binary(binary.to_vec()), Encoding::Binary)]);
+    for (i, (request, encoding)) in cases.enumerate() {
+        let mut ws = server.ws("/ws");
+        ws.send(request).unwrap();
+        let reply = ws.read().expect("an error reply");
+        let code = match (&reply, encoding) {
+            (Ws::Text(text), Encoding::Json) => {
+                let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                assert_eq!(v["op"], "error", "case {i}: {text}");
+                v["code"].as_str().unwrap().to_string()
+            }
+            (Ws::Binary(bytes), Encoding::Binary) => match binary::decode(bytes).unwrap().message {
+                Message::Error(e) if e.code == chinwag_protocol::ErrorCode::Unauthorized => {
+                    "unauthorized".to_string()
+                }
+                Message::Error(e) => format!("{:?}", e.code),
+                other => panic!("case {i}: {other:?}"),
+            },
+            other => panic!("case {i}: {other:?}"),
+        };
+        assert_eq!(code, "unauthorized", "case {i}");
+        assert_eq!(ws_close_code(&mut ws), Some(1008), "case {i}");
+    }
+}
