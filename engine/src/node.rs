@@ -37,6 +37,10 @@ pub struct Node {
     pub metrics: Box<[ShardMetrics]>,
     pub mailboxes: Box<[Mailbox]>,
     draining: AtomicBool,
+    /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
+    /// (answering probes with 503) until every shard is done, because closing one listener of
+    /// the `SO_REUSEPORT` group resets the connections the kernel queued on it.
+    shards_drained: Box<[AtomicBool]>,
 }
 
 impl Node {
@@ -54,6 +58,7 @@ impl Node {
             jwt_secret,
             node_id,
             metrics: mailboxes.iter().map(|_| ShardMetrics::default()).collect(),
+            shards_drained: mailboxes.iter().map(|_| AtomicBool::new(false)).collect(),
             mailboxes: mailboxes.into_boxed_slice(),
             draining: AtomicBool::new(false),
         }
@@ -69,6 +74,23 @@ impl Node {
         for mailbox in self.mailboxes.iter() {
             mailbox.wake();
         }
+    }
+
+    /// Records that shard `id` has drained its connections (or stopped).
+    pub fn shard_drained(&self, id: usize) {
+        if let Some(done) = self.shards_drained.get(id) {
+            done.store(true, Ordering::Release);
+        }
+        for mailbox in self.mailboxes.iter() {
+            mailbox.wake();
+        }
+    }
+
+    /// Whether every shard has drained its connections: the shards may exit.
+    pub fn all_drained(&self) -> bool {
+        self.shards_drained
+            .iter()
+            .all(|done| done.load(Ordering::Acquire))
     }
 
     pub fn render_metrics(&self) -> String {
@@ -118,9 +140,13 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     for (id, ((poll, listener), owner)) in polls.into_iter().zip(listeners).zip(owners).enumerate()
     {
         let shard = Shard::new(id, Arc::clone(&node), poll, listener, owner)?;
+        let stopped = StoppedShard(Arc::clone(&node), id);
         let handle = thread::Builder::new()
             .name(format!("chinwag-shard-{id}"))
-            .spawn(move || shard.run())?;
+            .spawn(move || {
+                let _stopped = stopped;
+                shard.run()
+            })?;
         shards.push(handle);
     }
     tracing::info!(%addr, shards = shard_count, echo = node.config.enable_echo, "listening");
@@ -139,6 +165,17 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         }
     }
     result
+}
+
+/// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards
+/// must not wait for its drain.
+struct StoppedShard(Arc<Node>, usize);
+
+impl Drop for StoppedShard {
+    fn drop(&mut self) {
+        self.0.drain();
+        self.0.shard_drained(self.1);
+    }
 }
 
 /// Opens (recovering) every shard's log under the data directory and builds its owner.

@@ -323,7 +323,8 @@ mod conversations {
     /// so these are the same on any machine and any build.
     #[test]
     fn issue_9_placement_is_the_specified_hash() {
-        let server = Server::start(&["--jwt-secret", SECRET, "--shards=4"]);
+        let small = "--log-segment-bytes=1048576";
+        let server = Server::start(&["--jwt-secret", SECRET, "--shards=4", small]);
         let me = Uid::new(UidKind::Buyer, 1);
         let mut client = login(&server, me, Encoding::Binary);
         let owner = |conv: ConvId| conv.0 & 0xff;
@@ -476,4 +477,51 @@ fn issue_9_every_failed_login_is_unauthorized_and_closes_1008() {
         assert_eq!(code, "unauthorized", "case {i}");
         assert_eq!(ws_close_code(&mut ws), Some(1008), "case {i}");
     }
+}
+
+/// `METHOD /healthz` on a fresh connection: (status, body).
+fn healthz(server: &Server, method: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = server.tcp();
+    write!(stream, "{method} /healthz HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    chinwag_tests::parse_response(&response)
+}
+
+#[test]
+fn issue_9_the_drain_is_visible_to_load_balancers() {
+    use std::io::{Read, Write};
+    // Long close handshakes: the drain lasts while a client ignores its close frame.
+    let mut server = Server::start(&["--jwt-secret", SECRET, "--close-timeout-ms=60000"]);
+    assert_eq!(healthz(&server, "HEAD"), (200, String::new()));
+    assert_eq!(server.metric("chinwag_draining", ""), 0);
+    let mut holder = server.raw_ws("/ws");
+    server.signal(libc::SIGTERM);
+    let deadline = Instant::now() + WAIT;
+    while server.get("/healthz").0 != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.get("/healthz"), (503, "draining\n".to_string()));
+    assert_eq!(healthz(&server, "HEAD"), (503, String::new()));
+    assert_eq!(server.metric("chinwag_draining", ""), 1);
+    // New WebSockets are turned away.
+    let mut stream = server.tcp();
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    drop(stream);
+    assert_eq!(
+        chinwag_tests::parse_response(&response),
+        (503, "draining\n".to_string())
+    );
+    // The last connection goes: the node exits.
+    assert_eq!(chinwag_tests::read_close_code(&mut holder), Some(1001));
+    drop(holder);
+    assert!(server.wait_exit().success(), "{}", server.log());
 }
