@@ -596,10 +596,9 @@ impl Session {
     /// The node is shutting down. Returns `true` if the connection is done.
     pub fn on_drain(&mut self, ctx: &mut Context) -> bool {
         match self.phase {
-            Phase::Http => {
-                self.close_reason = CloseReason::Drain;
-                true
-            }
+            // Still in its request: it gets its answer (503 for an upgrade), as connections
+            // accepted during the drain do; the handshake timeout bounds it.
+            Phase::Http => false,
             Phase::Open(_) => {
                 self.close(
                     frame::CLOSE_GOING_AWAY,
