@@ -3,15 +3,16 @@
 //!
 //! Read top-down as the data flows (docs/architecture.md has the picture and the walk of one
 //! `send` through these files):
-//! - `node` starts it all: binds the client port, opens the logs, starts the shards, drains on
-//!   SIGTERM;
+//! - `node` starts it all on a data directory it holds alone: binds the client port, opens the
+//!   logs, starts the shards, drains on SIGTERM;
 //! - `shard`: the event loop, the sessions (socket and outbox), the `/ws` application layer;
 //! - `net`: listeners, HTTP heads, and the WebSocket connection as a state machine without I/O;
-//! - `bus`: the one message type between shards (`BusMsg`), who owns what, mailboxes and the
-//!   post office;
+//! - `bus`: the one message type between shards (`BusMsg`), who owns what (`placement`),
+//!   mailboxes and the post office;
 //! - `logic`: the owner of devices, conversations, cursors and shops, with dispatch beside it;
 //! - `store`: the conversation log;
-//! - `operator`: the node's operations: configuration, metrics, the token secret.
+//! - `operator`: the node's operations: configuration, metrics, the token secret, the data
+//!   directory.
 //!
 //! Only what the `chinwag` binary and the benchmarks need is public (`node`, `operator`,
 //! `store`); everything else is crate-private, so the compiler reports what nothing uses.

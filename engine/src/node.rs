@@ -1,10 +1,11 @@
-//! One node: binds the client port once per shard, opens every shard's log, starts the shard
-//! threads, and turns SIGTERM (or SIGINT) into a drain.
+//! One node: binds the client port once per shard, opens every shard's log in the data
+//! directory it holds, starts the shard threads, and turns SIGTERM (or SIGINT) into a drain.
 //!
 //! The shards share two things, both read-only or lock-free: the [`NodeState`] (configuration,
-//! secret, metrics, drain flag) and the [`PostOffice`] (their mailboxes).
+//! secret, metrics, drain flags) and the [`PostOffice`] (their mailboxes).
 
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
@@ -18,6 +19,7 @@ use crate::bus::post::PostOffice;
 use crate::logic::Owner;
 use crate::net::listener;
 use crate::operator::config::Config;
+use crate::operator::data_dir::DataDir;
 use crate::operator::NodeState;
 use crate::shard::{Shard, WAKER};
 use crate::store::{Store, StoreConfig};
@@ -31,19 +33,14 @@ fn drain(state: &NodeState, office: &PostOffice) {
     office.wake_all();
 }
 
-/// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
-/// is logged as `listening addr=...`.
-pub fn serve(mut config: Config) -> io::Result<()> {
-    let shard_count = config.shard_count();
-    // The first bind resolves port 0; the other shards bind the port it got.
-    let first = listener::bind(config.listen)?;
-    let addr = first.local_addr()?;
+/// Runs a node on the locked `data_dir` until SIGTERM or SIGINT has drained it. `config.shards`
+/// is the resolved count (not 0). The bound address (useful with port 0) is logged as
+/// `listening addr=...`. A port taken by another node or program fails with `AddrInUse`.
+pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::Result<()> {
+    let shard_count = config.shards.max(1);
+    let (listeners, addr, _port_claim) = listener::bind_shards(config.listen, shard_count)?;
     // The node id carries the port actually bound (the configured one may be 0).
     config.listen = addr;
-    let mut listeners = vec![first];
-    for _ in 1..shard_count {
-        listeners.push(listener::bind(addr)?);
-    }
     let mut polls = Vec::with_capacity(shard_count);
     let mut mailboxes = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -54,10 +51,8 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         ));
         polls.push(poll);
     }
-    let jwt_secret =
-        crate::operator::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
-    let owners = open_owners(&config, shard_count)?;
-    let state = Arc::new(NodeState::new(config, jwt_secret.into_bytes(), shard_count));
+    let owners = open_owners(&config, data_dir.path(), shard_count)?;
+    let state = Arc::new(NodeState::new(config, jwt_secret, shard_count));
     let office = Arc::new(PostOffice::new(mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
@@ -82,9 +77,13 @@ pub fn serve(mut config: Config) -> io::Result<()> {
             listener,
             owner,
         )?;
+        let stopped = StoppedShard(Arc::clone(&state), Arc::clone(&office), id);
         let handle = thread::Builder::new()
             .name(format!("chinwag-shard-{id}"))
-            .spawn(move || shard.run())?;
+            .spawn(move || {
+                let _stopped = stopped;
+                shard.run()
+            })?;
         shards.push(handle);
     }
     tracing::info!(%addr, shards = shard_count, echo = state.config.enable_echo, "listening");
@@ -105,39 +104,29 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     result
 }
 
-/// The file in the data directory that records how many shards the logs were written by.
-const SHARDS_FILE: &str = "shards";
+/// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards
+/// must not wait for its drain.
+struct StoppedShard(Arc<NodeState>, Arc<PostOffice>, usize);
+
+impl Drop for StoppedShard {
+    fn drop(&mut self) {
+        let StoppedShard(state, office, id) = self;
+        drain(state, office);
+        state.shard_drained(*id);
+        office.wake_all();
+    }
+}
 
 /// Opens (recovering) every shard's log under the data directory and builds its owner.
 ///
-/// Conversation ids and owners are tied to the shard count, so a data directory keeps the count
-/// it was created with: starting with another one is refused with a clear error.
-fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
+/// Conversation ids and owners are tied to the shard count, which [`DataDir::shard_count`]
+/// keeps to the one the directory was created with.
+fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Owner>> {
     if shards > crate::bus::SHARDS_MAX {
         return Err(io::Error::other(format!(
             "at most {} shards are supported",
             crate::bus::SHARDS_MAX
         )));
-    }
-    let dir = &config.data_dir;
-    std::fs::create_dir_all(dir)?;
-    let pinned = dir.join(SHARDS_FILE);
-    match std::fs::read_to_string(&pinned) {
-        Ok(text) => {
-            let was: usize = text.trim().parse().map_err(|_| {
-                io::Error::other(format!("{} is not a shard count", pinned.display()))
-            })?;
-            if was != shards {
-                return Err(io::Error::other(format!(
-                    "the data directory {} was written by {was} shards; start with --shards {was}",
-                    dir.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::write(&pinned, format!("{shards}\n"))?;
-        }
-        Err(e) => return Err(e),
     }
     let mut stores = Vec::with_capacity(shards);
     for shard in 0..shards {
@@ -151,6 +140,7 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
             (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
         store_config.skip_corrupt = config.skip_corrupt_records;
         store_config.body_bytes_max = config.message_bytes_max;
+        store_config.cmid_window_entries_max = config.cmid_window_entries_max;
         let (store, report) = Store::open(store_config)
             .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
         for (pos, len) in &report.skipped {

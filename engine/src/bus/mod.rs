@@ -19,10 +19,10 @@
 //! conversation's pushes in the order the owner made them.
 
 pub mod mailbox;
+pub mod placement;
 pub mod post;
 pub mod reply_size;
 
-use std::hash::Hash;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,6 +34,7 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
+use placement::Placed;
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
 /// without a lookup. That bounds a node to 256 shards.
@@ -46,11 +47,10 @@ pub fn owner_of_conv(conv: ConvId) -> usize {
     (conv.0 & (SHARDS_MAX as u64 - 1)) as usize
 }
 
-/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`.
-pub fn owner_of<K: Hash>(key: &K, shards: usize) -> usize {
-    // A fixed-seed hasher: every shard must compute the same owner.
-    let hasher = ahash::RandomState::with_seeds(0x6368_696e, 0x7761_6721, 0x5f6f_776e, 0x6572_7321);
-    (hasher.hash_one(key) % shards as u64) as usize
+/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`: the specified,
+/// build-independent placement of [`placement`].
+pub fn owner_of<K: Placed>(key: &K, shards: usize) -> usize {
+    placement::shard_of(key, shards)
 }
 
 /// The key of a direct conversation: the two users in a canonical order.

@@ -2,12 +2,12 @@
 //! repeated `cmid` answered with the original's seq), `send_ok`, and the `msg` push to every
 //! other device of every member.
 
-use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Seq, Target};
+use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Target};
 
 use super::dispatch::Decision;
 use super::{store_error, Owner};
 use crate::bus::{Fanout, Origin, CONV_SHARD_BITS};
-use crate::store::{Appended, HistoryFrom, NewMessage, Store, StoreError};
+use crate::store::{Appended, NewMessage, Store, StoreError};
 
 impl Owner {
     pub(super) fn send(
@@ -99,15 +99,14 @@ impl Owner {
                     }),
                 ));
             }
-            Appended::Duplicate { conv, seq } => {
-                // The original's time, read back: one record read, on a rare path.
-                let ts = self
-                    .store
-                    .history(conv, HistoryFrom::After(Seq(seq.0 - 1)), 1)
-                    .ok()
-                    .and_then(|m| m.first().map(|m| m.ts_ms))
-                    .unwrap_or(now_ms);
-                let ok = origin.reply(Message::SendOk(SendOk { conv, seq, ts }));
+            Appended::Duplicate { seq, ts_ms } => {
+                // The conversation is the one this request named or resolved to: the window
+                // is keyed by conversation.
+                let ok = origin.reply(Message::SendOk(SendOk {
+                    conv,
+                    seq,
+                    ts: ts_ms,
+                }));
                 self.ack(origin, ok);
             }
         }

@@ -18,13 +18,13 @@ use crate::store::FsyncPolicy;
 
 /// Declares every setting of `chinwag serve`: its help text (no final period), any
 /// `#[arg(...)]` attributes for its flag, then `name: Type = default, "the default as --help
-/// shows it";`. `name: Type => Flag = ...` gives a flag whose value type differs (a flag
+/// shows it";` (without the last part `--help` shows no default). `name: Type => Flag = ...` gives a flag whose value type differs (a flag
 /// `String` for an `Option<String>` setting).
 macro_rules! settings {
     ($(
         $help:literal
         $(#[arg($($arg:tt)*)])*
-        $name:ident : $ty:ty $(=> $flag_ty:ty)? = $default:expr, $shown:literal;
+        $name:ident : $ty:ty $(=> $flag_ty:ty)? = $default:expr $(, $shown:literal)?;
     )*) => {
         /// Flags of `chinwag serve`. Every value is optional here: what is not given falls
         /// through to the TOML file and then to the default shown.
@@ -40,7 +40,7 @@ Precedence, lowest to highest: defaults, TOML file, flags, environment."
             pub config: Option<PathBuf>,
             $(
                 #[doc = concat!($help, ".")]
-                #[arg(long, help = concat!($help, " [default: ", $shown, "]"))]
+                #[arg(long, help = concat!($help $(, " [default: ", $shown, "]")?))]
                 $(#[arg($($arg)*)])*
                 pub $name: Option<settings!(@flag $ty $(, $flag_ty)?)>,
             )*
@@ -77,10 +77,15 @@ settings! {
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
-    "Secret that signs login tokens (HS256)"
+    "Secret that signs login tokens (HS256), at least 32 bytes. A secret on the command line is \
+     visible to other local users (ps, /proc): prefer --jwt-secret-file or CHINWAG_JWT_SECRET"
     #[arg(value_name = "SECRET")]
     jwt_secret: Option<String> => String = None, "generated once, kept in DATA_DIR/jwt-secret";
-    "Shards (event-loop threads); 0 = one per core"
+    "File holding the token secret (at least 32 bytes; surrounding whitespace is ignored)"
+    #[arg(value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf> => PathBuf = None;
+    "Shards (event-loop threads); 0 = the count an existing data directory was written by, \
+     else one per core"
     #[arg(value_name = "N")]
     shards: usize = 0, "0";
     "When the log is forced to disk"
@@ -131,6 +136,10 @@ settings! {
     "How often each shard applies retention and writes a snapshot of its state"
     #[arg(value_name = "MS")]
     log_maintenance_interval_ms: u64 = 300_000, "300000";
+    "Client message ids each shard remembers for idempotent sends (for 24 h at most); memory \
+     per shard is about 56 bytes each"
+    #[arg(value_name = "N")]
+    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -197,6 +206,10 @@ impl Config {
                 "log_maintenance_interval_ms",
                 self.log_maintenance_interval_ms,
             ),
+            (
+                "cmid_window_entries_max",
+                self.cmid_window_entries_max as u64,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -210,19 +223,14 @@ impl Config {
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
         }
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            return Err("give jwt_secret or jwt_secret_file, not both".into());
+        }
         // Tokens share the slab's key space with the listener and waker tokens.
         if self.connections_per_shard_max > u32::MAX as usize {
             return Err("connections_per_shard_max is too large".into());
         }
         Ok(())
-    }
-
-    /// The number of shards to run: the configured number, or one per core.
-    pub fn shard_count(&self) -> usize {
-        match self.shards {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
     }
 }
 

@@ -1,7 +1,9 @@
-//! The operations of the node: what the operator sets (configuration, the token secret) and
-//! watches (metrics, the drain), and [`NodeState`], the part of it every shard shares.
+//! The operations of the node: what the operator sets (configuration, the token secret, the
+//! data directory it holds) and watches (metrics, the drain), and [`NodeState`], the part of
+//! it every shard shares.
 
 pub mod config;
+pub mod data_dir;
 pub(crate) mod metrics;
 pub mod secret;
 
@@ -23,6 +25,10 @@ pub(crate) struct NodeState {
     pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
     draining: AtomicBool,
+    /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
+    /// (answering probes with 503) until every shard is done, because closing one listener of
+    /// the `SO_REUSEPORT` group resets the connections the kernel queued on it.
+    shards_drained: Box<[AtomicBool]>,
 }
 
 impl NodeState {
@@ -41,6 +47,7 @@ impl NodeState {
             node_id,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             draining: AtomicBool::new(false),
+            shards_drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -52,6 +59,21 @@ impl NodeState {
     /// connections with 1001.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Records that shard `id` has drained its connections (or stopped). The caller wakes the
+    /// shards, so that each sees whether all are done.
+    pub fn shard_drained(&self, id: usize) {
+        if let Some(done) = self.shards_drained.get(id) {
+            done.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether every shard has drained its connections: the shards may exit.
+    pub fn all_drained(&self) -> bool {
+        self.shards_drained
+            .iter()
+            .all(|done| done.load(Ordering::Acquire))
     }
 
     /// The Prometheus text of every metric; `mailbox_depths` are the shards' queue lengths.

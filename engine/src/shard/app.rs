@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, token, ConvSummary, DecodeError, DecodeErrorKind, DeviceId, ErrorCode, Frame,
-    LoginOk, Message, ShopId, Uid,
+    LoginOk, Message, Op, ShopId, Uid,
 };
 
 use super::context::Context;
@@ -131,6 +131,11 @@ impl App {
     ) {
         let frame = match decoded {
             Ok(frame) => frame,
+            // Every failed login is refused alike, whatever is wrong with it (a token that is
+            // too long or not a string included): `unauthorized`, then close 1008.
+            Err(e) if e.op == Some(Op::Login) && !self.is_logged_in() => {
+                return refuse_login(session, e.req, encoding, &e.to_string(), ctx);
+            }
             Err(e) => {
                 let code = match e.kind {
                     DecodeErrorKind::UnknownOp(_) if !self.is_logged_in() => ErrorCode::NotLoggedIn,
@@ -157,22 +162,7 @@ impl App {
                 let now_s = ctx.unix_ms / 1000;
                 let claims = match token::verify(&ctx.node.jwt_secret, &login.token, now_s) {
                     Ok(claims) => claims,
-                    Err(e) => {
-                        reply(
-                            session,
-                            req,
-                            encoding,
-                            bus::error(ErrorCode::Unauthorized, &e.to_string()),
-                            ctx,
-                        );
-                        session.close(
-                            frame::CLOSE_POLICY,
-                            "unauthorized",
-                            CloseReason::Unauthorized,
-                            ctx,
-                        );
-                        return;
-                    }
+                    Err(e) => return refuse_login(session, req, encoding, &e.to_string(), ctx),
                 };
                 let uid = claims.uid;
                 self.login = Some(Box::new(LoginState {
@@ -377,6 +367,29 @@ impl App {
             req,
         })
     }
+}
+
+/// Refuses a login: `unauthorized` with `text`, then close 1008. The connection is done.
+fn refuse_login(
+    session: &mut impl Link,
+    req: Option<u64>,
+    encoding: Encoding,
+    text: &str,
+    ctx: &mut Context,
+) {
+    reply(
+        session,
+        req,
+        encoding,
+        bus::error(ErrorCode::Unauthorized, text),
+        ctx,
+    );
+    session.close(
+        frame::CLOSE_POLICY,
+        "unauthorized",
+        CloseReason::Unauthorized,
+        ctx,
+    );
 }
 
 /// Sends `message` as the answer to the request `req`, in `encoding`.

@@ -267,15 +267,25 @@ impl Session {
     /// Answers an HTTP request; an upgrade makes the connection a WebSocket.
     fn on_request(&mut self, request: http::Request, ctx: &mut Context) {
         let answer = match request {
+            // A node that is draining takes no new WebSocket: the client should go elsewhere.
+            http::Request::Upgrade { .. } if ctx.is_draining() => http::draining(),
             http::Request::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
                 self.conn.upgrade(endpoint, ctx.now_ms);
                 return;
             }
-            http::Request::Healthz if ctx.is_draining() => {
-                http::response("503 Service Unavailable", "text/plain", b"draining\n")
+            http::Request::Healthz { head } => {
+                let answer = if ctx.is_draining() {
+                    http::draining()
+                } else {
+                    http::response("200 OK", "text/plain", b"ok\n")
+                };
+                if head {
+                    http::head_only(answer)
+                } else {
+                    answer
+                }
             }
-            http::Request::Healthz => http::response("200 OK", "text/plain", b"ok\n"),
             http::Request::Metrics => http::response(
                 "200 OK",
                 "text/plain; version=0.0.4",

@@ -478,10 +478,9 @@ impl Connection {
     /// The node is shutting down.
     pub fn on_drain(&mut self, now_ms: u64) -> Timer {
         match self.phase {
-            Phase::Http => {
-                self.close_reason = CloseReason::Drain;
-                Timer::Drop
-            }
+            // Still in its request: it gets its answer (503 for an upgrade), as connections
+            // accepted during the drain do; the handshake timeout bounds it.
+            Phase::Http => Timer::Keep,
             Phase::Open(_) => {
                 let why = CloseReason::Drain;
                 match self.close(frame::CLOSE_GOING_AWAY, "going away", why, now_ms) {
@@ -563,7 +562,7 @@ mod tests {
         );
         assert_eq!(
             events(&mut conn, head, 1),
-            ["request Healthz"],
+            ["request Healthz { head: false }"],
             "one request, and nothing after it is read as frames"
         );
         conn.answered(false, 2);
@@ -686,6 +685,10 @@ mod tests {
         let mut conn = open();
         assert!(matches!(conn.on_drain(5), Timer::Close(_)));
         assert_eq!(conn.on_drain(6), Timer::Keep);
-        assert_eq!(Connection::new(0).on_drain(1), Timer::Drop);
+        assert_eq!(
+            Connection::new(0).on_drain(1),
+            Timer::Keep,
+            "a request in progress still gets its answer"
+        );
     }
 }
