@@ -18,7 +18,7 @@ use crate::limits;
 use crate::message::{
     AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
     Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
 };
 
 /// The header's size in bytes.
@@ -181,6 +181,14 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
             out.put_u64(m.ts);
         }
         Message::Auth(token) => put_str16(out, token, "token")?,
+        Message::Subscribe(from) => put_str16(out, from, "from")?,
+        Message::StreamBatch(m) => {
+            put_str16(out, &m.position, "position")?;
+            put_count16(out, m.msgs.len(), "msgs")?;
+            for msg in &m.msgs {
+                put_msg(out, msg)?;
+            }
+        }
         Message::AuthOk(m) => {
             put_uid(out, m.uid);
             out.put_u64(m.ts);
@@ -480,6 +488,16 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
             let token = r.str16("token")?;
             limits::check_token(&token)?;
             Message::Auth(token)
+        }
+        Op::Subscribe => Message::Subscribe(r.str16("from")?),
+        Op::StreamBatch => {
+            let position = r.str16("position")?;
+            let count = r.u16()?;
+            let mut msgs = r.list_with_capacity(usize::from(count), MSG_LEN_MIN);
+            for _ in 0..count {
+                msgs.push(r.msg()?);
+            }
+            Message::StreamBatch(StreamBatch { position, msgs })
         }
         Op::AuthOk => Message::AuthOk(AuthOk {
             uid: r.uid()?,

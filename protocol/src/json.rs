@@ -18,7 +18,8 @@ use crate::limits;
 use crate::message::{
     AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
     Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target, HISTORY_LIMIT_DEFAULT,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
+    HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -109,6 +110,8 @@ struct RawFrame<'a> {
     count: Option<u64>,
     #[serde(borrow)]
     online: Option<Vec<RawOnline<'a>>>,
+    #[serde(borrow)]
+    position: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +284,14 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             limits::check_token(&token)?;
             Message::Auth(token)
         }
+        Op::Subscribe => Message::Subscribe(need_text(raw.from, "from")?),
+        Op::StreamBatch => Message::StreamBatch(StreamBatch {
+            position: need_text(raw.position, "position")?,
+            msgs: need(raw.msgs, "msgs")?
+                .into_iter()
+                .map(msg_from_raw)
+                .collect::<Result<_, _>>()?,
+        }),
         Op::AuthOk => Message::AuthOk(AuthOk {
             uid: parse_field(&raw.uid, "uid")?,
             ts: need(raw.ts, "ts")?,
@@ -588,6 +599,20 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             w.num("ts", m.ts);
         }
         Message::Auth(token) => w.str("token", token),
+        Message::Subscribe(from) => w.str("from", from),
+        Message::StreamBatch(m) => {
+            w.str("position", &m.position);
+            w.raw(",\"msgs\":[");
+            for (i, msg) in m.msgs.iter().enumerate() {
+                if i > 0 {
+                    w.raw(",");
+                }
+                w.raw("{");
+                w.msg_fields(msg);
+                w.raw("}");
+            }
+            w.raw("]");
+        }
         Message::AuthOk(m) => {
             w.display("uid", m.uid);
             w.num("ts", m.ts);

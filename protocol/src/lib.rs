@@ -48,5 +48,5 @@ pub use ids::{
 pub use message::{
     AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
     Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
 };

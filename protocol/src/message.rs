@@ -122,6 +122,10 @@ pub enum Message<'a> {
     ConvHistory(History),
     /// `conv_history_ok` (reply): the page.
     ConvHistoryOk(HistoryOk<'a>),
+    /// `subscribe` (service → server): the message stream from a resume position (empty: now).
+    Subscribe(Cow<'a, str>),
+    /// `stream_batch` (reply to `subscribe`, repeated): stored messages and the position after them.
+    StreamBatch(StreamBatch<'a>),
 }
 
 /// The `op` of every message, with its JSON name and binary code.
@@ -180,6 +184,10 @@ pub enum Op {
     Presence = 0x14,
     /// `conv_history`
     ConvHistory = 0x15,
+    /// `subscribe`
+    Subscribe = 0x16,
+    /// `stream_batch`
+    StreamBatch = 0x96,
     /// `auth_ok`
     AuthOk = 0x90,
     /// `send_as_ok`
@@ -196,7 +204,7 @@ pub enum Op {
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 32] = [
+    pub const ALL: [Op; 34] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -229,6 +237,8 @@ impl Op {
         Op::KickOk,
         Op::PresenceOk,
         Op::ConvHistoryOk,
+        Op::Subscribe,
+        Op::StreamBatch,
     ];
 
     /// The op with this binary code.
@@ -276,6 +286,8 @@ impl Op {
             Op::KickOk => "kick_ok",
             Op::PresenceOk => "presence_ok",
             Op::ConvHistoryOk => "conv_history_ok",
+            Op::Subscribe => "subscribe",
+            Op::StreamBatch => "stream_batch",
         }
     }
 
@@ -333,6 +345,8 @@ impl Message<'_> {
             Message::PresenceOk(_) => Op::PresenceOk,
             Message::ConvHistory(_) => Op::ConvHistory,
             Message::ConvHistoryOk(_) => Op::ConvHistoryOk,
+            Message::Subscribe(_) => Op::Subscribe,
+            Message::StreamBatch(_) => Op::StreamBatch,
         }
     }
 
@@ -404,6 +418,11 @@ impl Message<'_> {
             Message::ConvHistory(m) => Message::ConvHistory(m),
             Message::ConvHistoryOk(m) => Message::ConvHistoryOk(HistoryOk {
                 conv: m.conv,
+                msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
+            }),
+            Message::Subscribe(from) => Message::Subscribe(own(from)),
+            Message::StreamBatch(m) => Message::StreamBatch(StreamBatch {
+                position: own(m.position),
                 msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
             }),
         }
@@ -670,6 +689,16 @@ pub struct Kick {
     pub uid: Uid,
     /// One device of the user; `None` for all of them.
     pub device: Option<DeviceId>,
+}
+
+/// `stream_batch`: the next stored messages of the stream, in log order (so in seq order per
+/// conversation), and the opaque position to resume after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamBatch<'a> {
+    /// Resume here to get what follows this batch.
+    pub position: Cow<'a, str>,
+    /// The messages; may be empty (the first batch of a subscription).
+    pub msgs: Vec<Msg<'a>>,
 }
 
 /// One entry of `presence_ok`: a user and its devices logged in now.
@@ -1096,6 +1125,13 @@ pub(crate) mod strategies {
             (any::<u64>(), vec(msg(), 0..4)).prop_map(|(c, msgs)| Message::ConvHistoryOk(
                 HistoryOk {
                     conv: ConvId(c),
+                    msgs
+                }
+            )),
+            "[0-9a-f]{0,80}".prop_map(|p| Message::Subscribe(Cow::Owned(p))),
+            ("[0-9a-f]{0,80}", vec(msg(), 0..4)).prop_map(|(p, msgs)| Message::StreamBatch(
+                StreamBatch {
+                    position: Cow::Owned(p),
                     msgs
                 }
             )),

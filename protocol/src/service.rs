@@ -131,7 +131,7 @@ impl ServiceClient {
                 .expect("the position is in the queue"));
         }
         loop {
-            let frame = self.next_frame()?;
+            let frame = self.read_frame()?;
             if frame.req == Some(req) {
                 return Ok(frame);
             }
@@ -141,9 +141,14 @@ impl ServiceClient {
 
     /// The next frame from the server, whatever it answers.
     pub fn next_frame(&mut self) -> Result<Frame<'static>, ClientError> {
-        if let Some(frame) = self.waiting.pop_front() {
-            return Ok(frame);
+        match self.waiting.pop_front() {
+            Some(frame) => Ok(frame),
+            None => self.read_frame(),
         }
+    }
+
+    /// The next frame from the socket.
+    fn read_frame(&mut self) -> Result<Frame<'static>, ClientError> {
         let mut buf = [0u8; 64 * 1024];
         loop {
             if let Some(bytes) = self.decoder.next_frame() {

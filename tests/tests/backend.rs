@@ -439,3 +439,218 @@ fn chinwag_backend_subcommands_print_the_reply_as_json() {
     assert!(!ok);
     assert!(out.contains(r#""code":"not_found""#), "{out}");
 }
+
+/// Stores `count` messages as `buyer:from` in its direct conversations with buyers
+/// 1000..1000+convs (spread over the shards), cmids prefixed with `tag`.
+fn store_messages(service: &mut ServiceClient, tag: &str, convs: u64, count: usize) {
+    let mut reqs = Vec::new();
+    for i in 0..count {
+        let message = Message::SendAs(SendAs {
+            from: buyer(1),
+            send: Send {
+                target: Target::User(buyer(1000 + i as u64 % convs)),
+                cmid: format!("{tag}-{i}").into(),
+                kind: "text".into(),
+                body: format!("{tag} {i}").into(),
+            },
+        });
+        reqs.push(service.send(message).unwrap());
+    }
+    for req in reqs {
+        let reply = service.wait(req).unwrap();
+        assert!(matches!(reply.message, Message::SendAsOk(_)), "{reply:?}");
+    }
+}
+
+/// What a subscriber has read: the seqs per conversation and the last position handed out.
+#[derive(Default)]
+struct Seen {
+    seqs: std::collections::BTreeMap<u64, Vec<u64>>,
+    position: String,
+    total: usize,
+}
+
+impl Seen {
+    /// Reads batches until `total` messages in all were seen.
+    fn read_until(&mut self, stream: &mut ServiceClient, total: usize) {
+        while self.total < total {
+            let frame = stream.next_frame().expect("a stream batch");
+            let Message::StreamBatch(batch) = frame.message else {
+                panic!("{frame:?}")
+            };
+            for msg in &batch.msgs {
+                self.seqs.entry(msg.conv.0).or_default().push(msg.seq.0);
+                self.total += 1;
+            }
+            self.position = batch.position.into_owned();
+        }
+    }
+
+    /// Every conversation's seqs run on by one from its first, each once.
+    fn assert_no_gap_after_the_first(&self) {
+        for (conv, seqs) in &self.seqs {
+            let expected: Vec<u64> = (seqs[0]..seqs[0] + seqs.len() as u64).collect();
+            assert_eq!(seqs, &expected, "conversation {conv}");
+        }
+    }
+
+    /// Every conversation's seqs are 1, 2, 3, ... (duplicates from an at-least-once resume
+    /// removed first, and only where they repeat a seq already seen).
+    fn assert_no_gap(&self) {
+        for (conv, seqs) in &self.seqs {
+            let mut deduped = seqs.clone();
+            deduped.dedup();
+            let expected: Vec<u64> = (1..=deduped.len() as u64).collect();
+            assert_eq!(deduped, expected, "conversation {conv}");
+        }
+    }
+}
+
+fn subscribe(service: &mut ServiceClient, from: &str) -> Seen {
+    let req = service.send(Message::Subscribe(from.into())).unwrap();
+    let first = service.wait(req).unwrap();
+    let Message::StreamBatch(batch) = first.message else {
+        panic!("{first:?}")
+    };
+    let mut seen = Seen::default();
+    for msg in &batch.msgs {
+        seen.seqs.entry(msg.conv.0).or_default().push(msg.seq.0);
+        seen.total += 1;
+    }
+    seen.position = batch.position.into_owned();
+    seen
+}
+
+#[test]
+fn the_stream_delivers_every_message_in_order_and_refuses_foreign_positions() {
+    let server = start();
+    let mut writer = service(&server);
+    store_messages(&mut writer, "before", 4, 10);
+    let mut reader = service(&server);
+    let mut seen = subscribe(&mut reader, "");
+    assert_eq!(seen.total, 0, "from now: nothing stored before");
+    store_messages(&mut writer, "after", 4, 200);
+    seen.read_until(&mut reader, 200);
+    assert_eq!(seen.total, 200);
+    assert_eq!(seen.seqs.len(), 4);
+    // 10 earlier messages over 4 conversations: 3, 3, 2, 2 of them; the stream starts after.
+    let mut firsts: Vec<u64> = seen.seqs.values().map(|s| s[0]).collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, [3, 3, 4, 4]);
+    seen.assert_no_gap_after_the_first();
+
+    // From the start of the log (position of a fresh subscription's first answer replayed
+    // from a second connection): everything after the position, again.
+    let mut again = service(&server);
+    let mut replay = subscribe(&mut again, &seen.position);
+    store_messages(&mut writer, "more", 4, 8);
+    replay.read_until(&mut again, 8);
+    assert_eq!(replay.total, 8, "exactly what came after the position");
+
+    let mut foreign = service(&server);
+    let code = rejected(foreign.call(Message::Subscribe("00ff".into())));
+    assert_eq!(code, ErrorCode::BadRequest);
+    let mut twice = service(&server);
+    subscribe(&mut twice, "");
+    assert_eq!(
+        rejected(twice.call(Message::Subscribe("".into()))),
+        ErrorCode::BadRequest,
+        "one subscription per connection"
+    );
+}
+
+fn stream_resumes_across_a_restart(signal: i32) {
+    let args = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
+    let server = Server::start(&args);
+    let mut writer = service(&server);
+    let mut reader = service(&server);
+    let mut seen = subscribe(&mut reader, "");
+    store_messages(&mut writer, "a", 6, 120);
+    seen.read_until(&mut reader, 60);
+    // The subscriber stops halfway; more is stored while it is away, then the node stops.
+    let position = seen.position.clone();
+    drop(reader);
+    store_messages(&mut writer, "b", 6, 60);
+    drop(writer);
+    server.signal(signal);
+    let data_dir = server.into_data_dir();
+    let server = Server::start_in(data_dir, &args, &[]);
+    let mut writer = service(&server);
+    store_messages(&mut writer, "c", 6, 30);
+
+    let mut reader = service(&server);
+    let mut resumed = subscribe(&mut reader, &position);
+    // Everything after the position: the rest of "a", all of "b" and "c" (at least once).
+    // The position came with the last batch read: everything seen is before it.
+    let expected = 120 - seen.total + 60 + 30;
+    resumed.read_until(&mut reader, expected);
+    let mut all = Seen::default();
+    for (conv, seqs) in seen.seqs.iter().chain(resumed.seqs.iter()) {
+        all.seqs.entry(*conv).or_default().extend(seqs);
+    }
+    for seqs in all.seqs.values_mut() {
+        seqs.sort_unstable();
+    }
+    all.assert_no_gap();
+    let stored: usize = all
+        .seqs
+        .values()
+        .map(|s| {
+            let mut s = s.clone();
+            s.dedup();
+            s.len()
+        })
+        .sum();
+    assert_eq!(stored, 210, "every stored message was seen");
+}
+
+#[test]
+fn the_stream_resumes_without_gap_across_a_sigterm_restart() {
+    stream_resumes_across_a_restart(libc::SIGTERM);
+}
+
+#[test]
+fn the_stream_resumes_without_gap_across_a_sigkill() {
+    stream_resumes_across_a_restart(libc::SIGKILL);
+}
+
+#[test]
+fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--send-queue-bytes-max=131072",
+    ]);
+    let mut writer = service(&server);
+    let mut stalled = service(&server);
+    let mut seen = subscribe(&mut stalled, "");
+    // Far more than the send queue (and the socket buffers) hold: 2,000 messages of 4 KB.
+    let body = "y".repeat(4000);
+    for round in 0..20 {
+        let mut reqs = Vec::new();
+        for i in 0..100 {
+            let message = Message::SendAs(SendAs {
+                from: buyer(1),
+                send: Send {
+                    target: Target::User(buyer(2 + i % 3)),
+                    cmid: format!("s-{round}-{i}").into(),
+                    kind: "text".into(),
+                    body: body.as_str().into(),
+                },
+            });
+            reqs.push(writer.send(message).unwrap());
+        }
+        for req in reqs {
+            writer.wait(req).unwrap();
+        }
+    }
+    // Meanwhile a client and another service are served.
+    let mut bob = client(&server, buyer(50), DeviceType::Web);
+    assert!(bob.call(Message::Ping).is_ok());
+    assert!(writer.call(Message::Ping).is_ok());
+    // The stalled subscriber was paused, not disconnected: reading now gets everything.
+    seen.read_until(&mut stalled, 2000);
+    assert_eq!(seen.total, 2000);
+    seen.assert_no_gap();
+}

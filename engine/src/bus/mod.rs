@@ -22,6 +22,7 @@ pub mod mailbox;
 pub mod placement;
 pub mod post;
 pub mod reply_size;
+pub mod stream_position;
 
 use std::sync::Arc;
 
@@ -164,6 +165,13 @@ pub enum BusMsg {
         /// The users, all owned by the receiving shard.
         users: Vec<Uid>,
     },
+    /// The message stream of a service: the next messages of the receiving shard's log.
+    StreamRead {
+        /// The service connection.
+        session: SessionRef,
+        /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
+        from: u64,
+    },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
         /// Who asks.
@@ -229,6 +237,8 @@ pub enum BusMsg {
         /// A service asked for it (rather than a newer login of the device).
         by_service: bool,
     },
+    /// One shard's next messages for a stream, or why its position is refused.
+    StreamPart(Box<StreamPart>),
     /// One shard's part of a `presence` reply.
     PresencePart {
         /// The service connection that asked.
@@ -252,6 +262,20 @@ pub enum BusMsg {
 // A mailbox preallocates its slots, and every message is moved through one: the bulky parts
 // (a client request's origin, a `send`'s strings) are boxed to keep a message small.
 const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// A [`BusMsg::StreamRead`] from the end of the log: only what is stored from now on.
+pub const STREAM_NOW: u64 = u64::MAX;
+
+/// One shard's answer to a [`BusMsg::StreamRead`].
+#[derive(Debug)]
+pub struct StreamPart {
+    /// The service connection.
+    pub session: SessionRef,
+    /// The shard whose log was read.
+    pub shard: usize,
+    /// The messages and the position after them, or why the position was refused.
+    pub result: Result<(Vec<chinwag_protocol::Msg<'static>>, u64), &'static str>,
+}
 
 /// A client's `send`.
 #[derive(Debug)]
@@ -298,6 +322,9 @@ impl BusMsg {
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
             BusMsg::Convs { origin } => origin.session.shard as usize,
             BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            // Posted to each shard in turn, not to an owner.
+            BusMsg::StreamRead { .. } => return None,
+            BusMsg::StreamPart(part) => part.session.shard as usize,
             // Posted to the owner of its users, which all share it.
             BusMsg::Presence { users, .. } => owner_of(users.first()?, shards),
             BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),

@@ -200,6 +200,10 @@ impl Owner {
                     },
                 );
             }
+            BusMsg::StreamRead { session, from } => {
+                let part = self.stream_read(session, from);
+                self.push_out(session.shard as usize, BusMsg::StreamPart(Box::new(part)));
+            }
             BusMsg::Convs { origin } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
@@ -226,7 +230,8 @@ impl Owner {
             | BusMsg::Registered { .. }
             | BusMsg::Kick { .. }
             | BusMsg::ConvsPart { .. }
-            | BusMsg::PresencePart { .. } => {
+            | BusMsg::PresencePart { .. }
+            | BusMsg::StreamPart(_) => {
                 debug_assert!(false, "not a message for an owner: {msg:?}");
             }
         }

@@ -461,6 +461,15 @@ impl Shard {
                     }
                 }
             }
+            BusMsg::StreamPart(part) => {
+                let to = part.session;
+                let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
+                if let Some(service) = self.services.get_mut(key) {
+                    if service.generation() == to.generation {
+                        service.on_stream_part(*part, &mut self.ctx);
+                    }
+                }
+            }
             BusMsg::Deliver { to, ws_message } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     session.send(ws_message, &mut self.ctx);
@@ -607,6 +616,10 @@ impl Shard {
         let now_ms = self.ctx.now_ms;
         self.services
             .retain(|_, service| !service.auth_timed_out(now_ms, timeout_ms));
+        // Streams that were caught up (or paused by a service not reading) look again.
+        for (_, service) in self.services.iter_mut() {
+            service.pump_stream(true, &mut self.ctx);
+        }
         let capacity = self.sessions.capacity();
         if capacity == 0 {
             return;

@@ -27,14 +27,18 @@ use bytes::Bytes;
 use chinwag_protocol::binary::{self, StreamDecoder};
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    token, AuthOk, DeviceId, ErrorCode, Frame, Message, NodeType, Notify, Online, Uid, UidKind,
+    token, AuthOk, DeviceId, ErrorCode, Frame, Message, NodeType, Notify, Online, StreamBatch, Uid,
+    UidKind,
 };
 use mio::net::TcpStream;
 use mio::Token;
 
 use super::context::Context;
 use super::outbox::{self, Outbox};
-use crate::bus::{self, owner_of, BusMsg, Fanout, Origin, SendRequest, SessionRef};
+use crate::bus::{
+    self, owner_of, stream_position, BusMsg, Fanout, Origin, SendRequest, SessionRef, StreamPart,
+    STREAM_NOW,
+};
 
 /// A [`SessionRef`] slot with this bit set names a service connection, not a client session.
 pub const SERVICE_SLOT_BIT: u32 = 1 << 31;
@@ -54,6 +58,22 @@ const READS_PER_TURN: usize = 16;
 fn service_device() -> DeviceId {
     // The value has bit 0 clear and node type 010 (logic), both of which from_u64 accepts.
     DeviceId::from_u64((NodeType::Logic as u64) << 60).expect("a valid device id")
+}
+
+/// A subscription to the message stream: where each shard's log is read next.
+#[derive(Debug)]
+struct Stream {
+    /// The `subscribe`'s `req`, echoed by every `stream_batch`.
+    req: Option<u64>,
+    /// Per shard: the log position to read next (`STREAM_NOW` until the shard said where its
+    /// end is).
+    positions: Vec<u64>,
+    /// Per shard: a read is posted and not answered yet.
+    in_flight: Vec<bool>,
+    /// Per shard: its last read found messages, so there may be more right away.
+    more: Vec<bool>,
+    /// Every shard has answered once: the positions are all real, batches may go out.
+    started: bool,
 }
 
 #[derive(Debug)]
@@ -79,6 +99,7 @@ pub struct ServiceConn {
     /// When it was accepted (shard milliseconds), for the authentication timeout.
     accepted_ms: u64,
     gathers: Vec<PresenceGather>,
+    subscription: Option<Box<Stream>>,
 }
 
 enum ReadOutcome {
@@ -101,6 +122,7 @@ impl ServiceConn {
             closing: false,
             accepted_ms: ctx.now_ms,
             gathers: Vec::new(),
+            subscription: None,
         }
     }
 
@@ -241,6 +263,7 @@ impl ServiceConn {
                     }
                 }
             }
+            Message::Subscribe(from) => self.subscribe(req, &from, ctx),
             Message::ConvHistory(history) => {
                 let request = BusMsg::History {
                     origin: Box::new(origin(service)),
@@ -251,6 +274,92 @@ impl ServiceConn {
             other => {
                 let text = format!("{} is not a service request", other.op());
                 self.reply(req, bus::error(ErrorCode::BadRequest, &text), ctx);
+            }
+        }
+    }
+
+    /// `subscribe`: starts the message stream from `from` (empty: from now).
+    fn subscribe(&mut self, req: Option<u64>, from: &str, ctx: &mut Context) {
+        if self.subscription.is_some() {
+            let error = bus::error(ErrorCode::BadRequest, "already subscribed");
+            return self.reply(req, error, ctx);
+        }
+        let shards = ctx.shards();
+        let positions = if from.is_empty() {
+            vec![STREAM_NOW; shards]
+        } else {
+            match stream_position::decode(&ctx.node.jwt_secret, shards, from) {
+                Ok(positions) => positions,
+                Err(text) => return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx),
+            }
+        };
+        let me = self.session_ref(ctx.shard_id as u32);
+        for (shard, &from) in positions.iter().enumerate() {
+            ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+        }
+        self.subscription = Some(Box::new(Stream {
+            req,
+            positions,
+            in_flight: vec![true; shards],
+            more: vec![false; shards],
+            started: false,
+        }));
+    }
+
+    /// One shard's next messages for the stream: sent on as a `stream_batch` with the position
+    /// after them, and the next reads asked for while the service keeps up.
+    pub fn on_stream_part(&mut self, part: StreamPart, ctx: &mut Context) {
+        let Some(stream) = self.subscription.as_mut() else {
+            return;
+        };
+        let shard = part.shard;
+        let Some(in_flight) = stream.in_flight.get_mut(shard) else {
+            return;
+        };
+        *in_flight = false;
+        let req = stream.req;
+        let (msgs, next) = match part.result {
+            Ok(found) => found,
+            Err(text) => {
+                self.subscription = None;
+                return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx);
+            }
+        };
+        stream.positions[shard] = next;
+        stream.more[shard] = !msgs.is_empty();
+        let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
+        if first_round_done {
+            stream.started = true;
+        }
+        if !msgs.is_empty() || first_round_done {
+            let position = stream_position::encode(&ctx.node.jwt_secret, &stream.positions);
+            let batch = Message::StreamBatch(StreamBatch {
+                position: position.into(),
+                msgs,
+            });
+            self.reply(req, batch, ctx);
+        }
+        self.pump_stream(false, ctx);
+    }
+
+    /// Asks each shard with no read in flight for its next messages: those that just found
+    /// some, or all of them when `poll` (a timer tick, for shards that were caught up). A
+    /// service whose replies pile up (over a quarter of the send queue) is asked nothing more
+    /// until it reads them: the log is the buffer, not memory.
+    pub fn pump_stream(&mut self, poll: bool, ctx: &mut Context) {
+        let me = self.session_ref(ctx.shard_id as u32);
+        let backlog = self.outbox.len_bytes() > ctx.node.config.send_queue_bytes_max / 4;
+        let Some(stream) = self.subscription.as_mut() else {
+            return;
+        };
+        if !stream.started || backlog || self.closing {
+            return;
+        }
+        for shard in 0..stream.positions.len() {
+            if !stream.in_flight[shard] && (poll || stream.more[shard]) {
+                stream.in_flight[shard] = true;
+                let from = stream.positions[shard];
+                ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
             }
         }
     }

@@ -53,6 +53,7 @@ use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 pub use config::{FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT};
 pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
+pub use reads::ScanError;
 pub use record::{ConvKind, MessageRef};
 pub use state::Conversation;
 
