@@ -75,6 +75,13 @@ enum BackendOp {
         #[arg(value_delimiter = ',', required = true)]
         users: Vec<Uid>,
     },
+    /// Follow the message stream: one JSON line per batch (`stream_batch`: its messages and
+    /// the position after them); restart with `--from` the last position printed to resume.
+    Tail {
+        /// A position printed earlier (default: from now).
+        #[arg(long, default_value = "")]
+        from: String,
+    },
     /// A page of any conversation (conv_history).
     History {
         /// The conversation.
@@ -90,6 +97,7 @@ enum BackendOp {
 
 pub fn run(args: BackendArgs) -> ExitCode {
     let message = match args.op {
+        BackendOp::Tail { from } => return tail(&args.addr, &args.token, &from),
         BackendOp::Send {
             from,
             conv,
@@ -138,7 +146,7 @@ pub fn run(args: BackendArgs) -> ExitCode {
     match result {
         Ok(frame) => {
             let failed = matches!(frame.message, Message::Error(_));
-            print_json(&frame);
+            let _ = print_json(&frame);
             if failed {
                 ExitCode::FAILURE
             } else {
@@ -146,7 +154,7 @@ pub fn run(args: BackendArgs) -> ExitCode {
             }
         }
         Err(ClientError::Rejected(e)) => {
-            print_json(&Frame::new(Message::Error(e)));
+            let _ = print_json(&Frame::new(Message::Error(e)));
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -156,8 +164,49 @@ pub fn run(args: BackendArgs) -> ExitCode {
     }
 }
 
-fn print_json(frame: &Frame<'_>) {
+/// Prints every batch of the stream until the connection ends or stdout is closed.
+fn tail(addr: &str, token: &str, from: &str) -> ExitCode {
+    use std::io::Write;
+    let mut service = match ServiceClient::connect(addr, token) {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("chinwag: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The stream has no end: a read may wait as long as the stream is quiet.
+    if let Err(e) = service.set_timeout(std::time::Duration::from_secs(24 * 3600)) {
+        eprintln!("chinwag: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = service.send(Message::Subscribe(from.into())) {
+        eprintln!("chinwag: {e}");
+        return ExitCode::FAILURE;
+    }
+    loop {
+        match service.next_frame() {
+            Ok(frame) => {
+                let failed = matches!(frame.message, Message::Error(_));
+                // A reader that went away (a closed pipe) ends the tail.
+                if print_json(&frame).is_err() || std::io::stdout().flush().is_err() {
+                    return ExitCode::SUCCESS;
+                }
+                if failed {
+                    return ExitCode::FAILURE;
+                }
+            }
+            Err(e) => {
+                eprintln!("chinwag: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+fn print_json(frame: &Frame<'_>) -> std::io::Result<()> {
+    use std::io::Write;
     let mut out = BytesMut::new();
     json::encode(frame, &mut out);
-    println!("{}", String::from_utf8_lossy(&out));
+    out.extend_from_slice(b"\n");
+    std::io::stdout().lock().write_all(&out)
 }

@@ -654,3 +654,52 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
     assert_eq!(seen.total, 2000);
     seen.assert_no_gap();
 }
+
+#[test]
+fn chinwag_backend_tail_prints_batches_as_json_lines_and_resumes() {
+    use std::io::BufRead;
+    let server = start();
+    let mut writer = service(&server);
+    let token = token_for(Uid::new(UidKind::Service, 1));
+    let tail = |from: &str| {
+        let mut child = std::process::Command::new(chinwag_tests::binary())
+            .arg("backend")
+            .arg("--addr")
+            .arg(server.backend_addr.to_string())
+            .env("CHINWAG_SERVICE_TOKEN", &token)
+            .args(["tail", "--from", from])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    };
+    let position_of = |line: &str| line.split('"').nth(9).unwrap().to_string();
+    let (mut child, mut lines) = tail("");
+    let first = lines.next().unwrap().unwrap();
+    assert!(
+        first.starts_with(r#"{"op":"stream_batch","req":2,"position":""#),
+        "{first}"
+    );
+    store_messages(&mut writer, "t1", 1, 1);
+    let line = lines.next().unwrap().unwrap();
+    assert!(line.contains(r#""body":"t1 0""#), "{line}");
+    let position = position_of(&line);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    store_messages(&mut writer, "t2", 1, 1);
+    let (mut child, mut lines) = tail(&position);
+    let mut resumed = lines.next().unwrap().unwrap();
+    if !resumed.contains("t2 0") {
+        // The first answer may come before the shard's read of the message.
+        resumed = lines.next().unwrap().unwrap();
+    }
+    assert!(resumed.contains(r#""body":"t2 0""#), "{resumed}");
+    assert!(
+        !resumed.contains("t1 0"),
+        "only what came after the position: {resumed}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
