@@ -2,7 +2,8 @@
 //!
 //! Read top-down as the data flows: `net` (listeners, HTTP, WebSocket framing) → `shard` (the
 //! event loops and sessions) → `store` (the conversation log) → `dispatch` (customer-service
-//! assignment) → `ops` (config, metrics, the token secret); `node` starts it all.
+//! assignment) → `ops` (config, metrics, the token secret); `node` starts it all. `wechat` is the WeChat
+//! channel (callbacks in, the customer-service sender out).
 
 pub mod dispatch;
 pub mod net;
@@ -11,3 +12,4 @@ pub mod ops;
 pub mod route;
 pub mod shard;
 pub mod store;
+pub mod wechat;

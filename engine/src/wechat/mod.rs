@@ -1,0 +1,24 @@
+//! The WeChat channel (issue 16): customers who write to a shop's official account reach the
+//! shop's agents, and the agents' replies go back through WeChat's customer-service API.
+//!
+//! Read top-down as the data flows:
+//! - in: [`callback`] checks and opens WeChat's pushes (URL check, plain and safe mode) without
+//!   I/O, using [`signature`] (SHA-1 signatures), [`cipher`] (AES-256-CBC of safe mode) and
+//!   [`message`] (the XML, parsed into a typed `Message` with its dedup key);
+//! - out: [`sender`] delivers replies on its own threads (bounded queues, retries with backoff,
+//!   one typed report per reply), using [`api`] (the HTTP calls, with timeouts) and [`token`]
+//!   (the shared access token cache);
+//! - [`account`]: the `[wechat]` configuration section.
+//!
+//! Not wired into the gateway yet: the callback endpoint on the client port, the `wechat:<id>`
+//! users, and handing agents' replies to the sender come with the engine's new layout
+//! (issue 11); see docs/wechat.md. Until then the module is public so `tests/` can drive it.
+
+pub mod account;
+pub mod api;
+pub mod callback;
+pub mod cipher;
+pub mod message;
+pub mod sender;
+pub mod signature;
+pub mod token;
