@@ -18,6 +18,9 @@
 //!   an HTTP status, hang, or drop the connection; [`StandIn::set_down`] closes the port
 //!   (connections refused) until it is opened again on the same port.
 //! - Everything received is recorded ([`StandIn::requests`], [`StandIn::delivered`]).
+//! - Two paths of its own, not WeChat's, let another process (the demo's driver) play the
+//!   customers' side: `POST /standin/customer_wrote?appid=&openid=` and `GET /standin/delivered`
+//!   (the accepted messages as JSON).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -106,6 +109,18 @@ struct Shared {
     stop: AtomicBool,
 }
 
+impl State {
+    fn customer_wrote(&mut self, app_id: &str, open_id: &str) {
+        self.customers.insert(
+            (app_id.to_string(), open_id.to_string()),
+            Customer {
+                last_message: Instant::now(),
+                replies_left: REPLIES_PER_MESSAGE,
+            },
+        );
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -125,13 +140,7 @@ pub struct Customers(Arc<Shared>);
 
 impl Customers {
     pub fn wrote(&self, app_id: &str, open_id: &str) {
-        self.0.lock().customers.insert(
-            (app_id.to_string(), open_id.to_string()),
-            Customer {
-                last_message: Instant::now(),
-                replies_left: REPLIES_PER_MESSAGE,
-            },
-        );
+        self.0.lock().customer_wrote(app_id, open_id);
     }
 }
 
@@ -316,6 +325,15 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     let endpoint = match path {
         "/cgi-bin/token" => Some(Endpoint::Token),
         "/cgi-bin/message/custom/send" => Some(Endpoint::Send),
+        "/standin/customer_wrote" | "/standin/delivered" => {
+            let answer = control(shared, path, query);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            return;
+        }
         _ => None,
     };
     let fault = endpoint.and_then(|endpoint| {
@@ -515,4 +533,21 @@ fn send(shared: &Shared, query: &str, body: &[u8]) -> String {
         kf_account,
     });
     errcode(0, "ok")
+}
+
+/// The stand-in's own control paths (not WeChat's API).
+fn control(shared: &Shared, path: &str, query: &str) -> String {
+    if path == "/standin/customer_wrote" {
+        let app_id = query_value(query, "appid").unwrap_or("");
+        let open_id = query_value(query, "openid").unwrap_or("");
+        shared.lock().customer_wrote(app_id, open_id);
+        return errcode(0, "ok");
+    }
+    let state = shared.lock();
+    let delivered: Vec<serde_json::Value> = state
+        .delivered
+        .iter()
+        .map(|d| serde_json::json!({ "appid": d.app_id, "touser": d.touser, "content": d.content, "kf_account": d.kf_account }))
+        .collect();
+    serde_json::Value::from(delivered).to_string()
 }
