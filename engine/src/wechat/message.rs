@@ -15,7 +15,10 @@ pub const XML_BYTES_MAX: usize = 64 * 1024;
 /// Most XML nodes (elements, text, CDATA) a callback may hold; WeChat's have a few dozen.
 pub const XML_NODES_MAX: u32 = 512;
 /// Longest OpenID accepted (WeChat's are 28 characters).
-pub const OPEN_ID_BYTES_MAX: usize = 128;
+pub const OPEN_ID_BYTES_MAX: usize = 64;
+// The longest dedup key ("wx-event-", an OpenID, "-", a u64) must fit in a client message id,
+// since it is stored as the message's cmid.
+const _: () = assert!(9 + OPEN_ID_BYTES_MAX + 1 + 20 <= chinwag_protocol::limits::CMID_LEN_MAX);
 /// Longest media id, event name or kind kept.
 const FIELD_BYTES_MAX: usize = 256;
 
@@ -359,6 +362,16 @@ mod tests {
                 kind: "location".into()
             }
         );
+    }
+
+    #[test]
+    fn longest_dedup_key_fits_a_cmid() {
+        let key = DedupKey::Event {
+            from: OpenId::parse(&"o".repeat(OPEN_ID_BYTES_MAX)).unwrap(),
+            create_time: u64::MAX,
+        };
+        assert!(key.to_string().len() <= chinwag_protocol::limits::CMID_LEN_MAX);
+        assert!(OpenId::parse(&"o".repeat(OPEN_ID_BYTES_MAX + 1)).is_none());
     }
 
     #[test]
