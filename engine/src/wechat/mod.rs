@@ -8,7 +8,8 @@
 //! - out: [`sender`] delivers replies on its own threads (bounded queues, retries with backoff,
 //!   one typed report per reply), using [`api`] (the HTTP calls, with timeouts) and [`token`]
 //!   (the shared access token cache);
-//! - [`account`]: the `[wechat]` configuration section.
+//! - [`account`]: the `[wechat]` configuration section; [`directory`]: which `wechat:<id>` user
+//!   each (account, OpenID) is, kept in a file of the data directory.
 //!
 //! Not wired into the gateway yet: the callback endpoint on the client port, the `wechat:<id>`
 //! users, and handing agents' replies to the sender come with the engine's new layout
@@ -18,6 +19,7 @@ pub mod account;
 pub mod api;
 pub mod callback;
 pub mod cipher;
+pub mod directory;
 pub mod message;
 pub mod sender;
 pub mod signature;
