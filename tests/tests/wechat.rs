@@ -7,11 +7,12 @@
 //!
 //! The gateway's own callback endpoint comes with the engine's new layout (docs/wechat.md).
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use chinwag_engine::wechat::account::{Account, AccountSettings, Mode};
 use chinwag_engine::wechat::message::{Body, Message, OpenId};
+use chinwag_engine::wechat::metrics::Metrics;
 use chinwag_engine::wechat::sender::{Outcome, Reason, Reply, Report, Sender, SenderLimits};
 use chinwag_tests::wechat::driver::Driver;
 use chinwag_tests::wechat::standin::{Endpoint, Fault, StandIn};
@@ -52,6 +53,7 @@ struct Harness {
     standin: StandIn,
     sender: Sender<u32>,
     reports: mpsc::Receiver<Report<u32>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Harness {
@@ -62,14 +64,21 @@ impl Harness {
     fn start_with_secret(limits: SenderLimits, secret: &str) -> Harness {
         let standin = StandIn::start(&[(APP_ID, SECRET)]);
         let (tx, reports) = mpsc::channel();
-        let sender = Sender::start(&[account(&standin.url(), secret)], &limits, move |report| {
-            let _ = tx.send(report);
-        })
+        let metrics = Arc::new(Metrics::default());
+        let sender = Sender::start(
+            &[account(&standin.url(), secret)],
+            &limits,
+            metrics.clone(),
+            move |report| {
+                let _ = tx.send(report);
+            },
+        )
         .unwrap();
         Harness {
             standin,
             sender,
             reports,
+            metrics,
         }
     }
 
@@ -260,6 +269,16 @@ fn forty_eight_hour_window_is_reported_not_retried() {
     h.standin.customer_wrote(APP_ID, "oC");
     h.reply("oC", "now", 2);
     assert_eq!(h.report().outcome, Outcome::Delivered);
+    let mut metrics = String::new();
+    h.metrics.render(&mut metrics);
+    assert!(
+        metrics.contains("chinwag_wechat_replies_total{result=\"wechat_window_closed\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("chinwag_wechat_replies_total{result=\"delivered\"} 1\n"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -540,6 +559,7 @@ fn driver_retries_like_wechat_when_no_answer_comes_in_time() {
     let sender = Sender::start(
         &[account(&standin.url(), SECRET)],
         &fast_limits(),
+        Default::default(),
         move |r| {
             let _ = tx.send(r);
         },

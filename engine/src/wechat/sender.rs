@@ -29,6 +29,7 @@ use serde::Deserialize;
 use super::account::Account;
 use super::api::{Api, Rule, Sent};
 use super::message::OpenId;
+use super::metrics::Metrics;
 use super::token::{TokenCache, TokenError};
 
 /// The sender's limits: the `[wechat.sender]` table. Every value has a default.
@@ -173,6 +174,7 @@ struct Lane<T> {
 
 /// The running sender. Dropping it stops it as [`Sender::stop`] does.
 pub struct Sender<T: Send + 'static> {
+    metrics: Arc<Metrics>,
     lanes: Vec<Lane<T>>,
     /// Never sent on: dropping it wakes every pause and tells the workers to stop.
     stop: Option<channel::Sender<()>>,
@@ -185,11 +187,13 @@ impl<T: Send + 'static> Sender<T> {
     pub fn start(
         accounts: &[Account],
         limits: &SenderLimits,
+        metrics: Arc<Metrics>,
         sink: impl Fn(Report<T>) + Send + Sync + 'static,
     ) -> std::io::Result<Sender<T>> {
         let sink: Sink<T> = Arc::new(sink);
         let (stop, stopped) = channel::bounded::<()>(0);
         let mut sender = Sender {
+            metrics: Arc::clone(&metrics),
             lanes: Vec::with_capacity(accounts.len()),
             stop: Some(stop),
             threads: Vec::new(),
@@ -211,6 +215,7 @@ impl<T: Send + 'static> Sender<T> {
                     limits: limits.clone(),
                     stopped: stopped.clone(),
                     sink: Arc::clone(&sink),
+                    metrics: Arc::clone(&metrics),
                 };
                 let thread = std::thread::Builder::new()
                     .name(format!("wechat-{}-{index}", account.app_id))
@@ -228,6 +233,14 @@ impl<T: Send + 'static> Sender<T> {
 
     /// Queues `reply` without blocking, or hands it back.
     pub fn submit(&self, reply: Reply<T>) -> Result<(), Rejected<T>> {
+        let result = self.enqueue(reply);
+        if let Err(rejected) = &result {
+            self.metrics.undelivered(rejected.reason);
+        }
+        result
+    }
+
+    fn enqueue(&self, reply: Reply<T>) -> Result<(), Rejected<T>> {
         let Some(lane) = self.lanes.iter().find(|l| l.app_id == reply.app_id) else {
             return Err(Rejected {
                 reply,
@@ -276,6 +289,7 @@ struct Worker<T> {
     limits: SenderLimits,
     stopped: channel::Receiver<()>,
     sink: Sink<T>,
+    metrics: Arc<Metrics>,
 }
 
 impl<T> Worker<T> {
@@ -302,6 +316,10 @@ impl<T> Worker<T> {
     }
 
     fn report(&self, tag: T, outcome: Outcome, attempts: u32) {
+        match &outcome {
+            Outcome::Delivered => self.metrics.delivered(),
+            Outcome::Undelivered(u) => self.metrics.undelivered(u.reason),
+        }
         if let Outcome::Undelivered(u) = &outcome {
             tracing::info!(app_id = %self.account.app_id, reason = u.reason.code(), errcode = ?u.errcode, detail = %u.detail, attempts, "wechat reply not delivered");
         }
@@ -433,6 +451,7 @@ mod tests {
         let sender = Sender::start(
             &[account("http://127.0.0.1:1")],
             &SenderLimits::default(),
+            Arc::default(),
             |_: Report<u32>| {},
         )
         .unwrap();
@@ -450,9 +469,12 @@ mod tests {
             token_failure_hold_ms: 0,
             ..SenderLimits::default()
         };
-        let sender = Sender::start(&[account("http://127.0.0.1:1")], &limits, move |r| {
-            tx.send(r).unwrap()
-        })
+        let sender = Sender::start(
+            &[account("http://127.0.0.1:1")],
+            &limits,
+            Arc::default(),
+            move |r| tx.send(r).unwrap(),
+        )
         .unwrap();
         sender.submit(reply("wx1", 7)).unwrap();
         let report = rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -476,9 +498,12 @@ mod tests {
             send_backoff_first_ms: 60_000,
             ..SenderLimits::default()
         };
-        let sender = Sender::start(&[account("http://127.0.0.1:1")], &limits, move |r| {
-            tx.send(r).unwrap()
-        })
+        let sender = Sender::start(
+            &[account("http://127.0.0.1:1")],
+            &limits,
+            Arc::default(),
+            move |r| tx.send(r).unwrap(),
+        )
         .unwrap();
         for tag in 0..5 {
             sender.submit(reply("wx1", tag)).unwrap();
@@ -511,6 +536,7 @@ mod tests {
         let sender = Sender::start(
             &[account("http://127.0.0.1:1")],
             &limits,
+            Arc::default(),
             |_: Report<u32>| {},
         )
         .unwrap();
