@@ -127,6 +127,24 @@ pub enum Reason {
     Stopped,
 }
 
+/// The `kind` of the message that tells a conversation's agents a reply did not reach the
+/// customer (stored in the conversation, so an agent who is offline learns it too).
+pub const NOTICE_KIND: &str = "wechat_undelivered";
+
+impl Undelivered {
+    /// The body of that message: which reply (`seq`), why (`code`, WeChat's `errcode` when it
+    /// gave one) and WeChat's own words (`detail`), as JSON.
+    pub fn notice(&self, seq: u64) -> String {
+        serde_json::json!({
+            "seq": seq,
+            "code": self.reason.code(),
+            "errcode": self.errcode,
+            "detail": self.detail,
+        })
+        .to_string()
+    }
+}
+
 impl Reason {
     /// A stable name for the reason, for an error or push to the agent and for metrics.
     pub fn code(self) -> &'static str {
@@ -444,6 +462,20 @@ mod tests {
             kf_account: None,
             tag,
         }
+    }
+
+    #[test]
+    fn notice_names_the_reply_and_the_reason() {
+        let undelivered = Undelivered {
+            reason: Reason::ReplyWindowClosed,
+            errcode: Some(45015),
+            detail: "response out of time limit".into(),
+        };
+        let notice: serde_json::Value = serde_json::from_str(&undelivered.notice(17)).unwrap();
+        assert_eq!(
+            notice,
+            serde_json::json!({"seq": 17, "code": "wechat_window_closed", "errcode": 45015, "detail": "response out of time limit"})
+        );
     }
 
     #[test]
