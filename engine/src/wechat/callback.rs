@@ -8,8 +8,8 @@
 //!
 //! Whatever [`open`] returns, the HTTP answer is [`SUCCESS`] at once for a message and an error
 //! status for a refusal: WeChat waits 5 s, then retries (three times), so the answer must not
-//! wait for storage, and a retried message must be recognised by its [`DedupKey`]
-//! (`super::message::DedupKey`) and stored once.
+//! wait for storage, and a retried message must be recognised by its
+//! [`DedupKey`](super::message::DedupKey) and stored once.
 
 use super::account::{Account, Mode};
 use super::cipher::CipherError;
