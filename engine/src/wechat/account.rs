@@ -25,7 +25,7 @@ use super::sender::SenderLimits;
 pub const API_BASE_DEFAULT: &str = "https://api.weixin.qq.com";
 
 /// The `[wechat]` section as written.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WechatSection {
     #[serde(default, rename = "account")]
@@ -35,7 +35,7 @@ pub struct WechatSection {
 }
 
 /// One `[[wechat.account]]` table as written.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountSettings {
     pub app_id: String,

@@ -19,6 +19,7 @@
 pub mod account;
 pub mod api;
 pub mod callback;
+pub mod channel;
 pub mod cipher;
 pub mod directory;
 pub mod endpoint;
