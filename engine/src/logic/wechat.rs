@@ -178,9 +178,9 @@ impl Owner {
                     seq,
                     from: message.sender,
                     ts: message.ts_ms,
-                    kind: String::from_utf8_lossy(message.kind).into(),
-                    body: String::from_utf8_lossy(message.body).into(),
-                    cmid: String::from_utf8_lossy(message.cmid).into(),
+                    kind: String::from_utf8_lossy(message.kind),
+                    body: String::from_utf8_lossy(message.body),
+                    cmid: String::from_utf8_lossy(message.cmid),
                 }),
             ));
         }

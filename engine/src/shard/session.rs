@@ -470,20 +470,6 @@ impl Link for Session {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idle_session_is_small() {
-        // What an idle connection costs in user space is this struct in the slab (no buffers);
-        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection. The login state
-        // is boxed, so it adds one pointer here.
-        let size = std::mem::size_of::<Session>();
-        assert!(size <= 136, "Session is {size} bytes");
-    }
-}
-
 /// Answers a WeChat callback through the channel's endpoint; a customer's message goes to its
 /// shop's owner to be stored and dispatched. The answer does not wait for the store: WeChat
 /// wants one within 5 s, and a retried push is stored once by its cmid.
@@ -512,4 +498,18 @@ fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::
         "text/plain",
         answer.body.as_bytes(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_session_is_small() {
+        // What an idle connection costs in user space is this struct in the slab (no buffers);
+        // docs/benchmarks.md measures ~134 bytes of RSS per idle connection. The login state
+        // is boxed, so it adds one pointer here.
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 136, "Session is {size} bytes");
+    }
 }
