@@ -187,3 +187,110 @@ impl Owner {
         Ok(appended)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{ConvId, Seq, ShopId, Target, Uid, UidKind};
+
+    use super::NOTICE_SENDER;
+    use crate::bus::{BusMsg, WechatUndelivered};
+    use crate::logic::testing::*;
+    use crate::wechat::endpoint::Inbound;
+    use crate::wechat::sender::{Reason, Undelivered};
+
+    const SHOP: ShopId = ShopId(42);
+
+    fn inbound(customer: u64, cmid: &str, body: &str) -> BusMsg {
+        BusMsg::WechatInbound(Box::new(Inbound {
+            app_id: "wx1".into(),
+            shop: SHOP.0,
+            customer,
+            cmid: cmid.into(),
+            kind: "text".into(),
+            body: body.into(),
+            create_time: 1_700_000_000,
+        }))
+    }
+
+    #[test]
+    fn a_wechat_message_is_stored_and_dispatched_as_a_buyers_and_stored_once() {
+        let mut h = Harness::new();
+        let support = h.login(agent(1));
+        h.turn(BusMsg::AgentOnline {
+            shop: SHOP,
+            agent: support.uid,
+        });
+        let out = h.turn(inbound(7, "wx-msg-1", "在吗"));
+        let pushed = pushes(&out);
+        // The assignment (`members`), then the message, to the customer and the agent.
+        assert_eq!(pushed.len(), 2, "{pushed:?}");
+        let customer = Uid::new(UidKind::Wechat, 7);
+        assert!(pushed[0].3.contains(r#""op":"members""#), "{}", pushed[0].3);
+        assert_eq!(pushed[1].1, [customer, support.uid]);
+        assert!(pushed[1].3.contains(r#""from":"wechat:7""#) && pushed[1].3.contains("在吗"));
+        assert_eq!(
+            pushed[1].2, None,
+            "a WeChat customer has no device to spare"
+        );
+
+        // WeChat's retry: the same cmid is neither stored nor pushed again.
+        let again = h.turn(inbound(7, "wx-msg-1", "在吗"));
+        assert!(pushes(&again).is_empty(), "{:?}", pushes(&again));
+        // The agent answers in the same conversation.
+        let conv = h
+            .owner
+            .store
+            .shop_conv(SHOP, customer)
+            .expect("the conversation");
+        let out = h.turn(send(&support, Target::Conv(conv), "a1", "您好"));
+        assert_eq!(send_ok(&replies(&out, support.session)), (conv, 2));
+    }
+
+    #[test]
+    fn an_undelivered_reply_leaves_a_notice_in_its_conversation() {
+        let mut h = Harness::new();
+        let support = h.login(agent(1));
+        h.turn(BusMsg::AgentOnline {
+            shop: SHOP,
+            agent: support.uid,
+        });
+        h.turn(inbound(7, "wx-msg-1", "hi"));
+        let conv: ConvId = h
+            .owner
+            .store
+            .shop_conv(SHOP, Uid::new(UidKind::Wechat, 7))
+            .unwrap();
+        let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
+            conv,
+            seq: Seq(2),
+            undelivered: Undelivered {
+                reason: Reason::ReplyWindowClosed,
+                errcode: Some(45015),
+                detail: "response out of time limit".into(),
+            },
+        })));
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 1, "{pushed:?}");
+        let text = &pushed[0].3;
+        assert!(
+            text.contains(&format!(r#""from":"{NOTICE_SENDER}""#)),
+            "{text}"
+        );
+        assert!(text.contains(r#""kind":"wechat_undelivered""#), "{text}");
+        assert!(
+            text.contains("wechat_window_closed") && text.contains("45015"),
+            "{text}"
+        );
+        // Reported twice (say a retried report): one notice.
+        let again = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
+            conv,
+            seq: Seq(2),
+            undelivered: Undelivered {
+                reason: Reason::ReplyWindowClosed,
+                errcode: Some(45015),
+                detail: String::new(),
+            },
+        })));
+        assert!(pushes(&again).is_empty());
+    }
+}
