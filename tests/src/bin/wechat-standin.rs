@@ -8,6 +8,9 @@
 //!     posts one customer message to an account's server URL as WeChat does (signed, encrypted
 //!     with --aes-key, retried 3 times after 5 s without an answer), then tells the stand-in
 //!     that the customer wrote (their 48-hour window opens)
+//! wechat-standin agent --ws ws://127.0.0.1:7000/ws --token TOKEN
+//!     an agent at a terminal: prints every message of its conversations; each line typed is
+//!     sent to the conversation of the last message received
 //! ```
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +23,8 @@ fn usage() -> ! {
     eprintln!(
         "usage:\n  wechat-standin api --listen ADDR --app APPID:SECRET [--app ...]\n  \
          wechat-standin say --url URL --app-id APPID --token TOKEN [--aes-key KEY] \
-         [--standin URL] --from OPENID [--msg-id N] TEXT"
+         [--standin URL] --from OPENID [--msg-id N] TEXT\n  \
+         wechat-standin agent --ws URL --token TOKEN"
     );
     std::process::exit(2);
 }
@@ -128,6 +132,96 @@ fn main() {
                 }
             }
         }
+        "agent" => {
+            let (Some(ws), Some(token)) = (flag("ws"), flag("token")) else {
+                usage()
+            };
+            agent(&ws, &token);
+        }
         _ => usage(),
+    }
+}
+
+/// An agent at a terminal (see the module docs).
+fn agent(ws: &str, token: &str) {
+    use chinwag_protocol::client::{Client, Encoding};
+    use chinwag_protocol::{DeviceType, History, HistoryRange, Message as Wire, Send, Target};
+    let mut client = Client::connect(ws, Encoding::Json).unwrap_or_else(|e| {
+        eprintln!("connect {ws}: {e}");
+        std::process::exit(1)
+    });
+    let me = client.login(token, DeviceType::Web).unwrap_or_else(|e| {
+        eprintln!("login: {e}");
+        std::process::exit(1)
+    });
+    println!(
+        "logged in as {}; type a line to answer the last conversation",
+        me.uid
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut last_conv = None;
+    let mut sent = 0u64;
+    loop {
+        match client.next_push(Duration::from_millis(200)) {
+            Ok(Some(frame)) => match frame.message {
+                Wire::Msg(m) => {
+                    println!(
+                        "[conv {} seq {}] {} ({}): {}",
+                        m.conv, m.seq, m.from, m.kind, m.body
+                    );
+                    last_conv = Some(m.conv);
+                }
+                Wire::Members(m) => {
+                    let names: Vec<String> = m.members.iter().map(|u| u.to_string()).collect();
+                    println!("[conv {}] members: {}", m.conv, names.join(", "));
+                    // Assigned to a conversation that already has messages: show them (an
+                    // agent's screen loads the history the same way).
+                    let history = client.call(Wire::History(History {
+                        conv: m.conv,
+                        range: HistoryRange::Newest,
+                        limit: 20,
+                    }));
+                    if let Ok(Wire::HistoryOk(page)) = history.map(|f| f.message) {
+                        for h in page.msgs {
+                            println!(
+                                "[conv {} seq {}] {} ({}): {}",
+                                h.conv, h.seq, h.from, h.kind, h.body
+                            );
+                        }
+                    }
+                    last_conv = Some(m.conv);
+                }
+                other => println!("{other:?}"),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("connection: {e}");
+                std::process::exit(1)
+            }
+        }
+        while let Ok(line) = lines.try_recv() {
+            let Some(conv) = last_conv else {
+                println!("(no conversation yet)");
+                continue;
+            };
+            sent += 1;
+            let answer = client.call(Wire::Send(Send {
+                target: Target::Conv(conv),
+                cmid: format!("demo-{}-{sent}", me.device_id).into(),
+                kind: "text".into(),
+                body: line.into(),
+            }));
+            match answer.map(|f| f.message) {
+                Ok(Wire::SendOk(ok)) => println!("[conv {} seq {}] sent", ok.conv, ok.seq),
+                other => println!("{other:?}"),
+            }
+        }
     }
 }
