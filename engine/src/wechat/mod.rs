@@ -12,9 +12,11 @@
 //! - [`account`]: the `[wechat]` configuration section; [`directory`]: which `wechat:<id>` user
 //!   each (account, OpenID) is, kept in a file of the data directory.
 //!
-//! Not wired into the gateway yet: the callback endpoint on the client port, the `wechat:<id>`
-//! users, and handing agents' replies to the sender come with the engine's new layout
-//! (issue 11); see docs/wechat.md. Until then the module is public so `tests/` can drive it.
+//! [`channel`] is the channel as the node runs it. The engine reaches it at three places: the
+//! client port answers `/wechat/<appid>` through [`endpoint`] (`shard/session.rs`), the shop's
+//! owner stores and dispatches customers' messages and hands agents' replies over after the
+//! commit (`logic/wechat.rs`), and the node starts it (`node.rs`). The module is public so the
+//! tests' stand-in and driver (`tests/src/wechat/`) can sign and encrypt as WeChat does.
 
 pub mod account;
 pub mod api;
