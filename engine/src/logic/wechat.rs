@@ -141,7 +141,9 @@ impl Owner {
         undelivered: &Undelivered,
         now_ms: u64,
     ) {
-        let cmid = format!("wx-undelivered-{seq}");
+        // The conversation is in the cmid too: the notices of every conversation share one
+        // sender, and a cmid must not repeat one of another conversation.
+        let cmid = format!("wx-undelivered-{conv}-{seq}");
         let body = undelivered.notice(seq.0);
         let stored = self.store_and_push(
             &NewMessage {
