@@ -294,5 +294,27 @@ mod tests {
             },
         })));
         assert!(pushes(&again).is_empty());
+
+        // Another conversation's notice for the same seq is its own message.
+        h.turn(inbound(8, "wx-msg-2", "hello"));
+        let other = h
+            .owner
+            .store
+            .shop_conv(SHOP, Uid::new(UidKind::Wechat, 8))
+            .unwrap();
+        let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
+            conv: other,
+            seq: Seq(2),
+            undelivered: Undelivered {
+                reason: Reason::ReplyLimitReached,
+                errcode: Some(45047),
+                detail: String::new(),
+            },
+        })));
+        assert_eq!(
+            pushes(&out).len(),
+            1,
+            "stored in the other conversation too"
+        );
     }
 }
