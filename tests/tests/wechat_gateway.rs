@@ -19,7 +19,7 @@ use chinwag_tests::wechat::driver::Driver;
 use chinwag_tests::wechat::standin::StandIn;
 use chinwag_tests::Server;
 
-const JWT: &str = "wechat-e2e-secret";
+const JWT: &str = "wechat-e2e-secret-of-at-least-32-bytes";
 const APP_ID: &str = "wx5823bf96d3bd56c7";
 const APP_SECRET: &str = "standin-secret";
 const TOKEN: &str = "QDG6eK";
