@@ -21,8 +21,15 @@ const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/pro
 /// One example, with the document line it starts on (for messages).
 #[derive(Debug)]
 enum Example {
-    Json { line: usize, text: String },
-    Hex { line: usize, twin: String, bytes: Vec<u8> },
+    Json {
+        line: usize,
+        text: String,
+    },
+    Hex {
+        line: usize,
+        twin: String,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Every `json` and `hex` block of `doc`, as examples. Panics (naming the line) on a block that
@@ -196,8 +203,16 @@ fn every_op_has_a_json_and_a_hex_example() {
             .map(Op::name)
             .collect()
     };
-    assert_eq!(missing(&json_ops), Vec::<&str>::new(), "ops without a json example");
-    assert_eq!(missing(&hex_ops), Vec::<&str>::new(), "ops without a hex example");
+    assert_eq!(
+        missing(&json_ops),
+        Vec::<&str>::new(),
+        "ops without a json example"
+    );
+    assert_eq!(
+        missing(&hex_ops),
+        Vec::<&str>::new(),
+        "ops without a hex example"
+    );
 }
 
 #[test]
@@ -218,7 +233,10 @@ fn editing_any_byte_of_a_hex_example_fails_the_check() {
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(check_hex(&twin, &longer).is_err(), "an extra byte went unnoticed");
+        assert!(
+            check_hex(&twin, &longer).is_err(),
+            "an extra byte went unnoticed"
+        );
         assert!(
             check_hex(&twin, &bytes[..bytes.len() - 1]).is_err(),
             "a missing byte went unnoticed"

@@ -136,26 +136,47 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
 
 /// Runs `storm` and returns its report.
 pub fn storm(args: &StormArgs) -> io::Result<Report> {
-    if !(0.0..=1.0).contains(&args.drop_share_per_s)
-        || !(1..=HISTORY_PAGE_FULL).contains(&args.history_limit)
-    {
-        return Err(io::Error::other(
-            "storm needs --drop-share-per-s in 0..=1 and --history-limit in 1..=200",
-        ));
-    }
     run_with(&args.chat, Some(args))
+}
+
+impl ChatArgs {
+    /// Checks what clap cannot (a bad flag exits 2 before anything runs).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.message_bytes < STAMP_DIGITS || self.window == 0 || self.conversations == 0 {
+            return Err(
+                "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1".into(),
+            );
+        }
+        if !(2..=MEMBERS_MAX).contains(&self.members) {
+            return Err("chat needs --members in 2..=1000".into());
+        }
+        if !self.rate_per_user_per_s.is_finite() || self.rate_per_user_per_s < 0.0 {
+            return Err("--rate-per-user-per-s must be 0 (closed loop) or more".into());
+        }
+        if self.in_flight_max == 0 {
+            return Err("--in-flight-max must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl StormArgs {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.chat.validate()?;
+        if !(0.0..=1.0).contains(&self.drop_share_per_s)
+            || !(1..=HISTORY_PAGE_FULL).contains(&self.history_limit)
+        {
+            return Err(
+                "storm needs --drop-share-per-s in 0..=1 and --history-limit in 1..=200".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let common = &args.common;
-    if args.message_bytes < STAMP_DIGITS || args.window == 0 || args.conversations == 0 {
-        return Err(io::Error::other(
-            "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1",
-        ));
-    }
-    if !(2..=MEMBERS_MAX).contains(&args.members) {
-        return Err(io::Error::other("chat needs --members in 2..=1000"));
-    }
     let mut report = Report::default();
     let mut progress = Progress::new(!common.run.quiet);
     let k = args.members;
@@ -189,6 +210,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     if opened.count() < n {
         report.figure("logged_in", opened.count() as u64);
+        fleet.traffic().report(&mut report);
+        report.series = progress.series();
         return Ok(report);
     }
     let mut users: Vec<User> = (0..n)
@@ -236,6 +259,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let (mut server_cpu_from, mut server_cpu_to) = (None, None);
     let (mut own_cpu_from, mut own_cpu_to) = (0.0, 0.0);
     let mut measuring = false;
+    progress.phase(if args.warmup_s > 0 {
+        "warmup"
+    } else {
+        "measured"
+    });
 
     if closed_loop {
         for (i, user) in users.iter_mut().enumerate() {
@@ -258,6 +286,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         let now_ns = ns(now);
         if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
             measuring = true;
+            progress.phase("measured");
             report.window_unix_ns = Some((report::unix_ns(), 0));
             server_cpu_from = server_sample(common.server_pid)?;
             own_cpu_from = report::own_cpu_s();
@@ -266,6 +295,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         }
         let sending = now_ns < measure_to_ns;
         if !sending && server_cpu_to.is_none() {
+            progress.phase("drain");
             server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
             let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
@@ -599,6 +629,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         report.violations.first.push(v);
     }
     report.violations.count += violations.count;
+    fleet.traffic().report(&mut report);
+    report.series = progress.series();
     Ok(report)
 }
 
