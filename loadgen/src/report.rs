@@ -600,20 +600,22 @@ mod tests {
 
     #[test]
     fn the_header_repeats_the_settings_and_the_series_its_phases() {
-        let mut report = Report::default();
-        report.settings = vec![
-            ("subcommand".into(), "chat".into()),
-            ("addr".into(), "localhost:7000".into()),
-            ("window".into(), "4".into()),
-        ];
-        report.series = vec![Second {
-            t_s: 1,
-            phase: "warmup",
-            connections: 2,
-            messages: 10,
-            errors: 0,
-            p99_us: 0,
-        }];
+        let report = Report {
+            settings: vec![
+                ("subcommand".into(), "chat".into()),
+                ("addr".into(), "localhost:7000".into()),
+                ("window".into(), "4".into()),
+            ],
+            series: vec![Second {
+                t_s: 1,
+                phase: "warmup",
+                connections: 2,
+                messages: 10,
+                errors: 0,
+                p99_us: 0,
+            }],
+            ..Report::default()
+        };
         let text = report.text();
         let mut lines = text.lines();
         assert!(lines.next().unwrap().ends_with(" chat"), "{text}");
