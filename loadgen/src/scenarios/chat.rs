@@ -107,12 +107,28 @@ struct User {
     /// two members the conversation is known from the build and this is not used).
     peer: Uid,
     conv: Option<ConvId>,
-    /// (req, intended send time in ns since the load started) of messages without `send_ok`.
-    in_flight: VecDeque<(u64, u64)>,
+    /// Messages without `send_ok`.
+    in_flight: VecDeque<InFlight>,
+    /// Messages that were in flight when the connection dropped: they may or may not have
+    /// been stored. After catching up they are sent again with the same cmid, as a client
+    /// must (the server answers the original seq if it stored them).
+    unsure: Vec<InFlight>,
     next_req: u64,
     sent: u64,
     track: Option<SeqTrack>,
     lost: bool,
+}
+
+/// A `send` waiting for its `send_ok`.
+#[derive(Clone, Copy, Debug, Default)]
+struct InFlight {
+    req: u64,
+    /// Intended send time, ns since the load started.
+    intended_ns: u64,
+    /// The user's message number, which makes its cmid.
+    n: u64,
+    /// Sent again after a reconnect: its seq may already have come through `history`.
+    resent: bool,
 }
 
 /// What the run counts as it goes.
@@ -127,6 +143,7 @@ struct Counts {
     behind: u64,
     reconnects: u64,
     history_pages: u64,
+    resent: u64,
 }
 
 /// Runs `chat` and returns its report.
@@ -221,6 +238,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             peer: uid(i ^ 1),
             conv: built[i / k].map(|(conv, _)| conv),
             in_flight: VecDeque::new(),
+            unsure: Vec::new(),
             next_req: 2,
             sent: 0,
             track: built[i / k].map(|(conv, last)| SeqTrack::new(conv.0, last + 1)),
@@ -314,7 +332,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     continue;
                 }
                 fleet.close(user.conn);
-                user.in_flight.clear();
+                let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
+                user.unsure.extend(unsure);
                 user.catching_up = Some(now);
                 counts.reconnects += 1;
                 conn_user.push(storm_cursor);
@@ -380,17 +399,41 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         let after = user.track.as_ref().map_or(0, |t| t.next() - 1);
                         ask_history(user, writer, conv, after, storm);
                     }
-                    None => caught_up(
-                        user,
-                        i,
-                        writer,
-                        now_ns,
-                        &mut catch_up,
-                        &mut body,
-                        args,
-                        &mut counts,
-                    ),
+                    // Dropped before it learned its conversation (no send_ok, no push yet):
+                    // the peer may have written meanwhile, so find it the way a client
+                    // does, with `convs`, and catch up on it.
+                    None => {
+                        let req = user.next_req;
+                        user.next_req += 1;
+                        writer.send(&Frame::with_req(req, Message::Convs));
+                    }
                 },
+                Event::Frame(Frame {
+                    message: Message::ConvsOk(convs),
+                    ..
+                }) => {
+                    let me = uid(i);
+                    let found = convs.iter().find(|c| {
+                        c.members.contains(&me) && group(i, k).all(|j| c.members.contains(&uid(j)))
+                    });
+                    match found.map(|c| c.conv) {
+                        Some(conv) => {
+                            user.conv = Some(conv);
+                            let after = user.track.as_ref().map_or(0, |t| t.next() - 1);
+                            ask_history(user, writer, conv, after, storm);
+                        }
+                        None => caught_up(
+                            user,
+                            i,
+                            writer,
+                            now_ns,
+                            &mut catch_up,
+                            &mut body,
+                            args,
+                            &mut counts,
+                        ),
+                    }
+                }
                 Event::Frame(Frame {
                     message: Message::HistoryOk(page),
                     ..
@@ -423,14 +466,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     req,
                     message: Message::SendOk(ok),
                 }) => {
-                    let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     else {
                         violations.add(Violation::Other(format!(
                             "user {i}: send_ok for no request in flight (req {req:?})"
                         )));
                         return;
                     };
-                    let (_, intended_ns) = user.in_flight.remove(at).unwrap_or_default();
+                    let InFlight {
+                        intended_ns,
+                        resent,
+                        ..
+                    } = user.in_flight.remove(at).unwrap_or_default();
                     counts.send_ok += 1;
                     if in_window {
                         counts.send_ok_measured += 1;
@@ -452,7 +499,12 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     let track = user
                         .track
                         .get_or_insert_with(|| SeqTrack::new(ok.conv.0, 1));
-                    violations.check(track.own(ok.seq.0));
+                    if resent {
+                        // The original may have been stored and caught up through history.
+                        track.recover(ok.seq.0);
+                    } else {
+                        violations.check(track.own(ok.seq.0));
+                    }
                     if closed_loop
                         && now_ns < measure_to_ns
                         && user.in_flight.len() < args.window
@@ -514,7 +566,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         user.lost = true;
                         return;
                     }
-                    if let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    if let Some(at) =
+                        req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     {
                         user.in_flight.remove(at);
                         if closed_loop && now_ns < measure_to_ns {
@@ -597,6 +650,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     }
     if storm.is_some() {
         report.figure("reconnects", counts.reconnects);
+        report.figure("resent_after_reconnect", counts.resent);
         report.figure("history_pages", counts.history_pages);
         let still = users.iter().filter(|u| u.catching_up.is_some()).count();
         report.figure("not_caught_up_at_end", still as u64);
@@ -699,8 +753,21 @@ fn caught_up(
         return;
     };
     report::record(catch_up, dropped_at.elapsed());
+    for unsure in std::mem::take(&mut user.unsure) {
+        counts.resent += 1;
+        send_numbered(
+            user,
+            i,
+            writer,
+            unsure.intended_ns,
+            unsure.n,
+            true,
+            body,
+            args,
+        );
+    }
     if args.rate_per_user_per_s <= 0.0 {
-        for _ in 0..args.window {
+        while user.in_flight.len() < args.window {
             send(user, i, writer, now_ns, body, args, counts);
         }
     }
@@ -721,13 +788,41 @@ fn send(
     while body.len() < args.message_bytes {
         body.push('.');
     }
-    let mut cmid = String::with_capacity(24);
-    let _ = write!(cmid, "{i}-{}", user.sent);
-    let req = user.next_req;
-    user.next_req += 1;
+    let n = user.sent;
     user.sent += 1;
     counts.sent += 1;
-    user.in_flight.push_back((req, intended_ns));
+    send_numbered(user, i, writer, intended_ns, n, false, body, args);
+}
+
+/// Queues the `send` of user `i`'s message number `n` (its cmid), the body already stamped.
+#[allow(clippy::too_many_arguments)]
+fn send_numbered(
+    user: &mut User,
+    i: usize,
+    writer: &mut Writer,
+    intended_ns: u64,
+    n: u64,
+    resent: bool,
+    body: &mut String,
+    args: &ChatArgs,
+) {
+    if resent {
+        body.clear();
+        let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
+        while body.len() < args.message_bytes {
+            body.push('.');
+        }
+    }
+    let mut cmid = String::with_capacity(24);
+    let _ = write!(cmid, "{i}-{n}");
+    let req = user.next_req;
+    user.next_req += 1;
+    user.in_flight.push_back(InFlight {
+        req,
+        intended_ns,
+        n,
+        resent,
+    });
     let target = match user.conv {
         Some(conv) => Target::Conv(conv),
         None => Target::User(user.peer),
