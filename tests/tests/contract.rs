@@ -14,7 +14,8 @@ use chinwag_protocol::{
 use chinwag_tests::Server;
 use tungstenite::Message as WsMessage;
 
-const SECRET: &str = "contract-secret";
+/// At least 32 bytes, as HS256 keys should be.
+const SECRET: &str = "contract-secret-contract-secret-contract";
 /// How long to wait for a push that must not come.
 const SHORT: Duration = Duration::from_millis(300);
 const LONG: Duration = Duration::from_secs(5);
