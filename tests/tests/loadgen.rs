@@ -735,3 +735,33 @@ fn every_bad_flag_exits_2() {
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 }
+
+#[test]
+fn chat_pauses_a_refused_slot_instead_of_spinning_on_refusals() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=10"]);
+    let (output, report) = run(&[
+        "chat",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        SECRET,
+        "--conversations",
+        "2",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "2",
+        "--drain-s",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    let refused = report["failures"]["refused: rate_limited"]
+        .as_u64()
+        .unwrap();
+    assert!(refused > 0, "{report}");
+    // 4 users, a window of 1, a slot retried every 100 ms: tens of refusals per user and
+    // second, not the thousands an immediate re-send would draw.
+    assert!(refused < 4 * 3 * 40, "{refused} refusals: {report}");
+    assert!(report["send_ok"].as_u64().unwrap() >= 4 * 10, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+}

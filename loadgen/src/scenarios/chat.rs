@@ -259,6 +259,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let mut storm_cursor = 0usize;
     // Storms come half a second into the load, then every second.
     let mut next_storm = Instant::now() + Duration::from_millis(500);
+    // Closed loop: window slots of refused sends, each free again at its instant (a refused
+    // send is not repeated at once, or a rate-limited run would spin on refusals).
+    let mut retries: VecDeque<(Instant, usize)> = VecDeque::new();
 
     let start = Instant::now();
     let ns = |at: Instant| at.duration_since(start).as_nanos() as u64;
@@ -345,6 +348,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     }
                 }
             }
+        }
+        while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, i)) = retries.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            if user.lost || user.catching_up.is_some() || user.in_flight.len() >= args.window {
+                continue;
+            }
+            let writer = &mut fleet.conns[user.conn].writer;
+            send(user, i, writer, now_ns, &mut body, args, &mut counts);
+            flush(&mut fleet, user.conn, &mut report, user);
         }
         if sending && !closed_loop {
             // Open loop: every user sends each message whose slot has come; users are spread
@@ -571,7 +586,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     {
                         user.in_flight.remove(at);
                         if closed_loop && now_ns < measure_to_ns {
-                            send(user, i, writer, now_ns, &mut body, args, &mut counts);
+                            retries.push_back((Instant::now() + RETRY_AFTER, i));
                         }
                     }
                 }
@@ -687,6 +702,10 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     report.series = progress.series();
     Ok(report)
 }
+
+/// How long a closed-loop window slot of a refused send stays empty (the server's rate limit
+/// counts in one-second windows; a tenth of one keeps the retries few).
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
