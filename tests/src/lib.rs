@@ -101,12 +101,16 @@ impl Server {
         // Keeps reading stderr for the server's whole life, so its logging never blocks.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    if let Some(addr) = field(&line, "addr=") {
-                        let _ = addr_tx.send(addr);
-                    }
-                }
+                let addr = line
+                    .contains("listening")
+                    .then(|| field(&line, "addr="))
+                    .flatten();
+                // The line is in the log before `start` returns, so a test that reads the log
+                // right after the start finds the listening line in it.
                 lines.lock().unwrap().push(line);
+                if let Some(addr) = addr {
+                    let _ = addr_tx.send(addr);
+                }
             }
         });
         let addr = match addr_rx.recv_timeout(WAIT) {
