@@ -101,12 +101,13 @@ impl Server {
         // Keeps reading stderr for the server's whole life, so its logging never blocks.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let addr = line
-                    .contains("listening")
-                    .then(|| field(&line, "addr="))
-                    .flatten();
-                // The line is in the log before `start` returns, so a test that reads the log
-                // right after the start finds the listening line in it.
+                let addr = if line.contains("listening") {
+                    field(&line, "addr=")
+                } else {
+                    None
+                };
+                // The line is in the log before the test learns the address, so a test that
+                // reads the log once the server started finds the `listening` line in it.
                 lines.lock().unwrap().push(line);
                 if let Some(addr) = addr {
                     let _ = addr_tx.send(addr);
@@ -224,6 +225,7 @@ impl Server {
 
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with a pid we spawned and own; it touches no memory of ours.
+        #[allow(unsafe_code)]
         let rc = unsafe { libc::kill(self.pid(), signal) };
         assert_eq!(rc, 0, "kill");
     }
