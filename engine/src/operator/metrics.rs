@@ -294,6 +294,10 @@ pub fn render(scrape: &Scrape) -> String {
         "# HELP {name} 1 while the node drains after SIGTERM.\n# TYPE {name} gauge"
     );
     let _ = writeln!(out, "{name} {}", u8::from(scrape.draining));
+    if let Some(process) = super::process::ProcessFigures::read() {
+        process.render(&mut out);
+    }
+    super::process::render_build_info(&mut out);
     out
 }
 
