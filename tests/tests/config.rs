@@ -218,3 +218,44 @@ fn metrics_include_process_figures_and_build_info() {
     assert!(server.metric("process_resident_memory_bytes", "") > 1_000_000);
     assert!(server.metric("process_open_fds", "") >= 3);
 }
+
+#[test]
+fn the_log_of_a_closed_connection_names_its_peer_and_uid() {
+    use chinwag_protocol::client::{Client, Encoding};
+    use chinwag_protocol::token::{self, Claims};
+    use chinwag_protocol::{DeviceType, Uid, UidKind};
+    let secret = "config-test-secret-config-test-secret";
+    let server = Server::start(&[SECRET_ARG, "--log-level=debug"]);
+    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
+    let uid = Uid::new(UidKind::Buyer, 4711);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = token::mint(
+        secret.as_bytes(),
+        &Claims {
+            uid,
+            shop: None,
+            exp,
+        },
+    );
+    client.login(&token, DeviceType::Web).unwrap();
+    let local = client.websocket().get_ref().local_addr().unwrap();
+    client.close().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let log = server.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains(" closed") && l.contains("uid=buyer:4711"))
+        {
+            break line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no close line: {log}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(line.contains(&format!("peer={local}")), "{line}");
+    assert!(line.contains("peer_closed"), "{line}");
+}

@@ -527,9 +527,18 @@ impl Shard {
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
         m.closed(session.close_reason());
+        let peer = session
+            .peer_addr()
+            .map_or("unknown".to_string(), |a| a.to_string());
+        let uid = session
+            .app()
+            .logged_in()
+            .map_or("-".to_string(), |(uid, ..)| uid.to_string());
         tracing::debug!(
             shard = self.ctx.shard_id,
             slot = token.0,
+            %peer,
+            %uid,
             reason = session.close_reason().label(),
             "closed"
         );
