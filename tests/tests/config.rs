@@ -220,6 +220,38 @@ fn metrics_include_process_figures_and_build_info() {
 }
 
 #[test]
+fn metrics_count_requests_by_op_and_errors_by_code() {
+    use chinwag_protocol::client::{Client, ClientError, Encoding};
+    use chinwag_protocol::{ConvId, ErrorCode, History, HistoryRange, Message};
+    let server = Server::start(&[SECRET_ARG]);
+    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
+    for _ in 0..3 {
+        client.call(Message::Ping).unwrap();
+    }
+    // Before login: not_logged_in.
+    let refused = client.call(Message::History(History {
+        conv: ConvId(1),
+        range: HistoryRange::Newest,
+        limit: 10,
+    }));
+    assert!(
+        matches!(refused, Err(ClientError::Rejected(ref e)) if e.code == ErrorCode::NotLoggedIn),
+        "{refused:?}"
+    );
+    assert_eq!(server.metric("chinwag_requests_total", "op=\"ping\""), 3);
+    assert_eq!(server.metric("chinwag_requests_total", "op=\"history\""), 1);
+    assert_eq!(server.metric("chinwag_requests_total", "op=\"send\""), 0);
+    assert_eq!(
+        server.metric("chinwag_errors_total", "code=\"not_logged_in\""),
+        1
+    );
+    assert_eq!(
+        server.metric("chinwag_errors_total", "code=\"not_found\""),
+        0
+    );
+}
+
+#[test]
 fn the_log_of_a_closed_connection_names_its_peer_and_uid() {
     use chinwag_protocol::client::{Client, Encoding};
     use chinwag_protocol::token::{self, Claims};

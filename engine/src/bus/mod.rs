@@ -95,8 +95,9 @@ impl Origin {
     }
 }
 
-/// An `error` message.
+/// An `error` message (counted in `chinwag_errors_total`: every error reply is made here).
 pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
+    crate::operator::metrics::error_made(code);
     Message::Error(ErrorReply {
         code,
         message: text.into(),

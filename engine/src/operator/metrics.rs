@@ -8,7 +8,40 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use chinwag_protocol::{ErrorCode, Op};
+
 use crate::net::ws::connection::CloseReason;
+
+/// The ops a client sends, in the order of [`ShardMetrics::requests`].
+pub const REQUEST_OPS: [Op; 7] = [
+    Op::Login,
+    Op::Send,
+    Op::Read,
+    Op::Resolve,
+    Op::History,
+    Op::Convs,
+    Op::Ping,
+];
+
+/// `error` replies made, by code (index: the code's binary value − 1). Process-wide rather than
+/// per shard: errors are rare, and they are made in several places (the session's app layer,
+/// the conversation owners, the post office), all through [`crate::bus::error`].
+pub static ERRORS_BY_CODE: [AtomicU64; ErrorCode::ALL.len()] =
+    [const { AtomicU64::new(0) }; ErrorCode::ALL.len()];
+
+/// Counts one `error` reply with `code`.
+pub fn error_made(code: ErrorCode) {
+    ERRORS_BY_CODE[code as usize - 1].fetch_add(1, Relaxed);
+}
+
+impl ShardMetrics {
+    /// Counts one request decoded on `/ws`.
+    pub fn request(&self, op: Op) {
+        if let Some(i) = REQUEST_OPS.iter().position(|o| *o == op) {
+            add(&self.requests[i], 1);
+        }
+    }
+}
 
 /// Upper bounds of the loop-turn histogram buckets, in microseconds.
 pub const TURN_BUCKETS_US: [u64; 10] =
@@ -30,6 +63,8 @@ pub struct ShardMetrics {
     pub send_queue_bytes: AtomicU64,
     pub messages_rate_limited: AtomicU64,
     pub app_messages: AtomicU64,
+    /// Requests decoded on `/ws`, by op ([`REQUEST_OPS`] order).
+    pub requests: [AtomicU64; REQUEST_OPS.len()],
     pub mailbox_messages: AtomicU64,
     /// Messages for another shard dropped because its mailbox was full.
     pub mailbox_full_drops: AtomicU64,
@@ -178,6 +213,34 @@ pub fn render(scrape: &Scrape) -> String {
         "Messages refused for going over messages_per_s_max.",
         &|m| load(&m.messages_rate_limited),
     );
+    let name = "chinwag_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests decoded on /ws, by op.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for (k, op) in REQUEST_OPS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",op=\"{}\"}} {}",
+                op.name(),
+                load(&m.requests[k])
+            );
+        }
+    }
+    let name = "chinwag_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Error replies made, by code.\n# TYPE {name} counter"
+    );
+    for code in ErrorCode::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{code=\"{}\"}} {}",
+            code.as_str(),
+            ERRORS_BY_CODE[code as usize - 1].load(Relaxed)
+        );
+    }
     per_shard(
         &mut out,
         "chinwag_app_messages_total",
