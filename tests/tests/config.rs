@@ -291,3 +291,52 @@ fn the_log_of_a_closed_connection_names_its_peer_and_uid() {
     assert!(line.contains(&format!("peer={local}")), "{line}");
     assert!(line.contains("peer_closed"), "{line}");
 }
+
+#[test]
+fn metrics_give_the_send_to_send_ok_latency() {
+    use chinwag_protocol::client::{Client, Encoding};
+    use chinwag_protocol::token::{self, Claims};
+    use chinwag_protocol::{DeviceType, Message, Send, Target, Uid, UidKind};
+    let secret = "config-test-secret-config-test-secret";
+    let server = Server::start(&[SECRET_ARG]);
+    let mut client = Client::connect(&server.ws_url(), Encoding::Binary).unwrap();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let uid = Uid::new(UidKind::Buyer, 1);
+    let token = token::mint(
+        secret.as_bytes(),
+        &Claims {
+            uid,
+            shop: None,
+            exp,
+        },
+    );
+    client.login(&token, DeviceType::Web).unwrap();
+    for n in 0..5 {
+        client
+            .call(Message::Send(Send {
+                target: Target::User(Uid::new(UidKind::Buyer, 2)),
+                cmid: format!("m-{n}").into(),
+                kind: "text".into(),
+                body: "hi".into(),
+            }))
+            .unwrap();
+    }
+    // The shards copy their owners' figures into the metrics now and then: wait for it.
+    assert_eq!(
+        server.wait_metric("chinwag_send_ok_seconds_count", "", 5),
+        5
+    );
+    assert_eq!(
+        server.metric("chinwag_send_ok_seconds_bucket", "le=\"+Inf\""),
+        5
+    );
+    let (_, body) = server.get("/metrics");
+    assert!(
+        body.contains("# TYPE chinwag_send_ok_seconds histogram"),
+        "{body}"
+    );
+}

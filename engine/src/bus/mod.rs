@@ -75,6 +75,8 @@ pub struct Origin {
     pub encoding: Encoding,
     /// The request's `req`.
     pub req: Option<u64>,
+    /// When the session decoded the request (for the send → `send_ok` latency).
+    pub received: std::time::Instant,
 }
 
 impl Origin {

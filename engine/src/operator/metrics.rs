@@ -43,6 +43,11 @@ impl ShardMetrics {
     }
 }
 
+/// Upper bounds of the send → `send_ok` histogram buckets, in microseconds.
+pub const SEND_OK_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
+
 /// Upper bounds of the loop-turn histogram buckets, in microseconds.
 pub const TURN_BUCKETS_US: [u64; 10] =
     [10, 50, 100, 250, 500, 1_000, 5_000, 10_000, 50_000, 100_000];
@@ -84,6 +89,10 @@ pub struct ShardMetrics {
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
     pub turn_us_sum: AtomicU64,
+    /// send → `send_ok` latency, copied from the shard's owner: per [`SEND_OK_BUCKETS_US`]
+    /// bucket (not cumulative; the last for larger), and the sum in µs.
+    pub send_ok_buckets: [AtomicU64; SEND_OK_BUCKETS_US.len() + 1],
+    pub send_ok_us_sum: AtomicU64,
 }
 
 /// Adds `n` to a counter that only the calling shard writes.
@@ -348,6 +357,31 @@ pub fn render(scrape: &Scrape) -> String {
             out,
             "{name}_sum{{shard=\"{i}\"}} {}",
             load(&m.turn_us_sum) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
+    }
+    let name = "chinwag_send_ok_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From a send's decoding to its send_ok's release after the log commit (as \
+         conversation owner).\n# TYPE {name} histogram"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (b, bucket) in m.send_ok_buckets.iter().enumerate() {
+            cumulative += load(bucket);
+            let le = SEND_OK_BUCKETS_US
+                .get(b)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{i}\"}} {}",
+            load(&m.send_ok_us_sum) as f64 / 1e6
         );
         let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
     }

@@ -366,6 +366,7 @@ impl App {
             device,
             encoding,
             req,
+            received: std::time::Instant::now(),
         })
     }
 }

@@ -340,6 +340,10 @@ impl Shard {
             gauge.store(v, std::sync::atomic::Ordering::Relaxed)
         };
         set(&m.messages_stored, self.owner.messages_stored);
+        for (gauge, count) in m.send_ok_buckets.iter().zip(self.owner.send_ok_buckets) {
+            set(gauge, count);
+        }
+        set(&m.send_ok_us_sum, self.owner.send_ok_us_sum);
         set(&m.log_commit_failures, self.owner.commit_failures);
         set(&m.log_conversations, stats.conversations as u64);
         set(&m.log_devices, stats.devices as u64);
