@@ -98,7 +98,8 @@ settings! {
     "Log filter: error, warn, info, debug, trace, or a tracing directive"
     #[arg(value_name = "LEVEL")]
     log_level: String = "info".to_string(), "info";
-    "Largest WebSocket frame payload accepted; larger closes with 1009"
+    "Largest WebSocket frame payload accepted; larger closes with 1009. At most \
+     --message-bytes-max (the default follows a lower one)"
     #[arg(value_name = "BYTES")]
     frame_bytes_max: usize = 64 * 1024, "65536";
     "Largest WebSocket message (all fragments) accepted; larger closes with 1009"
@@ -179,6 +180,11 @@ impl Config {
         };
         for layer in precedence(flags, env) {
             config.apply(layer);
+        }
+        // The frame limit's default follows a lower message limit (a frame is a piece of a
+        // message); only a frame limit set above the message limit is refused.
+        if config.frame_bytes_max == Config::default().frame_bytes_max {
+            config.frame_bytes_max = config.frame_bytes_max.min(config.message_bytes_max);
         }
         config.validate()?;
         Ok(config)
@@ -522,6 +528,15 @@ mod tests {
             ..ServeArgs::default()
         });
         assert!(e.contains("at most message_bytes_max (65536)"), "{e}");
+        let lower = Config::load(
+            ServeArgs {
+                message_bytes_max: Some(16_384),
+                ..ServeArgs::default()
+            },
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(lower.frame_bytes_max, 16_384, "the default follows");
         let e = load(ServeArgs {
             shards: Some(300),
             ..ServeArgs::default()
