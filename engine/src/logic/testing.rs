@@ -81,6 +81,7 @@ impl Harness {
             encoding: Encoding::Json,
             req: Some(1),
             service: false,
+            received: std::time::Instant::now(),
         }
     }
 

@@ -194,6 +194,7 @@ impl ServiceConn {
         };
         let shards = ctx.shards();
         let me = self.session_ref(ctx.shard_id as u32);
+        let received = std::time::Instant::now();
         let origin = |uid: Uid| Origin {
             session: me,
             uid,
@@ -201,6 +202,7 @@ impl ServiceConn {
             encoding: Encoding::Binary,
             req,
             service: true,
+            received,
         };
         match frame.message {
             Message::Ping => self.reply(req, Message::Pong, ctx),
