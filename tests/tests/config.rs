@@ -96,6 +96,9 @@ fn serve_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     if !args.iter().any(|a| a.starts_with("--listen")) {
         command.arg("--listen=127.0.0.1:0");
     }
+    if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+        command.arg("--backend-listen=127.0.0.1:0");
+    }
     command.args(args);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {
         command.env_remove(key);
