@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 
+use super::web;
+
 /// The longest request head the gateway reads; a longer one gets 431.
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Headers parsed per request; a request with more is refused like an overlong head.
@@ -19,6 +21,10 @@ pub enum Route {
     },
     Healthz,
     Metrics,
+    /// A file of the web chat.
+    Asset(&'static web::Asset),
+    /// `/dev/token`, answered only with `--web-dev-tokens`.
+    DevToken(web::TokenRequest),
     /// A plain HTTP answer chosen while parsing (404, 400, 405, 426).
     Respond(Bytes),
 }
@@ -80,7 +86,10 @@ fn route(request: &httparse::Request, enable_echo: bool) -> Route {
         return Route::Respond(bad_request());
     };
     // The query string plays no part in routing.
-    let path = path.split('?').next().unwrap_or(path);
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    if let Some(route) = web::route(request, path, query) {
+        return route;
+    }
     let endpoint = match path {
         "/ws" => Endpoint::App,
         "/echo" if enable_echo => Endpoint::Echo,

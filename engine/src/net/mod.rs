@@ -4,3 +4,4 @@
 pub mod frame;
 pub mod http;
 pub mod listener;
+pub mod web;

@@ -52,6 +52,11 @@ pub struct ServeArgs {
     /// Serve GET /echo, a WebSocket that echoes every message [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub enable_echo: Option<bool>,
+    /// Serve GET /dev/token?uid=KIND:ID[&shop=ID], which mints a login token for anyone, so the
+    /// web chat can be tried without a backend; refused unless --listen is a loopback address
+    /// [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub web_dev_tokens: Option<bool>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -110,6 +115,7 @@ pub struct Config {
     pub shards: usize,
     pub fsync: Fsync,
     pub enable_echo: bool,
+    pub web_dev_tokens: bool,
     pub log_level: String,
     pub frame_bytes_max: usize,
     pub message_bytes_max: usize,
@@ -136,6 +142,7 @@ impl Default for Config {
             shards: 0,
             fsync: Fsync::Never,
             enable_echo: false,
+            web_dev_tokens: false,
             log_level: "info".to_string(),
             frame_bytes_max: 64 * 1024,
             message_bytes_max: 64 * 1024,
@@ -187,6 +194,7 @@ impl Config {
             shards,
             fsync,
             enable_echo,
+            web_dev_tokens,
             log_level,
             frame_bytes_max,
             message_bytes_max,
@@ -235,6 +243,14 @@ impl Config {
             return Err(
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
+        }
+        // Anyone who can reach /dev/token can act as any user: only this machine may.
+        if self.web_dev_tokens && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "web_dev_tokens mints tokens for anyone, so it needs a loopback listen address \
+                 (127.0.0.1 or ::1), not {}",
+                self.listen
+            ));
         }
         // Tokens share the slab's key space with the listener and waker tokens.
         if self.connections_per_shard_max > u32::MAX as usize {
@@ -347,6 +363,18 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(Config::load(small_queue, env(&[])).is_err());
+        let dev_tokens = |listen: &str| {
+            let flags = ServeArgs {
+                web_dev_tokens: Some(true),
+                ..ServeArgs::default()
+            };
+            Config::load(flags, env(&[("CHINWAG_LISTEN", listen)]))
+        };
+        assert!(dev_tokens("127.0.0.1:7000").is_ok());
+        assert!(dev_tokens("[::1]:7000").is_ok());
+        let refused = dev_tokens("0.0.0.0:7000").unwrap_err();
+        assert!(refused.contains("loopback"), "{refused}");
+        assert!(dev_tokens("192.168.1.2:7000").is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();

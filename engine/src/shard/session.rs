@@ -19,6 +19,7 @@ use super::outbox::{self, Outbox};
 use super::Context;
 use crate::net::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
 use crate::net::http::{self, Endpoint, Parsed, Route};
+use crate::net::web;
 use crate::ops::metrics::{self, CloseReason};
 
 mod protocol;
@@ -324,6 +325,13 @@ impl Session {
                 "200 OK",
                 "text/plain; version=0.0.4",
                 ctx.render_metrics().as_bytes(),
+            ),
+            Route::Asset(asset) => web::serve(asset),
+            Route::DevToken(request) => web::dev_token(
+                &request,
+                ctx.node.config.web_dev_tokens,
+                &ctx.node.jwt_secret,
+                ctx.unix_ms / 1000,
             ),
             Route::Respond(answer) => answer,
         };
