@@ -88,10 +88,15 @@ export class Gateway {
     return this.exited;
   }
 
+  /** Starts a stopped gateway again on the same port and data directory. */
+  async startAgain() {
+    await this._spawn(this.port);
+  }
+
   /** Stops and starts again on the same port and data directory. */
   async restart(signal = 'SIGTERM') {
     await this.stop(signal);
-    await this._spawn(this.port);
+    await this.startAgain();
   }
 
   async close() {
