@@ -165,16 +165,14 @@ export interface ClientOptions {
   onlineTarget?: EventTarget | null;
 }
 
-export interface SendParams {
-  conv?: Id;
-  shop?: Id;
-  user?: Uid;
+/** What to send and where: exactly one of `conv`, `shop`, `user`. */
+export type SendParams = SendTarget & {
   /** Default `text`. */
   kind?: string;
   body: string;
   /** Default: a fresh id. Reuse one to retry a send the client gave up on. */
   cmid?: string;
-}
+};
 
 export declare const DEFAULTS: Readonly<Required<Omit<ClientOptions, 'urls' | 'token' | 'getToken' | 'WebSocket' | 'random' | 'onlineTarget'>>>;
 export declare const CLOSE_KICKED: 4001;

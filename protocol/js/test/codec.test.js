@@ -111,3 +111,46 @@ test('encoding refuses what the contract does not allow', () => {
   assert.throws(() => binary.encode({ op: 'login', token: 't', device: 'fax' }), CodecError);
   assert.throws(() => binary.encode({ op: 'nope' }), CodecError);
 });
+
+test('no input makes the decoders throw anything but a CodecError', () => {
+  // A fixed-seed generator (mulberry32), so a failure is reproducible.
+  let seed = 7;
+  const random = () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const valid = [
+    { op: 'convs_ok', req: 3, convs: [{ conv: '7', type: 'shop', shop: '42', members: ['buyer:1', 'agent:7'], last_seq: 2, read_seq: 1, unread: 1, last: { conv: '7', seq: 2, from: 'agent:7', ts: 5, kind: 'text', body: 'hé', cmid: 'c' } }] },
+    { op: 'history_ok', req: 4, conv: '7', msgs: [{ conv: '7', seq: 1, from: 'buyer:1', ts: 5, kind: 'text', body: 'x', cmid: 'c' }] },
+    { op: 'login_ok', req: 1, uid: 'agent:7', device_id: '288230376151711744', node_id: '1', ts: 1 },
+    { op: 'send', req: 2, user: 'buyer:9', cmid: 'c', kind: 'text', body: 'hello' },
+  ].map((f) => binary.encode(f));
+  let decoded = 0;
+  for (let round = 0; round < 5000; round++) {
+    const base = valid[round % valid.length];
+    const bytes = Uint8Array.from(base);
+    // Flip a few bytes, or cut the frame short, or both.
+    for (let i = 0, n = 1 + Math.floor(random() * 4); i < n; i++) bytes[Math.floor(random() * bytes.length)] = Math.floor(random() * 256);
+    const input = random() < 0.3 ? bytes.slice(0, Math.floor(random() * bytes.length)) : bytes;
+    try {
+      binary.decode(input);
+      decoded++;
+    } catch (e) {
+      assert.ok(e instanceof CodecError, `round ${round}: ${e}`);
+    }
+    try {
+      binary.decode(input, () => {});
+    } catch (e) {
+      assert.fail(`round ${round}: decode with onError threw ${e}`);
+    }
+    const text = new TextDecoder().decode(input);
+    try {
+      json.decode(text);
+    } catch (e) {
+      assert.ok(e instanceof CodecError, `round ${round}: ${e}`);
+    }
+  }
+  assert.ok(decoded > 0, 'some mutations still decode (the test reaches the bodies)');
+});
