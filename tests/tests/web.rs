@@ -39,11 +39,23 @@ fn pages_and_library_are_served() {
 fn dev_tokens_log_in_when_enabled() {
     let server = Server::start(&["--web-dev-tokens"]);
     let host = server.addr.to_string();
-    assert_eq!(get_with_host(&server, "/dev/token?uid=buyer:1", "shop.example").0, 403);
-    assert_eq!(get_with_host(&server, "/dev/token?uid=agent:7", &host).0, 400);
+    assert_eq!(
+        get_with_host(&server, "/dev/token?uid=buyer:1", "shop.example").0,
+        403
+    );
+    assert_eq!(
+        get_with_host(&server, "/dev/token?uid=agent:7", &host).0,
+        400
+    );
     let (status, body) = get_with_host(&server, "/dev/token?uid=agent%3A7&shop=42", &host);
     assert_eq!(status, 200, "{body}");
-    let token = body.split("\"token\":\"").nth(1).unwrap().split('"').next().unwrap();
+    let token = body
+        .split("\"token\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
     let mut ws = server.ws("/ws");
     ws.send(Message::text(format!(
         r#"{{"op":"login","req":1,"token":"{token}","device":"web"}}"#
