@@ -121,10 +121,28 @@ test('a buyer and an agent chat; unread badges and read receipts update', async 
   await say(buyer, 'Yes please, thank you!');
   await waitFor(agent, () => document.querySelectorAll('.msg[data-seq]').length === 4);
 
+  // A buyer scrolled up does not see a new reply: it is counted in the badge (and the title)
+  // until the buyer scrolls down to it, which reads it and ticks it on the agent's side.
+  await buyer.setViewport({ width: 1100, height: 260 });
+  await buyer.evaluate(() => {
+    document.querySelector('#scroller').scrollTop = 0;
+  });
+  await say(agent, 'Done: it is reserved under your name.');
+  await waitFor(buyer, () => document.querySelector('#unread').textContent === '1' && !document.querySelector('#unread').hidden);
+  assert.match(await buyer.title(), /^\(1\) /);
+  assert.equal(await agent.$eval('.msg.mine:last-child .tick', (t) => t.dataset.state), 'sent');
+  await buyer.evaluate(() => {
+    const scroller = document.querySelector('#scroller');
+    scroller.scrollTop = scroller.scrollHeight;
+  });
+  await waitFor(buyer, () => document.querySelector('#unread').hidden);
+  await waitFor(agent, () => document.querySelector('.msg.mine:last-child .tick').dataset.state === 'read');
+  await buyer.setViewport({ width: 1100, height: 700 });
+
   assert.deepEqual(await shown(buyer), await shown(agent));
   assert.deepEqual(
     (await shown(buyer)).map(([seq]) => seq),
-    [1, 2, 3, 4],
+    [1, 2, 3, 4, 5],
   );
 
   // Another buyer writes: the conversation is assigned to the agent, appears live at the top of
@@ -170,7 +188,7 @@ test('the gateway restarts mid-conversation; both pages recover every message on
   }
 
   const stored = (await phone.history(conv, { after: 0 })).msgs.map((m) => [m.seq, m.body]);
-  assert.equal(stored.length, 9);
+  assert.equal(stored.length, 10);
   for (const page of [buyer, agent]) {
     await waitFor(page, () => document.querySelector('#status').dataset.state === 'connected');
     await waitFor(page, (n) => document.querySelectorAll('.msg[data-seq]').length >= n && !document.querySelector('.msg.sending'), stored.length);
@@ -186,14 +204,30 @@ test('the gateway restarts mid-conversation; both pages recover every message on
   assert.deepEqual([buyer.errors, agent.errors], [[], []]);
 });
 
-test('a second tab of the same device kicks the first, which says so and stays off', async () => {
+test('a second tab of the same device kicks the first; it loads history as one scrolls up', async () => {
   assert.ok(buyer, 'the chat test ran first');
+  // More messages than one page (30) of the view, so that the new tab has older ones to load.
+  const phone = new Client({ urls: [gateway.wsUrl], token: token(BUYER), device: 'ios', onlineTarget: null });
+  phone.connect();
+  for (let i = 1; i <= 30; i++) await phone.send({ conv, body: `(from my phone) note ${i}` });
+  const stored = (await phone.history(conv, { after: 0, limit: 200 })).msgs.map((m) => [m.seq, m.body]);
+  phone.disconnect();
+  assert.equal(stored.length, 40);
+  await waitFor(buyer, () => document.querySelectorAll('.msg[data-seq]').length === 40);
+
   const second = await open(buyerContext, `/buyer?uid=${BUYER}&shop=${SHOP}`);
   await waitFor(second, () => document.querySelector('#status').dataset.state === 'connected');
   await waitFor(buyer, () => document.querySelector('#status').dataset.state === 'kicked');
   assert.match(await buyer.$eval('#status', (s) => s.textContent), /another tab/);
-  // The second tab shows the whole conversation too.
-  await waitFor(second, () => document.querySelectorAll('.msg[data-seq]').length === 9);
+  // The second tab shows the newest page, then the older messages once scrolled to the top.
+  await waitFor(second, () => document.querySelectorAll('.msg[data-seq]').length === 30);
+  assert.deepEqual(await shown(second), stored.slice(10));
+  await second.evaluate(() => {
+    document.querySelector('#scroller').scrollTop = 0;
+  });
+  await waitFor(second, () => document.querySelectorAll('.msg[data-seq]').length === 40);
+  assert.deepEqual(await shown(second), stored);
+  await waitFor(second, () => document.querySelector('#older').hidden);
   await buyer.bringToFront();
   await buyer.screenshot({ path: join(SHOTS, 'buyer-kicked.png') });
   // The kicked tab does not come back and kick the other in turn.
