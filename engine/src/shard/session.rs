@@ -310,6 +310,9 @@ impl Session {
 
     /// Answers an HTTP request. Returns `true` if the connection is now a WebSocket.
     fn on_request(&mut self, route: Route, ctx: &mut Context) -> bool {
+        // Only the parser's own answers can say the request was malformed (a 400 from
+        // /dev/token is about a well-formed request's query).
+        let from_parser = matches!(route, Route::Respond(_));
         let answer = match route {
             Route::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
@@ -335,7 +338,8 @@ impl Session {
             ),
             Route::Respond(answer) => answer,
         };
-        let malformed = answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431");
+        let malformed = from_parser
+            && (answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431"));
         self.queue(answer, ctx);
         self.phase = Phase::Closing(Closing::Linger);
         self.timer_ms = ctx.now_ms;

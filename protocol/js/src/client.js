@@ -266,6 +266,7 @@ export class Client {
 
   /** Why a new call cannot be taken: a final close, a full queue or a bad frame. */
   _refuse(frame) {
+    if (frame.op === 'login') return new ChinwagError('bad_request', 'the client logs in by itself');
     if (this._stopped) return new ChinwagError(this._stopped.reason, `the connection was closed (${this._stopped.reason})`);
     if (this._waiting.length + this._sends.size >= this._o.pendingMax) {
       return new ChinwagError('queue_full', `more than ${this._o.pendingMax} calls are waiting`);
