@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import puppeteer from 'puppeteer-core';
 
 import { Client } from '../../protocol/js/src/index.js';
-import { Gateway, ROOT, token } from '../../protocol/js/test/gateway.js';
+import { Gateway, ROOT, token, until } from '../../protocol/js/test/gateway.js';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const SHOTS = join(ROOT, 'target', 'web');
@@ -91,7 +91,7 @@ async function say(page, text) {
   await page.keyboard.press('Enter');
 }
 
-test('a buyer and an agent chat; unread badges and read receipts update', async () => {
+test('a buyer and an agent chat; unread badges and read receipts update; the agent resolves', async () => {
   buyerContext = await browser.createBrowserContext();
   const agentContext = await browser.createBrowserContext();
   // The agent speaks the binary codec, the buyer JSON: both encodings work in a browser.
@@ -159,9 +159,23 @@ test('a buyer and an agent chat; unread badges and read receipts update', async 
       ['Buyer 1001', ''],
     ],
   );
-  other.disconnect();
   await buyer.screenshot({ path: join(SHOTS, 'buyer.png') });
   await agent.screenshot({ path: join(SHOTS, 'agent.png') });
+
+  // The agent answers the other buyer and resolves: the conversation leaves the list, the
+  // buyer is told (members), and the first conversation is open again.
+  const otherMembers = [];
+  other.on('members', (m) => otherMembers.push(m.members));
+  await agent.click('.conv[data-conv]:not([aria-current])');
+  await waitFor(agent, () => document.querySelectorAll('.msg[data-seq]').length === 1 && document.querySelector('#total-unread').hidden);
+  await say(agent, 'Yes, we ship everywhere in France.');
+  await waitFor(agent, () => document.querySelector('.msg.mine .tick')?.dataset.state === 'sent');
+  await agent.click('#resolve');
+  await waitFor(agent, () => document.querySelectorAll('.conv').length === 1);
+  await until(() => otherMembers.some((members) => !members.includes(AGENT)), 'the members push of the resolve');
+  await agent.click('.conv');
+  await waitFor(agent, () => document.querySelectorAll('.msg[data-seq]').length === 5);
+  other.disconnect();
   assert.deepEqual([buyer.errors, agent.errors], [[], []]);
 });
 
