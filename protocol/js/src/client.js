@@ -343,7 +343,8 @@ export class Client {
     this._setState('connected');
     this._pingTimer = setInterval(() => this._heartbeat(), this._o.pingIntervalMs);
     this._emit('login', frame);
-    // Recovery first: its history requests go out before anything else of this connection.
+    // Recovery before the calls that waited and the sends to resend; pushes that arrive
+    // meanwhile wait behind it (see _fill).
     for (const conv of this._convs.keys()) this._fill(conv, true);
     const waiting = this._waiting;
     this._waiting = [];
