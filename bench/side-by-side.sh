@@ -18,7 +18,7 @@ bin=${CARGO_TARGET_DIR:-$repo/target}/release
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
-secret=side-by-side
+secret=side-by-side-benchmark-secret-0123456789
 lg() { taskset -c 1 "$bin/chinwag-loadgen" "$@"; }
 
 start() { # name port cmd... ; sets $pid

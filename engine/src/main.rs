@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use chinwag_protocol::{token, ShopId, Uid, UidKind};
 use clap::{Parser, Subcommand};
 
+use chinwag_engine::data_dir::DataDir;
 use chinwag_engine::node;
 use chinwag_engine::ops::config::{Config, ServeArgs};
 use chinwag_engine::ops::secret;
@@ -30,10 +31,18 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("key").required(true).args(["secret", "secret_file", "data_dir"]))]
 struct TokenArgs {
-    /// The gateway's secret (`--jwt-secret`, or the `jwt-secret` file in its data directory).
-    #[arg(long, env = "CHINWAG_JWT_SECRET")]
-    secret: String,
+    /// The gateway's secret (its `--jwt-secret`). Visible to other local users on the command
+    /// line: prefer --secret-file, --data-dir or CHINWAG_JWT_SECRET.
+    #[arg(long, env = "CHINWAG_JWT_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// A file holding the gateway's secret (its `--jwt-secret-file`).
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<std::path::PathBuf>,
+    /// The gateway's data directory: reads the secret it generated there (without locking it).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
     /// The user, as KIND:ID (kind: buyer, wechat, agent, service).
     #[arg(long)]
     uid: Uid,
@@ -57,6 +66,19 @@ fn mint_token(args: TokenArgs) -> ExitCode {
         eprintln!("chinwag: an agent's token needs --shop");
         return ExitCode::from(2);
     }
+    let key = match (&args.secret, &args.secret_file, &args.data_dir) {
+        (Some(secret), _, _) => secret::check(secret, "--secret").map(|()| secret.clone()),
+        (None, Some(file), _) => secret::read_file(file),
+        (None, None, Some(dir)) => secret::read_stored(dir),
+        (None, None, None) => Err("give --secret, --secret-file or --data-dir".into()),
+    };
+    let key = match key {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("chinwag: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -65,12 +87,12 @@ fn mint_token(args: TokenArgs) -> ExitCode {
         shop: args.shop.map(ShopId),
         exp: now_s.saturating_add(args.ttl),
     };
-    println!("{}", token::mint(args.secret.as_bytes(), &claims));
+    println!("{}", token::mint(key.as_bytes(), &claims));
     ExitCode::SUCCESS
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::load(args, std::env::vars()) {
+    let mut config = match Config::load(args, std::env::vars()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("chinwag: {e}");
@@ -89,19 +111,46 @@ fn serve(args: ServeArgs) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    // Resolved now so a bad data directory fails at start, not at the first login.
-    if let Err(e) = secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir) {
-        tracing::error!(data_dir = %config.data_dir.display(), error = %e, "cannot set up the JWT secret");
-        return ExitCode::FAILURE;
-    }
-    match node::serve(config) {
+    // Taken before anything in the directory is read or written, held until the process ends.
+    let data_dir = match DataDir::open(&config.data_dir) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let jwt_secret = match secret::jwt_secret(
+        config.jwt_secret.as_deref(),
+        config.jwt_secret_file.as_deref(),
+        data_dir.path(),
+    ) {
+        Ok(secret) => secret,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    config.shards = match data_dir.shard_count(config.shards) {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match node::serve(config, data_dir, jwt_secret.into_bytes()) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
         Err(e) => {
             tracing::error!(error = %e, "serve failed");
-            ExitCode::FAILURE
+            // A port held by another node or program is the operator's to fix, like a bad
+            // setting.
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -15,6 +16,7 @@ use mio::{Poll, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::data_dir::DataDir;
 use crate::net::listener;
 use crate::ops::config::{Config, Fsync};
 use crate::ops::metrics::{self, ShardMetrics};
@@ -35,6 +37,10 @@ pub struct Node {
     pub metrics: Box<[ShardMetrics]>,
     pub mailboxes: Box<[Mailbox]>,
     draining: AtomicBool,
+    /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
+    /// (answering probes with 503) until every shard is done, because closing one listener of
+    /// the `SO_REUSEPORT` group resets the connections the kernel queued on it.
+    shards_drained: Box<[AtomicBool]>,
 }
 
 impl Node {
@@ -52,6 +58,7 @@ impl Node {
             jwt_secret,
             node_id,
             metrics: mailboxes.iter().map(|_| ShardMetrics::default()).collect(),
+            shards_drained: mailboxes.iter().map(|_| AtomicBool::new(false)).collect(),
             mailboxes: mailboxes.into_boxed_slice(),
             draining: AtomicBool::new(false),
         }
@@ -69,6 +76,23 @@ impl Node {
         }
     }
 
+    /// Records that shard `id` has drained its connections (or stopped).
+    pub fn shard_drained(&self, id: usize) {
+        if let Some(done) = self.shards_drained.get(id) {
+            done.store(true, Ordering::Release);
+        }
+        for mailbox in self.mailboxes.iter() {
+            mailbox.wake();
+        }
+    }
+
+    /// Whether every shard has drained its connections: the shards may exit.
+    pub fn all_drained(&self) -> bool {
+        self.shards_drained
+            .iter()
+            .all(|done| done.load(Ordering::Acquire))
+    }
+
     pub fn render_metrics(&self) -> String {
         let shards: Vec<&ShardMetrics> = self.metrics.iter().collect();
         let depths: Vec<usize> = self.mailboxes.iter().map(Mailbox::len).collect();
@@ -80,19 +104,14 @@ impl Node {
     }
 }
 
-/// Runs a node until SIGTERM or SIGINT has drained it. The bound address (useful with port 0)
-/// is logged as `listening addr=...`.
-pub fn serve(mut config: Config) -> io::Result<()> {
-    let shard_count = config.shard_count();
-    // The first bind resolves port 0; the other shards bind the port it got.
-    let first = listener::bind(config.listen)?;
-    let addr = first.local_addr()?;
+/// Runs a node on the locked `data_dir` until SIGTERM or SIGINT has drained it. `config.shards`
+/// is the resolved count (not 0). The bound address (useful with port 0) is logged as
+/// `listening addr=...`. A port taken by another node or program fails with `AddrInUse`.
+pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::Result<()> {
+    let shard_count = config.shards.max(1);
+    let (listeners, addr, _port_claim) = listener::bind_shards(config.listen, shard_count)?;
     // The node id carries the port actually bound (the configured one may be 0).
     config.listen = addr;
-    let mut listeners = vec![first];
-    for _ in 1..shard_count {
-        listeners.push(listener::bind(addr)?);
-    }
     let mut polls = Vec::with_capacity(shard_count);
     let mut mailboxes = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -103,10 +122,8 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         ));
         polls.push(poll);
     }
-    let jwt_secret =
-        crate::ops::secret::jwt_secret(config.jwt_secret.as_deref(), &config.data_dir)?;
-    let owners = open_owners(&config, shard_count)?;
-    let node = Arc::new(Node::new(config, jwt_secret.into_bytes(), mailboxes));
+    let owners = open_owners(&config, data_dir.path(), shard_count)?;
+    let node = Arc::new(Node::new(config, jwt_secret, mailboxes));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let signal_node = Arc::clone(&node);
@@ -123,9 +140,13 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     for (id, ((poll, listener), owner)) in polls.into_iter().zip(listeners).zip(owners).enumerate()
     {
         let shard = Shard::new(id, Arc::clone(&node), poll, listener, owner)?;
+        let stopped = StoppedShard(Arc::clone(&node), id);
         let handle = thread::Builder::new()
             .name(format!("chinwag-shard-{id}"))
-            .spawn(move || shard.run())?;
+            .spawn(move || {
+                let _stopped = stopped;
+                shard.run()
+            })?;
         shards.push(handle);
     }
     tracing::info!(%addr, shards = shard_count, echo = node.config.enable_echo, "listening");
@@ -146,39 +167,27 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     result
 }
 
-/// The file in the data directory that records how many shards the logs were written by.
-const SHARDS_FILE: &str = "shards";
+/// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards
+/// must not wait for its drain.
+struct StoppedShard(Arc<Node>, usize);
+
+impl Drop for StoppedShard {
+    fn drop(&mut self) {
+        self.0.drain();
+        self.0.shard_drained(self.1);
+    }
+}
 
 /// Opens (recovering) every shard's log under the data directory and builds its owner.
 ///
-/// Conversation ids and owners are tied to the shard count, so a data directory keeps the count
-/// it was created with: starting with another one is refused with a clear error.
-fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
+/// Conversation ids and owners are tied to the shard count, which [`DataDir::shard_count`]
+/// keeps to the one the directory was created with.
+fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Owner>> {
     if shards > crate::route::SHARDS_MAX {
         return Err(io::Error::other(format!(
             "at most {} shards are supported",
             crate::route::SHARDS_MAX
         )));
-    }
-    let dir = &config.data_dir;
-    std::fs::create_dir_all(dir)?;
-    let pinned = dir.join(SHARDS_FILE);
-    match std::fs::read_to_string(&pinned) {
-        Ok(text) => {
-            let was: usize = text.trim().parse().map_err(|_| {
-                io::Error::other(format!("{} is not a shard count", pinned.display()))
-            })?;
-            if was != shards {
-                return Err(io::Error::other(format!(
-                    "the data directory {} was written by {was} shards; start with --shards {was}",
-                    dir.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::write(&pinned, format!("{shards}\n"))?;
-        }
-        Err(e) => return Err(e),
     }
     let fsync = match config.fsync {
         Fsync::Never => FsyncPolicy::Never,
@@ -197,6 +206,7 @@ fn open_owners(config: &Config, shards: usize) -> io::Result<Vec<Owner>> {
             (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
         store_config.skip_corrupt = config.skip_corrupt_records;
         store_config.body_bytes_max = config.message_bytes_max;
+        store_config.cmid_window_entries_max = config.cmid_window_entries_max;
         let (store, report) = Store::open(store_config)
             .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
         for (pos, len) in &report.skipped {

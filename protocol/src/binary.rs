@@ -330,6 +330,7 @@ fn decode_body(header: Header, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let fail = |kind| DecodeError::new(req, kind);
     let op = Op::from_code(header.op)
         .ok_or_else(|| fail(DecodeErrorKind::UnknownOp(format!("0x{:02x}", header.op))))?;
+    let fail = |kind| fail(kind).with_op(Some(op));
     let mut r = Reader { bytes: body };
     let message = read_message(op, &mut r).map_err(fail)?;
     if !r.bytes.is_empty() {

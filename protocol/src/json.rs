@@ -146,6 +146,13 @@ struct RawReq {
     req: Option<u64>,
 }
 
+/// Just the `op`, to tell a failed login when the rest of a frame does not decode.
+#[derive(Deserialize)]
+struct RawOp {
+    #[serde(default)]
+    op: Option<String>,
+}
+
 /// Decodes one JSON object.
 pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
     let raw: RawFrame<'_> = match serde_json::from_str(text) {
@@ -154,14 +161,15 @@ pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
             let req = serde_json::from_str::<RawReq>(text)
                 .ok()
                 .and_then(|r| r.req);
-            return Err(DecodeError::new(
-                req,
-                DecodeErrorKind::BadJson(e.to_string()),
-            ));
+            let op = serde_json::from_str::<RawOp>(text)
+                .ok()
+                .and_then(|r| Op::from_name(r.op.as_deref()?));
+            return Err(DecodeError::new(req, DecodeErrorKind::BadJson(e.to_string())).with_op(op));
         }
     };
     let req = raw.req;
-    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind))?;
+    let op = raw.op.as_ref().and_then(|name| Op::from_name(&name.0));
+    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind).with_op(op))?;
     Ok(Frame { req, message })
 }
 
@@ -647,6 +655,22 @@ impl JsonId for Uid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_that_does_not_decode_names_its_op() {
+        let long = "t".repeat(crate::limits::TOKEN_LEN_MAX + 1);
+        for text in [
+            format!(r#"{{"op":"login","token":"{long}","device":"web"}}"#),
+            r#"{"op":"login","req":2,"token":7,"device":"web"}"#.to_string(),
+        ] {
+            assert_eq!(decode(&text).unwrap_err().op, Some(Op::Login), "{text}");
+        }
+        assert_eq!(
+            decode(r#"{"op":"send","cmid":7}"#).unwrap_err().op,
+            Some(Op::Send)
+        );
+        assert_eq!(decode("[1]").unwrap_err().op, None);
+    }
     use crate::ids::{DeviceType, UidKind};
     use proptest::prelude::*;
 

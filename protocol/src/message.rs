@@ -580,6 +580,9 @@ impl fmt::Display for ErrorCode {
 pub struct DecodeError {
     /// The `req` of the offending frame, when it could be read, so an `error` reply can echo it.
     pub req: Option<u64>,
+    /// The op of the offending frame, when it could be read: a `login` that does not decode is
+    /// a failed login (`unauthorized`), not a bad request.
+    pub op: Option<Op>,
     /// What was wrong.
     pub kind: DecodeErrorKind,
 }
@@ -614,7 +617,15 @@ pub enum DecodeErrorKind {
 
 impl DecodeError {
     pub(crate) fn new(req: Option<u64>, kind: DecodeErrorKind) -> DecodeError {
-        DecodeError { req, kind }
+        DecodeError {
+            req,
+            op: None,
+            kind,
+        }
+    }
+
+    pub(crate) fn with_op(self, op: Option<Op>) -> DecodeError {
+        DecodeError { op, ..self }
     }
 
     /// The contract's error code for this failure (`bad_request`, or `too_large`).

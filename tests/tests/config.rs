@@ -16,6 +16,7 @@ fn help_lists_every_setting() {
         "--listen",
         "--data-dir",
         "--jwt-secret",
+        "--jwt-secret-file",
         "--shards",
         "--fsync",
         "--enable-echo",
@@ -28,6 +29,7 @@ fn help_lists_every_setting() {
         "--handshake-timeout-ms",
         "--idle-timeout-ms",
         "--close-timeout-ms",
+        "--cmid-window-entries-max",
         "CHINWAG_",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");

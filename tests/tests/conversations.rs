@@ -11,7 +11,7 @@ use chinwag_protocol::{
 };
 use chinwag_tests::Server;
 
-const SECRET: &str = "e2e-secret";
+const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 const SHORT: Duration = Duration::from_millis(300);
 const LONG: Duration = Duration::from_secs(5);
 

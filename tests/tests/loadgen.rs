@@ -18,7 +18,7 @@ use chinwag_tests::Server;
 use serde_json::Value;
 use tungstenite::Message as WsMessage;
 
-const SECRET: &str = "loadgen-secret";
+const SECRET: &str = "loadgen-secret-loadgen-secret-loadgen";
 
 /// The `chinwag-loadgen` binary, built once per test process with this test's profile (see
 /// `chinwag_tests::binary` for why a dependency is not enough).

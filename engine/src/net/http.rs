@@ -19,7 +19,10 @@ pub enum Route {
         endpoint: Endpoint,
         key: String,
     },
-    Healthz,
+    /// `GET` or (`head`) `HEAD /healthz`.
+    Healthz {
+        head: bool,
+    },
     Metrics,
     /// A file of the web chat.
     Asset(&'static web::Asset),
@@ -93,8 +96,10 @@ fn route(request: &httparse::Request, enable_echo: bool) -> Route {
     let endpoint = match path {
         "/ws" => Endpoint::App,
         "/echo" if enable_echo => Endpoint::Echo,
+        // Load balancers probe with HEAD as often as with GET.
+        "/healthz" if method == "HEAD" => return Route::Healthz { head: true },
         "/healthz" | "/metrics" if method != "GET" => return Route::Respond(not_allowed()),
-        "/healthz" => return Route::Healthz,
+        "/healthz" => return Route::Healthz { head: false },
         "/metrics" => return Route::Metrics,
         _ => return Route::Respond(not_found()),
     };
@@ -147,6 +152,21 @@ pub fn response(status: &str, content_type: &str, body: &[u8]) -> Bytes {
     .into_bytes();
     out.extend_from_slice(body);
     Bytes::from(out)
+}
+
+/// The answer to a `HEAD` request: `answer`'s head, without its body (its `Content-Length`
+/// stays, as RFC 9110 §9.3.2 allows).
+pub fn head_only(answer: Bytes) -> Bytes {
+    let head_len = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |at| at + 4);
+    answer.slice(..head_len)
+}
+
+/// `503`: the node is draining (after SIGTERM) and takes no new WebSocket.
+pub fn draining() -> Bytes {
+    response("503 Service Unavailable", "text/plain", b"draining\n")
 }
 
 pub fn not_found() -> Bytes {
@@ -215,6 +235,17 @@ mod tests {
     }
 
     #[test]
+    fn head_of_healthz_answers_without_a_body() {
+        assert_eq!(
+            route_of("HEAD /healthz HTTP/1.1\r\n\r\n", false),
+            Route::Healthz { head: true }
+        );
+        let answer = head_only(draining());
+        assert!(answer.starts_with(b"HTTP/1.1 503"));
+        assert!(answer.ends_with(b"Content-Length: 9\r\nConnection: close\r\n\r\n"));
+    }
+
+    #[test]
     fn routes_upgrades_and_plain_requests() {
         assert_eq!(
             route_of(UPGRADE, false),
@@ -234,7 +265,7 @@ mod tests {
         assert_eq!(status(route_of(&echo, false)), "HTTP/1.1 404");
         assert_eq!(
             route_of("GET /healthz HTTP/1.1\r\n\r\n", false),
-            Route::Healthz
+            Route::Healthz { head: false }
         );
         assert_eq!(
             route_of("GET /metrics?x=1 HTTP/1.1\r\n\r\n", false),

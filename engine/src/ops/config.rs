@@ -40,10 +40,16 @@ pub struct ServeArgs {
     /// Data directory [default: ./chinwag-data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Secret that signs login tokens (HS256) [default: generated once, kept in DATA_DIR/jwt-secret].
+    /// Secret that signs login tokens (HS256), at least 32 bytes. A secret on the command line
+    /// is visible to other local users (ps, /proc): prefer --jwt-secret-file or
+    /// CHINWAG_JWT_SECRET [default: generated once, kept in DATA_DIR/jwt-secret].
     #[arg(long, value_name = "SECRET")]
     pub jwt_secret: Option<String>,
-    /// Shards (event-loop threads); 0 = one per core [default: 0].
+    /// File holding the token secret (at least 32 bytes; surrounding whitespace is ignored).
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Shards (event-loop threads); 0 = the count an existing data directory was written by,
+    /// else one per core [default: 0].
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
     /// When the log is forced to disk [default: never].
@@ -99,6 +105,10 @@ pub struct ServeArgs {
     /// How often each shard applies retention and writes a snapshot of its state [default: 300000].
     #[arg(long, value_name = "MS")]
     pub log_maintenance_interval_ms: Option<u64>,
+    /// Client message ids each shard remembers for idempotent sends (for 24 h at most); memory
+    /// per shard is about 56 bytes each [default: 250000].
+    #[arg(long, value_name = "N")]
+    pub cmid_window_entries_max: Option<usize>,
     /// Start even if a record in the middle of the log is corrupt, skipping it (its messages are
     /// lost); without it such a node refuses to start [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -112,6 +122,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub jwt_secret: Option<String>,
+    pub jwt_secret_file: Option<PathBuf>,
     pub shards: usize,
     pub fsync: Fsync,
     pub enable_echo: bool,
@@ -130,6 +141,7 @@ pub struct Config {
     pub log_retention_age_s: u64,
     pub log_retention_bytes_max: u64,
     pub log_maintenance_interval_ms: u64,
+    pub cmid_window_entries_max: usize,
     pub skip_corrupt_records: bool,
 }
 
@@ -139,6 +151,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
             data_dir: PathBuf::from("./chinwag-data"),
             jwt_secret: None,
+            jwt_secret_file: None,
             shards: 0,
             fsync: Fsync::Never,
             enable_echo: false,
@@ -157,6 +170,7 @@ impl Default for Config {
             log_retention_age_s: 0,
             log_retention_bytes_max: 0,
             log_maintenance_interval_ms: 300_000,
+            cmid_window_entries_max: crate::store::CMID_WINDOW_ENTRIES_DEFAULT,
             skip_corrupt_records: false,
         }
     }
@@ -209,10 +223,14 @@ impl Config {
             log_retention_age_s,
             log_retention_bytes_max,
             log_maintenance_interval_ms,
+            cmid_window_entries_max,
             skip_corrupt_records
         );
         if args.jwt_secret.is_some() {
             self.jwt_secret = args.jwt_secret;
+        }
+        if args.jwt_secret_file.is_some() {
+            self.jwt_secret_file = args.jwt_secret_file;
         }
     }
 
@@ -231,6 +249,10 @@ impl Config {
             (
                 "log_maintenance_interval_ms",
                 self.log_maintenance_interval_ms,
+            ),
+            (
+                "cmid_window_entries_max",
+                self.cmid_window_entries_max as u64,
             ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -252,19 +274,14 @@ impl Config {
                 self.listen
             ));
         }
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            return Err("give jwt_secret or jwt_secret_file, not both".into());
+        }
         // Tokens share the slab's key space with the listener and waker tokens.
         if self.connections_per_shard_max > u32::MAX as usize {
             return Err("connections_per_shard_max is too large".into());
         }
         Ok(())
-    }
-
-    /// The number of shards to run: the configured number, or one per core.
-    pub fn shard_count(&self) -> usize {
-        match self.shards {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
     }
 }
 

@@ -20,7 +20,6 @@
 
 pub mod owner;
 
-use std::hash::Hash;
 use std::sync::Arc;
 
 use ahash::AHashMap;
@@ -33,6 +32,7 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use crate::net::frame::{self, Opcode};
+use crate::placement::Placed;
 use crate::shard::mailbox::SessionRef;
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
@@ -46,11 +46,10 @@ pub fn owner_of_conv(conv: ConvId) -> usize {
     (conv.0 & (SHARDS_MAX as u64 - 1)) as usize
 }
 
-/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`.
-pub fn owner_of<K: Hash>(key: &K, shards: usize) -> usize {
-    // A fixed-seed hasher: every shard must compute the same owner.
-    let hasher = ahash::RandomState::with_seeds(0x6368_696e, 0x7761_6721, 0x5f6f_776e, 0x6572_7321);
-    (hasher.hash_one(key) % shards as u64) as usize
+/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`: the specified,
+/// build-independent placement of [`crate::placement`].
+pub fn owner_of<K: Placed>(key: &K, shards: usize) -> usize {
+    crate::placement::shard_of(key, shards)
 }
 
 /// The key of a direct conversation: the two users in a canonical order.

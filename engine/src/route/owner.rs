@@ -352,15 +352,14 @@ impl Owner {
                     }),
                 ));
             }
-            Appended::Duplicate { conv, seq } => {
-                // The original's time, read back: one record read, on a rare path.
-                let ts = self
-                    .store
-                    .history(conv, HistoryFrom::After(Seq(seq.0 - 1)), 1)
-                    .ok()
-                    .and_then(|m| m.first().map(|m| m.ts_ms))
-                    .unwrap_or(now_ms);
-                let ok = origin.reply(Message::SendOk(SendOk { conv, seq, ts }));
+            Appended::Duplicate { seq, ts_ms } => {
+                // The conversation is the one this request named or resolved to: the window
+                // is keyed by conversation.
+                let ok = origin.reply(Message::SendOk(SendOk {
+                    conv,
+                    seq,
+                    ts: ts_ms,
+                }));
                 self.ack(origin, ok);
             }
         }

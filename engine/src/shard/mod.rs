@@ -182,6 +182,9 @@ impl Shard {
         let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
         let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
+        let mut drain_started_ms = 0;
+        // This shard's connections are drained; it waits for the other shards' before it exits.
+        let mut shard_drained = false;
         let maintenance_interval_ms = self.ctx.node.config.log_maintenance_interval_ms;
         let mut next_maintenance_ms = maintenance_interval_ms;
         loop {
@@ -231,7 +234,14 @@ impl Shard {
             }
             if !drained && self.ctx.is_draining() {
                 drained = true;
+                drain_started_ms = self.ctx.now_ms;
                 self.start_drain();
+            }
+            // Probes keep arriving during a drain; after as long as the close handshakes may
+            // take, stop accepting them so that a steady stream cannot hold the node up.
+            let close_timeout_ms = self.ctx.node.config.close_timeout_ms;
+            if drained && self.ctx.now_ms >= drain_started_ms.saturating_add(close_timeout_ms) {
+                self.stop_accepting();
             }
             self.flush_dirty();
             if self.ctx.now_ms >= next_sweep_ms {
@@ -247,7 +257,11 @@ impl Shard {
             self.ctx
                 .metrics()
                 .record_turn(turn_start.elapsed().as_micros() as u64);
-            if drained && self.sessions.is_empty() {
+            if drained && self.sessions.is_empty() && !shard_drained {
+                shard_drained = true;
+                self.ctx.node.shard_drained(self.ctx.shard_id);
+            }
+            if shard_drained && self.ctx.node.all_drained() {
                 // Whatever the last sessions posted (their logouts) is handled, then the log
                 // is flushed and snapshotted so the next start replays little.
                 self.route_and_commit();
@@ -529,16 +543,15 @@ impl Shard {
         }
     }
 
-    /// Stops accepting and starts the close handshake on every connection.
+    /// Starts the close handshake on every connection. The listener stays open, so load
+    /// balancers can see the drain (`/healthz` answers 503, upgrades get 503) until the node
+    /// exits or [`Shard::stop_accepting`] closes it.
     fn start_drain(&mut self) {
         tracing::info!(
             shard = self.ctx.shard_id,
             connections = self.sessions.len(),
             "draining"
         );
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
-        }
         let done: Vec<usize> = self
             .sessions
             .iter_mut()
@@ -546,6 +559,13 @@ impl Shard {
             .collect();
         for key in done {
             self.remove(Token(key));
+        }
+    }
+
+    /// Closes the listener: new connections are refused by the kernel from now on.
+    fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
         }
     }
 

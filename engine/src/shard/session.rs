@@ -314,16 +314,26 @@ impl Session {
         // /dev/token is about a well-formed request's query).
         let from_parser = matches!(route, Route::Respond(_));
         let answer = match route {
+            // A node that is draining takes no new WebSocket: the client should go elsewhere.
+            Route::Upgrade { .. } if ctx.is_draining() => http::draining(),
             Route::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
                 self.phase = Phase::Open(endpoint);
                 self.timer_ms = ctx.now_ms;
                 return true;
             }
-            Route::Healthz if ctx.is_draining() => {
-                http::response("503 Service Unavailable", "text/plain", b"draining\n")
+            Route::Healthz { head } => {
+                let answer = if ctx.is_draining() {
+                    http::draining()
+                } else {
+                    http::response("200 OK", "text/plain", b"ok\n")
+                };
+                if head {
+                    http::head_only(answer)
+                } else {
+                    answer
+                }
             }
-            Route::Healthz => http::response("200 OK", "text/plain", b"ok\n"),
             Route::Metrics => http::response(
                 "200 OK",
                 "text/plain; version=0.0.4",
@@ -598,10 +608,9 @@ impl Session {
     /// The node is shutting down. Returns `true` if the connection is done.
     pub fn on_drain(&mut self, ctx: &mut Context) -> bool {
         match self.phase {
-            Phase::Http => {
-                self.close_reason = CloseReason::Drain;
-                true
-            }
+            // Still in its request: it gets its answer (503 for an upgrade), as connections
+            // accepted during the drain do; the handshake timeout bounds it.
+            Phase::Http => false,
             Phase::Open(_) => {
                 self.close(
                     frame::CLOSE_GOING_AWAY,

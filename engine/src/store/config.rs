@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
+
 /// When an appended record counts as durable, and so when its acknowledgement may go out.
 ///
 /// What each policy survives is documented in `docs/storage.md` ("Durability").
@@ -35,12 +37,20 @@ impl FromStr for FsyncPolicy {
 /// Default segment size: large enough that switching segments is rare, small enough that
 /// retention frees space in useful steps.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default size of the idempotency window, in cmids per log: sized for a small deployment
+/// (an 8 MiB table per shard); `docs/operations.md` ("Sizing") says when to raise it.
+pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 250_000;
 /// Segments are addressed by a 32-bit offset inside a 64-bit position.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
 /// A segment must hold its header and at least one record of every maximum size.
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
 /// The record format stores the cmid and kind lengths in one byte each.
 pub const SHORT_FIELD_BYTES_LIMIT: usize = 255;
+
+// The store holds every cmid and kind the protocol accepts: the limits are the protocol's
+// (`chinwag_protocol::limits`), declared once.
+const _: () = assert!(CMID_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
+const _: () = assert!(KIND_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 
 /// Configuration of one log (one per shard).
 #[derive(Debug, Clone)]
@@ -55,10 +65,6 @@ pub struct StoreConfig {
     pub fsync_interval_ms: u64,
     /// Largest message body.
     pub body_bytes_max: usize,
-    /// Largest client message id.
-    pub cmid_bytes_max: usize,
-    /// Largest message kind (`text`, `image`, ...).
-    pub kind_bytes_max: usize,
     /// Most members one conversation may have.
     pub members_max: usize,
     /// Most messages one [`super::Store::history`] call returns (the protocol's `limit` is
@@ -70,9 +76,9 @@ pub struct StoreConfig {
     /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
     /// ... unless the log holds more than this many; then the oldest go first. Memory: a hash
-    /// table of 32 bytes per entry (load 1/2), resident after the first few hundred thousand
-    /// cmids because keys land anywhere in it, plus 24 bytes per entry held: 224 MB per shard
-    /// at the default.
+    /// table of 32 bytes per entry (load 1/2, rounded up to a power of two), resident after the
+    /// first few thousand cmids because keys land anywhere in it, plus 24 bytes per entry held:
+    /// 8 MiB + 6 MB per shard at the default.
     pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,
@@ -94,13 +100,11 @@ impl StoreConfig {
             fsync: FsyncPolicy::Never,
             fsync_interval_ms: 100,
             body_bytes_max: 64 << 10,
-            cmid_bytes_max: 64,
-            kind_bytes_max: 32,
             members_max: 1_000,
             history_limit_max: 200,
             index_stride: 16,
             cmid_window_age_ms: 24 * 3_600 * 1_000,
-            cmid_window_entries_max: 4_000_000,
+            cmid_window_entries_max: CMID_WINDOW_ENTRIES_DEFAULT,
             retention_age_ms: None,
             retention_bytes_max: None,
             snapshots_kept: 2,
@@ -113,20 +117,11 @@ impl StoreConfig {
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {
             return Err("segment_bytes must be between 64 KiB and 2 GiB");
         }
-        if self.cmid_bytes_max > SHORT_FIELD_BYTES_LIMIT
-            || self.kind_bytes_max > SHORT_FIELD_BYTES_LIMIT
-        {
-            return Err("cmid_bytes_max and kind_bytes_max must be at most 255");
-        }
         if self.members_max > usize::from(u16::MAX) {
             return Err("members_max must be at most 65535");
         }
         // A message record of every maximum size must fit an empty segment.
-        let largest = super::record::message_len(
-            self.cmid_bytes_max,
-            self.kind_bytes_max,
-            self.body_bytes_max,
-        );
+        let largest = super::record::message_len(CMID_LEN_MAX, KIND_LEN_MAX, self.body_bytes_max);
         let largest_group = super::record::conv_len(self.members_max);
         if (largest.max(largest_group) + super::segment::HEADER_BYTES) as u64 > self.segment_bytes {
             return Err("segment_bytes must hold the largest record");

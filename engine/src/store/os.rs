@@ -1,11 +1,12 @@
-//! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync.
+//! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync,
+//! the data directory lock.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Advice, MmapMut, MmapOptions};
 
 /// Reserves `len` bytes of disk for `file`, so that writes through a mapping never find the
 /// disk full (which would be a SIGBUS, not an error). ENOSPC shows here instead.
@@ -30,6 +31,25 @@ pub fn map(file: &File) -> io::Result<MmapMut> {
     unsafe { MmapOptions::new().map_mut(file) }
 }
 
+/// Takes an exclusive advisory lock (`flock`) on `file` without waiting: `Ok(false)` if another
+/// open file description holds it. The lock lasts until the file is closed. The mappings'
+/// soundness rests on no other process writing the store's files; this lock is how a node
+/// keeps a second one out of its data directory.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock only reads its integer arguments; the descriptor is open for the duration
+    // of the call because `file` is borrowed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
 /// Makes a directory's entries (created, renamed, deleted files) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -45,22 +65,12 @@ pub fn is_disk_full(err: &io::Error) -> bool {
 /// system's write fault) on the shard's thread. The store runs it on the thread that prepares
 /// the next segment.
 pub fn prefault_for_writing(map: &mut MmapMut) {
-    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_WRITE only
-    // faults its pages in (as a write would) and does not change their contents.
-    let rc = unsafe {
-        libc::madvise(
-            map.as_mut_ptr().cast(),
-            map.len(),
-            libc::MADV_POPULATE_WRITE,
-        )
-    };
-    if rc != 0 {
+    if map.advise(Advice::PopulateWrite).is_err() {
         // Kernels before 5.14 lack MADV_POPULATE_WRITE: write to one byte per page instead.
-        // The mapping is all zeros, so writing zeros changes nothing.
+        // The mapping is all zeros, so writing zeros changes nothing; the compiler cannot drop
+        // the stores, as it does not know what the mapping holds.
         for byte in map.iter_mut().step_by(4096) {
-            // SAFETY: `byte` is a valid, exclusive reference into the mapping; the volatile
-            // write keeps the compiler from dropping a store of the value already there.
-            unsafe { std::ptr::write_volatile(byte, 0) };
+            *byte = 0;
         }
     }
 }
@@ -68,13 +78,5 @@ pub fn prefault_for_writing(map: &mut MmapMut) {
 /// Reads a mapping's pages in ahead of a sequential scan (recovery): one call instead of a
 /// page fault every few pages. Failure (an old kernel) only costs speed.
 pub fn prefault_for_reading(map: &MmapMut) {
-    // SAFETY: the range is exactly the live mapping `map` owns; MADV_POPULATE_READ only
-    // faults its pages in and does not change their contents.
-    unsafe {
-        libc::madvise(
-            map.as_ptr() as *mut libc::c_void,
-            map.len(),
-            libc::MADV_POPULATE_READ,
-        )
-    };
+    let _ = map.advise(Advice::PopulateRead);
 }

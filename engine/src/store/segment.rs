@@ -220,7 +220,15 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, StoreError> {
 /// Creates segments off the append path: the store asks for the next segment as soon as it
 /// starts filling the current one, so a switch finds it ready.
 pub struct Preparer {
-    pending: Option<(u64, std::thread::JoinHandle<Result<Segment, StoreError>>)>,
+    /// The segment id and size in preparation (or ready), and where it is.
+    pending: Option<(u64, u64, Pending)>,
+}
+
+enum Pending {
+    /// Being created on a thread of its own.
+    Creating(std::thread::JoinHandle<Result<Segment, StoreError>>),
+    /// Already on disk: an empty segment found at open, after the active one.
+    Ready(Segment),
 }
 
 impl Preparer {
@@ -229,9 +237,10 @@ impl Preparer {
         Preparer { pending: None }
     }
 
-    /// Starts creating segment `id` in the background, unless that is already under way.
+    /// Starts creating segment `id` in the background, unless that is already under way (or
+    /// done).
     pub fn start(&mut self, dir: &Path, id: u64, bytes: u64) {
-        if self.pending.as_ref().is_some_and(|(p, _)| *p == id) {
+        if self.pending.as_ref().is_some_and(|(p, _, _)| *p == id) {
             return;
         }
         self.abandon();
@@ -240,31 +249,52 @@ impl Preparer {
             .name("chinwag-segment".into())
             .spawn(move || Segment::create(&dir, id, bytes));
         match handle {
-            Ok(handle) => self.pending = Some((id, handle)),
+            Ok(handle) => self.pending = Some((id, bytes, Pending::Creating(handle))),
             // No thread to spare: `take` will create the segment itself.
             Err(_) => self.pending = None,
         }
     }
 
+    /// Takes `segment`, already on disk and empty, as the next one to hand out, so a restart
+    /// reuses the segment the previous run prepared instead of creating another.
+    pub fn hand_over(&mut self, segment: Segment) {
+        self.abandon();
+        self.pending = Some((
+            segment.id,
+            segment.capacity() as u64,
+            Pending::Ready(segment),
+        ));
+    }
+
     /// Segment `id`, waiting for its preparation if it is not done (or doing it now if it was
     /// never started or failed).
     pub fn take(&mut self, dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
-        if let Some((pending, handle)) = self.pending.take() {
-            if pending == id {
-                if let Ok(result) = handle.join() {
-                    return result;
+        if let Some((pending, _, how)) = self.pending.take() {
+            match how {
+                Pending::Ready(segment) if pending == id => return Ok(segment),
+                Pending::Ready(_) => {}
+                Pending::Creating(handle) => {
+                    if let Ok(result) = handle.join() {
+                        if pending == id {
+                            return result;
+                        }
+                    }
                 }
-            } else {
-                let _ = handle.join();
             }
         }
         // Creation is idempotent: a failed attempt left at most a `.tmp` file, recreated here.
         Segment::create(dir, id, bytes)
     }
 
-    /// Waits for any preparation under way and drops its result.
+    /// Bytes of the segment in preparation or ready (it is, or is about to be, on disk).
+    pub fn bytes(&self) -> u64 {
+        self.pending.as_ref().map_or(0, |(_, bytes, _)| *bytes)
+    }
+
+    /// Waits for any preparation under way and drops its result (a segment already on disk
+    /// stays there, empty: the next open finds it and hands it over again).
     pub fn abandon(&mut self) {
-        if let Some((_, handle)) = self.pending.take() {
+        if let Some((_, _, Pending::Creating(handle))) = self.pending.take() {
             let _ = handle.join();
         }
     }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  0 [8] magic "CHWGSNP1"   12 u32 CRC32C of bytes 16..32, then the body   24 u64 log position
-//!  8 u32 format version (1) 16 u64 body length
+//!  8 u32 format version (2) 16 u64 body length
 //! ```
 //!
 //! It is written to a `.tmp` file, synced, renamed into place and the directory synced, so a
@@ -15,8 +15,6 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
 use smallvec::SmallVec;
@@ -27,7 +25,8 @@ use super::record::ConvKind;
 use super::state::{pair, Conversation, Limits, State};
 
 const MAGIC: &[u8; 8] = b"CHWGSNP1";
-const VERSION: u32 = 1;
+/// 2: cmid window keys include the conversation (data format 2).
+const VERSION: u32 = 2;
 const HEADER_BYTES: usize = 32;
 
 /// The file name of the snapshot at `pos`.
@@ -206,7 +205,6 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
                 members,
                 cursors,
                 seq,
-                published: Arc::new(AtomicU64::new(seq)),
                 last_pos,
                 index,
             },
@@ -359,7 +357,7 @@ mod tests {
         let c = &back.convs[&ConvId(5)];
         assert_eq!((c.seq, c.index.as_slice()), (3, &[1u64 << 32 | 128][..]));
         assert_eq!(
-            back.cmid_position(Uid::new(UidKind::Buyer, 1), b"c"),
+            back.cmid_position(Uid::new(UidKind::Buyer, 1), ConvId(5), b"c"),
             Some((1 << 32) | 128)
         );
         assert_eq!(

@@ -7,8 +7,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use ahash::AHashMap;
 use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
@@ -29,10 +27,8 @@ pub struct Conversation {
     pub(super) members: SmallVec<[Uid; 2]>,
     /// Read cursors, one per user who has read anything.
     pub(super) cursors: SmallVec<[(Uid, Seq); 2]>,
-    /// The last seq stored (the owner's copy; others read `published`).
+    /// The last seq stored.
     pub(super) seq: u64,
-    /// The last seq acknowledged by a commit, readable from any thread.
-    pub(super) published: Arc<AtomicU64>,
     /// Position of the newest message (0: none).
     pub(super) last_pos: Position,
     /// `index[i]` is the position of seq `(i + 1) * stride` (0: not in the log).
@@ -88,7 +84,8 @@ impl Conversation {
     }
 }
 
-/// The idempotency window: recent (sender, cmid) pairs and where their message is.
+/// The idempotency window: recent (sender, conversation, cmid) triples and where their message
+/// is.
 ///
 /// Entries are keyed by a 64-bit hash of the pair and hold only the message's position; the
 /// store confirms a hit by reading that record's sender and cmid, so a hash collision can never
@@ -102,11 +99,12 @@ pub struct CmidWindow {
     pub(super) deferred: bool,
 }
 
-/// The window's key of a sender's cmid. A fixed function (not a seeded hasher), because keys
-/// are saved in snapshots and must mean the same after a restart.
-pub fn cmid_key(sender: Uid, cmid: &[u8]) -> u64 {
+/// The window's key of a sender's cmid in a conversation. A fixed function (not a seeded
+/// hasher), because keys are saved in snapshots and must mean the same after a restart.
+pub fn cmid_key(sender: Uid, conv: ConvId, cmid: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = (sender.id ^ (sender.kind as u64) << 56).wrapping_mul(K) ^ cmid.len() as u64;
+    let mut h = (sender.id ^ (sender.kind as u64) << 56).wrapping_mul(K);
+    h = (h ^ conv.0).wrapping_mul(K).rotate_left(29) ^ cmid.len() as u64;
     for chunk in cmid.chunks(8) {
         let mut word = [0u8; 8];
         word[..chunk.len()].copy_from_slice(chunk);
@@ -178,8 +176,8 @@ impl State {
 
     /// Where the message is that this sender probably sent with this cmid (the caller
     /// confirms by reading it).
-    pub fn cmid_position(&self, sender: Uid, cmid: &[u8]) -> Option<Position> {
-        self.cmids.by_key.get(cmid_key(sender, cmid))
+    pub fn cmid_position(&self, sender: Uid, conv: ConvId, cmid: &[u8]) -> Option<Position> {
+        self.cmids.by_key.get(cmid_key(sender, conv, cmid))
     }
 
     /// Whether `record` may be applied now. `allow_gap` admits a message seq beyond the next
@@ -311,7 +309,6 @@ impl State {
                         members: members.clone(),
                         cursors: SmallVec::new(),
                         seq: 0,
-                        published: Arc::new(AtomicU64::new(0)),
                         last_pos: 0,
                         index: Vec::new(),
                     },
@@ -404,13 +401,6 @@ impl State {
     pub fn chain(&self, prev: Position) -> Position {
         self.chain_repairs.get(&prev).copied().unwrap_or(prev)
     }
-
-    /// Makes every conversation's last seq visible to other threads.
-    pub fn publish_all(&self) {
-        for c in self.convs.values() {
-            c.published.store(c.seq, Ordering::Release);
-        }
-    }
 }
 
 /// Applies a checked message at `pos` to its conversation `c` and to the cmid window.
@@ -436,7 +426,7 @@ fn store_message(
     // One has read what one wrote.
     c.set_cursor(m.sender, m.seq);
 
-    let key = cmid_key(m.sender, m.cmid);
+    let key = cmid_key(m.sender, m.conv, m.cmid);
     if !window.deferred {
         window.by_key.insert(key, pos);
     }
@@ -531,22 +521,28 @@ mod tests {
                 8 * (seq as u64 + 1),
             );
         }
-        assert_eq!(s.cmid_position(BUYER, b"a"), Some(8));
+        let c1 = ConvId(1);
+        assert_eq!(s.cmid_position(BUYER, c1, b"a"), Some(8));
         assert_eq!(
-            s.cmid_position(AGENT, b"a"),
+            s.cmid_position(AGENT, c1, b"a"),
             None,
             "keys include the sender"
         );
+        assert_eq!(
+            s.cmid_position(BUYER, ConvId(2), b"a"),
+            None,
+            "keys include the conversation"
+        );
         // Over the size limit, the oldest goes.
         s.apply(&message(1, 4, 30, b"d"), 32);
-        assert_eq!(s.cmid_position(BUYER, b"a"), None);
-        assert_eq!(s.cmid_position(BUYER, b"b"), Some(16));
+        assert_eq!(s.cmid_position(BUYER, c1, b"a"), None);
+        assert_eq!(s.cmid_position(BUYER, c1, b"b"), Some(16));
         // Past the age limit, all older ones go.
         s.apply(&message(1, 5, 1_025, b"e"), 40);
-        assert_eq!(s.cmid_position(BUYER, b"b"), None);
-        assert_eq!(s.cmid_position(BUYER, b"c"), None);
-        assert_eq!(s.cmid_position(BUYER, b"d"), Some(32));
-        assert_eq!(s.cmid_position(BUYER, b"e"), Some(40));
+        assert_eq!(s.cmid_position(BUYER, c1, b"b"), None);
+        assert_eq!(s.cmid_position(BUYER, c1, b"c"), None);
+        assert_eq!(s.cmid_position(BUYER, c1, b"d"), Some(32));
+        assert_eq!(s.cmid_position(BUYER, c1, b"e"), Some(40));
     }
 
     #[test]
@@ -560,8 +556,9 @@ mod tests {
                     let mut cmid = format!("{n}-cmid-of-{id}").into_bytes();
                     cmid.resize(len, b'_');
                     let sender = Uid::new(UidKind::ALL[id % 4], id as u64);
-                    keys.insert(cmid_key(sender, &cmid));
-                    inputs.insert((sender, cmid));
+                    let conv = ConvId((n % 3) as u64);
+                    keys.insert(cmid_key(sender, conv, &cmid));
+                    inputs.insert((sender, conv, cmid));
                 }
             }
         }

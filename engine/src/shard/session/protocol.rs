@@ -10,7 +10,7 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, token, ConvSummary, DecodeError, DecodeErrorKind, DeviceId, ErrorCode, Frame,
-    LoginOk, Message, ShopId, Uid,
+    LoginOk, Message, Op, ShopId, Uid,
 };
 
 use super::{CloseReason, Context, Endpoint, Phase, Session};
@@ -94,6 +94,28 @@ impl Session {
         );
     }
 
+    /// Refuses a login: `unauthorized` with `text`, then close 1008. The connection is done.
+    fn refuse_login(
+        &mut self,
+        req: Option<u64>,
+        encoding: Encoding,
+        text: &str,
+        ctx: &mut Context,
+    ) {
+        self.reply(
+            req,
+            encoding,
+            route::error(ErrorCode::Unauthorized, text),
+            ctx,
+        );
+        self.close(
+            frame::CLOSE_POLICY,
+            "unauthorized",
+            CloseReason::Unauthorized,
+            ctx,
+        );
+    }
+
     fn on_client_frame(
         &mut self,
         decoded: Result<Frame<'_>, DecodeError>,
@@ -102,6 +124,11 @@ impl Session {
     ) {
         let frame = match decoded {
             Ok(frame) => frame,
+            // Every failed login is refused alike, whatever is wrong with it (a token that is
+            // too long or not a string included): `unauthorized`, then close 1008.
+            Err(e) if e.op == Some(Op::Login) && !self.is_logged_in() => {
+                return self.refuse_login(e.req, encoding, &e.to_string(), ctx);
+            }
             Err(e) => {
                 let code = match e.kind {
                     DecodeErrorKind::UnknownOp(_) if !self.is_logged_in() => ErrorCode::NotLoggedIn,
@@ -122,21 +149,7 @@ impl Session {
                 let now_s = ctx.unix_ms / 1000;
                 let claims = match token::verify(&ctx.node.jwt_secret, &login.token, now_s) {
                     Ok(claims) => claims,
-                    Err(e) => {
-                        self.reply(
-                            req,
-                            encoding,
-                            route::error(ErrorCode::Unauthorized, &e.to_string()),
-                            ctx,
-                        );
-                        self.close(
-                            frame::CLOSE_POLICY,
-                            "unauthorized",
-                            CloseReason::Unauthorized,
-                            ctx,
-                        );
-                        return;
-                    }
+                    Err(e) => return self.refuse_login(req, encoding, &e.to_string(), ctx),
                 };
                 let uid = claims.uid;
                 self.login = Some(Box::new(LoginState {

@@ -1,0 +1,223 @@
+//! Reads: history along the conversation chains, and lookups of the state.
+
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use smallvec::SmallVec;
+
+use super::record::{self, MessageRef};
+use super::{segment, state, Conversation, HistoryFrom, Position, Store, StoreError};
+
+/// One stretch of a conversation's chain that [`Store::history`] walks: from the record at
+/// `pos` (expected to hold `seq`) down to `stop`.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    seq: u64,
+    pos: Position,
+    stop: u64,
+}
+
+impl Store {
+    /// Messages of `conv` in ascending seq: at most `limit` (and at most
+    /// [`StoreConfig::history_limit_max`]), from where `from` says.
+    ///
+    /// Costs at most `limit + index_stride` record reads. Messages in segments deleted by
+    /// retention are gone: the result then starts at the oldest one still in the log.
+    pub fn history(
+        &self,
+        conv: ConvId,
+        from: HistoryFrom,
+        limit: usize,
+    ) -> Result<Vec<MessageRef<'_>>, StoreError> {
+        let c = self
+            .state
+            .convs
+            .get(&conv)
+            .ok_or(StoreError::UnknownConv(conv))?;
+        let last = c.seq;
+        let k = limit.min(self.config.history_limit_max) as u64;
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let (lo, hi) = match from {
+            HistoryFrom::Newest | HistoryFrom::Before(Seq(0)) => (last.saturating_sub(k) + 1, last),
+            HistoryFrom::Before(Seq(s)) => {
+                let hi = (s - 1).min(last);
+                (hi.saturating_sub(k) + 1, hi)
+            }
+            HistoryFrom::After(Seq(s)) => (s.saturating_add(1), s.saturating_add(k).min(last)),
+        };
+        let (lo, hi) = match from {
+            // Retention may have taken the start of the requested range: serve from the oldest
+            // message still in the log instead.
+            HistoryFrom::After(_) if self.retired(c, lo) => {
+                let oldest = self.oldest_live_seq(c)?;
+                (
+                    lo.max(oldest),
+                    hi.max(oldest.saturating_add(k - 1).min(last)),
+                )
+            }
+            _ => (lo, hi),
+        };
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        // Start from the nearest known position at or above `hi` and walk the chain down.
+        let stride = u64::from(self.config.index_stride);
+        let (mut seq, mut pos) = (last, c.last_pos);
+        let mut slot = hi.div_ceil(stride);
+        while slot * stride < last {
+            match c.index.get(slot as usize - 1) {
+                Some(&p) if p != 0 => {
+                    (seq, pos) = (slot * stride, p);
+                    break;
+                }
+                _ => slot += 1,
+            }
+        }
+        // Cut the walk from there down to `lo` at every indexed seq: each piece (a lane) is a
+        // chain of its own, so the lanes' record reads, each a cache miss, do not wait on each
+        // other and the CPU overlaps them, instead of one miss after another.
+        let mut lanes: SmallVec<[Lane; 8]> = SmallVec::new();
+        let mut top = Lane { seq, pos, stop: lo };
+        let mut slot = seq.saturating_sub(1) / stride;
+        while slot > 0 && slot * stride >= lo {
+            if let Some(&p) = c.index.get(slot as usize - 1).filter(|&&p| p != 0) {
+                let anchor = slot * stride;
+                lanes.push(Lane {
+                    stop: anchor + 1,
+                    ..top
+                });
+                top = Lane {
+                    seq: anchor,
+                    pos: p,
+                    stop: lo,
+                };
+            }
+            slot -= 1;
+        }
+        lanes.push(top);
+        let mut out: Vec<Option<MessageRef<'_>>> = vec![None; (hi - lo + 1) as usize];
+        let mut walking = true;
+        while walking {
+            walking = false;
+            for lane in lanes.iter_mut().filter(|l| l.pos != 0 && l.seq >= l.stop) {
+                let Some(m) = self.message_at(lane.pos)? else {
+                    lane.pos = 0; // retired by retention
+                    continue;
+                };
+                if m.conv != conv || m.seq.0 > lane.seq {
+                    return Err(StoreError::corrupt(
+                        lane.pos,
+                        "conversation chain is broken",
+                    ));
+                }
+                // A seq below the expected one is a gap left by `skip_corrupt`.
+                if (lo..=hi).contains(&m.seq.0) {
+                    out[(m.seq.0 - lo) as usize] = Some(m);
+                }
+                lane.pos = self.state.chain(m.prev);
+                lane.seq = m.seq.0.saturating_sub(1);
+                walking |= lane.pos != 0 && lane.seq >= lane.stop;
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Whether retention may have taken `seq` of `c`: the first index entry at or above it
+    /// is gone (one lookup, so reads of live ranges pay nothing more).
+    pub(super) fn retired(&self, c: &Conversation, seq: u64) -> bool {
+        let first = self.segments[0].id;
+        if first == 1 {
+            return false;
+        }
+        let slot = seq.div_ceil(u64::from(self.config.index_stride)) as usize;
+        match c.index.get(slot.saturating_sub(1)) {
+            Some(&p) => segment::segment_of(p) < first,
+            None => segment::segment_of(c.last_pos) < first,
+        }
+    }
+
+    /// The oldest seq of `c` still in the log (after retention): a binary search of the index
+    /// for the first entry in a live segment, then at most `index_stride` reads back from it.
+    pub(super) fn oldest_live_seq(&self, c: &Conversation) -> Result<u64, StoreError> {
+        let first = self.segments[0].id;
+        let stride = u64::from(self.config.index_stride);
+        // Index positions grow with seq, so the retired entries come first.
+        let slot = c.index.partition_point(|&p| segment::segment_of(p) < first);
+        let (mut seq, mut pos) = match c.index.get(slot) {
+            Some(&p) => ((slot as u64 + 1) * stride, p),
+            None => (c.seq, c.last_pos),
+        };
+        let mut oldest = seq + 1;
+        while pos != 0 {
+            let Some(m) = self.message_at(pos)? else {
+                break;
+            };
+            oldest = m.seq.0;
+            seq = oldest.saturating_sub(1);
+            pos = self.state.chain(m.prev);
+            if seq == 0 {
+                break;
+            }
+        }
+        Ok(oldest)
+    }
+
+    /// The message at `pos`, or `None` if its segment was retired.
+    pub(super) fn message_at(&self, pos: Position) -> Result<Option<MessageRef<'_>>, StoreError> {
+        let first = self.segments[0].id;
+        let id = segment::segment_of(pos);
+        if id < first {
+            return Ok(None);
+        }
+        let seg = usize::try_from(id - first)
+            .ok()
+            .and_then(|i| self.segments.get(i))
+            .ok_or_else(|| StoreError::corrupt(pos, "position past the log"))?;
+        record::decode_message(&seg.map, segment::offset_of(pos))
+            .map(Some)
+            .map_err(|reason| StoreError::corrupt(pos, reason))
+    }
+
+    /// The conversation, if it is in this log.
+    pub fn conv(&self, conv: ConvId) -> Option<&Conversation> {
+        self.state.convs.get(&conv)
+    }
+
+    /// Every conversation in this log, in no particular order.
+    pub fn conversations(&self) -> impl Iterator<Item = (ConvId, &Conversation)> + '_ {
+        self.state.convs.iter().map(|(id, c)| (*id, c))
+    }
+
+    /// The conversation of this shop and buyer.
+    pub fn shop_conv(&self, shop: ShopId, buyer: Uid) -> Option<ConvId> {
+        self.state.shop_convs.get(&(shop, buyer)).copied()
+    }
+
+    /// The direct conversation of two users (in either order).
+    pub fn direct_conv(&self, a: Uid, b: Uid) -> Option<ConvId> {
+        self.state.direct_convs.get(&state::pair(a, b)).copied()
+    }
+
+    /// The conversations `uid` is a member of, in this log.
+    pub fn convs_of(&self, uid: Uid) -> &[ConvId] {
+        self.state
+            .user_convs
+            .get(&uid)
+            .map_or(&[], |c| c.as_slice())
+    }
+
+    /// The device id registered for this user and device type.
+    pub fn device(&self, uid: Uid, device_type: DeviceType) -> Option<DeviceId> {
+        self.state.devices.get(&(uid, device_type)).copied()
+    }
+
+    /// The greatest device id registered (for `DeviceIdGenerator::resume_after`).
+    pub fn device_max(&self) -> Option<DeviceId> {
+        self.state.device_max
+    }
+
+    /// The greatest conversation id created (to continue allocating after a restart).
+    pub fn conv_max(&self) -> Option<ConvId> {
+        self.state.conv_max
+    }
+}
