@@ -1,6 +1,6 @@
 //! chinwag's benchmarks: criterion micro-benchmarks in `benches/`, and the fixtures they share.
 
-use chinwag_protocol::{ConvId, Frame, Message, Msg, Send, Seq, Target, Uid, UidKind};
+use chinwag_protocol::{ConvId, Frame, Message, Msg, Seq, Target, Uid, UidKind};
 
 /// A 100-byte message body, the size the benchmark targets name.
 pub const BODY_100: &str = "chinwag benchmark body: the quick brown fox jumps over the lazy dog, then naps. 0123456789abcdefghij";
@@ -11,7 +11,7 @@ const _: () = assert!(BODY_100.len() == 100);
 pub fn send_100() -> Frame<'static> {
     Frame::with_req(
         12_345,
-        Message::Send(Send {
+        Message::Send(chinwag_protocol::Send {
             target: Target::Conv(ConvId(9_876_543_210)),
             cmid: "6f1c9a52-3f0e-4b8e-9d7c-1a2b3c4d5e6f".into(),
             kind: "text".into(),

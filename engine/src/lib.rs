@@ -1,16 +1,26 @@
-//! The chinwag gateway.
+//! The chinwag gateway: thread-per-core shards holding WebSocket connections, a message bus
+//! between them, the owner of every conversation, device and shop, and the conversation log.
 //!
-//! Read top-down as the data flows: `net` (listeners, HTTP, WebSocket framing) → `shard` (the
-//! event loops and sessions) → `store` (the conversation log) → `dispatch` (customer-service
-//! assignment) → `ops` (config, metrics, the token secret); `node` starts it all on a
-//! `data_dir` it holds alone.
+//! Read top-down as the data flows (docs/architecture.md has the picture and the walk of one
+//! `send` through these files):
+//! - `node` starts it all on a data directory it holds alone: binds the client port, opens the
+//!   logs, starts the shards, drains on SIGTERM;
+//! - `shard`: the event loop, the sessions (socket and outbox), the `/ws` application layer;
+//! - `net`: listeners, HTTP heads, and the WebSocket connection as a state machine without I/O;
+//! - `bus`: the one message type between shards (`BusMsg`), who owns what (`placement`),
+//!   mailboxes and the post office;
+//! - `logic`: the owner of devices, conversations, cursors and shops, with dispatch beside it;
+//! - `store`: the conversation log;
+//! - `operator`: the node's operations: configuration, metrics, the token secret, the data
+//!   directory.
+//!
+//! Only what the `chinwag` binary and the benchmarks need is public (`node`, `operator`,
+//! `store`); everything else is crate-private, so the compiler reports what nothing uses.
 
-pub mod data_dir;
-pub mod dispatch;
-pub mod net;
+pub(crate) mod bus;
+pub(crate) mod logic;
+pub(crate) mod net;
 pub mod node;
-pub mod ops;
-pub mod placement;
-pub mod route;
-pub mod shard;
+pub mod operator;
+pub(crate) mod shard;
 pub mod store;

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use chinwag_protocol::{token, ShopId, Uid, UidKind};
 use clap::{Parser, Subcommand};
 
-use chinwag_engine::data_dir::DataDir;
 use chinwag_engine::node;
-use chinwag_engine::ops::config::{Config, ServeArgs};
-use chinwag_engine::ops::secret;
+use chinwag_engine::operator::config::{Config, ServeArgs};
+use chinwag_engine::operator::data_dir::DataDir;
+use chinwag_engine::operator::secret;
 
 #[derive(Parser)]
 #[command(

@@ -20,6 +20,7 @@ pub fn user_system_s(pid: u32) -> io::Result<(f64, f64)> {
             .ok_or_else(|| io::Error::other("bad stat"))
     };
     // SAFETY: sysconf only reads a system constant.
+    #[allow(unsafe_code)]
     let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok((ticks(11)? as f64 / per_s, ticks(12)? as f64 / per_s))
 }

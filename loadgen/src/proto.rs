@@ -21,14 +21,9 @@ const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Bytes read from a socket per `read` call.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Which encoding the connections speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// Binary frames in binary WebSocket messages.
-    Binary,
-    /// JSON objects in text WebSocket messages.
-    Json,
-}
+/// Which encoding the connections speak: the protocol crate's, JSON in text WebSocket messages
+/// or binary frames in binary ones.
+pub use chinwag_protocol::client::Encoding;
 
 /// Why a connection ended. [`Failure::cause`] names it for the report's failure table.
 #[derive(Debug)]

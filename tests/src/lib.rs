@@ -101,12 +101,17 @@ impl Server {
         // Keeps reading stderr for the server's whole life, so its logging never blocks.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    if let Some(addr) = field(&line, "addr=") {
-                        let _ = addr_tx.send(addr);
-                    }
-                }
+                let addr = if line.contains("listening") {
+                    field(&line, "addr=")
+                } else {
+                    None
+                };
+                // The line is in the log before the test learns the address, so a test that
+                // reads the log once the server started finds the `listening` line in it.
                 lines.lock().unwrap().push(line);
+                if let Some(addr) = addr {
+                    let _ = addr_tx.send(addr);
+                }
             }
         });
         let addr = match addr_rx.recv_timeout(WAIT) {
@@ -220,6 +225,7 @@ impl Server {
 
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with a pid we spawned and own; it touches no memory of ours.
+        #[allow(unsafe_code)]
         let rc = unsafe { libc::kill(self.pid(), signal) };
         assert_eq!(rc, 0, "kill");
     }

@@ -71,6 +71,7 @@ fn thread_cpu() -> Duration {
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    #[allow(unsafe_code)]
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "CLOCK_THREAD_CPUTIME_ID is available on Linux");
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -273,6 +274,7 @@ fn evict_page_cache(dir: &Path) {
         let file = std::fs::File::open(entry.expect("entry").path()).expect("open");
         file.sync_all().expect("sync");
         // SAFETY: posix_fadvise only reads its integer arguments; `file` is open.
+        #[allow(unsafe_code)]
         unsafe {
             libc::posix_fadvise(
                 std::os::fd::AsRawFd::as_raw_fd(&file),

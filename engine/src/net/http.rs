@@ -1,4 +1,4 @@
-//! The HTTP/1.1 side of the client port: parsing one request head, choosing a route, and the
+//! The HTTP/1.1 side of the client port: parsing one request head, telling what it asks for, and the
 //! fixed responses the gateway gives. Every plain HTTP answer closes the connection
 //! (`Connection: close`); only a WebSocket upgrade keeps it.
 
@@ -11,9 +11,9 @@ pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Headers parsed per request; a request with more is refused like an overlong head.
 const HEADERS_MAX: usize = 32;
 
-/// Where a request goes.
+/// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Request {
     /// A WebSocket upgrade; `key` is the client's `Sec-WebSocket-Key`.
     Upgrade {
         endpoint: Endpoint,
@@ -47,11 +47,11 @@ pub enum Parsed {
     /// The head is not complete yet.
     Partial,
     /// A complete head of `head_len` bytes.
-    Complete { route: Route, head_len: usize },
+    Complete { request: Request, head_len: usize },
 }
 
-/// Parses a request head from `buf` and routes it. Errors are answers, not `Err`: a malformed
-/// or overlong head yields `Route::Respond` with 400 or 431.
+/// Parses a request head from `buf` and tells what it asks for. Errors are answers, not `Err`: a malformed
+/// or overlong head yields `Request::Respond` with 400 or 431.
 pub fn parse(buf: &[u8], enable_echo: bool) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
@@ -60,51 +60,51 @@ pub fn parse(buf: &[u8], enable_echo: bool) -> Parsed {
         Ok(httparse::Status::Partial) if buf.len() < HEAD_BYTES_MAX => return Parsed::Partial,
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
             return Parsed::Complete {
-                route: Route::Respond(too_large()),
+                request: Request::Respond(too_large()),
                 head_len: buf.len(),
             }
         }
         Err(_) => {
             return Parsed::Complete {
-                route: Route::Respond(bad_request()),
+                request: Request::Respond(bad_request()),
                 head_len: buf.len(),
             }
         }
     };
     if head_len > HEAD_BYTES_MAX {
         return Parsed::Complete {
-            route: Route::Respond(too_large()),
+            request: Request::Respond(too_large()),
             head_len,
         };
     }
     Parsed::Complete {
-        route: route(&request, enable_echo),
+        request: classify(&request, enable_echo),
         head_len,
     }
 }
 
-fn route(request: &httparse::Request, enable_echo: bool) -> Route {
+fn classify(request: &httparse::Request, enable_echo: bool) -> Request {
     // httparse only completes with both present.
     let (Some(method), Some(path)) = (request.method, request.path) else {
-        return Route::Respond(bad_request());
+        return Request::Respond(bad_request());
     };
-    // The query string plays no part in routing.
+    // The query string plays no part in choosing the endpoint (only /dev/token reads it).
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    if let Some(route) = web::route(request, path, query) {
-        return route;
+    if let Some(request) = web::classify(request, path, query) {
+        return request;
     }
     let endpoint = match path {
         "/ws" => Endpoint::App,
         "/echo" if enable_echo => Endpoint::Echo,
         // Load balancers probe with HEAD as often as with GET.
-        "/healthz" if method == "HEAD" => return Route::Healthz { head: true },
-        "/healthz" | "/metrics" if method != "GET" => return Route::Respond(not_allowed()),
-        "/healthz" => return Route::Healthz { head: false },
-        "/metrics" => return Route::Metrics,
-        _ => return Route::Respond(not_found()),
+        "/healthz" if method == "HEAD" => return Request::Healthz { head: true },
+        "/healthz" | "/metrics" if method != "GET" => return Request::Respond(not_allowed()),
+        "/healthz" => return Request::Healthz { head: false },
+        "/metrics" => return Request::Metrics,
+        _ => return Request::Respond(not_found()),
     };
     if method != "GET" || request.version != Some(1) {
-        return Route::Respond(bad_request());
+        return Request::Respond(bad_request());
     }
     let header = |name: &str| {
         request
@@ -117,18 +117,18 @@ fn route(request: &httparse::Request, enable_echo: bool) -> Route {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Route::Respond(upgrade_required());
+        return Request::Respond(upgrade_required());
     }
     if header("sec-websocket-version").map(str::trim) != Some("13") {
-        return Route::Respond(upgrade_required());
+        return Request::Respond(upgrade_required());
     }
     // The key is 16 random bytes in base64 (RFC 6455 §4.1): 24 characters.
     match header("sec-websocket-key").map(str::trim) {
-        Some(key) if key.len() == 24 => Route::Upgrade {
+        Some(key) if key.len() == 24 => Request::Upgrade {
             endpoint,
             key: key.to_owned(),
         },
-        _ => Route::Respond(bad_request()),
+        _ => Request::Respond(bad_request()),
     }
 }
 
@@ -217,19 +217,19 @@ mod tests {
         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n\
         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
-    fn route_of(req: &str, enable_echo: bool) -> Route {
+    fn request_of(req: &str, enable_echo: bool) -> Request {
         match parse(req.as_bytes(), enable_echo) {
-            Parsed::Complete { route, head_len } => {
+            Parsed::Complete { request, head_len } => {
                 assert_eq!(head_len, req.len());
-                route
+                request
             }
             Parsed::Partial => panic!("partial"),
         }
     }
 
-    fn status(route: Route) -> String {
-        match route {
-            Route::Respond(b) => String::from_utf8_lossy(&b[..12]).into_owned(),
+    fn status(request: Request) -> String {
+        match request {
+            Request::Respond(b) => String::from_utf8_lossy(&b[..12]).into_owned(),
             other => panic!("not a response: {other:?}"),
         }
     }
@@ -237,8 +237,8 @@ mod tests {
     #[test]
     fn head_of_healthz_answers_without_a_body() {
         assert_eq!(
-            route_of("HEAD /healthz HTTP/1.1\r\n\r\n", false),
-            Route::Healthz { head: true }
+            request_of("HEAD /healthz HTTP/1.1\r\n\r\n", false),
+            Request::Healthz { head: true }
         );
         let answer = head_only(draining());
         assert!(answer.starts_with(b"HTTP/1.1 503"));
@@ -246,41 +246,41 @@ mod tests {
     }
 
     #[test]
-    fn routes_upgrades_and_plain_requests() {
+    fn classifies_upgrades_and_plain_requests() {
         assert_eq!(
-            route_of(UPGRADE, false),
-            Route::Upgrade {
+            request_of(UPGRADE, false),
+            Request::Upgrade {
                 endpoint: Endpoint::App,
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into()
             }
         );
         let echo = UPGRADE.replace("/ws", "/echo");
         assert!(matches!(
-            route_of(&echo, true),
-            Route::Upgrade {
+            request_of(&echo, true),
+            Request::Upgrade {
                 endpoint: Endpoint::Echo,
                 ..
             }
         ));
-        assert_eq!(status(route_of(&echo, false)), "HTTP/1.1 404");
+        assert_eq!(status(request_of(&echo, false)), "HTTP/1.1 404");
         assert_eq!(
-            route_of("GET /healthz HTTP/1.1\r\n\r\n", false),
-            Route::Healthz { head: false }
+            request_of("GET /healthz HTTP/1.1\r\n\r\n", false),
+            Request::Healthz { head: false }
         );
         assert_eq!(
-            route_of("GET /metrics?x=1 HTTP/1.1\r\n\r\n", false),
-            Route::Metrics
+            request_of("GET /metrics?x=1 HTTP/1.1\r\n\r\n", false),
+            Request::Metrics
         );
         assert_eq!(
-            status(route_of("GET /nope HTTP/1.1\r\n\r\n", false)),
+            status(request_of("GET /nope HTTP/1.1\r\n\r\n", false)),
             "HTTP/1.1 404"
         );
         assert_eq!(
-            status(route_of("GET /ws HTTP/1.1\r\n\r\n", false)),
+            status(request_of("GET /ws HTTP/1.1\r\n\r\n", false)),
             "HTTP/1.1 426"
         );
         let no_key = UPGRADE.replace("Sec-WebSocket-Key", "X-Key");
-        assert_eq!(status(route_of(&no_key, false)), "HTTP/1.1 400");
+        assert_eq!(status(request_of(&no_key, false)), "HTTP/1.1 400");
     }
 
     #[test]
@@ -288,11 +288,11 @@ mod tests {
         assert_eq!(parse(&UPGRADE.as_bytes()[..30], false), Parsed::Partial);
         let long = format!("GET /ws HTTP/1.1\r\nX: {}\r\n", "a".repeat(HEAD_BYTES_MAX));
         match parse(long.as_bytes(), false) {
-            Parsed::Complete { route, .. } => assert_eq!(status(route), "HTTP/1.1 431"),
+            Parsed::Complete { request, .. } => assert_eq!(status(request), "HTTP/1.1 431"),
             Parsed::Partial => panic!("an overlong head must be refused"),
         }
         match parse(b"\x16\x03\x01garbage\r\n\r\n", false) {
-            Parsed::Complete { route, .. } => assert_eq!(status(route), "HTTP/1.1 400"),
+            Parsed::Complete { request, .. } => assert_eq!(status(request), "HTTP/1.1 400"),
             Parsed::Partial => panic!("garbage must be refused"),
         }
     }

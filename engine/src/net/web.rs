@@ -13,7 +13,7 @@ use bytes::Bytes;
 use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{ShopId, Uid, UidKind};
 
-use super::http::{self, Route};
+use super::http::{self, Request};
 
 /// How long a token from `/dev/token` is valid; the page asks for a new one when it expires.
 const DEV_TOKEN_TTL_S: u64 = 3600;
@@ -70,7 +70,7 @@ pub struct TokenRequest {
 }
 
 /// Routes the web chat's paths; `None` for every other path.
-pub fn route(request: &httparse::Request, path: &str, query: &str) -> Option<Route> {
+pub fn classify(request: &httparse::Request, path: &str, query: &str) -> Option<Request> {
     let method = request.method?;
     let route = if path == "/dev/token" {
         let host = request
@@ -78,15 +78,15 @@ pub fn route(request: &httparse::Request, path: &str, query: &str) -> Option<Rou
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("host"))
             .and_then(|h| std::str::from_utf8(h.value).ok());
-        Route::DevToken(TokenRequest {
+        Request::DevToken(TokenRequest {
             query: query.to_owned(),
             loopback_host: host.is_some_and(is_loopback_host),
         })
     } else {
-        Route::Asset(ASSETS.iter().find(|a| a.path == path)?)
+        Request::Asset(ASSETS.iter().find(|a| a.path == path)?)
     };
     if method != "GET" {
-        return Some(Route::Respond(http::response(
+        return Some(Request::Respond(http::response(
             "405 Method Not Allowed",
             "text/plain",
             b"method not allowed\n",

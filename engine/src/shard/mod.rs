@@ -1,19 +1,22 @@
 //! A shard: one thread, one `mio::Poll`, one listener, one slab of sessions.
 //!
 //! A shard owns its sockets outright; no other thread touches them. Work from other threads
-//! arrives in the shard's [`Mailbox`](mailbox::Mailbox), drained once per loop turn.
+//! arrives in the shard's [`Mailbox`](crate::bus::mailbox::Mailbox), drained once per loop turn.
 //!
 //! One loop turn:
 //! 1. wait for events (or until the next timer sweep);
 //! 2. accept new connections until `WouldBlock`; read each readable session, handling every
 //!    whole frame — replies only go into the session's outbox and mark it dirty;
-//! 3. drain the mailbox (frames for sessions of this shard);
+//! 3. drain the mailbox (bus messages: requests for this shard as an owner, replies and pushes
+//!    for its sessions), then commit the owner's log and send what the commit released;
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
 //!    socket leaves in one system call (write corking);
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
-pub mod mailbox;
+pub mod app;
+pub mod context;
+pub mod local;
 pub mod outbox;
 pub mod session;
 
@@ -25,12 +28,13 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::node::Node;
-use crate::ops::metrics::{self, ShardMetrics};
-use crate::route::owner::{self, Outgoing, Owner};
-use crate::route::{owner_of, LocalDevice, LocalDevices, Request, Routed};
-use chinwag_protocol::ErrorCode;
-use mailbox::ShardMsg;
+use crate::bus::post::{Post, PostOffice};
+use crate::bus::{owner_of, BusMsg, SessionRef};
+use crate::logic::{self, Owner};
+use crate::operator::metrics;
+use crate::operator::NodeState;
+use context::Context;
+use local::{LocalDevice, LocalDevices};
 use session::Session;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -47,66 +51,9 @@ const EVENTS_PER_TURN: usize = 128;
 /// Mailbox messages handled per loop turn, so a flood from other shards cannot starve sockets.
 const MAILBOX_BATCH: usize = 4096;
 
-/// The limits a session checks, copied out of the config for quick access.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub enable_echo: bool,
-    pub frame_bytes_max: usize,
-    pub message_bytes_max: usize,
-    pub send_queue_bytes_max: usize,
-    pub messages_per_s_max: u32,
-    pub connections_per_shard_max: usize,
-    pub handshake_timeout_ms: u64,
-    pub idle_timeout_ms: u64,
-    pub close_timeout_ms: u64,
-}
-
-impl Limits {
-    /// How long one full pass of the timeout sweep over the slab takes: short enough that a
-    /// timeout fires within a fraction of its length.
-    fn sweep_pass_ms(&self) -> u64 {
-        let shortest = self
-            .handshake_timeout_ms
-            .min(self.idle_timeout_ms)
-            .min(self.close_timeout_ms);
-        (shortest / 4).clamp(10, 1000)
-    }
-}
-
 /// A pass is done in ticks of at most this long, each checking its share of the slab, so a
 /// shard of half a million connections never stalls a turn for a whole pass.
 const SWEEP_TICK_MS: u64 = 50;
-
-/// What a session may use of its shard while it handles an event.
-pub struct Context {
-    pub shard_id: usize,
-    pub node: Arc<Node>,
-    pub limits: Limits,
-    /// Milliseconds since the shard started, read once per loop turn.
-    pub now_ms: u64,
-    /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
-    pub unix_ms: u64,
-    /// Work for owner shards (this one included) posted during the turn.
-    outgoing: Vec<(usize, ShardMsg)>,
-    /// Sessions with output queued this turn.
-    dirty: Vec<Token>,
-    /// Sessions that used their read budget and may have more to read.
-    read_again: Vec<Token>,
-}
-
-impl Context {
-    pub fn metrics(&self) -> &ShardMetrics {
-        &self.node.metrics[self.shard_id]
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.node.is_draining()
-    }
-
-    pub fn render_metrics(&self) -> String {
-        self.node.render_metrics()
-    }
-}
 
 pub struct Shard {
     poll: Poll,
@@ -117,7 +64,7 @@ pub struct Shard {
     /// This shard's part of the routing table: its logged-in sessions by user.
     local: LocalDevices,
     /// Mailbox messages taken this turn, handled after the drain.
-    inbox: Vec<ShardMsg>,
+    inbox: Vec<BusMsg>,
     rbuf: Box<[u8]>,
     ctx: Context,
     next_generation: u32,
@@ -128,28 +75,18 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard with its `poll` (whose waker is in `node.mailboxes[shard_id]`) and listener.
+    /// A shard with its `poll` (whose waker is in `office.mailbox(shard_id)`) and listener.
     pub fn new(
         shard_id: usize,
-        node: Arc<Node>,
+        node: Arc<NodeState>,
+        office: Arc<PostOffice>,
         poll: Poll,
         mut listener: TcpListener,
         owner: Owner,
     ) -> io::Result<Shard> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let config = &node.config;
-        let limits = Limits {
-            enable_echo: config.enable_echo,
-            frame_bytes_max: config.frame_bytes_max,
-            message_bytes_max: config.message_bytes_max,
-            send_queue_bytes_max: config.send_queue_bytes_max,
-            messages_per_s_max: config.messages_per_s_max,
-            connections_per_shard_max: config.connections_per_shard_max,
-            handshake_timeout_ms: config.handshake_timeout_ms,
-            idle_timeout_ms: config.idle_timeout_ms,
-            close_timeout_ms: config.close_timeout_ms,
-        };
+        let ws_limits = context::ws_limits(&node.config);
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -161,10 +98,10 @@ impl Shard {
             ctx: Context {
                 shard_id,
                 node,
-                limits,
+                post: Post::new(shard_id, office),
+                ws_limits,
                 now_ms: 0,
-                unix_ms: owner::unix_ms(),
-                outgoing: Vec::new(),
+                unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
             },
@@ -178,7 +115,7 @@ impl Shard {
     /// Runs the loop until the node has drained. Returns an error only if polling fails.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_PER_TURN);
-        let sweep_pass_ms = self.ctx.limits.sweep_pass_ms();
+        let sweep_pass_ms = context::sweep_pass_ms(&self.ctx.ws_limits);
         let sweep_tick_ms = sweep_pass_ms.min(SWEEP_TICK_MS);
         let mut next_sweep_ms = sweep_tick_ms;
         let mut drained = false;
@@ -203,7 +140,7 @@ impl Shard {
             }
             let turn_start = Instant::now();
             self.ctx.now_ms = turn_start.duration_since(self.started).as_millis() as u64;
-            self.ctx.unix_ms = owner::unix_ms();
+            self.ctx.unix_ms = logic::unix_ms();
 
             for token in std::mem::take(&mut self.ctx.read_again) {
                 self.on_readable(token, false);
@@ -224,7 +161,7 @@ impl Shard {
                 }
             }
             self.drain_mailbox();
-            self.route_and_commit();
+            self.send_and_commit();
             if self.ctx.now_ms >= next_sweep_ms {
                 self.publish_log_metrics();
             }
@@ -260,11 +197,12 @@ impl Shard {
             if drained && self.sessions.is_empty() && !shard_drained {
                 shard_drained = true;
                 self.ctx.node.shard_drained(self.ctx.shard_id);
+                self.ctx.post.office().wake_all();
             }
             if shard_drained && self.ctx.node.all_drained() {
                 // Whatever the last sessions posted (their logouts) is handled, then the log
                 // is flushed and snapshotted so the next start replays little.
-                self.route_and_commit();
+                self.send_and_commit();
                 let store = self.owner.store_mut();
                 if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
                     tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
@@ -299,7 +237,7 @@ impl Shard {
                 }
             };
             let m = self.ctx.metrics();
-            if self.sessions.len() >= self.ctx.limits.connections_per_shard_max {
+            if self.sessions.len() >= self.ctx.node.config.connections_per_shard_max {
                 // Dropping the stream closes it: the cheapest refusal, and the client sees it.
                 metrics::add(&m.connections_refused, 1);
                 continue;
@@ -362,9 +300,7 @@ impl Shard {
     }
 
     fn drain_mailbox(&mut self) {
-        let node = Arc::clone(&self.ctx.node);
-        let inbox = &mut self.inbox;
-        node.mailboxes[self.ctx.shard_id].drain(MAILBOX_BATCH, |msg| inbox.push(msg));
+        self.ctx.post.receive(MAILBOX_BATCH, &mut self.inbox);
         metrics::add(
             &self.ctx.metrics().mailbox_messages,
             self.inbox.len() as u64,
@@ -377,28 +313,19 @@ impl Shard {
         self.inbox = inbox;
     }
 
-    /// Delivers the turn's posted work (to this shard's owner or through other shards'
+    /// Sends the turn's posted messages (to this shard's owner or through other shards'
     /// mailboxes), then commits the owner's log and sends what the commit released. Handling
     /// a released message can post more (a completed login tells the shop's dispatcher), so
     /// this goes round until nothing is left.
-    fn route_and_commit(&mut self) {
+    fn send_and_commit(&mut self) {
         loop {
-            let posted = std::mem::take(&mut self.ctx.outgoing);
-            for (shard, msg) in posted {
+            for (shard, msg) in self.ctx.post.take() {
                 self.deliver(shard, msg);
             }
-            for out in self.owner.commit() {
-                match out {
-                    Outgoing::To(shard, msg) => self.deliver(shard, msg),
-                    Outgoing::All(fanout) => {
-                        for shard in 0..self.ctx.shards() {
-                            let msg = ShardMsg::Routed(Routed::Fanout(Arc::clone(&fanout)));
-                            self.deliver(shard, msg);
-                        }
-                    }
-                }
+            for (shard, msg) in self.owner.commit() {
+                self.deliver(shard, msg);
             }
-            if self.ctx.outgoing.is_empty() {
+            if self.ctx.post.is_empty() {
                 return;
             }
         }
@@ -419,40 +346,21 @@ impl Shard {
         set(&m.log_segment_bytes, stats.segment_bytes);
     }
 
-    fn deliver(&mut self, shard: usize, msg: ShardMsg) {
-        if shard == self.ctx.shard_id {
-            return self.handle(msg);
-        }
-        if let Err(msg) = self.ctx.node.mailboxes[shard].send(msg) {
-            // The other shard is far behind; shedding this message is the bounded choice. A
-            // client request posted from here is answered `unavailable`; a lost push is
-            // repaired by `history`.
-            metrics::add(&self.ctx.metrics().mailbox_full_drops, 1);
-            if let ShardMsg::Routed(Routed::Request(request)) = msg {
-                if let Some(origin) = request.origin() {
-                    let error =
-                        origin.error(ErrorCode::Unavailable, "the owner shard is overloaded");
-                    self.handle(ShardMsg::Send {
-                        to: origin.session,
-                        frame: error,
-                    });
-                }
-            }
+    fn deliver(&mut self, shard: usize, msg: BusMsg) {
+        if let Some(msg) = self.ctx.post.send(shard, msg, self.ctx.metrics()) {
+            self.handle(msg);
         }
     }
 
     /// Acts on one message for this shard.
-    fn handle(&mut self, msg: ShardMsg) {
+    fn handle(&mut self, msg: BusMsg) {
         match msg {
-            ShardMsg::Send { to, frame } => {
+            BusMsg::Deliver { to, ws_message } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.send(frame, &mut self.ctx);
+                    session.send(ws_message, &mut self.ctx);
                 }
             }
-            ShardMsg::Routed(Routed::Request(request)) => {
-                self.owner.handle(*request, self.ctx.unix_ms);
-            }
-            ShardMsg::Routed(Routed::Fanout(fanout)) => {
+            BusMsg::Push(fanout) => {
                 for uid in &fanout.users {
                     for d in self.local.of(*uid) {
                         if Some(d.device) == fanout.except {
@@ -461,30 +369,31 @@ impl Shard {
                         // The table and the slab change together (login, `remove`).
                         if let Some(session) = self.sessions.get_mut(d.slot as usize) {
                             if session.generation() == d.generation {
-                                session.send(fanout.frame(d.encoding).clone(), &mut self.ctx);
+                                session.send(fanout.ws_message(d.encoding).clone(), &mut self.ctx);
                                 metrics::add(&self.ctx.metrics().pushes_delivered, 1);
                             }
                         }
                     }
                 }
             }
-            ShardMsg::Routed(Routed::Registered {
+            BusMsg::Registered {
                 session: to,
                 uid,
                 device,
-            }) => {
+            } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
-                        session.on_registered(device, &mut self.ctx)
+                        let ctx = &mut self.ctx;
+                        session.with_app(|app, s| app.on_registered(device, s, ctx))
                     }
                     _ => false,
                 };
                 match (completed, device) {
                     (true, Some(device)) => self.logged_in(to, uid, device),
                     // The session ended while its device was being registered.
-                    (false, Some(device)) => self.ctx.post(
+                    (false, Some(device)) => self.ctx.post.to(
                         owner_of(&uid, self.ctx.shards()),
-                        Request::Unregister {
+                        BusMsg::Unregister {
                             session: to,
                             uid,
                             device,
@@ -493,20 +402,24 @@ impl Shard {
                     _ => {}
                 }
             }
-            ShardMsg::Routed(Routed::Kick { session: to }) => {
+            BusMsg::Kick { session: to } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.kick(&mut self.ctx);
+                    let ctx = &mut self.ctx;
+                    session.with_app(|app, s| app.kick(s, ctx));
                 }
             }
-            ShardMsg::Routed(Routed::ConvsPart {
+            BusMsg::ConvsPart {
                 session: to,
                 req,
                 convs,
-            }) => {
+            } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.on_convs_part(req, convs, &mut self.ctx);
+                    let ctx = &mut self.ctx;
+                    session.with_app(|app, s| app.on_convs_part(req, convs, s, ctx));
                 }
             }
+            // Everything else is for this shard as an owner.
+            request => self.owner.handle(request, self.ctx.unix_ms),
         }
     }
 
@@ -514,14 +427,14 @@ impl Shard {
     /// agent's shop.
     fn logged_in(
         &mut self,
-        to: mailbox::SessionRef,
+        to: SessionRef,
         uid: chinwag_protocol::Uid,
         device: chinwag_protocol::DeviceId,
     ) {
         let Some(session) = self.sessions.get(to.slot as usize) else {
             return;
         };
-        let Some((_, _, shop, encoding)) = session.logged_in() else {
+        let Some((_, _, shop, encoding)) = session.app().logged_in() else {
             return;
         };
         metrics::add(&self.ctx.metrics().sessions_logged_in, 1);
@@ -536,9 +449,9 @@ impl Shard {
         );
         if let Some(shop) = shop {
             let shards = self.ctx.shards();
-            self.ctx.post(
+            self.ctx.post.to(
                 owner_of(&shop, shards),
-                Request::AgentOnline { shop, agent: uid },
+                BusMsg::AgentOnline { shop, agent: uid },
             );
         }
     }
@@ -590,34 +503,34 @@ impl Shard {
     fn remove(&mut self, token: Token) {
         // Dropping the stream closes the socket, which also takes it out of the epoll set.
         let session = self.sessions.remove(token.0);
-        if let Some((uid, device, shop, _)) = session.logged_in() {
+        if let Some((uid, device, shop, _)) = session.app().logged_in() {
             let me = session.session_ref(self.ctx.shard_id as u32);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
             let shards = self.ctx.shards();
-            self.ctx.post(
+            self.ctx.post.to(
                 owner_of(&uid, shards),
-                Request::Unregister {
+                BusMsg::Unregister {
                     session: me,
                     uid,
                     device,
                 },
             );
             if let Some(shop) = shop {
-                self.ctx.post(
+                self.ctx.post.to(
                     owner_of(&shop, shards),
-                    Request::AgentOffline { shop, agent: uid },
+                    BusMsg::AgentOffline { shop, agent: uid },
                 );
             }
         }
         let m = self.ctx.metrics();
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
-        m.closed(session.close_reason);
+        m.closed(session.close_reason());
         tracing::debug!(
             shard = self.ctx.shard_id,
             slot = token.0,
-            reason = session.close_reason.label(),
+            reason = session.close_reason().label(),
             "closed"
         );
     }
@@ -634,10 +547,10 @@ fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Optio
 mod tests {
     use std::io::{Read, Write};
 
-    use super::mailbox::{Mailbox, SessionRef};
     use super::*;
-    use crate::net::frame::{self, Opcode};
-    use crate::ops::config::Config;
+    use crate::bus::mailbox::Mailbox;
+    use crate::net::ws::frame::{self, Opcode};
+    use crate::operator::config::Config;
 
     /// A frame handed to the shard's mailbox by another thread reaches the right session, and
     /// a frame addressed to an earlier session of the same slot is dropped.
@@ -645,16 +558,21 @@ mod tests {
     fn mailbox_frames_reach_their_session_only() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-        let node = Arc::new(Node::new(
-            Config::default(),
-            b"secret".to_vec(),
-            vec![Mailbox::new(16, waker)],
-        ));
+        let node = Arc::new(NodeState::new(Config::default(), b"secret".to_vec(), 1));
+        let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let owner = Owner::for_tests(0, dir.path());
-        let shard = Shard::new(0, Arc::clone(&node), poll, listener, owner).unwrap();
+        let owner = Owner::for_tests(0, 1, dir.path());
+        let shard = Shard::new(
+            0,
+            Arc::clone(&node),
+            Arc::clone(&office),
+            poll,
+            listener,
+            owner,
+        )
+        .unwrap();
         let thread = std::thread::spawn(move || shard.run());
 
         let mut client = std::net::TcpStream::connect(addr).unwrap();
@@ -686,24 +604,25 @@ mod tests {
             slot: 0,
             generation: 1,
         };
-        let mailbox = &node.mailboxes[0];
+        let mailbox = office.mailbox(0);
         mailbox
-            .send(ShardMsg::Send {
+            .send(BusMsg::Deliver {
                 to: stale,
-                frame: frame::encode(Opcode::Text, b"not for you"),
+                ws_message: frame::encode(Opcode::Text, b"not for you"),
             })
             .unwrap();
         mailbox
-            .send(ShardMsg::Send {
+            .send(BusMsg::Deliver {
                 to: live,
-                frame: frame::encode(Opcode::Text, b"pushed"),
+                ws_message: frame::encode(Opcode::Text, b"pushed"),
             })
             .unwrap();
         let mut received = [0u8; 8];
         client.read_exact(&mut received).unwrap();
         assert_eq!(&received, b"\x81\x06pushed");
 
-        node.drain();
+        node.start_drain();
+        office.wake_all();
         let mut close = [0u8; 4];
         client.read_exact(&mut close).unwrap();
         assert_eq!(close[..2], [0x88, 12]);

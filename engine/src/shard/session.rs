@@ -1,6 +1,7 @@
-//! One client connection: its socket, where it is in its life (HTTP request, open WebSocket,
-//! closing), the bytes of a partial frame if it holds one, a message being reassembled, and
-//! its outbound queue.
+//! One client connection's I/O: its socket, the bytes of a partial frame if it holds one, its
+//! outbound queue, and the turn's bookkeeping (dirty, read again). What the bytes mean is the
+//! [`Connection`]'s business (net::ws, without I/O); what the messages of `/ws` mean is the
+//! [`App`]'s.
 //!
 //! A session owns no read buffer: the shard reads into its own buffer and lends it here. Only
 //! a session whose read ended inside a frame (or an HTTP head) keeps those bytes, in
@@ -14,16 +15,15 @@ use bytes::Bytes;
 use mio::net::TcpStream;
 use mio::Token;
 
-use super::mailbox::SessionRef;
+use super::app::{App, Link};
+use super::context::Context;
 use super::outbox::{self, Outbox};
-use super::Context;
-use crate::net::frame::{self, CloseRequest, FrameError, Opcode, Utf8Check};
-use crate::net::http::{self, Endpoint, Parsed, Route};
+use crate::bus::SessionRef;
+use crate::net::http::{self, Endpoint};
 use crate::net::web;
-use crate::ops::metrics::{self, CloseReason};
-
-mod protocol;
-pub use protocol::CLOSE_KICKED;
+use crate::net::ws::connection::{CloseReason, Connection, Event, Timer};
+use crate::net::ws::frame::{self, Opcode};
+use crate::operator::metrics;
 
 /// Reads one session may do in one loop turn before the shard moves on to others; the rest
 /// waits for the next turn, so a fast sender cannot starve its neighbours.
@@ -35,62 +35,22 @@ const READS_PER_TURN: usize = 16;
 pub const CARRY_BYTES_MAX: usize = 16 * 1024;
 const _: () = assert!(http::HEAD_BYTES_MAX < CARRY_BYTES_MAX);
 
-/// Where a connection is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Reading an HTTP request head.
-    Http,
-    /// An open WebSocket on an endpoint.
-    Open(Endpoint),
-    /// Nothing more will be sent but what is queued. Every closing connection is dropped after
-    /// `close_timeout_ms` at the latest.
-    Closing(Closing),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Closing {
-    /// We sent a close frame first and read on for the peer's close frame.
-    AwaitingClose,
-    /// Both close frames are exchanged: drop the connection once the queue is written (the
-    /// server closes TCP first, RFC 6455 §7.1.1).
-    Done,
-    /// A final HTTP answer, or a peer that broke framing while we awaited its close frame:
-    /// after the queue is written, shut the socket for writing and read (dropping the bytes)
-    /// until the peer's EOF, so closing never turns into a reset that destroys our last bytes
-    /// in flight.
-    Linger,
-}
-
-/// A fragmented message being put together.
-struct Reassembly {
-    opcode: Opcode,
-    payload: Vec<u8>,
-    utf8: Utf8Check,
-}
-
 pub struct Session {
     stream: TcpStream,
     slot: u32,
     generation: u32,
-    phase: Phase,
+    /// The protocol state: HTTP, WebSocket, closing; timers and rate limit.
+    conn: Connection,
     /// Bytes of an incomplete frame or HTTP head; empty and unallocated otherwise.
     inbound: Vec<u8>,
-    message: Option<Box<Reassembly>>,
     outbox: Outbox,
-    /// When the current timeout started: accept (handshake timeout), the last read (idle
-    /// timeout), or the start of closing (close timeout), in shard milliseconds.
-    timer_ms: u64,
-    rate_window_ms: u64,
-    rate_count: u32,
-    pub(super) close_reason: CloseReason,
     /// Already in the shard's list of sessions to flush this turn.
     dirty: bool,
-    /// Who the session is, once it sent `login` (boxed: most of a session's life is idle, and
-    /// an idle session should stay small).
-    login: Option<Box<protocol::LoginState>>,
     write_shut: bool,
     /// The peer's FIN was read while lingering: nothing more will come.
     peer_eof: bool,
+    /// The application protocol of `/ws`.
+    app: App,
 }
 
 /// What one `read` gave.
@@ -119,18 +79,13 @@ impl Session {
             // Fits: the slab never holds more than connections_per_shard_max <= u32::MAX.
             slot: slot as u32,
             generation,
-            phase: Phase::Http,
+            conn: Connection::new(now_ms),
             inbound: Vec::new(),
-            message: None,
             outbox: Outbox::default(),
-            timer_ms: now_ms,
-            rate_window_ms: now_ms,
-            rate_count: 0,
-            close_reason: CloseReason::PeerGone,
             dirty: false,
             write_shut: false,
-            login: None,
             peer_eof: false,
+            app: App::default(),
         }
     }
 
@@ -151,12 +106,36 @@ impl Session {
         self.outbox.len_bytes()
     }
 
+    /// Why the connection ended (or will).
+    pub fn close_reason(&self) -> CloseReason {
+        self.conn.close_reason
+    }
+
+    /// The endpoint of an open WebSocket.
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        self.conn.endpoint()
+    }
+
+    /// The application layer, read-only.
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    /// Lends the application layer and this session to `f`: the layer acts through the
+    /// session (sends, closes) while it is out.
+    pub fn with_app<R>(&mut self, f: impl FnOnce(&mut App, &mut Session) -> R) -> R {
+        let mut app = std::mem::take(&mut self.app);
+        let result = f(&mut app, self);
+        self.app = app;
+        result
+    }
+
     /// Reads what the socket has and handles every whole frame in it. `peer_closed` says the
     /// event also reported the peer's FIN, which a short read would otherwise leave unseen.
     /// Returns `true` if the connection is done.
     pub fn on_readable(&mut self, rbuf: &mut [u8], peer_closed: bool, ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
-            if matches!(self.phase, Phase::Closing(Closing::Linger | Closing::Done)) {
+            if self.conn.lingers() || self.conn.is_done() {
                 return self.discard_input(rbuf, ctx);
             }
             let carried = self.inbound.len();
@@ -172,7 +151,7 @@ impl Session {
                 let data = &mut rbuf[..carried + n];
                 let consumed = self.on_bytes(data, ctx);
                 let rest = &data[consumed..];
-                if rest.is_empty() || !self.reads_frames() {
+                if rest.is_empty() || !self.conn.reads_input() {
                     self.inbound = Vec::new();
                 } else {
                     self.inbound.clear();
@@ -198,7 +177,7 @@ impl Session {
                 buf.truncate(carried + n);
                 self.on_read(n, ctx);
                 let consumed = self.on_bytes(&mut buf, ctx);
-                if consumed < buf.len() && self.reads_frames() {
+                if consumed < buf.len() && self.conn.reads_input() {
                     buf.drain(..consumed);
                     self.inbound = buf;
                 }
@@ -215,24 +194,14 @@ impl Session {
         false
     }
 
-    /// Whether incoming bytes are still parsed as frames.
-    fn reads_frames(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Http | Phase::Open(_) | Phase::Closing(Closing::AwaitingClose)
-        )
-    }
-
     fn on_read(&mut self, n: usize, ctx: &mut Context) {
         metrics::add(&ctx.metrics().bytes_in, n as u64);
-        if let Phase::Open(_) = self.phase {
-            self.timer_ms = ctx.now_ms;
-        }
+        self.conn.on_input(ctx.now_ms);
     }
 
     /// Bytes still missing from the frame that starts `inbound`.
     fn missing_bytes(&self, ctx: &Context) -> usize {
-        match frame::parse_header(&self.inbound, ctx.limits.frame_bytes_max) {
+        match frame::parse_header(&self.inbound, ctx.ws_limits.frame_bytes_max) {
             Ok(Some(header)) => header.frame_len().saturating_sub(self.inbound.len()),
             // Cannot happen: more than CARRY_BYTES_MAX bytes hold a whole header, and it was
             // accepted when they were carried. Any positive answer keeps reading safely.
@@ -265,64 +234,51 @@ impl Session {
     /// incomplete HTTP head or frame.
     fn on_bytes(&mut self, data: &mut [u8], ctx: &mut Context) -> usize {
         let mut pos = 0;
-        if self.phase == Phase::Http {
-            match http::parse(data, ctx.limits.enable_echo) {
-                Parsed::Partial => return 0,
-                Parsed::Complete { route, head_len } => {
-                    pos = head_len;
-                    if !self.on_request(route, ctx) {
-                        return data.len();
+        while let Some((used, event)) = self.conn.read(&mut data[pos..], ctx.now_ms, &ctx.ws_limits)
+        {
+            pos += used;
+            if event.is_frame() {
+                metrics::add(&ctx.metrics().frames_in, 1);
+            }
+            match event {
+                Event::Request(request) => self.on_request(request, ctx),
+                Event::Frame => {}
+                Event::Message(opcode, payload) => self.on_message(opcode, &payload, ctx),
+                Event::RateLimited(opcode, payload) => {
+                    // Over messages_per_s_max: on /echo the message is dropped; on /ws it is
+                    // refused with `error` `rate_limited`.
+                    metrics::add(&ctx.metrics().messages_rate_limited, 1);
+                    if self.conn.endpoint() == Some(Endpoint::App) {
+                        self.with_app(|app, session| {
+                            app.on_rate_limited(opcode, &payload, session, ctx)
+                        });
                     }
                 }
+                Event::Reply(frame) => self.send(frame, ctx),
+                Event::Closing(frame) | Event::Invalid(frame) => self.on_closing(frame, ctx),
             }
         }
-        loop {
-            if !self.reads_frames() {
-                return data.len();
-            }
-            let rest = &mut data[pos..];
-            let header = match frame::parse_header(rest, ctx.limits.frame_bytes_max) {
-                Ok(Some(header)) if header.frame_len() <= rest.len() => header,
-                Ok(_) => return pos,
-                Err(e) => {
-                    self.fail(e, ctx);
-                    return data.len();
-                }
-            };
-            let payload = &mut rest[header.header_len..header.frame_len()];
-            pos += header.frame_len();
-            metrics::add(&ctx.metrics().frames_in, 1);
-            if self.phase == Phase::Closing(Closing::AwaitingClose) {
-                // Only the peer's close frame matters now; its payload is not checked, the
-                // connection ends either way.
-                if header.opcode == Opcode::Close {
-                    self.phase = Phase::Closing(Closing::Done);
-                    self.mark_dirty(ctx);
-                }
-                continue;
-            }
-            frame::unmask(payload, header.mask, 0);
-            if let Err(e) = self.on_frame(header.opcode, header.fin, payload, ctx) {
-                self.fail(e, ctx);
-            }
+        if self.conn.reads_input() {
+            pos
+        } else {
+            data.len()
         }
     }
 
-    /// Answers an HTTP request. Returns `true` if the connection is now a WebSocket.
-    fn on_request(&mut self, route: Route, ctx: &mut Context) -> bool {
+    /// Answers an HTTP request; an upgrade makes the connection a WebSocket.
+    fn on_request(&mut self, request: http::Request, ctx: &mut Context) {
         // Only the parser's own answers can say the request was malformed (a 400 from
         // /dev/token is about a well-formed request's query).
-        let from_parser = matches!(route, Route::Respond(_));
-        let answer = match route {
+        let from_parser = matches!(request, http::Request::Respond(_));
+        let answer = match request {
             // A node that is draining takes no new WebSocket: the client should go elsewhere.
-            Route::Upgrade { .. } if ctx.is_draining() => http::draining(),
-            Route::Upgrade { endpoint, key } => {
+            http::Request::Upgrade { .. } if ctx.is_draining() => http::draining(),
+            http::Request::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
-                self.phase = Phase::Open(endpoint);
-                self.timer_ms = ctx.now_ms;
-                return true;
+                self.conn.upgrade(endpoint, ctx.now_ms);
+                return;
             }
-            Route::Healthz { head } => {
+            http::Request::Healthz { head } => {
                 let answer = if ctx.is_draining() {
                     http::draining()
                 } else {
@@ -334,134 +290,46 @@ impl Session {
                     answer
                 }
             }
-            Route::Metrics => http::response(
+            http::Request::Metrics => http::response(
                 "200 OK",
                 "text/plain; version=0.0.4",
                 ctx.render_metrics().as_bytes(),
             ),
-            Route::Asset(asset) => web::serve(asset),
-            Route::DevToken(request) => web::dev_token(
+            http::Request::Asset(asset) => web::serve(asset),
+            http::Request::DevToken(request) => web::dev_token(
                 &request,
                 ctx.node.config.web_dev_tokens,
                 &ctx.node.jwt_secret,
                 ctx.unix_ms / 1000,
             ),
-            Route::Respond(answer) => answer,
+            http::Request::Respond(answer) => answer,
         };
         let malformed = from_parser
             && (answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431"));
         self.queue(answer, ctx);
-        self.phase = Phase::Closing(Closing::Linger);
-        self.timer_ms = ctx.now_ms;
-        self.close_reason = if malformed {
-            CloseReason::ProtocolError
-        } else {
-            CloseReason::HttpDone
-        };
-        false
+        self.conn.answered(malformed, ctx.now_ms);
     }
 
-    /// Handles one whole, unmasked frame.
-    fn on_frame(
-        &mut self,
-        opcode: Opcode,
-        fin: bool,
-        payload: &[u8],
-        ctx: &mut Context,
-    ) -> Result<(), FrameError> {
-        let message_bytes_max = ctx.limits.message_bytes_max;
-        match opcode {
-            Opcode::Text | Opcode::Binary => {
-                if self.message.is_some() {
-                    return Err(FrameError::Protocol);
-                }
-                if payload.len() > message_bytes_max {
-                    return Err(FrameError::TooLarge);
-                }
-                if fin {
-                    if opcode == Opcode::Text {
-                        std::str::from_utf8(payload).map_err(|_| FrameError::InvalidUtf8)?;
-                    }
-                    self.on_message(opcode, payload, ctx);
-                } else {
-                    let mut message = Box::new(Reassembly {
-                        opcode,
-                        payload: payload.to_vec(),
-                        utf8: Utf8Check::default(),
-                    });
-                    if opcode == Opcode::Text {
-                        message.utf8.feed(&message.payload, false)?;
-                    }
-                    self.message = Some(message);
-                }
-            }
-            Opcode::Continuation => {
-                let message = self.message.as_mut().ok_or(FrameError::Protocol)?;
-                if message.payload.len() + payload.len() > message_bytes_max {
-                    return Err(FrameError::TooLarge);
-                }
-                message.payload.extend_from_slice(payload);
-                if message.opcode == Opcode::Text {
-                    message.utf8.feed(&message.payload, fin)?;
-                }
-                if fin {
-                    if let Some(message) = self.message.take() {
-                        self.on_message(message.opcode, &message.payload, ctx);
-                    }
-                }
-            }
-            Opcode::Ping => self.send(frame::encode(Opcode::Pong, payload), ctx),
-            Opcode::Pong => {}
-            Opcode::Close => {
-                let code = match frame::parse_close(payload) {
-                    Ok(CloseRequest::Empty) => frame::CLOSE_NORMAL,
-                    Ok(CloseRequest::Code(code)) => code,
-                    Err(e) => {
-                        // A malformed close is still the peer's close: answer with the error
-                        // code and end the connection without waiting for another.
-                        self.fail(e, ctx);
-                        self.phase = Phase::Closing(Closing::Done);
-                        return Ok(());
-                    }
-                };
-                self.close(code, "", CloseReason::PeerClosed, ctx);
-                // Our reply completes the handshake.
-                self.phase = Phase::Closing(Closing::Done);
-            }
-        }
-        Ok(())
-    }
-
-    /// A whole message (text already checked to be UTF-8) arrived.
+    /// A whole message within the rate limit (text already checked to be UTF-8).
     fn on_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
-        if !self.take_rate_token(ctx) {
-            // Over messages_per_s_max: on /echo the message is dropped; on /ws it is refused
-            // with `error` `rate_limited`.
-            metrics::add(&ctx.metrics().messages_rate_limited, 1);
-            if self.phase == Phase::Open(Endpoint::App) {
-                self.on_app_rate_limited(opcode, payload, ctx);
+        match self.conn.endpoint() {
+            Some(Endpoint::Echo) => self.send(frame::encode(opcode, payload), ctx),
+            Some(Endpoint::App) => {
+                self.with_app(|app, session| app.on_message(opcode, payload, session, ctx))
             }
-            return;
-        }
-        match self.phase {
-            Phase::Open(Endpoint::Echo) => self.send(frame::encode(opcode, payload), ctx),
-            Phase::Open(Endpoint::App) => self.on_app_message(opcode, payload, ctx),
-            Phase::Http | Phase::Closing(_) => {}
+            None => {}
         }
     }
 
-    /// Fixed-window rate limit: at most `messages_per_s_max` messages per one-second window.
-    fn take_rate_token(&mut self, ctx: &Context) -> bool {
-        let max = ctx.limits.messages_per_s_max;
-        if max == 0 {
-            return true;
+    /// The connection started closing: queue its close frame, if any, and get flushed.
+    fn on_closing(&mut self, frame: Option<Bytes>, ctx: &mut Context) {
+        match frame {
+            Some(frame) => {
+                metrics::add(&ctx.metrics().frames_out, 1);
+                self.queue(frame, ctx);
+            }
+            None => self.mark_dirty(ctx),
         }
-        if ctx.now_ms.saturating_sub(self.rate_window_ms) >= 1000 {
-            self.rate_window_ms = ctx.now_ms;
-            self.rate_count = 0;
-        }
-        self.rate_count = self.rate_count.saturating_add(1);
-        self.rate_count <= max
     }
 
     /// Queues one encoded server frame (shared `Bytes`: a frame for many sessions is encoded
@@ -469,8 +337,10 @@ impl Session {
     /// queued for this session. A session over `send_queue_bytes_max` is closed with 1008 and
     /// its queue dropped, so a reader that falls behind cannot hold memory.
     pub fn send(&mut self, frame: Bytes, ctx: &mut Context) {
-        let Phase::Open(_) = self.phase else { return };
-        if self.outbox.len_bytes() + frame.len() > ctx.limits.send_queue_bytes_max {
+        if self.conn.endpoint().is_none() {
+            return;
+        }
+        if self.outbox.len_bytes() + frame.len() > ctx.node.config.send_queue_bytes_max {
             let dropped = self.outbox.clear();
             metrics::sub(&ctx.metrics().send_queue_bytes, dropped as u64);
             self.close(
@@ -500,36 +370,11 @@ impl Session {
 
     /// Starts the close handshake: queues a close frame with `code`; no frame is sent after it.
     pub fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context) {
-        match self.phase {
-            Phase::Closing(_) => return,
-            Phase::Open(_) => {
-                metrics::add(&ctx.metrics().frames_out, 1);
-                self.queue(frame::encode_close(code, reason), ctx);
-                self.phase = Phase::Closing(Closing::AwaitingClose);
-            }
-            Phase::Http => {
-                self.mark_dirty(ctx);
-                self.phase = Phase::Closing(Closing::Linger);
-            }
-        }
-        self.close_reason = why;
-        self.timer_ms = ctx.now_ms;
-        self.message = None;
-    }
-
-    fn fail(&mut self, error: FrameError, ctx: &mut Context) {
-        if self.phase == Phase::Closing(Closing::AwaitingClose) {
-            // The peer broke framing after our close frame: its close frame cannot be found
-            // any more, so stop parsing and wait for its EOF.
-            self.phase = Phase::Closing(Closing::Linger);
-            self.mark_dirty(ctx);
+        if self.conn.is_closing() {
             return;
         }
-        let why = match error {
-            FrameError::TooLarge => CloseReason::TooLarge,
-            FrameError::Protocol | FrameError::InvalidUtf8 => CloseReason::ProtocolError,
-        };
-        self.close(error.close_code(), "", why, ctx);
+        let frame = self.conn.close(code, reason, why, ctx.now_ms);
+        self.on_closing(frame, ctx);
     }
 
     /// Writes what is queued, in as few `writev` calls as the socket allows.
@@ -563,65 +408,67 @@ impl Session {
                 return false;
             }
         }
-        match self.phase {
-            Phase::Closing(Closing::Done) => return true,
-            Phase::Closing(Closing::Linger) if self.peer_eof => return true,
-            Phase::Closing(Closing::Linger) if !self.write_shut => {
+        if self.conn.is_done() {
+            return true;
+        }
+        if self.conn.lingers() {
+            if self.peer_eof {
+                return true;
+            }
+            if !self.write_shut {
                 self.write_shut = true;
                 // Our last byte is out: tell the peer with a FIN, then wait for its EOF.
                 let _ = self.stream.shutdown(Shutdown::Write);
             }
-            _ => {}
         }
         false
     }
 
     /// Whether a writable event has work to do.
     pub fn wants_flush(&self) -> bool {
-        !self.outbox.is_empty()
-            || matches!(self.phase, Phase::Closing(Closing::Done | Closing::Linger))
+        !self.outbox.is_empty() || self.conn.is_done() || self.conn.lingers()
     }
 
     /// Checks this session's timeout at `ctx.now_ms`. Returns `true` if the connection is done.
     pub fn on_timer(&mut self, ctx: &mut Context) -> bool {
-        let limits = &ctx.limits;
-        let elapsed_ms = ctx.now_ms.saturating_sub(self.timer_ms);
-        match self.phase {
-            Phase::Http if elapsed_ms >= limits.handshake_timeout_ms => {
-                self.close_reason = CloseReason::HandshakeTimeout;
-                true
-            }
-            Phase::Open(_) if elapsed_ms >= limits.idle_timeout_ms => {
-                self.close(
-                    frame::CLOSE_NORMAL,
-                    "idle timeout",
-                    CloseReason::IdleTimeout,
-                    ctx,
-                );
-                false
-            }
-            Phase::Closing(_) => elapsed_ms >= limits.close_timeout_ms,
-            _ => false,
-        }
+        let timer = self.conn.on_timer(ctx.now_ms, &ctx.ws_limits);
+        self.on_timer_outcome(timer, ctx)
     }
 
     /// The node is shutting down. Returns `true` if the connection is done.
     pub fn on_drain(&mut self, ctx: &mut Context) -> bool {
-        match self.phase {
-            // Still in its request: it gets its answer (503 for an upgrade), as connections
-            // accepted during the drain do; the handshake timeout bounds it.
-            Phase::Http => false,
-            Phase::Open(_) => {
-                self.close(
-                    frame::CLOSE_GOING_AWAY,
-                    "going away",
-                    CloseReason::Drain,
-                    ctx,
-                );
+        let timer = self.conn.on_drain(ctx.now_ms);
+        self.on_timer_outcome(timer, ctx)
+    }
+
+    /// Returns `true` if the connection is done.
+    fn on_timer_outcome(&mut self, timer: Timer, ctx: &mut Context) -> bool {
+        match timer {
+            Timer::Keep => false,
+            Timer::Close(frame) => {
+                self.on_closing(Some(frame), ctx);
                 false
             }
-            Phase::Closing(_) => false,
+            Timer::Drop => true,
         }
+    }
+}
+
+impl Link for Session {
+    fn send(&mut self, ws_message: Bytes, ctx: &mut Context) {
+        Session::send(self, ws_message, ctx);
+    }
+
+    fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context) {
+        Session::close(self, code, reason, why, ctx);
+    }
+
+    fn session_ref(&self, shard: u32) -> SessionRef {
+        Session::session_ref(self, shard)
+    }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        Session::endpoint(self)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The store's only OS-specific and `unsafe` code: preallocation, memory maps, directory sync,
 //! the data directory lock.
+#![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::time::{Duration, Instant};
 
-use chinwag_protocol::{Frame, Message, Send, ShopId, Target, Uid, UidKind};
+use chinwag_protocol::{Frame, Message, ShopId, Target, Uid, UidKind};
 use clap::Args;
 
 use crate::check::{SeqTrack, Violation, Violations};
@@ -131,7 +131,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         in_flight.push_back((next_req, now_ns));
         writer.send(&Frame::with_req(
             next_req,
-            Message::Send(Send {
+            Message::Send(chinwag_protocol::Send {
                 target: Target::Conv(conv),
                 cmid: cmid.as_str().into(),
                 kind: "text".into(),

@@ -10,8 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use chinwag_protocol::client::{Client, ClientError, Encoding as ClientEncoding};
-use chinwag_protocol::{ConvId, DeviceType, Message, Send, ShopId, Target, Uid};
+use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::{ConvId, DeviceType, Message, ShopId, Target, Uid};
 
 use crate::scenarios::Common;
 
@@ -30,9 +30,9 @@ pub fn build(
 ) -> Result<(ConvId, u64), String> {
     let url = format!("ws://{}{}", common.addr, common.path);
     let encoding = if common.json {
-        ClientEncoding::Json
+        Encoding::Json
     } else {
-        ClientEncoding::Binary
+        Encoding::Binary
     };
     let err = |what: &str, e: ClientError| format!("building {shop}: {what}: {e}");
     let mut buyer_conn = Client::connect(&url, encoding).map_err(|e| err("connect", e))?;
@@ -51,7 +51,7 @@ pub fn build(
                 return Err(format!("building {shop}: timed out after {k} agents"));
             }
             let reply = buyer_conn
-                .call(Message::Send(Send {
+                .call(Message::Send(chinwag_protocol::Send {
                     target: Target::Shop(shop),
                     cmid: format!("build-{k}-{attempt}").into(),
                     kind: "text".into(),

@@ -94,12 +94,9 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_LARGE: u16 = 1009;
-pub const CLOSE_INTERNAL: u16 = 1011;
 
 /// The longest header a server frame needs: 2 bytes plus an 8-byte extended length.
 pub const SERVER_HEADER_MAX: usize = 10;
-/// The longest header a client frame has: a server header plus a 4-byte mask.
-pub const CLIENT_HEADER_MAX: usize = 14;
 
 /// Parses the header at the start of `buf`.
 ///

@@ -7,33 +7,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 
-use crate::route::Routed;
+use crate::bus::BusMsg;
 
-/// Where a session lives: its shard, its slab slot, and the generation that tells it apart
-/// from a later session in the same slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionRef {
-    pub shard: u32,
-    pub slot: u32,
-    pub generation: u32,
-}
-
-/// Work for a shard.
-#[derive(Debug)]
-pub enum ShardMsg {
-    /// Queue an already encoded server frame on a session of this shard (a push or a fan-out
-    /// from another shard). Dropped if the session is gone.
-    Send { to: SessionRef, frame: Bytes },
-    /// Work of the conversation layer: requests for this shard as owner, pushes for its
-    /// devices, login steps.
-    Routed(Routed),
-}
-
+/// One shard's inbound queue.
 pub struct Mailbox {
-    queue: ArrayQueue<ShardMsg>,
+    queue: ArrayQueue<BusMsg>,
     waker: mio::Waker,
     wake_pending: AtomicBool,
 }
@@ -49,7 +29,7 @@ impl Mailbox {
 
     /// Hands `msg` to the shard. Gives it back if the queue is full: the sender decides whether
     /// to drop it or to shed the load some other way, but never blocks.
-    pub fn send(&self, msg: ShardMsg) -> Result<(), ShardMsg> {
+    pub fn send(&self, msg: BusMsg) -> Result<(), BusMsg> {
         self.queue.push(msg)?;
         self.wake();
         Ok(())
@@ -64,7 +44,7 @@ impl Mailbox {
     }
 
     /// Takes up to `max` messages. Called by the owning shard only.
-    pub fn drain(&self, max: usize, mut handle: impl FnMut(ShardMsg)) {
+    pub fn drain(&self, max: usize, mut handle: impl FnMut(BusMsg)) {
         // Cleared before popping: a message pushed after this point either is popped below or
         // wakes the shard again, so none is left behind unseen.
         self.wake_pending.store(false, Ordering::Release);
@@ -82,9 +62,5 @@ impl Mailbox {
 
     pub fn len(&self) -> usize {
         self.queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
     }
 }

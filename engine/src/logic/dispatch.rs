@@ -7,7 +7,7 @@
 //! customer-service policy apart from the messaging core, as the design this project implements
 //! does, so a backend service could take this over.
 //!
-//! The policy (PROTOCOL.md, "Customer-service dispatch"):
+//! The policy (the client contract's; docs/architecture.md, "Conversations", says where it runs):
 //! - A customer's message into a conversation none of whose assigned agents is online assigns
 //!   the shop's online agent with the fewest assigned conversations; among equals, the one
 //!   assigned least recently (so ties rotate fairly).
@@ -177,6 +177,7 @@ impl Dispatcher {
     }
 
     /// How many conversations `agent` is assigned.
+    #[cfg(test)]
     pub fn assigned_count(&self, shop: ShopId, agent: Uid) -> u32 {
         self.shops
             .get(&shop)
@@ -185,6 +186,7 @@ impl Dispatcher {
     }
 
     /// The conversations waiting in `shop`'s queue, in arrival order.
+    #[cfg(test)]
     pub fn waiting(&self, shop: ShopId) -> impl Iterator<Item = ConvId> + '_ {
         self.shops
             .get(&shop)

@@ -8,62 +8,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Why a connection ended; each is a label value of `chinwag_connections_closed_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The peer closed the TCP connection or reset it.
-    PeerGone,
-    /// The peer sent a WebSocket close frame.
-    PeerClosed,
-    /// A plain HTTP request was answered.
-    HttpDone,
-    /// The peer broke HTTP or WebSocket rules (400, 1002, 1007).
-    ProtocolError,
-    /// A frame or message over the size limit (1009).
-    TooLarge,
-    /// The outbound queue went over its byte limit (1008).
-    SendQueueFull,
-    HandshakeTimeout,
-    IdleTimeout,
-    /// The node is shutting down (1001).
-    Drain,
-    /// A login token was refused (1008).
-    Unauthorized,
-    /// The device logged in on another connection (4001).
-    Kicked,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
-        CloseReason::PeerGone,
-        CloseReason::PeerClosed,
-        CloseReason::HttpDone,
-        CloseReason::ProtocolError,
-        CloseReason::TooLarge,
-        CloseReason::SendQueueFull,
-        CloseReason::HandshakeTimeout,
-        CloseReason::IdleTimeout,
-        CloseReason::Drain,
-        CloseReason::Unauthorized,
-        CloseReason::Kicked,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            CloseReason::PeerGone => "peer_gone",
-            CloseReason::PeerClosed => "peer_closed",
-            CloseReason::HttpDone => "http_done",
-            CloseReason::ProtocolError => "protocol_error",
-            CloseReason::TooLarge => "too_large",
-            CloseReason::SendQueueFull => "send_queue_full",
-            CloseReason::HandshakeTimeout => "handshake_timeout",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::Drain => "drain",
-            CloseReason::Unauthorized => "unauthorized",
-            CloseReason::Kicked => "kicked",
-        }
-    }
-}
+use crate::net::ws::connection::CloseReason;
 
 /// Upper bounds of the loop-turn histogram buckets, in microseconds.
 pub const TURN_BUCKETS_US: [u64; 10] =

@@ -1,0 +1,380 @@
+//! The Msg-Bus: the one message type that travels between shards ([`BusMsg`]), the addresses
+//! it carries ([`SessionRef`], [`Origin`]), who owns what, the mailboxes ([`mailbox`]) and the
+//! post office that sends and delivers ([`post`]).
+//!
+//! Every piece of state has one owner shard, found by hashing its key (docs/architecture.md,
+//! "Conversations: ownership, routing, fan-out"):
+//!
+//! | state | owner |
+//! |---|---|
+//! | a user's devices and which session holds each device | `hash(uid)` |
+//! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
+//! | a direct conversation | `hash(unordered pair)` |
+//! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
+//!
+//! A session's shard posts a client's request to the owner (handled in place when it is
+//! itself the owner); the owner answers with messages for the session's shard. A push for the
+//! members of a conversation goes as one [`Fanout`] to every shard, each of which knows only
+//! its own logged-in devices. Every queue is FIFO per pair of shards, so a device sees one
+//! conversation's pushes in the order the owner made them.
+
+pub mod mailbox;
+pub mod placement;
+pub mod post;
+pub mod reply_size;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chinwag_protocol::client::Encoding;
+use chinwag_protocol::{
+    binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
+    History, Message, ShopId, Target, Uid,
+};
+use smallvec::SmallVec;
+
+use crate::net::ws::frame::{encode_with, Opcode};
+use placement::Placed;
+
+/// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
+/// without a lookup. That bounds a node to 256 shards.
+pub const CONV_SHARD_BITS: u32 = 8;
+/// The most shards a node may run.
+pub const SHARDS_MAX: usize = 1 << CONV_SHARD_BITS;
+
+/// The shard that owns conversation `conv` (may be ≥ the node's shard count for a forged id).
+pub fn owner_of_conv(conv: ConvId) -> usize {
+    (conv.0 & (SHARDS_MAX as u64 - 1)) as usize
+}
+
+/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`: the specified,
+/// build-independent placement of [`placement`].
+pub fn owner_of<K: Placed>(key: &K, shards: usize) -> usize {
+    placement::shard_of(key, shards)
+}
+
+/// The key of a direct conversation: the two users in a canonical order.
+pub fn user_pair(a: Uid, b: Uid) -> (Uid, Uid) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// Who sent a request: enough to answer it and to check what the user may do.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The session to answer.
+    pub session: SessionRef,
+    /// The logged-in user.
+    pub uid: Uid,
+    /// The device the request came from.
+    pub device: DeviceId,
+    /// The encoding of the request (the reply uses it).
+    pub encoding: Encoding,
+    /// The request's `req`.
+    pub req: Option<u64>,
+}
+
+impl Origin {
+    /// A reply to this request, as a WebSocket frame in the request's encoding.
+    pub fn reply(&self, message: Message<'_>) -> Bytes {
+        ws_message(
+            &Frame {
+                req: self.req,
+                message,
+            },
+            self.encoding,
+        )
+    }
+
+    /// An `error` reply to this request.
+    pub fn error(&self, code: ErrorCode, text: &str) -> Bytes {
+        self.reply(error(code, text))
+    }
+}
+
+/// An `error` message.
+pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
+    Message::Error(ErrorReply {
+        code,
+        message: text.into(),
+    })
+}
+
+/// Where a session lives: its shard, its slab slot, and the generation that tells it apart
+/// from a later session in the same slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub shard: u32,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// The one message that travels between shards. The first group goes to the owner of a
+/// conversation, a shop or a user's devices ([`BusMsg::owner`] says which shard that is); the
+/// second to the shard that holds a session.
+#[derive(Debug)]
+pub enum BusMsg {
+    /// `send` from a client.
+    Send(Box<SendRequest>),
+    /// `read` from a client.
+    Read {
+        /// Who reads.
+        origin: Box<Origin>,
+        /// Up to where.
+        cursor: Cursor,
+    },
+    /// `resolve` from an agent.
+    Resolve {
+        /// The agent.
+        origin: Box<Origin>,
+        /// The conversation.
+        conv: ConvId,
+    },
+    /// `history` from a client.
+    History {
+        /// Who asks.
+        origin: Box<Origin>,
+        /// Which page.
+        history: History,
+    },
+    /// `convs` from a client: the receiving shard's part of the user's conversation list.
+    Convs {
+        /// Who asks.
+        origin: Box<Origin>,
+    },
+    /// A login on `session`: find or register the device, take it over from an older session.
+    Register {
+        /// The session logging in.
+        session: SessionRef,
+        /// The user.
+        uid: Uid,
+        /// The kind of device.
+        device_type: DeviceType,
+    },
+    /// A logged-in session ended.
+    Unregister {
+        /// The session that ended.
+        session: SessionRef,
+        /// Its user.
+        uid: Uid,
+        /// Its device.
+        device: DeviceId,
+    },
+    /// An agent's session logged in.
+    AgentOnline {
+        /// The agent's shop.
+        shop: ShopId,
+        /// The agent.
+        agent: Uid,
+    },
+    /// An agent's session ended.
+    AgentOffline {
+        /// The agent's shop.
+        shop: ShopId,
+        /// The agent.
+        agent: Uid,
+    },
+
+    /// An encoded server message (a reply, an error) for one session. Dropped if the session
+    /// is gone.
+    Deliver {
+        /// The session.
+        to: SessionRef,
+        /// The whole WebSocket message, header included.
+        ws_message: Bytes,
+    },
+    /// A push for this shard's devices of some users.
+    Push(Arc<Fanout>),
+    /// The device of a login, found or registered by the user's owner shard (`None` if the
+    /// registration could not be stored).
+    Registered {
+        /// The session logging in.
+        session: SessionRef,
+        /// The user logging in.
+        uid: Uid,
+        /// Its device.
+        device: Option<DeviceId>,
+    },
+    /// The device logged in elsewhere: push `kicked` and close with 4001.
+    Kick {
+        /// The older session.
+        session: SessionRef,
+    },
+    /// One shard's part of a `convs` reply.
+    ConvsPart {
+        /// The session that asked.
+        session: SessionRef,
+        /// The request's `req`.
+        req: Option<u64>,
+        /// That shard's conversations of the user.
+        convs: Vec<ConvSummary<'static>>,
+    },
+}
+
+// A mailbox preallocates its slots, and every message is moved through one: the bulky parts
+// (a client request's origin, a `send`'s strings) are boxed to keep a message small.
+const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// A client's `send`.
+#[derive(Debug)]
+pub struct SendRequest {
+    /// Who sends.
+    pub origin: Origin,
+    /// Where to.
+    pub target: Target,
+    /// The client message id.
+    pub cmid: String,
+    /// The message kind.
+    pub kind: String,
+    /// The body.
+    pub body: String,
+}
+
+impl BusMsg {
+    /// The client request's origin, for requests a client made.
+    pub fn origin(&self) -> Option<&Origin> {
+        match self {
+            BusMsg::Send(send) => Some(&send.origin),
+            BusMsg::Read { origin, .. }
+            | BusMsg::Resolve { origin, .. }
+            | BusMsg::History { origin, .. }
+            | BusMsg::Convs { origin } => Some(origin.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The shard that owns this message's subject, among `shards` (for a forged conversation
+    /// id it may be ≥ `shards`). A message for a session goes to the session's shard; a push
+    /// goes to every shard and has no single one.
+    pub fn owner(&self, shards: usize) -> Option<usize> {
+        Some(match self {
+            BusMsg::Send(send) => match send.target {
+                Target::Conv(conv) => owner_of_conv(conv),
+                Target::Shop(shop) => owner_of(&shop, shards),
+                Target::User(other) => owner_of(&user_pair(send.origin.uid, other), shards),
+            },
+            BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
+            BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
+            BusMsg::History { history, .. } => owner_of_conv(history.conv),
+            BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
+            BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
+                owner_of(shop, shards)
+            }
+            BusMsg::Deliver { to: session, .. }
+            | BusMsg::Registered { session, .. }
+            | BusMsg::Kick { session }
+            | BusMsg::ConvsPart { session, .. } => session.shard as usize,
+            BusMsg::Push(_) => return None,
+        })
+    }
+}
+
+/// A push for every logged-in device of some users, encoded once per encoding and shared by
+/// every recipient on every shard.
+#[derive(Debug)]
+pub struct Fanout {
+    /// The users whose devices receive it.
+    pub users: SmallVec<[Uid; 4]>,
+    /// A device that does not receive it (the sender's, for `msg`; the reader's, for `receipt`).
+    pub except: Option<DeviceId>,
+    /// The push as a text WebSocket frame.
+    pub json: Bytes,
+    /// The push as a binary WebSocket frame.
+    pub binary: Bytes,
+}
+
+impl Fanout {
+    /// Encodes `message` in both encodings.
+    pub fn new(
+        users: SmallVec<[Uid; 4]>,
+        except: Option<DeviceId>,
+        message: Message<'_>,
+    ) -> Fanout {
+        let frame = Frame::new(message);
+        Fanout {
+            users,
+            except,
+            json: ws_message(&frame, Encoding::Json),
+            binary: ws_message(&frame, Encoding::Binary),
+        }
+    }
+
+    /// The push for a device speaking `encoding`.
+    pub fn ws_message(&self, encoding: Encoding) -> &Bytes {
+        match encoding {
+            Encoding::Json => &self.json,
+            Encoding::Binary => &self.binary,
+        }
+    }
+}
+
+/// Encodes the codec's `frame` as one WebSocket message in `encoding` (a text message for
+/// JSON, a binary one for the binary codec): one buffer, the payload written once behind the
+/// WebSocket header.
+pub fn ws_message(frame: &Frame<'_>, encoding: Encoding) -> Bytes {
+    match encoding {
+        Encoding::Json => encode_with(Opcode::Text, |out| json::encode(frame, out)),
+        Encoding::Binary => encode_with(Opcode::Binary, |out| {
+            if binary::encode(frame, out).is_err() {
+                // Only a string over the codec's length fields fails (and leaves `out` as it
+                // was); the gateway's own frames are bounded far below them. Say so rather
+                // than send nothing; a short error always encodes.
+                let error = Frame {
+                    req: frame.req,
+                    message: error(ErrorCode::Internal, "reply too large to encode"),
+                };
+                let _ = binary::encode(&error, out);
+            }
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chinwag_protocol::UidKind;
+
+    #[test]
+    fn owners_are_stable_and_spread() {
+        let mut counts = [0usize; 4];
+        for id in 0..4000 {
+            let owner = owner_of(&Uid::new(UidKind::Buyer, id), 4);
+            assert_eq!(owner, owner_of(&Uid::new(UidKind::Buyer, id), 4));
+            counts[owner] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    #[test]
+    fn a_pair_has_one_owner_in_either_order() {
+        let a = Uid::new(UidKind::Agent, 1);
+        let b = Uid::new(UidKind::Buyer, 2);
+        assert_eq!(user_pair(a, b), user_pair(b, a));
+        assert_eq!(owner_of_conv(ConvId(0x0012_3405)), 5);
+    }
+
+    #[test]
+    fn fanout_frames_are_websocket_messages_in_both_encodings() {
+        let fanout = Fanout::new(SmallVec::new(), None, Message::Kicked("x".into()));
+        assert_eq!(fanout.json[0], 0x81, "text, final");
+        assert_eq!(fanout.binary[0], 0x82, "binary, final");
+        let text = &fanout.json[2..];
+        assert_eq!(text, br#"{"op":"kicked","reason":"x"}"#);
+        assert!(binary::decode(&fanout.binary[2..]).is_ok());
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn probe() {
+        eprintln!(
+            "BusMsg {} Origin {}",
+            std::mem::size_of::<super::BusMsg>(),
+            std::mem::size_of::<super::Origin>()
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Read cursors: `read` moves a member's cursor forward (never back), answers `read_ok` and
+//! pushes a `receipt` to the other members' devices when it moved.
+
+use chinwag_protocol::{Cursor, ErrorCode, Message, Receipt};
+
+use super::{store_error, Owner};
+use crate::bus::{Fanout, Origin};
+
+impl Owner {
+    pub(super) fn read(
+        &mut self,
+        origin: &Origin,
+        cursor: Cursor,
+    ) -> Result<(), (ErrorCode, String)> {
+        let conv = cursor.conv;
+        let before = self.member_conv(conv, origin.uid)?.cursor(origin.uid);
+        let after = self
+            .store
+            .mark_read(conv, origin.uid, cursor.seq)
+            .map_err(store_error)?;
+        let ok = origin.reply(Message::ReadOk(Cursor { conv, seq: after }));
+        self.ack(origin, ok);
+        if after > before {
+            let members = self.members(conv);
+            self.fanout(Fanout::new(
+                members,
+                Some(origin.device),
+                Message::Receipt(Receipt {
+                    conv,
+                    uid: origin.uid,
+                    seq: after,
+                }),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{Cursor, Seq, Target};
+
+    use crate::bus::BusMsg;
+    use crate::logic::testing::*;
+
+    #[test]
+    fn a_read_moves_the_cursor_forward_only_and_sends_one_receipt() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let mut conv = None;
+        for cmid in ["1", "2", "3"] {
+            let out = h.turn(send(&a, Target::User(b.uid), cmid, "x"));
+            conv = Some(send_ok(&replies(&out, a.session)).0);
+        }
+        let conv = conv.unwrap();
+        let read = |seq| BusMsg::Read {
+            origin: Box::new(b),
+            cursor: Cursor {
+                conv,
+                seq: Seq(seq),
+            },
+        };
+
+        let out = h.turn(read(2));
+        assert!(
+            replies(&out, b.session)[0].contains(r#""op":"read_ok","req":1,"conv":"256","seq":2"#)
+        );
+        let pushed = pushes(&out);
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(pushed[0].2, Some(b.device), "not to the reading device");
+        assert!(pushed[0].3.contains(r#""op":"receipt""#) && pushed[0].3.contains(r#""seq":2"#));
+
+        // Backwards: the cursor stays, and nobody is told again.
+        let out = h.turn(read(1));
+        assert!(replies(&out, b.session)[0].contains(r#""seq":2"#));
+        assert!(pushes(&out).is_empty());
+
+        // Past the last message: only as far as there are messages.
+        let out = h.turn(read(99));
+        assert!(replies(&out, b.session)[0].contains(r#""seq":3"#));
+    }
+}

@@ -1,0 +1,347 @@
+//! The Logic of the seed design: the owner of the conversations, devices and shops of one
+//! shard, with its log ([`Store`]) and its customer-service [`Dispatcher`].
+//!
+//! [`Owner::handle`] acts on one [`BusMsg`] and queues what it produces. Nothing leaves before
+//! [`Owner::commit`]: the shard calls it once per loop turn, and only when the log has made the
+//! turn's records durable under the fsync policy do the acknowledgements (`send_ok`, `read_ok`,
+//! ...) and pushes go out. If the commit fails, every acknowledgement of the turn becomes an
+//! `unavailable` error and its pushes are dropped: nothing is announced that a crash could lose.
+//!
+//! The owner knows no sockets: it takes messages and gives messages, so its rules are tested
+//! here without any (see `tests` at the bottom of each file). By concern:
+//! - [`devices`]: login (find or register a device, kick an older session), logout;
+//! - [`send`]: `send`, creating conversations, fan-out of `msg`;
+//! - [`cursors`]: `read` and its `receipt`;
+//! - [`reads`]: `history` pages and this shard's part of `convs`;
+//! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
+//!   coming online).
+
+mod cursors;
+mod devices;
+pub mod dispatch;
+mod reads;
+mod send;
+mod shop;
+#[cfg(test)]
+mod testing;
+
+use std::sync::{Arc, Mutex};
+
+use ahash::AHashMap;
+use bytes::Bytes;
+use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
+use smallvec::SmallVec;
+
+use crate::bus::{owner_of_conv, BusMsg, Fanout, Origin, SendRequest, SessionRef, CONV_SHARD_BITS};
+use crate::store::{Store, StoreError};
+use dispatch::Dispatcher;
+
+/// An output waiting for the turn's commit: a message and the shard it goes to.
+struct Pending {
+    to: usize,
+    msg: BusMsg,
+    /// For an acknowledgement: the request it answers, to answer `unavailable` instead if the
+    /// commit fails. (The error is encoded only then: commits rarely fail.)
+    if_lost: Option<Origin>,
+}
+
+/// The conversations, devices and shops one shard owns.
+pub struct Owner {
+    shard: usize,
+    /// The node's shard count (a push goes to each).
+    shards: usize,
+    store: Store,
+    dispatcher: Dispatcher,
+    /// The next conversation counter; ids are `counter << 8 | shard`.
+    conv_counter: u64,
+    /// The node's DeviceId generator. Registration is rare (a device's first login), so one
+    /// generator behind a lock keeps ids unique across shards at no cost to the message path.
+    devices: Arc<Mutex<DeviceIdGenerator>>,
+    /// For devices of users this shard owns: the session currently logged in as each.
+    sessions: AHashMap<DeviceId, SessionRef>,
+    pending: Vec<Pending>,
+    /// The largest `history_ok` to build: half a connection's send queue.
+    reply_bytes_max: usize,
+    /// Messages stored since start (for metrics).
+    pub messages_stored: u64,
+    /// Commits that failed since start (for metrics).
+    pub commit_failures: u64,
+    /// Makes the next commit fail as a full or broken disk would (unit tests only).
+    #[cfg(test)]
+    fail_next_commit: bool,
+}
+
+impl Owner {
+    /// The owner for shard `shard`, with its opened store; rebuilds the dispatcher's
+    /// assignment counts and waiting queues from the stored conversations.
+    pub fn new(
+        shard: usize,
+        shards: usize,
+        store: Store,
+        devices: Arc<Mutex<DeviceIdGenerator>>,
+        reply_bytes_max: usize,
+    ) -> Owner {
+        let dispatcher = shop::restore_dispatcher(&store);
+        let conv_counter = store
+            .conv_max()
+            .map_or(1, |max| (max.0 >> CONV_SHARD_BITS) + 1);
+        Owner {
+            shard,
+            shards,
+            store,
+            dispatcher,
+            conv_counter,
+            devices,
+            sessions: AHashMap::new(),
+            pending: Vec::new(),
+            reply_bytes_max,
+            messages_stored: 0,
+            commit_failures: 0,
+            #[cfg(test)]
+            fail_next_commit: false,
+        }
+    }
+
+    /// An owner with a fresh log in `dir`, for tests.
+    #[cfg(test)]
+    pub fn for_tests(shard: usize, shards: usize, dir: &std::path::Path) -> Owner {
+        let mut config = crate::store::StoreConfig::new(dir);
+        config.segment_bytes = 1 << 20;
+        let (store, _) = Store::open(config).expect("a fresh log opens");
+        let generator =
+            DeviceIdGenerator::new(chinwag_protocol::NodeType::Client, 0).expect("cluster 0 fits");
+        Owner::new(
+            shard,
+            shards,
+            store,
+            Arc::new(Mutex::new(generator)),
+            1 << 20,
+        )
+    }
+
+    /// Periodic upkeep of the log: deletes segments past retention and writes a snapshot, so
+    /// a restart replays only what came after it.
+    pub fn maintain(&mut self, now_ms: u64) {
+        match self.store.retain(now_ms) {
+            Ok(r) if r.segments > 0 => {
+                tracing::info!(
+                    shard = self.shard,
+                    segments = r.segments,
+                    bytes = r.bytes,
+                    "retention deleted log segments"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(shard = self.shard, error = %e, "log retention failed"),
+        }
+        if let Err(e) = self.store.snapshot() {
+            tracing::error!(shard = self.shard, error = %e, "log snapshot failed");
+        }
+    }
+
+    /// The log's gauges.
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        self.store.stats()
+    }
+
+    /// The log (for snapshots, retention and metrics).
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// Acts on `msg` at `now_ms` (Unix milliseconds). Its outputs wait for [`Owner::commit`].
+    /// Only the messages for an owner (see [`BusMsg`]) are expected; others are ignored.
+    pub fn handle(&mut self, msg: BusMsg, now_ms: u64) {
+        match msg {
+            BusMsg::Send(send) => {
+                let SendRequest {
+                    origin,
+                    target,
+                    cmid,
+                    kind,
+                    body,
+                } = *send;
+                if let Err((code, text)) = self.send(&origin, target, &cmid, &kind, &body, now_ms) {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
+            }
+            BusMsg::Read { origin, cursor } => {
+                if let Err((code, text)) = self.read(&origin, cursor) {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
+            }
+            BusMsg::Resolve { origin, conv } => {
+                if let Err((code, text)) = self.resolve(&origin, conv) {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
+            }
+            BusMsg::History { origin, history } => {
+                let reply = match self.history(&origin, history) {
+                    Ok(message) => origin.reply(message),
+                    Err((code, text)) => origin.error(code, &text),
+                };
+                self.reply_now(&origin, reply);
+            }
+            BusMsg::Convs { origin } => {
+                let convs = self.convs_of(origin.uid);
+                self.push_out(
+                    origin.session.shard as usize,
+                    BusMsg::ConvsPart {
+                        session: origin.session,
+                        req: origin.req,
+                        convs,
+                    },
+                );
+            }
+            BusMsg::Register {
+                session,
+                uid,
+                device_type,
+            } => self.register(session, uid, device_type),
+            BusMsg::Unregister {
+                session, device, ..
+            } => self.unregister(session, device),
+            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
+            BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::Deliver { .. }
+            | BusMsg::Push(_)
+            | BusMsg::Registered { .. }
+            | BusMsg::Kick { .. }
+            | BusMsg::ConvsPart { .. } => {
+                debug_assert!(false, "not a message for an owner: {msg:?}");
+            }
+        }
+    }
+
+    /// Makes the turn's records durable and returns what may now go out, in order.
+    pub fn commit(&mut self) -> Vec<(usize, BusMsg)> {
+        if self.pending.is_empty() {
+            // Nothing to acknowledge; still give an `interval` policy its periodic flush.
+            if let Err(e) = self.commit_log() {
+                tracing::error!(shard = self.shard, error = %e, "log commit failed");
+            }
+            return Vec::new();
+        }
+        let pending = std::mem::take(&mut self.pending);
+        match self.commit_log() {
+            Ok(()) => pending.into_iter().map(|p| (p.to, p.msg)).collect(),
+            Err(e) => {
+                self.commit_failures += 1;
+                tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
+                pending
+                    .into_iter()
+                    .filter_map(|p| match (p.if_lost, p.msg) {
+                        (Some(origin), _) => {
+                            let to = origin.session;
+                            let ws_message = origin.error(
+                                ErrorCode::Unavailable,
+                                "the log could not store the change",
+                            );
+                            Some((p.to, BusMsg::Deliver { to, ws_message }))
+                        }
+                        // Pushes of the turn are dropped; replies that did not depend on the
+                        // log (errors, history) still go.
+                        (None, BusMsg::Push(_)) => None,
+                        (None, msg) => Some((p.to, msg)),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The conversation, if it is here and `uid` is a member.
+    fn member_conv(
+        &self,
+        conv: ConvId,
+        uid: Uid,
+    ) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        let found = if owner_of_conv(conv) == self.shard {
+            self.store.conv(conv)
+        } else {
+            None
+        };
+        let c = found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))?;
+        if !c.members().contains(&uid) {
+            return Err((
+                ErrorCode::NotMember,
+                format!("not a member of conversation {conv}"),
+            ));
+        }
+        Ok(c)
+    }
+
+    fn members(&self, conv: ConvId) -> SmallVec<[Uid; 4]> {
+        self.store
+            .conv(conv)
+            .map(|c| SmallVec::from_slice(c.members()))
+            .unwrap_or_default()
+    }
+
+    fn commit_log(&mut self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_commit) {
+            return Err(StoreError::Poisoned);
+        }
+        self.store.commit()
+    }
+
+    /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.
+    fn ack(&mut self, origin: &Origin, ws_message: Bytes) {
+        self.pending.push(Pending {
+            to: origin.session.shard as usize,
+            msg: BusMsg::Deliver {
+                to: origin.session,
+                ws_message,
+            },
+            if_lost: Some(*origin),
+        });
+    }
+
+    /// A reply that does not depend on the turn's records (an error, a page of history).
+    fn reply_now(&mut self, origin: &Origin, ws_message: Bytes) {
+        self.push_out(
+            origin.session.shard as usize,
+            BusMsg::Deliver {
+                to: origin.session,
+                ws_message,
+            },
+        );
+    }
+
+    fn push_out(&mut self, shard: usize, msg: BusMsg) {
+        self.pending.push(Pending {
+            to: shard,
+            msg,
+            if_lost: None,
+        });
+    }
+
+    /// A push for every shard's devices of `fanout.users`, encoded once and shared.
+    fn fanout(&mut self, fanout: Fanout) {
+        let fanout = Arc::new(fanout);
+        for shard in 0..self.shards {
+            self.push_out(shard, BusMsg::Push(Arc::clone(&fanout)));
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> (ErrorCode, String) {
+    let code = match &e {
+        e if e.is_unavailable() => ErrorCode::Unavailable,
+        StoreError::TooLarge { .. } => ErrorCode::TooLarge,
+        StoreError::UnknownConv(_) => ErrorCode::NotFound,
+        StoreError::Invalid(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %e, "store error");
+    }
+    (code, e.to_string())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (message timestamps, device ids).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,217 @@
+//! Reads that change nothing: `history` pages (kept within the reply budget) and this shard's
+//! part of a user's `convs` list.
+
+use std::borrow::Cow;
+
+use chinwag_protocol::{
+    ConvSummary, ConvType, ErrorCode, History, HistoryOk, HistoryRange, Message, Msg, Uid,
+};
+
+use super::{store_error, Owner};
+use crate::bus::{reply_size, Origin};
+use crate::store::{ConvKind, HistoryFrom, MessageRef};
+
+impl Owner {
+    pub(super) fn history(
+        &self,
+        origin: &Origin,
+        history: History,
+    ) -> Result<Message<'static>, (ErrorCode, String)> {
+        let conv = history.conv;
+        self.member_conv(conv, origin.uid)?;
+        let from = match history.range {
+            HistoryRange::Newest => HistoryFrom::Newest,
+            HistoryRange::Before(seq) => HistoryFrom::Before(seq),
+            HistoryRange::After(seq) => HistoryFrom::After(seq),
+        };
+        let page = self
+            .store
+            .history(conv, from, usize::from(history.limit))
+            .map_err(store_error)?;
+        // A page must fit the connection's send queue, or asking for it would get the client
+        // disconnected: keep the messages nearest the anchor within the byte budget and let
+        // the client page on (the contract's `limit` is a maximum).
+        let size = |m: &MessageRef<'_>| reply_size::msg_bytes(m.kind, m.body, m.cmid);
+        let mut budget = self.reply_bytes_max;
+        let mut fits = |m: &MessageRef<'_>| {
+            let fits = size(m) <= budget;
+            budget = budget.saturating_sub(size(m));
+            fits
+        };
+        let keep = match history.range {
+            // Ascending from the anchor: keep a prefix.
+            HistoryRange::After(_) => page.iter().take_while(|m| fits(m)).count(),
+            // Descending from the anchor: keep a suffix.
+            HistoryRange::Newest | HistoryRange::Before(_) => {
+                page.iter().rev().take_while(|m| fits(m)).count()
+            }
+        };
+        // Always at least one message, so a client can page past any single message.
+        let keep = keep.max(1).min(page.len());
+        let kept = match history.range {
+            HistoryRange::After(_) => &page[..keep],
+            HistoryRange::Newest | HistoryRange::Before(_) => &page[page.len() - keep..],
+        };
+        let msgs = kept.iter().map(to_msg).collect();
+        Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
+    }
+
+    pub(super) fn convs_of(&self, uid: Uid) -> Vec<ConvSummary<'static>> {
+        self.store
+            .convs_of(uid)
+            .iter()
+            .filter_map(|&id| {
+                let c = self.store.conv(id)?;
+                let last_seq = c.last_seq();
+                let read_seq = c.cursor(uid);
+                let last = self
+                    .store
+                    .history(id, HistoryFrom::Newest, 1)
+                    .ok()
+                    .and_then(|m| m.first().map(to_msg));
+                Some(ConvSummary {
+                    conv: id,
+                    conv_type: match (c.kind(), c.shop()) {
+                        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
+                        (ConvKind::Group, _) => ConvType::Group,
+                        _ => ConvType::Direct,
+                    },
+                    members: c.members().to_vec(),
+                    last_seq,
+                    read_seq,
+                    unread: last_seq.0.saturating_sub(read_seq.0),
+                    last,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A stored message as the protocol shows it. The store keeps what the protocol decoded as
+/// UTF-8; a record that somehow is not shows with replacement characters rather than failing
+/// the whole page.
+pub(super) fn to_msg(m: &MessageRef<'_>) -> Msg<'static> {
+    let text = |bytes: &[u8]| Cow::Owned(String::from_utf8_lossy(bytes).into_owned());
+    Msg {
+        conv: m.conv,
+        seq: m.seq,
+        from: m.sender,
+        ts: m.ts_ms,
+        kind: text(m.kind),
+        body: text(m.body),
+        cmid: text(m.cmid),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{json, ConvId, History, HistoryRange, Message, Seq, Target};
+
+    use crate::bus::{BusMsg, Origin};
+    use crate::logic::testing::*;
+
+    fn page(h: &mut Harness, origin: &Origin, conv: ConvId, range: HistoryRange) -> Vec<u64> {
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(*origin),
+            history: History {
+                conv,
+                range,
+                limit: 10,
+            },
+        });
+        let texts = replies(&out, origin.session);
+        match json::decode(&texts[0]).expect("a JSON reply").message {
+            Message::HistoryOk(ok) => ok.msgs.iter().map(|m| m.seq.0).collect(),
+            other => panic!("not history_ok: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_pages_keep_the_messages_nearest_the_anchor_within_the_reply_budget() {
+        // Each 300-byte message costs 160 + 300 + its kind and cmid: two fit in 1,000 bytes.
+        let mut h = Harness::with_reply_bytes_max(1000);
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let mut conv = ConvId(0);
+        for cmid in ["1", "2", "3", "4", "5"] {
+            let out = h.turn(send(&a, Target::User(b.uid), cmid, &"x".repeat(300)));
+            conv = send_ok(&replies(&out, a.session)).0;
+        }
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Newest), [4, 5]);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Before(Seq(4))), [2, 3]);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::After(Seq(0))), [1, 2]);
+
+        // One message over the whole budget still comes, alone, so a client can page past it.
+        let out = h.turn(send(&a, Target::Conv(conv), "6", &"y".repeat(2000)));
+        assert_eq!(send_ok(&replies(&out, a.session)).1, 6);
+        assert_eq!(page(&mut h, &b, conv, HistoryRange::Newest), [6]);
+    }
+
+    #[test]
+    fn history_is_for_members_only() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        let out = h.turn(send(&a, Target::User(b.uid), "1", "x"));
+        let (conv, _) = send_ok(&replies(&out, a.session));
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(c),
+            history: History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 10,
+            },
+        });
+        assert!(replies(&out, c.session)[0].contains(r#""code":"not_member""#));
+    }
+
+    #[test]
+    fn convs_gives_this_shards_conversations_of_the_user_with_unread_counts() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        h.turn(send(&b, Target::User(a.uid), "1", "from b"));
+        h.turn(send(&b, Target::User(a.uid), "2", "from b again"));
+        h.turn(send(&c, Target::User(a.uid), "3", "from c"));
+        let out = h.turn(BusMsg::Convs {
+            origin: Box::new(a),
+        });
+        let parts: Vec<_> = out
+            .iter()
+            .filter_map(|(shard, msg)| match msg {
+                BusMsg::ConvsPart {
+                    session,
+                    req,
+                    convs,
+                } => Some((*shard, *session, *req, convs)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parts.len(), 1);
+        let (shard, session, req, convs) = &parts[0];
+        assert_eq!(
+            (*shard, *session, *req),
+            (SESSION_SHARD as usize, a.session, Some(1))
+        );
+        let mut unread: Vec<_> = convs
+            .iter()
+            .map(|c| {
+                (
+                    c.last_seq.0,
+                    c.unread,
+                    c.last.as_ref().map(|m| m.body.to_string()),
+                )
+            })
+            .collect();
+        unread.sort();
+        assert_eq!(
+            unread,
+            [
+                (1, 1, Some("from c".to_string())),
+                (2, 2, Some("from b again".to_string()))
+            ]
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! What the owner's unit tests share: an owner on a fresh log in a temporary directory, logins,
+//! and the messages a turn gives, with their WebSocket messages read back as text.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chinwag_protocol::client::Encoding;
+use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
+
+use super::Owner;
+use crate::bus::{BusMsg, Origin, SessionRef};
+use crate::store::{Store, StoreConfig};
+
+/// The shard the owner under test is.
+pub const OWNER_SHARD: usize = 0;
+/// The node's shards in the tests: the owner and one more, so "to every shard" shows.
+pub const SHARDS: usize = 2;
+/// The shard holding every test session.
+pub const SESSION_SHARD: u32 = 1;
+
+/// An owner on a fresh log, fed messages one turn at a time.
+pub struct Harness {
+    pub owner: Owner,
+    dir: tempfile::TempDir,
+    next_slot: u32,
+    pub now_ms: u64,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with_reply_bytes_max(1 << 20)
+    }
+
+    /// An owner whose replies (history pages) may use `reply_bytes_max` bytes.
+    pub fn with_reply_bytes_max(reply_bytes_max: usize) -> Harness {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let owner = open(dir.path(), reply_bytes_max);
+        Harness {
+            owner,
+            dir,
+            next_slot: 0,
+            now_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// Drops the owner and opens its log again, as a restart does.
+    pub fn restart(&mut self) {
+        self.owner = open(self.dir.path(), 1 << 20);
+    }
+
+    /// A session slot nobody used yet.
+    pub fn new_session(&mut self) -> SessionRef {
+        self.next_slot += 1;
+        SessionRef {
+            shard: SESSION_SHARD,
+            slot: self.next_slot,
+            generation: 1,
+        }
+    }
+
+    /// Hands `msg` to the owner and commits the turn; returns what went out.
+    pub fn turn(&mut self, msg: BusMsg) -> Vec<(usize, BusMsg)> {
+        self.now_ms += 1;
+        self.owner.handle(msg, self.now_ms);
+        self.owner.commit()
+    }
+
+    /// Logs `uid` in on a new session with a web device; returns the origin of its requests.
+    pub fn login(&mut self, uid: Uid) -> Origin {
+        let session = self.new_session();
+        let out = self.turn(BusMsg::Register {
+            session,
+            uid,
+            device_type: DeviceType::Web,
+        });
+        let device = registered(&out, session).expect("the device is registered");
+        Origin {
+            session,
+            uid,
+            device,
+            encoding: Encoding::Json,
+            req: Some(1),
+        }
+    }
+
+    /// Makes the next commit fail.
+    pub fn fail_next_commit(&mut self) {
+        self.owner.fail_next_commit = true;
+    }
+}
+
+fn open(dir: &Path, reply_bytes_max: usize) -> Owner {
+    let mut config = StoreConfig::new(dir);
+    config.segment_bytes = 1 << 20;
+    let (store, _) = Store::open(config).expect("the log opens");
+    // As the node does: one generator, going on after every registered device.
+    let mut generator = DeviceIdGenerator::new(NodeType::Client, 0).expect("cluster 0 fits");
+    if let Some(last) = store.device_max() {
+        generator.resume_after(last);
+    }
+    Owner::new(
+        OWNER_SHARD,
+        SHARDS,
+        store,
+        Arc::new(Mutex::new(generator)),
+        reply_bytes_max,
+    )
+}
+
+pub fn buyer(id: u64) -> Uid {
+    Uid::new(UidKind::Buyer, id)
+}
+
+pub fn agent(id: u64) -> Uid {
+    Uid::new(UidKind::Agent, id)
+}
+
+/// The device a `Registered` for `session` in `out` carries.
+pub fn registered(out: &[(usize, BusMsg)], session: SessionRef) -> Option<DeviceId> {
+    out.iter().find_map(|(shard, msg)| match msg {
+        BusMsg::Registered {
+            session: s, device, ..
+        } if *s == session => {
+            assert_eq!(
+                *shard, session.shard as usize,
+                "answered on the session's shard"
+            );
+            *device
+        }
+        _ => None,
+    })
+}
+
+/// The payload of a server WebSocket message, as text (the tests speak JSON).
+pub fn ws_text(ws_message: &[u8]) -> String {
+    let header_len = match ws_message[1] & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    String::from_utf8(ws_message[header_len..].to_vec()).expect("a JSON message is text")
+}
+
+/// The texts delivered to `session` in `out`, in order.
+pub fn replies(out: &[(usize, BusMsg)], session: SessionRef) -> Vec<String> {
+    out.iter()
+        .filter_map(|(shard, msg)| match msg {
+            BusMsg::Deliver { to, ws_message } if *to == session => {
+                assert_eq!(
+                    *shard, session.shard as usize,
+                    "sent to the session's shard"
+                );
+                Some(ws_text(ws_message))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// One push as the tests see it: the shards it goes to, its users, the device left out, and
+/// its JSON text.
+pub type SeenPush = (Vec<usize>, Vec<Uid>, Option<DeviceId>, String);
+
+/// The pushes in `out`.
+pub fn pushes(out: &[(usize, BusMsg)]) -> Vec<SeenPush> {
+    let mut found: Vec<SeenPush> = Vec::new();
+    for (shard, msg) in out {
+        let BusMsg::Push(fanout) = msg else { continue };
+        let text = ws_text(&fanout.json);
+        match found.last_mut() {
+            // One push goes to every shard as the same shared `Fanout`.
+            Some(last) if last.3 == text && !last.0.contains(shard) => last.0.push(*shard),
+            _ => found.push((vec![*shard], fanout.users.to_vec(), fanout.except, text)),
+        }
+    }
+    found
+}
+
+/// The `send_ok` in `texts`: its conversation and seq.
+pub fn send_ok(texts: &[String]) -> (chinwag_protocol::ConvId, u64) {
+    for text in texts {
+        if let Ok(frame) = chinwag_protocol::json::decode(text) {
+            if let chinwag_protocol::Message::SendOk(ok) = frame.message {
+                return (ok.conv, ok.seq.0);
+            }
+        }
+    }
+    panic!("no send_ok in {texts:?}")
+}
+
+/// A `send` of `body` to `target`.
+pub fn send(origin: &Origin, target: chinwag_protocol::Target, cmid: &str, body: &str) -> BusMsg {
+    BusMsg::Send(Box::new(crate::bus::SendRequest {
+        origin: *origin,
+        target,
+        cmid: cmid.into(),
+        kind: "text".into(),
+        body: body.into(),
+    }))
+}

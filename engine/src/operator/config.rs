@@ -1,0 +1,406 @@
+//! The node's configuration: embedded defaults, then a TOML file (`--config`), then flags, then
+//! `CHINWAG_*` environment variables, each layer overriding the one before ([`Config::load`]).
+//!
+//! Every setting is declared once, in the [`settings!`] table below: its doc line (the `--help`
+//! text), its type, its default and how `--help` shows it. From that one entry come the flag
+//! (a field of [`ServeArgs`]), the TOML key (a field of [`Config`], the flag's name with `_`
+//! for `-`) and the environment variable (`CHINWAG_<FLAG>`, parsed by the same clap definition
+//! so a value has the same syntax everywhere).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
+
+use crate::store::FsyncPolicy;
+
+/// Declares every setting of `chinwag serve`: its help text (no final period), any
+/// `#[arg(...)]` attributes for its flag, then `name: Type = default, "the default as --help
+/// shows it";` (without the last part `--help` shows no default). `name: Type => Flag = ...` gives a flag whose value type differs (a flag
+/// `String` for an `Option<String>` setting).
+macro_rules! settings {
+    ($(
+        $help:literal
+        $(#[arg($($arg:tt)*)])*
+        $name:ident : $ty:ty $(=> $flag_ty:ty)? = $default:expr $(, $shown:literal)?;
+    )*) => {
+        /// Flags of `chinwag serve`. Every value is optional here: what is not given falls
+        /// through to the TOML file and then to the default shown.
+        #[derive(Args, Debug, Default, Clone)]
+        #[command(
+            after_help = "Every flag can also be set in the TOML file given by --config (key: the flag's name \
+with '_' for '-') and by the environment variable CHINWAG_<FLAG> ('-' as '_', e.g. CHINWAG_LISTEN). \
+Precedence, lowest to highest: defaults, TOML file, flags, environment."
+        )]
+        pub struct ServeArgs {
+            /// TOML configuration file.
+            #[arg(long, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = concat!($help, ".")]
+                #[arg(long, help = concat!($help $(, " [default: ", $shown, "]")?))]
+                $(#[arg($($arg)*)])*
+                pub $name: Option<settings!(@flag $ty $(, $flag_ty)?)>,
+            )*
+        }
+
+        /// The resolved configuration of one node.
+        #[derive(Clone, Debug, PartialEq, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( #[doc = concat!($help, ".")] pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Config {
+                Config { $( $name: $default, )* }
+            }
+        }
+
+        impl Config {
+            /// Overrides every setting `args` gives.
+            fn apply(&mut self, args: ServeArgs) {
+                $( if let Some(value) = args.$name { self.$name = value.into(); } )*
+            }
+        }
+    };
+    (@flag $ty:ty) => { $ty };
+    (@flag $ty:ty, $flag_ty:ty) => { $flag_ty };
+}
+
+settings! {
+    "Client port for WebSocket and HTTP"
+    #[arg(value_name = "ADDR")]
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7000)), "127.0.0.1:7000";
+    "Data directory"
+    #[arg(value_name = "DIR")]
+    data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
+    "Secret that signs login tokens (HS256), at least 32 bytes. A secret on the command line is \
+     visible to other local users (ps, /proc): prefer --jwt-secret-file or CHINWAG_JWT_SECRET"
+    #[arg(value_name = "SECRET")]
+    jwt_secret: Option<String> => String = None, "generated once, kept in DATA_DIR/jwt-secret";
+    "File holding the token secret (at least 32 bytes; surrounding whitespace is ignored)"
+    #[arg(value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf> => PathBuf = None;
+    "Shards (event-loop threads); 0 = the count an existing data directory was written by, \
+     else one per core"
+    #[arg(value_name = "N")]
+    shards: usize = 0, "0";
+    "When the log is forced to disk"
+    #[arg(value_parser = fsync_parser())]
+    fsync: FsyncPolicy = FsyncPolicy::Never, "never";
+    "Serve GET /echo, a WebSocket that echoes every message"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    enable_echo: bool = false, "false";
+    "Serve GET /dev/token?uid=KIND:ID[&shop=ID], which mints a login token for anyone, so the web chat can be tried without a backend; refused unless --listen is a loopback address"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    web_dev_tokens: bool = false, "false";
+    "Log filter: error, warn, info, debug, trace, or a tracing directive"
+    #[arg(value_name = "LEVEL")]
+    log_level: String = "info".to_string(), "info";
+    "Largest WebSocket frame payload accepted; larger closes with 1009"
+    #[arg(value_name = "BYTES")]
+    frame_bytes_max: usize = 64 * 1024, "65536";
+    "Largest WebSocket message (all fragments) accepted; larger closes with 1009"
+    #[arg(value_name = "BYTES")]
+    message_bytes_max: usize = 64 * 1024, "65536";
+    "Bytes queued for sending to one connection; over it the connection closes with 1008"
+    #[arg(value_name = "BYTES")]
+    send_queue_bytes_max: usize = 1024 * 1024, "1048576";
+    "Messages per second one connection may send; 0 = no limit"
+    #[arg(value_name = "N")]
+    messages_per_s_max: u32 = 100, "100";
+    "Open connections per shard; over it new connections are refused at accept"
+    #[arg(value_name = "N")]
+    connections_per_shard_max: usize = 262_144, "262144";
+    "Time a connection has to complete its HTTP request or handshake"
+    #[arg(value_name = "MS")]
+    handshake_timeout_ms: u64 = 10_000, "10000";
+    "A WebSocket silent this long is closed (clients ping)"
+    #[arg(value_name = "MS")]
+    idle_timeout_ms: u64 = 90_000, "90000";
+    "Time a closing connection has to finish the close handshake"
+    #[arg(value_name = "MS")]
+    close_timeout_ms: u64 = 5_000, "5000";
+    "With --fsync interval, the longest time between two flushes of the log"
+    #[arg(value_name = "MS")]
+    fsync_interval_ms: u64 = 100, "100";
+    "Size of each preallocated log segment file"
+    #[arg(value_name = "BYTES")]
+    log_segment_bytes: u64 = 64 << 20, "67108864";
+    "Delete log segments whose newest message is older than this; 0 = keep"
+    #[arg(value_name = "S")]
+    log_retention_age_s: u64 = 0, "0";
+    "Delete the oldest log segments while a shard's log is larger than this; 0 = no limit"
+    #[arg(value_name = "BYTES")]
+    log_retention_bytes_max: u64 = 0, "0";
+    "How often each shard applies retention and writes a snapshot of its state"
+    #[arg(value_name = "MS")]
+    log_maintenance_interval_ms: u64 = 300_000, "300000";
+    "Client message ids each shard remembers for idempotent sends (for 24 h at most); memory \
+     per shard is about 56 bytes each"
+    #[arg(value_name = "N")]
+    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
+    "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    skip_corrupt_records: bool = false, "false";
+}
+
+/// `--fsync`: the store's policy, by name.
+fn fsync_parser() -> impl TypedValueParser<Value = FsyncPolicy> {
+    PossibleValuesParser::new(["never", "interval", "always"])
+        // Cannot fail: only the listed names get this far, and each is a policy.
+        .map(|name| name.parse().unwrap_or_default())
+}
+
+/// The TOML file names the policy as the flag does.
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Resolves the configuration from `flags`, the file they (or the environment) name, and
+    /// the environment variables in `env`.
+    pub fn load(
+        flags: ServeArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, String> {
+        let env = ServeArgs::from_env(env)?;
+        let mut config = match env.config.as_ref().or(flags.config.as_ref()) {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        for layer in precedence(flags, env) {
+            config.apply(layer);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The largest reply the gateway builds for one request (a `history` page, a `convs`
+    /// list): half a connection's send queue, so a reply never gets its reader closed for a
+    /// full queue and leaves room for the pushes around it.
+    pub fn reply_bytes_max(&self) -> usize {
+        self.send_queue_bytes_max / 2
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("frame_bytes_max", self.frame_bytes_max as u64),
+            ("message_bytes_max", self.message_bytes_max as u64),
+            (
+                "connections_per_shard_max",
+                self.connections_per_shard_max as u64,
+            ),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("close_timeout_ms", self.close_timeout_ms),
+            ("fsync_interval_ms", self.fsync_interval_ms),
+            (
+                "log_maintenance_interval_ms",
+                self.log_maintenance_interval_ms,
+            ),
+            (
+                "cmid_window_entries_max",
+                self.cmid_window_entries_max as u64,
+            ),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be greater than 0"));
+        }
+        // An echo or a push of the largest message must fit in the queue, or a well-behaved
+        // client sending big messages would be cut off for no fault of its own.
+        if self.send_queue_bytes_max
+            < self.message_bytes_max + crate::net::ws::frame::SERVER_HEADER_MAX
+        {
+            return Err(
+                "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
+            );
+        }
+        // Anyone who can reach /dev/token can act as any user: only this machine may.
+        if self.web_dev_tokens && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "web_dev_tokens mints tokens for anyone, so it needs a loopback listen address \
+                 (127.0.0.1 or ::1), not {}",
+                self.listen
+            ));
+        }
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            return Err("give jwt_secret or jwt_secret_file, not both".into());
+        }
+        // Tokens share the slab's key space with the listener and waker tokens.
+        if self.connections_per_shard_max > u32::MAX as usize {
+            return Err("connections_per_shard_max is too large".into());
+        }
+        Ok(())
+    }
+}
+
+/// The layers over the TOML file, lowest first: what a later one gives overrides an earlier
+/// one. (Kept in one place so that the order is easy to see and to change.)
+fn precedence(flags: ServeArgs, env: ServeArgs) -> [ServeArgs; 2] {
+    [flags, env]
+}
+
+impl ServeArgs {
+    /// Reads `CHINWAG_<FLAG>` variables from `env` into flags.
+    fn from_env(env: impl IntoIterator<Item = (String, String)>) -> Result<ServeArgs, String> {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CHINWAG_"))
+            .collect();
+        let command = Wrapper::command();
+        let mut argv = vec!["chinwag-env".to_string()];
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let key = format!("CHINWAG_{}", long.to_uppercase().replace('-', "_"));
+            if let Some((_, value)) = env.iter().find(|(k, _)| *k == key) {
+                argv.push(format!("--{long}={value}"));
+            }
+        }
+        let matches = command
+            .try_get_matches_from(argv)
+            .map_err(|e| format!("environment: {e}"))?;
+        Wrapper::from_arg_matches(&matches)
+            .map(|w| w.args)
+            .map_err(|e| format!("environment: {e}"))
+    }
+}
+
+/// A top-level parser around [`ServeArgs`], to parse the environment with the same rules.
+#[derive(Parser)]
+struct Wrapper {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_when_nothing_given() {
+        assert_eq!(
+            Config::load(ServeArgs::default(), env(&[])).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn file_then_flags_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chinwag.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nidle_timeout_ms = 1\nshards = 3\nfsync = \"always\"\nenable_echo = true\n",
+        )
+        .unwrap();
+        let flags = ServeArgs {
+            config: Some(path),
+            idle_timeout_ms: Some(2),
+            shards: Some(4),
+            ..ServeArgs::default()
+        };
+        let config = Config::load(
+            flags,
+            env(&[
+                ("CHINWAG_SHARDS", "5"),
+                ("CHINWAG_ENABLE_ECHO", "false"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap()); // file
+        assert_eq!(config.fsync, FsyncPolicy::Always); // file
+        assert_eq!(config.idle_timeout_ms, 2); // flag over file
+        assert_eq!(config.shards, 5); // environment over flag
+        assert!(!config.enable_echo); // environment over file
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::load(ServeArgs::default(), env(&[("CHINWAG_SHARDS", "many")])).is_err());
+        assert!(Config::load(
+            ServeArgs::default(),
+            env(&[("CHINWAG_IDLE_TIMEOUT_MS", "0")])
+        )
+        .is_err());
+        let small_queue = ServeArgs {
+            send_queue_bytes_max: Some(100),
+            ..ServeArgs::default()
+        };
+        assert!(Config::load(small_queue, env(&[])).is_err());
+        let dev_tokens = |listen: &str| {
+            let flags = ServeArgs {
+                web_dev_tokens: Some(true),
+                ..ServeArgs::default()
+            };
+            Config::load(flags, env(&[("CHINWAG_LISTEN", listen)]))
+        };
+        assert!(dev_tokens("127.0.0.1:7000").is_ok());
+        assert!(dev_tokens("[::1]:7000").is_ok());
+        let refused = dev_tokens("0.0.0.0:7000").unwrap_err();
+        assert!(refused.contains("loopback"), "{refused}");
+        assert!(dev_tokens("192.168.1.2:7000").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        assert!(Config::load(
+            ServeArgs {
+                config: Some(path),
+                ..ServeArgs::default()
+            },
+            env(&[])
+        )
+        .is_err());
+    }
+
+    /// The defaults `--help` shows are written by hand; each must be the real default.
+    #[test]
+    fn help_defaults_are_the_defaults() {
+        let command = Wrapper::command();
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let (Some(long), Some(help)) = (arg.get_long(), arg.get_help()) else {
+                continue;
+            };
+            let help = help.to_string();
+            let Some(default) = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+            else {
+                continue;
+            };
+            if long == "jwt-secret" {
+                continue; // "generated once": not a value
+            }
+            let argv = ["chinwag".to_string(), format!("--{long}={default}")];
+            let matches = Wrapper::command().try_get_matches_from(argv).unwrap();
+            let args = Wrapper::from_arg_matches(&matches).unwrap().args;
+            assert_eq!(
+                Config::load(args, env(&[])).unwrap(),
+                Config::default(),
+                "--{long}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} defaults found in --help");
+    }
+}

@@ -1,0 +1,73 @@
+//! What a session may use of its shard while it handles an event: the shard's id and limits,
+//! the node's shared state, the post for other shards, the turn's clocks, and the lists of
+//! sessions the turn must come back to.
+
+use std::sync::Arc;
+
+use mio::Token;
+
+use crate::bus::post::Post;
+use crate::net::ws::connection::WsLimits;
+use crate::operator::config::Config;
+use crate::operator::metrics::ShardMetrics;
+use crate::operator::NodeState;
+
+/// The connection's limits, from the node's configuration.
+pub fn ws_limits(config: &Config) -> WsLimits {
+    WsLimits {
+        enable_echo: config.enable_echo,
+        frame_bytes_max: config.frame_bytes_max,
+        message_bytes_max: config.message_bytes_max,
+        messages_per_s_max: config.messages_per_s_max,
+        handshake_timeout_ms: config.handshake_timeout_ms,
+        idle_timeout_ms: config.idle_timeout_ms,
+        close_timeout_ms: config.close_timeout_ms,
+    }
+}
+
+/// How long one full pass of the timeout sweep over the slab takes: short enough that a
+/// timeout fires within a fraction of its length.
+pub fn sweep_pass_ms(limits: &WsLimits) -> u64 {
+    let shortest = limits
+        .handshake_timeout_ms
+        .min(limits.idle_timeout_ms)
+        .min(limits.close_timeout_ms);
+    (shortest / 4).clamp(10, 1000)
+}
+
+/// What a session may use of its shard while it handles an event.
+pub struct Context {
+    pub shard_id: usize,
+    pub node: Arc<NodeState>,
+    /// Messages for other shards (and this one) posted during the turn, and the mailboxes.
+    pub post: Post,
+    /// The connection's limits (a copy of the configuration's, kept at hand).
+    pub ws_limits: WsLimits,
+    /// Milliseconds since the shard started, read once per loop turn.
+    pub now_ms: u64,
+    /// Wall-clock milliseconds since the Unix epoch, read once per loop turn (message times).
+    pub unix_ms: u64,
+    /// Sessions with output queued this turn.
+    pub(super) dirty: Vec<Token>,
+    /// Sessions that used their read budget and may have more to read.
+    pub(super) read_again: Vec<Token>,
+}
+
+impl Context {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.metrics[self.shard_id]
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.node.is_draining()
+    }
+
+    pub fn render_metrics(&self) -> String {
+        self.node.render_metrics(&self.post.office().depths())
+    }
+
+    /// The node's shard count.
+    pub fn shards(&self) -> usize {
+        self.post.shards()
+    }
+}
