@@ -178,6 +178,14 @@ pub enum BusMsg {
         agent: Uid,
     },
 
+    /// A WeChat customer's message, accepted by the callback endpoint on any shard: for the
+    /// owner of its shop, to store and dispatch as a buyer's.
+    WechatInbound(Box<crate::wechat::endpoint::Inbound>),
+    /// A reply that did not reach a WeChat customer (from the sender's threads, or from the
+    /// owner itself when it could not queue it): for the conversation's owner, to leave a
+    /// notice in the conversation.
+    WechatUndelivered(Box<WechatUndelivered>),
+
     /// An encoded server message (a reply, an error) for one session. Dropped if the session
     /// is gone.
     Deliver {
@@ -217,6 +225,14 @@ pub enum BusMsg {
 // A mailbox preallocates its slots, and every message is moved through one: the bulky parts
 // (a client request's origin, a `send`'s strings) are boxed to keep a message small.
 const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// Which stored reply did not reach WeChat, and why.
+#[derive(Debug)]
+pub struct WechatUndelivered {
+    pub conv: ConvId,
+    pub seq: chinwag_protocol::Seq,
+    pub undelivered: crate::wechat::sender::Undelivered,
+}
 
 /// A client's `send`.
 #[derive(Debug)]
@@ -264,6 +280,8 @@ impl BusMsg {
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
                 owner_of(shop, shards)
             }
+            BusMsg::WechatInbound(inbound) => owner_of(&ShopId(inbound.shop), shards),
+            BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
             BusMsg::Deliver { to: session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session }

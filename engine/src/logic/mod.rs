@@ -14,7 +14,9 @@
 //! - [`cursors`]: `read` and its `receipt`;
 //! - [`reads`]: `history` pages and this shard's part of `convs`;
 //! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
-//!   coming online).
+//!   coming online);
+//! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
+//!   commit), notices of replies that did not reach WeChat.
 
 mod cursors;
 mod devices;
@@ -24,6 +26,7 @@ mod send;
 mod shop;
 #[cfg(test)]
 mod testing;
+mod wechat;
 
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +69,10 @@ pub struct Owner {
     pub messages_stored: u64,
     /// Commits that failed since start (for metrics).
     pub commit_failures: u64,
+    /// The WeChat channel, when the node serves WeChat accounts.
+    wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    /// Agents' replies to WeChat customers stored this turn, for the sender after the commit.
+    wechat_out: Vec<wechat::PendingReply>,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
     #[cfg(test)]
     fail_next_commit: bool,
@@ -97,9 +104,16 @@ impl Owner {
             reply_bytes_max,
             messages_stored: 0,
             commit_failures: 0,
+            wechat: None,
+            wechat_out: Vec::new(),
             #[cfg(test)]
             fail_next_commit: false,
         }
+    }
+
+    /// Serves the WeChat channel: agents' replies to WeChat customers go to its sender.
+    pub fn set_wechat(&mut self, channel: Option<Arc<crate::wechat::channel::Channel>>) {
+        self.wechat = channel;
     }
 
     /// An owner with a fresh log in `dir`, for tests.
@@ -203,6 +217,10 @@ impl Owner {
             } => self.unregister(session, device),
             BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::WechatInbound(inbound) => self.wechat_inbound(*inbound, now_ms),
+            BusMsg::WechatUndelivered(u) => {
+                self.wechat_notice(u.conv, u.seq, &u.undelivered, now_ms)
+            }
             BusMsg::Deliver { .. }
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
@@ -224,9 +242,17 @@ impl Owner {
         }
         let pending = std::mem::take(&mut self.pending);
         match self.commit_log() {
-            Ok(()) => pending.into_iter().map(|p| (p.to, p.msg)).collect(),
+            Ok(()) => {
+                let mut out: Vec<(usize, BusMsg)> =
+                    pending.into_iter().map(|p| (p.to, p.msg)).collect();
+                // Only now that the agents' replies are durable do they go to WeChat.
+                out.extend(self.wechat_submit());
+                out
+            }
             Err(e) => {
                 self.commit_failures += 1;
+                // The agents are answered `unavailable`: their replies do not go to WeChat.
+                self.wechat_out.clear();
                 tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
                 pending
                     .into_iter()

@@ -15,6 +15,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
 use crate::store::FsyncPolicy;
+use crate::wechat::account::WechatSection;
 
 /// Declares every setting of `chinwag serve`: its help text (no final period), any
 /// `#[arg(...)]` attributes for its flag, then `name: Type = default, "the default as --help
@@ -51,11 +52,15 @@ Precedence, lowest to highest: defaults, TOML file, flags, environment."
         #[serde(default, deny_unknown_fields)]
         pub struct Config {
             $( #[doc = concat!($help, ".")] pub $name: $ty, )*
+            /// The WeChat channel: its official accounts and its sender's limits, the
+            /// `[wechat]` section (docs/wechat.md). Only in the TOML file: a list of accounts
+            /// has no flag form.
+            pub wechat: WechatSection,
         }
 
         impl Default for Config {
             fn default() -> Config {
-                Config { $( $name: $default, )* }
+                Config { $( $name: $default, )* wechat: WechatSection::default() }
             }
         }
 
@@ -237,6 +242,7 @@ impl Config {
         if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
+        self.wechat.accounts().map_err(|e| e.to_string())?;
         // Tokens share the slab's key space with the listener and waker tokens.
         if self.connections_per_shard_max > u32::MAX as usize {
             return Err("connections_per_shard_max is too large".into());

@@ -467,7 +467,7 @@ mod tests {
         let ws_limits: WsLimits = crate::shard::context::ws_limits(&config);
         let ctx = Context {
             shard_id: 0,
-            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS)),
+            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS, None)),
             post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
             ws_limits,
             now_ms: 0,

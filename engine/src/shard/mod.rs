@@ -558,7 +558,12 @@ mod tests {
     fn mailbox_frames_reach_their_session_only() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-        let node = Arc::new(NodeState::new(Config::default(), b"secret".to_vec(), 1));
+        let node = Arc::new(NodeState::new(
+            Config::default(),
+            b"secret".to_vec(),
+            1,
+            None,
+        ));
         let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
