@@ -188,10 +188,22 @@ fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Own
                 "skipped a corrupt stretch of the log (--skip-corrupt-records)"
             );
         }
+        // What the shard starts with: the snapshot's state plus the records replayed after it
+        // (a restart after a snapshot replays few or none, so `records` alone says little).
+        let stats = store.stats();
+        let snapshot = report.snapshot.map_or("none".to_string(), |pos| {
+            format!("segment {} offset {}", pos >> 32, pos & 0xffff_ffff)
+        });
+        for (path, why) in &report.snapshots_rejected {
+            tracing::warn!(shard, path = %path.display(), reason = %why, "snapshot not used");
+        }
         tracing::info!(
             shard,
-            records = report.records,
-            bytes = report.bytes,
+            snapshot = %snapshot,
+            records_replayed = report.records,
+            bytes_replayed = report.bytes,
+            conversations = stats.conversations,
+            devices = stats.devices,
             truncated = report.truncated.is_some(),
             "log recovered"
         );

@@ -77,11 +77,10 @@ impl Server {
     /// Starts `chinwag serve` on an existing data directory (a restart).
     pub fn start_in(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(binary());
-        command
-            .arg("serve")
-            .arg("--listen=127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir.path());
+        command.arg("serve").arg("--data-dir").arg(data_dir.path());
+        if !args.iter().any(|a| a.starts_with("--listen")) {
+            command.arg("--listen=127.0.0.1:0");
+        }
         if !args.iter().any(|a| a.starts_with("--shards")) {
             command.arg("--shards=2");
         }

@@ -75,6 +75,8 @@ pub struct Origin {
     pub encoding: Encoding,
     /// The request's `req`.
     pub req: Option<u64>,
+    /// When the session decoded the request (for the send → `send_ok` latency).
+    pub received: std::time::Instant,
 }
 
 impl Origin {
@@ -95,8 +97,9 @@ impl Origin {
     }
 }
 
-/// An `error` message.
+/// An `error` message (counted in `chinwag_errors_total`: every error reply is made here).
 pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
+    crate::operator::metrics::error_made(code);
     Message::Error(ErrorReply {
         code,
         message: text.into(),

@@ -75,7 +75,7 @@ impl Owner {
                     seq,
                     ts: now_ms,
                 }));
-                self.ack(origin, ok);
+                self.ack_send(origin, ok);
                 let members = self.members(conv);
                 self.fanout(Fanout::new(
                     members,
@@ -102,7 +102,7 @@ impl Owner {
                     seq,
                     ts: ts_ms,
                 }));
-                self.ack(origin, ok);
+                self.ack_send(origin, ok);
             }
         }
         Ok(())

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod data_dir;
 pub(crate) mod metrics;
+pub(crate) mod process;
 pub mod secret;
 
 use std::net::SocketAddr;

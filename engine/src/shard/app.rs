@@ -152,6 +152,7 @@ impl App {
             }
         };
         let req = frame.req;
+        ctx.metrics().request(frame.message.op());
         match frame.message {
             Message::Ping => reply(session, req, encoding, Message::Pong, ctx),
             Message::Login(login) => {
@@ -365,6 +366,7 @@ impl App {
             device,
             encoding,
             req,
+            received: std::time::Instant::now(),
         })
     }
 }

@@ -340,6 +340,10 @@ impl Shard {
             gauge.store(v, std::sync::atomic::Ordering::Relaxed)
         };
         set(&m.messages_stored, self.owner.messages_stored);
+        for (gauge, count) in m.send_ok_buckets.iter().zip(self.owner.send_ok_buckets) {
+            set(gauge, count);
+        }
+        set(&m.send_ok_us_sum, self.owner.send_ok_us_sum);
         set(&m.log_commit_failures, self.owner.commit_failures);
         set(&m.log_conversations, stats.conversations as u64);
         set(&m.log_devices, stats.devices as u64);
@@ -527,9 +531,18 @@ impl Shard {
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
         m.closed(session.close_reason());
+        let peer = session
+            .peer_addr()
+            .map_or("unknown".to_string(), |a| a.to_string());
+        let uid = session
+            .app()
+            .logged_in()
+            .map_or("-".to_string(), |(uid, ..)| uid.to_string());
         tracing::debug!(
             shard = self.ctx.shard_id,
             slot = token.0,
+            %peer,
+            %uid,
             reason = session.close_reason().label(),
             "closed"
         );

@@ -73,6 +73,12 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> ReadOutcome {
 }
 
 impl Session {
+    /// The client's address, while the socket still knows it (not after a reset). Not kept in
+    /// the session: an idle session stays small.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+
     pub fn new(stream: TcpStream, slot: usize, generation: u32, now_ms: u64) -> Session {
         Session {
             stream,
