@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 
+use super::web;
+
 /// The longest request head the gateway reads; a longer one gets 431.
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Headers parsed per request; a request with more is refused like an overlong head.
@@ -22,6 +24,10 @@ pub enum Request {
         head: bool,
     },
     Metrics,
+    /// A file of the web chat.
+    Asset(&'static web::Asset),
+    /// `/dev/token`, answered only with `--web-dev-tokens`.
+    DevToken(web::TokenRequest),
     /// A WeChat callback to `/wechat/<appid>` (when the node serves WeChat accounts), with
     /// its body.
     Wechat(Box<WechatRequest>),
@@ -161,8 +167,12 @@ fn classify(request: &httparse::Request, enable_echo: bool, wechat: bool) -> Req
     let (Some(method), Some(target)) = (request.method, request.path) else {
         return Request::Respond(bad_request());
     };
-    // The query string plays no part in choosing the endpoint.
+    // The query string plays no part in choosing the endpoint (only /dev/token and WeChat
+    // callbacks read it).
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if let Some(request) = web::classify(request, path, query) {
+        return request;
+    }
     if wechat && crate::wechat::endpoint::Endpoint::handles(path) {
         return Request::Wechat(Box::new(WechatRequest {
             method: method.to_string(),

@@ -3,4 +3,5 @@
 
 pub mod http;
 pub mod listener;
+pub mod web;
 pub mod ws;

@@ -109,6 +109,9 @@ settings! {
     "Serve GET /echo, a WebSocket that echoes every message"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     enable_echo: bool = false, "false";
+    "Serve GET /dev/token?uid=KIND:ID[&shop=ID], which mints a login token for anyone, so the web chat can be tried without a backend; refused unless --listen is a loopback address"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    web_dev_tokens: bool = false, "false";
     "Log filter: error, warn, info, debug, trace, or a tracing directive"
     #[arg(value_name = "LEVEL")]
     log_level: String = "info".to_string(), "info";
@@ -251,6 +254,14 @@ impl Config {
             return Err(
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
+        }
+        // Anyone who can reach /dev/token can act as any user: only this machine may.
+        if self.web_dev_tokens && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "web_dev_tokens mints tokens for anyone, so it needs a loopback listen address \
+                 (127.0.0.1 or ::1), not {}",
+                self.listen
+            ));
         }
         check_log_level(&self.log_level)?;
         // A frame is a piece of a message: a frame limit above the message limit is unreachable
@@ -468,6 +479,18 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(Config::load(small_queue, env(&[])).is_err());
+        let dev_tokens = |listen: &str| {
+            let flags = ServeArgs {
+                web_dev_tokens: Some(true),
+                ..ServeArgs::default()
+            };
+            Config::load(flags, env(&[("CHINWAG_LISTEN", listen)]))
+        };
+        assert!(dev_tokens("127.0.0.1:7000").is_ok());
+        assert!(dev_tokens("[::1]:7000").is_ok());
+        let refused = dev_tokens("0.0.0.0:7000").unwrap_err();
+        assert!(refused.contains("loopback"), "{refused}");
+        assert!(dev_tokens("192.168.1.2:7000").is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();

@@ -20,6 +20,7 @@ use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::SessionRef;
 use crate::net::http::{self, Endpoint};
+use crate::net::web;
 use crate::net::ws::connection::{CloseReason, Connection, Event, Timer};
 use crate::net::ws::frame::{self, Opcode};
 use crate::operator::metrics;
@@ -276,6 +277,9 @@ impl Session {
 
     /// Answers an HTTP request; an upgrade makes the connection a WebSocket.
     fn on_request(&mut self, request: http::Request, ctx: &mut Context) {
+        // Only the parser's own answers can say the request was malformed (a 400 from
+        // /dev/token is about a well-formed request's query).
+        let from_parser = matches!(request, http::Request::Respond(_));
         let answer = match request {
             // A node that is draining takes no new WebSocket: the client should go elsewhere.
             http::Request::Upgrade { .. } if ctx.is_draining() => http::draining(),
@@ -307,9 +311,17 @@ impl Session {
                 "text/plain; version=0.0.4",
                 ctx.render_metrics().as_bytes(),
             ),
+            http::Request::Asset(asset) => web::serve(asset),
+            http::Request::DevToken(request) => web::dev_token(
+                &request,
+                ctx.node.config.web_dev_tokens,
+                &ctx.node.jwt_secret,
+                ctx.unix_ms / 1000,
+            ),
             http::Request::Respond(answer) => answer,
         };
-        let malformed = answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431");
+        let malformed = from_parser
+            && (answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431"));
         self.queue(answer, ctx);
         self.conn.answered(malformed, ctx.now_ms);
     }
