@@ -18,7 +18,7 @@ mkdir -p "$report" && report=$(cd "$report" && pwd)
 (cd "$repo" && cargo build --quiet --release -p chinwag-engine --bin chinwag)
 bin=${CARGO_TARGET_DIR:-$repo/target}/release/chinwag
 work=$(mktemp -d)
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" --enable-echo --shards 2 \
+"$bin" serve --listen 127.0.0.1:0 --backend-listen 127.0.0.1:0 --data-dir "$work/data" --enable-echo --shards 2 \
   --frame-bytes-max 16777216 --message-bytes-max 16777216 --send-queue-bytes-max 50331648 \
   --messages-per-s-max 0 2>"$work/server.log" &
 pid=$!

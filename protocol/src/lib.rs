@@ -39,13 +39,14 @@ pub mod ids;
 pub mod json;
 pub mod limits;
 pub mod message;
+pub mod service;
 pub mod token;
 
 pub use ids::{
     ConvId, DeviceId, DeviceIdGenerator, DeviceType, NodeId, NodeType, Seq, ShopId, Uid, UidKind,
 };
 pub use message::{
-    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
-    SendOk, Target,
+    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
+    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
 };

@@ -16,7 +16,16 @@ use bytes::BytesMut;
 use chinwag_protocol::{binary, json, Frame, Op};
 use serde_json::Value;
 
-const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
+const CLIENT_DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
+/// The service port's ops are documented, with examples in the same format, in backend.md.
+const BACKEND_DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/backend.md"));
+
+/// Both documents' examples.
+fn all_examples() -> Vec<Example> {
+    let mut all = examples(CLIENT_DOC);
+    all.extend(examples(BACKEND_DOC));
+    all
+}
 
 /// One example, with the document line it starts on (for messages).
 #[derive(Debug)]
@@ -153,7 +162,7 @@ fn hex(bytes: &[u8]) -> String {
 fn every_json_example_decodes_and_re_encodes_to_itself() {
     let mut failures = Vec::new();
     let mut count = 0;
-    for example in examples(DOC) {
+    for example in all_examples() {
         if let Example::Json { line, text } = example {
             count += 1;
             if let Err(e) = check_json(&text) {
@@ -168,7 +177,7 @@ fn every_json_example_decodes_and_re_encodes_to_itself() {
 #[test]
 fn every_hex_example_is_its_twin_byte_for_byte() {
     let mut failures = Vec::new();
-    for example in examples(DOC) {
+    for example in all_examples() {
         if let Example::Hex { line, twin, bytes } = example {
             if let Err(e) = check_hex(&twin, &bytes) {
                 failures.push(format!("docs/protocol.md hex block at line {line}: {e}"));
@@ -182,7 +191,7 @@ fn every_hex_example_is_its_twin_byte_for_byte() {
 fn every_op_has_a_json_and_a_hex_example() {
     let mut json_ops = Vec::new();
     let mut hex_ops = Vec::new();
-    for example in examples(DOC) {
+    for example in all_examples() {
         match example {
             Example::Json { text, .. } => {
                 if let Ok(frame) = json::decode(&text) {
@@ -218,7 +227,7 @@ fn every_op_has_a_json_and_a_hex_example() {
 #[test]
 fn editing_any_byte_of_a_hex_example_fails_the_check() {
     let mut checked = 0;
-    for example in examples(DOC) {
+    for example in all_examples() {
         let Example::Hex { twin, bytes, .. } = example else {
             continue;
         };

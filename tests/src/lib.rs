@@ -65,6 +65,8 @@ pub fn binary() -> PathBuf {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The service port (docs/backend.md).
+    pub backend_addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -85,6 +87,9 @@ impl Server {
         command.arg("serve").arg("--data-dir").arg(data_dir.path());
         if !args.iter().any(|a| a.starts_with("--listen")) {
             command.arg("--listen=127.0.0.1:0");
+        }
+        if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+            command.arg("--backend-listen=127.0.0.1:0");
         }
         if !args.iter().any(|a| a.starts_with("--shards")) {
             command.arg("--shards=2");
@@ -108,7 +113,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let addr = if line.contains("listening") {
-                    field(&line, "addr=")
+                    field(&line, " addr=").zip(field(&line, "backend_addr="))
                 } else {
                     None
                 };
@@ -120,8 +125,11 @@ impl Server {
                 }
             }
         });
-        let addr = match addr_rx.recv_timeout(START_WAIT) {
-            Ok(addr) => addr.parse().expect("bound address"),
+        let (addr, backend_addr) = match addr_rx.recv_timeout(START_WAIT) {
+            Ok((addr, backend_addr)) => (
+                addr.parse().expect("bound address"),
+                backend_addr.parse().expect("bound service address"),
+            ),
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -133,6 +141,7 @@ impl Server {
         Server {
             child,
             addr,
+            backend_addr,
             data_dir,
             log,
         }

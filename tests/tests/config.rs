@@ -14,6 +14,9 @@ fn help_lists_every_setting() {
     for flag in [
         "--config",
         "--listen",
+        "--backend-listen",
+        "--backend-frame-bytes-max",
+        "--backend-connections-per-shard-max",
         "--data-dir",
         "--jwt-secret",
         "--jwt-secret-file",
@@ -92,6 +95,9 @@ fn serve_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     }
     if !args.iter().any(|a| a.starts_with("--listen")) {
         command.arg("--listen=127.0.0.1:0");
+    }
+    if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+        command.arg("--backend-listen=127.0.0.1:0");
     }
     command.args(args);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {

@@ -22,6 +22,7 @@ pub mod mailbox;
 pub mod placement;
 pub mod post;
 pub mod reply_size;
+pub mod stream_position;
 
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
-    History, Message, ShopId, Target, Uid,
+    History, Kick, Message, Online, ShopId, Target, Uid,
 };
 use smallvec::SmallVec;
 
@@ -75,13 +76,23 @@ pub struct Origin {
     pub encoding: Encoding,
     /// The request's `req`.
     pub req: Option<u64>,
+    /// The request came from a backend service (the service port): `uid` is the user it acts
+    /// as, it may read any conversation, and its replies carry the service ops' codes.
+    pub service: bool,
     /// When the session decoded the request (for the send → `send_ok` latency).
     pub received: std::time::Instant,
 }
 
 impl Origin {
-    /// A reply to this request, as a WebSocket frame in the request's encoding.
+    /// A reply to this request, as a WebSocket frame in the request's encoding. A service's
+    /// request gets the service op's reply (`send_as_ok` for `send_ok`, and so on), so the
+    /// owner answers both kinds of caller with the same code.
     pub fn reply(&self, message: Message<'_>) -> Bytes {
+        let message = match message {
+            Message::SendOk(ok) if self.service => Message::SendAsOk(ok),
+            Message::HistoryOk(page) if self.service => Message::ConvHistoryOk(page),
+            message => message,
+        };
         ws_message(
             &Frame {
                 req: self.req,
@@ -142,6 +153,27 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// Which page.
         history: History,
+    },
+    /// `kick` from a service, for the owner of the user's devices.
+    KickUser {
+        /// The service.
+        origin: Box<Origin>,
+        /// Whom.
+        kick: Kick,
+    },
+    /// `presence` from a service: the receiving shard's part (the users it owns).
+    Presence {
+        /// The service.
+        origin: Box<Origin>,
+        /// The users, all owned by the receiving shard.
+        users: Vec<Uid>,
+    },
+    /// The message stream of a service: the next messages of the receiving shard's log.
+    StreamRead {
+        /// The service connection.
+        session: SessionRef,
+        /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
+        from: u64,
     },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
@@ -209,10 +241,23 @@ pub enum BusMsg {
         /// Its device.
         device: Option<DeviceId>,
     },
-    /// The device logged in elsewhere: push `kicked` and close with 4001.
+    /// The device logged in elsewhere, or a service kicked it: push `kicked` and close with 4001.
     Kick {
-        /// The older session.
+        /// The session.
         session: SessionRef,
+        /// A service asked for it (rather than a newer login of the device).
+        by_service: bool,
+    },
+    /// One shard's next messages for a stream, or why its position is refused.
+    StreamPart(Box<StreamPart>),
+    /// One shard's part of a `presence` reply.
+    PresencePart {
+        /// The service connection that asked.
+        session: SessionRef,
+        /// The request's `req`.
+        req: Option<u64>,
+        /// The online devices of the asked users this shard owns.
+        online: Vec<Online>,
     },
     /// One shard's part of a `convs` reply.
     ConvsPart {
@@ -228,6 +273,20 @@ pub enum BusMsg {
 // A mailbox preallocates its slots, and every message is moved through one: the bulky parts
 // (a client request's origin, a `send`'s strings) are boxed to keep a message small.
 const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// A [`BusMsg::StreamRead`] from the end of the log: only what is stored from now on.
+pub const STREAM_NOW: u64 = u64::MAX;
+
+/// One shard's answer to a [`BusMsg::StreamRead`].
+#[derive(Debug)]
+pub struct StreamPart {
+    /// The service connection.
+    pub session: SessionRef,
+    /// The shard whose log was read.
+    pub shard: usize,
+    /// The messages and the position after them, or why the position was refused.
+    pub result: Result<(Vec<chinwag_protocol::Msg<'static>>, u64), &'static str>,
+}
 
 /// Which stored reply did not reach WeChat, and why.
 #[derive(Debug)]
@@ -260,6 +319,8 @@ impl BusMsg {
             BusMsg::Read { origin, .. }
             | BusMsg::Resolve { origin, .. }
             | BusMsg::History { origin, .. }
+            | BusMsg::KickUser { origin, .. }
+            | BusMsg::Presence { origin, .. }
             | BusMsg::Convs { origin } => Some(origin.as_ref()),
             _ => None,
         }
@@ -279,6 +340,12 @@ impl BusMsg {
             BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
             BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            // Posted to each shard in turn, not to an owner.
+            BusMsg::StreamRead { .. } => return None,
+            BusMsg::StreamPart(part) => part.session.shard as usize,
+            // Posted to the owner of its users, which all share it.
+            BusMsg::Presence { users, .. } => owner_of(users.first()?, shards),
             BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
                 owner_of(shop, shards)
@@ -287,8 +354,9 @@ impl BusMsg {
             BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
             BusMsg::Deliver { to: session, .. }
             | BusMsg::Registered { session, .. }
-            | BusMsg::Kick { session }
-            | BusMsg::ConvsPart { session, .. } => session.shard as usize,
+            | BusMsg::Kick { session, .. }
+            | BusMsg::ConvsPart { session, .. }
+            | BusMsg::PresencePart { session, .. } => session.shard as usize,
             BusMsg::Push(_) => return None,
         })
     }

@@ -206,6 +206,28 @@ impl Owner {
                 };
                 self.reply_now(&origin, reply);
             }
+            BusMsg::KickUser { origin, kick } => {
+                let kicked = self.kick(kick);
+                self.reply_now(
+                    &origin,
+                    origin.reply(chinwag_protocol::Message::KickOk(kicked)),
+                );
+            }
+            BusMsg::Presence { origin, users } => {
+                let online = self.presence(&users);
+                self.push_out(
+                    origin.session.shard as usize,
+                    BusMsg::PresencePart {
+                        session: origin.session,
+                        req: origin.req,
+                        online,
+                    },
+                );
+            }
+            BusMsg::StreamRead { session, from } => {
+                let part = self.stream_read(session, from);
+                self.push_out(session.shard as usize, BusMsg::StreamPart(Box::new(part)));
+            }
             BusMsg::Convs { origin } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
@@ -235,7 +257,9 @@ impl Owner {
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
             | BusMsg::Kick { .. }
-            | BusMsg::ConvsPart { .. } => {
+            | BusMsg::ConvsPart { .. }
+            | BusMsg::PresencePart { .. }
+            | BusMsg::StreamPart(_) => {
                 debug_assert!(false, "not a message for an owner: {msg:?}");
             }
         }
@@ -286,6 +310,21 @@ impl Owner {
                     .collect()
             }
         }
+    }
+
+    /// The conversation, if it is here and `origin` may read it: a member, or a service.
+    fn readable_conv(
+        &self,
+        conv: ConvId,
+        origin: &Origin,
+    ) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        if !origin.service {
+            return self.member_conv(conv, origin.uid);
+        }
+        let found = (owner_of_conv(conv) == self.shard)
+            .then(|| self.store.conv(conv))
+            .flatten();
+        found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))
     }
 
     /// The conversation, if it is here and `uid` is a member.

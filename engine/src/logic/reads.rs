@@ -8,8 +8,12 @@ use chinwag_protocol::{
 };
 
 use super::{store_error, Owner};
-use crate::bus::{reply_size, Origin};
-use crate::store::{ConvKind, HistoryFrom, MessageRef};
+use crate::bus::{reply_size, Origin, SessionRef, StreamPart, STREAM_NOW};
+use crate::store::{ConvKind, HistoryFrom, MessageRef, ScanError};
+
+/// Log records one stream read looks at, so one subscriber's read is a bounded share of a
+/// shard's turn.
+const STREAM_RECORDS_MAX: usize = 1024;
 
 impl Owner {
     pub(super) fn history(
@@ -18,7 +22,7 @@ impl Owner {
         history: History,
     ) -> Result<Message<'static>, (ErrorCode, String)> {
         let conv = history.conv;
-        self.member_conv(conv, origin.uid)?;
+        self.readable_conv(conv, origin)?;
         let from = match history.range {
             HistoryRange::Newest => HistoryFrom::Newest,
             HistoryRange::Before(seq) => HistoryFrom::Before(seq),
@@ -54,6 +58,28 @@ impl Owner {
         };
         let msgs = kept.iter().map(to_msg).collect();
         Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
+    }
+
+    /// The next messages of this shard's log for a service's stream, from `from`
+    /// ([`STREAM_NOW`]: none, just the position of the log's end).
+    pub(super) fn stream_read(&self, session: SessionRef, from: u64) -> StreamPart {
+        let result = if from == STREAM_NOW {
+            self.store
+                .scan(self.store.acked(), 0, 0)
+                .map(|(_, end)| (Vec::new(), end))
+        } else {
+            self.store
+                .scan(from, STREAM_RECORDS_MAX, self.reply_bytes_max / 4)
+                .map(|(msgs, next)| (msgs.iter().map(to_msg).collect(), next))
+        };
+        StreamPart {
+            session,
+            shard: self.shard,
+            result: result.map_err(|e| match e {
+                ScanError::Retired => "the resume position was deleted by log retention",
+                ScanError::NotOurs => "not a resume position of this node",
+            }),
+        }
     }
 
     pub(super) fn convs_of(&self, uid: Uid) -> Vec<ConvSummary<'static>> {
@@ -164,6 +190,24 @@ mod tests {
             },
         });
         assert!(replies(&out, c.session)[0].contains(r#""code":"not_member""#));
+
+        // A service reads any conversation, and gets the service op's reply.
+        let service = Origin {
+            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 9),
+            service: true,
+            ..c
+        };
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(service),
+            history: History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 10,
+            },
+        });
+        let reply = &replies(&out, c.session)[0];
+        assert!(reply.starts_with(r#"{"op":"conv_history_ok""#), "{reply}");
+        assert!(reply.contains(r#""body":"x""#), "{reply}");
     }
 
     #[test]

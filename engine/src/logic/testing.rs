@@ -80,6 +80,7 @@ impl Harness {
             device,
             encoding: Encoding::Json,
             req: Some(1),
+            service: false,
             received: std::time::Instant::now(),
         }
     }

@@ -6,6 +6,15 @@ use smallvec::SmallVec;
 use super::record::{self, MessageRef};
 use super::{segment, state, Conversation, HistoryFrom, Position, Store, StoreError};
 
+/// Why a [`Store::scan`] could not start where it was asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanError {
+    /// The position is in a segment retention deleted: the messages there are gone.
+    Retired,
+    /// The position is not one this log handed out.
+    NotOurs,
+}
+
 /// One stretch of a conversation's chain that [`Store::history`] walks: from the record at
 /// `pos` (expected to hold `seq`) down to `stop`.
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +172,74 @@ impl Store {
     }
 
     /// The message at `pos`, or `None` if its segment was retired.
+    /// Everything before this position is acknowledged (what [`Store::scan`] reads up to).
+    pub fn acked(&self) -> Position {
+        self.acked
+    }
+
+    /// The messages stored from `from` on, in log order (so in seq order per conversation):
+    /// at most `records_max` records read, about `bytes_max` bytes of messages (always at
+    /// least one message if there is one), and only what is acknowledged. Returns them with
+    /// the position after the last record read: the next scan starts there. Position 0 is the
+    /// start of the log.
+    ///
+    /// A position in a segment deleted by retention is [`ScanError::Retired`]; one past the
+    /// log or not on a record boundary is [`ScanError::NotOurs`].
+    pub fn scan(
+        &self,
+        from: Position,
+        records_max: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<MessageRef<'_>>, Position), ScanError> {
+        let first = self.segments[0].id;
+        let mut pos = if from == 0 {
+            segment::position(first, segment::HEADER_BYTES)
+        } else {
+            from
+        };
+        if segment::segment_of(pos) < first {
+            return Err(ScanError::Retired);
+        }
+        if pos
+            > self
+                .acked
+                .max(segment::position(first, segment::HEADER_BYTES))
+        {
+            return Err(ScanError::NotOurs);
+        }
+        let mut messages = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..records_max {
+            if pos >= self.acked {
+                break;
+            }
+            let id = segment::segment_of(pos);
+            let Some(seg) = self.segments.get((id - first) as usize) else {
+                break;
+            };
+            match record::decode(&seg.map, segment::offset_of(pos)) {
+                Ok(Some((record, len))) => {
+                    if let record::Record::Message(m) = record {
+                        let size = m.body.len() + m.kind.len() + m.cmid.len();
+                        if !messages.is_empty() && bytes + size > bytes_max {
+                            break;
+                        }
+                        bytes += size;
+                        messages.push(m);
+                    }
+                    pos += len as u64;
+                }
+                // The end of this segment's records: on to the next segment.
+                Ok(None) if id < self.active().id => {
+                    pos = segment::position(id + 1, segment::HEADER_BYTES);
+                }
+                Ok(None) => break,
+                Err(_) => return Err(ScanError::NotOurs),
+            }
+        }
+        Ok((messages, pos))
+    }
+
     pub(super) fn message_at(&self, pos: Position) -> Result<Option<MessageRef<'_>>, StoreError> {
         let first = self.segments[0].id;
         let id = segment::segment_of(pos);

@@ -273,6 +273,11 @@ const WRITE = {
   kicked(w, f) {
     w.str(f.reason, 'reason', 2);
   },
+  notify(w, f) {
+    w.str(f.kind, 'kind', 2);
+    w.str(f.body, 'body', 4);
+    w.number(f.ts, 'ts');
+  },
   error(w, f) {
     w.u8(oneOf(ERROR_CODES, f.code, 'code') + 1);
     w.str(f.message ?? '', 'message', 2);
@@ -356,6 +361,7 @@ const READ = {
   receipt: (r) => ({ conv: r.id(), uid: r.uid(), seq: r.number('seq') }),
   members: (r) => ({ conv: r.id(), members: r.uids() }),
   kicked: (r) => ({ reason: r.str(2) }),
+  notify: (r) => ({ kind: r.str(2), body: r.str(4), ts: r.number('ts') }),
   error(r) {
     const code = ERROR_CODES[r.u8() - 1];
     if (code === undefined) throw new CodecError('unknown error code');

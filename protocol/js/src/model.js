@@ -23,6 +23,7 @@ export const OPS = Object.freeze({
   members: 0xc3,
   kicked: 0xc4,
   error: 0xc5,
+  notify: 0xc6,
 });
 
 export const UID_KINDS = Object.freeze(['buyer', 'wechat', 'agent', 'service']);

@@ -48,7 +48,7 @@ export class Gateway {
   }
 
   async _spawn(port) {
-    const argv = ['serve', `--listen=127.0.0.1:${port}`, '--data-dir', this.dataDir, '--jwt-secret', SECRET, '--shards=2', ...this.args];
+    const argv = ['serve', `--listen=127.0.0.1:${port}`, '--backend-listen=127.0.0.1:0', '--data-dir', this.dataDir, '--jwt-secret', SECRET, '--shards=2', ...this.args];
     // The tests' own CHINWAG_* settings must not leak into the server.
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('CHINWAG_')));
     this.child = spawn(binary(), argv, { env, stdio: ['ignore', 'ignore', 'pipe'] });
