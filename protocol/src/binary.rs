@@ -17,8 +17,8 @@ use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind
 use crate::limits;
 use crate::message::{
     ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
-    SendOk, Target,
+    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
+    Receipt, Send, SendOk, Target,
 };
 
 /// The header's size in bytes.
@@ -210,6 +210,12 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
         Message::Members(m) => {
             out.put_u64(m.conv.0);
             put_uids(out, &m.members)?;
+        }
+        Message::MembersDelta(m) => {
+            out.put_u64(m.conv.0);
+            put_uids(out, &m.added)?;
+            put_uids(out, &m.removed)?;
+            out.put_u32(m.count);
         }
         Message::Kicked(reason) => put_str16(out, reason, "reason")?,
         Message::Error(m) => {
@@ -448,6 +454,12 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
         Op::Members => Message::Members(Members {
             conv: ConvId(r.u64()?),
             members: r.uids()?,
+        }),
+        Op::MembersDelta => Message::MembersDelta(MembersDelta {
+            conv: ConvId(r.u64()?),
+            added: r.uids()?,
+            removed: r.uids()?,
+            count: r.u32()?,
         }),
         Op::Kicked => Message::Kicked(r.str16("reason")?),
         Op::Error => Message::Error(ErrorReply {

@@ -17,8 +17,8 @@ use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
 use crate::limits;
 use crate::message::{
     ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
-    SendOk, Target, HISTORY_LIMIT_DEFAULT,
+    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
+    Receipt, Send, SendOk, Target, HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -98,6 +98,11 @@ struct RawFrame<'a> {
     convs: Option<Vec<RawConv<'a>>>,
     #[serde(borrow)]
     members: Option<Vec<Text<'a>>>,
+    #[serde(borrow)]
+    added: Option<Vec<Text<'a>>>,
+    #[serde(borrow)]
+    removed: Option<Vec<Text<'a>>>,
+    count: Option<u32>,
     #[serde(borrow)]
     reason: Option<Text<'a>>,
     #[serde(borrow)]
@@ -293,6 +298,12 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             conv: conv()?,
             members: parse_uids(&need(raw.members, "members")?)?,
         }),
+        Op::MembersDelta => Message::MembersDelta(MembersDelta {
+            conv: conv()?,
+            added: parse_uids(&need(raw.added, "added")?)?,
+            removed: parse_uids(&need(raw.removed, "removed")?)?,
+            count: need(raw.count, "count")?,
+        }),
         Op::Kicked => Message::Kicked(need_text(raw.reason, "reason")?),
         Op::Error => Message::Error(ErrorReply {
             code: ErrorCode::from_str(&need(raw.code, "code")?)
@@ -481,6 +492,12 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         Message::Members(m) => {
             w.display("conv", m.conv);
             w.uids("members", &m.members);
+        }
+        Message::MembersDelta(m) => {
+            w.display("conv", m.conv);
+            w.uids("added", &m.added);
+            w.uids("removed", &m.removed);
+            w.num("count", u64::from(m.count));
         }
         Message::Kicked(reason) => w.str("reason", reason),
         Message::Error(m) => {
@@ -876,7 +893,7 @@ mod tests {
         #[test]
         fn decoder_never_panics_on_json_shaped_text(
             fields in proptest::collection::vec(
-                ("(op|req|conv|shop|user|cmid|kind|body|seq|before|after|limit|token|device|members|msgs|convs|code|message|reason|uid|from|ts|type|last)",
+                ("(op|req|conv|shop|user|cmid|kind|body|seq|before|after|limit|token|device|members|added|removed|count|msgs|convs|code|message|reason|uid|from|ts|type|last)",
                  "(\"[a-z0-9:_]{0,12}\"|-?[0-9]{1,22}|null|true|\\[\\]|\\{\\}|1\\.5|\\[\"buyer:1\"\\])"),
                 0..8)
         ) {

@@ -46,6 +46,6 @@ pub use ids::{
 };
 pub use message::{
     ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, Message, Msg, Op, Receipt, Send,
-    SendOk, Target,
+    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
+    Receipt, Send, SendOk, Target,
 };

@@ -90,6 +90,9 @@ pub enum Message<'a> {
     Receipt(Receipt),
     /// `members` (push): a conversation's member list changed.
     Members(Members),
+    /// `members_delta` (push): members joined or left a large group (over
+    /// [`crate::limits::GROUP_FULL_LIST_MAX`] members), sent instead of its whole list.
+    MembersDelta(MembersDelta),
     /// `kicked` (push): this device logged in elsewhere or was kicked.
     Kicked(Cow<'a, str>),
     /// `error` (push or reply): a request failed.
@@ -138,11 +141,13 @@ pub enum Op {
     Kicked = 0xc4,
     /// `error`
     Error = 0xc5,
+    /// `members_delta`
+    MembersDelta = 0xc7,
 }
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 19] = [
+    pub const ALL: [Op; 20] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -162,6 +167,7 @@ impl Op {
         Op::Members,
         Op::Kicked,
         Op::Error,
+        Op::MembersDelta,
     ];
 
     /// The op with this binary code.
@@ -195,6 +201,7 @@ impl Op {
             Op::Receipt => "receipt",
             Op::Members => "members",
             Op::Kicked => "kicked",
+            Op::MembersDelta => "members_delta",
             Op::Error => "error",
         }
     }
@@ -232,6 +239,7 @@ impl Message<'_> {
             Message::Msg(_) => Op::Msg,
             Message::Receipt(_) => Op::Receipt,
             Message::Members(_) => Op::Members,
+            Message::MembersDelta(_) => Op::MembersDelta,
             Message::Kicked(_) => Op::Kicked,
             Message::Error(_) => Op::Error,
         }
@@ -270,6 +278,7 @@ impl Message<'_> {
             Message::Msg(m) => Message::Msg(m.into_owned()),
             Message::Receipt(m) => Message::Receipt(m),
             Message::Members(m) => Message::Members(m),
+            Message::MembersDelta(m) => Message::MembersDelta(m),
             Message::Kicked(reason) => Message::Kicked(own(reason)),
             Message::Error(m) => Message::Error(ErrorReply {
                 code: m.code,
@@ -489,6 +498,19 @@ pub struct Members {
     pub conv: ConvId,
     /// Its members now.
     pub members: Vec<Uid>,
+}
+
+/// `members_delta`: who joined and who left a large group, and how many members it has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersDelta {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Users who became members.
+    pub added: Vec<Uid>,
+    /// Users who are members no longer.
+    pub removed: Vec<Uid>,
+    /// The number of members after the change.
+    pub count: u32,
 }
 
 /// `error`: why a request failed.
@@ -835,6 +857,20 @@ pub(crate) mod strategies {
                 conv: ConvId(c),
                 members
             })),
+            (
+                any::<u64>(),
+                vec(uid(), 0..4),
+                vec(uid(), 0..4),
+                any::<u32>()
+            )
+                .prop_map(|(c, added, removed, count)| Message::MembersDelta(
+                    MembersDelta {
+                        conv: ConvId(c),
+                        added,
+                        removed,
+                        count
+                    }
+                )),
             text().prop_map(Message::Kicked),
             (0usize..9, text()).prop_map(|(i, message)| Message::Error(ErrorReply {
                 code: ErrorCode::ALL[i],

@@ -10,6 +10,7 @@
 //! | a user's devices and which session holds each device | `hash(uid)` |
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
+//! | a group conversation, while the service creates it | `hash(group key)` |
 //! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
 //!
 //! A session's shard posts a client's request to the owner (handled in place when it is
@@ -28,13 +29,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
-    History, Message, ShopId, Target, Uid,
+    binary, json, ConvId, ConvSummary, ConvType, Cursor, DeviceId, DeviceType, ErrorCode,
+    ErrorReply, Frame, History, Message, Seq, ShopId, Target, Uid,
 };
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
-use placement::Placed;
+use placement::{GroupKey, Placed};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
 /// without a lookup. That bounds a node to 256 shards.
@@ -178,6 +179,11 @@ pub enum BusMsg {
         agent: Uid,
     },
 
+    /// A backend service's operation on group conversations (create, add, remove, info).
+    // Made by the service port (the `backend` branch); until it is merged, only by tests.
+    #[allow(dead_code)]
+    Group(Box<GroupRequest>),
+
     /// An encoded server message (a reply, an error) for one session. Dropped if the session
     /// is gone.
     Deliver {
@@ -203,6 +209,8 @@ pub enum BusMsg {
         /// The older session.
         session: SessionRef,
     },
+    /// The answer to a [`BusMsg::Group`], for the service connection that asked.
+    GroupDone(Box<GroupDone>),
     /// One shard's part of a `convs` reply.
     ConvsPart {
         /// The session that asked.
@@ -231,6 +239,66 @@ pub struct SendRequest {
     pub kind: String,
     /// The body.
     pub body: String,
+}
+
+/// Who asked for a service operation: the service connection to answer and its `req`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceOrigin {
+    /// The service's connection.
+    pub session: SessionRef,
+    /// The request's `req`.
+    pub req: Option<u64>,
+}
+
+/// A service's operation on group conversations. Members lists are at most
+/// [`GROUP_MEMBERS_PER_REQUEST_MAX`] long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(dead_code)] // Made by the service port (the `backend` branch) and by tests.
+pub enum GroupOp {
+    /// Creates the group `key` names with `members` (distinct); if the key has a group
+    /// already, answers with that one and changes nothing.
+    Create { key: u64, members: Vec<Uid> },
+    /// Adds `members` to a group (users who are members already are left as they are).
+    Add { conv: ConvId, members: Vec<Uid> },
+    /// Removes `members` from a group; each must be a member.
+    Remove { conv: ConvId, members: Vec<Uid> },
+    /// A conversation's type, members (or their count) and last seq; any conversation type.
+    Info { conv: ConvId },
+}
+
+/// The most users one group operation may name: it bounds a request and the `members_delta`
+/// push it causes.
+pub const GROUP_MEMBERS_PER_REQUEST_MAX: usize = 1_000;
+
+/// A [`GroupOp`] and who asked.
+#[derive(Debug)]
+pub struct GroupRequest {
+    pub origin: ServiceOrigin,
+    pub op: GroupOp,
+}
+
+/// What a group operation gives back: the conversation after it, or why it failed.
+#[derive(Debug)]
+pub struct GroupDone {
+    pub origin: ServiceOrigin,
+    pub result: Result<ConvInfo, (ErrorCode, String)>,
+}
+
+/// A conversation as a service sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvInfo {
+    pub conv: ConvId,
+    /// Its type (and shop, for shop conversations).
+    pub conv_type: ConvType,
+    /// For a group: the key it was created with.
+    pub key: Option<u64>,
+    /// Every member, when there are at most `GROUP_FULL_LIST_MAX`; otherwise empty (the
+    /// service keeps its own list of a large group; `member_count` says how many).
+    pub members: Vec<Uid>,
+    pub member_count: u32,
+    pub last_seq: Seq,
+    /// For `Create`: whether this request made the group (false: the key had one).
+    pub created: bool,
 }
 
 impl BusMsg {
@@ -268,6 +336,13 @@ impl BusMsg {
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session }
             | BusMsg::ConvsPart { session, .. } => session.shard as usize,
+            BusMsg::Group(request) => match &request.op {
+                GroupOp::Create { key, .. } => owner_of(&GroupKey(*key), shards),
+                GroupOp::Add { conv, .. }
+                | GroupOp::Remove { conv, .. }
+                | GroupOp::Info { conv } => owner_of_conv(*conv),
+            },
+            BusMsg::GroupDone(done) => done.origin.session.shard as usize,
             BusMsg::Push(_) => return None,
         })
     }

@@ -14,11 +14,13 @@
 //! - [`cursors`]: `read` and its `receipt`;
 //! - [`reads`]: `history` pages and this shard's part of `convs`;
 //! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
-//!   coming online).
+//!   coming online);
+//! - [`groups`]: group conversations for backend services (create, add, remove, info).
 
 mod cursors;
 mod devices;
 pub mod dispatch;
+mod groups;
 mod reads;
 mod send;
 mod shop;
@@ -32,7 +34,10 @@ use bytes::Bytes;
 use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
-use crate::bus::{owner_of_conv, BusMsg, Fanout, Origin, SendRequest, SessionRef, CONV_SHARD_BITS};
+use crate::bus::{
+    owner_of_conv, BusMsg, Fanout, GroupDone, GroupRequest, Origin, SendRequest, SessionRef,
+    CONV_SHARD_BITS,
+};
 use crate::store::{Store, StoreError};
 use dispatch::Dispatcher;
 
@@ -203,7 +208,17 @@ impl Owner {
             } => self.unregister(session, device),
             BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::Group(request) => {
+                let GroupRequest { origin, op } = *request;
+                let result = self.group(op);
+                // Waits for the commit like an acknowledgement (see `commit`).
+                self.push_out(
+                    origin.session.shard as usize,
+                    BusMsg::GroupDone(Box::new(GroupDone { origin, result })),
+                );
+            }
             BusMsg::Deliver { .. }
+            | BusMsg::GroupDone(_)
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
             | BusMsg::Kick { .. }
@@ -242,11 +257,33 @@ impl Owner {
                         // Pushes of the turn are dropped; replies that did not depend on the
                         // log (errors, history) still go.
                         (None, BusMsg::Push(_)) => None,
+                        // A service's group operation may have stored records: it is not
+                        // answered as done. (An `info` in the same turn is refused too: the
+                        // log is broken, a retry after the restart answers it.)
+                        (None, BusMsg::GroupDone(mut done)) => {
+                            if done.result.is_ok() {
+                                done.result = Err((
+                                    ErrorCode::Unavailable,
+                                    "the log could not store the change".into(),
+                                ));
+                            }
+                            Some((p.to, BusMsg::GroupDone(done)))
+                        }
                         (None, msg) => Some((p.to, msg)),
                     })
                     .collect()
             }
         }
+    }
+
+    /// The conversation, if it is here.
+    fn local_conv(&self, conv: ConvId) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        let found = if owner_of_conv(conv) == self.shard {
+            self.store.conv(conv)
+        } else {
+            None
+        };
+        found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))
     }
 
     /// The conversation, if it is here and `uid` is a member.
@@ -255,12 +292,7 @@ impl Owner {
         conv: ConvId,
         uid: Uid,
     ) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
-        let found = if owner_of_conv(conv) == self.shard {
-            self.store.conv(conv)
-        } else {
-            None
-        };
-        let c = found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))?;
+        let c = self.local_conv(conv)?;
         if !c.members().contains(&uid) {
             return Err((
                 ErrorCode::NotMember,

@@ -9,7 +9,7 @@ use chinwag_protocol::{
 
 use super::{store_error, Owner};
 use crate::bus::{reply_size, Origin};
-use crate::store::{ConvKind, HistoryFrom, MessageRef};
+use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef};
 
 impl Owner {
     pub(super) fn history(
@@ -71,11 +71,7 @@ impl Owner {
                     .and_then(|m| m.first().map(to_msg));
                 Some(ConvSummary {
                     conv: id,
-                    conv_type: match (c.kind(), c.shop()) {
-                        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
-                        (ConvKind::Group, _) => ConvType::Group,
-                        _ => ConvType::Direct,
-                    },
+                    conv_type: conv_type(c),
                     members: c.members().to_vec(),
                     last_seq,
                     read_seq,
@@ -84,6 +80,15 @@ impl Owner {
                 })
             })
             .collect()
+    }
+}
+
+/// A conversation's type as the protocol names it.
+pub(super) fn conv_type(c: &Conversation) -> ConvType {
+    match (c.kind(), c.shop()) {
+        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
+        (ConvKind::Group, _) => ConvType::Group,
+        _ => ConvType::Direct,
     }
 }
 

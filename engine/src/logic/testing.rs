@@ -8,7 +8,7 @@ use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
 
 use super::Owner;
-use crate::bus::{BusMsg, Origin, SessionRef};
+use crate::bus::{BusMsg, ConvInfo, GroupOp, GroupRequest, Origin, ServiceOrigin, SessionRef};
 use crate::store::{Store, StoreConfig};
 
 /// The shard the owner under test is.
@@ -81,6 +81,40 @@ impl Harness {
             encoding: Encoding::Json,
             req: Some(1),
         }
+    }
+
+    /// A service's group operation in one turn: what went out, and the answer the service
+    /// connection (on the session shard) gets.
+    pub fn group(
+        &mut self,
+        op: GroupOp,
+    ) -> (
+        Vec<(usize, BusMsg)>,
+        Result<ConvInfo, (chinwag_protocol::ErrorCode, String)>,
+    ) {
+        let origin = ServiceOrigin {
+            session: self.new_session(),
+            req: Some(7),
+        };
+        let mut out = self.turn(BusMsg::Group(Box::new(GroupRequest { origin, op })));
+        let at = out
+            .iter()
+            .position(|(_, m)| matches!(m, BusMsg::GroupDone(d) if d.origin == origin))
+            .expect("the service is answered");
+        let (shard, BusMsg::GroupDone(done)) = out.remove(at) else {
+            unreachable!("found above")
+        };
+        assert_eq!(
+            shard, SESSION_SHARD as usize,
+            "answered on the service's shard"
+        );
+        (out, done.result)
+    }
+
+    /// Creates a group (whose key this owner owns) and returns it.
+    pub fn create_group(&mut self, key: u64, members: Vec<Uid>) -> chinwag_protocol::ConvId {
+        let (_, info) = self.group(GroupOp::Create { key, members });
+        info.expect("the group is created").conv
     }
 
     /// Makes the next commit fail.

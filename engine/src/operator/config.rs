@@ -140,6 +140,10 @@ settings! {
      per shard is about 56 bytes each"
     #[arg(value_name = "N")]
     cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
+    "Members one conversation may have (a group's limit; at most 65535); a group operation \
+     that would exceed it is refused whole"
+    #[arg(value_name = "N")]
+    members_max: usize = 10_000, "10000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -210,9 +214,18 @@ impl Config {
                 "cmid_window_entries_max",
                 self.cmid_window_entries_max as u64,
             ),
+            ("members_max", self.members_max as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
+        }
+        // The log stores a conversation's member count in 16 bits.
+        if self.members_max > usize::from(u16::MAX) {
+            return Err(format!(
+                "members_max must be at most {}, not {}",
+                u16::MAX,
+                self.members_max
+            ));
         }
         // An echo or a push of the largest message must fit in the queue, or a well-behaved
         // client sending big messages would be cut off for no fault of its own.
@@ -335,6 +348,16 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(Config::load(small_queue, env(&[])).is_err());
+        for members in ["0", "65536"] {
+            assert!(
+                Config::load(
+                    ServeArgs::default(),
+                    env(&[("CHINWAG_MEMBERS_MAX", members)])
+                )
+                .is_err(),
+                "members_max {members}"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
