@@ -16,9 +16,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind};
 use crate::limits;
 use crate::message::{
-    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
-    Receipt, Send, SendOk, Target,
+    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
+    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message,
+    Msg, Notify, NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target,
 };
 
 /// The header's size in bytes.
@@ -127,53 +127,12 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
             out.put_u64(m.node_id.get());
             out.put_u64(m.ts);
         }
-        Message::Send(m) => {
-            match m.target {
-                Target::Conv(conv) => {
-                    out.put_u8(TARGET_CONV);
-                    out.put_u64(conv.0);
-                }
-                Target::Shop(shop) => {
-                    out.put_u8(TARGET_SHOP);
-                    out.put_u64(shop.0);
-                }
-                Target::User(uid) => {
-                    out.put_u8(TARGET_USER);
-                    put_uid(out, uid);
-                }
-            }
-            put_str16(out, &m.cmid, "cmid")?;
-            put_str16(out, &m.kind, "kind")?;
-            put_str32(out, &m.body)?;
-        }
-        Message::SendOk(m) => {
-            out.put_u64(m.conv.0);
-            out.put_u64(m.seq.0);
-            out.put_u64(m.ts);
-        }
+        Message::Send(m) => put_send(out, m)?,
         Message::Read(c) | Message::ReadOk(c) => {
             out.put_u64(c.conv.0);
             out.put_u64(c.seq.0);
         }
         Message::Resolve(conv) | Message::ResolveOk(conv) => out.put_u64(conv.0),
-        Message::History(m) => {
-            out.put_u64(m.conv.0);
-            let (range, seq) = match m.range {
-                HistoryRange::Newest => (RANGE_NEWEST, Seq(0)),
-                HistoryRange::Before(seq) => (RANGE_BEFORE, seq),
-                HistoryRange::After(seq) => (RANGE_AFTER, seq),
-            };
-            out.put_u8(range);
-            out.put_u64(seq.0);
-            out.put_u16(m.limit);
-        }
-        Message::HistoryOk(m) => {
-            out.put_u64(m.conv.0);
-            put_count16(out, m.msgs.len(), "msgs")?;
-            for msg in &m.msgs {
-                put_msg(out, msg)?;
-            }
-        }
         Message::Convs | Message::Ping | Message::Pong => {}
         Message::ConvsOk(convs) => {
             let count = u32::try_from(convs.len()).map_err(|_| EncodeError("too many convs"))?;
@@ -222,6 +181,94 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
             out.put_u8(m.code as u8);
             put_str16(out, &m.message, "message")?;
         }
+        Message::Notify(m) => {
+            put_str16(out, &m.kind, "kind")?;
+            put_str32(out, &m.body)?;
+            out.put_u64(m.ts);
+        }
+        Message::Auth(token) => put_str16(out, token, "token")?,
+        Message::AuthOk(m) => {
+            put_uid(out, m.uid);
+            out.put_u64(m.ts);
+        }
+        Message::SendAs(m) => {
+            put_uid(out, m.from);
+            put_send(out, &m.send)?;
+        }
+        Message::SendOk(m) | Message::SendAsOk(m) => {
+            out.put_u64(m.conv.0);
+            out.put_u64(m.seq.0);
+            out.put_u64(m.ts);
+        }
+        Message::NotifyUsers(m) => {
+            put_uids32(out, &m.users)?;
+            put_str16(out, &m.kind, "kind")?;
+            put_str32(out, &m.body)?;
+        }
+        Message::NotifyUsersOk(n) | Message::KickOk(n) => out.put_u32(*n),
+        Message::Kick(m) => {
+            put_uid(out, m.uid);
+            out.put_u64(m.device.map_or(0, DeviceId::get));
+        }
+        Message::Presence(users) => put_uids32(out, users)?,
+        Message::PresenceOk(online) => {
+            let count = u32::try_from(online.len()).map_err(|_| EncodeError("too many users"))?;
+            out.put_u32(count);
+            for entry in online {
+                put_uid(out, entry.uid);
+                put_count16(out, entry.devices.len(), "devices")?;
+                for device in &entry.devices {
+                    out.put_u64(device.get());
+                }
+            }
+        }
+        Message::History(m) | Message::ConvHistory(m) => {
+            out.put_u64(m.conv.0);
+            let (range, seq) = match m.range {
+                HistoryRange::Newest => (RANGE_NEWEST, Seq(0)),
+                HistoryRange::Before(seq) => (RANGE_BEFORE, seq),
+                HistoryRange::After(seq) => (RANGE_AFTER, seq),
+            };
+            out.put_u8(range);
+            out.put_u64(seq.0);
+            out.put_u16(m.limit);
+        }
+        Message::HistoryOk(m) | Message::ConvHistoryOk(m) => {
+            out.put_u64(m.conv.0);
+            put_count16(out, m.msgs.len(), "msgs")?;
+            for msg in &m.msgs {
+                put_msg(out, msg)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_send(out: &mut BytesMut, m: &Send<'_>) -> Result<(), EncodeError> {
+    match m.target {
+        Target::Conv(conv) => {
+            out.put_u8(TARGET_CONV);
+            out.put_u64(conv.0);
+        }
+        Target::Shop(shop) => {
+            out.put_u8(TARGET_SHOP);
+            out.put_u64(shop.0);
+        }
+        Target::User(uid) => {
+            out.put_u8(TARGET_USER);
+            put_uid(out, uid);
+        }
+    }
+    put_str16(out, &m.cmid, "cmid")?;
+    put_str16(out, &m.kind, "kind")?;
+    put_str32(out, &m.body)
+}
+
+fn put_uids32(out: &mut BytesMut, uids: &[Uid]) -> Result<(), EncodeError> {
+    let count = u32::try_from(uids.len()).map_err(|_| EncodeError("too many users"))?;
+    out.put_u32(count);
+    for uid in uids {
+        put_uid(out, *uid);
     }
     Ok(())
 }
@@ -360,56 +407,21 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
             node_id: NodeId::from_u64(r.u64()?).map_err(|e| DecodeErrorKind::BadValue(e.0))?,
             ts: r.u64()?,
         }),
-        Op::Send => {
-            let target = match r.u8()? {
-                TARGET_CONV => Target::Conv(ConvId(r.u64()?)),
-                TARGET_SHOP => Target::Shop(ShopId(r.u64()?)),
-                TARGET_USER => Target::User(r.uid()?),
-                _ => return Err(DecodeErrorKind::BadValue("unknown send target")),
-            };
-            let cmid = r.str16("cmid")?;
-            let kind = r.str16("kind")?;
-            let body = r.str32("body")?;
-            limits::check_cmid(&cmid)?;
-            limits::check_kind(&kind)?;
-            Message::Send(Send {
-                target,
-                cmid,
-                kind,
-                body,
-            })
-        }
-        Op::SendOk => Message::SendOk(SendOk {
-            conv: ConvId(r.u64()?),
-            seq: Seq(r.u64()?),
-            ts: r.u64()?,
+        Op::Send => Message::Send(r.send()?),
+        Op::SendAs => Message::SendAs(SendAs {
+            from: r.uid()?,
+            send: r.send()?,
         }),
+        Op::SendOk => Message::SendOk(r.send_ok()?),
+        Op::SendAsOk => Message::SendAsOk(r.send_ok()?),
         Op::Read => Message::Read(r.cursor()?),
         Op::ReadOk => Message::ReadOk(r.cursor()?),
         Op::Resolve => Message::Resolve(ConvId(r.u64()?)),
         Op::ResolveOk => Message::ResolveOk(ConvId(r.u64()?)),
-        Op::History => {
-            let conv = ConvId(r.u64()?);
-            let range = r.u8()?;
-            let seq = Seq(r.u64()?);
-            let range = match range {
-                RANGE_NEWEST if seq.0 == 0 => HistoryRange::Newest,
-                RANGE_BEFORE if seq.0 != 0 => HistoryRange::Before(seq),
-                RANGE_AFTER => HistoryRange::After(seq),
-                _ => return Err(DecodeErrorKind::BadValue("history range")),
-            };
-            let limit = limits::check_history_limit(u64::from(r.u16()?))?;
-            Message::History(History { conv, range, limit })
-        }
-        Op::HistoryOk => {
-            let conv = ConvId(r.u64()?);
-            let count = r.u16()?;
-            let mut msgs = r.list_with_capacity(usize::from(count), MSG_LEN_MIN);
-            for _ in 0..count {
-                msgs.push(r.msg()?);
-            }
-            Message::HistoryOk(HistoryOk { conv, msgs })
-        }
+        Op::History => Message::History(r.history()?),
+        Op::ConvHistory => Message::ConvHistory(r.history()?),
+        Op::HistoryOk => Message::HistoryOk(r.history_ok()?),
+        Op::ConvHistoryOk => Message::ConvHistoryOk(r.history_ok()?),
         Op::Convs => Message::Convs,
         Op::ConvsOk => {
             let count = r.u32()?;
@@ -467,6 +479,60 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
                 .ok_or(DecodeErrorKind::BadValue("unknown error code"))?,
             message: r.str16("message")?,
         }),
+        Op::Notify => {
+            let kind = r.str16("kind")?;
+            limits::check_kind(&kind)?;
+            Message::Notify(Notify {
+                kind,
+                body: r.str32("body")?,
+                ts: r.u64()?,
+            })
+        }
+        Op::Auth => {
+            let token = r.str16("token")?;
+            limits::check_token(&token)?;
+            Message::Auth(token)
+        }
+        Op::AuthOk => Message::AuthOk(AuthOk {
+            uid: r.uid()?,
+            ts: r.u64()?,
+        }),
+        Op::NotifyUsers => {
+            let users = r.uids32()?;
+            let kind = r.str16("kind")?;
+            limits::check_kind(&kind)?;
+            Message::NotifyUsers(NotifyUsers {
+                users,
+                kind,
+                body: r.str32("body")?,
+            })
+        }
+        Op::NotifyUsersOk => Message::NotifyUsersOk(r.u32()?),
+        Op::Kick => Message::Kick(Kick {
+            uid: r.uid()?,
+            device: match r.u64()? {
+                0 => None,
+                id => Some(DeviceId::from_u64(id).map_err(|e| DecodeErrorKind::BadValue(e.0))?),
+            },
+        }),
+        Op::KickOk => Message::KickOk(r.u32()?),
+        Op::Presence => Message::Presence(r.uids32()?),
+        Op::PresenceOk => {
+            let count = r.u32()?;
+            let mut online = r.list_with_capacity(count as usize, UID_LEN + 2);
+            for _ in 0..count {
+                let uid = r.uid()?;
+                let n = r.u16()?;
+                let mut devices = r.list_with_capacity(usize::from(n), 8);
+                for _ in 0..n {
+                    devices.push(
+                        DeviceId::from_u64(r.u64()?).map_err(|e| DecodeErrorKind::BadValue(e.0))?,
+                    );
+                }
+                online.push(Online { uid, devices });
+            }
+            Message::PresenceOk(online)
+        }
     })
 }
 
@@ -541,6 +607,69 @@ impl<'a> Reader<'a> {
             uids.push(self.uid()?);
         }
         Ok(uids)
+    }
+
+    /// A `u32` count of uids (1..=[`limits::USERS_PER_REQUEST_MAX`]), then the uids.
+    fn uids32(&mut self) -> Result<Vec<Uid>, DecodeErrorKind> {
+        let count = self.u32()? as usize;
+        limits::check_users(count)?;
+        let mut uids = self.list_with_capacity(count, UID_LEN);
+        for _ in 0..count {
+            uids.push(self.uid()?);
+        }
+        Ok(uids)
+    }
+
+    fn send(&mut self) -> Result<Send<'a>, DecodeErrorKind> {
+        let target = match self.u8()? {
+            TARGET_CONV => Target::Conv(ConvId(self.u64()?)),
+            TARGET_SHOP => Target::Shop(ShopId(self.u64()?)),
+            TARGET_USER => Target::User(self.uid()?),
+            _ => return Err(DecodeErrorKind::BadValue("unknown send target")),
+        };
+        let cmid = self.str16("cmid")?;
+        let kind = self.str16("kind")?;
+        let body = self.str32("body")?;
+        limits::check_cmid(&cmid)?;
+        limits::check_kind(&kind)?;
+        Ok(Send {
+            target,
+            cmid,
+            kind,
+            body,
+        })
+    }
+
+    fn send_ok(&mut self) -> Result<SendOk, DecodeErrorKind> {
+        Ok(SendOk {
+            conv: ConvId(self.u64()?),
+            seq: Seq(self.u64()?),
+            ts: self.u64()?,
+        })
+    }
+
+    fn history(&mut self) -> Result<History, DecodeErrorKind> {
+        let conv = ConvId(self.u64()?);
+        let range = self.u8()?;
+        let seq = Seq(self.u64()?);
+        let range = match range {
+            RANGE_NEWEST if seq.0 == 0 => HistoryRange::Newest,
+            RANGE_BEFORE if seq.0 != 0 => HistoryRange::Before(seq),
+            RANGE_AFTER => HistoryRange::After(seq),
+            _ => return Err(DecodeErrorKind::BadValue("history range")),
+        };
+        let limit = limits::check_history_limit(u64::from(self.u16()?))?;
+        Ok(History { conv, range, limit })
+    }
+
+    fn history_ok(&mut self) -> Result<HistoryOk<'a>, DecodeErrorKind> {
+        let conv = ConvId(self.u64()?);
+        let count = self.u16()?;
+        let mut msgs = self.list_with_capacity(usize::from(count), MSG_LEN_MIN);
+        for _ in 0..count {
+            msgs.push(self.msg()?);
+        }
+        Ok(HistoryOk { conv, msgs })
     }
 
     fn cursor(&mut self) -> Result<Cursor, DecodeErrorKind> {

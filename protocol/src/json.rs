@@ -16,9 +16,10 @@ use serde::Deserialize;
 use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
 use crate::limits;
 use crate::message::{
-    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
-    Receipt, Send, SendOk, Target, HISTORY_LIMIT_DEFAULT,
+    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
+    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message,
+    Msg, Notify, NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target,
+    HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -102,13 +103,25 @@ struct RawFrame<'a> {
     added: Option<Vec<Text<'a>>>,
     #[serde(borrow)]
     removed: Option<Vec<Text<'a>>>,
-    count: Option<u32>,
     #[serde(borrow)]
     reason: Option<Text<'a>>,
     #[serde(borrow)]
     code: Option<Text<'a>>,
     #[serde(borrow)]
     message: Option<Text<'a>>,
+    #[serde(borrow)]
+    users: Option<Vec<Text<'a>>>,
+    count: Option<u64>,
+    #[serde(borrow)]
+    online: Option<Vec<RawOnline<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawOnline<'a> {
+    #[serde(borrow)]
+    uid: Text<'a>,
+    #[serde(borrow)]
+    devices: Vec<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -185,8 +198,8 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
     decode(text)
 }
 
-fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
-    let op_name = raw.op.ok_or(DecodeErrorKind::MissingField("op"))?;
+fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
+    let op_name = raw.op.take().ok_or(DecodeErrorKind::MissingField("op"))?;
     let op = Op::from_name(&op_name)
         .ok_or_else(|| DecodeErrorKind::UnknownOp(truncate(&op_name, 64)))?;
     let conv = || parse_field::<ConvId>(&raw.conv, "conv");
@@ -205,34 +218,13 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             node_id: parse_field::<NodeId>(&raw.node_id, "node_id")?,
             ts: need(raw.ts, "ts")?,
         }),
-        Op::Send => {
-            let target = match (&raw.conv, &raw.shop, &raw.user) {
-                (Some(_), None, None) => Target::Conv(conv()?),
-                (None, Some(_), None) => Target::Shop(parse_field(&raw.shop, "shop")?),
-                (None, None, Some(_)) => Target::User(parse_field(&raw.user, "user")?),
-                (None, None, None) => return Err(DecodeErrorKind::MissingField("conv|shop|user")),
-                _ => {
-                    return Err(DecodeErrorKind::BadValue(
-                        "send takes exactly one of conv, shop, user",
-                    ))
-                }
-            };
-            let cmid = need_text(raw.cmid, "cmid")?;
-            let kind = need_text(raw.kind, "kind")?;
-            limits::check_cmid(&cmid)?;
-            limits::check_kind(&kind)?;
-            Message::Send(Send {
-                target,
-                cmid,
-                kind,
-                body: need_text(raw.body, "body")?,
-            })
-        }
-        Op::SendOk => Message::SendOk(SendOk {
-            conv: conv()?,
-            seq: Seq(need(raw.seq, "seq")?),
-            ts: need(raw.ts, "ts")?,
+        Op::Send => Message::Send(send_from_raw(&mut raw)?),
+        Op::SendAs => Message::SendAs(SendAs {
+            from: parse_field(&raw.from, "from")?,
+            send: send_from_raw(&mut raw)?,
         }),
+        Op::SendOk => Message::SendOk(send_ok_from_raw(&raw)?),
+        Op::SendAsOk => Message::SendAsOk(send_ok_from_raw(&raw)?),
         Op::Read => Message::Read(Cursor {
             conv: conv()?,
             seq: Seq(need(raw.seq, "seq")?),
@@ -243,34 +235,10 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
         }),
         Op::Resolve => Message::Resolve(conv()?),
         Op::ResolveOk => Message::ResolveOk(conv()?),
-        Op::History => {
-            let range = match (raw.before.filter(|&b| b != 0), raw.after) {
-                (None, None) => HistoryRange::Newest,
-                (Some(before), None) => HistoryRange::Before(Seq(before)),
-                (None, Some(after)) => HistoryRange::After(Seq(after)),
-                (Some(_), Some(_)) => {
-                    return Err(DecodeErrorKind::BadValue(
-                        "history takes before or after, not both",
-                    ))
-                }
-            };
-            let limit = match raw.limit {
-                None => HISTORY_LIMIT_DEFAULT,
-                Some(limit) => limits::check_history_limit(limit)?,
-            };
-            Message::History(History {
-                conv: conv()?,
-                range,
-                limit,
-            })
-        }
-        Op::HistoryOk => Message::HistoryOk(HistoryOk {
-            conv: conv()?,
-            msgs: need(raw.msgs, "msgs")?
-                .into_iter()
-                .map(msg_from_raw)
-                .collect::<Result<_, _>>()?,
-        }),
+        Op::History => Message::History(history_from_raw(&raw)?),
+        Op::ConvHistory => Message::ConvHistory(history_from_raw(&raw)?),
+        Op::HistoryOk => Message::HistoryOk(history_ok_from_raw(raw)?),
+        Op::ConvHistoryOk => Message::ConvHistoryOk(history_ok_from_raw(raw)?),
         Op::Convs => Message::Convs,
         Op::ConvsOk => Message::ConvsOk(
             need(raw.convs, "convs")?
@@ -302,7 +270,7 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             conv: conv()?,
             added: parse_uids(&need(raw.added, "added")?)?,
             removed: parse_uids(&need(raw.removed, "removed")?)?,
-            count: need(raw.count, "count")?,
+            count: count_from_raw(raw.count)?,
         }),
         Op::Kicked => Message::Kicked(need_text(raw.reason, "reason")?),
         Op::Error => Message::Error(ErrorReply {
@@ -310,7 +278,139 @@ fn from_raw(raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
                 .map_err(|()| DecodeErrorKind::BadValue("unknown error code"))?,
             message: need_text(raw.message, "message")?,
         }),
+        Op::Notify => {
+            let kind = need_text(raw.kind, "kind")?;
+            limits::check_kind(&kind)?;
+            Message::Notify(Notify {
+                kind,
+                body: need_text(raw.body, "body")?,
+                ts: need(raw.ts, "ts")?,
+            })
+        }
+        Op::Auth => {
+            let token = need_text(raw.token, "token")?;
+            limits::check_token(&token)?;
+            Message::Auth(token)
+        }
+        Op::AuthOk => Message::AuthOk(AuthOk {
+            uid: parse_field(&raw.uid, "uid")?,
+            ts: need(raw.ts, "ts")?,
+        }),
+        Op::NotifyUsers => {
+            let users = users_from_raw(&raw.users)?;
+            let kind = need_text(raw.kind, "kind")?;
+            limits::check_kind(&kind)?;
+            Message::NotifyUsers(NotifyUsers {
+                users,
+                kind,
+                body: need_text(raw.body, "body")?,
+            })
+        }
+        Op::NotifyUsersOk => Message::NotifyUsersOk(count_from_raw(raw.count)?),
+        Op::Kick => Message::Kick(Kick {
+            uid: parse_field(&raw.uid, "uid")?,
+            device: match &raw.device_id {
+                None => None,
+                Some(_) => Some(parse_field(&raw.device_id, "device_id")?),
+            },
+        }),
+        Op::KickOk => Message::KickOk(count_from_raw(raw.count)?),
+        Op::Presence => Message::Presence(users_from_raw(&raw.users)?),
+        Op::PresenceOk => Message::PresenceOk(
+            need(raw.online, "online")?
+                .iter()
+                .map(|entry| {
+                    if entry.devices.len() > usize::from(u16::MAX) {
+                        return Err(DecodeErrorKind::BadValue("devices"));
+                    }
+                    Ok(Online {
+                        uid: parse_str(&entry.uid, "uid")?,
+                        devices: entry
+                            .devices
+                            .iter()
+                            .map(|d| parse_str(d, "devices"))
+                            .collect::<Result<_, _>>()?,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
     })
+}
+
+fn send_from_raw<'a>(raw: &mut RawFrame<'a>) -> Result<Send<'a>, DecodeErrorKind> {
+    let target = match (&raw.conv, &raw.shop, &raw.user) {
+        (Some(_), None, None) => Target::Conv(parse_field(&raw.conv, "conv")?),
+        (None, Some(_), None) => Target::Shop(parse_field(&raw.shop, "shop")?),
+        (None, None, Some(_)) => Target::User(parse_field(&raw.user, "user")?),
+        (None, None, None) => return Err(DecodeErrorKind::MissingField("conv|shop|user")),
+        _ => {
+            return Err(DecodeErrorKind::BadValue(
+                "send takes exactly one of conv, shop, user",
+            ))
+        }
+    };
+    let cmid = need_text(raw.cmid.take(), "cmid")?;
+    let kind = need_text(raw.kind.take(), "kind")?;
+    limits::check_cmid(&cmid)?;
+    limits::check_kind(&kind)?;
+    Ok(Send {
+        target,
+        cmid,
+        kind,
+        body: need_text(raw.body.take(), "body")?,
+    })
+}
+
+fn send_ok_from_raw(raw: &RawFrame<'_>) -> Result<SendOk, DecodeErrorKind> {
+    Ok(SendOk {
+        conv: parse_field(&raw.conv, "conv")?,
+        seq: Seq(need(raw.seq, "seq")?),
+        ts: need(raw.ts, "ts")?,
+    })
+}
+
+fn history_from_raw(raw: &RawFrame<'_>) -> Result<History, DecodeErrorKind> {
+    let range = match (raw.before.filter(|&b| b != 0), raw.after) {
+        (None, None) => HistoryRange::Newest,
+        (Some(before), None) => HistoryRange::Before(Seq(before)),
+        (None, Some(after)) => HistoryRange::After(Seq(after)),
+        (Some(_), Some(_)) => {
+            return Err(DecodeErrorKind::BadValue(
+                "history takes before or after, not both",
+            ))
+        }
+    };
+    let limit = match raw.limit {
+        None => HISTORY_LIMIT_DEFAULT,
+        Some(limit) => limits::check_history_limit(limit)?,
+    };
+    Ok(History {
+        conv: parse_field(&raw.conv, "conv")?,
+        range,
+        limit,
+    })
+}
+
+fn history_ok_from_raw(raw: RawFrame<'_>) -> Result<HistoryOk<'_>, DecodeErrorKind> {
+    Ok(HistoryOk {
+        conv: parse_field(&raw.conv, "conv")?,
+        msgs: need(raw.msgs, "msgs")?
+            .into_iter()
+            .map(msg_from_raw)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn users_from_raw(users: &Option<Vec<Text<'_>>>) -> Result<Vec<Uid>, DecodeErrorKind> {
+    let users = users
+        .as_ref()
+        .ok_or(DecodeErrorKind::MissingField("users"))?;
+    limits::check_users(users.len())?;
+    users.iter().map(|uid| parse_str(uid, "users")).collect()
+}
+
+fn count_from_raw(count: Option<u64>) -> Result<u32, DecodeErrorKind> {
+    u32::try_from(need(count, "count")?).map_err(|_| DecodeErrorKind::BadValue("count"))
 }
 
 fn need<T>(field: Option<T>, name: &'static str) -> Result<T, DecodeErrorKind> {
@@ -409,17 +509,12 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             w.display("node_id", m.node_id);
             w.num("ts", m.ts);
         }
-        Message::Send(m) => {
-            match m.target {
-                Target::Conv(conv) => w.display("conv", conv),
-                Target::Shop(shop) => w.display("shop", shop),
-                Target::User(uid) => w.display("user", uid),
-            }
-            w.str("cmid", &m.cmid);
-            w.str("kind", &m.kind);
-            w.str("body", &m.body);
+        Message::Send(m) => w.send_fields(m),
+        Message::SendAs(m) => {
+            w.display("from", m.from);
+            w.send_fields(&m.send);
         }
-        Message::SendOk(m) => {
+        Message::SendOk(m) | Message::SendAsOk(m) => {
             w.display("conv", m.conv);
             w.num("seq", m.seq.0);
             w.num("ts", m.ts);
@@ -429,7 +524,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             w.num("seq", c.seq.0);
         }
         Message::Resolve(conv) | Message::ResolveOk(conv) => w.display("conv", *conv),
-        Message::History(m) => {
+        Message::History(m) | Message::ConvHistory(m) => {
             w.display("conv", m.conv);
             match m.range {
                 HistoryRange::Newest => {}
@@ -438,7 +533,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             }
             w.num("limit", u64::from(m.limit));
         }
-        Message::HistoryOk(m) => {
+        Message::HistoryOk(m) | Message::ConvHistoryOk(m) => {
             w.display("conv", m.conv);
             w.raw(",\"msgs\":[");
             for (i, msg) in m.msgs.iter().enumerate() {
@@ -503,6 +598,48 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         Message::Error(m) => {
             w.str("code", m.code.as_str());
             w.str("message", &m.message);
+        }
+        Message::Notify(m) => {
+            w.str("kind", &m.kind);
+            w.str("body", &m.body);
+            w.num("ts", m.ts);
+        }
+        Message::Auth(token) => w.str("token", token),
+        Message::AuthOk(m) => {
+            w.display("uid", m.uid);
+            w.num("ts", m.ts);
+        }
+        Message::NotifyUsers(m) => {
+            w.uids("users", &m.users);
+            w.str("kind", &m.kind);
+            w.str("body", &m.body);
+        }
+        Message::NotifyUsersOk(n) | Message::KickOk(n) => w.num("count", u64::from(*n)),
+        Message::Kick(m) => {
+            w.display("uid", m.uid);
+            if let Some(device) = m.device {
+                w.display("device_id", device);
+            }
+        }
+        Message::Presence(users) => w.uids("users", users),
+        Message::PresenceOk(online) => {
+            w.raw(",\"online\":[");
+            for (i, entry) in online.iter().enumerate() {
+                if i > 0 {
+                    w.raw(",");
+                }
+                w.raw("{\"uid\":");
+                w.id(entry.uid);
+                w.raw(",\"devices\":[");
+                for (j, device) in entry.devices.iter().enumerate() {
+                    if j > 0 {
+                        w.raw(",");
+                    }
+                    w.id(*device);
+                }
+                w.raw("]}");
+            }
+            w.raw("]");
         }
     }
     w.raw("}");
@@ -582,6 +719,17 @@ impl Writer<'_> {
             self.id(*uid);
         }
         self.raw("]");
+    }
+
+    fn send_fields(&mut self, m: &Send<'_>) {
+        match m.target {
+            Target::Conv(conv) => self.display("conv", conv),
+            Target::Shop(shop) => self.display("shop", shop),
+            Target::User(uid) => self.display("user", uid),
+        }
+        self.str("cmid", &m.cmid);
+        self.str("kind", &m.kind);
+        self.str("body", &m.body);
     }
 
     /// The fields of a `msg` entry, the first without a leading comma.

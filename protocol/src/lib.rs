@@ -45,7 +45,7 @@ pub use ids::{
     ConvId, DeviceId, DeviceIdGenerator, DeviceType, NodeId, NodeType, Seq, ShopId, Uid, UidKind,
 };
 pub use message::{
-    ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame,
-    History, HistoryOk, HistoryRange, Login, LoginOk, Members, MembersDelta, Message, Msg, Op,
-    Receipt, Send, SendOk, Target,
+    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
+    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message,
+    Msg, Notify, NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, Target,
 };

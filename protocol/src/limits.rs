@@ -9,6 +9,17 @@ pub const CMID_LEN_MAX: usize = 128;
 pub const KIND_LEN_MAX: usize = 64;
 /// The longest login token, in bytes.
 pub const TOKEN_LEN_MAX: usize = 4096;
+/// The most users one service request names (`notify_users`, `presence`).
+pub const USERS_PER_REQUEST_MAX: usize = 10_000;
+/// The most devices one `presence_ok` entry lists (a user has at most one per device type).
+pub const DEVICES_PER_USER_MAX: usize = 4;
+
+pub(crate) fn check_users(count: usize) -> Result<(), DecodeErrorKind> {
+    if count == 0 || count > USERS_PER_REQUEST_MAX {
+        return Err(DecodeErrorKind::BadValue("users must name 1..=10000 users"));
+    }
+    Ok(())
+}
 
 pub(crate) fn check_cmid(cmid: &str) -> Result<(), DecodeErrorKind> {
     if cmid.is_empty() || cmid.len() > CMID_LEN_MAX {

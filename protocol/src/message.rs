@@ -97,6 +97,34 @@ pub enum Message<'a> {
     Kicked(Cow<'a, str>),
     /// `error` (push or reply): a request failed.
     Error(ErrorReply<'a>),
+    /// `notify` (push): a transient message from a backend service, not stored, no seq.
+    Notify(Notify<'a>),
+
+    // The service port's ops (docs/backend.md): requests 0x10..=0x2f, replies with bit 7 set.
+    /// `auth` (service → server): the first frame of a service connection.
+    Auth(Cow<'a, str>),
+    /// `auth_ok` (reply): who the service is.
+    AuthOk(AuthOk),
+    /// `send_as` (service → server): store a message as any user.
+    SendAs(SendAs<'a>),
+    /// `send_as_ok` (reply): as `send_ok`.
+    SendAsOk(SendOk),
+    /// `notify_users` (service → server): push `notify` to every device of some users.
+    NotifyUsers(NotifyUsers<'a>),
+    /// `notify_users_ok` (reply): how many users the push was addressed to.
+    NotifyUsersOk(u32),
+    /// `kick` (service → server): close a user's sessions, or one device's.
+    Kick(Kick),
+    /// `kick_ok` (reply): how many sessions were kicked.
+    KickOk(u32),
+    /// `presence` (service → server): which devices of some users are online.
+    Presence(Vec<Uid>),
+    /// `presence_ok` (reply): the online devices of each asked user that has any.
+    PresenceOk(Vec<Online>),
+    /// `conv_history` (service → server): a page of any conversation.
+    ConvHistory(History),
+    /// `conv_history_ok` (reply): the page.
+    ConvHistoryOk(HistoryOk<'a>),
 }
 
 /// The `op` of every message, with its JSON name and binary code.
@@ -143,11 +171,37 @@ pub enum Op {
     Error = 0xc5,
     /// `members_delta`
     MembersDelta = 0xc7,
+    /// `notify`
+    Notify = 0xc6,
+    /// `auth`
+    Auth = 0x10,
+    /// `send_as`
+    SendAs = 0x11,
+    /// `notify_users`
+    NotifyUsers = 0x12,
+    /// `kick`
+    Kick = 0x13,
+    /// `presence`
+    Presence = 0x14,
+    /// `conv_history`
+    ConvHistory = 0x15,
+    /// `auth_ok`
+    AuthOk = 0x90,
+    /// `send_as_ok`
+    SendAsOk = 0x91,
+    /// `notify_users_ok`
+    NotifyUsersOk = 0x92,
+    /// `kick_ok`
+    KickOk = 0x93,
+    /// `presence_ok`
+    PresenceOk = 0x94,
+    /// `conv_history_ok`
+    ConvHistoryOk = 0x95,
 }
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 20] = [
+    pub const ALL: [Op; 33] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -168,6 +222,19 @@ impl Op {
         Op::Kicked,
         Op::Error,
         Op::MembersDelta,
+        Op::Notify,
+        Op::Auth,
+        Op::SendAs,
+        Op::NotifyUsers,
+        Op::Kick,
+        Op::Presence,
+        Op::ConvHistory,
+        Op::AuthOk,
+        Op::SendAsOk,
+        Op::NotifyUsersOk,
+        Op::KickOk,
+        Op::PresenceOk,
+        Op::ConvHistoryOk,
     ];
 
     /// The op with this binary code.
@@ -203,12 +270,31 @@ impl Op {
             Op::Kicked => "kicked",
             Op::MembersDelta => "members_delta",
             Op::Error => "error",
+            Op::Notify => "notify",
+            Op::Auth => "auth",
+            Op::SendAs => "send_as",
+            Op::NotifyUsers => "notify_users",
+            Op::Kick => "kick",
+            Op::Presence => "presence",
+            Op::ConvHistory => "conv_history",
+            Op::AuthOk => "auth_ok",
+            Op::SendAsOk => "send_as_ok",
+            Op::NotifyUsersOk => "notify_users_ok",
+            Op::KickOk => "kick_ok",
+            Op::PresenceOk => "presence_ok",
+            Op::ConvHistoryOk => "conv_history_ok",
         }
     }
 
     /// Whether a client sends this op (as opposed to receiving it).
     pub fn is_request(self) -> bool {
         (self as u8) < 0x80
+    }
+
+    /// Whether this is an op of the service port (requests `0x10..=0x3f` and their replies),
+    /// which the client port refuses.
+    pub fn is_service(self) -> bool {
+        (0x10..0x40).contains(&((self as u8) & 0x7f)) && (self as u8) < 0xc0
     }
 }
 
@@ -242,6 +328,19 @@ impl Message<'_> {
             Message::MembersDelta(_) => Op::MembersDelta,
             Message::Kicked(_) => Op::Kicked,
             Message::Error(_) => Op::Error,
+            Message::Notify(_) => Op::Notify,
+            Message::Auth(_) => Op::Auth,
+            Message::AuthOk(_) => Op::AuthOk,
+            Message::SendAs(_) => Op::SendAs,
+            Message::SendAsOk(_) => Op::SendAsOk,
+            Message::NotifyUsers(_) => Op::NotifyUsers,
+            Message::NotifyUsersOk(_) => Op::NotifyUsersOk,
+            Message::Kick(_) => Op::Kick,
+            Message::KickOk(_) => Op::KickOk,
+            Message::Presence(_) => Op::Presence,
+            Message::PresenceOk(_) => Op::PresenceOk,
+            Message::ConvHistory(_) => Op::ConvHistory,
+            Message::ConvHistoryOk(_) => Op::ConvHistoryOk,
         }
     }
 
@@ -283,6 +382,38 @@ impl Message<'_> {
             Message::Error(m) => Message::Error(ErrorReply {
                 code: m.code,
                 message: own(m.message),
+            }),
+            Message::Notify(m) => Message::Notify(Notify {
+                kind: own(m.kind),
+                body: own(m.body),
+                ts: m.ts,
+            }),
+            Message::Auth(token) => Message::Auth(own(token)),
+            Message::AuthOk(m) => Message::AuthOk(m),
+            Message::SendAs(m) => Message::SendAs(SendAs {
+                from: m.from,
+                send: Send {
+                    target: m.send.target,
+                    cmid: own(m.send.cmid),
+                    kind: own(m.send.kind),
+                    body: own(m.send.body),
+                },
+            }),
+            Message::SendAsOk(m) => Message::SendAsOk(m),
+            Message::NotifyUsers(m) => Message::NotifyUsers(NotifyUsers {
+                users: m.users,
+                kind: own(m.kind),
+                body: own(m.body),
+            }),
+            Message::NotifyUsersOk(n) => Message::NotifyUsersOk(n),
+            Message::Kick(m) => Message::Kick(m),
+            Message::KickOk(n) => Message::KickOk(n),
+            Message::Presence(users) => Message::Presence(users),
+            Message::PresenceOk(online) => Message::PresenceOk(online),
+            Message::ConvHistory(m) => Message::ConvHistory(m),
+            Message::ConvHistoryOk(m) => Message::ConvHistoryOk(HistoryOk {
+                conv: m.conv,
+                msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
             }),
         }
     }
@@ -511,6 +642,65 @@ pub struct MembersDelta {
     pub removed: Vec<Uid>,
     /// The number of members after the change.
     pub count: u32,
+}
+
+/// `notify`: a transient push from a backend service (not stored, no seq).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify<'a> {
+    /// What the body is, e.g. `text`.
+    pub kind: Cow<'a, str>,
+    /// The content.
+    pub body: Cow<'a, str>,
+    /// When the service sent it, milliseconds since the Unix epoch.
+    pub ts: u64,
+}
+
+/// `auth_ok`: the service connection is authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthOk {
+    /// The service the token named.
+    pub uid: Uid,
+    /// Server time, milliseconds since the Unix epoch.
+    pub ts: u64,
+}
+
+/// `send_as`: a `send` made by a service on behalf of `from`, with the same rules (`from` must
+/// be a member of a `conv` target; `cmid` idempotency per (`from`, conversation)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendAs<'a> {
+    /// The user the message is stored as.
+    pub from: Uid,
+    /// The message.
+    pub send: Send<'a>,
+}
+
+/// `notify_users`: push a `notify` to every logged-in device of `users`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyUsers<'a> {
+    /// The users; at most [`crate::limits::USERS_PER_REQUEST_MAX`].
+    pub users: Vec<Uid>,
+    /// What the body is.
+    pub kind: Cow<'a, str>,
+    /// The content.
+    pub body: Cow<'a, str>,
+}
+
+/// `kick`: close every session of `uid`, or only the one of `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kick {
+    /// The user.
+    pub uid: Uid,
+    /// One device of the user; `None` for all of them.
+    pub device: Option<DeviceId>,
+}
+
+/// One entry of `presence_ok`: a user and its devices logged in now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    /// The user.
+    pub uid: Uid,
+    /// Its devices with a session, ascending.
+    pub devices: Vec<DeviceId>,
 }
 
 /// `error`: why a request failed.
@@ -879,8 +1069,80 @@ pub(crate) mod strategies {
         ]
     }
 
+    /// The service port's ops and the `notify` push.
+    pub fn service_message() -> impl Strategy<Value = Message<'static>> {
+        let history = || {
+            (
+                any::<u64>(),
+                prop_oneof![
+                    Just(HistoryRange::Newest),
+                    (1..u64::MAX).prop_map(|s| HistoryRange::Before(Seq(s))),
+                    any::<u64>().prop_map(|s| HistoryRange::After(Seq(s))),
+                ],
+                HISTORY_LIMIT_MIN..=HISTORY_LIMIT_MAX,
+            )
+                .prop_map(|(c, range, limit)| History {
+                    conv: ConvId(c),
+                    range,
+                    limit,
+                })
+        };
+        prop_oneof![
+            (short(crate::limits::KIND_LEN_MAX), text(), any::<u64>())
+                .prop_map(|(kind, body, ts)| Message::Notify(Notify { kind, body, ts })),
+            "[A-Za-z0-9._-]{0,300}".prop_map(|t| Message::Auth(Cow::Owned(t))),
+            (uid(), any::<u64>()).prop_map(|(uid, ts)| Message::AuthOk(AuthOk { uid, ts })),
+            (
+                uid(),
+                any::<u64>(),
+                short(crate::limits::CMID_LEN_MAX),
+                short(crate::limits::KIND_LEN_MAX),
+                text()
+            )
+                .prop_map(|(from, c, cmid, kind, body)| Message::SendAs(SendAs {
+                    from,
+                    send: Send {
+                        target: Target::Conv(ConvId(c)),
+                        cmid,
+                        kind,
+                        body
+                    }
+                })),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(c, s, ts)| Message::SendAsOk(
+                SendOk {
+                    conv: ConvId(c),
+                    seq: Seq(s),
+                    ts
+                }
+            )),
+            (vec(uid(), 1..6), short(crate::limits::KIND_LEN_MAX), text()).prop_map(
+                |(users, kind, body)| Message::NotifyUsers(NotifyUsers { users, kind, body })
+            ),
+            any::<u32>().prop_map(Message::NotifyUsersOk),
+            (uid(), proptest::option::of(device_id()))
+                .prop_map(|(uid, device)| Message::Kick(Kick { uid, device })),
+            any::<u32>().prop_map(Message::KickOk),
+            vec(uid(), 1..6).prop_map(Message::Presence),
+            vec(
+                (uid(), vec(device_id(), 0..4)).prop_map(|(uid, devices)| Online { uid, devices }),
+                0..4
+            )
+            .prop_map(Message::PresenceOk),
+            history().prop_map(Message::ConvHistory),
+            (any::<u64>(), vec(msg(), 0..4)).prop_map(|(c, msgs)| Message::ConvHistoryOk(
+                HistoryOk {
+                    conv: ConvId(c),
+                    msgs
+                }
+            )),
+        ]
+    }
+
     pub fn frame() -> impl Strategy<Value = Frame<'static>> {
-        (proptest::option::of(any::<u64>()), message())
+        (
+            proptest::option::of(any::<u64>()),
+            prop_oneof![4 => message(), 1 => service_message()],
+        )
             .prop_map(|(req, message)| Frame { req, message })
     }
 }
@@ -904,10 +1166,40 @@ mod tests {
             assert_eq!(Op::from_name(op.name()), Some(op));
         }
         assert_eq!(
-            Op::ALL.iter().filter(|op| op.is_request()).count(),
+            Op::ALL
+                .iter()
+                .filter(|op| op.is_request() && !op.is_service())
+                .count(),
             7,
             "login, send, read, resolve, history, convs, ping"
         );
+        for op in Op::ALL.into_iter().filter(|op| op.is_service()) {
+            let code = op as u8 & 0x7f;
+            assert!(
+                (0x10..=0x2f).contains(&code),
+                "{op}: backend ops are 0x10..=0x2f"
+            );
+        }
+        assert!(!Op::Notify.is_service(), "notify is a client push");
+    }
+
+    #[test]
+    fn a_service_request_names_1_to_10000_users() {
+        let none = r#"{"op":"presence","req":1,"users":[]}"#;
+        assert!(matches!(
+            json::decode(none).unwrap_err().kind,
+            DecodeErrorKind::BadValue(_)
+        ));
+        // A forged binary count of 2^32-1 users is refused before anything is allocated.
+        let mut wire = BytesMut::new();
+        let frame = Frame::with_req(
+            1,
+            Message::Presence(vec![Uid::new(crate::UidKind::Buyer, 1)]),
+        );
+        binary::encode(&frame, &mut wire).unwrap();
+        wire[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+        let e = binary::decode(&wire).unwrap_err();
+        assert_eq!((e.req, e.op), (Some(1), Some(Op::Presence)));
     }
 
     proptest! {
