@@ -29,8 +29,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    binary, json, ConvId, ConvSummary, ConvType, Cursor, DeviceId, DeviceType, ErrorCode,
-    ErrorReply, Frame, History, Message, Seq, ShopId, Target, Uid,
+    binary, json, ConvId, ConvInfo, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode,
+    ErrorReply, Frame, History, Message, ShopId, Target, Uid,
 };
 use smallvec::SmallVec;
 
@@ -282,23 +282,6 @@ pub struct GroupRequest {
 pub struct GroupDone {
     pub origin: ServiceOrigin,
     pub result: Result<ConvInfo, (ErrorCode, String)>,
-}
-
-/// A conversation as a service sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConvInfo {
-    pub conv: ConvId,
-    /// Its type (and shop, for shop conversations).
-    pub conv_type: ConvType,
-    /// For a group: the key it was created with.
-    pub key: Option<u64>,
-    /// Every member, when there are at most `GROUP_FULL_LIST_MAX`; otherwise empty (the
-    /// service keeps its own list of a large group; `member_count` says how many).
-    pub members: Vec<Uid>,
-    pub member_count: u32,
-    pub last_seq: Seq,
-    /// For `Create`: whether this request made the group (false: the key had one).
-    pub created: bool,
 }
 
 impl BusMsg {

@@ -15,12 +15,12 @@
 
 use ahash::AHashSet;
 use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
-use chinwag_protocol::{ConvId, ErrorCode, Members, MembersDelta, Message, Uid};
+use chinwag_protocol::{ConvId, ConvInfo, ErrorCode, Members, MembersDelta, Message, Uid};
 use smallvec::SmallVec;
 
 use super::reads::conv_type;
 use super::{store_error, Owner};
-use crate::bus::{ConvInfo, Fanout, GroupOp, GROUP_MEMBERS_PER_REQUEST_MAX};
+use crate::bus::{Fanout, GroupOp, GROUP_MEMBERS_PER_REQUEST_MAX};
 use crate::store::ConvKind;
 
 type Failure = (ErrorCode, String);

@@ -8,7 +8,9 @@ use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
 
 use super::Owner;
-use crate::bus::{BusMsg, ConvInfo, GroupOp, GroupRequest, Origin, ServiceOrigin, SessionRef};
+use chinwag_protocol::ConvInfo;
+
+use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, ServiceOrigin, SessionRef};
 use crate::store::{Store, StoreConfig};
 
 /// The shard the owner under test is.
