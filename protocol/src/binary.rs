@@ -979,6 +979,40 @@ mod tests {
     }
 
     #[test]
+    fn golden_members_delta_and_group_create() {
+        let frame = Frame::new(Message::MembersDelta(MembersDelta {
+            conv: ConvId(42),
+            added: vec![Uid::new(UidKind::Agent, 7)],
+            removed: vec![],
+            count: 201,
+        }));
+        let expected = [
+            "0000002901c70000",
+            "0000000000000000",
+            "000000000000002a",
+            "0001020000000000000007",
+            "0000",
+            "000000c9",
+        ];
+        assert_eq!(hex(&encoded(&frame)), expected.concat());
+        let frame = Frame::with_req(
+            3,
+            Message::GroupCreate(GroupCreate {
+                key: 77,
+                users: vec![Uid::new(UidKind::Buyer, 1001)],
+            }),
+        );
+        let expected = [
+            "0000002501300001",
+            "0000000000000003",
+            "000000000000004d",
+            "00000001",
+            "0000000000000003e9",
+        ];
+        assert_eq!(hex(&encoded(&frame)), expected.concat());
+    }
+
+    #[test]
     fn golden_error() {
         let frame = Frame::with_req(
             9,
