@@ -41,6 +41,9 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     let (listeners, addr, _port_claim) = listener::bind_shards(config.listen, shard_count)?;
     // The node id carries the port actually bound (the configured one may be 0).
     config.listen = addr;
+    let (backend_listeners, backend_addr, _backend_claim) =
+        listener::bind_shards(config.backend_listen, shard_count)?;
+    config.backend_listen = backend_addr;
     let mut polls = Vec::with_capacity(shard_count);
     let mut mailboxes = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -67,14 +70,19 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         })?;
 
     let mut shards = Vec::with_capacity(shard_count);
-    for (id, ((poll, listener), owner)) in polls.into_iter().zip(listeners).zip(owners).enumerate()
-    {
+    let shard_parts = polls
+        .into_iter()
+        .zip(listeners)
+        .zip(backend_listeners)
+        .zip(owners);
+    for (id, (((poll, listener), backend_listener), owner)) in shard_parts.enumerate() {
         let shard = Shard::new(
             id,
             Arc::clone(&state),
             Arc::clone(&office),
             poll,
             listener,
+            backend_listener,
             owner,
         )?;
         let stopped = StoppedShard(Arc::clone(&state), Arc::clone(&office), id);
@@ -86,7 +94,13 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
             })?;
         shards.push(handle);
     }
-    tracing::info!(%addr, shards = shard_count, echo = state.config.enable_echo, "listening");
+    tracing::info!(
+        %addr,
+        %backend_addr,
+        shards = shard_count,
+        echo = state.config.enable_echo,
+        "listening"
+    );
 
     let mut result = Ok(());
     for (id, handle) in shards.into_iter().enumerate() {

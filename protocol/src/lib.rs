@@ -39,6 +39,7 @@ pub mod ids;
 pub mod json;
 pub mod limits;
 pub mod message;
+pub mod service;
 pub mod token;
 
 pub use ids::{

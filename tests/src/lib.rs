@@ -58,6 +58,8 @@ pub fn binary() -> PathBuf {
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The service port (docs/backend.md).
+    pub backend_addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -78,6 +80,7 @@ impl Server {
         command
             .arg("serve")
             .arg("--listen=127.0.0.1:0")
+            .arg("--backend-listen=127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir.path());
         if !args.iter().any(|a| a.starts_with("--shards")) {
@@ -102,7 +105,7 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let addr = if line.contains("listening") {
-                    field(&line, "addr=")
+                    field(&line, " addr=").zip(field(&line, "backend_addr="))
                 } else {
                     None
                 };
@@ -114,8 +117,11 @@ impl Server {
                 }
             }
         });
-        let addr = match addr_rx.recv_timeout(WAIT) {
-            Ok(addr) => addr.parse().expect("bound address"),
+        let (addr, backend_addr) = match addr_rx.recv_timeout(WAIT) {
+            Ok((addr, backend_addr)) => (
+                addr.parse().expect("bound address"),
+                backend_addr.parse().expect("bound service address"),
+            ),
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -127,6 +133,7 @@ impl Server {
         Server {
             child,
             addr,
+            backend_addr,
             data_dir,
             log,
         }

@@ -14,6 +14,9 @@ fn help_lists_every_setting() {
     for flag in [
         "--config",
         "--listen",
+        "--backend-listen",
+        "--backend-frame-bytes-max",
+        "--backend-connections-per-shard-max",
         "--data-dir",
         "--jwt-secret",
         "--jwt-secret-file",

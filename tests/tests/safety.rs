@@ -14,7 +14,11 @@ const SECRET: &str = "safety-secret-safety-secret-safety";
 /// (`None` if it was still running, and was killed) and its stderr.
 fn serve_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());
-    command.arg("serve").args(args);
+    // The service port on an ephemeral port, so tests running at once do not collide on it.
+    command
+        .arg("serve")
+        .arg("--backend-listen=127.0.0.1:0")
+        .args(args);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {
         command.env_remove(key);
     }

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, ConvId, ConvInfo, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode,
-    ErrorReply, Frame, History, Message, ShopId, Target, Uid,
+    ErrorReply, Frame, History, Kick, Message, Online, ShopId, Target, Uid,
 };
 use smallvec::SmallVec;
 
@@ -76,11 +76,21 @@ pub struct Origin {
     pub encoding: Encoding,
     /// The request's `req`.
     pub req: Option<u64>,
+    /// The request came from a backend service (the service port): `uid` is the user it acts
+    /// as, it may read any conversation, and its replies carry the service ops' codes.
+    pub service: bool,
 }
 
 impl Origin {
-    /// A reply to this request, as a WebSocket frame in the request's encoding.
+    /// A reply to this request, as a WebSocket frame in the request's encoding. A service's
+    /// request gets the service op's reply (`send_as_ok` for `send_ok`, and so on), so the
+    /// owner answers both kinds of caller with the same code.
     pub fn reply(&self, message: Message<'_>) -> Bytes {
+        let message = match message {
+            Message::SendOk(ok) if self.service => Message::SendAsOk(ok),
+            Message::HistoryOk(page) if self.service => Message::ConvHistoryOk(page),
+            message => message,
+        };
         ws_message(
             &Frame {
                 req: self.req,
@@ -140,6 +150,20 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// Which page.
         history: History,
+    },
+    /// `kick` from a service, for the owner of the user's devices.
+    KickUser {
+        /// The service.
+        origin: Box<Origin>,
+        /// Whom.
+        kick: Kick,
+    },
+    /// `presence` from a service: the receiving shard's part (the users it owns).
+    Presence {
+        /// The service.
+        origin: Box<Origin>,
+        /// The users, all owned by the receiving shard.
+        users: Vec<Uid>,
     },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
@@ -204,10 +228,21 @@ pub enum BusMsg {
         /// Its device.
         device: Option<DeviceId>,
     },
-    /// The device logged in elsewhere: push `kicked` and close with 4001.
+    /// The device logged in elsewhere, or a service kicked it: push `kicked` and close with 4001.
     Kick {
-        /// The older session.
+        /// The session.
         session: SessionRef,
+        /// A service asked for it (rather than a newer login of the device).
+        by_service: bool,
+    },
+    /// One shard's part of a `presence` reply.
+    PresencePart {
+        /// The service connection that asked.
+        session: SessionRef,
+        /// The request's `req`.
+        req: Option<u64>,
+        /// The online devices of the asked users this shard owns.
+        online: Vec<Online>,
     },
     /// The answer to a [`BusMsg::Group`], for the service connection that asked.
     GroupDone(Box<GroupDone>),
@@ -292,6 +327,8 @@ impl BusMsg {
             BusMsg::Read { origin, .. }
             | BusMsg::Resolve { origin, .. }
             | BusMsg::History { origin, .. }
+            | BusMsg::KickUser { origin, .. }
+            | BusMsg::Presence { origin, .. }
             | BusMsg::Convs { origin } => Some(origin.as_ref()),
             _ => None,
         }
@@ -311,14 +348,18 @@ impl BusMsg {
             BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
             BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            // Posted to the owner of its users, which all share it.
+            BusMsg::Presence { users, .. } => owner_of(users.first()?, shards),
             BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
                 owner_of(shop, shards)
             }
             BusMsg::Deliver { to: session, .. }
             | BusMsg::Registered { session, .. }
-            | BusMsg::Kick { session }
-            | BusMsg::ConvsPart { session, .. } => session.shard as usize,
+            | BusMsg::Kick { session, .. }
+            | BusMsg::ConvsPart { session, .. }
+            | BusMsg::PresencePart { session, .. } => session.shard as usize,
             BusMsg::Group(request) => match &request.op {
                 GroupOp::Create { key, .. } => owner_of(&GroupKey(*key), shards),
                 GroupOp::Add { conv, .. }

@@ -2,7 +2,7 @@
 //! logs in with, remembers which session holds it, and kicks an older session of the same
 //! device.
 
-use chinwag_protocol::{DeviceId, DeviceType, Uid};
+use chinwag_protocol::{DeviceId, DeviceType, Kick, Online, Uid};
 
 use super::{unix_ms, Owner};
 use crate::bus::{BusMsg, SessionRef};
@@ -31,7 +31,11 @@ impl Owner {
         };
         if let Some(older) = self.sessions.insert(device, session) {
             if older != session {
-                self.push_out(older.shard as usize, BusMsg::Kick { session: older });
+                let kick = BusMsg::Kick {
+                    session: older,
+                    by_service: false,
+                };
+                self.push_out(older.shard as usize, kick);
             }
         }
         self.push_out(
@@ -63,6 +67,44 @@ impl Owner {
             .map_err(|e| e.to_string())
     }
 
+    /// The devices of `uid` with a session now, ascending (one per device type at most).
+    fn online_devices(&self, uid: Uid) -> impl Iterator<Item = (DeviceId, SessionRef)> + '_ {
+        DeviceType::ALL
+            .into_iter()
+            .filter_map(move |t| self.store.device(uid, t))
+            .filter_map(|device| Some((device, *self.sessions.get(&device)?)))
+    }
+
+    /// A service's `kick`: every session of the user (or of its one device) gets `kicked` and
+    /// is closed. Returns how many sessions that was.
+    pub(super) fn kick(&mut self, kick: Kick) -> u32 {
+        let sessions: Vec<SessionRef> = self
+            .online_devices(kick.uid)
+            .filter(|(device, _)| kick.device.map_or(true, |d| d == *device))
+            .map(|(_, session)| session)
+            .collect();
+        for session in &sessions {
+            let msg = BusMsg::Kick {
+                session: *session,
+                by_service: true,
+            };
+            self.push_out(session.shard as usize, msg);
+        }
+        sessions.len() as u32
+    }
+
+    /// A service's `presence`, for the users this shard owns: those with a device online.
+    pub(super) fn presence(&self, users: &[Uid]) -> Vec<Online> {
+        users
+            .iter()
+            .filter_map(|&uid| {
+                let mut devices: Vec<DeviceId> = self.online_devices(uid).map(|(d, _)| d).collect();
+                devices.sort_unstable();
+                (!devices.is_empty()).then_some(Online { uid, devices })
+            })
+            .collect()
+    }
+
     /// A logged-in session ended: forget it as its device's session, unless a newer one took
     /// the device over.
     pub(super) fn unregister(&mut self, session: SessionRef, device: DeviceId) {
@@ -76,7 +118,7 @@ impl Owner {
 mod tests {
     use chinwag_protocol::DeviceType;
 
-    use crate::bus::BusMsg;
+    use crate::bus::{BusMsg, SessionRef};
     use crate::logic::testing::*;
 
     #[test]
@@ -93,7 +135,7 @@ mod tests {
         let kicked: Vec<_> = out
             .iter()
             .filter_map(|(shard, msg)| match msg {
-                BusMsg::Kick { session } => Some((*shard, *session)),
+                BusMsg::Kick { session, .. } => Some((*shard, *session)),
                 _ => None,
             })
             .collect();
@@ -132,7 +174,7 @@ mod tests {
         let kicked: Vec<_> = out
             .iter()
             .filter_map(|(_, msg)| match msg {
-                BusMsg::Kick { session } => Some(*session),
+                BusMsg::Kick { session, .. } => Some(*session),
                 _ => None,
             })
             .collect();
@@ -154,6 +196,68 @@ mod tests {
         assert_ne!(
             other.device, before.device,
             "ids go on after the registered ones"
+        );
+    }
+
+    #[test]
+    fn a_service_kicks_every_session_of_a_user_or_one_device_and_sees_who_is_online() {
+        let mut h = Harness::new();
+        let web = h.login(buyer(1));
+        let phone_session = h.new_session();
+        let out = h.turn(BusMsg::Register {
+            session: phone_session,
+            uid: buyer(1),
+            device_type: DeviceType::Ios,
+        });
+        let phone = registered(&out, phone_session).unwrap();
+        let other = h.login(buyer(2));
+
+        let mut online = h.owner.presence(&[buyer(1), buyer(2), buyer(3)]);
+        online.sort_by_key(|o| o.uid);
+        let mut both = vec![web.device, phone];
+        both.sort_unstable();
+        assert_eq!(online.len(), 2, "buyer 3 has no device online: {online:?}");
+        assert_eq!((online[0].uid, &online[0].devices), (buyer(1), &both));
+        assert_eq!(online[1].devices, [other.device]);
+
+        let kicked = |out: &[(usize, BusMsg)]| -> Vec<SessionRef> {
+            out.iter()
+                .filter_map(|(_, m)| match m {
+                    BusMsg::Kick {
+                        session,
+                        by_service: true,
+                    } => Some(*session),
+                    _ => None,
+                })
+                .collect()
+        };
+        let service = crate::bus::Origin {
+            service: true,
+            ..other
+        };
+        let one = chinwag_protocol::Kick {
+            uid: buyer(1),
+            device: Some(phone),
+        };
+        let out = h.turn(BusMsg::KickUser {
+            origin: Box::new(service),
+            kick: one,
+        });
+        assert_eq!(kicked(&out), [phone_session]);
+        assert!(replies(&out, other.session)[0].contains(r#""op":"kick_ok","req":1,"count":1"#));
+
+        let all = chinwag_protocol::Kick {
+            uid: buyer(1),
+            device: None,
+        };
+        let out = h.turn(BusMsg::KickUser {
+            origin: Box::new(service),
+            kick: all,
+        });
+        assert_eq!(
+            kicked(&out).len(),
+            2,
+            "both sessions (the phone's is still registered)"
         );
     }
 }

@@ -187,6 +187,24 @@ impl Owner {
                 };
                 self.reply_now(&origin, reply);
             }
+            BusMsg::KickUser { origin, kick } => {
+                let kicked = self.kick(kick);
+                self.reply_now(
+                    &origin,
+                    origin.reply(chinwag_protocol::Message::KickOk(kicked)),
+                );
+            }
+            BusMsg::Presence { origin, users } => {
+                let online = self.presence(&users);
+                self.push_out(
+                    origin.session.shard as usize,
+                    BusMsg::PresencePart {
+                        session: origin.session,
+                        req: origin.req,
+                        online,
+                    },
+                );
+            }
             BusMsg::Convs { origin } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
@@ -222,7 +240,8 @@ impl Owner {
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
             | BusMsg::Kick { .. }
-            | BusMsg::ConvsPart { .. } => {
+            | BusMsg::ConvsPart { .. }
+            | BusMsg::PresencePart { .. } => {
                 debug_assert!(false, "not a message for an owner: {msg:?}");
             }
         }
@@ -284,6 +303,18 @@ impl Owner {
             None
         };
         found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))
+    }
+
+    /// The conversation, if it is here and `origin` may read it: a member, or a service.
+    fn readable_conv(
+        &self,
+        conv: ConvId,
+        origin: &Origin,
+    ) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        if !origin.service {
+            return self.member_conv(conv, origin.uid);
+        }
+        self.local_conv(conv)
     }
 
     /// The conversation, if it is here and `uid` is a member.

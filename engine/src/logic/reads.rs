@@ -18,7 +18,7 @@ impl Owner {
         history: History,
     ) -> Result<Message<'static>, (ErrorCode, String)> {
         let conv = history.conv;
-        self.member_conv(conv, origin.uid)?;
+        self.readable_conv(conv, origin)?;
         let from = match history.range {
             HistoryRange::Newest => HistoryFrom::Newest,
             HistoryRange::Before(seq) => HistoryFrom::Before(seq),
@@ -169,6 +169,24 @@ mod tests {
             },
         });
         assert!(replies(&out, c.session)[0].contains(r#""code":"not_member""#));
+
+        // A service reads any conversation, and gets the service op's reply.
+        let service = Origin {
+            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 9),
+            service: true,
+            ..c
+        };
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(service),
+            history: History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 10,
+            },
+        });
+        let reply = &replies(&out, c.session)[0];
+        assert!(reply.starts_with(r#"{"op":"conv_history_ok""#), "{reply}");
+        assert!(reply.contains(r#""body":"x""#), "{reply}");
     }
 
     #[test]

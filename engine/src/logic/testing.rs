@@ -82,6 +82,7 @@ impl Harness {
             device,
             encoding: Encoding::Json,
             req: Some(1),
+            service: false,
         }
     }
 

@@ -74,6 +74,15 @@ settings! {
     "Client port for WebSocket and HTTP"
     #[arg(value_name = "ADDR")]
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7000)), "127.0.0.1:7000";
+    "Service port for backend services (binary codec over TCP, docs/backend.md)"
+    #[arg(value_name = "ADDR")]
+    backend_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7001)), "127.0.0.1:7001";
+    "Largest frame a backend service may send on the service port; larger closes the connection"
+    #[arg(value_name = "BYTES")]
+    backend_frame_bytes_max: usize = 1024 * 1024, "1048576";
+    "Open service-port connections per shard; over it new ones are refused at accept"
+    #[arg(value_name = "N")]
+    backend_connections_per_shard_max: usize = 256, "256";
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
@@ -215,6 +224,14 @@ impl Config {
                 self.cmid_window_entries_max as u64,
             ),
             ("members_max", self.members_max as u64),
+            (
+                "backend_frame_bytes_max",
+                self.backend_frame_bytes_max as u64,
+            ),
+            (
+                "backend_connections_per_shard_max",
+                self.backend_connections_per_shard_max as u64,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -239,8 +256,11 @@ impl Config {
         if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
-        // Tokens share the slab's key space with the listener and waker tokens.
-        if self.connections_per_shard_max > u32::MAX as usize {
+        // Slots are u32 with the top bit marking a service connection (shard::service), and
+        // tokens share the key space with the listener and waker tokens.
+        if self.connections_per_shard_max >= 1 << 31
+            || self.backend_connections_per_shard_max >= 1 << 31
+        {
             return Err("connections_per_shard_max is too large".into());
         }
         Ok(())

@@ -237,7 +237,12 @@ impl App {
                         return;
                     }
                     other => {
-                        let text = format!("{} is not a request", other.op());
+                        let op = other.op();
+                        let text = if op.is_service() {
+                            format!("{op} is a service op: use the service port (docs/backend.md)")
+                        } else {
+                            format!("{op} is not a request")
+                        };
                         return reply(
                             session,
                             req,
@@ -333,10 +338,16 @@ impl App {
         );
     }
 
-    /// The device logged in on another connection: `kicked`, then close with 4001.
-    pub fn kick(&mut self, session: &mut impl Link, ctx: &mut Context) {
+    /// The device logged in on another connection, or a service kicked it (`by_service`):
+    /// `kicked`, then close with 4001.
+    pub fn kick(&mut self, by_service: bool, session: &mut impl Link, ctx: &mut Context) {
         let encoding = self.login.as_ref().map_or(Encoding::Json, |l| l.encoding);
-        let kicked = Message::Kicked("logged in on another connection".into());
+        let reason = if by_service {
+            "kicked by a service"
+        } else {
+            "logged in on another connection"
+        };
+        let kicked = Message::Kicked(reason.into());
         reply(session, None, encoding, kicked, ctx);
         session.close(CLOSE_KICKED, "kicked", CloseReason::Kicked, ctx);
     }
@@ -365,6 +376,7 @@ impl App {
             device,
             encoding,
             req,
+            service: false,
         })
     }
 }

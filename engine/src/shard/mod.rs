@@ -18,6 +18,7 @@ pub mod app;
 pub mod context;
 pub mod local;
 pub mod outbox;
+pub mod service;
 pub mod session;
 
 use std::io;
@@ -35,8 +36,10 @@ use crate::operator::metrics;
 use crate::operator::NodeState;
 use context::Context;
 use local::{LocalDevice, LocalDevices};
+use service::{ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
 use session::Session;
 
+const BACKEND_LISTENER: Token = Token(usize::MAX - 2);
 const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX);
 
@@ -59,6 +62,11 @@ pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
     sessions: Slab<Session>,
+    /// The service port's listener (docs/backend.md): each shard has one, bound with
+    /// SO_REUSEPORT like the client port, so the kernel spreads services over the shards.
+    backend_listener: Option<TcpListener>,
+    /// Backend services' connections (tokens from `SERVICE_TOKEN_BASE`).
+    services: Slab<ServiceConn>,
     /// The conversations, devices and shops this shard owns.
     owner: Owner,
     /// This shard's part of the routing table: its logged-in sessions by user.
@@ -82,15 +90,20 @@ impl Shard {
         office: Arc<PostOffice>,
         poll: Poll,
         mut listener: TcpListener,
+        mut backend_listener: TcpListener,
         owner: Owner,
     ) -> io::Result<Shard> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut backend_listener, BACKEND_LISTENER, Interest::READABLE)?;
         let ws_limits = context::ws_limits(&node.config);
         Ok(Shard {
             poll,
             listener: Some(listener),
             sessions: Slab::new(),
+            backend_listener: Some(backend_listener),
+            services: Slab::new(),
             owner,
             local: LocalDevices::default(),
             inbox: Vec::new(),
@@ -148,8 +161,17 @@ impl Shard {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
+                    BACKEND_LISTENER => self.accept_services(),
                     // The mailbox is drained below, once per turn, whatever woke us.
                     WAKER => {}
+                    token if token.0 >= SERVICE_TOKEN_BASE => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(token, false);
+                        }
+                        if event.is_writable() {
+                            self.on_writable(token);
+                        }
+                    }
                     token => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.on_readable(token, event.is_read_closed() || event.is_error());
@@ -266,7 +288,59 @@ impl Shard {
         }
     }
 
+    /// Accepts service-port connections until `WouldBlock`.
+    fn accept_services(&mut self) {
+        let Some(listener) = self.backend_listener.as_ref() else {
+            return;
+        };
+        loop {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    metrics::add(&self.ctx.metrics().accept_errors, 1);
+                    tracing::warn!(shard = self.ctx.shard_id, error = %e, "service accept failed");
+                    return;
+                }
+            };
+            if self.services.len() >= self.ctx.node.config.backend_connections_per_shard_max {
+                metrics::add(&self.ctx.metrics().connections_refused, 1);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let entry = self.services.vacant_entry();
+            let token = Token(SERVICE_TOKEN_BASE + entry.key());
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(shard = self.ctx.shard_id, error = %e, "register failed");
+                continue;
+            }
+            self.next_generation = self.next_generation.wrapping_add(1);
+            let key = entry.key();
+            entry.insert(ServiceConn::new(
+                stream,
+                key,
+                self.next_generation,
+                &self.ctx,
+            ));
+            tracing::debug!(shard = self.ctx.shard_id, slot = key, "service connected");
+        }
+    }
+
     fn on_readable(&mut self, token: Token, peer_closed: bool) {
+        if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
+            let Some(service) = self.services.get_mut(key) else {
+                return;
+            };
+            if service.on_readable(&mut self.rbuf, &mut self.ctx) {
+                self.services.remove(key);
+            }
+            return;
+        }
         // A token may be stale (its session ended earlier this turn): nothing to do then.
         let Some(session) = self.sessions.get_mut(token.0) else {
             return;
@@ -277,6 +351,12 @@ impl Shard {
     }
 
     fn on_writable(&mut self, token: Token) {
+        if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
+            if self.services.get_mut(key).is_some_and(|s| s.flush()) {
+                self.services.remove(key);
+            }
+            return;
+        }
         let Some(session) = self.sessions.get_mut(token.0) else {
             return;
         };
@@ -288,6 +368,12 @@ impl Shard {
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.ctx.dirty);
         for token in dirty.drain(..) {
+            if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
+                if self.services.get_mut(key).is_some_and(|s| s.flush()) {
+                    self.services.remove(key);
+                }
+                continue;
+            }
             let Some(session) = self.sessions.get_mut(token.0) else {
                 continue;
             };
@@ -355,6 +441,26 @@ impl Shard {
     /// Acts on one message for this shard.
     fn handle(&mut self, msg: BusMsg) {
         match msg {
+            BusMsg::Deliver { to, ws_message } if to.slot & SERVICE_SLOT_BIT != 0 => {
+                let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
+                if let Some(service) = self.services.get_mut(key) {
+                    if service.generation() == to.generation {
+                        service.deliver(ws_message, &mut self.ctx);
+                    }
+                }
+            }
+            BusMsg::PresencePart {
+                session: to,
+                req,
+                online,
+            } => {
+                let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
+                if let Some(service) = self.services.get_mut(key) {
+                    if service.generation() == to.generation {
+                        service.on_presence_part(req, online, &mut self.ctx);
+                    }
+                }
+            }
             BusMsg::Deliver { to, ws_message } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     session.send(ws_message, &mut self.ctx);
@@ -402,10 +508,13 @@ impl Shard {
                     _ => {}
                 }
             }
-            BusMsg::Kick { session: to } => {
+            BusMsg::Kick {
+                session: to,
+                by_service,
+            } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.kick(s, ctx));
+                    session.with_app(|app, s| app.kick(by_service, s, ctx));
                 }
             }
             BusMsg::ConvsPart {
@@ -478,6 +587,15 @@ impl Shard {
         for key in done {
             self.remove(Token(key));
         }
+        // Services get what is queued for them, then their connections close; no new ones
+        // are accepted.
+        if let Some(mut listener) = self.backend_listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for (_, service) in self.services.iter_mut() {
+            service.flush();
+        }
+        self.services.clear();
     }
 
     /// Closes the listener: new connections are refused by the kernel from now on.
@@ -487,8 +605,13 @@ impl Shard {
         }
     }
 
-    /// Checks the timeouts of the next `slots` slab slots, wrapping around.
+    /// Checks the timeouts of the next `slots` slab slots, wrapping around, and every service
+    /// connection's authentication timeout (there are few).
     fn sweep(&mut self, slots: usize) {
+        let timeout_ms = self.ctx.node.config.handshake_timeout_ms;
+        let now_ms = self.ctx.now_ms;
+        self.services
+            .retain(|_, service| !service.auth_timed_out(now_ms, timeout_ms));
         let capacity = self.sessions.capacity();
         if capacity == 0 {
             return;
@@ -567,6 +690,7 @@ mod tests {
         let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
+        let backend_listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let owner = Owner::for_tests(0, 1, dir.path());
         let shard = Shard::new(
@@ -575,6 +699,7 @@ mod tests {
             Arc::clone(&office),
             poll,
             listener,
+            backend_listener,
             owner,
         )
         .unwrap();

@@ -1,0 +1,383 @@
+//! The service port (docs/backend.md) against the real binary: authentication first, bad
+//! frames, and every service op with a client on the other side.
+
+use std::net::TcpStream;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::token::{self, Claims};
+use chinwag_protocol::{
+    DeviceType, ErrorCode, History, HistoryRange, Kick, Message, NotifyUsers, Op, Send, SendAs,
+    Target, Uid, UidKind,
+};
+use chinwag_tests::Server;
+
+const SECRET: &str = "backend-secret-backend-secret-back";
+const SHORT: Duration = Duration::from_millis(300);
+const LONG: Duration = Duration::from_secs(5);
+
+fn start() -> Server {
+    Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=0"])
+}
+
+fn token_for(uid: Uid) -> String {
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    token::mint(
+        SECRET.as_bytes(),
+        &Claims {
+            uid,
+            shop: None,
+            exp: now_s + 600,
+        },
+    )
+}
+
+fn service(server: &Server) -> ServiceClient {
+    let token = token_for(Uid::new(UidKind::Service, 1));
+    ServiceClient::connect(&server.backend_addr.to_string(), &token).expect("service connects")
+}
+
+fn buyer(id: u64) -> Uid {
+    Uid::new(UidKind::Buyer, id)
+}
+
+fn client(server: &Server, uid: Uid, device: DeviceType) -> Client {
+    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
+    client.login(&token_for(uid), device).unwrap();
+    client
+}
+
+fn rejected(result: Result<chinwag_protocol::Frame<'static>, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Rejected(e)) => e.code,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn raw(server: &Server) -> ServiceClient {
+    ServiceClient::over(TcpStream::connect(server.backend_addr).unwrap()).unwrap()
+}
+
+/// Reads until the server closes; fails the test if it does not within the read timeout.
+fn assert_closed(stream: &mut ServiceClient) {
+    loop {
+        match stream.next_frame() {
+            Err(ClientError::Closed { .. }) | Err(ClientError::Io(_)) => return,
+            Err(ClientError::TimedOut) => panic!("the server did not close the connection"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn auth_comes_first_and_a_bad_token_is_refused_and_closed() {
+    let server = start();
+    // Anything before auth: unauthorized, then closed.
+    let mut early = raw(&server);
+    let req = early.send(Message::Ping).unwrap();
+    let reply = early.wait(req).unwrap();
+    assert!(
+        matches!(&reply.message, Message::Error(e) if e.code == ErrorCode::Unauthorized),
+        "{reply:?}"
+    );
+    assert_closed(&mut early);
+
+    // A client's token is not a service token.
+    let mut wrong_kind = raw(&server);
+    assert_eq!(
+        rejected(wrong_kind.call(Message::Auth(token_for(buyer(1)).into()))),
+        ErrorCode::Unauthorized
+    );
+    assert_closed(&mut wrong_kind);
+
+    // A forged token.
+    let mut forged = raw(&server);
+    assert_eq!(
+        rejected(forged.call(Message::Auth("a.b.c".into()))),
+        ErrorCode::Unauthorized
+    );
+    assert_closed(&mut forged);
+
+    // A good one.
+    let service = service(&server);
+    assert_eq!(service.auth().uid, Uid::new(UidKind::Service, 1));
+}
+
+#[test]
+fn bad_frames_get_clear_errors_and_an_oversized_one_closes_the_connection() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--backend-frame-bytes-max=4096"]);
+    let mut service = service(&server);
+    // An unknown op, with a req: answered, the connection goes on.
+    let unknown = [0, 0, 0, 16, 1, 0x2e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 42];
+    service.send_bytes(&unknown).unwrap();
+    let reply = service.wait(42).unwrap();
+    assert!(
+        matches!(&reply.message, Message::Error(e) if e.code == ErrorCode::BadRequest && e.message.contains("0x2e")),
+        "{reply:?}"
+    );
+    // A client op is not a service op.
+    assert_eq!(
+        rejected(service.call(Message::Convs)),
+        ErrorCode::BadRequest
+    );
+    // A truncated body.
+    let truncated = [
+        0,
+        0,
+        0,
+        17,
+        1,
+        Op::Kick as u8,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        43,
+        0,
+    ];
+    service.send_bytes(&truncated).unwrap();
+    let reply = service.wait(43).unwrap();
+    assert!(
+        matches!(&reply.message, Message::Error(e) if e.code == ErrorCode::BadRequest),
+        "{reply:?}"
+    );
+    assert!(service.call(Message::Ping).is_ok(), "still served");
+
+    // A frame over backend_frame_bytes_max: refused from its length alone, then closed.
+    let mut header = vec![0, 1, 0, 0, 1, Op::Ping as u8, 0, 1];
+    header.extend_from_slice(&44u64.to_be_bytes());
+    service.send_bytes(&header).unwrap();
+    let reply = service.next_frame().unwrap();
+    assert!(
+        matches!(&reply.message, Message::Error(e) if e.code == ErrorCode::TooLarge),
+        "{reply:?}"
+    );
+    assert_closed(&mut service);
+}
+
+#[test]
+fn send_as_stores_as_the_user_idempotently_and_clients_receive_it() {
+    let server = start();
+    let mut service = service(&server);
+    let mut bob = client(&server, buyer(2), DeviceType::Web);
+    let send = |cmid: &str| {
+        Message::SendAs(SendAs {
+            from: buyer(1),
+            send: Send {
+                target: Target::User(buyer(2)),
+                cmid: cmid.to_string().into(),
+                kind: "text".into(),
+                body: "hello from a bot".into(),
+            },
+        })
+    };
+    let first = service.call(send("s-1")).unwrap();
+    let Message::SendAsOk(ok) = first.message else {
+        panic!("{first:?}")
+    };
+    assert_eq!(ok.seq.0, 1);
+    // The same cmid again: the same answer, nothing stored.
+    let again = service.call(send("s-1")).unwrap();
+    assert_eq!(again.message, Message::SendAsOk(ok));
+    let push = bob.next_push(LONG).unwrap().expect("bob gets the msg");
+    let Message::Msg(msg) = push.message else {
+        panic!("{push:?}")
+    };
+    assert_eq!(
+        (msg.from, msg.seq, &*msg.body),
+        (buyer(1), ok.seq, "hello from a bot")
+    );
+    assert!(
+        bob.next_push(SHORT).unwrap().is_none(),
+        "stored once, pushed once"
+    );
+
+    // As a non-member of a conversation: refused like the user would be.
+    let outsider = Message::SendAs(SendAs {
+        from: buyer(3),
+        send: Send {
+            target: Target::Conv(ok.conv),
+            cmid: "s-2".into(),
+            kind: "text".into(),
+            body: "x".into(),
+        },
+    });
+    assert_eq!(rejected(service.call(outsider)), ErrorCode::NotMember);
+
+    // The history of any conversation.
+    let page = service
+        .call(Message::ConvHistory(History {
+            conv: ok.conv,
+            range: HistoryRange::Newest,
+            limit: 50,
+        }))
+        .unwrap();
+    let Message::ConvHistoryOk(page) = page.message else {
+        panic!("{page:?}")
+    };
+    assert_eq!(page.msgs.len(), 1);
+    assert_eq!(page.msgs[0].cmid, "s-1");
+    let missing = Message::ConvHistory(History {
+        conv: chinwag_protocol::ConvId(ok.conv.0 + 256 * 1000),
+        range: HistoryRange::Newest,
+        limit: 50,
+    });
+    assert_eq!(rejected(service.call(missing)), ErrorCode::NotFound);
+}
+
+#[test]
+fn notify_reaches_every_device_of_the_users_and_no_one_else() {
+    let server = start();
+    let mut service = service(&server);
+    let mut web = client(&server, buyer(1), DeviceType::Web);
+    let mut phone = client(&server, buyer(1), DeviceType::Ios);
+    let mut other = client(&server, buyer(2), DeviceType::Web);
+    let mut binary = Client::connect(&server.ws_url(), Encoding::Binary).unwrap();
+    binary.login(&token_for(buyer(3)), DeviceType::Web).unwrap();
+    let reply = service
+        .call(Message::NotifyUsers(NotifyUsers {
+            users: vec![buyer(1), buyer(3), buyer(99)],
+            kind: "parcel".into(),
+            body: "on its way".into(),
+        }))
+        .unwrap();
+    assert_eq!(reply.message, Message::NotifyUsersOk(3));
+    for device in [&mut web, &mut phone, &mut binary] {
+        let push = device.next_push(LONG).unwrap().expect("a notify");
+        let Message::Notify(n) = push.message else {
+            panic!("{push:?}")
+        };
+        assert_eq!((&*n.kind, &*n.body), ("parcel", "on its way"));
+        assert!(n.ts > 0);
+    }
+    assert!(
+        other.next_push(SHORT).unwrap().is_none(),
+        "buyer 2 was not named"
+    );
+    // Nothing was stored: buyer 1 has no conversation.
+    let convs = web.call(Message::Convs).unwrap();
+    assert_eq!(convs.message, Message::ConvsOk(vec![]));
+}
+
+#[test]
+fn presence_lists_online_devices_and_kick_closes_them_with_4001() {
+    let server = start();
+    let mut service = service(&server);
+    let mut web = client(&server, buyer(1), DeviceType::Web);
+    let mut phone = client(&server, buyer(1), DeviceType::Ios);
+    let _other = client(&server, buyer(2), DeviceType::Web);
+    let presence = service
+        .call(Message::Presence(vec![buyer(3), buyer(1), buyer(2)]))
+        .unwrap();
+    let Message::PresenceOk(online) = presence.message else {
+        panic!("{presence:?}")
+    };
+    let users: Vec<(Uid, usize)> = online.iter().map(|o| (o.uid, o.devices.len())).collect();
+    assert_eq!(users, [(buyer(1), 2), (buyer(2), 1)], "buyer 3 is offline");
+
+    // Kick one device: only the phone goes.
+    let phone_device = online[0]
+        .devices
+        .iter()
+        .copied()
+        .find(|d| d.device_type() == DeviceType::Ios)
+        .unwrap();
+    let reply = service
+        .call(Message::Kick(Kick {
+            uid: buyer(1),
+            device: Some(phone_device),
+        }))
+        .unwrap();
+    assert_eq!(reply.message, Message::KickOk(1));
+    let push = phone.next_push(LONG).unwrap().expect("kicked");
+    assert!(matches!(push.message, Message::Kicked(_)), "{push:?}");
+    match phone.next_push(LONG) {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, Some(4001)),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    assert!(web.call(Message::Ping).is_ok(), "the web session stays");
+
+    // Kick the user: every session goes.
+    let reply = service
+        .call(Message::Kick(Kick {
+            uid: buyer(1),
+            device: None,
+        }))
+        .unwrap();
+    // The phone's session may still be listed until its close completes: 1 or 2.
+    assert!(matches!(reply.message, Message::KickOk(1 | 2)), "{reply:?}");
+    let push = web.next_push(LONG).unwrap().expect("kicked");
+    assert!(matches!(push.message, Message::Kicked(_)), "{push:?}");
+}
+
+#[test]
+fn a_service_that_does_not_read_is_disconnected_and_others_are_unaffected() {
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--send-queue-bytes-max=131072",
+        "--shards=1",
+    ]);
+    let mut stalled = service(&server);
+    let mut sender = service(&server);
+    let message = Message::SendAs(SendAs {
+        from: buyer(1),
+        send: Send {
+            target: Target::User(buyer(2)),
+            cmid: "big".into(),
+            kind: "text".into(),
+            body: "x".repeat(60_000).into(),
+        },
+    });
+    let conv = match sender.call(message).unwrap().message {
+        Message::SendAsOk(ok) => ok.conv,
+        other => panic!("{other:?}"),
+    };
+    // Pipeline history pages of ~60 KB each without reading a single reply: the socket
+    // buffers fill, then the outbox, then the server drops the connection.
+    let page = Message::ConvHistory(History {
+        conv,
+        range: HistoryRange::Newest,
+        limit: 1,
+    });
+    let mut sent = 0;
+    let closed = loop {
+        if stalled.send(page.clone()).is_err() {
+            break true;
+        }
+        sent += 1;
+        if sent == 5_000 {
+            break false;
+        }
+    };
+    // Whether the writes failed or not, reading now must end in a close, not 5,000 pages.
+    if !closed {
+        let mut pages = 0;
+        let mut stream = stalled;
+        loop {
+            match stream.next_frame() {
+                Ok(_) => pages += 1,
+                Err(_) => break,
+            }
+        }
+        assert!(
+            pages < 5_000,
+            "the server buffered every page for a reader that stalled"
+        );
+    }
+    assert!(
+        sender.call(Message::Ping).is_ok(),
+        "another service is served"
+    );
+    let (status, _) = server.get("/healthz");
+    assert_eq!(status, 200, "clients are served");
+}
