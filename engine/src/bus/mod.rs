@@ -29,8 +29,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    binary, json, ConvId, ConvInfo, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode,
-    ErrorReply, Frame, History, Kick, Message, Online, ShopId, Target, Uid,
+    binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
+    History, Kick, Message, Online, ShopId, Target, Uid,
 };
 use smallvec::SmallVec;
 
@@ -204,8 +204,6 @@ pub enum BusMsg {
     },
 
     /// A backend service's operation on group conversations (create, add, remove, info).
-    // Made by the service port (the `backend` branch); until it is merged, only by tests.
-    #[allow(dead_code)]
     Group(Box<GroupRequest>),
 
     /// An encoded server message (a reply, an error) for one session. Dropped if the session
@@ -244,8 +242,6 @@ pub enum BusMsg {
         /// The online devices of the asked users this shard owns.
         online: Vec<Online>,
     },
-    /// The answer to a [`BusMsg::Group`], for the service connection that asked.
-    GroupDone(Box<GroupDone>),
     /// One shard's part of a `convs` reply.
     ConvsPart {
         /// The session that asked.
@@ -276,19 +272,9 @@ pub struct SendRequest {
     pub body: String,
 }
 
-/// Who asked for a service operation: the service connection to answer and its `req`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceOrigin {
-    /// The service's connection.
-    pub session: SessionRef,
-    /// The request's `req`.
-    pub req: Option<u64>,
-}
-
 /// A service's operation on group conversations. Members lists are at most
 /// [`GROUP_MEMBERS_PER_REQUEST_MAX`] long.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(dead_code)] // Made by the service port (the `backend` branch) and by tests.
 pub enum GroupOp {
     /// Creates the group `key` names with `members` (distinct); if the key has a group
     /// already, answers with that one and changes nothing.
@@ -305,18 +291,12 @@ pub enum GroupOp {
 /// push it causes.
 pub const GROUP_MEMBERS_PER_REQUEST_MAX: usize = 1_000;
 
-/// A [`GroupOp`] and who asked.
+/// A [`GroupOp`] and the service that asked (an [`Origin`] with `service` set: the reply
+/// goes to its connection like any acknowledgement).
 #[derive(Debug)]
 pub struct GroupRequest {
-    pub origin: ServiceOrigin,
+    pub origin: Origin,
     pub op: GroupOp,
-}
-
-/// What a group operation gives back: the conversation after it, or why it failed.
-#[derive(Debug)]
-pub struct GroupDone {
-    pub origin: ServiceOrigin,
-    pub result: Result<ConvInfo, (ErrorCode, String)>,
 }
 
 impl BusMsg {
@@ -366,7 +346,6 @@ impl BusMsg {
                 | GroupOp::Remove { conv, .. }
                 | GroupOp::Info { conv } => owner_of_conv(*conv),
             },
-            BusMsg::GroupDone(done) => done.origin.session.shard as usize,
             BusMsg::Push(_) => return None,
         })
     }

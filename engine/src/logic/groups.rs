@@ -20,20 +20,30 @@ use smallvec::SmallVec;
 
 use super::reads::conv_type;
 use super::{store_error, Owner};
-use crate::bus::{Fanout, GroupOp, GROUP_MEMBERS_PER_REQUEST_MAX};
+use crate::bus::{Fanout, GroupOp, Origin, GROUP_MEMBERS_PER_REQUEST_MAX};
 use crate::store::ConvKind;
 
 type Failure = (ErrorCode, String);
 
 impl Owner {
-    /// Carries out a service's group operation; its records and pushes wait for the commit.
-    pub(super) fn group(&mut self, op: GroupOp) -> Result<ConvInfo, Failure> {
-        match op {
-            GroupOp::Create { key, members } => self.group_create(key, &members),
-            GroupOp::Add { conv, members } => self.group_change(conv, &members, true),
-            GroupOp::Remove { conv, members } => self.group_change(conv, &members, false),
-            GroupOp::Info { conv } => self.conv_info(conv, false),
-        }
+    /// Carries out a service's group operation: its reply (an acknowledgement, `unavailable`
+    /// if the commit fails), records and pushes wait for the commit.
+    pub(super) fn group(&mut self, origin: &Origin, op: GroupOp) -> Result<(), Failure> {
+        let reply = match op {
+            GroupOp::Create { key, members } => {
+                Message::GroupCreateOk(self.group_create(key, &members)?)
+            }
+            GroupOp::Add { conv, members } => {
+                Message::GroupAddOk(self.group_change(conv, &members, true)?)
+            }
+            GroupOp::Remove { conv, members } => {
+                Message::GroupRemoveOk(self.group_change(conv, &members, false)?)
+            }
+            GroupOp::Info { conv } => Message::ConvInfoOk(self.conv_info(conv, false)?),
+        };
+        let reply = origin.reply(reply);
+        self.ack(origin, reply);
+        Ok(())
     }
 
     fn group_create(&mut self, key: u64, members: &[Uid]) -> Result<ConvInfo, Failure> {

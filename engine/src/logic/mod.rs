@@ -35,8 +35,7 @@ use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
 use crate::bus::{
-    owner_of_conv, BusMsg, Fanout, GroupDone, GroupRequest, Origin, SendRequest, SessionRef,
-    CONV_SHARD_BITS,
+    owner_of_conv, BusMsg, Fanout, GroupRequest, Origin, SendRequest, SessionRef, CONV_SHARD_BITS,
 };
 use crate::store::{Store, StoreError};
 use dispatch::Dispatcher;
@@ -228,15 +227,11 @@ impl Owner {
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
             BusMsg::Group(request) => {
                 let GroupRequest { origin, op } = *request;
-                let result = self.group(op);
-                // Waits for the commit like an acknowledgement (see `commit`).
-                self.push_out(
-                    origin.session.shard as usize,
-                    BusMsg::GroupDone(Box::new(GroupDone { origin, result })),
-                );
+                if let Err((code, text)) = self.group(&origin, op) {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
             }
             BusMsg::Deliver { .. }
-            | BusMsg::GroupDone(_)
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
             | BusMsg::Kick { .. }
@@ -276,18 +271,6 @@ impl Owner {
                         // Pushes of the turn are dropped; replies that did not depend on the
                         // log (errors, history) still go.
                         (None, BusMsg::Push(_)) => None,
-                        // A service's group operation may have stored records: it is not
-                        // answered as done. (An `info` in the same turn is refused too: the
-                        // log is broken, a retry after the restart answers it.)
-                        (None, BusMsg::GroupDone(mut done)) => {
-                            if done.result.is_ok() {
-                                done.result = Err((
-                                    ErrorCode::Unavailable,
-                                    "the log could not store the change".into(),
-                                ));
-                            }
-                            Some((p.to, BusMsg::GroupDone(done)))
-                        }
                         (None, msg) => Some((p.to, msg)),
                     })
                     .collect()

@@ -8,9 +8,9 @@ use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
 
 use super::Owner;
-use chinwag_protocol::ConvInfo;
+use chinwag_protocol::{ConvInfo, Message};
 
-use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, ServiceOrigin, SessionRef};
+use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, SessionRef};
 use crate::store::{Store, StoreConfig};
 
 /// The shard the owner under test is.
@@ -86,8 +86,7 @@ impl Harness {
         }
     }
 
-    /// A service's group operation in one turn: what went out, and the answer the service
-    /// connection (on the session shard) gets.
+    /// A service's group operation in one turn: what went out, and the service's answer.
     pub fn group(
         &mut self,
         op: GroupOp,
@@ -95,23 +94,29 @@ impl Harness {
         Vec<(usize, BusMsg)>,
         Result<ConvInfo, (chinwag_protocol::ErrorCode, String)>,
     ) {
-        let origin = ServiceOrigin {
+        let origin = Origin {
             session: self.new_session(),
+            uid: Uid::new(UidKind::Service, 1),
+            device: DeviceId::from_u64(1).expect("a device id"),
+            encoding: Encoding::Json,
             req: Some(7),
+            service: true,
         };
         let mut out = self.turn(BusMsg::Group(Box::new(GroupRequest { origin, op })));
-        let at = out
-            .iter()
-            .position(|(_, m)| matches!(m, BusMsg::GroupDone(d) if d.origin == origin))
-            .expect("the service is answered");
-        let (shard, BusMsg::GroupDone(done)) = out.remove(at) else {
-            unreachable!("found above")
+        let answers = replies(&out, origin.session);
+        assert_eq!(answers.len(), 1, "one answer: {answers:?}");
+        out.retain(|(_, m)| !matches!(m, BusMsg::Deliver { to, .. } if *to == origin.session));
+        let frame = chinwag_protocol::json::decode(&answers[0]).expect("the answer decodes");
+        assert_eq!(frame.req, Some(7), "the answer names the request");
+        let result = match frame.message {
+            Message::GroupCreateOk(info)
+            | Message::GroupAddOk(info)
+            | Message::GroupRemoveOk(info)
+            | Message::ConvInfoOk(info) => Ok(info),
+            Message::Error(e) => Err((e.code, e.message.into_owned())),
+            other => panic!("not a group answer: {other:?}"),
         };
-        assert_eq!(
-            shard, SESSION_SHARD as usize,
-            "answered on the service's shard"
-        );
-        (out, done.result)
+        (out, result)
     }
 
     /// Creates a group (whose key this owner owns) and returns it.

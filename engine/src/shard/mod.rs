@@ -527,11 +527,6 @@ impl Shard {
                     session.with_app(|app, s| app.on_convs_part(req, convs, s, ctx));
                 }
             }
-            BusMsg::GroupDone(done) => {
-                // Service connections come with the backend port; until one answers here,
-                // say what was dropped.
-                tracing::warn!(req = ?done.origin.req, "group operation answered, but no service connection to take the answer");
-            }
             // Everything else is for this shard as an owner.
             request => self.owner.handle(request, self.ctx.unix_ms),
         }
