@@ -87,13 +87,7 @@ impl Harness {
     }
 
     /// A service's group operation in one turn: what went out, and the service's answer.
-    pub fn group(
-        &mut self,
-        op: GroupOp,
-    ) -> (
-        Vec<(usize, BusMsg)>,
-        Result<ConvInfo, (chinwag_protocol::ErrorCode, String)>,
-    ) {
+    pub fn group(&mut self, op: GroupOp) -> (Vec<(usize, BusMsg)>, GroupAnswer) {
         let origin = Origin {
             session: self.new_session(),
             uid: Uid::new(UidKind::Service, 1),
@@ -198,6 +192,9 @@ pub fn replies(out: &[(usize, BusMsg)], session: SessionRef) -> Vec<String> {
         })
         .collect()
 }
+
+/// A service's answer to a group operation: the conversation, or the error's code and text.
+pub type GroupAnswer = Result<ConvInfo, (chinwag_protocol::ErrorCode, String)>;
 
 /// One push as the tests see it: the shards it goes to, its users, the device left out, and
 /// its JSON text.
