@@ -1,5 +1,7 @@
 //! The `chinwag` binary.
 
+mod backend_cli;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -28,6 +30,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print a login token (JWT, HS256) for a user, to try the gateway out or drive load tests.
     Token(TokenArgs),
+    /// Make one request on a node's service port (docs/backend.md) and print the reply as JSON.
+    Backend(backend_cli::BackendArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => mint_token(args),
+        Command::Backend(args) => backend_cli::run(args),
     }
 }
 

@@ -1013,6 +1013,52 @@ mod tests {
     }
 
     #[test]
+    fn golden_notify_push() {
+        let frame = Frame::new(Message::Notify(crate::Notify {
+            kind: "text".into(),
+            body: "hi".into(),
+            ts: 1_767_225_600_000,
+        }));
+        assert_eq!(
+            hex(&encoded(&frame)),
+            "0000002401c600000000000000000000".to_owned()
+                + "000474657874"
+                + "000000026869"
+                + "0000019b76daa800"
+        );
+    }
+
+    #[test]
+    fn golden_auth_and_send_as() {
+        let auth = Frame::with_req(1, Message::Auth("t".into()));
+        assert_eq!(
+            hex(&encoded(&auth)),
+            "0000001301100001000000000000000100".to_owned() + "0174"
+        );
+        let send_as = Frame::with_req(
+            2,
+            Message::SendAs(crate::SendAs {
+                from: crate::Uid::new(crate::UidKind::Buyer, 1001),
+                send: Send {
+                    target: Target::Conv(ConvId(42)),
+                    cmid: "c-1".into(),
+                    kind: "text".into(),
+                    body: "hello".into(),
+                },
+            }),
+        );
+        assert_eq!(
+            hex(&encoded(&send_as)),
+            "0000003601110001000000000000000200".to_owned()
+                + "00000000000003e9"
+                + "01000000000000002a"
+                + "0003632d31"
+                + "000474657874"
+                + "0000000568656c6c6f"
+        );
+    }
+
+    #[test]
     fn golden_error() {
         let frame = Frame::with_req(
             9,

@@ -381,3 +381,61 @@ fn a_service_that_does_not_read_is_disconnected_and_others_are_unaffected() {
     let (status, _) = server.get("/healthz");
     assert_eq!(status, 200, "clients are served");
 }
+
+#[test]
+fn chinwag_backend_subcommands_print_the_reply_as_json() {
+    let server = start();
+    let mut bob = client(&server, buyer(2), DeviceType::Web);
+    let token = token_for(Uid::new(UidKind::Service, 1));
+    let backend = |args: &[&str]| {
+        let output = std::process::Command::new(chinwag_tests::binary())
+            .arg("backend")
+            .arg("--addr")
+            .arg(server.backend_addr.to_string())
+            .env("CHINWAG_SERVICE_TOKEN", &token)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    };
+    let (ok, out) = backend(&[
+        "send", "--from", "buyer:1", "--user", "buyer:2", "--cmid", "k1", "hi",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with(r#"{"op":"send_as_ok","req":2,"conv":""#),
+        "{out}"
+    );
+    let conv = out.split('"').nth(9).unwrap().to_string();
+    let push = bob.next_push(LONG).unwrap().expect("the msg");
+    assert!(matches!(push.message, Message::Msg(_)), "{push:?}");
+
+    let (ok, out) = backend(&["notify", "--users", "buyer:2,buyer:3", "ding"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), r#"{"op":"notify_users_ok","req":2,"count":2}"#);
+    let push = bob.next_push(LONG).unwrap().expect("the notify");
+    assert!(matches!(push.message, Message::Notify(_)), "{push:?}");
+
+    let (ok, out) = backend(&["presence", "buyer:2,buyer:3"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#""online":[{"uid":"buyer:2","devices":[""#),
+        "{out}"
+    );
+
+    let (ok, out) = backend(&["history", &conv]);
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""body":"hi""#), "{out}");
+
+    let (ok, out) = backend(&["kick", "buyer:2"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), r#"{"op":"kick_ok","req":2,"count":1}"#);
+
+    // An error reply: printed, exit code 1.
+    let (ok, out) = backend(&["history", "999999"]);
+    assert!(!ok);
+    assert!(out.contains(r#""code":"not_found""#), "{out}");
+}

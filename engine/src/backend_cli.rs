@@ -1,0 +1,163 @@
+//! `chinwag backend ...`: the service port's ops from a shell, for operators and scripts. Each
+//! subcommand connects, authenticates with a `service` token, makes one request and prints
+//! the reply as one JSON line (the protocol's JSON mapping). An `error` reply is printed the
+//! same way and exits with code 1.
+
+use std::process::ExitCode;
+
+use bytes::BytesMut;
+use chinwag_protocol::client::ClientError;
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{
+    json, ConvId, DeviceId, Frame, History, HistoryRange, Kick, Message, NotifyUsers, Send, SendAs,
+    Seq, ShopId, Target, Uid,
+};
+
+#[derive(clap::Args)]
+pub struct BackendArgs {
+    /// The node's service port.
+    #[arg(long, default_value = "127.0.0.1:7001", env = "CHINWAG_BACKEND_ADDR")]
+    addr: String,
+    /// A token of kind service (`chinwag token --uid service:1 ...`).
+    #[arg(long, env = "CHINWAG_SERVICE_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    op: BackendOp,
+}
+
+#[derive(clap::Subcommand)]
+enum BackendOp {
+    /// Store a message as a user (send_as).
+    Send {
+        /// The user the message is stored as, KIND:ID.
+        #[arg(long)]
+        from: Uid,
+        /// An existing conversation (one of --conv, --shop, --user).
+        #[arg(long, group = "target")]
+        conv: Option<u64>,
+        /// The sender's conversation with this shop.
+        #[arg(long, group = "target")]
+        shop: Option<u64>,
+        /// The direct conversation with this user.
+        #[arg(long, group = "target")]
+        user: Option<Uid>,
+        /// Client message id (idempotency key).
+        #[arg(long)]
+        cmid: String,
+        /// Message kind.
+        #[arg(long, default_value = "text")]
+        kind: String,
+        /// The body.
+        body: String,
+    },
+    /// Push a transient `notify` to every device of the users (notify_users).
+    Notify {
+        /// The users, KIND:ID, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+        /// Message kind.
+        #[arg(long, default_value = "text")]
+        kind: String,
+        /// The body.
+        body: String,
+    },
+    /// Close every session of a user, or one device's.
+    Kick {
+        /// The user, KIND:ID.
+        uid: Uid,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<DeviceId>,
+    },
+    /// Which devices of the users are online.
+    Presence {
+        /// The users, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
+    /// A page of any conversation (conv_history).
+    History {
+        /// The conversation.
+        conv: u64,
+        /// The messages after this seq (default: the newest page).
+        #[arg(long)]
+        after: Option<u64>,
+        /// The most messages (1..=200).
+        #[arg(long, default_value_t = 50)]
+        limit: u16,
+    },
+}
+
+pub fn run(args: BackendArgs) -> ExitCode {
+    let message = match args.op {
+        BackendOp::Send {
+            from,
+            conv,
+            shop,
+            user,
+            cmid,
+            kind,
+            body,
+        } => {
+            let target = match (conv, shop, user) {
+                (Some(conv), None, None) => Target::Conv(ConvId(conv)),
+                (None, Some(shop), None) => Target::Shop(ShopId(shop)),
+                (None, None, Some(user)) => Target::User(user),
+                _ => {
+                    eprintln!("chinwag: give one of --conv, --shop, --user");
+                    return ExitCode::from(2);
+                }
+            };
+            Message::SendAs(SendAs {
+                from,
+                send: Send {
+                    target,
+                    cmid: cmid.into(),
+                    kind: kind.into(),
+                    body: body.into(),
+                },
+            })
+        }
+        BackendOp::Notify { users, kind, body } => Message::NotifyUsers(NotifyUsers {
+            users,
+            kind: kind.into(),
+            body: body.into(),
+        }),
+        BackendOp::Kick { uid, device } => Message::Kick(Kick { uid, device }),
+        BackendOp::Presence { users } => Message::Presence(users),
+        BackendOp::History { conv, after, limit } => Message::ConvHistory(History {
+            conv: ConvId(conv),
+            range: after.map_or(HistoryRange::Newest, |s| HistoryRange::After(Seq(s))),
+            limit,
+        }),
+    };
+    let result = ServiceClient::connect(&args.addr, &args.token).and_then(|mut service| {
+        let req = service.send(message)?;
+        service.wait(req)
+    });
+    match result {
+        Ok(frame) => {
+            let failed = matches!(frame.message, Message::Error(_));
+            print_json(&frame);
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(ClientError::Rejected(e)) => {
+            print_json(&Frame::new(Message::Error(e)));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("chinwag: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(frame: &Frame<'_>) {
+    let mut out = BytesMut::new();
+    json::encode(frame, &mut out);
+    println!("{}", String::from_utf8_lossy(&out));
+}
