@@ -255,3 +255,51 @@ fn ann_uid() -> Uid {
 fn bob_uid() -> Uid {
     buyer(2)
 }
+
+#[test]
+fn chinwag_backend_group_subcommands_print_the_reply_as_json() {
+    let server = start();
+    let mut ann = client(&server, buyer(1), Encoding::Json);
+    let token = token_for(Uid::new(UidKind::Service, 1));
+    let backend = |args: &[&str]| {
+        let output = std::process::Command::new(chinwag_tests::binary())
+            .arg("backend")
+            .arg("--addr")
+            .arg(server.backend_addr.to_string())
+            .env("CHINWAG_SERVICE_TOKEN", &token)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    };
+    let (ok, out) = backend(&["group", "create", "9", "buyer:1,agent:7"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with(r#"{"op":"group_create_ok","req":2,"conv":""#),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#""type":"group","key":"9","members":["buyer:1","agent:7"],"member_count":2,"last_seq":0,"created":true}"#),
+        "{out}"
+    );
+    let conv = out.split('"').nth(9).unwrap().to_string();
+    assert!(matches!(push(&mut ann), Message::Members(_)));
+
+    let (ok, out) = backend(&["group", "add", &conv, "buyer:2"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""member_count":3"#), "{out}");
+    let (ok, out) = backend(&["group", "remove", &conv, "agent:7"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""members":["buyer:1","buyer:2"]"#), "{out}");
+    let (ok, out) = backend(&["info", &conv]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with(r#"{"op":"conv_info_ok""#), "{out}");
+
+    // An error reply: printed, exit code 1.
+    let (ok, out) = backend(&["group", "remove", &conv, "agent:7"]);
+    assert!(!ok);
+    assert!(out.contains(r#""code":"not_member""#), "{out}");
+}
