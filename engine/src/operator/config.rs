@@ -150,9 +150,10 @@ settings! {
     #[arg(value_name = "N")]
     cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
     "Members one conversation may have (a group's limit; at most 65535); a group operation \
-     that would exceed it is refused whole"
+     that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
+     record (which must fit a log segment) and about 24 in each of its members' convs replies"
     #[arg(value_name = "N")]
-    members_max: usize = 10_000, "10000";
+    members_max: usize = 1_000, "1000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -242,6 +243,15 @@ impl Config {
                 "members_max must be at most {}, not {}",
                 u16::MAX,
                 self.members_max
+            ));
+        }
+        // A group's creation record lists its members (16 bytes each, after a 32-byte head)
+        // and must fit one segment beside the segment's 64-byte header.
+        let group_record_bytes = 64 + 32 + 16 * self.members_max as u64;
+        if group_record_bytes > self.log_segment_bytes {
+            return Err(format!(
+                "log_segment_bytes ({}) must hold a group of members_max ({}) members: {} bytes",
+                self.log_segment_bytes, self.members_max, group_record_bytes
             ));
         }
         // An echo or a push of the largest message must fit in the queue, or a well-behaved
@@ -368,6 +378,13 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(Config::load(small_queue, env(&[])).is_err());
+        let small_segments = ServeArgs {
+            log_segment_bytes: Some(65_536),
+            members_max: Some(10_000),
+            ..ServeArgs::default()
+        };
+        let refused = Config::load(small_segments, env(&[])).unwrap_err();
+        assert!(refused.contains("members_max"), "{refused}");
         for members in ["0", "65536"] {
             assert!(
                 Config::load(
