@@ -12,10 +12,13 @@
 //! - `logic`: the owner of devices, conversations, cursors and shops, with dispatch beside it;
 //! - `store`: the conversation log;
 //! - `operator`: the node's operations: configuration, metrics, the token secret, the data
-//!   directory.
+//!   directory;
+//! - `wechat`: the WeChat channel (docs/wechat.md): callbacks in, the customer-service sender
+//!   out.
 //!
-//! Only what the `chinwag` binary and the benchmarks need is public (`node`, `operator`,
-//! `store`); everything else is crate-private, so the compiler reports what nothing uses.
+//! Only what the `chinwag` binary, the benchmarks and the tests need is public (`node`,
+//! `operator`, `store`, and `wechat` for the tests' WeChat stand-in and driver); everything
+//! else is crate-private, so the compiler reports what nothing uses.
 
 pub(crate) mod bus;
 pub(crate) mod logic;
@@ -24,3 +27,4 @@ pub mod node;
 pub mod operator;
 pub(crate) mod shard;
 pub mod store;
+pub mod wechat;

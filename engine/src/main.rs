@@ -9,7 +9,7 @@ use chinwag_protocol::{token, ShopId, Uid, UidKind};
 use clap::{Parser, Subcommand};
 
 use chinwag_engine::node;
-use chinwag_engine::operator::config::{Config, ServeArgs};
+use chinwag_engine::operator::config::{self, Config, ServeArgs};
 use chinwag_engine::operator::data_dir::DataDir;
 use chinwag_engine::operator::secret;
 
@@ -96,33 +96,41 @@ fn mint_token(args: TokenArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A start error: printed on stderr whatever `--log-level` says (a node that cannot start must
+/// say why even with logging off), then the exit code: 2 for what the operator must fix in the
+/// configuration or the environment it names, 1 for a failure at run time.
+fn fatal(error: impl std::fmt::Display, code: u8) -> ExitCode {
+    eprintln!("chinwag: {error}");
+    ExitCode::from(code)
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
     let mut config = match Config::load(args, std::env::vars()) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("chinwag: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(e, 2),
     };
     let filter = match tracing_subscriber::EnvFilter::try_new(&config.log_level) {
         Ok(filter) => filter,
-        Err(e) => {
-            eprintln!("chinwag: log_level: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(format!("log_level: {e}"), 2),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    for name in config::unknown_env_vars(std::env::vars()) {
+        tracing::warn!(variable = %name, "unknown CHINWAG_* variable ignored: it names no setting");
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %config.data_dir.display(),
+        config = %config.redacted(),
+        "starting"
+    );
     // Taken before anything in the directory is read or written, held until the process ends.
     let data_dir = match DataDir::open(&config.data_dir) {
         Ok(dir) => dir,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(e, 2),
     };
     let jwt_secret = match secret::jwt_secret(
         config.jwt_secret.as_deref(),
@@ -130,32 +138,20 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir.path(),
     ) {
         Ok(secret) => secret,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(e, 2),
     };
     config.shards = match data_dir.shard_count(config.shards) {
         Ok(count) => count,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(e, 2),
     };
     match node::serve(config, data_dir, jwt_secret.into_bytes()) {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            tracing::error!(error = %e, "serve failed");
-            // A port held by another node or program is the operator's to fix, like a bad
-            // setting.
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        // A port held by another node or program is the operator's to fix, like a bad
+        // setting.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => fatal(e, 2),
+        Err(e) => fatal(format!("serve failed: {e}"), 1),
     }
 }

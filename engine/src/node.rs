@@ -54,9 +54,13 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         ));
         polls.push(poll);
     }
-    let owners = open_owners(&config, data_dir.path(), shard_count)?;
-    let state = Arc::new(NodeState::new(config, jwt_secret, shard_count));
+    let mut owners = open_owners(&config, data_dir.path(), shard_count)?;
     let office = Arc::new(PostOffice::new(mailboxes));
+    let wechat = start_wechat(&config, data_dir.path(), &office)?;
+    for owner in &mut owners {
+        owner.set_wechat(wechat.clone());
+    }
+    let state = Arc::new(NodeState::new(config, jwt_secret, shard_count, wechat));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let (signal_state, signal_office) = (Arc::clone(&state), Arc::clone(&office));
@@ -131,6 +135,39 @@ impl Drop for StoppedShard {
     }
 }
 
+/// Starts the WeChat channel when the configuration has accounts. A reply that does not reach
+/// WeChat is posted to its conversation's owner, which leaves a notice in the conversation; if
+/// that owner's mailbox is full, the notice is lost (logged and counted as a mailbox drop would
+/// be) — the reply itself stays in the conversation.
+fn start_wechat(
+    config: &Config,
+    data_dir: &std::path::Path,
+    office: &Arc<PostOffice>,
+) -> io::Result<Option<Arc<crate::wechat::channel::Channel>>> {
+    let office = Arc::clone(office);
+    let channel = crate::wechat::channel::Channel::start(
+        &config.wechat,
+        data_dir,
+        config.fsync == crate::store::FsyncPolicy::Always,
+        move |tag, undelivered| {
+            let conv = chinwag_protocol::ConvId(tag.conv);
+            let msg =
+                crate::bus::BusMsg::WechatUndelivered(Box::new(crate::bus::WechatUndelivered {
+                    conv,
+                    seq: chinwag_protocol::Seq(tag.seq),
+                    undelivered,
+                }));
+            if office
+                .post_from_outside(crate::bus::owner_of_conv(conv), msg)
+                .is_err()
+            {
+                tracing::warn!(%conv, seq = tag.seq, "wechat notice dropped: the owner's mailbox is full");
+            }
+        },
+    )?;
+    Ok(channel.map(Arc::new))
+}
+
 /// Opens (recovering) every shard's log under the data directory and builds its owner.
 ///
 /// Conversation ids and owners are tied to the shard count, which [`DataDir::shard_count`]
@@ -166,10 +203,22 @@ fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Own
                 "skipped a corrupt stretch of the log (--skip-corrupt-records)"
             );
         }
+        // What the shard starts with: the snapshot's state plus the records replayed after it
+        // (a restart after a snapshot replays few or none, so `records` alone says little).
+        let stats = store.stats();
+        let snapshot = report.snapshot.map_or("none".to_string(), |pos| {
+            format!("segment {} offset {}", pos >> 32, pos & 0xffff_ffff)
+        });
+        for (path, why) in &report.snapshots_rejected {
+            tracing::warn!(shard, path = %path.display(), reason = %why, "snapshot not used");
+        }
         tracing::info!(
             shard,
-            records = report.records,
-            bytes = report.bytes,
+            snapshot = %snapshot,
+            records_replayed = report.records,
+            bytes_replayed = report.bytes,
+            conversations = stats.conversations,
+            devices = stats.devices,
             truncated = report.truncated.is_some(),
             "log recovered"
         );

@@ -10,7 +10,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::check::Violation;
 use crate::report::{self, Progress, Report};
-use crate::{procfs, source, EchoArgs, Target};
+use crate::{binds_sources, procfs, source, EchoArgs, Target};
 
 /// Connections started per loop turn while connecting, so the server's accept backlog is not
 /// flooded with SYNs it would drop.
@@ -63,11 +63,14 @@ impl Pool {
 
     fn connect(&mut self, target: &Target) -> io::Result<()> {
         let i = self.conns.len();
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let addr = target.socket_addr()?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        socket.bind(&source(self.first + i, target.sources).into())?;
-        match socket.connect(&target.addr.into()) {
+        if binds_sources(addr) {
+            socket.bind(&source(self.first + i, target.sources).into())?;
+        }
+        match socket.connect(&addr.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
@@ -212,9 +215,18 @@ pub fn echo(args: &EchoArgs) -> io::Result<Report> {
     report.figure("connect_s", connect_start.elapsed().as_secs_f64());
     let frame = client_frame(args.message_bytes);
     let batch = frame.repeat(window);
+    // Echo messages sent, and the bytes of them and of their echoes (handshakes not counted).
+    let (mut requests, mut bytes_sent, mut bytes_received) = (0u64, 0u64, 0u64);
+    progress.phase(if args.warmup_s > 0 {
+        "warmup"
+    } else {
+        "measured"
+    });
     for i in 0..pool.conns.len() {
         let conn = &mut pool.conns[i];
         let written = conn.stream.write_all(&batch);
+        requests += window as u64;
+        bytes_sent += batch.len() as u64;
         conn.sent_at
             .extend(std::iter::repeat(Instant::now()).take(window));
         if let Err(e) = written {
@@ -237,6 +249,7 @@ pub fn echo(args: &EchoArgs) -> io::Result<Report> {
     while Instant::now() < end && pool.open > 0 {
         if !measuring && Instant::now() >= measure_from {
             measuring = true;
+            progress.phase("measured");
             messages = 0;
             latency.reset();
             report.window_unix_ns = Some((report::unix_ns(), 0));
@@ -261,10 +274,14 @@ pub fn echo(args: &EchoArgs) -> io::Result<Report> {
                     // (epoll reports every arrival), so the read that could only answer
                     // WouldBlock is skipped: one system call in three per echoed message.
                     Ok(n) if n < buf.len() => {
+                        bytes_received += n as u64;
                         conn.inbound.extend_from_slice(&buf[..n]);
                         break;
                     }
-                    Ok(n) => conn.inbound.extend_from_slice(&buf[..n]),
+                    Ok(n) => {
+                        bytes_received += n as u64;
+                        conn.inbound.extend_from_slice(&buf[..n]);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
                         broken = Some(format!("read: {e}"));
@@ -292,6 +309,8 @@ pub fn echo(args: &EchoArgs) -> io::Result<Report> {
                 if let Err(e) = conn.stream.write_all(&batch[..echoed * frame.len()]) {
                     broken = Some(format!("write: {e}"));
                 }
+                requests += echoed as u64;
+                bytes_sent += (echoed * frame.len()) as u64;
                 conn.sent_at.extend(std::iter::repeat(now).take(echoed));
             }
             if let Some(cause) = broken {
@@ -324,6 +343,10 @@ pub fn echo(args: &EchoArgs) -> io::Result<Report> {
     // generator was the limit.
     report.figure("loadgen_cpu_s", report::own_cpu_s() - own_cpu_start_s);
     report.latencies.push(("echo".into(), latency));
+    report.figure("requests", requests);
+    report.figure("bytes_sent", bytes_sent);
+    report.figure("bytes_received", bytes_received);
+    report.series = progress.series();
     Ok(report)
 }
 

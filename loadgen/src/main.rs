@@ -9,8 +9,9 @@
 //! - `fanout`: one conversation with many members (`scenarios::fanout`).
 //! - `storm`: `chat` with reconnect storms and `history` catch-up (`scenarios::chat`).
 //!
-//! Every run is bounded in connections and time and talks only to the address it is given,
-//! from source addresses in 127.0.0.0/8.
+//! Every run is bounded in connections and time and talks only to the address it is given (a
+//! host name or an IP address). Against a loopback address it binds its connections to source
+//! addresses in 127.0.0.0/8 (`--sources`), each with its own ephemeral ports.
 
 mod check;
 mod client;
@@ -20,10 +21,11 @@ mod proto;
 mod report;
 mod scenarios;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -54,16 +56,17 @@ enum Command {
 
 #[derive(Args, Clone)]
 pub struct Target {
-    /// Server address (host:port); must be in 127.0.0.0/8.
+    /// Server address (host:port; a host name or an IP address).
     #[arg(long, default_value = "127.0.0.1:7000")]
-    pub addr: SocketAddr,
+    pub addr: String,
     /// Request path of the WebSocket endpoint.
     #[arg(long, default_value = "/echo")]
     pub path: String,
     /// Number of connections.
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
-    /// Source addresses 127.0.0.1 .. 127.0.0.N, used in turn (more ephemeral ports).
+    /// Against a loopback server: source addresses 127.0.0.1 .. 127.0.0.N, used in turn (more
+    /// ephemeral ports). Against any other server the kernel picks the source.
     #[arg(long, default_value_t = 4)]
     pub sources: u8,
     /// The server's pid, to read its CPU time and memory from /proc.
@@ -102,7 +105,17 @@ struct IdleArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors (an unknown flag, a value that does not parse) exit 2, as clap does.
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let settings = matches
+        .subcommand()
+        .and_then(|(name, sub)| Some(settings(command.find_subcommand(name)?, sub)))
+        .unwrap_or_default();
     match &cli.command {
         Command::Idle(a) => idle(a),
         Command::Echo(a) => {
@@ -110,15 +123,48 @@ fn main() -> ExitCode {
                 flags: &a.run,
                 uid_base: None,
                 server_pid: a.target.server_pid,
-                valid: a.target.validate(),
+                addr: &a.target.addr,
+                valid: a.target.validate().and(a.validate()),
+                settings,
             };
             run_scenario(launch, || client::echo(a))
         }
-        Command::Connect(a) => run_scenario(Launch::of(&a.common), || scenarios::connect::run(a)),
-        Command::Chat(a) => run_scenario(Launch::of(&a.common), || scenarios::chat::run(a)),
-        Command::Fanout(a) => run_scenario(Launch::of(&a.common), || scenarios::fanout::run(a)),
-        Command::Storm(a) => run_scenario(Launch::of(&a.chat.common), || scenarios::chat::storm(a)),
+        Command::Connect(a) => run_scenario(Launch::of(&a.common, Ok(()), settings), || {
+            scenarios::connect::run(a)
+        }),
+        Command::Chat(a) => run_scenario(Launch::of(&a.common, a.validate(), settings), || {
+            scenarios::chat::run(a)
+        }),
+        Command::Fanout(a) => run_scenario(Launch::of(&a.common, a.validate(), settings), || {
+            scenarios::fanout::run(a)
+        }),
+        Command::Storm(a) => {
+            run_scenario(Launch::of(&a.chat.common, a.validate(), settings), || {
+                scenarios::chat::storm(a)
+            })
+        }
     }
+}
+
+/// Flags not repeated in the report: a secret, and the plumbing of `--procs` workers.
+const UNREPORTED: [&str; 3] = ["secret", "worker_of", "worker_dump"];
+
+/// The run's settings as the report's header repeats them: the subcommand, then every flag
+/// with its effective value (given or default), in the order `--help` lists them.
+fn settings(command: &clap::Command, matches: &ArgMatches) -> Vec<(String, String)> {
+    let mut out = vec![("subcommand".to_string(), command.get_name().to_string())];
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        if UNREPORTED.contains(&id) || arg.is_hide_set() {
+            continue;
+        }
+        let Ok(Some(values)) = matches.try_get_raw(id) else {
+            continue;
+        };
+        let values: Vec<String> = values.map(|v| v.to_string_lossy().into_owned()).collect();
+        out.push((id.replace('_', "-"), values.join(",")));
+    }
+    out
 }
 
 /// What [`run_scenario`] needs to know of a subcommand's flags besides the scenario itself.
@@ -127,17 +173,27 @@ struct Launch<'a> {
     /// Passed to `--procs` workers so they share one set of users.
     uid_base: Option<u64>,
     server_pid: Option<u32>,
+    /// The server, as the user named it.
+    addr: &'a str,
     /// The subcommand's own check of its flags.
     valid: Result<(), String>,
+    /// What the report's header repeats.
+    settings: Vec<(String, String)>,
 }
 
 impl Launch<'_> {
-    fn of(common: &scenarios::Common) -> Launch<'_> {
+    fn of(
+        common: &scenarios::Common,
+        own: Result<(), String>,
+        settings: Vec<(String, String)>,
+    ) -> Launch<'_> {
         Launch {
             flags: &common.run,
             uid_base: Some(common.uid_base()),
             server_pid: common.server_pid,
-            valid: common.validate(),
+            addr: &common.addr,
+            valid: common.validate().and(own),
+            settings,
         }
     }
 }
@@ -147,6 +203,10 @@ fn idle(args: &IdleArgs) -> ExitCode {
     if let Err(e) = args.target.validate() {
         eprintln!("chinwag-loadgen: {e}");
         return ExitCode::from(2);
+    }
+    if let Err(e) = probe(&args.target.addr) {
+        eprintln!("chinwag-loadgen: {e}");
+        return ExitCode::FAILURE;
     }
     match client::idle(&args.target, args.hold_s) {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,13 +218,50 @@ fn idle(args: &IdleArgs) -> ExitCode {
 }
 
 impl Target {
-    /// Checks what clap cannot: the server is on the loopback network, and there is a source.
+    /// Checks what clap cannot: the address resolves, and there is a source.
     fn validate(&self) -> Result<(), String> {
-        if !matches!(self.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) || self.sources == 0 {
-            return Err("--addr must be in 127.0.0.0/8 and --sources at least 1".into());
+        resolve(&self.addr)?;
+        if self.sources == 0 {
+            return Err("--sources must be at least 1".into());
         }
         Ok(())
     }
+
+    /// The server's address (validated before any run starts).
+    pub fn socket_addr(&self) -> std::io::Result<SocketAddr> {
+        resolve(&self.addr).map_err(std::io::Error::other)
+    }
+}
+
+impl EchoArgs {
+    /// Checks what clap cannot.
+    fn validate(&self) -> Result<(), String> {
+        if self.window == 0 || self.message_bytes == 0 {
+            return Err("echo needs --window >= 1 and --message-bytes >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Resolves `--addr` (`host:port`, a host name or an IP address); an IPv4 address is preferred
+/// when a name has both, since the source addresses are IPv4.
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--addr {addr}: {e} (expected HOST:PORT)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("--addr {addr}: the name has no address"))
+}
+
+/// Whether connections to `target` are bound to source addresses in 127.0.0.0/8: only a
+/// loopback server can be reached from them.
+pub fn binds_sources(target: SocketAddr) -> bool {
+    matches!(target.ip(), IpAddr::V4(ip) if ip.is_loopback())
 }
 
 /// The `i`-th source address: 127.0.0.1, 127.0.0.2, ... 127.0.0.`sources`.
@@ -173,20 +270,40 @@ pub fn source(i: usize, sources: u8) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0))
 }
 
-/// Runs a scenario (in `--procs` workers if asked) and prints its report. Exits 1 if the server broke the contract
-/// (any violation) or any connection or request failed, 2 on bad flags.
+/// One TCP connect to the server before a run, so that a wrong address or a closed port ends
+/// the run at once with the cause instead of after every connection's timeout.
+fn probe(addr: &str) -> Result<(), String> {
+    let target = resolve(addr)?;
+    match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "cannot connect to {addr} ({target}): {e}; is the server running and listening there?"
+        )),
+    }
+}
+
+/// Runs a scenario (in `--procs` workers if asked) and prints its report. Exits 1 if the server
+/// cannot be reached, broke the contract (any violation) or any connection or request failed;
+/// 2 on bad flags.
 fn run_scenario(launch: Launch, run: impl FnOnce() -> std::io::Result<report::Report>) -> ExitCode {
     let common = launch.flags;
     if let Err(e) = launch.valid.and(common.validate()) {
         eprintln!("chinwag-loadgen: {e}");
         return ExitCode::from(2);
     }
+    // Workers are started only after the parent's probe succeeded.
+    if common.worker_of.is_none() {
+        if let Err(e) = probe(launch.addr) {
+            eprintln!("chinwag-loadgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = if common.procs > 1 {
         procs::run(common.procs, launch.uid_base, launch.server_pid)
     } else {
         run()
     };
-    let report = match result {
+    let mut report = match result {
         Ok(report) => report,
         Err(e) => {
             eprintln!("chinwag-loadgen: {e}");
@@ -200,6 +317,7 @@ fn run_scenario(launch: Launch, run: impl FnOnce() -> std::io::Result<report::Re
         }
         return ExitCode::SUCCESS;
     }
+    report.settings = launch.settings;
     let files = (
         common.json_out.as_deref(),
         common.hgrm_out.as_deref(),
@@ -213,5 +331,34 @@ fn run_scenario(launch: Launch, run: impl FnOnce() -> std::io::Result<report::Re
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_takes_host_names_and_prefers_ipv4() {
+        let addr = resolve("localhost:7000").unwrap();
+        assert!(addr.is_ipv4(), "{addr}");
+        assert_eq!(addr.port(), 7000);
+        assert_eq!(
+            resolve("127.0.0.2:1").unwrap(),
+            "127.0.0.2:1".parse().unwrap()
+        );
+        assert!(resolve("127.0.0.1").is_err(), "a port is required");
+        assert!(
+            resolve("127.0.0.1:70000").is_err(),
+            "the port is out of range"
+        );
+    }
+
+    #[test]
+    fn only_a_loopback_server_gets_loopback_sources() {
+        assert!(binds_sources("127.0.0.1:7000".parse().unwrap()));
+        assert!(binds_sources("127.9.0.1:7000".parse().unwrap()));
+        assert!(!binds_sources("10.0.0.1:7000".parse().unwrap()));
+        assert!(!binds_sources("[::1]:7000".parse().unwrap()));
     }
 }

@@ -226,6 +226,7 @@ pub fn dump(report: &Report, path: &Path) -> io::Result<()> {
         "violations_first": first,
         "histograms": histograms,
         "window_unix_ns": report.window_unix_ns,
+        "series": report.json()["series"],
     });
     std::fs::write(path, value.to_string())
 }
@@ -263,6 +264,34 @@ impl Merge {
             if self.report.violations.first.len() < crate::check::Violations::KEPT {
                 let text = v.as_str().unwrap_or("?").to_string();
                 self.report.violations.first.push(Violation::Other(text));
+            }
+        }
+        // Second k of every worker adds up; the phase is the first worker's.
+        for (k, second) in dump["series"].as_array().into_iter().flatten().enumerate() {
+            let field = |name: &str| second[name].as_u64().unwrap_or(0);
+            let phase = match second["phase"].as_str() {
+                Some("setup") => "setup",
+                Some("warmup") => "warmup",
+                Some("measured") => "measured",
+                Some("drain") => "drain",
+                Some("hold") => "hold",
+                _ => "?",
+            };
+            if k == self.report.series.len() {
+                self.report.series.push(report::Second {
+                    t_s: field("t_s"),
+                    phase,
+                    connections: 0,
+                    messages: 0,
+                    errors: 0,
+                    p99_us: 0,
+                });
+            }
+            if let Some(s) = self.report.series.get_mut(k) {
+                s.connections += field("connections");
+                s.messages += field("messages");
+                s.errors += field("errors");
+                s.p99_us = s.p99_us.max(field("p99_us"));
             }
         }
         for (name, pairs) in dump["histograms"].as_object().into_iter().flatten() {

@@ -83,6 +83,8 @@ pub struct Writer {
     encoding: Encoding,
     outbound: Vec<u8>,
     scratch: BytesMut,
+    /// Protocol frames queued so far (each a request: the load generator sends no replies).
+    frames: u64,
 }
 
 impl Writer {
@@ -101,6 +103,7 @@ impl Writer {
             }
         };
         put_client_frame(&mut self.outbound, opcode, &self.scratch);
+        self.frames += 1;
     }
 }
 
@@ -132,6 +135,9 @@ pub struct Conn {
     inbound: Vec<u8>,
     /// Its sending half.
     pub writer: Writer,
+    /// Bytes written to and read from the socket (WebSocket and HTTP included).
+    bytes_out: u64,
+    bytes_in: u64,
 }
 
 impl Conn {
@@ -148,7 +154,8 @@ pub struct Dial {
     pub addr: SocketAddr,
     /// The request path, `/ws` for chinwag.
     pub path: String,
-    /// Source addresses used in turn, so that many connections do not run out of ports.
+    /// Source addresses used in turn, so that many connections do not run out of ports; empty:
+    /// the kernel picks.
     pub sources: Vec<Ipv4Addr>,
     /// The encoding frames are sent in.
     pub encoding: Encoding,
@@ -187,11 +194,13 @@ impl Fleet {
     /// fails at once is returned; the connection then exists and is done.
     pub fn open(&mut self) -> Result<usize, Failure> {
         let i = self.conns.len();
-        let source = self.dial.sources[i % self.dial.sources.len()];
+        let source = (!self.dial.sources.is_empty())
+            .then(|| SocketAddr::from((self.dial.sources[i % self.dial.sources.len()], 0)));
         let writer = Writer {
             encoding: self.dial.encoding,
             outbound: Vec::new(),
             scratch: BytesMut::with_capacity(256),
+            frames: 0,
         };
         // A connection that fails at once still takes its index, so indexes stay dense.
         let mut conn = Conn {
@@ -199,8 +208,10 @@ impl Fleet {
             phase: Phase::Done,
             inbound: Vec::new(),
             writer,
+            bytes_out: 0,
+            bytes_in: 0,
         };
-        let result = connect(SocketAddr::from((source, 0)), self.dial.addr)
+        let result = connect(source, self.dial.addr)
             .map_err(Failure::Connect)
             .and_then(|mut stream| {
                 self.poll
@@ -239,11 +250,22 @@ impl Fleet {
         let (Phase::Open, Some(stream)) = (conn.phase, conn.stream.as_mut()) else {
             return Ok(());
         };
-        let result = write_out(stream, &mut conn.writer.outbound);
+        let result = write_out(stream, &mut conn.writer.outbound, &mut conn.bytes_out);
         if result.is_err() {
             self.close(i);
         }
         result
+    }
+
+    /// Requests sent, bytes sent and bytes received over every connection so far.
+    pub fn traffic(&self) -> Traffic {
+        let mut t = Traffic::default();
+        for conn in &self.conns {
+            t.requests += conn.writer.frames;
+            t.bytes_sent += conn.bytes_out;
+            t.bytes_received += conn.bytes_in;
+        }
+        t
     }
 
     /// Waits up to `timeout` for readiness and hands every event to `on_event(index, writer,
@@ -275,6 +297,26 @@ impl Fleet {
     }
 }
 
+/// What a fleet sent and received.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// Protocol frames sent (every one a request).
+    pub requests: u64,
+    /// Bytes written to the sockets.
+    pub bytes_sent: u64,
+    /// Bytes read from the sockets.
+    pub bytes_received: u64,
+}
+
+impl Traffic {
+    /// Adds the figures `requests`, `bytes_sent` and `bytes_received` to `report`.
+    pub fn report(self, report: &mut crate::report::Report) {
+        report.figure("requests", self.requests);
+        report.figure("bytes_sent", self.bytes_sent);
+        report.figure("bytes_received", self.bytes_received);
+    }
+}
+
 /// Moves one connection forward after a readiness event. Returns an error if the connection is
 /// over.
 fn drive(
@@ -289,6 +331,8 @@ fn drive(
         phase,
         inbound,
         writer,
+        bytes_out,
+        bytes_in,
     } = conn;
     let Some(stream) = stream.as_mut() else {
         return Ok(());
@@ -318,10 +362,14 @@ fn drive(
             // A short read emptied the socket; later data raises a new edge (epoll reports
             // every arrival), so the read that could only answer WouldBlock is skipped.
             Ok(n) if n < read_buf.len() => {
+                *bytes_in += n as u64;
                 inbound.extend_from_slice(&read_buf[..n]);
                 break;
             }
-            Ok(n) => inbound.extend_from_slice(&read_buf[..n]),
+            Ok(n) => {
+                *bytes_in += n as u64;
+                inbound.extend_from_slice(&read_buf[..n]);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure::Io(e)),
@@ -332,7 +380,7 @@ fn drive(
             if inbound.len() > 8192 {
                 return Err(Failure::Refused("upgrade answer too long".into()));
             }
-            return write_out(stream, &mut writer.outbound);
+            return write_out(stream, &mut writer.outbound, bytes_out);
         };
         if !inbound.starts_with(b"HTTP/1.1 101") {
             let status = String::from_utf8_lossy(&inbound[..end.min(40)]);
@@ -346,7 +394,7 @@ fn drive(
     }
     let consumed = read_messages(inbound, writer, i, on_event)?;
     inbound.drain(..consumed);
-    write_out(stream, &mut writer.outbound)
+    write_out(stream, &mut writer.outbound, bytes_out)
 }
 
 /// Handles every complete server frame in `buf`. Returns the bytes consumed.
@@ -417,13 +465,20 @@ fn server_frame(buf: &[u8]) -> Result<Option<(usize, usize)>, Failure> {
     Ok((buf.len() >= header_len + payload_len).then_some((header_len, payload_len)))
 }
 
-/// Writes as much of `outbound` as the socket takes.
-fn write_out(stream: &mut TcpStream, outbound: &mut Vec<u8>) -> Result<(), Failure> {
+/// Writes as much of `outbound` as the socket takes, counting it in `bytes_out`.
+fn write_out(
+    stream: &mut TcpStream,
+    outbound: &mut Vec<u8>,
+    bytes_out: &mut u64,
+) -> Result<(), Failure> {
     let mut written = 0;
     while written < outbound.len() {
         match stream.write(&outbound[written..]) {
             Ok(0) => return Err(Failure::Eof),
-            Ok(n) => written += n,
+            Ok(n) => {
+                written += n;
+                *bytes_out += n as u64;
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(Failure::Io(e)),
@@ -433,12 +488,14 @@ fn write_out(stream: &mut TcpStream, outbound: &mut Vec<u8>) -> Result<(), Failu
     Ok(())
 }
 
-/// A non-blocking connect from `source` to `target`.
-fn connect(source: SocketAddr, target: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+/// A non-blocking connect to `target`, from `source` if given.
+fn connect(source: Option<SocketAddr>, target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
-    socket.bind(&source.into())?;
+    if let Some(source) = source {
+        socket.bind(&source.into())?;
+    }
     match socket.connect(&target.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

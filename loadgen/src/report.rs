@@ -38,6 +38,63 @@ pub struct Report {
     /// The measured window, in ns since the Unix epoch (not printed: with `--procs` the parent
     /// reads the server's figures over the union of its workers' windows).
     pub window_unix_ns: Option<(u64, u64)>,
+    /// The run's settings, repeated as the report's header: (flag, effective value).
+    pub settings: Vec<(String, String)>,
+    /// One entry per second of the run, marked with its phase.
+    pub series: Vec<Second>,
+}
+
+/// One second of a run, as the JSON report's `series` gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Second {
+    /// Seconds since the run started (the end of this second).
+    pub t_s: u64,
+    /// `setup` (connecting, logging in, building), `warmup`, `measured`, `drain`, or the
+    /// scenario's own (`hold`).
+    pub phase: &'static str,
+    /// Open connections at the end of the second.
+    pub connections: u64,
+    /// Messages in the second (delivered pushes, pongs or echoes, as the progress line).
+    pub messages: u64,
+    /// Errors (failures and violations) so far.
+    pub errors: u64,
+    /// p99 latency so far, µs (0 when nothing was measured yet).
+    pub p99_us: u64,
+}
+
+/// Quantiles of a histogram as the reports print them; all `None` for an empty one (a report
+/// says "-" rather than a 0 that was never measured).
+pub struct Summary {
+    /// The number of values.
+    pub count: u64,
+    /// min, mean, p50, p90, p95, p99, p99.9, max.
+    pub values: Option<[f64; 8]>,
+}
+
+/// The names of [`Summary::values`], in order.
+const SUMMARY_NAMES: [&str; 8] = ["min", "mean", "p50", "p90", "p95", "p99", "p99_9", "max"];
+
+impl Summary {
+    /// The summary of `h`.
+    pub fn of(h: &Histogram<u64>) -> Summary {
+        let values = (!h.is_empty()).then(|| {
+            let q = |q| h.value_at_quantile(q) as f64;
+            [
+                h.min() as f64,
+                h.mean(),
+                q(0.5),
+                q(0.9),
+                q(0.95),
+                q(0.99),
+                q(0.999),
+                h.max() as f64,
+            ]
+        });
+        Summary {
+            count: h.len(),
+            values,
+        }
+    }
 }
 
 impl Report {
@@ -56,31 +113,109 @@ impl Report {
         self.failures.values().sum()
     }
 
-    /// The report as text.
+    fn figure_u64(&self, name: &str) -> Option<u64> {
+        self.figures
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_u64())
+    }
+
+    /// Failures per request sent (logins, sends, pings, history, echoes: every frame or
+    /// message the load generator wrote), when the scenario counted its requests.
+    pub fn error_rate(&self) -> Option<f64> {
+        let requests = self.figure_u64("requests")?;
+        Some(self.failures_total() as f64 / requests.max(1) as f64)
+    }
+
+    /// What the reader should know about the failures: the cause and what to do about it.
+    pub fn notes(&self) -> Vec<String> {
+        let count = |needle: &str| -> u64 {
+            self.failures
+                .iter()
+                .filter(|(cause, _)| cause.contains(needle))
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let mut notes = Vec::new();
+        let limited = count("rate_limited");
+        if limited > 0 {
+            notes.push(format!(
+                "the server refused {limited} requests with rate_limited: it allows \
+                 --messages-per-s-max messages per connection per second (100 by default). For a \
+                 load test start it without the limit: chinwag serve --messages-per-s-max 0 ..."
+            ));
+        }
+        let unauthorized = count("unauthorized");
+        if unauthorized > 0 {
+            notes.push(format!(
+                "the server refused {unauthorized} logins as unauthorized: --secret must be the \
+                 server's --jwt-secret (or the content of DATA_DIR/jwt-secret)"
+            ));
+        }
+        let queue = count("closed by server: 1008");
+        if queue > 0 {
+            notes.push(format!(
+                "the server closed {queue} connections with 1008: the connection read too slowly \
+                 (send queue full) or its login was refused"
+            ));
+        }
+        notes
+    }
+
+    /// The report as text: a header repeating the settings, the figures, latency summaries,
+    /// failures and violations, and notes on what went wrong.
     pub fn text(&self) -> String {
         let mut out = String::new();
+        if !self.settings.is_empty() {
+            let line: Vec<String> = self
+                .settings
+                .iter()
+                .skip(1)
+                .map(|(flag, value)| format!("--{flag} {value}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "chinwag-loadgen {} {}",
+                env!("CARGO_PKG_VERSION"),
+                self.settings[0].1
+            );
+            let _ = writeln!(out, "settings: {}", line.join(" "));
+        }
         for (name, value) in &self.figures {
             let _ = writeln!(out, "{name}: {}", show(value));
         }
         for (name, h) in &self.latencies {
-            let _ = writeln!(
-                out,
-                "{name}_us: count {} p50 {} p90 {} p99 {} p99.9 {} max {}",
-                h.len(),
-                h.value_at_quantile(0.5),
-                h.value_at_quantile(0.9),
-                h.value_at_quantile(0.99),
-                h.value_at_quantile(0.999),
-                h.max()
-            );
+            let summary = Summary::of(h);
+            let mut line = format!("{name}_us: count {}", summary.count);
+            for (i, label) in ["mean", "p50", "p90", "p95", "p99", "p99.9", "max"]
+                .iter()
+                .enumerate()
+            {
+                let value = summary.values.map_or("-".to_string(), |v| {
+                    let v = v[i + 1];
+                    if i == 0 {
+                        format!("{v:.1}")
+                    } else {
+                        format!("{v:.0}")
+                    }
+                });
+                let _ = write!(line, " {label} {value}");
+            }
+            let _ = writeln!(out, "{line}");
         }
         let _ = writeln!(out, "failures: {}", self.failures_total());
         for (cause, n) in &self.failures {
             let _ = writeln!(out, "  {cause}: {n}");
         }
+        if let Some(rate) = self.error_rate() {
+            let _ = writeln!(out, "error_rate: {:.4}%", rate * 100.0);
+        }
         let _ = writeln!(out, "violations: {}", self.violations.count);
         for v in &self.violations.first {
             let _ = writeln!(out, "  {v}");
+        }
+        for note in self.notes() {
+            let _ = writeln!(out, "note: {note}");
         }
         out
     }
@@ -88,29 +223,46 @@ impl Report {
     /// The report as one JSON object.
     pub fn json(&self) -> Value {
         let mut root = Map::new();
+        let settings: Map<String, Value> = self
+            .settings
+            .iter()
+            .map(|(flag, value)| (flag.clone(), json!(value)))
+            .collect();
+        root.insert("settings".into(), Value::Object(settings));
         for (name, value) in &self.figures {
             root.insert(name.clone(), value.clone());
         }
         let mut latencies = Map::new();
         for (name, h) in &self.latencies {
-            let quantile = |q| h.value_at_quantile(q);
-            latencies.insert(
-                format!("{name}_us"),
-                json!({
-                    "count": h.len(),
-                    "min": h.min(),
-                    "p50": quantile(0.5),
-                    "p90": quantile(0.9),
-                    "p99": quantile(0.99),
-                    "p99_9": quantile(0.999),
-                    "max": h.max(),
-                    "mean": h.mean(),
-                }),
-            );
+            let summary = Summary::of(h);
+            let mut entry = Map::new();
+            entry.insert("count".into(), json!(summary.count));
+            for (i, label) in SUMMARY_NAMES.iter().enumerate() {
+                // null, not 0, for a histogram that recorded nothing.
+                entry.insert((*label).into(), json!(summary.values.map(|v| v[i])));
+            }
+            latencies.insert(format!("{name}_us"), Value::Object(entry));
         }
         root.insert("latency".into(), Value::Object(latencies));
         root.insert("failures".into(), json!(self.failures));
         root.insert("failures_total".into(), json!(self.failures_total()));
+        root.insert("error_rate".into(), json!(self.error_rate()));
+        root.insert("notes".into(), json!(self.notes()));
+        let series: Vec<Value> = self
+            .series
+            .iter()
+            .map(|s| {
+                json!({
+                    "t_s": s.t_s,
+                    "phase": s.phase,
+                    "connections": s.connections,
+                    "messages": s.messages,
+                    "errors": s.errors,
+                    "p99_us": s.p99_us,
+                })
+            })
+            .collect();
+        root.insert("series".into(), Value::Array(series));
         root.insert("violations".into(), json!(self.violations.count));
         let first: Vec<String> = self
             .violations
@@ -302,16 +454,19 @@ pub fn own_cpu_s() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The live progress line on stderr, once a second.
+/// The live progress line on stderr, and the per-second series of the JSON report: once a
+/// second, what [`Progress::tick`] was last told, marked with the phase the run is in.
 pub struct Progress {
     enabled: bool,
     start: Instant,
     last: Instant,
     last_messages: u64,
+    phase: &'static str,
+    series: Vec<Second>,
 }
 
 impl Progress {
-    /// A progress line that prints only if `enabled`.
+    /// A progress line that prints only if `enabled` (the series is kept either way).
     pub fn new(enabled: bool) -> Progress {
         let now = Instant::now();
         Progress {
@@ -319,23 +474,48 @@ impl Progress {
             start: now,
             last: now,
             last_messages: 0,
+            phase: "setup",
+            series: Vec::new(),
         }
     }
 
-    /// Prints a line if a second has passed since the last one.
+    /// The run enters `phase` (`setup`, `warmup`, `measured`, `drain`, ...).
+    pub fn phase(&mut self, phase: &'static str) {
+        self.phase = phase;
+    }
+
+    /// Notes the run's state; once a second adds it to the series and prints the line.
     pub fn tick(&mut self, connections: usize, messages: u64, errors: u64, p99_us: u64) {
         let now = Instant::now();
         let since = now.duration_since(self.last);
-        if !self.enabled || since < Duration::from_secs(1) {
+        if since < Duration::from_secs(1) {
             return;
         }
-        let rate = messages.saturating_sub(self.last_messages) as f64 / since.as_secs_f64();
-        eprintln!(
-            "[{:>4.0}s] connections {connections} msg/s {rate:.0} errors {errors} p99_us {p99_us}",
-            now.duration_since(self.start).as_secs_f64()
-        );
+        let delta = messages.saturating_sub(self.last_messages);
+        let t_s = now.duration_since(self.start).as_secs_f64();
+        self.series.push(Second {
+            t_s: t_s.round() as u64,
+            phase: self.phase,
+            connections: connections as u64,
+            messages: delta,
+            errors,
+            p99_us,
+        });
+        if self.enabled {
+            let rate = delta as f64 / since.as_secs_f64();
+            eprintln!(
+                "[{t_s:>4.0}s] {} connections {connections} msg/s {rate:.0} errors {errors} \
+                 p99_us {p99_us}",
+                self.phase
+            );
+        }
         self.last = now;
         self.last_messages = messages;
+    }
+
+    /// The series so far.
+    pub fn series(&self) -> Vec<Second> {
+        self.series.clone()
     }
 }
 
@@ -368,5 +548,97 @@ mod tests {
         let svg = report.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("<polyline") && svg.contains("send_to_push"));
+    }
+
+    #[test]
+    fn an_empty_histogram_prints_a_dash_and_null_not_zero() {
+        let mut report = Report::default();
+        report
+            .latencies
+            .push(("send_to_push".into(), latency_histogram()));
+        let text = report.text();
+        assert!(
+            text.contains("send_to_push_us: count 0 mean - p50 - p90 - p95 - p99 - p99.9 - max -"),
+            "{text}"
+        );
+        let json = report.json();
+        let entry = &json["latency"]["send_to_push_us"];
+        assert_eq!(entry["count"], 0);
+        for q in SUMMARY_NAMES {
+            assert!(entry[q].is_null(), "{q}: {entry}");
+        }
+    }
+
+    #[test]
+    fn summaries_give_mean_and_p95() {
+        let mut h = latency_histogram();
+        for us in 1..=100 {
+            record(&mut h, Duration::from_micros(us));
+        }
+        let values = Summary::of(&h).values.unwrap();
+        assert_eq!(values[4], 95.0, "p95");
+        assert!((values[1] - 50.5).abs() < 0.5, "mean {}", values[1]);
+    }
+
+    #[test]
+    fn rate_limited_failures_get_a_note_saying_how_to_start_the_server() {
+        let mut report = Report::default();
+        report.figure("requests", 200u64);
+        for _ in 0..50 {
+            report.fail("refused: rate_limited".into());
+        }
+        assert_eq!(report.error_rate(), Some(0.25));
+        let notes = report.notes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("50 requests"), "{}", notes[0]);
+        assert!(notes[0].contains("--messages-per-s-max 0"), "{}", notes[0]);
+        let text = report.text();
+        assert!(text.contains("error_rate: 25.0000%"), "{text}");
+        assert!(text.contains("note: the server refused 50"), "{text}");
+        assert!(Report::default().notes().is_empty());
+    }
+
+    #[test]
+    fn the_header_repeats_the_settings_and_the_series_its_phases() {
+        let report = Report {
+            settings: vec![
+                ("subcommand".into(), "chat".into()),
+                ("addr".into(), "localhost:7000".into()),
+                ("window".into(), "4".into()),
+            ],
+            series: vec![Second {
+                t_s: 1,
+                phase: "warmup",
+                connections: 2,
+                messages: 10,
+                errors: 0,
+                p99_us: 0,
+            }],
+            ..Report::default()
+        };
+        let text = report.text();
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().ends_with(" chat"), "{text}");
+        assert_eq!(
+            lines.next().unwrap(),
+            "settings: --addr localhost:7000 --window 4"
+        );
+        let json = report.json();
+        assert_eq!(json["settings"]["addr"], "localhost:7000");
+        assert_eq!(json["series"][0]["phase"], "warmup");
+        assert_eq!(json["series"][0]["messages"], 10);
+    }
+
+    #[test]
+    fn progress_keeps_one_entry_per_second_when_quiet() {
+        let mut progress = Progress::new(false);
+        progress.phase("measured");
+        progress.last -= Duration::from_secs(1);
+        progress.tick(3, 42, 0, 7);
+        progress.tick(3, 50, 0, 7); // within the same second: not recorded
+        let series = progress.series();
+        assert_eq!(series.len(), 1);
+        assert_eq!(series[0].phase, "measured");
+        assert_eq!(series[0].messages, 42);
     }
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod wechat;
+
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -77,12 +79,13 @@ impl Server {
     /// Starts `chinwag serve` on an existing data directory (a restart).
     pub fn start_in(data_dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(binary());
-        command
-            .arg("serve")
-            .arg("--listen=127.0.0.1:0")
-            .arg("--backend-listen=127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir.path());
+        command.arg("serve").arg("--data-dir").arg(data_dir.path());
+        if !args.iter().any(|a| a.starts_with("--listen")) {
+            command.arg("--listen=127.0.0.1:0");
+        }
+        if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+            command.arg("--backend-listen=127.0.0.1:0");
+        }
         if !args.iter().any(|a| a.starts_with("--shards")) {
             command.arg("--shards=2");
         }

@@ -264,7 +264,8 @@ fn fake_server(fault: Fault) -> String {
     let outboxes: Arc<Mutex<HashMap<Uid, mpsc::Sender<Vec<u8>>>>> = Arc::default();
     let state: Arc<Mutex<FakeState>> = Arc::default();
     std::thread::spawn(move || {
-        for stream in listener.incoming().take(2) {
+        // The load generator's probe of the port, then the two users.
+        for stream in listener.incoming().take(3) {
             let Ok(stream) = stream else { return };
             let (outboxes, state) = (Arc::clone(&outboxes), Arc::clone(&state));
             std::thread::spawn(move || serve_fake(stream, outboxes, state, fault));
@@ -553,4 +554,214 @@ fn echo(server: &Server, extra: &[&str]) -> Value {
     assert!(report["messages"].as_u64().unwrap() >= 20, "{report}");
     assert!(stdout.contains("messages: "), "{stdout}");
     report
+}
+
+#[test]
+fn reaches_a_server_by_host_name_and_reports_settings_traffic_and_a_series() {
+    let server = start();
+    let by_name = format!("localhost:{}", server.addr.port());
+    let (output, report) = run(&[
+        "chat",
+        "--addr",
+        &by_name,
+        "--secret",
+        SECRET,
+        "--conversations",
+        "5",
+        "--warmup-s",
+        "1",
+        "--duration-s",
+        "2",
+    ]);
+    assert_clean_chat(&output, &report);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // The header repeats the run's settings (the secret excepted).
+    assert!(stdout.starts_with("chinwag-loadgen "), "{stdout}");
+    assert!(stdout.contains(&format!("--addr {by_name}")), "{stdout}");
+    assert!(
+        !stdout.contains(SECRET),
+        "the secret is not repeated: {stdout}"
+    );
+    assert_eq!(report["settings"]["subcommand"], "chat");
+    assert_eq!(report["settings"]["addr"], by_name.as_str());
+    assert_eq!(report["settings"]["conversations"], "5");
+    assert!(report["settings"].get("secret").is_none());
+    // Traffic and error rate.
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(
+        report["requests"].as_u64().unwrap() >= sent + 10,
+        "{report}"
+    );
+    assert!(
+        report["bytes_sent"].as_u64().unwrap() > sent * 32,
+        "{report}"
+    );
+    assert!(
+        report["bytes_received"].as_u64().unwrap() > sent * 32,
+        "{report}"
+    );
+    assert_eq!(report["error_rate"], 0.0);
+    let latency = &report["latency"]["send_to_push_us"];
+    assert!(latency["p95"].as_f64().unwrap() >= latency["p50"].as_f64().unwrap());
+    assert!(latency["mean"].is_number());
+    // One entry per second, warm-up then measured.
+    let phases: Vec<&str> = report["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"warmup"), "{phases:?}");
+    assert!(phases.contains(&"measured"), "{phases:?}");
+    let first_measured = phases.iter().position(|p| *p == "measured").unwrap();
+    assert!(
+        phases[..first_measured].iter().all(|p| *p != "measured"),
+        "{phases:?}"
+    );
+}
+
+#[test]
+fn a_closed_port_ends_the_run_at_once_with_the_cause() {
+    // A port nobody listens on: bound, then released.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(loadgen())
+        .args(["chat", "--secret", SECRET, "--quiet", "--addr"])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .expect("run chinwag-loadgen");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot connect to"), "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "no report for a run that never started"
+    );
+}
+
+#[test]
+fn rate_limited_sends_are_reported_with_the_fix_and_fanout_keeps_sending() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=20"]);
+    let (output, report) = run(&[
+        "fanout",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        SECRET,
+        "--members",
+        "2",
+        "--window",
+        "8",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "2",
+        "--drain-s",
+        "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "refusals fail the run: {stdout}"
+    );
+    assert!(
+        report["failures"]["refused: rate_limited"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{report}"
+    );
+    let notes = report["notes"].as_array().unwrap();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("--messages-per-s-max 0")),
+        "{report}"
+    );
+    assert!(stdout.contains("note: the server refused"), "{stdout}");
+    // The window's refused slots are sent again: far more than one window got through, every
+    // one of them delivered to both members.
+    let send_ok = report["send_ok"].as_u64().unwrap();
+    assert!(send_ok > 8, "fanout stalled after the refusals: {report}");
+    assert_eq!(
+        report["delivered"].as_u64().unwrap(),
+        send_ok * 2,
+        "{report}"
+    );
+    assert!(report["messages_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+}
+
+#[test]
+fn every_bad_flag_exits_2() {
+    let bad: [&[&str]; 16] = [
+        &["chat", "--message-bytes", "5"],
+        &["chat", "--members", "1"],
+        &["chat", "--window", "0"],
+        &["chat", "--conversations", "0"],
+        &["chat", "--conversations", "x"],
+        &["chat", "--procs", "0"],
+        &["chat", "--bogus"],
+        &["chat", "--addr", "127.0.0.1"],
+        &["chat", "--addr", "127.0.0.1:99999"],
+        &["chat", "--addr", "no-such-host.invalid:7000"],
+        &["storm", "--history-limit", "300"],
+        &["storm", "--drop-share-per-s", "2"],
+        &["fanout", "--members", "1000"],
+        &["fanout", "--procs", "2"],
+        &["connect", "--connect-rate-per-s", "0"],
+        &["connect", "--sources", "0"],
+    ];
+    for args in bad {
+        let output = Command::new(loadgen())
+            .args(args)
+            .args(["--secret", SECRET])
+            .output()
+            .expect("run chinwag-loadgen");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for args in [["echo", "--window", "0"], ["idle", "--sources", "0"]] {
+        let output = Command::new(loadgen()).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn chat_pauses_a_refused_slot_instead_of_spinning_on_refusals() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=10"]);
+    let (output, report) = run(&[
+        "chat",
+        "--addr",
+        &addr(&server),
+        "--secret",
+        SECRET,
+        "--conversations",
+        "2",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "2",
+        "--drain-s",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    let refused = report["failures"]["refused: rate_limited"]
+        .as_u64()
+        .unwrap();
+    assert!(refused > 0, "{report}");
+    // 4 users, a window of 1, a slot retried every 100 ms: tens of refusals per user and
+    // second, not the thousands an immediate re-send would draw.
+    assert!(refused < 4 * 3 * 40, "{refused} refusals: {report}");
+    assert!(report["send_ok"].as_u64().unwrap() >= 4 * 10, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
 }

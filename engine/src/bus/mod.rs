@@ -79,6 +79,8 @@ pub struct Origin {
     /// The request came from a backend service (the service port): `uid` is the user it acts
     /// as, it may read any conversation, and its replies carry the service ops' codes.
     pub service: bool,
+    /// When the session decoded the request (for the send → `send_ok` latency).
+    pub received: std::time::Instant,
 }
 
 impl Origin {
@@ -106,8 +108,9 @@ impl Origin {
     }
 }
 
-/// An `error` message.
+/// An `error` message (counted in `chinwag_errors_total`: every error reply is made here).
 pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
+    crate::operator::metrics::error_made(code);
     Message::Error(ErrorReply {
         code,
         message: text.into(),
@@ -205,6 +208,13 @@ pub enum BusMsg {
 
     /// A backend service's operation on group conversations (create, add, remove, info).
     Group(Box<GroupRequest>),
+    /// A WeChat customer's message, accepted by the callback endpoint on any shard: for the
+    /// owner of its shop, to store and dispatch as a buyer's.
+    WechatInbound(Box<crate::wechat::endpoint::Inbound>),
+    /// A reply that did not reach a WeChat customer (from the sender's threads, or from the
+    /// owner itself when it could not queue it): for the conversation's owner, to leave a
+    /// notice in the conversation.
+    WechatUndelivered(Box<WechatUndelivered>),
 
     /// An encoded server message (a reply, an error) for one session. Dropped if the session
     /// is gone.
@@ -256,6 +266,14 @@ pub enum BusMsg {
 // A mailbox preallocates its slots, and every message is moved through one: the bulky parts
 // (a client request's origin, a `send`'s strings) are boxed to keep a message small.
 const _: () = assert!(std::mem::size_of::<BusMsg>() <= 56);
+
+/// Which stored reply did not reach WeChat, and why.
+#[derive(Debug)]
+pub struct WechatUndelivered {
+    pub conv: ConvId,
+    pub seq: chinwag_protocol::Seq,
+    pub undelivered: crate::wechat::sender::Undelivered,
+}
 
 /// A client's `send`.
 #[derive(Debug)]
@@ -335,6 +353,8 @@ impl BusMsg {
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
                 owner_of(shop, shards)
             }
+            BusMsg::WechatInbound(inbound) => owner_of(&ShopId(inbound.shop), shards),
+            BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
             BusMsg::Deliver { to: session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }

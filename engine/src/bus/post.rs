@@ -48,6 +48,12 @@ impl PostOffice {
         }
     }
 
+    /// Sends `msg` to `shard` from a thread that is not a shard (the WeChat sender). Gives it
+    /// back when the mailbox is full.
+    pub fn post_from_outside(&self, shard: usize, msg: BusMsg) -> Result<(), BusMsg> {
+        self.mailboxes[shard].send(msg)
+    }
+
     /// Messages waiting in each shard's mailbox.
     pub fn depths(&self) -> Vec<usize> {
         self.mailboxes.iter().map(Mailbox::len).collect()

@@ -16,6 +16,8 @@
 //! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
 //!   coming online);
 //! - [`groups`]: group conversations for backend services (create, add, remove, info).
+//! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
+//!   commit), notices of replies that did not reach WeChat.
 
 mod cursors;
 mod devices;
@@ -26,7 +28,9 @@ mod send;
 mod shop;
 #[cfg(test)]
 mod testing;
+mod wechat;
 
+use crate::operator::metrics::SEND_OK_BUCKETS_US;
 use std::sync::{Arc, Mutex};
 
 use ahash::AHashMap;
@@ -47,6 +51,8 @@ struct Pending {
     /// For an acknowledgement: the request it answers, to answer `unavailable` instead if the
     /// commit fails. (The error is encoded only then: commits rarely fail.)
     if_lost: Option<Origin>,
+    /// For a `send_ok`: when its request was decoded, for the send → `send_ok` histogram.
+    send_received: Option<std::time::Instant>,
 }
 
 /// The conversations, devices and shops one shard owns.
@@ -68,8 +74,17 @@ pub struct Owner {
     reply_bytes_max: usize,
     /// Messages stored since start (for metrics).
     pub messages_stored: u64,
+    /// send → `send_ok` latencies since start: counts per [`SEND_OK_BUCKETS_US`] bucket (the
+    /// last one for larger), and their sum in µs.
+    pub send_ok_buckets: [u64; SEND_OK_BUCKETS_US.len() + 1],
+    /// See [`Owner::send_ok_buckets`].
+    pub send_ok_us_sum: u64,
     /// Commits that failed since start (for metrics).
     pub commit_failures: u64,
+    /// The WeChat channel, when the node serves WeChat accounts.
+    wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    /// Agents' replies to WeChat customers stored this turn, for the sender after the commit.
+    wechat_out: Vec<wechat::PendingReply>,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
     #[cfg(test)]
     fail_next_commit: bool,
@@ -100,10 +115,19 @@ impl Owner {
             pending: Vec::new(),
             reply_bytes_max,
             messages_stored: 0,
+            send_ok_buckets: [0; SEND_OK_BUCKETS_US.len() + 1],
+            send_ok_us_sum: 0,
             commit_failures: 0,
+            wechat: None,
+            wechat_out: Vec::new(),
             #[cfg(test)]
             fail_next_commit: false,
         }
+    }
+
+    /// Serves the WeChat channel: agents' replies to WeChat customers go to its sender.
+    pub fn set_wechat(&mut self, channel: Option<Arc<crate::wechat::channel::Channel>>) {
+        self.wechat = channel;
     }
 
     /// An owner with a fresh log in `dir`, for tests.
@@ -231,6 +255,10 @@ impl Owner {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
+            BusMsg::WechatInbound(inbound) => self.wechat_inbound(*inbound, now_ms),
+            BusMsg::WechatUndelivered(u) => {
+                self.wechat_notice(u.conv, u.seq, &u.undelivered, now_ms)
+            }
             BusMsg::Deliver { .. }
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
@@ -253,9 +281,20 @@ impl Owner {
         }
         let pending = std::mem::take(&mut self.pending);
         match self.commit_log() {
-            Ok(()) => pending.into_iter().map(|p| (p.to, p.msg)).collect(),
+            Ok(()) => {
+                for received in pending.iter().filter_map(|p| p.send_received) {
+                    self.record_send_ok(received.elapsed().as_micros() as u64);
+                }
+                let mut out: Vec<(usize, BusMsg)> =
+                    pending.into_iter().map(|p| (p.to, p.msg)).collect();
+                // Only now that the agents' replies are durable do they go to WeChat.
+                out.extend(self.wechat_submit());
+                out
+            }
             Err(e) => {
                 self.commit_failures += 1;
+                // The agents are answered `unavailable`: their replies do not go to WeChat.
+                self.wechat_out.clear();
                 tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
                 pending
                     .into_iter()
@@ -340,7 +379,25 @@ impl Owner {
                 ws_message,
             },
             if_lost: Some(*origin),
+            send_received: None,
         });
+    }
+
+    /// A `send_ok`: an acknowledgement whose latency from the request is measured.
+    fn ack_send(&mut self, origin: &Origin, ws_message: Bytes) {
+        self.ack(origin, ws_message);
+        if let Some(last) = self.pending.last_mut() {
+            last.send_received = Some(origin.received);
+        }
+    }
+
+    fn record_send_ok(&mut self, us: u64) {
+        let bucket = SEND_OK_BUCKETS_US
+            .iter()
+            .position(|&le| us <= le)
+            .unwrap_or(SEND_OK_BUCKETS_US.len());
+        self.send_ok_buckets[bucket] += 1;
+        self.send_ok_us_sum += us;
     }
 
     /// A reply that does not depend on the turn's records (an error, a page of history).
@@ -359,6 +416,7 @@ impl Owner {
             to: shard,
             msg,
             if_lost: None,
+            send_received: None,
         });
     }
 

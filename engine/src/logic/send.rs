@@ -2,7 +2,7 @@
 //! repeated `cmid` answered with the original's seq), `send_ok`, and the `msg` push to every
 //! other device of every member.
 
-use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Target};
+use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Target, UidKind};
 
 use super::dispatch::Decision;
 use super::{store_error, Owner};
@@ -51,16 +51,8 @@ impl Owner {
             }
         };
 
-        // Customer service: make sure an online agent serves the conversation before the
-        // message goes out, so a newly assigned agent gets `members` and then the `msg`.
         if uid.kind.is_customer() {
-            if let Some((shop, agents)) = self.shop_agents(conv) {
-                if let Decision::Assign(agent) =
-                    self.dispatcher.customer_message(shop, conv, &agents)
-                {
-                    self.assign(conv, agent).map_err(store_error)?;
-                }
-            }
+            self.serve_customer(conv)?;
         }
 
         let appended = self
@@ -83,7 +75,7 @@ impl Owner {
                     seq,
                     ts: now_ms,
                 }));
-                self.ack(origin, ok);
+                self.ack_send(origin, ok);
                 let members = self.members(conv);
                 self.fanout(Fanout::new(
                     members,
@@ -98,6 +90,9 @@ impl Owner {
                         cmid: cmid.into(),
                     }),
                 ));
+                if uid.kind == UidKind::Agent {
+                    self.wechat_reply(conv, seq, kind, body, now_ms);
+                }
             }
             Appended::Duplicate { seq, ts_ms } => {
                 // The conversation is the one this request named or resolved to: the window
@@ -107,7 +102,19 @@ impl Owner {
                     seq,
                     ts: ts_ms,
                 }));
-                self.ack(origin, ok);
+                self.ack_send(origin, ok);
+            }
+        }
+        Ok(())
+    }
+
+    /// Customer service: makes sure an online agent serves the shop conversation `conv`
+    /// before a customer's message goes out, so a newly assigned agent gets `members` and then
+    /// the `msg`.
+    pub(super) fn serve_customer(&mut self, conv: ConvId) -> Result<(), (ErrorCode, String)> {
+        if let Some((shop, agents)) = self.shop_agents(conv) {
+            if let Decision::Assign(agent) = self.dispatcher.customer_message(shop, conv, &agents) {
+                self.assign(conv, agent).map_err(store_error)?;
             }
         }
         Ok(())

@@ -83,6 +83,7 @@ impl Harness {
             encoding: Encoding::Json,
             req: Some(1),
             service: false,
+            received: std::time::Instant::now(),
         }
     }
 
@@ -95,6 +96,7 @@ impl Harness {
             encoding: Encoding::Json,
             req: Some(7),
             service: true,
+            received: std::time::Instant::now(),
         };
         let mut out = self.turn(BusMsg::Group(Box::new(GroupRequest { origin, op })));
         let answers = replies(&out, origin.session);

@@ -22,9 +22,29 @@ pub enum Request {
         head: bool,
     },
     Metrics,
+    /// A WeChat callback to `/wechat/<appid>` (when the node serves WeChat accounts), with
+    /// its body.
+    Wechat(Box<WechatRequest>),
     /// A plain HTTP answer chosen while parsing (404, 400, 405, 426).
     Respond(Bytes),
 }
+
+/// A request to a WeChat account's server URL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct WechatRequest {
+    pub method: String,
+    /// The path, `/wechat/<appid>`.
+    pub path: String,
+    /// The query string, without `?`.
+    pub query: String,
+    /// The body (empty when it was over [`WECHAT_BODY_BYTES_MAX`]).
+    pub body: Vec<u8>,
+    /// The announced body was over [`WECHAT_BODY_BYTES_MAX`]: it is not read, the answer is 413.
+    pub body_too_large: bool,
+}
+
+/// The largest body of a WeChat callback the gateway reads (the channel's XML limit).
+pub const WECHAT_BODY_BYTES_MAX: usize = crate::wechat::message::XML_BYTES_MAX;
 
 /// The WebSocket endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,8 +65,9 @@ pub enum Parsed {
 }
 
 /// Parses a request head from `buf` and tells what it asks for. Errors are answers, not `Err`: a malformed
-/// or overlong head yields `Request::Respond` with 400 or 431.
-pub fn parse(buf: &[u8], enable_echo: bool) -> Parsed {
+/// or overlong head yields `Request::Respond` with 400 or 431. A WeChat callback (with
+/// `wechat`) is complete only with its body: `head_len` then counts the body too.
+pub fn parse(buf: &[u8], enable_echo: bool, wechat: bool) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
@@ -71,19 +92,86 @@ pub fn parse(buf: &[u8], enable_echo: bool) -> Parsed {
             head_len,
         };
     }
+    let mut classified = classify(&request, enable_echo, wechat);
+    if let Request::Wechat(callback) = &mut classified {
+        let body_len = match content_length(&request) {
+            Ok(len) => len,
+            Err(answer) => {
+                return Parsed::Complete {
+                    request: Request::Respond(answer),
+                    head_len,
+                }
+            }
+        };
+        if body_len > WECHAT_BODY_BYTES_MAX {
+            callback.body_too_large = true;
+        } else if buf.len() < head_len + body_len {
+            return Parsed::Partial;
+        } else {
+            callback.body = buf[head_len..head_len + body_len].to_vec();
+            return Parsed::Complete {
+                request: classified,
+                head_len: head_len + body_len,
+            };
+        }
+    }
     Parsed::Complete {
-        request: classify(&request, enable_echo),
+        request: classified,
         head_len,
     }
 }
 
-fn classify(request: &httparse::Request, enable_echo: bool) -> Request {
+/// The bytes still missing from the request that starts `buf`, when its head is complete and
+/// announces a body (a WeChat callback being read); 1 otherwise (read on, carefully).
+pub fn missing_bytes(buf: &[u8]) -> usize {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => match content_length(&request) {
+            Ok(len) => (head_len + len.min(WECHAT_BODY_BYTES_MAX))
+                .saturating_sub(buf.len())
+                .max(1),
+            Err(_) => 1,
+        },
+        _ => 1,
+    }
+}
+
+/// The request's `Content-Length` (0 when absent); a chunked or malformed body is a 400.
+fn content_length(request: &httparse::Request) -> Result<usize, Bytes> {
+    let mut length = None;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(bad_request());
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value).map_err(|_| bad_request())?;
+            let value: usize = value.trim().parse().map_err(|_| bad_request())?;
+            if length.is_some_and(|l| l != value) {
+                return Err(bad_request());
+            }
+            length = Some(value);
+        }
+    }
+    Ok(length.unwrap_or(0))
+}
+
+fn classify(request: &httparse::Request, enable_echo: bool, wechat: bool) -> Request {
     // httparse only completes with both present.
-    let (Some(method), Some(path)) = (request.method, request.path) else {
+    let (Some(method), Some(target)) = (request.method, request.path) else {
         return Request::Respond(bad_request());
     };
     // The query string plays no part in choosing the endpoint.
-    let path = path.split('?').next().unwrap_or(path);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if wechat && crate::wechat::endpoint::Endpoint::handles(path) {
+        return Request::Wechat(Box::new(WechatRequest {
+            method: method.to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            body: Vec::new(),
+            body_too_large: false,
+        }));
+    }
     let endpoint = match path {
         "/ws" => Endpoint::App,
         "/echo" if enable_echo => Endpoint::Echo,
@@ -160,6 +248,20 @@ pub fn draining() -> Bytes {
     response("503 Service Unavailable", "text/plain", b"draining\n")
 }
 
+/// The status line text for the codes the WeChat endpoint answers with.
+pub fn status_line(status: u16) -> &'static str {
+    match status {
+        200 => "200 OK",
+        400 => "400 Bad Request",
+        403 => "403 Forbidden",
+        404 => "404 Not Found",
+        405 => "405 Method Not Allowed",
+        413 => "413 Payload Too Large",
+        503 => "503 Service Unavailable",
+        _ => "500 Internal Server Error",
+    }
+}
+
 pub fn not_found() -> Bytes {
     response("404 Not Found", "text/plain", b"not found\n")
 }
@@ -209,7 +311,7 @@ mod tests {
         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
     fn request_of(req: &str, enable_echo: bool) -> Request {
-        match parse(req.as_bytes(), enable_echo) {
+        match parse(req.as_bytes(), enable_echo, false) {
             Parsed::Complete { request, head_len } => {
                 assert_eq!(head_len, req.len());
                 request
@@ -276,15 +378,78 @@ mod tests {
 
     #[test]
     fn partial_and_overlong_heads() {
-        assert_eq!(parse(&UPGRADE.as_bytes()[..30], false), Parsed::Partial);
+        assert_eq!(
+            parse(&UPGRADE.as_bytes()[..30], false, false),
+            Parsed::Partial
+        );
         let long = format!("GET /ws HTTP/1.1\r\nX: {}\r\n", "a".repeat(HEAD_BYTES_MAX));
-        match parse(long.as_bytes(), false) {
+        match parse(long.as_bytes(), false, false) {
             Parsed::Complete { request, .. } => assert_eq!(status(request), "HTTP/1.1 431"),
             Parsed::Partial => panic!("an overlong head must be refused"),
         }
-        match parse(b"\x16\x03\x01garbage\r\n\r\n", false) {
+        match parse(b"\x16\x03\x01garbage\r\n\r\n", false, false) {
             Parsed::Complete { request, .. } => assert_eq!(status(request), "HTTP/1.1 400"),
             Parsed::Partial => panic!("garbage must be refused"),
+        }
+    }
+
+    #[test]
+    fn wechat_callbacks_are_complete_with_their_body() {
+        let request = "POST /wechat/wx1?signature=s&nonce=n HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n<xml/>!";
+        // Without WeChat accounts the path is unknown.
+        assert_eq!(
+            status(request_of("GET /wechat/wx1 HTTP/1.1\r\n\r\n", false)),
+            "HTTP/1.1 404"
+        );
+        let head = request.len() - 7;
+        for cut in [10, head, head + 3] {
+            assert_eq!(
+                parse(&request.as_bytes()[..cut], false, true),
+                Parsed::Partial,
+                "cut {cut}"
+            );
+            assert_eq!(
+                missing_bytes(&request.as_bytes()[..cut]),
+                if cut >= head { request.len() - cut } else { 1 }
+            );
+        }
+        match parse(format!("{request}GET /next").as_bytes(), false, true) {
+            Parsed::Complete {
+                request: Request::Wechat(callback),
+                head_len,
+            } => {
+                assert_eq!(head_len, request.len(), "the body is part of the request");
+                assert_eq!(callback.method, "POST");
+                assert_eq!(callback.path, "/wechat/wx1");
+                assert_eq!(callback.query, "signature=s&nonce=n");
+                assert_eq!(callback.body, b"<xml/>!");
+                assert!(!callback.body_too_large);
+            }
+            other => panic!("{other:?}"),
+        }
+        let huge = format!(
+            "POST /wechat/wx1 HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            WECHAT_BODY_BYTES_MAX + 1
+        );
+        match parse(huge.as_bytes(), false, true) {
+            Parsed::Complete {
+                request: Request::Wechat(callback),
+                head_len,
+            } => {
+                assert!(callback.body_too_large && callback.body.is_empty());
+                assert_eq!(head_len, huge.len(), "the body is not waited for");
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "POST /wechat/wx1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST /wechat/wx1 HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            "POST /wechat/wx1 HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        ] {
+            match parse(bad.as_bytes(), false, true) {
+                Parsed::Complete { request, .. } => assert_eq!(status(request), "HTTP/1.1 400"),
+                Parsed::Partial => panic!("{bad}"),
+            }
         }
     }
 

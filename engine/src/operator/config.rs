@@ -1,5 +1,6 @@
-//! The node's configuration: embedded defaults, then a TOML file (`--config`), then flags, then
-//! `CHINWAG_*` environment variables, each layer overriding the one before ([`Config::load`]).
+//! The node's configuration: embedded defaults, then a TOML file (`--config`), then `CHINWAG_*`
+//! environment variables, then flags, each layer overriding the one before ([`Config::load`]):
+//! the flag an operator types wins, as with most servers.
 //!
 //! Every setting is declared once, in the [`settings!`] table below: its doc line (the `--help`
 //! text), its type, its default and how `--help` shows it. From that one entry come the flag
@@ -15,6 +16,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
 use crate::store::FsyncPolicy;
+use crate::wechat::account::WechatSection;
 
 /// Declares every setting of `chinwag serve`: its help text (no final period), any
 /// `#[arg(...)]` attributes for its flag, then `name: Type = default, "the default as --help
@@ -32,7 +34,7 @@ macro_rules! settings {
         #[command(
             after_help = "Every flag can also be set in the TOML file given by --config (key: the flag's name \
 with '_' for '-') and by the environment variable CHINWAG_<FLAG> ('-' as '_', e.g. CHINWAG_LISTEN). \
-Precedence, lowest to highest: defaults, TOML file, flags, environment."
+Precedence, lowest to highest: defaults, TOML file, environment, flags."
         )]
         pub struct ServeArgs {
             /// TOML configuration file.
@@ -51,11 +53,15 @@ Precedence, lowest to highest: defaults, TOML file, flags, environment."
         #[serde(default, deny_unknown_fields)]
         pub struct Config {
             $( #[doc = concat!($help, ".")] pub $name: $ty, )*
+            /// The WeChat channel: its official accounts and its sender's limits, the
+            /// `[wechat]` section (docs/wechat.md). Only in the TOML file: a list of accounts
+            /// has no flag form.
+            pub wechat: WechatSection,
         }
 
         impl Default for Config {
             fn default() -> Config {
-                Config { $( $name: $default, )* }
+                Config { $( $name: $default, )* wechat: WechatSection::default() }
             }
         }
 
@@ -71,8 +77,8 @@ Precedence, lowest to highest: defaults, TOML file, flags, environment."
 }
 
 settings! {
-    "Client port for WebSocket and HTTP"
-    #[arg(value_name = "ADDR")]
+    "Client port for WebSocket and HTTP: HOST:PORT, an IP address or a host name"
+    #[arg(value_name = "ADDR", value_parser = parse_listen)]
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7000)), "127.0.0.1:7000";
     "Service port for backend services (binary codec over TCP, docs/backend.md)"
     #[arg(value_name = "ADDR")]
@@ -106,7 +112,8 @@ settings! {
     "Log filter: error, warn, info, debug, trace, or a tracing directive"
     #[arg(value_name = "LEVEL")]
     log_level: String = "info".to_string(), "info";
-    "Largest WebSocket frame payload accepted; larger closes with 1009"
+    "Largest WebSocket frame payload accepted; larger closes with 1009. At most \
+     --message-bytes-max (the default follows a lower one)"
     #[arg(value_name = "BYTES")]
     frame_bytes_max: usize = 64 * 1024, "65536";
     "Largest WebSocket message (all fragments) accepted; larger closes with 1009"
@@ -182,7 +189,7 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, String> {
         let env = ServeArgs::from_env(env)?;
-        let mut config = match env.config.as_ref().or(flags.config.as_ref()) {
+        let mut config = match flags.config.as_ref().or(env.config.as_ref()) {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -192,6 +199,11 @@ impl Config {
         };
         for layer in precedence(flags, env) {
             config.apply(layer);
+        }
+        // The frame limit's default follows a lower message limit (a frame is a piece of a
+        // message); only a frame limit set above the message limit is refused.
+        if config.frame_bytes_max == Config::default().frame_bytes_max {
+            config.frame_bytes_max = config.frame_bytes_max.min(config.message_bytes_max);
         }
         config.validate()?;
         Ok(config)
@@ -263,9 +275,34 @@ impl Config {
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
         }
+        check_log_level(&self.log_level)?;
+        // A frame is a piece of a message: a frame limit above the message limit is unreachable
+        // and says the operator meant something else.
+        if self.frame_bytes_max > self.message_bytes_max {
+            return Err(format!(
+                "frame_bytes_max ({}) must be at most message_bytes_max ({})",
+                self.frame_bytes_max, self.message_bytes_max
+            ));
+        }
+        if self.shards > crate::bus::SHARDS_MAX {
+            return Err(format!(
+                "shards ({}) must be at most {} (conversation ids carry the shard in one byte)",
+                self.shards,
+                crate::bus::SHARDS_MAX
+            ));
+        }
+        let largest = crate::store::largest_record_bytes(self.message_bytes_max);
+        if self.log_segment_bytes < largest {
+            return Err(format!(
+                "log_segment_bytes ({}) must hold the largest record: at least {largest} bytes \
+                 with message_bytes_max {}",
+                self.log_segment_bytes, self.message_bytes_max
+            ));
+        }
         if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
+        self.wechat.accounts().map_err(|e| e.to_string())?;
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
@@ -280,7 +317,83 @@ impl Config {
 /// The layers over the TOML file, lowest first: what a later one gives overrides an earlier
 /// one. (Kept in one place so that the order is easy to see and to change.)
 fn precedence(flags: ServeArgs, env: ServeArgs) -> [ServeArgs; 2] {
-    [flags, env]
+    [env, flags]
+}
+
+/// The level words `--log-level` takes besides a tracing directive.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks `--log-level`: a level word, or a tracing directive naming a target (`a=debug`,
+/// `warn,chinwag_engine=debug`). A bare word that is not a level (`loud`) is refused: tracing
+/// would read it as a target name and the node would log almost nothing.
+pub fn check_log_level(value: &str) -> Result<(), String> {
+    let word = value.trim().to_ascii_lowercase();
+    if LOG_LEVELS.contains(&word.as_str()) {
+        return Ok(());
+    }
+    let directive_like = value.contains('=') || value.contains(',');
+    if directive_like && tracing_subscriber::EnvFilter::try_new(value).is_ok() {
+        return Ok(());
+    }
+    Err(format!(
+        "log_level {value:?}: expected one of {} or a tracing directive such as \
+         info,chinwag_engine=debug",
+        LOG_LEVELS.join(", ")
+    ))
+}
+
+/// Parses `--listen`: `HOST:PORT` with an IP address or a host name (`localhost:7000`); an IPv4
+/// address is preferred when a name has both.
+pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{value}: expected HOST:PORT, e.g. 127.0.0.1:7000"))?;
+    let port: u64 = port
+        .parse()
+        .map_err(|_| format!("{value}: the port {port:?} is not a number"))?;
+    let port = u16::try_from(port)
+        .map_err(|_| format!("{value}: the port {port} is out of range (0..=65535)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("{value}: cannot resolve {host}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{value}: {host} has no address"))
+}
+
+/// `CHINWAG_*` variables in `env` that name no setting (a typo the node would otherwise
+/// ignore without a word), for a warning at start.
+pub fn unknown_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let known: Vec<String> = Wrapper::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .map(|long| format!("CHINWAG_{}", long.to_uppercase().replace('-', "_")))
+        .collect();
+    let mut unknown: Vec<String> = env
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("CHINWAG_") && !known.contains(k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+impl Config {
+    /// The configuration as the start log shows it: every setting, the secret redacted.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        if shown.jwt_secret.is_some() {
+            shown.jwt_secret = Some("<redacted>".into());
+        }
+        format!("{shown:?}")
+    }
 }
 
 impl ServeArgs {
@@ -335,7 +448,7 @@ mod tests {
     }
 
     #[test]
-    fn file_then_flags_then_environment() {
+    fn file_then_environment_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chinwag.toml");
         std::fs::write(
@@ -361,7 +474,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap()); // file
         assert_eq!(config.fsync, FsyncPolicy::Always); // file
         assert_eq!(config.idle_timeout_ms, 2); // flag over file
-        assert_eq!(config.shards, 5); // environment over flag
+        assert_eq!(config.shards, 4); // flag over environment
         assert!(!config.enable_echo); // environment over file
     }
 
@@ -439,5 +552,98 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 20, "only {checked} defaults found in --help");
+    }
+
+    #[test]
+    fn log_level_takes_words_and_directives_and_refuses_the_rest() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "trace",
+            "info,chinwag_engine=debug",
+            "chinwag_engine=trace",
+        ] {
+            assert!(check_log_level(ok).is_ok(), "{ok}");
+        }
+        for bad in ["loud", "", "verbose"] {
+            let e = check_log_level(bad).unwrap_err();
+            assert!(e.contains("expected one of off, error"), "{e}");
+        }
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_when_the_port_is_out_of_range() {
+        assert_eq!(
+            parse_listen("127.0.0.1:7000").unwrap(),
+            "127.0.0.1:7000".parse().unwrap()
+        );
+        let local = parse_listen("localhost:7000").unwrap();
+        assert!(local.ip().is_loopback() && local.is_ipv4() && local.port() == 7000);
+        let e = parse_listen("127.0.0.1:70000").unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let e = parse_listen("127.0.0.1").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused_with_the_bound() {
+        let load = |args: ServeArgs| Config::load(args, env(&[])).unwrap_err();
+        let e = load(ServeArgs {
+            frame_bytes_max: Some(100_000),
+            ..ServeArgs::default()
+        });
+        assert!(e.contains("at most message_bytes_max (65536)"), "{e}");
+        let lower = Config::load(
+            ServeArgs {
+                message_bytes_max: Some(16_384),
+                ..ServeArgs::default()
+            },
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(lower.frame_bytes_max, 16_384, "the default follows");
+        let e = load(ServeArgs {
+            shards: Some(300),
+            ..ServeArgs::default()
+        });
+        assert!(e.contains("at most 256"), "{e}");
+        let e = load(ServeArgs {
+            log_segment_bytes: Some(70_000),
+            message_bytes_max: Some(1 << 20),
+            send_queue_bytes_max: Some(4 << 20),
+            ..ServeArgs::default()
+        });
+        assert!(e.contains("must hold the largest record: at least"), "{e}");
+        let e = load(ServeArgs {
+            log_level: Some("loud".into()),
+            ..ServeArgs::default()
+        });
+        assert!(e.contains("log_level"), "{e}");
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_named() {
+        let unknown = unknown_env_vars(env(&[
+            ("CHINWAG_LISTEN", "127.0.0.1:1"),
+            ("CHINWAG_LISTN", "x"),
+            ("CHINWAG_JWT_SECRET", "y"),
+            ("HOME", "/root"),
+        ]));
+        assert_eq!(unknown, ["CHINWAG_LISTN"]);
+    }
+
+    #[test]
+    fn the_start_log_redacts_the_secret() {
+        let config = Config {
+            jwt_secret: Some("s3cret-s3cret-s3cret-s3cret-s3cret".into()),
+            ..Config::default()
+        };
+        let shown = config.redacted();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("idle_timeout_ms"),
+            "{shown}"
+        );
     }
 }

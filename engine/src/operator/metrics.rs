@@ -8,7 +8,45 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use chinwag_protocol::{ErrorCode, Op};
+
 use crate::net::ws::connection::CloseReason;
+
+/// The ops a client sends, in the order of [`ShardMetrics::requests`].
+pub const REQUEST_OPS: [Op; 7] = [
+    Op::Login,
+    Op::Send,
+    Op::Read,
+    Op::Resolve,
+    Op::History,
+    Op::Convs,
+    Op::Ping,
+];
+
+/// `error` replies made, by code (index: the code's binary value − 1). Process-wide rather than
+/// per shard: errors are rare, and they are made in several places (the session's app layer,
+/// the conversation owners, the post office), all through [`crate::bus::error`].
+pub static ERRORS_BY_CODE: [AtomicU64; ErrorCode::ALL.len()] =
+    [const { AtomicU64::new(0) }; ErrorCode::ALL.len()];
+
+/// Counts one `error` reply with `code`.
+pub fn error_made(code: ErrorCode) {
+    ERRORS_BY_CODE[code as usize - 1].fetch_add(1, Relaxed);
+}
+
+impl ShardMetrics {
+    /// Counts one request decoded on `/ws`.
+    pub fn request(&self, op: Op) {
+        if let Some(i) = REQUEST_OPS.iter().position(|o| *o == op) {
+            add(&self.requests[i], 1);
+        }
+    }
+}
+
+/// Upper bounds of the send → `send_ok` histogram buckets, in microseconds.
+pub const SEND_OK_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
 
 /// Upper bounds of the loop-turn histogram buckets, in microseconds.
 pub const TURN_BUCKETS_US: [u64; 10] =
@@ -30,6 +68,8 @@ pub struct ShardMetrics {
     pub send_queue_bytes: AtomicU64,
     pub messages_rate_limited: AtomicU64,
     pub app_messages: AtomicU64,
+    /// Requests decoded on `/ws`, by op ([`REQUEST_OPS`] order).
+    pub requests: [AtomicU64; REQUEST_OPS.len()],
     pub mailbox_messages: AtomicU64,
     /// Messages for another shard dropped because its mailbox was full.
     pub mailbox_full_drops: AtomicU64,
@@ -49,6 +89,10 @@ pub struct ShardMetrics {
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
     pub turn_us_sum: AtomicU64,
+    /// send → `send_ok` latency, copied from the shard's owner: per [`SEND_OK_BUCKETS_US`]
+    /// bucket (not cumulative; the last for larger), and the sum in µs.
+    pub send_ok_buckets: [AtomicU64; SEND_OK_BUCKETS_US.len() + 1],
+    pub send_ok_us_sum: AtomicU64,
 }
 
 /// Adds `n` to a counter that only the calling shard writes.
@@ -178,6 +222,34 @@ pub fn render(scrape: &Scrape) -> String {
         "Messages refused for going over messages_per_s_max.",
         &|m| load(&m.messages_rate_limited),
     );
+    let name = "chinwag_requests_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Requests decoded on /ws, by op.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for (k, op) in REQUEST_OPS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",op=\"{}\"}} {}",
+                op.name(),
+                load(&m.requests[k])
+            );
+        }
+    }
+    let name = "chinwag_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Error replies made, by code.\n# TYPE {name} counter"
+    );
+    for code in ErrorCode::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{code=\"{}\"}} {}",
+            code.as_str(),
+            ERRORS_BY_CODE[code as usize - 1].load(Relaxed)
+        );
+    }
     per_shard(
         &mut out,
         "chinwag_app_messages_total",
@@ -288,12 +360,41 @@ pub fn render(scrape: &Scrape) -> String {
         );
         let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
     }
+    let name = "chinwag_send_ok_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From a send's decoding to its send_ok's release after the log commit (as \
+         conversation owner).\n# TYPE {name} histogram"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (b, bucket) in m.send_ok_buckets.iter().enumerate() {
+            cumulative += load(bucket);
+            let le = SEND_OK_BUCKETS_US
+                .get(b)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{i}\"}} {}",
+            load(&m.send_ok_us_sum) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
+    }
     let name = "chinwag_draining";
     let _ = writeln!(
         out,
         "# HELP {name} 1 while the node drains after SIGTERM.\n# TYPE {name} gauge"
     );
     let _ = writeln!(out, "{name} {}", u8::from(scrape.draining));
+    if let Some(process) = super::process::ProcessFigures::read() {
+        process.render(&mut out);
+    }
+    super::process::render_build_info(&mut out);
     out
 }
 

@@ -5,10 +5,12 @@
 pub mod config;
 pub mod data_dir;
 pub(crate) mod metrics;
+pub(crate) mod process;
 pub mod secret;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use chinwag_protocol::{NodeId, NodeType};
 
@@ -24,6 +26,8 @@ pub(crate) struct NodeState {
     /// This node's id, from its listening address.
     pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
+    /// The WeChat channel, when the configuration has WeChat accounts.
+    pub wechat: Option<Arc<crate::wechat::channel::Channel>>,
     draining: AtomicBool,
     /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
     /// (answering probes with 503) until every shard is done, because closing one listener of
@@ -33,7 +37,12 @@ pub(crate) struct NodeState {
 
 impl NodeState {
     /// The state of a node of `shards` shards.
-    pub fn new(config: Config, jwt_secret: Vec<u8>, shards: usize) -> NodeState {
+    pub fn new(
+        config: Config,
+        jwt_secret: Vec<u8>,
+        shards: usize,
+        wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    ) -> NodeState {
         let node_id = match config.listen {
             SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
             SocketAddr::V6(addr) => NodeId::for_addr(
@@ -46,6 +55,7 @@ impl NodeState {
             jwt_secret,
             node_id,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            wechat,
             draining: AtomicBool::new(false),
             shards_drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -79,10 +89,14 @@ impl NodeState {
     /// The Prometheus text of every metric; `mailbox_depths` are the shards' queue lengths.
     pub fn render_metrics(&self, mailbox_depths: &[usize]) -> String {
         let shards: Vec<&ShardMetrics> = self.metrics.iter().collect();
-        metrics::render(&metrics::Scrape {
+        let mut text = metrics::render(&metrics::Scrape {
             shards: &shards,
             mailbox_depths,
             draining: self.is_draining(),
-        })
+        });
+        if let Some(wechat) = &self.wechat {
+            wechat.metrics.render(&mut text);
+        }
+        text
     }
 }

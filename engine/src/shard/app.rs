@@ -152,6 +152,7 @@ impl App {
             }
         };
         let req = frame.req;
+        ctx.metrics().request(frame.message.op());
         match frame.message {
             Message::Ping => reply(session, req, encoding, Message::Pong, ctx),
             Message::Login(login) => {
@@ -377,6 +378,7 @@ impl App {
             encoding,
             req,
             service: false,
+            received: std::time::Instant::now(),
         })
     }
 }
@@ -479,7 +481,7 @@ mod tests {
         let ws_limits: WsLimits = crate::shard::context::ws_limits(&config);
         let ctx = Context {
             shard_id: 0,
-            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS)),
+            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS, None)),
             post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
             ws_limits,
             now_ms: 0,

@@ -16,6 +16,7 @@ use crate::operator::NodeState;
 pub fn ws_limits(config: &Config) -> WsLimits {
     WsLimits {
         enable_echo: config.enable_echo,
+        enable_wechat: !config.wechat.accounts.is_empty(),
         frame_bytes_max: config.frame_bytes_max,
         message_bytes_max: config.message_bytes_max,
         messages_per_s_max: config.messages_per_s_max,

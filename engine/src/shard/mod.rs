@@ -426,6 +426,10 @@ impl Shard {
             gauge.store(v, std::sync::atomic::Ordering::Relaxed)
         };
         set(&m.messages_stored, self.owner.messages_stored);
+        for (gauge, count) in m.send_ok_buckets.iter().zip(self.owner.send_ok_buckets) {
+            set(gauge, count);
+        }
+        set(&m.send_ok_us_sum, self.owner.send_ok_us_sum);
         set(&m.log_commit_failures, self.owner.commit_failures);
         set(&m.log_conversations, stats.conversations as u64);
         set(&m.log_devices, stats.devices as u64);
@@ -650,9 +654,18 @@ impl Shard {
         metrics::sub(&m.connections_open, 1);
         metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
         m.closed(session.close_reason());
+        let peer = session
+            .peer_addr()
+            .map_or("unknown".to_string(), |a| a.to_string());
+        let uid = session
+            .app()
+            .logged_in()
+            .map_or("-".to_string(), |(uid, ..)| uid.to_string());
         tracing::debug!(
             shard = self.ctx.shard_id,
             slot = token.0,
+            %peer,
+            %uid,
             reason = session.close_reason().label(),
             "closed"
         );
@@ -681,7 +694,12 @@ mod tests {
     fn mailbox_frames_reach_their_session_only() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-        let node = Arc::new(NodeState::new(Config::default(), b"secret".to_vec(), 1));
+        let node = Arc::new(NodeState::new(
+            Config::default(),
+            b"secret".to_vec(),
+            1,
+            None,
+        ));
         let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();

@@ -181,6 +181,7 @@ impl ServiceConn {
             encoding: Encoding::Binary,
             req,
             service: true,
+            received: std::time::Instant::now(),
         };
         match frame.message {
             Message::Ping => self.reply(req, Message::Pong, ctx),

@@ -72,6 +72,12 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> ReadOutcome {
 }
 
 impl Session {
+    /// The client's address, while the socket still knows it (not after a reset). Not kept in
+    /// the session: an idle session stays small.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+
     pub fn new(stream: TcpStream, slot: usize, generation: u32, now_ms: u64) -> Session {
         Session {
             stream,
@@ -198,8 +204,12 @@ impl Session {
         self.conn.on_input(ctx.now_ms);
     }
 
-    /// Bytes still missing from the frame that starts `inbound`.
+    /// Bytes still missing from the frame (or the WeChat callback's body) that starts
+    /// `inbound`.
     fn missing_bytes(&self, ctx: &Context) -> usize {
+        if self.conn.in_http() {
+            return http::missing_bytes(&self.inbound);
+        }
         match frame::parse_header(&self.inbound, ctx.ws_limits.frame_bytes_max) {
             Ok(Some(header)) => header.frame_len().saturating_sub(self.inbound.len()),
             // Cannot happen: more than CARRY_BYTES_MAX bytes hold a whole header, and it was
@@ -269,6 +279,12 @@ impl Session {
         let answer = match request {
             // A node that is draining takes no new WebSocket: the client should go elsewhere.
             http::Request::Upgrade { .. } if ctx.is_draining() => http::draining(),
+            http::Request::Wechat(callback) => {
+                let answer = wechat_callback(&callback, ctx);
+                self.queue(answer, ctx);
+                self.conn.answered(false, ctx.now_ms);
+                return;
+            }
             http::Request::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
                 self.conn.upgrade(endpoint, ctx.now_ms);
@@ -458,6 +474,36 @@ impl Link for Session {
     fn endpoint(&self) -> Option<Endpoint> {
         Session::endpoint(self)
     }
+}
+
+/// Answers a WeChat callback through the channel's endpoint; a customer's message goes to its
+/// shop's owner to be stored and dispatched. The answer does not wait for the store: WeChat
+/// wants one within 5 s, and a retried push is stored once by its cmid.
+fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::Bytes {
+    let Some(channel) = ctx.node.wechat.clone() else {
+        return http::not_found();
+    };
+    let answer = if callback.body_too_large {
+        channel.endpoint.too_large(&callback.path)
+    } else {
+        let (answer, inbound) = channel.endpoint.handle(
+            &callback.method,
+            &callback.path,
+            &callback.query,
+            &callback.body,
+        );
+        if let Some(inbound) = inbound {
+            let shard = crate::bus::owner_of(&chinwag_protocol::ShopId(inbound.shop), ctx.shards());
+            ctx.post
+                .to(shard, crate::bus::BusMsg::WechatInbound(Box::new(inbound)));
+        }
+        answer
+    };
+    http::response(
+        http::status_line(answer.status),
+        "text/plain",
+        answer.body.as_bytes(),
+    )
 }
 
 #[cfg(test)]

@@ -112,6 +112,15 @@ impl StoreConfig {
         }
     }
 
+    /// The smallest `segment_bytes` that holds the largest record: an empty segment's header
+    /// and a message of every maximum size with a `body_bytes_max` body, or a conversation
+    /// record of `members_max` members, whichever is larger (and never below the minimum).
+    pub fn segment_bytes_needed(&self) -> u64 {
+        let largest = super::record::message_len(CMID_LEN_MAX, KIND_LEN_MAX, self.body_bytes_max);
+        let largest_group = super::record::conv_len(self.members_max);
+        ((largest.max(largest_group) + super::segment::HEADER_BYTES) as u64).max(SEGMENT_BYTES_MIN)
+    }
+
     /// Checks the relations between the limits.
     pub fn validate(&self) -> Result<(), &'static str> {
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) {

@@ -51,6 +51,14 @@ use std::time::Instant;
 use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 
 pub use config::{FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT};
+
+/// The smallest log segment that holds the largest record when messages may be
+/// `message_bytes_max` bytes (see [`StoreConfig::segment_bytes_needed`]).
+pub fn largest_record_bytes(message_bytes_max: usize) -> u64 {
+    let mut config = StoreConfig::new("");
+    config.body_bytes_max = message_bytes_max;
+    config.segment_bytes_needed()
+}
 pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
 pub use record::{ConvKind, MessageRef};

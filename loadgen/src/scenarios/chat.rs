@@ -107,12 +107,28 @@ struct User {
     /// two members the conversation is known from the build and this is not used).
     peer: Uid,
     conv: Option<ConvId>,
-    /// (req, intended send time in ns since the load started) of messages without `send_ok`.
-    in_flight: VecDeque<(u64, u64)>,
+    /// Messages without `send_ok`.
+    in_flight: VecDeque<InFlight>,
+    /// Messages that were in flight when the connection dropped: they may or may not have
+    /// been stored. After catching up they are sent again with the same cmid, as a client
+    /// must (the server answers the original seq if it stored them).
+    unsure: Vec<InFlight>,
     next_req: u64,
     sent: u64,
     track: Option<SeqTrack>,
     lost: bool,
+}
+
+/// A `send` waiting for its `send_ok`.
+#[derive(Clone, Copy, Debug, Default)]
+struct InFlight {
+    req: u64,
+    /// Intended send time, ns since the load started.
+    intended_ns: u64,
+    /// The user's message number, which makes its cmid.
+    n: u64,
+    /// Sent again after a reconnect: its seq may already have come through `history`.
+    resent: bool,
 }
 
 /// What the run counts as it goes.
@@ -127,6 +143,7 @@ struct Counts {
     behind: u64,
     reconnects: u64,
     history_pages: u64,
+    resent: u64,
 }
 
 /// Runs `chat` and returns its report.
@@ -136,26 +153,47 @@ pub fn run(args: &ChatArgs) -> io::Result<Report> {
 
 /// Runs `storm` and returns its report.
 pub fn storm(args: &StormArgs) -> io::Result<Report> {
-    if !(0.0..=1.0).contains(&args.drop_share_per_s)
-        || !(1..=HISTORY_PAGE_FULL).contains(&args.history_limit)
-    {
-        return Err(io::Error::other(
-            "storm needs --drop-share-per-s in 0..=1 and --history-limit in 1..=200",
-        ));
-    }
     run_with(&args.chat, Some(args))
+}
+
+impl ChatArgs {
+    /// Checks what clap cannot (a bad flag exits 2 before anything runs).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.message_bytes < STAMP_DIGITS || self.window == 0 || self.conversations == 0 {
+            return Err(
+                "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1".into(),
+            );
+        }
+        if !(2..=MEMBERS_MAX).contains(&self.members) {
+            return Err("chat needs --members in 2..=1000".into());
+        }
+        if !self.rate_per_user_per_s.is_finite() || self.rate_per_user_per_s < 0.0 {
+            return Err("--rate-per-user-per-s must be 0 (closed loop) or more".into());
+        }
+        if self.in_flight_max == 0 {
+            return Err("--in-flight-max must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl StormArgs {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        self.chat.validate()?;
+        if !(0.0..=1.0).contains(&self.drop_share_per_s)
+            || !(1..=HISTORY_PAGE_FULL).contains(&self.history_limit)
+        {
+            return Err(
+                "storm needs --drop-share-per-s in 0..=1 and --history-limit in 1..=200".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let common = &args.common;
-    if args.message_bytes < STAMP_DIGITS || args.window == 0 || args.conversations == 0 {
-        return Err(io::Error::other(
-            "chat needs --message-bytes >= 20, --window >= 1 and --conversations >= 1",
-        ));
-    }
-    if !(2..=MEMBERS_MAX).contains(&args.members) {
-        return Err(io::Error::other("chat needs --members in 2..=1000"));
-    }
     let mut report = Report::default();
     let mut progress = Progress::new(!common.run.quiet);
     let k = args.members;
@@ -189,6 +227,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     if opened.count() < n {
         report.figure("logged_in", opened.count() as u64);
+        fleet.traffic().report(&mut report);
+        report.series = progress.series();
         return Ok(report);
     }
     let mut users: Vec<User> = (0..n)
@@ -198,6 +238,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             peer: uid(i ^ 1),
             conv: built[i / k].map(|(conv, _)| conv),
             in_flight: VecDeque::new(),
+            unsure: Vec::new(),
             next_req: 2,
             sent: 0,
             track: built[i / k].map(|(conv, last)| SeqTrack::new(conv.0, last + 1)),
@@ -218,6 +259,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let mut storm_cursor = 0usize;
     // Storms come half a second into the load, then every second.
     let mut next_storm = Instant::now() + Duration::from_millis(500);
+    // Closed loop: window slots of refused sends, each free again at its instant (a refused
+    // send is not repeated at once, or a rate-limited run would spin on refusals).
+    let mut retries: VecDeque<(Instant, usize)> = VecDeque::new();
 
     let start = Instant::now();
     let ns = |at: Instant| at.duration_since(start).as_nanos() as u64;
@@ -236,6 +280,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let (mut server_cpu_from, mut server_cpu_to) = (None, None);
     let (mut own_cpu_from, mut own_cpu_to) = (0.0, 0.0);
     let mut measuring = false;
+    progress.phase(if args.warmup_s > 0 {
+        "warmup"
+    } else {
+        "measured"
+    });
 
     if closed_loop {
         for (i, user) in users.iter_mut().enumerate() {
@@ -258,6 +307,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         let now_ns = ns(now);
         if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
             measuring = true;
+            progress.phase("measured");
             report.window_unix_ns = Some((report::unix_ns(), 0));
             server_cpu_from = server_sample(common.server_pid)?;
             own_cpu_from = report::own_cpu_s();
@@ -266,6 +316,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         }
         let sending = now_ns < measure_to_ns;
         if !sending && server_cpu_to.is_none() {
+            progress.phase("drain");
             server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
             let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
@@ -284,7 +335,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     continue;
                 }
                 fleet.close(user.conn);
-                user.in_flight.clear();
+                let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
+                user.unsure.extend(unsure);
                 user.catching_up = Some(now);
                 counts.reconnects += 1;
                 conn_user.push(storm_cursor);
@@ -296,6 +348,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     }
                 }
             }
+        }
+        while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, i)) = retries.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            if user.lost || user.catching_up.is_some() || user.in_flight.len() >= args.window {
+                continue;
+            }
+            let writer = &mut fleet.conns[user.conn].writer;
+            send(user, i, writer, now_ns, &mut body, args, &mut counts);
+            flush(&mut fleet, user.conn, &mut report, user);
         }
         if sending && !closed_loop {
             // Open loop: every user sends each message whose slot has come; users are spread
@@ -350,17 +414,41 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         let after = user.track.as_ref().map_or(0, |t| t.next() - 1);
                         ask_history(user, writer, conv, after, storm);
                     }
-                    None => caught_up(
-                        user,
-                        i,
-                        writer,
-                        now_ns,
-                        &mut catch_up,
-                        &mut body,
-                        args,
-                        &mut counts,
-                    ),
+                    // Dropped before it learned its conversation (no send_ok, no push yet):
+                    // the peer may have written meanwhile, so find it the way a client
+                    // does, with `convs`, and catch up on it.
+                    None => {
+                        let req = user.next_req;
+                        user.next_req += 1;
+                        writer.send(&Frame::with_req(req, Message::Convs));
+                    }
                 },
+                Event::Frame(Frame {
+                    message: Message::ConvsOk(convs),
+                    ..
+                }) => {
+                    let me = uid(i);
+                    let found = convs.iter().find(|c| {
+                        c.members.contains(&me) && group(i, k).all(|j| c.members.contains(&uid(j)))
+                    });
+                    match found.map(|c| c.conv) {
+                        Some(conv) => {
+                            user.conv = Some(conv);
+                            let after = user.track.as_ref().map_or(0, |t| t.next() - 1);
+                            ask_history(user, writer, conv, after, storm);
+                        }
+                        None => caught_up(
+                            user,
+                            i,
+                            writer,
+                            now_ns,
+                            &mut catch_up,
+                            &mut body,
+                            args,
+                            &mut counts,
+                        ),
+                    }
+                }
                 Event::Frame(Frame {
                     message: Message::HistoryOk(page),
                     ..
@@ -393,14 +481,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     req,
                     message: Message::SendOk(ok),
                 }) => {
-                    let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     else {
                         violations.add(Violation::Other(format!(
                             "user {i}: send_ok for no request in flight (req {req:?})"
                         )));
                         return;
                     };
-                    let (_, intended_ns) = user.in_flight.remove(at).unwrap_or_default();
+                    let InFlight {
+                        intended_ns,
+                        resent,
+                        ..
+                    } = user.in_flight.remove(at).unwrap_or_default();
                     counts.send_ok += 1;
                     if in_window {
                         counts.send_ok_measured += 1;
@@ -422,7 +514,12 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     let track = user
                         .track
                         .get_or_insert_with(|| SeqTrack::new(ok.conv.0, 1));
-                    violations.check(track.own(ok.seq.0));
+                    if resent {
+                        // The original may have been stored and caught up through history.
+                        track.recover(ok.seq.0);
+                    } else {
+                        violations.check(track.own(ok.seq.0));
+                    }
                     if closed_loop
                         && now_ns < measure_to_ns
                         && user.in_flight.len() < args.window
@@ -484,11 +581,12 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         user.lost = true;
                         return;
                     }
-                    if let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.0 == r))
+                    if let Some(at) =
+                        req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     {
                         user.in_flight.remove(at);
                         if closed_loop && now_ns < measure_to_ns {
-                            send(user, i, writer, now_ns, &mut body, args, &mut counts);
+                            retries.push_back((Instant::now() + RETRY_AFTER, i));
                         }
                     }
                 }
@@ -567,6 +665,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     }
     if storm.is_some() {
         report.figure("reconnects", counts.reconnects);
+        report.figure("resent_after_reconnect", counts.resent);
         report.figure("history_pages", counts.history_pages);
         let still = users.iter().filter(|u| u.catching_up.is_some()).count();
         report.figure("not_caught_up_at_end", still as u64);
@@ -599,8 +698,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         report.violations.first.push(v);
     }
     report.violations.count += violations.count;
+    fleet.traffic().report(&mut report);
+    report.series = progress.series();
     Ok(report)
 }
+
+/// How long a closed-loop window slot of a refused send stays empty (the server's rate limit
+/// counts in one-second windows; a tenth of one keeps the retries few).
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
@@ -667,8 +772,21 @@ fn caught_up(
         return;
     };
     report::record(catch_up, dropped_at.elapsed());
+    for unsure in std::mem::take(&mut user.unsure) {
+        counts.resent += 1;
+        send_numbered(
+            user,
+            i,
+            writer,
+            unsure.intended_ns,
+            unsure.n,
+            true,
+            body,
+            args,
+        );
+    }
     if args.rate_per_user_per_s <= 0.0 {
-        for _ in 0..args.window {
+        while user.in_flight.len() < args.window {
             send(user, i, writer, now_ns, body, args, counts);
         }
     }
@@ -689,13 +807,41 @@ fn send(
     while body.len() < args.message_bytes {
         body.push('.');
     }
-    let mut cmid = String::with_capacity(24);
-    let _ = write!(cmid, "{i}-{}", user.sent);
-    let req = user.next_req;
-    user.next_req += 1;
+    let n = user.sent;
     user.sent += 1;
     counts.sent += 1;
-    user.in_flight.push_back((req, intended_ns));
+    send_numbered(user, i, writer, intended_ns, n, false, body, args);
+}
+
+/// Queues the `send` of user `i`'s message number `n` (its cmid), the body already stamped.
+#[allow(clippy::too_many_arguments)]
+fn send_numbered(
+    user: &mut User,
+    i: usize,
+    writer: &mut Writer,
+    intended_ns: u64,
+    n: u64,
+    resent: bool,
+    body: &mut String,
+    args: &ChatArgs,
+) {
+    if resent {
+        body.clear();
+        let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
+        while body.len() < args.message_bytes {
+            body.push('.');
+        }
+    }
+    let mut cmid = String::with_capacity(24);
+    let _ = write!(cmid, "{i}-{n}");
+    let req = user.next_req;
+    user.next_req += 1;
+    user.in_flight.push_back(InFlight {
+        req,
+        intended_ns,
+        n,
+        resent,
+    });
     let target = match user.conv {
         Some(conv) => Target::Conv(conv),
         None => Target::User(user.peer),

@@ -63,6 +63,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let mut pinged_at: Vec<Option<Instant>> = vec![None; fleet.conns.len()];
     let mut next_ping: Vec<Instant> = Vec::with_capacity(fleet.conns.len());
     let hold_start = Instant::now();
+    progress.phase("hold");
     for i in 0..fleet.conns.len() {
         let offset = heartbeat.mul_f64(i as f64 / fleet.conns.len().max(1) as f64);
         next_ping.push(hold_start + offset);
@@ -155,5 +156,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
         .latencies
         .push(("connect_to_login".into(), opened.connect_to_login));
     report.latencies.push(("heartbeat_rtt".into(), rtt));
+    fleet.traffic().report(&mut report);
+    report.series = progress.series();
     Ok(report)
 }

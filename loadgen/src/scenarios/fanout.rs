@@ -24,6 +24,9 @@ use crate::scenarios::{connect_and_login, shop, Common};
 
 /// Digits of the intended send time at the start of every body.
 const STAMP_DIGITS: usize = 20;
+/// How long a window slot of a refused send stays empty (the server's rate limit counts in
+/// one-second windows; a tenth of one keeps the retries few).
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Flags of `fanout`.
 #[derive(Args, Debug)]
@@ -53,22 +56,28 @@ pub struct FanoutArgs {
     pub build_timeout_s: u64,
 }
 
+impl FanoutArgs {
+    /// Checks what clap cannot (a bad flag exits 2 before anything runs).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.common.run.procs > 1 || self.common.run.worker_of.is_some() {
+            return Err(
+                "fanout has one sender and one conversation: it runs in one process (no --procs)"
+                    .into(),
+            );
+        }
+        if self.members == 0 || self.members > 999 || self.window == 0 {
+            return Err("fanout needs --members in 1..=999 and --window >= 1".into());
+        }
+        if self.message_bytes < STAMP_DIGITS {
+            return Err("fanout needs --message-bytes >= 20".into());
+        }
+        Ok(())
+    }
+}
+
 /// Runs `fanout` and returns its report.
 pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let common = &args.common;
-    if common.run.procs > 1 || common.run.worker_of.is_some() {
-        return Err(io::Error::other(
-            "fanout has one sender and one conversation: it runs in one process (no --procs)",
-        ));
-    }
-    if args.members == 0 || args.members > 999 || args.window == 0 {
-        return Err(io::Error::other(
-            "fanout needs --members in 1..=999 and --window >= 1",
-        ));
-    }
-    if args.message_bytes < STAMP_DIGITS {
-        return Err(io::Error::other("fanout needs --message-bytes >= 20"));
-    }
     let mut report = Report::default();
     let mut progress = Progress::new(!common.run.quiet);
     let base = common.uid_base();
@@ -90,6 +99,8 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let opened = connect_and_login(&mut fleet, &tokens, common, &mut report, &mut progress)?;
     if opened.count() < tokens.len() {
         report.figure("logged_in", opened.count() as u64);
+        fleet.traffic().report(&mut report);
+        report.series = progress.series();
         return Ok(report);
     }
     let members = args.members as u32;
@@ -97,6 +108,10 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         .map(|_| SeqTrack::new(conv.0, build_last_seq + 1))
         .collect();
     let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    // Window slots of refused sends, each free again at its instant: a refused send is sent
+    // again after a pause, so a server that refuses (say `rate_limited`) slows the run down
+    // instead of emptying the window for good.
+    let mut retry_at: VecDeque<Instant> = VecDeque::new();
     // Per seq in delivery: (first push ns, pushes so far).
     let mut spreading: HashMap<u64, (u64, u32)> = HashMap::new();
     let mut send_to_push = report::latency_histogram();
@@ -120,6 +135,11 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let (mut cpu_from, mut cpu_to) = (None, None);
     let (mut own_from, mut own_to) = (0.0, 0.0);
     let mut measuring = false;
+    progress.phase(if args.warmup_s > 0 {
+        "warmup"
+    } else {
+        "measured"
+    });
     let mut next_req = 2;
     let mut send = |writer: &mut Writer, now_ns: u64, in_flight: &mut VecDeque<(u64, u64)>| {
         body.clear();
@@ -153,14 +173,26 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         let now_ns = ns(now);
         if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
             measuring = true;
+            progress.phase("measured");
             cpu_from = server_cpu(common.server_pid)?;
             own_from = report::own_cpu_s();
             send_to_push.reset();
             spread.reset();
             send_to_send_ok.reset();
         }
+        if now_ns < measure_to_ns && retry_at.front().is_some_and(|at| *at <= now) {
+            while retry_at.front().is_some_and(|at| *at <= now) {
+                retry_at.pop_front();
+                send(&mut fleet.conns[0].writer, now_ns, &mut in_flight);
+            }
+            if let Err(failure) = fleet.flush(0) {
+                report.fail(failure.cause());
+                lost = true;
+            }
+        }
         if now_ns >= measure_to_ns {
             if cpu_to.is_none() {
+                progress.phase("drain");
                 cpu_to = server_cpu(common.server_pid)?.or(Some(0.0));
                 own_to = report::own_cpu_s();
             }
@@ -248,6 +280,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
                     report.fail(format!("refused: {}", e.code));
                     if let Some(at) = req.and_then(|r| in_flight.iter().position(|f| f.0 == r)) {
                         in_flight.remove(at);
+                        retry_at.push_back(Instant::now() + RETRY_AFTER);
                     }
                 }
                 Event::Frame(Frame {
@@ -314,5 +347,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         .push(("send_to_send_ok".into(), send_to_send_ok));
     report.violations.count += violations.count;
     report.violations.first.extend(violations.first);
+    fleet.traffic().report(&mut report);
+    report.series = progress.series();
     Ok(report)
 }

@@ -7,7 +7,7 @@ pub mod connect;
 pub mod fanout;
 pub mod shop;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_protocol::token::{self, Claims};
@@ -25,16 +25,17 @@ pub const LOGIN_REQ: u64 = 1;
 /// Flags every protocol scenario takes.
 #[derive(Args, Clone, Debug)]
 pub struct Common {
-    /// Server address (host:port); must be in 127.0.0.0/8.
+    /// Server address (host:port; a host name or an IP address).
     #[arg(long, default_value = "127.0.0.1:7000")]
-    pub addr: SocketAddr,
+    pub addr: String,
     /// Request path of the chinwag WebSocket endpoint.
     #[arg(long, default_value = "/ws")]
     pub path: String,
-    /// Source addresses 127.0.0.1 .. 127.0.0.N, used in turn (each has its own ephemeral ports).
+    /// Against a loopback server: source addresses 127.0.0.1 .. 127.0.0.N, used in turn (each
+    /// has its own ephemeral ports). Against any other server the kernel picks the source.
     #[arg(long, default_value_t = 4)]
     pub sources: u8,
-    /// Source addresses to use instead of --sources, comma-separated (each in 127.0.0.0/8).
+    /// Source addresses to bind instead, comma-separated (addresses of this machine).
     #[arg(long, value_delimiter = ',')]
     pub source_addrs: Vec<Ipv4Addr>,
     /// Speak JSON in text messages instead of the binary codec.
@@ -61,14 +62,9 @@ pub struct Common {
 }
 
 impl Common {
-    /// Checks what clap cannot: every address is on the loopback network.
+    /// Checks what clap cannot: the address resolves, and the numbers are in range.
     pub fn validate(&self) -> Result<(), String> {
-        if !matches!(self.addr.ip(), IpAddr::V4(ip) if ip.is_loopback()) {
-            return Err("--addr must be in 127.0.0.0/8".into());
-        }
-        if self.source_addrs.iter().any(|a| !a.is_loopback()) {
-            return Err("--source-addrs must be in 127.0.0.0/8".into());
-        }
+        crate::resolve(&self.addr)?;
         if self.source_addrs.is_empty() && self.sources == 0 {
             return Err("--sources must be at least 1".into());
         }
@@ -96,15 +92,18 @@ impl Common {
 
     /// The fleet these flags describe.
     pub fn fleet(&self) -> std::io::Result<Fleet> {
-        let sources = if self.source_addrs.is_empty() {
+        let addr = crate::resolve(&self.addr).map_err(std::io::Error::other)?;
+        let sources = if !self.source_addrs.is_empty() {
+            self.source_addrs.clone()
+        } else if crate::binds_sources(addr) {
             (1..=self.sources)
                 .map(|n| Ipv4Addr::new(127, 0, 0, n))
                 .collect()
         } else {
-            self.source_addrs.clone()
+            Vec::new()
         };
         Fleet::new(Dial {
-            addr: self.addr,
+            addr,
             path: self.path.clone(),
             sources,
             encoding: if self.json {

@@ -82,6 +82,8 @@ impl CloseReason {
 pub struct WsLimits {
     /// Serve `/echo`.
     pub enable_echo: bool,
+    /// Serve `/wechat/<appid>` (the node has WeChat accounts).
+    pub enable_wechat: bool,
     pub frame_bytes_max: usize,
     pub message_bytes_max: usize,
     /// Messages per second; 0 = no limit.
@@ -215,6 +217,12 @@ impl Connection {
         }
     }
 
+    /// Whether the connection is still reading its HTTP request (head, and a WeChat
+    /// callback's body).
+    pub fn in_http(&self) -> bool {
+        self.phase == Phase::Http
+    }
+
     /// Whether incoming bytes are still parsed (as an HTTP head or as frames).
     pub fn reads_input(&self) -> bool {
         matches!(
@@ -250,7 +258,7 @@ impl Connection {
     ) -> Option<(usize, Event<'a>)> {
         match self.phase {
             Phase::Http => {
-                return match http::parse(data, limits.enable_echo) {
+                return match http::parse(data, limits.enable_echo, limits.enable_wechat) {
                     Parsed::Partial => None,
                     Parsed::Complete { request, head_len } => {
                         Some((head_len, Event::Request(request)))
@@ -499,6 +507,7 @@ mod tests {
 
     const LIMITS: WsLimits = WsLimits {
         enable_echo: true,
+        enable_wechat: false,
         frame_bytes_max: 1000,
         message_bytes_max: 2000,
         messages_per_s_max: 0,
