@@ -17,6 +17,11 @@ pub mod wechat;
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// How long a server may take to start: longer than [`WAIT`], because a debug build opening
+/// (and prefaulting) every shard's log took up to 6.5 s on a loaded 2-core machine. A bound
+/// against hanging, not a measure of speed.
+pub const START_WAIT: Duration = Duration::from_secs(40);
+
 /// The `chinwag` binary: `$CHINWAG_BIN`, or the one in the target directory of this test
 /// executable, which is (re)built once per test process with the same profile. A
 /// dependency on chinwag-engine does not build its binary, so without this step the tests
@@ -120,7 +125,7 @@ impl Server {
                 }
             }
         });
-        let (addr, backend_addr) = match addr_rx.recv_timeout(WAIT) {
+        let (addr, backend_addr) = match addr_rx.recv_timeout(START_WAIT) {
             Ok((addr, backend_addr)) => (
                 addr.parse().expect("bound address"),
                 backend_addr.parse().expect("bound service address"),
