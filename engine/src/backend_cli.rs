@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{
-    json, ConvId, DeviceId, Frame, History, HistoryRange, Kick, Message, NotifyUsers, Send, SendAs,
-    Seq, ShopId, Target, Uid,
+    json, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange, Kick, Message,
+    NotifyUsers, Send, SendAs, Seq, ShopId, Target, Uid,
 };
 
 #[derive(clap::Args)]
@@ -93,6 +93,44 @@ enum BackendOp {
         #[arg(long, default_value_t = 50)]
         limit: u16,
     },
+    /// Group conversations: create, add, remove (docs/backend.md, "Groups").
+    Group {
+        #[command(subcommand)]
+        op: GroupCmd,
+    },
+    /// Any conversation's type, members (or their count) and last seq (conv_info).
+    Info {
+        /// The conversation.
+        conv: u64,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum GroupCmd {
+    /// Create the group KEY names (once per key) with its first members.
+    Create {
+        /// The service's own id for the group (a retry with it answers with the same group).
+        key: u64,
+        /// The members, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
+    /// Add users to a group.
+    Add {
+        /// The group.
+        conv: u64,
+        /// The users, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
+    /// Remove members from a group.
+    Remove {
+        /// The group.
+        conv: u64,
+        /// The members, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
 }
 
 pub fn run(args: BackendArgs) -> ExitCode {
@@ -138,6 +176,18 @@ pub fn run(args: BackendArgs) -> ExitCode {
             range: after.map_or(HistoryRange::Newest, |s| HistoryRange::After(Seq(s))),
             limit,
         }),
+        BackendOp::Group { op } => match op {
+            GroupCmd::Create { key, users } => Message::GroupCreate(GroupCreate { key, users }),
+            GroupCmd::Add { conv, users } => Message::GroupAdd(GroupMembers {
+                conv: ConvId(conv),
+                users,
+            }),
+            GroupCmd::Remove { conv, users } => Message::GroupRemove(GroupMembers {
+                conv: ConvId(conv),
+                users,
+            }),
+        },
+        BackendOp::Info { conv } => Message::ConvInfo(ConvId(conv)),
     };
     let result = ServiceClient::connect(&args.addr, &args.token).and_then(|mut service| {
         let req = service.send(message)?;

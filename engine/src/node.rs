@@ -192,6 +192,7 @@ fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Own
         store_config.skip_corrupt = config.skip_corrupt_records;
         store_config.body_bytes_max = config.message_bytes_max;
         store_config.cmid_window_entries_max = config.cmid_window_entries_max;
+        store_config.members_max = config.members_max;
         let (store, report) = Store::open(store_config)
             .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
         for (pos, len) in &report.skipped {

@@ -16,9 +16,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind};
 use crate::limits;
 use crate::message::{
-    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
-    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
+    AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
+    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
+    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
+    SendAs, SendOk, StreamBatch, Target,
 };
 
 /// The header's size in bytes.
@@ -170,11 +171,30 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
             out.put_u64(m.conv.0);
             put_uids(out, &m.members)?;
         }
+        Message::MembersDelta(m) => {
+            out.put_u64(m.conv.0);
+            put_uids(out, &m.added)?;
+            put_uids(out, &m.removed)?;
+            out.put_u32(m.count);
+        }
         Message::Kicked(reason) => put_str16(out, reason, "reason")?,
         Message::Error(m) => {
             out.put_u8(m.code as u8);
             put_str16(out, &m.message, "message")?;
         }
+        Message::GroupCreate(m) => {
+            out.put_u64(m.key);
+            put_uids32(out, &m.users)?;
+        }
+        Message::GroupAdd(m) | Message::GroupRemove(m) => {
+            out.put_u64(m.conv.0);
+            put_uids32(out, &m.users)?;
+        }
+        Message::ConvInfo(conv) => out.put_u64(conv.0),
+        Message::GroupCreateOk(info)
+        | Message::GroupAddOk(info)
+        | Message::GroupRemoveOk(info)
+        | Message::ConvInfoOk(info) => put_conv_info(out, info)?,
         Message::Notify(m) => {
             put_str16(out, &m.kind, "kind")?;
             put_str32(out, &m.body)?;
@@ -264,6 +284,36 @@ fn put_send(out: &mut BytesMut, m: &Send<'_>) -> Result<(), EncodeError> {
     put_str16(out, &m.cmid, "cmid")?;
     put_str16(out, &m.kind, "kind")?;
     put_str32(out, &m.body)
+}
+
+/// `u64 conv` · `u8 type` · `u64 shop` (shop only) · `u8 has_key` · `u64 key` (when 1) ·
+/// `u32 member_count` · `u16 n` · `uid` × n · `u64 last_seq` · `u8 created`.
+fn put_conv_info(out: &mut BytesMut, info: &ConvInfo) -> Result<(), EncodeError> {
+    out.put_u64(info.conv.0);
+    put_conv_type(out, info.conv_type);
+    match info.key {
+        None => out.put_u8(0),
+        Some(key) => {
+            out.put_u8(1);
+            out.put_u64(key);
+        }
+    }
+    out.put_u32(info.member_count);
+    put_uids(out, &info.members)?;
+    out.put_u64(info.last_seq.0);
+    out.put_u8(u8::from(info.created));
+    Ok(())
+}
+
+fn put_conv_type(out: &mut BytesMut, conv_type: ConvType) {
+    match conv_type {
+        ConvType::Shop(shop) => {
+            out.put_u8(CONV_SHOP);
+            out.put_u64(shop.0);
+        }
+        ConvType::Direct => out.put_u8(CONV_DIRECT),
+        ConvType::Group => out.put_u8(CONV_GROUP),
+    }
 }
 
 fn put_uids32(out: &mut BytesMut, uids: &[Uid]) -> Result<(), EncodeError> {
@@ -424,6 +474,26 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
         Op::ConvHistory => Message::ConvHistory(r.history()?),
         Op::HistoryOk => Message::HistoryOk(r.history_ok()?),
         Op::ConvHistoryOk => Message::ConvHistoryOk(r.history_ok()?),
+        Op::GroupCreate => Message::GroupCreate(GroupCreate {
+            key: r.u64()?,
+            users: r.uids32()?,
+        }),
+        Op::GroupAdd | Op::GroupRemove => {
+            let members = GroupMembers {
+                conv: ConvId(r.u64()?),
+                users: r.uids32()?,
+            };
+            if op == Op::GroupAdd {
+                Message::GroupAdd(members)
+            } else {
+                Message::GroupRemove(members)
+            }
+        }
+        Op::ConvInfo => Message::ConvInfo(ConvId(r.u64()?)),
+        Op::GroupCreateOk => Message::GroupCreateOk(r.conv_info()?),
+        Op::GroupAddOk => Message::GroupAddOk(r.conv_info()?),
+        Op::GroupRemoveOk => Message::GroupRemoveOk(r.conv_info()?),
+        Op::ConvInfoOk => Message::ConvInfoOk(r.conv_info()?),
         Op::Convs => Message::Convs,
         Op::ConvsOk => {
             let count = r.u32()?;
@@ -468,6 +538,12 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
         Op::Members => Message::Members(Members {
             conv: ConvId(r.u64()?),
             members: r.uids()?,
+        }),
+        Op::MembersDelta => Message::MembersDelta(MembersDelta {
+            conv: ConvId(r.u64()?),
+            added: r.uids()?,
+            removed: r.uids()?,
+            count: r.u32()?,
         }),
         Op::Kicked => Message::Kicked(r.str16("reason")?),
         Op::Error => Message::Error(ErrorReply {
@@ -613,6 +689,42 @@ impl<'a> Reader<'a> {
             uids.push(self.uid()?);
         }
         Ok(uids)
+    }
+
+    fn conv_type(&mut self) -> Result<ConvType, DecodeErrorKind> {
+        Ok(match self.u8()? {
+            CONV_SHOP => ConvType::Shop(ShopId(self.u64()?)),
+            CONV_DIRECT => ConvType::Direct,
+            CONV_GROUP => ConvType::Group,
+            _ => return Err(DecodeErrorKind::BadValue("unknown conversation type")),
+        })
+    }
+
+    fn conv_info(&mut self) -> Result<ConvInfo, DecodeErrorKind> {
+        let conv = ConvId(self.u64()?);
+        let conv_type = self.conv_type()?;
+        let key = match self.u8()? {
+            0 => None,
+            1 => Some(self.u64()?),
+            _ => return Err(DecodeErrorKind::BadValue("key presence byte")),
+        };
+        let member_count = self.u32()?;
+        let members = self.uids()?;
+        let last_seq = Seq(self.u64()?);
+        let created = match self.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeErrorKind::BadValue("created byte")),
+        };
+        Ok(ConvInfo {
+            conv,
+            conv_type,
+            key,
+            members,
+            member_count,
+            last_seq,
+            created,
+        })
     }
 
     /// A `u32` count of uids (1..=[`limits::USERS_PER_REQUEST_MAX`]), then the uids.
@@ -882,6 +994,40 @@ mod tests {
         ]
         .concat();
         assert_eq!(hex(&encoded(&frame)), expected);
+    }
+
+    #[test]
+    fn golden_members_delta_and_group_create() {
+        let frame = Frame::new(Message::MembersDelta(MembersDelta {
+            conv: ConvId(42),
+            added: vec![Uid::new(UidKind::Agent, 7)],
+            removed: vec![],
+            count: 201,
+        }));
+        let expected = [
+            "0000002901c70000",
+            "0000000000000000",
+            "000000000000002a",
+            "0001020000000000000007",
+            "0000",
+            "000000c9",
+        ];
+        assert_eq!(hex(&encoded(&frame)), expected.concat());
+        let frame = Frame::with_req(
+            3,
+            Message::GroupCreate(GroupCreate {
+                key: 77,
+                users: vec![Uid::new(UidKind::Buyer, 1001)],
+            }),
+        );
+        let expected = [
+            "0000002501300001",
+            "0000000000000003",
+            "000000000000004d",
+            "00000001",
+            "0000000000000003e9",
+        ];
+        assert_eq!(hex(&encoded(&frame)), expected.concat());
     }
 
     #[test]

@@ -16,10 +16,10 @@ use serde::Deserialize;
 use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
 use crate::limits;
 use crate::message::{
-    AuthOk, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode, ErrorReply,
-    Frame, History, HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StreamBatch, Target,
-    HISTORY_LIMIT_DEFAULT,
+    AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
+    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
+    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
+    SendAs, SendOk, StreamBatch, Target, HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -99,6 +99,17 @@ struct RawFrame<'a> {
     convs: Option<Vec<RawConv<'a>>>,
     #[serde(borrow)]
     members: Option<Vec<Text<'a>>>,
+    #[serde(borrow)]
+    key: Option<Text<'a>>,
+    #[serde(rename = "type", borrow)]
+    conv_type: Option<Text<'a>>,
+    member_count: Option<u64>,
+    last_seq: Option<u64>,
+    created: Option<bool>,
+    #[serde(borrow)]
+    added: Option<Vec<Text<'a>>>,
+    #[serde(borrow)]
+    removed: Option<Vec<Text<'a>>>,
     #[serde(borrow)]
     reason: Option<Text<'a>>,
     #[serde(borrow)]
@@ -237,6 +248,23 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
         Op::ConvHistory => Message::ConvHistory(history_from_raw(&raw)?),
         Op::HistoryOk => Message::HistoryOk(history_ok_from_raw(raw)?),
         Op::ConvHistoryOk => Message::ConvHistoryOk(history_ok_from_raw(raw)?),
+        Op::GroupCreate => Message::GroupCreate(GroupCreate {
+            key: parse_field(&raw.key, "key")?,
+            users: users_from_raw(&raw.users)?,
+        }),
+        Op::GroupAdd => Message::GroupAdd(GroupMembers {
+            conv: conv()?,
+            users: users_from_raw(&raw.users)?,
+        }),
+        Op::GroupRemove => Message::GroupRemove(GroupMembers {
+            conv: conv()?,
+            users: users_from_raw(&raw.users)?,
+        }),
+        Op::ConvInfo => Message::ConvInfo(conv()?),
+        Op::GroupCreateOk => Message::GroupCreateOk(conv_info_from_raw(&raw)?),
+        Op::GroupAddOk => Message::GroupAddOk(conv_info_from_raw(&raw)?),
+        Op::GroupRemoveOk => Message::GroupRemoveOk(conv_info_from_raw(&raw)?),
+        Op::ConvInfoOk => Message::ConvInfoOk(conv_info_from_raw(&raw)?),
         Op::Convs => Message::Convs,
         Op::ConvsOk => Message::ConvsOk(
             need(raw.convs, "convs")?
@@ -263,6 +291,12 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
         Op::Members => Message::Members(Members {
             conv: conv()?,
             members: parse_uids(&need(raw.members, "members")?)?,
+        }),
+        Op::MembersDelta => Message::MembersDelta(MembersDelta {
+            conv: conv()?,
+            added: parse_uids(&need(raw.added, "added")?)?,
+            removed: parse_uids(&need(raw.removed, "removed")?)?,
+            count: count_from_raw(raw.count)?,
         }),
         Op::Kicked => Message::Kicked(need_text(raw.reason, "reason")?),
         Op::Error => Message::Error(ErrorReply {
@@ -459,6 +493,46 @@ fn msg_from_raw(raw: RawMsg<'_>) -> Result<Msg<'_>, DecodeErrorKind> {
     })
 }
 
+fn conv_info_from_raw(raw: &RawFrame<'_>) -> Result<ConvInfo, DecodeErrorKind> {
+    let conv_type = conv_type_from_raw(&need_ref(&raw.conv_type, "type")?.0, &raw.shop)?;
+    let key = match (&raw.key, conv_type) {
+        (None, ConvType::Group) => return Err(DecodeErrorKind::MissingField("key")),
+        (None, _) => None,
+        (Some(_), ConvType::Group) => Some(parse_field(&raw.key, "key")?),
+        (Some(_), _) => return Err(DecodeErrorKind::BadValue("key (only a group has one)")),
+    };
+    Ok(ConvInfo {
+        conv: parse_field(&raw.conv, "conv")?,
+        conv_type,
+        key,
+        members: parse_uids(need_ref(&raw.members, "members")?)?,
+        member_count: u32::try_from(need(raw.member_count, "member_count")?)
+            .map_err(|_| DecodeErrorKind::BadValue("member_count"))?,
+        last_seq: Seq(need(raw.last_seq, "last_seq")?),
+        created: need(raw.created, "created")?,
+    })
+}
+
+fn need_ref<'r, T>(field: &'r Option<T>, name: &'static str) -> Result<&'r T, DecodeErrorKind> {
+    field.as_ref().ok_or(DecodeErrorKind::MissingField(name))
+}
+
+fn conv_type_from_raw(
+    conv_type: &str,
+    shop: &Option<Text<'_>>,
+) -> Result<ConvType, DecodeErrorKind> {
+    Ok(match (conv_type, shop) {
+        ("shop", Some(shop)) => ConvType::Shop(parse_str::<ShopId>(shop, "shop")?),
+        ("direct", None) => ConvType::Direct,
+        ("group", None) => ConvType::Group,
+        _ => {
+            return Err(DecodeErrorKind::BadValue(
+                "type (shop needs a shop, others none)",
+            ))
+        }
+    })
+}
+
 fn conv_from_raw(raw: RawConv<'_>) -> Result<ConvSummary<'_>, DecodeErrorKind> {
     let conv_type = match (&*raw.conv_type, &raw.shop) {
         ("shop", Some(shop)) => ConvType::Shop(parse_str::<ShopId>(shop, "shop")?),
@@ -533,6 +607,35 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             }
             w.num("limit", u64::from(m.limit));
         }
+        Message::GroupCreate(m) => {
+            w.key("key");
+            w.quoted_decimal(m.key);
+            w.uids("users", &m.users);
+        }
+        Message::GroupAdd(m) | Message::GroupRemove(m) => {
+            w.display("conv", m.conv);
+            w.uids("users", &m.users);
+        }
+        Message::ConvInfo(conv) => w.display("conv", *conv),
+        Message::GroupCreateOk(info)
+        | Message::GroupAddOk(info)
+        | Message::GroupRemoveOk(info)
+        | Message::ConvInfoOk(info) => {
+            w.display("conv", info.conv);
+            w.str("type", info.conv_type.name());
+            if let ConvType::Shop(shop) = info.conv_type {
+                w.display("shop", shop);
+            }
+            if let Some(key) = info.key {
+                w.key("key");
+                w.quoted_decimal(key);
+            }
+            w.uids("members", &info.members);
+            w.num("member_count", u64::from(info.member_count));
+            w.num("last_seq", info.last_seq.0);
+            w.key("created");
+            w.raw(if info.created { "true" } else { "false" });
+        }
         Message::HistoryOk(m) | Message::ConvHistoryOk(m) => {
             w.display("conv", m.conv);
             w.raw(",\"msgs\":[");
@@ -587,6 +690,12 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         Message::Members(m) => {
             w.display("conv", m.conv);
             w.uids("members", &m.members);
+        }
+        Message::MembersDelta(m) => {
+            w.display("conv", m.conv);
+            w.uids("added", &m.added);
+            w.uids("removed", &m.removed);
+            w.num("count", u64::from(m.count));
         }
         Message::Kicked(reason) => w.str("reason", reason),
         Message::Error(m) => {
@@ -679,6 +788,13 @@ impl Writer<'_> {
     fn num(&mut self, key: &str, n: u64) {
         self.key(key);
         self.decimal(n);
+    }
+
+    /// A u64 id that is no typed id (a group key) as a JSON string.
+    fn quoted_decimal(&mut self, n: u64) {
+        self.raw("\"");
+        self.decimal(n);
+        self.raw("\"");
     }
 
     fn decimal(&mut self, n: u64) {
@@ -1049,7 +1165,7 @@ mod tests {
         #[test]
         fn decoder_never_panics_on_json_shaped_text(
             fields in proptest::collection::vec(
-                ("(op|req|conv|shop|user|cmid|kind|body|seq|before|after|limit|token|device|members|msgs|convs|code|message|reason|uid|from|ts|type|last)",
+                ("(op|req|conv|shop|user|cmid|kind|body|seq|before|after|limit|token|device|members|added|removed|count|msgs|convs|code|message|reason|uid|from|ts|type|last)",
                  "(\"[a-z0-9:_]{0,12}\"|-?[0-9]{1,22}|null|true|\\[\\]|\\{\\}|1\\.5|\\[\"buyer:1\"\\])"),
                 0..8)
         ) {

@@ -48,3 +48,9 @@ pub(crate) fn check_history_limit(limit: u64) -> Result<u16, DecodeErrorKind> {
         _ => Err(DecodeErrorKind::BadValue("limit must be in 1..=200")),
     }
 }
+
+/// A group with more members than this is "large": a change of its members is pushed as
+/// `members_delta` (who joined, who left, the new count) instead of the whole list, and a
+/// member's `read` sends its `receipt` only to the reader's own other devices, not to every
+/// other member (docs/protocol.md, "Groups").
+pub const GROUP_FULL_LIST_MAX: usize = 200;

@@ -90,6 +90,9 @@ pub enum Message<'a> {
     Receipt(Receipt),
     /// `members` (push): a conversation's member list changed.
     Members(Members),
+    /// `members_delta` (push): members joined or left a large group (over
+    /// [`crate::limits::GROUP_FULL_LIST_MAX`] members), sent instead of its whole list.
+    MembersDelta(MembersDelta),
     /// `kicked` (push): this device logged in elsewhere or was kicked.
     Kicked(Cow<'a, str>),
     /// `error` (push or reply): a request failed.
@@ -126,6 +129,24 @@ pub enum Message<'a> {
     Subscribe(Cow<'a, str>),
     /// `stream_batch` (reply to `subscribe`, repeated): stored messages and the position after them.
     StreamBatch(StreamBatch<'a>),
+
+    // Group conversations (docs/backend.md, "Groups"): requests 0x30..=0x3f.
+    /// `group_create` (service → server): a group, once per key.
+    GroupCreate(GroupCreate),
+    /// `group_create_ok` (reply): the group (`created` false if the key had one).
+    GroupCreateOk(ConvInfo),
+    /// `group_add` (service → server): add users to a group.
+    GroupAdd(GroupMembers),
+    /// `group_add_ok` (reply): the group after the change.
+    GroupAddOk(ConvInfo),
+    /// `group_remove` (service → server): remove members from a group.
+    GroupRemove(GroupMembers),
+    /// `group_remove_ok` (reply): the group after the change.
+    GroupRemoveOk(ConvInfo),
+    /// `conv_info` (service → server): any conversation's type, members and last seq.
+    ConvInfo(ConvId),
+    /// `conv_info_ok` (reply): the conversation.
+    ConvInfoOk(ConvInfo),
 }
 
 /// The `op` of every message, with its JSON name and binary code.
@@ -170,6 +191,8 @@ pub enum Op {
     Kicked = 0xc4,
     /// `error`
     Error = 0xc5,
+    /// `members_delta`
+    MembersDelta = 0xc7,
     /// `notify`
     Notify = 0xc6,
     /// `auth`
@@ -200,11 +223,27 @@ pub enum Op {
     PresenceOk = 0x94,
     /// `conv_history_ok`
     ConvHistoryOk = 0x95,
+    /// `group_create`
+    GroupCreate = 0x30,
+    /// `group_add`
+    GroupAdd = 0x31,
+    /// `group_remove`
+    GroupRemove = 0x32,
+    /// `conv_info`
+    ConvInfo = 0x33,
+    /// `group_create_ok`
+    GroupCreateOk = 0xb0,
+    /// `group_add_ok`
+    GroupAddOk = 0xb1,
+    /// `group_remove_ok`
+    GroupRemoveOk = 0xb2,
+    /// `conv_info_ok`
+    ConvInfoOk = 0xb3,
 }
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 34] = [
+    pub const ALL: [Op; 43] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -224,6 +263,7 @@ impl Op {
         Op::Members,
         Op::Kicked,
         Op::Error,
+        Op::MembersDelta,
         Op::Notify,
         Op::Auth,
         Op::SendAs,
@@ -239,6 +279,14 @@ impl Op {
         Op::ConvHistoryOk,
         Op::Subscribe,
         Op::StreamBatch,
+        Op::GroupCreate,
+        Op::GroupAdd,
+        Op::GroupRemove,
+        Op::ConvInfo,
+        Op::GroupCreateOk,
+        Op::GroupAddOk,
+        Op::GroupRemoveOk,
+        Op::ConvInfoOk,
     ];
 
     /// The op with this binary code.
@@ -272,6 +320,7 @@ impl Op {
             Op::Receipt => "receipt",
             Op::Members => "members",
             Op::Kicked => "kicked",
+            Op::MembersDelta => "members_delta",
             Op::Error => "error",
             Op::Notify => "notify",
             Op::Auth => "auth",
@@ -288,6 +337,14 @@ impl Op {
             Op::ConvHistoryOk => "conv_history_ok",
             Op::Subscribe => "subscribe",
             Op::StreamBatch => "stream_batch",
+            Op::GroupCreate => "group_create",
+            Op::GroupAdd => "group_add",
+            Op::GroupRemove => "group_remove",
+            Op::ConvInfo => "conv_info",
+            Op::GroupCreateOk => "group_create_ok",
+            Op::GroupAddOk => "group_add_ok",
+            Op::GroupRemoveOk => "group_remove_ok",
+            Op::ConvInfoOk => "conv_info_ok",
         }
     }
 
@@ -330,6 +387,7 @@ impl Message<'_> {
             Message::Msg(_) => Op::Msg,
             Message::Receipt(_) => Op::Receipt,
             Message::Members(_) => Op::Members,
+            Message::MembersDelta(_) => Op::MembersDelta,
             Message::Kicked(_) => Op::Kicked,
             Message::Error(_) => Op::Error,
             Message::Notify(_) => Op::Notify,
@@ -347,6 +405,14 @@ impl Message<'_> {
             Message::ConvHistoryOk(_) => Op::ConvHistoryOk,
             Message::Subscribe(_) => Op::Subscribe,
             Message::StreamBatch(_) => Op::StreamBatch,
+            Message::GroupCreate(_) => Op::GroupCreate,
+            Message::GroupCreateOk(_) => Op::GroupCreateOk,
+            Message::GroupAdd(_) => Op::GroupAdd,
+            Message::GroupAddOk(_) => Op::GroupAddOk,
+            Message::GroupRemove(_) => Op::GroupRemove,
+            Message::GroupRemoveOk(_) => Op::GroupRemoveOk,
+            Message::ConvInfo(_) => Op::ConvInfo,
+            Message::ConvInfoOk(_) => Op::ConvInfoOk,
         }
     }
 
@@ -383,6 +449,7 @@ impl Message<'_> {
             Message::Msg(m) => Message::Msg(m.into_owned()),
             Message::Receipt(m) => Message::Receipt(m),
             Message::Members(m) => Message::Members(m),
+            Message::MembersDelta(m) => Message::MembersDelta(m),
             Message::Kicked(reason) => Message::Kicked(own(reason)),
             Message::Error(m) => Message::Error(ErrorReply {
                 code: m.code,
@@ -416,6 +483,14 @@ impl Message<'_> {
             Message::Presence(users) => Message::Presence(users),
             Message::PresenceOk(online) => Message::PresenceOk(online),
             Message::ConvHistory(m) => Message::ConvHistory(m),
+            Message::GroupCreate(m) => Message::GroupCreate(m),
+            Message::GroupCreateOk(m) => Message::GroupCreateOk(m),
+            Message::GroupAdd(m) => Message::GroupAdd(m),
+            Message::GroupAddOk(m) => Message::GroupAddOk(m),
+            Message::GroupRemove(m) => Message::GroupRemove(m),
+            Message::GroupRemoveOk(m) => Message::GroupRemoveOk(m),
+            Message::ConvInfo(m) => Message::ConvInfo(m),
+            Message::ConvInfoOk(m) => Message::ConvInfoOk(m),
             Message::ConvHistoryOk(m) => Message::ConvHistoryOk(HistoryOk {
                 conv: m.conv,
                 msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
@@ -639,6 +714,58 @@ pub struct Members {
     pub conv: ConvId,
     /// Its members now.
     pub members: Vec<Uid>,
+}
+
+/// `group_create`: make the group `key` names, with its first members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCreate {
+    /// The service's own id for the group: creating the same key again answers with the same
+    /// group and changes nothing.
+    pub key: u64,
+    /// Its first members (distinct), 1..=[`crate::limits::USERS_PER_REQUEST_MAX`].
+    pub users: Vec<Uid>,
+}
+
+/// `group_add` / `group_remove`: users joining or leaving a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMembers {
+    /// The group.
+    pub conv: ConvId,
+    /// The users, 1..=[`crate::limits::USERS_PER_REQUEST_MAX`].
+    pub users: Vec<Uid>,
+}
+
+/// A conversation as a service sees it (the reply of every group op and of `conv_info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvInfo {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Its type (and shop, for shop conversations).
+    pub conv_type: ConvType,
+    /// For a group: the key it was created with.
+    pub key: Option<u64>,
+    /// Every member when there are at most [`crate::limits::GROUP_FULL_LIST_MAX`]; otherwise
+    /// empty, and `member_count` says how many.
+    pub members: Vec<Uid>,
+    /// How many members it has.
+    pub member_count: u32,
+    /// The seq of its newest message (0 when empty).
+    pub last_seq: Seq,
+    /// For `group_create_ok`: whether this request made the group (false: the key had one).
+    pub created: bool,
+}
+
+/// `members_delta`: who joined and who left a large group, and how many members it has now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersDelta {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Users who became members.
+    pub added: Vec<Uid>,
+    /// Users who are members no longer.
+    pub removed: Vec<Uid>,
+    /// The number of members after the change.
+    pub count: u32,
 }
 
 /// `notify`: a transient push from a backend service (not stored, no seq).
@@ -920,6 +1047,32 @@ pub(crate) mod strategies {
             })
     }
 
+    fn conv_info() -> impl Strategy<Value = ConvInfo> {
+        (
+            any::<u64>(),
+            prop_oneof![
+                any::<u64>().prop_map(|s| (ConvType::Shop(ShopId(s)), None)),
+                Just((ConvType::Direct, None)),
+                any::<u64>().prop_map(|k| (ConvType::Group, Some(k))),
+            ],
+            vec(uid(), 0..5),
+            any::<u32>(),
+            any::<u64>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(c, (conv_type, key), members, member_count, last_seq, created)| ConvInfo {
+                    conv: ConvId(c),
+                    conv_type,
+                    key,
+                    members,
+                    member_count,
+                    last_seq: Seq(last_seq),
+                    created,
+                },
+            )
+    }
+
     fn conv_summary() -> impl Strategy<Value = ConvSummary<'static>> {
         (
             any::<u64>(),
@@ -1054,6 +1207,20 @@ pub(crate) mod strategies {
                 conv: ConvId(c),
                 members
             })),
+            (
+                any::<u64>(),
+                vec(uid(), 0..4),
+                vec(uid(), 0..4),
+                any::<u32>()
+            )
+                .prop_map(|(c, added, removed, count)| Message::MembersDelta(
+                    MembersDelta {
+                        conv: ConvId(c),
+                        added,
+                        removed,
+                        count
+                    }
+                )),
             text().prop_map(Message::Kicked),
             (0usize..9, text()).prop_map(|(i, message)| Message::Error(ErrorReply {
                 code: ErrorCode::ALL[i],
@@ -1122,6 +1289,27 @@ pub(crate) mod strategies {
             )
             .prop_map(Message::PresenceOk),
             history().prop_map(Message::ConvHistory),
+            (any::<u64>(), vec(uid(), 1..4))
+                .prop_map(|(key, users)| Message::GroupCreate(GroupCreate { key, users })),
+            (any::<u64>(), vec(uid(), 1..4)).prop_map(|(c, users)| Message::GroupAdd(
+                GroupMembers {
+                    conv: ConvId(c),
+                    users
+                }
+            )),
+            (any::<u64>(), vec(uid(), 1..4)).prop_map(|(c, users)| Message::GroupRemove(
+                GroupMembers {
+                    conv: ConvId(c),
+                    users
+                }
+            )),
+            any::<u64>().prop_map(|c| Message::ConvInfo(ConvId(c))),
+            (0u8..4, conv_info()).prop_map(|(which, info)| match which {
+                0 => Message::GroupCreateOk(info),
+                1 => Message::GroupAddOk(info),
+                2 => Message::GroupRemoveOk(info),
+                _ => Message::ConvInfoOk(info),
+            }),
             (any::<u64>(), vec(msg(), 0..4)).prop_map(|(c, msgs)| Message::ConvHistoryOk(
                 HistoryOk {
                     conv: ConvId(c),
@@ -1176,8 +1364,8 @@ mod tests {
         for op in Op::ALL.into_iter().filter(|op| op.is_service()) {
             let code = op as u8 & 0x7f;
             assert!(
-                (0x10..=0x2f).contains(&code),
-                "{op}: backend ops are 0x10..=0x2f"
+                (0x10..=0x3f).contains(&code),
+                "{op}: service ops are 0x10..=0x2f, group ops 0x30..=0x3f"
             );
         }
         assert!(!Op::Notify.is_service(), "notify is a client push");

@@ -205,9 +205,12 @@ fn every_op_has_a_json_and_a_hex_example() {
             }
         }
     }
+    // The client contract's ops. The service port's (codes 0x10..=0x3f and their replies) are
+    // documented in docs/backend.md; that document's examples are not checked here yet.
     let missing = |have: &[Op]| -> Vec<&str> {
         Op::ALL
             .into_iter()
+            .filter(|op| !op.is_service())
             .filter(|op| !have.contains(op))
             .map(Op::name)
             .collect()

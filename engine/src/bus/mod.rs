@@ -10,6 +10,7 @@
 //! | a user's devices and which session holds each device | `hash(uid)` |
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
+//! | a group conversation, while the service creates it | `hash(group key)` |
 //! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
 //!
 //! A session's shard posts a client's request to the owner (handled in place when it is
@@ -35,7 +36,7 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
-use placement::Placed;
+use placement::{GroupKey, Placed};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
 /// without a lookup. That bounds a node to 256 shards.
@@ -213,6 +214,8 @@ pub enum BusMsg {
         agent: Uid,
     },
 
+    /// A backend service's operation on group conversations (create, add, remove, info).
+    Group(Box<GroupRequest>),
     /// A WeChat customer's message, accepted by the callback endpoint on any shard: for the
     /// owner of its shop, to store and dispatch as a buyer's.
     WechatInbound(Box<crate::wechat::endpoint::Inbound>),
@@ -311,6 +314,33 @@ pub struct SendRequest {
     pub body: String,
 }
 
+/// A service's operation on group conversations. Members lists are at most
+/// [`GROUP_MEMBERS_PER_REQUEST_MAX`] long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOp {
+    /// Creates the group `key` names with `members` (distinct); if the key has a group
+    /// already, answers with that one and changes nothing.
+    Create { key: u64, members: Vec<Uid> },
+    /// Adds `members` to a group (users who are members already are left as they are).
+    Add { conv: ConvId, members: Vec<Uid> },
+    /// Removes `members` from a group; each must be a member.
+    Remove { conv: ConvId, members: Vec<Uid> },
+    /// A conversation's type, members (or their count) and last seq; any conversation type.
+    Info { conv: ConvId },
+}
+
+/// The most users one group operation may name: it bounds a request and the `members_delta`
+/// push it causes.
+pub const GROUP_MEMBERS_PER_REQUEST_MAX: usize = 1_000;
+
+/// A [`GroupOp`] and the service that asked (an [`Origin`] with `service` set: the reply
+/// goes to its connection like any acknowledgement).
+#[derive(Debug)]
+pub struct GroupRequest {
+    pub origin: Origin,
+    pub op: GroupOp,
+}
+
 impl BusMsg {
     /// The client request's origin, for requests a client made.
     pub fn origin(&self) -> Option<&Origin> {
@@ -357,6 +387,12 @@ impl BusMsg {
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }
             | BusMsg::PresencePart { session, .. } => session.shard as usize,
+            BusMsg::Group(request) => match &request.op {
+                GroupOp::Create { key, .. } => owner_of(&GroupKey(*key), shards),
+                GroupOp::Add { conv, .. }
+                | GroupOp::Remove { conv, .. }
+                | GroupOp::Info { conv } => owner_of_conv(*conv),
+            },
             BusMsg::Push(_) => return None,
         })
     }

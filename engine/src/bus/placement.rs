@@ -17,6 +17,7 @@
 //! | user | `b'u'`, uid (10 bytes) |
 //! | shop | `b's'`, shop id `u64` (9 bytes) |
 //! | pair of users (direct conversation) | `b'p'`, the smaller uid, the larger uid, ordered by (kind code, id) (19 bytes) |
+//! | group (by the service's key) | `b'g'`, key `u64` (9 bytes) |
 
 use chinwag_protocol::{ShopId, Uid, UidKind};
 
@@ -75,6 +76,19 @@ impl Placed for ShopId {
     }
 }
 
+/// A group conversation, by the key the service creates it with: creating the same key again
+/// reaches the same shard, which answers with the group it made the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupKey(pub u64);
+
+impl Placed for GroupKey {
+    fn encode(&self, out: &mut [u8; KEY_BYTES_MAX]) -> usize {
+        out[0] = b'g';
+        out[1..9].copy_from_slice(&self.0.to_le_bytes());
+        9
+    }
+}
+
 /// The two users of a direct conversation, in either order.
 impl Placed for (Uid, Uid) {
     fn encode(&self, out: &mut [u8; KEY_BYTES_MAX]) -> usize {
@@ -111,7 +125,7 @@ mod tests {
     /// update them; a new placement is a new data format.
     #[test]
     fn placement_test_vectors() {
-        let vectors: [(&dyn Placed, u64, usize); 6] = [
+        let vectors: [(&dyn Placed, u64, usize); 7] = [
             (&uid(UidKind::Buyer, 1), 0xe658_d460_f428_275b, 0),
             (&uid(UidKind::Agent, 8), 0xd840_dff9_b24a_182b, 0),
             (&uid(UidKind::Service, u64::MAX), 0xe765_9048_9989_0f21, 0),
@@ -122,6 +136,7 @@ mod tests {
                 0x052c_3cf9_d6c0_1431,
                 3,
             ),
+            (&GroupKey(12), 0x466a_3119_3fa1_1fd0, 6),
         ];
         for (i, (key, hash, shard_of_7)) in vectors.into_iter().enumerate() {
             assert_eq!(

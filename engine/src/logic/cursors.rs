@@ -1,7 +1,10 @@
 //! Read cursors: `read` moves a member's cursor forward (never back), answers `read_ok` and
-//! pushes a `receipt` to the other members' devices when it moved.
+//! pushes a `receipt` to the other members' devices when it moved (in a conversation of more
+//! than `GROUP_FULL_LIST_MAX` members, only to the reader's own other devices).
 
+use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
 use chinwag_protocol::{Cursor, ErrorCode, Message, Receipt};
+use smallvec::SmallVec;
 
 use super::{store_error, Owner};
 use crate::bus::{Fanout, Origin};
@@ -21,7 +24,12 @@ impl Owner {
         let ok = origin.reply(Message::ReadOk(Cursor { conv, seq: after }));
         self.ack(origin, ok);
         if after > before {
-            let members = self.members(conv);
+            let mut members = self.members(conv);
+            // In a large group every read would be a push to every member (members² in all):
+            // the reader's other devices still learn it, the other members do not.
+            if members.len() > GROUP_FULL_LIST_MAX {
+                members = SmallVec::from_slice(&[origin.uid]);
+            }
             self.fanout(Fanout::new(
                 members,
                 Some(origin.device),

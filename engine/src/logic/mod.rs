@@ -15,12 +15,14 @@
 //! - [`reads`]: `history` pages and this shard's part of `convs`;
 //! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
 //!   coming online);
+//! - [`groups`]: group conversations for backend services (create, add, remove, info).
 //! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
 //!   commit), notices of replies that did not reach WeChat.
 
 mod cursors;
 mod devices;
 pub mod dispatch;
+mod groups;
 mod reads;
 mod send;
 mod shop;
@@ -36,7 +38,9 @@ use bytes::Bytes;
 use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
-use crate::bus::{owner_of_conv, BusMsg, Fanout, Origin, SendRequest, SessionRef, CONV_SHARD_BITS};
+use crate::bus::{
+    owner_of_conv, BusMsg, Fanout, GroupRequest, Origin, SendRequest, SessionRef, CONV_SHARD_BITS,
+};
 use crate::store::{Store, StoreError};
 use dispatch::Dispatcher;
 
@@ -249,6 +253,12 @@ impl Owner {
             } => self.unregister(session, device),
             BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
+            BusMsg::Group(request) => {
+                let GroupRequest { origin, op } = *request;
+                if let Err((code, text)) = self.group(&origin, op) {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
+            }
             BusMsg::WechatInbound(inbound) => self.wechat_inbound(*inbound, now_ms),
             BusMsg::WechatUndelivered(u) => {
                 self.wechat_notice(u.conv, u.seq, &u.undelivered, now_ms)
@@ -312,6 +322,16 @@ impl Owner {
         }
     }
 
+    /// The conversation, if it is here.
+    fn local_conv(&self, conv: ConvId) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        let found = if owner_of_conv(conv) == self.shard {
+            self.store.conv(conv)
+        } else {
+            None
+        };
+        found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))
+    }
+
     /// The conversation, if it is here and `origin` may read it: a member, or a service.
     fn readable_conv(
         &self,
@@ -321,10 +341,7 @@ impl Owner {
         if !origin.service {
             return self.member_conv(conv, origin.uid);
         }
-        let found = (owner_of_conv(conv) == self.shard)
-            .then(|| self.store.conv(conv))
-            .flatten();
-        found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))
+        self.local_conv(conv)
     }
 
     /// The conversation, if it is here and `uid` is a member.
@@ -333,12 +350,7 @@ impl Owner {
         conv: ConvId,
         uid: Uid,
     ) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
-        let found = if owner_of_conv(conv) == self.shard {
-            self.store.conv(conv)
-        } else {
-            None
-        };
-        let c = found.ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))?;
+        let c = self.local_conv(conv)?;
         if !c.members().contains(&uid) {
             return Err((
                 ErrorCode::NotMember,

@@ -9,7 +9,7 @@ use chinwag_protocol::{
 
 use super::{store_error, Owner};
 use crate::bus::{reply_size, Origin, SessionRef, StreamPart, STREAM_NOW};
-use crate::store::{ConvKind, HistoryFrom, MessageRef, ScanError};
+use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef, ScanError};
 
 /// Log records one stream read looks at, so one subscriber's read is a bounded share of a
 /// shard's turn.
@@ -97,11 +97,7 @@ impl Owner {
                     .and_then(|m| m.first().map(to_msg));
                 Some(ConvSummary {
                     conv: id,
-                    conv_type: match (c.kind(), c.shop()) {
-                        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
-                        (ConvKind::Group, _) => ConvType::Group,
-                        _ => ConvType::Direct,
-                    },
+                    conv_type: conv_type(c),
                     members: c.members().to_vec(),
                     last_seq,
                     read_seq,
@@ -110,6 +106,15 @@ impl Owner {
                 })
             })
             .collect()
+    }
+}
+
+/// A conversation's type as the protocol names it.
+pub(super) fn conv_type(c: &Conversation) -> ConvType {
+    match (c.kind(), c.shop()) {
+        (ConvKind::Shop, Some(shop)) => ConvType::Shop(shop),
+        (ConvKind::Group, _) => ConvType::Group,
+        _ => ConvType::Direct,
     }
 }
 

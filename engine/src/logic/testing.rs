@@ -8,7 +8,9 @@ use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
 
 use super::Owner;
-use crate::bus::{BusMsg, Origin, SessionRef};
+use chinwag_protocol::{ConvInfo, Message};
+
+use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, SessionRef};
 use crate::store::{Store, StoreConfig};
 
 /// The shard the owner under test is.
@@ -85,6 +87,40 @@ impl Harness {
         }
     }
 
+    /// A service's group operation in one turn: what went out, and the service's answer.
+    pub fn group(&mut self, op: GroupOp) -> (Vec<(usize, BusMsg)>, GroupAnswer) {
+        let origin = Origin {
+            session: self.new_session(),
+            uid: Uid::new(UidKind::Service, 1),
+            device: DeviceId::from_u64(1).expect("a device id"),
+            encoding: Encoding::Json,
+            req: Some(7),
+            service: true,
+            received: std::time::Instant::now(),
+        };
+        let mut out = self.turn(BusMsg::Group(Box::new(GroupRequest { origin, op })));
+        let answers = replies(&out, origin.session);
+        assert_eq!(answers.len(), 1, "one answer: {answers:?}");
+        out.retain(|(_, m)| !matches!(m, BusMsg::Deliver { to, .. } if *to == origin.session));
+        let frame = chinwag_protocol::json::decode(&answers[0]).expect("the answer decodes");
+        assert_eq!(frame.req, Some(7), "the answer names the request");
+        let result = match frame.message {
+            Message::GroupCreateOk(info)
+            | Message::GroupAddOk(info)
+            | Message::GroupRemoveOk(info)
+            | Message::ConvInfoOk(info) => Ok(info),
+            Message::Error(e) => Err((e.code, e.message.into_owned())),
+            other => panic!("not a group answer: {other:?}"),
+        };
+        (out, result)
+    }
+
+    /// Creates a group (whose key this owner owns) and returns it.
+    pub fn create_group(&mut self, key: u64, members: Vec<Uid>) -> chinwag_protocol::ConvId {
+        let (_, info) = self.group(GroupOp::Create { key, members });
+        info.expect("the group is created").conv
+    }
+
     /// Makes the next commit fail.
     pub fn fail_next_commit(&mut self) {
         self.owner.fail_next_commit = true;
@@ -158,6 +194,9 @@ pub fn replies(out: &[(usize, BusMsg)], session: SessionRef) -> Vec<String> {
         })
         .collect()
 }
+
+/// A service's answer to a group operation: the conversation, or the error's code and text.
+pub type GroupAnswer = Result<ConvInfo, (chinwag_protocol::ErrorCode, String)>;
 
 /// One push as the tests see it: the shards it goes to, its users, the device left out, and
 /// its JSON text.

@@ -159,6 +159,11 @@ settings! {
      per shard is about 56 bytes each"
     #[arg(value_name = "N")]
     cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
+    "Members one conversation may have (a group's limit; at most 65535); a group operation \
+     that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
+     record (which must fit a log segment) and about 24 in each of its members' convs replies"
+    #[arg(value_name = "N")]
+    members_max: usize = 1_000, "1000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -234,6 +239,7 @@ impl Config {
                 "cmid_window_entries_max",
                 self.cmid_window_entries_max as u64,
             ),
+            ("members_max", self.members_max as u64),
             (
                 "backend_frame_bytes_max",
                 self.backend_frame_bytes_max as u64,
@@ -245,6 +251,23 @@ impl Config {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
+        }
+        // The log stores a conversation's member count in 16 bits.
+        if self.members_max > usize::from(u16::MAX) {
+            return Err(format!(
+                "members_max must be at most {}, not {}",
+                u16::MAX,
+                self.members_max
+            ));
+        }
+        // A group's creation record lists its members (16 bytes each, after a 32-byte head)
+        // and must fit one segment beside the segment's 64-byte header.
+        let group_record_bytes = 64 + 32 + 16 * self.members_max as u64;
+        if group_record_bytes > self.log_segment_bytes {
+            return Err(format!(
+                "log_segment_bytes ({}) must hold a group of members_max ({}) members: {} bytes",
+                self.log_segment_bytes, self.members_max, group_record_bytes
+            ));
         }
         // An echo or a push of the largest message must fit in the queue, or a well-behaved
         // client sending big messages would be cut off for no fault of its own.
@@ -491,6 +514,23 @@ mod tests {
         let refused = dev_tokens("0.0.0.0:7000").unwrap_err();
         assert!(refused.contains("loopback"), "{refused}");
         assert!(dev_tokens("192.168.1.2:7000").is_err());
+        let small_segments = ServeArgs {
+            log_segment_bytes: Some(65_536),
+            members_max: Some(10_000),
+            ..ServeArgs::default()
+        };
+        let refused = Config::load(small_segments, env(&[])).unwrap_err();
+        assert!(refused.contains("members_max"), "{refused}");
+        for members in ["0", "65536"] {
+            assert!(
+                Config::load(
+                    ServeArgs::default(),
+                    env(&[("CHINWAG_MEMBERS_MAX", members)])
+                )
+                .is_err(),
+                "members_max {members}"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();

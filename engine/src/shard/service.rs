@@ -36,8 +36,8 @@ use mio::Token;
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::{
-    self, owner_of, stream_position, BusMsg, Fanout, Origin, SendRequest, SessionRef, StreamPart,
-    STREAM_NOW,
+    self, owner_of, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest,
+    SessionRef, StreamPart, STREAM_NOW,
 };
 
 /// A [`SessionRef`] slot with this bit set names a service connection, not a client session.
@@ -273,6 +273,30 @@ impl ServiceConn {
                 };
                 self.post_to_owner(req, request, ctx);
             }
+            Message::GroupCreate(m) => {
+                let op = GroupOp::Create {
+                    key: m.key,
+                    members: m.users,
+                };
+                self.post_group(origin(service), op, ctx);
+            }
+            Message::GroupAdd(m) => {
+                let op = GroupOp::Add {
+                    conv: m.conv,
+                    members: m.users,
+                };
+                self.post_group(origin(service), op, ctx);
+            }
+            Message::GroupRemove(m) => {
+                let op = GroupOp::Remove {
+                    conv: m.conv,
+                    members: m.users,
+                };
+                self.post_group(origin(service), op, ctx);
+            }
+            Message::ConvInfo(conv) => {
+                self.post_group(origin(service), GroupOp::Info { conv }, ctx);
+            }
             other => {
                 let text = format!("{} is not a service request", other.op());
                 self.reply(req, bus::error(ErrorCode::BadRequest, &text), ctx);
@@ -385,6 +409,13 @@ impl ServiceConn {
             }
             Err(e) => self.refuse(req, &e.to_string(), ctx),
         }
+    }
+
+    /// A group operation, to the owner of the group (docs/backend.md, "Groups").
+    fn post_group(&mut self, origin: Origin, op: GroupOp, ctx: &mut Context) {
+        let req = origin.req;
+        let request = BusMsg::Group(Box::new(GroupRequest { origin, op }));
+        self.post_to_owner(req, request, ctx);
     }
 
     /// Posts a request to the owner of its subject; a conversation id naming a shard this

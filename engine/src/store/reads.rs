@@ -270,6 +270,16 @@ impl Store {
         self.state.shop_convs.get(&(shop, buyer)).copied()
     }
 
+    /// The most members a conversation may have (`members_max`).
+    pub fn members_max(&self) -> usize {
+        self.config.members_max
+    }
+
+    /// The group the service created with `key`.
+    pub fn group_conv(&self, key: u64) -> Option<ConvId> {
+        self.state.group_convs.get(&key).copied()
+    }
+
     /// The direct conversation of two users (in either order).
     pub fn direct_conv(&self, a: Uid, b: Uid) -> Option<ConvId> {
         self.state.direct_convs.get(&state::pair(a, b)).copied()

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{compiler_fence, Ordering};
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, Uid, UidKind};
 use smallvec::SmallVec;
 
 use super::error::Position;
@@ -110,7 +110,8 @@ pub enum Record<'a> {
     Conv {
         conv: ConvId,
         kind: ConvKind,
-        shop: Option<ShopId>,
+        /// The shop id for a shop conversation, the service's key for a group, 0 for direct.
+        key: u64,
         members: SmallVec<[Uid; 2]>,
     },
     /// A member joined (`added`) or left a conversation; for a shop conversation an agent
@@ -188,12 +189,12 @@ pub fn encode(dst: &mut [u8], record: &Record<'_>) -> usize {
         Record::Conv {
             conv,
             kind,
-            shop,
+            key,
             members,
         } => {
             small[0] = kind.code();
             small[1..3].copy_from_slice(&(members.len() as u16).to_le_bytes());
-            put_u64s(&mut dst[16..32], &[conv.0, shop.map_or(0, |s| s.0)]);
+            put_u64s(&mut dst[16..32], &[conv.0, *key]);
             for (i, uid) in members.iter().enumerate() {
                 let at = CONV_FIXED_BYTES + i * MEMBER_BYTES;
                 dst[at] = uid.kind as u8;
@@ -342,7 +343,7 @@ fn parse(b: &[u8]) -> Result<Record<'_>, &'static str> {
                 return Err("conversation record has the wrong length");
             }
             let kind = ConvKind::from_code(b[9]).ok_or("bad conversation type")?;
-            let shop = u64_at(b, 24);
+            let key = u64_at(b, 24);
             let members = b[CONV_FIXED_BYTES..]
                 .chunks_exact(MEMBER_BYTES)
                 .map(|m| uid(m[0], u64_at(m, 8)))
@@ -350,7 +351,7 @@ fn parse(b: &[u8]) -> Result<Record<'_>, &'static str> {
             Ok(Record::Conv {
                 conv: ConvId(u64_at(b, 16)),
                 kind,
-                shop: (kind == ConvKind::Shop).then_some(ShopId(shop)),
+                key,
                 members,
             })
         }
@@ -408,7 +409,7 @@ mod tests {
             Record::Conv {
                 conv: ConvId(8),
                 kind: ConvKind::Shop,
-                shop: Some(ShopId(5)),
+                key: 5,
                 members: [Uid::new(UidKind::Wechat, 2)].into_iter().collect(),
             },
             Record::Member {

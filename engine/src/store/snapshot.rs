@@ -128,7 +128,7 @@ fn encode(state: &State) -> Vec<u8> {
     for (id, c) in &state.convs {
         w.u64(id.0);
         w.u8(c.kind.code());
-        w.u64(c.shop.map_or(0, |s| s.0));
+        w.u64(c.key);
         w.u16(c.members.len() as u16);
         c.members.iter().for_each(|&m| w.uid(m));
         w.u64(c.seq);
@@ -172,7 +172,7 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     for _ in 0..r.u32()? {
         let conv = ConvId(r.u64()?);
         let kind = ConvKind::from_code(r.u8()?).ok_or("bad conversation type")?;
-        let shop = r.u64()?;
+        let key = r.u64()?;
         let members: SmallVec<[Uid; 2]> =
             (0..r.u16()?).map(|_| r.uid()).collect::<Result<_, _>>()?;
         let seq = r.u64()?;
@@ -181,17 +181,16 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
         let cursors = (0..r.u16()?)
             .map(|_| Ok((r.uid()?, Seq(r.u64()?))))
             .collect::<Result<_, &'static str>>()?;
-        let shop = (kind == ConvKind::Shop).then_some(ShopId(shop));
         match (kind, members.as_slice()) {
             (ConvKind::Shop, [buyer, ..]) => {
-                state
-                    .shop_convs
-                    .insert((shop.unwrap_or_default(), *buyer), conv);
+                state.shop_convs.insert((ShopId(key), *buyer), conv);
             }
             (ConvKind::Direct, [a, b]) => {
                 state.direct_convs.insert(pair(*a, *b), conv);
             }
-            (ConvKind::Group, _) => {}
+            (ConvKind::Group, _) => {
+                state.group_convs.insert(key, conv);
+            }
             _ => return Err("conversation members do not fit its type"),
         }
         for &m in &members {
@@ -201,7 +200,7 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
             conv,
             Conversation {
                 kind,
-                shop,
+                key,
                 members,
                 cursors,
                 seq,
@@ -309,7 +308,7 @@ mod tests {
             Record::Conv {
                 conv: ConvId(5),
                 kind: ConvKind::Shop,
-                shop: Some(ShopId(3)),
+                key: 3,
                 members: [buyer].into_iter().collect(),
             },
             Record::Member {

@@ -21,8 +21,8 @@ use super::record::{ConvKind, MessageRef, Record};
 pub struct Conversation {
     /// Shop, direct or group.
     pub(super) kind: ConvKind,
-    /// The shop, for a shop conversation.
-    pub(super) shop: Option<ShopId>,
+    /// The shop id of a shop conversation, the service's key of a group, 0 for direct.
+    pub(super) key: u64,
     /// Current members (for a shop conversation: the buyer and the assigned agents).
     pub(super) members: SmallVec<[Uid; 2]>,
     /// Read cursors, one per user who has read anything.
@@ -43,7 +43,12 @@ impl Conversation {
 
     /// The shop, for a shop conversation.
     pub fn shop(&self) -> Option<ShopId> {
-        self.shop
+        (self.kind == ConvKind::Shop).then_some(ShopId(self.key))
+    }
+
+    /// The key the service created a group with.
+    pub fn group_key(&self) -> Option<u64> {
+        (self.kind == ConvKind::Group).then_some(self.key)
     }
 
     /// Current members.
@@ -136,6 +141,8 @@ pub struct State {
     pub(super) convs: AHashMap<ConvId, Conversation>,
     pub(super) shop_convs: AHashMap<(ShopId, Uid), ConvId>,
     pub(super) direct_convs: AHashMap<(Uid, Uid), ConvId>,
+    /// Groups by the key the service created them with.
+    pub(super) group_convs: AHashMap<u64, ConvId>,
     pub(super) user_convs: AHashMap<Uid, SmallVec<[ConvId; 4]>>,
     pub(super) devices: AHashMap<(Uid, DeviceType), DeviceId>,
     pub(super) device_max: Option<DeviceId>,
@@ -159,6 +166,7 @@ impl State {
             convs: AHashMap::new(),
             shop_convs: AHashMap::new(),
             direct_convs: AHashMap::new(),
+            group_convs: AHashMap::new(),
             user_convs: AHashMap::new(),
             devices: AHashMap::new(),
             device_max: None,
@@ -200,7 +208,7 @@ impl State {
             Record::Conv {
                 conv,
                 kind,
-                shop,
+                key,
                 members,
             } => {
                 if self.convs.contains_key(conv) {
@@ -211,10 +219,10 @@ impl State {
                 }
                 match kind {
                     ConvKind::Shop => {
-                        let (Some(shop), [buyer]) = (shop, members.as_slice()) else {
-                            return Err("a shop conversation has a shop and one buyer");
+                        let [buyer] = members.as_slice() else {
+                            return Err("a shop conversation has one buyer");
                         };
-                        if self.shop_convs.contains_key(&(*shop, *buyer)) {
+                        if self.shop_convs.contains_key(&(ShopId(*key), *buyer)) {
                             return Err("shop and buyer have a conversation already");
                         }
                     }
@@ -227,6 +235,9 @@ impl State {
                         }
                     }
                     ConvKind::Group => {
+                        if self.group_convs.contains_key(key) {
+                            return Err("a group with this key exists already");
+                        }
                         let mut sorted = members.clone();
                         sorted.sort_unstable();
                         sorted.dedup();
@@ -282,20 +293,21 @@ impl State {
             Record::Conv {
                 conv,
                 kind,
-                shop,
+                key,
                 members,
             } => {
                 match kind {
                     ConvKind::Shop => {
-                        // `check` guarantees a shop conversation has a shop and one member.
-                        self.shop_convs
-                            .insert((shop.unwrap_or_default(), members[0]), *conv);
+                        // `check` guarantees a shop conversation has one member.
+                        self.shop_convs.insert((ShopId(*key), members[0]), *conv);
                     }
                     ConvKind::Direct => {
                         self.direct_convs
                             .insert(pair(members[0], members[1]), *conv);
                     }
-                    ConvKind::Group => {}
+                    ConvKind::Group => {
+                        self.group_convs.insert(*key, *conv);
+                    }
                 }
                 for uid in members {
                     self.user_convs.entry(*uid).or_default().push(*conv);
@@ -305,7 +317,7 @@ impl State {
                     *conv,
                     Conversation {
                         kind: *kind,
-                        shop: *shop,
+                        key: *key,
                         members: members.clone(),
                         cursors: SmallVec::new(),
                         seq: 0,
@@ -465,7 +477,7 @@ mod tests {
         let r = Record::Conv {
             conv: ConvId(conv),
             kind: ConvKind::Shop,
-            shop: Some(ShopId(9)),
+            key: 9,
             members: [BUYER].into_iter().collect(),
         };
         state.check(&r, false).unwrap();
@@ -493,7 +505,7 @@ mod tests {
         let again = Record::Conv {
             conv: ConvId(2),
             kind: ConvKind::Shop,
-            shop: Some(ShopId(9)),
+            key: 9,
             members: [BUYER].into_iter().collect(),
         };
         assert!(s.check(&again, false).is_err());

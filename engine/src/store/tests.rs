@@ -265,6 +265,12 @@ fn state_survives_restart_with_and_without_snapshot() {
         Err(StoreError::ConvExists(ConvId(1)))
     ));
     store.create_direct_conv(ConvId(2), AGENT, BUYER).unwrap();
+    store.create_group_conv(ConvId(4), 77, &[AGENT]).unwrap();
+    assert!(matches!(
+        store.create_group_conv(ConvId(5), 77, &[BUYER]),
+        Err(StoreError::ConvExists(ConvId(4)))
+    ));
+    assert!(store.add_member(ConvId(4), BUYER).unwrap());
     assert!(store.add_member(ConvId(1), AGENT).unwrap());
     for i in 0..10 {
         send(&mut store, 1, &format!("m{i}"), b"hello");
@@ -276,7 +282,12 @@ fn state_survives_restart_with_and_without_snapshot() {
     let check = |store: &Store| {
         assert_eq!(store.device(BUYER, DeviceType::Web), Some(web));
         assert_eq!(store.device_max(), Some(web));
-        assert_eq!(store.conv_max(), Some(ConvId(2)));
+        assert_eq!(store.conv_max(), Some(ConvId(4)));
+        assert_eq!(store.group_conv(77), Some(ConvId(4)));
+        let group = store.conv(ConvId(4)).unwrap();
+        assert_eq!(group.members(), &[AGENT, BUYER]);
+        assert_eq!((group.group_key(), group.shop()), (Some(77), None));
+        assert_eq!(store.conv(ConvId(1)).unwrap().group_key(), None);
         assert_eq!(store.shop_conv(ShopId(7), BUYER), Some(ConvId(1)));
         assert_eq!(store.direct_conv(BUYER, AGENT), Some(ConvId(2)));
         let c = store.conv(ConvId(1)).unwrap();
@@ -285,7 +296,7 @@ fn state_survives_restart_with_and_without_snapshot() {
         assert_eq!(c.cursor(BUYER), Seq(10), "a sender has read what he wrote");
         let mut convs = store.convs_of(AGENT).to_vec();
         convs.sort_unstable();
-        assert_eq!(convs, [ConvId(1), ConvId(2)]);
+        assert_eq!(convs, [ConvId(1), ConvId(2), ConvId(4)]);
         let newest = store.history(ConvId(1), HistoryFrom::Newest, 50).unwrap();
         assert_eq!(seqs(&newest), (1..=10).collect::<Vec<_>>());
         assert_eq!(c.last_seq(), Seq(10));
@@ -769,6 +780,19 @@ fn member_limits_hold() {
         store.add_member(ConvId(9), users[0]),
         Err(StoreError::UnknownConv(ConvId(9)))
     ));
+    assert!(matches!(
+        store.create_group_conv(ConvId(3), 1, &users),
+        Err(StoreError::TooLarge {
+            what: "members",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.create_group_conv(ConvId(3), 1, &[users[0], users[0]]),
+        Err(StoreError::Invalid(_))
+    ));
+    store.create_group_conv(ConvId(3), 1, &users[..3]).unwrap();
+    assert_eq!(store.group_conv(1), Some(ConvId(3)));
 }
 
 #[test]

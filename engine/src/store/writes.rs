@@ -200,7 +200,7 @@ impl Store {
         if let Some(existing) = self.shop_conv(shop, buyer) {
             return Err(StoreError::ConvExists(existing));
         }
-        self.create_conv(conv, ConvKind::Shop, Some(shop), &[buyer])
+        self.create_conv(conv, ConvKind::Shop, shop.0, &[buyer])
     }
 
     /// Creates the direct conversation of two users (fails with `ConvExists` if they have one).
@@ -208,14 +208,36 @@ impl Store {
         if let Some(existing) = self.direct_conv(a, b) {
             return Err(StoreError::ConvExists(existing));
         }
-        self.create_conv(conv, ConvKind::Direct, None, &[a, b])
+        self.create_conv(conv, ConvKind::Direct, 0, &[a, b])
+    }
+
+    /// Creates a group with the service's `key` and its first `members` (distinct; at most
+    /// `members_max`). Fails with `ConvExists` (naming the existing one) if the key has a
+    /// group already, or if `conv` is taken.
+    pub fn create_group_conv(
+        &mut self,
+        conv: ConvId,
+        key: u64,
+        members: &[Uid],
+    ) -> Result<(), StoreError> {
+        if let Some(existing) = self.group_conv(key) {
+            return Err(StoreError::ConvExists(existing));
+        }
+        if members.len() > self.config.members_max {
+            return Err(StoreError::TooLarge {
+                what: "members",
+                len: members.len(),
+                max: self.config.members_max,
+            });
+        }
+        self.create_conv(conv, ConvKind::Group, key, members)
     }
 
     fn create_conv(
         &mut self,
         conv: ConvId,
         kind: ConvKind,
-        shop: Option<ShopId>,
+        key: u64,
         members: &[Uid],
     ) -> Result<(), StoreError> {
         if self.state.convs.contains_key(&conv) {
@@ -224,7 +246,7 @@ impl Store {
         self.append_state(Record::Conv {
             conv,
             kind,
-            shop,
+            key,
             members: SmallVec::from_slice(members),
         })
     }
