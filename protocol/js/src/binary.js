@@ -270,6 +270,12 @@ const WRITE = {
     w.id(f.conv, 'conv');
     w.uids(f.members, 'members');
   },
+  members_delta(w, f) {
+    w.id(f.conv, 'conv');
+    w.uids(f.added, 'added');
+    w.uids(f.removed, 'removed');
+    w.u32(f.count);
+  },
   kicked(w, f) {
     w.str(f.reason, 'reason', 2);
   },
@@ -360,6 +366,7 @@ const READ = {
   msg: (r) => r.msg(),
   receipt: (r) => ({ conv: r.id(), uid: r.uid(), seq: r.number('seq') }),
   members: (r) => ({ conv: r.id(), members: r.uids() }),
+  members_delta: (r) => ({ conv: r.id(), added: r.uids(), removed: r.uids(), count: r.u32() }),
   kicked: (r) => ({ reason: r.str(2) }),
   notify: (r) => ({ kind: r.str(2), body: r.str(4), ts: r.number('ts') }),
   error(r) {

@@ -72,9 +72,11 @@ export interface Receipt { op: 'receipt'; conv: Id; uid: Uid; seq: number }
 export interface Members { op: 'members'; conv: Id; members: Uid[] }
 export interface Kicked { op: 'kicked'; reason: string }
 /** A transient push from a backend service: not stored, no conv, no seq (docs/protocol.md). */
+/** A large group's membership change (more than 200 members): what changed and the new count. */
+export interface MembersDelta { op: 'members_delta'; conv: Id; added: Uid[]; removed: Uid[]; count: number }
 export interface Notify { op: 'notify'; kind: string; body: string; ts: number }
 export interface ErrorFrame { op: 'error'; req?: number; code: ErrorCode; message: string }
-export type Push = MsgPush | Receipt | Members | Kicked | Notify | ErrorFrame;
+export type Push = MsgPush | Receipt | Members | MembersDelta | Kicked | Notify | ErrorFrame;
 
 /** Any message of the protocol, in either direction. */
 export type Frame = Request | Reply | Push;

@@ -24,6 +24,7 @@ export const OPS = Object.freeze({
   kicked: 0xc4,
   error: 0xc5,
   notify: 0xc6,
+  members_delta: 0xc7,
 });
 
 export const UID_KINDS = Object.freeze(['buyer', 'wechat', 'agent', 'service']);
