@@ -2,11 +2,10 @@
 //! frames, and every service op with a client on the other side.
 
 use std::net::TcpStream;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
     DeviceType, ErrorCode, History, HistoryRange, Kick, Message, NotifyUsers, Op, Send, SendAs,
     Target, Uid, UidKind,
@@ -22,18 +21,7 @@ fn start() -> Server {
 }
 
 fn token_for(uid: Uid) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: None,
-            exp: now_s + 600,
-        },
-    )
+    chinwag_tests::mint_token(SECRET, uid)
 }
 
 fn service(server: &Server) -> ServiceClient {

@@ -2,11 +2,10 @@
 //! "Groups"): a service creates and changes groups on the service port; clients in both
 //! encodings receive the member pushes and each other's messages.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
     ConvId, ConvInfo, ConvType, Cursor, DeviceType, ErrorCode, GroupCreate, GroupMembers, Message,
     Send, Seq, Target, Uid, UidKind,
@@ -22,18 +21,7 @@ fn start() -> Server {
 }
 
 fn token_for(uid: Uid) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: None,
-            exp: now_s + 600,
-        },
-    )
+    chinwag_tests::mint_token(SECRET, uid)
 }
 
 fn service(server: &Server) -> ServiceClient {
