@@ -583,6 +583,7 @@ mod tests {
             conv: ConvId(conv),
             conv_type: ConvType::Direct,
             members: vec![uid],
+            member_count: 1,
             last_seq: Seq(1),
             read_seq: Seq(0),
             unread: 1,
