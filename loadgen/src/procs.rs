@@ -389,7 +389,7 @@ impl Merge {
         if let (Some(cpu), Some(messages)) = (get(r, "server_cpu_s"), get(r, "messages")) {
             set(r, "msg_per_server_cpu_s", messages / cpu.max(0.01));
         }
-        if get(r, "group_members").is_some() {
+        if get(r, "deliveries_per_message").is_some() {
             crate::scenarios::group::finish(r);
         }
         if let (Some(before), Some(after), Some(n)) = (
@@ -433,7 +433,7 @@ fn combine(name: &str, old: &Value, new: &Value) -> Value {
 }
 
 /// Figures that describe the whole run, not a worker's share of it (`group`).
-const SAME_IN_EVERY_WORKER: [&str; 2] = ["group_members", "conv"];
+const SAME_IN_EVERY_WORKER: [&str; 3] = ["group_members", "deliveries_per_message", "conv"];
 
 /// A duration figure (`held_s`), not a rate (`delivered_per_s`) or the workers' CPU.
 fn is_duration(name: &str) -> bool {

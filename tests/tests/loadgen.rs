@@ -522,6 +522,38 @@ fn group_over_two_processes_delivers_every_message_to_every_other_member() {
     );
 }
 
+/// `group --notify`: the service names every member in each `notify_users`, and every member
+/// gets each notify exactly once.
+#[test]
+fn group_notify_reaches_every_member_once_per_request() {
+    let server = start();
+    let service = server.backend_addr.to_string();
+    let (output, report) = run(&[
+        "group",
+        "--notify",
+        "--addr",
+        &addr(&server),
+        "--service-addr",
+        &service,
+        "--secret",
+        SECRET,
+        "--members",
+        "50",
+        "--rate-per-s",
+        "20",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+    ]);
+    assert!(output.status.success(), "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 15, "20 per second for 1 s: {report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    assert_eq!(report["delivered"], sent * 50, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+}
+
 #[test]
 fn storm_reconnects_catch_up_without_missing_a_message() {
     let server = start();

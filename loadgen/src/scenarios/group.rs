@@ -15,6 +15,11 @@
 //! 4. **drain**: every worker posts the highest seq its senders were told; all wait until every
 //!    member has seen every seq up to the highest of them, or `--drain-s` passes.
 //!
+//! With `--notify` there is no group and no sender: on the same schedule the service sends
+//! `notify_users` naming every member (worker 0 sends it; the replies are collected at the
+//! end), each member counts its `notify` pushes, and every member must get each one exactly
+//! once.
+//!
 //! Times are `CLOCK_REALTIME` ns (`SystemTime`), the one clock every process on the machine
 //! shares: a push's latency is its arrival minus the stamp in its body, and a message's delivery
 //! spread is its last member's arrival minus its first's, across all workers.
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
-    ConvId, ConvInfo, Frame, GroupCreate, GroupMembers, Message, Target, Uid, UidKind,
+    ConvId, ConvInfo, Frame, GroupCreate, GroupMembers, Message, NotifyUsers, Target, Uid, UidKind,
 };
 use clap::Args;
 
@@ -46,6 +51,8 @@ const USERS_PER_GROUP_REQUEST_MAX: usize = 1_000;
 /// Between the last worker's logins and the first message: long enough for every worker to
 /// read that time from the others.
 const START_MARGIN: Duration = Duration::from_millis(500);
+/// The most users one `notify_users` may name.
+const USERS_PER_NOTIFY_MAX: usize = chinwag_protocol::limits::USERS_PER_REQUEST_MAX;
 /// The most members a group can have (`members_max` is at most 65,535).
 const MEMBERS_MAX: usize = 65_535;
 
@@ -81,6 +88,10 @@ pub struct GroupArgs {
     /// Seconds allowed after sending stops for every push to arrive.
     #[arg(long, default_value_t = 10)]
     pub drain_s: u64,
+    /// Instead of group messages, the service sends `notify_users` naming every member
+    /// (at most 10,000) at `--rate-per-s`.
+    #[arg(long)]
+    pub notify: bool,
 }
 
 impl GroupArgs {
@@ -97,6 +108,11 @@ impl GroupArgs {
         }
         if self.message_bytes < STAMP_DIGITS {
             return Err("group needs --message-bytes >= 20".into());
+        }
+        if self.notify && self.members > USERS_PER_NOTIFY_MAX {
+            return Err(
+                "group --notify names every member in one request: --members <= 10000".into(),
+            );
         }
         if self.common.run.procs > self.members {
             return Err("group needs at least one member per process (--procs)".into());
@@ -125,12 +141,35 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
     let mut meet = Rendezvous::new(dir, worker, workers);
     let setup_deadline = Instant::now() + Duration::from_secs(common.login_timeout_s);
 
-    // 1. The group, and this worker's members in it.
-    let info = match make_group(args, base, &group, first, count) {
-        Ok(info) => info,
-        Err(e) => {
-            report.fail(format!("group: {e}"));
-            return Ok(report);
+    // 1. The group, and this worker's members in it; or, for `--notify`, the service
+    // connection of worker 0.
+    let mut notifier = None;
+    let info = if args.notify {
+        if worker == 0 {
+            match service(args) {
+                Ok(s) => notifier = Some(s),
+                Err(e) => {
+                    report.fail(format!("notify: {e}"));
+                    return Ok(report);
+                }
+            }
+        }
+        ConvInfo {
+            conv: ConvId(0),
+            conv_type: chinwag_protocol::ConvType::Group,
+            key: None,
+            members: Vec::new(),
+            member_count: args.members as u32,
+            last_seq: chinwag_protocol::Seq(0),
+            created: false,
+        }
+    } else {
+        match make_group(args, base, &group, first, count) {
+            Ok(info) => info,
+            Err(e) => {
+                report.fail(format!("group: {e}"));
+                return Ok(report);
+            }
         }
     };
     let conv = info.conv;
@@ -141,6 +180,9 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
     }
     // Every worker's adds are in: the group is whole.
     report.figure("group_members", args.members as u64);
+    // Each message reaches every member but its sender; each notify every member.
+    let per_message = args.members as u64 - u64::from(!args.notify);
+    report.figure("deliveries_per_message", per_message);
 
     // 2. This worker's members log in.
     let tokens: Vec<String> = group[first..first + count]
@@ -187,7 +229,15 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
         .map(|_| SeqTrack::new(conv.0, info.last_seq.0 + 1))
         .collect();
     // Per local sender: (req, intended ns) of each message in flight.
-    let senders_here = senders.saturating_sub(first).min(count);
+    let senders_here = if args.notify {
+        0
+    } else {
+        senders.saturating_sub(first).min(count)
+    };
+    // `--notify`: the `req` and intended time of each `notify_users` sent, and each local
+    // member's `notify` pushes.
+    let mut notifies: Vec<(u64, u64)> = Vec::new();
+    let mut notified = vec![0u64; count];
     let mut in_flight: Vec<VecDeque<(u64, u64)>> = vec![VecDeque::new(); senders_here];
     let mut spreads: BTreeMap<u64, SeqSpread> = BTreeMap::new();
     let mut send_to_push = report::latency_histogram();
@@ -234,8 +284,35 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
             }
             phase = next_phase;
         }
+        // `--notify`: the requests due by now, from worker 0's service connection.
+        while let Some(service) = notifier.as_mut() {
+            if next_slot * slot_ns + start_ns > now_ns || now_ns >= measure_to_ns {
+                break;
+            }
+            let intended_ns = start_ns + next_slot * slot_ns;
+            body.clear();
+            let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
+            while body.len() < args.message_bytes {
+                body.push('.');
+            }
+            let request = Message::NotifyUsers(NotifyUsers {
+                users: group.clone(),
+                kind: "text".into(),
+                body: body.as_str().into(),
+            });
+            match service.send(request) {
+                Ok(req) => notifies.push((req, intended_ns)),
+                Err(e) => {
+                    report.fail(format!("notify_users: {e}"));
+                    lost = true;
+                    break;
+                }
+            }
+            sent += 1;
+            next_slot += 1;
+        }
         // The messages due by now, each from its sender if this worker holds it.
-        while next_slot * slot_ns + start_ns <= now_ns && now_ns < measure_to_ns {
+        while !args.notify && next_slot * slot_ns + start_ns <= now_ns && now_ns < measure_to_ns {
             let sender = (next_slot % senders as u64) as usize;
             let intended_ns = start_ns + next_slot * slot_ns;
             if let Some(i) = local(sender) {
@@ -269,17 +346,44 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
             next_slot += 1;
         }
         if now_ns >= measure_to_ns {
-            // This worker's senders are done once their last send_ok is in.
+            // This worker's senders are done once their last send_ok is in; the notifier once
+            // every `notify_users` is answered.
+            if let Some(service) = notifier.as_mut() {
+                for &(req, intended_ns) in &notifies {
+                    match service.wait(req).map(|f| f.message) {
+                        Ok(Message::NotifyUsersOk(n)) if n as usize == args.members => {
+                            send_ok += 1;
+                            if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
+                                send_ok_measured += 1;
+                            }
+                        }
+                        Ok(other) => violations
+                            .add(Violation::Other(format!("notify_users answered {other:?}"))),
+                        Err(e) => report.fail(format!("notify_users: {e}")),
+                    }
+                }
+                notifier = None;
+            }
             if !posted_last && (in_flight.iter().all(VecDeque::is_empty) || now_ns >= drain_to_ns) {
-                meet.post("last", last_seq)?;
+                meet.post("last", if args.notify { send_ok } else { last_seq })?;
                 posted_last = true;
             }
             if conv_last.is_none() {
-                conv_last = meet
-                    .gather("last")
-                    .map(|l| l.into_iter().max().unwrap_or(0));
+                conv_last = meet.gather("last").map(|l| {
+                    if args.notify {
+                        l.into_iter().sum()
+                    } else {
+                        l.into_iter().max().unwrap_or(0)
+                    }
+                });
             }
-            let all_seen = conv_last.is_some_and(|l| tracks.iter().all(|t| t.next() > l));
+            let all_seen = conv_last.is_some_and(|l| {
+                if args.notify {
+                    notified.iter().all(|n| *n >= l)
+                } else {
+                    tracks.iter().all(|t| t.next() > l)
+                }
+            });
             if lost || now_ns >= drain_to_ns || (posted_last && all_seen) {
                 break;
             }
@@ -355,6 +459,34 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
                             .push(intended_ns, now_ns);
                     }
                     Event::Frame(Frame {
+                        message: Message::Notify(n),
+                        ..
+                    }) if args.notify => {
+                        delivered += 1;
+                        if measured {
+                            delivered_measured += 1;
+                        }
+                        notified[i] += 1;
+                        let Some(intended_ns) = n
+                            .body
+                            .get(..STAMP_DIGITS)
+                            .and_then(|s| s.parse::<u64>().ok())
+                        else {
+                            violations
+                                .add(Violation::Other("notify: body is not what was sent".into()));
+                            return;
+                        };
+                        if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
+                            let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
+                            report::record(&mut send_to_push, latency);
+                        }
+                        // A notify has no seq: its intended time tells it apart.
+                        spreads
+                            .entry(intended_ns)
+                            .or_default()
+                            .push(intended_ns, now_ns);
+                    }
+                    Event::Frame(Frame {
                         message: Message::Error(e),
                         ..
                     }) => report.fail(format!("refused: {}", e.code)),
@@ -396,6 +528,16 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
         .gather("last")
         .map(|l| l.into_iter().max().unwrap_or(0)));
     match conv_last {
+        Some(notifies) if args.notify && !lost => {
+            for (i, n) in notified.iter().enumerate() {
+                if *n != notifies {
+                    violations.add(Violation::Other(format!(
+                        "member {}: {n} notify pushes of {notifies} sent",
+                        first + i
+                    )));
+                }
+            }
+        }
         Some(conv_last) if !lost => {
             for track in &tracks {
                 for gap in track.finish(conv_last) {
@@ -454,12 +596,12 @@ pub fn finish(report: &mut Report) {
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.as_f64())
     };
-    let (Some(members), Some(window)) = (get(report, "group_members"), report.window_unix_ns)
+    let (Some(per_message), Some(window)) =
+        (get(report, "deliveries_per_message"), report.window_unix_ns)
     else {
         return;
     };
-    // Every member but the sending one gets each message.
-    let spread = report::spread_histogram(&report.seq_spread, members as u64 - 1, window);
+    let spread = report::spread_histogram(&report.seq_spread, per_message as u64, window);
     report.latencies.push(("delivery_spread".into(), spread));
     if let (Some(cpu), Some(deliveries)) = (
         get(report, "server_cpu_s"),
@@ -488,20 +630,7 @@ fn make_group(
     first: usize,
     count: usize,
 ) -> Result<ConvInfo, String> {
-    let common = &args.common;
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let token = token::mint(
-        common.secret.as_bytes(),
-        &Claims {
-            uid: Uid::new(UidKind::Service, 1),
-            shop: None,
-            exp: now_s + 3_600,
-        },
-    );
-    let mut service = ServiceClient::connect(&args.service_addr, &token)
-        .map_err(|e| format!("service port {}: {e}", args.service_addr))?;
+    let mut service = service(args)?;
     let founders = group[..group.len().min(USERS_PER_GROUP_REQUEST_MAX)].to_vec();
     let created = service
         .call(Message::GroupCreate(GroupCreate {
@@ -526,4 +655,21 @@ fn make_group(
         }
     }
     Ok(info)
+}
+
+/// A connection to the service port, authenticated as service 1 with a token from `--secret`.
+fn service(args: &GroupArgs) -> Result<ServiceClient, String> {
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let token = token::mint(
+        args.common.secret.as_bytes(),
+        &Claims {
+            uid: Uid::new(UidKind::Service, 1),
+            shop: None,
+            exp: now_s + 3_600,
+        },
+    );
+    ServiceClient::connect(&args.service_addr, &token)
+        .map_err(|e| format!("service port {}: {e}", args.service_addr))
 }
