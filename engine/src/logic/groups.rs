@@ -477,10 +477,11 @@ mod tests {
         assert_eq!(small.members.len(), GROUP_FULL_LIST_MAX);
         assert_eq!(small.member_count, GROUP_FULL_LIST_MAX as u32);
 
-        h.group(GroupOp::Add {
+        let (_, added) = h.group(GroupOp::Add {
             conv,
             members: vec![agent(1)],
         });
+        added.expect("added");
         let large = entry(&mut h);
         assert!(large.members.is_empty(), "{:?}", large.members.len());
         assert_eq!(large.member_count, GROUP_FULL_LIST_MAX as u32 + 1);
