@@ -180,6 +180,8 @@ pub enum BusMsg {
     Convs {
         /// Who asks.
         origin: Box<Origin>,
+        /// The session's token for this request (see [`BusMsg::ConvsPart`]).
+        token: u64,
     },
     /// A login on `session`: find or register the device, take it over from an older session.
     Register {
@@ -266,10 +268,11 @@ pub enum BusMsg {
     ConvsPart {
         /// The session that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// That shard's conversations of the user.
-        convs: Vec<ConvSummary<'static>>,
+        /// The session's token for the request: unique per session, unlike the client's `req`.
+        token: u64,
+        /// That shard's conversations of the user; `None` when the request could not reach
+        /// the shard (its mailbox was full).
+        convs: Option<Vec<ConvSummary<'static>>>,
     },
 }
 
@@ -351,7 +354,7 @@ impl BusMsg {
             | BusMsg::History { origin, .. }
             | BusMsg::KickUser { origin, .. }
             | BusMsg::Presence { origin, .. }
-            | BusMsg::Convs { origin } => Some(origin.as_ref()),
+            | BusMsg::Convs { origin, .. } => Some(origin.as_ref()),
             _ => None,
         }
     }
@@ -369,7 +372,7 @@ impl BusMsg {
             BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
             BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
-            BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::Convs { origin, .. } => origin.session.shard as usize,
             BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
             // Posted to each shard in turn, not to an owner.
             BusMsg::StreamRead { .. } => return None,

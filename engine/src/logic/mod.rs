@@ -232,14 +232,14 @@ impl Owner {
                 let part = self.stream_read(session, from);
                 self.push_out(session.shard as usize, BusMsg::StreamPart(Box::new(part)));
             }
-            BusMsg::Convs { origin } => {
+            BusMsg::Convs { origin, token } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
                     origin.session.shard as usize,
                     BusMsg::ConvsPart {
                         session: origin.session,
-                        req: origin.req,
-                        convs,
+                        token,
+                        convs: Some(convs),
                     },
                 );
             }

@@ -226,23 +226,24 @@ mod tests {
         h.turn(send(&c, Target::User(a.uid), "3", "from c"));
         let out = h.turn(BusMsg::Convs {
             origin: Box::new(a),
+            token: 7,
         });
         let parts: Vec<_> = out
             .iter()
             .filter_map(|(shard, msg)| match msg {
                 BusMsg::ConvsPart {
                     session,
-                    req,
-                    convs,
-                } => Some((*shard, *session, *req, convs)),
+                    token,
+                    convs: Some(convs),
+                } => Some((*shard, *session, *token, convs)),
                 _ => None,
             })
             .collect();
         assert_eq!(parts.len(), 1);
-        let (shard, session, req, convs) = &parts[0];
+        let (shard, session, token, convs) = &parts[0];
         assert_eq!(
-            (*shard, *session, *req),
-            (SESSION_SHARD as usize, a.session, Some(1))
+            (*shard, *session, *token),
+            (SESSION_SHARD as usize, a.session, 7)
         );
         let mut unread: Vec<_> = convs
             .iter()

@@ -532,12 +532,12 @@ impl Shard {
             }
             BusMsg::ConvsPart {
                 session: to,
-                req,
+                token,
                 convs,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.on_convs_part(req, convs, s, ctx));
+                    session.with_app(|app, s| app.on_convs_part(token, convs, s, ctx));
                 }
             }
             // Everything else is for this shard as an owner.
