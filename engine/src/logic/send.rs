@@ -51,22 +51,27 @@ impl Owner {
             }
         };
 
-        if uid.kind.is_customer() {
+        let message = NewMessage {
+            conv,
+            sender: uid,
+            device: origin.device,
+            cmid: cmid.as_bytes(),
+            kind: kind.as_bytes(),
+            body: body.as_bytes(),
+            ts_ms: now_ms,
+        };
+        // A repeated cmid only gets its original's answer: no dispatch, no assignment.
+        if uid.kind.is_customer()
+            && self
+                .store
+                .duplicate_of(&message)
+                .map_err(store_error)?
+                .is_none()
+        {
             self.serve_customer(conv)?;
         }
 
-        let appended = self
-            .store
-            .append_message(&NewMessage {
-                conv,
-                sender: uid,
-                device: origin.device,
-                cmid: cmid.as_bytes(),
-                kind: kind.as_bytes(),
-                body: body.as_bytes(),
-                ts_ms: now_ms,
-            })
-            .map_err(store_error)?;
+        let appended = self.store.append_message(&message).map_err(store_error)?;
         match appended {
             Appended::Stored { seq } => {
                 self.messages_stored += 1;

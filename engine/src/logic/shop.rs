@@ -229,4 +229,27 @@ mod tests {
         assert!(pushed[0].3.contains(&conv.to_string()));
         assert_eq!(pushed[0].1, [customer.uid, support.uid]);
     }
+
+    /// A repeated cmid (a client's idempotent resend) ran dispatch again before the store
+    /// found the duplicate: after a `resolve`, the resend assigned an agent anew.
+    #[test]
+    fn a_repeated_cmid_assigns_nobody_and_pushes_nothing() {
+        let mut h = Harness::new();
+        let support = agent_of_shop(&mut h, 9);
+        online(&mut h, &support);
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        let first = send_ok(&replies(&out, customer.session));
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv: first.0,
+        });
+        assert_eq!(h.owner.dispatcher.assigned_count(SHOP, support.uid), 0);
+
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        assert_eq!(send_ok(&replies(&out, customer.session)), first);
+        assert!(pushes(&out).is_empty(), "{:?}", pushes(&out));
+        assert_eq!(h.owner.dispatcher.assigned_count(SHOP, support.uid), 0);
+        assert_eq!(h.owner.members(first.0).as_slice(), [customer.uid]);
+    }
 }

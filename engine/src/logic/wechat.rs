@@ -40,20 +40,25 @@ impl Owner {
                 store.create_shop_conv(conv, shop, uid)
             })
             .and_then(|conv| {
-                self.serve_customer(conv)?;
-                self.store_and_push(
-                    &NewMessage {
-                        conv,
-                        sender: uid,
-                        device: no_device(),
-                        cmid: inbound.cmid.as_bytes(),
-                        kind: inbound.kind.as_bytes(),
-                        body: inbound.body.as_bytes(),
-                        ts_ms: now_ms,
-                    },
-                    None,
-                )
-                .map_err(super::store_error)
+                let message = NewMessage {
+                    conv,
+                    sender: uid,
+                    device: no_device(),
+                    cmid: inbound.cmid.as_bytes(),
+                    kind: inbound.kind.as_bytes(),
+                    body: inbound.body.as_bytes(),
+                    ts_ms: now_ms,
+                };
+                // A retried push (same cmid) changes nothing: no dispatch either.
+                let original = self
+                    .store
+                    .duplicate_of(&message)
+                    .map_err(super::store_error)?;
+                if original.is_none() {
+                    self.serve_customer(conv)?;
+                }
+                self.store_and_push(&message, None)
+                    .map_err(super::store_error)
             });
         if let Err((code, text)) = stored {
             // WeChat was already answered; the message is lost unless it retries. Say so.

@@ -641,9 +641,19 @@ mod tests {
                 cmid: "c".into(),
             }),
         };
-        app.on_convs_part(token, Some(vec![summary(256, Some(5))]), &mut link, &mut ctx);
+        app.on_convs_part(
+            token,
+            Some(vec![summary(256, Some(5))]),
+            &mut link,
+            &mut ctx,
+        );
         assert_eq!(link.sent.len(), 1, "no reply until every shard answered");
-        app.on_convs_part(token, Some(vec![summary(257, Some(9))]), &mut link, &mut ctx);
+        app.on_convs_part(
+            token,
+            Some(vec![summary(257, Some(9))]),
+            &mut link,
+            &mut ctx,
+        );
         let reply = &link.sent[1];
         assert!(reply.starts_with(r#"{"op":"convs_ok","req":9"#), "{reply}");
         let first = reply.find(r#""conv":"257""#).unwrap();
@@ -752,7 +762,11 @@ mod tests {
                 "round {round}: {last}"
             );
         }
-        assert_eq!(link.sent.len(), 1 + 2 * CONVS_IN_FLIGHT_MAX, "one answer each");
+        assert_eq!(
+            link.sent.len(),
+            1 + 2 * CONVS_IN_FLIGHT_MAX,
+            "one answer each"
+        );
     }
 
     /// A part lost on its way back (the asking shard's mailbox was full) must not hold its
@@ -767,7 +781,11 @@ mod tests {
         }
         ctx.post.take();
         text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":50}"#);
-        assert!(link.sent.last().unwrap().contains(r#""code":"rate_limited""#));
+        assert!(link
+            .sent
+            .last()
+            .unwrap()
+            .contains(r#""code":"rate_limited""#));
         assert!(ctx.post.take().is_empty());
 
         ctx.now_ms += CONVS_GATHER_TIMEOUT_MS;
