@@ -16,10 +16,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind};
 use crate::limits;
 use crate::message::{
-    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
-    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StatsRow, StreamBatch, Target,
+    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
+    DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, Target,
 };
 
 /// The header's size in bytes.

@@ -16,10 +16,11 @@ use serde::Deserialize;
 use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
 use crate::limits;
 use crate::message::{
-    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
-    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StatsRow, StreamBatch, Target, HISTORY_LIMIT_DEFAULT,
+    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
+    DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, Target,
+    HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`

@@ -176,6 +176,13 @@ pub enum BusMsg {
         /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
         from: u64,
     },
+    /// `agent_stats` from a service, for the owner of the shop.
+    AgentStats {
+        /// The service.
+        origin: Box<Origin>,
+        /// Which shop, over which window.
+        stats: chinwag_protocol::AgentStats,
+    },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
         /// Who asks.
@@ -354,6 +361,7 @@ impl BusMsg {
             | BusMsg::History { origin, .. }
             | BusMsg::KickUser { origin, .. }
             | BusMsg::Presence { origin, .. }
+            | BusMsg::AgentStats { origin, .. }
             | BusMsg::Convs { origin, .. } => Some(origin.as_ref()),
             _ => None,
         }
@@ -374,6 +382,7 @@ impl BusMsg {
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
             BusMsg::Convs { origin, .. } => origin.session.shard as usize,
             BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            BusMsg::AgentStats { stats, .. } => owner_of(&stats.shop, shards),
             // Posted to each shard in turn, not to an owner.
             BusMsg::StreamRead { .. } => return None,
             BusMsg::StreamPart(part) => part.session.shard as usize,

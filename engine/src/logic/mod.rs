@@ -199,7 +199,7 @@ impl Owner {
                 }
             }
             BusMsg::Resolve { origin, conv } => {
-                if let Err((code, text)) = self.resolve(&origin, conv) {
+                if let Err((code, text)) = self.resolve(&origin, conv, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
@@ -207,6 +207,17 @@ impl Owner {
                 let reply = match self.history(&origin, history) {
                     Ok(message) => origin.reply(message),
                     Err((code, text)) => origin.error(code, &text),
+                };
+                self.reply_now(&origin, reply);
+            }
+            BusMsg::AgentStats { origin, stats } => {
+                let reply = if stats.from_ms < stats.to_ms {
+                    let report = self
+                        .store
+                        .agent_stats(stats.shop, stats.from_ms, stats.to_ms);
+                    origin.reply(chinwag_protocol::Message::AgentStatsOk(report))
+                } else {
+                    origin.error(ErrorCode::BadRequest, "from_ms must be before to_ms")
                 };
                 self.reply_now(&origin, reply);
             }
@@ -251,11 +262,11 @@ impl Owner {
             BusMsg::Unregister {
                 session, device, ..
             } => self.unregister(session, device),
-            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
+            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent, now_ms),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
             BusMsg::Group(request) => {
                 let GroupRequest { origin, op } = *request;
-                if let Err((code, text)) = self.group(&origin, op) {
+                if let Err((code, text)) = self.group(&origin, op, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }

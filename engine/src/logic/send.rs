@@ -68,7 +68,7 @@ impl Owner {
                 .map_err(store_error)?
                 .is_none()
         {
-            self.serve_customer(conv)?;
+            self.serve_customer(conv, now_ms)?;
         }
 
         let appended = self.store.append_message(&message).map_err(store_error)?;
@@ -116,10 +116,14 @@ impl Owner {
     /// Customer service: makes sure an online agent serves the shop conversation `conv`
     /// before a customer's message goes out, so a newly assigned agent gets `members` and then
     /// the `msg`.
-    pub(super) fn serve_customer(&mut self, conv: ConvId) -> Result<(), (ErrorCode, String)> {
+    pub(super) fn serve_customer(
+        &mut self,
+        conv: ConvId,
+        now_ms: u64,
+    ) -> Result<(), (ErrorCode, String)> {
         if let Some((shop, agents)) = self.shop_agents(conv) {
             if let Decision::Assign(agent) = self.dispatcher.customer_message(shop, conv, &agents) {
-                self.assign(conv, agent).map_err(store_error)?;
+                self.assign(conv, agent, now_ms).map_err(store_error)?;
             }
         }
         Ok(())

@@ -46,6 +46,7 @@ impl Owner {
         &mut self,
         origin: &Origin,
         conv: ConvId,
+        now_ms: u64,
     ) -> Result<(), (ErrorCode, String)> {
         if origin.uid.kind != UidKind::Agent {
             return Err((ErrorCode::BadRequest, "only agents resolve".into()));
@@ -55,7 +56,7 @@ impl Owner {
             return Err((ErrorCode::BadRequest, "not a shop conversation".into()));
         };
         self.store
-            .remove_member(conv, origin.uid)
+            .remove_member(conv, origin.uid, now_ms)
             .map_err(store_error)?;
         self.dispatcher.resolve(shop, origin.uid);
         let ok = origin.reply(Message::ResolveOk(conv));
@@ -74,9 +75,14 @@ impl Owner {
         Ok(())
     }
 
-    /// Adds `agent` to `conv` and pushes the new member list to every member.
-    pub(super) fn assign(&mut self, conv: ConvId, agent: Uid) -> Result<(), StoreError> {
-        self.store.add_member(conv, agent)?;
+    /// Adds `agent` to `conv` at `now_ms` and pushes the new member list to every member.
+    pub(super) fn assign(
+        &mut self,
+        conv: ConvId,
+        agent: Uid,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.store.add_member(conv, agent, now_ms)?;
         let members = self.members(conv);
         let list = members.to_vec();
         self.fanout(Fanout::new(
@@ -104,9 +110,9 @@ impl Owner {
     }
 
     /// A device of `agent` logged in: waiting conversations of its shop may now be assigned.
-    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid) {
+    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid, now_ms: u64) {
         for assignment in self.dispatcher.agent_online(shop, agent) {
-            if let Err(e) = self.assign(assignment.conv, assignment.agent) {
+            if let Err(e) = self.assign(assignment.conv, assignment.agent, now_ms) {
                 tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
             }
         }

@@ -55,7 +55,7 @@ impl Owner {
                     .duplicate_of(&message)
                     .map_err(super::store_error)?;
                 if original.is_none() {
-                    self.serve_customer(conv)?;
+                    self.serve_customer(conv, now_ms)?;
                 }
                 self.store_and_push(&message, None)
                     .map_err(super::store_error)

@@ -297,6 +297,13 @@ impl ServiceConn {
             Message::ConvInfo(conv) => {
                 self.post_group(origin(service), GroupOp::Info { conv }, ctx);
             }
+            Message::AgentStats(stats) => {
+                let request = BusMsg::AgentStats {
+                    origin: Box::new(origin(service)),
+                    stats,
+                };
+                self.post_to_owner(req, request, ctx);
+            }
             other => {
                 let text = format!("{} is not a service request", other.op());
                 self.reply(req, bus::error(ErrorCode::BadRequest, &text), ctx);

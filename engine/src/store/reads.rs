@@ -1,6 +1,6 @@
 //! Reads: history along the conversation chains, and lookups of the state.
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::{AgentStatsOk, ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
 use smallvec::SmallVec;
 
 use super::record::{self, MessageRef};
@@ -253,6 +253,12 @@ impl Store {
         record::decode_message(&seg.map, segment::offset_of(pos))
             .map(Some)
             .map_err(|reason| StoreError::corrupt(pos, reason))
+    }
+
+    /// The reception figures of `shop`'s agents over `from_ms..to_ms` (widened to whole hours,
+    /// cut to the hours kept): see `state/reception.rs`.
+    pub fn agent_stats(&self, shop: ShopId, from_ms: u64, to_ms: u64) -> AgentStatsOk {
+        self.state.reception.report(shop, from_ms, to_ms)
     }
 
     /// The conversation, if it is in this log.

@@ -261,19 +261,30 @@ impl Store {
         })
     }
 
-    /// Adds a member (for a shop conversation, an agent assignment). `Ok(false)` if the user
-    /// is a member already.
-    pub fn add_member(&mut self, conv: ConvId, uid: Uid) -> Result<bool, StoreError> {
-        self.change_member(conv, uid, true)
+    /// Adds a member at `ts_ms` (for a shop conversation, an agent assignment). `Ok(false)`
+    /// if the user is a member already.
+    pub fn add_member(&mut self, conv: ConvId, uid: Uid, ts_ms: u64) -> Result<bool, StoreError> {
+        self.change_member(conv, uid, true, ts_ms)
     }
 
-    /// Removes a member (for a shop conversation, ends an agent assignment). `Ok(false)` if
-    /// the user was not a member.
-    pub fn remove_member(&mut self, conv: ConvId, uid: Uid) -> Result<bool, StoreError> {
-        self.change_member(conv, uid, false)
+    /// Removes a member at `ts_ms` (for a shop conversation, ends an agent assignment).
+    /// `Ok(false)` if the user was not a member.
+    pub fn remove_member(
+        &mut self,
+        conv: ConvId,
+        uid: Uid,
+        ts_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.change_member(conv, uid, false, ts_ms)
     }
 
-    fn change_member(&mut self, conv: ConvId, uid: Uid, added: bool) -> Result<bool, StoreError> {
+    fn change_member(
+        &mut self,
+        conv: ConvId,
+        uid: Uid,
+        added: bool,
+        ts_ms: u64,
+    ) -> Result<bool, StoreError> {
         let c = self.conv(conv).ok_or(StoreError::UnknownConv(conv))?;
         if c.members.contains(&uid) == added {
             return Ok(false);
@@ -285,7 +296,12 @@ impl Store {
                 max: self.config.members_max,
             });
         }
-        self.append_state(Record::Member { conv, uid, added })?;
+        self.append_state(Record::Member {
+            conv,
+            uid,
+            added,
+            ts_ms,
+        })?;
         Ok(true)
     }
 
