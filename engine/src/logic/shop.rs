@@ -258,4 +258,101 @@ mod tests {
         assert_eq!(h.owner.dispatcher.assigned_count(SHOP, support.uid), 0);
         assert_eq!(h.owner.members(first.0).as_slice(), [customer.uid]);
     }
+
+    fn stats(h: &mut Harness, asker: &Origin) -> String {
+        let service = Origin {
+            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1),
+            service: true,
+            ..*asker
+        };
+        let out = h.turn(BusMsg::AgentStats {
+            origin: Box::new(service),
+            stats: chinwag_protocol::AgentStats {
+                shop: SHOP,
+                from_ms: 0,
+                to_ms: h.now_ms + 1,
+            },
+        });
+        let texts = replies(&out, asker.session);
+        assert_eq!(texts.len(), 1, "{texts:?}");
+        texts[0].clone()
+    }
+
+    #[test]
+    fn agent_stats_count_what_agents_did_and_are_the_same_after_restarts() {
+        let mut h = Harness::new();
+        let (a, b) = (agent_of_shop(&mut h, 7), agent_of_shop(&mut h, 8));
+        online(&mut h, &a);
+        online(&mut h, &b);
+        let (c1, c2) = (h.login(buyer(1)), h.login(buyer(2)));
+        let out = h.turn(send(&c1, Target::Shop(SHOP), "1", "hi"));
+        let (conv1, _) = send_ok(&replies(&out, c1.session));
+        let out = h.turn(send(&c2, Target::Shop(SHOP), "1", "hello"));
+        let (conv2, _) = send_ok(&replies(&out, c2.session));
+        // Each agent got one conversation; find whose is whose.
+        let members = h.owner.members(conv1);
+        let (first, second) = if members.contains(&a.uid) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+
+        h.now_ms += 30_000;
+        h.turn(send(&first, Target::Conv(conv1), "r1", "how can I help?"));
+        h.turn(send(&first, Target::Conv(conv1), "r2", "still there?"));
+        let before_snapshot = stats(&mut h, &c1);
+        h.owner.maintain(h.now_ms);
+        h.now_ms += 3_000;
+        h.turn(send(&second, Target::Conv(conv2), "r1", "hello to you"));
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(first),
+            conv: conv1,
+        });
+        let report = stats(&mut h, &c1);
+        assert_ne!(report, before_snapshot);
+        let json = |uid: chinwag_protocol::Uid, row: &str| format!(r#"{{"agent":"{uid}",{row}}}"#);
+        let first_row = r#""assigned":1,"open":0,"resolved":1,"messages":2,"replies":1,"reply_ms_p50":32000,"reply_ms_p90":32000"#;
+        let second_row = r#""assigned":1,"open":1,"resolved":0,"messages":1,"replies":1,"reply_ms_p50":45255,"reply_ms_p90":45255"#;
+        let mut rows = [(first.uid, first_row), (second.uid, second_row)];
+        rows.sort();
+        let expected = format!(
+            r#""total":{{"assigned":2,"open":1,"resolved":1,"messages":3,"replies":2,"reply_ms_p50":32000,"reply_ms_p90":45255}},"agents":[{},{}]"#,
+            json(rows[0].0, rows[0].1),
+            json(rows[1].0, rows[1].1)
+        );
+        assert!(report.contains(&expected), "{report}\n{expected}");
+
+        // Replayed from the snapshot and the records after it: the same figures.
+        h.restart();
+        assert_eq!(stats(&mut h, &c1), report);
+        // Replayed from the start (no snapshot): the same figures.
+        for snap in std::fs::read_dir(h.dir()).unwrap() {
+            let path = snap.unwrap().path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        h.restart();
+        assert_eq!(stats(&mut h, &c1), report);
+    }
+
+    #[test]
+    fn agent_stats_refuse_an_empty_window() {
+        let mut h = Harness::new();
+        let asker = h.login(buyer(1));
+        let service = Origin {
+            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1),
+            service: true,
+            ..asker
+        };
+        let out = h.turn(BusMsg::AgentStats {
+            origin: Box::new(service),
+            stats: chinwag_protocol::AgentStats {
+                shop: SHOP,
+                from_ms: 10,
+                to_ms: 10,
+            },
+        });
+        assert!(replies(&out, asker.session)[0].contains(r#""code":"bad_request""#));
+    }
 }

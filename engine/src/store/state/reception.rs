@@ -335,7 +335,13 @@ mod tests {
         let row = report.agents[0].stats;
         assert_eq!(report.agents[0].agent, AGENT);
         assert_eq!(
-            (row.assigned, row.open, row.resolved, row.messages, row.replies),
+            (
+                row.assigned,
+                row.open,
+                row.resolved,
+                row.messages,
+                row.replies
+            ),
             (1, 0, 1, 3, 2)
         );
         assert_eq!((row.reply_ms_p50, row.reply_ms_p90), (2_000, 32_000));
@@ -386,10 +392,16 @@ mod tests {
         let a = &r.shops[&SHOP];
         assert!(a[&AGENT].hours.is_empty());
         assert_eq!((a[&AGENT].open, a[&AGENT].open_before), (1, 1));
-        assert!(!a.contains_key(&OTHER), "nothing kept, nothing open: forgotten");
+        assert!(
+            !a.contains_key(&OTHER),
+            "nothing kept, nothing open: forgotten"
+        );
 
         let report = r.report(SHOP, T0, much_later + 1);
-        assert_eq!(report.from_ms, much_later / HOUR_MS * HOUR_MS - (HOURS_KEPT - 1) * HOUR_MS);
+        assert_eq!(
+            report.from_ms,
+            much_later / HOUR_MS * HOUR_MS - (HOURS_KEPT - 1) * HOUR_MS
+        );
         assert_eq!(report.agents.len(), 1);
         assert_eq!((report.total.assigned, report.total.open), (0, 1));
     }
