@@ -19,8 +19,8 @@ use crate::message::{
     AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
     DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
     HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, Target,
-    HISTORY_LIMIT_DEFAULT,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
+    StreamEvent, Target, HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -129,6 +129,44 @@ struct RawFrame<'a> {
     total: Option<RawStatsRow>,
     #[serde(borrow)]
     agents: Option<Vec<RawAgentRow<'a>>>,
+    #[serde(borrow)]
+    events: Option<Vec<RawStreamEvent<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawStreamEvent<'a> {
+    #[serde(borrow)]
+    event: Text<'a>,
+    after_msgs: u16,
+    #[serde(borrow)]
+    conv: Text<'a>,
+    #[serde(borrow)]
+    uid: Text<'a>,
+    #[serde(default)]
+    ts: Option<u64>,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+fn stream_event_from_raw(raw: &RawStreamEvent<'_>) -> Result<StreamEvent, DecodeErrorKind> {
+    let change = match &*raw.event {
+        "joined" => StreamChange::Joined {
+            ts: need(raw.ts, "ts")?,
+        },
+        "left" => StreamChange::Left {
+            ts: need(raw.ts, "ts")?,
+        },
+        "read" => StreamChange::Read {
+            seq: Seq(need(raw.seq, "seq")?),
+        },
+        _ => return Err(DecodeErrorKind::BadValue("unknown stream event")),
+    };
+    Ok(StreamEvent {
+        after_msgs: raw.after_msgs,
+        conv: parse_str(&raw.conv, "conv")?,
+        uid: parse_str(&raw.uid, "uid")?,
+        change,
+    })
 }
 
 #[derive(Deserialize)]
@@ -384,13 +422,23 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
                     .collect::<Result<_, DecodeErrorKind>>()?,
             })
         }
-        Op::StreamBatch => Message::StreamBatch(StreamBatch {
-            position: need_text(raw.position, "position")?,
-            msgs: need(raw.msgs, "msgs")?
-                .into_iter()
-                .map(msg_from_raw)
-                .collect::<Result<_, _>>()?,
-        }),
+        Op::StreamBatch => {
+            let events = raw.events.unwrap_or_default();
+            if events.len() > usize::from(u16::MAX) {
+                return Err(DecodeErrorKind::BadValue("events"));
+            }
+            Message::StreamBatch(StreamBatch {
+                position: need_text(raw.position, "position")?,
+                msgs: need(raw.msgs, "msgs")?
+                    .into_iter()
+                    .map(msg_from_raw)
+                    .collect::<Result<_, _>>()?,
+                events: events
+                    .iter()
+                    .map(stream_event_from_raw)
+                    .collect::<Result<_, _>>()?,
+            })
+        }
         Op::AuthOk => Message::AuthOk(AuthOk {
             uid: parse_field(&raw.uid, "uid")?,
             ts: need(raw.ts, "ts")?,
@@ -811,6 +859,26 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                 w.raw("}");
             }
             w.raw("]");
+            // Only when there are any, as in the binary form.
+            if !m.events.is_empty() {
+                w.raw(",\"events\":[");
+                for (i, event) in m.events.iter().enumerate() {
+                    if i > 0 {
+                        w.raw(",");
+                    }
+                    w.raw("{\"event\":");
+                    w.string(event.change.name());
+                    w.num("after_msgs", u64::from(event.after_msgs));
+                    w.display("conv", event.conv);
+                    w.display("uid", event.uid);
+                    match event.change {
+                        StreamChange::Joined { ts } | StreamChange::Left { ts } => w.num("ts", ts),
+                        StreamChange::Read { seq } => w.num("seq", seq.0),
+                    }
+                    w.raw("}");
+                }
+                w.raw("]");
+            }
         }
         Message::AuthOk(m) => {
             w.display("uid", m.uid);

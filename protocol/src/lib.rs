@@ -49,5 +49,6 @@ pub use message::{
     AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
     DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
     HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, Target,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
+    StreamEvent, Target,
 };

@@ -515,6 +515,7 @@ impl Message<'_> {
             Message::StreamBatch(m) => Message::StreamBatch(StreamBatch {
                 position: own(m.position),
                 msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
+                events: m.events,
             }),
         }
     }
@@ -835,13 +836,65 @@ pub struct Kick {
 }
 
 /// `stream_batch`: the next stored messages of the stream, in log order (so in seq order per
-/// conversation), and the opaque position to resume after them.
+/// conversation), the membership and read-cursor changes stored among them, and the opaque
+/// position to resume after them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamBatch<'a> {
     /// Resume here to get what follows this batch.
     pub position: Cow<'a, str>,
     /// The messages; may be empty (the first batch of a subscription).
     pub msgs: Vec<Msg<'a>>,
+    /// The changes of members and read cursors, in log order; each says where it falls among
+    /// `msgs`.
+    pub events: Vec<StreamEvent>,
+}
+
+/// A change of membership or of a read cursor in the message stream (docs/backend.md, "The
+/// message stream").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// The change was stored after this many of its batch's messages and before the next one
+    /// (log order), so a mirror applies events and messages in the order they happened.
+    pub after_msgs: u16,
+    /// The conversation.
+    pub conv: ConvId,
+    /// The member or reader.
+    pub uid: Uid,
+    /// What changed.
+    pub change: StreamChange,
+}
+
+/// What a [`StreamEvent`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamChange {
+    /// The user became a member (an agent assignment, a `group_add`, a conversation's first
+    /// members), at `ts` (ms since the Unix epoch; 0: not recorded).
+    Joined {
+        /// When, ms since the Unix epoch (0: not recorded).
+        ts: u64,
+    },
+    /// The user is no longer a member (a `resolve`, a `group_remove`).
+    Left {
+        /// When, ms since the Unix epoch (0: not recorded).
+        ts: u64,
+    },
+    /// The user's read cursor moved up to `seq` (a `read`; a sender's own message moves its
+    /// cursor too, with no event).
+    Read {
+        /// The seq read up to.
+        seq: Seq,
+    },
+}
+
+impl StreamChange {
+    /// The JSON name (`event` field).
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamChange::Joined { .. } => "joined",
+            StreamChange::Left { .. } => "left",
+            StreamChange::Read { .. } => "read",
+        }
+    }
 }
 
 /// `agent_stats`: the customer-service figures of a shop's agents over the window
@@ -1305,6 +1358,21 @@ pub(crate) mod strategies {
     }
 
     /// The service port's ops and the `notify` push.
+    fn stream_event() -> impl Strategy<Value = StreamEvent> {
+        (any::<u16>(), any::<u64>(), uid(), 0u8..3, any::<u64>()).prop_map(
+            |(after_msgs, c, uid, which, n)| StreamEvent {
+                after_msgs,
+                conv: ConvId(c),
+                uid,
+                change: match which {
+                    0 => StreamChange::Joined { ts: n },
+                    1 => StreamChange::Left { ts: n },
+                    _ => StreamChange::Read { seq: Seq(n) },
+                },
+            },
+        )
+    }
+
     fn stats_row() -> impl Strategy<Value = StatsRow> {
         (any::<[u32; 5]>(), any::<u64>(), any::<u64>()).prop_map(|(n, p50, p90)| StatsRow {
             assigned: n[0],
@@ -1429,12 +1497,16 @@ pub(crate) mod strategies {
                     })
                 }),
             "[0-9a-f]{0,80}".prop_map(|p| Message::Subscribe(Cow::Owned(p))),
-            ("[0-9a-f]{0,80}", vec(msg(), 0..4)).prop_map(|(p, msgs)| Message::StreamBatch(
-                StreamBatch {
+            (
+                "[0-9a-f]{0,80}",
+                vec(msg(), 0..4),
+                vec(stream_event(), 0..4)
+            )
+                .prop_map(|(p, msgs, events)| Message::StreamBatch(StreamBatch {
                     position: Cow::Owned(p),
-                    msgs
-                }
-            )),
+                    msgs,
+                    events
+                })),
         ]
     }
 

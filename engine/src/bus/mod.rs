@@ -298,7 +298,16 @@ pub struct StreamPart {
     /// The shard whose log was read.
     pub shard: usize,
     /// The messages and the position after them, or why the position was refused.
-    pub result: Result<(Vec<chinwag_protocol::Msg<'static>>, u64), &'static str>,
+    pub result: Result<StreamFound, &'static str>,
+}
+
+/// The messages and events one stream read found, and the position after them.
+#[derive(Debug)]
+pub struct StreamFound {
+    pub msgs: Vec<chinwag_protocol::Msg<'static>>,
+    pub events: Vec<chinwag_protocol::StreamEvent>,
+    /// The position in the shard's log to read on from.
+    pub next: u64,
 }
 
 /// Which stored reply did not reach WeChat, and why.

@@ -351,24 +351,27 @@ impl ServiceConn {
         };
         *in_flight = false;
         let req = stream.req;
-        let (msgs, next) = match part.result {
+        let found = match part.result {
             Ok(found) => found,
             Err(text) => {
                 self.subscription = None;
                 return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx);
             }
         };
-        stream.positions[shard] = next;
-        stream.more[shard] = !msgs.is_empty();
+        // A read that moved on found something (perhaps only records the stream leaves
+        // out, such as device registrations): there may be more behind it.
+        stream.more[shard] = found.next != stream.positions[shard];
+        stream.positions[shard] = found.next;
         let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
         if first_round_done {
             stream.started = true;
         }
-        if !msgs.is_empty() || first_round_done {
+        if !found.msgs.is_empty() || !found.events.is_empty() || first_round_done {
             let position = stream_position::encode(&ctx.node.jwt_secret, &stream.positions);
             let batch = Message::StreamBatch(StreamBatch {
                 position: position.into(),
-                msgs,
+                msgs: found.msgs,
+                events: found.events,
             });
             self.reply(req, batch, ctx);
         }
