@@ -259,7 +259,9 @@ mod tests {
         assert_eq!(h.owner.members(first.0).as_slice(), [customer.uid]);
     }
 
-    fn stats(h: &mut Harness, asker: &Origin) -> String {
+    /// `agent_stats` of [`SHOP`] from `from_ms` to `to_ms`, asked by a service on the session
+    /// of `asker`: the replies.
+    fn ask_stats(h: &mut Harness, asker: &Origin, from_ms: u64, to_ms: u64) -> Vec<String> {
         let service = Origin {
             uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1),
             service: true,
@@ -269,11 +271,16 @@ mod tests {
             origin: Box::new(service),
             stats: chinwag_protocol::AgentStats {
                 shop: SHOP,
-                from_ms: 0,
-                to_ms: h.now_ms + 1,
+                from_ms,
+                to_ms,
             },
         });
-        let texts = replies(&out, asker.session);
+        replies(&out, asker.session)
+    }
+
+    fn stats(h: &mut Harness, asker: &Origin) -> String {
+        let to_ms = h.now_ms + 1;
+        let texts = ask_stats(h, asker, 0, to_ms);
         assert_eq!(texts.len(), 1, "{texts:?}");
         texts[0].clone()
     }
@@ -340,19 +347,7 @@ mod tests {
     fn agent_stats_refuse_an_empty_window() {
         let mut h = Harness::new();
         let asker = h.login(buyer(1));
-        let service = Origin {
-            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1),
-            service: true,
-            ..asker
-        };
-        let out = h.turn(BusMsg::AgentStats {
-            origin: Box::new(service),
-            stats: chinwag_protocol::AgentStats {
-                shop: SHOP,
-                from_ms: 10,
-                to_ms: 10,
-            },
-        });
-        assert!(replies(&out, asker.session)[0].contains(r#""code":"bad_request""#));
+        let texts = ask_stats(&mut h, &asker, 10, 10);
+        assert!(texts[0].contains(r#""code":"bad_request""#), "{texts:?}");
     }
 }

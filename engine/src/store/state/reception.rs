@@ -97,22 +97,30 @@ impl Reception {
     /// `agent` was assigned a conversation of `shop` at `ts_ms` (0: unknown, a record from
     /// before member records had a time; the newest time seen stands in).
     pub fn assigned(&mut self, shop: ShopId, agent: Uid, ts_ms: u64) {
-        let a = self.agent(shop, agent, ts_ms);
-        a.open = a.open.saturating_add(1);
-        let open = a.open;
-        if let Some(h) = a.hours.back_mut() {
-            h.assigned = h.assigned.saturating_add(1);
-            h.open = open;
-        }
+        self.assignment(shop, agent, ts_ms, true);
     }
 
     /// `agent` resolved a conversation of `shop` at `ts_ms` (0: unknown, as for `assigned`).
     pub fn resolved(&mut self, shop: ShopId, agent: Uid, ts_ms: u64) {
+        self.assignment(shop, agent, ts_ms, false);
+    }
+
+    /// An assignment began (`began`) or ended.
+    fn assignment(&mut self, shop: ShopId, agent: Uid, ts_ms: u64, began: bool) {
         let a = self.agent(shop, agent, ts_ms);
-        a.open = a.open.saturating_sub(1);
+        a.open = if began {
+            a.open.saturating_add(1)
+        } else {
+            a.open.saturating_sub(1)
+        };
         let open = a.open;
         if let Some(h) = a.hours.back_mut() {
-            h.resolved = h.resolved.saturating_add(1);
+            let count = if began {
+                &mut h.assigned
+            } else {
+                &mut h.resolved
+            };
+            *count = count.saturating_add(1);
             h.open = open;
         }
     }
