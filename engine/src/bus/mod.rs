@@ -168,6 +168,8 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// The users, all owned by the receiving shard.
         users: Vec<Uid>,
+        /// The connection's token for the request (see [`BusMsg::PresencePart`]).
+        token: u64,
     },
     /// The message stream of a service: the next messages of the receiving shard's log.
     StreamRead {
@@ -266,10 +268,11 @@ pub enum BusMsg {
     PresencePart {
         /// The service connection that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// The online devices of the asked users this shard owns.
-        online: Vec<Online>,
+        /// The connection's token for the request (unique per connection, unlike `req`).
+        token: u64,
+        /// The online devices of the asked users this shard owns; `None` when the request
+        /// could not reach the shard (its mailbox was full).
+        online: Option<Vec<Online>>,
     },
     /// One shard's part of a `convs` reply.
     ConvsPart {

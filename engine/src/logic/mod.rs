@@ -228,14 +228,18 @@ impl Owner {
                     origin.reply(chinwag_protocol::Message::KickOk(kicked)),
                 );
             }
-            BusMsg::Presence { origin, users } => {
+            BusMsg::Presence {
+                origin,
+                users,
+                token,
+            } => {
                 let online = self.presence(&users);
                 self.push_out(
                     origin.session.shard as usize,
                     BusMsg::PresencePart {
                         session: origin.session,
-                        req: origin.req,
-                        online,
+                        token,
+                        online: Some(online),
                     },
                 );
             }

@@ -455,13 +455,13 @@ impl Shard {
             }
             BusMsg::PresencePart {
                 session: to,
-                req,
+                token,
                 online,
             } => {
                 let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
                 if let Some(service) = self.services.get_mut(key) {
                     if service.generation() == to.generation {
-                        service.on_presence_part(req, online, &mut self.ctx);
+                        service.on_presence_part(token, online, &mut self.ctx);
                     }
                 }
             }
