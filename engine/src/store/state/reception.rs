@@ -199,7 +199,7 @@ impl Reception {
             .or_default()
             .entry(agent)
             .or_default();
-        if a.hours.back().is_none_or(|h| h.hour < hour) {
+        if !matches!(a.hours.back(), Some(h) if h.hour >= hour) {
             a.hours.push_back(Hour::new(hour, a.open));
         }
         a
