@@ -251,6 +251,15 @@ mod tests {
             .expect("the conversation");
         let out = h.turn(send(&support, Target::Conv(conv), "a1", "您好"));
         assert_eq!(send_ok(&replies(&out, support.session)), (conv, 2));
+
+        // Resolved, then WeChat retries once more: still nothing, no new assignment.
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv,
+        });
+        let late = h.turn(inbound(7, "wx-msg-1", "在吗"));
+        assert!(pushes(&late).is_empty(), "{:?}", pushes(&late));
+        assert_eq!(h.owner.members(conv).as_slice(), [customer]);
     }
 
     #[test]
