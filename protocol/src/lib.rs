@@ -48,6 +48,6 @@ pub use ids::{
 pub use message::{
     AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
     ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StreamBatch, Target,
+    LoginOk, Members, MembersDelta, Message, Msg, MsgPush, Notify, NotifyUsers, Online, Op,
+    Profile, ProfileOf, Receipt, Send, SendAs, SendOk, StreamBatch, Subject, Target, UserProfile,
 };

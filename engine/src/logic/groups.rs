@@ -134,6 +134,7 @@ impl Owner {
             Message::Members(Members {
                 conv,
                 members: members.to_vec(),
+                profiles: self.member_profiles(&members),
             })
         } else {
             Message::MembersDelta(MembersDelta {

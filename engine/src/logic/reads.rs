@@ -103,6 +103,8 @@ impl Owner {
                     read_seq,
                     unread: last_seq.0.saturating_sub(read_seq.0),
                     last,
+                    profile: self.conv_profile(id),
+                    profiles: self.member_profiles(c.members()),
                 })
             })
             .collect()

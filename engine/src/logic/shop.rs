@@ -68,6 +68,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(&remaining),
                 members: remaining,
             }),
         ));
@@ -84,6 +85,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(&list),
                 members: list,
             }),
         ));
@@ -104,7 +106,15 @@ impl Owner {
     }
 
     /// A device of `agent` logged in: waiting conversations of its shop may now be assigned.
-    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid) {
+    pub(super) fn agent_online(
+        &mut self,
+        shop: ShopId,
+        agent: Uid,
+        profile: Option<&crate::store::StoredProfile>,
+    ) {
+        if let Err(e) = self.keep_profile(agent, profile) {
+            tracing::warn!(%agent, error = %e, "agent's profile not kept");
+        }
         for assignment in self.dispatcher.agent_online(shop, agent) {
             if let Err(e) = self.assign(assignment.conv, assignment.agent) {
                 tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
@@ -130,6 +140,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: agent.uid,
+            profile: None,
         })
     }
 

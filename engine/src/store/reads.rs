@@ -293,6 +293,12 @@ impl Store {
             .map_or(&[], |c| c.as_slice())
     }
 
+    /// The newest profile of `subject` in this log (a user's own, or the copy this log keeps
+    /// of a user who wrote in one of its conversations).
+    pub fn profile(&self, subject: chinwag_protocol::Subject) -> Option<&state::StoredProfile> {
+        self.state.profile(subject)
+    }
+
     /// The device id registered for this user and device type.
     pub fn device(&self, uid: Uid, device_type: DeviceType) -> Option<DeviceId> {
         self.state.devices.get(&(uid, device_type)).copied()

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  0 [8] magic "CHWGSNP1"   12 u32 CRC32C of bytes 16..32, then the body   24 u64 log position
-//!  8 u32 format version (2) 16 u64 body length
+//!  8 u32 format version (3) 16 u64 body length
 //! ```
 //!
 //! It is written to a `.tmp` file, synced, renamed into place and the directory synced, so a
@@ -16,17 +16,22 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
+use std::sync::Arc;
+
+use chinwag_protocol::limits::{PROFILE_AVATAR_LEN_MAX, PROFILE_NAME_LEN_MAX};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid, UidKind};
 use smallvec::SmallVec;
 
 use super::error::{Position, StoreError};
 use super::os;
 use super::record::ConvKind;
-use super::state::{pair, Conversation, Limits, State};
+use super::state::{pair, Conversation, Limits, State, StoredProfile};
 
 const MAGIC: &[u8; 8] = b"CHWGSNP1";
-/// 2: cmid window keys include the conversation (data format 2).
-const VERSION: u32 = 2;
+/// 2: cmid window keys include the conversation (data format 2). 3: profiles at the end.
+const VERSION: u32 = 3;
+/// The version before profiles: read as one with no profiles.
+const VERSION_WITHOUT_PROFILES: u32 = 2;
 const HEADER_BYTES: usize = 32;
 
 /// The file name of the snapshot at `pos`.
@@ -102,7 +107,7 @@ pub fn read(path: &Path, limits: Limits) -> Result<(State, Position), StoreError
         head.u64().map_err(bad)?,
         head.u64().map_err(bad)?,
     );
-    if version != VERSION {
+    if version != VERSION && version != VERSION_WITHOUT_PROFILES {
         return Err(bad("unknown version"));
     }
     let body = &bytes[HEADER_BYTES..];
@@ -110,7 +115,7 @@ pub fn read(path: &Path, limits: Limits) -> Result<(State, Position), StoreError
     if body.len() as u64 != len || crc_found != crc {
         return Err(bad("length or CRC mismatch"));
     }
-    let state = decode(body, limits).map_err(bad)?;
+    let state = decode(body, limits, version == VERSION).map_err(bad)?;
     Ok((state, pos))
 }
 
@@ -152,10 +157,34 @@ fn encode(state: &State) -> Vec<u8> {
         w.u64(from);
         w.u64(to);
     }
+    // Sorted, so the same state always writes the same bytes.
+    let mut profiles: Vec<_> = state.profiles.iter().collect();
+    profiles.sort_unstable_by_key(|(subject, _)| subject_key(**subject));
+    w.u32(profiles.len() as u32);
+    for (&subject, stored) in profiles {
+        let (code, uid_kind, id) = subject_key(subject);
+        w.u8(code);
+        w.u8(uid_kind);
+        w.u64(id);
+        w.u64(stored.version);
+        w.u8(stored.profile.name.len() as u8);
+        w.0.extend_from_slice(stored.profile.name.as_bytes());
+        w.u16(stored.profile.avatar.len() as u16);
+        w.0.extend_from_slice(stored.profile.avatar.as_bytes());
+    }
     w.0
 }
 
-fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
+/// A profile's subject as (0 user / 1 conversation / 2 shop, uid kind, id), as in its record.
+fn subject_key(subject: Subject) -> (u8, u8, u64) {
+    match subject {
+        Subject::User(uid) => (0, uid.kind as u8, uid.id),
+        Subject::Conv(conv) => (1, 0, conv.0),
+        Subject::Shop(shop) => (2, 0, shop.0),
+    }
+}
+
+fn decode(body: &[u8], limits: Limits, has_profiles: bool) -> Result<State, &'static str> {
     let mut r = Reader { bytes: body };
     let mut state = State::new(limits).map_err(|_| "no memory for the cmid window")?;
     state.device_max = match r.u64()? {
@@ -216,6 +245,34 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     for _ in 0..r.u32()? {
         let (from, to) = (r.u64()?, r.u64()?);
         state.chain_repairs.insert(from, to);
+    }
+    if has_profiles {
+        for _ in 0..r.u32()? {
+            let code = r.u8()?;
+            let uid_kind = r.u8()?;
+            let id = r.u64()?;
+            let subject = match code {
+                0 => Subject::User(Uid::new(
+                    UidKind::from_code(uid_kind).ok_or("bad uid kind")?,
+                    id,
+                )),
+                1 => Subject::Conv(ConvId(id)),
+                2 => Subject::Shop(ShopId(id)),
+                _ => return Err("bad profile subject"),
+            };
+            let version = r.u64()?;
+            let name_len = usize::from(r.u8()?);
+            let name = r.text(name_len)?;
+            let avatar_len = usize::from(r.u16()?);
+            let avatar = r.text(avatar_len)?;
+            if name.len() > PROFILE_NAME_LEN_MAX || avatar.len() > PROFILE_AVATAR_LEN_MAX {
+                return Err("profile field over its limit");
+            }
+            let profile = Arc::new(Profile { name, avatar });
+            state
+                .profiles
+                .insert(subject, StoredProfile { version, profile });
+        }
     }
     if !r.bytes.is_empty() {
         return Err("trailing bytes");
@@ -280,6 +337,10 @@ impl<'a> Reader<'a> {
         let kind = UidKind::from_code(self.u8()?).ok_or("bad uid kind")?;
         Ok(Uid::new(kind, self.u64()?))
     }
+    fn text(&mut self, len: usize) -> Result<String, &'static str> {
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "profile is not UTF-8")
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +376,24 @@ mod tests {
                 conv: ConvId(5),
                 uid: Uid::new(UidKind::Agent, 4),
                 added: true,
+            },
+            Record::Profile {
+                subject: Subject::User(buyer),
+                version: 7,
+                name: "Bo 😀",
+                avatar: "https://a.example/b.png",
+            },
+            Record::Profile {
+                subject: Subject::Conv(ConvId(5)),
+                version: 8,
+                name: "",
+                avatar: "https://a.example/c.png",
+            },
+            Record::Profile {
+                subject: Subject::Shop(ShopId(3)),
+                version: 9,
+                name: "Shop three",
+                avatar: "",
             },
         ];
         for r in &records {
@@ -364,6 +443,35 @@ mod tests {
             ConvId(5)
         );
         assert_eq!(list(dir.path()).unwrap(), vec![(1 << 32 | 640, path)]);
+        let bo = back
+            .profile(Subject::User(Uid::new(UidKind::Buyer, 1)))
+            .unwrap();
+        assert_eq!((bo.version, bo.profile.name.as_str()), (7, "Bo 😀"));
+        assert_eq!(back.profiles, state.profiles);
+    }
+
+    /// A snapshot written before profiles (version 2) still loads, with no profiles.
+    #[test]
+    fn a_version_2_snapshot_loads_without_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample();
+        state.profiles.clear();
+        let path = write(dir.path(), &state, 99).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        // Drop the empty profiles section (its u32 count) and rewrite the header as version 2.
+        bytes.truncate(bytes.len() - 4);
+        let body_len = (bytes.len() - HEADER_BYTES) as u64;
+        bytes[8..12].copy_from_slice(&VERSION_WITHOUT_PROFILES.to_le_bytes());
+        bytes[16..24].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&bytes[16..HEADER_BYTES]),
+            &bytes[HEADER_BYTES..],
+        );
+        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let (back, _) = read(&path, limits()).unwrap();
+        assert!(back.profiles.is_empty());
+        assert_eq!(back.convs.len(), 1);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The state that replaying the log rebuilds: conversations (with their seqs and read index),
-//! devices, read cursors and the cmid windows.
+//! devices, read cursors, profiles and the cmid windows.
 //!
 //! Every change goes through [`State::check`] and then [`State::apply`]. The live path checks
 //! before it writes the record, so a record in the log is always one that applies; replay runs
@@ -7,9 +7,11 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 
 use ahash::AHashMap;
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::limits::{PROFILE_AVATAR_LEN_MAX, PROFILE_NAME_LEN_MAX};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid};
 use smallvec::SmallVec;
 
 use super::cmid_table::CmidTable;
@@ -89,6 +91,15 @@ impl Conversation {
     }
 }
 
+/// A profile as the log holds it: the newest version of its subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredProfile {
+    /// Orders the versions of one subject; set by the subject's owner when a service sets it.
+    pub version: u64,
+    /// The fields, shared with the pushes and sessions that carry them.
+    pub profile: Arc<Profile>,
+}
+
 /// The idempotency window: recent (sender, conversation, cmid) triples and where their message
 /// is.
 ///
@@ -151,6 +162,9 @@ pub struct State {
     /// Chain links that point at a record the operator skipped (`skip_corrupt`), mapped to
     /// the conversation's previous message that is still readable.
     pub(super) chain_repairs: AHashMap<Position, Position>,
+    /// Profiles: of users, conversations and shops this shard owns, and copies of the
+    /// profiles of users who wrote in its conversations.
+    pub(super) profiles: AHashMap<Subject, StoredProfile>,
 }
 
 /// The unordered pair key of a direct conversation.
@@ -179,6 +193,7 @@ impl State {
                 deferred: false,
             },
             chain_repairs: AHashMap::new(),
+            profiles: AHashMap::new(),
         })
     }
 
@@ -275,7 +290,35 @@ impl State {
                 }
                 Ok(())
             }
+            Record::Profile {
+                subject,
+                version,
+                name,
+                avatar,
+            } => {
+                if name.len() > PROFILE_NAME_LEN_MAX || avatar.len() > PROFILE_AVATAR_LEN_MAX {
+                    return Err("profile field over its limit");
+                }
+                if let Subject::Conv(conv) = subject {
+                    if !self.convs.contains_key(conv) {
+                        return Err("profile of unknown conversation");
+                    }
+                }
+                if self
+                    .profiles
+                    .get(subject)
+                    .is_some_and(|held| held.version >= *version)
+                {
+                    return Err("profile version not newer than the one held");
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// The newest profile of `subject` held here.
+    pub fn profile(&self, subject: Subject) -> Option<&StoredProfile> {
+        self.profiles.get(&subject)
     }
 
     /// Applies a record that passed [`State::check`], found at `pos`.
@@ -343,6 +386,23 @@ impl State {
                 if let Some(c) = self.convs.get_mut(conv) {
                     c.set_cursor(*uid, *seq);
                 }
+            }
+            Record::Profile {
+                subject,
+                version,
+                name,
+                avatar,
+            } => {
+                self.profiles.insert(
+                    *subject,
+                    StoredProfile {
+                        version: *version,
+                        profile: Arc::new(Profile {
+                            name: (*name).to_owned(),
+                            avatar: (*avatar).to_owned(),
+                        }),
+                    },
+                );
             }
         }
     }
