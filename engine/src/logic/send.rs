@@ -53,11 +53,12 @@ impl Owner {
             }
         };
 
+        // Before the assignment and the message, so their pushes carry the profile the
+        // sender brought.
+        self.keep_profile(uid, profile).map_err(store_error)?;
         if uid.kind.is_customer() {
             self.serve_customer(conv)?;
         }
-        // Before the message, so its push carries the profile it came with.
-        self.keep_profile(uid, profile).map_err(store_error)?;
 
         let appended = self
             .store
