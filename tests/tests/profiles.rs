@@ -17,9 +17,15 @@ const SECRET: &str = "profiles-secret-profiles-secret-pr";
 const LONG: Duration = Duration::from_secs(5);
 const SHOP: ShopId = ShopId(42);
 
-fn args() -> [&'static str; 4] {
+fn args() -> [&'static str; 5] {
     // Four shards, so users, the shop and conversations land on different owners.
-    ["--jwt-secret", SECRET, "--messages-per-s-max=0", "--shards=4"]
+    [
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--shards=4",
+        "--log-segment-bytes=1048576",
+    ]
 }
 
 fn service(server: &Server) -> ServiceClient {
