@@ -159,7 +159,10 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
     // `convs` of either side: the shop's name and both members' profiles.
     for who in [&mut ted, &mut ann] {
         let list = convs(who);
-        let entry = list.iter().find(|c| c.conv == conv).expect("the conversation");
+        let entry = list
+            .iter()
+            .find(|c| c.conv == conv)
+            .expect("the conversation");
         assert_eq!(entry.profile, profile("Tea shop"));
         assert_eq!(
             nicks(&entry.profiles),
@@ -181,7 +184,10 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
         }))
         .unwrap();
     let msg = next_msg(&mut ann);
-    assert_eq!((msg.from, msg.from_profile.name.as_str()), (agent(7), "Ted"));
+    assert_eq!(
+        (msg.from, msg.from_profile.name.as_str()),
+        (agent(7), "Ted")
+    );
 
     // The buyer's nickname changes while it is logged in: its next message carries the new
     // one. (The ping makes sure the session's shard has handled what the owner posted.)
@@ -196,7 +202,10 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
         }
     };
     assert_eq!(msg.from_profile, profile("Annie"));
-    let entry = convs(&mut ted).into_iter().find(|c| c.conv == conv).unwrap();
+    let entry = convs(&mut ted)
+        .into_iter()
+        .find(|c| c.conv == conv)
+        .unwrap();
     assert_eq!(nicks(&entry.profiles)[0], (buyer(1), "Annie"));
 
     // A group's own name: set by the service, pushed to its members as `conv_profile`, then
@@ -229,7 +238,10 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
     ann.call(send(Target::Conv(group.conv), "g1")).unwrap();
     let msg = next_msg(&mut bob);
     assert_eq!(
-        (msg.conv_profile.name.as_str(), msg.from_profile.name.as_str()),
+        (
+            msg.conv_profile.name.as_str(),
+            msg.from_profile.name.as_str()
+        ),
         ("Club", "Annie")
     );
 }
@@ -261,7 +273,10 @@ fn profiles_survive_a_restart(signal: i32) {
         profile("Pair")
     );
     let mut bob = client(&server, buyer(2), Encoding::Binary);
-    let entry = convs(&mut bob).into_iter().find(|c| c.conv == ok.conv).unwrap();
+    let entry = convs(&mut bob)
+        .into_iter()
+        .find(|c| c.conv == ok.conv)
+        .unwrap();
     assert_eq!(entry.profile, profile("Pair"));
     assert_eq!(
         nicks(&entry.profiles),

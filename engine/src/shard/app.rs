@@ -370,10 +370,10 @@ impl App {
     /// late, is ignored).
     pub fn on_own_profile(&mut self, profile: Box<StoredProfile>) {
         if let Some(login) = self.login.as_mut() {
-            if login
+            if !login
                 .profile
                 .as_ref()
-                .is_none_or(|held| held.version < profile.version)
+                .is_some_and(|held| held.version >= profile.version)
             {
                 login.profile = Some(profile);
             }
