@@ -670,4 +670,38 @@ mod tests {
         s.apply(&remove, 4);
         assert!(s.user_convs[&AGENT].is_empty());
     }
+
+    #[test]
+    fn profiles_only_go_forward_within_their_limits() {
+        let mut s = State::new(limits()).unwrap();
+        let profile = |subject, version, name: &'static str| Record::Profile {
+            subject,
+            version,
+            name,
+            avatar: "",
+        };
+        let ann = Subject::User(AGENT);
+        s.check(&profile(ann, 5, "Ann"), false).unwrap();
+        s.apply(&profile(ann, 5, "Ann"), 1);
+        assert!(
+            s.check(&profile(ann, 5, "Again"), false).is_err(),
+            "same version"
+        );
+        assert!(s.check(&profile(ann, 4, "Older"), false).is_err(), "older");
+        s.check(&profile(ann, 6, "Annie"), false).unwrap();
+        s.apply(&profile(ann, 6, "Annie"), 2);
+        assert_eq!(s.profile(ann).unwrap().profile.name, "Annie");
+        let long: &'static str = Box::leak("n".repeat(65).into_boxed_str());
+        assert!(
+            s.check(&profile(ann, 7, long), false).is_err(),
+            "over 64 bytes"
+        );
+        let unknown = Subject::Conv(ConvId(9));
+        assert!(
+            s.check(&profile(unknown, 1, "X"), false).is_err(),
+            "unknown conversation"
+        );
+        shop_conv(&mut s, 9);
+        s.check(&profile(unknown, 1, "X"), false).unwrap();
+    }
 }
