@@ -361,3 +361,42 @@ fn bad_profiles_are_refused_and_store_nothing() {
     assert_eq!(rejected(reply), ErrorCode::BadRequest);
     assert_eq!(service.get_profile(Subject::User(buyer(1))).unwrap(), max);
 }
+
+#[test]
+fn chinwag_backend_profile_subcommands_print_the_reply_as_json() {
+    let server = Server::start(&args());
+    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
+    let backend = |args: &[&str]| {
+        let output = std::process::Command::new(chinwag_tests::binary())
+            .arg("backend")
+            .arg("--addr")
+            .arg(server.backend_addr.to_string())
+            .env("CHINWAG_SERVICE_TOKEN", &token)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+        )
+    };
+    let (ok, out) = backend(&["profile", "set", "--user", "agent:7", "--nick", "Ted"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), r#"{"op":"set_profile_ok","req":2}"#);
+    let (ok, out) = backend(&["profile", "set", "--shop", "42", "--name", "Tea shop"]);
+    assert!(ok, "{out}");
+    let (ok, out) = backend(&["profile", "get", "--user", "agent:7"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.trim(),
+        r#"{"op":"get_profile_ok","req":2,"user":"agent:7","nick":"Ted"}"#
+    );
+    let (ok, out) = backend(&["profile", "get", "--shop", "42"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""name":"Tea shop""#), "{out}");
+
+    // An error reply: printed, exit code 1.
+    let (ok, out) = backend(&["profile", "set", "--conv", "25600", "--name", "X"]);
+    assert!(!ok);
+    assert!(out.contains(r#""code":"not_found""#), "{out}");
+}
