@@ -9,8 +9,9 @@ use bytes::BytesMut;
 use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{
-    json, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange, Kick, Message,
-    NotifyUsers, Profile, ProfileOf, Send, SendAs, Seq, ShopId, Subject, Target, Uid,
+    json, AgentStats, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange,
+    Kick, Message, NotifyUsers, Profile, ProfileOf, Send, SendAs, Seq, ShopId, Subject, Target,
+    Uid,
 };
 
 #[derive(clap::Args)]
@@ -109,6 +110,46 @@ enum BackendOp {
         #[command(subcommand)]
         op: ProfileCmd,
     },
+    /// A shop's reception figures per agent over a window (agent_stats): assigned, open at
+    /// the end, resolved, messages, first-reply time p50/p90.
+    Stats {
+        /// The shop.
+        shop: u64,
+        /// The window's start, ms since the Unix epoch (default: 24 hours before --to).
+        #[arg(long)]
+        from_ms: Option<u64>,
+        /// The window's end, ms since the Unix epoch (default: now).
+        #[arg(long)]
+        to_ms: Option<u64>,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum GroupCmd {
+    /// Create the group KEY names (once per key) with its first members.
+    Create {
+        /// The service's own id for the group (a retry with it answers with the same group).
+        key: u64,
+        /// The members, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
+    /// Add users to a group.
+    Add {
+        /// The group.
+        conv: u64,
+        /// The users, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
+    /// Remove members from a group.
+    Remove {
+        /// The group.
+        conv: u64,
+        /// The members, KIND:ID, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        users: Vec<Uid>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -155,34 +196,6 @@ impl SubjectArgs {
             (_, _, shop) => Subject::Shop(ShopId(shop.unwrap_or_default())),
         }
     }
-}
-
-#[derive(clap::Subcommand)]
-enum GroupCmd {
-    /// Create the group KEY names (once per key) with its first members.
-    Create {
-        /// The service's own id for the group (a retry with it answers with the same group).
-        key: u64,
-        /// The members, KIND:ID, comma-separated.
-        #[arg(value_delimiter = ',', required = true)]
-        users: Vec<Uid>,
-    },
-    /// Add users to a group.
-    Add {
-        /// The group.
-        conv: u64,
-        /// The users, KIND:ID, comma-separated.
-        #[arg(value_delimiter = ',', required = true)]
-        users: Vec<Uid>,
-    },
-    /// Remove members from a group.
-    Remove {
-        /// The group.
-        conv: u64,
-        /// The members, KIND:ID, comma-separated.
-        #[arg(value_delimiter = ',', required = true)]
-        users: Vec<Uid>,
-    },
 }
 
 pub fn run(args: BackendArgs) -> ExitCode {
@@ -251,6 +264,22 @@ pub fn run(args: BackendArgs) -> ExitCode {
             }),
             ProfileCmd::Get { subject } => Message::GetProfile(subject.subject()),
         },
+        BackendOp::Stats {
+            shop,
+            from_ms,
+            to_ms,
+        } => {
+            let to_ms = to_ms.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            });
+            Message::AgentStats(AgentStats {
+                shop: ShopId(shop),
+                from_ms: from_ms.unwrap_or(to_ms.saturating_sub(24 * 3_600_000)),
+                to_ms,
+            })
+        }
     };
     let result = ServiceClient::connect(&args.addr, &args.token).and_then(|mut service| {
         let req = service.send(message)?;
