@@ -79,7 +79,7 @@ fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId,
 fn next_msg(client: &mut Client) -> Msg<'static> {
     loop {
         match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m,
+            Some(Message::Msg(m)) => return m.msg,
             Some(_) => continue,
             None => panic!("no msg push within {LONG:?}"),
         }

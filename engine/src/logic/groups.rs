@@ -140,6 +140,7 @@ impl Owner {
             Message::Members(Members {
                 conv,
                 members: members.to_vec(),
+                profiles: self.member_profiles(&members),
             })
         } else {
             Message::MembersDelta(MembersDelta {

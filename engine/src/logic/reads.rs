@@ -123,6 +123,8 @@ impl Owner {
                     read_seq,
                     unread: last_seq.0.saturating_sub(read_seq.0),
                     last,
+                    profile: self.conv_profile(id),
+                    profiles: self.member_profiles(c.members()),
                 })
             })
             .collect()
@@ -295,6 +297,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: ShopId(5),
             agent: support.uid,
+            profile: None,
         });
         let customer = h.login(buyer(1));
         let out = h.turn(send(&customer, Target::Shop(ShopId(5)), "1", "hi"));

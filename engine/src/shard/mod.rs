@@ -511,11 +511,12 @@ impl Shard {
                 session: to,
                 uid,
                 device,
+                profile,
             } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
                         let ctx = &mut self.ctx;
-                        session.with_app(|app, s| app.on_registered(device, s, ctx))
+                        session.with_app(|app, s| app.on_registered(device, profile, s, ctx))
                     }
                     _ => false,
                 };
@@ -540,6 +541,14 @@ impl Shard {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
                     session.with_app(|app, s| app.kick(by_service, s, ctx));
+                }
+            }
+            BusMsg::OwnProfile {
+                session: to,
+                profile,
+            } => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.with_app(|app, _| app.on_own_profile(profile));
                 }
             }
             BusMsg::ConvsPart {
@@ -585,7 +594,11 @@ impl Shard {
             let shards = self.ctx.shards();
             self.ctx.post.to(
                 owner_of(&shop, shards),
-                BusMsg::AgentOnline { shop, agent: uid },
+                BusMsg::AgentOnline {
+                    shop,
+                    agent: uid,
+                    profile: session.app().own_profile().cloned().map(Box::new),
+                },
             );
         }
     }

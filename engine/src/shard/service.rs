@@ -36,8 +36,8 @@ use mio::Token;
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::{
-    self, owner_of, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest,
-    SessionRef, StreamPart, STREAM_NOW,
+    self, owner_of, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, ProfileOp,
+    ProfileRequest, SendRequest, SessionRef, StreamPart, STREAM_NOW,
 };
 
 /// A [`SessionRef`] slot with this bit set names a service connection, not a client session.
@@ -231,6 +231,9 @@ impl ServiceConn {
                     cmid: m.send.cmid.into_owned(),
                     kind: m.send.kind.into_owned(),
                     body: m.send.body.into_owned(),
+                    profile: None,
+                    // Through the sender's owner, which adds the sender's profile.
+                    profile_pending: true,
                 }));
                 self.post_to_owner(req, request, ctx);
             }
@@ -320,6 +323,22 @@ impl ServiceConn {
             }
             Message::ConvInfo(conv) => {
                 self.post_group(origin(service), GroupOp::Info { conv }, ctx);
+            }
+            Message::SetProfile(of) => {
+                let op = ProfileOp::Set(of);
+                let request = BusMsg::Profile(Box::new(ProfileRequest {
+                    origin: origin(service),
+                    op,
+                }));
+                self.post_to_owner(req, request, ctx);
+            }
+            Message::GetProfile(subject) => {
+                let op = ProfileOp::Get(subject);
+                let request = BusMsg::Profile(Box::new(ProfileRequest {
+                    origin: origin(service),
+                    op,
+                }));
+                self.post_to_owner(req, request, ctx);
             }
             Message::AgentStats(stats) => {
                 let request = BusMsg::AgentStats {
