@@ -200,6 +200,23 @@ pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
     Ok(Frame { req, message })
 }
 
+/// Decodes one JSON object as a message of `op`, named outside it (the `<op>` of the HTTP
+/// form `POST /api/<op>`, docs/backend.md): the object need not carry `op`, and if it does it
+/// must be the same. Everything else is read as [`decode`] reads it.
+pub fn decode_as(op: Op, text: &str) -> Result<Frame<'_>, DecodeError> {
+    let mut raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        DecodeError::new(None, DecodeErrorKind::BadJson(e.to_string())).with_op(Some(op))
+    })?;
+    let req = raw.req;
+    if raw.op.as_deref().is_some_and(|name| name != op.name()) {
+        let kind = DecodeErrorKind::BadValue("op (not the op the request names)");
+        return Err(DecodeError::new(req, kind).with_op(Some(op)));
+    }
+    raw.op = Some(Text(Cow::Borrowed(op.name())));
+    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind).with_op(Some(op)))?;
+    Ok(Frame { req, message })
+}
+
 /// Decodes one JSON object given as bytes (a WebSocket text message, already UTF-8 checked or not).
 pub fn decode_bytes(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let text = std::str::from_utf8(bytes)
@@ -944,6 +961,22 @@ impl JsonId for Uid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_as_takes_the_op_from_outside_and_refuses_another() {
+        let frame = decode_as(Op::ConvInfo, r#"{"conv":"42"}"#).unwrap();
+        assert_eq!(frame.message, Message::ConvInfo(ConvId(42)));
+        let same = decode_as(Op::ConvInfo, r#"{"op":"conv_info","conv":"42"}"#).unwrap();
+        assert_eq!(same.message, frame.message);
+        let other = decode_as(Op::ConvInfo, r#"{"op":"kick","conv":"42"}"#).unwrap_err();
+        assert!(other.to_string().contains("op"), "{other}");
+        let missing = decode_as(Op::ConvInfo, "{}").unwrap_err();
+        assert_eq!(missing.kind, DecodeErrorKind::MissingField("conv"));
+        assert!(matches!(
+            decode_as(Op::ConvInfo, "[1]").unwrap_err().kind,
+            DecodeErrorKind::BadJson(_)
+        ));
+    }
 
     #[test]
     fn a_login_that_does_not_decode_names_its_op() {
