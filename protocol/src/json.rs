@@ -204,6 +204,11 @@ pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
 /// form `POST /api/<op>`, docs/backend.md): the object need not carry `op`, and if it does it
 /// must be the same. Everything else is read as [`decode`] reads it.
 pub fn decode_as(op: Op, text: &str) -> Result<Frame<'_>, DecodeError> {
+    // serde would read an array as the fields in order: only an object is a message.
+    if !text.trim_start().starts_with('{') {
+        let kind = DecodeErrorKind::BadJson("not a JSON object".into());
+        return Err(DecodeError::new(None, kind).with_op(Some(op)));
+    }
     let mut raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
         DecodeError::new(None, DecodeErrorKind::BadJson(e.to_string())).with_op(Some(op))
     })?;
@@ -335,7 +340,8 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             limits::check_token(&token)?;
             Message::Auth(token)
         }
-        Op::Subscribe => Message::Subscribe(need_text(raw.from, "from")?),
+        // No `from` is the empty position: from now.
+        Op::Subscribe => Message::Subscribe(raw.from.map(|text| text.0).unwrap_or_default()),
         Op::StreamBatch => Message::StreamBatch(StreamBatch {
             position: need_text(raw.position, "position")?,
             msgs: need(raw.msgs, "msgs")?
@@ -970,12 +976,16 @@ mod tests {
         assert_eq!(same.message, frame.message);
         let other = decode_as(Op::ConvInfo, r#"{"op":"kick","conv":"42"}"#).unwrap_err();
         assert!(other.to_string().contains("op"), "{other}");
+        let now = decode_as(Op::Subscribe, "{}").unwrap();
+        assert_eq!(now.message, Message::Subscribe("".into()));
         let missing = decode_as(Op::ConvInfo, "{}").unwrap_err();
         assert_eq!(missing.kind, DecodeErrorKind::MissingField("conv"));
-        assert!(matches!(
-            decode_as(Op::ConvInfo, "[1]").unwrap_err().kind,
-            DecodeErrorKind::BadJson(_)
-        ));
+        for not_an_object in ["[1]", r#"["conv_info","42"]"#, "42", ""] {
+            assert!(matches!(
+                decode_as(Op::ConvInfo, not_an_object).unwrap_err().kind,
+                DecodeErrorKind::BadJson(_)
+            ));
+        }
     }
 
     #[test]

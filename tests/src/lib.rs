@@ -214,6 +214,39 @@ impl Server {
         parse_response(&response)
     }
 
+    /// `POST path` on the client port with a JSON `body` and, if given, `Authorization:
+    /// Bearer token`, as curl sends it (the HTTP form of the service ops, docs/backend.md);
+    /// returns the status code and body. The server closes the connection after its answer.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut stream = self.tcp();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n{auth}\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        parse_response(&response)
+    }
+
+    /// `POST /api/<op>` (`op` may carry a query) with `body` and a bearer `token`: the status,
+    /// and the body read as a message of the contract (its JSON mapping).
+    pub fn api(
+        &self,
+        op: &str,
+        token: &str,
+        body: &str,
+    ) -> (u16, chinwag_protocol::Message<'static>) {
+        let (status, text) = self.post(&format!("/api/{op}"), Some(token), body);
+        let frame = chinwag_protocol::json::decode(text.trim_end())
+            .unwrap_or_else(|e| panic!("{op}: the body {text:?} is no message: {e}"));
+        assert_eq!(frame.req, None, "an HTTP answer carries no req: {text}");
+        (status, frame.message.into_owned())
+    }
+
     /// The sum over shards of every sample of `name` whose labels contain `labels`
     /// (e.g. `metric("chinwag_connections_closed_total", "reason=\"idle_timeout\"")`).
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
