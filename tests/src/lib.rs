@@ -416,6 +416,12 @@ pub fn close_code(code: u16) -> CloseCode {
 
 /// A login token for `uid`, signed with `secret`, valid for ten minutes.
 pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
+    mint_token_in_shop(secret, uid, None)
+}
+
+/// A login token for `uid` with the `shop` claim (an agent's token names the shop it works
+/// for), signed with `secret`, valid for ten minutes.
+pub fn mint_token_in_shop(secret: &str, uid: chinwag_protocol::Uid, shop: Option<u64>) -> String {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
@@ -424,7 +430,7 @@ pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
         secret.as_bytes(),
         &chinwag_protocol::token::Claims {
             uid,
-            shop: None,
+            shop: shop.map(chinwag_protocol::ShopId),
             exp: now_s + 600,
         },
     )
