@@ -290,10 +290,12 @@ fn bad_requests_get_the_status_and_error_code_that_say_why() {
     );
 }
 
-/// A body that arrives in pieces (and after `Expect: 100-continue`) is read whole.
+/// A body that arrives in pieces (and after `Expect: 100-continue`) is read whole; one that
+/// never completes is dropped after `handshake_timeout_ms`, and a client that shuts its side
+/// after a whole request still gets the answer.
 #[test]
-fn a_body_in_pieces_is_read_whole() {
-    let server = start(&[]);
+fn a_body_in_pieces_is_read_whole_and_a_missing_one_is_dropped() {
+    let server = start(&["--handshake-timeout-ms=1500"]);
     let body = r#"{"users":["buyer:1","buyer:2"],"kind":"k","body":"in pieces"}"#;
     let mut stream = server.tcp();
     write!(
@@ -317,6 +319,37 @@ fn a_body_in_pieces_is_read_whole() {
     let (status, text) = parse_response(&response);
     assert_eq!(status, 200, "{response}");
     assert_eq!(text, "{\"op\":\"notify_users_ok\",\"count\":2}\n");
+
+    // Half a body, then nothing: the connection is dropped, unanswered, nothing done.
+    let mut stalled = server.tcp();
+    write!(
+        stalled,
+        "POST /api/notify_users HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n{first}",
+        service_token(),
+        body.len()
+    )
+    .unwrap();
+    let mut rest = Vec::new();
+    stalled
+        .read_to_end(&mut rest)
+        .expect("closed within the read timeout");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+
+    // A whole request, then the client's FIN: the answer still comes.
+    let mut half_closed = server.tcp();
+    write!(
+        half_closed,
+        "POST /api/notify_users HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        service_token(),
+        body.len()
+    )
+    .unwrap();
+    half_closed.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut response = String::new();
+    half_closed.read_to_string(&mut response).unwrap();
+    assert_eq!(parse_response(&response).0, 200, "{response}");
 }
 
 /// A long poll from "now" with nothing stored answers an empty batch once its wait is over;
