@@ -154,6 +154,11 @@ fn every_service_op_over_http_does_what_it_does_on_the_service_port() {
     let unknown = refused(&server, "conv_info", r#"{"conv":"999999"}"#);
     assert_eq!((unknown.0, unknown.1), (404, ErrorCode::NotFound));
 
+    // agent_stats: the shop's reception figures over a window.
+    let body = r#"{"shop":"5","from_ms":0,"to_ms":99999999999999}"#;
+    let stats = ok(&server, "agent_stats", body);
+    assert!(matches!(stats, Message::AgentStatsOk(_)), "{stats:?}");
+
     // kick: the session is kicked and closed with 4001.
     assert_eq!(
         ok(&server, "kick", r#"{"uid":"buyer:1"}"#),
