@@ -310,6 +310,28 @@ pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
     Ok(Frame { req, message })
 }
 
+/// Decodes one JSON object as a message of `op`, named outside it (the `<op>` of the HTTP
+/// form `POST /api/<op>`, docs/backend.md): the object need not carry `op`, and if it does it
+/// must be the same. Everything else is read as [`decode`] reads it.
+pub fn decode_as(op: Op, text: &str) -> Result<Frame<'_>, DecodeError> {
+    // serde would read an array as the fields in order: only an object is a message.
+    if !text.trim_start().starts_with('{') {
+        let kind = DecodeErrorKind::BadJson("not a JSON object".into());
+        return Err(DecodeError::new(None, kind).with_op(Some(op)));
+    }
+    let mut raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        DecodeError::new(None, DecodeErrorKind::BadJson(e.to_string())).with_op(Some(op))
+    })?;
+    let req = raw.req;
+    if raw.op.as_deref().is_some_and(|name| name != op.name()) {
+        let kind = DecodeErrorKind::BadValue("op (not the op the request names)");
+        return Err(DecodeError::new(req, kind).with_op(Some(op)));
+    }
+    raw.op = Some(Text(Cow::Borrowed(op.name())));
+    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind).with_op(Some(op)))?;
+    Ok(Frame { req, message })
+}
+
 /// Decodes one JSON object given as bytes (a WebSocket text message, already UTF-8 checked or not).
 pub fn decode_bytes(bytes: &[u8]) -> Result<Frame<'_>, DecodeError> {
     let text = std::str::from_utf8(bytes)
@@ -442,7 +464,8 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             limits::check_token(&token)?;
             Message::Auth(token)
         }
-        Op::Subscribe => Message::Subscribe(need_text(raw.from, "from")?),
+        // No `from` is the empty position: from now.
+        Op::Subscribe => Message::Subscribe(raw.from.map(|text| text.0).unwrap_or_default()),
         Op::AgentStats => Message::AgentStats(AgentStats {
             shop: parse_field(&raw.shop, "shop")?,
             from_ms: need(raw.from_ms, "from_ms")?,
@@ -1285,6 +1308,26 @@ impl JsonId for Uid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_as_takes_the_op_from_outside_and_refuses_another() {
+        let frame = decode_as(Op::ConvInfo, r#"{"conv":"42"}"#).unwrap();
+        assert_eq!(frame.message, Message::ConvInfo(ConvId(42)));
+        let same = decode_as(Op::ConvInfo, r#"{"op":"conv_info","conv":"42"}"#).unwrap();
+        assert_eq!(same.message, frame.message);
+        let other = decode_as(Op::ConvInfo, r#"{"op":"kick","conv":"42"}"#).unwrap_err();
+        assert!(other.to_string().contains("op"), "{other}");
+        let now = decode_as(Op::Subscribe, "{}").unwrap();
+        assert_eq!(now.message, Message::Subscribe("".into()));
+        let missing = decode_as(Op::ConvInfo, "{}").unwrap_err();
+        assert_eq!(missing.kind, DecodeErrorKind::MissingField("conv"));
+        for not_an_object in ["[1]", r#"["conv_info","42"]"#, "42", ""] {
+            assert!(matches!(
+                decode_as(Op::ConvInfo, not_an_object).unwrap_err().kind,
+                DecodeErrorKind::BadJson(_)
+            ));
+        }
+    }
 
     #[test]
     fn a_login_that_does_not_decode_names_its_op() {

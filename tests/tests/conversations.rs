@@ -28,14 +28,7 @@ fn now_s() -> u64 {
 }
 
 fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s() + 3600,
-        },
-    )
+    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
 }
 
 fn buyer(id: u64) -> Uid {

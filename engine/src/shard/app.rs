@@ -562,6 +562,8 @@ mod tests {
             unix_ms: 1_700_000_000_000,
             dirty: Vec::new(),
             read_again: Vec::new(),
+            handover: None,
+            api_requests_open: 0,
         };
         (ctx, polls)
     }

@@ -32,11 +32,12 @@ use slab::Slab;
 use crate::bus::post::{Post, PostOffice};
 use crate::bus::{owner_of, BusMsg, SessionRef};
 use crate::logic::{self, Owner};
+use crate::net::ws::connection::CloseReason;
 use crate::operator::metrics;
 use crate::operator::NodeState;
 use context::Context;
 use local::{LocalDevice, LocalDevices};
-use service::{ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
+use service::{HttpHandover, ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
 use session::Session;
 
 const BACKEND_LISTENER: Token = Token(usize::MAX - 2);
@@ -117,6 +118,8 @@ impl Shard {
                 unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
+                handover: None,
+                api_requests_open: 0,
             },
             next_generation: 0,
             sweep_cursor: 0,
@@ -306,7 +309,8 @@ impl Shard {
                     return;
                 }
             };
-            if self.services.len() >= self.ctx.node.config.backend_connections_per_shard_max {
+            let binary_open = self.services.len() - self.ctx.api_requests_open;
+            if binary_open >= self.ctx.node.config.backend_connections_per_shard_max {
                 metrics::add(&self.ctx.metrics().connections_refused, 1);
                 continue;
             }
@@ -339,7 +343,7 @@ impl Shard {
                 return;
             };
             if service.on_readable(&mut self.rbuf, &mut self.ctx) {
-                self.services.remove(key);
+                self.remove_service(key);
             }
             return;
         }
@@ -348,7 +352,47 @@ impl Shard {
             return;
         };
         if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
-            self.remove(token);
+            match self.ctx.handover.take() {
+                Some(handover) => self.hand_over(token, *handover),
+                None => self.remove(token),
+            }
+        }
+    }
+
+    /// Moves the socket of the session at `token`, which read the head of an API request, to
+    /// a service connection that serves the request (shard::service, "The HTTP form"). For
+    /// the client port's metrics the session ends there, as an answered HTTP request.
+    fn hand_over(&mut self, token: Token, handover: HttpHandover) {
+        let session = self.sessions.remove(token.0);
+        let m = self.ctx.metrics();
+        metrics::sub(&m.connections_open, 1);
+        metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
+        m.closed(CloseReason::HttpDone);
+        let mut stream = session.into_stream();
+        let entry = self.services.vacant_entry();
+        let key = entry.key();
+        let service_token = Token(SERVICE_TOKEN_BASE + key);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .reregister(&mut stream, service_token, interest)
+        {
+            tracing::warn!(shard = self.ctx.shard_id, error = %e, "reregister failed");
+            return;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let conn = ServiceConn::for_api(stream, key, self.next_generation, handover, &mut self.ctx);
+        entry.insert(conn);
+        self.ctx.api_requests_open += 1;
+        // Bytes that arrived while the socket changed hands raise no new edge: look once.
+        self.ctx.read_again.push(service_token);
+    }
+
+    /// Drops the service connection in slot `key` (closing its socket).
+    fn remove_service(&mut self, key: usize) {
+        if self.services.try_remove(key).is_some_and(|s| s.is_api()) {
+            self.ctx.api_requests_open -= 1;
         }
     }
 
@@ -373,7 +417,7 @@ impl Shard {
             return;
         };
         if service.flush() {
-            self.services.remove(key);
+            self.remove_service(key);
         } else {
             service.pump_stream(false, &mut self.ctx);
         }
@@ -626,9 +670,10 @@ impl Shard {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         for (_, service) in self.services.iter_mut() {
-            service.flush();
+            service.on_drain(&mut self.ctx);
         }
         self.services.clear();
+        self.ctx.api_requests_open = 0;
     }
 
     /// Closes the listener: new connections are refused by the kernel from now on.
@@ -641,13 +686,20 @@ impl Shard {
     /// Checks the timeouts of the next `slots` slab slots, wrapping around, and every service
     /// connection's authentication timeout (there are few).
     fn sweep(&mut self, slots: usize) {
-        let timeout_ms = self.ctx.node.config.handshake_timeout_ms;
         let now_ms = self.ctx.now_ms;
-        self.services
-            .retain(|_, service| !service.auth_timed_out(now_ms, timeout_ms));
-        // Streams that were caught up (or paused by a service not reading) look again.
+        let timed_out: Vec<usize> = self
+            .services
+            .iter()
+            .filter(|(_, service)| service.timed_out(now_ms, &self.ctx.node.config))
+            .map(|(key, _)| key)
+            .collect();
+        for key in timed_out {
+            self.remove_service(key);
+        }
+        // Streams that were caught up (or paused by a service not reading) look again; API
+        // requests whose wait is over are answered.
         for (_, service) in self.services.iter_mut() {
-            service.pump_stream(true, &mut self.ctx);
+            service.on_tick(&mut self.ctx);
         }
         let capacity = self.sessions.capacity();
         if capacity == 0 {
