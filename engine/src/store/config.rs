@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
 
+use super::segment::Preparer;
+
 /// When an appended record counts as durable, and so when its acknowledgement may go out.
 ///
 /// What each policy survives is documented in `docs/storage.md` ("Durability").
@@ -44,6 +46,9 @@ pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 250_000;
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
 /// A segment must hold its header and at least one record of every maximum size.
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// Default size of a log's first segment: each next one is twice as large, up to
+/// `segment_bytes`, so a log with little in it costs little disk (and page cache).
+pub const SEGMENT_BYTES_FIRST_DEFAULT: u64 = 128 << 10;
 /// The record format stores the cmid and kind lengths in one byte each.
 pub const SHORT_FIELD_BYTES_LIMIT: usize = 255;
 
@@ -57,8 +62,13 @@ const _: () = assert!(KIND_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 pub struct StoreConfig {
     /// The directory that holds this log's segments and snapshots (created if absent).
     pub dir: PathBuf,
-    /// Size of each preallocated segment file.
+    /// Size of the largest preallocated segment file.
     pub segment_bytes: u64,
+    /// Size of the first segment file; each next one doubles, up to `segment_bytes` (and
+    /// never below what the largest record needs).
+    pub segment_bytes_first: u64,
+    /// Who creates the next segment off the append path (shared by the logs of a shard).
+    pub preparer: Preparer,
     /// Durability policy (see [`FsyncPolicy`]).
     pub fsync: FsyncPolicy,
     /// With [`FsyncPolicy::Interval`], the longest time between two flushes.
@@ -97,6 +107,8 @@ impl StoreConfig {
         StoreConfig {
             dir: dir.into(),
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            segment_bytes_first: SEGMENT_BYTES_FIRST_DEFAULT,
+            preparer: Preparer::new(),
             fsync: FsyncPolicy::Never,
             fsync_interval_ms: 100,
             body_bytes_max: 64 << 10,
@@ -119,6 +131,20 @@ impl StoreConfig {
         let largest = super::record::message_len(CMID_LEN_MAX, KIND_LEN_MAX, self.body_bytes_max);
         let largest_group = super::record::conv_len(self.members_max);
         ((largest.max(largest_group) + super::segment::HEADER_BYTES) as u64).max(SEGMENT_BYTES_MIN)
+    }
+
+    /// The size of segment `id` (ids start at 1): the first segment's size, doubled for each
+    /// segment before it, at most `segment_bytes`; at least what the largest record needs,
+    /// rounded up to whole pages.
+    pub fn segment_bytes_for(&self, id: u64) -> u64 {
+        let first = self
+            .segment_bytes_first
+            .max(self.segment_bytes_needed())
+            .next_multiple_of(4096);
+        let doublings = id.saturating_sub(1).min(32) as u32;
+        first
+            .saturating_mul(1u64 << doublings)
+            .min(self.segment_bytes)
     }
 
     /// Checks the relations between the limits.

@@ -101,14 +101,15 @@ impl Store {
 
     /// Gauges for metrics.
     pub fn stats(&self) -> StoreStats {
+        let prepared = self.config.preparer.bytes(&self.config.dir);
         StoreStats {
-            segments: self.segments.len() + usize::from(self.preparer.bytes() > 0),
+            segments: self.segments.len() + usize::from(prepared > 0),
             segment_bytes: self
                 .segments
                 .iter()
                 .map(|s| s.capacity() as u64)
                 .sum::<u64>()
-                + self.preparer.bytes(),
+                + prepared,
             conversations: self.state.convs.len(),
             devices: self.state.devices.len(),
             cmid_entries: self.state.cmids.order.len(),

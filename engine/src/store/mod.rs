@@ -1,7 +1,7 @@
 //! The conversation log: every message and every piece of state chinwag keeps.
 //!
-//! A [`Store`] owns one append-only log (one per shard) in preallocated, memory-mapped segment
-//! files, and the in-memory state that replaying it rebuilds: conversations with their seq
+//! A [`Store`] owns one append-only log (one per partition) in preallocated, memory-mapped
+//! segment files that start small and double up to `segment_bytes`, and the in-memory state that replaying it rebuilds: conversations with their seq
 //! allocator and read index, devices, members, read cursors and the cmid windows that make
 //! sends idempotent. Its contract:
 //!
@@ -65,7 +65,8 @@ pub use reads::ScanError;
 pub use record::{ConvKind, MessageRef};
 pub use state::Conversation;
 
-use segment::{Preparer, Segment};
+pub use segment::Preparer;
+use segment::Segment;
 use state::State;
 
 /// A message to append.
@@ -146,7 +147,7 @@ pub struct Retained {
 /// Gauges of one log, for the gateway's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Segment files: the live ones (the active one included) and the one prepared next.
+    /// Segment files: the live ones (the active one included) and any prepared next.
     pub segments: usize,
     /// Bytes of those files on disk (preallocated).
     pub segment_bytes: u64,
@@ -162,12 +163,13 @@ pub struct StoreStats {
     pub snapshot: Option<Position>,
 }
 
-/// One shard's conversation log and state. See the module docs for its contract.
+/// One partition's conversation log and state. See the module docs for its contract.
 pub struct Store {
     config: StoreConfig,
     /// Live segments in log order; the last one is where appends go.
     segments: VecDeque<Segment>,
-    preparer: Preparer,
+    /// The next segment was asked of the preparer (the active one is half full).
+    next_asked: bool,
     state: State,
     /// Everything before this position has been flushed to disk.
     synced: Position,
@@ -196,11 +198,11 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // Do not leave a thread creating files in a directory its owner may be removing.
-        self.preparer.abandon();
+        self.config.preparer.abandon(&self.config.dir);
     }
 }
 
-// The gateway moves each shard's store into the shard's thread.
+// The gateway moves each partition's store into the thread of the shard that owns it.
 const _: fn() = || {
     fn assert_send<T: Send>() {}
     assert_send::<Store>();
