@@ -2,16 +2,17 @@
 //! it carries ([`SessionRef`], [`Origin`]), who owns what, the mailboxes ([`mailbox`]) and the
 //! post office that sends and delivers ([`post`]).
 //!
-//! Every piece of state has one owner shard, found by hashing its key (docs/architecture.md,
+//! Every piece of state lives in one partition, found by hashing its key, and has one owner
+//! shard: the shard the [`PartitionMap`] gives that partition (docs/architecture.md,
 //! "Conversations: ownership, routing, fan-out"):
 //!
-//! | state | owner |
+//! | state | partition |
 //! |---|---|
 //! | a user's devices and which session holds each device | `hash(uid)` |
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
 //! | a group conversation, while the service creates it | `hash(group key)` |
-//! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
+//! | any conversation, by id | the partition in the id's low 16 bits ([`partitions`]) |
 //!
 //! A session's shard posts a client's request to the owner (handled in place when it is
 //! itself the owner); the owner answers with messages for the session's shard. A push for the
@@ -20,6 +21,7 @@
 //! conversation's pushes in the order the owner made them.
 
 pub mod mailbox;
+pub mod partitions;
 pub mod placement;
 pub mod post;
 pub mod reply_size;
@@ -36,24 +38,11 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
-use placement::{GroupKey, Placed};
+pub use partitions::{PartitionId, PartitionMap};
+use placement::GroupKey;
 
-/// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
-/// without a lookup. That bounds a node to 256 shards.
-pub const CONV_SHARD_BITS: u32 = 8;
 /// The most shards a node may run.
-pub const SHARDS_MAX: usize = 1 << CONV_SHARD_BITS;
-
-/// The shard that owns conversation `conv` (may be ≥ the node's shard count for a forged id).
-pub fn owner_of_conv(conv: ConvId) -> usize {
-    (conv.0 & (SHARDS_MAX as u64 - 1)) as usize
-}
-
-/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`: the specified,
-/// build-independent placement of [`placement`].
-pub fn owner_of<K: Placed>(key: &K, shards: usize) -> usize {
-    placement::shard_of(key, shards)
-}
+pub const SHARDS_MAX: usize = 256;
 
 /// The key of a direct conversation: the two users in a canonical order.
 pub fn user_pair(a: Uid, b: Uid) -> (Uid, Uid) {
@@ -169,12 +158,14 @@ pub enum BusMsg {
         /// The users, all owned by the receiving shard.
         users: Vec<Uid>,
     },
-    /// The message stream of a service: the next messages of the receiving shard's log.
+    /// The message stream of a service: the next messages of the receiving shard's partitions'
+    /// logs.
     StreamRead {
         /// The service connection.
         session: SessionRef,
-        /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
-        from: u64,
+        /// Per partition of the receiving shard: from this position of its log
+        /// ([`STREAM_NOW`]: from the end; 0: from the start).
+        from: Box<[(PartitionId, u64)]>,
     },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
@@ -285,11 +276,16 @@ pub const STREAM_NOW: u64 = u64::MAX;
 pub struct StreamPart {
     /// The service connection.
     pub session: SessionRef,
-    /// The shard whose log was read.
+    /// The shard whose partitions were read.
     pub shard: usize,
-    /// The messages and the position after them, or why the position was refused.
-    pub result: Result<(Vec<chinwag_protocol::Msg<'static>>, u64), &'static str>,
+    /// The messages and, per partition read, the position after them; or why a position was
+    /// refused.
+    pub result: Result<StreamFound, &'static str>,
 }
+
+/// What a [`StreamPart`] found: messages in log order per partition, and each partition's
+/// next position.
+pub type StreamFound = (Vec<chinwag_protocol::Msg<'static>>, Vec<(PartitionId, u64)>);
 
 /// Which stored reply did not reach WeChat, and why.
 #[derive(Debug)]
@@ -356,45 +352,46 @@ impl BusMsg {
         }
     }
 
-    /// The shard that owns this message's subject, among `shards` (for a forged conversation
-    /// id it may be ≥ `shards`). A message for a session goes to the session's shard; a push
-    /// goes to every shard and has no single one.
-    pub fn owner(&self, shards: usize) -> Option<usize> {
-        Some(match self {
+    /// The shard that owns this message's subject: the shard serving its partition here, or
+    /// `None` when the partition is not this node's (a forged conversation id names one past
+    /// the partition count; in a cluster, another node's). A message for a session goes to
+    /// the session's shard; a push goes to every shard and has no single one.
+    pub fn owner(&self, map: &PartitionMap) -> Option<usize> {
+        match self {
             BusMsg::Send(send) => match send.target {
-                Target::Conv(conv) => owner_of_conv(conv),
-                Target::Shop(shop) => owner_of(&shop, shards),
-                Target::User(other) => owner_of(&user_pair(send.origin.uid, other), shards),
+                Target::Conv(conv) => map.shard_of_conv(conv),
+                Target::Shop(shop) => map.shard_of(&shop),
+                Target::User(other) => map.shard_of(&user_pair(send.origin.uid, other)),
             },
-            BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
-            BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
-            BusMsg::History { history, .. } => owner_of_conv(history.conv),
-            BusMsg::Convs { origin } => origin.session.shard as usize,
-            BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            BusMsg::Read { cursor, .. } => map.shard_of_conv(cursor.conv),
+            BusMsg::Resolve { conv, .. } => map.shard_of_conv(*conv),
+            BusMsg::History { history, .. } => map.shard_of_conv(history.conv),
+            BusMsg::Convs { origin } => Some(origin.session.shard as usize),
+            BusMsg::KickUser { kick, .. } => map.shard_of(&kick.uid),
             // Posted to each shard in turn, not to an owner.
-            BusMsg::StreamRead { .. } => return None,
-            BusMsg::StreamPart(part) => part.session.shard as usize,
+            BusMsg::StreamRead { .. } => None,
+            BusMsg::StreamPart(part) => Some(part.session.shard as usize),
             // Posted to the owner of its users, which all share it.
-            BusMsg::Presence { users, .. } => owner_of(users.first()?, shards),
-            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
+            BusMsg::Presence { users, .. } => map.shard_of(users.first()?),
+            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => map.shard_of(uid),
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
-                owner_of(shop, shards)
+                map.shard_of(shop)
             }
-            BusMsg::WechatInbound(inbound) => owner_of(&ShopId(inbound.shop), shards),
-            BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
+            BusMsg::WechatInbound(inbound) => map.shard_of(&ShopId(inbound.shop)),
+            BusMsg::WechatUndelivered(u) => map.shard_of_conv(u.conv),
             BusMsg::Deliver { to: session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }
-            | BusMsg::PresencePart { session, .. } => session.shard as usize,
+            | BusMsg::PresencePart { session, .. } => Some(session.shard as usize),
             BusMsg::Group(request) => match &request.op {
-                GroupOp::Create { key, .. } => owner_of(&GroupKey(*key), shards),
+                GroupOp::Create { key, .. } => map.shard_of(&GroupKey(*key)),
                 GroupOp::Add { conv, .. }
                 | GroupOp::Remove { conv, .. }
-                | GroupOp::Info { conv } => owner_of_conv(*conv),
+                | GroupOp::Info { conv } => map.shard_of_conv(*conv),
             },
-            BusMsg::Push(_) => return None,
-        })
+            BusMsg::Push(_) => None,
+        }
     }
 }
 
@@ -467,8 +464,9 @@ mod tests {
     fn owners_are_stable_and_spread() {
         let mut counts = [0usize; 4];
         for id in 0..4000 {
-            let owner = owner_of(&Uid::new(UidKind::Buyer, id), 4);
-            assert_eq!(owner, owner_of(&Uid::new(UidKind::Buyer, id), 4));
+            let map = PartitionMap::single_node(256, 4);
+            let owner = map.shard_of(&Uid::new(UidKind::Buyer, id)).unwrap();
+            assert_eq!(owner, map.shard_of(&Uid::new(UidKind::Buyer, id)).unwrap());
             counts[owner] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
@@ -479,7 +477,9 @@ mod tests {
         let a = Uid::new(UidKind::Agent, 1);
         let b = Uid::new(UidKind::Buyer, 2);
         assert_eq!(user_pair(a, b), user_pair(b, a));
-        assert_eq!(owner_of_conv(ConvId(0x0012_3405)), 5);
+        let map = PartitionMap::single_node(256, 4);
+        assert_eq!(map.shard_of_conv(ConvId(0x0012_0005)), Some(1));
+        assert_eq!(map.shard_of_conv(ConvId(0x0012_0105)), None, "partition 261");
     }
 
     #[test]

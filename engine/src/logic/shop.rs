@@ -11,10 +11,10 @@ use crate::bus::{Fanout, Origin};
 use crate::store::{HistoryFrom, Store, StoreError};
 
 /// A dispatcher with the assignment counts and waiting queues of the conversations in `store`.
-pub(super) fn restore_dispatcher(store: &Store) -> Dispatcher {
+pub(super) fn restore_dispatcher<'a>(stores: impl Iterator<Item = &'a Store>) -> Dispatcher {
     let mut dispatcher = Dispatcher::new();
     let mut waiting: Vec<(ConvId, ShopId)> = Vec::new();
-    for (id, conv) in store.conversations() {
+    for (store, (id, conv)) in stores.flat_map(|s| s.conversations().map(move |c| (s, c))) {
         let Some(shop) = conv.shop() else { continue };
         let agents = conv.members().iter().filter(|u| u.kind == UidKind::Agent);
         let mut any_agent = false;
@@ -54,8 +54,8 @@ impl Owner {
         let Some(shop) = c.shop() else {
             return Err((ErrorCode::BadRequest, "not a shop conversation".into()));
         };
-        self.store
-            .remove_member(conv, origin.uid)
+        self.conv_log_mut(conv)
+            .and_then(|log| log.remove_member(conv, origin.uid))
             .map_err(store_error)?;
         self.dispatcher.resolve(shop, origin.uid);
         let ok = origin.reply(Message::ResolveOk(conv));
@@ -76,7 +76,7 @@ impl Owner {
 
     /// Adds `agent` to `conv` and pushes the new member list to every member.
     pub(super) fn assign(&mut self, conv: ConvId, agent: Uid) -> Result<(), StoreError> {
-        self.store.add_member(conv, agent)?;
+        self.conv_log_mut(conv)?.add_member(conv, agent)?;
         let members = self.members(conv);
         let list = members.to_vec();
         self.fanout(Fanout::new(
@@ -92,7 +92,7 @@ impl Owner {
 
     /// For a shop conversation: its shop and assigned agents.
     pub(super) fn shop_agents(&self, conv: ConvId) -> Option<(ShopId, SmallVec<[Uid; 4]>)> {
-        let c = self.store.conv(conv)?;
+        let c = self.conv_log(conv)?.conv(conv)?;
         let shop = c.shop()?;
         let agents = c
             .members()

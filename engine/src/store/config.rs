@@ -39,9 +39,10 @@ impl FromStr for FsyncPolicy {
 /// Default segment size: large enough that switching segments is rare, small enough that
 /// retention frees space in useful steps.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
-/// Default size of the idempotency window, in cmids per log: sized for a small deployment
-/// (an 8 MiB table per shard); `docs/operations.md` ("Sizing") says when to raise it.
-pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 250_000;
+/// Default size of the node's idempotency window, in cmids, shared evenly by the partitions'
+/// logs: sized for a small deployment (32 MiB of tables and 24 MB of entries once every
+/// partition's share is used); `docs/operations.md` ("Sizing") says when to raise it.
+pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 1_000_000;
 /// Segments are addressed by a 32-bit offset inside a 64-bit position.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
 /// A segment must hold its header and at least one record of every maximum size.
@@ -86,9 +87,9 @@ pub struct StoreConfig {
     /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
     /// ... unless the log holds more than this many; then the oldest go first. Memory: a hash
-    /// table of 32 bytes per entry (load 1/2, rounded up to a power of two), resident after the
-    /// first few thousand cmids because keys land anywhere in it, plus 24 bytes per entry held:
-    /// 8 MiB + 6 MB per shard at the default.
+    /// table of 32 bytes per entry (load 1/2, rounded up to a power of two), resident once a
+    /// few cmids per page landed in it, plus 24 bytes per entry held. (The node gives each
+    /// partition's log an even share of its window.)
     pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,

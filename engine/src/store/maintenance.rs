@@ -99,6 +99,16 @@ impl Store {
         Ok((records, bytes))
     }
 
+    /// The position of the newest snapshot (`Some(tail)`: nothing new since).
+    pub fn snapshot_position(&self) -> Option<Position> {
+        self.snapshot
+    }
+
+    /// Whether something appended is not flushed to disk yet.
+    pub fn needs_flush(&self) -> bool {
+        self.synced != self.tail()
+    }
+
     /// Gauges for metrics.
     pub fn stats(&self) -> StoreStats {
         let prepared = self.config.preparer.bytes(&self.config.dir);

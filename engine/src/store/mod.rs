@@ -50,7 +50,10 @@ use std::time::Instant;
 
 use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 
-pub use config::{FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT};
+pub use config::{
+    FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT, SEGMENT_BYTES_FIRST_DEFAULT,
+    SEGMENT_BYTES_MIN,
+};
 
 /// The smallest log segment that holds the largest record when messages may be
 /// `message_bytes_max` bytes (see [`StoreConfig::segment_bytes_needed`]).
