@@ -1,4 +1,4 @@
-//! One node: binds the client port once per shard, opens every shard's log in the data
+//! One node: binds the client port once per shard, opens every partition's log in the data
 //! directory it holds, starts the shard threads, and turns SIGTERM (or SIGINT) into a drain.
 //!
 //! The shards share two things, both read-only or lock-free: the [`NodeState`] (configuration,
@@ -316,6 +316,7 @@ fn open_partitions(
     results.sort_unstable_by_key(|(p, _)| *p);
     let mut opened = Vec::with_capacity(results.len());
     let (mut records, mut bytes, mut truncated) = (0u64, 0u64, 0usize);
+    let (mut from_snapshots, mut conversations, mut devices) = (0usize, 0usize, 0usize);
     for (p, result) in results {
         let (store, report) =
             result.map_err(|e| io::Error::other(format!("partition {p} log: {e}")))?;
@@ -342,6 +343,9 @@ fn open_partitions(
             truncated = report.truncated.is_some(),
             "partition log recovered"
         );
+        from_snapshots += usize::from(report.snapshot.is_some());
+        conversations += stats.conversations;
+        devices += stats.devices;
         records += report.records;
         bytes += report.bytes;
         truncated += usize::from(report.truncated.is_some());
@@ -349,10 +353,108 @@ fn open_partitions(
     }
     tracing::info!(
         partitions = opened.len(),
+        from_snapshots,
+        conversations,
+        devices,
         records_replayed = records,
         bytes_replayed = bytes,
         torn_tails_cut = truncated,
         "logs recovered"
     );
     Ok(opened)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partitions_with_a_log_are_found_and_anything_else_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(PARTITIONS_DIR);
+        let map = PartitionMap::single_node(256, 2);
+        assert!(existing_partitions(&root, &map).unwrap().is_empty());
+        for p in ["00017", "00003", "00255"] {
+            std::fs::create_dir_all(root.join(p)).unwrap();
+        }
+        assert_eq!(existing_partitions(&root, &map).unwrap(), [3, 17, 255]);
+        for junk in ["00256", "17", "shard-0"] {
+            std::fs::create_dir(root.join(junk)).unwrap();
+            let err = existing_partitions(&root, &map).unwrap_err().to_string();
+            assert!(err.contains(junk) && err.contains("256"), "{err}");
+            std::fs::remove_dir(root.join(junk)).unwrap();
+        }
+    }
+
+    /// Every partition's log is opened (in parallel), dealt to its shard, and the device ids
+    /// go on after the greatest of all of them.
+    #[test]
+    fn open_owners_recovers_every_partition_for_any_shard_count() {
+        use chinwag_protocol::{DeviceType, Uid, UidKind};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            log_segment_bytes: 1 << 20,
+            ..Config::default()
+        };
+        let map = Arc::new(PartitionMap::single_node(16, 2));
+        assert_eq!(open_owners(&config, dir.path(), &map).unwrap().len(), 2);
+        assert!(
+            !dir.path().join(PARTITIONS_DIR).exists(),
+            "opening creates no log"
+        );
+        // Logs in three partitions, one device each, written directly; the ids are from a
+        // day ahead, so the node's next id must come from resuming after them.
+        let mut ahead = DeviceIdGenerator::new(NodeType::Client, 0).unwrap();
+        let tomorrow_s = crate::logic::unix_ms() / 1000 + 86_400;
+        let mut greatest = 0;
+        for (p, id) in [(1u16, 5u64), (6, 9), (11, 7)] {
+            let mut store_config = StoreConfig::new("");
+            store_config.dir = crate::logic::partition_dir(&dir.path().join(PARTITIONS_DIR), p);
+            store_config.segment_bytes = 1 << 20;
+            let (mut store, _) = Store::open(store_config).unwrap();
+            let device = ahead.next(DeviceType::Web, tomorrow_s).unwrap();
+            let uid = Uid::new(UidKind::Buyer, id);
+            store.register_device(uid, DeviceType::Web, device).unwrap();
+            store.commit().unwrap();
+            greatest = greatest.max(device.get());
+        }
+        for shards in [1, 3] {
+            let map = Arc::new(PartitionMap::single_node(16, shards));
+            let found = existing_partitions(&dir.path().join(PARTITIONS_DIR), &map).unwrap();
+            let mut owners = open_owners(&config, dir.path(), &map).unwrap();
+            assert_eq!(owners.len(), shards);
+            for (shard, owner) in owners.iter().enumerate() {
+                let here = found.iter().filter(|&&p| usize::from(p) % shards == shard);
+                assert_eq!(owner.log_stats().partitions, here.count(), "{shards}/{shard}");
+            }
+            let devices: usize = owners.iter().map(|o| o.log_stats().devices).sum();
+            assert!(devices >= 3, "{devices}");
+            // A new device, wherever its user lives, gets an id after every stored one.
+            let uid = Uid::new(UidKind::Buyer, 1000 + shards as u64);
+            let shard = map.shard_of(&uid).unwrap();
+            let session = crate::bus::SessionRef {
+                shard: 0,
+                slot: 1,
+                generation: 1,
+            };
+            let owner = &mut owners[shard];
+            owner.handle(
+                crate::bus::BusMsg::Register {
+                    session,
+                    uid,
+                    device_type: DeviceType::Ios,
+                },
+                0,
+            );
+            let device = owner
+                .commit()
+                .into_iter()
+                .find_map(|(_, m)| match m {
+                    crate::bus::BusMsg::Registered { device, .. } => device,
+                    _ => None,
+                })
+                .expect("registered");
+            assert!(device.get() > greatest, "{device:?}");
+        }
+    }
 }

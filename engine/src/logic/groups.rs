@@ -1,9 +1,9 @@
 //! Group conversations, which backend services make and manage: create (once per service key),
 //! add and remove members, and any conversation's info.
 //!
-//! A group lives on the shard its key hashes to (`bus::placement::GroupKey`), so creating the
+//! A group lives in the partition its key hashes to (`bus::placement::GroupKey`), so creating the
 //! same key twice reaches the same owner, which answers with the group it already made; after
-//! that its id carries the shard like every conversation's. Members send, read and page through
+//! that its id carries the partition like every conversation's. Members send, read and page through
 //! a group like any conversation (`send` with `conv`, the usual `msg` fan-out).
 //!
 //! Member changes are pushed to the members after the change and to those removed. Up to

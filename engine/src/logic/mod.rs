@@ -679,3 +679,161 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{ConvId, History, HistoryRange, Message, Target};
+
+    use super::testing::*;
+    use super::*;
+
+    fn partition_dirs(h: &Harness) -> Vec<PartitionId> {
+        (0..PARTITIONS as PartitionId)
+            .filter(|&p| partition_dir(h.dir(), p).is_dir())
+            .collect()
+    }
+
+    fn newest_seqs(h: &mut Harness, origin: &Origin, conv: ConvId) -> Vec<u64> {
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(*origin),
+            history: History {
+                conv,
+                range: HistoryRange::Newest,
+                limit: 50,
+            },
+        });
+        match chinwag_protocol::json::decode(&replies(&out, origin.session)[0])
+            .expect("a JSON reply")
+            .message
+        {
+            Message::HistoryOk(ok) => ok.msgs.iter().map(|m| m.seq.0).collect(),
+            other => panic!("not history_ok: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_owner_creates_a_partitions_log_on_its_first_write_only() {
+        let mut h = Harness::new();
+        assert!(partition_dirs(&h).is_empty(), "an empty owner has no log");
+        assert_eq!(h.owner.log_stats(), LogStats::default());
+        // A read of a conversation that does not exist creates nothing.
+        let a = h.login(buyer(1));
+        let before = partition_dirs(&h);
+        assert_eq!(before, [test_map().partition_of(&buyer(1))]);
+        let out = h.turn(BusMsg::History {
+            origin: Box::new(a),
+            history: History {
+                conv: ConvId(5 << 16 | 3),
+                range: HistoryRange::Newest,
+                limit: 5,
+            },
+        });
+        assert!(replies(&out, a.session)[0].contains(r#""code":"not_found""#));
+        assert_eq!(partition_dirs(&h), before);
+        assert_eq!(h.owner.log_stats().partitions, before.len());
+    }
+
+    /// Per-partition recovery: every partition with a log is opened again, its conversations
+    /// and devices are there, seqs and conversation counters go on, and none is added.
+    #[test]
+    fn a_restart_reopens_every_partition_and_each_goes_on_where_it_stopped() {
+        let mut h = Harness::new();
+        let users: Vec<Origin> = (1..=12).map(|id| h.login(buyer(id))).collect();
+        let mut convs = Vec::new();
+        for pair in users.windows(2) {
+            for cmid in ["1", "2", "3"] {
+                let out = h.turn(send(&pair[0], Target::User(pair[1].uid), cmid, "x"));
+                let (conv, _) = send_ok(&replies(&out, pair[0].session));
+                if cmid == "1" {
+                    convs.push((conv, pair[0], pair[1]));
+                }
+            }
+        }
+        let dirs = partition_dirs(&h);
+        assert!(dirs.len() >= 4, "the data spreads over partitions: {dirs:?}");
+        let stats = h.owner.log_stats();
+        h.restart();
+        assert_eq!(partition_dirs(&h), dirs, "a restart adds no partition");
+        assert_eq!(h.owner.log_stats().conversations, stats.conversations);
+        assert_eq!(h.owner.log_stats().devices, stats.devices);
+        for (i, &(conv, a, b)) in convs.iter().enumerate() {
+            let a = h.login(a.uid);
+            assert_eq!(newest_seqs(&mut h, &a, conv), [1, 2, 3]);
+            let out = h.turn(send(&a, Target::User(b.uid), "4", "again"));
+            assert_eq!(send_ok(&replies(&out, a.session)), (conv, 4), "pair {i}");
+        }
+        // A new conversation in a partition that had some gets the next counter there.
+        let (conv, _, _) = convs[0];
+        let p = partition_of_conv(conv) as PartitionId;
+        let taken: Vec<u64> = convs
+            .iter()
+            .filter(|(c, ..)| partition_of_conv(*c) == u32::from(p))
+            .map(|(c, ..)| conv_counter(*c))
+            .collect();
+        let shop = (1..)
+            .map(chinwag_protocol::ShopId)
+            .find(|s| test_map().partition_of(s) == p)
+            .expect("some shop is in the partition");
+        let out = h.turn(send(&users[0], Target::Shop(shop), "s", "hi"));
+        let (new, _) = send_ok(&replies(&out, users[0].session));
+        assert_eq!(partition_of_conv(new), u32::from(p));
+        assert_eq!(conv_counter(new), taken.iter().max().unwrap() + 1);
+    }
+
+    #[test]
+    fn a_turn_commits_the_partitions_it_wrote_and_forgets_them() {
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        let b = h.login(buyer(2));
+        let c = h.login(buyer(3));
+        h.owner
+            .handle(send(&a, Target::User(b.uid), "1", "x"), h.now_ms);
+        h.owner
+            .handle(send(&a, Target::User(c.uid), "2", "y"), h.now_ms);
+        let wrote: std::collections::BTreeSet<PartitionId> = [(a.uid, b.uid), (a.uid, c.uid)]
+            .iter()
+            .map(|(x, y)| test_map().partition_of(&crate::bus::user_pair(*x, *y)))
+            .collect();
+        let mut marked = h.owner.written.clone();
+        marked.sort_unstable();
+        assert_eq!(marked, wrote.into_iter().collect::<Vec<_>>());
+        let out = h.owner.commit();
+        assert_eq!(pushes(&out).len(), 2);
+        assert!(h.owner.written.is_empty());
+        assert!(h.owner.written_mark.iter().all(|m| !m));
+    }
+
+    #[test]
+    fn a_partition_of_another_shard_is_not_served_here() {
+        let dir = tempfile::tempdir().unwrap();
+        // Partitions alternate between shard 0 (the owner under test) and shard 1.
+        let map = PartitionMap::single_node(PARTITIONS, 2);
+        let mut config = StoreConfig::new(dir.path());
+        config.segment_bytes = 1 << 20;
+        let generator = DeviceIdGenerator::new(chinwag_protocol::NodeType::Client, 0).unwrap();
+        let mut owner = Owner::new(
+            0,
+            Arc::new(map.clone()),
+            LogSetup {
+                root: dir.path().to_path_buf(),
+                config,
+            },
+            Vec::new(),
+            Arc::new(Mutex::new(generator)),
+            1 << 20,
+        );
+        let elsewhere = (1..)
+            .map(chinwag_protocol::ShopId)
+            .find(|s| map.shard_of(s) == Some(1))
+            .unwrap();
+        let mut h = Harness::new();
+        let a = h.login(buyer(1));
+        owner.handle(send(&a, Target::Shop(elsewhere), "1", "x"), 1);
+        let out = owner.commit();
+        assert!(replies(&out, a.session)[0].contains(r#""code":"unavailable""#));
+        owner.handle(send(&a, Target::Conv(crate::bus::partitions::conv_id(1, 1)), "2", "x"), 1);
+        let out = owner.commit();
+        assert!(replies(&out, a.session)[0].contains(r#""code":"not_found""#));
+        assert!(!partition_dir(dir.path(), 1).exists());
+    }
+}

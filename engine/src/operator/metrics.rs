@@ -77,7 +77,7 @@ pub struct ShardMetrics {
     pub sessions_logged_in: AtomicU64,
     /// Pushes (`msg`, `receipt`, `members`) queued to this shard's sessions.
     pub pushes_delivered: AtomicU64,
-    /// Messages this shard's log stored (owner side).
+    /// Messages this shard stored in its partitions' logs (owner side).
     pub messages_stored: AtomicU64,
     /// Log commits that failed (their acknowledgements became `unavailable`).
     pub log_commit_failures: AtomicU64,
@@ -284,7 +284,7 @@ pub fn render(scrape: &Scrape) -> String {
         &mut out,
         "chinwag_messages_stored_total",
         "counter",
-        "Messages stored in this shard's log.",
+        "Messages stored in the logs of the partitions this shard serves.",
         &|m| load(&m.messages_stored),
     );
     per_shard(

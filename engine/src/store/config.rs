@@ -58,7 +58,7 @@ pub const SHORT_FIELD_BYTES_LIMIT: usize = 255;
 const _: () = assert!(CMID_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 const _: () = assert!(KIND_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 
-/// Configuration of one log (one per shard).
+/// Configuration of one log (one per partition).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The directory that holds this log's segments and snapshots (created if absent).
