@@ -200,10 +200,7 @@ fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Resu
     template.skip_corrupt = config.skip_corrupt_records;
     template.body_bytes_max = config.message_bytes_max;
     // The node's window, shared evenly by the partitions (placement spreads the load).
-    template.cmid_window_entries_max = config
-        .cmid_window_entries_max
-        .div_ceil(map.count())
-        .max(1);
+    template.cmid_window_entries_max = config.cmid_window_entries_max.div_ceil(map.count()).max(1);
     template.members_max = config.members_max;
     // One segment preparer per shard, shared by the logs of its partitions.
     let setups: Vec<LogSetup> = (0..shards)
@@ -425,7 +422,11 @@ mod tests {
             assert_eq!(owners.len(), shards);
             for (shard, owner) in owners.iter().enumerate() {
                 let here = found.iter().filter(|&&p| usize::from(p) % shards == shard);
-                assert_eq!(owner.log_stats().partitions, here.count(), "{shards}/{shard}");
+                assert_eq!(
+                    owner.log_stats().partitions,
+                    here.count(),
+                    "{shards}/{shard}"
+                );
             }
             let devices: usize = owners.iter().map(|o| o.log_stats().devices).sum();
             assert!(devices >= 3, "{devices}");

@@ -109,11 +109,7 @@ fn write_round(server: &Server, book: &mut Book, round: usize) {
             let (conv, seq) = send(&mut client, Target::User(buyer(reader)), &cmid);
             let entry = book.entry(conv).or_insert((reader, Vec::new()));
             entry.1.push(cmid);
-            assert_eq!(
-                seq,
-                Seq(entry.1.len() as u64),
-                "{conv}: seqs continue 1..n"
-            );
+            assert_eq!(seq, Seq(entry.1.len() as u64), "{conv}: seqs continue 1..n");
         }
         // Shops too: their conversations live in the shop's partition.
         let cmid = format!("r{round}-w{writer}-shop");
@@ -301,7 +297,11 @@ fn another_partition_count_on_an_existing_directory_is_refused() {
     server.signal(libc::SIGTERM);
     let data = server.into_data_dir();
     let mut child = std::process::Command::new(chinwag_tests::binary())
-        .args(["serve", "--listen=127.0.0.1:0", "--backend-listen=127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen=127.0.0.1:0",
+            "--backend-listen=127.0.0.1:0",
+        ])
         .args(["--jwt-secret", SECRET, "--partitions=256", "--data-dir"])
         .arg(data.path())
         .stderr(std::process::Stdio::piped())
@@ -314,9 +314,5 @@ fn another_partition_count_on_an_existing_directory_is_refused() {
     assert!(log.contains("--partitions 64"), "{log}");
     // 0, the default, takes the recorded count.
     let server = Server::start_in(data, &["--jwt-secret", SECRET], &[]);
-    assert!(
-        server.log().contains("partitions=64"),
-        "{}",
-        server.log()
-    );
+    assert!(server.log().contains("partitions=64"), "{}", server.log());
 }

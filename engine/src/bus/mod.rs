@@ -479,7 +479,11 @@ mod tests {
         assert_eq!(user_pair(a, b), user_pair(b, a));
         let map = PartitionMap::single_node(256, 4);
         assert_eq!(map.shard_of_conv(ConvId(0x0012_0005)), Some(1));
-        assert_eq!(map.shard_of_conv(ConvId(0x0012_0105)), None, "partition 261");
+        assert_eq!(
+            map.shard_of_conv(ConvId(0x0012_0105)),
+            None,
+            "partition 261"
+        );
     }
 
     #[test]

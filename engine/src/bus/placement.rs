@@ -129,7 +129,12 @@ mod tests {
         let vectors: [(&dyn Placed, u64, u16, u16); 7] = [
             (&uid(UidKind::Buyer, 1), 0xe658_d460_f428_275b, 0, 0x5b),
             (&uid(UidKind::Agent, 8), 0xd840_dff9_b24a_182b, 0, 0x2b),
-            (&uid(UidKind::Service, u64::MAX), 0xe765_9048_9989_0f21, 0, 0x21),
+            (
+                &uid(UidKind::Service, u64::MAX),
+                0xe765_9048_9989_0f21,
+                0,
+                0x21,
+            ),
             (&ShopId(12), 0xa651_5d2c_1634_18a0, 5, 0xa0),
             (&ShopId(0), 0x44a3_6e15_443b_b761, 4, 0x61),
             (

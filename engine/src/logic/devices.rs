@@ -9,7 +9,10 @@ use crate::bus::{BusMsg, SessionRef};
 
 impl Owner {
     pub(super) fn register(&mut self, session: SessionRef, uid: Uid, device_type: DeviceType) {
-        let device = match self.log_of(&uid).and_then(|log| log.device(uid, device_type)) {
+        let device = match self
+            .log_of(&uid)
+            .and_then(|log| log.device(uid, device_type))
+        {
             Some(device) => Ok(device),
             None => self.new_device(uid, device_type),
         };

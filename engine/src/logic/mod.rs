@@ -750,7 +750,10 @@ mod tests {
             }
         }
         let dirs = partition_dirs(&h);
-        assert!(dirs.len() >= 4, "the data spreads over partitions: {dirs:?}");
+        assert!(
+            dirs.len() >= 4,
+            "the data spreads over partitions: {dirs:?}"
+        );
         let stats = h.owner.log_stats();
         h.restart();
         assert_eq!(partition_dirs(&h), dirs, "a restart adds no partition");
@@ -831,7 +834,15 @@ mod tests {
         owner.handle(send(&a, Target::Shop(elsewhere), "1", "x"), 1);
         let out = owner.commit();
         assert!(replies(&out, a.session)[0].contains(r#""code":"unavailable""#));
-        owner.handle(send(&a, Target::Conv(crate::bus::partitions::conv_id(1, 1)), "2", "x"), 1);
+        owner.handle(
+            send(
+                &a,
+                Target::Conv(crate::bus::partitions::conv_id(1, 1)),
+                "2",
+                "x",
+            ),
+            1,
+        );
         let out = owner.commit();
         assert!(replies(&out, a.session)[0].contains(r#""code":"not_found""#));
         assert!(!partition_dir(dir.path(), 1).exists());

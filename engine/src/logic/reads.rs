@@ -66,7 +66,11 @@ impl Owner {
     /// 0: the start). One read looks at most at [`STREAM_RECORDS_MAX`] records over all the
     /// partitions (taking them in turn from the first with something new); a partition not
     /// reached keeps its position. A partition with no log yet is at 0, its start.
-    pub(super) fn stream_read(&self, session: SessionRef, from: &[(PartitionId, u64)]) -> StreamPart {
+    pub(super) fn stream_read(
+        &self,
+        session: SessionRef,
+        from: &[(PartitionId, u64)],
+    ) -> StreamPart {
         let mut msgs = Vec::new();
         let mut next = Vec::with_capacity(from.len());
         let mut records = STREAM_RECORDS_MAX;
@@ -88,7 +92,8 @@ impl Owner {
                 continue;
             };
             let read = if pos == STREAM_NOW {
-                log.scan(log.acked(), 0, 0).map(|(_, end)| (Vec::new(), end))
+                log.scan(log.acked(), 0, 0)
+                    .map(|(_, end)| (Vec::new(), end))
             } else if records == 0 || bytes == 0 {
                 Ok((Vec::new(), pos))
             } else {
@@ -116,12 +121,10 @@ impl Owner {
         StreamPart {
             session,
             shard: self.shard,
-            result: result
-                .map(|()| (msgs, next))
-                .map_err(|e| match e {
-                    ScanError::Retired => "the resume position was deleted by log retention",
-                    ScanError::NotOurs => "not a resume position of this node",
-                }),
+            result: result.map(|()| (msgs, next)).map_err(|e| match e {
+                ScanError::Retired => "the resume position was deleted by log retention",
+                ScanError::NotOurs => "not a resume position of this node",
+            }),
         }
     }
 

@@ -62,11 +62,11 @@ impl Owner {
             .conv_log_mut(conv)
             .and_then(|log| {
                 log.append_message(&NewMessage {
-                conv,
-                sender: uid,
-                device: origin.device,
-                cmid: cmid.as_bytes(),
-                kind: kind.as_bytes(),
+                    conv,
+                    sender: uid,
+                    device: origin.device,
+                    cmid: cmid.as_bytes(),
+                    kind: kind.as_bytes(),
                     body: body.as_bytes(),
                     ts_ms: now_ms,
                 })

@@ -36,7 +36,7 @@ use mio::Token;
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::{
-    self, stream_position, BusMsg, PartitionId, Fanout, GroupOp, GroupRequest, Origin, SendRequest,
+    self, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, SendRequest,
     SessionRef, StreamPart, STREAM_NOW,
 };
 

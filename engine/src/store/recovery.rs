@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fs;
+use std::path::Path;
 use std::time::Instant;
 
 use super::record::{self, Record};
@@ -16,12 +17,17 @@ impl Store {
         config.validate().map_err(StoreError::Config)?;
         let dir = config.dir.clone();
         if !dir.is_dir() {
+            // The new directory's entry (and its parent's, if that is new too) must be as
+            // durable as what is written in it.
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent_is_new = parent.is_some_and(|p| !p.is_dir());
             fs::create_dir_all(&dir)
                 .map_err(|e| StoreError::io("create log directory", &dir, e))?;
-            // The new directory's entry must be as durable as what is written in it.
-            if let Some(parent) = dir.parent() {
-                os::sync_dir(parent)
-                    .map_err(|e| StoreError::io("sync directory", parent, e))?;
+            let grandparent = parent
+                .and_then(Path::parent)
+                .filter(|p| parent_is_new && !p.as_os_str().is_empty());
+            for made_in in parent.into_iter().chain(grandparent) {
+                os::sync_dir(made_in).map_err(|e| StoreError::io("sync directory", made_in, e))?;
             }
         }
         let limits = Limits {

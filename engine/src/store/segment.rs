@@ -293,10 +293,7 @@ impl Shared {
                         jobs.busy = Some(job.clone());
                         break job;
                     }
-                    jobs = self
-                        .changed
-                        .wait(jobs)
-                        .unwrap_or_else(|p| p.into_inner());
+                    jobs = self.changed.wait(jobs).unwrap_or_else(|p| p.into_inner());
                 }
             };
             let made = Segment::create(&job.dir, job.id, job.bytes);
@@ -385,7 +382,10 @@ impl Preparer {
                 .unwrap_or_else(|p| p.into_inner());
         }
         jobs.queue.retain(|j| j.dir != dir);
-        let at = jobs.ready.iter().position(|(j, _)| j.dir == dir && j.id == id);
+        let at = jobs
+            .ready
+            .iter()
+            .position(|(j, _)| j.dir == dir && j.id == id);
         if let Some(at) = at {
             let (_, segment) = jobs.ready.swap_remove(at);
             if segment.capacity() as u64 == bytes {

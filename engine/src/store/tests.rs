@@ -964,7 +964,11 @@ fn segments_start_small_and_double_up_to_segment_bytes() {
     let files: Vec<u64> = segment::list(dir.path())
         .unwrap()
         .into_iter()
-        .map(|id| fs::metadata(dir.path().join(segment::file_name(id))).unwrap().len())
+        .map(|id| {
+            fs::metadata(dir.path().join(segment::file_name(id)))
+                .unwrap()
+                .len()
+        })
         .collect();
     assert_eq!(files[..3], [64 << 10, 128 << 10, 256 << 10], "{files:?}");
     drop(store);
