@@ -186,7 +186,7 @@ impl App {
                     let text = "the user's partition is not served here";
                     self.login = None;
                     let error = bus::error(ErrorCode::Unavailable, text);
-                    return reply(session, req, encoding, error, ctx);
+                    reply(session, req, encoding, error, ctx);
                 }
             }
             message => {
