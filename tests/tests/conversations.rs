@@ -693,10 +693,12 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     let server = Server::start(&args);
     let mut acked: Vec<(ConvId, Seq, String, u64)> = Vec::new();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..6u64)
         .map(|w| {
             let url = server.ws_url();
             let stop = std::sync::Arc::clone(&stop);
+            let count = std::sync::Arc::clone(&count);
             std::thread::spawn(move || {
                 let mut client = Client::connect(&url, Encoding::Binary).unwrap();
                 client
@@ -719,7 +721,10 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                         Ok(Frame {
                             message: Message::SendOk(ok),
                             ..
-                        }) => acked.push((ok.conv, ok.seq, cmid, recipient)),
+                        }) => {
+                            acked.push((ok.conv, ok.seq, cmid, recipient));
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         _ => break,
                     }
                 }
@@ -727,7 +732,14 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-load: once a few hundred sends were acknowledged (bounded in time, however loaded
+    // the machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count.load(std::sync::atomic::Ordering::Relaxed) < 500
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.signal(libc::SIGKILL);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for writer in writers {
