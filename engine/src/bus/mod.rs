@@ -157,6 +157,8 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// The users, all owned by the receiving shard.
         users: Vec<Uid>,
+        /// The connection's token for the request (see [`BusMsg::PresencePart`]).
+        token: u64,
     },
     /// The message stream of a service: the next messages of the receiving shard's partitions'
     /// logs.
@@ -167,10 +169,19 @@ pub enum BusMsg {
         /// ([`STREAM_NOW`]: from the end; 0: from the start).
         from: Box<[(PartitionId, u64)]>,
     },
+    /// `agent_stats` from a service, for the owner of the shop.
+    AgentStats {
+        /// The service.
+        origin: Box<Origin>,
+        /// Which shop, over which window.
+        stats: chinwag_protocol::AgentStats,
+    },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
         /// Who asks.
         origin: Box<Origin>,
+        /// The session's token for this request (see [`BusMsg::ConvsPart`]).
+        token: u64,
     },
     /// A login on `session`: find or register the device, take it over from an older session.
     Register {
@@ -248,19 +259,21 @@ pub enum BusMsg {
     PresencePart {
         /// The service connection that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// The online devices of the asked users this shard owns.
-        online: Vec<Online>,
+        /// The connection's token for the request (unique per connection, unlike `req`).
+        token: u64,
+        /// The online devices of the asked users this shard owns; `None` when the request
+        /// could not reach the shard (its mailbox was full).
+        online: Option<Vec<Online>>,
     },
     /// One shard's part of a `convs` reply.
     ConvsPart {
         /// The session that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// That shard's conversations of the user.
-        convs: Vec<ConvSummary<'static>>,
+        /// The session's token for the request: unique per session, unlike the client's `req`.
+        token: u64,
+        /// That shard's conversations of the user; `None` when the request could not reach
+        /// the shard (its mailbox was full).
+        convs: Option<Vec<ConvSummary<'static>>>,
     },
 }
 
@@ -278,14 +291,19 @@ pub struct StreamPart {
     pub session: SessionRef,
     /// The shard whose partitions were read.
     pub shard: usize,
-    /// The messages and, per partition read, the position after them; or why a position was
-    /// refused.
+    /// The messages and events found and, per partition read, the position after them; or
+    /// why a position was refused.
     pub result: Result<StreamFound, &'static str>,
 }
 
-/// What a [`StreamPart`] found: messages in log order per partition, and each partition's
-/// next position.
-pub type StreamFound = (Vec<chinwag_protocol::Msg<'static>>, Vec<(PartitionId, u64)>);
+/// The messages and events one stream read found, and where each partition read is read on.
+#[derive(Debug)]
+pub struct StreamFound {
+    pub msgs: Vec<chinwag_protocol::Msg<'static>>,
+    pub events: Vec<chinwag_protocol::StreamEvent>,
+    /// Per partition read: the position in its log to read on from.
+    pub next: Vec<(PartitionId, u64)>,
+}
 
 /// Which stored reply did not reach WeChat, and why.
 #[derive(Debug)]
@@ -347,7 +365,8 @@ impl BusMsg {
             | BusMsg::History { origin, .. }
             | BusMsg::KickUser { origin, .. }
             | BusMsg::Presence { origin, .. }
-            | BusMsg::Convs { origin } => Some(origin.as_ref()),
+            | BusMsg::AgentStats { origin, .. }
+            | BusMsg::Convs { origin, .. } => Some(origin.as_ref()),
             _ => None,
         }
     }
@@ -366,8 +385,9 @@ impl BusMsg {
             BusMsg::Read { cursor, .. } => map.shard_of_conv(cursor.conv),
             BusMsg::Resolve { conv, .. } => map.shard_of_conv(*conv),
             BusMsg::History { history, .. } => map.shard_of_conv(history.conv),
-            BusMsg::Convs { origin } => Some(origin.session.shard as usize),
+            BusMsg::Convs { origin, .. } => Some(origin.session.shard as usize),
             BusMsg::KickUser { kick, .. } => map.shard_of(&kick.uid),
+            BusMsg::AgentStats { stats, .. } => map.shard_of(&stats.shop),
             // Posted to each shard in turn, not to an owner.
             BusMsg::StreamRead { .. } => None,
             BusMsg::StreamPart(part) => Some(part.session.shard as usize),

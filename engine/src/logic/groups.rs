@@ -29,16 +29,21 @@ type Failure = (ErrorCode, String);
 impl Owner {
     /// Carries out a service's group operation: its reply (an acknowledgement, `unavailable`
     /// if the commit fails), records and pushes wait for the commit.
-    pub(super) fn group(&mut self, origin: &Origin, op: GroupOp) -> Result<(), Failure> {
+    pub(super) fn group(
+        &mut self,
+        origin: &Origin,
+        op: GroupOp,
+        now_ms: u64,
+    ) -> Result<(), Failure> {
         let reply = match op {
             GroupOp::Create { key, members } => {
                 Message::GroupCreateOk(self.group_create(key, &members)?)
             }
             GroupOp::Add { conv, members } => {
-                Message::GroupAddOk(self.group_change(conv, &members, true)?)
+                Message::GroupAddOk(self.group_change(conv, &members, true, now_ms)?)
             }
             GroupOp::Remove { conv, members } => {
-                Message::GroupRemoveOk(self.group_change(conv, &members, false)?)
+                Message::GroupRemoveOk(self.group_change(conv, &members, false, now_ms)?)
             }
             GroupOp::Info { conv } => Message::ConvInfoOk(self.conv_info(conv, false)?),
         };
@@ -77,6 +82,7 @@ impl Owner {
         conv: ConvId,
         members: &[Uid],
         join: bool,
+        now_ms: u64,
     ) -> Result<ConvInfo, Failure> {
         check_request(members)?;
         let c = self.local_conv(conv)?;
@@ -111,9 +117,9 @@ impl Owner {
         let log = self.conv_log_mut(conv).map_err(store_error)?;
         for &uid in &changed {
             let stored = if join {
-                log.add_member(conv, uid)
+                log.add_member(conv, uid, now_ms)
             } else {
-                log.remove_member(conv, uid)
+                log.remove_member(conv, uid, now_ms)
             };
             stored.map_err(store_error)?;
         }
@@ -456,6 +462,40 @@ mod tests {
         });
         let text = &pushes(&out)[0].3;
         assert!(text.contains(r#""op":"members","#), "{text}");
+    }
+
+    /// A `convs` entry of a large group gives the member count, not the list.
+    #[test]
+    fn convs_lists_a_small_groups_members_and_counts_a_large_ones() {
+        let mut h = Harness::new();
+        let member = h.login(buyer(0));
+        let conv = h.create_group(local_key(1), buyers(0..GROUP_FULL_LIST_MAX as u64));
+        let entry = |h: &mut Harness| {
+            let out = h.turn(BusMsg::Convs {
+                origin: Box::new(member),
+                token: 1,
+            });
+            out.into_iter()
+                .find_map(|(_, msg)| match msg {
+                    BusMsg::ConvsPart { convs, .. } => {
+                        convs.into_iter().flatten().find(|c| c.conv == conv)
+                    }
+                    _ => None,
+                })
+                .expect("the group is among the member's conversations")
+        };
+        let small = entry(&mut h);
+        assert_eq!(small.members.len(), GROUP_FULL_LIST_MAX);
+        assert_eq!(small.member_count, GROUP_FULL_LIST_MAX as u32);
+
+        let (_, added) = h.group(GroupOp::Add {
+            conv,
+            members: vec![agent(1)],
+        });
+        added.expect("added");
+        let large = entry(&mut h);
+        assert!(large.members.is_empty(), "{:?}", large.members.len());
+        assert_eq!(large.member_count, GROUP_FULL_LIST_MAX as u32 + 1);
     }
 
     /// Issue 10's rule for services: a group change whose commit fails is answered

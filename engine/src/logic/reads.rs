@@ -7,9 +7,13 @@ use chinwag_protocol::{
     ConvSummary, ConvType, ErrorCode, History, HistoryOk, HistoryRange, Message, Msg, Uid,
 };
 
+use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
+
 use super::{store_error, Owner};
-use crate::bus::{reply_size, Origin, PartitionId, SessionRef, StreamPart, STREAM_NOW};
-use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef, ScanError, StoreError};
+use crate::bus::{reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, STREAM_NOW};
+use crate::store::{
+    ConvKind, Conversation, HistoryFrom, MessageRef, ScanError, StoreError, STREAM_EVENT_BYTES,
+};
 
 /// Log records one stream read looks at, so one subscriber's read is a bounded share of a
 /// shard's turn.
@@ -61,7 +65,8 @@ impl Owner {
         Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
     }
 
-    /// The next messages of this shard's partitions' logs for a service's stream, from the
+    /// The next messages and member and cursor changes of this shard's partitions' logs for a
+    /// service's stream, from the
     /// position `from` gives each ([`STREAM_NOW`]: none, just the position of the log's end;
     /// 0: the start). One read looks at most at [`STREAM_RECORDS_MAX`] records over all the
     /// partitions (taking them in turn from the first with something new); a partition not
@@ -72,6 +77,7 @@ impl Owner {
         from: &[(PartitionId, u64)],
     ) -> StreamPart {
         let mut msgs = Vec::new();
+        let mut events = Vec::new();
         let mut next = Vec::with_capacity(from.len());
         let mut records = STREAM_RECORDS_MAX;
         let mut bytes = self.reply_bytes_max / 4;
@@ -92,24 +98,27 @@ impl Owner {
                 continue;
             };
             let read = if pos == STREAM_NOW {
-                log.scan(log.acked(), 0, 0)
-                    .map(|(_, end)| (Vec::new(), end))
+                log.scan(log.acked(), 0, 0).map(|found| (Vec::new(), Vec::new(), found.next))
             } else if records == 0 || bytes == 0 {
-                Ok((Vec::new(), pos))
+                Ok((Vec::new(), Vec::new(), pos))
             } else {
                 log.scan(pos, records, bytes)
+                    .map(|found| (found.messages, found.events, found.next))
             };
             match read {
-                Ok((found, end)) => {
+                Ok((found, changes, end)) => {
                     // The records looked at are not counted one by one: what was found
-                    // (messages, bytes) stands for them, and at least one is used per read.
-                    records = records.saturating_sub(found.len().max(1));
+                    // (messages, events, bytes) stands for them, and at least one is used per
+                    // read.
+                    records = records.saturating_sub((found.len() + changes.len()).max(1));
                     let size: usize = found
                         .iter()
                         .map(|m| m.body.len() + m.kind.len() + m.cmid.len())
-                        .sum();
+                        .sum::<usize>()
+                        + changes.len() * STREAM_EVENT_BYTES;
                     bytes = bytes.saturating_sub(size);
                     msgs.extend(found.iter().map(to_msg));
+                    events.extend(changes);
                     next.push((p, end));
                 }
                 Err(e) => {
@@ -121,7 +130,9 @@ impl Owner {
         StreamPart {
             session,
             shard: self.shard,
-            result: result.map(|()| (msgs, next)).map_err(|e| match e {
+            result: result
+                .map(|()| StreamFound { msgs, events, next })
+                .map_err(|e| match e {
                 ScanError::Retired => "the resume position was deleted by log retention",
                 ScanError::NotOurs => "not a resume position of this node",
             }),
@@ -140,10 +151,20 @@ impl Owner {
                     .history(id, HistoryFrom::Newest, 1)
                     .ok()
                     .and_then(|m| m.first().map(to_msg));
+                let members = c.members();
                 Some(ConvSummary {
                     conv: id,
                     conv_type: conv_type(c),
-                    members: c.members().to_vec(),
+                    // A large group's entry gives the count, not the list (docs/protocol.md,
+                    // "convs"): one member of a 10,000-member group would otherwise be sent
+                    // 160 kB at every `convs`.
+                    members: if members.len() <= GROUP_FULL_LIST_MAX {
+                        members.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    // Within u16 (members_max ≤ 65,535, checked by the store's config).
+                    member_count: members.len() as u32,
                     last_seq,
                     read_seq,
                     unread: last_seq.0.saturating_sub(read_seq.0),
@@ -271,23 +292,24 @@ mod tests {
         h.turn(send(&c, Target::User(a.uid), "3", "from c"));
         let out = h.turn(BusMsg::Convs {
             origin: Box::new(a),
+            token: 7,
         });
         let parts: Vec<_> = out
             .iter()
             .filter_map(|(shard, msg)| match msg {
                 BusMsg::ConvsPart {
                     session,
-                    req,
-                    convs,
-                } => Some((*shard, *session, *req, convs)),
+                    token,
+                    convs: Some(convs),
+                } => Some((*shard, *session, *token, convs)),
                 _ => None,
             })
             .collect();
         assert_eq!(parts.len(), 1);
-        let (shard, session, req, convs) = &parts[0];
+        let (shard, session, token, convs) = &parts[0];
         assert_eq!(
-            (*shard, *session, *req),
-            (SESSION_SHARD as usize, a.session, Some(1))
+            (*shard, *session, *token),
+            (SESSION_SHARD as usize, a.session, 7)
         );
         let mut unread: Vec<_> = convs
             .iter()
@@ -305,6 +327,59 @@ mod tests {
             [
                 (1, 1, Some("from c".to_string())),
                 (2, 2, Some("from b again".to_string()))
+            ]
+        );
+    }
+
+    /// The stream carries membership and read-cursor changes beside the messages, each placed
+    /// among them in log order.
+    #[test]
+    fn the_stream_reads_member_and_cursor_changes_among_the_messages() {
+        use chinwag_protocol::{Cursor, ShopId, StreamChange, StreamEvent};
+        let mut h = Harness::new();
+        let support = h.login(agent(9));
+        h.turn(BusMsg::AgentOnline {
+            shop: ShopId(5),
+            agent: support.uid,
+        });
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(ShopId(5)), "1", "hi"));
+        let (conv, _) = send_ok(&replies(&out, customer.session));
+        let assigned_ms = h.now_ms;
+        h.turn(send(&support, Target::Conv(conv), "2", "hello"));
+        h.turn(BusMsg::Read {
+            origin: Box::new(customer),
+            cursor: Cursor { conv, seq: Seq(2) },
+        });
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv,
+        });
+        let resolved_ms = h.now_ms;
+
+        let out = h.turn(BusMsg::StreamRead {
+            session: customer.session,
+            from: 0,
+        });
+        let Some(BusMsg::StreamPart(part)) = out.into_iter().map(|(_, m)| m).next() else {
+            panic!("expected a stream part");
+        };
+        let found = part.result.expect("the start of the log is a position");
+        let seqs: Vec<u64> = found.msgs.iter().map(|m| m.seq.0).collect();
+        assert_eq!(seqs, [1, 2]);
+        let event = |after_msgs, uid, change| StreamEvent {
+            after_msgs,
+            conv,
+            uid,
+            change,
+        };
+        assert_eq!(
+            found.events,
+            [
+                event(0, customer.uid, StreamChange::Joined { ts: 0 }),
+                event(0, support.uid, StreamChange::Joined { ts: assigned_ms }),
+                event(2, customer.uid, StreamChange::Read { seq: Seq(2) }),
+                event(2, support.uid, StreamChange::Left { ts: resolved_ms }),
             ]
         );
     }

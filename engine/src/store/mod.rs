@@ -64,7 +64,7 @@ pub fn largest_record_bytes(message_bytes_max: usize) -> u64 {
 }
 pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
-pub use reads::ScanError;
+pub use reads::{agent_stats_of_nothing, ScanError, STREAM_EVENT_BYTES};
 pub use record::{ConvKind, MessageRef};
 pub use state::Conversation;
 
