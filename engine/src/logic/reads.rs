@@ -10,7 +10,9 @@ use chinwag_protocol::{
 use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
 
 use super::{store_error, Owner};
-use crate::bus::{reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, STREAM_NOW};
+use crate::bus::{
+    reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, STREAM_NOW,
+};
 use crate::store::{
     ConvKind, Conversation, HistoryFrom, MessageRef, ScanError, StoreError, STREAM_EVENT_BYTES,
 };
@@ -98,7 +100,8 @@ impl Owner {
                 continue;
             };
             let read = if pos == STREAM_NOW {
-                log.scan(log.acked(), 0, 0).map(|found| (Vec::new(), Vec::new(), found.next))
+                log.scan(log.acked(), 0, 0)
+                    .map(|found| (Vec::new(), Vec::new(), found.next))
             } else if records == 0 || bytes == 0 {
                 Ok((Vec::new(), Vec::new(), pos))
             } else {
@@ -133,9 +136,9 @@ impl Owner {
             result: result
                 .map(|()| StreamFound { msgs, events, next })
                 .map_err(|e| match e {
-                ScanError::Retired => "the resume position was deleted by log retention",
-                ScanError::NotOurs => "not a resume position of this node",
-            }),
+                    ScanError::Retired => "the resume position was deleted by log retention",
+                    ScanError::NotOurs => "not a resume position of this node",
+                }),
         }
     }
 
