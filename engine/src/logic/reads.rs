@@ -362,7 +362,8 @@ mod tests {
 
         let out = h.turn(BusMsg::StreamRead {
             session: customer.session,
-            from: 0,
+            // Every partition from the start of its log.
+            from: (0..PARTITIONS as u16).map(|p| (p, 0)).collect(),
         });
         let Some(BusMsg::StreamPart(part)) = out.into_iter().map(|(_, m)| m).next() else {
             panic!("expected a stream part");

@@ -45,11 +45,6 @@ impl Harness {
         }
     }
 
-    /// The directory holding the partitions' logs.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Drops the owner and opens its log again, as a restart does.
     pub fn restart(&mut self) {
         self.owner = open(self.dir.path(), 1 << 20);
