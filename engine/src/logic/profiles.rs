@@ -21,8 +21,8 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use super::{store_error, Owner};
-use crate::bus::{BusMsg, Fanout, Origin, ProfileOp};
-use crate::store::{StoreError, StoredProfile};
+use crate::bus::{BusMsg, Fanout, Origin, PartitionId, ProfileOp};
+use crate::store::{Store, StoreError, StoredProfile};
 
 impl Owner {
     /// A service's `set_profile` or `get_profile`; this shard owns the subject.
@@ -57,11 +57,15 @@ impl Owner {
                 }
                 // Versions of one subject only go up, whatever the clock does.
                 let version = self
-                    .store
-                    .profile(subject)
+                    .subject_log(subject)
+                    .and_then(|log| log.profile(subject))
                     .map_or(now_ms, |held| now_ms.max(held.version + 1));
-                self.store
-                    .set_profile(subject, version, &profile)
+                let log = match subject {
+                    Subject::User(uid) => self.log_mut_of(&uid),
+                    Subject::Shop(shop) => self.log_mut_of(&shop),
+                    Subject::Conv(conv) => self.conv_log_mut(conv),
+                };
+                log.and_then(|log| log.set_profile(subject, version, &profile))
                     .map_err(store_error)?;
                 self.ack(origin, origin.reply(Message::SetProfileOk));
                 let stored = StoredProfile {
@@ -95,43 +99,64 @@ impl Owner {
         }
     }
 
-    /// Keeps `uid`'s profile as a sender brought it, when it is newer than the copy held here
-    /// (one record, once per change).
+    /// Keeps `uid`'s profile as a sender brought it in the log of `partition` (the partition
+    /// of the conversation it writes to, or of the shop it serves), when it is newer than the
+    /// copy held there: one record, once per change per partition, so a partition holds what
+    /// its conversations show.
     pub(super) fn keep_profile(
         &mut self,
+        partition: PartitionId,
         uid: Uid,
         profile: Option<&StoredProfile>,
     ) -> Result<(), StoreError> {
         if let Some(p) = profile {
-            self.store
+            self.partition_log_mut(partition)?
                 .set_profile(Subject::User(uid), p.version, &p.profile)?;
         }
         Ok(())
     }
 
-    /// The profile of `subject` held here, or an empty one.
+    /// The log that holds `subject`'s own profile, if it is open here.
+    fn subject_log(&self, subject: Subject) -> Option<&Store> {
+        match subject {
+            Subject::User(uid) => self.log_of(&uid),
+            Subject::Shop(shop) => self.log_of(&shop),
+            Subject::Conv(conv) => self.conv_log(conv),
+        }
+    }
+
+    /// The profile of `subject` held by its own partition here, or an empty one.
     pub(super) fn held_profile(&self, subject: Subject) -> Profile {
-        self.store
-            .profile(subject)
+        self.subject_log(subject)
+            .and_then(|log| log.profile(subject))
             .map(|p| Profile::clone(&p.profile))
             .unwrap_or_default()
     }
 
+    /// `uid`'s profile as `conv` shows it: the copy in the conversation's partition, else the
+    /// user's own when its partition is served here.
+    fn user_profile_in(&self, conv: ConvId, uid: Uid) -> Option<&StoredProfile> {
+        let subject = Subject::User(uid);
+        self.conv_log(conv)
+            .and_then(|log| log.profile(subject))
+            .or_else(|| self.log_of(&uid)?.profile(subject))
+    }
+
     /// What a conversation shows: a shop conversation its shop's profile, another its own.
     pub(super) fn conv_profile(&self, conv: ConvId) -> Profile {
-        let subject = match self.store.conv(conv).and_then(|c| c.shop()) {
+        let subject = match self.conv_log(conv).and_then(|l| l.conv(conv)?.shop()) {
             Some(shop) => Subject::Shop(shop),
             None => Subject::Conv(conv),
         };
         self.held_profile(subject)
     }
 
-    /// The profiles held here of `members` (those with one set), in member order.
-    pub(super) fn member_profiles(&self, members: &[Uid]) -> Vec<UserProfile> {
+    /// The profiles `conv` shows of `members` (those with one set), in member order.
+    pub(super) fn member_profiles(&self, conv: ConvId, members: &[Uid]) -> Vec<UserProfile> {
         members
             .iter()
             .filter_map(|&uid| {
-                let held = self.store.profile(Subject::User(uid))?;
+                let held = self.user_profile_in(conv, uid)?;
                 (!held.profile.is_empty()).then(|| UserProfile {
                     uid,
                     profile: Profile::clone(&held.profile),
@@ -143,7 +168,10 @@ impl Owner {
     /// The `msg` push of a stored message: with its sender's and its conversation's profiles.
     pub(super) fn msg_push<'a>(&self, msg: Msg<'a>) -> Message<'a> {
         Message::Msg(MsgPush {
-            from_profile: self.held_profile(Subject::User(msg.from)),
+            from_profile: self
+                .user_profile_in(msg.conv, msg.from)
+                .map(|p| Profile::clone(&p.profile))
+                .unwrap_or_default(),
             conv_profile: self.conv_profile(msg.conv),
             msg,
         })
@@ -268,7 +296,7 @@ mod tests {
             refused[0].contains(r#""code":"bad_request""#),
             "{refused:?}"
         );
-        let unknown = set(&mut h, Subject::Conv(ConvId(99 << 8)), "None");
+        let unknown = set(&mut h, Subject::Conv(ConvId(99 << 16)), "None");
         assert!(unknown[0].contains(r#""code":"not_found""#), "{unknown:?}");
     }
 }

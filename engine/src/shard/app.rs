@@ -14,7 +14,7 @@ use chinwag_protocol::{
 };
 
 use super::context::Context;
-use crate::bus::{self, owner_of, reply_size, ws_message, BusMsg, Origin, SendRequest, SessionRef};
+use crate::bus::{self, reply_size, ws_message, BusMsg, Origin, SendRequest, SessionRef};
 use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
@@ -201,7 +201,13 @@ impl App {
                     uid,
                     device_type: login.device,
                 };
-                ctx.post.to(owner_of(&uid, ctx.shards()), request);
+                if ctx.post_to_owner(request).is_err() {
+                    // The user's partition is not this node's (only in a cluster).
+                    let text = "the user's partition is not served here";
+                    self.login = None;
+                    let error = bus::error(ErrorCode::Unavailable, text);
+                    reply(session, req, encoding, error, ctx);
+                }
             }
             message => {
                 let Some(origin) = self.origin(req, encoding, session, ctx) else {
@@ -282,13 +288,10 @@ impl App {
                         );
                     }
                 };
-                match request.owner(ctx.shards()) {
-                    Some(owner) if owner < ctx.shards() => ctx.post.to(owner, request),
-                    // A conversation id naming a shard this node does not have.
-                    _ => {
-                        let error = origin.error(ErrorCode::NotFound, "no such conversation");
-                        session.send(error, ctx);
-                    }
+                if ctx.post_to_owner(request).is_err() {
+                    // A conversation id naming a partition this node does not have.
+                    let error = origin.error(ErrorCode::NotFound, "no such conversation");
+                    session.send(error, ctx);
                 }
             }
         }
@@ -555,7 +558,12 @@ mod tests {
         let ws_limits: WsLimits = crate::shard::context::ws_limits(&config);
         let ctx = Context {
             shard_id: 0,
-            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS, None)),
+            node: Arc::new(NodeState::new(
+                config,
+                SECRET.to_vec(),
+                Arc::new(crate::bus::PartitionMap::single_node(256, SHARDS)),
+                None,
+            )),
             post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
             ws_limits,
             now_ms: 0,
@@ -627,7 +635,8 @@ mod tests {
         else {
             panic!("expected a Register, got {posted:?}");
         };
-        assert_eq!((*shard, *who), (owner_of(&uid, SHARDS), uid));
+        let owner = ctx.partitions().shard_of(&uid).unwrap();
+        assert_eq!((*shard, *who), (owner, uid));
         assert_eq!(*session, link.session_ref(0));
         assert!(link.sent.is_empty(), "login_ok waits for the owner");
         assert!(app.logged_in().is_none());

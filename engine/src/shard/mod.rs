@@ -30,7 +30,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::bus::post::{Post, PostOffice};
-use crate::bus::{owner_of, BusMsg, SessionRef};
+use crate::bus::{BusMsg, SessionRef};
 use crate::logic::{self, Owner};
 use crate::net::ws::connection::CloseReason;
 use crate::operator::metrics;
@@ -230,10 +230,7 @@ impl Shard {
                 // Whatever the last sessions posted (their logouts) is handled, then the log
                 // is flushed and snapshotted so the next start replays little.
                 self.send_and_commit();
-                let store = self.owner.store_mut();
-                if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
-                    tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
-                }
+                self.owner.close_logs();
                 tracing::info!(shard = self.ctx.shard_id, "drained");
                 return Ok(());
             }
@@ -477,7 +474,7 @@ impl Shard {
     /// sweep tick, not per message).
     fn publish_log_metrics(&self) {
         let m = self.ctx.metrics();
-        let stats = self.owner.store_stats();
+        let stats = self.owner.log_stats();
         let set = |gauge: &std::sync::atomic::AtomicU64, v: u64| {
             gauge.store(v, std::sync::atomic::Ordering::Relaxed)
         };
@@ -490,6 +487,7 @@ impl Shard {
         set(&m.log_conversations, stats.conversations as u64);
         set(&m.log_devices, stats.devices as u64);
         set(&m.log_segment_bytes, stats.segment_bytes);
+        set(&m.log_partitions_open, stats.partitions as u64);
     }
 
     fn deliver(&mut self, shard: usize, msg: BusMsg) {
@@ -567,14 +565,11 @@ impl Shard {
                 match (completed, device) {
                     (true, Some(device)) => self.logged_in(to, uid, device),
                     // The session ended while its device was being registered.
-                    (false, Some(device)) => self.ctx.post.to(
-                        owner_of(&uid, self.ctx.shards()),
-                        BusMsg::Unregister {
-                            session: to,
-                            uid,
-                            device,
-                        },
-                    ),
+                    (false, Some(device)) => self.tell_owner(BusMsg::Unregister {
+                        session: to,
+                        uid,
+                        device,
+                    }),
                     _ => {}
                 }
             }
@@ -635,15 +630,20 @@ impl Shard {
             },
         );
         if let Some(shop) = shop {
-            let shards = self.ctx.shards();
-            self.ctx.post.to(
-                owner_of(&shop, shards),
-                BusMsg::AgentOnline {
-                    shop,
-                    agent: uid,
-                    profile: session.app().own_profile().cloned().map(Box::new),
-                },
-            );
+            let profile = session.app().own_profile().cloned().map(Box::new);
+            self.tell_owner(BusMsg::AgentOnline {
+                shop,
+                agent: uid,
+                profile,
+            });
+        }
+    }
+
+    /// Posts a notice (no answer expected) to the owner of its subject. The single node owns
+    /// every partition; a cluster will forward a notice for another node's.
+    fn tell_owner(&mut self, msg: BusMsg) {
+        if let Err(msg) = self.ctx.post_to_owner(msg) {
+            tracing::debug!(?msg, "notice for a partition not served here dropped");
         }
     }
 
@@ -724,20 +724,13 @@ impl Shard {
             let me = session.session_ref(self.ctx.shard_id as u32);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
-            let shards = self.ctx.shards();
-            self.ctx.post.to(
-                owner_of(&uid, shards),
-                BusMsg::Unregister {
-                    session: me,
-                    uid,
-                    device,
-                },
-            );
+            self.tell_owner(BusMsg::Unregister {
+                session: me,
+                uid,
+                device,
+            });
             if let Some(shop) = shop {
-                self.ctx.post.to(
-                    owner_of(&shop, shards),
-                    BusMsg::AgentOffline { shop, agent: uid },
-                );
+                self.tell_owner(BusMsg::AgentOffline { shop, agent: uid });
             }
         }
         let m = self.ctx.metrics();
@@ -787,7 +780,7 @@ mod tests {
         let node = Arc::new(NodeState::new(
             Config::default(),
             b"secret".to_vec(),
-            1,
+            Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
             None,
         ));
         let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));

@@ -44,7 +44,7 @@ use mio::Token;
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::{
-    self, owner_of, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, ProfileOp,
+    self, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp,
     ProfileRequest, SendRequest, SessionRef, StreamPart, STREAM_NOW,
 };
 use crate::net::api::{self, ApiHead};
@@ -70,13 +70,14 @@ fn service_device() -> DeviceId {
     DeviceId::from_u64((NodeType::Logic as u64) << 60).expect("a valid device id")
 }
 
-/// A subscription to the message stream: where each shard's log is read next.
+/// A subscription to the message stream: where each partition's log is read next. Reads go
+/// to the shards, each for the partitions it serves.
 #[derive(Debug)]
 struct Stream {
     /// The `subscribe`'s `req`, echoed by every `stream_batch`.
     req: Option<u64>,
-    /// Per shard: the log position to read next (`STREAM_NOW` until the shard said where its
-    /// end is).
+    /// Per partition: the log position to read next (`STREAM_NOW` until its shard said where
+    /// its end is; 0: its start).
     positions: Vec<u64>,
     /// Per shard: a read is posted and not answered yet.
     in_flight: Vec<bool>,
@@ -84,6 +85,35 @@ struct Stream {
     more: Vec<bool>,
     /// Every shard has answered once: the positions are all real, batches may go out.
     started: bool,
+}
+
+impl Stream {
+    /// Asks `shard` for the next messages of its partitions (a shard with none is not asked).
+    fn read(&mut self, shard: usize, me: SessionRef, ctx: &mut Context) {
+        let from: Box<[(PartitionId, u64)]> = ctx
+            .partitions()
+            .partitions_of(shard)
+            .map(|p| (p, self.positions[usize::from(p)]))
+            .collect();
+        if from.is_empty() {
+            return;
+        }
+        self.in_flight[shard] = true;
+        ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+    }
+
+    /// The signed position string of where every partition is read next. A partition still
+    /// at `STREAM_NOW` (only one no shard here serves) is left at its start.
+    fn position(&self, ctx: &Context) -> String {
+        let named: Vec<(PartitionId, u64)> = self
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|&(_, &pos)| pos != STREAM_NOW)
+            .map(|(p, &pos)| (p as PartitionId, pos))
+            .collect();
+        stream_position::encode(&ctx.node.jwt_secret, self.positions.len(), &named)
+    }
 }
 
 #[derive(Debug)]
@@ -455,7 +485,11 @@ impl ServiceConn {
                 users.dedup();
                 let mut parts: Vec<Vec<Uid>> = vec![Vec::new(); shards];
                 for uid in users {
-                    parts[owner_of(&uid, shards)].push(uid);
+                    // A user of another node's partition is not online here (a cluster asks
+                    // that node).
+                    if let Some(shard) = ctx.partitions().shard_of(&uid) {
+                        parts[shard].push(uid);
+                    }
                 }
                 let asked = parts.iter().filter(|p| !p.is_empty()).count();
                 let token = self.next_gather_token;
@@ -549,25 +583,32 @@ impl ServiceConn {
             return self.reply(req, error, ctx);
         }
         let shards = ctx.shards();
+        let partitions = ctx.partitions().count();
         let positions = if from.is_empty() {
-            vec![STREAM_NOW; shards]
+            vec![STREAM_NOW; partitions]
         } else {
-            match stream_position::decode(&ctx.node.jwt_secret, shards, from) {
-                Ok(positions) => positions,
+            match stream_position::decode(&ctx.node.jwt_secret, partitions, from) {
+                Ok(named) => {
+                    let mut positions = vec![0; partitions];
+                    for (p, pos) in named {
+                        positions[usize::from(p)] = pos;
+                    }
+                    positions
+                }
                 Err(text) => return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx),
             }
         };
-        let me = self.session_ref(ctx.shard_id as u32);
-        for (shard, &from) in positions.iter().enumerate() {
-            ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
-        }
-        self.subscription = Some(Box::new(Stream {
+        let mut stream = Box::new(Stream {
             req,
             positions,
-            in_flight: vec![true; shards],
+            in_flight: vec![false; shards],
             more: vec![false; shards],
             started: false,
-        }));
+        });
+        for shard in 0..shards {
+            stream.read(shard, self.session_ref(ctx.shard_id as u32), ctx);
+        }
+        self.subscription = Some(stream);
     }
 
     /// One shard's next messages for the stream: sent on as a `stream_batch` with the position
@@ -597,8 +638,14 @@ impl ServiceConn {
         };
         // A read that moved on found something (perhaps only records the stream leaves
         // out, such as device registrations): there may be more behind it.
-        stream.more[shard] = found.next != stream.positions[shard];
-        stream.positions[shard] = found.next;
+        let mut moved = false;
+        for (p, pos) in found.next {
+            if let Some(at) = stream.positions.get_mut(usize::from(p)) {
+                moved |= *at != pos;
+                *at = pos;
+            }
+        }
+        stream.more[shard] = moved;
         let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
         if first_round_done {
             stream.started = true;
@@ -621,7 +668,7 @@ impl ServiceConn {
             return;
         };
         let req = stream.req;
-        let position = stream_position::encode(&ctx.node.jwt_secret, &stream.positions);
+        let position = stream.position(ctx);
         let batch = Message::StreamBatch(StreamBatch {
             position: position.into(),
             msgs,
@@ -675,11 +722,9 @@ impl ServiceConn {
         if !stream.started || backlog || self.closing {
             return;
         }
-        for shard in 0..stream.positions.len() {
+        for shard in 0..stream.in_flight.len() {
             if !stream.in_flight[shard] && (poll || stream.more[shard]) {
-                stream.in_flight[shard] = true;
-                let from = stream.positions[shard];
-                ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+                stream.read(shard, me, ctx);
             }
         }
     }
@@ -710,13 +755,12 @@ impl ServiceConn {
     /// Posts a request to the owner of its subject; a conversation id naming a shard this
     /// node does not have is answered `not_found` here.
     fn post_to_owner(&mut self, req: Option<u64>, request: BusMsg, ctx: &mut Context) {
-        match request.owner(ctx.shards()) {
-            Some(owner) if owner < ctx.shards() => ctx.post.to(owner, request),
-            _ => self.reply(
+        if ctx.post_to_owner(request).is_err() {
+            self.reply(
                 req,
                 bus::error(ErrorCode::NotFound, "no such conversation"),
                 ctx,
-            ),
+            )
         }
     }
 

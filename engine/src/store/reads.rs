@@ -392,3 +392,9 @@ impl Store {
         self.state.conv_max
     }
 }
+
+/// The figures of a shop whose partition has no log yet: nothing, over the window as
+/// [`Store::agent_stats`] would give it.
+pub fn agent_stats_of_nothing(shop: ShopId, from_ms: u64, to_ms: u64) -> AgentStatsOk {
+    super::state::reception::Reception::default().report(shop, from_ms, to_ms)
+}
