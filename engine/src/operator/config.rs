@@ -164,6 +164,36 @@ settings! {
      record (which must fit a log segment) and about 24 in each of its members' convs replies"
     #[arg(value_name = "N")]
     members_max: usize = 1_000, "1000";
+    "Join the cluster whose registry, partition table and routing table are in this Redis: \
+     redis://HOST:PORT (docs/cluster.md). Absent: the embedded single node, no Redis"
+    #[arg(value_name = "URL")]
+    cluster: Option<String> => String = None;
+    "This node's number in its cluster, 1..=4095 (the node field of NodeIds and of the \
+     DeviceIds it mints); required with --cluster, 0 without"
+    #[arg(value_name = "N")]
+    node: u16 = 0, "0";
+    "Address of this node's node link, where its peers connect: IPV4:PORT, an address they \
+     can reach (it goes into the NodeId); required with --cluster"
+    #[arg(value_name = "ADDR", value_parser = parse_listen)]
+    node_listen: Option<SocketAddr> => SocketAddr = None;
+    "Partitions (P): every owned key maps to one of them. A cluster's P is fixed when it is \
+     created; a node set for another P refuses to join"
+    #[arg(value_name = "P")]
+    partitions: u32 = 256, "256";
+    "Timeout of every Redis call of a cluster node: the connect, each read, each write"
+    #[arg(value_name = "MS")]
+    cluster_redis_timeout_ms: u64 = 1_000, "1000";
+    "How often a cluster node refreshes its heartbeat and reads its peers' liveness"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_interval_ms: u64 = 1_000, "1000";
+    "How long a node's heartbeat lives without a refresh: a node silent this long counts as \
+     dead (its routes are ignored, then removed by a peer)"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_ttl_ms: u64 = 5_000, "5000";
+    "How often a cluster node publishes a probe on its own channel; a probe not received \
+     before the next is due marks the subscription dead (reconnected, routes reloaded)"
+    #[arg(value_name = "MS")]
+    cluster_probe_interval_ms: u64 = 2_000, "2000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -248,6 +278,14 @@ impl Config {
                 "backend_connections_per_shard_max",
                 self.backend_connections_per_shard_max as u64,
             ),
+            ("partitions", u64::from(self.partitions)),
+            ("cluster_redis_timeout_ms", self.cluster_redis_timeout_ms),
+            (
+                "cluster_heartbeat_interval_ms",
+                self.cluster_heartbeat_interval_ms,
+            ),
+            ("cluster_heartbeat_ttl_ms", self.cluster_heartbeat_ttl_ms),
+            ("cluster_probe_interval_ms", self.cluster_probe_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -314,12 +352,60 @@ impl Config {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
         self.wechat.accounts().map_err(|e| e.to_string())?;
+        self.validate_cluster()?;
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
             || self.backend_connections_per_shard_max >= 1 << 31
         {
             return Err("connections_per_shard_max is too large".into());
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster settings: all or nothing, and an address peers can reach.
+    fn validate_cluster(&self) -> Result<(), String> {
+        if self.partitions > crate::cluster::registry::PARTITIONS_MAX {
+            return Err(format!(
+                "partitions ({}) must be at most {}",
+                self.partitions,
+                crate::cluster::registry::PARTITIONS_MAX
+            ));
+        }
+        let Some(url) = &self.cluster else {
+            if self.node != 0 || self.node_listen.is_some() {
+                return Err("node and node_listen are for a cluster node: give cluster too".into());
+            }
+            return Ok(());
+        };
+        crate::cluster::redis_conn::RedisTarget::new(
+            url,
+            std::time::Duration::from_millis(self.cluster_redis_timeout_ms),
+        )?;
+        if self.node == 0 || self.node > crate::cluster::redis_keys::NODE_MAX {
+            return Err(format!(
+                "a cluster node needs node, a number 1..={} (not {})",
+                crate::cluster::redis_keys::NODE_MAX,
+                self.node
+            ));
+        }
+        let link = self
+            .node_listen
+            .ok_or("a cluster node needs node_listen, the IPV4:PORT its peers connect to")?;
+        if !link.is_ipv4() || link.ip().is_unspecified() || link.port() == 0 {
+            return Err(format!(
+                "node_listen {link}: give the IPv4 address and port peers connect to (it goes \
+                 into the NodeId), not a wildcard address or port 0"
+            ));
+        }
+        if self.cluster_heartbeat_ttl_ms < 2 * self.cluster_heartbeat_interval_ms {
+            return Err(format!(
+                "cluster_heartbeat_ttl_ms ({}) must be at least twice \
+                 cluster_heartbeat_interval_ms ({}), or one late heartbeat declares the node dead",
+                self.cluster_heartbeat_ttl_ms, self.cluster_heartbeat_interval_ms
+            ));
         }
         Ok(())
     }
