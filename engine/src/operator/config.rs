@@ -489,6 +489,12 @@ impl Config {
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
         }
+        // A Redis password in the cluster URL (redis://:PASSWORD@HOST:PORT).
+        if let Some((scheme, rest)) = shown.cluster.as_deref().and_then(|u| u.split_once("://")) {
+            if let Some((_, host)) = rest.rsplit_once('@') {
+                shown.cluster = Some(format!("{scheme}://<redacted>@{host}"));
+            }
+        }
         format!("{shown:?}")
     }
 }
@@ -732,6 +738,56 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_all_or_nothing_and_name_a_reachable_ipv4_address() {
+        let load = |pairs: &[(&str, &str)]| Config::load(ServeArgs::default(), env(pairs));
+        let cluster = ("CHINWAG_CLUSTER", "redis://127.0.0.1:6379");
+        let node = ("CHINWAG_NODE", "3");
+        let link = ("CHINWAG_NODE_LISTEN", "10.0.0.3:7200");
+        let config = load(&[cluster, node, link]).unwrap();
+        assert_eq!(config.node, 3);
+        for (pairs, expected) in [
+            (vec![node], "give cluster too"),
+            (vec![link], "give cluster too"),
+            (vec![cluster, link], "needs node, a number 1..=4095"),
+            (vec![cluster, ("CHINWAG_NODE", "4096"), link], "1..=4095"),
+            (vec![cluster, node], "needs node_listen"),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "0.0.0.0:7200")],
+                "wildcard",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "10.0.0.3:0")],
+                "port 0",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "[::1]:7200")],
+                "IPv4",
+            ),
+            (
+                vec![("CHINWAG_CLUSTER", "127.0.0.1:6379"), node, link],
+                "redis://",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_CLUSTER_HEARTBEAT_TTL_MS", "1500"),
+                ],
+                "at least twice",
+            ),
+            (
+                vec![("CHINWAG_PARTITIONS", "0")],
+                "partitions must be greater than 0",
+            ),
+            (vec![("CHINWAG_PARTITIONS", "65537")], "at most 65536"),
+        ] {
+            let e = load(&pairs).unwrap_err();
+            assert!(e.contains(expected), "{pairs:?}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_environment_variables_are_named() {
         let unknown = unknown_env_vars(env(&[
             ("CHINWAG_LISTEN", "127.0.0.1:1"),
@@ -750,6 +806,15 @@ mod tests {
         };
         let shown = config.redacted();
         assert!(!shown.contains("s3cret"), "{shown}");
+        let clustered = Config {
+            cluster: Some("redis://:pa55word@10.0.0.1:6379".into()),
+            ..Config::default()
+        };
+        let shown = clustered.redacted();
+        assert!(
+            !shown.contains("pa55word") && shown.contains("redis://<redacted>@10.0.0.1:6379"),
+            "{shown}"
+        );
         assert!(
             shown.contains("<redacted>") && shown.contains("idle_timeout_ms"),
             "{shown}"
