@@ -125,3 +125,90 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A TCP proxy in front of a Redis that can silence subscriptions: while `silence` is on, it
+/// drops everything Redis sends on connections that sent `SUBSCRIBE`, and forwards the rest.
+/// Such a subscription looks open and delivers nothing — what a failover or a lost proxy
+/// connection does to a subscriber, which only a probe finds.
+pub struct SilencingProxy {
+    pub port: u16,
+    pub silence: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilencingProxy {
+    /// A proxy on a free port of 127.0.0.1 to `redis`'s port.
+    pub fn start(redis: &RedisServer) -> SilencingProxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let upstream = format!("127.0.0.1:{}", redis.port);
+        let silence = Arc::new(AtomicBool::new(false));
+        let switch = Arc::clone(&silence);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let subscriber = Arc::new(AtomicBool::new(false));
+                pump(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    Arc::clone(&subscriber),
+                    None,
+                );
+                pump(server, client, subscriber, Some(Arc::clone(&switch)));
+            }
+        });
+        SilencingProxy { port, silence }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either side closes. Client to server
+/// (`silence` is `None`): marks the connection a subscriber when it sends SUBSCRIBE. Server to
+/// client: drops the bytes of a subscriber while `silence` is on.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    subscriber: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    silence: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::Relaxed;
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let bytes = &buffer[..n];
+            match &silence {
+                None => {
+                    if bytes
+                        .windows(9)
+                        .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                    {
+                        subscriber.store(true, Relaxed);
+                    }
+                }
+                Some(silence) => {
+                    if silence.load(Relaxed) && subscriber.load(Relaxed) {
+                        continue;
+                    }
+                }
+            }
+            if to.write_all(bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}

@@ -74,6 +74,9 @@ fn node_args(redis: &RedisServer, n: u16, link_port: u16) -> Vec<String> {
         format!("--node={n}"),
         format!("--node-listen=127.0.0.1:{link_port}"),
         format!("--partitions={PARTITIONS}"),
+        // Small and few logs: a node starts fast, and these tests store nothing.
+        "--shards=1".into(),
+        "--log-segment-bytes=1048576".into(),
     ];
     args.extend(FAST.iter().map(|s| s.to_string()));
     args
@@ -92,11 +95,7 @@ fn refused(args: &[String]) -> (Option<i32>, String) {
         .arg("serve")
         .arg("--data-dir")
         .arg(dir.path())
-        .args([
-            "--listen=127.0.0.1:0",
-            "--backend-listen=127.0.0.1:0",
-            "--shards=1",
-        ])
+        .args(["--listen=127.0.0.1:0", "--backend-listen=127.0.0.1:0"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -339,4 +338,41 @@ fn a_killed_subscription_is_found_reconnected_and_the_routes_reloaded() {
         one.metric("chinwag_cluster_routes_cached", "") == 1
     });
     wait_until("a healthy node again", || one.get("/healthz").0 == 200);
+}
+
+#[test]
+fn a_subscription_that_delivers_nothing_is_found_by_the_probe_and_reported() {
+    use chinwag_tests::redis::SilencingProxy;
+    use std::sync::atomic::Ordering::Relaxed;
+    let redis = RedisServer::start();
+    init(&redis, "1");
+    let proxy = SilencingProxy::start(&redis);
+    let mut args = node_args(&redis, 1, free_port());
+    for arg in &mut args {
+        if arg.starts_with("--cluster=") {
+            *arg = format!("--cluster={}", proxy.url());
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = Server::start(&args);
+    wait_until("a healthy node", || one.get("/healthz").0 == 200);
+    let reloads = one.metric("chinwag_cluster_route_reloads_total", "");
+
+    // The subscription stays open but Redis's messages no longer reach it; every other call
+    // still works.
+    proxy.silence.store(true, Relaxed);
+    wait_until("the missed probe reported", || {
+        let (status, body) = one.get("/healthz");
+        status == 503 && body.contains("subscription: down")
+    });
+    assert!(one.metric("chinwag_cluster_probes_missed_total", "") >= 1);
+    assert_eq!(
+        one.metric("chinwag_cluster_redis_up", ""),
+        1,
+        "Redis itself answers"
+    );
+
+    proxy.silence.store(false, Relaxed);
+    wait_until("a healthy node again", || one.get("/healthz").0 == 200);
+    assert!(one.metric("chinwag_cluster_route_reloads_total", "") > reloads);
 }
