@@ -215,7 +215,7 @@ fn a_duplicate_node_number_and_a_different_partition_count_are_refused() {
 }
 
 #[test]
-fn a_login_on_node_2_is_in_the_routing_table_and_every_cache_until_logout() {
+fn a_login_on_node_2_is_in_the_routing_table_and_every_cache_until_logout_or_drain() {
     let redis = RedisServer::start();
     init(&redis, "1,2");
     let one = start_node(&redis, 1);
@@ -240,6 +240,23 @@ fn a_login_on_node_2_is_in_the_routing_table_and_every_cache_until_logout() {
     wait_until("node 1's cache to forget it", || {
         one.metric("chinwag_cluster_routes_cached", "") == 0
     });
+
+    // A drained node deregisters: its routes go, and so does its heartbeat (its peers need
+    // not wait for the TTL).
+    let mut two = two;
+    let (_client, device) = login(&two, buyer(9));
+    wait_until("the second route", || {
+        routes_of(&redis, buyer(9)).contains_key(&device.to_string())
+    });
+    two.signal(libc::SIGTERM);
+    assert!(two.wait_exit().success(), "{}", two.log());
+    assert!(two.log().contains("cluster: deregistered"), "{}", two.log());
+    assert!(routes_of(&redis, buyer(9)).is_empty());
+    let alive: bool = redis::cmd("EXISTS")
+        .arg("chinwag:node:2:alive")
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(!alive);
 }
 
 #[test]

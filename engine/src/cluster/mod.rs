@@ -122,6 +122,13 @@ pub fn node_id(node: u16, link: SocketAddr) -> Result<NodeId, String> {
     .map_err(|e| e.to_string())
 }
 
+/// The routes of `uid` in `cache` whose node is `me` or a peer whose heartbeat is there.
+fn live_routes(cache: &RouteCache, peers: &Peers, me: u16, uid: Uid) -> SmallVec<[Route; 4]> {
+    let mut routes = cache.of(uid);
+    routes.retain(|r| r.node == me || peers.is_alive(r.node));
+    routes
+}
+
 impl Cluster {
     /// Joins the cluster (see [`registry::join`]) and starts the two threads.
     pub fn join(settings: JoinSettings) -> Result<Arc<Cluster>, JoinError> {
@@ -201,9 +208,7 @@ impl Cluster {
     /// Where `uid`'s devices are logged in: each device and the node holding its session,
     /// from the cache, leaving out nodes whose heartbeat has lapsed. Never blocks on Redis.
     pub fn devices_of(&self, uid: Uid) -> SmallVec<[Route; 4]> {
-        let mut routes = self.routes.of(uid);
-        routes.retain(|r| self.peers.is_alive(r.node));
-        routes
+        live_routes(&self.routes, &self.peers, self.node, uid)
     }
 
     /// Records that `session` of this node logged in as `device` of `uid` (queued; written to
@@ -309,6 +314,32 @@ impl Cluster {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn routes_of_dead_nodes_are_left_out() {
+        let cache = RouteCache::default();
+        let peers = Peers::default();
+        let uid = Uid::new(chinwag_protocol::UidKind::Buyer, 1);
+        for (node, device) in [(1, 10), (2, 11), (3, 12)] {
+            cache.apply(redis_keys::RouteChange {
+                added: true,
+                node,
+                uid,
+                device: DeviceId::from_u64(device).unwrap(),
+            });
+        }
+        peers.set_alive_for_tests(&[(1, true), (2, true), (3, false)]);
+        let nodes = |me| -> Vec<u16> {
+            let mut n: Vec<u16> = live_routes(&cache, &peers, me, uid)
+                .iter()
+                .map(|r| r.node)
+                .collect();
+            n.sort_unstable();
+            n
+        };
+        assert_eq!(nodes(1), [1, 2], "node 3's heartbeat lapsed");
+        assert_eq!(nodes(3), [1, 2, 3], "a node trusts its own routes");
+    }
 
     #[test]
     fn the_node_id_packs_type_number_ipv4_and_port() {

@@ -308,6 +308,24 @@ impl Peers {
         self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Sets who is alive without a Redis (for tests of what reads it).
+    #[cfg(test)]
+    pub fn set_alive_for_tests(&self, alive: &[(u16, bool)]) {
+        let peers = alive
+            .iter()
+            .map(|&(number, alive)| Peer {
+                number,
+                id: None,
+                client: String::new(),
+                service: String::new(),
+                link: String::new(),
+                alive,
+                routes: 0,
+            })
+            .collect();
+        self.set(peers);
+    }
+
     fn set(&self, peers: Vec<Peer>) {
         for flag in self.alive.iter() {
             flag.store(false, Relaxed);
