@@ -546,6 +546,11 @@ impl RegistryThread {
                     }
                 }
             }
+            if self.health.claim_lost.load(Relaxed) {
+                // Another process has this number: its routes are not ours to overwrite. If
+                // the number comes back to this node, it rewrites all of its routes then.
+                pending.clear();
+            }
             if let Some(c) = connection.as_mut() {
                 let mut result = Ok(());
                 if !pending.is_empty() {
