@@ -553,6 +553,7 @@ impl RegistryThread {
             }
             if let Some(c) = connection.as_mut() {
                 let mut result = Ok(());
+                let called = !pending.is_empty() || Instant::now() >= next_heartbeat;
                 if !pending.is_empty() {
                     result = routes::write(c, &pending);
                     if result.is_ok() {
@@ -567,7 +568,8 @@ impl RegistryThread {
                     next_heartbeat = Instant::now() + self.heartbeat_interval;
                 }
                 match result {
-                    Ok(()) => self.health.ok(unix_ms()),
+                    Ok(()) if called => self.health.ok(unix_ms()),
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster: Redis call failed; retrying");
                         self.health.error("registry", &e);
@@ -590,15 +592,20 @@ impl RegistryThread {
     /// rewritten.
     fn reconnect(&self, own: &OwnRoutes) -> Result<redis::Connection, String> {
         let mut c = self.target.connect().map_err(|e| e.to_string())?;
-        self.claim_checked(&mut c).map_err(|e| e.to_string())?;
+        if self.claim_checked(&mut c).map_err(|e| e.to_string())? == Claim::Taken {
+            // Its registry entry and routes are the other process's now: touch neither.
+            return Err(format!(
+                "node number {} is held by another process",
+                self.registration.node
+            ));
+        }
         self.registration.write(&mut c).map_err(|e| e.to_string())?;
         routes::rewrite_all(&mut c, own, self.registration.node).map_err(|e| e.to_string())?;
         Ok(c)
     }
 
     /// Claims the number; records a conflict in the health (another instance has it).
-    /// Returns whether the claim is fresh (the key had lapsed).
-    fn claim_checked(&self, c: &mut redis::Connection) -> redis::RedisResult<bool> {
+    fn claim_checked(&self, c: &mut redis::Connection) -> redis::RedisResult<Claim> {
         let claim = self.registration.claim(c)?;
         let taken = claim == Claim::Taken;
         if taken && !self.health.claim_lost.load(Relaxed) {
@@ -608,16 +615,21 @@ impl RegistryThread {
             );
         }
         self.health.claim_lost.store(taken, Relaxed);
-        Ok(claim == Claim::Fresh)
+        Ok(claim)
     }
 
     /// Refreshes the heartbeat (registering again if it had lapsed), reads the peers, and
     /// cleans up after dead ones.
     fn heartbeat(&self, c: &mut redis::Connection, own: &OwnRoutes) -> redis::RedisResult<()> {
-        if self.claim_checked(c)? {
-            tracing::warn!("cluster: this node's heartbeat had lapsed; registering again");
-            self.registration.write(c)?;
-            routes::rewrite_all(c, own, self.registration.node)?;
+        match self.claim_checked(c)? {
+            Claim::Refreshed => {}
+            Claim::Fresh => {
+                tracing::warn!("cluster: this node's heartbeat had lapsed; registering again");
+                self.registration.write(c)?;
+                routes::rewrite_all(c, own, self.registration.node)?;
+            }
+            // The registry entry and the routes of this number are the other process's.
+            Claim::Taken => {}
         }
         let peers = read_peers(c)?;
         let me = self.registration.node;
@@ -655,6 +667,13 @@ impl RegistryThread {
     /// heartbeat to expire and its routes to its peers' cleanup.
     fn leave(&self, connection: Option<redis::Connection>) {
         let node = self.registration.node;
+        if self.health.claim_lost.load(Relaxed) {
+            tracing::warn!(
+                node,
+                "cluster: another process holds this node's number; leaving its routes alone"
+            );
+            return;
+        }
         let connection = match connection {
             Some(c) => Ok(c),
             None => self.target.connect(),
