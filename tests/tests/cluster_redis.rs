@@ -393,3 +393,46 @@ fn a_subscription_that_delivers_nothing_is_found_by_the_probe_and_reported() {
     wait_until("a healthy node again", || one.get("/healthz").0 == 200);
     assert!(one.metric("chinwag_cluster_route_reloads_total", "") > reloads);
 }
+
+#[test]
+fn a_node_whose_number_another_process_took_reports_it_and_leaves_its_routes_alone() {
+    let redis = RedisServer::start();
+    init(&redis, "1");
+    let one = start_node(&redis, 1);
+    wait_until("a healthy node", || one.get("/healthz").0 == 200);
+    // Another process's heartbeat for number 1 (as if this node had been cut off past the
+    // TTL and another had started with its number), and a route of that process.
+    let mut c = redis.connection();
+    redis::cmd("SET")
+        .arg(&["chinwag:node:1:alive", "another-process", "PX", "60000"])
+        .query::<()>(&mut c)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg(&["chinwag:route:buyer:5", "777", "1"])
+        .query::<()>(&mut c)
+        .unwrap();
+    wait_until("the conflict reported", || {
+        let (status, body) = one.get("/healthz");
+        status == 503 && body.contains("node number: held by another instance")
+    });
+    assert_eq!(one.metric("chinwag_cluster_node_number_lost", ""), 1);
+    // A login now writes no route: number 1's routes belong to the other process.
+    let (_client, device) = login(&one, buyer(6));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!routes_of(&redis, buyer(6)).contains_key(&device.to_string()));
+    assert_eq!(
+        routes_of(&redis, buyer(5)).len(),
+        1,
+        "the other's route stays"
+    );
+
+    // The other process is gone: the node claims its number again and rewrites its routes.
+    redis::cmd("DEL")
+        .arg("chinwag:node:1:alive")
+        .query::<()>(&mut c)
+        .unwrap();
+    wait_until("a healthy node again", || one.get("/healthz").0 == 200);
+    wait_until("its route rewritten", || {
+        routes_of(&redis, buyer(6)).contains_key(&device.to_string())
+    });
+}
