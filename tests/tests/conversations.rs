@@ -28,14 +28,7 @@ fn now_s() -> u64 {
 }
 
 fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s() + 3600,
-        },
-    )
+    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
 }
 
 fn buyer(id: u64) -> Uid {
@@ -79,7 +72,7 @@ fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId,
 fn next_msg(client: &mut Client) -> Msg<'static> {
     loop {
         match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m,
+            Some(Message::Msg(m)) => return m.msg,
             Some(_) => continue,
             None => panic!("no msg push within {LONG:?}"),
         }

@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{Message, Uid, UidKind};
 use chinwag_tests::{binary, Server, WAIT};
 
 const SECRET: &str = "safety-secret-safety-secret-safety";
@@ -15,10 +17,11 @@ const SECRET: &str = "safety-secret-safety-secret-safety";
 fn serve_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());
     // The service port on an ephemeral port, so tests running at once do not collide on it.
-    command
-        .arg("serve")
-        .arg("--backend-listen=127.0.0.1:0")
-        .args(args);
+    command.arg("serve");
+    if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+        command.arg("--backend-listen=127.0.0.1:0");
+    }
+    command.args(args);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {
         command.env_remove(key);
     }
@@ -99,6 +102,41 @@ fn issue_9_a_second_node_on_one_port_is_refused() {
         "names the address: {log}"
     );
     assert_eq!(first.get("/healthz").0, 200);
+}
+
+/// The service port is claimed like the client port: a second node on the same `--backend-listen`
+/// (with a client port of its own) exits 2 naming the address, and the first keeps serving.
+#[test]
+fn issue_12_a_second_node_on_one_service_port_is_refused() {
+    let first = Server::start(&["--jwt-secret", SECRET]);
+    let other = tempfile::tempdir().unwrap();
+    let backend = format!("--backend-listen={}", first.backend_addr);
+    let (code, log) = serve_to_exit(
+        &[
+            "--listen=127.0.0.1:0",
+            &backend,
+            "--shards=2",
+            "--data-dir",
+            other.path().to_str().unwrap(),
+            "--jwt-secret",
+            "another-secret-another-secret-another",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "the second node must exit 2; log:\n{log}");
+    assert!(
+        log.contains(&first.backend_addr.to_string()),
+        "names the address: {log}"
+    );
+    assert_eq!(first.get("/healthz").0, 200);
+    // The first node's service port still answers.
+    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
+    let mut service = ServiceClient::connect(&first.backend_addr.to_string(), &token)
+        .expect("the first node's service port");
+    let reply = service
+        .call(Message::Presence(vec![Uid::new(UidKind::Buyer, 1)]))
+        .expect("presence");
+    assert_eq!(reply.message, Message::PresenceOk(Vec::new()));
 }
 
 #[test]

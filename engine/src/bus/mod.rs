@@ -11,6 +11,9 @@
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
 //! | a group conversation, while the service creates it | `hash(group key)` |
+//! | a user's profile (nickname, avatar) | `hash(uid)`, with its devices |
+//! | a shop's profile | `hash(shop)`, with its conversations |
+//! | a conversation's profile | the conversation's owner |
 //! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
 //!
 //! A session's shard posts a client's request to the owner (handled in place when it is
@@ -31,11 +34,12 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
-    History, Kick, Message, Online, ShopId, Target, Uid,
+    History, Kick, Message, Online, ProfileOf, ShopId, Subject, Target, Uid,
 };
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
+use crate::store::StoredProfile;
 use placement::{GroupKey, Placed};
 
 /// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
@@ -216,6 +220,10 @@ pub enum BusMsg {
         shop: ShopId,
         /// The agent.
         agent: Uid,
+        /// The agent's profile as its session had it at login (for the `members` pushes of
+        /// the conversations it gets). Boxed, as the other profiles here: rare, and a bus
+        /// message stays small.
+        profile: Option<Box<StoredProfile>>,
     },
     /// An agent's session ended.
     AgentOffline {
@@ -227,6 +235,8 @@ pub enum BusMsg {
 
     /// A backend service's operation on group conversations (create, add, remove, info).
     Group(Box<GroupRequest>),
+    /// A backend service's `set_profile` or `get_profile`, for the owner of the subject.
+    Profile(Box<ProfileRequest>),
     /// A WeChat customer's message, accepted by the callback endpoint on any shard: for the
     /// owner of its shop, to store and dispatch as a buyer's.
     WechatInbound(Box<crate::wechat::endpoint::Inbound>),
@@ -254,6 +264,16 @@ pub enum BusMsg {
         uid: Uid,
         /// Its device.
         device: Option<DeviceId>,
+        /// The user's profile, which the session carries in its `send`s.
+        profile: Option<Box<StoredProfile>>,
+    },
+    /// A service set the profile of the session's user: the session carries this one in its
+    /// `send`s from now on.
+    OwnProfile {
+        /// The session.
+        session: SessionRef,
+        /// The new profile.
+        profile: Box<StoredProfile>,
     },
     /// The device logged in elsewhere, or a service kicked it: push `kicked` and close with 4001.
     Kick {
@@ -334,6 +354,12 @@ pub struct SendRequest {
     pub kind: String,
     /// The body.
     pub body: String,
+    /// The sender's profile, as its session knows it (the owner keeps a copy and puts it in
+    /// the `msg` push).
+    pub profile: Option<StoredProfile>,
+    /// A service's `send_as`: the request goes to the sender's owner first, which fills in
+    /// `profile` and passes it on to the conversation's owner.
+    pub profile_pending: bool,
 }
 
 /// A service's operation on group conversations. Members lists are at most
@@ -363,6 +389,41 @@ pub struct GroupRequest {
     pub op: GroupOp,
 }
 
+/// A profile operation of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileOp {
+    /// `set_profile`: the subject's new profile.
+    Set(ProfileOf),
+    /// `get_profile`: the subject's profile.
+    Get(Subject),
+}
+
+impl ProfileOp {
+    /// Whose profile.
+    pub fn subject(&self) -> Subject {
+        match self {
+            ProfileOp::Set(of) => of.subject,
+            ProfileOp::Get(subject) => *subject,
+        }
+    }
+}
+
+/// A [`ProfileOp`] and the service that asked.
+#[derive(Debug)]
+pub struct ProfileRequest {
+    pub origin: Origin,
+    pub op: ProfileOp,
+}
+
+/// The shard that owns `subject`'s profile (for a forged conversation id it may be ≥ `shards`).
+pub fn owner_of_subject(subject: Subject, shards: usize) -> usize {
+    match subject {
+        Subject::User(uid) => owner_of(&uid, shards),
+        Subject::Conv(conv) => owner_of_conv(conv),
+        Subject::Shop(shop) => owner_of(&shop, shards),
+    }
+}
+
 impl BusMsg {
     /// The client request's origin, for requests a client made.
     pub fn origin(&self) -> Option<&Origin> {
@@ -384,6 +445,7 @@ impl BusMsg {
     /// goes to every shard and has no single one.
     pub fn owner(&self, shards: usize) -> Option<usize> {
         Some(match self {
+            BusMsg::Send(send) if send.profile_pending => owner_of(&send.origin.uid, shards),
             BusMsg::Send(send) => match send.target {
                 Target::Conv(conv) => owner_of_conv(conv),
                 Target::Shop(shop) => owner_of(&shop, shards),
@@ -406,7 +468,9 @@ impl BusMsg {
             }
             BusMsg::WechatInbound(inbound) => owner_of(&ShopId(inbound.shop), shards),
             BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
+            BusMsg::Profile(request) => owner_of_subject(request.op.subject(), shards),
             BusMsg::Deliver { to: session, .. }
+            | BusMsg::OwnProfile { session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }

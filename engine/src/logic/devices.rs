@@ -24,6 +24,7 @@ impl Owner {
                         session,
                         uid,
                         device: None,
+                        profile: None,
                     },
                 );
                 return;
@@ -44,6 +45,10 @@ impl Owner {
                 session,
                 uid,
                 device: Some(device),
+                profile: self
+                    .store
+                    .profile(chinwag_protocol::Subject::User(uid))
+                    .map(|p| Box::new(p.clone())),
             },
         );
     }
@@ -68,7 +73,10 @@ impl Owner {
     }
 
     /// The devices of `uid` with a session now, ascending (one per device type at most).
-    fn online_devices(&self, uid: Uid) -> impl Iterator<Item = (DeviceId, SessionRef)> + '_ {
+    pub(super) fn online_devices(
+        &self,
+        uid: Uid,
+    ) -> impl Iterator<Item = (DeviceId, SessionRef)> + '_ {
         DeviceType::ALL
             .into_iter()
             .filter_map(move |t| self.store.device(uid, t))

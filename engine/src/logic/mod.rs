@@ -16,6 +16,8 @@
 //! - [`shop`]: customer service around the [`dispatch`] policy (assign, `resolve`, agents
 //!   coming online);
 //! - [`groups`]: group conversations for backend services (create, add, remove, info).
+//! - [`profiles`]: users' and conversations' profiles, and the copies of senders' profiles
+//!   that go into `msg`, `members` and `convs`.
 //! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
 //!   commit), notices of replies that did not reach WeChat.
 
@@ -23,6 +25,7 @@ mod cursors;
 mod devices;
 pub mod dispatch;
 mod groups;
+mod profiles;
 mod reads;
 mod send;
 mod shop;
@@ -39,7 +42,8 @@ use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
 use crate::bus::{
-    owner_of_conv, BusMsg, Fanout, GroupRequest, Origin, SendRequest, SessionRef, CONV_SHARD_BITS,
+    owner_of_conv, BusMsg, Fanout, GroupRequest, Origin, ProfileRequest, SendRequest, SessionRef,
+    CONV_SHARD_BITS,
 };
 use crate::store::{Store, StoreError};
 use dispatch::Dispatcher;
@@ -181,6 +185,25 @@ impl Owner {
     /// Only the messages for an owner (see [`BusMsg`]) are expected; others are ignored.
     pub fn handle(&mut self, msg: BusMsg, now_ms: u64) {
         match msg {
+            BusMsg::Send(mut send) if send.profile_pending => {
+                // A service's `send_as`, at the sender's owner: on to the conversation's owner
+                // with the sender's profile.
+                send.profile = self
+                    .store
+                    .profile(chinwag_protocol::Subject::User(send.origin.uid))
+                    .cloned();
+                send.profile_pending = false;
+                let origin = send.origin;
+                let msg = BusMsg::Send(send);
+                match msg.owner(self.shards) {
+                    Some(owner) if owner == self.shard => self.handle(msg, now_ms),
+                    Some(owner) if owner < self.shards => self.push_out(owner, msg),
+                    _ => self.reply_now(
+                        &origin,
+                        origin.error(ErrorCode::NotFound, "no such conversation"),
+                    ),
+                }
+            }
             BusMsg::Send(send) => {
                 let SendRequest {
                     origin,
@@ -188,8 +211,25 @@ impl Owner {
                     cmid,
                     kind,
                     body,
+                    profile,
+                    profile_pending: _,
                 } = *send;
-                if let Err((code, text)) = self.send(&origin, target, &cmid, &kind, &body, now_ms) {
+                let sent = self.send(
+                    &origin,
+                    target,
+                    &cmid,
+                    &kind,
+                    &body,
+                    profile.as_ref(),
+                    now_ms,
+                );
+                if let Err((code, text)) = sent {
+                    self.reply_now(&origin, origin.error(code, &text));
+                }
+            }
+            BusMsg::Profile(request) => {
+                let ProfileRequest { origin, op } = *request;
+                if let Err((code, text)) = self.profile_op(&origin, op, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
@@ -266,7 +306,11 @@ impl Owner {
             BusMsg::Unregister {
                 session, device, ..
             } => self.unregister(session, device),
-            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent, now_ms),
+            BusMsg::AgentOnline {
+                shop,
+                agent,
+                profile,
+            } => self.agent_online(shop, agent, profile.as_deref(), now_ms),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
             BusMsg::Group(request) => {
                 let GroupRequest { origin, op } = *request;
@@ -281,6 +325,7 @@ impl Owner {
             BusMsg::Deliver { .. }
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
+            | BusMsg::OwnProfile { .. }
             | BusMsg::Kick { .. }
             | BusMsg::ConvsPart { .. }
             | BusMsg::PresencePart { .. }

@@ -7,9 +7,10 @@ use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Target, UidKind}
 use super::dispatch::Decision;
 use super::{store_error, Owner};
 use crate::bus::{Fanout, Origin, CONV_SHARD_BITS};
-use crate::store::{Appended, NewMessage, Store, StoreError};
+use crate::store::{Appended, NewMessage, Store, StoreError, StoredProfile};
 
 impl Owner {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn send(
         &mut self,
         origin: &Origin,
@@ -17,6 +18,7 @@ impl Owner {
         cmid: &str,
         kind: &str,
         body: &str,
+        profile: Option<&StoredProfile>,
         now_ms: u64,
     ) -> Result<(), (ErrorCode, String)> {
         let uid = origin.uid;
@@ -51,6 +53,9 @@ impl Owner {
             }
         };
 
+        // Before the assignment and the message, so their pushes carry the profile the
+        // sender brought.
+        self.keep_profile(uid, profile).map_err(store_error)?;
         let message = NewMessage {
             conv,
             sender: uid,
@@ -82,19 +87,16 @@ impl Owner {
                 }));
                 self.ack_send(origin, ok);
                 let members = self.members(conv);
-                self.fanout(Fanout::new(
-                    members,
-                    Some(origin.device),
-                    Message::Msg(Msg {
-                        conv,
-                        seq,
-                        from: uid,
-                        ts: now_ms,
-                        kind: kind.into(),
-                        body: body.into(),
-                        cmid: cmid.into(),
-                    }),
-                ));
+                let push = self.msg_push(Msg {
+                    conv,
+                    seq,
+                    from: uid,
+                    ts: now_ms,
+                    kind: kind.into(),
+                    body: body.into(),
+                    cmid: cmid.into(),
+                });
+                self.fanout(Fanout::new(members, Some(origin.device), push));
                 if uid.kind == UidKind::Agent {
                     self.wechat_reply(conv, seq, kind, body, now_ms);
                 }

@@ -69,6 +69,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(&remaining),
                 members: remaining,
             }),
         ));
@@ -90,6 +91,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(&list),
                 members: list,
             }),
         ));
@@ -110,7 +112,16 @@ impl Owner {
     }
 
     /// A device of `agent` logged in: waiting conversations of its shop may now be assigned.
-    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid, now_ms: u64) {
+    pub(super) fn agent_online(
+        &mut self,
+        shop: ShopId,
+        agent: Uid,
+        profile: Option<&crate::store::StoredProfile>,
+        now_ms: u64,
+    ) {
+        if let Err(e) = self.keep_profile(agent, profile) {
+            tracing::warn!(%agent, error = %e, "agent's profile not kept");
+        }
         for assignment in self.dispatcher.agent_online(shop, agent) {
             if let Err(e) = self.assign(assignment.conv, assignment.agent, now_ms) {
                 tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
@@ -136,6 +147,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: agent.uid,
+            profile: None,
         })
     }
 

@@ -242,5 +242,34 @@ pub fn send(origin: &Origin, target: chinwag_protocol::Target, cmid: &str, body:
         cmid: cmid.into(),
         kind: "text".into(),
         body: body.into(),
+        profile: None,
+        profile_pending: false,
     }))
+}
+
+/// A `send` whose session carries the sender's `profile`.
+pub fn send_with_profile(
+    origin: &Origin,
+    target: chinwag_protocol::Target,
+    cmid: &str,
+    profile: crate::store::StoredProfile,
+) -> BusMsg {
+    let BusMsg::Send(mut request) = send(origin, target, cmid, "hi") else {
+        unreachable!("send makes a Send")
+    };
+    request.profile = Some(profile);
+    BusMsg::Send(request)
+}
+
+/// The origin of a backend service's request, on a new session.
+pub fn service_origin(h: &mut Harness) -> Origin {
+    Origin {
+        session: h.new_session(),
+        uid: Uid::new(UidKind::Service, 1),
+        device: DeviceId::from_u64(1).expect("a device id"),
+        encoding: Encoding::Json,
+        req: Some(7),
+        service: true,
+        received: std::time::Instant::now(),
+    }
 }

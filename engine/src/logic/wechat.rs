@@ -4,7 +4,7 @@
 //! conversation (kind `wechat_undelivered`, from `service:0`), so every agent there learns it,
 //! now or from `history`.
 
-use chinwag_protocol::{ConvId, DeviceId, Message, Msg, Seq, ShopId, Uid, UidKind};
+use chinwag_protocol::{ConvId, DeviceId, Msg, Seq, ShopId, Uid, UidKind};
 
 use super::Owner;
 use crate::bus::{Fanout, WechatUndelivered};
@@ -177,19 +177,16 @@ impl Owner {
         if let Appended::Stored { seq } = appended {
             self.messages_stored += 1;
             let members = self.members(message.conv);
-            self.fanout(Fanout::new(
-                members,
-                except,
-                Message::Msg(Msg {
-                    conv: message.conv,
-                    seq,
-                    from: message.sender,
-                    ts: message.ts_ms,
-                    kind: String::from_utf8_lossy(message.kind),
-                    body: String::from_utf8_lossy(message.body),
-                    cmid: String::from_utf8_lossy(message.cmid),
-                }),
-            ));
+            let push = self.msg_push(Msg {
+                conv: message.conv,
+                seq,
+                from: message.sender,
+                ts: message.ts_ms,
+                kind: String::from_utf8_lossy(message.kind),
+                body: String::from_utf8_lossy(message.body),
+                cmid: String::from_utf8_lossy(message.cmid),
+            });
+            self.fanout(Fanout::new(members, except, push));
         }
         Ok(appended)
     }
@@ -226,6 +223,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: support.uid,
+            profile: None,
         });
         let out = h.turn(inbound(7, "wx-msg-1", "在吗"));
         let pushed = pushes(&out);
@@ -269,6 +267,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: support.uid,
+            profile: None,
         });
         h.turn(inbound(7, "wx-msg-1", "hi"));
         let conv: ConvId = h

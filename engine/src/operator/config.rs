@@ -89,6 +89,14 @@ settings! {
     "Open service-port connections per shard; over it new ones are refused at accept"
     #[arg(value_name = "N")]
     backend_connections_per_shard_max: usize = 256, "256";
+    "HTTP API requests (POST /api/<op> on the client port) one shard serves at once, each \
+     holding up to --backend-frame-bytes-max of body; over it a request is answered 503"
+    #[arg(value_name = "N")]
+    api_requests_per_shard_max: usize = 64, "64";
+    "Longest time POST /api/subscribe waits for new messages before answering an empty batch \
+     (a request's ?wait_ms= may ask for less)"
+    #[arg(value_name = "MS")]
+    api_wait_ms_max: u64 = 30_000, "30000";
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
@@ -161,7 +169,8 @@ settings! {
     cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
     "Members one conversation may have (a group's limit; at most 65535); a group operation \
      that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
-     record (which must fit a log segment) and about 24 in each of its members' convs replies"
+     record (which must fit a log segment); a convs entry lists the members of a group of at \
+     most 200 and only counts them above"
     #[arg(value_name = "N")]
     members_max: usize = 1_000, "1000";
     "Join the cluster whose registry, partition table and routing table are in this Redis: \
@@ -278,6 +287,10 @@ impl Config {
                 "backend_connections_per_shard_max",
                 self.backend_connections_per_shard_max as u64,
             ),
+            (
+                "api_requests_per_shard_max",
+                self.api_requests_per_shard_max as u64,
+            ),
             ("partitions", u64::from(self.partitions)),
             ("cluster_redis_timeout_ms", self.cluster_redis_timeout_ms),
             (
@@ -356,7 +369,8 @@ impl Config {
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
-            || self.backend_connections_per_shard_max >= 1 << 31
+            || self.backend_connections_per_shard_max >= 1 << 30
+            || self.api_requests_per_shard_max >= 1 << 30
         {
             return Err("connections_per_shard_max is too large".into());
         }

@@ -52,6 +52,12 @@ pub struct Context {
     pub(super) dirty: Vec<Token>,
     /// Sessions that used their read budget and may have more to read.
     pub(super) read_again: Vec<Token>,
+    /// An API request (`POST /api/<op>`) a session just read the head of: the shard hands its
+    /// socket to a service connection (shard::service) once the session's read returns.
+    pub(super) handover: Option<Box<super::service::HttpHandover>>,
+    /// Service connections of this shard serving an API request (at most
+    /// `api_requests_per_shard_max`).
+    pub(super) api_requests_open: usize,
 }
 
 impl Context {

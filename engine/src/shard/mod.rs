@@ -32,11 +32,12 @@ use slab::Slab;
 use crate::bus::post::{Post, PostOffice};
 use crate::bus::{owner_of, BusMsg, SessionRef};
 use crate::logic::{self, Owner};
+use crate::net::ws::connection::CloseReason;
 use crate::operator::metrics;
 use crate::operator::NodeState;
 use context::Context;
 use local::{LocalDevice, LocalDevices};
-use service::{ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
+use service::{HttpHandover, ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
 use session::Session;
 
 const BACKEND_LISTENER: Token = Token(usize::MAX - 2);
@@ -117,6 +118,8 @@ impl Shard {
                 unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
+                handover: None,
+                api_requests_open: 0,
             },
             next_generation: 0,
             sweep_cursor: 0,
@@ -138,7 +141,9 @@ impl Shard {
         let maintenance_interval_ms = self.ctx.node.config.log_maintenance_interval_ms;
         let mut next_maintenance_ms = maintenance_interval_ms;
         loop {
-            let timeout_ms = if self.ctx.read_again.is_empty() {
+            // Reads posted after the last turn's mail (a stream pumped by a write) are taken
+            // up at once.
+            let timeout_ms = if self.ctx.read_again.is_empty() && self.ctx.post.is_empty() {
                 next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
             } else {
                 0
@@ -304,7 +309,8 @@ impl Shard {
                     return;
                 }
             };
-            if self.services.len() >= self.ctx.node.config.backend_connections_per_shard_max {
+            let binary_open = self.services.len() - self.ctx.api_requests_open;
+            if binary_open >= self.ctx.node.config.backend_connections_per_shard_max {
                 metrics::add(&self.ctx.metrics().connections_refused, 1);
                 continue;
             }
@@ -337,7 +343,7 @@ impl Shard {
                 return;
             };
             if service.on_readable(&mut self.rbuf, &mut self.ctx) {
-                self.services.remove(key);
+                self.remove_service(key);
             }
             return;
         }
@@ -346,15 +352,53 @@ impl Shard {
             return;
         };
         if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
-            self.remove(token);
+            match self.ctx.handover.take() {
+                Some(handover) => self.hand_over(token, *handover),
+                None => self.remove(token),
+            }
+        }
+    }
+
+    /// Moves the socket of the session at `token`, which read the head of an API request, to
+    /// a service connection that serves the request (shard::service, "The HTTP form"). For
+    /// the client port's metrics the session ends there, as an answered HTTP request.
+    fn hand_over(&mut self, token: Token, handover: HttpHandover) {
+        let session = self.sessions.remove(token.0);
+        let m = self.ctx.metrics();
+        metrics::sub(&m.connections_open, 1);
+        metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
+        m.closed(CloseReason::HttpDone);
+        let mut stream = session.into_stream();
+        let entry = self.services.vacant_entry();
+        let key = entry.key();
+        let service_token = Token(SERVICE_TOKEN_BASE + key);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .reregister(&mut stream, service_token, interest)
+        {
+            tracing::warn!(shard = self.ctx.shard_id, error = %e, "reregister failed");
+            return;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let conn = ServiceConn::for_api(stream, key, self.next_generation, handover, &mut self.ctx);
+        entry.insert(conn);
+        self.ctx.api_requests_open += 1;
+        // Bytes that arrived while the socket changed hands raise no new edge: look once.
+        self.ctx.read_again.push(service_token);
+    }
+
+    /// Drops the service connection in slot `key` (closing its socket).
+    fn remove_service(&mut self, key: usize) {
+        if self.services.try_remove(key).is_some_and(|s| s.is_api()) {
+            self.ctx.api_requests_open -= 1;
         }
     }
 
     fn on_writable(&mut self, token: Token) {
         if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
-            if self.services.get_mut(key).is_some_and(|s| s.flush()) {
-                self.services.remove(key);
-            }
+            self.flush_service(key);
             return;
         }
         let Some(session) = self.sessions.get_mut(token.0) else {
@@ -365,13 +409,25 @@ impl Shard {
         }
     }
 
+    /// Writes what service connection `key` has queued. A stream subscriber whose backlog
+    /// the write took asks the logs for more at once: waiting for the next sweep tick would
+    /// pace a lagging subscriber at one read per tick.
+    fn flush_service(&mut self, key: usize) {
+        let Some(service) = self.services.get_mut(key) else {
+            return;
+        };
+        if service.flush() {
+            self.remove_service(key);
+        } else {
+            service.pump_stream(false, &mut self.ctx);
+        }
+    }
+
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.ctx.dirty);
         for token in dirty.drain(..) {
             if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
-                if self.services.get_mut(key).is_some_and(|s| s.flush()) {
-                    self.services.remove(key);
-                }
+                self.flush_service(key);
                 continue;
             }
             let Some(session) = self.sessions.get_mut(token.0) else {
@@ -499,11 +555,12 @@ impl Shard {
                 session: to,
                 uid,
                 device,
+                profile,
             } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
                         let ctx = &mut self.ctx;
-                        session.with_app(|app, s| app.on_registered(device, s, ctx))
+                        session.with_app(|app, s| app.on_registered(device, profile, s, ctx))
                     }
                     _ => false,
                 };
@@ -528,6 +585,14 @@ impl Shard {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
                     session.with_app(|app, s| app.kick(by_service, s, ctx));
+                }
+            }
+            BusMsg::OwnProfile {
+                session: to,
+                profile,
+            } => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.with_app(|app, _| app.on_own_profile(profile));
                 }
             }
             BusMsg::ConvsPart {
@@ -576,7 +641,11 @@ impl Shard {
             let shards = self.ctx.shards();
             self.ctx.post.to(
                 owner_of(&shop, shards),
-                BusMsg::AgentOnline { shop, agent: uid },
+                BusMsg::AgentOnline {
+                    shop,
+                    agent: uid,
+                    profile: session.app().own_profile().cloned().map(Box::new),
+                },
             );
         }
     }
@@ -604,9 +673,10 @@ impl Shard {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         for (_, service) in self.services.iter_mut() {
-            service.flush();
+            service.on_drain(&mut self.ctx);
         }
         self.services.clear();
+        self.ctx.api_requests_open = 0;
     }
 
     /// Closes the listener: new connections are refused by the kernel from now on.
@@ -619,13 +689,20 @@ impl Shard {
     /// Checks the timeouts of the next `slots` slab slots, wrapping around, and every service
     /// connection's authentication timeout (there are few).
     fn sweep(&mut self, slots: usize) {
-        let timeout_ms = self.ctx.node.config.handshake_timeout_ms;
         let now_ms = self.ctx.now_ms;
-        self.services
-            .retain(|_, service| !service.auth_timed_out(now_ms, timeout_ms));
-        // Streams that were caught up (or paused by a service not reading) look again.
+        let timed_out: Vec<usize> = self
+            .services
+            .iter()
+            .filter(|(_, service)| service.timed_out(now_ms, &self.ctx.node.config))
+            .map(|(key, _)| key)
+            .collect();
+        for key in timed_out {
+            self.remove_service(key);
+        }
+        // Streams that were caught up (or paused by a service not reading) look again; API
+        // requests whose wait is over are answered.
         for (_, service) in self.services.iter_mut() {
-            service.pump_stream(true, &mut self.ctx);
+            service.on_tick(&mut self.ctx);
         }
         let capacity = self.sessions.capacity();
         if capacity == 0 {

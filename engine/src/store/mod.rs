@@ -63,7 +63,7 @@ pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
 pub use reads::ScanError;
 pub use record::{ConvKind, MessageRef};
-pub use state::Conversation;
+pub use state::{Conversation, StoredProfile};
 
 use segment::{Preparer, Segment};
 use state::State;

@@ -249,7 +249,10 @@ impl Store {
                     };
                     let mut found: SmallVec<[StreamEvent; 2]> = SmallVec::new();
                     match &record {
-                        record::Record::Message(_) | record::Record::Device { .. } => {}
+                        // Profiles are not in the stream (a service sets them; it knows them).
+                        record::Record::Message(_)
+                        | record::Record::Device { .. }
+                        | record::Record::Profile { .. } => {}
                         record::Record::Conv { conv, members, .. } => {
                             found.extend(members.iter().map(|&uid| StreamEvent {
                                 conv: *conv,
@@ -366,6 +369,12 @@ impl Store {
             .user_convs
             .get(&uid)
             .map_or(&[], |c| c.as_slice())
+    }
+
+    /// The newest profile of `subject` in this log (a user's own, or the copy this log keeps
+    /// of a user who wrote in one of its conversations).
+    pub fn profile(&self, subject: chinwag_protocol::Subject) -> Option<&state::StoredProfile> {
+        self.state.profile(subject)
     }
 
     /// The device id registered for this user and device type.

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid};
 use smallvec::SmallVec;
 
 use super::record::{self, ConvKind, MessageRef, Record};
@@ -320,5 +320,29 @@ impl Store {
             seq: target,
         })?;
         Ok(target)
+    }
+
+    /// Stores `profile` as `subject`'s, at `version` (one record). `Ok(false)`, writing
+    /// nothing, if this log holds that version or a newer one already.
+    pub fn set_profile(
+        &mut self,
+        subject: Subject,
+        version: u64,
+        profile: &Profile,
+    ) -> Result<bool, StoreError> {
+        if self
+            .state
+            .profile(subject)
+            .is_some_and(|held| held.version >= version)
+        {
+            return Ok(false);
+        }
+        self.append_state(Record::Profile {
+            subject,
+            version,
+            name: &profile.name,
+            avatar: &profile.avatar,
+        })?;
+        Ok(true)
     }
 }
