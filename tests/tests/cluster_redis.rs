@@ -137,6 +137,7 @@ fn buyer(id: u64) -> Uid {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn three_nodes_register_and_see_each_other_with_their_node_ids() {
     let redis = RedisServer::start();
     init(&redis, "1,2,3");
@@ -184,6 +185,7 @@ fn three_nodes_register_and_see_each_other_with_their_node_ids() {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_duplicate_node_number_and_a_different_partition_count_are_refused() {
     let redis = RedisServer::start();
     init(&redis, "1,2");
@@ -215,6 +217,7 @@ fn a_duplicate_node_number_and_a_different_partition_count_are_refused() {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_login_on_node_2_is_in_the_routing_table_and_every_cache_until_logout_or_drain() {
     let redis = RedisServer::start();
     init(&redis, "1,2");
@@ -260,6 +263,7 @@ fn a_login_on_node_2_is_in_the_routing_table_and_every_cache_until_logout_or_dra
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_killed_nodes_routes_are_ignored_then_removed_after_its_heartbeat_lapses() {
     let redis = RedisServer::start();
     init(&redis, "1,2");
@@ -287,6 +291,7 @@ fn a_killed_nodes_routes_are_ignored_then_removed_after_its_heartbeat_lapses() {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn redis_lost_and_back_the_nodes_say_so_then_register_again_and_rewrite_their_routes() {
     let mut redis = RedisServer::start_persistent();
     init(&redis, "1");
@@ -325,6 +330,7 @@ fn redis_lost_and_back_the_nodes_say_so_then_register_again_and_rewrite_their_ro
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_killed_subscription_is_found_reconnected_and_the_routes_reloaded() {
     let redis = RedisServer::start();
     init(&redis, "1");
@@ -358,6 +364,7 @@ fn a_killed_subscription_is_found_reconnected_and_the_routes_reloaded() {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_subscription_that_delivers_nothing_is_found_by_the_probe_and_reported() {
     use chinwag_tests::redis::SilencingProxy;
     use std::sync::atomic::Ordering::Relaxed;
@@ -395,6 +402,7 @@ fn a_subscription_that_delivers_nothing_is_found_by_the_probe_and_reported() {
 }
 
 #[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_node_whose_number_another_process_took_reports_it_and_leaves_its_routes_alone() {
     let redis = RedisServer::start();
     init(&redis, "1");
