@@ -89,6 +89,14 @@ settings! {
     "Open service-port connections per shard; over it new ones are refused at accept"
     #[arg(value_name = "N")]
     backend_connections_per_shard_max: usize = 256, "256";
+    "HTTP API requests (POST /api/<op> on the client port) one shard serves at once, each \
+     holding up to --backend-frame-bytes-max of body; over it a request is answered 503"
+    #[arg(value_name = "N")]
+    api_requests_per_shard_max: usize = 64, "64";
+    "Longest time POST /api/subscribe waits for new messages before answering an empty batch \
+     (a request's ?wait_ms= may ask for less)"
+    #[arg(value_name = "MS")]
+    api_wait_ms_max: u64 = 30_000, "30000";
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
@@ -99,10 +107,16 @@ settings! {
     "File holding the token secret (at least 32 bytes; surrounding whitespace is ignored)"
     #[arg(value_name = "FILE")]
     jwt_secret_file: Option<PathBuf> => PathBuf = None;
-    "Shards (event-loop threads); 0 = the count an existing data directory was written by, \
-     else one per core"
+    "Shards (event-loop threads); 0 = one per core. Any count works with any data directory: \
+     the partitions are dealt to the shards at start"
     #[arg(value_name = "N")]
     shards: usize = 0, "0";
+    "Partitions of the data (the unit of ownership: every user, shop, pair and group lives in \
+     one, each with its own log), fixed when the data directory is created; 0 = the count an \
+     existing data directory records, else 256. Another count on an existing directory is \
+     refused"
+    #[arg(value_name = "N")]
+    partitions: usize = 0, "0";
     "When the log is forced to disk"
     #[arg(value_parser = fsync_parser())]
     fsync: FsyncPolicy = FsyncPolicy::Never, "never";
@@ -143,28 +157,58 @@ settings! {
     "With --fsync interval, the longest time between two flushes of the log"
     #[arg(value_name = "MS")]
     fsync_interval_ms: u64 = 100, "100";
-    "Size of each preallocated log segment file"
+    "Size of the largest preallocated log segment file (a partition's segments start at \
+     --log-segment-bytes-first and double up to it)"
     #[arg(value_name = "BYTES")]
     log_segment_bytes: u64 = 64 << 20, "67108864";
+    "Size of a partition's first log segment file (never below what the largest record needs)"
+    #[arg(value_name = "BYTES")]
+    log_segment_bytes_first: u64 = crate::store::SEGMENT_BYTES_FIRST_DEFAULT, "131072";
     "Delete log segments whose newest message is older than this; 0 = keep"
     #[arg(value_name = "S")]
     log_retention_age_s: u64 = 0, "0";
-    "Delete the oldest log segments while a shard's log is larger than this; 0 = no limit"
+    "Delete the oldest log segments while a partition's log is larger than this; 0 = no limit"
     #[arg(value_name = "BYTES")]
     log_retention_bytes_max: u64 = 0, "0";
-    "How often each shard applies retention and writes a snapshot of its state"
+    "How often each shard applies retention and snapshots the partitions written since their last snapshot"
     #[arg(value_name = "MS")]
     log_maintenance_interval_ms: u64 = 300_000, "300000";
-    "Client message ids each shard remembers for idempotent sends (for 24 h at most); memory \
-     per shard is about 56 bytes each"
+    "Client message ids the node remembers for idempotent sends (for 24 h at most), shared \
+     evenly by the partitions; memory is about 56 bytes each once a partition's share is used"
     #[arg(value_name = "N")]
-    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
+    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "1000000";
     "Members one conversation may have (a group's limit; at most 65535); a group operation \
      that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
      record (which must fit a log segment); a convs entry lists the members of a group of at \
      most 200 and only counts them above"
     #[arg(value_name = "N")]
     members_max: usize = 1_000, "1000";
+    "Join the cluster whose registry, partition table and routing table are in this Redis: \
+     redis://HOST:PORT (docs/cluster.md). Absent: the embedded single node, no Redis"
+    #[arg(value_name = "URL")]
+    cluster: Option<String> => String = None;
+    "This node's number in its cluster, 1..=4095 (the node field of NodeIds and of the \
+     DeviceIds it mints); required with --cluster, 0 without"
+    #[arg(value_name = "N")]
+    node: u16 = 0, "0";
+    "Address of this node's node link, where its peers connect: IPV4:PORT, an address they \
+     can reach (it goes into the NodeId); required with --cluster"
+    #[arg(value_name = "ADDR", value_parser = parse_listen)]
+    node_listen: Option<SocketAddr> => SocketAddr = None;
+    "Timeout of every Redis call of a cluster node: the connect, each read, each write"
+    #[arg(value_name = "MS")]
+    cluster_redis_timeout_ms: u64 = 1_000, "1000";
+    "How often a cluster node refreshes its heartbeat and reads its peers' liveness"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_interval_ms: u64 = 1_000, "1000";
+    "How long a node's heartbeat lives without a refresh: a node silent this long counts as \
+     dead (its routes are ignored, then removed by a peer)"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_ttl_ms: u64 = 5_000, "5000";
+    "How often a cluster node publishes a probe on its own channel; a probe not received \
+     before the next is due marks the subscription dead (reconnected, routes reloaded)"
+    #[arg(value_name = "MS")]
+    cluster_probe_interval_ms: u64 = 2_000, "2000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -249,6 +293,17 @@ impl Config {
                 "backend_connections_per_shard_max",
                 self.backend_connections_per_shard_max as u64,
             ),
+            (
+                "api_requests_per_shard_max",
+                self.api_requests_per_shard_max as u64,
+            ),
+            ("cluster_redis_timeout_ms", self.cluster_redis_timeout_ms),
+            (
+                "cluster_heartbeat_interval_ms",
+                self.cluster_heartbeat_interval_ms,
+            ),
+            ("cluster_heartbeat_ttl_ms", self.cluster_heartbeat_ttl_ms),
+            ("cluster_probe_interval_ms", self.cluster_probe_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -298,9 +353,25 @@ impl Config {
         }
         if self.shards > crate::bus::SHARDS_MAX {
             return Err(format!(
-                "shards ({}) must be at most {} (conversation ids carry the shard in one byte)",
+                "shards ({}) must be at most {}",
                 self.shards,
                 crate::bus::SHARDS_MAX
+            ));
+        }
+        let partitions_max = crate::bus::partitions::PARTITIONS_MAX;
+        if self.partitions > partitions_max {
+            return Err(format!(
+                "partitions ({}) must be at most {partitions_max} (a stream position names a \
+                 log position per partition)",
+                self.partitions
+            ));
+        }
+        // Above log_segment_bytes it is log_segment_bytes (the store caps it).
+        if self.log_segment_bytes_first < crate::store::SEGMENT_BYTES_MIN {
+            return Err(format!(
+                "log_segment_bytes_first ({}) must be at least {}",
+                self.log_segment_bytes_first,
+                crate::store::SEGMENT_BYTES_MIN
             ));
         }
         let largest = crate::store::largest_record_bytes(self.message_bytes_max);
@@ -315,12 +386,54 @@ impl Config {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
         self.wechat.accounts().map_err(|e| e.to_string())?;
+        self.validate_cluster()?;
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
-            || self.backend_connections_per_shard_max >= 1 << 31
+            || self.backend_connections_per_shard_max >= 1 << 30
+            || self.api_requests_per_shard_max >= 1 << 30
         {
             return Err("connections_per_shard_max is too large".into());
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster settings: all or nothing, and an address peers can reach.
+    fn validate_cluster(&self) -> Result<(), String> {
+        let Some(url) = &self.cluster else {
+            if self.node != 0 || self.node_listen.is_some() {
+                return Err("node and node_listen are for a cluster node: give cluster too".into());
+            }
+            return Ok(());
+        };
+        crate::cluster::redis_conn::RedisTarget::new(
+            url,
+            std::time::Duration::from_millis(self.cluster_redis_timeout_ms),
+        )?;
+        if self.node == 0 || self.node > crate::cluster::redis_keys::NODE_MAX {
+            return Err(format!(
+                "a cluster node needs node, a number 1..={} (not {})",
+                crate::cluster::redis_keys::NODE_MAX,
+                self.node
+            ));
+        }
+        let link = self
+            .node_listen
+            .ok_or("a cluster node needs node_listen, the IPV4:PORT its peers connect to")?;
+        if !link.is_ipv4() || link.ip().is_unspecified() || link.port() == 0 {
+            return Err(format!(
+                "node_listen {link}: give the IPv4 address and port peers connect to (it goes \
+                 into the NodeId), not a wildcard address or port 0"
+            ));
+        }
+        if self.cluster_heartbeat_ttl_ms < 2 * self.cluster_heartbeat_interval_ms {
+            return Err(format!(
+                "cluster_heartbeat_ttl_ms ({}) must be at least twice \
+                 cluster_heartbeat_interval_ms ({}), or one late heartbeat declares the node dead",
+                self.cluster_heartbeat_ttl_ms, self.cluster_heartbeat_interval_ms
+            ));
         }
         Ok(())
     }
@@ -403,6 +516,12 @@ impl Config {
         let mut shown = self.clone();
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
+        }
+        // A Redis password in the cluster URL (redis://:PASSWORD@HOST:PORT).
+        if let Some((scheme, rest)) = shown.cluster.as_deref().and_then(|u| u.split_once("://")) {
+            if let Some((_, host)) = rest.rsplit_once('@') {
+                shown.cluster = Some(format!("{scheme}://<redacted>@{host}"));
+            }
         }
         format!("{shown:?}")
     }
@@ -647,6 +766,51 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_all_or_nothing_and_name_a_reachable_ipv4_address() {
+        let load = |pairs: &[(&str, &str)]| Config::load(ServeArgs::default(), env(pairs));
+        let cluster = ("CHINWAG_CLUSTER", "redis://127.0.0.1:6379");
+        let node = ("CHINWAG_NODE", "3");
+        let link = ("CHINWAG_NODE_LISTEN", "10.0.0.3:7200");
+        let config = load(&[cluster, node, link]).unwrap();
+        assert_eq!(config.node, 3);
+        for (pairs, expected) in [
+            (vec![node], "give cluster too"),
+            (vec![link], "give cluster too"),
+            (vec![cluster, link], "needs node, a number 1..=4095"),
+            (vec![cluster, ("CHINWAG_NODE", "4096"), link], "1..=4095"),
+            (vec![cluster, node], "needs node_listen"),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "0.0.0.0:7200")],
+                "wildcard",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "10.0.0.3:0")],
+                "port 0",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "[::1]:7200")],
+                "IPv4",
+            ),
+            (
+                vec![("CHINWAG_CLUSTER", "127.0.0.1:6379"), node, link],
+                "redis://",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_CLUSTER_HEARTBEAT_TTL_MS", "1500"),
+                ],
+                "at least twice",
+            ),
+        ] {
+            let e = load(&pairs).unwrap_err();
+            assert!(e.contains(expected), "{pairs:?}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_environment_variables_are_named() {
         let unknown = unknown_env_vars(env(&[
             ("CHINWAG_LISTEN", "127.0.0.1:1"),
@@ -665,6 +829,15 @@ mod tests {
         };
         let shown = config.redacted();
         assert!(!shown.contains("s3cret"), "{shown}");
+        let clustered = Config {
+            cluster: Some("redis://:pa55word@10.0.0.1:6379".into()),
+            ..Config::default()
+        };
+        let shown = clustered.redacted();
+        assert!(
+            !shown.contains("pa55word") && shown.contains("redis://<redacted>@10.0.0.1:6379"),
+            "{shown}"
+        );
         assert!(
             shown.contains("<redacted>") && shown.contains("idle_timeout_ms"),
             "{shown}"

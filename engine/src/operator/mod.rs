@@ -23,11 +23,16 @@ pub(crate) struct NodeState {
     pub config: Config,
     /// The secret that signs login tokens.
     pub jwt_secret: Vec<u8>,
-    /// This node's id, from its listening address.
+    /// This node's id: in a cluster, its number and node-link address; else from its client
+    /// address.
     pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
+    /// Which partitions this node owns and which shard serves each.
+    pub partitions: Arc<crate::bus::PartitionMap>,
     /// The WeChat channel, when the configuration has WeChat accounts.
     pub wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    /// This node's membership, with `--cluster` (set before the shards start).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     draining: AtomicBool,
     /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
     /// (answering probes with 503) until every shard is done, because closing one listener of
@@ -36,13 +41,14 @@ pub(crate) struct NodeState {
 }
 
 impl NodeState {
-    /// The state of a node of `shards` shards.
+    /// The state of a node whose shards serve the partitions as `partitions` says.
     pub fn new(
         config: Config,
         jwt_secret: Vec<u8>,
-        shards: usize,
+        partitions: Arc<crate::bus::PartitionMap>,
         wechat: Option<Arc<crate::wechat::channel::Channel>>,
     ) -> NodeState {
+        let shards = partitions.shards();
         let node_id = match config.listen {
             SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
             SocketAddr::V6(addr) => NodeId::for_addr(
@@ -55,7 +61,9 @@ impl NodeState {
             jwt_secret,
             node_id,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            partitions,
             wechat,
+            cluster: None,
             draining: AtomicBool::new(false),
             shards_drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -96,6 +104,9 @@ impl NodeState {
         });
         if let Some(wechat) = &self.wechat {
             wechat.metrics.render(&mut text);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.render_metrics(&mut text);
         }
         text
     }
