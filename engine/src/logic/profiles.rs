@@ -110,8 +110,11 @@ impl Owner {
         profile: Option<&StoredProfile>,
     ) -> Result<(), StoreError> {
         if let Some(p) = profile {
-            self.partition_log_mut(partition)?
-                .set_profile(Subject::User(uid), p.version, &p.profile)?;
+            self.partition_log_mut(partition)?.set_profile(
+                Subject::User(uid),
+                p.version,
+                &p.profile,
+            )?;
         }
         Ok(())
     }
