@@ -58,7 +58,7 @@ pub trait Link {
     /// Starts the close handshake with `code`.
     fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context);
     /// The address other shards use for this connection.
-    fn session_ref(&self, shard: u32) -> SessionRef;
+    fn session_ref(&self, ctx: &Context) -> SessionRef;
     /// The endpoint of the open WebSocket, if it is still open.
     fn endpoint(&self) -> Option<Endpoint>;
 }
@@ -177,7 +177,7 @@ impl App {
                     gathers: Vec::new(),
                 }));
                 let request = BusMsg::Register {
-                    session: session.session_ref(ctx.shard_id as u32),
+                    session: session.session_ref(ctx),
                     uid,
                     device_type: login.device,
                 };
@@ -372,7 +372,7 @@ impl App {
     ) -> Option<Origin> {
         let (uid, device, _, _) = self.logged_in()?;
         Some(Origin {
-            session: session.session_ref(ctx.shard_id as u32),
+            session: session.session_ref(ctx),
             uid,
             device,
             encoding,
@@ -457,12 +457,8 @@ mod tests {
             self.closed = Some((code, why));
         }
 
-        fn session_ref(&self, shard: u32) -> SessionRef {
-            SessionRef {
-                shard,
-                slot: 3,
-                generation: 1,
-            }
+        fn session_ref(&self, ctx: &Context) -> SessionRef {
+            ctx.session_ref(3, 1)
         }
 
         fn endpoint(&self) -> Option<Endpoint> {
@@ -552,7 +548,7 @@ mod tests {
             panic!("expected a Register, got {posted:?}");
         };
         assert_eq!((*shard, *who), (owner_of(&uid, SHARDS), uid));
-        assert_eq!(*session, link.session_ref(0));
+        assert_eq!(*session, link.session_ref(&ctx));
         assert!(link.sent.is_empty(), "login_ok waits for the owner");
         assert!(app.logged_in().is_none());
 
