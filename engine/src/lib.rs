@@ -21,6 +21,7 @@
 //! else is crate-private, so the compiler reports what nothing uses.
 
 pub(crate) mod bus;
+pub(crate) mod cluster;
 pub(crate) mod logic;
 pub(crate) mod net;
 pub mod node;

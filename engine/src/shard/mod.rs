@@ -448,7 +448,10 @@ impl Shard {
         // session of another node (a routing mistake) must not reach a session of this one.
         if let Some(to) = msg.session() {
             if !to.is_on(self.ctx.node_number()) {
-                tracing::warn!(node = to.node, "message for a session of another node dropped");
+                tracing::warn!(
+                    node = to.node,
+                    "message for a session of another node dropped"
+                );
                 return;
             }
         }
