@@ -25,8 +25,8 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    binary, limits, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, Frame, History, Kick,
-    Message, Msg, Online, Seq, ShopId, StreamBatch, Target, Uid, UidKind,
+    binary, limits, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, Frame, Message, Msg, Online,
+    Seq, ShopId, StreamBatch, Uid, UidKind,
 };
 use smallvec::SmallVec;
 
@@ -129,8 +129,12 @@ pub enum LinkFrame {
     Hello(Hello),
     /// The handshake was refused, and why; the sender closes the connection after it.
     Refuse(String),
-    /// Nothing to say: proves the link alive when it is idle.
-    Heartbeat,
+    /// Proves the link alive when it is idle, and acknowledges the bus frames received on
+    /// this connection so far (the sender then knows which requests reached this node).
+    Heartbeat {
+        /// Bus frames received on this connection.
+        received: u64,
+    },
     /// A message of the bus.
     Bus(BusMsg),
 }
@@ -186,10 +190,13 @@ pub fn encode_refuse(reason: &str, out: &mut BytesMut) -> Result<()> {
     frame(out, REFUSE, |out| put_str16(out, reason, "reason"))
 }
 
-/// Appends a heartbeat.
-pub fn encode_heartbeat(out: &mut BytesMut) {
-    // An empty body always fits.
-    let _ = frame(out, HEARTBEAT, |_| Ok(()));
+/// Appends a heartbeat acknowledging `received` bus frames.
+pub fn encode_heartbeat(received: u64, out: &mut BytesMut) {
+    // A fixed-size body always fits.
+    let _ = frame(out, HEARTBEAT, |out| {
+        out.put_u64(received);
+        Ok(())
+    });
 }
 
 /// Appends `msg` as a frame. On error `out` is left as it was.
@@ -594,7 +601,7 @@ pub fn decode(frame: &Bytes) -> Result<LinkFrame> {
             })
         }
         REFUSE => LinkFrame::Refuse(r.string16("reason")?),
-        HEARTBEAT => LinkFrame::Heartbeat,
+        HEARTBEAT => LinkFrame::Heartbeat { received: r.u64()? },
         kind => LinkFrame::Bus(decode_bus(kind, &mut r)?),
     };
     if r.at != frame.len() {
@@ -1045,6 +1052,7 @@ mod tests {
     use chinwag_protocol::{
         ids::DeviceIdParts, message::HISTORY_LIMIT_MAX, ConvType, ErrorCode, HistoryRange, NodeType,
     };
+    use chinwag_protocol::{History, Kick, Target};
     use proptest::collection::vec;
     use proptest::prelude::*;
 
@@ -1145,7 +1153,7 @@ mod tests {
     }
 
     fn history() -> impl Strategy<Value = History> {
-        (any::<u64>(), 0u8..3, 1u64.., 1..=HISTORY_LIMIT_MAX as u16).prop_map(
+        (any::<u64>(), 0u8..3, 1u64.., 1..=HISTORY_LIMIT_MAX).prop_map(
             |(conv, range, seq, limit)| History {
                 conv: ConvId(conv),
                 range: match range {
@@ -1531,13 +1539,13 @@ mod tests {
         )
         .unwrap();
         assert!(decode(&out.split().freeze()).is_err());
-        encode_heartbeat(&mut out);
+        encode_heartbeat(3, &mut out);
         out[5] = 0x7f;
         assert_eq!(
             decode(&out.split().freeze()).unwrap_err(),
             WireError::UnknownKind(0x7f)
         );
-        encode_heartbeat(&mut out);
+        encode_heartbeat(3, &mut out);
         out[4] = 9;
         assert_eq!(decode(&out.freeze()).unwrap_err(), WireError::Version(9));
     }
