@@ -253,6 +253,7 @@ pub struct Links {
     stop: AtomicBool,
     local_addr: SocketAddr,
     queue_bytes_max: usize,
+    frame_bytes_max: usize,
 }
 
 /// The link thread of [`Links::start`]; dropping it does not stop the thread, [`Self::stop`]
@@ -310,6 +311,7 @@ impl Links {
             stop: AtomicBool::new(false),
             local_addr: listener.local_addr()?,
             queue_bytes_max: config.queue_bytes_max,
+            frame_bytes_max: config.frame_bytes_max,
         });
         let mut link_loop = LinkLoop {
             links: Arc::clone(&links),
@@ -381,7 +383,19 @@ impl Links {
             return msg.origin().map(|o| unavailable(o, "unknown node"));
         };
         let frame = match wire::encode_to_bytes(&msg) {
-            Ok(frame) => frame,
+            // The peer closes a link that sends it a frame over its limit: never send one.
+            Ok(frame) if frame.len() <= self.frame_bytes_max => frame,
+            Ok(frame) => {
+                tracing::warn!(
+                    node,
+                    len = frame.len(),
+                    "message over the node link's frame limit"
+                );
+                add(&peer.dropped, 1);
+                return msg
+                    .origin()
+                    .map(|o| unavailable(o, "request too large for a node link"));
+            }
             Err(e) => {
                 tracing::warn!(node, error = %e, "message the node link cannot carry");
                 add(&peer.dropped, 1);
@@ -1486,6 +1500,58 @@ mod tests {
         while let Ok(event) = b.events.try_recv() {
             assert!(matches!(event, Event::Peer(1, _)), "{event:?}");
         }
+    }
+
+    #[test]
+    fn requests_written_but_not_acknowledged_answer_unavailable_at_a_cut() {
+        let fake = std::net::TcpListener::bind(any_port(2)).unwrap();
+        let a = start(config(1, any_port(1)));
+        a.links.add_peer(2, fake.local_addr().unwrap());
+        let (mut peer, _) = fake.accept().unwrap();
+        read_frame(&mut peer).unwrap();
+        peer.write_all(&hello_bytes("test", 2, 1)).unwrap();
+        wait_for("link up", || a.links.is_connected(2));
+        for req in 0..3 {
+            assert!(a.links.send(2, request(1, 4, req)).is_none());
+        }
+        // Node 2 reads the requests, acknowledges the first only, and dies.
+        let mut seen = 0;
+        while seen < 3 {
+            if let LinkFrame::Bus(_) = wire::decode(&read_frame(&mut peer).unwrap()).unwrap() {
+                seen += 1;
+            }
+        }
+        let mut ack = BytesMut::new();
+        wire::encode_heartbeat(1, &mut ack);
+        // The acknowledgement arrives before the end of the stream, and the link thread acts
+        // on the frames it read before it acts on the end.
+        peer.write_all(&ack).unwrap();
+        drop(peer);
+        wait_for("link down", || !a.links.is_connected(2));
+        let mut answered = Vec::new();
+        while answered.len() < 2 {
+            let (from, msg) = next_msg(&a);
+            assert_eq!(from, 1);
+            assert!(is_unavailable(&msg, 4), "{msg:?}");
+            let text = match &msg {
+                BusMsg::Deliver { ws_message, .. } => {
+                    String::from_utf8_lossy(&ws_message[2..]).into_owned()
+                }
+                _ => unreachable!(),
+            };
+            assert!(text.contains("may or may not"), "{text}");
+            answered.push(text);
+        }
+        assert!(
+            answered[0].contains(r#""req":1"#) && answered[1].contains(r#""req":2"#),
+            "{answered:?}"
+        );
+        assert_eq!(a.links.stats()[0].unavailable, 2);
+        // The first, acknowledged, is the peer's to answer: nothing more comes.
+        assert!(a
+            .events
+            .recv_timeout(Duration::from_millis(200))
+            .map_or(true, |e| matches!(e, Event::Peer(..))));
     }
 
     #[test]
