@@ -404,7 +404,9 @@ pub fn render(scrape: &Scrape) -> String {
 /// cluster, whether this node reaches each peer and what flows between them.
 pub(crate) fn render_links(out: &mut String, peers: &[crate::cluster::link::PeerStats]) {
     type Stat = crate::cluster::link::PeerStats;
-    let metrics: [(&str, &str, &str, fn(&Stat) -> u64); 10] = [
+    /// Name, type, help, and the value of one peer.
+    type Metric = (&'static str, &'static str, &'static str, fn(&Stat) -> u64);
+    let metrics: [Metric; 10] = [
         (
             "chinwag_link_connected",
             "gauge",
