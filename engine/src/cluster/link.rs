@@ -76,6 +76,24 @@ pub struct LinkConfig {
 }
 
 impl LinkConfig {
+    /// The links of node `node` of `cluster`, listening on `listen`, with the node's
+    /// `node_link_*` settings.
+    pub fn from_config(
+        config: &crate::operator::config::Config,
+        cluster: &str,
+        node: u16,
+        listen: SocketAddr,
+    ) -> LinkConfig {
+        LinkConfig {
+            queue_bytes_max: config.node_link_queue_bytes_max,
+            request_timeout_ms: config.node_link_request_timeout_ms,
+            heartbeat_ms: config.node_link_heartbeat_ms,
+            idle_timeout_ms: config.node_link_idle_timeout_ms,
+            frame_bytes_max: config.node_link_frame_bytes_max,
+            ..LinkConfig::new(cluster, node, listen)
+        }
+    }
+
     /// The defaults for node `node` of `cluster`, listening on `listen`.
     pub fn new(cluster: &str, node: u16, listen: SocketAddr) -> LinkConfig {
         LinkConfig {
