@@ -1613,4 +1613,119 @@ mod tests {
         assert_eq!(a.links.stats()[0].unavailable, refused);
         drop(peer);
     }
+
+    /// Counts what arrives, for the throughput measurement.
+    struct CountingInbox(Arc<AtomicU64>);
+
+    impl Inbox for CountingInbox {
+        fn deliver(&mut self, _from: u16, msg: BusMsg) -> Option<BusMsg> {
+            drop(msg);
+            self.0.fetch_add(1, Ordering::Release);
+            None
+        }
+
+        fn peer_changed(&mut self, _node: u16, _up: bool) {}
+    }
+
+    /// Link throughput between two nodes on this machine: messages per second and bytes per
+    /// message for a forwarded chat `send` and for fan-out pushes to k recipients, batched
+    /// (up to 256 frames per write) against one frame per write. The sender thread encodes
+    /// and queues, the link threads write and read, the receiver's thread decodes; the
+    /// figure is the whole path. Run with:
+    /// `cargo test -p chinwag-engine --release --lib link_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a benchmark: run it by hand in release (command in its doc)"]
+    fn link_throughput() {
+        use chinwag_protocol::{Message, Msg, Target};
+        const N: u64 = 200_000;
+        let body = "a chat message of about a hundred bytes, as people type them in a shop chat.";
+        let send = |i: u64| {
+            let BusMsg::Read { origin, .. } = request(1, 1, i) else {
+                unreachable!()
+            };
+            BusMsg::Send(Box::new(crate::bus::SendRequest {
+                origin: *origin,
+                target: Target::Conv(ConvId(0x0001_0005)),
+                cmid: format!("cmid-{i}"),
+                kind: "text".into(),
+                body: body.into(),
+            }))
+        };
+        let push = |k: u64, i: u64| {
+            let msg = Message::Msg(Msg {
+                conv: ConvId(0x0001_0005),
+                seq: Seq(i + 1),
+                from: Uid::new(UidKind::Buyer, 1),
+                ts: 1_700_000_000_000,
+                kind: "text".into(),
+                body: body.into(),
+                cmid: format!("cmid-{i}").into(),
+            });
+            let users = (0..k).map(|u| Uid::new(UidKind::Buyer, u)).collect();
+            BusMsg::Push(Arc::new(crate::bus::Fanout::new(users, None, msg)))
+        };
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        println!("{cpu}");
+        println!("| message | frames per write | messages/s | bytes/message |");
+        println!("|---|---|---|---|");
+        type Make<'a> = &'a dyn Fn(u64) -> BusMsg;
+        let push1 = |i| push(1, i);
+        let push10 = |i| push(10, i);
+        let push100 = |i| push(100, i);
+        let cases: [(&str, Make<'_>); 4] = [
+            ("chat send (request to the owner)", &send),
+            ("push, k = 1", &push1),
+            ("push, k = 10", &push10),
+            ("push, k = 100", &push100),
+        ];
+        for (name, make) in cases {
+            for frames_per_write_max in [256, 1] {
+                let received = Arc::new(AtomicU64::new(0));
+                let (b, _b_thread) = Links::start(
+                    LinkConfig {
+                        queue_bytes_max: 1 << 30,
+                        frames_per_write_max,
+                        ..LinkConfig::new("bench", 2, any_port(2))
+                    },
+                    CountingInbox(Arc::clone(&received)),
+                )
+                .unwrap();
+                let (a, _a_thread) = Links::start(
+                    LinkConfig {
+                        queue_bytes_max: 1 << 30,
+                        frames_per_write_max,
+                        ..LinkConfig::new("bench", 1, any_port(1))
+                    },
+                    CountingInbox(Arc::new(AtomicU64::new(0))),
+                )
+                .unwrap();
+                a.add_peer(2, b.local_addr());
+                b.add_peer(1, a.local_addr());
+                wait_for("link up", || a.is_connected(2));
+                // Made beforehand: the figure is the link's, not the making of messages.
+                let msgs: Vec<BusMsg> = (0..N).map(make).collect();
+                let start = Instant::now();
+                for msg in msgs {
+                    assert!(a.send(2, msg).is_none());
+                }
+                while received.load(Ordering::Acquire) < N {
+                    thread::sleep(Duration::from_micros(200));
+                }
+                let elapsed = start.elapsed();
+                let stats = &a.stats()[0];
+                println!(
+                    "| {name} | {frames_per_write_max} | {:.0} | {} |",
+                    N as f64 / elapsed.as_secs_f64(),
+                    stats.bytes_out / stats.messages_out,
+                );
+            }
+        }
+    }
 }
