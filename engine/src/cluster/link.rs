@@ -612,7 +612,7 @@ impl<I: Inbox> LinkLoop<I> {
 
 /// Requests written and not acknowledged, at most, before a peer that reads but never
 /// acknowledges is taken for broken (bounds the link thread's memory like the queue's bound).
-const UNACKED_MAX: usize = 1 << 20;
+const UNACKED_MAX: usize = 1 << 16;
 
 impl<I: Inbox> LinkLoop<I> {
     fn accept(&mut self) {
@@ -890,8 +890,11 @@ impl<I: Inbox> LinkLoop<I> {
         };
         if error {
             tracing::warn!(node, %reason, "node link closed");
-        } else {
+        } else if conn.open {
             tracing::info!(node, %reason, "node link closed");
+        } else {
+            // A dial to a peer that is down fails at every backoff step: not news each time.
+            tracing::debug!(node, %reason, "node link: connection closed before its handshake");
         }
         let now = Instant::now();
         let jitter = self.jitter();
@@ -1614,6 +1617,42 @@ mod tests {
         drop(peer);
     }
 
+    #[test]
+    fn the_office_inbox_posts_to_the_right_shard_and_refuses_when_full() {
+        use crate::bus::mailbox::Mailbox;
+        let polls = [Poll::new().unwrap(), Poll::new().unwrap()];
+        let mailboxes = polls
+            .iter()
+            .map(|poll| Mailbox::new(2, Waker::new(poll.registry(), Token(0)).unwrap()))
+            .collect();
+        let office = Arc::new(PostOffice::new(mailboxes));
+        let mut inbox = OfficeInbox {
+            office: Arc::clone(&office),
+        };
+        let to_shard_1 = SessionRef {
+            shard: 1,
+            ..session(1, 3)
+        };
+        let deliver = BusMsg::Deliver {
+            to: to_shard_1,
+            ws_message: frame::encode(Opcode::Text, b"{}"),
+        };
+        assert!(inbox.deliver(2, deliver).is_none());
+        assert_eq!(office.depths(), [0, 1]);
+        let push = crate::bus::Fanout::new(
+            [Uid::new(UidKind::Buyer, 1)].into_iter().collect(),
+            None,
+            chinwag_protocol::Message::Kicked("x".into()),
+        );
+        assert!(inbox.deliver(2, BusMsg::Push(Arc::new(push))).is_none());
+        assert_eq!(office.depths(), [1, 2], "a push goes to every shard");
+        // The owner of conversation 1 is shard 1, whose mailbox is full: the request is
+        // answered for its session on node 1, to be sent back there.
+        let answer = inbox.deliver(2, request(1, 8, 5)).expect("refused");
+        assert!(is_unavailable(&answer, 8));
+        assert_eq!(answer.session().unwrap().node, 1);
+    }
+
     /// Counts what arrives, for the throughput measurement.
     struct CountingInbox(Arc<AtomicU64>);
 
@@ -1637,7 +1676,9 @@ mod tests {
     #[ignore = "a benchmark: run it by hand in release (command in its doc)"]
     fn link_throughput() {
         use chinwag_protocol::{Message, Msg, Target};
-        const N: u64 = 200_000;
+        const N: u64 = 100_000;
+        /// Runs per figure; the median is shown (the machine is shared).
+        const RUNS: usize = 5;
         let body = "a chat message of about a hundred bytes, as people type them in a shop chat.";
         let send = |i: u64| {
             let BusMsg::Read { origin, .. } = request(1, 1, i) else {
@@ -1673,7 +1714,7 @@ mod tests {
             })
             .unwrap_or_default();
         println!("{cpu}");
-        println!("| message | frames per write | messages/s | bytes/message |");
+        println!("| message | frames per write | messages/s (median of {RUNS}) | bytes/message |");
         println!("|---|---|---|---|");
         type Make<'a> = &'a dyn Fn(u64) -> BusMsg;
         let push1 = |i| push(1, i);
@@ -1687,43 +1728,49 @@ mod tests {
         ];
         for (name, make) in cases {
             for frames_per_write_max in [256, 1] {
-                let received = Arc::new(AtomicU64::new(0));
-                let (b, _b_thread) = Links::start(
-                    LinkConfig {
-                        queue_bytes_max: 1 << 30,
-                        frames_per_write_max,
-                        ..LinkConfig::new("bench", 2, any_port(2))
-                    },
-                    CountingInbox(Arc::clone(&received)),
-                )
-                .unwrap();
-                let (a, _a_thread) = Links::start(
-                    LinkConfig {
-                        queue_bytes_max: 1 << 30,
-                        frames_per_write_max,
-                        ..LinkConfig::new("bench", 1, any_port(1))
-                    },
-                    CountingInbox(Arc::new(AtomicU64::new(0))),
-                )
-                .unwrap();
-                a.add_peer(2, b.local_addr());
-                b.add_peer(1, a.local_addr());
-                wait_for("link up", || a.is_connected(2));
-                // Made beforehand: the figure is the link's, not the making of messages.
-                let msgs: Vec<BusMsg> = (0..N).map(make).collect();
-                let start = Instant::now();
-                for msg in msgs {
-                    assert!(a.send(2, msg).is_none());
+                let mut rates = Vec::new();
+                let mut bytes_per_message = 0;
+                for _ in 0..RUNS {
+                    let received = Arc::new(AtomicU64::new(0));
+                    let (b, _b_thread) = Links::start(
+                        LinkConfig {
+                            queue_bytes_max: 1 << 30,
+                            frames_per_write_max,
+                            ..LinkConfig::new("bench", 2, any_port(2))
+                        },
+                        CountingInbox(Arc::clone(&received)),
+                    )
+                    .unwrap();
+                    let (a, _a_thread) = Links::start(
+                        LinkConfig {
+                            queue_bytes_max: 1 << 30,
+                            frames_per_write_max,
+                            ..LinkConfig::new("bench", 1, any_port(1))
+                        },
+                        CountingInbox(Arc::new(AtomicU64::new(0))),
+                    )
+                    .unwrap();
+                    a.add_peer(2, b.local_addr());
+                    b.add_peer(1, a.local_addr());
+                    wait_for("link up", || a.is_connected(2));
+                    // Made beforehand: the figure is the link's, not the making of messages.
+                    let msgs: Vec<BusMsg> = (0..N).map(make).collect();
+                    let start = Instant::now();
+                    for msg in msgs {
+                        assert!(a.send(2, msg).is_none());
+                    }
+                    while received.load(Ordering::Acquire) < N {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                    let elapsed = start.elapsed();
+                    let stats = &a.stats()[0];
+                    rates.push(N as f64 / elapsed.as_secs_f64());
+                    bytes_per_message = stats.bytes_out / stats.messages_out;
                 }
-                while received.load(Ordering::Acquire) < N {
-                    thread::sleep(Duration::from_micros(200));
-                }
-                let elapsed = start.elapsed();
-                let stats = &a.stats()[0];
+                rates.sort_by(f64::total_cmp);
                 println!(
-                    "| {name} | {frames_per_write_max} | {:.0} | {} |",
-                    N as f64 / elapsed.as_secs_f64(),
-                    stats.bytes_out / stats.messages_out,
+                    "| {name} | {frames_per_write_max} | {:.0} | {bytes_per_message} |",
+                    rates[RUNS / 2],
                 );
             }
         }
