@@ -340,6 +340,7 @@ impl Links {
             peers: HashMap::new(),
             inbox,
             read_buf: vec![0; READ_CHUNK],
+            read_again: Vec::new(),
             rng: seed(),
         };
         let handle = thread::Builder::new()
@@ -531,6 +532,9 @@ struct LinkLoop<I: Inbox> {
     peers: HashMap<u16, Peer>,
     inbox: I,
     read_buf: Vec<u8>,
+    /// Connections that used their read budget with bytes left: read again next turn (their
+    /// readiness edge is spent).
+    read_again: Vec<usize>,
     rng: u64,
 }
 
@@ -541,7 +545,12 @@ impl<I: Inbox> LinkLoop<I> {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         while !self.links.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            let timeout = if self.read_again.is_empty() {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "node links: poll failed");
                     return;
@@ -561,6 +570,9 @@ impl<I: Inbox> LinkLoop<I> {
                         }
                     }
                 }
+            }
+            for key in std::mem::take(&mut self.read_again) {
+                self.on_readable(key);
             }
             self.links.wake_pending.store(false, Ordering::Release);
             self.take_control();
@@ -713,8 +725,10 @@ impl<I: Inbox> LinkLoop<I> {
                 return;
             }
             if read >= READ_TURN_BYTES_MAX {
-                // More next turn; edge-triggered, so make sure there is one.
-                self.links.wake();
+                // More next turn: edge-triggered, no new event comes for these bytes.
+                if !self.read_again.contains(&key) {
+                    self.read_again.push(key);
+                }
                 break Ok(());
             }
             match conn.stream.read(&mut self.read_buf) {
