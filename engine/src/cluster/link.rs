@@ -1590,6 +1590,36 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_from_peers_never_stop_the_link_thread() {
+        let b = start(config(2, any_port(2)));
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        for round in 0..50 {
+            let mut peer = std::net::TcpStream::connect(b.links.local_addr()).unwrap();
+            if round % 2 == 0 {
+                peer.write_all(&hello_bytes("test", 1, 2)).unwrap();
+            }
+            let len = 16 + (round * 37) % 300;
+            let garbage: Vec<u8> = (0..len)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect();
+            // Whatever the bytes, the connection ends (an error, or silence past the idle
+            // timeout when they announce a frame longer than what follows).
+            let _ = peer.write_all(&garbage);
+            assert_closed(&mut peer);
+        }
+        // The thread still serves a good peer.
+        let a = start(config(1, any_port(1)));
+        mesh(&[&a, &b]);
+        assert!(a.links.send(2, numbered(2, 1, 9)).is_none());
+        assert_eq!(number_of(&next_msg(&b).1), (1, 9));
+    }
+
+    #[test]
     fn a_peer_that_stops_reading_costs_the_queue_bound_and_no_more() {
         const BOUND: usize = 1 << 20;
         let fake = std::net::TcpListener::bind(any_port(2)).unwrap();
