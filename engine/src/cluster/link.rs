@@ -316,6 +316,12 @@ impl Links {
                 "node number over 12 bits",
             ));
         }
+        if config.cluster.len() > wire::CLUSTER_NAME_LEN_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "cluster name over 255 bytes",
+            ));
+        }
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(config.listen)?;
         poll.registry()
@@ -625,12 +631,20 @@ impl<I: Inbox> LinkLoop<I> {
 /// Requests written and not acknowledged, at most, before a peer that reads but never
 /// acknowledges is taken for broken (bounds the link thread's memory like the queue's bound).
 const UNACKED_MAX: usize = 1 << 16;
+/// Connections the link thread holds at most, handshakes in progress included.
+const CONNS_MAX: usize = 1024;
 
 impl<I: Inbox> LinkLoop<I> {
     fn accept(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, addr)) => {
+                    // Each peer needs one connection; whoever opens more (or a flood of
+                    // handshakes that never finish) is refused rather than held.
+                    if self.conns.len() >= CONNS_MAX {
+                        tracing::warn!(%addr, "node links: too many connections, refused");
+                        continue;
+                    }
                     let _ = self.add_conn(stream, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -686,7 +700,7 @@ impl<I: Inbox> LinkLoop<I> {
             target,
         };
         if let Err(e) = wire::encode_hello(&hello, out) {
-            // Only a cluster name over 64 KiB fails; the configuration refuses it earlier.
+            // Only a cluster name over 64 KiB fails; `Links::start` refuses over 255 bytes.
             tracing::error!(error = %e, "node links: cannot encode hello");
         }
     }
@@ -870,6 +884,10 @@ impl<I: Inbox> LinkLoop<I> {
         let min = self.config.reconnect_min_ms;
         let peer = self.peer(node);
         let old = peer.conn.replace(key);
+        if old.is_some_and(|old| old != key) {
+            // A frame begun on the old connection starts again, whole, on this one.
+            peer.head_written = 0;
+        }
         peer.dialing = None;
         peer.backoff_ms = min;
         if peer.ever_connected {
@@ -930,16 +948,16 @@ impl<I: Inbox> LinkLoop<I> {
             peer.next_dial = now + Duration::from_millis(delay);
             peer.backoff_ms = (peer.backoff_ms * 2).min(max);
         }
-        if !was_link {
-            return;
-        }
-        peer.conn = None;
-        // A frame cut in the middle never reached the peer: it goes again, whole, on the
-        // next connection.
-        peer.head_written = 0;
-        peer.queue.connected.store(false, Ordering::Release);
         let queue = Arc::clone(&peer.queue);
-        self.inbox.peer_changed(node, false);
+        if was_link {
+            peer.conn = None;
+            // A frame cut in the middle never reached the peer: it goes again, whole, on the
+            // next connection.
+            peer.head_written = 0;
+            peer.queue.connected.store(false, Ordering::Release);
+            self.inbox.peer_changed(node, false);
+        }
+        // Also for a connection a newer one replaced: its requests are as lost.
         for (_, origin) in conn.unacked {
             add(&queue.unavailable, 1);
             self.route(unavailable(
