@@ -1608,6 +1608,43 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_connection_replaces_the_old_and_the_old_ones_requests_are_answered() {
+        let b = start(config(2, any_port(2)));
+        // Node 1 (a stand-in) dials, and node 2 sends it two requests on that connection.
+        let mut first = std::net::TcpStream::connect(b.links.local_addr()).unwrap();
+        first.write_all(&hello_bytes("test", 1, 2)).unwrap();
+        read_frame(&mut first).unwrap();
+        wait_for("link up", || b.links.is_connected(1));
+        for req in 0..2 {
+            assert!(b.links.send(1, request(2, 6, req)).is_none());
+        }
+        let mut seen = 0;
+        while seen < 2 {
+            if let LinkFrame::Bus(_) = wire::decode(&read_frame(&mut first).unwrap()).unwrap() {
+                seen += 1;
+            }
+        }
+        // Node 1 dials again (it took the first connection for dead) without acknowledging.
+        let mut second = std::net::TcpStream::connect(b.links.local_addr()).unwrap();
+        second.write_all(&hello_bytes("test", 1, 2)).unwrap();
+        read_frame(&mut second).unwrap();
+        for _ in 0..2 {
+            let (_, msg) = next_msg(&b);
+            assert!(is_unavailable(&msg, 6), "{msg:?}");
+        }
+        assert_closed(&mut first);
+        // The link goes on over the second connection.
+        assert!(b.links.send(1, numbered(1, 2, 3)).is_none());
+        loop {
+            if let LinkFrame::Bus(msg) = wire::decode(&read_frame(&mut second).unwrap()).unwrap() {
+                assert_eq!(number_of(&msg), (2, 3));
+                break;
+            }
+        }
+        assert!(b.links.is_connected(1));
+    }
+
+    #[test]
     fn random_bytes_from_peers_never_stop_the_link_thread() {
         let b = start(config(2, any_port(2)));
         let mut rng = 0x2545_f491_4f6c_dd1d_u64;
