@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{
-    json, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange, Kick, Message,
-    NotifyUsers, Send, SendAs, Seq, ShopId, Target, Uid,
+    json, AgentStats, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange,
+    Kick, Message, NotifyUsers, Send, SendAs, Seq, ShopId, Target, Uid,
 };
 
 #[derive(clap::Args)]
@@ -103,6 +103,18 @@ enum BackendOp {
         /// The conversation.
         conv: u64,
     },
+    /// A shop's reception figures per agent over a window (agent_stats): assigned, open at
+    /// the end, resolved, messages, first-reply time p50/p90.
+    Stats {
+        /// The shop.
+        shop: u64,
+        /// The window's start, ms since the Unix epoch (default: 24 hours before --to).
+        #[arg(long)]
+        from_ms: Option<u64>,
+        /// The window's end, ms since the Unix epoch (default: now).
+        #[arg(long)]
+        to_ms: Option<u64>,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -188,6 +200,22 @@ pub fn run(args: BackendArgs) -> ExitCode {
             }),
         },
         BackendOp::Info { conv } => Message::ConvInfo(ConvId(conv)),
+        BackendOp::Stats {
+            shop,
+            from_ms,
+            to_ms,
+        } => {
+            let to_ms = to_ms.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            });
+            Message::AgentStats(AgentStats {
+                shop: ShopId(shop),
+                from_ms: from_ms.unwrap_or(to_ms.saturating_sub(24 * 3_600_000)),
+                to_ms,
+            })
+        }
     };
     let result = ServiceClient::connect(&args.addr, &args.token).and_then(|mut service| {
         let req = service.send(message)?;

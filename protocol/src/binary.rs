@@ -16,10 +16,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::ids::{ConvId, DeviceId, DeviceType, NodeId, Seq, ShopId, Uid, UidKind};
 use crate::limits;
 use crate::message::{
-    AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
-    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StreamBatch, Target,
+    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
+    DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
+    StreamEvent, Target,
 };
 
 /// The header's size in bytes.
@@ -202,11 +203,34 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
         }
         Message::Auth(token) => put_str16(out, token, "token")?,
         Message::Subscribe(from) => put_str16(out, from, "from")?,
+        Message::AgentStats(m) => {
+            out.put_u64(m.shop.0);
+            out.put_u64(m.from_ms);
+            out.put_u64(m.to_ms);
+        }
+        Message::AgentStatsOk(m) => {
+            out.put_u64(m.shop.0);
+            out.put_u64(m.from_ms);
+            out.put_u64(m.to_ms);
+            put_stats_row(out, &m.total);
+            put_count16(out, m.agents.len(), "agents")?;
+            for row in &m.agents {
+                put_uid(out, row.agent);
+                put_stats_row(out, &row.stats);
+            }
+        }
         Message::StreamBatch(m) => {
             put_str16(out, &m.position, "position")?;
             put_count16(out, m.msgs.len(), "msgs")?;
             for msg in &m.msgs {
                 put_msg(out, msg)?;
+            }
+            // Only when there are any: a batch of messages alone is what it always was.
+            if !m.events.is_empty() {
+                put_count16(out, m.events.len(), "events")?;
+                for event in &m.events {
+                    put_stream_event(out, event);
+                }
             }
         }
         Message::AuthOk(m) => {
@@ -288,6 +312,35 @@ fn put_send(out: &mut BytesMut, m: &Send<'_>) -> Result<(), EncodeError> {
 
 /// `u64 conv` · `u8 type` · `u64 shop` (shop only) · `u8 has_key` · `u64 key` (when 1) ·
 /// `u32 member_count` · `u16 n` · `uid` × n · `u64 last_seq` · `u8 created`.
+/// `u8 event` (1 joined, 2 left, 3 read) · `u16 after_msgs` · `u64 conv` · `uid uid` · `u64`
+/// (joined, left: ts; read: seq).
+fn put_stream_event(out: &mut BytesMut, event: &StreamEvent) {
+    let (code, value) = match event.change {
+        StreamChange::Joined { ts } => (EVENT_JOINED, ts),
+        StreamChange::Left { ts } => (EVENT_LEFT, ts),
+        StreamChange::Read { seq } => (EVENT_READ, seq.0),
+    };
+    out.put_u8(code);
+    out.put_u16(event.after_msgs);
+    out.put_u64(event.conv.0);
+    put_uid(out, event.uid);
+    out.put_u64(value);
+}
+
+fn put_stats_row(out: &mut BytesMut, row: &StatsRow) {
+    for n in [
+        row.assigned,
+        row.open,
+        row.resolved,
+        row.messages,
+        row.replies,
+    ] {
+        out.put_u32(n);
+    }
+    out.put_u64(row.reply_ms_p50);
+    out.put_u64(row.reply_ms_p90);
+}
+
 fn put_conv_info(out: &mut BytesMut, info: &ConvInfo) -> Result<(), EncodeError> {
     out.put_u64(info.conv.0);
     put_conv_type(out, info.conv_type);
@@ -336,6 +389,13 @@ const CONV_DIRECT: u8 = 1;
 const CONV_GROUP: u8 = 2;
 /// A uid on the wire: `u8 kind` · `u64 id`.
 const UID_LEN: usize = 9;
+/// Bytes of a [`StreamEvent`].
+const STREAM_EVENT_LEN: usize = 1 + 2 + 8 + UID_LEN + 8;
+const EVENT_JOINED: u8 = 1;
+const EVENT_LEFT: u8 = 2;
+const EVENT_READ: u8 = 3;
+/// Bytes of a [`StatsRow`]: five `u32` counts and two `u64` times.
+const STATS_ROW_LEN: usize = 5 * 4 + 2 * 8;
 
 fn put_uid(out: &mut BytesMut, uid: Uid) {
     out.put_u8(uid.kind as u8);
@@ -566,6 +626,32 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
             Message::Auth(token)
         }
         Op::Subscribe => Message::Subscribe(r.str16("from")?),
+        Op::AgentStats => Message::AgentStats(AgentStats {
+            shop: ShopId(r.u64()?),
+            from_ms: r.u64()?,
+            to_ms: r.u64()?,
+        }),
+        Op::AgentStatsOk => {
+            let shop = ShopId(r.u64()?);
+            let from_ms = r.u64()?;
+            let to_ms = r.u64()?;
+            let total = r.stats_row()?;
+            let count = r.u16()?;
+            let mut agents = r.list_with_capacity(usize::from(count), UID_LEN + STATS_ROW_LEN);
+            for _ in 0..count {
+                agents.push(AgentRow {
+                    agent: r.uid()?,
+                    stats: r.stats_row()?,
+                });
+            }
+            Message::AgentStatsOk(AgentStatsOk {
+                shop,
+                from_ms,
+                to_ms,
+                total,
+                agents,
+            })
+        }
         Op::StreamBatch => {
             let position = r.str16("position")?;
             let count = r.u16()?;
@@ -573,7 +659,24 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
             for _ in 0..count {
                 msgs.push(r.msg()?);
             }
-            Message::StreamBatch(StreamBatch { position, msgs })
+            let mut events = Vec::new();
+            if !r.bytes.is_empty() {
+                let count = r.u16()?;
+                if count == 0 {
+                    return Err(DecodeErrorKind::BadValue(
+                        "an empty events list is left out",
+                    ));
+                }
+                events = r.list_with_capacity(usize::from(count), STREAM_EVENT_LEN);
+                for _ in 0..count {
+                    events.push(r.stream_event()?);
+                }
+            }
+            Message::StreamBatch(StreamBatch {
+                position,
+                msgs,
+                events,
+            })
         }
         Op::AuthOk => Message::AuthOk(AuthOk {
             uid: r.uid()?,
@@ -697,6 +800,38 @@ impl<'a> Reader<'a> {
             CONV_DIRECT => ConvType::Direct,
             CONV_GROUP => ConvType::Group,
             _ => return Err(DecodeErrorKind::BadValue("unknown conversation type")),
+        })
+    }
+
+    fn stream_event(&mut self) -> Result<StreamEvent, DecodeErrorKind> {
+        let code = self.u8()?;
+        let after_msgs = self.u16()?;
+        let conv = ConvId(self.u64()?);
+        let uid = self.uid()?;
+        let value = self.u64()?;
+        let change = match code {
+            EVENT_JOINED => StreamChange::Joined { ts: value },
+            EVENT_LEFT => StreamChange::Left { ts: value },
+            EVENT_READ => StreamChange::Read { seq: Seq(value) },
+            _ => return Err(DecodeErrorKind::BadValue("unknown stream event")),
+        };
+        Ok(StreamEvent {
+            after_msgs,
+            conv,
+            uid,
+            change,
+        })
+    }
+
+    fn stats_row(&mut self) -> Result<StatsRow, DecodeErrorKind> {
+        Ok(StatsRow {
+            assigned: self.u32()?,
+            open: self.u32()?,
+            resolved: self.u32()?,
+            messages: self.u32()?,
+            replies: self.u32()?,
+            reply_ms_p50: self.u64()?,
+            reply_ms_p90: self.u64()?,
         })
     }
 

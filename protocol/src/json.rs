@@ -16,10 +16,11 @@ use serde::Deserialize;
 use crate::ids::{ConvId, DeviceId, NodeId, Seq, ShopId, Uid};
 use crate::limits;
 use crate::message::{
-    AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
-    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StreamBatch, Target, HISTORY_LIMIT_DEFAULT,
+    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
+    DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
+    StreamEvent, Target, HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -123,6 +124,82 @@ struct RawFrame<'a> {
     online: Option<Vec<RawOnline<'a>>>,
     #[serde(borrow)]
     position: Option<Text<'a>>,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    total: Option<RawStatsRow>,
+    #[serde(borrow)]
+    agents: Option<Vec<RawAgentRow<'a>>>,
+    #[serde(borrow)]
+    events: Option<Vec<RawStreamEvent<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawStreamEvent<'a> {
+    #[serde(borrow)]
+    event: Text<'a>,
+    after_msgs: u16,
+    #[serde(borrow)]
+    conv: Text<'a>,
+    #[serde(borrow)]
+    uid: Text<'a>,
+    #[serde(default)]
+    ts: Option<u64>,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+fn stream_event_from_raw(raw: &RawStreamEvent<'_>) -> Result<StreamEvent, DecodeErrorKind> {
+    let change = match &*raw.event {
+        "joined" => StreamChange::Joined {
+            ts: need(raw.ts, "ts")?,
+        },
+        "left" => StreamChange::Left {
+            ts: need(raw.ts, "ts")?,
+        },
+        "read" => StreamChange::Read {
+            seq: Seq(need(raw.seq, "seq")?),
+        },
+        _ => return Err(DecodeErrorKind::BadValue("unknown stream event")),
+    };
+    Ok(StreamEvent {
+        after_msgs: raw.after_msgs,
+        conv: parse_str(&raw.conv, "conv")?,
+        uid: parse_str(&raw.uid, "uid")?,
+        change,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawStatsRow {
+    assigned: u32,
+    open: u32,
+    resolved: u32,
+    messages: u32,
+    replies: u32,
+    reply_ms_p50: u64,
+    reply_ms_p90: u64,
+}
+
+impl From<&RawStatsRow> for StatsRow {
+    fn from(r: &RawStatsRow) -> StatsRow {
+        StatsRow {
+            assigned: r.assigned,
+            open: r.open,
+            resolved: r.resolved,
+            messages: r.messages,
+            replies: r.replies,
+            reply_ms_p50: r.reply_ms_p50,
+            reply_ms_p90: r.reply_ms_p90,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawAgentRow<'a> {
+    #[serde(borrow)]
+    agent: Text<'a>,
+    #[serde(flatten)]
+    stats: RawStatsRow,
 }
 
 #[derive(Deserialize)]
@@ -319,13 +396,49 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             Message::Auth(token)
         }
         Op::Subscribe => Message::Subscribe(need_text(raw.from, "from")?),
-        Op::StreamBatch => Message::StreamBatch(StreamBatch {
-            position: need_text(raw.position, "position")?,
-            msgs: need(raw.msgs, "msgs")?
-                .into_iter()
-                .map(msg_from_raw)
-                .collect::<Result<_, _>>()?,
+        Op::AgentStats => Message::AgentStats(AgentStats {
+            shop: parse_field(&raw.shop, "shop")?,
+            from_ms: need(raw.from_ms, "from_ms")?,
+            to_ms: need(raw.to_ms, "to_ms")?,
         }),
+        Op::AgentStatsOk => {
+            let agents = need_ref(&raw.agents, "agents")?;
+            if agents.len() > usize::from(u16::MAX) {
+                return Err(DecodeErrorKind::BadValue("agents"));
+            }
+            Message::AgentStatsOk(AgentStatsOk {
+                shop: parse_field(&raw.shop, "shop")?,
+                from_ms: need(raw.from_ms, "from_ms")?,
+                to_ms: need(raw.to_ms, "to_ms")?,
+                total: need_ref(&raw.total, "total")?.into(),
+                agents: agents
+                    .iter()
+                    .map(|row| {
+                        Ok(AgentRow {
+                            agent: parse_str(&row.agent, "agent")?,
+                            stats: (&row.stats).into(),
+                        })
+                    })
+                    .collect::<Result<_, DecodeErrorKind>>()?,
+            })
+        }
+        Op::StreamBatch => {
+            let events = raw.events.unwrap_or_default();
+            if events.len() > usize::from(u16::MAX) {
+                return Err(DecodeErrorKind::BadValue("events"));
+            }
+            Message::StreamBatch(StreamBatch {
+                position: need_text(raw.position, "position")?,
+                msgs: need(raw.msgs, "msgs")?
+                    .into_iter()
+                    .map(msg_from_raw)
+                    .collect::<Result<_, _>>()?,
+                events: events
+                    .iter()
+                    .map(stream_event_from_raw)
+                    .collect::<Result<_, _>>()?,
+            })
+        }
         Op::AuthOk => Message::AuthOk(AuthOk {
             uid: parse_field(&raw.uid, "uid")?,
             ts: need(raw.ts, "ts")?,
@@ -709,6 +822,31 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         }
         Message::Auth(token) => w.str("token", token),
         Message::Subscribe(from) => w.str("from", from),
+        Message::AgentStats(m) => {
+            w.display("shop", m.shop);
+            w.num("from_ms", m.from_ms);
+            w.num("to_ms", m.to_ms);
+        }
+        Message::AgentStatsOk(m) => {
+            w.display("shop", m.shop);
+            w.num("from_ms", m.from_ms);
+            w.num("to_ms", m.to_ms);
+            w.raw(",\"total\":{\"assigned\":");
+            w.decimal(u64::from(m.total.assigned));
+            w.stats_row_rest(&m.total);
+            w.raw("},\"agents\":[");
+            for (i, row) in m.agents.iter().enumerate() {
+                if i > 0 {
+                    w.raw(",");
+                }
+                w.raw("{\"agent\":");
+                w.id(row.agent);
+                w.num("assigned", u64::from(row.stats.assigned));
+                w.stats_row_rest(&row.stats);
+                w.raw("}");
+            }
+            w.raw("]");
+        }
         Message::StreamBatch(m) => {
             w.str("position", &m.position);
             w.raw(",\"msgs\":[");
@@ -721,6 +859,26 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                 w.raw("}");
             }
             w.raw("]");
+            // Only when there are any, as in the binary form.
+            if !m.events.is_empty() {
+                w.raw(",\"events\":[");
+                for (i, event) in m.events.iter().enumerate() {
+                    if i > 0 {
+                        w.raw(",");
+                    }
+                    w.raw("{\"event\":");
+                    w.string(event.change.name());
+                    w.num("after_msgs", u64::from(event.after_msgs));
+                    w.display("conv", event.conv);
+                    w.display("uid", event.uid);
+                    match event.change {
+                        StreamChange::Joined { ts } | StreamChange::Left { ts } => w.num("ts", ts),
+                        StreamChange::Read { seq } => w.num("seq", seq.0),
+                    }
+                    w.raw("}");
+                }
+                w.raw("]");
+            }
         }
         Message::AuthOk(m) => {
             w.display("uid", m.uid);
@@ -775,6 +933,16 @@ struct Writer<'b> {
 }
 
 impl Writer<'_> {
+    /// The fields of a [`StatsRow`] after `assigned`.
+    fn stats_row_rest(&mut self, row: &StatsRow) {
+        self.num("open", u64::from(row.open));
+        self.num("resolved", u64::from(row.resolved));
+        self.num("messages", u64::from(row.messages));
+        self.num("replies", u64::from(row.replies));
+        self.num("reply_ms_p50", row.reply_ms_p50);
+        self.num("reply_ms_p90", row.reply_ms_p90);
+    }
+
     fn raw(&mut self, s: &str) {
         self.out.put_slice(s.as_bytes());
     }

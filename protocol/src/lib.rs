@@ -46,8 +46,9 @@ pub use ids::{
     ConvId, DeviceId, DeviceIdGenerator, DeviceType, NodeId, NodeType, Seq, ShopId, Uid, UidKind,
 };
 pub use message::{
-    AuthOk, ConvInfo, ConvSummary, ConvType, Cursor, DecodeError, DecodeErrorKind, ErrorCode,
-    ErrorReply, Frame, GroupCreate, GroupMembers, History, HistoryOk, HistoryRange, Kick, Login,
-    LoginOk, Members, MembersDelta, Message, Msg, Notify, NotifyUsers, Online, Op, Receipt, Send,
-    SendAs, SendOk, StreamBatch, Target,
+    AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
+    DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
+    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
+    StreamEvent, Target,
 };

@@ -54,3 +54,7 @@ pub(crate) fn check_history_limit(limit: u64) -> Result<u16, DecodeErrorKind> {
 /// member's `read` sends its `receipt` only to the reader's own other devices, not to every
 /// other member (docs/protocol.md, "Groups").
 pub const GROUP_FULL_LIST_MAX: usize = 200;
+
+/// The most agents one `agent_stats_ok` lists (by uid; the shop's total counts them all): it
+/// bounds the reply (45 bytes per agent in binary) whatever the shop's size.
+pub const STATS_AGENTS_MAX: usize = 1_000;

@@ -129,6 +129,10 @@ pub enum Message<'a> {
     Subscribe(Cow<'a, str>),
     /// `stream_batch` (reply to `subscribe`, repeated): stored messages and the position after them.
     StreamBatch(StreamBatch<'a>),
+    /// `agent_stats` (service → server): a shop's customer-service figures over a window.
+    AgentStats(AgentStats),
+    /// `agent_stats_ok` (reply): the figures, per agent and for the shop.
+    AgentStatsOk(AgentStatsOk),
 
     // Group conversations (docs/backend.md, "Groups"): requests 0x30..=0x3f.
     /// `group_create` (service → server): a group, once per key.
@@ -211,6 +215,10 @@ pub enum Op {
     Subscribe = 0x16,
     /// `stream_batch`
     StreamBatch = 0x96,
+    /// `agent_stats`
+    AgentStats = 0x1c,
+    /// `agent_stats_ok`
+    AgentStatsOk = 0x9c,
     /// `auth_ok`
     AuthOk = 0x90,
     /// `send_as_ok`
@@ -243,7 +251,7 @@ pub enum Op {
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 43] = [
+    pub const ALL: [Op; 45] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -279,6 +287,8 @@ impl Op {
         Op::ConvHistoryOk,
         Op::Subscribe,
         Op::StreamBatch,
+        Op::AgentStats,
+        Op::AgentStatsOk,
         Op::GroupCreate,
         Op::GroupAdd,
         Op::GroupRemove,
@@ -337,6 +347,8 @@ impl Op {
             Op::ConvHistoryOk => "conv_history_ok",
             Op::Subscribe => "subscribe",
             Op::StreamBatch => "stream_batch",
+            Op::AgentStats => "agent_stats",
+            Op::AgentStatsOk => "agent_stats_ok",
             Op::GroupCreate => "group_create",
             Op::GroupAdd => "group_add",
             Op::GroupRemove => "group_remove",
@@ -405,6 +417,8 @@ impl Message<'_> {
             Message::ConvHistoryOk(_) => Op::ConvHistoryOk,
             Message::Subscribe(_) => Op::Subscribe,
             Message::StreamBatch(_) => Op::StreamBatch,
+            Message::AgentStats(_) => Op::AgentStats,
+            Message::AgentStatsOk(_) => Op::AgentStatsOk,
             Message::GroupCreate(_) => Op::GroupCreate,
             Message::GroupCreateOk(_) => Op::GroupCreateOk,
             Message::GroupAdd(_) => Op::GroupAdd,
@@ -491,6 +505,8 @@ impl Message<'_> {
             Message::GroupRemoveOk(m) => Message::GroupRemoveOk(m),
             Message::ConvInfo(m) => Message::ConvInfo(m),
             Message::ConvInfoOk(m) => Message::ConvInfoOk(m),
+            Message::AgentStats(m) => Message::AgentStats(m),
+            Message::AgentStatsOk(m) => Message::AgentStatsOk(m),
             Message::ConvHistoryOk(m) => Message::ConvHistoryOk(HistoryOk {
                 conv: m.conv,
                 msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
@@ -499,6 +515,7 @@ impl Message<'_> {
             Message::StreamBatch(m) => Message::StreamBatch(StreamBatch {
                 position: own(m.position),
                 msgs: m.msgs.into_iter().map(Msg::into_owned).collect(),
+                events: m.events,
             }),
         }
     }
@@ -819,13 +836,124 @@ pub struct Kick {
 }
 
 /// `stream_batch`: the next stored messages of the stream, in log order (so in seq order per
-/// conversation), and the opaque position to resume after them.
+/// conversation), the membership and read-cursor changes stored among them, and the opaque
+/// position to resume after them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamBatch<'a> {
     /// Resume here to get what follows this batch.
     pub position: Cow<'a, str>,
     /// The messages; may be empty (the first batch of a subscription).
     pub msgs: Vec<Msg<'a>>,
+    /// The changes of members and read cursors, in log order; each says where it falls among
+    /// `msgs`.
+    pub events: Vec<StreamEvent>,
+}
+
+/// A change of membership or of a read cursor in the message stream (docs/backend.md, "The
+/// message stream").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// The change was stored after this many of its batch's messages and before the next one
+    /// (log order), so a mirror applies events and messages in the order they happened.
+    pub after_msgs: u16,
+    /// The conversation.
+    pub conv: ConvId,
+    /// The member or reader.
+    pub uid: Uid,
+    /// What changed.
+    pub change: StreamChange,
+}
+
+/// What a [`StreamEvent`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamChange {
+    /// The user became a member (an agent assignment, a `group_add`, a conversation's first
+    /// members), at `ts` (ms since the Unix epoch; 0: not recorded).
+    Joined {
+        /// When, ms since the Unix epoch (0: not recorded).
+        ts: u64,
+    },
+    /// The user is no longer a member (a `resolve`, a `group_remove`).
+    Left {
+        /// When, ms since the Unix epoch (0: not recorded).
+        ts: u64,
+    },
+    /// The user's read cursor moved up to `seq` (a `read`; a sender's own message moves its
+    /// cursor too, with no event).
+    Read {
+        /// The seq read up to.
+        seq: Seq,
+    },
+}
+
+impl StreamChange {
+    /// The JSON name (`event` field).
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamChange::Joined { .. } => "joined",
+            StreamChange::Left { .. } => "left",
+            StreamChange::Read { .. } => "read",
+        }
+    }
+}
+
+/// `agent_stats`: the customer-service figures of a shop's agents over the window
+/// `from_ms..to_ms` (ms since the Unix epoch; docs/backend.md, "Agent statistics").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentStats {
+    /// The shop.
+    pub shop: ShopId,
+    /// The window's start (inclusive).
+    pub from_ms: u64,
+    /// The window's end (exclusive).
+    pub to_ms: u64,
+}
+
+/// The figures of one agent, or of a whole shop, over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsRow {
+    /// Conversations assigned during the window.
+    pub assigned: u32,
+    /// Conversations assigned and not resolved at the window's end.
+    pub open: u32,
+    /// Conversations resolved during the window.
+    pub resolved: u32,
+    /// Messages the agents sent during the window.
+    pub messages: u32,
+    /// First replies to a waiting customer during the window (the count behind the
+    /// percentiles).
+    pub replies: u32,
+    /// Median time from a customer's message to the agent's first reply, in ms (0 without
+    /// replies).
+    pub reply_ms_p50: u64,
+    /// 90th percentile of the same, in ms (0 without replies).
+    pub reply_ms_p90: u64,
+}
+
+/// One agent's line of `agent_stats_ok`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentRow {
+    /// The agent.
+    pub agent: Uid,
+    /// Its figures.
+    pub stats: StatsRow,
+}
+
+/// `agent_stats_ok`: a shop's figures over a window, per agent and in total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatsOk {
+    /// The shop.
+    pub shop: ShopId,
+    /// The window the figures cover: the asked one, widened to whole hours and cut to the
+    /// hours the node keeps.
+    pub from_ms: u64,
+    /// See `from_ms` (exclusive).
+    pub to_ms: u64,
+    /// The whole shop (every agent, also those beyond the listed ones).
+    pub total: StatsRow,
+    /// Each agent with anything in the window or open at its end, by uid; at most
+    /// [`crate::limits::STATS_AGENTS_MAX`].
+    pub agents: Vec<AgentRow>,
 }
 
 /// One entry of `presence_ok`: a user and its devices logged in now.
@@ -1230,6 +1358,33 @@ pub(crate) mod strategies {
     }
 
     /// The service port's ops and the `notify` push.
+    fn stream_event() -> impl Strategy<Value = StreamEvent> {
+        (any::<u16>(), any::<u64>(), uid(), 0u8..3, any::<u64>()).prop_map(
+            |(after_msgs, c, uid, which, n)| StreamEvent {
+                after_msgs,
+                conv: ConvId(c),
+                uid,
+                change: match which {
+                    0 => StreamChange::Joined { ts: n },
+                    1 => StreamChange::Left { ts: n },
+                    _ => StreamChange::Read { seq: Seq(n) },
+                },
+            },
+        )
+    }
+
+    fn stats_row() -> impl Strategy<Value = StatsRow> {
+        (any::<[u32; 5]>(), any::<u64>(), any::<u64>()).prop_map(|(n, p50, p90)| StatsRow {
+            assigned: n[0],
+            open: n[1],
+            resolved: n[2],
+            messages: n[3],
+            replies: n[4],
+            reply_ms_p50: p50,
+            reply_ms_p90: p90,
+        })
+    }
+
     pub fn service_message() -> impl Strategy<Value = Message<'static>> {
         let history = || {
             (
@@ -1316,13 +1471,42 @@ pub(crate) mod strategies {
                     msgs
                 }
             )),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(shop, from_ms, to_ms)| {
+                Message::AgentStats(AgentStats {
+                    shop: ShopId(shop),
+                    from_ms,
+                    to_ms,
+                })
+            }),
+            (
+                any::<u64>(),
+                any::<(u64, u64)>(),
+                stats_row(),
+                vec((uid(), stats_row()), 0..4)
+            )
+                .prop_map(|(shop, (from_ms, to_ms), total, agents)| {
+                    Message::AgentStatsOk(AgentStatsOk {
+                        shop: ShopId(shop),
+                        from_ms,
+                        to_ms,
+                        total,
+                        agents: agents
+                            .into_iter()
+                            .map(|(agent, stats)| AgentRow { agent, stats })
+                            .collect(),
+                    })
+                }),
             "[0-9a-f]{0,80}".prop_map(|p| Message::Subscribe(Cow::Owned(p))),
-            ("[0-9a-f]{0,80}", vec(msg(), 0..4)).prop_map(|(p, msgs)| Message::StreamBatch(
-                StreamBatch {
+            (
+                "[0-9a-f]{0,80}",
+                vec(msg(), 0..4),
+                vec(stream_event(), 0..4)
+            )
+                .prop_map(|(p, msgs, events)| Message::StreamBatch(StreamBatch {
                     position: Cow::Owned(p),
-                    msgs
-                }
-            )),
+                    msgs,
+                    events
+                })),
         ]
     }
 

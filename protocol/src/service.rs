@@ -30,7 +30,8 @@ use bytes::BytesMut;
 
 use crate::binary::{self, StreamDecoder};
 use crate::client::ClientError;
-use crate::message::{AuthOk, Frame, Message};
+use crate::ids::ShopId;
+use crate::message::{AgentStats, AgentStatsOk, AuthOk, Frame, Message};
 
 /// The largest frame the client accepts from the server.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
@@ -99,6 +100,26 @@ impl ServiceClient {
         match frame.message {
             Message::Error(e) => Err(ClientError::Rejected(e)),
             _ => Ok(frame),
+        }
+    }
+
+    /// The customer-service figures of `shop`'s agents over `from_ms..to_ms` (`agent_stats`,
+    /// docs/backend.md "Agent statistics").
+    pub fn agent_stats(
+        &mut self,
+        shop: ShopId,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<AgentStatsOk, ClientError> {
+        let request = Message::AgentStats(AgentStats {
+            shop,
+            from_ms,
+            to_ms,
+        });
+        let frame = self.call(request)?;
+        match frame.message {
+            Message::AgentStatsOk(stats) => Ok(stats),
+            _ => Err(ClientError::Unexpected(Box::new(frame))),
         }
     }
 

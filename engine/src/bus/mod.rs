@@ -187,6 +187,8 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// The users, all owned by the receiving shard.
         users: Vec<Uid>,
+        /// The connection's token for the request (see [`BusMsg::PresencePart`]).
+        token: u64,
     },
     /// The message stream of a service: the next messages of the receiving shard's log.
     StreamRead {
@@ -195,10 +197,19 @@ pub enum BusMsg {
         /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
         from: u64,
     },
+    /// `agent_stats` from a service, for the owner of the shop.
+    AgentStats {
+        /// The service.
+        origin: Box<Origin>,
+        /// Which shop, over which window.
+        stats: chinwag_protocol::AgentStats,
+    },
     /// `convs` from a client: the receiving shard's part of the user's conversation list.
     Convs {
         /// Who asks.
         origin: Box<Origin>,
+        /// The session's token for this request (see [`BusMsg::ConvsPart`]).
+        token: u64,
     },
     /// A login on `session`: find or register the device, take it over from an older session.
     Register {
@@ -276,19 +287,21 @@ pub enum BusMsg {
     PresencePart {
         /// The service connection that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// The online devices of the asked users this shard owns.
-        online: Vec<Online>,
+        /// The connection's token for the request (unique per connection, unlike `req`).
+        token: u64,
+        /// The online devices of the asked users this shard owns; `None` when the request
+        /// could not reach the shard (its mailbox was full).
+        online: Option<Vec<Online>>,
     },
     /// One shard's part of a `convs` reply.
     ConvsPart {
         /// The session that asked.
         session: SessionRef,
-        /// The request's `req`.
-        req: Option<u64>,
-        /// That shard's conversations of the user.
-        convs: Vec<ConvSummary<'static>>,
+        /// The session's token for the request: unique per session, unlike the client's `req`.
+        token: u64,
+        /// That shard's conversations of the user; `None` when the request could not reach
+        /// the shard (its mailbox was full).
+        convs: Option<Vec<ConvSummary<'static>>>,
     },
 }
 
@@ -307,7 +320,16 @@ pub struct StreamPart {
     /// The shard whose log was read.
     pub shard: usize,
     /// The messages and the position after them, or why the position was refused.
-    pub result: Result<(Vec<chinwag_protocol::Msg<'static>>, u64), &'static str>,
+    pub result: Result<StreamFound, &'static str>,
+}
+
+/// The messages and events one stream read found, and the position after them.
+#[derive(Debug)]
+pub struct StreamFound {
+    pub msgs: Vec<chinwag_protocol::Msg<'static>>,
+    pub events: Vec<chinwag_protocol::StreamEvent>,
+    /// The position in the shard's log to read on from.
+    pub next: u64,
 }
 
 /// Which stored reply did not reach WeChat, and why.
@@ -370,7 +392,8 @@ impl BusMsg {
             | BusMsg::History { origin, .. }
             | BusMsg::KickUser { origin, .. }
             | BusMsg::Presence { origin, .. }
-            | BusMsg::Convs { origin } => Some(origin.as_ref()),
+            | BusMsg::AgentStats { origin, .. }
+            | BusMsg::Convs { origin, .. } => Some(origin.as_ref()),
             _ => None,
         }
     }
@@ -402,8 +425,9 @@ impl BusMsg {
             BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
             BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
             BusMsg::History { history, .. } => owner_of_conv(history.conv),
-            BusMsg::Convs { origin } => origin.session.shard as usize,
+            BusMsg::Convs { origin, .. } => origin.session.shard as usize,
             BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
+            BusMsg::AgentStats { stats, .. } => owner_of(&stats.shop, shards),
             // Posted to each shard in turn, not to an owner.
             BusMsg::StreamRead { .. } => return None,
             BusMsg::StreamPart(part) => part.session.shard as usize,

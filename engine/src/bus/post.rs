@@ -107,8 +107,9 @@ impl Post {
 
     /// Sends `msg` to `shard`. Returns what this shard has to handle itself: `msg` when it is
     /// for this shard; when the other shard's mailbox is full, the `unavailable` answer to a
-    /// client's request (anything else is dropped and counted, and a lost push is repaired by
-    /// `history`).
+    /// client's request, or for a `convs` or `presence` part request the failed part (its
+    /// gather then answers `unavailable` once and frees its slot); anything else is dropped and counted,
+    /// and a lost push is repaired by `history`.
     pub fn send(&self, shard: usize, msg: BusMsg, metrics: &ShardMetrics) -> Option<BusMsg> {
         if shard == self.shard {
             return Some(msg);
@@ -116,6 +117,23 @@ impl Post {
         let msg = self.office.mailboxes[shard].send(msg).err()?;
         // The other shard is far behind; shedding this message is the bounded choice.
         metrics::add(&metrics.mailbox_full_drops, 1);
+        match msg {
+            BusMsg::Convs { origin, token } => {
+                return Some(BusMsg::ConvsPart {
+                    session: origin.session,
+                    token,
+                    convs: None,
+                })
+            }
+            BusMsg::Presence { origin, token, .. } => {
+                return Some(BusMsg::PresencePart {
+                    session: origin.session,
+                    token,
+                    online: None,
+                })
+            }
+            _ => {}
+        }
         let origin = msg.origin()?;
         Some(BusMsg::Deliver {
             to: origin.session,

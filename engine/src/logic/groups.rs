@@ -28,16 +28,21 @@ type Failure = (ErrorCode, String);
 impl Owner {
     /// Carries out a service's group operation: its reply (an acknowledgement, `unavailable`
     /// if the commit fails), records and pushes wait for the commit.
-    pub(super) fn group(&mut self, origin: &Origin, op: GroupOp) -> Result<(), Failure> {
+    pub(super) fn group(
+        &mut self,
+        origin: &Origin,
+        op: GroupOp,
+        now_ms: u64,
+    ) -> Result<(), Failure> {
         let reply = match op {
             GroupOp::Create { key, members } => {
                 Message::GroupCreateOk(self.group_create(key, &members)?)
             }
             GroupOp::Add { conv, members } => {
-                Message::GroupAddOk(self.group_change(conv, &members, true)?)
+                Message::GroupAddOk(self.group_change(conv, &members, true, now_ms)?)
             }
             GroupOp::Remove { conv, members } => {
-                Message::GroupRemoveOk(self.group_change(conv, &members, false)?)
+                Message::GroupRemoveOk(self.group_change(conv, &members, false, now_ms)?)
             }
             GroupOp::Info { conv } => Message::ConvInfoOk(self.conv_info(conv, false)?),
         };
@@ -76,6 +81,7 @@ impl Owner {
         conv: ConvId,
         members: &[Uid],
         join: bool,
+        now_ms: u64,
     ) -> Result<ConvInfo, Failure> {
         check_request(members)?;
         let c = self.local_conv(conv)?;
@@ -109,9 +115,9 @@ impl Owner {
         }
         for &uid in &changed {
             let stored = if join {
-                self.store.add_member(conv, uid)
+                self.store.add_member(conv, uid, now_ms)
             } else {
-                self.store.remove_member(conv, uid)
+                self.store.remove_member(conv, uid, now_ms)
             };
             stored.map_err(store_error)?;
         }

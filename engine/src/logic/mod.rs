@@ -199,7 +199,7 @@ impl Owner {
                 }
             }
             BusMsg::Resolve { origin, conv } => {
-                if let Err((code, text)) = self.resolve(&origin, conv) {
+                if let Err((code, text)) = self.resolve(&origin, conv, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }
@@ -210,6 +210,17 @@ impl Owner {
                 };
                 self.reply_now(&origin, reply);
             }
+            BusMsg::AgentStats { origin, stats } => {
+                let reply = if stats.from_ms < stats.to_ms {
+                    let report = self
+                        .store
+                        .agent_stats(stats.shop, stats.from_ms, stats.to_ms);
+                    origin.reply(chinwag_protocol::Message::AgentStatsOk(report))
+                } else {
+                    origin.error(ErrorCode::BadRequest, "from_ms must be before to_ms")
+                };
+                self.reply_now(&origin, reply);
+            }
             BusMsg::KickUser { origin, kick } => {
                 let kicked = self.kick(kick);
                 self.reply_now(
@@ -217,14 +228,18 @@ impl Owner {
                     origin.reply(chinwag_protocol::Message::KickOk(kicked)),
                 );
             }
-            BusMsg::Presence { origin, users } => {
+            BusMsg::Presence {
+                origin,
+                users,
+                token,
+            } => {
                 let online = self.presence(&users);
                 self.push_out(
                     origin.session.shard as usize,
                     BusMsg::PresencePart {
                         session: origin.session,
-                        req: origin.req,
-                        online,
+                        token,
+                        online: Some(online),
                     },
                 );
             }
@@ -232,14 +247,14 @@ impl Owner {
                 let part = self.stream_read(session, from);
                 self.push_out(session.shard as usize, BusMsg::StreamPart(Box::new(part)));
             }
-            BusMsg::Convs { origin } => {
+            BusMsg::Convs { origin, token } => {
                 let convs = self.convs_of(origin.uid);
                 self.push_out(
                     origin.session.shard as usize,
                     BusMsg::ConvsPart {
                         session: origin.session,
-                        req: origin.req,
-                        convs,
+                        token,
+                        convs: Some(convs),
                     },
                 );
             }
@@ -251,11 +266,11 @@ impl Owner {
             BusMsg::Unregister {
                 session, device, ..
             } => self.unregister(session, device),
-            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent),
+            BusMsg::AgentOnline { shop, agent } => self.agent_online(shop, agent, now_ms),
             BusMsg::AgentOffline { shop, agent } => self.dispatcher.agent_offline(shop, agent),
             BusMsg::Group(request) => {
                 let GroupRequest { origin, op } = *request;
-                if let Err((code, text)) = self.group(&origin, op) {
+                if let Err((code, text)) = self.group(&origin, op, now_ms) {
                     self.reply_now(&origin, origin.error(code, &text));
                 }
             }

@@ -8,7 +8,7 @@ use chinwag_protocol::{
 };
 
 use super::{store_error, Owner};
-use crate::bus::{reply_size, Origin, SessionRef, StreamPart, STREAM_NOW};
+use crate::bus::{reply_size, Origin, SessionRef, StreamFound, StreamPart, STREAM_NOW};
 use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef, ScanError};
 
 /// Log records one stream read looks at, so one subscriber's read is a bounded share of a
@@ -60,17 +60,25 @@ impl Owner {
         Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
     }
 
-    /// The next messages of this shard's log for a service's stream, from `from`
-    /// ([`STREAM_NOW`]: none, just the position of the log's end).
+    /// The next messages and member and cursor changes of this shard's log for a service's
+    /// stream, from `from` ([`STREAM_NOW`]: none, just the position of the log's end).
     pub(super) fn stream_read(&self, session: SessionRef, from: u64) -> StreamPart {
         let result = if from == STREAM_NOW {
             self.store
                 .scan(self.store.acked(), 0, 0)
-                .map(|(_, end)| (Vec::new(), end))
+                .map(|found| StreamFound {
+                    msgs: Vec::new(),
+                    events: Vec::new(),
+                    next: found.next,
+                })
         } else {
             self.store
                 .scan(from, STREAM_RECORDS_MAX, self.reply_bytes_max / 4)
-                .map(|(msgs, next)| (msgs.iter().map(to_msg).collect(), next))
+                .map(|found| StreamFound {
+                    msgs: found.messages.iter().map(to_msg).collect(),
+                    events: found.events,
+                    next: found.next,
+                })
         };
         StreamPart {
             session,
@@ -226,23 +234,24 @@ mod tests {
         h.turn(send(&c, Target::User(a.uid), "3", "from c"));
         let out = h.turn(BusMsg::Convs {
             origin: Box::new(a),
+            token: 7,
         });
         let parts: Vec<_> = out
             .iter()
             .filter_map(|(shard, msg)| match msg {
                 BusMsg::ConvsPart {
                     session,
-                    req,
-                    convs,
-                } => Some((*shard, *session, *req, convs)),
+                    token,
+                    convs: Some(convs),
+                } => Some((*shard, *session, *token, convs)),
                 _ => None,
             })
             .collect();
         assert_eq!(parts.len(), 1);
-        let (shard, session, req, convs) = &parts[0];
+        let (shard, session, token, convs) = &parts[0];
         assert_eq!(
-            (*shard, *session, *req),
-            (SESSION_SHARD as usize, a.session, Some(1))
+            (*shard, *session, *token),
+            (SESSION_SHARD as usize, a.session, 7)
         );
         let mut unread: Vec<_> = convs
             .iter()
@@ -260,6 +269,59 @@ mod tests {
             [
                 (1, 1, Some("from c".to_string())),
                 (2, 2, Some("from b again".to_string()))
+            ]
+        );
+    }
+
+    /// The stream carries membership and read-cursor changes beside the messages, each placed
+    /// among them in log order.
+    #[test]
+    fn the_stream_reads_member_and_cursor_changes_among_the_messages() {
+        use chinwag_protocol::{Cursor, ShopId, StreamChange, StreamEvent};
+        let mut h = Harness::new();
+        let support = h.login(agent(9));
+        h.turn(BusMsg::AgentOnline {
+            shop: ShopId(5),
+            agent: support.uid,
+        });
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(ShopId(5)), "1", "hi"));
+        let (conv, _) = send_ok(&replies(&out, customer.session));
+        let assigned_ms = h.now_ms;
+        h.turn(send(&support, Target::Conv(conv), "2", "hello"));
+        h.turn(BusMsg::Read {
+            origin: Box::new(customer),
+            cursor: Cursor { conv, seq: Seq(2) },
+        });
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv,
+        });
+        let resolved_ms = h.now_ms;
+
+        let out = h.turn(BusMsg::StreamRead {
+            session: customer.session,
+            from: 0,
+        });
+        let Some(BusMsg::StreamPart(part)) = out.into_iter().map(|(_, m)| m).next() else {
+            panic!("expected a stream part");
+        };
+        let found = part.result.expect("the start of the log is a position");
+        let seqs: Vec<u64> = found.msgs.iter().map(|m| m.seq.0).collect();
+        assert_eq!(seqs, [1, 2]);
+        let event = |after_msgs, uid, change| StreamEvent {
+            after_msgs,
+            conv,
+            uid,
+            change,
+        };
+        assert_eq!(
+            found.events,
+            [
+                event(0, customer.uid, StreamChange::Joined { ts: 0 }),
+                event(0, support.uid, StreamChange::Joined { ts: assigned_ms }),
+                event(2, customer.uid, StreamChange::Read { seq: Seq(2) }),
+                event(2, support.uid, StreamChange::Left { ts: resolved_ms }),
             ]
         );
     }

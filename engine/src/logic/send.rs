@@ -51,22 +51,27 @@ impl Owner {
             }
         };
 
-        if uid.kind.is_customer() {
-            self.serve_customer(conv)?;
+        let message = NewMessage {
+            conv,
+            sender: uid,
+            device: origin.device,
+            cmid: cmid.as_bytes(),
+            kind: kind.as_bytes(),
+            body: body.as_bytes(),
+            ts_ms: now_ms,
+        };
+        // A repeated cmid only gets its original's answer: no dispatch, no assignment.
+        if uid.kind.is_customer()
+            && self
+                .store
+                .duplicate_of(&message)
+                .map_err(store_error)?
+                .is_none()
+        {
+            self.serve_customer(conv, now_ms)?;
         }
 
-        let appended = self
-            .store
-            .append_message(&NewMessage {
-                conv,
-                sender: uid,
-                device: origin.device,
-                cmid: cmid.as_bytes(),
-                kind: kind.as_bytes(),
-                body: body.as_bytes(),
-                ts_ms: now_ms,
-            })
-            .map_err(store_error)?;
+        let appended = self.store.append_message(&message).map_err(store_error)?;
         match appended {
             Appended::Stored { seq } => {
                 self.messages_stored += 1;
@@ -111,10 +116,14 @@ impl Owner {
     /// Customer service: makes sure an online agent serves the shop conversation `conv`
     /// before a customer's message goes out, so a newly assigned agent gets `members` and then
     /// the `msg`.
-    pub(super) fn serve_customer(&mut self, conv: ConvId) -> Result<(), (ErrorCode, String)> {
+    pub(super) fn serve_customer(
+        &mut self,
+        conv: ConvId,
+        now_ms: u64,
+    ) -> Result<(), (ErrorCode, String)> {
         if let Some((shop, agents)) = self.shop_agents(conv) {
             if let Decision::Assign(agent) = self.dispatcher.customer_message(shop, conv, &agents) {
-                self.assign(conv, agent).map_err(store_error)?;
+                self.assign(conv, agent, now_ms).map_err(store_error)?;
             }
         }
         Ok(())

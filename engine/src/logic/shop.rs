@@ -46,6 +46,7 @@ impl Owner {
         &mut self,
         origin: &Origin,
         conv: ConvId,
+        now_ms: u64,
     ) -> Result<(), (ErrorCode, String)> {
         if origin.uid.kind != UidKind::Agent {
             return Err((ErrorCode::BadRequest, "only agents resolve".into()));
@@ -55,7 +56,7 @@ impl Owner {
             return Err((ErrorCode::BadRequest, "not a shop conversation".into()));
         };
         self.store
-            .remove_member(conv, origin.uid)
+            .remove_member(conv, origin.uid, now_ms)
             .map_err(store_error)?;
         self.dispatcher.resolve(shop, origin.uid);
         let ok = origin.reply(Message::ResolveOk(conv));
@@ -74,9 +75,14 @@ impl Owner {
         Ok(())
     }
 
-    /// Adds `agent` to `conv` and pushes the new member list to every member.
-    pub(super) fn assign(&mut self, conv: ConvId, agent: Uid) -> Result<(), StoreError> {
-        self.store.add_member(conv, agent)?;
+    /// Adds `agent` to `conv` at `now_ms` and pushes the new member list to every member.
+    pub(super) fn assign(
+        &mut self,
+        conv: ConvId,
+        agent: Uid,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.store.add_member(conv, agent, now_ms)?;
         let members = self.members(conv);
         let list = members.to_vec();
         self.fanout(Fanout::new(
@@ -104,9 +110,9 @@ impl Owner {
     }
 
     /// A device of `agent` logged in: waiting conversations of its shop may now be assigned.
-    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid) {
+    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid, now_ms: u64) {
         for assignment in self.dispatcher.agent_online(shop, agent) {
-            if let Err(e) = self.assign(assignment.conv, assignment.agent) {
+            if let Err(e) = self.assign(assignment.conv, assignment.agent, now_ms) {
                 tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
             }
         }
@@ -228,5 +234,120 @@ mod tests {
         assert_eq!(pushed.len(), 1, "{pushed:?}");
         assert!(pushed[0].3.contains(&conv.to_string()));
         assert_eq!(pushed[0].1, [customer.uid, support.uid]);
+    }
+
+    /// A repeated cmid (a client's idempotent resend) ran dispatch again before the store
+    /// found the duplicate: after a `resolve`, the resend assigned an agent anew.
+    #[test]
+    fn a_repeated_cmid_assigns_nobody_and_pushes_nothing() {
+        let mut h = Harness::new();
+        let support = agent_of_shop(&mut h, 9);
+        online(&mut h, &support);
+        let customer = h.login(buyer(1));
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        let first = send_ok(&replies(&out, customer.session));
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv: first.0,
+        });
+        assert_eq!(h.owner.dispatcher.assigned_count(SHOP, support.uid), 0);
+
+        let out = h.turn(send(&customer, Target::Shop(SHOP), "1", "hi"));
+        assert_eq!(send_ok(&replies(&out, customer.session)), first);
+        assert!(pushes(&out).is_empty(), "{:?}", pushes(&out));
+        assert_eq!(h.owner.dispatcher.assigned_count(SHOP, support.uid), 0);
+        assert_eq!(h.owner.members(first.0).as_slice(), [customer.uid]);
+    }
+
+    /// `agent_stats` of [`SHOP`] from `from_ms` to `to_ms`, asked by a service on the session
+    /// of `asker`: the replies.
+    fn ask_stats(h: &mut Harness, asker: &Origin, from_ms: u64, to_ms: u64) -> Vec<String> {
+        let service = Origin {
+            uid: chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1),
+            service: true,
+            ..*asker
+        };
+        let out = h.turn(BusMsg::AgentStats {
+            origin: Box::new(service),
+            stats: chinwag_protocol::AgentStats {
+                shop: SHOP,
+                from_ms,
+                to_ms,
+            },
+        });
+        replies(&out, asker.session)
+    }
+
+    fn stats(h: &mut Harness, asker: &Origin) -> String {
+        let to_ms = h.now_ms + 1;
+        let texts = ask_stats(h, asker, 0, to_ms);
+        assert_eq!(texts.len(), 1, "{texts:?}");
+        texts[0].clone()
+    }
+
+    #[test]
+    fn agent_stats_count_what_agents_did_and_are_the_same_after_restarts() {
+        let mut h = Harness::new();
+        let (a, b) = (agent_of_shop(&mut h, 7), agent_of_shop(&mut h, 8));
+        online(&mut h, &a);
+        online(&mut h, &b);
+        let (c1, c2) = (h.login(buyer(1)), h.login(buyer(2)));
+        let out = h.turn(send(&c1, Target::Shop(SHOP), "1", "hi"));
+        let (conv1, _) = send_ok(&replies(&out, c1.session));
+        let out = h.turn(send(&c2, Target::Shop(SHOP), "1", "hello"));
+        let (conv2, _) = send_ok(&replies(&out, c2.session));
+        // Each agent got one conversation; find whose is whose.
+        let members = h.owner.members(conv1);
+        let (first, second) = if members.contains(&a.uid) {
+            (a, b)
+        } else {
+            (b, a)
+        };
+
+        h.now_ms += 30_000;
+        h.turn(send(&first, Target::Conv(conv1), "r1", "how can I help?"));
+        h.turn(send(&first, Target::Conv(conv1), "r2", "still there?"));
+        let before_snapshot = stats(&mut h, &c1);
+        h.owner.maintain(h.now_ms);
+        h.now_ms += 3_000;
+        h.turn(send(&second, Target::Conv(conv2), "r1", "hello to you"));
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(first),
+            conv: conv1,
+        });
+        let report = stats(&mut h, &c1);
+        assert_ne!(report, before_snapshot);
+        let json = |uid: chinwag_protocol::Uid, row: &str| format!(r#"{{"agent":"{uid}",{row}}}"#);
+        let first_row = r#""assigned":1,"open":0,"resolved":1,"messages":2,"replies":1,"reply_ms_p50":32000,"reply_ms_p90":32000"#;
+        let second_row = r#""assigned":1,"open":1,"resolved":0,"messages":1,"replies":1,"reply_ms_p50":45255,"reply_ms_p90":45255"#;
+        let mut rows = [(first.uid, first_row), (second.uid, second_row)];
+        rows.sort();
+        let expected = format!(
+            r#""total":{{"assigned":2,"open":1,"resolved":1,"messages":3,"replies":2,"reply_ms_p50":32000,"reply_ms_p90":45255}},"agents":[{},{}]"#,
+            json(rows[0].0, rows[0].1),
+            json(rows[1].0, rows[1].1)
+        );
+        assert!(report.contains(&expected), "{report}\n{expected}");
+
+        // Replayed from the snapshot and the records after it: the same figures.
+        h.restart();
+        assert_eq!(stats(&mut h, &c1), report);
+        // Replayed from the start (no snapshot): the same figures.
+        for snap in std::fs::read_dir(h.dir()).unwrap() {
+            let path = snap.unwrap().path();
+            if path.extension().is_some_and(|e| e == "snap") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+        h.restart();
+        assert_eq!(stats(&mut h, &c1), report);
+    }
+
+    #[test]
+    fn agent_stats_refuse_an_empty_window() {
+        let mut h = Harness::new();
+        let asker = h.login(buyer(1));
+        let texts = ask_stats(&mut h, &asker, 10, 10);
+        assert!(texts[0].contains(r#""code":"bad_request""#), "{texts:?}");
     }
 }

@@ -50,6 +50,11 @@ impl Harness {
         self.owner = open(self.dir.path(), 1 << 20);
     }
 
+    /// The log's directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// A session slot nobody used yet.
     pub fn new_session(&mut self) -> SessionRef {
         self.next_slot += 1;

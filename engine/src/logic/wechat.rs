@@ -40,20 +40,25 @@ impl Owner {
                 store.create_shop_conv(conv, shop, uid)
             })
             .and_then(|conv| {
-                self.serve_customer(conv)?;
-                self.store_and_push(
-                    &NewMessage {
-                        conv,
-                        sender: uid,
-                        device: no_device(),
-                        cmid: inbound.cmid.as_bytes(),
-                        kind: inbound.kind.as_bytes(),
-                        body: inbound.body.as_bytes(),
-                        ts_ms: now_ms,
-                    },
-                    None,
-                )
-                .map_err(super::store_error)
+                let message = NewMessage {
+                    conv,
+                    sender: uid,
+                    device: no_device(),
+                    cmid: inbound.cmid.as_bytes(),
+                    kind: inbound.kind.as_bytes(),
+                    body: inbound.body.as_bytes(),
+                    ts_ms: now_ms,
+                };
+                // A retried push (same cmid) changes nothing: no dispatch either.
+                let original = self
+                    .store
+                    .duplicate_of(&message)
+                    .map_err(super::store_error)?;
+                if original.is_none() {
+                    self.serve_customer(conv, now_ms)?;
+                }
+                self.store_and_push(&message, None)
+                    .map_err(super::store_error)
             });
         if let Err((code, text)) = stored {
             // WeChat was already answered; the message is lost unless it retries. Say so.
@@ -246,6 +251,15 @@ mod tests {
             .expect("the conversation");
         let out = h.turn(send(&support, Target::Conv(conv), "a1", "您好"));
         assert_eq!(send_ok(&replies(&out, support.session)), (conv, 2));
+
+        // Resolved, then WeChat retries once more: still nothing, no new assignment.
+        h.turn(BusMsg::Resolve {
+            origin: Box::new(support),
+            conv,
+        });
+        let late = h.turn(inbound(7, "wx-msg-1", "在吗"));
+        assert!(pushes(&late).is_empty(), "{:?}", pushes(&late));
+        assert_eq!(h.owner.members(conv).as_slice(), [customer]);
     }
 
     #[test]

@@ -129,6 +129,36 @@ pub struct Scrape<'a> {
     pub draining: bool,
 }
 
+/// Writes one histogram per shard: cumulative buckets with upper bounds `bounds_us` (the last
+/// bucket, beyond them, is `+Inf`), the sum and the count, in seconds.
+fn histogram(
+    out: &mut String,
+    shards: &[&ShardMetrics],
+    name: &str,
+    help: &str,
+    bounds_us: &[u64],
+    counters: impl Fn(&ShardMetrics) -> (&[AtomicU64], &AtomicU64),
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (i, m) in shards.iter().enumerate() {
+        let (buckets, sum_us) = counters(m);
+        let mut cumulative = 0;
+        for (b, bucket) in buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = bounds_us
+                .get(b)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum_s = sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{shard=\"{i}\"}} {sum_s}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
+    }
+}
+
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
 pub fn render(scrape: &Scrape) -> String {
     let mut out = String::with_capacity(8 * 1024);
@@ -335,56 +365,23 @@ pub fn render(scrape: &Scrape) -> String {
     for (i, depth) in scrape.mailbox_depths.iter().enumerate() {
         let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {depth}");
     }
-    let name = "chinwag_loop_turn_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time a shard spends on one loop turn, not counting the wait for events."
+    histogram(
+        &mut out,
+        shards,
+        "chinwag_loop_turn_seconds",
+        "Time a shard spends on one loop turn, not counting the wait for events.",
+        &TURN_BUCKETS_US,
+        |m| (&m.turn_buckets[..], &m.turn_us_sum),
     );
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (i, m) in shards.iter().enumerate() {
-        let mut cumulative = 0;
-        for (b, bucket) in m.turn_buckets.iter().enumerate() {
-            cumulative += load(bucket);
-            let le = TURN_BUCKETS_US
-                .get(b)
-                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_sum{{shard=\"{i}\"}} {}",
-            load(&m.turn_us_sum) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
-    }
-    let name = "chinwag_send_ok_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} From a send's decoding to its send_ok's release after the log commit (as \
-         conversation owner).\n# TYPE {name} histogram"
+    histogram(
+        &mut out,
+        shards,
+        "chinwag_send_ok_seconds",
+        "From a send's decoding to its send_ok's release after the log commit (as \
+         conversation owner).",
+        &SEND_OK_BUCKETS_US,
+        |m| (&m.send_ok_buckets[..], &m.send_ok_us_sum),
     );
-    for (i, m) in shards.iter().enumerate() {
-        let mut cumulative = 0;
-        for (b, bucket) in m.send_ok_buckets.iter().enumerate() {
-            cumulative += load(bucket);
-            let le = SEND_OK_BUCKETS_US
-                .get(b)
-                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_sum{{shard=\"{i}\"}} {}",
-            load(&m.send_ok_us_sum) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {cumulative}");
-    }
     let name = "chinwag_draining";
     let _ = writeln!(
         out,

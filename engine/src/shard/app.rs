@@ -26,6 +26,11 @@ pub const CLOSE_KICKED: u16 = 4001;
 /// partial list, so the number is bounded.
 const CONVS_IN_FLIGHT_MAX: usize = 4;
 
+/// A `convs` request whose parts have not all come back after this long is answered
+/// `unavailable` and its slot freed: a part can be lost on the way back (the asking shard's
+/// mailbox was full), and a slot must never be held for ever.
+const CONVS_GATHER_TIMEOUT_MS: u64 = 10_000;
+
 /// A session that sent `login`: who it is, and what it waits for.
 #[derive(Debug)]
 pub struct LoginState {
@@ -40,13 +45,22 @@ pub struct LoginState {
     login_req: Option<u64>,
     /// `convs` requests waiting for every shard's part.
     gathers: Vec<Gather>,
+    /// The token of the next `convs` request: parts are matched by it, not by the client's
+    /// `req`, which a client may repeat or leave out.
+    next_gather_token: u64,
 }
 
 #[derive(Debug)]
 struct Gather {
+    /// Names this request among the session's; never reused within a session.
+    token: u64,
     req: Option<u64>,
     encoding: Encoding,
     remaining: usize,
+    /// A shard could not answer (its mailbox was full): the reply is `unavailable`.
+    failed: bool,
+    /// When it was asked (the shard's clock), for [`CONVS_GATHER_TIMEOUT_MS`].
+    started_ms: u64,
     convs: Vec<ConvSummary<'static>>,
 }
 
@@ -175,6 +189,7 @@ impl App {
                     device: None,
                     login_req: req,
                     gathers: Vec::new(),
+                    next_gather_token: 0,
                 }));
                 let request = BusMsg::Register {
                     session: session.session_ref(ctx),
@@ -210,28 +225,32 @@ impl App {
                     },
                     Message::Convs => {
                         let shards = ctx.shards();
-                        if self
-                            .login
-                            .as_ref()
-                            .is_some_and(|l| l.gathers.len() >= CONVS_IN_FLIGHT_MAX)
-                        {
+                        let Some(login) = self.login.as_mut() else {
+                            return;
+                        };
+                        expire_gathers(login, session, ctx);
+                        if login.gathers.len() >= CONVS_IN_FLIGHT_MAX {
                             let error = origin
                                 .error(ErrorCode::RateLimited, "too many convs requests in flight");
                             return session.send(error, ctx);
                         }
-                        if let Some(login) = self.login.as_mut() {
-                            login.gathers.push(Gather {
-                                req,
-                                encoding,
-                                remaining: shards,
-                                convs: Vec::new(),
-                            });
-                        }
+                        let token = login.next_gather_token;
+                        login.next_gather_token += 1;
+                        login.gathers.push(Gather {
+                            token,
+                            req,
+                            encoding,
+                            remaining: shards,
+                            failed: false,
+                            started_ms: ctx.now_ms,
+                            convs: Vec::new(),
+                        });
                         for shard in 0..shards {
                             ctx.post.to(
                                 shard,
                                 BusMsg::Convs {
                                     origin: Box::new(origin),
+                                    token,
                                 },
                             );
                         }
@@ -294,27 +313,39 @@ impl App {
         true
     }
 
-    /// One shard's part of a `convs` reply; the reply goes out when every shard has answered.
+    /// One shard's part of the `convs` request `token` (`None`: that shard could not answer);
+    /// the reply goes out when every shard has answered.
     pub fn on_convs_part(
         &mut self,
-        req: Option<u64>,
-        convs: Vec<ConvSummary<'static>>,
+        token: u64,
+        convs: Option<Vec<ConvSummary<'static>>>,
         session: &mut impl Link,
         ctx: &mut Context,
     ) {
         let Some(login) = self.login.as_mut() else {
             return;
         };
-        let Some(at) = login.gathers.iter().position(|g| g.req == req) else {
+        // A part of a request that timed out finds no gather: it is dropped.
+        let Some(at) = login.gathers.iter().position(|g| g.token == token) else {
             return;
         };
         let gather = &mut login.gathers[at];
-        gather.convs.extend(convs);
+        match convs {
+            Some(convs) if !gather.failed => gather.convs.extend(convs),
+            _ => {
+                gather.failed = true;
+                gather.convs = Vec::new();
+            }
+        }
         gather.remaining -= 1;
         if gather.remaining > 0 {
             return;
         }
         let mut gather = login.gathers.remove(at);
+        if gather.failed {
+            let error = bus::error(ErrorCode::Unavailable, "a shard is overloaded; try again");
+            return reply(session, gather.req, gather.encoding, error, ctx);
+        }
         // Most recently active first, as a conversation list shows them.
         gather
             .convs
@@ -415,6 +446,18 @@ fn reply(
     ctx: &mut Context,
 ) {
     session.send(ws_message(&Frame { req, message }, encoding), ctx);
+}
+
+/// Answers `unavailable` to the `convs` requests of `login` asked more than
+/// [`CONVS_GATHER_TIMEOUT_MS`] ago and frees their slots (a part of theirs was lost).
+fn expire_gathers(login: &mut LoginState, session: &mut impl Link, ctx: &mut Context) {
+    let now_ms = ctx.now_ms;
+    let expired = |g: &Gather| now_ms.saturating_sub(g.started_ms) >= CONVS_GATHER_TIMEOUT_MS;
+    while let Some(at) = login.gathers.iter().position(expired) {
+        let gather = login.gathers.remove(at);
+        let error = bus::error(ErrorCode::Unavailable, "the convs request timed out");
+        reply(session, gather.req, gather.encoding, error, ctx);
+    }
 }
 
 #[cfg(test)]
@@ -572,8 +615,10 @@ mod tests {
         ctx.post.take();
 
         text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":9}"#);
-        let asked: Vec<usize> = ctx.post.take().iter().map(|(shard, _)| *shard).collect();
-        assert_eq!(asked, [0, 1], "every shard is asked for its part");
+        let asked = ctx.post.take();
+        let shards: Vec<usize> = asked.iter().map(|(shard, _)| *shard).collect();
+        assert_eq!(shards, [0, 1], "every shard is asked for its part");
+        let token = token_of(&asked[0].1);
 
         let summary = |conv: u64, ts: Option<u64>| ConvSummary {
             conv: ConvId(conv),
@@ -592,13 +637,161 @@ mod tests {
                 cmid: "c".into(),
             }),
         };
-        app.on_convs_part(Some(9), vec![summary(256, Some(5))], &mut link, &mut ctx);
+        app.on_convs_part(
+            token,
+            Some(vec![summary(256, Some(5))]),
+            &mut link,
+            &mut ctx,
+        );
         assert_eq!(link.sent.len(), 1, "no reply until every shard answered");
-        app.on_convs_part(Some(9), vec![summary(257, Some(9))], &mut link, &mut ctx);
+        app.on_convs_part(
+            token,
+            Some(vec![summary(257, Some(9))]),
+            &mut link,
+            &mut ctx,
+        );
         let reply = &link.sent[1];
         assert!(reply.starts_with(r#"{"op":"convs_ok","req":9"#), "{reply}");
         let first = reply.find(r#""conv":"257""#).unwrap();
         let second = reply.find(r#""conv":"256""#).unwrap();
         assert!(first < second, "most recently active first: {reply}");
+    }
+
+    fn token_of(msg: &BusMsg) -> u64 {
+        match msg {
+            BusMsg::Convs { token, .. } => *token,
+            other => panic!("expected a Convs, got {other:?}"),
+        }
+    }
+
+    fn summary_of(uid: Uid, conv: u64) -> ConvSummary<'static> {
+        ConvSummary {
+            conv: ConvId(conv),
+            conv_type: ConvType::Direct,
+            members: vec![uid],
+            last_seq: Seq(0),
+            read_seq: Seq(0),
+            unread: 0,
+            last: None,
+        }
+    }
+
+    fn logged_in(ctx: &mut Context) -> (App, Recorder, Uid) {
+        let (mut app, mut link) = (App::default(), Recorder::default());
+        let uid = Uid::new(UidKind::Buyer, 1);
+        login(&mut app, &mut link, ctx, uid);
+        app.on_registered(DeviceId::from_u64(7).ok(), &mut link, ctx);
+        ctx.post.take();
+        (app, link, uid)
+    }
+
+    /// Parts were matched by the client's `req`: two `convs` with the same `req` in flight
+    /// took each other's parts.
+    #[test]
+    fn two_convs_with_the_same_req_in_flight_keep_their_parts_apart() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link, uid) = logged_in(&mut ctx);
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":5}"#);
+        let first = token_of(&ctx.post.take()[0].1);
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":5}"#);
+        let second = token_of(&ctx.post.take()[0].1);
+        assert_ne!(first, second);
+
+        // The second request's parts come back first.
+        for conv in [0x201, 0x202] {
+            let part = Some(vec![summary_of(uid, conv)]);
+            app.on_convs_part(second, part, &mut link, &mut ctx);
+        }
+        assert_eq!(link.sent.len(), 2, "{:?}", link.sent);
+        let reply = &link.sent[1];
+        assert!(reply.contains(r#""conv":"513""#) && reply.contains(r#""conv":"514""#));
+        for conv in [0x101, 0x102] {
+            let part = Some(vec![summary_of(uid, conv)]);
+            app.on_convs_part(first, part, &mut link, &mut ctx);
+        }
+        let reply = &link.sent[2];
+        assert!(
+            reply.contains(r#""conv":"257""#) && reply.contains(r#""conv":"258""#),
+            "{reply}"
+        );
+        assert!(!reply.contains(r#""conv":"513""#), "{reply}");
+    }
+
+    /// A `convs` whose part could not be posted (the shard's mailbox full) kept its slot for
+    /// ever; after four, the session got `rate_limited` for every `convs`.
+    #[test]
+    fn a_convs_refused_by_a_full_mailbox_is_answered_unavailable_and_frees_its_slot() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link, uid) = logged_in(&mut ctx);
+        let metrics = crate::operator::metrics::ShardMetrics::default();
+        // Nobody drains shard 1's mailbox in this test: fill it.
+        for _ in 0..16 {
+            let filler = BusMsg::AgentOffline {
+                shop: ShopId(1),
+                agent: uid,
+            };
+            assert!(ctx.post.send(1, filler, &metrics).is_none());
+        }
+        for round in 0..2 * CONVS_IN_FLIGHT_MAX {
+            text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":3}"#);
+            for (shard, msg) in ctx.post.take() {
+                let token = token_of(&msg);
+                let back = ctx.post.send(shard, msg, &metrics);
+                match back {
+                    Some(BusMsg::ConvsPart {
+                        token: t, convs, ..
+                    }) => {
+                        assert_eq!((shard, t, convs.is_none()), (1, token, true));
+                        app.on_convs_part(token, None, &mut link, &mut ctx);
+                    }
+                    // This shard's own part.
+                    Some(BusMsg::Convs { .. }) => {
+                        assert_eq!(shard, 0);
+                        app.on_convs_part(token, Some(Vec::new()), &mut link, &mut ctx);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let last = link.sent.last().unwrap();
+            assert!(
+                last.contains(r#""code":"unavailable""#) && last.contains(r#""req":3"#),
+                "round {round}: {last}"
+            );
+        }
+        assert_eq!(
+            link.sent.len(),
+            1 + 2 * CONVS_IN_FLIGHT_MAX,
+            "one answer each"
+        );
+    }
+
+    /// A part lost on its way back (the asking shard's mailbox was full) must not hold its
+    /// slot for ever either: past the timeout the request is answered `unavailable`.
+    #[test]
+    fn a_convs_whose_part_never_comes_back_times_out_and_frees_its_slot() {
+        let (mut ctx, _polls) = context();
+        let (mut app, mut link, _uid) = logged_in(&mut ctx);
+        for req in 0..CONVS_IN_FLIGHT_MAX {
+            let request = format!(r#"{{"op":"convs","req":{req}}}"#);
+            text(&mut app, &mut link, &mut ctx, &request);
+        }
+        ctx.post.take();
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":50}"#);
+        assert!(link
+            .sent
+            .last()
+            .unwrap()
+            .contains(r#""code":"rate_limited""#));
+        assert!(ctx.post.take().is_empty());
+
+        ctx.now_ms += CONVS_GATHER_TIMEOUT_MS;
+        let sent_before = link.sent.len();
+        text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":51}"#);
+        let timed_out = &link.sent[sent_before..];
+        assert_eq!(timed_out.len(), CONVS_IN_FLIGHT_MAX, "{timed_out:?}");
+        assert!(timed_out
+            .iter()
+            .all(|t| t.contains(r#""code":"unavailable""#)));
+        assert_eq!(ctx.post.take().len(), SHARDS, "the new request is asked");
     }
 }

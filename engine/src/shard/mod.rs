@@ -466,13 +466,13 @@ impl Shard {
             }
             BusMsg::PresencePart {
                 session: to,
-                req,
+                token,
                 online,
             } => {
                 let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
                 if let Some(service) = self.services.get_mut(key) {
                     if service.generation() == to.generation {
-                        service.on_presence_part(req, online, &mut self.ctx);
+                        service.on_presence_part(token, online, &mut self.ctx);
                     }
                 }
             }
@@ -543,12 +543,12 @@ impl Shard {
             }
             BusMsg::ConvsPart {
                 session: to,
-                req,
+                token,
                 convs,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.on_convs_part(req, convs, s, ctx));
+                    session.with_app(|app, s| app.on_convs_part(token, convs, s, ctx));
                 }
             }
             // Everything else is for this shard as an owner.

@@ -78,10 +78,20 @@ struct Stream {
 
 #[derive(Debug)]
 struct PresenceGather {
+    /// Names this request among the connection's; never reused on a connection.
+    token: u64,
     req: Option<u64>,
     remaining: usize,
+    /// A shard could not answer (its mailbox was full): the reply is `unavailable`.
+    failed: bool,
+    /// When it was asked (the shard's clock), for [`PRESENCE_TIMEOUT_MS`].
+    started_ms: u64,
     online: Vec<Online>,
 }
+
+/// A `presence` whose parts have not all come back after this long is answered `unavailable`
+/// and its slot freed: a part can be lost on its way back (this shard's mailbox was full).
+const PRESENCE_TIMEOUT_MS: u64 = 10_000;
 
 /// A service connection: its socket, its partial input, its outbox, and who it is.
 pub struct ServiceConn {
@@ -99,6 +109,8 @@ pub struct ServiceConn {
     /// When it was accepted (shard milliseconds), for the authentication timeout.
     accepted_ms: u64,
     gathers: Vec<PresenceGather>,
+    /// The token of the next `presence` request: parts are matched by it, not by `req`.
+    next_gather_token: u64,
     subscription: Option<Box<Stream>>,
 }
 
@@ -122,6 +134,7 @@ impl ServiceConn {
             closing: false,
             accepted_ms: ctx.now_ms,
             gathers: Vec::new(),
+            next_gather_token: 0,
             subscription: None,
         }
     }
@@ -238,6 +251,7 @@ impl ServiceConn {
                 self.post_to_owner(req, request, ctx);
             }
             Message::Presence(mut users) => {
+                self.expire_gathers(ctx);
                 if self.gathers.len() >= GATHERS_MAX {
                     let text = "too many presence requests in flight";
                     return self.reply(req, bus::error(ErrorCode::RateLimited, text), ctx);
@@ -249,15 +263,25 @@ impl ServiceConn {
                     parts[owner_of(&uid, shards)].push(uid);
                 }
                 let asked = parts.iter().filter(|p| !p.is_empty()).count();
+                let token = self.next_gather_token;
+                self.next_gather_token += 1;
                 self.gathers.push(PresenceGather {
+                    token,
                     req,
                     remaining: asked,
+                    failed: false,
+                    started_ms: ctx.now_ms,
                     online: Vec::new(),
                 });
                 for (shard, users) in parts.into_iter().enumerate() {
                     if !users.is_empty() {
                         let origin = Box::new(origin(service));
-                        ctx.post.to(shard, BusMsg::Presence { origin, users });
+                        let request = BusMsg::Presence {
+                            origin,
+                            users,
+                            token,
+                        };
+                        ctx.post.to(shard, request);
                     }
                 }
             }
@@ -292,6 +316,13 @@ impl ServiceConn {
             }
             Message::ConvInfo(conv) => {
                 self.post_group(origin(service), GroupOp::Info { conv }, ctx);
+            }
+            Message::AgentStats(stats) => {
+                let request = BusMsg::AgentStats {
+                    origin: Box::new(origin(service)),
+                    stats,
+                };
+                self.post_to_owner(req, request, ctx);
             }
             other => {
                 let text = format!("{} is not a service request", other.op());
@@ -340,24 +371,27 @@ impl ServiceConn {
         };
         *in_flight = false;
         let req = stream.req;
-        let (msgs, next) = match part.result {
+        let found = match part.result {
             Ok(found) => found,
             Err(text) => {
                 self.subscription = None;
                 return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx);
             }
         };
-        stream.positions[shard] = next;
-        stream.more[shard] = !msgs.is_empty();
+        // A read that moved on found something (perhaps only records the stream leaves
+        // out, such as device registrations): there may be more behind it.
+        stream.more[shard] = found.next != stream.positions[shard];
+        stream.positions[shard] = found.next;
         let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
         if first_round_done {
             stream.started = true;
         }
-        if !msgs.is_empty() || first_round_done {
+        if !found.msgs.is_empty() || !found.events.is_empty() || first_round_done {
             let position = stream_position::encode(&ctx.node.jwt_secret, &stream.positions);
             let batch = Message::StreamBatch(StreamBatch {
                 position: position.into(),
-                msgs,
+                msgs: found.msgs,
+                events: found.events,
             });
             self.reply(req, batch, ctx);
         }
@@ -427,21 +461,45 @@ impl ServiceConn {
         }
     }
 
-    /// One shard's part of a `presence` reply; the reply goes out when every shard asked
-    /// has answered.
-    pub fn on_presence_part(&mut self, req: Option<u64>, online: Vec<Online>, ctx: &mut Context) {
-        let Some(at) = self.gathers.iter().position(|g| g.req == req) else {
+    /// One shard's part of the `presence` request `token` (`None`: that shard could not
+    /// answer); the reply goes out when every shard asked has answered.
+    pub fn on_presence_part(&mut self, token: u64, online: Option<Vec<Online>>, ctx: &mut Context) {
+        // A part of a request that timed out finds no gather: it is dropped.
+        let Some(at) = self.gathers.iter().position(|g| g.token == token) else {
             return;
         };
         let gather = &mut self.gathers[at];
-        gather.online.extend(online);
+        match online {
+            Some(online) if !gather.failed => gather.online.extend(online),
+            _ => {
+                gather.failed = true;
+                gather.online = Vec::new();
+            }
+        }
         gather.remaining -= 1;
         if gather.remaining > 0 {
             return;
         }
         let mut gather = self.gathers.remove(at);
+        if gather.failed {
+            let error = bus::error(ErrorCode::Unavailable, "a shard is overloaded; try again");
+            return self.reply(gather.req, error, ctx);
+        }
         gather.online.sort_unstable_by_key(|o| o.uid);
-        self.reply(req, Message::PresenceOk(gather.online), ctx);
+        self.reply(gather.req, Message::PresenceOk(gather.online), ctx);
+    }
+
+    /// Answers `unavailable` to the `presence` requests asked more than
+    /// [`PRESENCE_TIMEOUT_MS`] ago and frees their slots (a part of theirs was lost).
+    fn expire_gathers(&mut self, ctx: &mut Context) {
+        let now_ms = ctx.now_ms;
+        let expired =
+            |g: &PresenceGather| now_ms.saturating_sub(g.started_ms) >= PRESENCE_TIMEOUT_MS;
+        while let Some(at) = self.gathers.iter().position(expired) {
+            let gather = self.gathers.remove(at);
+            let error = bus::error(ErrorCode::Unavailable, "the presence request timed out");
+            self.reply(gather.req, error, ctx);
+        }
     }
 
     /// Refuses the connection: `unauthorized` with `text`, then close.

@@ -1,6 +1,8 @@
 //! Reads: history along the conversation chains, and lookups of the state.
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::{
+    AgentStatsOk, ConvId, DeviceId, DeviceType, Seq, ShopId, StreamChange, StreamEvent, Uid,
+};
 use smallvec::SmallVec;
 
 use super::record::{self, MessageRef};
@@ -14,6 +16,22 @@ pub enum ScanError {
     /// The position is not one this log handed out.
     NotOurs,
 }
+
+/// What a [`Store::scan`] found.
+#[derive(Debug)]
+pub struct Scanned<'a> {
+    /// The messages, in log order.
+    pub messages: Vec<MessageRef<'a>>,
+    /// The changes of members and read cursors, in log order.
+    pub events: Vec<StreamEvent>,
+    /// The position after the last record read.
+    pub next: Position,
+}
+
+/// What one stream event counts against a scan's byte budget (about its size in JSON).
+pub const STREAM_EVENT_BYTES: usize = 96;
+/// The most events one scan returns (a batch counts them in a `u16`).
+const EVENTS_MAX: usize = u16::MAX as usize;
 
 /// One stretch of a conversation's chain that [`Store::history`] walks: from the record at
 /// `pos` (expected to hold `seq`) down to `stop`.
@@ -177,11 +195,13 @@ impl Store {
         self.acked
     }
 
-    /// The messages stored from `from` on, in log order (so in seq order per conversation):
-    /// at most `records_max` records read, about `bytes_max` bytes of messages (always at
-    /// least one message if there is one), and only what is acknowledged. Returns them with
-    /// the position after the last record read: the next scan starts there. Position 0 is the
-    /// start of the log.
+    /// The messages stored from `from` on, in log order (so in seq order per conversation),
+    /// and the changes of members and read cursors among them as stream events (each saying
+    /// after how many of the returned messages it came; a conversation's creation gives a
+    /// `joined` per first member): at most `records_max` records read, about `bytes_max` bytes
+    /// (an event counts [`STREAM_EVENT_BYTES`]; always at least one record's worth if there is
+    /// one), and only what is acknowledged. Returns them with the position after the last
+    /// record read: the next scan starts there. Position 0 is the start of the log.
     ///
     /// A position in a segment deleted by retention is [`ScanError::Retired`]; one past the
     /// log or not on a record boundary is [`ScanError::NotOurs`].
@@ -190,7 +210,7 @@ impl Store {
         from: Position,
         records_max: usize,
         bytes_max: usize,
-    ) -> Result<(Vec<MessageRef<'_>>, Position), ScanError> {
+    ) -> Result<Scanned<'_>, ScanError> {
         let first = self.segments[0].id;
         let mut pos = if from == 0 {
             segment::position(first, segment::HEADER_BYTES)
@@ -207,7 +227,8 @@ impl Store {
         {
             return Err(ScanError::NotOurs);
         }
-        let mut messages = Vec::new();
+        let mut messages: Vec<MessageRef<'_>> = Vec::new();
+        let mut events: Vec<StreamEvent> = Vec::new();
         let mut bytes = 0;
         for _ in 0..records_max {
             if pos >= self.acked {
@@ -219,14 +240,58 @@ impl Store {
             };
             match record::decode(&seg.map, segment::offset_of(pos)) {
                 Ok(Some((record, len))) => {
-                    if let record::Record::Message(m) = record {
-                        let size = m.body.len() + m.kind.len() + m.cmid.len();
-                        if !messages.is_empty() && bytes + size > bytes_max {
-                            break;
+                    let after_msgs = messages.len() as u16;
+                    let event = |uid, change| StreamEvent {
+                        after_msgs,
+                        conv: ConvId(0),
+                        uid,
+                        change,
+                    };
+                    let mut found: SmallVec<[StreamEvent; 2]> = SmallVec::new();
+                    match &record {
+                        record::Record::Message(_) | record::Record::Device { .. } => {}
+                        record::Record::Conv { conv, members, .. } => {
+                            found.extend(members.iter().map(|&uid| StreamEvent {
+                                conv: *conv,
+                                ..event(uid, StreamChange::Joined { ts: 0 })
+                            }))
                         }
-                        bytes += size;
+                        record::Record::Member {
+                            conv,
+                            uid,
+                            added,
+                            ts_ms,
+                        } => found.push(StreamEvent {
+                            conv: *conv,
+                            ..event(
+                                *uid,
+                                if *added {
+                                    StreamChange::Joined { ts: *ts_ms }
+                                } else {
+                                    StreamChange::Left { ts: *ts_ms }
+                                },
+                            )
+                        }),
+                        record::Record::Cursor { conv, uid, seq } => found.push(StreamEvent {
+                            conv: *conv,
+                            ..event(*uid, StreamChange::Read { seq: *seq })
+                        }),
+                    }
+                    let size = match &record {
+                        record::Record::Message(m) => m.body.len() + m.kind.len() + m.cmid.len(),
+                        _ => found.len() * STREAM_EVENT_BYTES,
+                    };
+                    let something = !messages.is_empty() || !events.is_empty();
+                    if something
+                        && (bytes + size > bytes_max || events.len() + found.len() > EVENTS_MAX)
+                    {
+                        break;
+                    }
+                    bytes += size;
+                    if let record::Record::Message(m) = record {
                         messages.push(m);
                     }
+                    events.extend(found);
                     pos += len as u64;
                 }
                 // The end of this segment's records: on to the next segment.
@@ -237,7 +302,11 @@ impl Store {
                 Err(_) => return Err(ScanError::NotOurs),
             }
         }
-        Ok((messages, pos))
+        Ok(Scanned {
+            messages,
+            events,
+            next: pos,
+        })
     }
 
     pub(super) fn message_at(&self, pos: Position) -> Result<Option<MessageRef<'_>>, StoreError> {
@@ -253,6 +322,12 @@ impl Store {
         record::decode_message(&seg.map, segment::offset_of(pos))
             .map(Some)
             .map_err(|reason| StoreError::corrupt(pos, reason))
+    }
+
+    /// The reception figures of `shop`'s agents over `from_ms..to_ms` (widened to whole hours,
+    /// cut to the hours kept): see `state/reception.rs`.
+    pub fn agent_stats(&self, shop: ShopId, from_ms: u64, to_ms: u64) -> AgentStatsOk {
+        self.state.reception.report(shop, from_ms, to_ms)
     }
 
     /// The conversation, if it is in this log.

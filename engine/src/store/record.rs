@@ -6,7 +6,8 @@
 //! ```text
 //!  0  u32  len    bytes of the record without padding, header included; written LAST
 //!  4  u32  crc    CRC32C of len's 4 bytes followed by bytes 8..len
-//!  8  u8   type   1 message, 2 device, 3 conversation, 4 member, 5 cursor
+//!  8  u8   type   1 message, 2 device, 3 conversation, 4 member (40 bytes with its time;
+//!                  32 without, as first written), 5 cursor
 //!  9  [7]  small fields of the type
 //! 16  ...  payload of the type
 //! ```
@@ -39,7 +40,10 @@ const TYPE_CURSOR: u8 = 5;
 
 const DEVICE_BYTES: usize = 32;
 const CONV_FIXED_BYTES: usize = 32;
-const MEMBER_RECORD_BYTES: usize = 32;
+/// A member record with its time (since agent statistics); the first format, without it,
+/// was [`MEMBER_RECORD_V1_BYTES`] and is still read.
+const MEMBER_RECORD_BYTES: usize = 40;
+const MEMBER_RECORD_V1_BYTES: usize = 32;
 const CURSOR_BYTES: usize = 40;
 
 /// What kind of conversation this is.
@@ -114,9 +118,15 @@ pub enum Record<'a> {
         key: u64,
         members: SmallVec<[Uid; 2]>,
     },
-    /// A member joined (`added`) or left a conversation; for a shop conversation an agent
-    /// member is an agent assignment.
-    Member { conv: ConvId, uid: Uid, added: bool },
+    /// A member joined (`added`) or left a conversation at `ts_ms` (ms since the Unix epoch;
+    /// 0 in records written before member records had a time); for a shop conversation an
+    /// agent member is an agent assignment.
+    Member {
+        conv: ConvId,
+        uid: Uid,
+        added: bool,
+        ts_ms: u64,
+    },
     /// A read cursor moved.
     Cursor { conv: ConvId, uid: Uid, seq: Seq },
 }
@@ -202,10 +212,15 @@ pub fn encode(dst: &mut [u8], record: &Record<'_>) -> usize {
                 dst[at + 8..at + 16].copy_from_slice(&uid.id.to_le_bytes());
             }
         }
-        Record::Member { conv, uid, added } => {
+        Record::Member {
+            conv,
+            uid,
+            added,
+            ts_ms,
+        } => {
             small[0] = u8::from(*added);
             small[1] = uid.kind as u8;
-            put_u64s(&mut dst[16..32], &[conv.0, uid.id]);
+            put_u64s(&mut dst[16..40], &[conv.0, uid.id, *ts_ms]);
         }
         Record::Cursor { conv, uid, seq } => {
             small[0] = uid.kind as u8;
@@ -356,13 +371,18 @@ fn parse(b: &[u8]) -> Result<Record<'_>, &'static str> {
             })
         }
         TYPE_MEMBER => {
-            if len != MEMBER_RECORD_BYTES || b[9] > 1 {
+            if !(len == MEMBER_RECORD_BYTES || len == MEMBER_RECORD_V1_BYTES) || b[9] > 1 {
                 return Err("bad member record");
             }
             Ok(Record::Member {
                 conv: ConvId(u64_at(b, 16)),
                 uid: uid(b[10], u64_at(b, 24))?,
                 added: b[9] == 1,
+                ts_ms: if len == MEMBER_RECORD_BYTES {
+                    u64_at(b, 32)
+                } else {
+                    0
+                },
             })
         }
         TYPE_CURSOR => {
@@ -416,6 +436,7 @@ mod tests {
                 conv: ConvId(8),
                 uid: Uid::new(UidKind::Agent, 3),
                 added: true,
+                ts_ms: 1_700_000_000_001,
             },
             Record::Cursor {
                 conv: ConvId(8),
@@ -438,6 +459,26 @@ mod tests {
                 "zeros after a record mark the end"
             );
         }
+    }
+
+    /// Member records written before they had a time (32 bytes) still read, with time 0.
+    #[test]
+    fn a_member_record_without_a_time_still_reads() {
+        let mut buf = vec![0u8; 64];
+        buf[8] = TYPE_MEMBER;
+        buf[9] = 1;
+        buf[10] = UidKind::Agent as u8;
+        put_u64s(&mut buf[16..32], &[8, 3]);
+        let crc = checksum(32, &buf[8..32]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        buf[0..4].copy_from_slice(&32u32.to_le_bytes());
+        let expected = Record::Member {
+            conv: ConvId(8),
+            uid: Uid::new(UidKind::Agent, 3),
+            added: true,
+            ts_ms: 0,
+        };
+        assert_eq!(decode(&buf, 0).unwrap(), Some((expected, 32)));
     }
 
     #[test]

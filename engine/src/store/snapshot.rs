@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  0 [8] magic "CHWGSNP1"   12 u32 CRC32C of bytes 16..32, then the body   24 u64 log position
-//!  8 u32 format version (2) 16 u64 body length
+//!  8 u32 format version (3) 16 u64 body length
 //! ```
 //!
 //! It is written to a `.tmp` file, synced, renamed into place and the directory synced, so a
@@ -22,11 +22,14 @@ use smallvec::SmallVec;
 use super::error::{Position, StoreError};
 use super::os;
 use super::record::ConvKind;
+use super::state::reception::{AgentHours, Hour, Reception, REPLY_BINS};
 use super::state::{pair, Conversation, Limits, State};
 
 const MAGIC: &[u8; 8] = b"CHWGSNP1";
-/// 2: cmid window keys include the conversation (data format 2).
-const VERSION: u32 = 2;
+/// 2: cmid window keys include the conversation (data format 2). 3: the reception statistics
+/// follow the chain repairs. Version 2 is still read (with no statistics).
+const VERSION: u32 = 3;
+const VERSION_WITHOUT_RECEPTION: u32 = 2;
 const HEADER_BYTES: usize = 32;
 
 /// The file name of the snapshot at `pos`.
@@ -102,7 +105,7 @@ pub fn read(path: &Path, limits: Limits) -> Result<(State, Position), StoreError
         head.u64().map_err(bad)?,
         head.u64().map_err(bad)?,
     );
-    if version != VERSION {
+    if version != VERSION && version != VERSION_WITHOUT_RECEPTION {
         return Err(bad("unknown version"));
     }
     let body = &bytes[HEADER_BYTES..];
@@ -110,7 +113,7 @@ pub fn read(path: &Path, limits: Limits) -> Result<(State, Position), StoreError
     if body.len() as u64 != len || crc_found != crc {
         return Err(bad("length or CRC mismatch"));
     }
-    let state = decode(body, limits).map_err(bad)?;
+    let state = decode(body, limits, version).map_err(bad)?;
     Ok((state, pos))
 }
 
@@ -152,10 +155,81 @@ fn encode(state: &State) -> Vec<u8> {
         w.u64(from);
         w.u64(to);
     }
+    encode_reception(&mut w, &state.reception);
     w.0
 }
 
-fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
+/// The reception statistics, sorted (so equal states give equal bytes).
+fn encode_reception(w: &mut Writer, reception: &Reception) {
+    w.u64(reception.newest_ms);
+    let mut waiting: Vec<_> = reception.waiting_since.iter().collect();
+    waiting.sort_unstable();
+    w.u32(waiting.len() as u32);
+    for (conv, &since) in waiting {
+        w.u64(conv.0);
+        w.u64(since);
+    }
+    let mut agents: Vec<_> = reception
+        .shops
+        .iter()
+        .flat_map(|(shop, agents)| agents.iter().map(move |(uid, a)| (*shop, *uid, a)))
+        .collect();
+    agents.sort_unstable_by_key(|&(shop, uid, _)| (shop, uid));
+    w.u32(agents.len() as u32);
+    for (shop, uid, a) in agents {
+        w.u64(shop.0);
+        w.uid(uid);
+        w.u32(a.open);
+        w.u32(a.open_before);
+        w.u32(a.hours.len() as u32);
+        for h in &a.hours {
+            for n in [h.hour, h.assigned, h.resolved, h.messages, h.open] {
+                w.u32(n);
+            }
+            h.replies.iter().for_each(|&n| w.u16(n));
+        }
+    }
+}
+
+fn decode_reception(r: &mut Reader<'_>) -> Result<Reception, &'static str> {
+    let mut reception = Reception::default();
+    reception.newest_ms = r.u64()?;
+    for _ in 0..r.u32()? {
+        let (conv, since) = (ConvId(r.u64()?), r.u64()?);
+        reception.waiting_since.insert(conv, since);
+    }
+    for _ in 0..r.u32()? {
+        let shop = ShopId(r.u64()?);
+        let uid = r.uid()?;
+        let mut a = AgentHours {
+            open: r.u32()?,
+            open_before: r.u32()?,
+            ..AgentHours::default()
+        };
+        for _ in 0..r.u32()? {
+            let mut h = [0u32; 5];
+            for n in &mut h {
+                *n = r.u32()?;
+            }
+            let mut replies = [0u16; REPLY_BINS];
+            for n in &mut replies {
+                *n = r.u16()?;
+            }
+            a.hours.push_back(Hour {
+                hour: h[0],
+                assigned: h[1],
+                resolved: h[2],
+                messages: h[3],
+                open: h[4],
+                replies,
+            });
+        }
+        reception.shops.entry(shop).or_default().insert(uid, a);
+    }
+    Ok(reception)
+}
+
+fn decode(body: &[u8], limits: Limits, version: u32) -> Result<State, &'static str> {
     let mut r = Reader { bytes: body };
     let mut state = State::new(limits).map_err(|_| "no memory for the cmid window")?;
     state.device_max = match r.u64()? {
@@ -216,6 +290,9 @@ fn decode(body: &[u8], limits: Limits) -> Result<State, &'static str> {
     for _ in 0..r.u32()? {
         let (from, to) = (r.u64()?, r.u64()?);
         state.chain_repairs.insert(from, to);
+    }
+    if version != VERSION_WITHOUT_RECEPTION {
+        state.reception = decode_reception(&mut r)?;
     }
     if !r.bytes.is_empty() {
         return Err("trailing bytes");
@@ -315,6 +392,7 @@ mod tests {
                 conv: ConvId(5),
                 uid: Uid::new(UidKind::Agent, 4),
                 added: true,
+                ts_ms: 1,
             },
         ];
         for r in &records {

@@ -1,20 +1,26 @@
 //! The state that replaying the log rebuilds: conversations (with their seqs and read index),
 //! devices, read cursors and the cmid windows.
 //!
+//! The reception statistics of the shops (`reception`) are part of it, so they are rebuilt by
+//! replay like everything else.
+//!
 //! Every change goes through [`State::check`] and then [`State::apply`]. The live path checks
 //! before it writes the record, so a record in the log is always one that applies; replay runs
 //! the same two steps, so a record that does not apply is corruption, never a panic.
+
+pub(super) mod reception;
 
 use std::collections::VecDeque;
 use std::io;
 
 use ahash::AHashMap;
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
 use smallvec::SmallVec;
 
 use super::cmid_table::CmidTable;
 use super::error::Position;
 use super::record::{ConvKind, MessageRef, Record};
+use reception::Reception;
 
 /// One conversation as the owner keeps it.
 #[derive(Debug)]
@@ -151,6 +157,8 @@ pub struct State {
     /// Chain links that point at a record the operator skipped (`skip_corrupt`), mapped to
     /// the conversation's previous message that is still readable.
     pub(super) chain_repairs: AHashMap<Position, Position>,
+    /// What the agents of the shops did, for `agent_stats`.
+    pub(super) reception: Reception,
 }
 
 /// The unordered pair key of a direct conversation.
@@ -179,6 +187,7 @@ impl State {
                 deferred: false,
             },
             chain_repairs: AHashMap::new(),
+            reception: Reception::default(),
         })
     }
 
@@ -248,7 +257,9 @@ impl State {
                 }
                 Ok(())
             }
-            Record::Member { conv, uid, added } => {
+            Record::Member {
+                conv, uid, added, ..
+            } => {
                 let conv = self
                     .convs
                     .get(conv)
@@ -326,7 +337,12 @@ impl State {
                     },
                 );
             }
-            Record::Member { conv, uid, added } => {
+            Record::Member {
+                conv,
+                uid,
+                added,
+                ts_ms,
+            } => {
                 let Some(c) = self.convs.get_mut(conv) else {
                     return;
                 };
@@ -337,6 +353,14 @@ impl State {
                 } else {
                     c.members.retain(|u| u != uid);
                     list.retain(|c| c != conv);
+                }
+                // An agent member of a shop conversation is an assignment.
+                if let (Some(shop), UidKind::Agent) = (c.shop(), uid.kind) {
+                    if *added {
+                        self.reception.assigned(shop, *uid, *ts_ms);
+                    } else {
+                        self.reception.resolved(shop, *uid, *ts_ms);
+                    }
                 }
             }
             Record::Cursor { conv, uid, seq } => {
@@ -357,6 +381,7 @@ impl State {
                 &mut self.chain_repairs,
                 &mut self.cmids,
             );
+            count_message(&mut self.reception, c, m);
         }
     }
 
@@ -382,6 +407,7 @@ impl State {
                 &mut self.chain_repairs,
                 &mut self.cmids,
             );
+            count_message(&mut self.reception, c, m);
             return Ok(());
         }
         self.check(record, allow_gap)?;
@@ -412,6 +438,13 @@ impl State {
     /// Where the chain link `prev` of a message really leads.
     pub fn chain(&self, prev: Position) -> Position {
         self.chain_repairs.get(&prev).copied().unwrap_or(prev)
+    }
+}
+
+/// Counts a message of a shop conversation in the reception statistics.
+fn count_message(reception: &mut Reception, c: &Conversation, m: &MessageRef<'_>) {
+    if let Some(shop) = c.shop() {
+        reception.message(shop, m.conv, m.sender, m.ts_ms);
     }
 }
 
@@ -459,7 +492,6 @@ fn store_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chinwag_protocol::UidKind;
 
     fn limits() -> Limits {
         Limits {
@@ -586,6 +618,7 @@ mod tests {
             conv: ConvId(1),
             uid: AGENT,
             added: true,
+            ts_ms: 5,
         };
         s.check(&add, false).unwrap();
         s.apply(&add, 2);
@@ -605,6 +638,7 @@ mod tests {
             conv: ConvId(1),
             uid: AGENT,
             added: false,
+            ts_ms: 6,
         };
         s.check(&remove, false).unwrap();
         s.apply(&remove, 4);

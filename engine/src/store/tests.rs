@@ -270,8 +270,8 @@ fn state_survives_restart_with_and_without_snapshot() {
         store.create_group_conv(ConvId(5), 77, &[BUYER]),
         Err(StoreError::ConvExists(ConvId(4)))
     ));
-    assert!(store.add_member(ConvId(4), BUYER).unwrap());
-    assert!(store.add_member(ConvId(1), AGENT).unwrap());
+    assert!(store.add_member(ConvId(4), BUYER, 0).unwrap());
+    assert!(store.add_member(ConvId(1), AGENT, 0).unwrap());
     for i in 0..10 {
         send(&mut store, 1, &format!("m{i}"), b"hello");
     }
@@ -307,8 +307,8 @@ fn state_survives_restart_with_and_without_snapshot() {
     assert_eq!(report.snapshot, None);
     check(&store);
     let pos = store.snapshot().unwrap();
-    assert!(store.remove_member(ConvId(1), AGENT).unwrap());
-    assert!(store.add_member(ConvId(1), AGENT).unwrap());
+    assert!(store.remove_member(ConvId(1), AGENT, 0).unwrap());
+    assert!(store.add_member(ConvId(1), AGENT, 0).unwrap());
     store.commit().unwrap();
     drop(store);
     let (store, report) = open(config(dir.path()));
@@ -761,23 +761,23 @@ fn member_limits_hold() {
     store
         .create_direct_conv(ConvId(1), users[0], users[1])
         .unwrap();
-    assert!(store.add_member(ConvId(1), users[2]).unwrap());
+    assert!(store.add_member(ConvId(1), users[2], 0).unwrap());
     assert!(matches!(
-        store.add_member(ConvId(1), users[3]),
+        store.add_member(ConvId(1), users[3], 0),
         Err(StoreError::TooLarge {
             what: "members",
             ..
         })
     ));
-    assert!(!store.remove_member(ConvId(1), users[3]).unwrap());
-    assert!(store.remove_member(ConvId(1), users[0]).unwrap());
-    assert!(store.add_member(ConvId(1), users[3]).unwrap());
+    assert!(!store.remove_member(ConvId(1), users[3], 0).unwrap());
+    assert!(store.remove_member(ConvId(1), users[0], 0).unwrap());
+    assert!(store.add_member(ConvId(1), users[3], 0).unwrap());
     assert!(matches!(
         store.create_direct_conv(ConvId(2), users[1], users[1]),
         Err(StoreError::Invalid(_))
     ));
     assert!(matches!(
-        store.add_member(ConvId(9), users[0]),
+        store.add_member(ConvId(9), users[0], 0),
         Err(StoreError::UnknownConv(ConvId(9)))
     ));
     assert!(matches!(

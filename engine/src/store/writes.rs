@@ -57,16 +57,8 @@ impl Store {
         if let Some(&(what, len, max)) = limits.iter().find(|(_, len, max)| len > max) {
             return Err(StoreError::TooLarge { what, len, max });
         }
-        if let Some(pos) = self.state.cmid_position(msg.sender, msg.conv, msg.cmid) {
-            // Confirm against the stored message: the window keys are hashes.
-            if let Some(m) = self.message_at(pos)? {
-                if m.sender == msg.sender && m.conv == msg.conv && m.cmid == msg.cmid {
-                    return Ok(Appended::Duplicate {
-                        seq: m.seq,
-                        ts_ms: m.ts_ms,
-                    });
-                }
-            }
+        if let Some(original) = self.duplicate_of(msg)? {
+            return Ok(original);
         }
         let conv = self
             .state
@@ -92,6 +84,24 @@ impl Store {
             active.newest_ts_ms = active.newest_ts_ms.max(msg.ts_ms);
         }
         Ok(Appended::Stored { seq })
+    }
+
+    /// The original of `msg` if its sender used its cmid in its conversation within the
+    /// window ([`Appended::Duplicate`]): what [`Store::append_message`] would answer without
+    /// storing anything. Lets a caller skip the side effects of a new message (dispatch).
+    pub fn duplicate_of(&self, msg: &NewMessage<'_>) -> Result<Option<Appended>, StoreError> {
+        let Some(pos) = self.state.cmid_position(msg.sender, msg.conv, msg.cmid) else {
+            return Ok(None);
+        };
+        // Confirm against the stored message: the window keys are hashes.
+        Ok(self.message_at(pos)?.and_then(|m| {
+            (m.sender == msg.sender && m.conv == msg.conv && m.cmid == msg.cmid).then_some(
+                Appended::Duplicate {
+                    seq: m.seq,
+                    ts_ms: m.ts_ms,
+                },
+            )
+        }))
     }
 
     /// Checks a state record, appends it and applies it.
@@ -251,19 +261,30 @@ impl Store {
         })
     }
 
-    /// Adds a member (for a shop conversation, an agent assignment). `Ok(false)` if the user
-    /// is a member already.
-    pub fn add_member(&mut self, conv: ConvId, uid: Uid) -> Result<bool, StoreError> {
-        self.change_member(conv, uid, true)
+    /// Adds a member at `ts_ms` (for a shop conversation, an agent assignment). `Ok(false)`
+    /// if the user is a member already.
+    pub fn add_member(&mut self, conv: ConvId, uid: Uid, ts_ms: u64) -> Result<bool, StoreError> {
+        self.change_member(conv, uid, true, ts_ms)
     }
 
-    /// Removes a member (for a shop conversation, ends an agent assignment). `Ok(false)` if
-    /// the user was not a member.
-    pub fn remove_member(&mut self, conv: ConvId, uid: Uid) -> Result<bool, StoreError> {
-        self.change_member(conv, uid, false)
+    /// Removes a member at `ts_ms` (for a shop conversation, ends an agent assignment).
+    /// `Ok(false)` if the user was not a member.
+    pub fn remove_member(
+        &mut self,
+        conv: ConvId,
+        uid: Uid,
+        ts_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.change_member(conv, uid, false, ts_ms)
     }
 
-    fn change_member(&mut self, conv: ConvId, uid: Uid, added: bool) -> Result<bool, StoreError> {
+    fn change_member(
+        &mut self,
+        conv: ConvId,
+        uid: Uid,
+        added: bool,
+        ts_ms: u64,
+    ) -> Result<bool, StoreError> {
         let c = self.conv(conv).ok_or(StoreError::UnknownConv(conv))?;
         if c.members.contains(&uid) == added {
             return Ok(false);
@@ -275,7 +296,12 @@ impl Store {
                 max: self.config.members_max,
             });
         }
-        self.append_state(Record::Member { conv, uid, added })?;
+        self.append_state(Record::Member {
+            conv,
+            uid,
+            added,
+            ts_ms,
+        })?;
         Ok(true)
     }
 

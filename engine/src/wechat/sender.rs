@@ -492,22 +492,29 @@ mod tests {
         assert_eq!(rejected.reply.tag, 1);
     }
 
-    #[test]
-    fn unreachable_api_gives_up_after_the_attempts() {
+    /// A sender for account `wx1`, whose API nobody serves, reporting on the channel returned.
+    fn unreachable_sender(
+        limits: &SenderLimits,
+    ) -> (Sender<u32>, std::sync::mpsc::Receiver<Report<u32>>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let limits = SenderLimits {
-            send_attempts_max: 3,
-            send_backoff_first_ms: 1,
-            token_failure_hold_ms: 0,
-            ..SenderLimits::default()
-        };
         let sender = Sender::start(
             &[account("http://127.0.0.1:1")],
-            &limits,
+            limits,
             Arc::default(),
             move |r| tx.send(r).unwrap(),
         )
         .unwrap();
+        (sender, rx)
+    }
+
+    #[test]
+    fn unreachable_api_gives_up_after_the_attempts() {
+        let (sender, rx) = unreachable_sender(&SenderLimits {
+            send_attempts_max: 3,
+            send_backoff_first_ms: 1,
+            token_failure_hold_ms: 0,
+            ..SenderLimits::default()
+        });
         sender.submit(reply("wx1", 7)).unwrap();
         let report = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(report.tag, 7);
@@ -523,20 +530,12 @@ mod tests {
 
     #[test]
     fn stop_reports_what_is_queued() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let limits = SenderLimits {
+        let (sender, rx) = unreachable_sender(&SenderLimits {
             send_workers: 1,
             send_attempts_max: 1000,
             send_backoff_first_ms: 60_000,
             ..SenderLimits::default()
-        };
-        let sender = Sender::start(
-            &[account("http://127.0.0.1:1")],
-            &limits,
-            Arc::default(),
-            move |r| tx.send(r).unwrap(),
-        )
-        .unwrap();
+        });
         for tag in 0..5 {
             sender.submit(reply("wx1", tag)).unwrap();
         }
