@@ -31,8 +31,8 @@ use chinwag_protocol::{
 use smallvec::SmallVec;
 
 use crate::bus::{
-    BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest, SessionRef, StreamPart,
-    WechatUndelivered, GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
+    BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest, SessionRef, StreamFound,
+    StreamPart, WechatUndelivered, GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
 };
 use crate::wechat::endpoint::Inbound;
 use crate::wechat::sender::{Reason, Undelivered};
@@ -67,6 +67,7 @@ const AGENT_OFFLINE: u8 = 0x1b;
 const GROUP: u8 = 0x1c;
 const WECHAT_INBOUND: u8 = 0x1d;
 const WECHAT_UNDELIVERED: u8 = 0x1e;
+const AGENT_STATS: u8 = 0x1f;
 // Messages for the shard of a session, and pushes:
 const DELIVER: u8 = 0x40;
 const PUSH: u8 = 0x41;
@@ -229,6 +230,7 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::Group(_) => GROUP,
         BusMsg::WechatInbound(_) => WECHAT_INBOUND,
         BusMsg::WechatUndelivered(_) => WECHAT_UNDELIVERED,
+        BusMsg::AgentStats { .. } => AGENT_STATS,
         BusMsg::Deliver { .. } => DELIVER,
         BusMsg::Push(_) => PUSH,
         BusMsg::Registered { .. } => REGISTERED,
@@ -305,15 +307,27 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             put_origin(out, origin);
             put_client(out, Message::Kick(*kick))?;
         }
-        BusMsg::Presence { origin, users } => {
+        BusMsg::Presence {
+            origin,
+            users,
+            token,
+        } => {
             put_origin(out, origin);
+            out.put_u64(*token);
             put_uids32(out, users, limits::USERS_PER_REQUEST_MAX, "presence users")?;
+        }
+        BusMsg::AgentStats { origin, stats } => {
+            put_origin(out, origin);
+            put_client(out, Message::AgentStats(*stats))?;
         }
         BusMsg::StreamRead { session, from } => {
             put_session(out, *session);
             out.put_u64(*from);
         }
-        BusMsg::Convs { origin } => put_origin(out, origin),
+        BusMsg::Convs { origin, token } => {
+            put_origin(out, origin);
+            out.put_u64(*token);
+        }
         BusMsg::Register {
             session,
             uid,
@@ -424,14 +438,15 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             let shard = u16::try_from(part.shard).map_err(|_| WireError::TooLarge("shard"))?;
             out.put_u16(shard);
             match &part.result {
-                Ok((msgs, next)) => {
+                Ok(found) => {
                     out.put_u8(STREAM_OK);
-                    out.put_u64(*next);
+                    out.put_u64(found.next);
                     put_client(
                         out,
                         Message::StreamBatch(StreamBatch {
                             position: Cow::Borrowed(""),
-                            msgs: msgs.iter().map(borrow_msg).collect(),
+                            msgs: found.msgs.iter().map(borrow_msg).collect(),
+                            events: found.events.clone(),
                         }),
                     )?;
                 }
@@ -446,21 +461,33 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
         }
         BusMsg::PresencePart {
             session,
-            req,
+            token,
             online,
         } => {
             put_session(out, *session);
-            put_req(out, *req);
-            put_client(out, Message::PresenceOk(online.clone()))?;
+            out.put_u64(*token);
+            match online {
+                None => out.put_u8(0),
+                Some(online) => {
+                    out.put_u8(1);
+                    put_client(out, Message::PresenceOk(online.clone()))?;
+                }
+            }
         }
         BusMsg::ConvsPart {
             session,
-            req,
+            token,
             convs,
         } => {
             put_session(out, *session);
-            put_req(out, *req);
-            put_client(out, Message::ConvsOk(convs.clone()))?;
+            out.put_u64(*token);
+            match convs {
+                None => out.put_u8(0),
+                Some(convs) => {
+                    out.put_u8(1);
+                    put_client(out, Message::ConvsOk(convs.clone()))?;
+                }
+            }
         }
     }
     Ok(())
@@ -488,19 +515,6 @@ fn put_session(out: &mut BytesMut, s: SessionRef) {
 fn put_uid(out: &mut BytesMut, uid: Uid) {
     out.put_u8(uid.kind as u8);
     out.put_u64(uid.id);
-}
-
-fn put_req(out: &mut BytesMut, req: Option<u64>) {
-    match req {
-        None => {
-            out.put_u8(0);
-            out.put_u64(0);
-        }
-        Some(req) => {
-            out.put_u8(1);
-            out.put_u64(req);
-        }
-    }
 }
 
 // Origin flag bits.
@@ -652,14 +666,25 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         }
         PRESENCE => BusMsg::Presence {
             origin: Box::new(r.origin()?),
+            token: r.u64()?,
             users: r.uids32(limits::USERS_PER_REQUEST_MAX)?,
         },
+        AGENT_STATS => {
+            let origin = Box::new(r.origin()?);
+            let Message::AgentStats(stats) = r.client()? else {
+                return Err(WireError::Malformed(
+                    "agent stats: not an agent_stats frame",
+                ));
+            };
+            BusMsg::AgentStats { origin, stats }
+        }
         STREAM_READ => BusMsg::StreamRead {
             session: r.session()?,
             from: r.u64()?,
         },
         CONVS => BusMsg::Convs {
             origin: Box::new(r.origin()?),
+            token: r.u64()?,
         },
         REGISTER => BusMsg::Register {
             session: r.session()?,
@@ -785,7 +810,11 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
                     if !batch.position.is_empty() {
                         return Err(WireError::Malformed("stream part: position set"));
                     }
-                    Ok((batch.msgs.into_iter().map(Msg::into_owned).collect(), next))
+                    Ok(StreamFound {
+                        msgs: batch.msgs.into_iter().map(Msg::into_owned).collect(),
+                        events: batch.events,
+                        next,
+                    })
                 }
                 code => Err(STREAM_ERRORS
                     .iter()
@@ -801,31 +830,43 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         }
         PRESENCE_PART => {
             let session = r.session()?;
-            let req = r.req()?;
-            let Message::PresenceOk(online) = r.client()? else {
-                return Err(WireError::Malformed(
-                    "presence part: not a presence_ok frame",
-                ));
+            let token = r.u64()?;
+            let online = if r.bool()? {
+                let Message::PresenceOk(online) = r.client()? else {
+                    return Err(WireError::Malformed(
+                        "presence part: not a presence_ok frame",
+                    ));
+                };
+                Some(online.into_iter().collect::<Vec<Online>>())
+            } else {
+                None
             };
             BusMsg::PresencePart {
                 session,
-                req,
-                online: online.into_iter().collect::<Vec<Online>>(),
+                token,
+                online,
             }
         }
         CONVS_PART => {
             let session = r.session()?;
-            let req = r.req()?;
-            let Message::ConvsOk(convs) = r.client()? else {
-                return Err(WireError::Malformed("convs part: not a convs_ok frame"));
+            let token = r.u64()?;
+            let convs = if r.bool()? {
+                let Message::ConvsOk(convs) = r.client()? else {
+                    return Err(WireError::Malformed("convs part: not a convs_ok frame"));
+                };
+                Some(
+                    convs
+                        .into_iter()
+                        .map(ConvSummary::into_owned)
+                        .collect::<Vec<ConvSummary<'static>>>(),
+                )
+            } else {
+                None
             };
             BusMsg::ConvsPart {
                 session,
-                req,
-                convs: convs
-                    .into_iter()
-                    .map(ConvSummary::into_owned)
-                    .collect::<Vec<ConvSummary<'static>>>(),
+                token,
+                convs,
             }
         }
         kind => return Err(WireError::UnknownKind(kind)),
@@ -919,16 +960,6 @@ impl<'a> Reader<'a> {
             id => DeviceId::from_u64(id)
                 .map(Some)
                 .map_err(|_| WireError::Malformed("device id")),
-        }
-    }
-
-    fn req(&mut self) -> Result<Option<u64>> {
-        let present = self.bool()?;
-        let req = self.u64()?;
-        match (present, req) {
-            (true, req) => Ok(Some(req)),
-            (false, 0) => Ok(None),
-            (false, _) => Err(WireError::Malformed("req set without its flag")),
         }
     }
 
@@ -1052,7 +1083,7 @@ mod tests {
     use chinwag_protocol::{
         ids::DeviceIdParts, message::HISTORY_LIMIT_MAX, ConvType, ErrorCode, HistoryRange, NodeType,
     };
-    use chinwag_protocol::{History, Kick, Target};
+    use chinwag_protocol::{AgentStats, History, Kick, StreamChange, StreamEvent, Target};
     use proptest::collection::vec;
     use proptest::prelude::*;
 
@@ -1209,10 +1240,25 @@ mod tests {
             })
     }
 
-    fn stream_result(
-    ) -> impl Strategy<Value = std::result::Result<(Vec<Msg<'static>>, u64), &'static str>> {
+    fn stream_event() -> impl Strategy<Value = StreamEvent> {
+        (0u16..6, any::<u64>(), uid(), 0u8..3, any::<u64>()).prop_map(
+            |(after_msgs, conv, uid, change, value)| StreamEvent {
+                after_msgs,
+                conv: ConvId(conv),
+                uid,
+                change: match change {
+                    0 => StreamChange::Joined { ts: value },
+                    1 => StreamChange::Left { ts: value },
+                    _ => StreamChange::Read { seq: Seq(value) },
+                },
+            },
+        )
+    }
+
+    fn stream_result() -> impl Strategy<Value = std::result::Result<StreamFound, &'static str>> {
         prop_oneof![
-            (vec(msg(), 0..5), any::<u64>()).prop_map(Ok),
+            (vec(msg(), 0..5), vec(stream_event(), 0..4), any::<u64>())
+                .prop_map(|(msgs, events, next)| Ok(StreamFound { msgs, events, next })),
             (0..STREAM_ERRORS.len()).prop_map(|i| Err(STREAM_ERRORS[i].1)),
         ]
     }
@@ -1250,14 +1296,28 @@ mod tests {
                     kick: Kick { uid, device },
                 }
             }),
-            (origin(), vec(uid(), 0..10)).prop_map(|(o, users)| BusMsg::Presence {
-                origin: Box::new(o),
-                users
+            (origin(), vec(uid(), 0..10), any::<u64>()).prop_map(|(o, users, token)| {
+                BusMsg::Presence {
+                    origin: Box::new(o),
+                    users,
+                    token,
+                }
             }),
+            (origin(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(o, shop, from_ms, to_ms)| BusMsg::AgentStats {
+                    origin: Box::new(o),
+                    stats: AgentStats {
+                        shop: ShopId(shop),
+                        from_ms,
+                        to_ms,
+                    },
+                }
+            ),
             (session(), any::<u64>())
                 .prop_map(|(session, from)| BusMsg::StreamRead { session, from }),
-            origin().prop_map(|o| BusMsg::Convs {
-                origin: Box::new(o)
+            (origin(), any::<u64>()).prop_map(|(o, token)| BusMsg::Convs {
+                origin: Box::new(o),
+                token,
             }),
             (session(), uid(), 0u8..4).prop_map(|(session, uid, t)| BusMsg::Register {
                 session,
@@ -1353,24 +1413,27 @@ mod tests {
             }),
             (
                 session(),
-                any::<Option<u64>>(),
-                vec((uid(), vec(device(), 0..3)), 0..4)
+                any::<u64>(),
+                proptest::option::of(vec((uid(), vec(device(), 0..3)), 0..4))
             )
-                .prop_map(|(session, req, online)| BusMsg::PresencePart {
+                .prop_map(|(session, token, online)| BusMsg::PresencePart {
                     session,
-                    req,
-                    online: online
+                    token,
+                    online: online.map(|online| online
                         .into_iter()
                         .map(|(uid, devices)| Online { uid, devices })
-                        .collect(),
+                        .collect()),
                 }),
-            (session(), any::<Option<u64>>(), vec(conv_summary(), 0..3)).prop_map(
-                |(session, req, convs)| BusMsg::ConvsPart {
+            (
+                session(),
+                any::<u64>(),
+                proptest::option::of(vec(conv_summary(), 0..3))
+            )
+                .prop_map(|(session, token, convs)| BusMsg::ConvsPart {
                     session,
-                    req,
+                    token,
                     convs
-                }
-            ),
+                }),
         ]
     }
 
