@@ -7,6 +7,7 @@
 //! - `chat`: users chatting in direct or shop conversations, every push checked
 //!   (`scenarios::chat`).
 //! - `fanout`: one conversation with many members (`scenarios::fanout`).
+//! - `group`: one group of many members over several processes (`scenarios::group`).
 //! - `storm`: `chat` with reconnect storms and `history` catch-up (`scenarios::chat`).
 //!
 //! Every run is bounded in connections and time and talks only to the address it is given (a
@@ -50,6 +51,8 @@ enum Command {
     Chat(scenarios::chat::ChatArgs),
     /// One conversation with many members (a shop conversation with many agents).
     Fanout(scenarios::fanout::FanoutArgs),
+    /// One group of many members made over the service port; senders post at a steady rate.
+    Group(scenarios::group::GroupArgs),
     /// `chat` with reconnect storms: a share of users drops, logs in again and catches up.
     Storm(scenarios::chat::StormArgs),
 }
@@ -137,6 +140,9 @@ fn main() -> ExitCode {
         }),
         Command::Fanout(a) => run_scenario(Launch::of(&a.common, a.validate(), settings), || {
             scenarios::fanout::run(a)
+        }),
+        Command::Group(a) => run_scenario(Launch::of(&a.common, a.validate(), settings), || {
+            scenarios::group::run(a)
         }),
         Command::Storm(a) => {
             run_scenario(Launch::of(&a.chat.common, a.validate(), settings), || {

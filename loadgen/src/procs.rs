@@ -227,6 +227,11 @@ pub fn dump(report: &Report, path: &Path) -> io::Result<()> {
         "histograms": histograms,
         "window_unix_ns": report.window_unix_ns,
         "series": report.json()["series"],
+        "seq_spread": report
+            .seq_spread
+            .iter()
+            .map(|(seq, s)| [*seq, s.intended_ns, s.first_ns, s.last_ns, s.count])
+            .collect::<Vec<_>>(),
     });
     std::fs::write(path, value.to_string())
 }
@@ -293,6 +298,20 @@ impl Merge {
                 s.errors += field("errors");
                 s.p99_us = s.p99_us.max(field("p99_us"));
             }
+        }
+        for entry in dump["seq_spread"].as_array().into_iter().flatten() {
+            let field = |k: usize| entry[k].as_u64().unwrap_or(0);
+            let part = report::SeqSpread {
+                intended_ns: field(1),
+                first_ns: field(2),
+                last_ns: field(3),
+                count: field(4),
+            };
+            self.report
+                .seq_spread
+                .entry(field(0))
+                .or_default()
+                .merge(&part);
         }
         for (name, pairs) in dump["histograms"].as_object().into_iter().flatten() {
             let at = match self.report.latencies.iter().position(|(n, _)| n == name) {
@@ -370,6 +389,9 @@ impl Merge {
         if let (Some(cpu), Some(messages)) = (get(r, "server_cpu_s"), get(r, "messages")) {
             set(r, "msg_per_server_cpu_s", messages / cpu.max(0.01));
         }
+        if get(r, "deliveries_per_message").is_some() {
+            crate::scenarios::group::finish(r);
+        }
         if let (Some(before), Some(after), Some(n)) = (
             get(r, "server_rss_bytes_before"),
             get(r, "server_rss_bytes_after"),
@@ -394,7 +416,9 @@ fn combine(name: &str, old: &Value, new: &Value) -> Value {
         return old.clone();
     };
     let both_integers = old.is_u64() && new.is_u64();
-    let value = if name == "server_rss_bytes_before" {
+    let value = if SAME_IN_EVERY_WORKER.contains(&name) {
+        a.max(b)
+    } else if name == "server_rss_bytes_before" {
         a.min(b)
     } else if name.starts_with("server_") || is_duration(name) {
         a.max(b)
@@ -407,6 +431,9 @@ fn combine(name: &str, old: &Value, new: &Value) -> Value {
         json!(value)
     }
 }
+
+/// Figures that describe the whole run, not a worker's share of it (`group`).
+const SAME_IN_EVERY_WORKER: [&str; 3] = ["group_members", "deliveries_per_message", "conv"];
 
 /// A duration figure (`held_s`), not a rate (`delivered_per_s`) or the workers' CPU.
 fn is_duration(name: &str) -> bool {

@@ -42,6 +42,68 @@ pub struct Report {
     pub settings: Vec<(String, String)>,
     /// One entry per second of the run, marked with its phase.
     pub series: Vec<Second>,
+    /// `group`: per message (by seq), when it was meant to be sent and when this process's
+    /// members got it; `--procs` merges them into the delivery spread across all members.
+    pub seq_spread: BTreeMap<u64, SeqSpread>,
+}
+
+/// One message's delivery as the members of one process (or, merged, of all) saw it. Times are
+/// `CLOCK_REALTIME` ns since the Unix epoch, the one clock every process on a machine shares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqSpread {
+    /// When the message was meant to be sent (stamped in its body).
+    pub intended_ns: u64,
+    /// The first member's push.
+    pub first_ns: u64,
+    /// The last member's push.
+    pub last_ns: u64,
+    /// Pushes received.
+    pub count: u64,
+}
+
+impl SeqSpread {
+    /// A push of this message arrived at `now_ns`.
+    pub fn push(&mut self, intended_ns: u64, now_ns: u64) {
+        if self.count == 0 {
+            *self = SeqSpread {
+                intended_ns,
+                first_ns: now_ns,
+                last_ns: now_ns,
+                count: 0,
+            };
+        }
+        self.first_ns = self.first_ns.min(now_ns);
+        self.last_ns = self.last_ns.max(now_ns);
+        self.count += 1;
+    }
+
+    /// Another process's view of the same message.
+    pub fn merge(&mut self, other: &SeqSpread) {
+        if self.count == 0 {
+            *self = *other;
+        } else if other.count > 0 {
+            self.first_ns = self.first_ns.min(other.first_ns);
+            self.last_ns = self.last_ns.max(other.last_ns);
+            self.count += other.count;
+        }
+    }
+}
+
+/// The delivery spread (last member's push minus the first's, µs) of every message meant to be
+/// sent within `window_ns` that reached all `expected` members; a message that did not is a
+/// gap the checker reports, not a spread.
+pub fn spread_histogram(
+    spreads: &BTreeMap<u64, SeqSpread>,
+    expected: u64,
+    window_ns: (u64, u64),
+) -> Histogram<u64> {
+    let mut h = latency_histogram();
+    for s in spreads.values() {
+        if s.count == expected && (window_ns.0..window_ns.1).contains(&s.intended_ns) {
+            record(&mut h, Duration::from_nanos(s.last_ns - s.first_ns));
+        }
+    }
+    h
 }
 
 /// One second of a run, as the JSON report's `series` gives it.

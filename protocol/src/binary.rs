@@ -149,6 +149,7 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
                     ConvType::Direct => out.put_u8(CONV_DIRECT),
                     ConvType::Group => out.put_u8(CONV_GROUP),
                 }
+                out.put_u32(c.member_count);
                 put_uids(out, &c.members)?;
                 out.put_u64(c.last_seq.0);
                 out.put_u64(c.read_seq.0);
@@ -566,6 +567,7 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
                     CONV_GROUP => ConvType::Group,
                     _ => return Err(DecodeErrorKind::BadValue("unknown conversation type")),
                 };
+                let member_count = r.u32()?;
                 let members = r.uids()?;
                 let last_seq = Seq(r.u64()?);
                 let read_seq = Seq(r.u64()?);
@@ -579,6 +581,7 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
                     conv,
                     conv_type,
                     members,
+                    member_count,
                     last_seq,
                     read_seq,
                     unread,
@@ -724,7 +727,7 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
 /// The fewest bytes a `msg` entry takes (conv, seq, uid, ts, three empty strings).
 const MSG_LEN_MIN: usize = 8 + 8 + UID_LEN + 8 + 2 + 4 + 2;
 /// The fewest bytes a `convs_ok` entry takes.
-const CONV_LEN_MIN: usize = 8 + 1 + 2 + 8 + 8 + 8 + 1;
+const CONV_LEN_MIN: usize = 8 + 1 + 4 + 2 + 8 + 8 + 8 + 1;
 
 /// A cursor over a body. Every read checks the bytes left, so no input can make it panic.
 struct Reader<'a> {

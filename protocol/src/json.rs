@@ -236,6 +236,7 @@ struct RawConv<'a> {
     shop: Option<Text<'a>>,
     #[serde(borrow)]
     members: Vec<Text<'a>>,
+    member_count: u64,
     last_seq: u64,
     read_seq: u64,
     unread: u64,
@@ -661,6 +662,8 @@ fn conv_from_raw(raw: RawConv<'_>) -> Result<ConvSummary<'_>, DecodeErrorKind> {
         conv: parse_str(&raw.conv, "conv")?,
         conv_type,
         members: parse_uids(&raw.members)?,
+        member_count: u32::try_from(raw.member_count)
+            .map_err(|_| DecodeErrorKind::BadValue("member_count"))?,
         last_seq: Seq(raw.last_seq),
         read_seq: Seq(raw.read_seq),
         unread: raw.unread,
@@ -776,6 +779,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                     w.display("shop", shop);
                 }
                 w.uids("members", &c.members);
+                w.num("member_count", u64::from(c.member_count));
                 w.num("last_seq", c.last_seq.0);
                 w.num("read_seq", c.read_seq.0);
                 w.num("unread", c.unread);
@@ -1195,6 +1199,7 @@ mod tests {
             conv: ConvId(5),
             conv_type: ConvType::Shop(ShopId(8)),
             members: vec![Uid::new(UidKind::Buyer, 1), Uid::new(UidKind::Agent, 2)],
+            member_count: 2,
             last_seq: Seq(0),
             read_seq: Seq(0),
             unread: 0,
@@ -1202,7 +1207,7 @@ mod tests {
         }]));
         assert_eq!(
             encoded(&convs),
-            r#"{"op":"convs_ok","convs":[{"conv":"5","type":"shop","shop":"8","members":["buyer:1","agent:2"],"last_seq":0,"read_seq":0,"unread":0,"last":null}]}"#
+            r#"{"op":"convs_ok","convs":[{"conv":"5","type":"shop","shop":"8","members":["buyer:1","agent:2"],"member_count":2,"last_seq":0,"read_seq":0,"unread":0,"last":null}]}"#
         );
     }
 

@@ -686,8 +686,11 @@ pub struct ConvSummary<'a> {
     pub conv: ConvId,
     /// Its type (and shop, for shop conversations).
     pub conv_type: ConvType,
-    /// Its members.
+    /// Its members when there are at most [`crate::limits::GROUP_FULL_LIST_MAX`]; otherwise
+    /// empty (a large group's list would dwarf the reply), and `member_count` says how many.
     pub members: Vec<Uid>,
+    /// How many members it has.
+    pub member_count: u32,
     /// The seq of its newest message (0 when empty).
     pub last_seq: Seq,
     /// The user's read cursor.
@@ -705,6 +708,7 @@ impl ConvSummary<'_> {
             conv: self.conv,
             conv_type: self.conv_type,
             members: self.members,
+            member_count: self.member_count,
             last_seq: self.last_seq,
             read_seq: self.read_seq,
             unread: self.unread,
@@ -1209,19 +1213,22 @@ pub(crate) mod strategies {
                 Just(ConvType::Direct),
                 Just(ConvType::Group)
             ],
-            vec(uid(), 0..5),
+            (vec(uid(), 0..5), any::<u32>()),
             (any::<u64>(), any::<u64>(), any::<u64>()),
             proptest::option::of(msg()),
         )
             .prop_map(
-                |(conv, conv_type, members, (last, read, unread), last_msg)| ConvSummary {
-                    conv: ConvId(conv),
-                    conv_type,
-                    members,
-                    last_seq: Seq(last),
-                    read_seq: Seq(read),
-                    unread,
-                    last: last_msg,
+                |(conv, conv_type, (members, member_count), (last, read, unread), last_msg)| {
+                    ConvSummary {
+                        conv: ConvId(conv),
+                        conv_type,
+                        members,
+                        member_count,
+                        last_seq: Seq(last),
+                        read_seq: Seq(read),
+                        unread,
+                        last: last_msg,
+                    }
                 },
             )
     }

@@ -466,6 +466,94 @@ fn fanout_delivers_every_message_to_every_member() {
     );
 }
 
+/// A large group (above the 200 of a full `members` list) made over the service port, its
+/// members split over two processes and two senders: every message reaches every member but its
+/// sender, once and in order, and the spread is measured across both processes.
+#[test]
+fn group_over_two_processes_delivers_every_message_to_every_other_member() {
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--messages-per-s-max=0",
+        "--fsync=never",
+        "--members-max=2000",
+    ]);
+    let pid = server.pid().to_string();
+    let service = server.backend_addr.to_string();
+    let (output, report) = run(&[
+        "group",
+        "--addr",
+        &addr(&server),
+        "--service-addr",
+        &service,
+        "--secret",
+        SECRET,
+        "--members",
+        "1203",
+        "--senders",
+        "2",
+        "--rate-per-s",
+        "40",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+        "--procs",
+        "2",
+        "--server-pid",
+        &pid,
+    ]);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["group_members"], 1203, "{report}");
+    assert_eq!(report["logged_in"], 1203, "{report}");
+    assert_eq!(report["senders"], 2, "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 30, "40 per second for 1 s: {report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    assert_eq!(report["delivered"], sent * 1202, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    let spread = report["latency"]["delivery_spread_us"]["count"]
+        .as_u64()
+        .unwrap();
+    assert!(spread >= 30, "a spread for each message: {report}");
+    assert!(
+        report["deliveries_per_server_cpu_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
+
+/// `group --notify`: the service names every member in each `notify_users`, and every member
+/// gets each notify exactly once.
+#[test]
+fn group_notify_reaches_every_member_once_per_request() {
+    let server = start();
+    let service = server.backend_addr.to_string();
+    let (output, report) = run(&[
+        "group",
+        "--notify",
+        "--addr",
+        &addr(&server),
+        "--service-addr",
+        &service,
+        "--secret",
+        SECRET,
+        "--members",
+        "50",
+        "--rate-per-s",
+        "20",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "1",
+    ]);
+    assert!(output.status.success(), "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 15, "20 per second for 1 s: {report}");
+    assert_eq!(report["send_ok"], sent, "{report}");
+    assert_eq!(report["delivered"], sent * 50, "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+}
+
 #[test]
 fn storm_reconnects_catch_up_without_missing_a_message() {
     let server = start();
@@ -699,7 +787,7 @@ fn rate_limited_sends_are_reported_with_the_fix_and_fanout_keeps_sending() {
 
 #[test]
 fn every_bad_flag_exits_2() {
-    let bad: [&[&str]; 16] = [
+    let bad: [&[&str]; 19] = [
         &["chat", "--message-bytes", "5"],
         &["chat", "--members", "1"],
         &["chat", "--window", "0"],
@@ -714,6 +802,9 @@ fn every_bad_flag_exits_2() {
         &["storm", "--drop-share-per-s", "2"],
         &["fanout", "--members", "1000"],
         &["fanout", "--procs", "2"],
+        &["group", "--members", "1"],
+        &["group", "--senders", "5", "--members", "5"],
+        &["group", "--rate-per-s", "0"],
         &["connect", "--connect-rate-per-s", "0"],
         &["connect", "--sources", "0"],
     ];

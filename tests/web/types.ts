@@ -57,7 +57,7 @@ const frames: Frame[] = [
   { op: 'members', conv: '7', members: ['buyer:1', 'agent:7'] },
   { op: 'kicked', reason: 'elsewhere' },
   { op: 'error', req: 2, code: 'not_member', message: 'no' },
-  { op: 'convs_ok', convs: [{ conv: '7', type: 'shop', shop: '42', members: [], last_seq: 0, read_seq: 0, unread: 0, last: null }] },
+  { op: 'convs_ok', convs: [{ conv: '7', type: 'shop', shop: '42', members: [], member_count: 0, last_seq: 0, read_seq: 0, unread: 0, last: null }] },
 ];
 for (const frame of frames) {
   const decoded: Frame[] = binary.decode(binary.encode(frame), (e: CodecError) => e.req);

@@ -462,6 +462,40 @@ mod tests {
         assert!(text.contains(r#""op":"members","#), "{text}");
     }
 
+    /// A `convs` entry of a large group gives the member count, not the list.
+    #[test]
+    fn convs_lists_a_small_groups_members_and_counts_a_large_ones() {
+        let mut h = Harness::new();
+        let member = h.login(buyer(0));
+        let conv = h.create_group(local_key(1), buyers(0..GROUP_FULL_LIST_MAX as u64));
+        let entry = |h: &mut Harness| {
+            let out = h.turn(BusMsg::Convs {
+                origin: Box::new(member),
+                token: 1,
+            });
+            out.into_iter()
+                .find_map(|(_, msg)| match msg {
+                    BusMsg::ConvsPart { convs, .. } => {
+                        convs.into_iter().flatten().find(|c| c.conv == conv)
+                    }
+                    _ => None,
+                })
+                .expect("the group is among the member's conversations")
+        };
+        let small = entry(&mut h);
+        assert_eq!(small.members.len(), GROUP_FULL_LIST_MAX);
+        assert_eq!(small.member_count, GROUP_FULL_LIST_MAX as u32);
+
+        let (_, added) = h.group(GroupOp::Add {
+            conv,
+            members: vec![agent(1)],
+        });
+        added.expect("added");
+        let large = entry(&mut h);
+        assert!(large.members.is_empty(), "{:?}", large.members.len());
+        assert_eq!(large.member_count, GROUP_FULL_LIST_MAX as u32 + 1);
+    }
+
     /// Issue 10's rule for services: a group change whose commit fails is answered
     /// `unavailable` and pushes nothing.
     #[test]

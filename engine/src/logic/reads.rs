@@ -7,6 +7,8 @@ use chinwag_protocol::{
     ConvSummary, ConvType, ErrorCode, History, HistoryOk, HistoryRange, Message, Msg, Uid,
 };
 
+use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
+
 use super::{store_error, Owner};
 use crate::bus::{reply_size, Origin, SessionRef, StreamFound, StreamPart, STREAM_NOW};
 use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef, ScanError};
@@ -103,10 +105,20 @@ impl Owner {
                     .history(id, HistoryFrom::Newest, 1)
                     .ok()
                     .and_then(|m| m.first().map(to_msg));
+                let members = c.members();
                 Some(ConvSummary {
                     conv: id,
                     conv_type: conv_type(c),
-                    members: c.members().to_vec(),
+                    // A large group's entry gives the count, not the list (docs/protocol.md,
+                    // "convs"): one member of a 10,000-member group would otherwise be sent
+                    // 160 kB at every `convs`.
+                    members: if members.len() <= GROUP_FULL_LIST_MAX {
+                        members.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    // Within u16 (members_max ≤ 65,535, checked by the store's config).
+                    member_count: members.len() as u32,
                     last_seq,
                     read_seq,
                     unread: last_seq.0.saturating_sub(read_seq.0),

@@ -178,7 +178,8 @@ settings! {
     cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
     "Members one conversation may have (a group's limit; at most 65535); a group operation \
      that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
-     record (which must fit a log segment) and about 24 in each of its members' convs replies"
+     record (which must fit a log segment); a convs entry lists the members of a group of at \
+     most 200 and only counts them above"
     #[arg(value_name = "N")]
     members_max: usize = 1_000, "1000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"

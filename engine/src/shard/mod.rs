@@ -138,7 +138,9 @@ impl Shard {
         let maintenance_interval_ms = self.ctx.node.config.log_maintenance_interval_ms;
         let mut next_maintenance_ms = maintenance_interval_ms;
         loop {
-            let timeout_ms = if self.ctx.read_again.is_empty() {
+            // Reads posted after the last turn's mail (a stream pumped by a write) are taken
+            // up at once.
+            let timeout_ms = if self.ctx.read_again.is_empty() && self.ctx.post.is_empty() {
                 next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
             } else {
                 0
@@ -352,9 +354,7 @@ impl Shard {
 
     fn on_writable(&mut self, token: Token) {
         if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
-            if self.services.get_mut(key).is_some_and(|s| s.flush()) {
-                self.services.remove(key);
-            }
+            self.flush_service(key);
             return;
         }
         let Some(session) = self.sessions.get_mut(token.0) else {
@@ -365,13 +365,25 @@ impl Shard {
         }
     }
 
+    /// Writes what service connection `key` has queued. A stream subscriber whose backlog
+    /// the write took asks the logs for more at once: waiting for the next sweep tick would
+    /// pace a lagging subscriber at one read per tick.
+    fn flush_service(&mut self, key: usize) {
+        let Some(service) = self.services.get_mut(key) else {
+            return;
+        };
+        if service.flush() {
+            self.services.remove(key);
+        } else {
+            service.pump_stream(false, &mut self.ctx);
+        }
+    }
+
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.ctx.dirty);
         for token in dirty.drain(..) {
             if let Some(key) = token.0.checked_sub(SERVICE_TOKEN_BASE) {
-                if self.services.get_mut(key).is_some_and(|s| s.flush()) {
-                    self.services.remove(key);
-                }
+                self.flush_service(key);
                 continue;
             }
             let Some(session) = self.sessions.get_mut(token.0) else {

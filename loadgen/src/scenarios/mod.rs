@@ -5,6 +5,8 @@
 pub mod chat;
 pub mod connect;
 pub mod fanout;
+pub mod group;
+mod rendezvous;
 pub mod shop;
 
 use std::net::Ipv4Addr;
@@ -204,7 +206,7 @@ pub fn connect_and_login(
                     done += 1;
                 }
                 // Membership and cursor news may come at any time; not a reply, not wrong.
-                (_, Message::Members(_) | Message::Receipt(_)) => {}
+                (_, Message::Members(_) | Message::MembersDelta(_) | Message::Receipt(_)) => {}
                 (_, other) => report
                     .violations
                     .add(crate::check::Violation::Other(format!(

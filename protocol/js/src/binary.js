@@ -250,6 +250,7 @@ const WRITE = {
       w.id(c.conv, 'conv');
       w.u8(oneOf(CONV_TYPES, c.type, 'type'));
       if (c.type === 'shop') w.id(c.shop, 'shop');
+      w.u32(c.member_count);
       w.uids(c.members, 'members');
       w.number(c.last_seq, 'last_seq');
       w.number(c.read_seq, 'read_seq');
@@ -352,6 +353,7 @@ const READ = {
       c.type = CONV_TYPES[r.u8()];
       if (c.type === undefined) throw new CodecError('unknown conversation type');
       if (c.type === 'shop') c.shop = r.id();
+      c.member_count = r.u32();
       c.members = r.uids();
       c.last_seq = r.number('last_seq');
       c.read_seq = r.number('read_seq');

@@ -56,7 +56,10 @@ export interface ConvSummary {
   type: ConvType;
   /** Present for `shop` conversations. */
   shop?: Id;
+  /** Every member, or none for a conversation of more than 200 (a large group). */
   members: Uid[];
+  /** How many members it has. */
+  member_count: number;
   last_seq: number;
   read_seq: number;
   unread: number;

@@ -125,7 +125,7 @@ test('no input makes the decoders throw anything but a CodecError', () => {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
   const valid = [
-    { op: 'convs_ok', req: 3, convs: [{ conv: '7', type: 'shop', shop: '42', members: ['buyer:1', 'agent:7'], last_seq: 2, read_seq: 1, unread: 1, last: { conv: '7', seq: 2, from: 'agent:7', ts: 5, kind: 'text', body: 'hé', cmid: 'c' } }] },
+    { op: 'convs_ok', req: 3, convs: [{ conv: '7', type: 'shop', shop: '42', members: ['buyer:1', 'agent:7'], member_count: 2, last_seq: 2, read_seq: 1, unread: 1, last: { conv: '7', seq: 2, from: 'agent:7', ts: 5, kind: 'text', body: 'hé', cmid: 'c' } }] },
     { op: 'history_ok', req: 4, conv: '7', msgs: [{ conv: '7', seq: 1, from: 'buyer:1', ts: 5, kind: 'text', body: 'x', cmid: 'c' }] },
     { op: 'login_ok', req: 1, uid: 'agent:7', device_id: '288230376151711744', node_id: '1', ts: 1 },
     { op: 'send', req: 2, user: 'buyer:9', cmid: 'c', kind: 'text', body: 'hello' },

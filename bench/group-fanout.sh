@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Group fan-out and notify benchmark (docs/benchmarks.md, "Groups and notify"): chinwag with one
+# shard pinned to CPU 0, the load generator (two worker processes) pinned to CPU 1, one chinwag
+# process for all runs (fresh users and groups each run):
+#   1. group of 10,000 logged-in members, SENDERS senders, RATE messages per second in all;
+#   2. baseline in the same run: the same with 1,000 members;
+#   3. notify: the service sends notify_users naming 1,000 logged-in users, NOTIFY_RATE per second.
+# Prints each report and a summary: deliveries per second of server CPU time (utime+stime of the
+# server, read from /proc/PID/stat by the load generator's parent over the measured window),
+# delivery spread p50/p99, and the ratios 10,000 : 1,000.
+#   bench/group-fanout.sh [RATE] [DURATION_S] [NOTIFY_RATE]
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+rate=${1:-50}
+duration=${2:-10}
+notify_rate=${3:-200}
+[ -n "${NO_BUILD:-}" ] || (cd "$repo" && cargo build --quiet --release -p chinwag-engine -p chinwag-loadgen)
+bin=${CARGO_TARGET_DIR:-$repo/target}/release
+work=$(mktemp -d)
+secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+port=7471
+service=7472
+# 10,000 connections on each side; every process stays under 20,000 files.
+ulimit -n 20000
+taskset -c 0 "$bin/chinwag" serve --listen 127.0.0.1:$port --backend-listen 127.0.0.1:$service \
+  --data-dir "$work/data" --shards 1 --jwt-secret "$secret" --messages-per-s-max 0 \
+  --fsync never --members-max 10000 --log-level warn 2>"$work/server.log" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do grep -q listening "$work/server.log" && break; sleep 0.1; done
+grep -m1 'model name' /proc/cpuinfo
+
+load() { # name args...
+  local name=$1; shift
+  echo "== $name"
+  taskset -c 1 "$bin/chinwag-loadgen" group --addr 127.0.0.1:$port \
+    --service-addr 127.0.0.1:$service --secret "$secret" --sources 8 --procs 2 \
+    --warmup-s 2 --duration-s "$duration" --drain-s 20 --login-timeout-s 120 \
+    --server-pid "$server" --quiet --json-out "$work/$name.json" "$@" | grep -v '^settings' || true
+}
+
+load group-10000 --members 10000 --rate-per-s "$rate"
+load group-1000 --members 1000 --rate-per-s "$rate"
+load notify-1000 --notify --members 1000 --rate-per-s "$notify_rate"
+
+python3 - "$work" <<'EOF'
+import json, sys
+work = sys.argv[1]
+r = {n: json.load(open(f"{work}/{n}.json")) for n in ("group-10000", "group-1000", "notify-1000")}
+def row(n):
+    j = r[n]
+    s = j["latency"]["delivery_spread_us"]
+    return (f"{n:12} deliveries/s {j['deliveries_per_s']:>11,.0f}  server CPU s {j['server_cpu_s']:.2f}  "
+            f"deliveries per server CPU s {j['deliveries_per_server_cpu_s']:>11,.0f}  "
+            f"spread p50 {s['p50']} us p99 {s['p99']} us  violations {j['violations']}  "
+            f"failures {j['failures_total']}")
+for n in r:
+    print(row(n))
+a, b = r["group-10000"], r["group-1000"]
+print(f"ratio 10,000 : 1,000 members, deliveries per server CPU s: "
+      f"{a['deliveries_per_server_cpu_s'] / b['deliveries_per_server_cpu_s']:.2f}")
+EOF
