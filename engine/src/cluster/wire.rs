@@ -1231,6 +1231,7 @@ mod tests {
                 ConvSummary {
                     conv: ConvId(conv),
                     conv_type,
+                    member_count: members.len() as u32,
                     members,
                     last_seq: Seq(last),
                     read_seq: Seq(read),
