@@ -17,5 +17,8 @@ python3 -c "import json,sys; r=json.load(open('$dir/report.json')); print('messa
 sleep 3
 echo "idle after ~6000 messages: $(rss)"
 du -sh "$dir" | sed 's/^/data dir: /'
+# Partitions with a log (data format 3 on; older builds have no such metric).
+curl -s "http://127.0.0.1:$port/metrics" \
+  | awk '/^chinwag_log_partitions_open/ {n += $2; seen = 1} END {if (seen) print "partitions open: " n}'
 kill -TERM $pid; wait $pid || true
 rm -rf "$dir"

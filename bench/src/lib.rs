@@ -22,7 +22,7 @@ pub fn send_100() -> Frame<'static> {
 
 /// The `msg` push that the `send` becomes.
 pub fn msg_100() -> Frame<'static> {
-    Frame::new(Message::Msg(Msg {
+    Frame::new(Message::Msg(chinwag_protocol::MsgPush::bare(Msg {
         conv: ConvId(9_876_543_210),
         seq: Seq(1_234),
         from: Uid::new(UidKind::Buyer, 100_001),
@@ -30,7 +30,7 @@ pub fn msg_100() -> Frame<'static> {
         kind: "text".into(),
         body: BODY_100.into(),
         cmid: "6f1c9a52-3f0e-4b8e-9d7c-1a2b3c4d5e6f".into(),
-    }))
+    })))
 }
 
 #[cfg(test)]

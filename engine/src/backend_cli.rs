@@ -10,7 +10,8 @@ use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{
     json, AgentStats, ConvId, DeviceId, Frame, GroupCreate, GroupMembers, History, HistoryRange,
-    Kick, Message, NotifyUsers, Send, SendAs, Seq, ShopId, Target, Uid,
+    Kick, Message, NotifyUsers, Profile, ProfileOf, Send, SendAs, Seq, ShopId, Subject, Target,
+    Uid,
 };
 
 #[derive(clap::Args)]
@@ -103,6 +104,12 @@ enum BackendOp {
         /// The conversation.
         conv: u64,
     },
+    /// Profiles: a user's nickname and avatar, a conversation's or shop's display name and
+    /// avatar (docs/backend.md, "Profiles").
+    Profile {
+        #[command(subcommand)]
+        op: ProfileCmd,
+    },
     /// A shop's reception figures per agent over a window (agent_stats): assigned, open at
     /// the end, resolved, messages, first-reply time p50/p90.
     Stats {
@@ -143,6 +150,52 @@ enum GroupCmd {
         #[arg(value_delimiter = ',', required = true)]
         users: Vec<Uid>,
     },
+}
+
+#[derive(clap::Subcommand)]
+enum ProfileCmd {
+    /// Set a profile (set_profile); a field not given is cleared.
+    Set {
+        #[command(flatten)]
+        subject: SubjectArgs,
+        /// The nickname (of a user) or display name (of a conversation or shop).
+        #[arg(long, alias = "nick", default_value = "")]
+        name: String,
+        /// The avatar URL.
+        #[arg(long, default_value = "")]
+        avatar: String,
+    },
+    /// Show a profile (get_profile).
+    Get {
+        #[command(flatten)]
+        subject: SubjectArgs,
+    },
+}
+
+/// Whose profile: exactly one of --user, --conv, --shop.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct SubjectArgs {
+    /// A user, KIND:ID.
+    #[arg(long)]
+    user: Option<Uid>,
+    /// A direct or group conversation.
+    #[arg(long)]
+    conv: Option<u64>,
+    /// A shop.
+    #[arg(long)]
+    shop: Option<u64>,
+}
+
+impl SubjectArgs {
+    fn subject(&self) -> Subject {
+        match (self.user, self.conv, self.shop) {
+            (Some(uid), _, _) => Subject::User(uid),
+            (_, Some(conv), _) => Subject::Conv(ConvId(conv)),
+            // clap requires exactly one of the three.
+            (_, _, shop) => Subject::Shop(ShopId(shop.unwrap_or_default())),
+        }
+    }
 }
 
 pub fn run(args: BackendArgs) -> ExitCode {
@@ -200,6 +253,17 @@ pub fn run(args: BackendArgs) -> ExitCode {
             }),
         },
         BackendOp::Info { conv } => Message::ConvInfo(ConvId(conv)),
+        BackendOp::Profile { op } => match op {
+            ProfileCmd::Set {
+                subject,
+                name,
+                avatar,
+            } => Message::SetProfile(ProfileOf {
+                subject: subject.subject(),
+                profile: Profile { name, avatar },
+            }),
+            ProfileCmd::Get { subject } => Message::GetProfile(subject.subject()),
+        },
         BackendOp::Stats {
             shop,
             from_ms,

@@ -140,10 +140,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(secret) => secret,
         Err(e) => return fatal(e, 2),
     };
-    config.shards = match data_dir.shard_count(config.shards) {
+    config.partitions = match data_dir.partition_count(config.partitions) {
         Ok(count) => count,
         Err(e) => return fatal(e, 2),
     };
+    if config.shards == 0 {
+        config.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+    }
     match node::serve(config, data_dir, jwt_secret.into_bytes()) {
         Ok(()) => {
             tracing::info!("stopped");

@@ -1,4 +1,4 @@
-//! One node: binds the client port once per shard, opens every shard's log in the data
+//! One node: binds the client port once per shard, opens every partition's log in the data
 //! directory it holds, starts the shard threads, and turns SIGTERM (or SIGINT) into a drain.
 //!
 //! The shards share two things, both read-only or lock-free: the [`NodeState`] (configuration,
@@ -16,13 +16,17 @@ use signal_hook::iterator::Signals;
 
 use crate::bus::mailbox::Mailbox;
 use crate::bus::post::PostOffice;
-use crate::logic::Owner;
+use crate::bus::{PartitionId, PartitionMap};
+use crate::logic::{parse_partition_dir, LogSetup, Owner};
 use crate::net::listener;
 use crate::operator::config::Config;
 use crate::operator::data_dir::DataDir;
 use crate::operator::NodeState;
 use crate::shard::{Shard, WAKER};
-use crate::store::{Store, StoreConfig};
+use crate::store::{Preparer, Store, StoreConfig};
+
+/// The directory under the data directory that holds one directory per partition's log.
+pub const PARTITIONS_DIR: &str = "partitions";
 
 /// Messages one shard's mailbox holds before senders are told it is full.
 const MAILBOX_CAPACITY: usize = 64 * 1024;
@@ -34,7 +38,7 @@ fn drain(state: &NodeState, office: &PostOffice) {
 }
 
 /// Runs a node on the locked `data_dir` until SIGTERM or SIGINT has drained it. `config.shards`
-/// is the resolved count (not 0). The bound address (useful with port 0) is logged as
+/// and `config.partitions` are the resolved counts (not 0). The bound address (useful with port 0) is logged as
 /// `listening addr=...`. A port taken by another node or program fails with `AddrInUse`.
 pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::Result<()> {
     let shard_count = config.shards.max(1);
@@ -54,13 +58,14 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         ));
         polls.push(poll);
     }
-    let mut owners = open_owners(&config, data_dir.path(), shard_count)?;
+    let map = Arc::new(PartitionMap::single_node(config.partitions, shard_count));
+    let mut owners = open_owners(&config, data_dir.path(), &map)?;
     let office = Arc::new(PostOffice::new(mailboxes));
-    let wechat = start_wechat(&config, data_dir.path(), &office)?;
+    let wechat = start_wechat(&config, data_dir.path(), &office, &map)?;
     for owner in &mut owners {
         owner.set_wechat(wechat.clone());
     }
-    let state = Arc::new(NodeState::new(config, jwt_secret, shard_count, wechat));
+    let state = Arc::new(NodeState::new(config, jwt_secret, Arc::clone(&map), wechat));
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let (signal_state, signal_office) = (Arc::clone(&state), Arc::clone(&office));
@@ -102,6 +107,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         %addr,
         %backend_addr,
         shards = shard_count,
+        partitions = map.count(),
         echo = state.config.enable_echo,
         "listening"
     );
@@ -143,8 +149,10 @@ fn start_wechat(
     config: &Config,
     data_dir: &std::path::Path,
     office: &Arc<PostOffice>,
+    map: &Arc<PartitionMap>,
 ) -> io::Result<Option<Arc<crate::wechat::channel::Channel>>> {
     let office = Arc::clone(office);
+    let map = Arc::clone(map);
     let channel = crate::wechat::channel::Channel::start(
         &config.wechat,
         data_dir,
@@ -157,10 +165,10 @@ fn start_wechat(
                     seq: chinwag_protocol::Seq(tag.seq),
                     undelivered,
                 }));
-            if office
-                .post_from_outside(crate::bus::owner_of_conv(conv), msg)
-                .is_err()
-            {
+            let posted = map
+                .shard_of_conv(conv)
+                .is_some_and(|shard| office.post_from_outside(shard, msg).is_ok());
+            if !posted {
                 tracing::warn!(%conv, seq = tag.seq, "wechat notice dropped: the owner's mailbox is full");
             }
         },
@@ -168,80 +176,287 @@ fn start_wechat(
     Ok(channel.map(Arc::new))
 }
 
-/// Opens (recovering) every shard's log under the data directory and builds its owner.
-///
-/// Conversation ids and owners are tied to the shard count, which [`DataDir::shard_count`]
-/// keeps to the one the directory was created with.
-fn open_owners(config: &Config, dir: &Path, shards: usize) -> io::Result<Vec<Owner>> {
+/// Opens (recovering) the log of every partition of the data directory that has one, in
+/// parallel, deals them to the shards as `map` says, and builds each shard's owner. Partitions
+/// without a directory get one on their first write.
+fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Result<Vec<Owner>> {
+    let shards = map.shards();
     if shards > crate::bus::SHARDS_MAX {
         return Err(io::Error::other(format!(
             "at most {} shards are supported",
             crate::bus::SHARDS_MAX
         )));
     }
-    let mut stores = Vec::with_capacity(shards);
-    for shard in 0..shards {
-        let mut store_config = StoreConfig::new(dir.join(format!("shard-{shard}")));
-        store_config.fsync = config.fsync;
-        store_config.fsync_interval_ms = config.fsync_interval_ms;
-        store_config.segment_bytes = config.log_segment_bytes;
-        store_config.retention_age_ms = (config.log_retention_age_s > 0)
-            .then(|| config.log_retention_age_s.saturating_mul(1000));
-        store_config.retention_bytes_max =
-            (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
-        store_config.skip_corrupt = config.skip_corrupt_records;
-        store_config.body_bytes_max = config.message_bytes_max;
-        store_config.cmid_window_entries_max = config.cmid_window_entries_max;
-        store_config.members_max = config.members_max;
-        let (store, report) = Store::open(store_config)
-            .map_err(|e| io::Error::other(format!("shard {shard} log: {e}")))?;
-        for (pos, len) in &report.skipped {
-            tracing::error!(
-                shard,
-                position = pos,
-                bytes = len,
-                "skipped a corrupt stretch of the log (--skip-corrupt-records)"
-            );
-        }
-        // What the shard starts with: the snapshot's state plus the records replayed after it
-        // (a restart after a snapshot replays few or none, so `records` alone says little).
-        let stats = store.stats();
-        let snapshot = report.snapshot.map_or("none".to_string(), |pos| {
-            format!("segment {} offset {}", pos >> 32, pos & 0xffff_ffff)
-        });
-        for (path, why) in &report.snapshots_rejected {
-            tracing::warn!(shard, path = %path.display(), reason = %why, "snapshot not used");
-        }
-        tracing::info!(
-            shard,
-            snapshot = %snapshot,
-            records_replayed = report.records,
-            bytes_replayed = report.bytes,
-            conversations = stats.conversations,
-            devices = stats.devices,
-            truncated = report.truncated.is_some(),
-            "log recovered"
-        );
-        stores.push(store);
-    }
-    // One generator for the node, continuing after every device any shard registered.
+    let root = dir.join(PARTITIONS_DIR);
+    let mut template = StoreConfig::new(&root);
+    template.fsync = config.fsync;
+    template.fsync_interval_ms = config.fsync_interval_ms;
+    template.segment_bytes = config.log_segment_bytes;
+    template.segment_bytes_first = config.log_segment_bytes_first;
+    template.retention_age_ms =
+        (config.log_retention_age_s > 0).then(|| config.log_retention_age_s.saturating_mul(1000));
+    template.retention_bytes_max =
+        (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
+    template.skip_corrupt = config.skip_corrupt_records;
+    template.body_bytes_max = config.message_bytes_max;
+    // The node's window, shared evenly by the partitions (placement spreads the load).
+    template.cmid_window_entries_max = config.cmid_window_entries_max.div_ceil(map.count()).max(1);
+    template.members_max = config.members_max;
+    // One segment preparer per shard, shared by the logs of its partitions.
+    let setups: Vec<LogSetup> = (0..shards)
+        .map(|_| LogSetup {
+            root: root.clone(),
+            config: StoreConfig {
+                preparer: Preparer::new(),
+                ..template.clone()
+            },
+        })
+        .collect();
+    let found = existing_partitions(&root, map)?;
+    let opened = open_partitions(&found, map, &setups)?;
+
+    // One generator for the node, continuing after every device any partition registered.
     let mut generator =
         DeviceIdGenerator::new(NodeType::Client, 0).map_err(|e| io::Error::other(e.to_string()))?;
-    for last in stores.iter().filter_map(Store::device_max) {
+    for last in opened.iter().filter_map(|(_, store)| store.device_max()) {
         generator.resume_after(last);
     }
     let generator = Arc::new(Mutex::new(generator));
-    Ok(stores
+    let mut per_shard: Vec<Vec<(PartitionId, Store)>> = (0..shards).map(|_| Vec::new()).collect();
+    for (p, store) in opened {
+        // `existing_partitions` kept only partitions this node's shards serve.
+        let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+        per_shard[shard].push((p, store));
+    }
+    Ok(per_shard
         .into_iter()
+        .zip(setups)
         .enumerate()
-        .map(|(shard, store)| {
+        .map(|(shard, (stores, setup))| {
             Owner::new(
                 shard,
-                shards,
-                store,
+                Arc::clone(map),
+                setup,
+                stores,
                 Arc::clone(&generator),
                 config.reply_bytes_max(),
             )
         })
         .collect())
+}
+
+/// The partitions under `root` that have a log, ascending. A directory that names no partition
+/// of this node is an error: something else writes there, or the data is not this node's.
+fn existing_partitions(root: &Path, map: &PartitionMap) -> io::Result<Vec<PartitionId>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io::Error::other(format!("{}: {e}", root.display()))),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let p = name
+            .to_str()
+            .and_then(parse_partition_dir)
+            .filter(|&p| map.owns(u32::from(p)));
+        match p {
+            Some(p) if entry.path().is_dir() => found.push(p),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "{} is not a partition of this node's {} (docs/storage.md, \"Layout\")",
+                    entry.path().display(),
+                    map.count()
+                )))
+            }
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Opens the logs of `partitions`, a few at a time on as many threads as there are cores (a
+/// restart replays each), and reports what recovery did.
+fn open_partitions(
+    partitions: &[PartitionId],
+    map: &PartitionMap,
+    setups: &[LogSetup],
+) -> io::Result<Vec<(PartitionId, Store)>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(partitions.len()));
+    let workers = thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(partitions.len());
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&p) = partitions.get(i) else {
+                    return;
+                };
+                let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+                let opened = Store::open(setups[shard].config_of(p));
+                let failed = opened.is_err();
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((p, opened));
+                if failed {
+                    // The node will not start: let the other workers stop early.
+                    next.store(partitions.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_unstable_by_key(|(p, _)| *p);
+    let mut opened = Vec::with_capacity(results.len());
+    let (mut records, mut bytes, mut truncated) = (0u64, 0u64, 0usize);
+    let (mut from_snapshots, mut conversations, mut devices) = (0usize, 0usize, 0usize);
+    for (p, result) in results {
+        let (store, report) =
+            result.map_err(|e| io::Error::other(format!("partition {p} log: {e}")))?;
+        for (pos, len) in &report.skipped {
+            tracing::error!(
+                partition = p,
+                position = pos,
+                bytes = len,
+                "skipped a corrupt stretch of the log (--skip-corrupt-records)"
+            );
+        }
+        for (path, why) in &report.snapshots_rejected {
+            tracing::warn!(partition = p, path = %path.display(), reason = %why, "snapshot not used");
+        }
+        // What the partition starts with: the snapshot's state plus the records replayed
+        // after it (a restart after a snapshot replays few or none).
+        let stats = store.stats();
+        tracing::debug!(
+            partition = p,
+            snapshot = ?report.snapshot,
+            records_replayed = report.records,
+            conversations = stats.conversations,
+            devices = stats.devices,
+            truncated = report.truncated.is_some(),
+            "partition log recovered"
+        );
+        from_snapshots += usize::from(report.snapshot.is_some());
+        conversations += stats.conversations;
+        devices += stats.devices;
+        records += report.records;
+        bytes += report.bytes;
+        truncated += usize::from(report.truncated.is_some());
+        opened.push((p, store));
+    }
+    tracing::info!(
+        partitions = opened.len(),
+        from_snapshots,
+        conversations,
+        devices,
+        records_replayed = records,
+        bytes_replayed = bytes,
+        torn_tails_cut = truncated,
+        "logs recovered"
+    );
+    Ok(opened)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_partitions_with_a_log_are_found_and_anything_else_refuses_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(PARTITIONS_DIR);
+        let map = PartitionMap::single_node(256, 2);
+        assert!(existing_partitions(&root, &map).unwrap().is_empty());
+        for p in ["00017", "00003", "00255"] {
+            std::fs::create_dir_all(root.join(p)).unwrap();
+        }
+        assert_eq!(existing_partitions(&root, &map).unwrap(), [3, 17, 255]);
+        for junk in ["00256", "17", "shard-0"] {
+            std::fs::create_dir(root.join(junk)).unwrap();
+            let err = existing_partitions(&root, &map).unwrap_err().to_string();
+            assert!(err.contains(junk) && err.contains("256"), "{err}");
+            std::fs::remove_dir(root.join(junk)).unwrap();
+        }
+    }
+
+    /// Every partition's log is opened (in parallel), dealt to its shard, and the device ids
+    /// go on after the greatest of all of them.
+    #[test]
+    fn open_owners_recovers_every_partition_for_any_shard_count() {
+        use chinwag_protocol::{DeviceType, Uid, UidKind};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            log_segment_bytes: 1 << 20,
+            ..Config::default()
+        };
+        let map = Arc::new(PartitionMap::single_node(16, 2));
+        assert_eq!(open_owners(&config, dir.path(), &map).unwrap().len(), 2);
+        assert!(
+            !dir.path().join(PARTITIONS_DIR).exists(),
+            "opening creates no log"
+        );
+        // Logs in three partitions, one device each, written directly; the ids are from a
+        // day ahead, so the node's next id must come from resuming after them.
+        let mut ahead = DeviceIdGenerator::new(NodeType::Client, 0).unwrap();
+        let tomorrow_s = crate::logic::unix_ms() / 1000 + 86_400;
+        let mut greatest = 0;
+        for (p, id) in [(1u16, 5u64), (6, 9), (11, 7)] {
+            let mut store_config = StoreConfig::new("");
+            store_config.dir = crate::logic::partition_dir(&dir.path().join(PARTITIONS_DIR), p);
+            store_config.segment_bytes = 1 << 20;
+            let (mut store, _) = Store::open(store_config).unwrap();
+            let device = ahead.next(DeviceType::Web, tomorrow_s).unwrap();
+            let uid = Uid::new(UidKind::Buyer, id);
+            store.register_device(uid, DeviceType::Web, device).unwrap();
+            store.commit().unwrap();
+            greatest = greatest.max(device.get());
+        }
+        for shards in [1, 3] {
+            let map = Arc::new(PartitionMap::single_node(16, shards));
+            let found = existing_partitions(&dir.path().join(PARTITIONS_DIR), &map).unwrap();
+            let mut owners = open_owners(&config, dir.path(), &map).unwrap();
+            assert_eq!(owners.len(), shards);
+            for (shard, owner) in owners.iter().enumerate() {
+                let here = found.iter().filter(|&&p| usize::from(p) % shards == shard);
+                assert_eq!(
+                    owner.log_stats().partitions,
+                    here.count(),
+                    "{shards}/{shard}"
+                );
+            }
+            let devices: usize = owners.iter().map(|o| o.log_stats().devices).sum();
+            assert!(devices >= 3, "{devices}");
+            // A new device, wherever its user lives, gets an id after every stored one.
+            let uid = Uid::new(UidKind::Buyer, 1000 + shards as u64);
+            let shard = map.shard_of(&uid).unwrap();
+            let session = crate::bus::SessionRef {
+                node: 0,
+                shard: 0,
+                slot: 1,
+                generation: 1,
+            };
+            let owner = &mut owners[shard];
+            owner.handle(
+                crate::bus::BusMsg::Register {
+                    session,
+                    uid,
+                    device_type: DeviceType::Ios,
+                },
+                0,
+            );
+            let device = owner
+                .commit()
+                .into_iter()
+                .find_map(|(_, m)| match m {
+                    crate::bus::BusMsg::Registered { device, .. } => device,
+                    _ => None,
+                })
+                .expect("registered");
+            assert!(device.get() > greatest, "{device:?}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 // with its unread count; new assignments appear live (`members` pushes); the chat pane shows
 // one conversation, loads older messages as one scrolls up, and `Resolve` ends the assignment.
 
-import { params, connect, Status, Thread, atBottom, el, clock, who } from './common.js';
+import { params, connect, Status, Thread, atBottom, el, clock, who, learnProfiles } from './common.js';
 
 const p = params();
 const $ = (id) => document.getElementById(id);
@@ -123,6 +123,7 @@ client.on('login', async (session) => {
   const present = new Set();
   for (const s of reply.convs.filter((s) => s.type === 'shop')) {
     present.add(s.conv);
+    learnProfiles(s.profiles);
     const c = entry(s.conv, s.members);
     c.unread = s.unread;
     c.lastSeq = Math.max(c.lastSeq, s.last_seq);

@@ -2,7 +2,7 @@
 // receipts tick one's messages as read; the badge counts the agent's messages not seen yet
 // (while the page is hidden or scrolled up); the status line says when the connection is down.
 
-import { params, connect, Status, Thread, atBottom, el } from './common.js';
+import { params, connect, Status, Thread, atBottom, el, who, learnProfiles } from './common.js';
 
 const p = params();
 const $ = (id) => document.getElementById(id);
@@ -73,6 +73,8 @@ client.on('login', async (session) => {
   const mine = convs.find((c) => c.type === 'shop' && c.shop === p.shop);
   if (!mine) return;
   conv = mine.conv;
+  learnProfiles(mine.profiles);
+  if (mine.name) $('shop-name').textContent = mine.name;
   if (initialLoaded) return; // After a reconnect the client itself recovers what was missed.
   initialLoaded = true;
   const page = await client.history(conv, { limit: 30 });
@@ -88,6 +90,7 @@ client.on('login', async (session) => {
 client.on('msg', (m) => {
   if (conv === null && m.from === client.uid) conv = m.conv; // The first send made it.
   if (m.conv !== conv) return;
+  if (m.conv_name) $('shop-name').textContent = m.conv_name;
   show(m, { scroll: m.from === client.uid });
   readIfSeen();
 });
@@ -99,7 +102,7 @@ client.on('receipt', (r) => {
 client.on('members', (m) => {
   if (m.conv !== conv) return;
   const agents = m.members.filter((uid) => uid.startsWith('agent:'));
-  const line = el('li', { class: 'system' }, agents.length ? `${agents.map((a) => a.replace('agent:', 'Agent ')).join(', ')} is here to help` : 'Waiting for an agent…');
+  const line = el('li', { class: 'system' }, agents.length ? `${agents.map(who).join(', ')} is here to help` : 'Waiting for an agent…');
   $('thread').append(line);
 });
 

@@ -43,6 +43,12 @@ export function connect(p, status) {
   };
   const client = new Client({ urls: [p.gateway], getToken, codec: p.codec });
   client.on('state', (event) => status.update(event));
+  // Registered before the page's own handlers, so a message or member list is drawn with the
+  // nicknames it brought.
+  client.on('msg', (m) => {
+    if (m.from_nick) nicks.set(m.from, m.from_nick);
+  });
+  client.on('members', (m) => learnProfiles(m.profiles));
   client.on('kicked', () => {
     status.show('kicked', 'This chat was opened in another tab or window, so this one stopped. Reload to use it here.');
     for (const control of document.querySelectorAll('form input, form button, #resolve')) control.disabled = true;
@@ -105,7 +111,21 @@ export function clock(ts) {
 }
 
 /** A readable name for a uid: "Agent 7", "Buyer 1001". */
+/** Nicknames the gateway sent (docs/protocol.md, "Profiles"): uid → nickname. */
+const nicks = new Map();
+
+/** Remembers the members' nicknames of a `convs_ok` entry or a `members` push. */
+export function learnProfiles(profiles) {
+  for (const p of profiles ?? []) {
+    if (p.nick) nicks.set(p.uid, p.nick);
+    else nicks.delete(p.uid);
+  }
+}
+
+/** A user as people read it: its nickname when the gateway sent one, else "Buyer 1001". */
 export function who(uid) {
+  const nick = nicks.get(uid);
+  if (nick) return nick;
   const [kind, id] = uid.split(':');
   return `${kind[0].toUpperCase()}${kind.slice(1)} ${id}`;
 }

@@ -18,9 +18,9 @@ use crate::limits;
 use crate::message::{
     AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
     DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
-    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
-    StreamEvent, Target,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, MsgPush,
+    Notify, NotifyUsers, Online, Op, Profile, ProfileOf, Receipt, Send, SendAs, SendOk, StatsRow,
+    StreamBatch, StreamChange, StreamEvent, Subject, Target, UserProfile,
 };
 
 /// The header's size in bytes.
@@ -161,9 +161,21 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
                         put_msg(out, msg)?;
                     }
                 }
+                put_profile(out, &c.profile)?;
+                put_user_profiles(out, &c.profiles)?;
             }
         }
-        Message::Msg(m) => put_msg(out, m)?,
+        Message::Msg(m) => {
+            put_msg(out, &m.msg)?;
+            put_profile(out, &m.from_profile)?;
+            put_profile(out, &m.conv_profile)?;
+        }
+        Message::SetProfile(m) | Message::GetProfileOk(m) | Message::ConvProfile(m) => {
+            put_subject(out, m.subject);
+            put_profile(out, &m.profile)?;
+        }
+        Message::GetProfile(subject) => put_subject(out, *subject),
+        Message::SetProfileOk => {}
         Message::Receipt(m) => {
             out.put_u64(m.conv.0);
             put_uid(out, m.uid);
@@ -172,6 +184,7 @@ fn encode_body(message: &Message<'_>, out: &mut BytesMut) -> Result<(), EncodeEr
         Message::Members(m) => {
             out.put_u64(m.conv.0);
             put_uids(out, &m.members)?;
+            put_user_profiles(out, &m.profiles)?;
         }
         Message::MembersDelta(m) => {
             out.put_u64(m.conv.0);
@@ -428,6 +441,44 @@ fn put_str32(out: &mut BytesMut, s: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
+/// `str16 name` · `str16 avatar`.
+fn put_profile(out: &mut BytesMut, p: &Profile) -> Result<(), EncodeError> {
+    put_str16(out, &p.name, "name")?;
+    put_str16(out, &p.avatar, "avatar")
+}
+
+/// `u16 k` · (`uid` · profile) × k.
+fn put_user_profiles(out: &mut BytesMut, profiles: &[UserProfile]) -> Result<(), EncodeError> {
+    put_count16(out, profiles.len(), "profiles")?;
+    for p in profiles {
+        put_uid(out, p.uid);
+        put_profile(out, &p.profile)?;
+    }
+    Ok(())
+}
+
+/// `u8 subject` (0 user, 1 conv, 2 shop) · `uid` / `u64 conv` / `u64 shop`.
+fn put_subject(out: &mut BytesMut, subject: Subject) {
+    match subject {
+        Subject::User(uid) => {
+            out.put_u8(SUBJECT_USER);
+            put_uid(out, uid);
+        }
+        Subject::Conv(conv) => {
+            out.put_u8(SUBJECT_CONV);
+            out.put_u64(conv.0);
+        }
+        Subject::Shop(shop) => {
+            out.put_u8(SUBJECT_SHOP);
+            out.put_u64(shop.0);
+        }
+    }
+}
+
+const SUBJECT_USER: u8 = 0;
+const SUBJECT_CONV: u8 = 1;
+const SUBJECT_SHOP: u8 = 2;
+
 fn put_msg(out: &mut BytesMut, m: &Msg<'_>) -> Result<(), EncodeError> {
     out.put_u64(m.conv.0);
     out.put_u64(m.seq.0);
@@ -586,13 +637,24 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
                     read_seq,
                     unread,
                     last,
+                    profile: r.profile()?,
+                    profiles: r.user_profiles()?,
                 });
             }
             Message::ConvsOk(convs)
         }
         Op::Ping => Message::Ping,
         Op::Pong => Message::Pong,
-        Op::Msg => Message::Msg(r.msg()?),
+        Op::Msg => Message::Msg(MsgPush {
+            msg: r.msg()?,
+            from_profile: r.profile()?,
+            conv_profile: r.profile()?,
+        }),
+        Op::SetProfile => Message::SetProfile(r.profile_of()?),
+        Op::GetProfileOk => Message::GetProfileOk(r.profile_of()?),
+        Op::ConvProfile => Message::ConvProfile(r.profile_of()?),
+        Op::GetProfile => Message::GetProfile(r.subject()?),
+        Op::SetProfileOk => Message::SetProfileOk,
         Op::Receipt => Message::Receipt(Receipt {
             conv: ConvId(r.u64()?),
             uid: r.uid()?,
@@ -601,6 +663,7 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
         Op::Members => Message::Members(Members {
             conv: ConvId(r.u64()?),
             members: r.uids()?,
+            profiles: r.user_profiles()?,
         }),
         Op::MembersDelta => Message::MembersDelta(MembersDelta {
             conv: ConvId(r.u64()?),
@@ -727,7 +790,9 @@ fn read_message<'a>(op: Op, r: &mut Reader<'a>) -> Result<Message<'a>, DecodeErr
 /// The fewest bytes a `msg` entry takes (conv, seq, uid, ts, three empty strings).
 const MSG_LEN_MIN: usize = 8 + 8 + UID_LEN + 8 + 2 + 4 + 2;
 /// The fewest bytes a `convs_ok` entry takes.
-const CONV_LEN_MIN: usize = 8 + 1 + 4 + 2 + 8 + 8 + 8 + 1;
+const CONV_LEN_MIN: usize = 8 + 1 + 4 + 2 + 8 + 8 + 8 + 1 + PROFILE_LEN_MIN + 2;
+/// The fewest bytes a profile takes (two empty strings).
+const PROFILE_LEN_MIN: usize = 2 + 2;
 
 /// A cursor over a body. Every read checks the bytes left, so no input can make it panic.
 struct Reader<'a> {
@@ -935,6 +1000,43 @@ impl<'a> Reader<'a> {
         })
     }
 
+    fn profile(&mut self) -> Result<Profile, DecodeErrorKind> {
+        let profile = Profile {
+            name: self.str16("name")?.into_owned(),
+            avatar: self.str16("avatar")?.into_owned(),
+        };
+        limits::check_profile(&profile)?;
+        Ok(profile)
+    }
+
+    fn user_profiles(&mut self) -> Result<Vec<UserProfile>, DecodeErrorKind> {
+        let count = self.u16()?;
+        let mut profiles = self.list_with_capacity(usize::from(count), UID_LEN + PROFILE_LEN_MIN);
+        for _ in 0..count {
+            profiles.push(UserProfile {
+                uid: self.uid()?,
+                profile: self.profile()?,
+            });
+        }
+        Ok(profiles)
+    }
+
+    fn subject(&mut self) -> Result<Subject, DecodeErrorKind> {
+        Ok(match self.u8()? {
+            SUBJECT_USER => Subject::User(self.uid()?),
+            SUBJECT_CONV => Subject::Conv(ConvId(self.u64()?)),
+            SUBJECT_SHOP => Subject::Shop(ShopId(self.u64()?)),
+            _ => return Err(DecodeErrorKind::BadValue("unknown profile subject")),
+        })
+    }
+
+    fn profile_of(&mut self) -> Result<ProfileOf, DecodeErrorKind> {
+        Ok(ProfileOf {
+            subject: self.subject()?,
+            profile: self.profile()?,
+        })
+    }
+
     fn msg(&mut self) -> Result<Msg<'a>, DecodeErrorKind> {
         Ok(Msg {
             conv: ConvId(self.u64()?),
@@ -1109,17 +1211,24 @@ mod tests {
 
     #[test]
     fn golden_msg_push() {
-        let frame = Frame::new(Message::Msg(Msg {
-            conv: ConvId(42),
-            seq: Seq(3),
-            from: Uid::new(UidKind::Buyer, 1001),
-            ts: 1_767_225_600_000,
-            kind: "text".into(),
-            body: "hi".into(),
-            cmid: "c-1".into(),
+        let frame = Frame::new(Message::Msg(MsgPush {
+            msg: Msg {
+                conv: ConvId(42),
+                seq: Seq(3),
+                from: Uid::new(UidKind::Buyer, 1001),
+                ts: 1_767_225_600_000,
+                kind: "text".into(),
+                body: "hi".into(),
+                cmid: "c-1".into(),
+            },
+            from_profile: Profile {
+                name: "Al".into(),
+                avatar: String::new(),
+            },
+            conv_profile: Profile::default(),
         }));
         let expected = [
-            "0000004201c10000",
+            "0000004c01c10000",
             "0000000000000000",
             "000000000000002a",
             "0000000000000003",
@@ -1129,6 +1238,8 @@ mod tests {
             "000474657874",
             "000000026869",
             "0003632d31",
+            "0002416c0000", // from: nick "Al", no avatar
+            "00000000",     // conv: no profile
         ]
         .concat();
         assert_eq!(hex(&encoded(&frame)), expected);

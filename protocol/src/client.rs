@@ -305,7 +305,7 @@ mod tests {
                     Ok(_) => continue,
                     Err(_) => return,
                 };
-                let push = Frame::new(Message::Msg(Msg {
+                let push = Frame::new(Message::Msg(crate::MsgPush::bare(Msg {
                     conv: ConvId(1),
                     seq: Seq(9),
                     from: Uid::new(UidKind::Agent, 2),
@@ -313,7 +313,7 @@ mod tests {
                     kind: "text".into(),
                     body: "pushed first".into(),
                     cmid: "m".into(),
-                }));
+                })));
                 let reply = match frame.message {
                     Message::Login(_) => Message::LoginOk(LoginOk {
                         uid: Uid::new(UidKind::Buyer, 1),

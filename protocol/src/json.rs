@@ -18,9 +18,9 @@ use crate::limits;
 use crate::message::{
     AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
     DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
-    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
-    StreamEvent, Target, HISTORY_LIMIT_DEFAULT,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, MsgPush,
+    Notify, NotifyUsers, Online, Op, Profile, ProfileOf, Receipt, Send, SendAs, SendOk, StatsRow,
+    StreamBatch, StreamChange, StreamEvent, Subject, Target, UserProfile, HISTORY_LIMIT_DEFAULT,
 };
 
 /// A JSON string that borrows from the input when it has no escapes. (serde's own `Cow<str>`
@@ -124,6 +124,22 @@ struct RawFrame<'a> {
     online: Option<Vec<RawOnline<'a>>>,
     #[serde(borrow)]
     position: Option<Text<'a>>,
+    #[serde(borrow)]
+    nick: Option<Text<'a>>,
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
+    #[serde(borrow)]
+    avatar: Option<Text<'a>>,
+    #[serde(borrow)]
+    from_nick: Option<Text<'a>>,
+    #[serde(borrow)]
+    from_avatar: Option<Text<'a>>,
+    #[serde(borrow)]
+    conv_name: Option<Text<'a>>,
+    #[serde(borrow)]
+    conv_avatar: Option<Text<'a>>,
+    #[serde(borrow)]
+    profiles: Option<Vec<RawUserProfile<'a>>>,
     from_ms: Option<u64>,
     to_ms: Option<u64>,
     total: Option<RawStatsRow>,
@@ -131,6 +147,16 @@ struct RawFrame<'a> {
     agents: Option<Vec<RawAgentRow<'a>>>,
     #[serde(borrow)]
     events: Option<Vec<RawStreamEvent<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct RawUserProfile<'a> {
+    #[serde(borrow)]
+    uid: Text<'a>,
+    #[serde(default, borrow)]
+    nick: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    avatar: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +268,12 @@ struct RawConv<'a> {
     unread: u64,
     #[serde(default, borrow)]
     last: Option<RawMsg<'a>>,
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    avatar: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    profiles: Option<Vec<RawUserProfile<'a>>>,
 }
 
 /// Just the `req`, to echo it when the rest of a frame does not decode.
@@ -275,6 +307,28 @@ pub fn decode(text: &str) -> Result<Frame<'_>, DecodeError> {
     let req = raw.req;
     let op = raw.op.as_ref().and_then(|name| Op::from_name(&name.0));
     let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind).with_op(op))?;
+    Ok(Frame { req, message })
+}
+
+/// Decodes one JSON object as a message of `op`, named outside it (the `<op>` of the HTTP
+/// form `POST /api/<op>`, docs/backend.md): the object need not carry `op`, and if it does it
+/// must be the same. Everything else is read as [`decode`] reads it.
+pub fn decode_as(op: Op, text: &str) -> Result<Frame<'_>, DecodeError> {
+    // serde would read an array as the fields in order: only an object is a message.
+    if !text.trim_start().starts_with('{') {
+        let kind = DecodeErrorKind::BadJson("not a JSON object".into());
+        return Err(DecodeError::new(None, kind).with_op(Some(op)));
+    }
+    let mut raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        DecodeError::new(None, DecodeErrorKind::BadJson(e.to_string())).with_op(Some(op))
+    })?;
+    let req = raw.req;
+    if raw.op.as_deref().is_some_and(|name| name != op.name()) {
+        let kind = DecodeErrorKind::BadValue("op (not the op the request names)");
+        return Err(DecodeError::new(req, kind).with_op(Some(op)));
+    }
+    raw.op = Some(Text(Cow::Borrowed(op.name())));
+    let message = from_raw(raw).map_err(|kind| DecodeError::new(req, kind).with_op(Some(op)))?;
     Ok(Frame { req, message })
 }
 
@@ -352,15 +406,28 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
         ),
         Op::Ping => Message::Ping,
         Op::Pong => Message::Pong,
-        Op::Msg => Message::Msg(msg_from_raw(RawMsg {
-            conv: need(raw.conv, "conv")?,
-            seq: need(raw.seq, "seq")?,
-            from: need(raw.from, "from")?,
-            ts: need(raw.ts, "ts")?,
-            kind: need(raw.kind, "kind")?,
-            body: need(raw.body, "body")?,
-            cmid: need(raw.cmid, "cmid")?,
-        })?),
+        Op::Msg => {
+            let from_profile = profile_from_raw(&raw.from_nick, &raw.from_avatar)?;
+            let conv_profile = profile_from_raw(&raw.conv_name, &raw.conv_avatar)?;
+            Message::Msg(MsgPush {
+                msg: msg_from_raw(RawMsg {
+                    conv: need(raw.conv, "conv")?,
+                    seq: need(raw.seq, "seq")?,
+                    from: need(raw.from, "from")?,
+                    ts: need(raw.ts, "ts")?,
+                    kind: need(raw.kind, "kind")?,
+                    body: need(raw.body, "body")?,
+                    cmid: need(raw.cmid, "cmid")?,
+                })?,
+                from_profile,
+                conv_profile,
+            })
+        }
+        Op::SetProfile => Message::SetProfile(profile_of_from_raw(&raw)?),
+        Op::GetProfileOk => Message::GetProfileOk(profile_of_from_raw(&raw)?),
+        Op::ConvProfile => Message::ConvProfile(profile_of_from_raw(&raw)?),
+        Op::GetProfile => Message::GetProfile(subject_from_raw(&raw)?),
+        Op::SetProfileOk => Message::SetProfileOk,
         Op::Receipt => Message::Receipt(Receipt {
             conv: conv()?,
             uid: parse_field(&raw.uid, "uid")?,
@@ -369,6 +436,7 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
         Op::Members => Message::Members(Members {
             conv: conv()?,
             members: parse_uids(&need(raw.members, "members")?)?,
+            profiles: user_profiles_from_raw(&raw.profiles)?,
         }),
         Op::MembersDelta => Message::MembersDelta(MembersDelta {
             conv: conv()?,
@@ -396,7 +464,8 @@ fn from_raw(mut raw: RawFrame<'_>) -> Result<Message<'_>, DecodeErrorKind> {
             limits::check_token(&token)?;
             Message::Auth(token)
         }
-        Op::Subscribe => Message::Subscribe(need_text(raw.from, "from")?),
+        // No `from` is the empty position: from now.
+        Op::Subscribe => Message::Subscribe(raw.from.map(|text| text.0).unwrap_or_default()),
         Op::AgentStats => Message::AgentStats(AgentStats {
             shop: parse_field(&raw.shop, "shop")?,
             from_ms: need(raw.from_ms, "from_ms")?,
@@ -595,6 +664,76 @@ fn parse_uids(uids: &[Text<'_>]) -> Result<Vec<Uid>, DecodeErrorKind> {
     uids.iter().map(|uid| parse_str(uid, "members")).collect()
 }
 
+fn profile_from_raw(
+    name: &Option<Text<'_>>,
+    avatar: &Option<Text<'_>>,
+) -> Result<Profile, DecodeErrorKind> {
+    let profile = Profile {
+        name: name.as_deref().unwrap_or_default().to_owned(),
+        avatar: avatar.as_deref().unwrap_or_default().to_owned(),
+    };
+    limits::check_profile(&profile)?;
+    Ok(profile)
+}
+
+fn user_profiles_from_raw(
+    raw: &Option<Vec<RawUserProfile<'_>>>,
+) -> Result<Vec<UserProfile>, DecodeErrorKind> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    if raw.len() > usize::from(u16::MAX) {
+        return Err(DecodeErrorKind::BadValue("profiles"));
+    }
+    raw.iter()
+        .map(|p| {
+            Ok(UserProfile {
+                uid: parse_str(&p.uid, "uid")?,
+                profile: profile_from_raw(&p.nick, &p.avatar)?,
+            })
+        })
+        .collect()
+}
+
+/// Exactly one of `user`, `conv`, `shop`.
+fn subject_from_raw(raw: &RawFrame<'_>) -> Result<Subject, DecodeErrorKind> {
+    Ok(match (&raw.user, &raw.conv, &raw.shop) {
+        (Some(_), None, None) => Subject::User(parse_field(&raw.user, "user")?),
+        (None, Some(_), None) => Subject::Conv(parse_field(&raw.conv, "conv")?),
+        (None, None, Some(_)) => Subject::Shop(parse_field(&raw.shop, "shop")?),
+        (None, None, None) => return Err(DecodeErrorKind::MissingField("user|conv|shop")),
+        _ => {
+            return Err(DecodeErrorKind::BadValue(
+                "a profile is of exactly one of user, conv, shop",
+            ))
+        }
+    })
+}
+
+/// A subject and its profile: a user's `nick`, a conversation's or shop's `name`, `avatar`;
+/// an absent field is empty (not set).
+fn profile_of_from_raw(raw: &RawFrame<'_>) -> Result<ProfileOf, DecodeErrorKind> {
+    let subject = subject_from_raw(raw)?;
+    let name = match subject {
+        Subject::User(_) if raw.name.is_some() => {
+            return Err(DecodeErrorKind::BadValue(
+                "a user's profile has nick, not name",
+            ))
+        }
+        Subject::User(_) => &raw.nick,
+        _ if raw.nick.is_some() => {
+            return Err(DecodeErrorKind::BadValue(
+                "a conversation's or shop's profile has name, not nick",
+            ))
+        }
+        _ => &raw.name,
+    };
+    Ok(ProfileOf {
+        subject,
+        profile: profile_from_raw(name, &raw.avatar)?,
+    })
+}
+
 fn msg_from_raw(raw: RawMsg<'_>) -> Result<Msg<'_>, DecodeErrorKind> {
     Ok(Msg {
         conv: parse_str(&raw.conv, "conv")?,
@@ -667,6 +806,8 @@ fn conv_from_raw(raw: RawConv<'_>) -> Result<ConvSummary<'_>, DecodeErrorKind> {
         last_seq: Seq(raw.last_seq),
         read_seq: Seq(raw.read_seq),
         unread: raw.unread,
+        profile: profile_from_raw(&raw.name, &raw.avatar)?,
+        profiles: user_profiles_from_raw(&raw.profiles)?,
         last: raw.last.map(msg_from_raw).transpose()?,
     })
 }
@@ -791,14 +932,28 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                         w.raw("}");
                     }
                 }
+                w.profile("name", "avatar", &c.profile);
+                w.user_profiles(&c.profiles);
                 w.raw("}");
             }
             w.raw("]");
         }
         Message::Msg(m) => {
             w.raw(",");
-            w.msg_fields(m);
+            w.msg_fields(&m.msg);
+            w.profile("from_nick", "from_avatar", &m.from_profile);
+            w.profile("conv_name", "conv_avatar", &m.conv_profile);
         }
+        Message::SetProfile(m) | Message::GetProfileOk(m) | Message::ConvProfile(m) => {
+            w.subject(m.subject);
+            let name = match m.subject {
+                Subject::User(_) => "nick",
+                Subject::Conv(_) | Subject::Shop(_) => "name",
+            };
+            w.profile(name, "avatar", &m.profile);
+        }
+        Message::GetProfile(subject) => w.subject(*subject),
+        Message::SetProfileOk => {}
         Message::Receipt(m) => {
             w.display("conv", m.conv);
             w.display("uid", m.uid);
@@ -807,6 +962,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         Message::Members(m) => {
             w.display("conv", m.conv);
             w.uids("members", &m.members);
+            w.user_profiles(&m.profiles);
         }
         Message::MembersDelta(m) => {
             w.display("conv", m.conv);
@@ -1028,6 +1184,42 @@ impl Writer<'_> {
         self.str("body", &m.body);
     }
 
+    /// A profile's fields, each only when set.
+    fn profile(&mut self, name_key: &str, avatar_key: &str, p: &Profile) {
+        if !p.name.is_empty() {
+            self.str(name_key, &p.name);
+        }
+        if !p.avatar.is_empty() {
+            self.str(avatar_key, &p.avatar);
+        }
+    }
+
+    /// `profiles`, only when there are any: `[{"uid","nick"?,"avatar"?}]`.
+    fn user_profiles(&mut self, profiles: &[UserProfile]) {
+        if profiles.is_empty() {
+            return;
+        }
+        self.raw(",\"profiles\":[");
+        for (i, p) in profiles.iter().enumerate() {
+            if i > 0 {
+                self.raw(",");
+            }
+            self.raw("{\"uid\":");
+            self.id(p.uid);
+            self.profile("nick", "avatar", &p.profile);
+            self.raw("}");
+        }
+        self.raw("]");
+    }
+
+    fn subject(&mut self, subject: Subject) {
+        match subject {
+            Subject::User(uid) => self.display("user", uid),
+            Subject::Conv(conv) => self.display("conv", conv),
+            Subject::Shop(shop) => self.display("shop", shop),
+        }
+    }
+
     /// The fields of a `msg` entry, the first without a leading comma.
     fn msg_fields(&mut self, m: &Msg<'_>) {
         self.raw("\"conv\":");
@@ -1118,6 +1310,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_as_takes_the_op_from_outside_and_refuses_another() {
+        let frame = decode_as(Op::ConvInfo, r#"{"conv":"42"}"#).unwrap();
+        assert_eq!(frame.message, Message::ConvInfo(ConvId(42)));
+        let same = decode_as(Op::ConvInfo, r#"{"op":"conv_info","conv":"42"}"#).unwrap();
+        assert_eq!(same.message, frame.message);
+        let other = decode_as(Op::ConvInfo, r#"{"op":"kick","conv":"42"}"#).unwrap_err();
+        assert!(other.to_string().contains("op"), "{other}");
+        let now = decode_as(Op::Subscribe, "{}").unwrap();
+        assert_eq!(now.message, Message::Subscribe("".into()));
+        let missing = decode_as(Op::ConvInfo, "{}").unwrap_err();
+        assert_eq!(missing.kind, DecodeErrorKind::MissingField("conv"));
+        for not_an_object in ["[1]", r#"["conv_info","42"]"#, "42", ""] {
+            assert!(matches!(
+                decode_as(Op::ConvInfo, not_an_object).unwrap_err().kind,
+                DecodeErrorKind::BadJson(_)
+            ));
+        }
+    }
+
+    #[test]
     fn a_login_that_does_not_decode_names_its_op() {
         let long = "t".repeat(crate::limits::TOKEN_LEN_MAX + 1);
         for text in [
@@ -1204,10 +1416,21 @@ mod tests {
             read_seq: Seq(0),
             unread: 0,
             last: None,
+            profile: Profile {
+                name: "Shop \"8\"".into(),
+                avatar: String::new(),
+            },
+            profiles: vec![UserProfile {
+                uid: Uid::new(UidKind::Agent, 2),
+                profile: Profile {
+                    name: "Ann".into(),
+                    avatar: "https://a/2.png".into(),
+                },
+            }],
         }]));
         assert_eq!(
             encoded(&convs),
-            r#"{"op":"convs_ok","convs":[{"conv":"5","type":"shop","shop":"8","members":["buyer:1","agent:2"],"member_count":2,"last_seq":0,"read_seq":0,"unread":0,"last":null}]}"#
+            r#"{"op":"convs_ok","convs":[{"conv":"5","type":"shop","shop":"8","members":["buyer:1","agent:2"],"member_count":2,"last_seq":0,"read_seq":0,"unread":0,"last":null,"name":"Shop \"8\"","profiles":[{"uid":"agent:2","nick":"Ann","avatar":"https://a/2.png"}]}]}"#
         );
     }
 

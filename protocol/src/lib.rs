@@ -48,7 +48,7 @@ pub use ids::{
 pub use message::{
     AgentRow, AgentStats, AgentStatsOk, AuthOk, ConvInfo, ConvSummary, ConvType, Cursor,
     DecodeError, DecodeErrorKind, ErrorCode, ErrorReply, Frame, GroupCreate, GroupMembers, History,
-    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, Notify,
-    NotifyUsers, Online, Op, Receipt, Send, SendAs, SendOk, StatsRow, StreamBatch, StreamChange,
-    StreamEvent, Target,
+    HistoryOk, HistoryRange, Kick, Login, LoginOk, Members, MembersDelta, Message, Msg, MsgPush,
+    Notify, NotifyUsers, Online, Op, Profile, ProfileOf, Receipt, Send, SendAs, SendOk, StatsRow,
+    StreamBatch, StreamChange, StreamEvent, Subject, Target, UserProfile,
 };

@@ -14,6 +14,21 @@ pub const USERS_PER_REQUEST_MAX: usize = 10_000;
 /// The most devices one `presence_ok` entry lists (a user has at most one per device type).
 pub const DEVICES_PER_USER_MAX: usize = 4;
 
+/// The longest nickname of a user or display name of a conversation, in bytes.
+pub const PROFILE_NAME_LEN_MAX: usize = 64;
+/// The longest avatar URL, in bytes.
+pub const PROFILE_AVATAR_LEN_MAX: usize = 512;
+
+pub(crate) fn check_profile(profile: &crate::message::Profile) -> Result<(), DecodeErrorKind> {
+    if profile.name.len() > PROFILE_NAME_LEN_MAX {
+        return Err(DecodeErrorKind::BadValue("nick/name longer than 64 bytes"));
+    }
+    if profile.avatar.len() > PROFILE_AVATAR_LEN_MAX {
+        return Err(DecodeErrorKind::BadValue("avatar longer than 512 bytes"));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_users(count: usize) -> Result<(), DecodeErrorKind> {
     if count == 0 || count > USERS_PER_REQUEST_MAX {
         return Err(DecodeErrorKind::BadValue("users must name 1..=10000 users"));

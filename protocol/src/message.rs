@@ -84,8 +84,9 @@ pub enum Message<'a> {
     Ping,
     /// `pong` (reply).
     Pong,
-    /// `msg` (push): a message stored in a conversation of the user.
-    Msg(Msg<'a>),
+    /// `msg` (push): a message stored in a conversation of the user, with what a client shows
+    /// of its sender and its conversation.
+    Msg(MsgPush<'a>),
     /// `receipt` (push): a member's read cursor moved.
     Receipt(Receipt),
     /// `members` (push): a conversation's member list changed.
@@ -99,6 +100,8 @@ pub enum Message<'a> {
     Error(ErrorReply<'a>),
     /// `notify` (push): a transient message from a backend service, not stored, no seq.
     Notify(Notify<'a>),
+    /// `conv_profile` (push): a conversation's display name or avatar changed.
+    ConvProfile(ProfileOf),
 
     // The service port's ops (docs/backend.md): requests 0x10..=0x2f, replies with bit 7 set.
     /// `auth` (service → server): the first frame of a service connection.
@@ -129,6 +132,15 @@ pub enum Message<'a> {
     Subscribe(Cow<'a, str>),
     /// `stream_batch` (reply to `subscribe`, repeated): stored messages and the position after them.
     StreamBatch(StreamBatch<'a>),
+    /// `set_profile` (service → server): a user's nickname and avatar, or a conversation's or
+    /// shop's display name and avatar.
+    SetProfile(ProfileOf),
+    /// `set_profile_ok` (reply).
+    SetProfileOk,
+    /// `get_profile` (service → server): the profile of a user, conversation or shop.
+    GetProfile(Subject),
+    /// `get_profile_ok` (reply): the profile (empty strings: not set).
+    GetProfileOk(ProfileOf),
     /// `agent_stats` (service → server): a shop's customer-service figures over a window.
     AgentStats(AgentStats),
     /// `agent_stats_ok` (reply): the figures, per agent and for the shop.
@@ -199,6 +211,8 @@ pub enum Op {
     MembersDelta = 0xc7,
     /// `notify`
     Notify = 0xc6,
+    /// `conv_profile`
+    ConvProfile = 0xc8,
     /// `auth`
     Auth = 0x10,
     /// `send_as`
@@ -215,6 +229,14 @@ pub enum Op {
     Subscribe = 0x16,
     /// `stream_batch`
     StreamBatch = 0x96,
+    /// `set_profile`
+    SetProfile = 0x17,
+    /// `get_profile`
+    GetProfile = 0x18,
+    /// `set_profile_ok`
+    SetProfileOk = 0x97,
+    /// `get_profile_ok`
+    GetProfileOk = 0x98,
     /// `agent_stats`
     AgentStats = 0x1c,
     /// `agent_stats_ok`
@@ -251,7 +273,7 @@ pub enum Op {
 
 impl Op {
     /// Every op, requests first, then replies, then pushes.
-    pub const ALL: [Op; 45] = [
+    pub const ALL: [Op; 50] = [
         Op::Login,
         Op::Send,
         Op::Read,
@@ -297,6 +319,11 @@ impl Op {
         Op::GroupAddOk,
         Op::GroupRemoveOk,
         Op::ConvInfoOk,
+        Op::SetProfile,
+        Op::GetProfile,
+        Op::SetProfileOk,
+        Op::GetProfileOk,
+        Op::ConvProfile,
     ];
 
     /// The op with this binary code.
@@ -357,6 +384,11 @@ impl Op {
             Op::GroupAddOk => "group_add_ok",
             Op::GroupRemoveOk => "group_remove_ok",
             Op::ConvInfoOk => "conv_info_ok",
+            Op::SetProfile => "set_profile",
+            Op::GetProfile => "get_profile",
+            Op::SetProfileOk => "set_profile_ok",
+            Op::GetProfileOk => "get_profile_ok",
+            Op::ConvProfile => "conv_profile",
         }
     }
 
@@ -427,6 +459,11 @@ impl Message<'_> {
             Message::GroupRemoveOk(_) => Op::GroupRemoveOk,
             Message::ConvInfo(_) => Op::ConvInfo,
             Message::ConvInfoOk(_) => Op::ConvInfoOk,
+            Message::SetProfile(_) => Op::SetProfile,
+            Message::SetProfileOk => Op::SetProfileOk,
+            Message::GetProfile(_) => Op::GetProfile,
+            Message::GetProfileOk(_) => Op::GetProfileOk,
+            Message::ConvProfile(_) => Op::ConvProfile,
         }
     }
 
@@ -460,7 +497,11 @@ impl Message<'_> {
             }
             Message::Ping => Message::Ping,
             Message::Pong => Message::Pong,
-            Message::Msg(m) => Message::Msg(m.into_owned()),
+            Message::Msg(m) => Message::Msg(MsgPush {
+                msg: m.msg.into_owned(),
+                from_profile: m.from_profile,
+                conv_profile: m.conv_profile,
+            }),
             Message::Receipt(m) => Message::Receipt(m),
             Message::Members(m) => Message::Members(m),
             Message::MembersDelta(m) => Message::MembersDelta(m),
@@ -505,6 +546,11 @@ impl Message<'_> {
             Message::GroupRemoveOk(m) => Message::GroupRemoveOk(m),
             Message::ConvInfo(m) => Message::ConvInfo(m),
             Message::ConvInfoOk(m) => Message::ConvInfoOk(m),
+            Message::SetProfile(m) => Message::SetProfile(m),
+            Message::SetProfileOk => Message::SetProfileOk,
+            Message::GetProfile(m) => Message::GetProfile(m),
+            Message::GetProfileOk(m) => Message::GetProfileOk(m),
+            Message::ConvProfile(m) => Message::ConvProfile(m),
             Message::AgentStats(m) => Message::AgentStats(m),
             Message::AgentStatsOk(m) => Message::AgentStatsOk(m),
             Message::ConvHistoryOk(m) => Message::ConvHistoryOk(HistoryOk {
@@ -657,6 +703,85 @@ impl Msg<'_> {
     }
 }
 
+/// What a client shows of a user (its nickname) or of a conversation (its display name), set
+/// by a backend service (`set_profile`). Empty strings: not set (a client shows the uid, or
+/// its own default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Profile {
+    /// A user's nickname or a conversation's display name, at most
+    /// [`crate::limits::PROFILE_NAME_LEN_MAX`] bytes.
+    pub name: String,
+    /// An avatar URL, at most [`crate::limits::PROFILE_AVATAR_LEN_MAX`] bytes.
+    pub avatar: String,
+}
+
+impl Profile {
+    /// Whether neither field is set.
+    pub fn is_empty(&self) -> bool {
+        self.name.is_empty() && self.avatar.is_empty()
+    }
+}
+
+/// Whose profile: a user's, a conversation's, or a shop's (which every conversation of the
+/// shop shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A user: its nickname and avatar.
+    User(Uid),
+    /// A direct or group conversation: its display name and avatar.
+    Conv(ConvId),
+    /// A shop: the display name and avatar of each of its conversations.
+    Shop(ShopId),
+}
+
+/// A subject and its profile: `set_profile`, `get_profile_ok`, `conv_profile`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileOf {
+    /// Whose.
+    pub subject: Subject,
+    /// The profile.
+    pub profile: Profile,
+}
+
+/// A member's profile, in `members` and `convs_ok` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserProfile {
+    /// The user.
+    pub uid: Uid,
+    /// Its nickname and avatar.
+    pub profile: Profile,
+}
+
+/// The `msg` push: the stored message, with the sender's profile and the conversation's as
+/// the conversation's owner knew them when it stored it (empty when not set or not known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MsgPush<'a> {
+    /// The message.
+    pub msg: Msg<'a>,
+    /// The sender's nickname and avatar.
+    pub from_profile: Profile,
+    /// The conversation's display name and avatar (a shop conversation's: its shop's).
+    pub conv_profile: Profile,
+}
+
+impl<'a> MsgPush<'a> {
+    /// A push of `msg` with no profiles.
+    pub fn bare(msg: Msg<'a>) -> MsgPush<'a> {
+        MsgPush {
+            msg,
+            from_profile: Profile::default(),
+            conv_profile: Profile::default(),
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for MsgPush<'a> {
+    type Target = Msg<'a>;
+    fn deref(&self) -> &Msg<'a> {
+        &self.msg
+    }
+}
+
 /// What kind of conversation a [`ConvSummary`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvType {
@@ -699,6 +824,11 @@ pub struct ConvSummary<'a> {
     pub unread: u64,
     /// Its newest message.
     pub last: Option<Msg<'a>>,
+    /// Its display name and avatar (a shop conversation's: its shop's).
+    pub profile: Profile,
+    /// The profiles of its members that the conversation's owner holds (see docs/protocol.md,
+    /// "Profiles"), in member order.
+    pub profiles: Vec<UserProfile>,
 }
 
 impl ConvSummary<'_> {
@@ -713,6 +843,8 @@ impl ConvSummary<'_> {
             read_seq: self.read_seq,
             unread: self.unread,
             last: self.last.map(Msg::into_owned),
+            profile: self.profile,
+            profiles: self.profiles,
         }
     }
 }
@@ -735,6 +867,8 @@ pub struct Members {
     pub conv: ConvId,
     /// Its members now.
     pub members: Vec<Uid>,
+    /// The profiles of its members that the conversation's owner holds, in member order.
+    pub profiles: Vec<UserProfile>,
 }
 
 /// `group_create`: make the group `key` names, with its first members.
@@ -1179,6 +1313,38 @@ pub(crate) mod strategies {
             })
     }
 
+    pub fn profile() -> impl Strategy<Value = Profile> {
+        let field = |len_max: usize| {
+            text().prop_filter_map("at most len_max bytes", move |s| {
+                (s.len() <= len_max).then(|| s.into_owned())
+            })
+        };
+        (
+            field(crate::limits::PROFILE_NAME_LEN_MAX),
+            field(crate::limits::PROFILE_AVATAR_LEN_MAX),
+        )
+            .prop_map(|(name, avatar)| Profile { name, avatar })
+    }
+
+    fn subject() -> impl Strategy<Value = Subject> {
+        prop_oneof![
+            uid().prop_map(Subject::User),
+            any::<u64>().prop_map(|c| Subject::Conv(ConvId(c))),
+            any::<u64>().prop_map(|s| Subject::Shop(ShopId(s))),
+        ]
+    }
+
+    fn profile_of() -> impl Strategy<Value = ProfileOf> {
+        (subject(), profile()).prop_map(|(subject, profile)| ProfileOf { subject, profile })
+    }
+
+    fn user_profiles() -> impl Strategy<Value = Vec<UserProfile>> {
+        vec(
+            (uid(), profile()).prop_map(|(uid, profile)| UserProfile { uid, profile }),
+            0..3,
+        )
+    }
+
     fn conv_info() -> impl Strategy<Value = ConvInfo> {
         (
             any::<u64>(),
@@ -1216,19 +1382,27 @@ pub(crate) mod strategies {
             (vec(uid(), 0..5), any::<u32>()),
             (any::<u64>(), any::<u64>(), any::<u64>()),
             proptest::option::of(msg()),
+            (profile(), user_profiles()),
         )
             .prop_map(
-                |(conv, conv_type, (members, member_count), (last, read, unread), last_msg)| {
-                    ConvSummary {
-                        conv: ConvId(conv),
-                        conv_type,
-                        members,
-                        member_count,
-                        last_seq: Seq(last),
-                        read_seq: Seq(read),
-                        unread,
-                        last: last_msg,
-                    }
+                |(
+                    conv,
+                    conv_type,
+                    (members, member_count),
+                    (last, read, unread),
+                    last_msg,
+                    (profile, profiles),
+                )| ConvSummary {
+                    conv: ConvId(conv),
+                    conv_type,
+                    members,
+                    member_count,
+                    last_seq: Seq(last),
+                    read_seq: Seq(read),
+                    unread,
+                    last: last_msg,
+                    profile,
+                    profiles,
                 },
             )
     }
@@ -1332,16 +1506,25 @@ pub(crate) mod strategies {
             vec(conv_summary(), 0..4).prop_map(Message::ConvsOk),
             Just(Message::Ping),
             Just(Message::Pong),
-            msg().prop_map(Message::Msg),
+            (msg(), profile(), profile()).prop_map(|(msg, from_profile, conv_profile)| {
+                Message::Msg(MsgPush {
+                    msg,
+                    from_profile,
+                    conv_profile,
+                })
+            }),
             (any::<u64>(), uid(), any::<u64>()).prop_map(|(c, uid, s)| Message::Receipt(Receipt {
                 conv: ConvId(c),
                 uid,
                 seq: Seq(s)
             })),
-            (any::<u64>(), vec(uid(), 0..6)).prop_map(|(c, members)| Message::Members(Members {
-                conv: ConvId(c),
-                members
-            })),
+            (any::<u64>(), vec(uid(), 0..6), user_profiles()).prop_map(|(c, members, profiles)| {
+                Message::Members(Members {
+                    conv: ConvId(c),
+                    members,
+                    profiles,
+                })
+            }),
             (
                 any::<u64>(),
                 vec(uid(), 0..4),
@@ -1504,6 +1687,11 @@ pub(crate) mod strategies {
                     })
                 }),
             "[0-9a-f]{0,80}".prop_map(|p| Message::Subscribe(Cow::Owned(p))),
+            profile_of().prop_map(Message::SetProfile),
+            Just(Message::SetProfileOk),
+            subject().prop_map(Message::GetProfile),
+            profile_of().prop_map(Message::GetProfileOk),
+            profile_of().prop_map(Message::ConvProfile),
             (
                 "[0-9a-f]{0,80}",
                 vec(msg(), 0..4),

@@ -103,6 +103,30 @@ impl ServiceClient {
         }
     }
 
+    /// `set_profile`: sets the nickname and avatar of a user, or the display name and avatar
+    /// of a conversation or shop (empty strings clear them).
+    pub fn set_profile(
+        &mut self,
+        subject: crate::Subject,
+        profile: crate::Profile,
+    ) -> Result<(), ClientError> {
+        let frame = self.call(Message::SetProfile(crate::ProfileOf { subject, profile }))?;
+        match frame.message {
+            Message::SetProfileOk => Ok(()),
+            _ => Err(ClientError::Unexpected(Box::new(frame))),
+        }
+    }
+
+    /// `get_profile`: the profile of a user, conversation (a shop conversation: its shop's) or
+    /// shop; empty strings where nothing is set.
+    pub fn get_profile(&mut self, subject: crate::Subject) -> Result<crate::Profile, ClientError> {
+        let frame = self.call(Message::GetProfile(subject))?;
+        match frame.message {
+            Message::GetProfileOk(of) => Ok(of.profile),
+            _ => Err(ClientError::Unexpected(Box::new(frame))),
+        }
+    }
+
     /// The customer-service figures of `shop`'s agents over `from_ms..to_ms` (`agent_stats`,
     /// docs/backend.md "Agent statistics").
     pub fn agent_stats(

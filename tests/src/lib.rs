@@ -214,6 +214,39 @@ impl Server {
         parse_response(&response)
     }
 
+    /// `POST path` on the client port with a JSON `body` and, if given, `Authorization:
+    /// Bearer token`, as curl sends it (the HTTP form of the service ops, docs/backend.md);
+    /// returns the status code and body. The server closes the connection after its answer.
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        let mut stream = self.tcp();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n{auth}\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        parse_response(&response)
+    }
+
+    /// `POST /api/<op>` (`op` may carry a query) with `body` and a bearer `token`: the status,
+    /// and the body read as a message of the contract (its JSON mapping).
+    pub fn api(
+        &self,
+        op: &str,
+        token: &str,
+        body: &str,
+    ) -> (u16, chinwag_protocol::Message<'static>) {
+        let (status, text) = self.post(&format!("/api/{op}"), Some(token), body);
+        let frame = chinwag_protocol::json::decode(text.trim_end())
+            .unwrap_or_else(|e| panic!("{op}: the body {text:?} is no message: {e}"));
+        assert_eq!(frame.req, None, "an HTTP answer carries no req: {text}");
+        (status, frame.message.into_owned())
+    }
+
     /// The sum over shards of every sample of `name` whose labels contain `labels`
     /// (e.g. `metric("chinwag_connections_closed_total", "reason=\"idle_timeout\"")`).
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
@@ -383,6 +416,12 @@ pub fn close_code(code: u16) -> CloseCode {
 
 /// A login token for `uid`, signed with `secret`, valid for ten minutes.
 pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
+    mint_token_in_shop(secret, uid, None)
+}
+
+/// A login token for `uid` with the `shop` claim (an agent's token names the shop it works
+/// for), signed with `secret`, valid for ten minutes.
+pub fn mint_token_in_shop(secret: &str, uid: chinwag_protocol::Uid, shop: Option<u64>) -> String {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
@@ -391,7 +430,7 @@ pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
         secret.as_bytes(),
         &chinwag_protocol::token::Claims {
             uid,
-            shop: None,
+            shop: shop.map(chinwag_protocol::ShopId),
             exp: now_s + 600,
         },
     )

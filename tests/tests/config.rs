@@ -199,10 +199,10 @@ fn the_start_log_shows_version_data_dir_and_config_and_warns_of_unknown_variable
     );
     let recovered = log
         .lines()
-        .find(|l| l.contains("log recovered"))
+        .find(|l| l.contains("logs recovered"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(
-        recovered.contains("snapshot=") && recovered.contains("conversations="),
+        recovered.contains("from_snapshots=") && recovered.contains("conversations="),
         "{recovered}"
     );
 }

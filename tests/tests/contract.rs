@@ -3,10 +3,9 @@
 //! agent assigned at login gets, requests before `login_ok`, an oversized message, and that the
 //! rate limit counts WebSocket messages, not frames.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
     binary, Cursor, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq,
     ShopId, Target, Uid, UidKind,
@@ -25,18 +24,7 @@ fn start() -> Server {
 }
 
 fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s + 3600,
-        },
-    )
+    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
 }
 
 fn login(server: &Server, uid: Uid, shop: Option<u64>, device: DeviceType) -> Client {

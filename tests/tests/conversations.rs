@@ -28,14 +28,7 @@ fn now_s() -> u64 {
 }
 
 fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s() + 3600,
-        },
-    )
+    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
 }
 
 fn buyer(id: u64) -> Uid {
@@ -79,7 +72,7 @@ fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId,
 fn next_msg(client: &mut Client) -> Msg<'static> {
     loop {
         match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m,
+            Some(Message::Msg(m)) => return m.msg,
             Some(_) => continue,
             None => panic!("no msg push within {LONG:?}"),
         }
@@ -684,16 +677,21 @@ fn restart_keeps_devices_conversations_cursors_assignments_and_cmids() {
     );
 }
 
+/// Writers keep 24 conversations busy, spread over partitions of both shards (several per
+/// shard, so a turn commits several logs); the node is SIGKILLed mid-load and restarted with
+/// another shard count.
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_message() {
-    let args = ["--jwt-secret", SECRET];
+    let args = ["--jwt-secret", SECRET, "--shards=2"];
     let server = Server::start(&args);
     let mut acked: Vec<(ConvId, Seq, String, u64)> = Vec::new();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4u64)
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..6u64)
         .map(|w| {
             let url = server.ws_url();
             let stop = std::sync::Arc::clone(&stop);
+            let count = std::sync::Arc::clone(&count);
             std::thread::spawn(move || {
                 let mut client = Client::connect(&url, Encoding::Binary).unwrap();
                 client
@@ -705,7 +703,7 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                         break;
                     }
                     let cmid = format!("w{w}-{i}");
-                    let recipient = 500 + w % 2;
+                    let recipient = 500 + i % 4;
                     let result = client.call(Message::Send(Send {
                         target: Target::User(buyer(recipient)),
                         cmid: cmid.clone().into(),
@@ -716,7 +714,10 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                         Ok(Frame {
                             message: Message::SendOk(ok),
                             ..
-                        }) => acked.push((ok.conv, ok.seq, cmid, recipient)),
+                        }) => {
+                            acked.push((ok.conv, ok.seq, cmid, recipient));
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         _ => break,
                     }
                 }
@@ -724,7 +725,14 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-load: once a few hundred sends were acknowledged (bounded in time, however loaded
+    // the machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count.load(std::sync::atomic::Ordering::Relaxed) < 500
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.signal(libc::SIGKILL);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for writer in writers {
@@ -735,27 +743,28 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         "the load ran ({} acknowledged)",
         acked.len()
     );
+    // Several partitions per shard took the load (partition p is on shard p mod 2).
+    let partitions: std::collections::BTreeSet<u64> =
+        acked.iter().map(|(conv, ..)| conv.0 & 0xffff).collect();
+    for shard in 0..2 {
+        let on_shard = partitions.iter().filter(|&&p| p % 2 == shard).count();
+        assert!(on_shard >= 2, "shard {shard}: {partitions:?}");
+    }
     let data = server.into_data_dir();
 
-    let server = Server::start_in(data, &args, &[]);
-    let mut readers = [
-        login_as(
-            &server,
-            buyer(500),
-            None,
-            DeviceType::Desktop,
-            Encoding::Binary,
-        )
-        .0,
-        login_as(
-            &server,
-            buyer(501),
-            None,
-            DeviceType::Desktop,
-            Encoding::Binary,
-        )
-        .0,
-    ];
+    let server = Server::start_in(data, &["--jwt-secret", SECRET, "--shards=3"], &[]);
+    let mut readers: Vec<Client> = (500..504)
+        .map(|id| {
+            login_as(
+                &server,
+                buyer(id),
+                None,
+                DeviceType::Desktop,
+                Encoding::Binary,
+            )
+            .0
+        })
+        .collect();
     let mut convs: std::collections::BTreeMap<ConvId, (u64, Vec<(Seq, String)>)> =
         Default::default();
     for (conv, seq, cmid, recipient) in &acked {
@@ -828,7 +837,10 @@ fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
     for i in 0..1000 {
         conv = send(&mut a, Target::User(buyer(601)), &format!("r{i}"), &body).0;
     }
-    let log_dir = server.data_dir.path().join("shard-0");
+    let log_dir = server
+        .data_dir
+        .path()
+        .join(format!("partitions/{:05}", conv.0 & 0xffff));
     let segments = || {
         std::fs::read_dir(&log_dir)
             .unwrap()

@@ -350,15 +350,17 @@ fn serve_fake(stream: TcpStream, outboxes: Outboxes, state: Arc<Mutex<FakeState>
                 let mut state = state.lock().unwrap();
                 state.seq += 1;
                 let seq = state.seq;
-                let push = encode(&Frame::new(Message::Msg(Msg {
-                    conv: chinwag_protocol::ConvId(1),
-                    seq: Seq(seq),
-                    from,
-                    ts: 0,
-                    kind: send.kind.clone(),
-                    body: send.body.clone(),
-                    cmid: send.cmid.clone(),
-                })));
+                let push = encode(&Frame::new(Message::Msg(chinwag_protocol::MsgPush::bare(
+                    Msg {
+                        conv: chinwag_protocol::ConvId(1),
+                        seq: Seq(seq),
+                        from,
+                        ts: 0,
+                        kind: send.kind.clone(),
+                        body: send.body.clone(),
+                        cmid: send.cmid.clone(),
+                    },
+                ))));
                 let mut pushes = Vec::new();
                 match fault {
                     Fault::Drop(s) if s == seq => {}

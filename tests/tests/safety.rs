@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{Message, Uid, UidKind};
 use chinwag_tests::{binary, Server, WAIT};
 
 const SECRET: &str = "safety-secret-safety-secret-safety";
@@ -15,10 +17,11 @@ const SECRET: &str = "safety-secret-safety-secret-safety";
 fn serve_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut command = Command::new(binary());
     // The service port on an ephemeral port, so tests running at once do not collide on it.
-    command
-        .arg("serve")
-        .arg("--backend-listen=127.0.0.1:0")
-        .args(args);
+    command.arg("serve");
+    if !args.iter().any(|a| a.starts_with("--backend-listen")) {
+        command.arg("--backend-listen=127.0.0.1:0");
+    }
+    command.args(args);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {
         command.env_remove(key);
     }
@@ -99,6 +102,41 @@ fn issue_9_a_second_node_on_one_port_is_refused() {
         "names the address: {log}"
     );
     assert_eq!(first.get("/healthz").0, 200);
+}
+
+/// The service port is claimed like the client port: a second node on the same `--backend-listen`
+/// (with a client port of its own) exits 2 naming the address, and the first keeps serving.
+#[test]
+fn issue_12_a_second_node_on_one_service_port_is_refused() {
+    let first = Server::start(&["--jwt-secret", SECRET]);
+    let other = tempfile::tempdir().unwrap();
+    let backend = format!("--backend-listen={}", first.backend_addr);
+    let (code, log) = serve_to_exit(
+        &[
+            "--listen=127.0.0.1:0",
+            &backend,
+            "--shards=2",
+            "--data-dir",
+            other.path().to_str().unwrap(),
+            "--jwt-secret",
+            "another-secret-another-secret-another",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "the second node must exit 2; log:\n{log}");
+    assert!(
+        log.contains(&first.backend_addr.to_string()),
+        "names the address: {log}"
+    );
+    assert_eq!(first.get("/healthz").0, 200);
+    // The first node's service port still answers.
+    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
+    let mut service = ServiceClient::connect(&first.backend_addr.to_string(), &token)
+        .expect("the first node's service port");
+    let reply = service
+        .call(Message::Presence(vec![Uid::new(UidKind::Buyer, 1)]))
+        .expect("presence");
+    assert_eq!(reply.message, Message::PresenceOk(Vec::new()));
 }
 
 #[test]
@@ -182,30 +220,20 @@ fn a_secret_file_and_the_generated_secret_mint_tokens_the_node_accepts() {
 }
 
 #[test]
-fn an_explicit_shard_count_other_than_the_recorded_one_is_refused_and_0_takes_it() {
+fn any_shard_count_serves_a_data_directory_and_0_is_one_per_core() {
     let small = "--log-segment-bytes=1048576";
     let server = Server::start(&["--jwt-secret", SECRET, "--shards=3", small]);
     server.signal(libc::SIGTERM);
     let dir = server.into_data_dir();
-    let path = dir.path().to_str().unwrap();
-    let (code, log) = serve_to_exit(
-        &[
-            "--listen=127.0.0.1:0",
-            "--shards=2",
-            "--data-dir",
-            path,
-            "--jwt-secret",
-            SECRET,
-            small,
-        ],
-        &[],
-    );
-    assert_eq!(code, Some(2), "{log}");
-    assert!(log.contains("--shards 3"), "{log}");
+    let server = Server::start_in(dir, &["--jwt-secret", SECRET, "--shards=2", small], &[]);
+    assert!(server.log().contains("shards=2"), "{}", server.log());
+    server.signal(libc::SIGTERM);
+    let dir = server.into_data_dir();
+    let cores = std::thread::available_parallelism().unwrap().get();
     let server = Server::start_in(dir, &["--jwt-secret", SECRET, "--shards=0", small], &[]);
     assert!(
-        server.log().contains("shards=3"),
-        "0 takes the recorded count: {}",
+        server.log().contains(&format!("shards={cores}")),
+        "0 is one per core: {}",
         server.log()
     );
 }
@@ -227,6 +255,31 @@ fn a_data_directory_of_the_old_format_is_refused() {
     );
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("data format 1"), "{log}");
+
+    // Format 2: a log per shard.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("format"), "2\n").unwrap();
+    std::fs::write(dir.path().join("shards"), "2\n").unwrap();
+    std::fs::create_dir(dir.path().join("shard-0")).unwrap();
+    let (code, log) = serve_to_exit(
+        &[
+            "--listen=127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--jwt-secret",
+            SECRET,
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("data format 2") && log.contains("empty --data-dir"),
+        "{log}"
+    );
+    assert!(
+        dir.path().join("shard-0").is_dir() && !dir.path().join("partitions").exists(),
+        "nothing in it is touched"
+    );
 }
 
 mod conversations {
@@ -322,16 +375,21 @@ mod conversations {
         assert_eq!(bodies(&mut client, second.0), ["to two"]);
     }
 
-    /// Conversation ids carry their owner shard in the low byte; the owner of a shop's and of
-    /// a direct pair's conversation is the specified placement (docs/storage.md, "Placement"),
-    /// so these are the same on any machine and any build.
+    /// Conversation ids carry their partition in the low 16 bits; the partition of a shop's and
+    /// of a direct pair's conversation is the specified placement (docs/storage.md,
+    /// "Placement"), so these are the same on any machine and any build.
     #[test]
     fn issue_9_placement_is_the_specified_hash() {
         let small = "--log-segment-bytes=1048576";
         let server = Server::start(&["--jwt-secret", SECRET, "--shards=4", small]);
         let me = Uid::new(UidKind::Buyer, 1);
         let mut client = login(&server, me, Encoding::Binary);
-        let owner = |conv: ConvId| conv.0 & 0xff;
+        // The partition (of 256) is in the id's low 16 bits; placement is `hash mod 256`, so
+        // the partition mod 4 is the shard of 4 that data format 2 placed the key on.
+        let owner = |conv: ConvId| {
+            assert!(conv.0 & 0xffff < 256, "{conv}");
+            (conv.0 & 0xffff) % 4
+        };
         let shops: Vec<u64> = (1..=8)
             .map(|shop| {
                 let to = Target::Shop(ShopId(shop));
@@ -388,15 +446,21 @@ mod conversations {
 
 #[test]
 fn issue_9_restarts_do_not_grow_the_log() {
+    use chinwag_protocol::client::{Client, Encoding};
+    use chinwag_protocol::{DeviceType, Message, Send, Target, Uid, UidKind};
+
     let args = [
         "--jwt-secret",
         SECRET,
         "--shards=1",
+        "--messages-per-s-max=0",
         "--log-segment-bytes=1048576",
     ];
+    // Every segment file of every partition's log.
     let segments = |dir: &std::path::Path| -> Vec<u64> {
-        let mut sizes: Vec<u64> = std::fs::read_dir(dir.join("shard-0"))
+        let mut sizes: Vec<u64> = std::fs::read_dir(dir.join("partitions"))
             .unwrap()
+            .flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap())
             .map(|e| e.unwrap())
             .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
             .map(|e| e.metadata().unwrap().len())
@@ -410,7 +474,8 @@ fn issue_9_restarts_do_not_grow_the_log() {
         loop {
             let on_disk = segments(server.data_dir.path());
             let metric = server.metric("chinwag_log_segment_bytes", "");
-            let done = on_disk.len() >= 2 && metric == on_disk.iter().sum::<u64>();
+            let prepared = on_disk.contains(&(256 << 10));
+            let done = prepared && metric == on_disk.iter().sum::<u64>();
             if done || Instant::now() > deadline {
                 return (on_disk, metric);
             }
@@ -418,8 +483,27 @@ fn issue_9_restarts_do_not_grow_the_log() {
         }
     };
     let mut server = Server::start(&args);
+    // Fill a conversation's first segment (128 KiB) past half: the next (256 KiB) is prepared.
+    let mut client = Client::connect(&server.ws_url(), Encoding::Binary).unwrap();
+    let me = Uid::new(UidKind::Buyer, 1);
+    let token = chinwag_tests::mint_token(SECRET, me);
+    client.login(&token, DeviceType::Web).unwrap();
+    for i in 0..80 {
+        client
+            .call(Message::Send(Send {
+                target: Target::User(Uid::new(UidKind::Buyer, 2)),
+                cmid: format!("c{i}").into(),
+                kind: "text".into(),
+                body: "x".repeat(1000).into(),
+            }))
+            .unwrap();
+    }
+    drop(client);
     let (first, _) = settled(&server);
-    assert_eq!(first, [1 << 20, 1 << 20], "the active segment and the next");
+    assert!(
+        first.contains(&(128 << 10)) && first.contains(&(256 << 10)),
+        "the active segment and the next, twice as large: {first:?}"
+    );
     for restart in 0..5 {
         server.signal(libc::SIGTERM);
         let dir = server.into_data_dir();

@@ -132,7 +132,7 @@ fn text(from: &str, content: &str, msg_id: u64) -> WxMessage {
 fn next_msg(client: &mut Client) -> Msg<'static> {
     loop {
         match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m,
+            Some(Message::Msg(m)) => return m.msg,
             Some(_) => continue,
             None => panic!("no msg push within {LONG:?}"),
         }

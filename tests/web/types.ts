@@ -25,7 +25,9 @@ client.on('state', (e: StateEvent) => e.retryInMs ?? e.reason);
 client.on('login', (s) => s.device_id.length + s.ts);
 client.on('msg', (m: Msg, info) => (info.recovered || info.own ? m.seq : m.cmid));
 client.on('receipt', (r) => r.uid.startsWith('agent:') && r.seq);
-client.on('members', (m) => m.members.includes('buyer:1'));
+client.on('members', (m) => m.members.includes('buyer:1') && m.profiles?.[0]?.nick);
+client.on('msg', (m) => m.from_nick ?? m.from);
+client.on('conv_profile', (p) => p.name ?? p.conv);
 client.on('kicked', (k) => k.reason.length);
 client.on('disconnect', (d) => d.code);
 client.on('error', (e) => (e instanceof ChinwagError ? e.code : e.message));
@@ -55,9 +57,13 @@ const frames: Frame[] = [
   { op: 'msg', conv: '7', seq: 1, from: 'buyer:1', ts: 1, kind: 'text', body: 'b', cmid: 'c' },
   { op: 'receipt', conv: '7', uid: 'agent:7', seq: 1 },
   { op: 'members', conv: '7', members: ['buyer:1', 'agent:7'] },
+  { op: 'members', conv: '7', members: ['agent:7'], profiles: [{ uid: 'agent:7', nick: 'Ted' }] },
+  { op: 'msg', conv: '7', seq: 2, from: 'agent:7', ts: 1, kind: 'text', body: 'b', cmid: 'd', from_nick: 'Ted', conv_name: 'Tea' },
+  { op: 'conv_profile', conv: '7', name: 'Club', avatar: 'https://a/c.png' },
   { op: 'kicked', reason: 'elsewhere' },
   { op: 'error', req: 2, code: 'not_member', message: 'no' },
   { op: 'convs_ok', convs: [{ conv: '7', type: 'shop', shop: '42', members: [], member_count: 0, last_seq: 0, read_seq: 0, unread: 0, last: null }] },
+  { op: 'convs_ok', convs: [{ conv: '7', type: 'group', members: ['buyer:1'], member_count: 1, last_seq: 0, read_seq: 0, unread: 0, last: null, name: 'Club', profiles: [{ uid: 'buyer:1', nick: 'Ann' }] }] },
 ];
 for (const frame of frames) {
   const decoded: Frame[] = binary.decode(binary.encode(frame), (e: CodecError) => e.req);

@@ -2,16 +2,20 @@
 //! it carries ([`SessionRef`], [`Origin`]), who owns what, the mailboxes ([`mailbox`]) and the
 //! post office that sends and delivers ([`post`]).
 //!
-//! Every piece of state has one owner shard, found by hashing its key (docs/architecture.md,
+//! Every piece of state lives in one partition, found by hashing its key, and has one owner
+//! shard: the shard the [`PartitionMap`] gives that partition (docs/architecture.md,
 //! "Conversations: ownership, routing, fan-out"):
 //!
-//! | state | owner |
+//! | state | partition |
 //! |---|---|
 //! | a user's devices and which session holds each device | `hash(uid)` |
 //! | a shop's conversations, its dispatcher (online agents, waiting queue) | `hash(shop)` |
 //! | a direct conversation | `hash(unordered pair)` |
 //! | a group conversation, while the service creates it | `hash(group key)` |
-//! | any conversation, by id | the shard number in the id's low byte ([`owner_of_conv`]) |
+//! | a user's profile (nickname, avatar) | `hash(uid)`, with its devices |
+//! | a shop's profile | `hash(shop)`, with its conversations |
+//! | a conversation's profile | the conversation's owner |
+//! | any conversation, by id | the partition in the id's low 16 bits ([`partitions`]) |
 //!
 //! A session's shard posts a client's request to the owner (handled in place when it is
 //! itself the owner); the owner answers with messages for the session's shard. A push for the
@@ -20,6 +24,7 @@
 //! conversation's pushes in the order the owner made them.
 
 pub mod mailbox;
+pub mod partitions;
 pub mod placement;
 pub mod post;
 pub mod reply_size;
@@ -31,29 +36,17 @@ use bytes::Bytes;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, json, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, ErrorCode, ErrorReply, Frame,
-    History, Kick, Message, Online, ShopId, Target, Uid,
+    History, Kick, Message, Online, ProfileOf, ShopId, Subject, Target, Uid,
 };
 use smallvec::SmallVec;
 
 use crate::net::ws::frame::{encode_with, Opcode};
-use placement::{GroupKey, Placed};
+use crate::store::StoredProfile;
+pub use partitions::{PartitionId, PartitionMap};
+use placement::GroupKey;
 
-/// Conversation ids carry their owner shard in the low byte, so any shard can route a `conv`
-/// without a lookup. That bounds a node to 256 shards.
-pub const CONV_SHARD_BITS: u32 = 8;
 /// The most shards a node may run.
-pub const SHARDS_MAX: usize = 1 << CONV_SHARD_BITS;
-
-/// The shard that owns conversation `conv` (may be ≥ the node's shard count for a forged id).
-pub fn owner_of_conv(conv: ConvId) -> usize {
-    (conv.0 & (SHARDS_MAX as u64 - 1)) as usize
-}
-
-/// The shard that owns `key` (a uid, a shop, a user pair), among `shards`: the specified,
-/// build-independent placement of [`placement`].
-pub fn owner_of<K: Placed>(key: &K, shards: usize) -> usize {
-    placement::shard_of(key, shards)
-}
+pub const SHARDS_MAX: usize = 256;
 
 /// The key of a direct conversation: the two users in a canonical order.
 pub fn user_pair(a: Uid, b: Uid) -> (Uid, Uid) {
@@ -190,12 +183,14 @@ pub enum BusMsg {
         /// The connection's token for the request (see [`BusMsg::PresencePart`]).
         token: u64,
     },
-    /// The message stream of a service: the next messages of the receiving shard's log.
+    /// The message stream of a service: the next messages of the receiving shard's partitions'
+    /// logs.
     StreamRead {
         /// The service connection.
         session: SessionRef,
-        /// From this position of the shard's log ([`STREAM_NOW`]: from the end).
-        from: u64,
+        /// Per partition of the receiving shard: from this position of its log
+        /// ([`STREAM_NOW`]: from the end; 0: from the start).
+        from: Box<[(PartitionId, u64)]>,
     },
     /// `agent_stats` from a service, for the owner of the shop.
     AgentStats {
@@ -235,6 +230,10 @@ pub enum BusMsg {
         shop: ShopId,
         /// The agent.
         agent: Uid,
+        /// The agent's profile as its session had it at login (for the `members` pushes of
+        /// the conversations it gets). Boxed, as the other profiles here: rare, and a bus
+        /// message stays small.
+        profile: Option<Box<StoredProfile>>,
     },
     /// An agent's session ended.
     AgentOffline {
@@ -246,6 +245,8 @@ pub enum BusMsg {
 
     /// A backend service's operation on group conversations (create, add, remove, info).
     Group(Box<GroupRequest>),
+    /// A backend service's `set_profile` or `get_profile`, for the owner of the subject.
+    Profile(Box<ProfileRequest>),
     /// A WeChat customer's message, accepted by the callback endpoint on any shard: for the
     /// owner of its shop, to store and dispatch as a buyer's.
     WechatInbound(Box<crate::wechat::endpoint::Inbound>),
@@ -273,6 +274,16 @@ pub enum BusMsg {
         uid: Uid,
         /// Its device.
         device: Option<DeviceId>,
+        /// The user's profile, which the session carries in its `send`s.
+        profile: Option<Box<StoredProfile>>,
+    },
+    /// A service set the profile of the session's user: the session carries this one in its
+    /// `send`s from now on.
+    OwnProfile {
+        /// The session.
+        session: SessionRef,
+        /// The new profile.
+        profile: Box<StoredProfile>,
     },
     /// The device logged in elsewhere, or a service kicked it: push `kicked` and close with 4001.
     Kick {
@@ -317,19 +328,20 @@ pub const STREAM_NOW: u64 = u64::MAX;
 pub struct StreamPart {
     /// The service connection.
     pub session: SessionRef,
-    /// The shard whose log was read.
+    /// The shard whose partitions were read.
     pub shard: usize,
-    /// The messages and the position after them, or why the position was refused.
+    /// The messages and events found and, per partition read, the position after them; or
+    /// why a position was refused.
     pub result: Result<StreamFound, &'static str>,
 }
 
-/// The messages and events one stream read found, and the position after them.
+/// The messages and events one stream read found, and where each partition read is read on.
 #[derive(Debug)]
 pub struct StreamFound {
     pub msgs: Vec<chinwag_protocol::Msg<'static>>,
     pub events: Vec<chinwag_protocol::StreamEvent>,
-    /// The position in the shard's log to read on from.
-    pub next: u64,
+    /// Per partition read: the position in its log to read on from.
+    pub next: Vec<(PartitionId, u64)>,
 }
 
 /// Which stored reply did not reach WeChat, and why.
@@ -353,6 +365,12 @@ pub struct SendRequest {
     pub kind: String,
     /// The body.
     pub body: String,
+    /// The sender's profile, as its session knows it (the owner keeps a copy and puts it in
+    /// the `msg` push).
+    pub profile: Option<StoredProfile>,
+    /// A service's `send_as`: the request goes to the sender's owner first, which fills in
+    /// `profile` and passes it on to the conversation's owner.
+    pub profile_pending: bool,
 }
 
 /// A service's operation on group conversations. Members lists are at most
@@ -382,6 +400,41 @@ pub struct GroupRequest {
     pub op: GroupOp,
 }
 
+/// A profile operation of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileOp {
+    /// `set_profile`: the subject's new profile.
+    Set(ProfileOf),
+    /// `get_profile`: the subject's profile.
+    Get(Subject),
+}
+
+impl ProfileOp {
+    /// Whose profile.
+    pub fn subject(&self) -> Subject {
+        match self {
+            ProfileOp::Set(of) => of.subject,
+            ProfileOp::Get(subject) => *subject,
+        }
+    }
+}
+
+/// A [`ProfileOp`] and the service that asked.
+#[derive(Debug)]
+pub struct ProfileRequest {
+    pub origin: Origin,
+    pub op: ProfileOp,
+}
+
+/// The shard that owns `subject`'s profile, or `None` when its partition is not this node's.
+pub fn owner_of_subject(subject: Subject, map: &PartitionMap) -> Option<usize> {
+    match subject {
+        Subject::User(uid) => map.shard_of(&uid),
+        Subject::Conv(conv) => map.shard_of_conv(conv),
+        Subject::Shop(shop) => map.shard_of(&shop),
+    }
+}
+
 impl BusMsg {
     /// The client request's origin, for requests a client made.
     pub fn origin(&self) -> Option<&Origin> {
@@ -403,6 +456,7 @@ impl BusMsg {
     pub fn session(&self) -> Option<SessionRef> {
         match self {
             BusMsg::Deliver { to: session, .. }
+            | BusMsg::OwnProfile { session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }
@@ -412,46 +466,50 @@ impl BusMsg {
         }
     }
 
-    /// The shard that owns this message's subject, among `shards` (for a forged conversation
-    /// id it may be ≥ `shards`). A message for a session goes to the session's shard; a push
-    /// goes to every shard and has no single one.
-    pub fn owner(&self, shards: usize) -> Option<usize> {
-        Some(match self {
+    /// The shard that owns this message's subject: the shard serving its partition here, or
+    /// `None` when the partition is not this node's (a forged conversation id names one past
+    /// the partition count; in a cluster, another node's). A message for a session goes to
+    /// the session's shard; a push goes to every shard and has no single one.
+    pub fn owner(&self, map: &PartitionMap) -> Option<usize> {
+        match self {
+            BusMsg::Send(send) if send.profile_pending => map.shard_of(&send.origin.uid),
             BusMsg::Send(send) => match send.target {
-                Target::Conv(conv) => owner_of_conv(conv),
-                Target::Shop(shop) => owner_of(&shop, shards),
-                Target::User(other) => owner_of(&user_pair(send.origin.uid, other), shards),
+                Target::Conv(conv) => map.shard_of_conv(conv),
+                Target::Shop(shop) => map.shard_of(&shop),
+                Target::User(other) => map.shard_of(&user_pair(send.origin.uid, other)),
             },
-            BusMsg::Read { cursor, .. } => owner_of_conv(cursor.conv),
-            BusMsg::Resolve { conv, .. } => owner_of_conv(*conv),
-            BusMsg::History { history, .. } => owner_of_conv(history.conv),
-            BusMsg::Convs { origin, .. } => origin.session.shard as usize,
-            BusMsg::KickUser { kick, .. } => owner_of(&kick.uid, shards),
-            BusMsg::AgentStats { stats, .. } => owner_of(&stats.shop, shards),
+            BusMsg::Read { cursor, .. } => map.shard_of_conv(cursor.conv),
+            BusMsg::Resolve { conv, .. } => map.shard_of_conv(*conv),
+            BusMsg::History { history, .. } => map.shard_of_conv(history.conv),
+            BusMsg::Convs { origin, .. } => Some(origin.session.shard as usize),
+            BusMsg::KickUser { kick, .. } => map.shard_of(&kick.uid),
+            BusMsg::AgentStats { stats, .. } => map.shard_of(&stats.shop),
             // Posted to each shard in turn, not to an owner.
-            BusMsg::StreamRead { .. } => return None,
-            BusMsg::StreamPart(part) => part.session.shard as usize,
+            BusMsg::StreamRead { .. } => None,
+            BusMsg::StreamPart(part) => Some(part.session.shard as usize),
             // Posted to the owner of its users, which all share it.
-            BusMsg::Presence { users, .. } => owner_of(users.first()?, shards),
-            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => owner_of(uid, shards),
+            BusMsg::Presence { users, .. } => map.shard_of(users.first()?),
+            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => map.shard_of(uid),
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
-                owner_of(shop, shards)
+                map.shard_of(shop)
             }
-            BusMsg::WechatInbound(inbound) => owner_of(&ShopId(inbound.shop), shards),
-            BusMsg::WechatUndelivered(u) => owner_of_conv(u.conv),
+            BusMsg::WechatInbound(inbound) => map.shard_of(&ShopId(inbound.shop)),
+            BusMsg::WechatUndelivered(u) => map.shard_of_conv(u.conv),
+            BusMsg::Profile(request) => owner_of_subject(request.op.subject(), map),
             BusMsg::Deliver { to: session, .. }
+            | BusMsg::OwnProfile { session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }
-            | BusMsg::PresencePart { session, .. } => session.shard as usize,
+            | BusMsg::PresencePart { session, .. } => Some(session.shard as usize),
             BusMsg::Group(request) => match &request.op {
-                GroupOp::Create { key, .. } => owner_of(&GroupKey(*key), shards),
+                GroupOp::Create { key, .. } => map.shard_of(&GroupKey(*key)),
                 GroupOp::Add { conv, .. }
                 | GroupOp::Remove { conv, .. }
-                | GroupOp::Info { conv } => owner_of_conv(*conv),
+                | GroupOp::Info { conv } => map.shard_of_conv(*conv),
             },
-            BusMsg::Push(_) => return None,
-        })
+            BusMsg::Push(_) => None,
+        }
     }
 }
 
@@ -524,8 +582,9 @@ mod tests {
     fn owners_are_stable_and_spread() {
         let mut counts = [0usize; 4];
         for id in 0..4000 {
-            let owner = owner_of(&Uid::new(UidKind::Buyer, id), 4);
-            assert_eq!(owner, owner_of(&Uid::new(UidKind::Buyer, id), 4));
+            let map = PartitionMap::single_node(256, 4);
+            let owner = map.shard_of(&Uid::new(UidKind::Buyer, id)).unwrap();
+            assert_eq!(owner, map.shard_of(&Uid::new(UidKind::Buyer, id)).unwrap());
             counts[owner] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
@@ -536,7 +595,13 @@ mod tests {
         let a = Uid::new(UidKind::Agent, 1);
         let b = Uid::new(UidKind::Buyer, 2);
         assert_eq!(user_pair(a, b), user_pair(b, a));
-        assert_eq!(owner_of_conv(ConvId(0x0012_3405)), 5);
+        let map = PartitionMap::single_node(256, 4);
+        assert_eq!(map.shard_of_conv(ConvId(0x0012_0005)), Some(1));
+        assert_eq!(
+            map.shard_of_conv(ConvId(0x0012_0105)),
+            None,
+            "partition 261"
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! Placement: which shard owns a key (a user, a shop, a pair of users), the same on every
-//! machine and every build.
+//! Placement: which partition holds a key (a user, a shop, a pair of users, a group), the same
+//! on every machine and every build.
 //!
-//! The owner of a key is `XXH64(encoding, seed 0) mod shards`, over the canonical byte
-//! encoding of the key below. XXH64 is specified (xxHash's `doc/xxhash_spec.md`) and its
+//! The partition of a key is `XXH64(encoding, seed 0) mod partitions`, over the canonical byte
+//! encoding of the key below; which shard (later: which node) serves a partition is the
+//! [`PartitionMap`](super::partitions::PartitionMap)'s business. XXH64 is specified (xxHash's `doc/xxhash_spec.md`) and its
 //! output is fixed by that specification, unlike `std::hash::Hash` or a hasher such as `ahash`,
 //! whose results may change with a crate version, a Rust release or the CPU's features: data
-//! placed by one build must be found by the next, and, in a cluster, by every node. The
-//! cluster maps keys to partitions with this same function. `docs/storage.md` ("Placement")
+//! placed by one build must be found by the next, and, in a cluster, by every node. `docs/storage.md` ("Placement")
 //! is the specification; the test vectors at the bottom pin it.
 //!
 //! Canonical encodings (integers little-endian; a uid is its kind code, 0 buyer, 1 wechat,
@@ -26,7 +26,7 @@ const SEED: u64 = 0;
 /// The longest canonical encoding (a pair).
 const KEY_BYTES_MAX: usize = 19;
 
-/// A key that has an owner shard.
+/// A key that has an owner partition.
 pub trait Placed {
     /// Writes the key's canonical encoding into `out`; returns its length.
     fn encode(&self, out: &mut [u8; KEY_BYTES_MAX]) -> usize;
@@ -39,10 +39,10 @@ pub trait Placed {
     }
 }
 
-/// The shard that owns `key` among `shards` (at least 1).
-pub fn shard_of<K: Placed + ?Sized>(key: &K, shards: usize) -> usize {
-    debug_assert!(shards > 0);
-    (key.placement_hash() % shards.max(1) as u64) as usize
+/// The partition that holds `key` among `partitions` (at least 1, at most 65,536).
+pub fn partition_of<K: Placed + ?Sized>(key: &K, partitions: usize) -> u16 {
+    debug_assert!((1..=1 << 16).contains(&partitions));
+    (key.placement_hash() % partitions.max(1) as u64) as u16
 }
 
 fn kind_code(kind: UidKind) -> u8 {
@@ -77,7 +77,7 @@ impl Placed for ShopId {
 }
 
 /// A group conversation, by the key the service creates it with: creating the same key again
-/// reaches the same shard, which answers with the group it made the first time.
+/// reaches the same partition, which answers with the group it made the first time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupKey(pub u64);
 
@@ -122,31 +122,45 @@ mod tests {
     }
 
     /// Fixed vectors: if one of these changes, keys placed by earlier builds are lost. Never
-    /// update them; a new placement is a new data format.
+    /// update them; a new placement is a new data format. The hashes are those of data format
+    /// 2; format 3 added the partitions (of 7, and of the default 256).
     #[test]
     fn placement_test_vectors() {
-        let vectors: [(&dyn Placed, u64, usize); 7] = [
-            (&uid(UidKind::Buyer, 1), 0xe658_d460_f428_275b, 0),
-            (&uid(UidKind::Agent, 8), 0xd840_dff9_b24a_182b, 0),
-            (&uid(UidKind::Service, u64::MAX), 0xe765_9048_9989_0f21, 0),
-            (&ShopId(12), 0xa651_5d2c_1634_18a0, 5),
-            (&ShopId(0), 0x44a3_6e15_443b_b761, 4),
+        let vectors: [(&dyn Placed, u64, u16, u16); 7] = [
+            (&uid(UidKind::Buyer, 1), 0xe658_d460_f428_275b, 0, 0x5b),
+            (&uid(UidKind::Agent, 8), 0xd840_dff9_b24a_182b, 0, 0x2b),
+            (
+                &uid(UidKind::Service, u64::MAX),
+                0xe765_9048_9989_0f21,
+                0,
+                0x21,
+            ),
+            (&ShopId(12), 0xa651_5d2c_1634_18a0, 5, 0xa0),
+            (&ShopId(0), 0x44a3_6e15_443b_b761, 4, 0x61),
             (
                 &(uid(UidKind::Buyer, 1), uid(UidKind::Buyer, 2)),
                 0x052c_3cf9_d6c0_1431,
                 3,
+                0x31,
             ),
-            (&GroupKey(12), 0x466a_3119_3fa1_1fd0, 6),
+            (&GroupKey(12), 0x466a_3119_3fa1_1fd0, 6, 0xd0),
         ];
-        for (i, (key, hash, shard_of_7)) in vectors.into_iter().enumerate() {
+        for (i, (key, hash, of_7, of_256)) in vectors.into_iter().enumerate() {
             assert_eq!(
                 key.placement_hash(),
                 hash,
                 "vector {i}: {:#018x}",
                 key.placement_hash()
             );
-            assert_eq!(shard_of(key, 7), shard_of_7, "vector {i}");
+            assert_eq!(partition_of(key, 7), of_7, "vector {i}");
+            assert_eq!(partition_of(key, 256), of_256, "vector {i}");
         }
+        // Partition counts that are not powers of two use the whole hash.
+        assert_eq!(
+            u64::from(partition_of(&ShopId(12), 1000)),
+            0xa651_5d2c_1634_18a0 % 1000
+        );
+        assert_eq!(partition_of(&ShopId(12), 1000), 632);
     }
 
     #[test]

@@ -47,7 +47,7 @@ use slab::Slab;
 
 use super::wire::{self, Hello, LinkFrame};
 use crate::bus::post::PostOffice;
-use crate::bus::{BusMsg, Origin, NODE_NUMBER_MAX};
+use crate::bus::{BusMsg, Origin, PartitionMap, NODE_NUMBER_MAX};
 
 /// The limits and timers of a node's links.
 #[derive(Debug, Clone)]
@@ -122,9 +122,11 @@ pub trait Inbox: Send + 'static {
 }
 
 /// The node's inbox: a message for a session goes to the session's shard, a push to every
-/// shard, anything else to the owner of its subject ([`BusMsg::owner`]).
+/// shard, anything else to the shard serving its subject's partition here ([`BusMsg::owner`]).
 pub struct OfficeInbox {
     pub office: Arc<PostOffice>,
+    /// Which partitions this node owns and which shard serves each.
+    pub partitions: Arc<PartitionMap>,
 }
 
 impl Inbox for OfficeInbox {
@@ -142,20 +144,22 @@ impl Inbox for OfficeInbox {
         }
         let shard = match msg.session() {
             Some(session) => Some(usize::from(session.shard)),
-            None => msg.owner(shards),
+            None => msg.owner(&self.partitions),
         };
-        let refused = match shard {
+        let (refused, why) = match shard {
             Some(shard) if shard < shards => match self.office.post_from_outside(shard, msg) {
                 Ok(()) => return None,
-                Err(msg) => msg,
+                Err(msg) => (msg, "the owner shard is overloaded"),
             },
             _ => {
+                // A partition this node does not own (the peer's map is older or newer than
+                // ours), or a forged conversation id.
                 tracing::warn!(from, "a peer's message names no shard of this node");
-                msg
+                (msg, "the owner is not on this node")
             }
         };
         let origin = refused.origin()?;
-        Some(unavailable(origin, "the owner shard is overloaded"))
+        Some(unavailable(origin, why))
     }
 
     fn peer_changed(&mut self, node: u16, up: bool) {
@@ -1703,6 +1707,8 @@ mod tests {
                     cmid: format!("c{req}"),
                     kind: "text".into(),
                     body: body.clone(),
+                    profile: None,
+                    profile_pending: false,
                 }));
             }
             if let Some(answer) = a.links.send(2, msg) {
@@ -1725,8 +1731,10 @@ mod tests {
             .map(|poll| Mailbox::new(2, Waker::new(poll.registry(), Token(0)).unwrap()))
             .collect();
         let office = Arc::new(PostOffice::new(mailboxes));
+        // Two shards of 256 partitions (all of them this node's): partition p on shard p % 2.
         let mut inbox = OfficeInbox {
             office: Arc::clone(&office),
+            partitions: Arc::new(PartitionMap::single_node(256, 2)),
         };
         let to_shard_1 = SessionRef {
             shard: 1,
@@ -1750,6 +1758,23 @@ mod tests {
         let answer = inbox.deliver(2, request(1, 8, 5)).expect("refused");
         assert!(is_unavailable(&answer, 8));
         assert_eq!(answer.session().unwrap().node, 1);
+        // Where partition 1 is another node's, the request reaches no shard and is answered.
+        let mut elsewhere = OfficeInbox {
+            office: Arc::clone(&office),
+            partitions: Arc::new(PartitionMap::from_assignment(
+                (0..256u16).map(|p| (p != 1).then_some(p % 2)).collect(),
+                2,
+            )),
+        };
+        let answer = elsewhere.deliver(2, request(1, 9, 6)).expect("refused");
+        assert!(is_unavailable(&answer, 9));
+        let BusMsg::Deliver { ws_message, .. } = &answer else {
+            unreachable!()
+        };
+        assert!(std::str::from_utf8(&ws_message[2..])
+            .unwrap()
+            .contains("not on this node"));
+        assert_eq!(office.depths(), [1, 2], "nothing posted");
     }
 
     /// Counts what arrives, for the throughput measurement.
@@ -1774,7 +1799,7 @@ mod tests {
     #[test]
     #[ignore = "a benchmark: run it by hand in release (command in its doc)"]
     fn link_throughput() {
-        use chinwag_protocol::{Message, Msg, Target};
+        use chinwag_protocol::{Message, Msg, MsgPush, Target};
         const N: u64 = 100_000;
         /// Runs per figure; the median is shown (the machine is shared).
         const RUNS: usize = 5;
@@ -1789,10 +1814,12 @@ mod tests {
                 cmid: format!("cmid-{i}"),
                 kind: "text".into(),
                 body: body.into(),
+                profile: None,
+                profile_pending: false,
             }))
         };
         let push = |k: u64, i: u64| {
-            let msg = Message::Msg(Msg {
+            let msg = Message::Msg(MsgPush::bare(Msg {
                 conv: ConvId(0x0001_0005),
                 seq: Seq(i + 1),
                 from: Uid::new(UidKind::Buyer, 1),
@@ -1800,7 +1827,7 @@ mod tests {
                 kind: "text".into(),
                 body: body.into(),
                 cmid: format!("cmid-{i}").into(),
-            });
+            }));
             let users = (0..k).map(|u| Uid::new(UidKind::Buyer, u)).collect();
             BusMsg::Push(Arc::new(crate::bus::Fanout::new(users, None, msg)))
         };

@@ -26,14 +26,17 @@ use bytes::{BufMut, Bytes, BytesMut};
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
     binary, limits, ConvId, ConvSummary, Cursor, DeviceId, DeviceType, Frame, Message, Msg, Online,
-    Seq, ShopId, StreamBatch, Uid, UidKind,
+    Profile, Seq, ShopId, StreamBatch, Uid, UidKind,
 };
 use smallvec::SmallVec;
 
+use crate::bus::partitions::PARTITIONS_MAX;
 use crate::bus::{
-    BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest, SessionRef, StreamFound,
-    StreamPart, WechatUndelivered, GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
+    BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp, ProfileRequest,
+    SendRequest, SessionRef, StreamFound, StreamPart, WechatUndelivered,
+    GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
 };
+use crate::store::StoredProfile;
 use crate::wechat::endpoint::Inbound;
 use crate::wechat::sender::{Reason, Undelivered};
 
@@ -68,6 +71,7 @@ const GROUP: u8 = 0x1c;
 const WECHAT_INBOUND: u8 = 0x1d;
 const WECHAT_UNDELIVERED: u8 = 0x1e;
 const AGENT_STATS: u8 = 0x1f;
+const PROFILE: u8 = 0x20;
 // Messages for the shard of a session, and pushes:
 const DELIVER: u8 = 0x40;
 const PUSH: u8 = 0x41;
@@ -76,6 +80,7 @@ const KICK: u8 = 0x43;
 const STREAM_PART: u8 = 0x44;
 const PRESENCE_PART: u8 = 0x45;
 const CONVS_PART: u8 = 0x46;
+const OWN_PROFILE: u8 = 0x47;
 
 // Group op codes inside a GROUP frame.
 const GROUP_CREATE: u8 = 0;
@@ -231,6 +236,7 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::WechatInbound(_) => WECHAT_INBOUND,
         BusMsg::WechatUndelivered(_) => WECHAT_UNDELIVERED,
         BusMsg::AgentStats { .. } => AGENT_STATS,
+        BusMsg::Profile(_) => PROFILE,
         BusMsg::Deliver { .. } => DELIVER,
         BusMsg::Push(_) => PUSH,
         BusMsg::Registered { .. } => REGISTERED,
@@ -238,6 +244,7 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::StreamPart(_) => STREAM_PART,
         BusMsg::PresencePart { .. } => PRESENCE_PART,
         BusMsg::ConvsPart { .. } => CONVS_PART,
+        BusMsg::OwnProfile { .. } => OWN_PROFILE,
     }
 }
 
@@ -289,6 +296,8 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
                     body: Cow::Borrowed(&send.body),
                 }),
             )?;
+            out.put_u8(u8::from(send.profile_pending));
+            put_stored_profile_opt(out, send.profile.as_ref())?;
         }
         BusMsg::Read { origin, cursor } => {
             put_origin(out, origin);
@@ -322,7 +331,7 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
         }
         BusMsg::StreamRead { session, from } => {
             put_session(out, *session);
-            out.put_u64(*from);
+            put_positions(out, from)?;
         }
         BusMsg::Convs { origin, token } => {
             put_origin(out, origin);
@@ -346,9 +355,32 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             put_uid(out, *uid);
             out.put_u64(device.get());
         }
-        BusMsg::AgentOnline { shop, agent } | BusMsg::AgentOffline { shop, agent } => {
+        BusMsg::AgentOnline {
+            shop,
+            agent,
+            profile,
+        } => {
             out.put_u64(shop.0);
             put_uid(out, *agent);
+            put_stored_profile_opt(out, profile.as_deref())?;
+        }
+        BusMsg::AgentOffline { shop, agent } => {
+            out.put_u64(shop.0);
+            put_uid(out, *agent);
+        }
+        BusMsg::Profile(request) => {
+            put_origin(out, &request.origin);
+            put_client(
+                out,
+                match &request.op {
+                    ProfileOp::Set(of) => Message::SetProfile(of.clone()),
+                    ProfileOp::Get(subject) => Message::GetProfile(*subject),
+                },
+            )?;
+        }
+        BusMsg::OwnProfile { session, profile } => {
+            put_session(out, *session);
+            put_stored_profile(out, profile)?;
         }
         BusMsg::Group(request) => {
             put_origin(out, &request.origin);
@@ -421,10 +453,12 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             session,
             uid,
             device,
+            profile,
         } => {
             put_session(out, *session);
             put_uid(out, *uid);
             out.put_u64(device.map_or(0, DeviceId::get));
+            put_stored_profile_opt(out, profile.as_deref())?;
         }
         BusMsg::Kick {
             session,
@@ -440,7 +474,7 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             match &part.result {
                 Ok(found) => {
                     out.put_u8(STREAM_OK);
-                    out.put_u64(found.next);
+                    put_positions(out, &found.next)?;
                     put_client(
                         out,
                         Message::StreamBatch(StreamBatch {
@@ -540,6 +574,49 @@ fn put_origin(out: &mut BytesMut, o: &Origin) {
     out.put_u64(o.req.unwrap_or(0));
 }
 
+/// Per partition, a log position: `u16 count`, then `u16 partition · u64 position` each.
+fn put_positions(out: &mut BytesMut, positions: &[(PartitionId, u64)]) -> Result<()> {
+    if positions.len() > PARTITIONS_MAX {
+        return Err(WireError::TooLarge("partition positions"));
+    }
+    out.put_u16(positions.len() as u16);
+    for &(partition, position) in positions {
+        if usize::from(partition) >= PARTITIONS_MAX {
+            return Err(WireError::TooLarge("partition"));
+        }
+        out.put_u16(partition);
+        out.put_u64(position);
+    }
+    Ok(())
+}
+
+/// A stored profile: `u64 version · str16 name · str16 avatar`, within the client's limits.
+fn put_stored_profile(out: &mut BytesMut, stored: &StoredProfile) -> Result<()> {
+    let profile = &stored.profile;
+    if profile.name.len() > limits::PROFILE_NAME_LEN_MAX
+        || profile.avatar.len() > limits::PROFILE_AVATAR_LEN_MAX
+    {
+        return Err(WireError::TooLarge("profile"));
+    }
+    out.put_u64(stored.version);
+    put_str16(out, &profile.name, "profile name")?;
+    put_str16(out, &profile.avatar, "profile avatar")
+}
+
+/// `u8 0`, or `u8 1` and the stored profile.
+fn put_stored_profile_opt(out: &mut BytesMut, stored: Option<&StoredProfile>) -> Result<()> {
+    match stored {
+        None => {
+            out.put_u8(0);
+            Ok(())
+        }
+        Some(stored) => {
+            out.put_u8(1);
+            put_stored_profile(out, stored)
+        }
+    }
+}
+
 fn put_str16(out: &mut BytesMut, s: &str, what: &'static str) -> Result<()> {
     let len = u16::try_from(s.len()).map_err(|_| WireError::TooLarge(what))?;
     out.put_u16(len);
@@ -631,12 +708,16 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
             let Message::Send(send) = r.client()? else {
                 return Err(WireError::Malformed("send: not a send frame"));
             };
+            let profile_pending = r.bool()?;
+            let profile = r.stored_profile_opt()?;
             BusMsg::Send(Box::new(SendRequest {
                 origin,
                 target: send.target,
                 cmid: send.cmid.into_owned(),
                 kind: send.kind.into_owned(),
                 body: send.body.into_owned(),
+                profile,
+                profile_pending,
             }))
         }
         READ => BusMsg::Read {
@@ -680,7 +761,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         }
         STREAM_READ => BusMsg::StreamRead {
             session: r.session()?,
-            from: r.u64()?,
+            from: r.positions()?.into_boxed_slice(),
         },
         CONVS => BusMsg::Convs {
             origin: Box::new(r.origin()?),
@@ -700,10 +781,28 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         AGENT_ONLINE => BusMsg::AgentOnline {
             shop: ShopId(r.u64()?),
             agent: r.uid()?,
+            profile: r.stored_profile_opt()?.map(Box::new),
         },
         AGENT_OFFLINE => BusMsg::AgentOffline {
             shop: ShopId(r.u64()?),
             agent: r.uid()?,
+        },
+        PROFILE => {
+            let origin = r.origin()?;
+            let op = match r.client()? {
+                Message::SetProfile(of) => ProfileOp::Set(of),
+                Message::GetProfile(subject) => ProfileOp::Get(subject),
+                _ => {
+                    return Err(WireError::Malformed(
+                        "profile: not a set_profile or get_profile frame",
+                    ))
+                }
+            };
+            BusMsg::Profile(Box::new(ProfileRequest { origin, op }))
+        }
+        OWN_PROFILE => BusMsg::OwnProfile {
+            session: r.session()?,
+            profile: Box::new(r.stored_profile()?),
         },
         GROUP => {
             let origin = r.origin()?;
@@ -790,6 +889,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
             session: r.session()?,
             uid: r.uid()?,
             device: r.device()?,
+            profile: r.stored_profile_opt()?.map(Box::new),
         },
         KICK => BusMsg::Kick {
             session: r.session()?,
@@ -803,7 +903,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
             }
             let result = match r.u8()? {
                 STREAM_OK => {
-                    let next = r.u64()?;
+                    let next = r.positions()?;
                     let Message::StreamBatch(batch) = r.client()? else {
                         return Err(WireError::Malformed("stream part: not a stream batch"));
                     };
@@ -1006,6 +1106,47 @@ impl<'a> Reader<'a> {
             .map_err(|_| WireError::Malformed("string is not UTF-8"))
     }
 
+    /// Per partition, a log position (see `put_positions`).
+    fn positions(&mut self) -> Result<Vec<(PartitionId, u64)>> {
+        let count = usize::from(self.u16()?);
+        if count > PARTITIONS_MAX {
+            return Err(WireError::Malformed("too many partition positions"));
+        }
+        // Capped by the bytes left, so a forged count allocates no more than the frame.
+        let mut positions = Vec::with_capacity(count.min(self.left() / 10));
+        for _ in 0..count {
+            let partition = self.u16()?;
+            if usize::from(partition) >= PARTITIONS_MAX {
+                return Err(WireError::Malformed("partition out of range"));
+            }
+            positions.push((partition, self.u64()?));
+        }
+        Ok(positions)
+    }
+
+    fn stored_profile(&mut self) -> Result<StoredProfile> {
+        let version = self.u64()?;
+        let name = self.string16("profile name")?;
+        let avatar = self.string16("profile avatar")?;
+        if name.len() > limits::PROFILE_NAME_LEN_MAX
+            || avatar.len() > limits::PROFILE_AVATAR_LEN_MAX
+        {
+            return Err(WireError::Malformed("profile over the codec's limits"));
+        }
+        Ok(StoredProfile {
+            version,
+            profile: Arc::new(Profile { name, avatar }),
+        })
+    }
+
+    fn stored_profile_opt(&mut self) -> Result<Option<StoredProfile>> {
+        if self.bool()? {
+            self.stored_profile().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     fn bytes32(&mut self) -> Result<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
@@ -1083,7 +1224,10 @@ mod tests {
     use chinwag_protocol::{
         ids::DeviceIdParts, message::HISTORY_LIMIT_MAX, ConvType, ErrorCode, HistoryRange, NodeType,
     };
-    use chinwag_protocol::{AgentStats, History, Kick, StreamChange, StreamEvent, Target};
+    use chinwag_protocol::{
+        AgentStats, History, Kick, ProfileOf, StreamChange, StreamEvent, Subject, Target,
+        UserProfile,
+    };
     use proptest::collection::vec;
     use proptest::prelude::*;
 
@@ -1226,19 +1370,28 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             proptest::option::of(msg()),
+            profile(),
+            vec((uid(), profile()), 0..3),
         )
-            .prop_map(|(conv, conv_type, members, last, read, unread, last_msg)| {
-                ConvSummary {
-                    conv: ConvId(conv),
-                    conv_type,
-                    member_count: members.len() as u32,
-                    members,
-                    last_seq: Seq(last),
-                    read_seq: Seq(read),
-                    unread,
-                    last: last_msg,
-                }
-            })
+            .prop_map(
+                |(conv, conv_type, members, last, read, unread, last_msg, profile, profiles)| {
+                    ConvSummary {
+                        conv: ConvId(conv),
+                        conv_type,
+                        member_count: members.len() as u32,
+                        members,
+                        last_seq: Seq(last),
+                        read_seq: Seq(read),
+                        unread,
+                        last: last_msg,
+                        profile,
+                        profiles: profiles
+                            .into_iter()
+                            .map(|(uid, profile)| UserProfile { uid, profile })
+                            .collect(),
+                    }
+                },
+            )
     }
 
     fn stream_event() -> impl Strategy<Value = StreamEvent> {
@@ -1256,9 +1409,45 @@ mod tests {
         )
     }
 
+    /// Per partition, a log position (a shard reads a few of the node's partitions).
+    fn positions() -> impl Strategy<Value = Vec<(PartitionId, u64)>> {
+        vec((0..PARTITIONS_MAX as u16, any::<u64>()), 0..6)
+    }
+
+    fn profile() -> impl Strategy<Value = Profile> {
+        (
+            text(limits::PROFILE_NAME_LEN_MAX / 4),
+            text(limits::PROFILE_AVATAR_LEN_MAX / 4),
+        )
+            .prop_map(|(name, avatar)| Profile { name, avatar })
+    }
+
+    fn stored_profile() -> impl Strategy<Value = StoredProfile> {
+        (any::<u64>(), profile()).prop_map(|(version, profile)| StoredProfile {
+            version,
+            profile: Arc::new(profile),
+        })
+    }
+
+    fn subject() -> impl Strategy<Value = Subject> {
+        prop_oneof![
+            uid().prop_map(Subject::User),
+            any::<u64>().prop_map(|c| Subject::Conv(ConvId(c))),
+            any::<u64>().prop_map(|s| Subject::Shop(ShopId(s))),
+        ]
+    }
+
+    fn profile_op() -> impl Strategy<Value = ProfileOp> {
+        prop_oneof![
+            (subject(), profile())
+                .prop_map(|(subject, profile)| ProfileOp::Set(ProfileOf { subject, profile })),
+            subject().prop_map(ProfileOp::Get),
+        ]
+    }
+
     fn stream_result() -> impl Strategy<Value = std::result::Result<StreamFound, &'static str>> {
         prop_oneof![
-            (vec(msg(), 0..5), vec(stream_event(), 0..4), any::<u64>())
+            (vec(msg(), 0..5), vec(stream_event(), 0..4), positions())
                 .prop_map(|(msgs, events, next)| Ok(StreamFound { msgs, events, next })),
             (0..STREAM_ERRORS.len()).prop_map(|i| Err(STREAM_ERRORS[i].1)),
         ]
@@ -1267,15 +1456,28 @@ mod tests {
     /// Every variant of the bus, with every field drawn at random.
     fn bus_msg() -> impl Strategy<Value = BusMsg> {
         prop_oneof![
-            (origin(), target(), "[ -~]{1,20}", "[a-z]{1,10}", text(100)).prop_map(
-                |(origin, target, cmid, kind, body)| BusMsg::Send(Box::new(SendRequest {
-                    origin,
-                    target,
-                    cmid,
-                    kind,
-                    body
-                }))
-            ),
+            (
+                origin(),
+                target(),
+                "[ -~]{1,20}",
+                "[a-z]{1,10}",
+                text(100),
+                proptest::option::of(stored_profile()),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(origin, target, cmid, kind, body, profile, profile_pending)| {
+                        BusMsg::Send(Box::new(SendRequest {
+                            origin,
+                            target,
+                            cmid,
+                            kind,
+                            body,
+                            profile,
+                            profile_pending,
+                        }))
+                    }
+                ),
             (origin(), any::<u64>(), any::<u64>()).prop_map(|(o, c, s)| BusMsg::Read {
                 origin: Box::new(o),
                 cursor: Cursor {
@@ -1314,8 +1516,10 @@ mod tests {
                     },
                 }
             ),
-            (session(), any::<u64>())
-                .prop_map(|(session, from)| BusMsg::StreamRead { session, from }),
+            (session(), positions()).prop_map(|(session, from)| BusMsg::StreamRead {
+                session,
+                from: from.into_boxed_slice()
+            }),
             (origin(), any::<u64>()).prop_map(|(o, token)| BusMsg::Convs {
                 origin: Box::new(o),
                 token,
@@ -1330,16 +1534,25 @@ mod tests {
                 uid,
                 device
             }),
-            (any::<u64>(), uid()).prop_map(|(s, agent)| BusMsg::AgentOnline {
-                shop: ShopId(s),
-                agent
-            }),
+            (any::<u64>(), uid(), proptest::option::of(stored_profile())).prop_map(
+                |(s, agent, profile)| BusMsg::AgentOnline {
+                    shop: ShopId(s),
+                    agent,
+                    profile: profile.map(Box::new),
+                }
+            ),
             (any::<u64>(), uid()).prop_map(|(s, agent)| BusMsg::AgentOffline {
                 shop: ShopId(s),
                 agent
             }),
             (origin(), group_op())
                 .prop_map(|(origin, op)| BusMsg::Group(Box::new(GroupRequest { origin, op }))),
+            (origin(), profile_op())
+                .prop_map(|(origin, op)| BusMsg::Profile(Box::new(ProfileRequest { origin, op }))),
+            (session(), stored_profile()).prop_map(|(session, profile)| BusMsg::OwnProfile {
+                session,
+                profile: Box::new(profile),
+            }),
             (
                 text(10),
                 any::<u64>(),
@@ -1394,13 +1607,18 @@ mod tests {
                         binary
                     }
                 ))),
-            (session(), uid(), proptest::option::of(device())).prop_map(
-                |(session, uid, device)| BusMsg::Registered {
+            (
+                session(),
+                uid(),
+                proptest::option::of(device()),
+                proptest::option::of(stored_profile())
+            )
+                .prop_map(|(session, uid, device, profile)| BusMsg::Registered {
                     session,
                     uid,
-                    device
-                }
-            ),
+                    device,
+                    profile: profile.map(Box::new),
+                }),
             (session(), any::<bool>()).prop_map(|(session, by_service)| BusMsg::Kick {
                 session,
                 by_service
@@ -1531,6 +1749,8 @@ mod tests {
             cmid: "c".into(),
             kind: String::new(),
             body: String::new(),
+            profile: None,
+            profile_pending: false,
         }));
         let mut out = BytesMut::from(&b"xy"[..]);
         assert!(encode(&send, &mut out).is_err());

@@ -18,8 +18,8 @@ impl Owner {
         let conv = cursor.conv;
         let before = self.member_conv(conv, origin.uid)?.cursor(origin.uid);
         let after = self
-            .store
-            .mark_read(conv, origin.uid, cursor.seq)
+            .conv_log_mut(conv)
+            .and_then(|log| log.mark_read(conv, origin.uid, cursor.seq))
             .map_err(store_error)?;
         let ok = origin.reply(Message::ReadOk(Cursor { conv, seq: after }));
         self.ack(origin, ok);
@@ -71,9 +71,8 @@ mod tests {
         };
 
         let out = h.turn(read(2));
-        assert!(
-            replies(&out, b.session)[0].contains(r#""op":"read_ok","req":1,"conv":"256","seq":2"#)
-        );
+        let ok = format!(r#""op":"read_ok","req":1,"conv":"{conv}","seq":2"#);
+        assert!(replies(&out, b.session)[0].contains(&ok));
         let pushed = pushes(&out);
         assert_eq!(pushed.len(), 1);
         assert_eq!(pushed[0].2, Some(b.device), "not to the reading device");

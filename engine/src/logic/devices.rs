@@ -9,7 +9,10 @@ use crate::bus::{BusMsg, SessionRef};
 
 impl Owner {
     pub(super) fn register(&mut self, session: SessionRef, uid: Uid, device_type: DeviceType) {
-        let device = match self.store.device(uid, device_type) {
+        let device = match self
+            .log_of(&uid)
+            .and_then(|log| log.device(uid, device_type))
+        {
             Some(device) => Ok(device),
             None => self.new_device(uid, device_type),
         };
@@ -24,6 +27,7 @@ impl Owner {
                         session,
                         uid,
                         device: None,
+                        profile: None,
                     },
                 );
                 return;
@@ -44,6 +48,10 @@ impl Owner {
                 session,
                 uid,
                 device: Some(device),
+                profile: self
+                    .log_of(&uid)
+                    .and_then(|log| log.profile(chinwag_protocol::Subject::User(uid)))
+                    .map(|p| Box::new(p.clone())),
             },
         );
     }
@@ -62,16 +70,20 @@ impl Owner {
             .unwrap_or_else(|p| p.into_inner())
             .next(device_type, now_s)
             .map_err(|e| e.to_string())?;
-        self.store
-            .register_device(uid, device_type, id)
+        self.log_mut_of(&uid)
+            .and_then(|log| log.register_device(uid, device_type, id))
             .map_err(|e| e.to_string())
     }
 
     /// The devices of `uid` with a session now, ascending (one per device type at most).
-    fn online_devices(&self, uid: Uid) -> impl Iterator<Item = (DeviceId, SessionRef)> + '_ {
+    pub(super) fn online_devices(
+        &self,
+        uid: Uid,
+    ) -> impl Iterator<Item = (DeviceId, SessionRef)> + '_ {
+        let log = self.log_of(&uid);
         DeviceType::ALL
             .into_iter()
-            .filter_map(move |t| self.store.device(uid, t))
+            .filter_map(move |t| log?.device(uid, t))
             .filter_map(|device| Some((device, *self.sessions.get(&device)?)))
     }
 

@@ -1,9 +1,9 @@
 //! Group conversations, which backend services make and manage: create (once per service key),
 //! add and remove members, and any conversation's info.
 //!
-//! A group lives on the shard its key hashes to (`bus::placement::GroupKey`), so creating the
+//! A group lives in the partition its key hashes to (`bus::placement::GroupKey`), so creating the
 //! same key twice reaches the same owner, which answers with the group it already made; after
-//! that its id carries the shard like every conversation's. Members send, read and page through
+//! that its id carries the partition like every conversation's. Members send, read and page through
 //! a group like any conversation (`send` with `conv`, the usual `msg` fan-out).
 //!
 //! Member changes are pushed to the members after the change and to those removed. Up to
@@ -20,6 +20,7 @@ use smallvec::SmallVec;
 
 use super::reads::conv_type;
 use super::{store_error, Owner};
+use crate::bus::placement::GroupKey;
 use crate::bus::{Fanout, GroupOp, Origin, GROUP_MEMBERS_PER_REQUEST_MAX};
 use crate::store::ConvKind;
 
@@ -53,20 +54,20 @@ impl Owner {
 
     fn group_create(&mut self, key: u64, members: &[Uid]) -> Result<ConvInfo, Failure> {
         check_request(members)?;
-        if let Some(conv) = self.store.group_conv(key) {
+        let p = self.map.partition_of(&GroupKey(key));
+        if let Some(conv) = self.log(p).and_then(|log| log.group_conv(key)) {
             return self.conv_info(conv, false);
         }
         if distinct(members).len() != members.len() {
             return Err((ErrorCode::BadRequest, "a member is listed twice".into()));
         }
-        let max = self.store.members_max();
+        let max = self.members_max();
         if members.len() > max {
             return Err(too_many(members.len(), max));
         }
-        let conv = self.next_conv_id();
-        self.store
-            .create_group_conv(conv, key, members)
-            .map_err(store_error)?;
+        let conv = self.find_or_create(p, None, |store, conv| {
+            store.create_group_conv(conv, key, members)
+        })?;
         self.announce_members(conv, members, &[]);
         self.conv_info(conv, true)
     }
@@ -109,15 +110,16 @@ impl Owner {
             }
             distinct(members)
         };
-        let max = self.store.members_max();
+        let max = self.members_max();
         if join && current.len() + changed.len() > max {
             return Err(too_many(current.len() + changed.len(), max));
         }
+        let log = self.conv_log_mut(conv).map_err(store_error)?;
         for &uid in &changed {
             let stored = if join {
-                self.store.add_member(conv, uid, now_ms)
+                log.add_member(conv, uid, now_ms)
             } else {
-                self.store.remove_member(conv, uid, now_ms)
+                log.remove_member(conv, uid, now_ms)
             };
             stored.map_err(store_error)?;
         }
@@ -140,6 +142,7 @@ impl Owner {
             Message::Members(Members {
                 conv,
                 members: members.to_vec(),
+                profiles: self.member_profiles(conv, &members),
             })
         } else {
             Message::MembersDelta(MembersDelta {
@@ -210,7 +213,7 @@ mod tests {
     use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
     use chinwag_protocol::{ConvId, ConvType, Cursor, ErrorCode, Seq, Target, Uid};
 
-    use crate::bus::{owner_of, placement::GroupKey, BusMsg, GroupOp};
+    use crate::bus::{placement::GroupKey, BusMsg, GroupOp};
     use crate::logic::testing::*;
 
     fn buyers(ids: std::ops::Range<u64>) -> Vec<Uid> {
@@ -220,7 +223,7 @@ mod tests {
     /// A key whose group the owner under test owns.
     fn local_key(from: u64) -> u64 {
         (from..)
-            .find(|k| owner_of(&GroupKey(*k), SHARDS) == OWNER_SHARD)
+            .find(|k| test_map().shard_of(&GroupKey(*k)) == Some(OWNER_SHARD))
             .expect("some key hashes to the owner")
     }
 
@@ -344,11 +347,11 @@ mod tests {
             },
             ErrorCode::NotFound,
         );
-        // A conversation owned by another shard is not found here.
+        // A conversation of a partition not served here (past the count) is not found.
         refused(
             &mut h,
             GroupOp::Info {
-                conv: ConvId(conv.0 | 1),
+                conv: ConvId((conv.0 & !0xffff) | PARTITIONS as u64),
             },
             ErrorCode::NotFound,
         );

@@ -10,8 +10,12 @@ use chinwag_protocol::{
 use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
 
 use super::{store_error, Owner};
-use crate::bus::{reply_size, Origin, SessionRef, StreamFound, StreamPart, STREAM_NOW};
-use crate::store::{ConvKind, Conversation, HistoryFrom, MessageRef, ScanError};
+use crate::bus::{
+    reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, STREAM_NOW,
+};
+use crate::store::{
+    ConvKind, Conversation, HistoryFrom, MessageRef, ScanError, StoreError, STREAM_EVENT_BYTES,
+};
 
 /// Log records one stream read looks at, so one subscriber's read is a bounded share of a
 /// shard's turn.
@@ -31,8 +35,9 @@ impl Owner {
             HistoryRange::After(seq) => HistoryFrom::After(seq),
         };
         let page = self
-            .store
-            .history(conv, from, usize::from(history.limit))
+            .conv_log(conv)
+            .ok_or(StoreError::UnknownConv(conv))
+            .and_then(|log| log.history(conv, from, usize::from(history.limit)))
             .map_err(store_error)?;
         // A page must fit the connection's send queue, or asking for it would get the client
         // disconnected: keep the messages nearest the anchor within the byte budget and let
@@ -62,46 +67,90 @@ impl Owner {
         Ok(Message::HistoryOk(HistoryOk { conv, msgs }))
     }
 
-    /// The next messages and member and cursor changes of this shard's log for a service's
-    /// stream, from `from` ([`STREAM_NOW`]: none, just the position of the log's end).
-    pub(super) fn stream_read(&self, session: SessionRef, from: u64) -> StreamPart {
-        let result = if from == STREAM_NOW {
-            self.store
-                .scan(self.store.acked(), 0, 0)
-                .map(|found| StreamFound {
-                    msgs: Vec::new(),
-                    events: Vec::new(),
-                    next: found.next,
-                })
-        } else {
-            self.store
-                .scan(from, STREAM_RECORDS_MAX, self.reply_bytes_max / 4)
-                .map(|found| StreamFound {
-                    msgs: found.messages.iter().map(to_msg).collect(),
-                    events: found.events,
-                    next: found.next,
-                })
-        };
+    /// The next messages and member and cursor changes of this shard's partitions' logs for a
+    /// service's stream, from the
+    /// position `from` gives each ([`STREAM_NOW`]: none, just the position of the log's end;
+    /// 0: the start). One read looks at most at [`STREAM_RECORDS_MAX`] records over all the
+    /// partitions (taking them in turn from the first with something new); a partition not
+    /// reached keeps its position. A partition with no log yet is at 0, its start.
+    pub(super) fn stream_read(
+        &self,
+        session: SessionRef,
+        from: &[(PartitionId, u64)],
+    ) -> StreamPart {
+        let mut msgs = Vec::new();
+        let mut events = Vec::new();
+        let mut next = Vec::with_capacity(from.len());
+        let mut records = STREAM_RECORDS_MAX;
+        let mut bytes = self.reply_bytes_max / 4;
+        let mut result = Ok(());
+        for &(p, pos) in from {
+            if self.map.shard_of_partition(u32::from(p)) != Some(self.shard) {
+                result = Err(ScanError::NotOurs);
+                break;
+            }
+            let Some(log) = self.log(p) else {
+                // No log: nothing was ever stored there, and its first record will be at the
+                // start.
+                if pos != STREAM_NOW && pos != 0 {
+                    result = Err(ScanError::NotOurs);
+                    break;
+                }
+                next.push((p, 0));
+                continue;
+            };
+            let read = if pos == STREAM_NOW {
+                log.scan(log.acked(), 0, 0)
+                    .map(|found| (Vec::new(), Vec::new(), found.next))
+            } else if records == 0 || bytes == 0 {
+                Ok((Vec::new(), Vec::new(), pos))
+            } else {
+                log.scan(pos, records, bytes)
+                    .map(|found| (found.messages, found.events, found.next))
+            };
+            match read {
+                Ok((found, changes, end)) => {
+                    // The records looked at are not counted one by one: what was found
+                    // (messages, events, bytes) stands for them, and at least one is used per
+                    // read.
+                    records = records.saturating_sub((found.len() + changes.len()).max(1));
+                    let size: usize = found
+                        .iter()
+                        .map(|m| m.body.len() + m.kind.len() + m.cmid.len())
+                        .sum::<usize>()
+                        + changes.len() * STREAM_EVENT_BYTES;
+                    bytes = bytes.saturating_sub(size);
+                    msgs.extend(found.iter().map(to_msg));
+                    events.extend(changes);
+                    next.push((p, end));
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
         StreamPart {
             session,
             shard: self.shard,
-            result: result.map_err(|e| match e {
-                ScanError::Retired => "the resume position was deleted by log retention",
-                ScanError::NotOurs => "not a resume position of this node",
-            }),
+            result: result
+                .map(|()| StreamFound { msgs, events, next })
+                .map_err(|e| match e {
+                    ScanError::Retired => "the resume position was deleted by log retention",
+                    ScanError::NotOurs => "not a resume position of this node",
+                }),
         }
     }
 
+    /// This shard's part of `uid`'s conversation list: the conversations in its partitions.
     pub(super) fn convs_of(&self, uid: Uid) -> Vec<ConvSummary<'static>> {
-        self.store
-            .convs_of(uid)
-            .iter()
-            .filter_map(|&id| {
-                let c = self.store.conv(id)?;
+        self.open_logs()
+            .flat_map(|(_, log)| log.convs_of(uid).iter().map(move |&id| (log, id)))
+            .filter_map(|(log, id)| {
+                let c = log.conv(id)?;
                 let last_seq = c.last_seq();
                 let read_seq = c.cursor(uid);
-                let last = self
-                    .store
+                let last = log
                     .history(id, HistoryFrom::Newest, 1)
                     .ok()
                     .and_then(|m| m.first().map(to_msg));
@@ -123,6 +172,8 @@ impl Owner {
                     read_seq,
                     unread: last_seq.0.saturating_sub(read_seq.0),
                     last,
+                    profile: self.conv_profile(id),
+                    profiles: self.member_profiles(id, c.members()),
                 })
             })
             .collect()
@@ -295,6 +346,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: ShopId(5),
             agent: support.uid,
+            profile: None,
         });
         let customer = h.login(buyer(1));
         let out = h.turn(send(&customer, Target::Shop(ShopId(5)), "1", "hi"));
@@ -313,7 +365,8 @@ mod tests {
 
         let out = h.turn(BusMsg::StreamRead {
             session: customer.session,
-            from: 0,
+            // Every partition from the start of its log.
+            from: (0..PARTITIONS as u16).map(|p| (p, 0)).collect(),
         });
         let Some(BusMsg::StreamPart(part)) = out.into_iter().map(|(_, m)| m).next() else {
             panic!("expected a stream part");

@@ -6,10 +6,12 @@ use chinwag_protocol::{ConvId, ErrorCode, Message, Msg, SendOk, Target, UidKind}
 
 use super::dispatch::Decision;
 use super::{store_error, Owner};
-use crate::bus::{Fanout, Origin, CONV_SHARD_BITS};
-use crate::store::{Appended, NewMessage, Store, StoreError};
+use crate::bus::partitions::conv_id;
+use crate::bus::{user_pair, Fanout, Origin, PartitionId};
+use crate::store::{Appended, NewMessage, Store, StoreError, StoredProfile};
 
 impl Owner {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn send(
         &mut self,
         origin: &Origin,
@@ -17,6 +19,7 @@ impl Owner {
         cmid: &str,
         kind: &str,
         body: &str,
+        profile: Option<&StoredProfile>,
         now_ms: u64,
     ) -> Result<(), (ErrorCode, String)> {
         let uid = origin.uid;
@@ -32,8 +35,9 @@ impl Owner {
                         "only buyers and wechat customers write to a shop; agents use conv".into(),
                     ));
                 }
-                let existing = self.store.shop_conv(shop, uid);
-                self.find_or_create(existing, |store, conv| {
+                let p = self.map.partition_of(&shop);
+                let existing = self.log(p).and_then(|log| log.shop_conv(shop, uid));
+                self.find_or_create(p, existing, |store, conv| {
                     store.create_shop_conv(conv, shop, uid)
                 })?
             }
@@ -44,13 +48,20 @@ impl Owner {
                         "a direct conversation needs two users".into(),
                     ));
                 }
-                let existing = self.store.direct_conv(uid, other);
-                self.find_or_create(existing, |store, conv| {
+                let p = self.map.partition_of(&user_pair(uid, other));
+                let existing = self.log(p).and_then(|log| log.direct_conv(uid, other));
+                self.find_or_create(p, existing, |store, conv| {
                     store.create_direct_conv(conv, uid, other)
                 })?
             }
         };
 
+        // Before the assignment and the message, so their pushes carry the profile the
+        // sender brought.
+        let partition = PartitionId::try_from(crate::bus::partitions::partition_of_conv(conv))
+            .map_err(|_| store_error(StoreError::UnknownConv(conv)))?;
+        self.keep_profile(partition, uid, profile)
+            .map_err(store_error)?;
         let message = NewMessage {
             conv,
             sender: uid,
@@ -63,15 +74,19 @@ impl Owner {
         // A repeated cmid only gets its original's answer: no dispatch, no assignment.
         if uid.kind.is_customer()
             && self
-                .store
-                .duplicate_of(&message)
+                .conv_log(conv)
+                .ok_or(StoreError::UnknownConv(conv))
+                .and_then(|log| log.duplicate_of(&message))
                 .map_err(store_error)?
                 .is_none()
         {
             self.serve_customer(conv, now_ms)?;
         }
 
-        let appended = self.store.append_message(&message).map_err(store_error)?;
+        let appended = self
+            .conv_log_mut(conv)
+            .and_then(|log| log.append_message(&message))
+            .map_err(store_error)?;
         match appended {
             Appended::Stored { seq } => {
                 self.messages_stored += 1;
@@ -82,19 +97,16 @@ impl Owner {
                 }));
                 self.ack_send(origin, ok);
                 let members = self.members(conv);
-                self.fanout(Fanout::new(
-                    members,
-                    Some(origin.device),
-                    Message::Msg(Msg {
-                        conv,
-                        seq,
-                        from: uid,
-                        ts: now_ms,
-                        kind: kind.into(),
-                        body: body.into(),
-                        cmid: cmid.into(),
-                    }),
-                ));
+                let push = self.msg_push(Msg {
+                    conv,
+                    seq,
+                    from: uid,
+                    ts: now_ms,
+                    kind: kind.into(),
+                    body: body.into(),
+                    cmid: cmid.into(),
+                });
+                self.fanout(Fanout::new(members, Some(origin.device), push));
                 if uid.kind == UidKind::Agent {
                     self.wechat_reply(conv, seq, kind, body, now_ms);
                 }
@@ -129,24 +141,22 @@ impl Owner {
         Ok(())
     }
 
-    /// `existing`, or a new conversation with the next id, created by `create`.
+    /// `existing`, or a new conversation of partition `p` with its next id, created by
+    /// `create` (the partition's log is opened if this is its first write).
     pub(super) fn find_or_create(
         &mut self,
+        p: PartitionId,
         existing: Option<ConvId>,
         create: impl FnOnce(&mut Store, ConvId) -> Result<(), StoreError>,
     ) -> Result<ConvId, (ErrorCode, String)> {
         if let Some(conv) = existing {
             return Ok(conv);
         }
-        let conv = self.next_conv_id();
-        create(&mut self.store, conv).map_err(store_error)?;
+        let partition = self.partition_mut(p).map_err(store_error)?;
+        let conv = conv_id(partition.conv_counter, p);
+        partition.conv_counter += 1;
+        create(&mut partition.store, conv).map_err(store_error)?;
         Ok(conv)
-    }
-
-    pub(super) fn next_conv_id(&mut self) -> ConvId {
-        let id = ConvId(self.conv_counter << CONV_SHARD_BITS | self.shard as u64);
-        self.conv_counter += 1;
-        id
     }
 }
 
@@ -165,7 +175,12 @@ mod tests {
         let out = h.turn(send(&a, Target::User(b.uid), "c1", "hello"));
         let (conv, seq) = send_ok(&replies(&out, a.session));
         assert_eq!(seq, 1);
-        assert_eq!(conv, ConvId(1 << 8), "the first conversation of shard 0");
+        let p = test_map().partition_of(&crate::bus::user_pair(a.uid, b.uid));
+        assert_eq!(
+            conv,
+            crate::bus::partitions::conv_id(1, p),
+            "the first conversation of the pair's partition"
+        );
         let pushed = pushes(&out);
         assert_eq!(pushed.len(), 1, "{pushed:?}");
         let (shards, users, except, text) = &pushed[0];

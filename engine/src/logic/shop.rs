@@ -11,10 +11,10 @@ use crate::bus::{Fanout, Origin};
 use crate::store::{HistoryFrom, Store, StoreError};
 
 /// A dispatcher with the assignment counts and waiting queues of the conversations in `store`.
-pub(super) fn restore_dispatcher(store: &Store) -> Dispatcher {
+pub(super) fn restore_dispatcher<'a>(stores: impl Iterator<Item = &'a Store>) -> Dispatcher {
     let mut dispatcher = Dispatcher::new();
     let mut waiting: Vec<(ConvId, ShopId)> = Vec::new();
-    for (id, conv) in store.conversations() {
+    for (store, (id, conv)) in stores.flat_map(|s| s.conversations().map(move |c| (s, c))) {
         let Some(shop) = conv.shop() else { continue };
         let agents = conv.members().iter().filter(|u| u.kind == UidKind::Agent);
         let mut any_agent = false;
@@ -55,8 +55,8 @@ impl Owner {
         let Some(shop) = c.shop() else {
             return Err((ErrorCode::BadRequest, "not a shop conversation".into()));
         };
-        self.store
-            .remove_member(conv, origin.uid, now_ms)
+        self.conv_log_mut(conv)
+            .and_then(|log| log.remove_member(conv, origin.uid, now_ms))
             .map_err(store_error)?;
         self.dispatcher.resolve(shop, origin.uid);
         let ok = origin.reply(Message::ResolveOk(conv));
@@ -69,6 +69,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(conv, &remaining),
                 members: remaining,
             }),
         ));
@@ -82,7 +83,7 @@ impl Owner {
         agent: Uid,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.store.add_member(conv, agent, now_ms)?;
+        self.conv_log_mut(conv)?.add_member(conv, agent, now_ms)?;
         let members = self.members(conv);
         let list = members.to_vec();
         self.fanout(Fanout::new(
@@ -90,6 +91,7 @@ impl Owner {
             None,
             Message::Members(Members {
                 conv,
+                profiles: self.member_profiles(conv, &list),
                 members: list,
             }),
         ));
@@ -98,7 +100,7 @@ impl Owner {
 
     /// For a shop conversation: its shop and assigned agents.
     pub(super) fn shop_agents(&self, conv: ConvId) -> Option<(ShopId, SmallVec<[Uid; 4]>)> {
-        let c = self.store.conv(conv)?;
+        let c = self.conv_log(conv)?.conv(conv)?;
         let shop = c.shop()?;
         let agents = c
             .members()
@@ -110,7 +112,17 @@ impl Owner {
     }
 
     /// A device of `agent` logged in: waiting conversations of its shop may now be assigned.
-    pub(super) fn agent_online(&mut self, shop: ShopId, agent: Uid, now_ms: u64) {
+    pub(super) fn agent_online(
+        &mut self,
+        shop: ShopId,
+        agent: Uid,
+        profile: Option<&crate::store::StoredProfile>,
+        now_ms: u64,
+    ) {
+        let partition = self.map.partition_of(&shop);
+        if let Err(e) = self.keep_profile(partition, agent, profile) {
+            tracing::warn!(%agent, error = %e, "agent's profile not kept");
+        }
         for assignment in self.dispatcher.agent_online(shop, agent) {
             if let Err(e) = self.assign(assignment.conv, assignment.agent, now_ms) {
                 tracing::warn!(conv = %assignment.conv, error = %e, "assignment not stored");
@@ -136,6 +148,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: agent.uid,
+            profile: None,
         })
     }
 

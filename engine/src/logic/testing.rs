@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{DeviceId, DeviceIdGenerator, DeviceType, NodeType, Uid, UidKind};
 
-use super::Owner;
+use super::{partition_dir, LogSetup, Owner};
 use chinwag_protocol::{ConvInfo, Message};
 
-use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, SessionRef};
+use crate::bus::{BusMsg, GroupOp, GroupRequest, Origin, PartitionId, PartitionMap, SessionRef};
 use crate::store::{Store, StoreConfig};
 
 /// The shard the owner under test is.
@@ -133,19 +133,39 @@ impl Harness {
     }
 }
 
+/// The partitions in the tests: every one served by the owner under test (of [`SHARDS`]).
+pub fn test_map() -> PartitionMap {
+    PartitionMap::from_assignment(vec![Some(OWNER_SHARD as u16); PARTITIONS], SHARDS)
+}
+
+/// The partition count in the tests: few, so that tests see several conversations share one.
+pub const PARTITIONS: usize = 8;
+
 fn open(dir: &Path, reply_bytes_max: usize) -> Owner {
     let mut config = StoreConfig::new(dir);
     config.segment_bytes = 1 << 20;
-    let (store, _) = Store::open(config).expect("the log opens");
-    // As the node does: one generator, going on after every registered device.
+    let setup = LogSetup {
+        root: dir.to_path_buf(),
+        config,
+    };
+    // As the node does: open the partitions that have a log, then one generator, going on
+    // after every registered device.
+    let mut opened = Vec::new();
+    for p in 0..PARTITIONS as PartitionId {
+        if partition_dir(dir, p).is_dir() {
+            let (store, _) = Store::open(setup.config_of(p)).expect("the log opens");
+            opened.push((p, store));
+        }
+    }
     let mut generator = DeviceIdGenerator::new(NodeType::Client, 0).expect("cluster 0 fits");
-    if let Some(last) = store.device_max() {
+    for last in opened.iter().filter_map(|(_, store)| store.device_max()) {
         generator.resume_after(last);
     }
     Owner::new(
         OWNER_SHARD,
-        SHARDS,
-        store,
+        Arc::new(test_map()),
+        setup,
+        opened,
         Arc::new(Mutex::new(generator)),
         reply_bytes_max,
     )
@@ -243,5 +263,34 @@ pub fn send(origin: &Origin, target: chinwag_protocol::Target, cmid: &str, body:
         cmid: cmid.into(),
         kind: "text".into(),
         body: body.into(),
+        profile: None,
+        profile_pending: false,
     }))
+}
+
+/// A `send` whose session carries the sender's `profile`.
+pub fn send_with_profile(
+    origin: &Origin,
+    target: chinwag_protocol::Target,
+    cmid: &str,
+    profile: crate::store::StoredProfile,
+) -> BusMsg {
+    let BusMsg::Send(mut request) = send(origin, target, cmid, "hi") else {
+        unreachable!("send makes a Send")
+    };
+    request.profile = Some(profile);
+    BusMsg::Send(request)
+}
+
+/// The origin of a backend service's request, on a new session.
+pub fn service_origin(h: &mut Harness) -> Origin {
+    Origin {
+        session: h.new_session(),
+        uid: Uid::new(UidKind::Service, 1),
+        device: DeviceId::from_u64(1).expect("a device id"),
+        encoding: Encoding::Json,
+        req: Some(7),
+        service: true,
+        received: std::time::Instant::now(),
+    }
 }

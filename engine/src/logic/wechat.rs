@@ -4,7 +4,7 @@
 //! conversation (kind `wechat_undelivered`, from `service:0`), so every agent there learns it,
 //! now or from `history`.
 
-use chinwag_protocol::{ConvId, DeviceId, Message, Msg, Seq, ShopId, Uid, UidKind};
+use chinwag_protocol::{ConvId, DeviceId, Msg, Seq, ShopId, Uid, UidKind};
 
 use super::Owner;
 use crate::bus::{Fanout, WechatUndelivered};
@@ -34,9 +34,10 @@ impl Owner {
     pub(super) fn wechat_inbound(&mut self, inbound: Inbound, now_ms: u64) {
         let uid = Uid::new(UidKind::Wechat, inbound.customer);
         let shop = ShopId(inbound.shop);
-        let existing = self.store.shop_conv(shop, uid);
+        let p = self.map.partition_of(&shop);
+        let existing = self.log(p).and_then(|log| log.shop_conv(shop, uid));
         let stored = self
-            .find_or_create(existing, |store, conv| {
+            .find_or_create(p, existing, |store, conv| {
                 store.create_shop_conv(conv, shop, uid)
             })
             .and_then(|conv| {
@@ -51,8 +52,9 @@ impl Owner {
                 };
                 // A retried push (same cmid) changes nothing: no dispatch either.
                 let original = self
-                    .store
-                    .duplicate_of(&message)
+                    .conv_log(conv)
+                    .ok_or(crate::store::StoreError::UnknownConv(conv))
+                    .and_then(|log| log.duplicate_of(&message))
                     .map_err(super::store_error)?;
                 if original.is_none() {
                     self.serve_customer(conv, now_ms)?;
@@ -79,7 +81,7 @@ impl Owner {
         if self.wechat.is_none() {
             return;
         }
-        let Some(c) = self.store.conv(conv) else {
+        let Some(c) = self.conv_log(conv).and_then(|log| log.conv(conv)) else {
             return;
         };
         if c.shop().is_none() {
@@ -173,23 +175,20 @@ impl Owner {
         message: &NewMessage<'_>,
         except: Option<DeviceId>,
     ) -> Result<Appended, crate::store::StoreError> {
-        let appended = self.store.append_message(message)?;
+        let appended = self.conv_log_mut(message.conv)?.append_message(message)?;
         if let Appended::Stored { seq } = appended {
             self.messages_stored += 1;
             let members = self.members(message.conv);
-            self.fanout(Fanout::new(
-                members,
-                except,
-                Message::Msg(Msg {
-                    conv: message.conv,
-                    seq,
-                    from: message.sender,
-                    ts: message.ts_ms,
-                    kind: String::from_utf8_lossy(message.kind),
-                    body: String::from_utf8_lossy(message.body),
-                    cmid: String::from_utf8_lossy(message.cmid),
-                }),
-            ));
+            let push = self.msg_push(Msg {
+                conv: message.conv,
+                seq,
+                from: message.sender,
+                ts: message.ts_ms,
+                kind: String::from_utf8_lossy(message.kind),
+                body: String::from_utf8_lossy(message.body),
+                cmid: String::from_utf8_lossy(message.cmid),
+            });
+            self.fanout(Fanout::new(members, except, push));
         }
         Ok(appended)
     }
@@ -226,6 +225,7 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: support.uid,
+            profile: None,
         });
         let out = h.turn(inbound(7, "wx-msg-1", "在吗"));
         let pushed = pushes(&out);
@@ -246,8 +246,8 @@ mod tests {
         // The agent answers in the same conversation.
         let conv = h
             .owner
-            .store
-            .shop_conv(SHOP, customer)
+            .log_of(&SHOP)
+            .and_then(|log| log.shop_conv(SHOP, customer))
             .expect("the conversation");
         let out = h.turn(send(&support, Target::Conv(conv), "a1", "您好"));
         assert_eq!(send_ok(&replies(&out, support.session)), (conv, 2));
@@ -269,12 +269,13 @@ mod tests {
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: support.uid,
+            profile: None,
         });
         h.turn(inbound(7, "wx-msg-1", "hi"));
         let conv: ConvId = h
             .owner
-            .store
-            .shop_conv(SHOP, Uid::new(UidKind::Wechat, 7))
+            .log_of(&SHOP)
+            .and_then(|log| log.shop_conv(SHOP, Uid::new(UidKind::Wechat, 7)))
             .unwrap();
         let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
             conv,
@@ -313,8 +314,8 @@ mod tests {
         h.turn(inbound(8, "wx-msg-2", "hello"));
         let other = h
             .owner
-            .store
-            .shop_conv(SHOP, Uid::new(UidKind::Wechat, 8))
+            .log_of(&SHOP)
+            .and_then(|log| log.shop_conv(SHOP, Uid::new(UidKind::Wechat, 8)))
             .unwrap();
         let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
             conv: other,

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::web;
+use super::{api, web};
 
 /// The longest request head the gateway reads; a longer one gets 431.
 pub const HEAD_BYTES_MAX: usize = 8 * 1024;
@@ -31,6 +31,9 @@ pub enum Request {
     /// A WeChat callback to `/wechat/<appid>` (when the node serves WeChat accounts), with
     /// its body.
     Wechat(Box<WechatRequest>),
+    /// `POST /api/<op>`, the HTTP form of a service op (docs/backend.md): its head only; the
+    /// connection is handed to the service-connection code, which reads the body.
+    Api(Box<api::ApiHead>),
     /// A plain HTTP answer chosen while parsing (404, 400, 405, 426).
     Respond(Bytes),
 }
@@ -144,7 +147,7 @@ pub fn missing_bytes(buf: &[u8]) -> usize {
 }
 
 /// The request's `Content-Length` (0 when absent); a chunked or malformed body is a 400.
-fn content_length(request: &httparse::Request) -> Result<usize, Bytes> {
+pub(crate) fn content_length(request: &httparse::Request) -> Result<usize, Bytes> {
     let mut length = None;
     for header in request.headers.iter() {
         if header.name.eq_ignore_ascii_case("transfer-encoding") {
@@ -171,6 +174,9 @@ fn classify(request: &httparse::Request, enable_echo: bool, wechat: bool) -> Req
     // callbacks read it).
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if let Some(request) = web::classify(request, path, query) {
+        return request;
+    }
+    if let Some(request) = api::classify(request, method, path, query) {
         return request;
     }
     if wechat && crate::wechat::endpoint::Endpoint::handles(path) {

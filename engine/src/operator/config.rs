@@ -106,6 +106,14 @@ settings! {
     "Largest frame a peer may send on a node link; a longer one closes the link"
     #[arg(value_name = "BYTES")]
     node_link_frame_bytes_max: usize = 16 << 20, "16777216";
+    "HTTP API requests (POST /api/<op> on the client port) one shard serves at once, each \
+     holding up to --backend-frame-bytes-max of body; over it a request is answered 503"
+    #[arg(value_name = "N")]
+    api_requests_per_shard_max: usize = 64, "64";
+    "Longest time POST /api/subscribe waits for new messages before answering an empty batch \
+     (a request's ?wait_ms= may ask for less)"
+    #[arg(value_name = "MS")]
+    api_wait_ms_max: u64 = 30_000, "30000";
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
@@ -116,10 +124,16 @@ settings! {
     "File holding the token secret (at least 32 bytes; surrounding whitespace is ignored)"
     #[arg(value_name = "FILE")]
     jwt_secret_file: Option<PathBuf> => PathBuf = None;
-    "Shards (event-loop threads); 0 = the count an existing data directory was written by, \
-     else one per core"
+    "Shards (event-loop threads); 0 = one per core. Any count works with any data directory: \
+     the partitions are dealt to the shards at start"
     #[arg(value_name = "N")]
     shards: usize = 0, "0";
+    "Partitions of the data (the unit of ownership: every user, shop, pair and group lives in \
+     one, each with its own log), fixed when the data directory is created; 0 = the count an \
+     existing data directory records, else 256. Another count on an existing directory is \
+     refused"
+    #[arg(value_name = "N")]
+    partitions: usize = 0, "0";
     "When the log is forced to disk"
     #[arg(value_parser = fsync_parser())]
     fsync: FsyncPolicy = FsyncPolicy::Never, "never";
@@ -160,22 +174,26 @@ settings! {
     "With --fsync interval, the longest time between two flushes of the log"
     #[arg(value_name = "MS")]
     fsync_interval_ms: u64 = 100, "100";
-    "Size of each preallocated log segment file"
+    "Size of the largest preallocated log segment file (a partition's segments start at \
+     --log-segment-bytes-first and double up to it)"
     #[arg(value_name = "BYTES")]
     log_segment_bytes: u64 = 64 << 20, "67108864";
+    "Size of a partition's first log segment file (never below what the largest record needs)"
+    #[arg(value_name = "BYTES")]
+    log_segment_bytes_first: u64 = crate::store::SEGMENT_BYTES_FIRST_DEFAULT, "131072";
     "Delete log segments whose newest message is older than this; 0 = keep"
     #[arg(value_name = "S")]
     log_retention_age_s: u64 = 0, "0";
-    "Delete the oldest log segments while a shard's log is larger than this; 0 = no limit"
+    "Delete the oldest log segments while a partition's log is larger than this; 0 = no limit"
     #[arg(value_name = "BYTES")]
     log_retention_bytes_max: u64 = 0, "0";
-    "How often each shard applies retention and writes a snapshot of its state"
+    "How often each shard applies retention and snapshots the partitions written since their last snapshot"
     #[arg(value_name = "MS")]
     log_maintenance_interval_ms: u64 = 300_000, "300000";
-    "Client message ids each shard remembers for idempotent sends (for 24 h at most); memory \
-     per shard is about 56 bytes each"
+    "Client message ids the node remembers for idempotent sends (for 24 h at most), shared \
+     evenly by the partitions; memory is about 56 bytes each once a partition's share is used"
     #[arg(value_name = "N")]
-    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "250000";
+    cmid_window_entries_max: usize = crate::store::CMID_WINDOW_ENTRIES_DEFAULT, "1000000";
     "Members one conversation may have (a group's limit; at most 65535); a group operation \
      that would exceed it is refused whole. Each member costs 16 bytes in the group's log \
      record (which must fit a log segment); a convs entry lists the members of a group of at \
@@ -280,6 +298,10 @@ impl Config {
                 "node_link_frame_bytes_max",
                 self.node_link_frame_bytes_max as u64,
             ),
+            (
+                "api_requests_per_shard_max",
+                self.api_requests_per_shard_max as u64,
+            ),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -342,9 +364,25 @@ impl Config {
         }
         if self.shards > crate::bus::SHARDS_MAX {
             return Err(format!(
-                "shards ({}) must be at most {} (conversation ids carry the shard in one byte)",
+                "shards ({}) must be at most {}",
                 self.shards,
                 crate::bus::SHARDS_MAX
+            ));
+        }
+        let partitions_max = crate::bus::partitions::PARTITIONS_MAX;
+        if self.partitions > partitions_max {
+            return Err(format!(
+                "partitions ({}) must be at most {partitions_max} (a stream position names a \
+                 log position per partition)",
+                self.partitions
+            ));
+        }
+        // Above log_segment_bytes it is log_segment_bytes (the store caps it).
+        if self.log_segment_bytes_first < crate::store::SEGMENT_BYTES_MIN {
+            return Err(format!(
+                "log_segment_bytes_first ({}) must be at least {}",
+                self.log_segment_bytes_first,
+                crate::store::SEGMENT_BYTES_MIN
             ));
         }
         let largest = crate::store::largest_record_bytes(self.message_bytes_max);
@@ -362,7 +400,8 @@ impl Config {
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
-            || self.backend_connections_per_shard_max >= 1 << 31
+            || self.backend_connections_per_shard_max >= 1 << 30
+            || self.api_requests_per_shard_max >= 1 << 30
         {
             return Err("connections_per_shard_max is too large".into());
         }

@@ -1,5 +1,5 @@
-//! The data directory: held by one node at a time, in one data format, with the shard count
-//! its logs were written by.
+//! The data directory: held by one node at a time, in one data format, with the partition
+//! count its data was placed by.
 //!
 //! [`DataDir::open`] takes an advisory lock (`flock` on `DATA_DIR/lock`) before anything else
 //! in the directory is read or written, and holds it for the life of the process: two nodes
@@ -8,21 +8,30 @@
 //! --data-dir`) read without taking the lock.
 //!
 //! The directory records its data format (`DATA_DIR/format`): a directory of another format is
-//! refused with a message that says so, before any log is opened (there is no migration).
+//! refused with a message that says so, before any log is opened (there is no migration). It
+//! records the partition count too (`DATA_DIR/partitions`): placement depends on it, so it is
+//! fixed when the directory is created. The shard count is not recorded: any count serves the
+//! partitions.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// The data format this build reads and writes. 2: shard placement by the specified hash
-/// (`docs/storage.md`, "Placement"), idempotency keyed by conversation; 1 (no `format` file):
-/// placement by `ahash`, which no build can be trusted to reproduce.
-pub const FORMAT: u32 = 2;
+use crate::bus::partitions::{PARTITIONS_DEFAULT, PARTITIONS_MAX};
+
+/// The data format this build reads and writes. 3: a log per partition
+/// (`DATA_DIR/partitions/NNNNN/`), conversation ids carrying their partition; 2: a log per
+/// shard (`DATA_DIR/shard-N/`), placement by the specified hash (`docs/storage.md`,
+/// "Placement"), idempotency keyed by conversation; 1 (no `format` file): placement by
+/// `ahash`, which no build can be trusted to reproduce.
+pub const FORMAT: u32 = 3;
 
 const LOCK_FILE: &str = "lock";
 const FORMAT_FILE: &str = "format";
-/// The file that records how many shards the logs were written by.
+/// Format 1 and 2 recorded how many shards the logs were written by.
 const SHARDS_FILE: &str = "shards";
+/// The file that records the partition count.
+const PARTITIONS_FILE: &str = "partitions.count";
 
 /// An open data directory, locked for this process until dropped.
 #[derive(Debug)]
@@ -92,8 +101,7 @@ impl DataDir {
                 if self.path.join(SHARDS_FILE).exists() {
                     return Err(self.wrong_format("1"));
                 }
-                fs::write(&path, format!("{FORMAT}\n"))
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+                write_durably(&self.path, &path, &format!("{FORMAT}\n"))
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
@@ -107,20 +115,23 @@ impl DataDir {
         )
     }
 
-    /// The number of shards to run: the count the logs were written by, when the directory
-    /// has one; else `configured` (0: one per core), which is then recorded. An explicit count
-    /// other than the recorded one is refused: conversation ids and placement depend on it.
-    pub fn shard_count(&self, configured: usize) -> Result<usize, String> {
-        let path = self.path.join(SHARDS_FILE);
+    /// The partition count of the data: the one the directory records; for a new directory
+    /// `configured` (0: [`PARTITIONS_DEFAULT`]), which is then recorded. An explicit count
+    /// other than the recorded one is refused: placement depends on it.
+    pub fn partition_count(&self, configured: usize) -> Result<usize, String> {
+        let path = self.path.join(PARTITIONS_FILE);
         match fs::read_to_string(&path) {
             Ok(text) => {
                 let was: usize = text
                     .trim()
                     .parse()
-                    .map_err(|_| format!("{} is not a shard count", path.display()))?;
+                    .ok()
+                    .filter(|n| (1..=PARTITIONS_MAX).contains(n))
+                    .ok_or_else(|| format!("{} is not a partition count", path.display()))?;
                 if configured != 0 && configured != was {
                     return Err(format!(
-                        "the data directory {} was written by {was} shards; start with --shards {was}",
+                        "the data directory {} holds {was} partitions, fixed when it was created; \
+                         start with --partitions {was} (or 0)",
                         self.path.display()
                     ));
                 }
@@ -128,16 +139,28 @@ impl DataDir {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let count = match configured {
-                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    0 => PARTITIONS_DEFAULT,
                     n => n,
                 };
-                fs::write(&path, format!("{count}\n"))
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                write_durably(&self.path, &path, &format!("{count}\n"))?;
                 Ok(count)
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
         }
     }
+}
+
+/// Writes a small file and makes it and its directory entry durable.
+fn write_durably(dir: &Path, path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, path))
+        .and_then(|()| File::open(dir)?.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -170,13 +193,27 @@ mod tests {
     }
 
     #[test]
-    fn the_shard_count_defaults_to_the_recorded_one() {
+    fn the_partition_count_is_fixed_at_creation() {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::open(dir.path()).unwrap();
-        assert_eq!(data.shard_count(3).unwrap(), 3);
-        assert_eq!(data.shard_count(0).unwrap(), 3);
-        assert_eq!(data.shard_count(3).unwrap(), 3);
-        let err = data.shard_count(4).unwrap_err();
-        assert!(err.contains("--shards 3"), "{err}");
+        assert_eq!(data.partition_count(64).unwrap(), 64);
+        assert_eq!(data.partition_count(0).unwrap(), 64);
+        assert_eq!(data.partition_count(64).unwrap(), 64);
+        let err = data.partition_count(256).unwrap_err();
+        assert!(err.contains("--partitions 64"), "{err}");
+
+        let fresh = tempfile::tempdir().unwrap();
+        let data = DataDir::open(fresh.path()).unwrap();
+        assert_eq!(data.partition_count(0).unwrap(), PARTITIONS_DEFAULT);
+    }
+
+    #[test]
+    fn a_format_2_directory_is_refused_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FORMAT_FILE), "2\n").unwrap();
+        fs::write(dir.path().join(SHARDS_FILE), "2\n").unwrap();
+        let err = DataDir::open(dir.path()).unwrap_err();
+        assert!(err.contains("data format 2"), "{err}");
+        assert!(err.contains("empty --data-dir"), "{err}");
     }
 }

@@ -77,14 +77,16 @@ pub struct ShardMetrics {
     pub sessions_logged_in: AtomicU64,
     /// Pushes (`msg`, `receipt`, `members`) queued to this shard's sessions.
     pub pushes_delivered: AtomicU64,
-    /// Messages this shard's log stored (owner side).
+    /// Messages this shard stored in its partitions' logs (owner side).
     pub messages_stored: AtomicU64,
     /// Log commits that failed (their acknowledgements became `unavailable`).
     pub log_commit_failures: AtomicU64,
-    /// Conversations, registered devices and segment bytes of this shard's log.
+    /// Conversations, registered devices and segment bytes of the logs of this shard's
+    /// partitions, and how many of those have a log open.
     pub log_conversations: AtomicU64,
     pub log_devices: AtomicU64,
     pub log_segment_bytes: AtomicU64,
+    pub log_partitions_open: AtomicU64,
     pub accept_errors: AtomicU64,
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
@@ -312,7 +314,7 @@ pub fn render(scrape: &Scrape) -> String {
         &mut out,
         "chinwag_messages_stored_total",
         "counter",
-        "Messages stored in this shard's log.",
+        "Messages stored in the logs of the partitions this shard serves.",
         &|m| load(&m.messages_stored),
     );
     per_shard(
@@ -326,22 +328,29 @@ pub fn render(scrape: &Scrape) -> String {
         &mut out,
         "chinwag_log_conversations",
         "gauge",
-        "Conversations owned by this shard.",
+        "Conversations in the partitions this shard serves.",
         &|m| load(&m.log_conversations),
     );
     per_shard(
         &mut out,
         "chinwag_log_devices",
         "gauge",
-        "Devices registered in this shard's log.",
+        "Devices registered in the partitions this shard serves.",
         &|m| load(&m.log_devices),
     );
     per_shard(
         &mut out,
         "chinwag_log_segment_bytes",
         "gauge",
-        "Bytes of this shard's log segment files (preallocated).",
+        "Bytes of the log segment files of the partitions this shard serves (preallocated).",
         &|m| load(&m.log_segment_bytes),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_log_partitions_open",
+        "gauge",
+        "Partitions this shard serves that have a log (one is created on a partition's first write).",
+        &|m| load(&m.log_partitions_open),
     );
     per_shard(
         &mut out,

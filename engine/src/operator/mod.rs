@@ -26,6 +26,8 @@ pub(crate) struct NodeState {
     /// This node's id, from its listening address.
     pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
+    /// Which partitions this node owns and which shard serves each.
+    pub partitions: Arc<crate::bus::PartitionMap>,
     /// The WeChat channel, when the configuration has WeChat accounts.
     pub wechat: Option<Arc<crate::wechat::channel::Channel>>,
     draining: AtomicBool,
@@ -36,13 +38,14 @@ pub(crate) struct NodeState {
 }
 
 impl NodeState {
-    /// The state of a node of `shards` shards.
+    /// The state of a node whose shards serve the partitions as `partitions` says.
     pub fn new(
         config: Config,
         jwt_secret: Vec<u8>,
-        shards: usize,
+        partitions: Arc<crate::bus::PartitionMap>,
         wechat: Option<Arc<crate::wechat::channel::Channel>>,
     ) -> NodeState {
+        let shards = partitions.shards();
         let node_id = match config.listen {
             SocketAddr::V4(addr) => NodeId::for_addr(NodeType::Connector, addr),
             SocketAddr::V6(addr) => NodeId::for_addr(
@@ -55,6 +58,7 @@ impl NodeState {
             jwt_secret,
             node_id,
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            partitions,
             wechat,
             draining: AtomicBool::new(false),
             shards_drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),

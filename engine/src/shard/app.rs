@@ -14,10 +14,11 @@ use chinwag_protocol::{
 };
 
 use super::context::Context;
-use crate::bus::{self, owner_of, reply_size, ws_message, BusMsg, Origin, SendRequest, SessionRef};
+use crate::bus::{self, reply_size, ws_message, BusMsg, Origin, SendRequest, SessionRef};
 use crate::net::http::Endpoint;
 use crate::net::ws::connection::CloseReason;
 use crate::net::ws::frame::{self, Opcode};
+use crate::store::StoredProfile;
 
 /// Close code after `kicked`: in the range RFC 6455 §7.4.2 leaves to applications.
 pub const CLOSE_KICKED: u16 = 4001;
@@ -43,6 +44,9 @@ pub struct LoginState {
     pub device: Option<DeviceId>,
     /// The `login`'s `req`, for the `login_ok`.
     login_req: Option<u64>,
+    /// The user's profile, from its owner shard at login and whenever a service sets it;
+    /// every `send` carries it to the conversation's owner.
+    pub profile: Option<Box<StoredProfile>>,
     /// `convs` requests waiting for every shard's part.
     gathers: Vec<Gather>,
     /// The token of the next `convs` request: parts are matched by it, not by the client's
@@ -188,6 +192,7 @@ impl App {
                     encoding,
                     device: None,
                     login_req: req,
+                    profile: None,
                     gathers: Vec::new(),
                     next_gather_token: 0,
                 }));
@@ -196,7 +201,13 @@ impl App {
                     uid,
                     device_type: login.device,
                 };
-                ctx.post.to(owner_of(&uid, ctx.shards()), request);
+                if ctx.post_to_owner(request).is_err() {
+                    // The user's partition is not this node's (only in a cluster).
+                    let text = "the user's partition is not served here";
+                    self.login = None;
+                    let error = bus::error(ErrorCode::Unavailable, text);
+                    reply(session, req, encoding, error, ctx);
+                }
             }
             message => {
                 let Some(origin) = self.origin(req, encoding, session, ctx) else {
@@ -210,6 +221,11 @@ impl App {
                         cmid: send.cmid.into_owned(),
                         kind: send.kind.into_owned(),
                         body: send.body.into_owned(),
+                        profile: self
+                            .login
+                            .as_ref()
+                            .and_then(|l| l.profile.as_deref().cloned()),
+                        profile_pending: false,
                     })),
                     Message::Read(cursor) => BusMsg::Read {
                         origin: Box::new(origin),
@@ -272,13 +288,10 @@ impl App {
                         );
                     }
                 };
-                match request.owner(ctx.shards()) {
-                    Some(owner) if owner < ctx.shards() => ctx.post.to(owner, request),
-                    // A conversation id naming a shard this node does not have.
-                    _ => {
-                        let error = origin.error(ErrorCode::NotFound, "no such conversation");
-                        session.send(error, ctx);
-                    }
+                if ctx.post_to_owner(request).is_err() {
+                    // A conversation id naming a partition this node does not have.
+                    let error = origin.error(ErrorCode::NotFound, "no such conversation");
+                    session.send(error, ctx);
                 }
             }
         }
@@ -289,12 +302,14 @@ impl App {
     pub fn on_registered(
         &mut self,
         device: Option<DeviceId>,
+        profile: Option<Box<StoredProfile>>,
         session: &mut impl Link,
         ctx: &mut Context,
     ) -> bool {
         let Some(login) = self.login.as_mut() else {
             return false;
         };
+        login.profile = profile;
         let (req, encoding) = (login.login_req, login.encoding);
         let Some(device) = device else {
             self.login = None;
@@ -385,6 +400,25 @@ impl App {
     }
 
     /// The session's login, once complete: (uid, device, shop, encoding).
+    /// A service set this user's profile: later `send`s carry it (an older one, arriving
+    /// late, is ignored).
+    pub fn on_own_profile(&mut self, profile: Box<StoredProfile>) {
+        if let Some(login) = self.login.as_mut() {
+            if !login
+                .profile
+                .as_ref()
+                .is_some_and(|held| held.version >= profile.version)
+            {
+                login.profile = Some(profile);
+            }
+        }
+    }
+
+    /// The profile of the logged-in user, as the session knows it.
+    pub fn own_profile(&self) -> Option<&StoredProfile> {
+        self.login.as_ref()?.profile.as_deref()
+    }
+
     pub fn logged_in(&self) -> Option<(Uid, DeviceId, Option<ShopId>, Encoding)> {
         let login = self.login.as_ref()?;
         Some((login.uid, login.device?, login.shop, login.encoding))
@@ -520,13 +554,20 @@ mod tests {
         let ws_limits: WsLimits = crate::shard::context::ws_limits(&config);
         let ctx = Context {
             shard_id: 0,
-            node: Arc::new(NodeState::new(config, SECRET.to_vec(), SHARDS, None)),
+            node: Arc::new(NodeState::new(
+                config,
+                SECRET.to_vec(),
+                Arc::new(crate::bus::PartitionMap::single_node(256, SHARDS)),
+                None,
+            )),
             post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
             ws_limits,
             now_ms: 0,
             unix_ms: 1_700_000_000_000,
             dirty: Vec::new(),
             read_again: Vec::new(),
+            handover: None,
+            api_requests_open: 0,
         };
         (ctx, polls)
     }
@@ -590,13 +631,14 @@ mod tests {
         else {
             panic!("expected a Register, got {posted:?}");
         };
-        assert_eq!((*shard, *who), (owner_of(&uid, SHARDS), uid));
+        let owner = ctx.partitions().shard_of(&uid).unwrap();
+        assert_eq!((*shard, *who), (owner, uid));
         assert_eq!(*session, link.session_ref(&ctx));
         assert!(link.sent.is_empty(), "login_ok waits for the owner");
         assert!(app.logged_in().is_none());
 
         let device = DeviceId::from_u64(7).unwrap();
-        assert!(app.on_registered(Some(device), &mut link, &mut ctx));
+        assert!(app.on_registered(Some(device), None, &mut link, &mut ctx));
         assert!(
             link.sent[0].contains(r#""op":"login_ok","req":1"#),
             "{:?}",
@@ -611,7 +653,7 @@ mod tests {
         let (mut app, mut link) = (App::default(), Recorder::default());
         let uid = Uid::new(UidKind::Buyer, 1);
         login(&mut app, &mut link, &mut ctx, uid);
-        app.on_registered(DeviceId::from_u64(7).ok(), &mut link, &mut ctx);
+        app.on_registered(DeviceId::from_u64(7).ok(), None, &mut link, &mut ctx);
         ctx.post.take();
 
         text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":9}"#);
@@ -637,6 +679,8 @@ mod tests {
                 body: "hi".into(),
                 cmid: "c".into(),
             }),
+            profile: Default::default(),
+            profiles: Vec::new(),
         };
         app.on_convs_part(
             token,
@@ -675,6 +719,8 @@ mod tests {
             read_seq: Seq(0),
             unread: 0,
             last: None,
+            profile: Default::default(),
+            profiles: Vec::new(),
         }
     }
 
@@ -682,7 +728,7 @@ mod tests {
         let (mut app, mut link) = (App::default(), Recorder::default());
         let uid = Uid::new(UidKind::Buyer, 1);
         login(&mut app, &mut link, ctx, uid);
-        app.on_registered(DeviceId::from_u64(7).ok(), &mut link, ctx);
+        app.on_registered(DeviceId::from_u64(7).ok(), None, &mut link, ctx);
         ctx.post.take();
         (app, link, uid)
     }

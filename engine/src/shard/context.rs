@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mio::Token;
 
 use crate::bus::post::Post;
-use crate::bus::SessionRef;
+use crate::bus::{BusMsg, SessionRef};
 use crate::net::ws::connection::WsLimits;
 use crate::operator::config::Config;
 use crate::operator::metrics::ShardMetrics;
@@ -53,6 +53,12 @@ pub struct Context {
     pub(super) dirty: Vec<Token>,
     /// Sessions that used their read budget and may have more to read.
     pub(super) read_again: Vec<Token>,
+    /// An API request (`POST /api/<op>`) a session just read the head of: the shard hands its
+    /// socket to a service connection (shard::service) once the session's read returns.
+    pub(super) handover: Option<Box<super::service::HttpHandover>>,
+    /// Service connections of this shard serving an API request (at most
+    /// `api_requests_per_shard_max`).
+    pub(super) api_requests_open: usize,
 }
 
 impl Context {
@@ -87,5 +93,23 @@ impl Context {
     /// The node's shard count.
     pub fn shards(&self) -> usize {
         self.post.shards()
+    }
+
+    /// Which partitions this node owns and which shard serves each.
+    pub fn partitions(&self) -> &crate::bus::PartitionMap {
+        &self.node.partitions
+    }
+
+    /// Posts `msg` to the shard that owns its subject ([`BusMsg::owner`]). Gives it back when
+    /// no shard here does: its partition is another node's, or does not exist (a forged
+    /// conversation id).
+    pub fn post_to_owner(&mut self, msg: BusMsg) -> Result<(), BusMsg> {
+        match msg.owner(&self.node.partitions) {
+            Some(shard) => {
+                self.post.to(shard, msg);
+                Ok(())
+            }
+            None => Err(msg),
+        }
     }
 }

@@ -30,13 +30,14 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::bus::post::{Post, PostOffice};
-use crate::bus::{owner_of, BusMsg, SessionRef};
+use crate::bus::{BusMsg, SessionRef};
 use crate::logic::{self, Owner};
+use crate::net::ws::connection::CloseReason;
 use crate::operator::metrics;
 use crate::operator::NodeState;
 use context::Context;
 use local::{LocalDevice, LocalDevices};
-use service::{ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
+use service::{HttpHandover, ServiceConn, SERVICE_SLOT_BIT, SERVICE_TOKEN_BASE};
 use session::Session;
 
 const BACKEND_LISTENER: Token = Token(usize::MAX - 2);
@@ -117,6 +118,8 @@ impl Shard {
                 unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
+                handover: None,
+                api_requests_open: 0,
             },
             next_generation: 0,
             sweep_cursor: 0,
@@ -227,10 +230,7 @@ impl Shard {
                 // Whatever the last sessions posted (their logouts) is handled, then the log
                 // is flushed and snapshotted so the next start replays little.
                 self.send_and_commit();
-                let store = self.owner.store_mut();
-                if let Err(e) = store.sync().and_then(|()| store.snapshot().map(|_| ())) {
-                    tracing::error!(shard = self.ctx.shard_id, error = %e, "final log flush failed");
-                }
+                self.owner.close_logs();
                 tracing::info!(shard = self.ctx.shard_id, "drained");
                 return Ok(());
             }
@@ -306,7 +306,8 @@ impl Shard {
                     return;
                 }
             };
-            if self.services.len() >= self.ctx.node.config.backend_connections_per_shard_max {
+            let binary_open = self.services.len() - self.ctx.api_requests_open;
+            if binary_open >= self.ctx.node.config.backend_connections_per_shard_max {
                 metrics::add(&self.ctx.metrics().connections_refused, 1);
                 continue;
             }
@@ -339,7 +340,7 @@ impl Shard {
                 return;
             };
             if service.on_readable(&mut self.rbuf, &mut self.ctx) {
-                self.services.remove(key);
+                self.remove_service(key);
             }
             return;
         }
@@ -348,7 +349,47 @@ impl Shard {
             return;
         };
         if session.on_readable(&mut self.rbuf, peer_closed, &mut self.ctx) {
-            self.remove(token);
+            match self.ctx.handover.take() {
+                Some(handover) => self.hand_over(token, *handover),
+                None => self.remove(token),
+            }
+        }
+    }
+
+    /// Moves the socket of the session at `token`, which read the head of an API request, to
+    /// a service connection that serves the request (shard::service, "The HTTP form"). For
+    /// the client port's metrics the session ends there, as an answered HTTP request.
+    fn hand_over(&mut self, token: Token, handover: HttpHandover) {
+        let session = self.sessions.remove(token.0);
+        let m = self.ctx.metrics();
+        metrics::sub(&m.connections_open, 1);
+        metrics::sub(&m.send_queue_bytes, session.outbox_bytes() as u64);
+        m.closed(CloseReason::HttpDone);
+        let mut stream = session.into_stream();
+        let entry = self.services.vacant_entry();
+        let key = entry.key();
+        let service_token = Token(SERVICE_TOKEN_BASE + key);
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .poll
+            .registry()
+            .reregister(&mut stream, service_token, interest)
+        {
+            tracing::warn!(shard = self.ctx.shard_id, error = %e, "reregister failed");
+            return;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let conn = ServiceConn::for_api(stream, key, self.next_generation, handover, &mut self.ctx);
+        entry.insert(conn);
+        self.ctx.api_requests_open += 1;
+        // Bytes that arrived while the socket changed hands raise no new edge: look once.
+        self.ctx.read_again.push(service_token);
+    }
+
+    /// Drops the service connection in slot `key` (closing its socket).
+    fn remove_service(&mut self, key: usize) {
+        if self.services.try_remove(key).is_some_and(|s| s.is_api()) {
+            self.ctx.api_requests_open -= 1;
         }
     }
 
@@ -373,7 +414,7 @@ impl Shard {
             return;
         };
         if service.flush() {
-            self.services.remove(key);
+            self.remove_service(key);
         } else {
             service.pump_stream(false, &mut self.ctx);
         }
@@ -433,7 +474,7 @@ impl Shard {
     /// sweep tick, not per message).
     fn publish_log_metrics(&self) {
         let m = self.ctx.metrics();
-        let stats = self.owner.store_stats();
+        let stats = self.owner.log_stats();
         let set = |gauge: &std::sync::atomic::AtomicU64, v: u64| {
             gauge.store(v, std::sync::atomic::Ordering::Relaxed)
         };
@@ -446,6 +487,7 @@ impl Shard {
         set(&m.log_conversations, stats.conversations as u64);
         set(&m.log_devices, stats.devices as u64);
         set(&m.log_segment_bytes, stats.segment_bytes);
+        set(&m.log_partitions_open, stats.partitions as u64);
     }
 
     fn deliver(&mut self, shard: usize, msg: BusMsg) {
@@ -522,25 +564,23 @@ impl Shard {
                 session: to,
                 uid,
                 device,
+                profile,
             } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
                     Some(session) if session.generation() == to.generation => {
                         let ctx = &mut self.ctx;
-                        session.with_app(|app, s| app.on_registered(device, s, ctx))
+                        session.with_app(|app, s| app.on_registered(device, profile, s, ctx))
                     }
                     _ => false,
                 };
                 match (completed, device) {
                     (true, Some(device)) => self.logged_in(to, uid, device),
                     // The session ended while its device was being registered.
-                    (false, Some(device)) => self.ctx.post.to(
-                        owner_of(&uid, self.ctx.shards()),
-                        BusMsg::Unregister {
-                            session: to,
-                            uid,
-                            device,
-                        },
-                    ),
+                    (false, Some(device)) => self.tell_owner(BusMsg::Unregister {
+                        session: to,
+                        uid,
+                        device,
+                    }),
                     _ => {}
                 }
             }
@@ -551,6 +591,14 @@ impl Shard {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
                     session.with_app(|app, s| app.kick(by_service, s, ctx));
+                }
+            }
+            BusMsg::OwnProfile {
+                session: to,
+                profile,
+            } => {
+                if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
+                    session.with_app(|app, _| app.on_own_profile(profile));
                 }
             }
             BusMsg::ConvsPart {
@@ -593,11 +641,20 @@ impl Shard {
             },
         );
         if let Some(shop) = shop {
-            let shards = self.ctx.shards();
-            self.ctx.post.to(
-                owner_of(&shop, shards),
-                BusMsg::AgentOnline { shop, agent: uid },
-            );
+            let profile = session.app().own_profile().cloned().map(Box::new);
+            self.tell_owner(BusMsg::AgentOnline {
+                shop,
+                agent: uid,
+                profile,
+            });
+        }
+    }
+
+    /// Posts a notice (no answer expected) to the owner of its subject. The single node owns
+    /// every partition; a cluster will forward a notice for another node's.
+    fn tell_owner(&mut self, msg: BusMsg) {
+        if let Err(msg) = self.ctx.post_to_owner(msg) {
+            tracing::debug!(?msg, "notice for a partition not served here dropped");
         }
     }
 
@@ -624,9 +681,10 @@ impl Shard {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         for (_, service) in self.services.iter_mut() {
-            service.flush();
+            service.on_drain(&mut self.ctx);
         }
         self.services.clear();
+        self.ctx.api_requests_open = 0;
     }
 
     /// Closes the listener: new connections are refused by the kernel from now on.
@@ -639,13 +697,20 @@ impl Shard {
     /// Checks the timeouts of the next `slots` slab slots, wrapping around, and every service
     /// connection's authentication timeout (there are few).
     fn sweep(&mut self, slots: usize) {
-        let timeout_ms = self.ctx.node.config.handshake_timeout_ms;
         let now_ms = self.ctx.now_ms;
-        self.services
-            .retain(|_, service| !service.auth_timed_out(now_ms, timeout_ms));
-        // Streams that were caught up (or paused by a service not reading) look again.
+        let timed_out: Vec<usize> = self
+            .services
+            .iter()
+            .filter(|(_, service)| service.timed_out(now_ms, &self.ctx.node.config))
+            .map(|(key, _)| key)
+            .collect();
+        for key in timed_out {
+            self.remove_service(key);
+        }
+        // Streams that were caught up (or paused by a service not reading) look again; API
+        // requests whose wait is over are answered.
         for (_, service) in self.services.iter_mut() {
-            service.pump_stream(true, &mut self.ctx);
+            service.on_tick(&mut self.ctx);
         }
         let capacity = self.sessions.capacity();
         if capacity == 0 {
@@ -670,20 +735,13 @@ impl Shard {
             let me = session.session_ref(&self.ctx);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             self.local.remove(uid, me.slot, me.generation);
-            let shards = self.ctx.shards();
-            self.ctx.post.to(
-                owner_of(&uid, shards),
-                BusMsg::Unregister {
-                    session: me,
-                    uid,
-                    device,
-                },
-            );
+            self.tell_owner(BusMsg::Unregister {
+                session: me,
+                uid,
+                device,
+            });
             if let Some(shop) = shop {
-                self.ctx.post.to(
-                    owner_of(&shop, shards),
-                    BusMsg::AgentOffline { shop, agent: uid },
-                );
+                self.tell_owner(BusMsg::AgentOffline { shop, agent: uid });
             }
         }
         let m = self.ctx.metrics();
@@ -733,7 +791,7 @@ mod tests {
         let node = Arc::new(NodeState::new(
             Config::default(),
             b"secret".to_vec(),
-            1,
+            Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
             None,
         ));
         let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));

@@ -14,6 +14,14 @@
 //!   not read its replies is disconnected rather than buffered without bound. Presence
 //!   gathers in flight: at most [`GATHERS_MAX`].
 //!
+//! **The HTTP form.** A `POST /api/<op>` on the client port (net::api) is read up to the end of
+//! its head by a client session, whose socket is then handed here ([`ServiceConn::for_api`]):
+//! the bearer token authenticates, the body is read (at most `backend_frame_bytes_max`) and
+//! decoded into the same `Message` a binary frame gives, and [`ServiceConn::on_request`]
+//! answers it as it answers the binary port. The one reply (for `subscribe`, the first batch
+//! with messages, or an empty one when the wait is over) goes out as an HTTP response, then
+//! the connection lingers until the client's EOF (`close_timeout_ms` at most).
+//!
 //! The connection acts for the service through the same bus as a client session: a request
 //! becomes a [`BusMsg`] with an [`Origin`] whose `service` flag lets the owner answer with the
 //! service op's reply. Replies arrive as WebSocket-framed `Bytes` (what the owner encodes for
@@ -27,8 +35,8 @@ use bytes::Bytes;
 use chinwag_protocol::binary::{self, StreamDecoder};
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::{
-    token, AuthOk, DeviceId, ErrorCode, Frame, Message, NodeType, Notify, Online, StreamBatch, Uid,
-    UidKind,
+    json, token, AuthOk, DeviceId, ErrorCode, Frame, Message, Msg, NodeType, Notify, Online, Op,
+    StreamBatch, Uid, UidKind,
 };
 use mio::net::TcpStream;
 use mio::Token;
@@ -36,9 +44,11 @@ use mio::Token;
 use super::context::Context;
 use super::outbox::{self, Outbox};
 use crate::bus::{
-    self, owner_of, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, SendRequest,
-    SessionRef, StreamPart, STREAM_NOW,
+    self, stream_position, BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp,
+    ProfileRequest, SendRequest, SessionRef, StreamPart, STREAM_NOW,
 };
+use crate::net::api::{self, ApiHead};
+use crate::operator::config::Config;
 
 /// A [`SessionRef`] slot with this bit set names a service connection, not a client session.
 pub const SERVICE_SLOT_BIT: u32 = 1 << 31;
@@ -60,13 +70,14 @@ fn service_device() -> DeviceId {
     DeviceId::from_u64((NodeType::Logic as u64) << 60).expect("a valid device id")
 }
 
-/// A subscription to the message stream: where each shard's log is read next.
+/// A subscription to the message stream: where each partition's log is read next. Reads go
+/// to the shards, each for the partitions it serves.
 #[derive(Debug)]
 struct Stream {
     /// The `subscribe`'s `req`, echoed by every `stream_batch`.
     req: Option<u64>,
-    /// Per shard: the log position to read next (`STREAM_NOW` until the shard said where its
-    /// end is).
+    /// Per partition: the log position to read next (`STREAM_NOW` until its shard said where
+    /// its end is; 0: its start).
     positions: Vec<u64>,
     /// Per shard: a read is posted and not answered yet.
     in_flight: Vec<bool>,
@@ -74,6 +85,35 @@ struct Stream {
     more: Vec<bool>,
     /// Every shard has answered once: the positions are all real, batches may go out.
     started: bool,
+}
+
+impl Stream {
+    /// Asks `shard` for the next messages of its partitions (a shard with none is not asked).
+    fn read(&mut self, shard: usize, me: SessionRef, ctx: &mut Context) {
+        let from: Box<[(PartitionId, u64)]> = ctx
+            .partitions()
+            .partitions_of(shard)
+            .map(|p| (p, self.positions[usize::from(p)]))
+            .collect();
+        if from.is_empty() {
+            return;
+        }
+        self.in_flight[shard] = true;
+        ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+    }
+
+    /// The signed position string of where every partition is read next. A partition still
+    /// at `STREAM_NOW` (only one no shard here serves) is left at its start.
+    fn position(&self, ctx: &Context) -> String {
+        let named: Vec<(PartitionId, u64)> = self
+            .positions
+            .iter()
+            .enumerate()
+            .filter(|&(_, &pos)| pos != STREAM_NOW)
+            .map(|(p, &pos)| (p as PartitionId, pos))
+            .collect();
+        stream_position::encode(&ctx.node.jwt_secret, self.positions.len(), &named)
+    }
 }
 
 #[derive(Debug)]
@@ -92,6 +132,35 @@ struct PresenceGather {
 /// A `presence` whose parts have not all come back after this long is answered `unavailable`
 /// and its slot freed: a part can be lost on its way back (this shard's mailbox was full).
 const PRESENCE_TIMEOUT_MS: u64 = 10_000;
+
+/// An API request's head and the input read after it, handed from the client-port session
+/// that read the head to the service connection that serves it.
+#[derive(Debug)]
+pub struct HttpHandover {
+    pub head: ApiHead,
+    pub rest: Vec<u8>,
+}
+
+/// The one HTTP exchange of a connection serving `POST /api/<op>`.
+#[derive(Debug)]
+struct HttpExchange {
+    op: Op,
+    body_len: usize,
+    /// The body read so far (at most `body_len`, which is at most `backend_frame_bytes_max`).
+    body: Vec<u8>,
+    /// How long a `subscribe` waits for messages.
+    wait_ms: u64,
+    /// The body is whole and the request was handed on.
+    dispatched: bool,
+    /// From when a waiting `subscribe` answers with what it has; for every request, from when
+    /// a missing answer is `unavailable` (shard milliseconds, set at dispatch).
+    deadline_ms: u64,
+    /// When the answer was queued; the connection lingers for the client's EOF after it.
+    answered_ms: Option<u64>,
+    /// The client's FIN was read.
+    peer_eof: bool,
+    write_shut: bool,
+}
 
 /// A service connection: its socket, its partial input, its outbox, and who it is.
 pub struct ServiceConn {
@@ -112,6 +181,8 @@ pub struct ServiceConn {
     /// The token of the next `presence` request: parts are matched by it, not by `req`.
     next_gather_token: u64,
     subscription: Option<Box<Stream>>,
+    /// `Some` for a connection serving one HTTP API request rather than the binary port.
+    http: Option<Box<HttpExchange>>,
 }
 
 enum ReadOutcome {
@@ -136,7 +207,62 @@ impl ServiceConn {
             gathers: Vec::new(),
             next_gather_token: 0,
             subscription: None,
+            http: None,
         }
+    }
+
+    /// A connection serving the API request of `handover` on `stream` (taken from the
+    /// client-port session that read its head): authenticated by its bearer token, its body
+    /// limited to `backend_frame_bytes_max`, then read and answered.
+    pub fn for_api(
+        stream: TcpStream,
+        slot: usize,
+        generation: u32,
+        handover: HttpHandover,
+        ctx: &mut Context,
+    ) -> ServiceConn {
+        let HttpHandover { head, rest } = handover;
+        let config = &ctx.node.config;
+        let wait_ms = head
+            .wait_ms
+            .map_or(config.api_wait_ms_max, |ms| ms.min(config.api_wait_ms_max));
+        let frame_bytes_max = config.backend_frame_bytes_max;
+        let mut conn = ServiceConn::new(stream, slot, generation, ctx);
+        conn.http = Some(Box::new(HttpExchange {
+            op: head.op,
+            body_len: head.body_len,
+            body: Vec::new(),
+            wait_ms,
+            dispatched: false,
+            deadline_ms: 0,
+            answered_ms: None,
+            peer_eof: false,
+            write_shut: false,
+        }));
+        let verified = match head.token.as_deref() {
+            Some(token) => verify_service(token, ctx),
+            None => Err("no Authorization: Bearer <service token> header".to_string()),
+        };
+        match verified {
+            Ok(uid) => conn.service = Some(uid),
+            Err(text) => {
+                conn.refuse(None, &text, ctx);
+                return conn;
+            }
+        }
+        if head.body_len > frame_bytes_max {
+            let text = format!(
+                "a body of {} bytes is over backend_frame_bytes_max ({frame_bytes_max})",
+                head.body_len
+            );
+            conn.reply(None, bus::error(ErrorCode::TooLarge, &text), ctx);
+            return conn;
+        }
+        if head.expect_continue && rest.len() < head.body_len {
+            conn.send(api::continue_100(), ctx);
+        }
+        conn.on_api_bytes(&rest, ctx);
+        conn
     }
 
     pub fn generation(&self) -> u32 {
@@ -155,6 +281,9 @@ impl ServiceConn {
     /// Reads what the socket has and handles every whole frame. Returns `true` if the
     /// connection is done.
     pub fn on_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
+        if self.http.is_some() {
+            return self.on_api_readable(rbuf, ctx);
+        }
         for _ in 0..READS_PER_TURN {
             if self.closing {
                 return false;
@@ -183,6 +312,81 @@ impl ServiceConn {
         false
     }
 
+    /// Reads an API request's body (and, once it is answered, drops whatever else comes until
+    /// the client's EOF). Returns `true` if the connection is done.
+    fn on_api_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
+        for _ in 0..READS_PER_TURN {
+            match read_some(&mut self.stream, rbuf) {
+                ReadOutcome::Data(n) => self.on_api_bytes(&rbuf[..n], ctx),
+                ReadOutcome::Blocked => return false,
+                ReadOutcome::Gone => return self.on_api_eof(),
+            }
+        }
+        ctx.read_again.push(self.token());
+        false
+    }
+
+    /// Bytes of an API request's body; the request is handed on when it is whole. Anything
+    /// after the body (or after the answer) is dropped: one request per connection.
+    fn on_api_bytes(&mut self, bytes: &[u8], ctx: &mut Context) {
+        let Some(exchange) = self.http.as_mut() else {
+            return;
+        };
+        if exchange.dispatched || self.closing {
+            return;
+        }
+        let take = (exchange.body_len - exchange.body.len()).min(bytes.len());
+        exchange.body.extend_from_slice(&bytes[..take]);
+        if exchange.body.len() == exchange.body_len {
+            self.dispatch_api(ctx);
+        }
+    }
+
+    /// The client's EOF. Returns `true` if the connection is done: its request was never
+    /// whole, or its answer is written. A client that shut its side after a whole request
+    /// still gets the answer.
+    fn on_api_eof(&mut self) -> bool {
+        let Some(exchange) = self.http.as_mut() else {
+            return true;
+        };
+        exchange.peer_eof = true;
+        if self.closing {
+            self.outbox.is_empty()
+        } else {
+            !exchange.dispatched
+        }
+    }
+
+    /// A whole API request: its body decoded as the op of its path into the one typed model,
+    /// then answered as the binary port answers that message.
+    fn dispatch_api(&mut self, ctx: &mut Context) {
+        let (Some(exchange), Some(service)) = (self.http.as_mut(), self.service) else {
+            return;
+        };
+        exchange.dispatched = true;
+        let op = exchange.op;
+        let wait_ms = if op == Op::Subscribe {
+            exchange.wait_ms
+        } else {
+            0
+        };
+        exchange.deadline_ms = ctx.now_ms.saturating_add(wait_ms);
+        let body = std::mem::take(&mut exchange.body);
+        // An empty body is an empty object: `subscribe` from now needs no field.
+        let text = match std::str::from_utf8(&body) {
+            Ok("") => "{}",
+            Ok(text) => text,
+            Err(_) => {
+                let error = bus::error(ErrorCode::BadRequest, "the body is not UTF-8");
+                return self.reply(None, error, ctx);
+            }
+        };
+        match json::decode_as(op, text) {
+            Ok(frame) => self.on_request(None, service, frame.message, ctx),
+            Err(e) => self.reply(None, bus::error(e.code(), &e.to_string()), ctx),
+        }
+    }
+
     fn on_frame(&mut self, bytes: &[u8], ctx: &mut Context) {
         let frame = match binary::decode(bytes) {
             Ok(frame) => frame,
@@ -201,6 +405,20 @@ impl ServiceConn {
                 }
             };
         };
+        self.on_request(req, service, frame.message, ctx);
+    }
+
+    /// One request of the authenticated `service`, whichever way it came (a frame of the
+    /// service port, or `POST /api/<op>`): posted to the owner of its subject, or answered
+    /// here. The reply comes back through [`ServiceConn::reply`], which frames it for the way
+    /// the request came.
+    fn on_request(
+        &mut self,
+        req: Option<u64>,
+        service: Uid,
+        message: Message<'_>,
+        ctx: &mut Context,
+    ) {
         let shards = ctx.shards();
         let me = self.session_ref(ctx);
         let received = std::time::Instant::now();
@@ -213,7 +431,7 @@ impl ServiceConn {
             service: true,
             received,
         };
-        match frame.message {
+        match message {
             Message::Ping => self.reply(req, Message::Pong, ctx),
             Message::Auth(_) => self.reply(
                 req,
@@ -227,6 +445,9 @@ impl ServiceConn {
                     cmid: m.send.cmid.into_owned(),
                     kind: m.send.kind.into_owned(),
                     body: m.send.body.into_owned(),
+                    profile: None,
+                    // Through the sender's owner, which adds the sender's profile.
+                    profile_pending: true,
                 }));
                 self.post_to_owner(req, request, ctx);
             }
@@ -260,7 +481,11 @@ impl ServiceConn {
                 users.dedup();
                 let mut parts: Vec<Vec<Uid>> = vec![Vec::new(); shards];
                 for uid in users {
-                    parts[owner_of(&uid, shards)].push(uid);
+                    // A user of another node's partition is not online here (a cluster asks
+                    // that node).
+                    if let Some(shard) = ctx.partitions().shard_of(&uid) {
+                        parts[shard].push(uid);
+                    }
                 }
                 let asked = parts.iter().filter(|p| !p.is_empty()).count();
                 let token = self.next_gather_token;
@@ -317,6 +542,22 @@ impl ServiceConn {
             Message::ConvInfo(conv) => {
                 self.post_group(origin(service), GroupOp::Info { conv }, ctx);
             }
+            Message::SetProfile(of) => {
+                let op = ProfileOp::Set(of);
+                let request = BusMsg::Profile(Box::new(ProfileRequest {
+                    origin: origin(service),
+                    op,
+                }));
+                self.post_to_owner(req, request, ctx);
+            }
+            Message::GetProfile(subject) => {
+                let op = ProfileOp::Get(subject);
+                let request = BusMsg::Profile(Box::new(ProfileRequest {
+                    origin: origin(service),
+                    op,
+                }));
+                self.post_to_owner(req, request, ctx);
+            }
             Message::AgentStats(stats) => {
                 let request = BusMsg::AgentStats {
                     origin: Box::new(origin(service)),
@@ -338,30 +579,44 @@ impl ServiceConn {
             return self.reply(req, error, ctx);
         }
         let shards = ctx.shards();
+        let partitions = ctx.partitions().count();
         let positions = if from.is_empty() {
-            vec![STREAM_NOW; shards]
+            vec![STREAM_NOW; partitions]
         } else {
-            match stream_position::decode(&ctx.node.jwt_secret, shards, from) {
-                Ok(positions) => positions,
+            match stream_position::decode(&ctx.node.jwt_secret, partitions, from) {
+                Ok(named) => {
+                    let mut positions = vec![0; partitions];
+                    for (p, pos) in named {
+                        positions[usize::from(p)] = pos;
+                    }
+                    positions
+                }
                 Err(text) => return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx),
             }
         };
-        let me = self.session_ref(ctx);
-        for (shard, &from) in positions.iter().enumerate() {
-            ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
-        }
-        self.subscription = Some(Box::new(Stream {
+        let mut stream = Box::new(Stream {
             req,
             positions,
-            in_flight: vec![true; shards],
+            in_flight: vec![false; shards],
             more: vec![false; shards],
             started: false,
-        }));
+        });
+        let me = self.session_ref(ctx);
+        for shard in 0..shards {
+            stream.read(shard, me, ctx);
+        }
+        self.subscription = Some(stream);
     }
 
     /// One shard's next messages for the stream: sent on as a `stream_batch` with the position
     /// after them, and the next reads asked for while the service keeps up.
     pub fn on_stream_part(&mut self, part: StreamPart, ctx: &mut Context) {
+        // A long poll (the HTTP form) answers with the first messages, or, once its wait is
+        // over, with none; the binary port's first batch goes out at once even when empty.
+        let waits = self
+            .http
+            .as_ref()
+            .is_some_and(|exchange| ctx.now_ms < exchange.deadline_ms);
         let Some(stream) = self.subscription.as_mut() else {
             return;
         };
@@ -380,22 +635,75 @@ impl ServiceConn {
         };
         // A read that moved on found something (perhaps only records the stream leaves
         // out, such as device registrations): there may be more behind it.
-        stream.more[shard] = found.next != stream.positions[shard];
-        stream.positions[shard] = found.next;
+        let mut moved = false;
+        for (p, pos) in found.next {
+            if let Some(at) = stream.positions.get_mut(usize::from(p)) {
+                moved |= *at != pos;
+                *at = pos;
+            }
+        }
+        stream.more[shard] = moved;
         let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
         if first_round_done {
             stream.started = true;
         }
-        if !found.msgs.is_empty() || !found.events.is_empty() || first_round_done {
-            let position = stream_position::encode(&ctx.node.jwt_secret, &stream.positions);
-            let batch = Message::StreamBatch(StreamBatch {
-                position: position.into(),
-                msgs: found.msgs,
-                events: found.events,
-            });
-            self.reply(req, batch, ctx);
+        if !found.msgs.is_empty() || !found.events.is_empty() || (first_round_done && !waits) {
+            self.send_batch(found.msgs, found.events, ctx);
         }
         self.pump_stream(false, ctx);
+    }
+
+    /// A `stream_batch` of `msgs` and `events` with the position after them (every shard's
+    /// next read).
+    fn send_batch(
+        &mut self,
+        msgs: Vec<Msg<'static>>,
+        events: Vec<chinwag_protocol::StreamEvent>,
+        ctx: &mut Context,
+    ) {
+        let Some(stream) = self.subscription.as_ref() else {
+            return;
+        };
+        let req = stream.req;
+        let position = stream.position(ctx);
+        let batch = Message::StreamBatch(StreamBatch {
+            position: position.into(),
+            msgs,
+            events,
+        });
+        self.reply(req, batch, ctx);
+    }
+
+    /// A sweep tick: streams look for new messages again; an API request whose wait is over
+    /// is answered (a long-polling `subscribe` with an empty batch and its position), and one
+    /// that got no answer `handshake_timeout_ms` after that is answered `unavailable`.
+    pub fn on_tick(&mut self, ctx: &mut Context) {
+        self.pump_stream(true, ctx);
+        let Some(exchange) = self.http.as_ref() else {
+            return;
+        };
+        if !exchange.dispatched || self.closing || ctx.now_ms < exchange.deadline_ms {
+            return;
+        }
+        let give_up_ms = exchange
+            .deadline_ms
+            .saturating_add(ctx.node.config.handshake_timeout_ms);
+        if self.subscription.as_ref().is_some_and(|s| s.started) {
+            self.send_batch(Vec::new(), Vec::new(), ctx);
+        } else if ctx.now_ms >= give_up_ms {
+            let error = bus::error(ErrorCode::Unavailable, "no answer in time; retry");
+            self.reply(None, error, ctx);
+        }
+    }
+
+    /// The node is draining: an API request still waiting is answered `unavailable`, then
+    /// what is queued is written (the shard closes every service connection after this).
+    pub fn on_drain(&mut self, ctx: &mut Context) {
+        if self.http.is_some() && !self.closing {
+            let error = bus::error(ErrorCode::Unavailable, "the node is draining");
+            self.reply(None, error, ctx);
+        }
+        self.flush();
     }
 
     /// Asks each shard with no read in flight for its next messages: those that just found
@@ -411,11 +719,9 @@ impl ServiceConn {
         if !stream.started || backlog || self.closing {
             return;
         }
-        for shard in 0..stream.positions.len() {
+        for shard in 0..stream.in_flight.len() {
             if !stream.in_flight[shard] && (poll || stream.more[shard]) {
-                stream.in_flight[shard] = true;
-                let from = stream.positions[shard];
-                ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+                stream.read(shard, me, ctx);
             }
         }
     }
@@ -423,21 +729,16 @@ impl ServiceConn {
     /// `auth`: a valid token of kind `service` authenticates the connection; anything else
     /// closes it.
     fn auth(&mut self, req: Option<u64>, token: &str, ctx: &mut Context) {
-        let now_s = ctx.unix_ms / 1000;
-        match token::verify(&ctx.node.jwt_secret, token, now_s) {
-            Ok(claims) if claims.uid.kind == UidKind::Service => {
-                self.service = Some(claims.uid);
+        match verify_service(token, ctx) {
+            Ok(uid) => {
+                self.service = Some(uid);
                 let ok = Message::AuthOk(AuthOk {
-                    uid: claims.uid,
+                    uid,
                     ts: ctx.unix_ms,
                 });
                 self.reply(req, ok, ctx);
             }
-            Ok(claims) => {
-                let text = format!("{} is not a service token", claims.uid);
-                self.refuse(req, &text, ctx)
-            }
-            Err(e) => self.refuse(req, &e.to_string(), ctx),
+            Err(text) => self.refuse(req, &text, ctx),
         }
     }
 
@@ -451,13 +752,12 @@ impl ServiceConn {
     /// Posts a request to the owner of its subject; a conversation id naming a shard this
     /// node does not have is answered `not_found` here.
     fn post_to_owner(&mut self, req: Option<u64>, request: BusMsg, ctx: &mut Context) {
-        match request.owner(ctx.shards()) {
-            Some(owner) if owner < ctx.shards() => ctx.post.to(owner, request),
-            _ => self.reply(
+        if ctx.post_to_owner(request).is_err() {
+            self.reply(
                 req,
                 bus::error(ErrorCode::NotFound, "no such conversation"),
                 ctx,
-            ),
+            )
         }
     }
 
@@ -510,6 +810,18 @@ impl ServiceConn {
     }
 
     fn reply(&mut self, req: Option<u64>, message: Message<'_>, ctx: &mut Context) {
+        if let Some(exchange) = self.http.as_mut() {
+            // One answer per HTTP request: the first reply is it, the rest (a stream's later
+            // parts) are dropped.
+            if self.closing {
+                return;
+            }
+            exchange.answered_ms = Some(ctx.now_ms);
+            self.send(api::response(message), ctx);
+            self.closing = true;
+            self.mark_dirty(ctx);
+            return;
+        }
         match binary::encode_to_bytes(&Frame { req, message }) {
             Ok(bytes) => self.send(bytes, ctx),
             Err(_) => {
@@ -535,9 +847,22 @@ impl ServiceConn {
             Some(_) => 2,
             None => return,
         };
-        if ws_message.len() > header_len {
-            self.send(ws_message.slice(header_len..), ctx);
+        if ws_message.len() <= header_len {
+            return;
         }
+        let payload = ws_message.slice(header_len..);
+        if self.http.is_some() {
+            // The owner encoded the reply for the binary port; the HTTP answer is its JSON.
+            match binary::decode(&payload) {
+                Ok(frame) => self.reply(frame.req, frame.message, ctx),
+                Err(_) => {
+                    let error = bus::error(ErrorCode::Internal, "a reply did not decode");
+                    self.reply(None, error, ctx);
+                }
+            }
+            return;
+        }
+        self.send(payload, ctx);
     }
 
     /// Queues bytes for the service. Over `send_queue_bytes_max` the queue is dropped and the
@@ -588,16 +913,54 @@ impl ServiceConn {
                 return false;
             }
         }
-        if self.closing {
-            // Our last answer is out: a FIN after it, so the service reads it before the end.
-            let _ = self.stream.shutdown(Shutdown::Write);
+        if !self.closing {
+            return false;
         }
-        self.closing
+        match self.http.as_mut() {
+            // Our last answer is out: a FIN after it, so the service reads it before the end.
+            None => {
+                let _ = self.stream.shutdown(Shutdown::Write);
+                true
+            }
+            // An HTTP client may still be sending (a body we did not read): closing now could
+            // reset the connection and destroy the answer in flight. Linger until its EOF.
+            Some(exchange) => {
+                if !exchange.write_shut {
+                    exchange.write_shut = true;
+                    let _ = self.stream.shutdown(Shutdown::Write);
+                }
+                exchange.peer_eof
+            }
+        }
     }
 
-    /// Whether the connection has not authenticated within `timeout_ms` of its accept.
-    pub fn auth_timed_out(&self, now_ms: u64, timeout_ms: u64) -> bool {
-        self.service.is_none() && now_ms >= self.accepted_ms.saturating_add(timeout_ms)
+    /// Whether the connection is over its time: on the binary port, not authenticated within
+    /// `handshake_timeout_ms` of its accept; an API request, its body not read within
+    /// `handshake_timeout_ms` of its head, or answered `close_timeout_ms` ago without the
+    /// client closing.
+    pub fn timed_out(&self, now_ms: u64, config: &Config) -> bool {
+        let handshake_over = now_ms >= self.accepted_ms.saturating_add(config.handshake_timeout_ms);
+        match self.http.as_ref() {
+            None => self.service.is_none() && handshake_over,
+            Some(exchange) => match exchange.answered_ms {
+                Some(at) => now_ms >= at.saturating_add(config.close_timeout_ms),
+                None => !exchange.dispatched && handshake_over,
+            },
+        }
+    }
+
+    /// Whether this connection serves an HTTP API request.
+    pub fn is_api(&self) -> bool {
+        self.http.is_some()
+    }
+}
+
+/// The service a token names, if it is a valid token of kind `service`; else why not.
+fn verify_service(token: &str, ctx: &Context) -> Result<Uid, String> {
+    match token::verify(&ctx.node.jwt_secret, token, ctx.unix_ms / 1000) {
+        Ok(claims) if claims.uid.kind == UidKind::Service => Ok(claims.uid),
+        Ok(claims) => Err(format!("{} is not a service token", claims.uid)),
+        Err(e) => Err(e.to_string()),
     }
 }
 

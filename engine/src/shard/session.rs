@@ -12,13 +12,16 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 
 use bytes::Bytes;
+use chinwag_protocol::ErrorCode;
 use mio::net::TcpStream;
 use mio::Token;
 
 use super::app::{App, Link};
 use super::context::Context;
 use super::outbox::{self, Outbox};
+use super::service::HttpHandover;
 use crate::bus::SessionRef;
+use crate::net::api;
 use crate::net::http::{self, Endpoint};
 use crate::net::web;
 use crate::net::ws::connection::{CloseReason, Connection, Event, Timer};
@@ -132,9 +135,15 @@ impl Session {
         result
     }
 
+    /// The socket, for a service connection to take over (an API request, handed over).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// Reads what the socket has and handles every whole frame in it. `peer_closed` says the
     /// event also reported the peer's FIN, which a short read would otherwise leave unseen.
-    /// Returns `true` if the connection is done.
+    /// Returns `true` if the connection is done: closed, or (with `ctx.handover` set) an API
+    /// request whose socket the shard hands to a service connection.
     pub fn on_readable(&mut self, rbuf: &mut [u8], peer_closed: bool, ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
             if self.conn.lingers() || self.conn.is_done() {
@@ -152,6 +161,9 @@ impl Session {
                 self.on_read(n, ctx);
                 let data = &mut rbuf[..carried + n];
                 let consumed = self.on_bytes(data, ctx);
+                if ctx.handover.is_some() {
+                    return true;
+                }
                 let rest = &data[consumed..];
                 if rest.is_empty() || !self.conn.reads_input() {
                     self.inbound = Vec::new();
@@ -179,6 +191,9 @@ impl Session {
                 buf.truncate(carried + n);
                 self.on_read(n, ctx);
                 let consumed = self.on_bytes(&mut buf, ctx);
+                if ctx.handover.is_some() {
+                    return true;
+                }
                 if consumed < buf.len() && self.conn.reads_input() {
                     buf.drain(..consumed);
                     self.inbound = buf;
@@ -247,7 +262,11 @@ impl Session {
                 metrics::add(&ctx.metrics().frames_in, 1);
             }
             match event {
-                Event::Request(request) => self.on_request(request, ctx),
+                Event::Request(request) => {
+                    if self.on_request(request, &data[pos..], ctx) {
+                        return data.len();
+                    }
+                }
                 Event::Frame => {}
                 Event::Message(opcode, payload) => self.on_message(opcode, &payload, ctx),
                 Event::RateLimited(opcode, payload) => {
@@ -271,8 +290,10 @@ impl Session {
         }
     }
 
-    /// Answers an HTTP request; an upgrade makes the connection a WebSocket.
-    fn on_request(&mut self, request: http::Request, ctx: &mut Context) {
+    /// Answers an HTTP request; an upgrade makes the connection a WebSocket. Returns `true`
+    /// if the request is an API request to hand over (with `rest`, the input after its head,
+    /// in `ctx.handover`).
+    fn on_request(&mut self, request: http::Request, rest: &[u8], ctx: &mut Context) -> bool {
         // Only the parser's own answers can say the request was malformed (a 400 from
         // /dev/token is about a well-formed request's query).
         let from_parser = matches!(request, http::Request::Respond(_));
@@ -283,12 +304,12 @@ impl Session {
                 let answer = wechat_callback(&callback, ctx);
                 self.queue(answer, ctx);
                 self.conn.answered(false, ctx.now_ms);
-                return;
+                return false;
             }
             http::Request::Upgrade { endpoint, key } => {
                 self.queue(http::switching_protocols(&key), ctx);
                 self.conn.upgrade(endpoint, ctx.now_ms);
-                return;
+                return false;
             }
             http::Request::Healthz { head } => {
                 let answer = if ctx.is_draining() {
@@ -314,12 +335,21 @@ impl Session {
                 &ctx.node.jwt_secret,
                 ctx.unix_ms / 1000,
             ),
+            http::Request::Api(head) => match api_refusal(ctx) {
+                Some(answer) => answer,
+                None => {
+                    let rest = rest.to_vec();
+                    ctx.handover = Some(Box::new(HttpHandover { head: *head, rest }));
+                    return true;
+                }
+            },
             http::Request::Respond(answer) => answer,
         };
         let malformed = from_parser
             && (answer.starts_with(b"HTTP/1.1 400") || answer.starts_with(b"HTTP/1.1 431"));
         self.queue(answer, ctx);
         self.conn.answered(malformed, ctx.now_ms);
+        false
     }
 
     /// A whole message within the rate limit (text already checked to be UTF-8).
@@ -484,6 +514,19 @@ impl Link for Session {
     }
 }
 
+/// The answer that refuses an API request here rather than handing it over: the node is
+/// draining, or the shard serves `api_requests_per_shard_max` already.
+fn api_refusal(ctx: &Context) -> Option<Bytes> {
+    let text = if ctx.is_draining() {
+        "the node is draining"
+    } else if ctx.api_requests_open >= ctx.node.config.api_requests_per_shard_max {
+        "too many API requests on this shard at once; retry"
+    } else {
+        return None;
+    };
+    Some(api::error_response(ErrorCode::Unavailable, text))
+}
+
 /// Answers a WeChat callback through the channel's endpoint; a customer's message goes to its
 /// shop's owner to be stored and dispatched. The answer does not wait for the store: WeChat
 /// wants one within 5 s, and a retried push is stored once by its cmid.
@@ -501,9 +544,11 @@ fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::
             &callback.body,
         );
         if let Some(inbound) = inbound {
-            let shard = crate::bus::owner_of(&chinwag_protocol::ShopId(inbound.shop), ctx.shards());
-            ctx.post
-                .to(shard, crate::bus::BusMsg::WechatInbound(Box::new(inbound)));
+            let msg = crate::bus::BusMsg::WechatInbound(Box::new(inbound));
+            if ctx.post_to_owner(msg).is_err() {
+                // Only in a cluster: the shop's partition is another node's.
+                tracing::warn!("wechat message dropped: the shop's partition is not served here");
+            }
         }
         answer
     };

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
 
+use super::segment::Preparer;
+
 /// When an appended record counts as durable, and so when its acknowledgement may go out.
 ///
 /// What each policy survives is documented in `docs/storage.md` ("Durability").
@@ -37,13 +39,17 @@ impl FromStr for FsyncPolicy {
 /// Default segment size: large enough that switching segments is rare, small enough that
 /// retention frees space in useful steps.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
-/// Default size of the idempotency window, in cmids per log: sized for a small deployment
-/// (an 8 MiB table per shard); `docs/operations.md` ("Sizing") says when to raise it.
-pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 250_000;
+/// Default size of the node's idempotency window, in cmids, shared evenly by the partitions'
+/// logs: sized for a small deployment (32 MiB of tables and 24 MB of entries once every
+/// partition's share is used); `docs/operations.md` ("Sizing") says when to raise it.
+pub const CMID_WINDOW_ENTRIES_DEFAULT: usize = 1_000_000;
 /// Segments are addressed by a 32-bit offset inside a 64-bit position.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
 /// A segment must hold its header and at least one record of every maximum size.
 pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// Default size of a log's first segment: each next one is twice as large, up to
+/// `segment_bytes`, so a log with little in it costs little disk (and page cache).
+pub const SEGMENT_BYTES_FIRST_DEFAULT: u64 = 128 << 10;
 /// The record format stores the cmid and kind lengths in one byte each.
 pub const SHORT_FIELD_BYTES_LIMIT: usize = 255;
 
@@ -52,13 +58,18 @@ pub const SHORT_FIELD_BYTES_LIMIT: usize = 255;
 const _: () = assert!(CMID_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 const _: () = assert!(KIND_LEN_MAX <= SHORT_FIELD_BYTES_LIMIT);
 
-/// Configuration of one log (one per shard).
+/// Configuration of one log (one per partition).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The directory that holds this log's segments and snapshots (created if absent).
     pub dir: PathBuf,
-    /// Size of each preallocated segment file.
+    /// Size of the largest preallocated segment file.
     pub segment_bytes: u64,
+    /// Size of the first segment file; each next one doubles, up to `segment_bytes` (and
+    /// never below what the largest record needs).
+    pub segment_bytes_first: u64,
+    /// Who creates the next segment off the append path (shared by the logs of a shard).
+    pub preparer: Preparer,
     /// Durability policy (see [`FsyncPolicy`]).
     pub fsync: FsyncPolicy,
     /// With [`FsyncPolicy::Interval`], the longest time between two flushes.
@@ -76,9 +87,9 @@ pub struct StoreConfig {
     /// The idempotency window keeps every cmid younger than this ...
     pub cmid_window_age_ms: u64,
     /// ... unless the log holds more than this many; then the oldest go first. Memory: a hash
-    /// table of 32 bytes per entry (load 1/2, rounded up to a power of two), resident after the
-    /// first few thousand cmids because keys land anywhere in it, plus 24 bytes per entry held:
-    /// 8 MiB + 6 MB per shard at the default.
+    /// table of 32 bytes per entry (load 1/2, rounded up to a power of two), resident once a
+    /// few cmids per page landed in it, plus 24 bytes per entry held. (The node gives each
+    /// partition's log an even share of its window.)
     pub cmid_window_entries_max: usize,
     /// Retention deletes sealed segments whose newest message is older than this.
     pub retention_age_ms: Option<u64>,
@@ -97,6 +108,8 @@ impl StoreConfig {
         StoreConfig {
             dir: dir.into(),
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            segment_bytes_first: SEGMENT_BYTES_FIRST_DEFAULT,
+            preparer: Preparer::new(),
             fsync: FsyncPolicy::Never,
             fsync_interval_ms: 100,
             body_bytes_max: 64 << 10,
@@ -119,6 +132,20 @@ impl StoreConfig {
         let largest = super::record::message_len(CMID_LEN_MAX, KIND_LEN_MAX, self.body_bytes_max);
         let largest_group = super::record::conv_len(self.members_max);
         ((largest.max(largest_group) + super::segment::HEADER_BYTES) as u64).max(SEGMENT_BYTES_MIN)
+    }
+
+    /// The size of segment `id` (ids start at 1): the first segment's size, doubled for each
+    /// segment before it, at most `segment_bytes`; at least what the largest record needs,
+    /// rounded up to whole pages.
+    pub fn segment_bytes_for(&self, id: u64) -> u64 {
+        let first = self
+            .segment_bytes_first
+            .max(self.segment_bytes_needed())
+            .next_multiple_of(4096);
+        let doublings = id.saturating_sub(1).min(32) as u32;
+        first
+            .saturating_mul(1u64 << doublings)
+            .min(self.segment_bytes)
     }
 
     /// Checks the relations between the limits.

@@ -53,6 +53,11 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// The partition is not served by this shard (or this node): its log is not here.
+    NotHere {
+        /// The partition.
+        partition: u32,
+    },
     /// A flush to disk failed earlier; the store can no longer promise durability and refuses
     /// further writes until it is reopened.
     Poisoned,
@@ -63,7 +68,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Io { .. } | StoreError::DiskFull { .. } | StoreError::Poisoned
+            StoreError::Io { .. }
+                | StoreError::DiskFull { .. }
+                | StoreError::Poisoned
+                | StoreError::NotHere { .. }
         )
     }
 
@@ -105,6 +113,9 @@ impl fmt::Display for StoreError {
                 position >> 32,
                 position & 0xffff_ffff
             ),
+            StoreError::NotHere { partition } => {
+                write!(f, "partition {partition} is not served here")
+            }
             StoreError::Poisoned => f.write_str("an earlier flush failed; the log is read-only"),
         }
     }

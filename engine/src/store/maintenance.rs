@@ -99,16 +99,27 @@ impl Store {
         Ok((records, bytes))
     }
 
+    /// The position of the newest snapshot (`Some(tail)`: nothing new since).
+    pub fn snapshot_position(&self) -> Option<Position> {
+        self.snapshot
+    }
+
+    /// Whether something appended is not flushed to disk yet.
+    pub fn needs_flush(&self) -> bool {
+        self.synced != self.tail()
+    }
+
     /// Gauges for metrics.
     pub fn stats(&self) -> StoreStats {
+        let prepared = self.config.preparer.bytes(&self.config.dir);
         StoreStats {
-            segments: self.segments.len() + usize::from(self.preparer.bytes() > 0),
+            segments: self.segments.len() + usize::from(prepared > 0),
             segment_bytes: self
                 .segments
                 .iter()
                 .map(|s| s.capacity() as u64)
                 .sum::<u64>()
-                + self.preparer.bytes(),
+                + prepared,
             conversations: self.state.convs.len(),
             devices: self.state.devices.len(),
             cmid_entries: self.state.cmids.order.len(),

@@ -1,7 +1,7 @@
 //! The conversation log: every message and every piece of state chinwag keeps.
 //!
-//! A [`Store`] owns one append-only log (one per shard) in preallocated, memory-mapped segment
-//! files, and the in-memory state that replaying it rebuilds: conversations with their seq
+//! A [`Store`] owns one append-only log (one per partition) in preallocated, memory-mapped
+//! segment files that start small and double up to `segment_bytes`, and the in-memory state that replaying it rebuilds: conversations with their seq
 //! allocator and read index, devices, members, read cursors and the cmid windows that make
 //! sends idempotent. Its contract:
 //!
@@ -50,7 +50,10 @@ use std::time::Instant;
 
 use chinwag_protocol::{ConvId, DeviceId, Seq, Uid};
 
-pub use config::{FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT};
+pub use config::{
+    FsyncPolicy, StoreConfig, CMID_WINDOW_ENTRIES_DEFAULT, SEGMENT_BYTES_FIRST_DEFAULT,
+    SEGMENT_BYTES_MIN,
+};
 
 /// The smallest log segment that holds the largest record when messages may be
 /// `message_bytes_max` bytes (see [`StoreConfig::segment_bytes_needed`]).
@@ -61,11 +64,12 @@ pub fn largest_record_bytes(message_bytes_max: usize) -> u64 {
 }
 pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
-pub use reads::ScanError;
+pub use reads::{agent_stats_of_nothing, ScanError, STREAM_EVENT_BYTES};
 pub use record::{ConvKind, MessageRef};
-pub use state::Conversation;
+pub use state::{Conversation, StoredProfile};
 
-use segment::{Preparer, Segment};
+pub use segment::Preparer;
+use segment::Segment;
 use state::State;
 
 /// A message to append.
@@ -146,7 +150,7 @@ pub struct Retained {
 /// Gauges of one log, for the gateway's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Segment files: the live ones (the active one included) and the one prepared next.
+    /// Segment files: the live ones (the active one included) and any prepared next.
     pub segments: usize,
     /// Bytes of those files on disk (preallocated).
     pub segment_bytes: u64,
@@ -162,12 +166,13 @@ pub struct StoreStats {
     pub snapshot: Option<Position>,
 }
 
-/// One shard's conversation log and state. See the module docs for its contract.
+/// One partition's conversation log and state. See the module docs for its contract.
 pub struct Store {
     config: StoreConfig,
     /// Live segments in log order; the last one is where appends go.
     segments: VecDeque<Segment>,
-    preparer: Preparer,
+    /// The next segment was asked of the preparer (the active one is half full).
+    next_asked: bool,
     state: State,
     /// Everything before this position has been flushed to disk.
     synced: Position,
@@ -196,11 +201,11 @@ impl Store {
 impl Drop for Store {
     fn drop(&mut self) {
         // Do not leave a thread creating files in a directory its owner may be removing.
-        self.preparer.abandon();
+        self.config.preparer.abandon(&self.config.dir);
     }
 }
 
-// The gateway moves each shard's store into the shard's thread.
+// The gateway moves each partition's store into the thread of the shard that owns it.
 const _: fn() = || {
     fn assert_send<T: Send>() {}
     assert_send::<Store>();

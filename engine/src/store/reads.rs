@@ -249,7 +249,10 @@ impl Store {
                     };
                     let mut found: SmallVec<[StreamEvent; 2]> = SmallVec::new();
                     match &record {
-                        record::Record::Message(_) | record::Record::Device { .. } => {}
+                        // Profiles are not in the stream (a service sets them; it knows them).
+                        record::Record::Message(_)
+                        | record::Record::Device { .. }
+                        | record::Record::Profile { .. } => {}
                         record::Record::Conv { conv, members, .. } => {
                             found.extend(members.iter().map(|&uid| StreamEvent {
                                 conv: *conv,
@@ -368,6 +371,12 @@ impl Store {
             .map_or(&[], |c| c.as_slice())
     }
 
+    /// The newest profile of `subject` in this log (a user's own, or the copy this log keeps
+    /// of a user who wrote in one of its conversations).
+    pub fn profile(&self, subject: chinwag_protocol::Subject) -> Option<&state::StoredProfile> {
+        self.state.profile(subject)
+    }
+
     /// The device id registered for this user and device type.
     pub fn device(&self, uid: Uid, device_type: DeviceType) -> Option<DeviceId> {
         self.state.devices.get(&(uid, device_type)).copied()
@@ -382,4 +391,10 @@ impl Store {
     pub fn conv_max(&self) -> Option<ConvId> {
         self.state.conv_max
     }
+}
+
+/// The figures of a shop whose partition has no log yet: nothing, over the window as
+/// [`Store::agent_stats`] would give it.
+pub fn agent_stats_of_nothing(shop: ShopId, from_ms: u64, to_ms: u64) -> AgentStatsOk {
+    super::state::reception::Reception::default().report(shop, from_ms, to_ms)
 }

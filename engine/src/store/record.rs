@@ -7,7 +7,7 @@
 //!  0  u32  len    bytes of the record without padding, header included; written LAST
 //!  4  u32  crc    CRC32C of len's 4 bytes followed by bytes 8..len
 //!  8  u8   type   1 message, 2 device, 3 conversation, 4 member (40 bytes with its time;
-//!                  32 without, as first written), 5 cursor
+//!                  32 without, as first written), 5 cursor, 6 profile
 //!  9  [7]  small fields of the type
 //! 16  ...  payload of the type
 //! ```
@@ -18,7 +18,7 @@
 
 use std::sync::atomic::{compiler_fence, Ordering};
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, Uid, UidKind};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Subject, Uid, UidKind};
 use smallvec::SmallVec;
 
 use super::error::Position;
@@ -37,6 +37,7 @@ const TYPE_DEVICE: u8 = 2;
 const TYPE_CONV: u8 = 3;
 const TYPE_MEMBER: u8 = 4;
 const TYPE_CURSOR: u8 = 5;
+const TYPE_PROFILE: u8 = 6;
 
 const DEVICE_BYTES: usize = 32;
 const CONV_FIXED_BYTES: usize = 32;
@@ -45,6 +46,12 @@ const CONV_FIXED_BYTES: usize = 32;
 const MEMBER_RECORD_BYTES: usize = 40;
 const MEMBER_RECORD_V1_BYTES: usize = 32;
 const CURSOR_BYTES: usize = 40;
+/// Bytes of a profile record before its name and avatar.
+pub const PROFILE_FIXED_BYTES: usize = 32;
+
+// A profile record's name length is one byte and its avatar length two.
+const _: () = assert!(chinwag_protocol::limits::PROFILE_NAME_LEN_MAX <= u8::MAX as usize);
+const _: () = assert!(chinwag_protocol::limits::PROFILE_AVATAR_LEN_MAX <= u16::MAX as usize);
 
 /// What kind of conversation this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,6 +136,15 @@ pub enum Record<'a> {
     },
     /// A read cursor moved.
     Cursor { conv: ConvId, uid: Uid, seq: Seq },
+    /// A profile was set: a user's (on its owner shard, or a copy on the owner of a
+    /// conversation it wrote in), a conversation's or a shop's. `version` orders the versions
+    /// of one subject (a newer one replaces an older; never the other way).
+    Profile {
+        subject: Subject,
+        version: u64,
+        name: &'a str,
+        avatar: &'a str,
+    },
 }
 
 /// Padded size of a record of `len` bytes.
@@ -154,6 +170,7 @@ pub fn encoded_len(record: &Record<'_>) -> usize {
         Record::Conv { members, .. } => conv_len(members.len()),
         Record::Member { .. } => MEMBER_RECORD_BYTES,
         Record::Cursor { .. } => CURSOR_BYTES,
+        Record::Profile { name, avatar, .. } => PROFILE_FIXED_BYTES + name.len() + avatar.len(),
     }
 }
 
@@ -226,6 +243,27 @@ pub fn encode(dst: &mut [u8], record: &Record<'_>) -> usize {
             small[0] = uid.kind as u8;
             put_u64s(&mut dst[16..40], &[conv.0, uid.id, seq.0]);
         }
+        Record::Profile {
+            subject,
+            version,
+            name,
+            avatar,
+        } => {
+            assert!(name.len() <= usize::from(u8::MAX) && avatar.len() <= usize::from(u16::MAX));
+            let (code, uid_kind, id) = match *subject {
+                Subject::User(uid) => (SUBJECT_USER, uid.kind as u8, uid.id),
+                Subject::Conv(conv) => (SUBJECT_CONV, 0, conv.0),
+                Subject::Shop(shop) => (SUBJECT_SHOP, 0, shop.0),
+            };
+            small[0] = code;
+            small[1] = uid_kind;
+            small[2] = name.len() as u8;
+            small[3..5].copy_from_slice(&(avatar.len() as u16).to_le_bytes());
+            put_u64s(&mut dst[16..32], &[id, *version]);
+            let name_end = PROFILE_FIXED_BYTES + name.len();
+            dst[PROFILE_FIXED_BYTES..name_end].copy_from_slice(name.as_bytes());
+            dst[name_end..len].copy_from_slice(avatar.as_bytes());
+        }
     }
     dst[8] = type_code(record);
     dst[9..16].copy_from_slice(&small);
@@ -247,8 +285,13 @@ fn type_code(record: &Record<'_>) -> u8 {
         Record::Conv { .. } => TYPE_CONV,
         Record::Member { .. } => TYPE_MEMBER,
         Record::Cursor { .. } => TYPE_CURSOR,
+        Record::Profile { .. } => TYPE_PROFILE,
     }
 }
+
+const SUBJECT_USER: u8 = 0;
+const SUBJECT_CONV: u8 = 1;
+const SUBJECT_SHOP: u8 = 2;
 
 fn checksum(len: u32, rest: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&len.to_le_bytes()), rest)
@@ -395,6 +438,28 @@ fn parse(b: &[u8]) -> Result<Record<'_>, &'static str> {
                 seq: Seq(u64_at(b, 32)),
             })
         }
+        TYPE_PROFILE => {
+            let name_len = usize::from(b[11]);
+            let avatar_len = usize::from(u16::from_le_bytes([b[12], b[13]]));
+            if len != PROFILE_FIXED_BYTES + name_len + avatar_len {
+                return Err("profile length does not match its fields");
+            }
+            let id = u64_at(b, 16);
+            let subject = match b[9] {
+                SUBJECT_USER => Subject::User(uid(b[10], id)?),
+                SUBJECT_CONV => Subject::Conv(ConvId(id)),
+                SUBJECT_SHOP => Subject::Shop(ShopId(id)),
+                _ => return Err("bad profile subject"),
+            };
+            let name_end = PROFILE_FIXED_BYTES + name_len;
+            let text = |bytes| std::str::from_utf8(bytes).map_err(|_| "profile is not UTF-8");
+            Ok(Record::Profile {
+                subject,
+                version: u64_at(b, 24),
+                name: text(&b[PROFILE_FIXED_BYTES..name_end])?,
+                avatar: text(&b[name_end..])?,
+            })
+        }
         _ => Err("unknown record type"),
     }
 }
@@ -442,6 +507,24 @@ mod tests {
                 conv: ConvId(8),
                 uid: Uid::new(UidKind::Agent, 3),
                 seq: Seq(12),
+            },
+            Record::Profile {
+                subject: Subject::User(Uid::new(UidKind::Agent, 3)),
+                version: 1_700_000_000_001,
+                name: "Ann 😀",
+                avatar: "https://a.example/3.png",
+            },
+            Record::Profile {
+                subject: Subject::Conv(ConvId(8)),
+                version: 2,
+                name: "",
+                avatar: "",
+            },
+            Record::Profile {
+                subject: Subject::Shop(ShopId(5)),
+                version: 3,
+                name: "Shop five",
+                avatar: "",
             },
         ]
     }

@@ -2,10 +2,11 @@
 
 use std::collections::VecDeque;
 use std::fs;
+use std::path::Path;
 use std::time::Instant;
 
 use super::record::{self, Record};
-use super::segment::{self, Preparer, Segment};
+use super::segment::{self, Segment};
 use super::state::{Limits, State};
 use super::{os, snapshot, Position, RecoveryReport, Store, StoreConfig, StoreError};
 
@@ -15,7 +16,20 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<(Store, RecoveryReport), StoreError> {
         config.validate().map_err(StoreError::Config)?;
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create log directory", &dir, e))?;
+        if !dir.is_dir() {
+            // The new directory's entry (and its parent's, if that is new too) must be as
+            // durable as what is written in it.
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent_is_new = parent.is_some_and(|p| !p.is_dir());
+            fs::create_dir_all(&dir)
+                .map_err(|e| StoreError::io("create log directory", &dir, e))?;
+            let grandparent = parent
+                .and_then(Path::parent)
+                .filter(|p| parent_is_new && !p.as_os_str().is_empty());
+            for made_in in parent.into_iter().chain(grandparent) {
+                os::sync_dir(made_in).map_err(|e| StoreError::io("sync directory", made_in, e))?;
+            }
+        }
         let limits = Limits {
             index_stride: u64::from(config.index_stride),
             members_max: config.members_max,
@@ -74,13 +88,13 @@ impl Store {
             segments.push_back(seg);
         }
         if segments.is_empty() {
-            segments.push_back(Segment::create(&dir, 1, config.segment_bytes)?);
+            segments.push_back(Segment::create(&dir, 1, config.segment_bytes_for(1))?);
         }
         let snapshot_pos = report.snapshot;
         let mut store = Store {
             config,
             segments,
-            preparer: Preparer::new(),
+            next_asked: false,
             state,
             synced: start,
             acked: start,
@@ -95,15 +109,12 @@ impl Store {
         // for the next switch) stays prepared instead of becoming the active one, so restarts
         // do not add segments.
         if let Some(prepared) = store.take_prepared(start) {
-            store.preparer.hand_over(prepared);
+            store.config.preparer.hand_over(&dir, prepared);
         }
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.
         store.flush()?;
-        let active = store.active();
-        store
-            .preparer
-            .start(&dir, active.id + 1, store.config.segment_bytes);
+        store.prepare_next_if_half_full();
         Ok((store, report))
     }
 

@@ -13,9 +13,11 @@
 //!
 //! `acked_end` and the newest ts are the only bytes of a segment ever overwritten.
 
+use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use memmap2::MmapMut;
 
@@ -217,85 +219,92 @@ pub fn list(dir: &Path) -> Result<Vec<u64>, StoreError> {
     Ok(ids)
 }
 
-/// Creates segments off the append path: the store asks for the next segment as soon as it
-/// starts filling the current one, so a switch finds it ready.
+/// Creates segments off the append path, for every log of a shard: one worker thread, one
+/// queue. A log asks for its next segment once its active one is half full (so an idle log
+/// keeps no prepared segment on disk), and takes it when it switches; if the worker has not
+/// got to it yet, the log creates it on the spot. Cheap to clone: every clone is the same
+/// preparer. The worker starts with the first request and stops when the last clone is dropped.
+#[derive(Clone)]
 pub struct Preparer {
-    /// The segment id and size in preparation (or ready), and where it is.
-    pending: Option<(u64, u64, Pending)>,
+    shared: Arc<Shared>,
+    /// Stops the worker when the last clone goes.
+    _stop: Arc<StopOnDrop>,
 }
 
-enum Pending {
-    /// Being created on a thread of its own.
-    Creating(std::thread::JoinHandle<Result<Segment, StoreError>>),
-    /// Already on disk: an empty segment found at open, after the active one.
-    Ready(Segment),
+impl std::fmt::Debug for Preparer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Preparer")
+    }
 }
 
-impl Preparer {
-    /// Nothing in preparation.
-    pub fn new() -> Preparer {
-        Preparer { pending: None }
+/// One segment to create: which log, which id, how large.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Job {
+    dir: PathBuf,
+    id: u64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<Job>,
+    /// The job the worker is doing now.
+    busy: Option<Job>,
+    /// Segments made (or found empty at open) and not taken yet.
+    ready: Vec<(Job, Segment)>,
+    worker: bool,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    jobs: Mutex<Jobs>,
+    changed: Condvar,
+}
+
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let mut jobs = self.0.lock();
+        jobs.stop = true;
+        jobs.queue.clear();
+        self.0.changed.notify_all();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        // A poisoned lock means the worker panicked while holding it; the job lists are
+        // always whole between statements, so they are still usable.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts creating segment `id` in the background, unless that is already under way (or
-    /// done).
-    pub fn start(&mut self, dir: &Path, id: u64, bytes: u64) {
-        if self.pending.as_ref().is_some_and(|(p, _, _)| *p == id) {
-            return;
-        }
-        self.abandon();
-        let dir = dir.to_path_buf();
-        let handle = std::thread::Builder::new()
-            .name("chinwag-segment".into())
-            .spawn(move || Segment::create(&dir, id, bytes));
-        match handle {
-            Ok(handle) => self.pending = Some((id, bytes, Pending::Creating(handle))),
-            // No thread to spare: `take` will create the segment itself.
-            Err(_) => self.pending = None,
-        }
-    }
-
-    /// Takes `segment`, already on disk and empty, as the next one to hand out, so a restart
-    /// reuses the segment the previous run prepared instead of creating another.
-    pub fn hand_over(&mut self, segment: Segment) {
-        self.abandon();
-        self.pending = Some((
-            segment.id,
-            segment.capacity() as u64,
-            Pending::Ready(segment),
-        ));
-    }
-
-    /// Segment `id`, waiting for its preparation if it is not done (or doing it now if it was
-    /// never started or failed).
-    pub fn take(&mut self, dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
-        if let Some((pending, _, how)) = self.pending.take() {
-            match how {
-                Pending::Ready(segment) if pending == id => return Ok(segment),
-                Pending::Ready(_) => {}
-                Pending::Creating(handle) => {
-                    if let Ok(result) = handle.join() {
-                        if pending == id {
-                            return result;
-                        }
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut jobs = self.lock();
+                loop {
+                    if jobs.stop {
+                        jobs.worker = false;
+                        return;
                     }
+                    if let Some(job) = jobs.queue.pop_front() {
+                        jobs.busy = Some(job.clone());
+                        break job;
+                    }
+                    jobs = self.changed.wait(jobs).unwrap_or_else(|p| p.into_inner());
                 }
+            };
+            let made = Segment::create(&job.dir, job.id, job.bytes);
+            let mut jobs = self.lock();
+            jobs.busy = None;
+            // A failure (a full disk) is not kept: the log tries again itself when it switches,
+            // and reports the error then.
+            if let Ok(segment) = made {
+                jobs.ready.push((job, segment));
             }
-        }
-        // Creation is idempotent: a failed attempt left at most a `.tmp` file, recreated here.
-        Segment::create(dir, id, bytes)
-    }
-
-    /// Bytes of the segment in preparation or ready (it is, or is about to be, on disk).
-    pub fn bytes(&self) -> u64 {
-        self.pending.as_ref().map_or(0, |(_, bytes, _)| *bytes)
-    }
-
-    /// Waits for any preparation under way and drops its result (a segment already on disk
-    /// stays there, empty: the next open finds it and hands it over again).
-    pub fn abandon(&mut self) {
-        if let Some((_, _, Pending::Creating(handle))) = self.pending.take() {
-            let _ = handle.join();
+            self.changed.notify_all();
         }
     }
 }
@@ -303,6 +312,119 @@ impl Preparer {
 impl Default for Preparer {
     fn default() -> Self {
         Preparer::new()
+    }
+}
+
+impl Preparer {
+    /// A preparer with nothing to do (its worker starts with the first request).
+    pub fn new() -> Preparer {
+        let shared = Arc::new(Shared::default());
+        Preparer {
+            _stop: Arc::new(StopOnDrop(Arc::clone(&shared))),
+            shared,
+        }
+    }
+
+    /// Asks for segment `id` of the log in `dir` in the background, unless that is already
+    /// under way (or done).
+    pub fn start(&self, dir: &Path, id: u64, bytes: u64) {
+        let job = Job {
+            dir: dir.to_path_buf(),
+            id,
+            bytes,
+        };
+        let mut jobs = self.shared.lock();
+        let known = jobs.busy.as_ref() == Some(&job)
+            || jobs.queue.contains(&job)
+            || jobs.ready.iter().any(|(j, _)| *j == job);
+        if known || jobs.stop {
+            return;
+        }
+        if !jobs.worker {
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("chinwag-segment".into())
+                .spawn(move || shared.work());
+            // No thread to spare: `take` will create the segment itself.
+            if spawned.is_err() {
+                return;
+            }
+            jobs.worker = true;
+        }
+        jobs.queue.push_back(job);
+        self.shared.changed.notify_all();
+    }
+
+    /// Takes `segment`, already on disk and empty, as the next one of the log in `dir`, so a
+    /// restart reuses the segment the previous run prepared instead of creating another.
+    pub fn hand_over(&self, dir: &Path, segment: Segment) {
+        let job = Job {
+            dir: dir.to_path_buf(),
+            id: segment.id,
+            bytes: segment.capacity() as u64,
+        };
+        self.shared.lock().ready.push((job, segment));
+    }
+
+    /// Segment `id` of the log in `dir`, waiting for its preparation if it is under way (or
+    /// creating it now if it was never asked for, is still queued, or failed).
+    pub fn take(&self, dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
+        let mut jobs = self.shared.lock();
+        while jobs
+            .busy
+            .as_ref()
+            .is_some_and(|j| j.dir == dir && j.id == id)
+        {
+            jobs = self
+                .shared
+                .changed
+                .wait(jobs)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        jobs.queue.retain(|j| j.dir != dir);
+        let at = jobs
+            .ready
+            .iter()
+            .position(|(j, _)| j.dir == dir && j.id == id);
+        if let Some(at) = at {
+            let (_, segment) = jobs.ready.swap_remove(at);
+            if segment.capacity() as u64 == bytes {
+                return Ok(segment);
+            }
+            // Made for another size (the configuration changed): made again below.
+            let path = segment.path.clone();
+            drop(segment);
+            let _ = fs::remove_file(path);
+        }
+        drop(jobs);
+        // Creation is idempotent: a failed attempt left at most a `.tmp` file, recreated here.
+        Segment::create(dir, id, bytes)
+    }
+
+    /// Bytes of the segments in preparation or ready for the log in `dir` (they are, or are
+    /// about to be, on disk).
+    pub fn bytes(&self, dir: &Path) -> u64 {
+        let jobs = self.shared.lock();
+        let busy = jobs.busy.iter().chain(&jobs.queue).filter(|j| j.dir == dir);
+        let ready = jobs.ready.iter().map(|(j, _)| j).filter(|j| j.dir == dir);
+        busy.chain(ready).map(|j| j.bytes).sum()
+    }
+
+    /// Waits for what was asked for the log in `dir` and forgets it (a segment on disk stays
+    /// there, empty: the next open finds it and hands it over again), so no file is created in
+    /// a directory its owner may be removing.
+    pub fn abandon(&self, dir: &Path) {
+        let mut jobs = self.shared.lock();
+        while jobs.busy.as_ref().is_some_and(|j| j.dir == dir)
+            || (jobs.worker && jobs.queue.iter().any(|j| j.dir == dir))
+        {
+            jobs = self
+                .shared
+                .changed
+                .wait(jobs)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        jobs.ready.retain(|(j, _)| j.dir != dir);
     }
 }
 
@@ -338,7 +460,7 @@ mod tests {
     #[test]
     fn preparer_hands_over_the_segment_it_made() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Preparer::new();
+        let p = Preparer::new();
         p.start(dir.path(), 2, 64 << 10);
         let seg = p.take(dir.path(), 2, 64 << 10).unwrap();
         assert_eq!(seg.id, 2);

@@ -16,20 +16,25 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
+use std::sync::Arc;
+
+use chinwag_protocol::limits::{PROFILE_AVATAR_LEN_MAX, PROFILE_NAME_LEN_MAX};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid, UidKind};
 use smallvec::SmallVec;
 
 use super::error::{Position, StoreError};
 use super::os;
 use super::record::ConvKind;
 use super::state::reception::{AgentHours, Hour, Reception, REPLY_BINS};
-use super::state::{pair, Conversation, Limits, State};
+use super::state::{pair, Conversation, Limits, State, StoredProfile};
 
 const MAGIC: &[u8; 8] = b"CHWGSNP1";
 /// 2: cmid window keys include the conversation (data format 2). 3: the reception statistics
-/// follow the chain repairs. Version 2 is still read (with no statistics).
-const VERSION: u32 = 3;
+/// follow the chain repairs. 4: the profiles follow them. Versions 2 and 3 are still read
+/// (with no statistics, with no profiles).
+const VERSION: u32 = 4;
 const VERSION_WITHOUT_RECEPTION: u32 = 2;
+const VERSION_WITHOUT_PROFILES: u32 = 3;
 const HEADER_BYTES: usize = 32;
 
 /// The file name of the snapshot at `pos`.
@@ -105,7 +110,7 @@ pub fn read(path: &Path, limits: Limits) -> Result<(State, Position), StoreError
         head.u64().map_err(bad)?,
         head.u64().map_err(bad)?,
     );
-    if version != VERSION && version != VERSION_WITHOUT_RECEPTION {
+    if ![VERSION, VERSION_WITHOUT_PROFILES, VERSION_WITHOUT_RECEPTION].contains(&version) {
         return Err(bad("unknown version"));
     }
     let body = &bytes[HEADER_BYTES..];
@@ -156,7 +161,31 @@ fn encode(state: &State) -> Vec<u8> {
         w.u64(to);
     }
     encode_reception(&mut w, &state.reception);
+    // Sorted, so the same state always writes the same bytes.
+    let mut profiles: Vec<_> = state.profiles.iter().collect();
+    profiles.sort_unstable_by_key(|(subject, _)| subject_key(**subject));
+    w.u32(profiles.len() as u32);
+    for (&subject, stored) in profiles {
+        let (code, uid_kind, id) = subject_key(subject);
+        w.u8(code);
+        w.u8(uid_kind);
+        w.u64(id);
+        w.u64(stored.version);
+        w.u8(stored.profile.name.len() as u8);
+        w.0.extend_from_slice(stored.profile.name.as_bytes());
+        w.u16(stored.profile.avatar.len() as u16);
+        w.0.extend_from_slice(stored.profile.avatar.as_bytes());
+    }
     w.0
+}
+
+/// A profile's subject as (0 user / 1 conversation / 2 shop, uid kind, id), as in its record.
+fn subject_key(subject: Subject) -> (u8, u8, u64) {
+    match subject {
+        Subject::User(uid) => (0, uid.kind as u8, uid.id),
+        Subject::Conv(conv) => (1, 0, conv.0),
+        Subject::Shop(shop) => (2, 0, shop.0),
+    }
 }
 
 /// The reception statistics, sorted (so equal states give equal bytes).
@@ -294,6 +323,34 @@ fn decode(body: &[u8], limits: Limits, version: u32) -> Result<State, &'static s
     if version != VERSION_WITHOUT_RECEPTION {
         state.reception = decode_reception(&mut r)?;
     }
+    if version == VERSION {
+        for _ in 0..r.u32()? {
+            let code = r.u8()?;
+            let uid_kind = r.u8()?;
+            let id = r.u64()?;
+            let subject = match code {
+                0 => Subject::User(Uid::new(
+                    UidKind::from_code(uid_kind).ok_or("bad uid kind")?,
+                    id,
+                )),
+                1 => Subject::Conv(ConvId(id)),
+                2 => Subject::Shop(ShopId(id)),
+                _ => return Err("bad profile subject"),
+            };
+            let version = r.u64()?;
+            let name_len = usize::from(r.u8()?);
+            let name = r.text(name_len)?;
+            let avatar_len = usize::from(r.u16()?);
+            let avatar = r.text(avatar_len)?;
+            if name.len() > PROFILE_NAME_LEN_MAX || avatar.len() > PROFILE_AVATAR_LEN_MAX {
+                return Err("profile field over its limit");
+            }
+            let profile = Arc::new(Profile { name, avatar });
+            state
+                .profiles
+                .insert(subject, StoredProfile { version, profile });
+        }
+    }
     if !r.bytes.is_empty() {
         return Err("trailing bytes");
     }
@@ -357,6 +414,10 @@ impl<'a> Reader<'a> {
         let kind = UidKind::from_code(self.u8()?).ok_or("bad uid kind")?;
         Ok(Uid::new(kind, self.u64()?))
     }
+    fn text(&mut self, len: usize) -> Result<String, &'static str> {
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "profile is not UTF-8")
+    }
 }
 
 #[cfg(test)]
@@ -393,6 +454,24 @@ mod tests {
                 uid: Uid::new(UidKind::Agent, 4),
                 added: true,
                 ts_ms: 1,
+            },
+            Record::Profile {
+                subject: Subject::User(buyer),
+                version: 7,
+                name: "Bo 😀",
+                avatar: "https://a.example/b.png",
+            },
+            Record::Profile {
+                subject: Subject::Conv(ConvId(5)),
+                version: 8,
+                name: "",
+                avatar: "https://a.example/c.png",
+            },
+            Record::Profile {
+                subject: Subject::Shop(ShopId(3)),
+                version: 9,
+                name: "Shop three",
+                avatar: "",
             },
         ];
         for r in &records {
@@ -442,6 +521,35 @@ mod tests {
             ConvId(5)
         );
         assert_eq!(list(dir.path()).unwrap(), vec![(1 << 32 | 640, path)]);
+        let bo = back
+            .profile(Subject::User(Uid::new(UidKind::Buyer, 1)))
+            .unwrap();
+        assert_eq!((bo.version, bo.profile.name.as_str()), (7, "Bo 😀"));
+        assert_eq!(back.profiles, state.profiles);
+    }
+
+    /// A snapshot written before profiles (version 3) still loads, with no profiles.
+    #[test]
+    fn a_version_3_snapshot_loads_without_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample();
+        state.profiles.clear();
+        let path = write(dir.path(), &state, 99).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        // Drop the empty profiles section (its u32 count) and rewrite the header as version 3.
+        bytes.truncate(bytes.len() - 4);
+        let body_len = (bytes.len() - HEADER_BYTES) as u64;
+        bytes[8..12].copy_from_slice(&VERSION_WITHOUT_PROFILES.to_le_bytes());
+        bytes[16..24].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&bytes[16..HEADER_BYTES]),
+            &bytes[HEADER_BYTES..],
+        );
+        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let (back, _) = read(&path, limits()).unwrap();
+        assert!(back.profiles.is_empty());
+        assert_eq!(back.convs.len(), 1);
     }
 
     #[test]

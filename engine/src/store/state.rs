@@ -1,5 +1,5 @@
 //! The state that replaying the log rebuilds: conversations (with their seqs and read index),
-//! devices, read cursors and the cmid windows.
+//! devices, read cursors, profiles and the cmid windows.
 //!
 //! The reception statistics of the shops (`reception`) are part of it, so they are rebuilt by
 //! replay like everything else.
@@ -12,9 +12,12 @@ pub(super) mod reception;
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 
 use ahash::AHashMap;
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid, UidKind};
+use chinwag_protocol::limits::{PROFILE_AVATAR_LEN_MAX, PROFILE_NAME_LEN_MAX};
+use chinwag_protocol::UidKind;
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid};
 use smallvec::SmallVec;
 
 use super::cmid_table::CmidTable;
@@ -95,6 +98,15 @@ impl Conversation {
     }
 }
 
+/// A profile as the log holds it: the newest version of its subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredProfile {
+    /// Orders the versions of one subject; set by the subject's owner when a service sets it.
+    pub version: u64,
+    /// The fields, shared with the pushes and sessions that carry them.
+    pub profile: Arc<Profile>,
+}
+
 /// The idempotency window: recent (sender, conversation, cmid) triples and where their message
 /// is.
 ///
@@ -157,6 +169,9 @@ pub struct State {
     /// Chain links that point at a record the operator skipped (`skip_corrupt`), mapped to
     /// the conversation's previous message that is still readable.
     pub(super) chain_repairs: AHashMap<Position, Position>,
+    /// Profiles: of users, conversations and shops this shard owns, and copies of the
+    /// profiles of users who wrote in its conversations.
+    pub(super) profiles: AHashMap<Subject, StoredProfile>,
     /// What the agents of the shops did, for `agent_stats`.
     pub(super) reception: Reception,
 }
@@ -187,6 +202,7 @@ impl State {
                 deferred: false,
             },
             chain_repairs: AHashMap::new(),
+            profiles: AHashMap::new(),
             reception: Reception::default(),
         })
     }
@@ -286,7 +302,35 @@ impl State {
                 }
                 Ok(())
             }
+            Record::Profile {
+                subject,
+                version,
+                name,
+                avatar,
+            } => {
+                if name.len() > PROFILE_NAME_LEN_MAX || avatar.len() > PROFILE_AVATAR_LEN_MAX {
+                    return Err("profile field over its limit");
+                }
+                if let Subject::Conv(conv) = subject {
+                    if !self.convs.contains_key(conv) {
+                        return Err("profile of unknown conversation");
+                    }
+                }
+                if self
+                    .profiles
+                    .get(subject)
+                    .is_some_and(|held| held.version >= *version)
+                {
+                    return Err("profile version not newer than the one held");
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// The newest profile of `subject` held here.
+    pub fn profile(&self, subject: Subject) -> Option<&StoredProfile> {
+        self.profiles.get(&subject)
     }
 
     /// Applies a record that passed [`State::check`], found at `pos`.
@@ -367,6 +411,23 @@ impl State {
                 if let Some(c) = self.convs.get_mut(conv) {
                     c.set_cursor(*uid, *seq);
                 }
+            }
+            Record::Profile {
+                subject,
+                version,
+                name,
+                avatar,
+            } => {
+                self.profiles.insert(
+                    *subject,
+                    StoredProfile {
+                        version: *version,
+                        profile: Arc::new(Profile {
+                            name: (*name).to_owned(),
+                            avatar: (*avatar).to_owned(),
+                        }),
+                    },
+                );
             }
         }
     }
@@ -643,5 +704,39 @@ mod tests {
         s.check(&remove, false).unwrap();
         s.apply(&remove, 4);
         assert!(s.user_convs[&AGENT].is_empty());
+    }
+
+    #[test]
+    fn profiles_only_go_forward_within_their_limits() {
+        let mut s = State::new(limits()).unwrap();
+        let profile = |subject, version, name: &'static str| Record::Profile {
+            subject,
+            version,
+            name,
+            avatar: "",
+        };
+        let ann = Subject::User(AGENT);
+        s.check(&profile(ann, 5, "Ann"), false).unwrap();
+        s.apply(&profile(ann, 5, "Ann"), 1);
+        assert!(
+            s.check(&profile(ann, 5, "Again"), false).is_err(),
+            "same version"
+        );
+        assert!(s.check(&profile(ann, 4, "Older"), false).is_err(), "older");
+        s.check(&profile(ann, 6, "Annie"), false).unwrap();
+        s.apply(&profile(ann, 6, "Annie"), 2);
+        assert_eq!(s.profile(ann).unwrap().profile.name, "Annie");
+        let long: &'static str = Box::leak("n".repeat(65).into_boxed_str());
+        assert!(
+            s.check(&profile(ann, 7, long), false).is_err(),
+            "over 64 bytes"
+        );
+        let unknown = Subject::Conv(ConvId(9));
+        assert!(
+            s.check(&profile(unknown, 1, "X"), false).is_err(),
+            "unknown conversation"
+        );
+        shop_conv(&mut s, 9);
+        s.check(&profile(unknown, 1, "X"), false).unwrap();
     }
 }

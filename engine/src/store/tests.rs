@@ -189,8 +189,19 @@ fn issue_9_restarts_reopen_the_active_segment_and_add_none() {
     store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
     send(&mut store, 1, "a", b"x");
     store.commit().unwrap();
-    let tail = store.tail();
     let files = |dir: &Path| segment::list(dir).unwrap();
+    drop(store);
+    // A log with little in it keeps no segment prepared.
+    let (mut store, _) = open(config(dir.path()));
+    assert_eq!(store.stats().segments, 1);
+    assert_eq!(files(dir.path()), [1]);
+    // Half full, it asks for the next one.
+    for i in 0..40 {
+        send(&mut store, 1, &format!("h{i}"), &[5; 1000]);
+    }
+    store.commit().unwrap();
+    assert_eq!(segment::segment_of(store.tail()), 1);
+    let tail = store.tail();
     drop(store);
     for i in 0..5 {
         let (mut store, _) = open(config(dir.path()));
@@ -216,7 +227,7 @@ fn issue_9_restarts_reopen_the_active_segment_and_add_none() {
     assert!(segment::segment_of(store.tail()) >= 2);
     drop(store);
     let (store, _) = open(config(dir.path()));
-    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(201));
+    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(241));
 }
 
 #[test]
@@ -336,11 +347,13 @@ fn retention_deletes_old_segments_and_keeps_state() {
     store.commit().unwrap();
     let before = store.stats();
     let retained = store.retain(0).unwrap();
-    // The stats count the segment prepared for the next switch; retention keeps 3 live ones.
-    assert_eq!(retained.segments, before.segments - 4);
+    // The stats count a segment prepared for the next switch (once the active one is half
+    // full); retention keeps 3 live ones.
+    let prepared = usize::from(store.active().end * 2 >= store.active().capacity());
+    assert_eq!(retained.segments, before.segments - 3 - prepared);
     let after = store.stats();
-    assert_eq!(after.segments, 3 + 1);
-    assert_eq!(after.segment_bytes, (3 + 1) * (64 << 10));
+    assert_eq!(after.segments, 3 + prepared);
+    assert_eq!(after.segment_bytes, (3 + prepared as u64) * (64 << 10));
     assert_eq!(after.conversations, 2);
     assert_eq!(after.cmid_entries, 2_000);
     assert!(after.snapshot.is_some(), "retention took a snapshot first");
@@ -926,5 +939,78 @@ proptest! {
             prop_assert_eq!(conv.last_seq(), Seq(list.len() as u64));
             prop_assert_eq!(conv.cursor(BUYER), Seq(cursors[c]));
         }
+    }
+}
+
+#[test]
+fn segments_start_small_and_double_up_to_segment_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        segment_bytes: 1 << 20,
+        segment_bytes_first: 64 << 10,
+        ..config(dir.path())
+    };
+    let sizes: Vec<u64> = (1..=6).map(|id| cfg.segment_bytes_for(id)).collect();
+    assert_eq!(
+        sizes,
+        [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 1 << 20]
+    );
+    let (mut store, _) = open(cfg.clone());
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    for i in 0..400 {
+        send(&mut store, 1, &format!("m{i}"), &[3; 1000]);
+    }
+    store.commit().unwrap();
+    let files: Vec<u64> = segment::list(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            fs::metadata(dir.path().join(segment::file_name(id)))
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert_eq!(files[..3], [64 << 10, 128 << 10, 256 << 10], "{files:?}");
+    drop(store);
+    let (store, _) = open(cfg);
+    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(400));
+
+    // A segment is never smaller than the largest record needs.
+    let big = StoreConfig {
+        body_bytes_max: 200 << 10,
+        segment_bytes: 1 << 20,
+        segment_bytes_first: 64 << 10,
+        ..StoreConfig::new(dir.path())
+    };
+    assert!(big.segment_bytes_for(1) >= big.segment_bytes_needed());
+}
+
+#[test]
+fn one_preparer_serves_the_logs_of_a_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let preparer = Preparer::new();
+    let mut stores: Vec<Store> = (0..4)
+        .map(|i| {
+            open(StoreConfig {
+                preparer: preparer.clone(),
+                ..config(&dir.path().join(format!("{i}")))
+            })
+            .0
+        })
+        .collect();
+    for (i, store) in stores.iter_mut().enumerate() {
+        store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+        for m in 0..150 * (i + 1) {
+            send(store, 1, &format!("m{m}"), &[1; 1000]);
+        }
+        store.commit().unwrap();
+    }
+    drop(stores);
+    for i in 0..4 {
+        let (store, _) = open(config(&dir.path().join(format!("{i}"))));
+        assert_eq!(
+            store.conv(ConvId(1)).unwrap().last_seq(),
+            Seq(150 * (i as u64 + 1))
+        );
     }
 }

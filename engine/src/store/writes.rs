@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::limits::{CMID_LEN_MAX, KIND_LEN_MAX};
-use chinwag_protocol::{ConvId, DeviceId, DeviceType, Seq, ShopId, Uid};
+use chinwag_protocol::{ConvId, DeviceId, DeviceType, Profile, Seq, ShopId, Subject, Uid};
 use smallvec::SmallVec;
 
 use super::record::{self, ConvKind, MessageRef, Record};
@@ -31,17 +31,33 @@ impl Store {
         let written = record::encode(&mut active.map[off..off + len], record);
         debug_assert_eq!(written, len);
         active.end += len;
-        Ok(segment::position(active.id, off))
+        let at = segment::position(active.id, off);
+        self.prepare_next_if_half_full();
+        Ok(at)
+    }
+
+    /// Asks the preparer for the next segment once the active one is half full: a log that
+    /// is filling gets it ready before it needs it, an idle one keeps none on disk.
+    pub(super) fn prepare_next_if_half_full(&mut self) {
+        let active = self.active();
+        if self.next_asked || active.end * 2 < active.capacity() {
+            return;
+        }
+        let id = active.id + 1;
+        let bytes = self.config.segment_bytes_for(id);
+        self.config.preparer.start(&self.config.dir, id, bytes);
+        self.next_asked = true;
     }
 
     pub(super) fn switch_segment(&mut self) -> Result<(), StoreError> {
-        let (id, bytes) = (self.active().id + 1, self.config.segment_bytes);
-        let next = self.preparer.take(&self.config.dir, id, bytes)?;
+        let id = self.active().id + 1;
+        let bytes = self.config.segment_bytes_for(id);
+        let next = self.config.preparer.take(&self.config.dir, id, bytes)?;
         if let Some(sealed) = self.segments.back_mut() {
             sealed.store_newest_ts();
         }
         self.segments.push_back(next);
-        self.preparer.start(&self.config.dir, id + 1, bytes);
+        self.next_asked = false;
         Ok(())
     }
 
@@ -320,5 +336,29 @@ impl Store {
             seq: target,
         })?;
         Ok(target)
+    }
+
+    /// Stores `profile` as `subject`'s, at `version` (one record). `Ok(false)`, writing
+    /// nothing, if this log holds that version or a newer one already.
+    pub fn set_profile(
+        &mut self,
+        subject: Subject,
+        version: u64,
+        profile: &Profile,
+    ) -> Result<bool, StoreError> {
+        if self
+            .state
+            .profile(subject)
+            .is_some_and(|held| held.version >= version)
+        {
+            return Ok(false);
+        }
+        self.append_state(Record::Profile {
+            subject,
+            version,
+            name: &profile.name,
+            avatar: &profile.avatar,
+        })?;
+        Ok(true)
     }
 }

@@ -12,7 +12,7 @@
 //!   over the three fields joined by spaces. A torn last line (a crash during the append) is cut
 //!   off at open; a bad line anywhere else is corruption and refuses the open.
 //!
-//! Why a file of its own and not the conversation log: the log is split by owner shard, while
+//! Why a file of its own and not the conversation log: the log is split by partition, while
 //! this table is needed by any shard (a push arrives on whichever shard accepted the
 //! connection; a reply is sent from the conversation's owner). One small append-only file read
 //! at start gives every shard the same table without a cross-shard request per message, and it

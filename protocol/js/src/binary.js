@@ -30,6 +30,8 @@ const TARGETS = { conv: 1, shop: 2, user: 3 };
 const RANGE_NEWEST = 0;
 const RANGE_BEFORE = 1;
 const RANGE_AFTER = 2;
+/** A profile's subject: a conversation (`conv_profile`). */
+const SUBJECT_CONV = 1;
 
 const utf8 = new TextEncoder();
 // fatal: invalid UTF-8 from the network is an error, not replacement characters.
@@ -96,6 +98,21 @@ class Writer {
     this.reserve(bytes.length);
     this.bytes.set(bytes, this.len);
     this.len += bytes.length;
+  }
+  /** A profile: `str16 name` · `str16 avatar`, an absent field as an empty string. */
+  profile(name, avatar) {
+    this.str(name ?? '', 'name', 2);
+    this.str(avatar ?? '', 'avatar', 2);
+  }
+  /** Members' profiles: `u16 k` · (`uid` · profile) × k. */
+  profiles(list) {
+    const entries = list ?? [];
+    if (!Array.isArray(entries) || entries.length > 0xffff) throw new CodecError('profiles must be a list');
+    this.u16(entries.length);
+    for (const p of entries) {
+      this.uid(p.uid, 'profiles');
+      this.profile(p.nick, p.avatar);
+    }
   }
   msg(m) {
     this.id(m.conv, 'conv');
@@ -168,6 +185,22 @@ class Reader {
     } catch {
       throw new CodecError('invalid UTF-8');
     }
+  }
+  /** A profile's two strings, set on `out` under `nameKey`/`avatarKey` when not empty. */
+  profile(out, nameKey, avatarKey) {
+    const name = this.str(2);
+    const avatar = this.str(2);
+    if (name !== '') out[nameKey] = name;
+    if (avatar !== '') out[avatarKey] = avatar;
+    return out;
+  }
+  /** Members' profiles, set on `out.profiles` when there are any. */
+  profiles(out) {
+    const n = this.u16();
+    if (n === 0) return out;
+    out.profiles = [];
+    for (let i = 0; i < n; i++) out.profiles.push(this.profile({ uid: this.uid() }, 'nick', 'avatar'));
+    return out;
   }
   msg() {
     return {
@@ -257,10 +290,19 @@ const WRITE = {
       w.number(c.unread, 'unread');
       w.u8(c.last ? 1 : 0);
       if (c.last) w.msg(c.last);
+      w.profile(c.name, c.avatar);
+      w.profiles(c.profiles);
     }
   },
   msg(w, f) {
     w.msg(f);
+    w.profile(f.from_nick, f.from_avatar);
+    w.profile(f.conv_name, f.conv_avatar);
+  },
+  conv_profile(w, f) {
+    w.u8(SUBJECT_CONV);
+    w.id(f.conv, 'conv');
+    w.profile(f.name, f.avatar);
   },
   receipt(w, f) {
     w.id(f.conv, 'conv');
@@ -270,6 +312,7 @@ const WRITE = {
   members(w, f) {
     w.id(f.conv, 'conv');
     w.uids(f.members, 'members');
+    w.profiles(f.profiles);
   },
   members_delta(w, f) {
     w.id(f.conv, 'conv');
@@ -361,13 +404,19 @@ const READ = {
       const hasLast = r.u8();
       if (hasLast > 1) throw new CodecError('bad last presence byte');
       c.last = hasLast ? r.msg() : null;
+      r.profile(c, 'name', 'avatar');
+      r.profiles(c);
       convs.push(c);
     }
     return { convs };
   },
-  msg: (r) => r.msg(),
+  msg: (r) => r.profile(r.profile(r.msg(), 'from_nick', 'from_avatar'), 'conv_name', 'conv_avatar'),
+  conv_profile(r) {
+    if (r.u8() !== SUBJECT_CONV) throw new CodecError('conv_profile names a conversation');
+    return r.profile({ conv: r.id() }, 'name', 'avatar');
+  },
   receipt: (r) => ({ conv: r.id(), uid: r.uid(), seq: r.number('seq') }),
-  members: (r) => ({ conv: r.id(), members: r.uids() }),
+  members: (r) => r.profiles({ conv: r.id(), members: r.uids() }),
   members_delta: (r) => ({ conv: r.id(), added: r.uids(), removed: r.uids(), count: r.u32() }),
   kicked: (r) => ({ reason: r.str(2) }),
   notify: (r) => ({ kind: r.str(2), body: r.str(4), ts: r.number('ts') }),

@@ -525,6 +525,10 @@ export class Client {
         if (op === 'members' && this.uid && !push.members.includes(this.uid)) this._convs.delete(push.conv);
         return this._emit(op, push);
       }
+      case 'conv_profile': {
+        const { op, ...push } = frame;
+        return this._emit(op, push);
+      }
       case 'kicked':
         this._kicked = true;
         return this._emit('kicked', { reason: frame.reason });

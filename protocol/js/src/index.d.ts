@@ -51,6 +51,8 @@ export interface SendOk { op: 'send_ok'; req?: number; conv: Id; seq: number; ts
 export interface ReadOk { op: 'read_ok'; req?: number; conv: Id; seq: number }
 export interface ResolveOk { op: 'resolve_ok'; req?: number; conv: Id }
 export interface HistoryOk { op: 'history_ok'; req?: number; conv: Id; msgs: Msg[] }
+/** A member's nickname and avatar (docs/protocol.md, "Profiles"); absent fields are not set. */
+export interface UserProfile { uid: Uid; nick?: string; avatar?: string }
 export interface ConvSummary {
   conv: Id;
   type: ConvType;
@@ -64,22 +66,37 @@ export interface ConvSummary {
   read_seq: number;
   unread: number;
   last: Msg | null;
+  /** What the conversation shows (a shop conversation: its shop's), when set. */
+  name?: string;
+  avatar?: string;
+  /** The members' profiles the gateway holds, when any. */
+  profiles?: UserProfile[];
 }
 export interface ConvsOk { op: 'convs_ok'; req?: number; convs: ConvSummary[] }
 export interface Pong { op: 'pong'; req?: number }
 export type Reply = LoginOk | SendOk | ReadOk | ResolveOk | HistoryOk | ConvsOk | Pong;
 
 // ---- server → client: pushes ----
-export interface MsgPush extends Msg { op: 'msg' }
+/** A message as a `msg` push brings it: with its sender's and its conversation's profiles when
+ * set (docs/protocol.md, "Profiles"). Messages recovered from `history` have none. */
+export interface ShownMsg extends Msg {
+  from_nick?: string;
+  from_avatar?: string;
+  conv_name?: string;
+  conv_avatar?: string;
+}
+export interface MsgPush extends ShownMsg { op: 'msg' }
 export interface Receipt { op: 'receipt'; conv: Id; uid: Uid; seq: number }
-export interface Members { op: 'members'; conv: Id; members: Uid[] }
+export interface Members { op: 'members'; conv: Id; members: Uid[]; profiles?: UserProfile[] }
+/** A service changed a direct or group conversation's display name or avatar. */
+export interface ConvProfile { op: 'conv_profile'; conv: Id; name?: string; avatar?: string }
 export interface Kicked { op: 'kicked'; reason: string }
 /** A transient push from a backend service: not stored, no conv, no seq (docs/protocol.md). */
 /** A large group's membership change (more than 200 members): what changed and the new count. */
 export interface MembersDelta { op: 'members_delta'; conv: Id; added: Uid[]; removed: Uid[]; count: number }
 export interface Notify { op: 'notify'; kind: string; body: string; ts: number }
 export interface ErrorFrame { op: 'error'; req?: number; code: ErrorCode; message: string }
-export type Push = MsgPush | Receipt | Members | MembersDelta | Kicked | Notify | ErrorFrame;
+export type Push = MsgPush | Receipt | Members | MembersDelta | ConvProfile | Kicked | Notify | ErrorFrame;
 
 /** Any message of the protocol, in either direction. */
 export type Frame = Request | Reply | Push;
@@ -119,9 +136,11 @@ export interface ClientEvents {
   state: (event: StateEvent) => void;
   login: (event: LoginOk) => void;
   /** Every message of a tracked conversation, once, in seq order. */
-  msg: (msg: Msg, info: DeliveryInfo) => void;
+  msg: (msg: ShownMsg, info: DeliveryInfo) => void;
   receipt: (event: Omit<Receipt, 'op'>) => void;
   members: (event: Omit<Members, 'op'>) => void;
+  /** A conversation's display name or avatar changed. */
+  conv_profile: (event: Omit<ConvProfile, 'op'>) => void;
   kicked: (event: { reason: string }) => void;
   disconnect: (event: { code: number; reason: string }) => void;
   /** A problem no call is waiting for: an `error` push, an undecodable frame, a getToken failure. */

@@ -25,6 +25,7 @@ export const OPS = Object.freeze({
   error: 0xc5,
   notify: 0xc6,
   members_delta: 0xc7,
+  conv_profile: 0xc8,
 });
 
 export const UID_KINDS = Object.freeze(['buyer', 'wechat', 'agent', 'service']);
