@@ -11,17 +11,19 @@
 //!   mailboxes and the post office;
 //! - `logic`: the owner of devices, conversations, cursors and shops, with dispatch beside it;
 //! - `store`: the conversation log;
+//! - `cluster`: a node's membership in a cluster (docs/cluster.md): the registry, the
+//!   partition table and the routing table in Redis, on threads of their own;
 //! - `operator`: the node's operations: configuration, metrics, the token secret, the data
 //!   directory;
 //! - `wechat`: the WeChat channel (docs/wechat.md): callbacks in, the customer-service sender
 //!   out.
 //!
 //! Only what the `chinwag` binary, the benchmarks and the tests need is public (`node`,
-//! `operator`, `store`, and `wechat` for the tests' WeChat stand-in and driver); everything
+//! `cluster` for `chinwag cluster`, `operator`, `store`, and `wechat` for the tests' WeChat stand-in and driver); everything
 //! else is crate-private, so the compiler reports what nothing uses.
 
 pub(crate) mod bus;
-pub(crate) mod cluster;
+pub mod cluster;
 pub(crate) mod logic;
 pub(crate) mod net;
 pub mod node;

@@ -1,6 +1,7 @@
 //! The `chinwag` binary.
 
 mod backend_cli;
+mod cluster_cli;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Token(TokenArgs),
     /// Make one request on a node's service port (docs/backend.md) and print the reply as JSON.
     Backend(backend_cli::BackendArgs),
+    /// Create a cluster in Redis, or show one (docs/cluster.md).
+    Cluster(cluster_cli::ClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => mint_token(args),
         Command::Backend(args) => backend_cli::run(args),
+        Command::Cluster(args) => cluster_cli::run(args),
     }
 }
 
@@ -155,6 +159,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         // A port held by another node or program is the operator's to fix, like a bad
         // setting.
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => fatal(e, 2),
+        // A cluster's refusal to let this node join (docs/cluster.md).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => fatal(e, 2),
         Err(e) => fatal(format!("serve failed: {e}"), 1),
     }
 }

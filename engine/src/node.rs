@@ -65,7 +65,13 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     for owner in &mut owners {
         owner.set_wechat(wechat.clone());
     }
-    let state = Arc::new(NodeState::new(config, jwt_secret, Arc::clone(&map), wechat));
+    let cluster = join_cluster(&config, addr, backend_addr)?;
+    let mut state = NodeState::new(config, jwt_secret, Arc::clone(&map), wechat);
+    if let Some(cluster) = &cluster {
+        state.node_id = cluster.node_id;
+    }
+    state.cluster = cluster;
+    let state = Arc::new(state);
 
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let (signal_state, signal_office) = (Arc::clone(&state), Arc::clone(&office));
@@ -125,7 +131,33 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
             result = Err(e);
         }
     }
+    // Deregisters once every session has ended (their logouts are in the queue by now).
+    if let Some(cluster) = &state.cluster {
+        cluster.leave();
+    }
     result
+}
+
+/// With `--cluster`, joins it: claims the node number, registers the bound ports, reads the
+/// partition table, starts the cluster's threads. A refusal the operator must fix (a number
+/// held by a live node, another P, no cluster created) is an `InvalidInput` error, which the
+/// binary turns into exit code 2.
+fn join_cluster(
+    config: &Config,
+    client: std::net::SocketAddr,
+    service: std::net::SocketAddr,
+) -> io::Result<Option<Arc<crate::cluster::Cluster>>> {
+    if config.cluster.is_none() {
+        return Ok(None);
+    }
+    let settings = crate::cluster::JoinSettings::from_config(config, client, service);
+    match crate::cluster::Cluster::join(settings) {
+        Ok(cluster) => Ok(Some(cluster)),
+        Err(crate::cluster::registry::JoinError::Refused(text)) => {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, text))
+        }
+        Err(crate::cluster::registry::JoinError::Failed(text)) => Err(io::Error::other(text)),
+    }
 }
 
 /// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards
@@ -215,9 +247,11 @@ fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Resu
     let found = existing_partitions(&root, map)?;
     let opened = open_partitions(&found, map, &setups)?;
 
-    // One generator for the node, continuing after every device any partition registered.
-    let mut generator =
-        DeviceIdGenerator::new(NodeType::Client, 0).map_err(|e| io::Error::other(e.to_string()))?;
+    // One generator for the node, continuing after every device any partition registered. Its
+    // cluster field is the node number (0 for the single node), so that nodes of a cluster,
+    // which all mint ids, never mint the same one.
+    let mut generator = DeviceIdGenerator::new(NodeType::Client, config.node)
+        .map_err(|e| io::Error::other(e.to_string()))?;
     for last in opened.iter().filter_map(|(_, store)| store.device_max()) {
         generator.resume_after(last);
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod redis;
 pub mod wechat;
 
 /// How long any single wait in a test may take before the test fails instead of hanging.

@@ -226,7 +226,8 @@ fn an_empty_node_creates_no_partition_directory_until_one_is_written() {
     let (mut client, _) = login(&server, buyer(1));
     let dirs = partition_dirs(server.data_dir.path());
     assert_eq!(dirs.len(), 1, "{dirs:?}");
-    assert_eq!(server.metric("chinwag_log_partitions_open", ""), 1);
+    // The gauges are published once per sweep tick, not at the write.
+    assert_eq!(server.wait_metric("chinwag_log_partitions_open", "", 1), 1);
     // A conversation lives in its key's partition: the id names it.
     let (conv, _) = send(&mut client, Target::Shop(ShopId(9)), "c1");
     let dirs = partition_dirs(server.data_dir.path());

@@ -114,9 +114,10 @@ pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
 /// Where a session lives: its node, its shard, its slab slot, and the generation that tells it
 /// apart from a later session in the same slot.
 ///
-/// `node` is the node's number in its cluster (12 bits, [`NODE_NUMBER_MAX`]; 0 for a node
-/// outside a cluster): a message for a session of another node leaves by the node links
-/// (`cluster::link`), one for this node's goes to the shard's mailbox.
+/// `node` is the node's number in its cluster (12 bits, [`NODE_NUMBER_MAX`]; outside a
+/// cluster, the number its NodeId takes from the listen address): a message for a session of
+/// another node leaves by the node links (`cluster::link`), one for this node's goes to the
+/// shard's mailbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionRef {
     pub node: u16,

@@ -200,6 +200,32 @@ settings! {
      most 200 and only counts them above"
     #[arg(value_name = "N")]
     members_max: usize = 1_000, "1000";
+    "Join the cluster whose registry, partition table and routing table are in this Redis: \
+     redis://HOST:PORT (docs/cluster.md). Absent: the embedded single node, no Redis"
+    #[arg(value_name = "URL")]
+    cluster: Option<String> => String = None;
+    "This node's number in its cluster, 1..=4095 (the node field of NodeIds and of the \
+     DeviceIds it mints); required with --cluster, 0 without"
+    #[arg(value_name = "N")]
+    node: u16 = 0, "0";
+    "Address of this node's node link, where its peers connect: IPV4:PORT, an address they \
+     can reach (it goes into the NodeId); required with --cluster"
+    #[arg(value_name = "ADDR", value_parser = parse_listen)]
+    node_listen: Option<SocketAddr> => SocketAddr = None;
+    "Timeout of every Redis call of a cluster node: the connect, each read, each write"
+    #[arg(value_name = "MS")]
+    cluster_redis_timeout_ms: u64 = 1_000, "1000";
+    "How often a cluster node refreshes its heartbeat and reads its peers' liveness"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_interval_ms: u64 = 1_000, "1000";
+    "How long a node's heartbeat lives without a refresh: a node silent this long counts as \
+     dead (its routes are ignored, then removed by a peer)"
+    #[arg(value_name = "MS")]
+    cluster_heartbeat_ttl_ms: u64 = 5_000, "5000";
+    "How often a cluster node publishes a probe on its own channel; a probe not received \
+     before the next is due marks the subscription dead (reconnected, routes reloaded)"
+    #[arg(value_name = "MS")]
+    cluster_probe_interval_ms: u64 = 2_000, "2000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
@@ -302,6 +328,13 @@ impl Config {
                 "api_requests_per_shard_max",
                 self.api_requests_per_shard_max as u64,
             ),
+            ("cluster_redis_timeout_ms", self.cluster_redis_timeout_ms),
+            (
+                "cluster_heartbeat_interval_ms",
+                self.cluster_heartbeat_interval_ms,
+            ),
+            ("cluster_heartbeat_ttl_ms", self.cluster_heartbeat_ttl_ms),
+            ("cluster_probe_interval_ms", self.cluster_probe_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -397,6 +430,7 @@ impl Config {
             return Err("give jwt_secret or jwt_secret_file, not both".into());
         }
         self.wechat.accounts().map_err(|e| e.to_string())?;
+        self.validate_cluster()?;
         // Slots are u32 with the top bit marking a service connection (shard::service), and
         // tokens share the key space with the listener and waker tokens.
         if self.connections_per_shard_max >= 1 << 31
@@ -404,6 +438,46 @@ impl Config {
             || self.api_requests_per_shard_max >= 1 << 30
         {
             return Err("connections_per_shard_max is too large".into());
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster settings: all or nothing, and an address peers can reach.
+    fn validate_cluster(&self) -> Result<(), String> {
+        let Some(url) = &self.cluster else {
+            if self.node != 0 || self.node_listen.is_some() {
+                return Err("node and node_listen are for a cluster node: give cluster too".into());
+            }
+            return Ok(());
+        };
+        crate::cluster::redis_conn::RedisTarget::new(
+            url,
+            std::time::Duration::from_millis(self.cluster_redis_timeout_ms),
+        )?;
+        if self.node == 0 || self.node > crate::cluster::redis_keys::NODE_MAX {
+            return Err(format!(
+                "a cluster node needs node, a number 1..={} (not {})",
+                crate::cluster::redis_keys::NODE_MAX,
+                self.node
+            ));
+        }
+        let link = self
+            .node_listen
+            .ok_or("a cluster node needs node_listen, the IPV4:PORT its peers connect to")?;
+        if !link.is_ipv4() || link.ip().is_unspecified() || link.port() == 0 {
+            return Err(format!(
+                "node_listen {link}: give the IPv4 address and port peers connect to (it goes \
+                 into the NodeId), not a wildcard address or port 0"
+            ));
+        }
+        if self.cluster_heartbeat_ttl_ms < 2 * self.cluster_heartbeat_interval_ms {
+            return Err(format!(
+                "cluster_heartbeat_ttl_ms ({}) must be at least twice \
+                 cluster_heartbeat_interval_ms ({}), or one late heartbeat declares the node dead",
+                self.cluster_heartbeat_ttl_ms, self.cluster_heartbeat_interval_ms
+            ));
         }
         Ok(())
     }
@@ -486,6 +560,12 @@ impl Config {
         let mut shown = self.clone();
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
+        }
+        // A Redis password in the cluster URL (redis://:PASSWORD@HOST:PORT).
+        if let Some((scheme, rest)) = shown.cluster.as_deref().and_then(|u| u.split_once("://")) {
+            if let Some((_, host)) = rest.rsplit_once('@') {
+                shown.cluster = Some(format!("{scheme}://<redacted>@{host}"));
+            }
         }
         format!("{shown:?}")
     }
@@ -730,6 +810,51 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_all_or_nothing_and_name_a_reachable_ipv4_address() {
+        let load = |pairs: &[(&str, &str)]| Config::load(ServeArgs::default(), env(pairs));
+        let cluster = ("CHINWAG_CLUSTER", "redis://127.0.0.1:6379");
+        let node = ("CHINWAG_NODE", "3");
+        let link = ("CHINWAG_NODE_LISTEN", "10.0.0.3:7200");
+        let config = load(&[cluster, node, link]).unwrap();
+        assert_eq!(config.node, 3);
+        for (pairs, expected) in [
+            (vec![node], "give cluster too"),
+            (vec![link], "give cluster too"),
+            (vec![cluster, link], "needs node, a number 1..=4095"),
+            (vec![cluster, ("CHINWAG_NODE", "4096"), link], "1..=4095"),
+            (vec![cluster, node], "needs node_listen"),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "0.0.0.0:7200")],
+                "wildcard",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "10.0.0.3:0")],
+                "port 0",
+            ),
+            (
+                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "[::1]:7200")],
+                "IPv4",
+            ),
+            (
+                vec![("CHINWAG_CLUSTER", "127.0.0.1:6379"), node, link],
+                "redis://",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_CLUSTER_HEARTBEAT_TTL_MS", "1500"),
+                ],
+                "at least twice",
+            ),
+        ] {
+            let e = load(&pairs).unwrap_err();
+            assert!(e.contains(expected), "{pairs:?}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_environment_variables_are_named() {
         let unknown = unknown_env_vars(env(&[
             ("CHINWAG_LISTEN", "127.0.0.1:1"),
@@ -748,6 +873,15 @@ mod tests {
         };
         let shown = config.redacted();
         assert!(!shown.contains("s3cret"), "{shown}");
+        let clustered = Config {
+            cluster: Some("redis://:pa55word@10.0.0.1:6379".into()),
+            ..Config::default()
+        };
+        let shown = clustered.redacted();
+        assert!(
+            !shown.contains("pa55word") && shown.contains("redis://<redacted>@10.0.0.1:6379"),
+            "{shown}"
+        );
         assert!(
             shown.contains("<redacted>") && shown.contains("idle_timeout_ms"),
             "{shown}"

@@ -23,13 +23,16 @@ pub(crate) struct NodeState {
     pub config: Config,
     /// The secret that signs login tokens.
     pub jwt_secret: Vec<u8>,
-    /// This node's id, from its listening address.
+    /// This node's id: in a cluster, its number and node-link address; else from its client
+    /// address.
     pub node_id: NodeId,
     pub metrics: Box<[ShardMetrics]>,
     /// Which partitions this node owns and which shard serves each.
     pub partitions: Arc<crate::bus::PartitionMap>,
     /// The WeChat channel, when the configuration has WeChat accounts.
     pub wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    /// This node's membership, with `--cluster` (set before the shards start).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     draining: AtomicBool,
     /// Per shard: its connections are drained (or it has stopped). A shard keeps its listener
     /// (answering probes with 503) until every shard is done, because closing one listener of
@@ -60,6 +63,7 @@ impl NodeState {
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             partitions,
             wechat,
+            cluster: None,
             draining: AtomicBool::new(false),
             shards_drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
@@ -100,6 +104,9 @@ impl NodeState {
         });
         if let Some(wechat) = &self.wechat {
             wechat.metrics.render(&mut text);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.render_metrics(&mut text);
         }
         text
     }

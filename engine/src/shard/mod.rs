@@ -616,8 +616,8 @@ impl Shard {
         }
     }
 
-    /// A session completed its login: route its pushes here, and tell the dispatcher of an
-    /// agent's shop.
+    /// A session completed its login: route its pushes here, record the route in the cluster's
+    /// routing table (queued, never waited for), and tell the dispatcher of an agent's shop.
     fn logged_in(
         &mut self,
         to: SessionRef,
@@ -631,6 +631,9 @@ impl Shard {
             return;
         };
         metrics::add(&self.ctx.metrics().sessions_logged_in, 1);
+        if let Some(cluster) = &self.ctx.node.cluster {
+            cluster.route_login(uid, device, to);
+        }
         self.local.insert(
             uid,
             LocalDevice {
@@ -734,6 +737,9 @@ impl Shard {
         if let Some((uid, device, shop, _)) = session.app().logged_in() {
             let me = session.session_ref(&self.ctx);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
+            if let Some(cluster) = &self.ctx.node.cluster {
+                cluster.route_logout(uid, device, me);
+            }
             self.local.remove(uid, me.slot, me.generation);
             self.tell_owner(BusMsg::Unregister {
                 session: me,

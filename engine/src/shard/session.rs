@@ -314,6 +314,20 @@ impl Session {
             http::Request::Healthz { head } => {
                 let answer = if ctx.is_draining() {
                     http::draining()
+                } else if let Some(cluster) = &ctx.node.cluster {
+                    // In a cluster, health includes the node's view of it: Redis reachable,
+                    // the route subscription delivering (docs/cluster.md, "Health").
+                    let (healthy, detail) = cluster.healthz(ctx.unix_ms);
+                    let (status, first) = if healthy {
+                        ("200 OK", "ok")
+                    } else {
+                        ("503 Service Unavailable", "unhealthy")
+                    };
+                    http::response(
+                        status,
+                        "text/plain",
+                        format!("{first}\n{detail}").as_bytes(),
+                    )
                 } else {
                     http::response("200 OK", "text/plain", b"ok\n")
                 };

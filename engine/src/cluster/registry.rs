@@ -1,0 +1,717 @@
+//! The node registry, the cluster's metadata and the partition table, and the registry thread
+//! that keeps this node registered and writes its routes.
+//!
+//! A node number is held by whoever holds its heartbeat key (`chinwag:node:N:alive`, expiring
+//! after the heartbeat TTL). A starting node claims it with a script that succeeds only if the
+//! key is free, so a second node started with a live node's number is refused; a node that
+//! lost its key (Redis restarted, or the node could not reach it for longer than the TTL)
+//! claims it again when it can, registers again and rewrites its routes. Peers' liveness is
+//! read from the same keys every heartbeat.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use chinwag_protocol::NodeId;
+use crossbeam::channel::Receiver;
+
+use super::health::ClusterHealth;
+use super::redis_conn::{eval, RedisTarget};
+use super::redis_keys::{self as keys, RouteChange};
+use super::routes::{self, OwnRoutes, RouteOp};
+use crate::logic::unix_ms;
+
+/// A refusal to join: `Refused` is for the operator to fix (exit code 2), `Failed` a failure
+/// at run time (Redis unreachable, a malformed table; exit code 1).
+#[derive(Debug)]
+pub enum JoinError {
+    Refused(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinError::Refused(text) | JoinError::Failed(text) => f.write_str(text),
+        }
+    }
+}
+
+/// One partition's owner and fencing epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionEntry {
+    pub node: u16,
+    pub epoch: u64,
+}
+
+/// The partition → node table, as read at start (fixed while the node runs: moving
+/// partitions is issue 14's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionTable {
+    entries: Vec<PartitionEntry>,
+}
+
+impl PartitionTable {
+    /// Partitions `0..P` assigned round-robin over `nodes`, each at epoch 1.
+    pub fn round_robin(partitions: u32, nodes: &[u16]) -> PartitionTable {
+        PartitionTable {
+            entries: (0..partitions as usize)
+                .map(|p| PartitionEntry {
+                    node: nodes[p % nodes.len()],
+                    epoch: 1,
+                })
+                .collect(),
+        }
+    }
+
+    /// P.
+    pub fn count(&self) -> u32 {
+        self.entries.len() as u32
+    }
+
+    /// The owner of partition `p`.
+    pub fn get(&self, p: u32) -> Option<PartitionEntry> {
+        self.entries.get(p as usize).copied()
+    }
+
+    /// The partitions node `node` owns, ascending.
+    pub fn owned_by(&self, node: u16) -> Vec<u32> {
+        (0..self.count())
+            .filter(|&p| self.entries[p as usize].node == node)
+            .collect()
+    }
+
+    /// Reads the table of a cluster of `partitions` partitions.
+    pub fn load(
+        connection: &mut redis::Connection,
+        partitions: u32,
+    ) -> Result<PartitionTable, String> {
+        let table: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::PARTITIONS)
+            .query(connection)
+            .map_err(|e| format!("reading {}: {e}", keys::PARTITIONS))?;
+        let mut entries = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let text = table
+                .get(&p.to_string())
+                .ok_or_else(|| format!("{}: partition {p} has no owner", keys::PARTITIONS))?;
+            let (node, epoch) = keys::parse_partition_entry(text).ok_or_else(|| {
+                format!("{}: partition {p}: bad entry {text:?}", keys::PARTITIONS)
+            })?;
+            entries.push(PartitionEntry { node, epoch });
+        }
+        Ok(PartitionTable { entries })
+    }
+
+    /// The partitions of each node as ranges (`0-3,8`), for `chinwag cluster show`.
+    pub fn summary(&self) -> Vec<(u16, String)> {
+        let mut nodes: Vec<u16> = self.entries.iter().map(|e| e.node).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+            .into_iter()
+            .map(|node| (node, ranges(&self.owned_by(node))))
+            .collect()
+    }
+}
+
+/// `[0, 1, 2, 5]` as `0-2,5`.
+fn ranges(sorted: &[u32]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+/// The cluster's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterMeta {
+    pub partitions: u32,
+    pub created_ms: u64,
+}
+
+/// Reads the metadata; `Ok(None)` when no cluster was created in this Redis.
+pub fn load_meta(connection: &mut redis::Connection) -> Result<Option<ClusterMeta>, String> {
+    let meta: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::CLUSTER)
+        .query(connection)
+        .map_err(|e| format!("reading {}: {e}", keys::CLUSTER))?;
+    if meta.is_empty() {
+        return Ok(None);
+    }
+    let layout = meta.get("layout").and_then(|l| l.parse::<u32>().ok());
+    if layout != Some(keys::LAYOUT) {
+        return Err(format!(
+            "{}: layout {layout:?}, this build reads layout {}",
+            keys::CLUSTER,
+            keys::LAYOUT
+        ));
+    }
+    let partitions = meta
+        .get("partitions")
+        .and_then(|p| p.parse().ok())
+        .filter(|&p| p > 0)
+        .ok_or_else(|| format!("{}: no valid partitions field", keys::CLUSTER))?;
+    Ok(Some(ClusterMeta {
+        partitions,
+        created_ms: meta
+            .get("created_ms")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+    }))
+}
+
+/// The most partitions a cluster may have (each is a log directory on its owner).
+pub const PARTITIONS_MAX: u32 = crate::bus::partitions::PARTITIONS_MAX as u32;
+
+/// Creates a cluster of `partitions` partitions assigned round-robin to `nodes`. Fails, and
+/// changes nothing, when one exists already.
+pub fn init(target: &RedisTarget, nodes: &[u16], partitions: u32) -> Result<(), String> {
+    if nodes.is_empty() || nodes.iter().any(|&n| n == 0 || n > keys::NODE_MAX) {
+        return Err(format!("nodes must be numbers 1..={}", keys::NODE_MAX));
+    }
+    let mut distinct = nodes.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() != nodes.len() {
+        return Err("nodes must be distinct".into());
+    }
+    if partitions == 0 || partitions > PARTITIONS_MAX {
+        return Err(format!("partitions must be 1..={PARTITIONS_MAX}"));
+    }
+    let mut connection = target
+        .connect()
+        .map_err(|e| format!("cannot reach Redis at {}: {e}", target.url))?;
+    let table = PartitionTable::round_robin(partitions, nodes);
+    let mut args = vec![
+        partitions.to_string(),
+        unix_ms().to_string(),
+        keys::LAYOUT.to_string(),
+    ];
+    args.extend(table.entries.iter().map(|e| e.node.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let outcome: String = eval(
+        &mut connection,
+        keys::INIT_SCRIPT,
+        &[keys::CLUSTER, keys::PARTITIONS],
+        &args,
+    )
+    .map_err(|e| format!("creating the cluster: {e}"))?;
+    if outcome == "created" {
+        Ok(())
+    } else {
+        Err(format!(
+            "a cluster exists already in {} ({outcome} partitions); nothing was changed",
+            target.url
+        ))
+    }
+}
+
+/// A registered node as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub number: u16,
+    pub id: Option<NodeId>,
+    /// Its client port (WebSocket, HTTP).
+    pub client: String,
+    /// Its service port.
+    pub service: String,
+    /// Its node-link address.
+    pub link: String,
+    /// Its heartbeat key exists.
+    pub alive: bool,
+    /// Routes it wrote that are still in its route set.
+    pub routes: u64,
+}
+
+/// Reads every registered node.
+pub fn read_peers(connection: &mut redis::Connection) -> redis::RedisResult<Vec<Peer>> {
+    let mut numbers: Vec<u16> = redis::cmd("SMEMBERS")
+        .arg(keys::NODES)
+        .query::<Vec<String>>(connection)?
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .filter(|n| (1..=keys::NODE_MAX).contains(n))
+        .collect();
+    numbers.sort_unstable();
+    if numbers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for &n in &numbers {
+        pipe.cmd("HGETALL").arg(keys::node(n));
+        pipe.cmd("EXISTS").arg(keys::alive(n));
+        pipe.cmd("SCARD").arg(keys::node_routes(n));
+    }
+    type Row = (HashMap<String, String>, bool, u64);
+    let rows: Vec<Row> = pipe.query(connection)?;
+    Ok(numbers
+        .into_iter()
+        .zip(rows)
+        .map(|(number, (hash, alive, routes))| {
+            let field = |name: &str| hash.get(name).cloned().unwrap_or_default();
+            Peer {
+                number,
+                id: hash.get("id").and_then(|id| id.parse().ok()),
+                client: field("client"),
+                service: field("service"),
+                link: field("link"),
+                alive,
+                routes,
+            }
+        })
+        .collect())
+}
+
+/// The registered nodes as this node last read them, and whether each is alive.
+pub struct Peers {
+    alive: Box<[AtomicBool]>,
+    list: RwLock<Vec<Peer>>,
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers {
+            alive: (0..=keys::NODE_MAX)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            list: RwLock::default(),
+        }
+    }
+}
+
+impl Peers {
+    /// Whether node `node`'s heartbeat was there at the last read (lock-free).
+    pub fn is_alive(&self, node: u16) -> bool {
+        self.alive
+            .get(node as usize)
+            .is_some_and(|a| a.load(Relaxed))
+    }
+
+    /// Every registered node, ascending.
+    pub fn list(&self) -> Vec<Peer> {
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets who is alive without a Redis (for tests of what reads it).
+    #[cfg(test)]
+    pub fn set_alive_for_tests(&self, alive: &[(u16, bool)]) {
+        let peers = alive
+            .iter()
+            .map(|&(number, alive)| Peer {
+                number,
+                id: None,
+                client: String::new(),
+                service: String::new(),
+                link: String::new(),
+                alive,
+                routes: 0,
+            })
+            .collect();
+        self.set(peers);
+    }
+
+    fn set(&self, peers: Vec<Peer>) {
+        for flag in self.alive.iter() {
+            flag.store(false, Relaxed);
+        }
+        for peer in &peers {
+            self.alive[peer.number as usize].store(peer.alive, Relaxed);
+        }
+        *self.list.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+}
+
+/// What this node registers.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub node: u16,
+    pub id: NodeId,
+    pub client: SocketAddr,
+    pub service: SocketAddr,
+    pub link: SocketAddr,
+    /// This process's random token: tells its heartbeat from an earlier or later instance's.
+    pub token: String,
+    pub heartbeat_ttl: Duration,
+}
+
+impl Registration {
+    /// Claims the node number (or refreshes the claim). `Ok(false)`: another instance holds it.
+    /// Returns whether the claim is new, in `fresh`.
+    fn claim(&self, connection: &mut redis::Connection) -> redis::RedisResult<Claim> {
+        let ttl = self.heartbeat_ttl.as_millis().to_string();
+        let held: i64 = eval(
+            connection,
+            keys::CLAIM_SCRIPT,
+            &[&keys::alive(self.node)],
+            &[&self.token, &ttl],
+        )?;
+        Ok(match held {
+            1 => Claim::Refreshed,
+            2 => Claim::Fresh,
+            _ => Claim::Taken,
+        })
+    }
+
+    /// Writes the registry entry.
+    fn write(&self, connection: &mut redis::Connection) -> redis::RedisResult<()> {
+        redis::pipe()
+            .cmd("HSET")
+            .arg(keys::node(self.node))
+            .arg("id")
+            .arg(self.id.to_string())
+            .arg("client")
+            .arg(self.client.to_string())
+            .arg("service")
+            .arg(self.service.to_string())
+            .arg("link")
+            .arg(self.link.to_string())
+            .arg("started_ms")
+            .arg(unix_ms())
+            .arg("version")
+            .arg(env!("CARGO_PKG_VERSION"))
+            .ignore()
+            .cmd("SADD")
+            .arg(keys::NODES)
+            .arg(self.node)
+            .ignore()
+            .query(connection)
+    }
+
+    /// Gives the number up (if this instance still holds it).
+    fn release(&self, connection: &mut redis::Connection) -> redis::RedisResult<()> {
+        eval::<i64>(
+            connection,
+            keys::RELEASE_SCRIPT,
+            &[&keys::alive(self.node)],
+            &[&self.token],
+        )
+        .map(drop)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    Refreshed,
+    Fresh,
+    Taken,
+}
+
+/// Joins at start: checks the cluster's metadata against this node's `partitions`, claims the
+/// number, registers, removes the routes an earlier run of this node left, and reads the
+/// partition table and the peers. Returns the connection for the registry thread.
+pub fn join(
+    target: &RedisTarget,
+    registration: &Registration,
+    partitions: u32,
+    peers: &Peers,
+) -> Result<(redis::Connection, PartitionTable), JoinError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        JoinError::Failed(format!("cluster: Redis at {}: {e}", target.url))
+    };
+    let mut connection = target.connect().map_err(|e| {
+        JoinError::Failed(format!(
+            "cluster: cannot reach Redis at {}: {e}",
+            target.url
+        ))
+    })?;
+    let meta = load_meta(&mut connection)
+        .map_err(|e| failed(&e))?
+        .ok_or_else(|| {
+            JoinError::Refused(format!(
+                "cluster: no cluster in Redis at {url}: create it first with `chinwag cluster \
+                 init --cluster {url} --nodes 1,2,3 --partitions {partitions}`",
+                url = target.url
+            ))
+        })?;
+    if meta.partitions != partitions {
+        return Err(JoinError::Refused(format!(
+            "cluster: the cluster in Redis at {} has {} partitions, this node is set for {partitions}: \
+             start it with --partitions {} (P is fixed when a cluster is created)",
+            target.url, meta.partitions, meta.partitions
+        )));
+    }
+    let table = PartitionTable::load(&mut connection, partitions).map_err(|e| failed(&e))?;
+    let node = registration.node;
+    match registration
+        .claim(&mut connection)
+        .map_err(|e| failed(&e))?
+    {
+        Claim::Taken => {
+            return Err(JoinError::Refused(format!(
+                "cluster: node number {node} is held by a live node (its heartbeat {} has not \
+                 expired): give this node another --node, or stop the other one",
+                keys::alive(node)
+            )))
+        }
+        Claim::Fresh | Claim::Refreshed => {}
+    }
+    registration
+        .write(&mut connection)
+        .map_err(|e| failed(&e))?;
+    // The routes a crashed earlier run left: this run holds no session yet.
+    let stale = routes::sweep(&mut connection, node, true).map_err(|e| failed(&e))?;
+    if stale > 0 {
+        tracing::info!(
+            routes = stale,
+            "cluster: removed the routes of this node's earlier run"
+        );
+    }
+    peers.set(read_peers(&mut connection).map_err(|e| failed(&e))?);
+    Ok((connection, table))
+}
+
+/// The registry thread's settings and shared state.
+pub struct RegistryThread {
+    pub target: RedisTarget,
+    pub registration: Registration,
+    pub heartbeat_interval: Duration,
+    pub ops: Receiver<RouteOp>,
+    pub peers: Arc<Peers>,
+    pub health: Arc<ClusterHealth>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Ops taken from the queue per round, at most.
+const OPS_PER_ROUND: usize = 8192;
+
+/// How long the thread waits for ops before it looks at its clocks.
+const REGISTRY_TICK: Duration = Duration::from_millis(50);
+
+/// Dead nodes whose routes one heartbeat cleans up, at most (the rest wait for the next).
+const SWEEPS_PER_HEARTBEAT: usize = 4;
+
+impl RegistryThread {
+    /// Runs until `stop`, then deregisters. `connection` is the one [`join`] used.
+    pub fn run(self, connection: redis::Connection) {
+        let node = self.registration.node;
+        let mut own = OwnRoutes::default();
+        let mut connection = Some(connection);
+        self.health.redis_up.store(true, Relaxed);
+        self.health.ok(unix_ms());
+        let mut next_heartbeat = Instant::now() + self.heartbeat_interval;
+        let mut next_attempt = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        let mut pending: Vec<RouteChange> = Vec::new();
+        loop {
+            let stopping = self.stop.load(Relaxed);
+            // Take what the shards posted; the mirror changes whether or not Redis answers.
+            if let Ok(op) = self.ops.recv_timeout(if stopping {
+                Duration::ZERO
+            } else {
+                REGISTRY_TICK
+            }) {
+                pending.extend(own.apply(op, node));
+                for op in self.ops.try_iter().take(OPS_PER_ROUND) {
+                    pending.extend(own.apply(op, node));
+                }
+            }
+            if connection.is_none() {
+                // Unreachable: the mirror has it all, and the reconnection rewrites it whole.
+                pending.clear();
+            }
+            if connection.is_none() && Instant::now() >= next_attempt {
+                // Back: register again and rewrite every route (Redis may have restarted
+                // empty, or kept routes of sessions that ended meanwhile).
+                match self.reconnect(&own) {
+                    Ok(fresh) => {
+                        tracing::info!(
+                            routes = own.count(),
+                            "cluster: Redis reached again; registered and routes rewritten"
+                        );
+                        connection = Some(fresh);
+                        backoff = Duration::from_millis(50);
+                        self.health.redis_up.store(true, Relaxed);
+                        self.health.ok(unix_ms());
+                    }
+                    Err(e) => {
+                        self.health.error("registry reconnect", &e);
+                        next_attempt = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(routes::BACKOFF_MAX);
+                    }
+                }
+            }
+            if self.health.claim_lost.load(Relaxed) {
+                // Another process has this number: its routes are not ours to overwrite. If
+                // the number comes back to this node, it rewrites all of its routes then.
+                pending.clear();
+            }
+            if let Some(c) = connection.as_mut() {
+                let mut result = Ok(());
+                let called = !pending.is_empty() || Instant::now() >= next_heartbeat;
+                if !pending.is_empty() {
+                    result = routes::write(c, &pending);
+                    if result.is_ok() {
+                        self.health
+                            .route_writes
+                            .fetch_add(pending.len() as u64, Relaxed);
+                        pending.clear();
+                    }
+                }
+                if result.is_ok() && Instant::now() >= next_heartbeat && !stopping {
+                    result = self.heartbeat(c, &own);
+                    next_heartbeat = Instant::now() + self.heartbeat_interval;
+                }
+                match result {
+                    Ok(()) if called => self.health.ok(unix_ms()),
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: Redis call failed; retrying");
+                        self.health.error("registry", &e);
+                        self.health.redis_up.store(false, Relaxed);
+                        connection = None;
+                        // What was not written is rewritten whole on reconnection.
+                        pending.clear();
+                        next_attempt = Instant::now() + backoff;
+                    }
+                }
+            }
+            if stopping && self.ops.is_empty() {
+                break;
+            }
+        }
+        self.leave(connection);
+    }
+
+    /// A new connection, the number claimed again, the registry entry and every route
+    /// rewritten.
+    fn reconnect(&self, own: &OwnRoutes) -> Result<redis::Connection, String> {
+        let mut c = self.target.connect().map_err(|e| e.to_string())?;
+        if self.claim_checked(&mut c).map_err(|e| e.to_string())? == Claim::Taken {
+            // Its registry entry and routes are the other process's now: touch neither.
+            return Err(format!(
+                "node number {} is held by another process",
+                self.registration.node
+            ));
+        }
+        self.registration.write(&mut c).map_err(|e| e.to_string())?;
+        routes::rewrite_all(&mut c, own, self.registration.node).map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    /// Claims the number; records a conflict in the health (another instance has it).
+    fn claim_checked(&self, c: &mut redis::Connection) -> redis::RedisResult<Claim> {
+        let claim = self.registration.claim(c)?;
+        let taken = claim == Claim::Taken;
+        if taken && !self.health.claim_lost.load(Relaxed) {
+            tracing::error!(
+                node = self.registration.node,
+                "cluster: another instance holds this node's number; this node is not registered"
+            );
+        }
+        self.health.claim_lost.store(taken, Relaxed);
+        Ok(claim)
+    }
+
+    /// Refreshes the heartbeat (registering again if it had lapsed), reads the peers, and
+    /// cleans up after dead ones.
+    fn heartbeat(&self, c: &mut redis::Connection, own: &OwnRoutes) -> redis::RedisResult<()> {
+        match self.claim_checked(c)? {
+            Claim::Refreshed => {}
+            Claim::Fresh => {
+                tracing::warn!("cluster: this node's heartbeat had lapsed; registering again");
+                self.registration.write(c)?;
+                routes::rewrite_all(c, own, self.registration.node)?;
+            }
+            // The registry entry and the routes of this number are the other process's.
+            Claim::Taken => {}
+        }
+        let peers = read_peers(c)?;
+        let me = self.registration.node;
+        let dead: Vec<u16> = peers
+            .iter()
+            .filter(|p| !p.alive && p.routes > 0 && p.number != me)
+            .map(|p| p.number)
+            .take(SWEEPS_PER_HEARTBEAT)
+            .collect();
+        self.peers.set(peers);
+        for node in dead {
+            // One node cleans up after a dead one; the lock lapses if it dies meanwhile.
+            let lock: bool = redis::cmd("SET")
+                .arg(keys::sweep_lock(node))
+                .arg(me)
+                .arg("NX")
+                .arg("PX")
+                .arg(10_000)
+                .query::<Option<String>>(c)?
+                .is_some();
+            if lock {
+                let removed = routes::sweep(c, node, false)?;
+                tracing::info!(
+                    node,
+                    routes = removed,
+                    "cluster: removed a dead node's routes"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Deregisters on the way out: this node's routes removed, its number given up. Best
+    /// effort with the timeouts of every call: a node that cannot reach Redis leaves its
+    /// heartbeat to expire and its routes to its peers' cleanup.
+    fn leave(&self, connection: Option<redis::Connection>) {
+        let node = self.registration.node;
+        if self.health.claim_lost.load(Relaxed) {
+            tracing::warn!(
+                node,
+                "cluster: another process holds this node's number; leaving its routes alone"
+            );
+            return;
+        }
+        let connection = match connection {
+            Some(c) => Ok(c),
+            None => self.target.connect(),
+        };
+        let result = connection.and_then(|mut c| {
+            routes::sweep(&mut c, node, true)?;
+            self.registration.release(&mut c)
+        });
+        match result {
+            Ok(()) => tracing::info!(node, "cluster: deregistered"),
+            Err(e) => {
+                tracing::warn!(node, error = %e, "cluster: could not deregister; the heartbeat will lapse")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_spreads_partitions_and_summarises_them_as_ranges() {
+        let table = PartitionTable::round_robin(8, &[1, 2, 3]);
+        assert_eq!(table.count(), 8);
+        assert_eq!(table.get(0), Some(PartitionEntry { node: 1, epoch: 1 }));
+        assert_eq!(table.get(4).unwrap().node, 2);
+        assert_eq!(table.get(8), None);
+        assert_eq!(table.owned_by(3), [2, 5]);
+        assert_eq!(
+            table.summary(),
+            [
+                (1, "0,3,6".to_string()),
+                (2, "1,4,7".into()),
+                (3, "2,5".into())
+            ]
+        );
+        assert_eq!(ranges(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(ranges(&[]), "");
+    }
+}
