@@ -468,6 +468,7 @@ mod tests {
             let uid = Uid::new(UidKind::Buyer, 1000 + shards as u64);
             let shard = map.shard_of(&uid).unwrap();
             let session = crate::bus::SessionRef {
+                node: 0,
                 shard: 0,
                 slot: 1,
                 generation: 1,

@@ -111,13 +111,33 @@ pub fn error(code: ErrorCode, text: &str) -> Message<'_> {
     })
 }
 
-/// Where a session lives: its shard, its slab slot, and the generation that tells it apart
-/// from a later session in the same slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a session lives: its node, its shard, its slab slot, and the generation that tells it
+/// apart from a later session in the same slot.
+///
+/// `node` is the node's number in its cluster (12 bits, [`NODE_NUMBER_MAX`]; outside a
+/// cluster, the number its NodeId takes from the listen address): a message for a session of
+/// another node leaves by the node links (`cluster::link`), one for this node's goes to the
+/// shard's mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionRef {
-    pub shard: u32,
+    pub node: u16,
+    pub shard: u16,
     pub slot: u32,
     pub generation: u32,
+}
+
+/// The highest node number: the seed's NodeId layout gives it 12 bits.
+pub const NODE_NUMBER_MAX: u16 = 0x0fff;
+
+// A node's shards fit the session address's shard field.
+const _: () = assert!(SHARDS_MAX <= u16::MAX as usize + 1);
+
+impl SessionRef {
+    /// The session is one of node `node`'s (the shard compares it with its own number before
+    /// handing a message to a socket).
+    pub fn is_on(&self, node: u16) -> bool {
+        self.node == node
+    }
 }
 
 /// The one message that travels between shards. The first group goes to the owner of a
@@ -428,6 +448,21 @@ impl BusMsg {
             | BusMsg::Presence { origin, .. }
             | BusMsg::AgentStats { origin, .. }
             | BusMsg::Convs { origin, .. } => Some(origin.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// The session this message is for, for the messages that go to a session's shard (and,
+    /// in a cluster, to the session's node).
+    pub fn session(&self) -> Option<SessionRef> {
+        match self {
+            BusMsg::Deliver { to: session, .. }
+            | BusMsg::OwnProfile { session, .. }
+            | BusMsg::Registered { session, .. }
+            | BusMsg::Kick { session, .. }
+            | BusMsg::ConvsPart { session, .. }
+            | BusMsg::PresencePart { session, .. } => Some(*session),
+            BusMsg::StreamPart(part) => Some(part.session),
             _ => None,
         }
     }

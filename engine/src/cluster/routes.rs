@@ -489,6 +489,7 @@ mod tests {
 
     fn session(slot: u32) -> SessionRef {
         SessionRef {
+            node: 1,
             shard: 0,
             slot,
             generation: 1,

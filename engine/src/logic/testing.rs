@@ -18,7 +18,7 @@ pub const OWNER_SHARD: usize = 0;
 /// The node's shards in the tests: the owner and one more, so "to every shard" shows.
 pub const SHARDS: usize = 2;
 /// The shard holding every test session.
-pub const SESSION_SHARD: u32 = 1;
+pub const SESSION_SHARD: u16 = 1;
 
 /// An owner on a fresh log, fed messages one turn at a time.
 pub struct Harness {
@@ -59,6 +59,7 @@ impl Harness {
     pub fn new_session(&mut self) -> SessionRef {
         self.next_slot += 1;
         SessionRef {
+            node: 0,
             shard: SESSION_SHARD,
             slot: self.next_slot,
             generation: 1,

@@ -89,6 +89,23 @@ settings! {
     "Open service-port connections per shard; over it new ones are refused at accept"
     #[arg(value_name = "N")]
     backend_connections_per_shard_max: usize = 256, "256";
+    "Encoded bytes a node link may queue for one peer; over it, requests for that peer are \
+     answered unavailable at once and pushes dropped (docs/cluster.md, \"Node links\")"
+    #[arg(value_name = "BYTES")]
+    node_link_queue_bytes_max: usize = 64 << 20, "67108864";
+    "A request queued for a peer this long (the link down, or the peer too slow) is answered \
+     unavailable"
+    #[arg(value_name = "MS")]
+    node_link_request_timeout_ms: u64 = 5_000, "5000";
+    "An idle node link sends a heartbeat this often"
+    #[arg(value_name = "MS")]
+    node_link_heartbeat_ms: u64 = 1_000, "1000";
+    "A node link that received nothing this long is closed (and dialed again)"
+    #[arg(value_name = "MS")]
+    node_link_idle_timeout_ms: u64 = 5_000, "5000";
+    "Largest frame a peer may send on a node link; a longer one closes the link"
+    #[arg(value_name = "BYTES")]
+    node_link_frame_bytes_max: usize = 16 << 20, "16777216";
     "HTTP API requests (POST /api/<op> on the client port) one shard serves at once, each \
      holding up to --backend-frame-bytes-max of body; over it a request is answered 503"
     #[arg(value_name = "N")]
@@ -294,6 +311,20 @@ impl Config {
                 self.backend_connections_per_shard_max as u64,
             ),
             (
+                "node_link_queue_bytes_max",
+                self.node_link_queue_bytes_max as u64,
+            ),
+            (
+                "node_link_request_timeout_ms",
+                self.node_link_request_timeout_ms,
+            ),
+            ("node_link_heartbeat_ms", self.node_link_heartbeat_ms),
+            ("node_link_idle_timeout_ms", self.node_link_idle_timeout_ms),
+            (
+                "node_link_frame_bytes_max",
+                self.node_link_frame_bytes_max as u64,
+            ),
+            (
                 "api_requests_per_shard_max",
                 self.api_requests_per_shard_max as u64,
             ),
@@ -332,6 +363,19 @@ impl Config {
         {
             return Err(
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
+            );
+        }
+        // A link's heartbeats must come often enough that its peer never takes it for silent.
+        if self.node_link_heartbeat_ms >= self.node_link_idle_timeout_ms {
+            return Err(format!(
+                "node_link_heartbeat_ms ({}) must be less than node_link_idle_timeout_ms ({})",
+                self.node_link_heartbeat_ms, self.node_link_idle_timeout_ms
+            ));
+        }
+        // The largest frame must fit a peer's queue, or it could never be sent.
+        if self.node_link_queue_bytes_max < self.node_link_frame_bytes_max {
+            return Err(
+                "node_link_queue_bytes_max must hold one frame of node_link_frame_bytes_max".into(),
             );
         }
         // Anyone who can reach /dev/token can act as any user: only this machine may.

@@ -404,9 +404,114 @@ pub fn render(scrape: &Scrape) -> String {
     out
 }
 
+// Called by the node once cluster routing starts its links (issue 13, lead's integration).
+#[allow(dead_code)]
+/// Appends the node links' metrics, one sample per peer node (`peer="N"`), to a scrape: in a
+/// cluster, whether this node reaches each peer and what flows between them.
+pub(crate) fn render_links(out: &mut String, peers: &[crate::cluster::link::PeerStats]) {
+    type Stat = crate::cluster::link::PeerStats;
+    /// Name, type, help, and the value of one peer.
+    type Metric = (&'static str, &'static str, &'static str, fn(&Stat) -> u64);
+    let metrics: [Metric; 10] = [
+        (
+            "chinwag_link_connected",
+            "gauge",
+            "1 while the node link to the peer is up (handshake done).",
+            |p| u64::from(p.connected),
+        ),
+        (
+            "chinwag_link_queue_bytes",
+            "gauge",
+            "Encoded bytes queued for the peer, bounded by the link's queue_bytes_max.",
+            |p| p.queue_bytes,
+        ),
+        (
+            "chinwag_link_bytes_out_total",
+            "counter",
+            "Bus message bytes written to the peer.",
+            |p| p.bytes_out,
+        ),
+        (
+            "chinwag_link_bytes_in_total",
+            "counter",
+            "Bus message bytes read from the peer.",
+            |p| p.bytes_in,
+        ),
+        (
+            "chinwag_link_messages_out_total",
+            "counter",
+            "Bus messages written to the peer.",
+            |p| p.messages_out,
+        ),
+        (
+            "chinwag_link_messages_in_total",
+            "counter",
+            "Bus messages read from the peer.",
+            |p| p.messages_in,
+        ),
+        (
+            "chinwag_link_reconnects_total",
+            "counter",
+            "Times the link to the peer came up again after being down.",
+            |p| p.reconnects,
+        ),
+        (
+            "chinwag_link_unavailable_total",
+            "counter",
+            "Requests for the peer answered unavailable (queue full, timed out, link cut).",
+            |p| p.unavailable,
+        ),
+        (
+            "chinwag_link_dropped_total",
+            "counter",
+            "Pushes and replies for the peer dropped (queue full, timed out).",
+            |p| p.dropped,
+        ),
+        (
+            "chinwag_link_errors_total",
+            "counter",
+            "Link connections closed for a refused handshake, a malformed frame or silence.",
+            |p| p.errors,
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for peer in peers {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {}", peer.node, value(peer));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_one_sample_per_peer_link() {
+        let peers = [
+            crate::cluster::link::PeerStats {
+                node: 2,
+                connected: true,
+                bytes_out: 100,
+                ..Default::default()
+            },
+            crate::cluster::link::PeerStats {
+                node: 3,
+                reconnects: 4,
+                ..Default::default()
+            },
+        ];
+        let mut text = String::new();
+        render_links(&mut text, &peers);
+        assert!(text.contains("# TYPE chinwag_link_connected gauge\n"));
+        assert!(text.contains("chinwag_link_connected{peer=\"2\"} 1\n"));
+        assert!(text.contains("chinwag_link_connected{peer=\"3\"} 0\n"));
+        assert!(text.contains("chinwag_link_bytes_out_total{peer=\"2\"} 100\n"));
+        assert!(text.contains("chinwag_link_reconnects_total{peer=\"3\"} 4\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split(' ').count(), 2, "bad sample line {line:?}");
+        }
+    }
 
     #[test]
     fn renders_help_type_and_cumulative_buckets() {

@@ -76,7 +76,7 @@ pub trait Link {
     /// Starts the close handshake with `code`.
     fn close(&mut self, code: u16, reason: &str, why: CloseReason, ctx: &mut Context);
     /// The address other shards use for this connection.
-    fn session_ref(&self, shard: u32) -> SessionRef;
+    fn session_ref(&self, ctx: &Context) -> SessionRef;
     /// The endpoint of the open WebSocket, if it is still open.
     fn endpoint(&self) -> Option<Endpoint>;
 }
@@ -197,7 +197,7 @@ impl App {
                     next_gather_token: 0,
                 }));
                 let request = BusMsg::Register {
-                    session: session.session_ref(ctx.shard_id as u32),
+                    session: session.session_ref(ctx),
                     uid,
                     device_type: login.device,
                 };
@@ -437,7 +437,7 @@ impl App {
     ) -> Option<Origin> {
         let (uid, device, _, _) = self.logged_in()?;
         Some(Origin {
-            session: session.session_ref(ctx.shard_id as u32),
+            session: session.session_ref(ctx),
             uid,
             device,
             encoding,
@@ -534,12 +534,8 @@ mod tests {
             self.closed = Some((code, why));
         }
 
-        fn session_ref(&self, shard: u32) -> SessionRef {
-            SessionRef {
-                shard,
-                slot: 3,
-                generation: 1,
-            }
+        fn session_ref(&self, ctx: &Context) -> SessionRef {
+            ctx.session_ref(3, 1)
         }
 
         fn endpoint(&self) -> Option<Endpoint> {
@@ -637,7 +633,7 @@ mod tests {
         };
         let owner = ctx.partitions().shard_of(&uid).unwrap();
         assert_eq!((*shard, *who), (owner, uid));
-        assert_eq!(*session, link.session_ref(0));
+        assert_eq!(*session, link.session_ref(&ctx));
         assert!(link.sent.is_empty(), "login_ok waits for the owner");
         assert!(app.logged_in().is_none());
 

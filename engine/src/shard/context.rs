@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mio::Token;
 
 use crate::bus::post::Post;
-use crate::bus::BusMsg;
+use crate::bus::{BusMsg, SessionRef};
 use crate::net::ws::connection::WsLimits;
 use crate::operator::config::Config;
 use crate::operator::metrics::ShardMetrics;
@@ -64,6 +64,22 @@ pub struct Context {
 impl Context {
     pub fn metrics(&self) -> &ShardMetrics {
         &self.node.metrics[self.shard_id]
+    }
+
+    /// This node's number in its cluster (the node field of its NodeId).
+    pub fn node_number(&self) -> u16 {
+        self.node.node_id.unpack().number
+    }
+
+    /// The address of this shard's session in `slot` of `generation`.
+    pub fn session_ref(&self, slot: u32, generation: u32) -> SessionRef {
+        SessionRef {
+            node: self.node_number(),
+            // Fits: a node has at most `SHARDS_MAX` shards (asserted beside `SessionRef`).
+            shard: self.shard_id as u16,
+            slot,
+            generation,
+        }
     }
 
     pub fn is_draining(&self) -> bool {

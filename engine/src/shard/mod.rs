@@ -498,6 +498,17 @@ impl Shard {
 
     /// Acts on one message for this shard.
     fn handle(&mut self, msg: BusMsg) {
+        // Slots and generations mean something on their own node only: a message for a
+        // session of another node (a routing mistake) must not reach a session of this one.
+        if let Some(to) = msg.session() {
+            if !to.is_on(self.ctx.node_number()) {
+                tracing::warn!(
+                    node = to.node,
+                    "message for a session of another node dropped"
+                );
+                return;
+            }
+        }
         match msg {
             BusMsg::Deliver { to, ws_message } if to.slot & SERVICE_SLOT_BIT != 0 => {
                 let key = (to.slot & !SERVICE_SLOT_BIT) as usize;
@@ -724,7 +735,7 @@ impl Shard {
         // Dropping the stream closes the socket, which also takes it out of the epoll set.
         let session = self.sessions.remove(token.0);
         if let Some((uid, device, shop, _)) = session.app().logged_in() {
-            let me = session.session_ref(self.ctx.shard_id as u32);
+            let me = session.session_ref(&self.ctx);
             metrics::sub(&self.ctx.metrics().sessions_logged_in, 1);
             if let Some(cluster) = &self.ctx.node.cluster {
                 cluster.route_logout(uid, device, me);
@@ -827,11 +838,13 @@ mod tests {
 
         // The first session of the shard is slot 0, generation 1.
         let stale = SessionRef {
+            node: 1,
             shard: 0,
             slot: 0,
             generation: 2,
         };
         let live = SessionRef {
+            node: 1,
             shard: 0,
             slot: 0,
             generation: 1,

@@ -270,12 +270,8 @@ impl ServiceConn {
     }
 
     /// The address other shards use to answer this connection.
-    pub fn session_ref(&self, shard: u32) -> SessionRef {
-        SessionRef {
-            shard,
-            slot: self.slot | SERVICE_SLOT_BIT,
-            generation: self.generation,
-        }
+    pub fn session_ref(&self, ctx: &Context) -> SessionRef {
+        ctx.session_ref(self.slot | SERVICE_SLOT_BIT, self.generation)
     }
 
     fn token(&self) -> Token {
@@ -424,7 +420,7 @@ impl ServiceConn {
         ctx: &mut Context,
     ) {
         let shards = ctx.shards();
-        let me = self.session_ref(ctx.shard_id as u32);
+        let me = self.session_ref(ctx);
         let received = std::time::Instant::now();
         let origin = |uid: Uid| Origin {
             session: me,
@@ -605,8 +601,9 @@ impl ServiceConn {
             more: vec![false; shards],
             started: false,
         });
+        let me = self.session_ref(ctx);
         for shard in 0..shards {
-            stream.read(shard, self.session_ref(ctx.shard_id as u32), ctx);
+            stream.read(shard, me, ctx);
         }
         self.subscription = Some(stream);
     }
@@ -714,7 +711,7 @@ impl ServiceConn {
     /// service whose replies pile up (over a quarter of the send queue) is asked nothing more
     /// until it reads them: the log is the buffer, not memory.
     pub fn pump_stream(&mut self, poll: bool, ctx: &mut Context) {
-        let me = self.session_ref(ctx.shard_id as u32);
+        let me = self.session_ref(ctx);
         let backlog = self.outbox.len_bytes() > ctx.node.config.send_queue_bytes_max / 4;
         let Some(stream) = self.subscription.as_mut() else {
             return;

@@ -99,12 +99,8 @@ impl Session {
     }
 
     /// The address other shards use to send to this session.
-    pub fn session_ref(&self, shard: u32) -> SessionRef {
-        SessionRef {
-            shard,
-            slot: self.slot,
-            generation: self.generation,
-        }
+    pub fn session_ref(&self, ctx: &Context) -> SessionRef {
+        ctx.session_ref(self.slot, self.generation)
     }
 
     pub fn generation(&self) -> u32 {
@@ -523,8 +519,8 @@ impl Link for Session {
         Session::close(self, code, reason, why, ctx);
     }
 
-    fn session_ref(&self, shard: u32) -> SessionRef {
-        Session::session_ref(self, shard)
+    fn session_ref(&self, ctx: &Context) -> SessionRef {
+        Session::session_ref(self, ctx)
     }
 
     fn endpoint(&self) -> Option<Endpoint> {
