@@ -201,10 +201,14 @@ test('the gateway restarts mid-conversation; both pages recover every message on
     await phone.send({ conv, body });
   }
 
+  // The pages send what they held once they are back: wait for that before reading the
+  // stored conversation (the phone may be faster than the pages' reconnect).
+  for (const page of [buyer, agent]) {
+    await waitFor(page, () => document.querySelector('#status').dataset.state === 'connected' && !document.querySelector('.msg.sending'));
+  }
   const stored = (await phone.history(conv, { after: 0 })).msgs.map((m) => [m.seq, m.body]);
   assert.equal(stored.length, 10);
   for (const page of [buyer, agent]) {
-    await waitFor(page, () => document.querySelector('#status').dataset.state === 'connected');
     await waitFor(page, (n) => document.querySelectorAll('.msg[data-seq]').length >= n && !document.querySelector('.msg.sending'), stored.length);
     assert.deepEqual(await shown(page), stored);
     // The client library delivered each message once, in order (the page's merge by seq
