@@ -415,6 +415,15 @@ pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
 
+/// A service-port connection to `server`, authenticated as `service:1` with a token signed
+/// with `secret`.
+pub fn service_client(server: &Server, secret: &str) -> chinwag_protocol::service::ServiceClient {
+    let uid = chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1);
+    let token = mint_token(secret, uid);
+    chinwag_protocol::service::ServiceClient::connect(&server.backend_addr.to_string(), &token)
+        .expect("service connects")
+}
+
 /// A login token for `uid`, signed with `secret`, valid for ten minutes.
 pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
     mint_token_in_shop(secret, uid, None)

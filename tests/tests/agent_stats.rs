@@ -29,8 +29,7 @@ fn login(server: &Server, uid: Uid, shop: Option<ShopId>) -> Client {
 }
 
 fn service(server: &Server) -> ServiceClient {
-    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
-    ServiceClient::connect(&server.backend_addr.to_string(), &token).unwrap()
+    chinwag_tests::service_client(server, SECRET)
 }
 
 fn send(client: &mut Client, target: Target, cmid: &str) -> ConvId {

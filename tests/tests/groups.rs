@@ -25,8 +25,7 @@ fn token_for(uid: Uid) -> String {
 }
 
 fn service(server: &Server) -> ServiceClient {
-    let token = token_for(Uid::new(UidKind::Service, 1));
-    ServiceClient::connect(&server.backend_addr.to_string(), &token).expect("service connects")
+    chinwag_tests::service_client(server, SECRET)
 }
 
 fn buyer(id: u64) -> Uid {

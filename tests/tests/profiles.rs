@@ -29,8 +29,7 @@ fn args() -> [&'static str; 5] {
 }
 
 fn service(server: &Server) -> ServiceClient {
-    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
-    ServiceClient::connect(&server.backend_addr.to_string(), &token).expect("service connects")
+    chinwag_tests::service_client(server, SECRET)
 }
 
 fn client(server: &Server, uid: Uid, encoding: Encoding) -> Client {

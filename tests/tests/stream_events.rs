@@ -17,8 +17,7 @@ const SECRET: &str = "events-secret-events-secret-events";
 const ARGS: [&str; 3] = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
 
 fn service(server: &Server) -> ServiceClient {
-    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
-    let mut service = ServiceClient::connect(&server.backend_addr.to_string(), &token).unwrap();
+    let mut service = chinwag_tests::service_client(server, SECRET);
     service.set_timeout(Duration::from_secs(10)).unwrap();
     service
 }
