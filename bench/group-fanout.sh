@@ -16,8 +16,9 @@
 #
 #   DELAYS="0 2 5 10" RATES="50 200 1000" bench/group-fanout.sh - [DURATION_S]
 #
-# runs only the 10,000-member group, at every rate in RATES against one server per delay in
-# DELAYS (`--push-flush-delay-ms`), all with the same binary, and prints one table row per run.
+# runs only the group of MEMBERS (default 10,000) members, at every rate in RATES against one
+# server per delay in DELAYS (`--push-flush-delay-ms`), all with the same binary, and prints one
+# table row per run.
 #
 # Environment: NO_BUILD=1 skips the release build; CARGO_TARGET_DIR picks the binaries;
 # SERVER_ARGS adds flags to the server; RT=1 runs the server and the load generator with
@@ -83,24 +84,26 @@ if [ -n "${DELAYS:-}" ]; then
     start_server --push-flush-delay-ms "$delay"
     for r in ${RATES:-$rate}; do
       name="delay-$delay-rate-$r"
-      load "$name" --members 10000 --rate-per-s "$r" >/dev/null
+      load "$name" --members "${MEMBERS:-10000}" --rate-per-s "$r" >/dev/null
       names+=("$name")
       echo "$name done; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
     done
     stop_server
   done
-  python3 - "$work" "${names[@]}" <<'EOF'
+  python3 - "$work" "${MEMBERS:-10000}" "${names[@]}" <<'EOF'
 import json, sys
-work, names = sys.argv[1], sys.argv[2:]
-print("| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s | spread p50 / p99 (ms) | violations, failures |")
-print("|---:|---:|---:|---:|---:|---|---|")
+work, members, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+print("| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s | spread p50 / p99 (ms) | send to push p50 / p99 (ms) | violations, failures |")
+print("|---:|---:|---:|---:|---:|---|---|---|")
 for n in names:
     j = json.load(open(f"{work}/{n}.json"))
     _, delay, _, rate = n.split("-")
     s = j["latency"]["delivery_spread_us"]
-    print(f"| {delay} | {int(rate):,} | {j['deliveries_per_s']:,.0f} ({int(rate) * 10000:,}) | "
+    p = j["latency"]["send_to_push_us"]
+    print(f"| {delay} | {int(rate):,} | {j['deliveries_per_s']:,.0f} ({int(rate) * members:,}) | "
           f"{j['server_cpu_s']:.2f} | {j['deliveries_per_server_cpu_s']:,.0f} | "
-          f"{s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {j['violations']}, {j['failures_total']} |")
+          f"{s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {p['p50'] / 1000:.1f} / {p['p99'] / 1000:.1f} | "
+          f"{j['violations']}, {j['failures_total']} |")
 EOF
   exit 0
 fi
