@@ -10,7 +10,8 @@
 //! 3. drain the mailbox (bus messages: requests for this shard as an owner, replies and pushes
 //!    for its sessions), then commit the owner's log and send what the commit released;
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
-//!    socket leaves in one system call (write corking);
+//!    socket leaves in one system call (write corking); with `push_flush_delay_ms`, pushes
+//!    wait for the shard's push flush instead (outbox::HeldPushes), unless a reply goes first;
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
