@@ -7,12 +7,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::{
-    json, ConvId, ConvType, DeviceType, ErrorCode, Frame, Message, Uid, UidKind,
-};
-use chinwag_tests::{parse_response, Server};
+use chinwag_protocol::{json, ConvId, ConvType, ErrorCode, Frame, Message, Uid, UidKind};
+use chinwag_tests::{buyer, parse_response, push, Server};
 
 const SECRET: &str = "api-secret-api-secret-api-secret-api";
 const LONG: Duration = Duration::from_secs(5);
@@ -23,30 +21,8 @@ fn start(extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
-fn token_for(uid: Uid) -> String {
-    chinwag_tests::mint_token(SECRET, uid)
-}
-
 fn service_token() -> String {
-    token_for(Uid::new(UidKind::Service, 1))
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn client(server: &Server, uid: Uid) -> Client {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
-    client.login(&token_for(uid), DeviceType::Web).unwrap();
-    client
-}
-
-fn push(client: &mut Client) -> Message<'static> {
-    client
-        .next_push(LONG)
-        .unwrap()
-        .expect("a push within the timeout")
-        .message
+    chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1))
 }
 
 /// `POST /api/<op>` with the service token; fails the test unless it is answered 200.
@@ -68,7 +44,7 @@ fn refused(server: &Server, op: &str, body: &str) -> (u16, ErrorCode, String) {
 #[test]
 fn every_service_op_over_http_does_what_it_does_on_the_service_port() {
     let server = start(&[]);
-    let mut web = client(&server, buyer(1));
+    let mut web = server.login(buyer(1));
 
     // send_as: stored as the user, pushed to the other side, idempotent by cmid.
     let body = r#"{"from":"buyer:2","user":"buyer:1","cmid":"h-1","kind":"text","body":"hello"}"#;
@@ -224,7 +200,7 @@ fn bad_requests_get_the_status_and_error_code_that_say_why() {
         text.contains("Authorization"),
         "says what is missing: {text}"
     );
-    for token in ["a.b.c".to_string(), token_for(buyer(1))] {
+    for token in ["a.b.c".to_string(), server.token(buyer(1))] {
         let (status, message) = server.api("presence", &token, body);
         assert_eq!(status, 401);
         assert!(
@@ -232,7 +208,7 @@ fn bad_requests_get_the_status_and_error_code_that_say_why() {
             "{message:?}"
         );
     }
-    let (status, message) = server.api("notify_users", &token_for(buyer(1)), body);
+    let (status, message) = server.api("notify_users", &server.token(buyer(1)), body);
     assert_eq!(status, 401, "{message:?}");
 
     // 404: an op that is not a service request.

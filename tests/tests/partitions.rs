@@ -5,42 +5,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
     ConvId, Cursor, DeviceType, ErrorCode, History, HistoryRange, Message, Msg, Send, Seq, ShopId,
-    Target, Uid, UidKind,
+    Target, Uid,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{buyer, Server};
 
 const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 
-fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s + 3600,
-        },
-    )
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
+/// A binary client logged in as `uid`, and its device id.
 fn login(server: &Server, uid: Uid) -> (Client, u64) {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Binary).expect("connect");
-    let ok = client
-        .login(&token_for(uid, None), DeviceType::Web)
-        .expect("login accepted");
+    let (client, ok) = server.login_as(uid, None, DeviceType::Web, Encoding::Binary);
     (client, ok.device_id.get())
 }
 

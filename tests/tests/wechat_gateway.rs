@@ -10,10 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chinwag_engine::wechat::message::{Body, Message as WxMessage, OpenId};
 use chinwag_protocol::client::{Client, Encoding};
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
-    ConvId, DeviceType, History, HistoryRange, Message, Msg, Send, Seq, ShopId, Target, Uid,
-    UidKind,
+    ConvId, DeviceType, History, HistoryRange, Message, Msg, Send, Seq, Target, Uid, UidKind,
 };
 use chinwag_tests::wechat::driver::Driver;
 use chinwag_tests::wechat::standin::StandIn;
@@ -95,17 +93,11 @@ impl Setup {
     }
 
     fn agent(&self, id: u64) -> Client {
-        let mut client = Client::connect(&self.server.ws_url(), Encoding::Json).expect("connect");
-        let token = token::mint(
-            JWT.as_bytes(),
-            &Claims {
-                uid: Uid::new(UidKind::Agent, id),
-                shop: Some(ShopId(SHOP)),
-                exp: now_s() + 3600,
-            },
-        );
-        client.login(&token, DeviceType::Web).expect("login");
-        client
+        let uid = chinwag_tests::agent(id);
+        let shop = Some(SHOP);
+        self.server
+            .login_as(uid, shop, DeviceType::Web, Encoding::Json)
+            .0
     }
 }
 
