@@ -234,6 +234,55 @@ fn notify_reaches_every_device_of_the_users_and_no_one_else() {
     assert_eq!(convs.message, Message::ConvsOk(vec![]));
 }
 
+/// Regression test for the presence gather (session 3): a request's parts were matched by
+/// the service's `req`, so two requests in flight with the same `req` took each other's parts
+/// (one answered with a mix, or early and short). Parts are now matched by a token of the
+/// connection's own. Two requests with the same `req`, each spanning several of four shards,
+/// sent back to back again and again: each is answered once with exactly its own users.
+#[test]
+fn presence_requests_with_the_same_req_each_get_their_own_users() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--shards=4"]);
+    // Buyers 1..=8 online (their partitions spread them over the shards); 9..=24 offline.
+    let _online: Vec<Client> = (1..=8).map(|id| server.login(buyer(id))).collect();
+    let everyone: Vec<Uid> = (1..=8).chain(17..=24).map(buyer).collect();
+    let one: Vec<Uid> = std::iter::once(3).chain(9..=16).map(buyer).collect();
+    let online_of = |message: &Message<'static>| -> Vec<(Uid, usize)> {
+        let Message::PresenceOk(online) = message else {
+            panic!("expected presence_ok, got {message:?}")
+        };
+        online.iter().map(|o| (o.uid, o.devices.len())).collect()
+    };
+    let all_eight: Vec<(Uid, usize)> = (1..=8).map(|id| (buyer(id), 1)).collect();
+    let mut service = server.service();
+    for req in 100..130 {
+        for users in [&everyone, &one] {
+            let frame = chinwag_protocol::Frame::with_req(req, Message::Presence(users.clone()));
+            service.send_frame(&frame).unwrap();
+        }
+        let mut answers: Vec<Vec<(Uid, usize)>> = (0..2)
+            .map(|_| {
+                let frame = service.next_frame().expect("a presence answer");
+                assert_eq!(frame.req, Some(req), "{frame:?}");
+                online_of(&frame.message)
+            })
+            .collect();
+        // Replies may come in either order: each goes out when its last part is back.
+        answers.sort();
+        assert_eq!(
+            answers,
+            [all_eight.clone(), vec![(buyer(3), 1)]],
+            "round {req}"
+        );
+    }
+    // Nothing more comes: neither request was answered twice.
+    let mut quiet = service;
+    quiet.set_timeout(SHORT).unwrap();
+    assert!(
+        matches!(quiet.next_frame(), Err(ClientError::TimedOut)),
+        "an extra answer"
+    );
+}
+
 #[test]
 fn presence_lists_online_devices_and_kick_closes_them_with_4001() {
     let server = start();
