@@ -224,7 +224,8 @@ impl Server {
 
     /// `POST path` on the client port with a JSON `body` and, if given, `Authorization:
     /// Bearer token`, as curl sends it (the HTTP form of the service ops, docs/backend.md);
-    /// returns the status code and body. The server closes the connection after its answer.
+    /// returns the status code and body, read by its `Content-Length` (the server may keep
+    /// the connection for another request).
     pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
         let mut stream = self.tcp();
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
@@ -235,9 +236,8 @@ impl Server {
             body.len()
         )
         .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        parse_response(&response)
+        let response = read_response(&mut stream);
+        (response.status, response.body)
     }
 
     /// `POST /api/<op>` (`op` may carry a query) with `body` and a bearer `token`: the status,
@@ -398,6 +398,48 @@ pub fn read_head(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One HTTP response read from a connection that may stay open.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The status line and headers.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// Whether the server said it closes the connection after this response.
+    pub fn closes(&self) -> bool {
+        self.head
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n")
+    }
+}
+
+/// Reads one HTTP response: its head, then as many body bytes as its `Content-Length` says;
+/// fails the test if the connection ends first.
+pub fn read_response(stream: &mut TcpStream) -> HttpResponse {
+    let head = read_head(stream);
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "no whole response head: {head:?}"
+    );
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, value)| {
+            value.trim().parse().expect("a Content-Length")
+        });
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).expect("the whole body");
+    HttpResponse {
+        status: parse_response(&head).0,
+        head,
+        body: String::from_utf8(body).expect("a UTF-8 body"),
+    }
 }
 
 pub fn parse_response(response: &str) -> (u16, String) {

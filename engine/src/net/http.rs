@@ -1,6 +1,7 @@
 //! The HTTP/1.1 side of the client port: parsing one request head, telling what it asks for, and the
 //! fixed responses the gateway gives. Every plain HTTP answer closes the connection
-//! (`Connection: close`); only a WebSocket upgrade keeps it.
+//! (`Connection: close`); only a WebSocket upgrade keeps it, and an API request, whose
+//! connection then serves further API requests (net::api, "Keep-alive").
 
 use bytes::Bytes;
 
