@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::{DeviceType, ErrorCode, Frame, LoginOk, Message, Uid, UidKind};
+use chinwag_protocol::{
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, LoginOk, Message, Msg, Send, Seq,
+    Target, Uid, UidKind,
+};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::WebSocket;
 
@@ -554,6 +557,49 @@ pub fn push(client: &mut Client) -> Message<'static> {
         .expect("connection open")
         .expect("a push within the timeout")
         .message
+}
+
+/// The next `msg` push `client` receives, skipping other pushes (members, receipts); fails the
+/// test if none comes within [`WAIT`].
+pub fn next_msg(client: &mut Client) -> Msg<'static> {
+    loop {
+        match push(client) {
+            Message::Msg(push) => return push.msg,
+            _ => continue,
+        }
+    }
+}
+
+/// Sends a text message; fails the test unless it is stored. Its conversation and seq.
+pub fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
+    let reply = client
+        .call(Message::Send(Send {
+            target,
+            cmid: cmid.into(),
+            kind: "text".into(),
+            body: body.into(),
+        }))
+        .expect("send accepted");
+    match reply.message {
+        Message::SendOk(ok) => (ok.conv, ok.seq),
+        other => panic!("expected send_ok, got {other:?}"),
+    }
+}
+
+/// A page of `conv`'s history; fails the test unless it is answered.
+pub fn history(
+    client: &mut Client,
+    conv: ConvId,
+    range: HistoryRange,
+    limit: u16,
+) -> Vec<Msg<'static>> {
+    let reply = client
+        .call(Message::History(History { conv, range, limit }))
+        .expect("history answered");
+    match reply.message {
+        Message::HistoryOk(ok) => ok.msgs,
+        other => panic!("expected history_ok, got {other:?}"),
+    }
 }
 
 /// The error code of a request's reply; fails the test unless the request was refused.

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use chinwag_protocol::client::{Client, Encoding};
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::{
-    AgentStatsOk, ConvId, DeviceType, Message, Send, ShopId, Target, Uid, UidKind,
-};
+use chinwag_protocol::{AgentStatsOk, ConvId, DeviceType, Message, ShopId, Target, Uid, UidKind};
 use chinwag_tests::{agent, buyer, Server};
 
 const SECRET: &str = "stats-secret-stats-secret-stats-se";
@@ -16,18 +14,7 @@ const ARGS: [&str; 3] = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
 const SHOP: ShopId = ShopId(5);
 
 fn send(client: &mut Client, target: Target, cmid: &str) -> ConvId {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: format!("message {cmid}").into(),
-        }))
-        .unwrap();
-    match reply.message {
-        Message::SendOk(ok) => ok.conv,
-        other => panic!("expected send_ok, got {other:?}"),
-    }
+    chinwag_tests::send(client, target, cmid, &format!("message {cmid}")).0
 }
 
 /// The agent assigned to `conv`, once there is one (an agent's coming online reaches the

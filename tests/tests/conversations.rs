@@ -9,7 +9,7 @@ use chinwag_protocol::{
     ConvId, ConvType, Cursor, DeviceType, ErrorCode, Frame, History, HistoryRange, Message, Msg,
     Send, Seq, ShopId, Target, Uid,
 };
-use chinwag_tests::{agent, buyer, rejected, Server};
+use chinwag_tests::{agent, buyer, history, next_msg, rejected, send, Server};
 
 const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 const SHORT: Duration = Duration::from_millis(300);
@@ -27,50 +27,8 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: body.into(),
-        }))
-        .expect("send accepted");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
-    }
-}
-
-/// The next push that is a `msg`, skipping others (members, receipts).
-fn next_msg(client: &mut Client) -> Msg<'static> {
-    loop {
-        match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m.msg,
-            Some(_) => continue,
-            None => panic!("no msg push within {LONG:?}"),
-        }
-    }
-}
-
-/// The next push of any kind, or `None` if none comes within `wait`.
 fn next_push(client: &mut Client, wait: Duration) -> Option<Message<'static>> {
     client.next_push(wait).expect("push").map(|f| f.message)
-}
-
-fn history(
-    client: &mut Client,
-    conv: ConvId,
-    range: HistoryRange,
-    limit: u16,
-) -> Vec<Msg<'static>> {
-    let reply = client
-        .call(Message::History(History { conv, range, limit }))
-        .expect("history");
-    match reply.message {
-        Message::HistoryOk(ok) => ok.msgs,
-        other => panic!("expected history_ok, got {other:?}"),
-    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use chinwag_protocol::{
     ConvId, Cursor, DeviceType, ErrorCode, History, HistoryRange, Message, Msg, Send, Seq, ShopId,
     Target, Uid,
 };
-use chinwag_tests::{buyer, Server};
+use chinwag_tests::{buyer, history, Server};
 
 const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 
@@ -22,18 +22,7 @@ fn login(server: &Server, uid: Uid) -> (Client, u64) {
 }
 
 fn send(client: &mut Client, target: Target, cmid: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: format!("body {cmid}").into(),
-        }))
-        .expect("send answered");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
-    }
+    chinwag_tests::send(client, target, cmid, &format!("body {cmid}"))
 }
 
 /// Every message of `conv`, paging forward.
@@ -41,21 +30,12 @@ fn all_messages(client: &mut Client, conv: ConvId) -> Vec<Msg<'static>> {
     let mut out = Vec::new();
     let mut after = Seq(0);
     loop {
-        let reply = client
-            .call(Message::History(History {
-                conv,
-                range: HistoryRange::After(after),
-                limit: 200,
-            }))
-            .expect("history answered");
-        let Message::HistoryOk(page) = reply.message else {
-            panic!("expected history_ok, got {reply:?}")
-        };
-        let Some(last) = page.msgs.last() else {
+        let page = history(client, conv, HistoryRange::After(after), 200);
+        let Some(last) = page.last() else {
             return out;
         };
         after = last.seq;
-        out.extend(page.msgs);
+        out.extend(page);
     }
 }
 
