@@ -90,30 +90,16 @@ pub fn classify(
             text,
         )));
     };
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let token = header("authorization").and_then(|value| {
+    let token = http::header(request, "authorization").and_then(|value| {
         let (scheme, token) = value.trim().split_once(' ')?;
         scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned())
     });
-    let expect_continue =
-        header("expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
-    // `Connection` is a list of tokens; only `close` matters to a request of HTTP/1.1.
-    let close = request
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .filter_map(|h| std::str::from_utf8(h.value).ok())
-        .flat_map(|value| value.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"));
-    let keep_alive = request.version == Some(1) && !close;
+    let expect_continue = http::header(request, "expect")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    let keep_alive =
+        request.version == Some(1) && !http::header_has_token(request, "connection", "close");
     let mut wait_ms = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         if let Some(value) = pair.strip_prefix("wait_ms=") {
