@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # Group fan-out and notify benchmark (docs/benchmarks.md, "Groups and notify"): chinwag with one
-# shard pinned to CPU 0, the load generator (two worker processes) pinned to CPU 1, one chinwag
-# process for all runs (fresh users and groups each run):
-#   1. group of 10,000 logged-in members, SENDERS senders, RATE messages per second in all;
+# shard pinned to CPU 0, the load generator (two worker processes) pinned to CPU 1.
+#
+#   bench/group-fanout.sh [RATE] [DURATION_S] [NOTIFY_RATE]
+#
+# One chinwag process for all runs (fresh users and groups each run):
+#   1. group of 10,000 logged-in members, one sender, RATE messages per second in all;
 #   2. baseline in the same run: the same with 1,000 members;
 #   3. notify: the service sends notify_users naming 1,000 logged-in users, NOTIFY_RATE per second.
 # Prints each report and a summary: deliveries per second of server CPU time (utime+stime of the
 # server, read from /proc/PID/stat by the load generator's parent over the measured window),
 # delivery spread p50/p99, and the ratios 10,000 : 1,000.
-#   bench/group-fanout.sh [RATE] [DURATION_S] [NOTIFY_RATE]
+#
+# Sweep mode, for push_flush_delay_ms (docs/benchmarks.md, "Bounded push coalescing"):
+#
+#   DELAYS="0 2 5 10" RATES="50 200 1000" bench/group-fanout.sh - [DURATION_S]
+#
+# runs only the group of MEMBERS (default 10,000) members, at every rate in RATES against one
+# server per delay in DELAYS (`--push-flush-delay-ms`), all with the same binary, and prints one
+# table row per run.
+#
+# Environment: NO_BUILD=1 skips the release build; CARGO_TARGET_DIR picks the binaries;
+# SERVER_ARGS adds flags to the server; RT=1 runs the server and the load generator with
+# real-time priority (`chrt -f 50`, needs root) so that builds sharing the machine cannot take
+# their cores (the kernel still keeps 5 % of each core for others, sched_rt_runtime_us).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rate=${1:-50}
@@ -20,25 +35,80 @@ work=$(mktemp -d)
 secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 port=7471
 service=7472
+prio=()
+[ -z "${RT:-}" ] || prio=(chrt -f 50)
 # 10,000 connections on each side; every process stays under 20,000 files.
 ulimit -n 20000
-taskset -c 0 "$bin/chinwag" serve --listen 127.0.0.1:$port --backend-listen 127.0.0.1:$service \
-  --data-dir "$work/data" --shards 1 --jwt-secret "$secret" --messages-per-s-max 0 \
-  --fsync never --members-max 10000 --log-level warn 2>"$work/server.log" &
-server=$!
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 100); do grep -q listening "$work/server.log" && break; sleep 0.1; done
-grep -m1 'model name' /proc/cpuinfo
+server=""
+trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+start_server() { # extra flags...
+  rm -rf "$work/data"
+  : >"$work/server.log"
+  # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
+  "${prio[@]}" taskset -c 0 "$bin/chinwag" serve --listen 127.0.0.1:$port \
+    --backend-listen 127.0.0.1:$service --data-dir "$work/data" --shards 1 \
+    --jwt-secret "$secret" --messages-per-s-max 0 --fsync never --members-max 10000 \
+    --log-level warn ${SERVER_ARGS:-} "$@" 2>"$work/server.log" &
+  server=$!
+  # At --log-level warn the server says nothing when it is up: wait until the port answers.
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server did not start:" >&2; cat "$work/server.log" >&2; exit 1
+}
+
+stop_server() {
+  kill "$server"
+  wait "$server" || true
+  server=""
+}
 
 load() { # name args...
   local name=$1; shift
   echo "== $name"
-  taskset -c 1 "$bin/chinwag-loadgen" group --addr 127.0.0.1:$port \
+  "${prio[@]}" taskset -c 1 "$bin/chinwag-loadgen" group --addr 127.0.0.1:$port \
     --service-addr 127.0.0.1:$service --secret "$secret" --sources 8 --procs 2 \
     --warmup-s 2 --duration-s "$duration" --drain-s 20 --login-timeout-s 120 \
     --server-pid "$server" --quiet --json-out "$work/$name.json" "$@" | grep -v '^settings' || true
 }
 
+grep -m1 'model name' /proc/cpuinfo
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+if [ -n "${DELAYS:-}" ]; then
+  names=()
+  for delay in $DELAYS; do
+    start_server --push-flush-delay-ms "$delay"
+    for r in ${RATES:-$rate}; do
+      name="delay-$delay-rate-$r"
+      load "$name" --members "${MEMBERS:-10000}" --rate-per-s "$r" >/dev/null
+      names+=("$name")
+      echo "$name done; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    done
+    stop_server
+  done
+  python3 - "$work" "${MEMBERS:-10000}" "${names[@]}" <<'EOF'
+import json, sys
+work, members, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+print("| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s | spread p50 / p99 (ms) | send to push p50 / p99 (ms) | violations, failures |")
+print("|---:|---:|---:|---:|---:|---|---|---|")
+for n in names:
+    j = json.load(open(f"{work}/{n}.json"))
+    _, delay, _, rate = n.split("-")
+    s = j["latency"]["delivery_spread_us"]
+    p = j["latency"]["send_to_push_us"]
+    print(f"| {delay} | {int(rate):,} | {j['deliveries_per_s']:,.0f} ({int(rate) * members:,}) | "
+          f"{j['server_cpu_s']:.2f} | {j['deliveries_per_server_cpu_s']:,.0f} | "
+          f"{s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {p['p50'] / 1000:.1f} / {p['p99'] / 1000:.1f} | "
+          f"{j['violations']}, {j['failures_total']} |")
+EOF
+  exit 0
+fi
+
+start_server
 load group-10000 --members 10000 --rate-per-s "$rate"
 load group-1000 --members 1000 --rate-per-s "$rate"
 load notify-1000 --notify --members 1000 --rate-per-s "$notify_rate"

@@ -163,6 +163,12 @@ settings! {
     "Bytes queued for sending to one connection; over it the connection closes with 1008"
     #[arg(value_name = "BYTES")]
     send_queue_bytes_max: usize = 1024 * 1024, "1048576";
+    "Longest time a push (another's message, a notify) waits so that a connection's pushes \
+     are written together: each shard writes held pushes at most this often, one write per \
+     connection for all of them; replies to a client's own requests leave at once (with what \
+     is held). 0 = every loop turn, as soon as possible"
+    #[arg(value_name = "MS")]
+    push_flush_delay_ms: u64 = 0, "0";
     "Messages per second one connection may send; 0 = no limit"
     #[arg(value_name = "N")]
     messages_per_s_max: u32 = 100, "100";
@@ -237,6 +243,9 @@ settings! {
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
 }
+
+/// The longest `push_flush_delay_ms` accepted.
+pub const PUSH_FLUSH_DELAY_MS_MAX: u64 = 1_000;
 
 /// `--fsync`: the store's policy, by name.
 fn fsync_parser() -> impl TypedValueParser<Value = FsyncPolicy> {
@@ -376,6 +385,13 @@ impl Config {
             return Err(
                 "send_queue_bytes_max must hold at least one message of message_bytes_max".into(),
             );
+        }
+        // A push held longer than this would be a stall, not a batch.
+        if self.push_flush_delay_ms > PUSH_FLUSH_DELAY_MS_MAX {
+            return Err(format!(
+                "push_flush_delay_ms ({}) must be at most {PUSH_FLUSH_DELAY_MS_MAX}",
+                self.push_flush_delay_ms
+            ));
         }
         // A link's heartbeats must come often enough that its peer never takes it for silent.
         if self.node_link_heartbeat_ms >= self.node_link_idle_timeout_ms {
@@ -707,6 +723,15 @@ mod tests {
                 "members_max {members}"
             );
         }
+        let delay = |ms: &str| {
+            Config::load(
+                ServeArgs::default(),
+                env(&[("CHINWAG_PUSH_FLUSH_DELAY_MS", ms)]),
+            )
+        };
+        assert_eq!(delay("1000").unwrap().push_flush_delay_ms, 1000);
+        let refused = delay("1001").unwrap_err();
+        assert!(refused.contains("push_flush_delay_ms"), "{refused}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();

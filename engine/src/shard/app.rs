@@ -566,6 +566,7 @@ mod tests {
             unix_ms: 1_700_000_000_000,
             dirty: Vec::new(),
             read_again: Vec::new(),
+            held: Default::default(),
             handover: None,
             api_requests_open: 0,
         };

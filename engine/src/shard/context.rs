@@ -53,6 +53,8 @@ pub struct Context {
     pub(super) dirty: Vec<Token>,
     /// Sessions that used their read budget and may have more to read.
     pub(super) read_again: Vec<Token>,
+    /// Sessions holding pushes until the shard's next push flush (`push_flush_delay_ms`).
+    pub(super) held: super::outbox::HeldPushes,
     /// An API request (`POST /api/<op>`) a session just read the head of: the shard hands its
     /// socket to a service connection (shard::service) once the session's read returns.
     pub(super) handover: Option<Box<super::service::HttpHandover>>,

@@ -10,7 +10,8 @@
 //! 3. drain the mailbox (bus messages: requests for this shard as an owner, replies and pushes
 //!    for its sessions), then commit the owner's log and send what the commit released;
 //! 4. flush every dirty session with one vectored write: whatever the turn produced for a
-//!    socket leaves in one system call (write corking);
+//!    socket leaves in one system call (write corking); with `push_flush_delay_ms`, pushes
+//!    wait for the shard's push flush instead (outbox::HeldPushes), unless a reply goes first;
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
@@ -99,6 +100,7 @@ impl Shard {
         poll.registry()
             .register(&mut backend_listener, BACKEND_LISTENER, Interest::READABLE)?;
         let ws_limits = context::ws_limits(&node.config);
+        let held = outbox::HeldPushes::new(node.config.push_flush_delay_ms);
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -118,6 +120,7 @@ impl Shard {
                 unix_ms: logic::unix_ms(),
                 dirty: Vec::new(),
                 read_again: Vec::new(),
+                held,
                 handover: None,
                 api_requests_open: 0,
             },
@@ -144,7 +147,12 @@ impl Shard {
             // Reads posted after the last turn's mail (a stream pumped by a write) are taken
             // up at once.
             let timeout_ms = if self.ctx.read_again.is_empty() && self.ctx.post.is_empty() {
-                next_sweep_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
+                let wake_ms = self
+                    .ctx
+                    .held
+                    .due_ms()
+                    .map_or(next_sweep_ms, |due_ms| due_ms.min(next_sweep_ms));
+                wake_ms.saturating_sub(self.started.elapsed().as_millis() as u64)
             } else {
                 0
             };
@@ -207,6 +215,8 @@ impl Shard {
             if drained && self.ctx.now_ms >= drain_started_ms.saturating_add(close_timeout_ms) {
                 self.stop_accepting();
             }
+            let ctx = &mut self.ctx;
+            ctx.held.release_due(ctx.now_ms, &mut ctx.dirty);
             self.flush_dirty();
             if self.ctx.now_ms >= next_sweep_ms {
                 // Each tick covers tick/pass of the slab, so every slot is seen once a pass.
@@ -553,7 +563,7 @@ impl Shard {
                         // The table and the slab change together (login, `remove`).
                         if let Some(session) = self.sessions.get_mut(d.slot as usize) {
                             if session.generation() == d.generation {
-                                session.send(fanout.ws_message(d.encoding).clone(), &mut self.ctx);
+                                session.push(fanout.ws_message(d.encoding).clone(), &mut self.ctx);
                                 metrics::add(&self.ctx.metrics().pushes_delivered, 1);
                             }
                         }

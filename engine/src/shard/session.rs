@@ -49,6 +49,8 @@ pub struct Session {
     outbox: Outbox,
     /// Already in the shard's list of sessions to flush this turn.
     dirty: bool,
+    /// Pushes wait in the outbox for the shard's next push flush (listed in `ctx.held`).
+    held: bool,
     write_shut: bool,
     /// The peer's FIN was read while lingering: nothing more will come.
     peer_eof: bool,
@@ -92,6 +94,7 @@ impl Session {
             inbound: Vec::new(),
             outbox: Outbox::default(),
             dirty: false,
+            held: false,
             write_shut: false,
             peer_eof: false,
             app: App::default(),
@@ -393,8 +396,39 @@ impl Session {
     /// queued for this session. A session over `send_queue_bytes_max` is closed with 1008 and
     /// its queue dropped, so a reader that falls behind cannot hold memory.
     pub fn send(&mut self, frame: Bytes, ctx: &mut Context) {
-        if self.conn.endpoint().is_none() {
+        if self.admit(&frame, ctx) {
+            metrics::add(&ctx.metrics().frames_out, 1);
+            self.queue(frame, ctx);
+        }
+    }
+
+    /// Queues a push (a message of others, a notify: a [`crate::bus::Fanout`]'s frame), within
+    /// the same limits as [`Session::send`]. With `push_flush_delay_ms` set it is written at the
+    /// shard's next push flush (outbox::HeldPushes), with every push that came meanwhile, unless
+    /// something else gets this session written sooner: then it leaves in the same write, ahead
+    /// of what was queued after it.
+    pub fn push(&mut self, frame: Bytes, ctx: &mut Context) {
+        if !self.admit(&frame, ctx) {
             return;
+        }
+        metrics::add(&ctx.metrics().frames_out, 1);
+        if !ctx.held.enabled() || self.dirty {
+            self.queue(frame, ctx);
+            return;
+        }
+        metrics::add(&ctx.metrics().send_queue_bytes, frame.len() as u64);
+        self.outbox.push(frame);
+        if !self.held {
+            self.held = true;
+            ctx.held.hold(Token(self.slot as usize), ctx.now_ms);
+        }
+    }
+
+    /// Whether `frame` may be queued: the session is a WebSocket, and its queue stays within
+    /// `send_queue_bytes_max`. Over it, the queue is dropped and the session closed with 1008.
+    fn admit(&mut self, frame: &Bytes, ctx: &mut Context) -> bool {
+        if self.conn.endpoint().is_none() {
+            return false;
         }
         if self.outbox.len_bytes() + frame.len() > ctx.node.config.send_queue_bytes_max {
             let dropped = self.outbox.clear();
@@ -405,12 +439,12 @@ impl Session {
                 CloseReason::SendQueueFull,
                 ctx,
             );
-            return;
+            return false;
         }
-        metrics::add(&ctx.metrics().frames_out, 1);
-        self.queue(frame, ctx);
+        true
     }
 
+    /// Queues bytes to be written at the end of this loop turn, with whatever is held.
     fn queue(&mut self, bytes: Bytes, ctx: &mut Context) {
         metrics::add(&ctx.metrics().send_queue_bytes, bytes.len() as u64);
         self.outbox.push(bytes);
@@ -437,6 +471,9 @@ impl Session {
     /// Returns `true` if the connection is done.
     pub fn flush(&mut self, ctx: &mut Context) -> bool {
         self.dirty = false;
+        // Held pushes go too: they are ahead of anything queued after them. The shard's list
+        // may still name this session; writing it again then finds nothing to write.
+        self.held = false;
         while !self.outbox.is_empty() {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
@@ -575,7 +612,199 @@ fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chinwag_protocol::token::{self, Claims};
+    use chinwag_protocol::{Uid, UidKind};
+    use mio::Poll;
+
     use super::*;
+    use crate::bus::mailbox::Mailbox;
+    use crate::bus::post::PostOffice;
+    use crate::bus::{BusMsg, Fanout};
+    use crate::logic::Owner;
+    use crate::operator::config::Config;
+    use crate::operator::NodeState;
+    use crate::shard::{Shard, WAKER};
+
+    const SECRET: &[u8] = b"push-flush-secret-push-flush-secret";
+
+    /// A one-shard node on an ephemeral port, and a client logged in on it as `uid` (JSON),
+    /// past its `login_ok`. The session is slot 0, generation 1: the shard's first.
+    struct Node {
+        node: Arc<NodeState>,
+        office: Arc<PostOffice>,
+        thread: std::thread::JoinHandle<io::Result<()>>,
+        client: std::net::TcpStream,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        fn start(config: Config, uid: Uid) -> Node {
+            let poll = Poll::new().unwrap();
+            let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+            let node = Arc::new(NodeState::new(
+                config,
+                SECRET.to_vec(),
+                Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
+                None,
+            ));
+            let office = Arc::new(PostOffice::new(vec![Mailbox::new(64, waker)]));
+            let listen = "127.0.0.1:0".parse().unwrap();
+            let listener = crate::net::listener::bind(listen).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let backend_listener = crate::net::listener::bind(listen).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let owner = Owner::for_tests(0, 1, dir.path());
+            let shard = Shard::new(
+                0,
+                Arc::clone(&node),
+                Arc::clone(&office),
+                poll,
+                listener,
+                backend_listener,
+                owner,
+            )
+            .unwrap();
+            let thread = std::thread::spawn(move || shard.run());
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            // A guard against a hang, not a measurement: every frame these tests wait for
+            // is due within milliseconds.
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            client
+                .write_all(
+                    b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                )
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                client.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"));
+            let claims = Claims {
+                uid,
+                shop: None,
+                exp: crate::logic::unix_ms() / 1000 + 3600,
+            };
+            let login = format!(
+                r#"{{"op":"login","req":1,"token":"{}","device":"web"}}"#,
+                token::mint(SECRET, &claims)
+            );
+            // A client frame must be masked; a zero key leaves the payload as it is.
+            let len = u16::try_from(login.len()).unwrap().to_be_bytes();
+            let mut frame = vec![0x81, 0x80 | 126, len[0], len[1], 0, 0, 0, 0];
+            frame.extend_from_slice(login.as_bytes());
+            client.write_all(&frame).unwrap();
+            let mut node = Node {
+                node,
+                office,
+                thread,
+                client,
+                _dir: dir,
+            };
+            let reply = node.read_text();
+            assert!(reply.contains("login_ok"), "{reply}");
+            node
+        }
+
+        /// The payload of the next server frame, which must be an unfragmented text frame.
+        fn read_text(&mut self) -> String {
+            let mut head = [0u8; 2];
+            self.client.read_exact(&mut head).unwrap();
+            assert_eq!(head[0], 0x81, "a whole text frame");
+            let len = match head[1] {
+                126 => {
+                    let mut len = [0u8; 2];
+                    self.client.read_exact(&mut len).unwrap();
+                    usize::from(u16::from_be_bytes(len))
+                }
+                len => usize::from(len),
+            };
+            let mut payload = vec![0u8; len];
+            self.client.read_exact(&mut payload).unwrap();
+            String::from_utf8(payload).unwrap()
+        }
+
+        fn post(&self, msg: BusMsg) {
+            self.office.mailbox(0).send(msg).unwrap();
+        }
+
+        fn stop(self) {
+            self.node.start_drain();
+            self.office.wake_all();
+            drop(self.client);
+            self.thread.join().unwrap().unwrap();
+        }
+    }
+
+    fn push(uid: Uid, text: &str) -> BusMsg {
+        let frame = frame::encode(Opcode::Text, text.as_bytes());
+        BusMsg::Push(Arc::new(Fanout {
+            users: [uid].into_iter().collect(),
+            except: None,
+            json: frame.clone(),
+            binary: frame,
+        }))
+    }
+
+    /// The first session of the shard (slot 0, generation 1).
+    fn first_session() -> SessionRef {
+        SessionRef {
+            node: 1,
+            shard: 0,
+            slot: 0,
+            generation: 1,
+        }
+    }
+
+    /// With a push flush delay far longer than the test may run, a reply to the client still
+    /// leaves at once, and the pushes held before it go out ahead of it, in order.
+    #[test]
+    fn held_pushes_leave_in_order_ahead_of_a_reply_that_is_not_held() {
+        let uid = Uid::new(UidKind::Buyer, 7);
+        let config = Config {
+            // An hour: were the reply held too, the read below would fail.
+            push_flush_delay_ms: 3_600_000,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        node.post(push(uid, "push 1"));
+        node.post(push(uid, "push 2"));
+        node.post(BusMsg::Deliver {
+            to: first_session(),
+            ws_message: frame::encode(Opcode::Text, b"reply"),
+        });
+        assert_eq!(node.read_text(), "push 1");
+        assert_eq!(node.read_text(), "push 2");
+        assert_eq!(node.read_text(), "reply");
+        node.stop();
+    }
+
+    /// Held pushes are written when the shard's push flush is due, with no other traffic to
+    /// carry them, and in order.
+    #[test]
+    fn held_pushes_are_written_by_the_shards_flush() {
+        let uid = Uid::new(UidKind::Buyer, 8);
+        let config = Config {
+            push_flush_delay_ms: 5,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        for i in 0..20 {
+            node.post(push(uid, &format!("push {i}")));
+        }
+        for i in 0..20 {
+            assert_eq!(node.read_text(), format!("push {i}"));
+        }
+        node.stop();
+    }
 
     #[test]
     fn idle_session_is_small() {

@@ -1,0 +1,100 @@
+//! `push_flush_delay_ms` against the real binary: held pushes arrive in order, ahead of the
+//! reply to the client's next request, and by themselves when the shard's flush is due.
+
+use std::time::Duration;
+
+use chinwag_protocol::client::{Client, Encoding};
+use chinwag_protocol::{
+    DeviceType, History, HistoryRange, Message, Send, Seq, Target, Uid, UidKind,
+};
+use chinwag_tests::Server;
+
+const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
+
+fn login(server: &Server, uid: Uid) -> Client {
+    let mut client = Client::connect(&server.ws_url(), Encoding::Json).expect("connect");
+    client
+        .login(&chinwag_tests::mint_token(SECRET, uid), DeviceType::Web)
+        .expect("login accepted");
+    client
+}
+
+/// The seqs of the `msg` pushes already received, without waiting for more.
+fn received_seqs(client: &mut Client) -> Vec<Seq> {
+    let mut seqs = Vec::new();
+    while let Some(frame) = client.next_push(Duration::ZERO).expect("push") {
+        if let Message::Msg(m) = frame.message {
+            seqs.push(m.msg.seq);
+        }
+    }
+    seqs
+}
+
+#[test]
+fn held_pushes_arrive_in_order_before_the_next_reply_and_on_their_own() {
+    // One shard, so a push is queued for bob before alice's send_ok leaves; a delay of a
+    // second holds it well past the point where bob asks for his history.
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--shards=1",
+        "--messages-per-s-max=0",
+        "--push-flush-delay-ms=1000",
+    ]);
+    let alice = Uid::new(UidKind::Buyer, 1);
+    let bob = Uid::new(UidKind::Buyer, 2);
+    let mut a = login(&server, alice);
+    let mut b = login(&server, bob);
+    let mut conv = None;
+    for i in 0..20 {
+        // Each send_ok is a reply: it is not held.
+        let reply = a
+            .call(Message::Send(Send {
+                target: Target::User(bob),
+                cmid: format!("m{i}").into(),
+                kind: "text".into(),
+                body: format!("{i}").into(),
+            }))
+            .expect("send accepted");
+        let Message::SendOk(ok) = reply.message else {
+            panic!("expected send_ok, got {reply:?}");
+        };
+        conv = Some(ok.conv);
+    }
+    let conv = conv.expect("twenty sends");
+    // Bob's request: its reply leaves at once and takes the held pushes along, ahead of it.
+    let reply = b
+        .call(Message::History(History {
+            conv,
+            range: HistoryRange::Newest,
+            limit: 50,
+        }))
+        .expect("history");
+    let Message::HistoryOk(history) = reply.message else {
+        panic!("expected history_ok, got {reply:?}");
+    };
+    assert_eq!(history.msgs.len(), 20);
+    let expected: Vec<Seq> = (1..=20).map(Seq).collect();
+    assert_eq!(
+        received_seqs(&mut b),
+        expected,
+        "held pushes, before the reply"
+    );
+
+    // With no request to carry it, a push goes out when the shard's flush is due.
+    a.call(Message::Send(Send {
+        target: Target::Conv(conv),
+        cmid: "last".into(),
+        kind: "text".into(),
+        body: "last".into(),
+    }))
+    .expect("send accepted");
+    let push = b
+        .next_push(Duration::from_secs(10))
+        .expect("push")
+        .expect("the held push, written by the shard's flush");
+    let Message::Msg(m) = push.message else {
+        panic!("expected a msg push, got {push:?}");
+    };
+    assert_eq!(m.msg.seq, Seq(21));
+}
