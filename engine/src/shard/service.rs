@@ -459,9 +459,7 @@ impl ServiceConn {
                     ts: ctx.unix_ms,
                 });
                 let fanout = Arc::new(Fanout::new(m.users.into_iter().collect(), None, notify));
-                for shard in 0..shards {
-                    ctx.post.to(shard, BusMsg::Push(Arc::clone(&fanout)));
-                }
+                ctx.post.fanout(fanout);
                 self.reply(req, Message::NotifyUsersOk(count), ctx);
             }
             Message::Kick(kick) => {
@@ -749,15 +747,12 @@ impl ServiceConn {
         self.post_to_owner(req, request, ctx);
     }
 
-    /// Posts a request to the owner of its subject; a conversation id naming a shard this
-    /// node does not have is answered `not_found` here.
+    /// Posts a request to the owner of its subject, here or on its node; a conversation id
+    /// naming no partition is answered `not_found` here, one of a node that is down
+    /// `unavailable`.
     fn post_to_owner(&mut self, req: Option<u64>, request: BusMsg, ctx: &mut Context) {
-        if ctx.post_to_owner(request).is_err() {
-            self.reply(
-                req,
-                bus::error(ErrorCode::NotFound, "no such conversation"),
-                ctx,
-            )
+        if let Err(unrouted) = ctx.post_to_owner(request) {
+            self.reply(req, bus::error(unrouted.code, unrouted.text), ctx)
         }
     }
 
