@@ -369,3 +369,197 @@ impl Post {
         Some(BusMsg::Push(fanout))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::{ConvId, Cursor, DeviceId, Seq, Uid, UidKind};
+    use mio::{Poll, Token, Waker};
+    use smallvec::smallvec;
+
+    use super::*;
+    use crate::bus::{Origin, SessionRef};
+    use crate::cluster::link::{Inbox, LinkConfig};
+    use crate::cluster::redis_keys::RouteChange;
+    use crate::cluster::registry::{PartitionTable, Peers};
+
+    const P: u32 = 12;
+    const SHARDS: usize = 2;
+
+    struct NoInbox;
+    impl Inbox for NoInbox {
+        fn deliver(&mut self, _: u16, _: BusMsg) -> Option<BusMsg> {
+            None
+        }
+        fn peer_changed(&mut self, _: u16, _: bool) {}
+    }
+
+    fn session(node: u16, shard: u16) -> SessionRef {
+        SessionRef {
+            node,
+            shard,
+            slot: 3,
+            generation: 4,
+        }
+    }
+
+    fn read(node: u16, conv: ConvId) -> BusMsg {
+        BusMsg::Read {
+            origin: Box::new(Origin {
+                session: session(node, 0),
+                uid: Uid::new(UidKind::Buyer, 1),
+                device: DeviceId::from_u64(2).unwrap(),
+                encoding: chinwag_protocol::client::Encoding::Json,
+                req: Some(5),
+                service: false,
+                received: std::time::Instant::now(),
+            }),
+            cursor: Cursor { conv, seq: Seq(1) },
+        }
+    }
+
+    fn deliver(to: SessionRef) -> BusMsg {
+        BusMsg::Deliver {
+            to,
+            ws_message: bytes::Bytes::from_static(b"\x81\x00"),
+        }
+    }
+
+    /// A post office of a node with two shards; in a cluster, node 1 of nodes 1, 2 and 3
+    /// (partition p on node p % 3 + 1), with node 3 down. Its polls must outlive it.
+    fn office(
+        cluster: bool,
+    ) -> (
+        Arc<PostOffice>,
+        Vec<Poll>,
+        Option<crate::cluster::link::LinkThread>,
+    ) {
+        let polls: Vec<Poll> = (0..SHARDS).map(|_| Poll::new().unwrap()).collect();
+        let mailboxes = polls
+            .iter()
+            .map(|poll| Mailbox::new(4, Waker::new(poll.registry(), Token(0)).unwrap()))
+            .collect();
+        if !cluster {
+            let map = Arc::new(PartitionMap::single_node(P as usize, SHARDS));
+            return (Arc::new(PostOffice::new(mailboxes, map)), polls, None);
+        }
+        let table = PartitionTable::round_robin(P, &[1, 2, 3]);
+        let peers = Arc::new(Peers::default());
+        peers.set_alive_for_tests(&[(1, true), (2, true), (3, false)]);
+        let cluster = Cluster::for_tests(1, table, peers);
+        let assignment = (0..P)
+            .map(|p| (p % 3 == 0).then_some(((p / 3) % SHARDS as u32) as u16))
+            .collect();
+        let map = Arc::new(PartitionMap::from_assignment(assignment, SHARDS));
+        let office = Arc::new(PostOffice::new(mailboxes, map));
+        let config = LinkConfig::new("test", 1, "127.0.0.1:0".parse().unwrap());
+        let (links, thread) = Links::start(config, NoInbox).unwrap();
+        office.join_cluster(cluster, links);
+        (office, polls, Some(thread))
+    }
+
+    /// A conversation id in partition `p`.
+    fn conv(p: u64) -> ConvId {
+        ConvId(1 << 16 | p)
+    }
+
+    #[test]
+    fn the_single_node_routes_by_its_map_and_knows_no_other_node() {
+        let (office, _polls, _) = office(false);
+        assert_eq!(office.hop(&read(0, conv(3))), Hop::Shard(1));
+        assert_eq!(office.hop(&read(0, conv(4))), Hop::Shard(0));
+        assert_eq!(
+            office.hop(&read(0, conv(u64::from(P)))),
+            Hop::Nowhere,
+            "forged"
+        );
+        // A session's message goes to its shard; the shard checks the node.
+        assert_eq!(office.hop(&deliver(session(9, 1))), Hop::Shard(1));
+    }
+
+    #[test]
+    fn a_cluster_node_routes_to_its_shards_the_owner_node_or_nowhere() {
+        let (office, _polls, _links) = office(true);
+        // Partition 3 is this node's (its second one: shard 1), 4 node 2's, 5 node 3's.
+        assert_eq!(office.hop(&read(1, conv(3))), Hop::Shard(1));
+        assert_eq!(office.hop(&read(1, conv(4))), Hop::Node(2));
+        assert_eq!(
+            office.hop(&read(1, conv(5))),
+            Hop::Down,
+            "node 3's heartbeat lapsed"
+        );
+        assert_eq!(office.hop(&read(1, conv(u64::from(P)))), Hop::Nowhere);
+        assert_eq!(office.hop(&deliver(session(1, 1))), Hop::Shard(1));
+        assert_eq!(office.hop(&deliver(session(2, 0))), Hop::Node(2));
+        // A node that is down is its session's node still: the link drops it.
+        assert_eq!(office.hop(&deliver(session(3, 0))), Hop::Node(3));
+    }
+
+    #[test]
+    fn a_request_for_a_node_that_is_down_is_answered_unavailable_on_its_session() {
+        let (office, _polls, _links) = office(true);
+        let metrics = ShardMetrics::default();
+        let post = Post::new(0, Arc::clone(&office));
+        let back = post.send(To::Named, read(1, conv(5)), &metrics);
+        let Some(BusMsg::Deliver { to, ws_message }) = back else {
+            panic!("{back:?}");
+        };
+        assert_eq!(to, session(1, 0));
+        let text = String::from_utf8_lossy(&ws_message);
+        assert!(
+            text.contains(r#""code":"unavailable""#) && text.contains(r#""req":5"#),
+            "{text}"
+        );
+        // A forged id: not found, on the session's shard (here the asker is on shard 0).
+        let back = post.send(To::Named, read(1, conv(99)), &metrics);
+        let Some(BusMsg::Deliver { ws_message, .. }) = back else {
+            panic!("{back:?}");
+        };
+        assert!(String::from_utf8_lossy(&ws_message).contains(r#""code":"not_found""#));
+    }
+
+    #[test]
+    fn a_push_goes_once_to_each_live_node_holding_a_members_device() {
+        let (office, _polls, _links) = office(true);
+        let c = office.cluster.get().unwrap();
+        let (a, b, x) = (
+            Uid::new(UidKind::Buyer, 1),
+            Uid::new(UidKind::Buyer, 2),
+            Uid::new(UidKind::Buyer, 3),
+        );
+        for (node, uid, device) in [(1, a, 10), (2, a, 11), (2, b, 12), (3, b, 13), (2, x, 14)] {
+            c.cluster.routes.apply(RouteChange {
+                added: true,
+                node,
+                uid,
+                device: DeviceId::from_u64(device).unwrap(),
+            });
+        }
+        let fanout = |users| Fanout::new(users, None, chinwag_protocol::Message::Pong);
+        // Node 1 is this one (its shards get the push anyway); node 3 is down.
+        assert_eq!(
+            office.fanout_nodes(&fanout(smallvec![a, b])).as_slice(),
+            [2]
+        );
+        assert!(office
+            .fanout_nodes(&fanout(smallvec![Uid::new(UidKind::Buyer, 4)]))
+            .is_empty());
+        let (single, _polls, _) = self::office(false);
+        assert!(single.fanout_nodes(&fanout(smallvec![a, b])).is_empty());
+    }
+
+    #[test]
+    fn a_gather_asks_each_shard_and_each_live_node_for_its_partitions() {
+        let (single, _polls, _) = office(false);
+        let parts = single.gather_parts();
+        assert_eq!(parts.parts, [(To::Shard(0), 6), (To::Shard(1), 6)]);
+        assert_eq!(parts.asked, 12);
+        let (office, _polls, _links) = office(true);
+        let parts = office.gather_parts();
+        // Four partitions here (two per shard), four on node 2; node 3's four left out.
+        assert_eq!(
+            parts.parts,
+            [(To::Shard(0), 2), (To::Shard(1), 2), (To::Node(2), 4)]
+        );
+        assert_eq!(parts.asked, 8);
+    }
+}

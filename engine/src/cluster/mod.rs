@@ -219,6 +219,26 @@ impl Cluster {
         }))
     }
 
+    /// Node `node` of a cluster whose partitions are as `partitions` says and whose peers'
+    /// liveness is `peers`, with no Redis and no thread (for tests of what reads it).
+    #[cfg(test)]
+    pub fn for_tests(node: u16, partitions: PartitionTable, peers: Arc<Peers>) -> Arc<Cluster> {
+        let (ops, _) = crossbeam::channel::bounded(1);
+        Arc::new(Cluster {
+            name: "test".into(),
+            node,
+            node_id: node_id(node, SocketAddr::from(([127, 0, 0, 1], 7000 + node))).unwrap(),
+            partitions,
+            peers,
+            routes: Arc::new(RouteCache::default()),
+            health: Arc::new(ClusterHealth::default()),
+            links: std::sync::OnceLock::new(),
+            ops,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
     /// Shows the node links' state in health and metrics.
     pub fn set_links(&self, links: Arc<link::Links>) {
         let _ = self.links.set(links);
