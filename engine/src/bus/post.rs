@@ -257,11 +257,6 @@ impl Post {
         self.tray.push((To::Shard(shard), msg));
     }
 
-    /// Posts `msg` for where it names ([`PostOffice::hop`]).
-    pub fn to_named(&mut self, msg: BusMsg) {
-        self.tray.push((To::Named, msg));
-    }
-
     /// Posts `msg` for where `to` says.
     pub fn send_later(&mut self, to: To, msg: BusMsg) {
         self.tray.push((to, msg));

@@ -8,7 +8,7 @@ use mio::Token;
 
 use chinwag_protocol::ErrorCode;
 
-use crate::bus::post::{Hop, Post};
+use crate::bus::post::{Hop, Post, To};
 use crate::bus::{BusMsg, SessionRef};
 use crate::net::ws::connection::WsLimits;
 use crate::operator::config::Config;
@@ -111,7 +111,7 @@ impl Context {
     pub fn post_to_owner(&mut self, msg: BusMsg) -> Result<(), Unrouted> {
         match self.post.office().hop(&msg) {
             Hop::Shard(shard) => self.post.to(shard, msg),
-            Hop::Node(_) => self.post.to_named(msg),
+            Hop::Node(_) => self.post.send_later(To::Named, msg),
             Hop::Down => {
                 return Err(Unrouted {
                     msg,
