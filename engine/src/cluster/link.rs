@@ -1841,8 +1841,8 @@ mod tests {
         let BusMsg::Read { origin, .. } = request(1, 4, 3) else {
             unreachable!()
         };
-        let convs = |origin: &Box<crate::bus::Origin>| BusMsg::Convs {
-            origin: origin.clone(),
+        let convs = |origin: &crate::bus::Origin| BusMsg::Convs {
+            origin: Box::new(*origin),
             token: 9,
             partitions: 5,
         };
