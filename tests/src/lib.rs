@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
+pub mod cluster;
 pub mod redis;
 pub mod wechat;
 

@@ -1,0 +1,458 @@
+//! A cluster of real `chinwag` nodes for end-to-end tests: a `redis-server` of the test's own,
+//! `chinwag cluster init`, and N nodes (`chinwag serve --cluster ...`), each on its own data
+//! directory and on fixed ports, so that a node killed with SIGKILL comes back where its
+//! clients and peers look for it.
+//!
+//! What a test can do to the cluster, each as the real thing (docs/cluster.md, "Failures"):
+//! - [`Cluster::kill`] a node (SIGKILL) and [`Cluster::restart`] it on the same data directory
+//!   and ports;
+//! - [`Cluster::kill_redis`] and [`Cluster::start_redis`] (Redis keeps its data in an
+//!   append-only file, as docs/cluster.md tells operators to run it);
+//! - [`Cluster::cut_link`] the node link between two nodes and [`Cluster::heal_link`] it. The
+//!   engine has no way to cut a link from outside, and a node advertises the address it binds,
+//!   so no proxy can sit in between; the cut is made by the kernel instead: a thread of the
+//!   harness destroys every TCP connection between the two nodes' processes (`ss -K`, which
+//!   resets both ends as a middlebox's RST would) as soon as one appears, until healed. The
+//!   lower-numbered node keeps dialing and keeps losing the connection, as over a broken
+//!   network.
+//!
+//! Readiness is polled, never slept for: a node is ready when its `/healthz` answers 200 (Redis
+//! and its subscription up) and it sees every live node of the cluster as alive.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chinwag_protocol::client::{Client, Encoding};
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{DeviceType, Uid, UidKind};
+
+use crate::redis::{free_port, RedisServer};
+use crate::{binary, mint_token, Server};
+
+/// The token secret every node of a test cluster shares.
+pub const SECRET: &str = "cluster-secret-cluster-secret-0123";
+
+/// The longest the harness waits for the cluster to reach a state (a bound against hanging,
+/// not a measure of speed: a debug build on a loaded 2-core machine is slow).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Heartbeats, probes and link timers short enough that a test sees a lapse within about a
+/// second, and the same on every node.
+pub const FAST: [&str; 7] = [
+    "--cluster-heartbeat-interval-ms=200",
+    "--cluster-heartbeat-ttl-ms=1000",
+    "--cluster-probe-interval-ms=500",
+    "--cluster-redis-timeout-ms=500",
+    "--node-link-heartbeat-ms=200",
+    "--node-link-idle-timeout-ms=1000",
+    "--node-link-request-timeout-ms=1000",
+];
+
+/// How a test cluster is made.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Nodes 1..=nodes.
+    pub nodes: u16,
+    /// P, fixed when the cluster is created.
+    pub partitions: u32,
+    /// Shards per node.
+    pub shards: usize,
+    /// More flags for every node (after the harness's, so they override them).
+    pub extra: Vec<String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> ClusterSpec {
+        ClusterSpec {
+            nodes: 3,
+            partitions: 8,
+            shards: 1,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// One node's fixed places: its ports and, while it is down, its data directory.
+struct Slot {
+    client_port: u16,
+    backend_port: u16,
+    link_port: u16,
+    /// The running node, if it runs.
+    server: Option<Server>,
+    /// The data directory of a node that is down (a running node holds its own).
+    parked: Option<tempfile::TempDir>,
+}
+
+/// A running cluster: Redis and its nodes, all stopped when dropped.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub redis: RedisServer,
+    slots: Vec<Slot>,
+    cuts: HashMap<(u16, u16), Cut>,
+}
+
+impl Cluster {
+    /// Redis, `chinwag cluster init --nodes 1,..,N --partitions P`, and every node, ready.
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let redis = RedisServer::start_persistent();
+        let nodes: Vec<String> = (1..=spec.nodes).map(|n| n.to_string()).collect();
+        let out = Command::new(binary())
+            .args(["cluster", "--cluster", &redis.url(), "init", "--nodes"])
+            .arg(nodes.join(","))
+            .arg("--partitions")
+            .arg(spec.partitions.to_string())
+            .output()
+            .expect("run chinwag cluster init");
+        assert!(
+            out.status.success(),
+            "chinwag cluster init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let slots = (1..=spec.nodes)
+            .map(|_| Slot {
+                client_port: free_port(),
+                backend_port: free_port(),
+                link_port: free_port(),
+                server: None,
+                parked: Some(tempfile::tempdir().expect("tempdir")),
+            })
+            .collect();
+        let mut cluster = Cluster {
+            spec,
+            redis,
+            slots,
+            cuts: HashMap::new(),
+        };
+        for n in 1..=cluster.spec.nodes {
+            cluster.launch(n);
+        }
+        cluster.wait_ready();
+        cluster
+    }
+
+    /// Node `n` (1-based); panics if it is down.
+    pub fn node(&self, n: u16) -> &Server {
+        self.slot(n)
+            .server
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {n} is down"))
+    }
+
+    /// Whether node `n` runs.
+    pub fn is_up(&self, n: u16) -> bool {
+        self.slot(n).server.is_some()
+    }
+
+    /// The client addresses of every node, `127.0.0.1:P1,127.0.0.1:P2,...`: what
+    /// `chinwag-loadgen --addr` and the client libraries take.
+    pub fn addrs(&self) -> String {
+        (1..=self.spec.nodes)
+            .map(|n| format!("127.0.0.1:{}", self.slot(n).client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The WebSocket URL of node `n` (known while it is down too: its port is fixed).
+    pub fn ws_url(&self, n: u16) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.slot(n).client_port)
+    }
+
+    /// The service-port address of node `n`.
+    pub fn backend_addr(&self, n: u16) -> String {
+        format!("127.0.0.1:{}", self.slot(n).backend_port)
+    }
+
+    /// The node-link port of node `n`.
+    pub fn link_port(&self, n: u16) -> u16 {
+        self.slot(n).link_port
+    }
+
+    /// A login token for `uid`.
+    pub fn token(&self, uid: Uid) -> String {
+        mint_token(SECRET, uid)
+    }
+
+    /// A client of node `n` in `encoding`, logged in as `uid` on a web device.
+    pub fn login(&self, n: u16, uid: Uid, encoding: Encoding) -> Client {
+        let mut client = Client::connect(&self.ws_url(n), encoding)
+            .unwrap_or_else(|e| panic!("connect to node {n}: {e}"));
+        client
+            .login(&self.token(uid), DeviceType::Web)
+            .unwrap_or_else(|e| panic!("login of {uid} on node {n}: {e:?}"));
+        client
+    }
+
+    /// A service-port client of node `n`, authenticated as `service:1`.
+    pub fn service(&self, n: u16) -> ServiceClient {
+        let token = mint_token(SECRET, Uid::new(UidKind::Service, 1));
+        ServiceClient::connect(&self.backend_addr(n), &token)
+            .unwrap_or_else(|e| panic!("service port of node {n}: {e}"))
+    }
+
+    /// Kills node `n` with SIGKILL and waits for it to be gone; its data directory is kept.
+    pub fn kill(&mut self, n: u16) {
+        let slot = self.slot_mut(n);
+        let server = slot
+            .server
+            .take()
+            .unwrap_or_else(|| panic!("node {n} is already down"));
+        server.signal(libc::SIGKILL);
+        slot.parked = Some(server.into_data_dir());
+    }
+
+    /// Starts node `n` again on its data directory and ports, once its last heartbeat has
+    /// expired (until then Redis says the number is held by a live node, and a node refuses
+    /// to start), and waits for the cluster to be ready.
+    pub fn restart(&mut self, n: u16) {
+        self.wait_until(&format!("node {n}'s last heartbeat to expire"), |c| {
+            !c.heartbeat_alive(n)
+        });
+        self.launch(n);
+        self.wait_ready();
+    }
+
+    /// Kills Redis (SIGKILL); the nodes see a Redis that stopped answering.
+    pub fn kill_redis(&mut self) {
+        self.redis.kill();
+    }
+
+    /// Starts Redis again on its port and data (a restart, after [`Cluster::kill_redis`]),
+    /// and waits for the nodes to be ready again.
+    pub fn start_redis(&mut self) {
+        self.redis.restart();
+        self.wait_ready();
+    }
+
+    /// Cuts the node link between `a` and `b` until [`Cluster::heal_link`]: every TCP
+    /// connection between the two processes is reset as soon as it is seen.
+    pub fn cut_link(&mut self, a: u16, b: u16) {
+        let (low, high) = (a.min(b), a.max(b));
+        assert!(!self.cuts.contains_key(&(low, high)), "already cut");
+        let dialer_pid = self.node(low).pid() as u32;
+        let port = self.link_port(high);
+        let cut = Cut::start(dialer_pid, port);
+        self.cuts.insert((low, high), cut);
+    }
+
+    /// Ends a cut made by [`Cluster::cut_link`]; returns how many connections it reset (at
+    /// least the one that was up when the cut began, or the cut cut nothing).
+    pub fn heal_link(&mut self, a: u16, b: u16) -> u64 {
+        let key = (a.min(b), a.max(b));
+        let cut = self.cuts.remove(&key).expect("the link is cut");
+        cut.stop()
+    }
+
+    /// Waits until every running node answers `/healthz` with 200 and sees every running
+    /// node alive (`chinwag_cluster_peer_up`).
+    pub fn wait_ready(&self) {
+        let up: Vec<u16> = (1..=self.spec.nodes).filter(|&n| self.is_up(n)).collect();
+        self.wait_until("every running node to be healthy and see the others", |c| {
+            up.iter().all(|&n| {
+                let node = c.node(n);
+                node.get("/healthz").0 == 200
+                    && up.iter().all(|&peer| {
+                        node.metric("chinwag_cluster_peer_up", &format!("node=\"{peer}\"")) == 1
+                    })
+            })
+        });
+    }
+
+    /// Waits until `done(self)`; fails the test with the nodes' logs after [`SETTLE`].
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + SETTLE;
+        while !done(self) {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of every running node's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.spec.nodes {
+            if let Some(server) = &self.slot(n).server {
+                let log = server.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                out.push_str(&format!("--- node {n} (last lines)\n{}\n", tail.join("\n")));
+            } else {
+                out.push_str(&format!("--- node {n}: down\n"));
+            }
+        }
+        out
+    }
+
+    /// Whether Redis holds node `n`'s heartbeat (false when Redis does not answer).
+    fn heartbeat_alive(&self, n: u16) -> bool {
+        let Ok(client) = redis::Client::open(self.redis.url()) else {
+            return false;
+        };
+        let Ok(mut c) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            return false;
+        };
+        redis::cmd("EXISTS")
+            .arg(format!("chinwag:node:{n}:alive"))
+            .query::<bool>(&mut c)
+            .unwrap_or(false)
+    }
+
+    /// Starts node `n` on its parked data directory.
+    fn launch(&mut self, n: u16) {
+        let args = self.node_args(n);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let slot = self.slot_mut(n);
+        let dir = slot.parked.take().expect("a stopped node has its data dir");
+        slot.server = Some(Server::start_in(dir, &args, &[]));
+    }
+
+    /// The flags of node `n`.
+    fn node_args(&self, n: u16) -> Vec<String> {
+        let slot = self.slot(n);
+        let mut args: Vec<String> = vec![
+            "--jwt-secret".into(),
+            SECRET.into(),
+            format!("--cluster={}", self.redis.url()),
+            format!("--node={n}"),
+            format!("--node-listen=127.0.0.1:{}", slot.link_port),
+            format!("--listen=127.0.0.1:{}", slot.client_port),
+            format!("--backend-listen=127.0.0.1:{}", slot.backend_port),
+            format!("--partitions={}", self.spec.partitions),
+            format!("--shards={}", self.spec.shards),
+            // Small segments: a node starts fast and the temporary directories stay small.
+            "--log-segment-bytes=1048576".into(),
+        ];
+        args.extend(FAST.iter().map(|s| s.to_string()));
+        args.extend(self.spec.extra.iter().cloned());
+        args
+    }
+
+    fn slot(&self, n: u16) -> &Slot {
+        assert!(
+            (1..=self.spec.nodes).contains(&n),
+            "no node {n} in this cluster"
+        );
+        &self.slots[usize::from(n - 1)]
+    }
+
+    fn slot_mut(&mut self, n: u16) -> &mut Slot {
+        assert!(
+            (1..=self.spec.nodes).contains(&n),
+            "no node {n} in this cluster"
+        );
+        &mut self.slots[usize::from(n - 1)]
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, cut) in self.cuts.drain() {
+            cut.stop();
+        }
+        // The nodes go first (their Drop kills them), then Redis.
+        for slot in &mut self.slots {
+            slot.server = None;
+        }
+    }
+}
+
+/// A cut node link: a thread that resets every connection from the dialer's process to the
+/// accepting node's link port.
+struct Cut {
+    stop: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl Cut {
+    fn start(dialer_pid: u32, port: u16) -> Cut {
+        check_ss_kill();
+        let stop = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(AtomicU64::new(0));
+        let (stop_flag, count) = (Arc::clone(&stop), Arc::clone(&resets));
+        let thread = std::thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                for local_port in link_connections(dialer_pid, port) {
+                    if reset(local_port, port) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Cut {
+            stop,
+            resets,
+            thread,
+        }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.resets.load(Ordering::Relaxed)
+    }
+}
+
+/// The local ports of `pid`'s established TCP connections to 127.0.0.1:`port`.
+fn link_connections(pid: u32, port: u16) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .stderr(Stdio::null())
+        .output()
+        .expect("run ss (iproute2)");
+    let owner = format!("pid={pid},");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains(&owner))
+        .filter_map(|line| {
+            // Recv-Q Send-Q Local:Port Peer:Port users:(...)
+            let local = line.split_whitespace().nth(2)?;
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Destroys the connection 127.0.0.1:`local_port` → 127.0.0.1:`port` (both of its ends).
+/// Returns whether `ss` killed anything.
+fn reset(local_port: u16, port: u16) -> bool {
+    let filter = format!(
+        "( sport = :{local_port} and dport = :{port} ) or ( sport = :{port} and dport = :{local_port} )"
+    );
+    let out = Command::new("ss")
+        .args(["-tnKH", "state", "established"])
+        .arg(filter)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run ss -K");
+    !out.stdout.is_empty()
+}
+
+/// Fails the test with a clear message when this kernel cannot destroy sockets (`ss -K` needs
+/// CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN): a cut that cuts nothing would pass vacuously.
+fn check_ss_kill() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    let local_port = client.local_addr().unwrap().port();
+    assert!(
+        reset(local_port, port),
+        "`ss -K` destroyed nothing: cutting a node link needs iproute2's ss, a kernel with \
+         CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN (root)"
+    );
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(std::io::Read::read(&mut &server, &mut byte), Ok(0) | Err(_)),
+        "a connection `ss -K` destroyed still delivers"
+    );
+}
