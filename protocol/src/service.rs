@@ -328,7 +328,10 @@ mod tests {
         }
         match ServiceClient::connect_any(&[closed_port(), closed_port()], "token") {
             Err(ClientError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
-            other => panic!("expected a refused connect, got {:?}", other.map(|(_, i)| i)),
+            other => panic!(
+                "expected a refused connect, got {:?}",
+                other.map(|(_, i)| i)
+            ),
         }
     }
 }

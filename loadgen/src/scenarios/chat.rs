@@ -25,6 +25,16 @@
 //! time from the drop to being caught up; a message neither pushed nor returned by `history`
 //! is a gap. Messages in flight when a connection drops may or may not have been stored; their
 //! seqs come back through `history` like everyone else's.
+//!
+//! With several addresses (`--addr` a comma-separated list: the nodes of a cluster) users are
+//! spread over them in turn, and a user whose connection fails (its node died, drained, or
+//! closed it) does what `storm` does, against the next address: connects, logs in, catches up
+//! with `history` and sends again what was unsure. A node that answers `unavailable` (the owner
+//! of the user's partition or conversation is down or cut off) is not the end either: a login
+//! or `history` so refused moves the user on to the next address after [`RECONNECT_AFTER`],
+//! and a `send` so refused (it may or may not have been stored) is sent again with its cmid
+//! after [`RETRY_AFTER`]. So every acknowledged message is still checked once, in order, at
+//! every member: a node's death costs failures (counted by cause), never a gap.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -32,8 +42,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{
-    ConvId, DeviceType, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId, Target,
-    Uid, UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId,
+    Target, Uid, UidKind,
 };
 use clap::Args;
 
@@ -117,6 +127,13 @@ struct User {
     sent: u64,
     track: Option<SeqTrack>,
     lost: bool,
+    /// A move to the next address is scheduled (several addresses only).
+    reconnect_due: bool,
+    /// Failed moves since it last caught up: the first goes at once, the following ones
+    /// wait [`RECONNECT_AFTER`].
+    failed_moves: u32,
+    /// Sends refused `unavailable` waiting to go again with their cmid.
+    resends_due: usize,
 }
 
 /// A `send` waiting for its `send_ok`.
@@ -243,8 +260,15 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             sent: 0,
             track: built[i / k].map(|(conv, last)| SeqTrack::new(conv.0, last + 1)),
             lost: false,
+            reconnect_due: false,
+            failed_moves: 0,
+            resends_due: 0,
         })
         .collect();
+    // Several addresses: a failed connection moves on instead of losing its user.
+    let moves_on = fleet.addr_count() > 1;
+    let mut moves: VecDeque<(Instant, usize)> = VecDeque::new();
+    let mut resends: VecDeque<(Instant, usize, InFlight)> = VecDeque::new();
 
     let closed_loop = args.rate_per_user_per_s <= 0.0;
     let mut counts = Counts::default();
@@ -349,6 +373,56 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }
             }
         }
+        while moves.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, i)) = moves.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            user.reconnect_due = false;
+            if user.lost {
+                continue;
+            }
+            let old = user.conn;
+            fleet.close(old);
+            conn_user.push(i);
+            match fleet.open_next(old) {
+                Ok(conn) => user.conn = conn,
+                Err(failure) => {
+                    report.fail(failure.cause());
+                    user.conn = fleet.conns.len() - 1;
+                    user.failed_moves += 1;
+                    schedule_move(user, i, now, &mut moves);
+                }
+            }
+        }
+        while resends.front().is_some_and(|(at, _, _)| *at <= now) {
+            let Some((_, i, unsure)) = resends.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            user.resends_due -= 1;
+            if user.lost {
+                continue;
+            }
+            if user.catching_up.is_some() {
+                // Sent again once caught up, with the others that were unsure.
+                user.unsure.push(unsure);
+                continue;
+            }
+            counts.resent += 1;
+            let writer = &mut fleet.conns[user.conn].writer;
+            send_numbered(
+                user,
+                i,
+                writer,
+                unsure.intended_ns,
+                unsure.n,
+                true,
+                &mut body,
+                args,
+            );
+            flush(&mut fleet, user.conn, &mut report, user);
+        }
         while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
             let Some((_, i)) = retries.pop_front() else {
                 break;
@@ -397,6 +471,10 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             let in_window = (measure_from_ns..measure_to_ns).contains(&now_ns);
             let i = conn_user[conn];
             let user = &mut users[i];
+            if conn != user.conn {
+                // A connection the user has left behind.
+                return;
+            }
             match event {
                 // Only reconnects upgrade here; the first logins happened before the loop.
                 Event::Upgraded => writer.send(&Frame::with_req(
@@ -576,7 +654,16 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }) => {
                     counts.errors += 1;
                     report.fail(format!("refused: {}", e.code));
+                    let unavailable = e.code == ErrorCode::Unavailable;
                     if user.catching_up.is_some() {
+                        if moves_on && unavailable {
+                            // This node cannot serve the login or history now: another may.
+                            if !user.reconnect_due {
+                                user.failed_moves += 1;
+                                schedule_move(user, i, Instant::now(), &mut moves);
+                            }
+                            return;
+                        }
                         // A refused login or history: this user cannot catch up.
                         user.lost = true;
                         return;
@@ -584,8 +671,16 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if let Some(at) =
                         req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     {
-                        user.in_flight.remove(at);
-                        if closed_loop && now_ns < measure_to_ns {
+                        let refused = user.in_flight.remove(at).unwrap_or_default();
+                        if moves_on && unavailable {
+                            // It may or may not have been stored: send it again, same cmid.
+                            let again = InFlight {
+                                resent: true,
+                                ..refused
+                            };
+                            user.resends_due += 1;
+                            resends.push_back((Instant::now() + RETRY_AFTER, i, again));
+                        } else if closed_loop && now_ns < measure_to_ns {
                             retries.push_back((Instant::now() + RETRY_AFTER, i));
                         }
                     }
@@ -605,7 +700,23 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 ))),
                 Event::Failed(failure) => {
                     report.fail(failure.cause());
-                    user.lost = true;
+                    if !moves_on {
+                        user.lost = true;
+                        return;
+                    }
+                    // Its node is gone (or closed it): the next address takes the user, which
+                    // catches up there and sends again what was unsure.
+                    let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
+                    user.unsure.extend(unsure);
+                    if user.catching_up.is_none() {
+                        user.catching_up = Some(Instant::now());
+                        counts.reconnects += 1;
+                    }
+                    if !user.reconnect_due {
+                        schedule_move(user, i, Instant::now(), &mut moves);
+                        // Until a login succeeds, the next failure waits before moving on.
+                        user.failed_moves += 1;
+                    }
                 }
             }
         })?;
@@ -663,7 +774,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if !closed_loop {
         report.figure("open_loop_slipped", counts.behind);
     }
-    if storm.is_some() {
+    if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
         report.figure("resent_after_reconnect", counts.resent);
         report.figure("history_pages", counts.history_pages);
@@ -707,6 +818,23 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
 /// counts in one-second windows; a tenth of one keeps the retries few).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// How long a user whose move to another address failed (or whose login or `history` was
+/// answered `unavailable`) waits before trying the next one, so that a cluster with a node down
+/// is not hammered by every user of that node at once.
+const RECONNECT_AFTER: Duration = Duration::from_millis(200);
+
+/// Schedules user `i`'s move to the next address: at once after a connection that worked,
+/// after [`RECONNECT_AFTER`] after one that did not.
+fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(Instant, usize)>) {
+    let delay = if user.failed_moves == 0 {
+        Duration::ZERO
+    } else {
+        RECONNECT_AFTER
+    };
+    user.reconnect_due = true;
+    moves.push_back((now + delay, i));
+}
+
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
 
@@ -731,6 +859,7 @@ fn drained(users: &[User], k: usize, last_seq: &HashMap<ConvId, u64>) -> bool {
         let next = user.track.as_ref().map_or(1, SeqTrack::next);
         !group(i, k).any(|j| users[j].lost)
             && user.in_flight.is_empty()
+            && user.resends_due == 0
             && user.catching_up.is_none()
             && next > last
     })
@@ -771,6 +900,8 @@ fn caught_up(
     let Some(dropped_at) = user.catching_up.take() else {
         return;
     };
+    // The connection worked: a later failure moves on at once again.
+    user.failed_moves = 0;
     report::record(catch_up, dropped_at.elapsed());
     for unsure in std::mem::take(&mut user.unsure) {
         counts.resent += 1;
