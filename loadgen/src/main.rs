@@ -383,7 +383,10 @@ mod tests {
         assert!(addrs[2].is_ipv4());
         assert_eq!(resolve_list("127.0.0.1:7000").unwrap().len(), 1);
         assert!(resolve_list("127.0.0.1:7001,").is_err(), "an empty entry");
-        assert!(resolve_list("127.0.0.1:7001,127.0.0.1").is_err(), "a port is required");
+        assert!(
+            resolve_list("127.0.0.1:7001,127.0.0.1").is_err(),
+            "a port is required"
+        );
     }
 
     #[test]

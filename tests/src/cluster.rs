@@ -456,3 +456,180 @@ fn check_ss_kill() {
         "a connection `ss -K` destroyed still delivers"
     );
 }
+
+/// A TCP relay in front of a server: it forwards every connection it accepts to `upstream`
+/// until [`Relay::kill`], which resets every connection it holds and stops accepting (new
+/// connections are refused), as a node that died looks to its clients. It lets a test put
+/// "another node" in front of a single server.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    dead: Arc<AtomicBool>,
+    /// Bytes relayed from the server to clients so far.
+    pub bytes_down: Arc<AtomicU64>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl Relay {
+    /// A relay on a free port of 127.0.0.1 to `upstream`.
+    pub fn start(upstream: std::net::SocketAddr) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().unwrap();
+        let dead = Arc::new(AtomicBool::new(false));
+        let bytes_down = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = listener.try_clone().expect("clone listener");
+        let (dead_flag, down, held) = (
+            Arc::clone(&dead),
+            Arc::clone(&bytes_down),
+            Arc::clone(&conns),
+        );
+        std::thread::spawn(move || {
+            for client in accept.incoming() {
+                if dead_flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut held = held.lock().unwrap();
+                    // Checked under the lock `kill` takes, so no connection slips past it.
+                    if dead_flag.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    held.push(client.try_clone().unwrap());
+                    held.push(server.try_clone().unwrap());
+                }
+                copy(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                copy(server, client, Some(Arc::clone(&down)));
+            }
+        });
+        Relay {
+            addr,
+            dead,
+            bytes_down,
+            conns,
+            listener: Some(listener),
+        }
+    }
+
+    /// Resets every relayed connection and refuses new ones from now on.
+    pub fn kill(&mut self) {
+        self.dead.store(true, Ordering::SeqCst);
+        // Closing the listener refuses connects; the accept thread ends at its next wake-up
+        // (a connect to its port, made here, wakes it before the socket closes).
+        let _ = std::net::TcpStream::connect(self.addr);
+        self.listener = None;
+        // Both directions end, as when the kernel closes a killed process's sockets.
+        for stream in self.conns.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either side ends, counting the bytes in
+/// `count` if given.
+fn copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream, count: Option<Arc<AtomicU64>>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+            if let Some(count) = &count {
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// The `chinwag-loadgen` binary, built once per test process with this test's profile (as
+/// [`binary`] builds `chinwag`).
+pub fn loadgen_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let server = binary();
+            let profile_dir = server.parent().expect("target/<profile>").to_path_buf();
+            let target_dir = profile_dir.parent().expect("target/");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "chinwag-loadgen"]);
+            build.arg("--target-dir").arg(target_dir);
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "cargo build -p chinwag-loadgen failed");
+            profile_dir.join("chinwag-loadgen")
+        })
+        .clone()
+}
+
+/// A `chinwag-loadgen` run in the background, its JSON report read when it ends.
+pub struct LoadgenRun {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    json_path: std::path::PathBuf,
+}
+
+impl LoadgenRun {
+    /// Starts `chinwag-loadgen ARGS --quiet --json-out FILE`.
+    pub fn start(args: &[&str]) -> LoadgenRun {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json_path = dir.path().join("report.json");
+        let child = Command::new(loadgen_binary())
+            .args(args)
+            .arg("--quiet")
+            .arg("--json-out")
+            .arg(&json_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run chinwag-loadgen");
+        LoadgenRun {
+            child,
+            _dir: dir,
+            json_path,
+        }
+    }
+
+    /// Waits for the run to end (it is bounded by its own flags) and returns its exit code and
+    /// report; fails the test with its output if it wrote none.
+    pub fn finish(self) -> (Option<i32>, serde_json::Value) {
+        let output = self
+            .child
+            .wait_with_output()
+            .expect("wait for chinwag-loadgen");
+        let text = std::fs::read_to_string(&self.json_path).unwrap_or_else(|e| {
+            panic!(
+                "chinwag-loadgen wrote no report ({e}); stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let report = serde_json::from_str(&text).expect("the report is JSON");
+        (output.status.code(), report)
+    }
+}
