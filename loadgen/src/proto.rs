@@ -310,7 +310,17 @@ impl Fleet {
             let Some(conn) = self.conns.get_mut(i) else {
                 continue;
             };
-            if let Err(failure) = drive(conn, &self.request, &mut self.read_buf, i, &mut on_event) {
+            // The peer closed (FIN or reset): read to the end, even past a short read, since
+            // no later edge will come for an end that arrived with the last data.
+            let closed = event.is_read_closed() || event.is_error();
+            if let Err(failure) = drive(
+                conn,
+                &self.request,
+                &mut self.read_buf,
+                i,
+                closed,
+                &mut on_event,
+            ) {
                 if let Some(mut stream) = conn.stream.take() {
                     let _ = self.poll.registry().deregister(&mut stream);
                 }
@@ -342,13 +352,14 @@ impl Traffic {
     }
 }
 
-/// Moves one connection forward after a readiness event. Returns an error if the connection is
-/// over.
+/// Moves one connection forward after a readiness event (`closed`: the event says the peer
+/// closed). Returns an error if the connection is over.
 fn drive(
     conn: &mut Conn,
     request: &[u8],
     read_buf: &mut [u8],
     i: usize,
+    closed: bool,
     on_event: &mut impl FnMut(usize, &mut Writer, Event<'_>),
 ) -> Result<(), Failure> {
     let Conn {
@@ -383,11 +394,15 @@ fn drive(
                 if *phase == Phase::Upgrading {
                     return Err(Failure::Refused("eof before the upgrade answer".into()));
                 }
+                // What arrived before the end (the last pushes, a close frame) is handed on
+                // first.
+                let consumed = read_messages(inbound, writer, i, on_event)?;
+                inbound.drain(..consumed);
                 return Err(Failure::Eof);
             }
             // A short read emptied the socket; later data raises a new edge (epoll reports
             // every arrival), so the read that could only answer WouldBlock is skipped.
-            Ok(n) if n < read_buf.len() => {
+            Ok(n) if n < read_buf.len() && !closed => {
                 *bytes_in += n as u64;
                 inbound.extend_from_slice(&read_buf[..n]);
                 break;

@@ -323,7 +323,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     &mut counts,
                 );
             }
-            flush(&mut fleet, i, &mut report, user);
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                None,
+                &mut counts.reconnects,
+            );
         }
     }
     loop {
@@ -421,7 +428,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 &mut body,
                 args,
             );
-            flush(&mut fleet, user.conn, &mut report, user);
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                moves_on.then_some(&mut moves),
+                &mut counts.reconnects,
+            );
         }
         while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
             let Some((_, i)) = retries.pop_front() else {
@@ -433,7 +447,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             }
             let writer = &mut fleet.conns[user.conn].writer;
             send(user, i, writer, now_ns, &mut body, args, &mut counts);
-            flush(&mut fleet, user.conn, &mut report, user);
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                moves_on.then_some(&mut moves),
+                &mut counts.reconnects,
+            );
         }
         if sending && !closed_loop {
             // Open loop: every user sends each message whose slot has come; users are spread
@@ -462,7 +483,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     queued = true;
                 }
                 if queued {
-                    flush(&mut fleet, user.conn, &mut report, user);
+                    flush(
+                        &mut fleet,
+                        i,
+                        &mut report,
+                        user,
+                        moves_on.then_some(&mut moves),
+                        &mut counts.reconnects,
+                    );
                 }
             }
         }
@@ -704,19 +732,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         user.lost = true;
                         return;
                     }
-                    // Its node is gone (or closed it): the next address takes the user, which
-                    // catches up there and sends again what was unsure.
-                    let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
-                    user.unsure.extend(unsure);
-                    if user.catching_up.is_none() {
-                        user.catching_up = Some(Instant::now());
-                        counts.reconnects += 1;
-                    }
-                    if !user.reconnect_due {
-                        schedule_move(user, i, Instant::now(), &mut moves);
-                        // Until a login succeeds, the next failure waits before moving on.
-                        user.failed_moves += 1;
-                    }
+                    move_on(user, i, &mut moves, &mut counts.reconnects);
                 }
             }
         })?;
@@ -822,6 +838,27 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// answered `unavailable`) waits before trying the next one, so that a cluster with a node down
 /// is not hammered by every user of that node at once.
 const RECONNECT_AFTER: Duration = Duration::from_millis(200);
+
+/// User `i`'s connection failed, with several addresses: its node is gone (or closed it), so
+/// the next address takes the user, which catches up there and sends again what was unsure.
+fn move_on(
+    user: &mut User,
+    i: usize,
+    moves: &mut VecDeque<(Instant, usize)>,
+    reconnects: &mut u64,
+) {
+    let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
+    user.unsure.extend(unsure);
+    if user.catching_up.is_none() {
+        user.catching_up = Some(Instant::now());
+        *reconnects += 1;
+    }
+    if !user.reconnect_due {
+        schedule_move(user, i, Instant::now(), moves);
+        // Until it has caught up, the next failure waits before moving on.
+        user.failed_moves += 1;
+    }
+}
 
 /// Schedules user `i`'s move to the next address: at once after a connection that worked,
 /// after [`RECONNECT_AFTER`] after one that did not.
@@ -988,10 +1025,21 @@ fn send_numbered(
     ));
 }
 
-/// Writes what user `i` queued; a failure marks the user lost.
-fn flush(fleet: &mut crate::proto::Fleet, i: usize, report: &mut Report, user: &mut User) {
-    if let Err(failure) = fleet.flush(i) {
+/// Writes what user `i` queued on its connection. A failure marks the user lost, or moves it
+/// on with several addresses (`moves` is given).
+fn flush(
+    fleet: &mut crate::proto::Fleet,
+    i: usize,
+    report: &mut Report,
+    user: &mut User,
+    moves: Option<&mut VecDeque<(Instant, usize)>>,
+    reconnects: &mut u64,
+) {
+    if let Err(failure) = fleet.flush(user.conn) {
         report.fail(failure.cause());
-        user.lost = true;
+        match moves {
+            Some(moves) => move_on(user, i, moves, reconnects),
+            None => user.lost = true,
+        }
     }
 }
