@@ -48,6 +48,16 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     let (backend_listeners, backend_addr, _backend_claim) =
         listener::bind_shards(config.backend_listen, shard_count)?;
     config.backend_listen = backend_addr;
+    // In a cluster, the node link's listener first: the registry and the NodeId then hold the
+    // port actually bound (`--node-listen 127.0.0.1:0` works).
+    let link_listener = match (&config.cluster, config.node_listen) {
+        (Some(_), Some(link)) => {
+            let listener = std::net::TcpListener::bind(link)?;
+            config.node_listen = Some(listener.local_addr()?);
+            Some(listener)
+        }
+        _ => None,
+    };
     let mut polls = Vec::with_capacity(shard_count);
     let mut mailboxes = Vec::with_capacity(shard_count);
     for _ in 0..shard_count {
@@ -58,14 +68,35 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
         ));
         polls.push(poll);
     }
-    let map = Arc::new(PartitionMap::single_node(config.partitions, shard_count));
-    let mut owners = open_owners(&config, data_dir.path(), &map)?;
-    let office = Arc::new(PostOffice::new(mailboxes));
+    // A cluster node learns its partitions from the cluster's table before it opens their logs.
+    let cluster = join_cluster(&config, addr, backend_addr)?;
+    let map = Arc::new(match &cluster {
+        Some(cluster) => cluster_map(cluster, shard_count),
+        None => PartitionMap::single_node(config.partitions, shard_count),
+    });
+    let mut owners = match open_owners(&config, data_dir.path(), &map) {
+        Ok(owners) => owners,
+        Err(e) => {
+            if let Some(cluster) = &cluster {
+                cluster.leave();
+            }
+            return Err(e);
+        }
+    };
+    let office = Arc::new(PostOffice::new(mailboxes, Arc::clone(&map)));
     let wechat = start_wechat(&config, data_dir.path(), &office, &map)?;
     for owner in &mut owners {
         owner.set_wechat(wechat.clone());
     }
-    let cluster = join_cluster(&config, addr, backend_addr)?;
+    let links = match (&cluster, link_listener) {
+        (Some(cluster), Some(listener)) => {
+            for owner in &mut owners {
+                owner.set_cluster(cluster.node, Arc::clone(&cluster.peers));
+            }
+            Some(start_links(&config, cluster, listener, &office, &map)?)
+        }
+        _ => None,
+    };
     let mut state = NodeState::new(config, jwt_secret, Arc::clone(&map), wechat);
     if let Some(cluster) = &cluster {
         state.node_id = cluster.node_id;
@@ -135,6 +166,9 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     if let Some(cluster) = &state.cluster {
         cluster.leave();
     }
+    if let Some(links) = links {
+        links.stop();
+    }
     result
 }
 
@@ -158,6 +192,95 @@ fn join_cluster(
         }
         Err(crate::cluster::registry::JoinError::Failed(text)) => Err(io::Error::other(text)),
     }
+}
+
+/// This node's share of the cluster's partitions: those the table gives it, dealt to its
+/// shards round-robin; the others are "not here".
+fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize) -> PartitionMap {
+    let shards = shards.max(1);
+    let mut next = 0usize;
+    let assignment = (0..cluster.partitions.count())
+        .map(|p| {
+            let entry = cluster.partitions.get(p)?;
+            (entry.node == cluster.node).then(|| {
+                let shard = next % shards;
+                next += 1;
+                // Below `SHARDS_MAX`, which fits.
+                shard as u16
+            })
+        })
+        .collect();
+    PartitionMap::from_assignment(assignment, shards)
+}
+
+/// The node links of a cluster node, and the thread that keeps their peers in step with the
+/// registry.
+struct NodeLinks {
+    thread: crate::cluster::link::LinkThread,
+    watcher_stop: Arc<std::sync::atomic::AtomicBool>,
+    watcher: thread::JoinHandle<()>,
+}
+
+impl NodeLinks {
+    /// Stops the watcher, then the links (the node is done).
+    fn stop(self) {
+        self.watcher_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.watcher.join();
+        self.thread.stop();
+    }
+}
+
+/// Starts the node links on `listener`, delivering to the shards' mailboxes, makes the post
+/// office route through them, and adds every registered peer; a watcher thread adds a peer
+/// that registers later or whose address changed, every heartbeat interval.
+fn start_links(
+    config: &Config,
+    cluster: &Arc<crate::cluster::Cluster>,
+    listener: std::net::TcpListener,
+    office: &Arc<PostOffice>,
+    map: &Arc<PartitionMap>,
+) -> io::Result<NodeLinks> {
+    use crate::cluster::link::{LinkConfig, Links, OfficeInbox};
+    let listen = listener.local_addr()?;
+    let link_config = LinkConfig::from_config(config, &cluster.name, cluster.node, listen);
+    let inbox = OfficeInbox {
+        office: Arc::clone(office),
+        partitions: Arc::clone(map),
+    };
+    let (links, thread) = Links::start_on(listener, link_config, inbox)?;
+    office.join_cluster(Arc::clone(cluster), Arc::clone(&links));
+    cluster.set_links(Arc::clone(&links));
+    let watcher_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::clone(&watcher_stop);
+    let cluster = Arc::clone(cluster);
+    let interval = std::time::Duration::from_millis(config.cluster_heartbeat_interval_ms);
+    let watcher = thread::Builder::new()
+        .name("chinwag-cluster-links".into())
+        .spawn(move || {
+            let mut known = std::collections::HashMap::<u16, std::net::SocketAddr>::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for peer in cluster.peers.list() {
+                    if peer.number == cluster.node {
+                        continue;
+                    }
+                    let Ok(addr) = peer.link.parse::<std::net::SocketAddr>() else {
+                        continue;
+                    };
+                    if known.get(&peer.number) != Some(&addr) {
+                        tracing::info!(node = peer.number, %addr, "node link peer");
+                        links.add_peer(peer.number, addr);
+                        known.insert(peer.number, addr);
+                    }
+                }
+                crate::cluster::routes::sleep_unless_stopped(interval, &stop);
+            }
+        })?;
+    Ok(NodeLinks {
+        thread,
+        watcher_stop,
+        watcher,
+    })
 }
 
 /// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards

@@ -206,6 +206,9 @@ pub enum BusMsg {
         origin: Box<Origin>,
         /// The session's token for this request (see [`BusMsg::ConvsPart`]).
         token: u64,
+        /// How many partitions the receiver serves, echoed by its part (the gather is complete
+        /// when its parts cover every partition of the cluster).
+        partitions: u16,
     },
     /// A login on `session`: find or register the device, take it over from an older session.
     Register {
@@ -311,6 +314,8 @@ pub enum BusMsg {
         session: SessionRef,
         /// The session's token for the request: unique per session, unlike the client's `req`.
         token: u64,
+        /// The partitions this part covers (the request's count).
+        partitions: u16,
         /// That shard's conversations of the user; `None` when the request could not reach
         /// the shard (its mailbox was full).
         convs: Option<Vec<ConvSummary<'static>>>,
@@ -427,15 +432,6 @@ pub struct ProfileRequest {
     pub op: ProfileOp,
 }
 
-/// The shard that owns `subject`'s profile, or `None` when its partition is not this node's.
-pub fn owner_of_subject(subject: Subject, map: &PartitionMap) -> Option<usize> {
-    match subject {
-        Subject::User(uid) => map.shard_of(&uid),
-        Subject::Conv(conv) => map.shard_of_conv(conv),
-        Subject::Shop(shop) => map.shard_of(&shop),
-    }
-}
-
 impl BusMsg {
     /// The client request's origin, for requests a client made.
     pub fn origin(&self) -> Option<&Origin> {
@@ -473,43 +469,153 @@ impl BusMsg {
     /// the session's shard; a push goes to every shard and has no single one.
     pub fn owner(&self, map: &PartitionMap) -> Option<usize> {
         match self {
-            BusMsg::Send(send) if send.profile_pending => map.shard_of(&send.origin.uid),
-            BusMsg::Send(send) => match send.target {
-                Target::Conv(conv) => map.shard_of_conv(conv),
-                Target::Shop(shop) => map.shard_of(&shop),
-                Target::User(other) => map.shard_of(&user_pair(send.origin.uid, other)),
-            },
-            BusMsg::Read { cursor, .. } => map.shard_of_conv(cursor.conv),
-            BusMsg::Resolve { conv, .. } => map.shard_of_conv(*conv),
-            BusMsg::History { history, .. } => map.shard_of_conv(history.conv),
             BusMsg::Convs { origin, .. } => Some(origin.session.shard as usize),
-            BusMsg::KickUser { kick, .. } => map.shard_of(&kick.uid),
-            BusMsg::AgentStats { stats, .. } => map.shard_of(&stats.shop),
-            // Posted to each shard in turn, not to an owner.
-            BusMsg::StreamRead { .. } => None,
             BusMsg::StreamPart(part) => Some(part.session.shard as usize),
-            // Posted to the owner of its users, which all share it.
-            BusMsg::Presence { users, .. } => map.shard_of(users.first()?),
-            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => map.shard_of(uid),
-            BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => {
-                map.shard_of(shop)
-            }
-            BusMsg::WechatInbound(inbound) => map.shard_of(&ShopId(inbound.shop)),
-            BusMsg::WechatUndelivered(u) => map.shard_of_conv(u.conv),
-            BusMsg::Profile(request) => owner_of_subject(request.op.subject(), map),
             BusMsg::Deliver { to: session, .. }
             | BusMsg::OwnProfile { session, .. }
             | BusMsg::Registered { session, .. }
             | BusMsg::Kick { session, .. }
             | BusMsg::ConvsPart { session, .. }
             | BusMsg::PresencePart { session, .. } => Some(session.shard as usize),
+            // Posted to each shard in turn, not to an owner.
+            BusMsg::StreamRead { .. } | BusMsg::Push(_) => None,
+            _ => map.shard_of_partition(self.partition(map)?),
+        }
+    }
+
+    /// The partition of this message's subject, for the messages that go to an owner; `None`
+    /// for the others (a message for a session, a push, the part requests of a gather, which
+    /// name their shard).
+    pub fn partition(&self, map: &PartitionMap) -> Option<u32> {
+        // A macro rather than a closure over `&dyn Placed`: the hash is on the hot path.
+        macro_rules! of {
+            ($key:expr) => {
+                Some(u32::from(map.partition_of($key)))
+            };
+        }
+        let of_conv = |conv: ConvId| Some(partitions::partition_of_conv(conv));
+        match self {
+            BusMsg::Send(send) if send.profile_pending => of!(&send.origin.uid),
+            BusMsg::Send(send) => match send.target {
+                Target::Conv(conv) => of_conv(conv),
+                Target::Shop(shop) => of!(&shop),
+                Target::User(other) => of!(&user_pair(send.origin.uid, other)),
+            },
+            BusMsg::Read { cursor, .. } => of_conv(cursor.conv),
+            BusMsg::Resolve { conv, .. } => of_conv(*conv),
+            BusMsg::History { history, .. } => of_conv(history.conv),
+            BusMsg::KickUser { kick, .. } => of!(&kick.uid),
+            BusMsg::AgentStats { stats, .. } => of!(&stats.shop),
+            // Posted to the owner of its users, which all share it.
+            BusMsg::Presence { users, .. } => of!(users.first()?),
+            BusMsg::Register { uid, .. } | BusMsg::Unregister { uid, .. } => of!(uid),
+            BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => of!(shop),
+            BusMsg::WechatInbound(inbound) => of!(&ShopId(inbound.shop)),
+            BusMsg::WechatUndelivered(u) => of_conv(u.conv),
+            BusMsg::Profile(request) => match request.op.subject() {
+                Subject::User(uid) => of!(&uid),
+                Subject::Conv(conv) => of_conv(conv),
+                Subject::Shop(shop) => of!(&shop),
+            },
             BusMsg::Group(request) => match &request.op {
-                GroupOp::Create { key, .. } => map.shard_of(&GroupKey(*key)),
+                GroupOp::Create { key, .. } => of!(&GroupKey(*key)),
                 GroupOp::Add { conv, .. }
                 | GroupOp::Remove { conv, .. }
-                | GroupOp::Info { conv } => map.shard_of_conv(*conv),
+                | GroupOp::Info { conv } => of_conv(*conv),
             },
-            BusMsg::Push(_) => None,
+            BusMsg::Convs { .. }
+            | BusMsg::StreamRead { .. }
+            | BusMsg::Deliver { .. }
+            | BusMsg::Push(_)
+            | BusMsg::Registered { .. }
+            | BusMsg::OwnProfile { .. }
+            | BusMsg::Kick { .. }
+            | BusMsg::StreamPart(_)
+            | BusMsg::PresencePart { .. }
+            | BusMsg::ConvsPart { .. } => None,
+        }
+    }
+}
+
+/// What answers a message that could not reach where it goes (a full mailbox, a node that is
+/// down, a congested or cut node link), kept without the message itself: the link keeps one
+/// per request in flight. Made by [`Refusal::of`]; a message that needs no answer (a push,
+/// a reply, a notice) has none and is dropped and counted where it was refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// A client's or a service's request: an `error` reply to its session.
+    Request(Origin),
+    /// A gather's part request: the failed part, so that the gather answers once.
+    ConvsPart {
+        session: SessionRef,
+        token: u64,
+        partitions: u16,
+    },
+    PresencePart {
+        session: SessionRef,
+        token: u64,
+    },
+    /// A login's registration: a failed login.
+    Login {
+        session: SessionRef,
+        uid: Uid,
+    },
+}
+
+impl Refusal {
+    /// The answer `msg` needs if it cannot be delivered, if any.
+    pub fn of(msg: &BusMsg) -> Option<Refusal> {
+        match msg {
+            BusMsg::Convs {
+                origin,
+                token,
+                partitions,
+            } => Some(Refusal::ConvsPart {
+                session: origin.session,
+                token: *token,
+                partitions: *partitions,
+            }),
+            BusMsg::Presence { origin, token, .. } => Some(Refusal::PresencePart {
+                session: origin.session,
+                token: *token,
+            }),
+            BusMsg::Register { session, uid, .. } => Some(Refusal::Login {
+                session: *session,
+                uid: *uid,
+            }),
+            msg => msg.origin().map(|origin| Refusal::Request(*origin)),
+        }
+    }
+
+    /// The answer: an error of `code` saying `text` for a request; the failed part for a
+    /// gather; a login that could not register its device.
+    pub fn answer(&self, code: ErrorCode, text: &str) -> BusMsg {
+        match *self {
+            Refusal::Request(origin) => BusMsg::Deliver {
+                to: origin.session,
+                ws_message: origin.error(code, text),
+            },
+            Refusal::ConvsPart {
+                session,
+                token,
+                partitions,
+            } => BusMsg::ConvsPart {
+                session,
+                token,
+                partitions,
+                convs: None,
+            },
+            Refusal::PresencePart { session, token } => BusMsg::PresencePart {
+                session,
+                token,
+                online: None,
+            },
+            Refusal::Login { session, uid } => BusMsg::Registered {
+                session,
+                uid,
+                device: None,
+                profile: None,
+            },
         }
     }
 }

@@ -47,7 +47,7 @@ use slab::Slab;
 
 use super::wire::{self, Hello, LinkFrame};
 use crate::bus::post::PostOffice;
-use crate::bus::{BusMsg, Origin, PartitionMap, NODE_NUMBER_MAX};
+use crate::bus::{BusMsg, PartitionMap, Refusal, NODE_NUMBER_MAX};
 
 /// The limits and timers of a node's links.
 #[derive(Debug, Clone)]
@@ -122,7 +122,8 @@ pub trait Inbox: Send + 'static {
 }
 
 /// The node's inbox: a message for a session goes to the session's shard, a push to every
-/// shard, anything else to the shard serving its subject's partition here ([`BusMsg::owner`]).
+/// shard, a `convs` part request to every shard (each answers for its partitions), anything
+/// else to the shard serving its subject's partition here ([`BusMsg::owner`]).
 pub struct OfficeInbox {
     pub office: Arc<PostOffice>,
     /// Which partitions this node owns and which shard serves each.
@@ -132,34 +133,59 @@ pub struct OfficeInbox {
 impl Inbox for OfficeInbox {
     fn deliver(&mut self, from: u16, msg: BusMsg) -> Option<BusMsg> {
         let shards = self.office.shards();
-        if let BusMsg::Push(fanout) = &msg {
-            for shard in 0..shards {
-                // A full mailbox drops the push (counted by the shard's metrics elsewhere);
-                // the device repairs the gap with `history`.
-                let _ = self
-                    .office
-                    .post_from_outside(shard, BusMsg::Push(Arc::clone(fanout)));
+        match msg {
+            BusMsg::Push(fanout) => {
+                for shard in 0..shards {
+                    // A full mailbox drops the push (counted by the shard's metrics
+                    // elsewhere); the device repairs the gap with `history`.
+                    let _ = self
+                        .office
+                        .post_from_outside(shard, BusMsg::Push(Arc::clone(&fanout)));
+                }
+                None
             }
-            return None;
+            BusMsg::Convs { origin, token, .. } => {
+                // The asker counted this node's partitions; each shard answers for its own.
+                for shard in 0..shards {
+                    let partitions = self.office.partitions_of_shard(shard);
+                    if partitions == 0 {
+                        continue;
+                    }
+                    let part = BusMsg::Convs {
+                        origin: origin.clone(),
+                        token,
+                        partitions,
+                    };
+                    if let Err(part) = self.office.post_from_outside(shard, part) {
+                        // Its failed part goes back: the gather answers `unavailable` once.
+                        let refusal = Refusal::of(&part)?;
+                        return Some(refusal.answer(ErrorCode::Unavailable, "overloaded"));
+                    }
+                }
+                None
+            }
+            msg => {
+                let shard = match msg.session() {
+                    Some(session) => Some(usize::from(session.shard)),
+                    None => msg.owner(&self.partitions),
+                };
+                let (refused, why) = match shard {
+                    Some(shard) if shard < shards => {
+                        match self.office.post_from_outside(shard, msg) {
+                            Ok(()) => return None,
+                            Err(msg) => (msg, "the owner shard is overloaded"),
+                        }
+                    }
+                    _ => {
+                        // A partition this node does not own (the peer's map is older or newer
+                        // than ours), or a forged conversation id.
+                        tracing::warn!(from, "a peer's message names no shard of this node");
+                        (msg, "the owner is not on this node")
+                    }
+                };
+                Some(Refusal::of(&refused)?.answer(ErrorCode::Unavailable, why))
+            }
         }
-        let shard = match msg.session() {
-            Some(session) => Some(usize::from(session.shard)),
-            None => msg.owner(&self.partitions),
-        };
-        let (refused, why) = match shard {
-            Some(shard) if shard < shards => match self.office.post_from_outside(shard, msg) {
-                Ok(()) => return None,
-                Err(msg) => (msg, "the owner shard is overloaded"),
-            },
-            _ => {
-                // A partition this node does not own (the peer's map is older or newer than
-                // ours), or a forged conversation id.
-                tracing::warn!(from, "a peer's message names no shard of this node");
-                (msg, "the owner is not on this node")
-            }
-        };
-        let origin = refused.origin()?;
-        Some(unavailable(origin, why))
     }
 
     fn peer_changed(&mut self, node: u16, up: bool) {
@@ -167,12 +193,9 @@ impl Inbox for OfficeInbox {
     }
 }
 
-/// The `unavailable` answer to `origin`'s request.
-fn unavailable(origin: &Origin, text: &str) -> BusMsg {
-    BusMsg::Deliver {
-        to: origin.session,
-        ws_message: origin.error(ErrorCode::Unavailable, text),
-    }
+/// The `unavailable` answer to `msg`, if it needs one (see [`Refusal`]).
+fn refused(msg: &BusMsg, text: &str) -> Option<BusMsg> {
+    Refusal::of(msg).map(|r| r.answer(ErrorCode::Unavailable, text))
 }
 
 /// What one peer's link has done, for `/metrics`.
@@ -251,8 +274,8 @@ fn add(counter: &AtomicU64, n: u64) {
 /// One encoded message waiting for its peer.
 struct Outgoing {
     frame: Bytes,
-    /// The request's origin, to answer `unavailable` if the frame never reaches the peer.
-    origin: Option<Origin>,
+    /// What answers the message (a request's `unavailable`) if it never reaches the peer.
+    refusal: Option<Refusal>,
     queued: Instant,
 }
 
@@ -314,6 +337,17 @@ const FIRST_CONN: usize = 2;
 impl Links {
     /// Binds `config.listen` and starts the link thread, which hands what it reads to `inbox`.
     pub fn start(config: LinkConfig, inbox: impl Inbox) -> io::Result<(Arc<Links>, LinkThread)> {
+        let listener = std::net::TcpListener::bind(config.listen)?;
+        Links::start_on(listener, config, inbox)
+    }
+
+    /// Starts the link thread on a `listener` bound already (a node binds it before it
+    /// registers, so that the registry holds the port actually bound).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        config: LinkConfig,
+        inbox: impl Inbox,
+    ) -> io::Result<(Arc<Links>, LinkThread)> {
         if config.node > NODE_NUMBER_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -327,7 +361,8 @@ impl Links {
             ));
         }
         let poll = Poll::new()?;
-        let mut listener = TcpListener::bind(config.listen)?;
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let links = Arc::new(Links {
@@ -409,7 +444,7 @@ impl Links {
         let peer = self.peers.get(usize::from(node)).and_then(OnceLock::get);
         let Some(peer) = peer.filter(|_| node != self.node) else {
             tracing::warn!(node, "message for an unknown node dropped");
-            return msg.origin().map(|o| unavailable(o, "unknown node"));
+            return refused(&msg, "unknown node");
         };
         let frame = match wire::encode_to_bytes(&msg) {
             // The peer closes a link that sends it a frame over its limit: never send one.
@@ -421,26 +456,22 @@ impl Links {
                     "message over the node link's frame limit"
                 );
                 add(&peer.dropped, 1);
-                return msg
-                    .origin()
-                    .map(|o| unavailable(o, "request too large for a node link"));
+                return refused(&msg, "request too large for a node link");
             }
             Err(e) => {
                 tracing::warn!(node, error = %e, "message the node link cannot carry");
                 add(&peer.dropped, 1);
-                return msg
-                    .origin()
-                    .map(|o| unavailable(o, "request too large for a node link"));
+                return refused(&msg, "request too large for a node link");
             }
         };
         let len = frame.len();
         let before = peer.queue_bytes.fetch_add(len, Ordering::AcqRel);
         if before + len > self.queue_bytes_max {
             peer.queue_bytes.fetch_sub(len, Ordering::AcqRel);
-            return match msg.origin() {
-                Some(origin) => {
+            return match Refusal::of(&msg) {
+                Some(refusal) => {
                     add(&peer.unavailable, 1);
-                    Some(unavailable(origin, "the node link is congested"))
+                    Some(refusal.answer(ErrorCode::Unavailable, "the node link is congested"))
                 }
                 None => {
                     add(&peer.dropped, 1);
@@ -450,7 +481,7 @@ impl Links {
         }
         peer.queue.push(Outgoing {
             frame,
-            origin: msg.origin().copied(),
+            refusal: Refusal::of(&msg),
             queued: Instant::now(),
         });
         self.wake();
@@ -529,8 +560,8 @@ struct Conn {
     received_acked: u64,
     /// Bus frames written whole on this connection.
     sent: u64,
-    /// Requests written whole and not yet acknowledged: their frame number and origin.
-    unacked: VecDeque<(u64, Origin)>,
+    /// Requests written whole and not yet acknowledged: their frame number and answer.
+    unacked: VecDeque<(u64, Refusal)>,
 }
 
 struct LinkLoop<I: Inbox> {
@@ -962,10 +993,10 @@ impl<I: Inbox> LinkLoop<I> {
             self.inbox.peer_changed(node, false);
         }
         // Also for a connection a newer one replaced: its requests are as lost.
-        for (_, origin) in conn.unacked {
+        for (_, refusal) in conn.unacked {
             add(&queue.unavailable, 1);
-            self.route(unavailable(
-                &origin,
+            self.route(refusal.answer(
+                ErrorCode::Unavailable,
                 "the node link was cut; the request may or may not have been done",
             ));
         }
@@ -1018,10 +1049,12 @@ impl<I: Inbox> LinkLoop<I> {
                 peer.queue
                     .queue_bytes
                     .fetch_sub(out.frame.len(), Ordering::AcqRel);
-                match out.origin {
-                    Some(origin) => {
+                match out.refusal {
+                    Some(refusal) => {
                         add(&peer.queue.unavailable, 1);
-                        answers.push(unavailable(&origin, "the node is unreachable"));
+                        answers.push(
+                            refusal.answer(ErrorCode::Unavailable, "the node is unreachable"),
+                        );
                     }
                     None => add(&peer.queue.dropped, 1),
                 }
@@ -1166,8 +1199,8 @@ fn write_out(conn: &mut Conn, mut peer: Option<&mut Peer>, frames_max: usize) ->
             add(&p.queue.bytes_out, len as u64);
             add(&p.queue.messages_out, 1);
             conn.sent += 1;
-            if let Some(origin) = out.origin {
-                conn.unacked.push_back((conn.sent, origin));
+            if let Some(refusal) = out.refusal {
+                conn.unacked.push_back((conn.sent, refusal));
             }
         }
     }
@@ -1198,7 +1231,8 @@ mod tests {
     #[derive(Debug)]
     enum Event {
         Msg(u16, BusMsg),
-        Peer(u16, bool),
+        // Whether it came up: read only through `Debug`, in a failing test's message.
+        Peer(u16, #[allow(dead_code)] bool),
     }
 
     struct ChannelInbox(Sender<Event>);
@@ -1285,7 +1319,7 @@ mod tests {
 
     fn request(on: u16, slot: u32, req: u64) -> BusMsg {
         BusMsg::Read {
-            origin: Box::new(Origin {
+            origin: Box::new(crate::bus::Origin {
                 session: session(on, slot),
                 uid: Uid::new(UidKind::Buyer, 1),
                 device: DeviceId::from_u64(7).unwrap(),
@@ -1730,11 +1764,12 @@ mod tests {
             .iter()
             .map(|poll| Mailbox::new(2, Waker::new(poll.registry(), Token(0)).unwrap()))
             .collect();
-        let office = Arc::new(PostOffice::new(mailboxes));
         // Two shards of 256 partitions (all of them this node's): partition p on shard p % 2.
+        let partitions = Arc::new(PartitionMap::single_node(256, 2));
+        let office = Arc::new(PostOffice::new(mailboxes, Arc::clone(&partitions)));
         let mut inbox = OfficeInbox {
             office: Arc::clone(&office),
-            partitions: Arc::new(PartitionMap::single_node(256, 2)),
+            partitions,
         };
         let to_shard_1 = SessionRef {
             shard: 1,

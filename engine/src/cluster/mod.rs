@@ -15,19 +15,15 @@
 //! [`Cluster::partition_owner`] reads the table read at start and the peers' liveness.
 //! Without `--cluster` there is no `Cluster` at all and the node is the embedded single node.
 //!
-//! The node links ([`link`], their wire format [`wire`]) carry the bus between nodes; they are
-//! not yet wired into the node.
+//! The node links ([`link`], their wire format [`wire`]) carry the bus between nodes; the
+//! post office (`bus::post`) sends through them what it routes to another node.
 
 pub mod health;
-// The node links: not yet called by the node; the lead wires cluster routing (issue 13) onto
-// them.
-#[allow(dead_code)]
 pub(crate) mod link;
 pub mod redis_conn;
 pub mod redis_keys;
 pub mod registry;
 pub mod routes;
-#[allow(dead_code)]
 pub(crate) mod wire;
 
 use std::net::{IpAddr, SocketAddr};
@@ -66,6 +62,8 @@ pub struct PartitionOwner {
 
 /// This node's membership, shared by its shards.
 pub struct Cluster {
+    /// The cluster's name on the node links (from its creation time in Redis).
+    pub name: String,
     /// This node's number (1..=4095).
     pub node: u16,
     /// This node's id: type connector, its number, its node-link IPv4 address and port.
@@ -74,6 +72,8 @@ pub struct Cluster {
     pub peers: Arc<Peers>,
     pub routes: Arc<RouteCache>,
     pub health: Arc<ClusterHealth>,
+    /// The node links, once started (for health and metrics).
+    links: std::sync::OnceLock<Arc<link::Links>>,
     ops: Sender<RouteOp>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -158,7 +158,7 @@ impl Cluster {
             heartbeat_ttl: settings.heartbeat_ttl,
         };
         let peers = Arc::new(Peers::default());
-        let (connection, partitions) =
+        let (connection, partitions, meta) =
             registry::join(&target, &registration, settings.partitions, &peers)?;
         let health = Arc::new(ClusterHealth::default());
         let routes = Arc::new(RouteCache::default());
@@ -203,16 +203,45 @@ impl Cluster {
                 .map_err(spawn_failed)?,
         ];
         Ok(Arc::new(Cluster {
+            // Names this cluster on its node links: a node of another cluster sharing the
+            // addresses (an old one, a test's) is refused at the handshake.
+            name: format!("chinwag-{}", meta.created_ms),
             node: settings.node,
             node_id,
             partitions,
             peers,
             routes,
             health,
+            links: std::sync::OnceLock::new(),
             ops,
             stop,
             threads: Mutex::new(threads),
         }))
+    }
+
+    /// Node `node` of a cluster whose partitions are as `partitions` says and whose peers'
+    /// liveness is `peers`, with no Redis and no thread (for tests of what reads it).
+    #[cfg(test)]
+    pub fn for_tests(node: u16, partitions: PartitionTable, peers: Arc<Peers>) -> Arc<Cluster> {
+        let (ops, _) = crossbeam::channel::bounded(1);
+        Arc::new(Cluster {
+            name: "test".into(),
+            node,
+            node_id: node_id(node, SocketAddr::from(([127, 0, 0, 1], 7000 + node))).unwrap(),
+            partitions,
+            peers,
+            routes: Arc::new(RouteCache::default()),
+            health: Arc::new(ClusterHealth::default()),
+            links: std::sync::OnceLock::new(),
+            ops,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Shows the node links' state in health and metrics.
+    pub fn set_links(&self, links: Arc<link::Links>) {
+        let _ = self.links.set(links);
     }
 
     /// Where `uid`'s devices are logged in: each device and the node holding its session,
@@ -289,6 +318,19 @@ impl Cluster {
             self.node_id,
             peers.len()
         ));
+        if let Some(links) = self.links.get() {
+            for stats in links.stats() {
+                text.push_str(&format!(
+                    "link {}: {}, queued {} bytes, dropped {}, unavailable {}, reconnects {}\n",
+                    stats.node,
+                    if stats.connected { "up" } else { "down" },
+                    stats.queue_bytes,
+                    stats.dropped,
+                    stats.unavailable,
+                    stats.reconnects
+                ));
+            }
+        }
         (self.health.is_healthy(), text)
     }
 
@@ -316,6 +358,9 @@ impl Cluster {
                 peer.number,
                 u8::from(peer.alive)
             );
+        }
+        if let Some(links) = self.links.get() {
+            crate::operator::metrics::render_links(out, &links.stats());
         }
     }
 }

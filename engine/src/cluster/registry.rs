@@ -414,13 +414,14 @@ enum Claim {
 
 /// Joins at start: checks the cluster's metadata against this node's `partitions`, claims the
 /// number, registers, removes the routes an earlier run of this node left, and reads the
-/// partition table and the peers. Returns the connection for the registry thread.
+/// partition table and the peers. Returns the connection for the registry thread, the table
+/// and the cluster's metadata.
 pub fn join(
     target: &RedisTarget,
     registration: &Registration,
     partitions: u32,
     peers: &Peers,
-) -> Result<(redis::Connection, PartitionTable), JoinError> {
+) -> Result<(redis::Connection, PartitionTable, ClusterMeta), JoinError> {
     let failed = |e: &dyn std::fmt::Display| {
         JoinError::Failed(format!("cluster: Redis at {}: {e}", target.url))
     };
@@ -473,7 +474,7 @@ pub fn join(
         );
     }
     peers.set(read_peers(&mut connection).map_err(|e| failed(&e))?);
-    Ok((connection, table))
+    Ok((connection, table, meta))
 }
 
 /// The registry thread's settings and shared state.

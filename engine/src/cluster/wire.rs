@@ -333,9 +333,14 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
             put_session(out, *session);
             put_positions(out, from)?;
         }
-        BusMsg::Convs { origin, token } => {
+        BusMsg::Convs {
+            origin,
+            token,
+            partitions,
+        } => {
             put_origin(out, origin);
             out.put_u64(*token);
+            out.put_u16(*partitions);
         }
         BusMsg::Register {
             session,
@@ -511,10 +516,12 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
         BusMsg::ConvsPart {
             session,
             token,
+            partitions,
             convs,
         } => {
             put_session(out, *session);
             out.put_u64(*token);
+            out.put_u16(*partitions);
             match convs {
                 None => out.put_u8(0),
                 Some(convs) => {
@@ -766,6 +773,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         CONVS => BusMsg::Convs {
             origin: Box::new(r.origin()?),
             token: r.u64()?,
+            partitions: r.partition_count()?,
         },
         REGISTER => BusMsg::Register {
             session: r.session()?,
@@ -950,6 +958,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
         CONVS_PART => {
             let session = r.session()?;
             let token = r.u64()?;
+            let partitions = r.partition_count()?;
             let convs = if r.bool()? {
                 let Message::ConvsOk(convs) = r.client()? else {
                     return Err(WireError::Malformed("convs part: not a convs_ok frame"));
@@ -966,6 +975,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
             BusMsg::ConvsPart {
                 session,
                 token,
+                partitions,
                 convs,
             }
         }
@@ -1104,6 +1114,15 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
             .map_err(|_| WireError::Malformed("string is not UTF-8"))
+    }
+
+    /// A count of partitions, at most [`PARTITIONS_MAX`].
+    fn partition_count(&mut self) -> Result<u16> {
+        let count = self.u16()?;
+        if usize::from(count) > PARTITIONS_MAX {
+            return Err(WireError::Malformed("partition count out of range"));
+        }
+        Ok(count)
     }
 
     /// Per partition, a log position (see `put_positions`).
@@ -1520,10 +1539,13 @@ mod tests {
                 session,
                 from: from.into_boxed_slice()
             }),
-            (origin(), any::<u64>()).prop_map(|(o, token)| BusMsg::Convs {
-                origin: Box::new(o),
-                token,
-            }),
+            (origin(), any::<u64>(), 0..=PARTITIONS_MAX as u16).prop_map(
+                |(o, token, partitions)| BusMsg::Convs {
+                    origin: Box::new(o),
+                    token,
+                    partitions,
+                }
+            ),
             (session(), uid(), 0u8..4).prop_map(|(session, uid, t)| BusMsg::Register {
                 session,
                 uid,
@@ -1646,11 +1668,13 @@ mod tests {
             (
                 session(),
                 any::<u64>(),
+                0..=PARTITIONS_MAX as u16,
                 proptest::option::of(vec(conv_summary(), 0..3))
             )
-                .prop_map(|(session, token, convs)| BusMsg::ConvsPart {
+                .prop_map(|(session, token, partitions, convs)| BusMsg::ConvsPart {
                     session,
                     token,
+                    partitions,
                     convs
                 }),
         ]

@@ -21,15 +21,12 @@ impl Owner {
             Err(e) => {
                 tracing::error!(%uid, error = %e, "device registration failed");
                 // The session learns of it as a failed login.
-                self.push_out(
-                    session.shard as usize,
-                    BusMsg::Registered {
-                        session,
-                        uid,
-                        device: None,
-                        profile: None,
-                    },
-                );
+                self.push_out(BusMsg::Registered {
+                    session,
+                    uid,
+                    device: None,
+                    profile: None,
+                });
                 return;
             }
         };
@@ -39,21 +36,18 @@ impl Owner {
                     session: older,
                     by_service: false,
                 };
-                self.push_out(older.shard as usize, kick);
+                self.push_out(kick);
             }
         }
-        self.push_out(
-            session.shard as usize,
-            BusMsg::Registered {
-                session,
-                uid,
-                device: Some(device),
-                profile: self
-                    .log_of(&uid)
-                    .and_then(|log| log.profile(chinwag_protocol::Subject::User(uid)))
-                    .map(|p| Box::new(p.clone())),
-            },
-        );
+        self.push_out(BusMsg::Registered {
+            session,
+            uid,
+            device: Some(device),
+            profile: self
+                .log_of(&uid)
+                .and_then(|log| log.profile(chinwag_protocol::Subject::User(uid)))
+                .map(|p| Box::new(p.clone())),
+        });
     }
 
     pub(super) fn new_device(
@@ -75,7 +69,8 @@ impl Owner {
             .map_err(|e| e.to_string())
     }
 
-    /// The devices of `uid` with a session now, ascending (one per device type at most).
+    /// The devices of `uid` with a session now, ascending (one per device type at most). In
+    /// a cluster, a session on a node whose heartbeat lapsed is not one.
     pub(super) fn online_devices(
         &self,
         uid: Uid,
@@ -85,6 +80,7 @@ impl Owner {
             .into_iter()
             .filter_map(move |t| log?.device(uid, t))
             .filter_map(|device| Some((device, *self.sessions.get(&device)?)))
+            .filter(|(_, session)| self.node_alive(session.node))
     }
 
     /// A service's `kick`: every session of the user (or of its one device) gets `kicked` and
@@ -100,7 +96,7 @@ impl Owner {
                 session: *session,
                 by_service: true,
             };
-            self.push_out(session.shard as usize, msg);
+            self.push_out(msg);
         }
         sessions.len() as u32
     }

@@ -475,6 +475,7 @@ mod tests {
             let out = h.turn(BusMsg::Convs {
                 origin: Box::new(member),
                 token: 1,
+                partitions: 1,
             });
             out.into_iter()
                 .find_map(|(_, msg)| match msg {

@@ -48,6 +48,7 @@ use chinwag_protocol::{ConvId, DeviceId, DeviceIdGenerator, ErrorCode, Uid};
 use smallvec::SmallVec;
 
 use crate::bus::partitions::{conv_counter, partition_of_conv};
+use crate::bus::post::To;
 use crate::bus::{
     BusMsg, Fanout, GroupRequest, Origin, PartitionId, PartitionMap, ProfileRequest, SendRequest,
     SessionRef,
@@ -127,7 +128,7 @@ pub struct LogStats {
 
 /// An output waiting for the turn's commit: a message and the shard it goes to.
 struct Pending {
-    to: usize,
+    to: To,
     msg: BusMsg,
     /// For an acknowledgement: the request it answers, to answer `unavailable` instead if the
     /// commit fails. (The error is encoded only then: commits rarely fail.)
@@ -169,6 +170,9 @@ pub struct Owner {
     pub commit_failures: u64,
     /// The WeChat channel, when the node serves WeChat accounts.
     wechat: Option<Arc<crate::wechat::channel::Channel>>,
+    /// In a cluster: this node's number and the peers' liveness. A session on a node whose
+    /// heartbeat lapsed does not count as online.
+    cluster: Option<(u16, Arc<crate::cluster::registry::Peers>)>,
     /// Agents' replies to WeChat customers stored this turn, for the sender after the commit.
     wechat_out: Vec<wechat::PendingReply>,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
@@ -216,6 +220,7 @@ impl Owner {
             send_ok_us_sum: 0,
             commit_failures: 0,
             wechat: None,
+            cluster: None,
             wechat_out: Vec::new(),
             #[cfg(test)]
             fail_next_commit: false,
@@ -225,6 +230,20 @@ impl Owner {
     /// Serves the WeChat channel: agents' replies to WeChat customers go to its sender.
     pub fn set_wechat(&mut self, channel: Option<Arc<crate::wechat::channel::Channel>>) {
         self.wechat = channel;
+    }
+
+    /// Serves a cluster node `node`: sessions of nodes that `peers` says are down are not
+    /// online.
+    pub fn set_cluster(&mut self, node: u16, peers: Arc<crate::cluster::registry::Peers>) {
+        self.cluster = Some((node, peers));
+    }
+
+    /// Whether a session of `node` may be live: this node's, or a peer's whose heartbeat is
+    /// there.
+    fn node_alive(&self, node: u16) -> bool {
+        self.cluster
+            .as_ref()
+            .map_or(true, |(me, peers)| node == *me || peers.is_alive(node))
     }
 
     /// An owner of every partition of a one-shard node, with its logs under `dir`, for tests.
@@ -398,15 +417,12 @@ impl Owner {
                     .and_then(|log| log.profile(chinwag_protocol::Subject::User(send.origin.uid)))
                     .cloned();
                 send.profile_pending = false;
-                let origin = send.origin;
                 let msg = BusMsg::Send(send);
                 match msg.owner(&self.map) {
                     Some(owner) if owner == self.shard => self.handle(msg, now_ms),
-                    Some(owner) => self.push_out(owner, msg),
-                    None => self.reply_now(
-                        &origin,
-                        origin.error(ErrorCode::NotFound, "no such conversation"),
-                    ),
+                    // Another shard's or node's, or none's (answered `not_found` there): the
+                    // post office decides.
+                    _ => self.push_out(msg),
                 }
             }
             BusMsg::Send(send) => {
@@ -481,29 +497,28 @@ impl Owner {
                 token,
             } => {
                 let online = self.presence(&users);
-                self.push_out(
-                    origin.session.shard as usize,
-                    BusMsg::PresencePart {
-                        session: origin.session,
-                        token,
-                        online: Some(online),
-                    },
-                );
+                self.push_out(BusMsg::PresencePart {
+                    session: origin.session,
+                    token,
+                    online: Some(online),
+                });
             }
             BusMsg::StreamRead { session, from } => {
                 let part = self.stream_read(session, &from);
-                self.push_out(session.shard as usize, BusMsg::StreamPart(Box::new(part)));
+                self.push_out(BusMsg::StreamPart(Box::new(part)));
             }
-            BusMsg::Convs { origin, token } => {
+            BusMsg::Convs {
+                origin,
+                token,
+                partitions,
+            } => {
                 let convs = self.convs_of(origin.uid);
-                self.push_out(
-                    origin.session.shard as usize,
-                    BusMsg::ConvsPart {
-                        session: origin.session,
-                        token,
-                        convs: Some(convs),
-                    },
-                );
+                self.push_out(BusMsg::ConvsPart {
+                    session: origin.session,
+                    token,
+                    partitions,
+                    convs: Some(convs),
+                });
             }
             BusMsg::Register {
                 session,
@@ -543,7 +558,7 @@ impl Owner {
     }
 
     /// Makes the turn's records durable and returns what may now go out, in order.
-    pub fn commit(&mut self) -> Vec<(usize, BusMsg)> {
+    pub fn commit(&mut self) -> Vec<(To, BusMsg)> {
         if self.pending.is_empty() {
             // Nothing to acknowledge; still give an `interval` policy its periodic flush.
             if let Err(e) = self.commit_log() {
@@ -557,10 +572,14 @@ impl Owner {
                 for received in pending.iter().filter_map(|p| p.send_received) {
                     self.record_send_ok(received.elapsed().as_micros() as u64);
                 }
-                let mut out: Vec<(usize, BusMsg)> =
+                let mut out: Vec<(To, BusMsg)> =
                     pending.into_iter().map(|p| (p.to, p.msg)).collect();
                 // Only now that the agents' replies are durable do they go to WeChat.
-                out.extend(self.wechat_submit());
+                out.extend(
+                    self.wechat_submit()
+                        .into_iter()
+                        .map(|(shard, msg)| (To::Shard(shard), msg)),
+                );
                 out
             }
             Err(e) => {
@@ -670,7 +689,7 @@ impl Owner {
     /// An acknowledgement: goes out after the commit, or becomes `unavailable` if it fails.
     fn ack(&mut self, origin: &Origin, ws_message: Bytes) {
         self.pending.push(Pending {
-            to: origin.session.shard as usize,
+            to: To::Named,
             msg: BusMsg::Deliver {
                 to: origin.session,
                 ws_message,
@@ -699,30 +718,32 @@ impl Owner {
 
     /// A reply that does not depend on the turn's records (an error, a page of history).
     fn reply_now(&mut self, origin: &Origin, ws_message: Bytes) {
-        self.push_out(
-            origin.session.shard as usize,
-            BusMsg::Deliver {
-                to: origin.session,
-                ws_message,
-            },
-        );
+        self.push_out(BusMsg::Deliver {
+            to: origin.session,
+            ws_message,
+        });
     }
 
-    fn push_out(&mut self, shard: usize, msg: BusMsg) {
+    /// An output for where the message names (a session, here or on its node; the owner of
+    /// a forwarded request), after the turn's commit.
+    fn push_out(&mut self, msg: BusMsg) {
         self.pending.push(Pending {
-            to: shard,
+            to: To::Named,
             msg,
             if_lost: None,
             send_received: None,
         });
     }
 
-    /// A push for every shard's devices of `fanout.users`, encoded once and shared.
+    /// A push for the devices of `fanout.users`, encoded once and shared by every shard and
+    /// sent once to each node that holds one of them.
     fn fanout(&mut self, fanout: Fanout) {
-        let fanout = Arc::new(fanout);
-        for shard in 0..self.map.shards() {
-            self.push_out(shard, BusMsg::Push(Arc::clone(&fanout)));
-        }
+        self.pending.push(Pending {
+            to: To::Fanout,
+            msg: BusMsg::Push(Arc::new(fanout)),
+            if_lost: None,
+            send_received: None,
+        });
     }
 }
 
@@ -867,7 +888,7 @@ mod tests {
         let mut marked = h.owner.written.clone();
         marked.sort_unstable();
         assert_eq!(marked, wrote.into_iter().collect::<Vec<_>>());
-        let out = h.owner.commit();
+        let out = h.commit();
         assert_eq!(pushes(&out).len(), 2);
         assert!(h.owner.written.is_empty());
         assert!(h.owner.written_mark.iter().all(|m| !m));
@@ -899,7 +920,7 @@ mod tests {
         let mut h = Harness::new();
         let a = h.login(buyer(1));
         owner.handle(send(&a, Target::Shop(elsewhere), "1", "x"), 1);
-        let out = owner.commit();
+        let out = by_shard(owner.commit(), &map);
         assert!(replies(&out, a.session)[0].contains(r#""code":"unavailable""#));
         owner.handle(
             send(
@@ -910,7 +931,7 @@ mod tests {
             ),
             1,
         );
-        let out = owner.commit();
+        let out = by_shard(owner.commit(), &map);
         assert!(replies(&out, a.session)[0].contains(r#""code":"not_found""#));
         assert!(!partition_dir(dir.path(), 1).exists());
     }

@@ -92,10 +92,7 @@ impl Owner {
         let sessions: SmallVec<[_; 4]> = self.online_devices(uid).map(|(_, s)| s).collect();
         for session in sessions {
             let profile = Box::new(stored.clone());
-            self.push_out(
-                session.shard as usize,
-                BusMsg::OwnProfile { session, profile },
-            );
+            self.push_out(BusMsg::OwnProfile { session, profile });
         }
     }
 

@@ -298,6 +298,7 @@ mod tests {
         let out = h.turn(BusMsg::Convs {
             origin: Box::new(a),
             token: 7,
+            partitions: 1,
         });
         let parts: Vec<_> = out
             .iter()
@@ -306,6 +307,7 @@ mod tests {
                     session,
                     token,
                     convs: Some(convs),
+                    ..
                 } => Some((*shard, *session, *token, convs)),
                 _ => None,
             })

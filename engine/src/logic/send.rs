@@ -258,7 +258,7 @@ mod tests {
             },
             h.now_ms,
         );
-        let out = h.owner.commit();
+        let out = h.commit();
         for origin in [&a, &b] {
             let texts = replies(&out, origin.session);
             assert_eq!(texts.len(), 1, "{texts:?}");

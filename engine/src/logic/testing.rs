@@ -70,7 +70,12 @@ impl Harness {
     pub fn turn(&mut self, msg: BusMsg) -> Vec<(usize, BusMsg)> {
         self.now_ms += 1;
         self.owner.handle(msg, self.now_ms);
-        self.owner.commit()
+        self.commit()
+    }
+
+    /// Commits the turn; returns what went out, by the shard it reaches.
+    pub fn commit(&mut self) -> Vec<(usize, BusMsg)> {
+        by_shard(self.owner.commit(), &self.owner.map)
     }
 
     /// Logs `uid` in on a new session with a web device; returns the origin of its requests.
@@ -177,6 +182,29 @@ pub fn buyer(id: u64) -> Uid {
 
 pub fn agent(id: u64) -> Uid {
     Uid::new(UidKind::Agent, id)
+}
+
+/// An owner's outputs by the shard of this node each reaches, as the post office sends them
+/// on a single node: a push to every shard, anything else where it names (`usize::MAX`: no
+/// shard here).
+pub fn by_shard(
+    out: Vec<(crate::bus::post::To, BusMsg)>,
+    map: &crate::bus::PartitionMap,
+) -> Vec<(usize, BusMsg)> {
+    use crate::bus::post::To;
+    let mut shards = Vec::with_capacity(out.len());
+    for (to, msg) in out {
+        match (to, msg) {
+            (To::Fanout, BusMsg::Push(fanout)) => {
+                for shard in 0..map.shards() {
+                    shards.push((shard, BusMsg::Push(std::sync::Arc::clone(&fanout))));
+                }
+            }
+            (To::Shard(shard), msg) => shards.push((shard, msg)),
+            (_, msg) => shards.push((msg.owner(map).unwrap_or(usize::MAX), msg)),
+        }
+    }
+    shards
 }
 
 /// The device a `Registered` for `session` in `out` carries.

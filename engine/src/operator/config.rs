@@ -466,10 +466,11 @@ impl Config {
         let link = self
             .node_listen
             .ok_or("a cluster node needs node_listen, the IPV4:PORT its peers connect to")?;
-        if !link.is_ipv4() || link.ip().is_unspecified() || link.port() == 0 {
+        // Port 0 is bound before the node registers: the registry holds the port bound.
+        if !link.is_ipv4() || link.ip().is_unspecified() {
             return Err(format!(
-                "node_listen {link}: give the IPv4 address and port peers connect to (it goes \
-                 into the NodeId), not a wildcard address or port 0"
+                "node_listen {link}: give the IPv4 address peers connect to (it goes into the \
+                 NodeId), not a wildcard address"
             ));
         }
         if self.cluster_heartbeat_ttl_ms < 2 * self.cluster_heartbeat_interval_ms {
@@ -826,10 +827,6 @@ mod tests {
             (
                 vec![cluster, node, ("CHINWAG_NODE_LISTEN", "0.0.0.0:7200")],
                 "wildcard",
-            ),
-            (
-                vec![cluster, node, ("CHINWAG_NODE_LISTEN", "10.0.0.3:0")],
-                "port 0",
             ),
             (
                 vec![cluster, node, ("CHINWAG_NODE_LISTEN", "[::1]:7200")],

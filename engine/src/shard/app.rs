@@ -60,6 +60,7 @@ struct Gather {
     token: u64,
     req: Option<u64>,
     encoding: Encoding,
+    /// Partitions whose part has not come back.
     remaining: usize,
     /// A shard could not answer (its mailbox was full): the reply is `unavailable`.
     failed: bool,
@@ -202,8 +203,8 @@ impl App {
                     device_type: login.device,
                 };
                 if ctx.post_to_owner(request).is_err() {
-                    // The user's partition is not this node's (only in a cluster).
-                    let text = "the user's partition is not served here";
+                    // The node that owns the user's partition is down (only in a cluster).
+                    let text = "the node that owns this user is down; try again";
                     self.login = None;
                     let error = bus::error(ErrorCode::Unavailable, text);
                     reply(session, req, encoding, error, ctx);
@@ -240,7 +241,6 @@ impl App {
                         history,
                     },
                     Message::Convs => {
-                        let shards = ctx.shards();
                         let Some(login) = self.login.as_mut() else {
                             return;
                         };
@@ -252,23 +252,33 @@ impl App {
                         }
                         let token = login.next_gather_token;
                         login.next_gather_token += 1;
+                        // Every partition of the cluster answers once: each shard here for
+                        // its own, each other node for its own (its shards answer).
+                        let parts = ctx.post.office().gather_parts();
+                        if parts.asked == 0 {
+                            // Every node that serves a partition is down.
+                            let error = origin.error(
+                                ErrorCode::Unavailable,
+                                "no node serving conversations is up; try again",
+                            );
+                            return session.send(error, ctx);
+                        }
                         login.gathers.push(Gather {
                             token,
                             req,
                             encoding,
-                            remaining: shards,
+                            remaining: parts.asked,
                             failed: false,
                             started_ms: ctx.now_ms,
                             convs: Vec::new(),
                         });
-                        for shard in 0..shards {
-                            ctx.post.to(
-                                shard,
-                                BusMsg::Convs {
-                                    origin: Box::new(origin),
-                                    token,
-                                },
-                            );
+                        for (to, partitions) in parts.parts {
+                            let request = BusMsg::Convs {
+                                origin: Box::new(origin),
+                                token,
+                                partitions,
+                            };
+                            ctx.post.send_later(to, request);
                         }
                         return;
                     }
@@ -288,9 +298,10 @@ impl App {
                         );
                     }
                 };
-                if ctx.post_to_owner(request).is_err() {
-                    // A conversation id naming a partition this node does not have.
-                    let error = origin.error(ErrorCode::NotFound, "no such conversation");
+                if let Err(unrouted) = ctx.post_to_owner(request) {
+                    // A conversation id naming a partition that does not exist, or in a
+                    // cluster one whose node is down.
+                    let error = origin.error(unrouted.code, unrouted.text);
                     session.send(error, ctx);
                 }
             }
@@ -328,11 +339,13 @@ impl App {
         true
     }
 
-    /// One shard's part of the `convs` request `token` (`None`: that shard could not answer);
-    /// the reply goes out when every shard has answered.
+    /// One shard's part of the `convs` request `token`, covering `partitions` partitions
+    /// (`None`: that shard could not answer); the reply goes out when every partition is
+    /// covered.
     pub fn on_convs_part(
         &mut self,
         token: u64,
+        partitions: u16,
         convs: Option<Vec<ConvSummary<'static>>>,
         session: &mut impl Link,
         ctx: &mut Context,
@@ -352,7 +365,7 @@ impl App {
                 gather.convs = Vec::new();
             }
         }
-        gather.remaining -= 1;
+        gather.remaining = gather.remaining.saturating_sub(usize::from(partitions));
         if gather.remaining > 0 {
             return;
         }
@@ -503,7 +516,7 @@ mod tests {
 
     use super::*;
     use crate::bus::mailbox::Mailbox;
-    use crate::bus::post::{Post, PostOffice};
+    use crate::bus::post::{Post, PostOffice, To};
     use crate::net::ws::connection::WsLimits;
     use crate::net::ws::frame::Opcode;
     use crate::operator::config::Config;
@@ -560,7 +573,13 @@ mod tests {
                 Arc::new(crate::bus::PartitionMap::single_node(256, SHARDS)),
                 None,
             )),
-            post: Post::new(0, Arc::new(PostOffice::new(mailboxes))),
+            post: Post::new(
+                0,
+                Arc::new(PostOffice::new(
+                    mailboxes,
+                    Arc::new(crate::bus::PartitionMap::single_node(256, SHARDS)),
+                )),
+            ),
             ws_limits,
             now_ms: 0,
             unix_ms: 1_700_000_000_000,
@@ -632,7 +651,7 @@ mod tests {
             panic!("expected a Register, got {posted:?}");
         };
         let owner = ctx.partitions().shard_of(&uid).unwrap();
-        assert_eq!((*shard, *who), (owner, uid));
+        assert_eq!((*shard, *who), (To::Shard(owner), uid));
         assert_eq!(*session, link.session_ref(&ctx));
         assert!(link.sent.is_empty(), "login_ok waits for the owner");
         assert!(app.logged_in().is_none());
@@ -658,8 +677,12 @@ mod tests {
 
         text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":9}"#);
         let asked = ctx.post.take();
-        let shards: Vec<usize> = asked.iter().map(|(shard, _)| *shard).collect();
-        assert_eq!(shards, [0, 1], "every shard is asked for its part");
+        let shards: Vec<To> = asked.iter().map(|(shard, _)| *shard).collect();
+        assert_eq!(
+            shards,
+            [To::Shard(0), To::Shard(1)],
+            "every shard is asked for its part"
+        );
         let token = token_of(&asked[0].1);
 
         let summary = |conv: u64, ts: Option<u64>| ConvSummary {
@@ -684,6 +707,7 @@ mod tests {
         };
         app.on_convs_part(
             token,
+            128,
             Some(vec![summary(256, Some(5))]),
             &mut link,
             &mut ctx,
@@ -691,6 +715,7 @@ mod tests {
         assert_eq!(link.sent.len(), 1, "no reply until every shard answered");
         app.on_convs_part(
             token,
+            128,
             Some(vec![summary(257, Some(9))]),
             &mut link,
             &mut ctx,
@@ -748,14 +773,14 @@ mod tests {
         // The second request's parts come back first.
         for conv in [0x201, 0x202] {
             let part = Some(vec![summary_of(uid, conv)]);
-            app.on_convs_part(second, part, &mut link, &mut ctx);
+            app.on_convs_part(second, 128, part, &mut link, &mut ctx);
         }
         assert_eq!(link.sent.len(), 2, "{:?}", link.sent);
         let reply = &link.sent[1];
         assert!(reply.contains(r#""conv":"513""#) && reply.contains(r#""conv":"514""#));
         for conv in [0x101, 0x102] {
             let part = Some(vec![summary_of(uid, conv)]);
-            app.on_convs_part(first, part, &mut link, &mut ctx);
+            app.on_convs_part(first, 128, part, &mut link, &mut ctx);
         }
         let reply = &link.sent[2];
         assert!(
@@ -778,7 +803,7 @@ mod tests {
                 shop: ShopId(1),
                 agent: uid,
             };
-            assert!(ctx.post.send(1, filler, &metrics).is_none());
+            assert!(ctx.post.send(To::Shard(1), filler, &metrics).is_none());
         }
         for round in 0..2 * CONVS_IN_FLIGHT_MAX {
             text(&mut app, &mut link, &mut ctx, r#"{"op":"convs","req":3}"#);
@@ -787,15 +812,18 @@ mod tests {
                 let back = ctx.post.send(shard, msg, &metrics);
                 match back {
                     Some(BusMsg::ConvsPart {
-                        token: t, convs, ..
+                        token: t,
+                        convs,
+                        partitions,
+                        ..
                     }) => {
-                        assert_eq!((shard, t, convs.is_none()), (1, token, true));
-                        app.on_convs_part(token, None, &mut link, &mut ctx);
+                        assert_eq!((shard, t, convs.is_none()), (To::Shard(1), token, true));
+                        app.on_convs_part(token, partitions, None, &mut link, &mut ctx);
                     }
                     // This shard's own part.
-                    Some(BusMsg::Convs { .. }) => {
-                        assert_eq!(shard, 0);
-                        app.on_convs_part(token, Some(Vec::new()), &mut link, &mut ctx);
+                    Some(BusMsg::Convs { partitions, .. }) => {
+                        assert_eq!(shard, To::Shard(0));
+                        app.on_convs_part(token, partitions, Some(Vec::new()), &mut link, &mut ctx);
                     }
                     other => panic!("unexpected {other:?}"),
                 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use mio::Token;
 
-use crate::bus::post::Post;
+use chinwag_protocol::ErrorCode;
+
+use crate::bus::post::{Hop, Post, To};
 use crate::bus::{BusMsg, SessionRef};
 use crate::net::ws::connection::WsLimits;
 use crate::operator::config::Config;
@@ -100,16 +102,39 @@ impl Context {
         &self.node.partitions
     }
 
-    /// Posts `msg` to the shard that owns its subject ([`BusMsg::owner`]). Gives it back when
-    /// no shard here does: its partition is another node's, or does not exist (a forged
-    /// conversation id).
-    pub fn post_to_owner(&mut self, msg: BusMsg) -> Result<(), BusMsg> {
-        match msg.owner(&self.node.partitions) {
-            Some(shard) => {
-                self.post.to(shard, msg);
-                Ok(())
+    /// Posts `msg` to the owner of its subject ([`PostOffice::hop`]): a shard here, or in a
+    /// cluster the node that owns its partition. Gives it back, with the error to answer,
+    /// when no one can take it: its partition does not exist (a forged conversation id:
+    /// `not_found`) or its node is down (`unavailable`).
+    ///
+    /// [`PostOffice::hop`]: crate::bus::post::PostOffice::hop
+    pub fn post_to_owner(&mut self, msg: BusMsg) -> Result<(), Unrouted> {
+        match self.post.office().hop(&msg) {
+            Hop::Shard(shard) => self.post.to(shard, msg),
+            Hop::Node(_) => self.post.send_later(To::Named, msg),
+            Hop::Down => {
+                return Err(Unrouted {
+                    msg,
+                    code: ErrorCode::Unavailable,
+                    text: "the node that owns this is down; try again",
+                })
             }
-            None => Err(msg),
+            Hop::Nowhere => {
+                return Err(Unrouted {
+                    msg,
+                    code: ErrorCode::NotFound,
+                    text: "no such conversation",
+                })
+            }
         }
+        Ok(())
     }
+}
+
+/// A message no shard or node can take, and what to answer.
+#[derive(Debug)]
+pub struct Unrouted {
+    pub msg: BusMsg,
+    pub code: ErrorCode,
+    pub text: &'static str,
 }

@@ -29,7 +29,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::bus::post::{Post, PostOffice};
+use crate::bus::post::{Post, PostOffice, To};
 use crate::bus::{BusMsg, SessionRef};
 use crate::logic::{self, Owner};
 use crate::net::ws::connection::CloseReason;
@@ -121,7 +121,7 @@ impl Shard {
                 handover: None,
                 api_requests_open: 0,
             },
-            next_generation: 0,
+            next_generation: first_generation(),
             sweep_cursor: 0,
             started: Instant::now(),
             accept_warned_ms: None,
@@ -458,11 +458,11 @@ impl Shard {
     /// this goes round until nothing is left.
     fn send_and_commit(&mut self) {
         loop {
-            for (shard, msg) in self.ctx.post.take() {
-                self.deliver(shard, msg);
+            for (to, msg) in self.ctx.post.take() {
+                self.deliver(to, msg);
             }
-            for (shard, msg) in self.owner.commit() {
-                self.deliver(shard, msg);
+            for (to, msg) in self.owner.commit() {
+                self.deliver(to, msg);
             }
             if self.ctx.post.is_empty() {
                 return;
@@ -490,8 +490,8 @@ impl Shard {
         set(&m.log_partitions_open, stats.partitions as u64);
     }
 
-    fn deliver(&mut self, shard: usize, msg: BusMsg) {
-        if let Some(msg) = self.ctx.post.send(shard, msg, self.ctx.metrics()) {
+    fn deliver(&mut self, to: To, msg: BusMsg) {
+        if let Some(msg) = self.ctx.post.send(to, msg, self.ctx.metrics()) {
             self.handle(msg);
         }
     }
@@ -604,11 +604,12 @@ impl Shard {
             BusMsg::ConvsPart {
                 session: to,
                 token,
+                partitions,
                 convs,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
                     let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.on_convs_part(token, convs, s, ctx));
+                    session.with_app(|app, s| app.on_convs_part(token, partitions, convs, s, ctx));
                 }
             }
             // Everything else is for this shard as an owner.
@@ -653,11 +654,10 @@ impl Shard {
         }
     }
 
-    /// Posts a notice (no answer expected) to the owner of its subject. The single node owns
-    /// every partition; a cluster will forward a notice for another node's.
+    /// Posts a notice (no answer expected) to the owner of its subject, here or on its node.
     fn tell_owner(&mut self, msg: BusMsg) {
-        if let Err(msg) = self.ctx.post_to_owner(msg) {
-            tracing::debug!(?msg, "notice for a partition not served here dropped");
+        if let Err(unrouted) = self.ctx.post_to_owner(msg) {
+            tracing::debug!(msg = ?unrouted.msg, why = unrouted.text, "notice dropped");
         }
     }
 
@@ -772,6 +772,26 @@ impl Shard {
     }
 }
 
+/// Where a shard's session generations start: random, so that an address (slot, generation)
+/// a restarted node hands out is unlikely to be one its earlier run did. An owner on another
+/// node may still hold the earlier run's address for a device, and must not kick the new
+/// session that happens to get it.
+fn first_generation() -> u32 {
+    if cfg!(test) {
+        // The shard's tests address its first session as generation 1.
+        return 0;
+    }
+    let mut seed = [0u8; 4];
+    // Without randomness, the clock's nanoseconds do nearly as well.
+    if getrandom::fill(&mut seed).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        seed = nanos.to_le_bytes();
+    }
+    u32::from_le_bytes(seed)
+}
+
 /// The session in `slot`, if it is still the one of `generation`.
 fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Option<&mut Session> {
     sessions
@@ -800,7 +820,10 @@ mod tests {
             Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
             None,
         ));
-        let office = Arc::new(PostOffice::new(vec![Mailbox::new(16, waker)]));
+        let office = Arc::new(PostOffice::new(
+            vec![Mailbox::new(16, waker)],
+            Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
+        ));
         let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let backend_listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();

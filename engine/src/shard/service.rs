@@ -459,9 +459,7 @@ impl ServiceConn {
                     ts: ctx.unix_ms,
                 });
                 let fanout = Arc::new(Fanout::new(m.users.into_iter().collect(), None, notify));
-                for shard in 0..shards {
-                    ctx.post.to(shard, BusMsg::Push(Arc::clone(&fanout)));
-                }
+                ctx.post.fanout(fanout);
                 self.reply(req, Message::NotifyUsersOk(count), ctx);
             }
             Message::Kick(kick) => {
@@ -480,24 +478,22 @@ impl ServiceConn {
                 users.sort_unstable();
                 users.dedup();
                 let mut parts: Vec<Vec<Uid>> = vec![Vec::new(); shards];
+                // Users of other nodes' partitions, by partition: each part goes to the
+                // partition's node, whose owner shard answers for it.
+                let mut remote: std::collections::BTreeMap<u16, Vec<Uid>> = Default::default();
                 for uid in users {
-                    // A user of another node's partition is not online here (a cluster asks
-                    // that node).
-                    if let Some(shard) = ctx.partitions().shard_of(&uid) {
-                        parts[shard].push(uid);
+                    match ctx.partitions().shard_of(&uid) {
+                        Some(shard) => parts[shard].push(uid),
+                        None => remote
+                            .entry(ctx.partitions().partition_of(&uid))
+                            .or_default()
+                            .push(uid),
                     }
                 }
-                let asked = parts.iter().filter(|p| !p.is_empty()).count();
                 let token = self.next_gather_token;
                 self.next_gather_token += 1;
-                self.gathers.push(PresenceGather {
-                    token,
-                    req,
-                    remaining: asked,
-                    failed: false,
-                    started_ms: ctx.now_ms,
-                    online: Vec::new(),
-                });
+                let mut asked = 0;
+                let mut failed = false;
                 for (shard, users) in parts.into_iter().enumerate() {
                     if !users.is_empty() {
                         let origin = Box::new(origin(service));
@@ -507,8 +503,39 @@ impl ServiceConn {
                             token,
                         };
                         ctx.post.to(shard, request);
+                        asked += 1;
                     }
                 }
+                for users in remote.into_values() {
+                    let origin = Box::new(origin(service));
+                    let request = BusMsg::Presence {
+                        origin,
+                        users,
+                        token,
+                    };
+                    match ctx.post_to_owner(request) {
+                        Ok(()) => asked += 1,
+                        // The partition's node is down: its users' sessions are not known.
+                        Err(_) => failed = true,
+                    }
+                }
+                if asked == 0 {
+                    let message = if failed {
+                        let text = "the node that owns these users is down; try again";
+                        bus::error(ErrorCode::Unavailable, text)
+                    } else {
+                        Message::PresenceOk(Vec::new())
+                    };
+                    return self.reply(req, message, ctx);
+                }
+                self.gathers.push(PresenceGather {
+                    token,
+                    req,
+                    remaining: asked,
+                    failed,
+                    started_ms: ctx.now_ms,
+                    online: Vec::new(),
+                });
             }
             Message::Subscribe(from) => self.subscribe(req, &from, ctx),
             Message::ConvHistory(history) => {
@@ -749,15 +776,12 @@ impl ServiceConn {
         self.post_to_owner(req, request, ctx);
     }
 
-    /// Posts a request to the owner of its subject; a conversation id naming a shard this
-    /// node does not have is answered `not_found` here.
+    /// Posts a request to the owner of its subject, here or on its node; a conversation id
+    /// naming no partition is answered `not_found` here, one of a node that is down
+    /// `unavailable`.
     fn post_to_owner(&mut self, req: Option<u64>, request: BusMsg, ctx: &mut Context) {
-        if ctx.post_to_owner(request).is_err() {
-            self.reply(
-                req,
-                bus::error(ErrorCode::NotFound, "no such conversation"),
-                ctx,
-            )
+        if let Err(unrouted) = ctx.post_to_owner(request) {
+            self.reply(req, bus::error(unrouted.code, unrouted.text), ctx)
         }
     }
 

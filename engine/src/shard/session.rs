@@ -559,9 +559,10 @@ fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::
         );
         if let Some(inbound) = inbound {
             let msg = crate::bus::BusMsg::WechatInbound(Box::new(inbound));
-            if ctx.post_to_owner(msg).is_err() {
-                // Only in a cluster: the shop's partition is another node's.
-                tracing::warn!("wechat message dropped: the shop's partition is not served here");
+            if let Err(unrouted) = ctx.post_to_owner(msg) {
+                // Only in a cluster: the node of the shop's partition is down. WeChat retries
+                // a push it got no answer for; this one was answered, so it is lost.
+                tracing::warn!(why = unrouted.text, "wechat message dropped");
             }
         }
         answer
