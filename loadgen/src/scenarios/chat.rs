@@ -134,6 +134,9 @@ struct User {
     failed_moves: u32,
     /// Sends refused `unavailable` waiting to go again with their cmid.
     resends_due: usize,
+    /// While draining with several addresses: when a user still missing seqs asks `history`
+    /// for them (a push can be lost in a cluster, docs/cluster.md).
+    repair_at: Option<Instant>,
 }
 
 /// A `send` waiting for its `send_ok`.
@@ -161,6 +164,8 @@ struct Counts {
     reconnects: u64,
     history_pages: u64,
     resent: u64,
+    /// `history` asked while draining for seqs no push brought (several addresses).
+    repairs: u64,
 }
 
 /// Runs `chat` and returns its report.
@@ -263,6 +268,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             reconnect_due: false,
             failed_moves: 0,
             resends_due: 0,
+            repair_at: None,
         })
         .collect();
     // Several addresses: a failed connection moves on instead of losing its user.
@@ -355,6 +361,40 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         }
         if !sending && (now >= drain_end || drained(&users, k, &last_seq)) {
             break;
+        }
+        if moves_on && !sending {
+            // A cluster may lose a push (a device whose route had not reached the owner's node
+            // yet, a push dropped with a link); a client repairs it from `history`. A user
+            // still missing seqs a while after sending stopped asks for them.
+            for (i, user) in users.iter_mut().enumerate() {
+                let Some(conv) = user.conv else { continue };
+                let next = user.track.as_ref().map_or(1, SeqTrack::next);
+                let behind = next <= last_seq.get(&conv).copied().unwrap_or(0);
+                let idle = user.in_flight.is_empty() && user.resends_due == 0;
+                if user.lost || user.catching_up.is_some() || !idle || !behind {
+                    user.repair_at = None;
+                    continue;
+                }
+                match user.repair_at {
+                    None => user.repair_at = Some(now + REPAIR_AFTER),
+                    Some(at) if at <= now => {
+                        user.repair_at = None;
+                        user.catching_up = Some(now);
+                        counts.repairs += 1;
+                        let writer = &mut fleet.conns[user.conn].writer;
+                        ask_history(user, writer, conv, next - 1, storm);
+                        flush(
+                            &mut fleet,
+                            i,
+                            &mut report,
+                            user,
+                            Some(&mut moves),
+                            &mut counts.reconnects,
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
         }
         if let (Some(storm), true) = (storm, sending && now >= next_storm) {
             next_storm += Duration::from_secs(1);
@@ -552,6 +592,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             &mut body,
                             args,
                             &mut counts,
+                            now_ns < measure_to_ns,
                         ),
                     }
                 }
@@ -580,6 +621,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             &mut body,
                             args,
                             &mut counts,
+                            now_ns < measure_to_ns,
                         ),
                     }
                 }
@@ -790,6 +832,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if !closed_loop {
         report.figure("open_loop_slipped", counts.behind);
     }
+    if moves_on {
+        report.figure("history_repairs", counts.repairs);
+    }
     if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
         report.figure("resent_after_reconnect", counts.resent);
@@ -872,6 +917,10 @@ fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(
     moves.push_back((now + delay, i));
 }
 
+/// How long a user still missing seqs after sending stopped waits for their pushes before it
+/// asks `history` for them.
+const REPAIR_AFTER: Duration = Duration::from_millis(500);
+
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
 
@@ -922,7 +971,8 @@ fn ask_history(
     ));
 }
 
-/// A reconnected user has caught up: record how long it took and start sending again.
+/// A reconnected user has caught up: record how long it took, send again what was unsure, and
+/// (`refill`: while the load lasts) fill its window again.
 #[allow(clippy::too_many_arguments)]
 fn caught_up(
     user: &mut User,
@@ -933,6 +983,7 @@ fn caught_up(
     body: &mut String,
     args: &ChatArgs,
     counts: &mut Counts,
+    refill: bool,
 ) {
     let Some(dropped_at) = user.catching_up.take() else {
         return;
@@ -953,7 +1004,7 @@ fn caught_up(
             args,
         );
     }
-    if args.rate_per_user_per_s <= 0.0 {
+    if refill && args.rate_per_user_per_s <= 0.0 {
         while user.in_flight.len() < args.window {
             send(user, i, writer, now_ns, body, args, counts);
         }
