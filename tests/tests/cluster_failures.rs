@@ -28,13 +28,20 @@ fn cluster() -> Cluster {
     })
 }
 
+/// The first user of the chat load: conversation c is between buyers UID_BASE + 2c and
+/// UID_BASE + 2c + 1.
+const UID_BASE: u64 = 1_000_000;
+
 /// `chinwag-loadgen chat` over every node: 30 direct conversations (60 users, 20 per node),
 /// two messages in flight per user, for `duration_s`.
 fn chat_load(cluster: &Cluster, duration_s: u64) -> LoadgenRun {
     let addrs = cluster.addrs();
     let duration = duration_s.to_string();
+    let uid_base = UID_BASE.to_string();
     LoadgenRun::start(&[
         "chat",
+        "--uid-base",
+        &uid_base,
         "--addr",
         &addrs,
         "--secret",
@@ -63,13 +70,16 @@ fn stored(cluster: &Cluster) -> u64 {
 }
 
 /// The checker's verdict: no violation (every acknowledged message seen once, in order, by
-/// every member), everyone caught up, and messages acknowledged at all.
-fn assert_nothing_lost(report: &Value) {
-    assert_eq!(
-        report["violations"], 0,
-        "the checker found gaps, duplicates or reorders: {}\nthe report: {report}",
-        report["violations_first"]
-    );
+/// every member), everyone caught up, and messages acknowledged at all. On a violation, the
+/// message says what the cluster holds of the conversations it names.
+fn assert_nothing_lost(cluster: &Cluster, report: &Value) {
+    if report["violations"] != 0 {
+        panic!(
+            "the checker found gaps, duplicates or reorders: {}\n{}\nthe report: {report}",
+            report["violations_first"],
+            stored_around(cluster, report)
+        );
+    }
     assert_eq!(report["not_caught_up_at_end"], 0, "{report}");
     let send_ok = report["send_ok"].as_u64().expect("send_ok");
     assert!(send_ok >= 300, "too little load to mean anything: {report}");
@@ -108,7 +118,7 @@ fn a_node_killed_and_restarted_under_chat_load_loses_no_acknowledged_message() {
         c.node(2).metric("chinwag_messages_stored_total", "") > 0
     });
     let (_, report) = run.finish();
-    assert_nothing_lost(&report);
+    assert_nothing_lost(&cluster, &report);
     // Node 2's 20 users lost their connections and moved on, each once at least.
     assert!(
         report["reconnects"].as_u64().unwrap() >= 20,
@@ -175,7 +185,7 @@ fn redis_restarted_under_chat_load_established_sessions_keep_chatting() {
     assert_eq!((push.0, push.1), (conv, seq), "the push crossed nodes");
 
     let (code, report) = run.finish();
-    assert_nothing_lost(&report);
+    assert_nothing_lost(&cluster, &report);
     assert_eq!(
         report["failures_total"], 0,
         "no session of the load failed: {report}"
@@ -256,6 +266,70 @@ fn a_cut_node_link_answers_unavailable_never_hangs_and_heals() {
             "{body} stored once: {bodies:?}"
         );
     }
+}
+
+/// For each "conv C: seqs A..=B never arrived" of the report: what the cluster's history of C
+/// holds from A - 2 to B + 2 (seq, sender, cmid), read by a member (the chat load's users are
+/// known from `UID_BASE`: the sender of cmid "i-n" is user i).
+fn stored_around(cluster: &Cluster, report: &Value) -> String {
+    let mut out = String::new();
+    let Some(first) = report["violations_first"].as_array() else {
+        return out;
+    };
+    for v in first.iter().filter_map(Value::as_str) {
+        let Some((conv, range)) = v
+            .strip_prefix("conv ")
+            .and_then(|rest| rest.split_once(": seqs "))
+            .or_else(|| v.strip_prefix("conv ").and_then(|r| r.split_once(": seq ")))
+        else {
+            continue;
+        };
+        let Ok(conv) = conv.parse::<u64>() else {
+            continue;
+        };
+        let from: u64 = range
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        // Any member reads it: try each chat user until one is a member.
+        let owner = cluster.owner_of(ConvId(conv));
+        let reader = (1..=3)
+            .find(|&n| n != owner && cluster.is_up(n))
+            .unwrap_or(owner);
+        for i in 0..60u64 {
+            let Ok(mut client) = Client::connect(&cluster.ws_url(reader), Encoding::Json) else {
+                break;
+            };
+            if client
+                .login(&cluster.token(buyer(UID_BASE + i)), DeviceType::Web)
+                .is_err()
+            {
+                continue;
+            }
+            let reply = client.call(Message::History(History {
+                conv: ConvId(conv),
+                range: HistoryRange::After(Seq(from.saturating_sub(3))),
+                limit: 8,
+            }));
+            if let Ok(Frame {
+                message: Message::HistoryOk(page),
+                ..
+            }) = reply
+            {
+                let held: Vec<String> = page
+                    .msgs
+                    .iter()
+                    .map(|m| format!("{} from {} cmid {}", m.seq, m.from, m.cmid))
+                    .collect();
+                out.push_str(&format!(
+                    "conv {conv} (owner node {owner}) holds: {held:?}\n"
+                ));
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Sends `cmid` (its body is the cmid) to `conv`: its seq, or the error code.
