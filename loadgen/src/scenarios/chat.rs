@@ -137,6 +137,11 @@ struct User {
     /// While draining with several addresses: when a user still missing seqs asks `history`
     /// for them (a push can be lost in a cluster, docs/cluster.md).
     repair_at: Option<Instant>,
+    /// When its current connection last brought anything (or was opened).
+    last_heard: Instant,
+    /// The reqs of sends whose reply timed out and that were sent again (a late reply to one
+    /// is not a violation).
+    abandoned: Vec<u64>,
 }
 
 /// A `send` waiting for its `send_ok`.
@@ -149,6 +154,8 @@ struct InFlight {
     n: u64,
     /// Sent again after a reconnect: its seq may already have come through `history`.
     resent: bool,
+    /// When it was written (for the reply timeout of several addresses).
+    sent_at: Option<Instant>,
 }
 
 /// What the run counts as it goes.
@@ -166,6 +173,8 @@ struct Counts {
     resent: u64,
     /// `history` asked while draining for seqs no push brought (several addresses).
     repairs: u64,
+    /// Replies not come within REPLY_TIMEOUT (several addresses).
+    timed_out: u64,
 }
 
 /// Runs `chat` and returns its report.
@@ -269,12 +278,15 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             failed_moves: 0,
             resends_due: 0,
             repair_at: None,
+            last_heard: Instant::now(),
+            abandoned: Vec::new(),
         })
         .collect();
     // Several addresses: a failed connection moves on instead of losing its user.
     let moves_on = fleet.addr_count() > 1;
     let mut moves: VecDeque<(Instant, usize)> = VecDeque::new();
     let mut resends: VecDeque<(Instant, usize, InFlight)> = VecDeque::new();
+    let mut next_timeout_scan = Instant::now();
 
     let closed_loop = args.rate_per_user_per_s <= 0.0;
     let mut counts = Counts::default();
@@ -432,6 +444,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             let old = user.conn;
             fleet.close(old);
             conn_user.push(i);
+            user.last_heard = now;
             match fleet.open_next(old) {
                 Ok(conn) => user.conn = conn,
                 Err(failure) => {
@@ -476,6 +489,50 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 moves_on.then_some(&mut moves),
                 &mut counts.reconnects,
             );
+        }
+        if moves_on && now >= next_timeout_scan {
+            next_timeout_scan = now + Duration::from_millis(100);
+            // A cluster does not answer a request whose owner died after its node link
+            // acknowledged it (docs/cluster.md, "Node links"): as a client must, give such a
+            // reply REPLY_TIMEOUT, then send again with the cmid (a send) or move on (a login
+            // or `history` while catching up).
+            for (i, user) in users.iter_mut().enumerate() {
+                if user.lost || user.reconnect_due {
+                    continue;
+                }
+                if user.catching_up.is_some() {
+                    if now.duration_since(user.last_heard) > REPLY_TIMEOUT {
+                        counts.timed_out += 1;
+                        user.failed_moves += 1;
+                        schedule_move(user, i, now, &mut moves);
+                    }
+                    continue;
+                }
+                let late = |f: &InFlight| {
+                    f.sent_at
+                        .is_some_and(|at| now.duration_since(at) > REPLY_TIMEOUT)
+                };
+                if !user.in_flight.iter().any(late) {
+                    continue;
+                }
+                let (stale, fresh): (VecDeque<InFlight>, VecDeque<InFlight>) =
+                    user.in_flight.drain(..).partition(late);
+                user.in_flight = fresh;
+                let writer = &mut fleet.conns[user.conn].writer;
+                for f in stale {
+                    counts.timed_out += 1;
+                    user.abandoned.push(f.req);
+                    send_numbered(user, i, writer, f.intended_ns, f.n, true, &mut body, args);
+                }
+                flush(
+                    &mut fleet,
+                    i,
+                    &mut report,
+                    user,
+                    Some(&mut moves),
+                    &mut counts.reconnects,
+                );
+            }
         }
         while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
             let Some((_, i)) = retries.pop_front() else {
@@ -542,6 +599,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             if conn != user.conn {
                 // A connection the user has left behind.
                 return;
+            }
+            if !matches!(event, Event::Failed(_)) {
+                user.last_heard = Instant::now();
             }
             match event {
                 // Only reconnects upgrade here; the first logins happened before the loop.
@@ -631,6 +691,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }) => {
                     let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     else {
+                        if let Some(gone) =
+                            req.and_then(|r| user.abandoned.iter().position(|a| *a == r))
+                        {
+                            // The late reply of a send already sent again: its seq counts once.
+                            user.abandoned.swap_remove(gone);
+                            let conv_last = last_seq.entry(ok.conv).or_default();
+                            *conv_last = (*conv_last).max(ok.seq.0);
+                            if let Some(track) = user.track.as_mut() {
+                                track.recover(ok.seq.0);
+                            }
+                            return;
+                        }
                         violations.add(Violation::Other(format!(
                             "user {i}: send_ok for no request in flight (req {req:?})"
                         )));
@@ -834,6 +906,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     }
     if moves_on {
         report.figure("history_repairs", counts.repairs);
+        report.figure("replies_timed_out", counts.timed_out);
     }
     if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
@@ -916,6 +989,10 @@ fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(
     user.reconnect_due = true;
     moves.push_back((now + delay, i));
 }
+
+/// How long a client waits for a reply before it sends again or moves on (as the JavaScript
+/// client's `requestTimeoutMs`).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a user still missing seqs after sending stopped waits for their pushes before it
 /// asks `history` for them.
@@ -1060,6 +1137,7 @@ fn send_numbered(
         intended_ns,
         n,
         resent,
+        sent_at: Some(Instant::now()),
     });
     let target = match user.conv {
         Some(conv) => Target::Conv(conv),
