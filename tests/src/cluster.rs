@@ -40,13 +40,19 @@ pub const SECRET: &str = "cluster-secret-cluster-secret-0123";
 /// not a measure of speed: a debug build on a loaded 2-core machine is slow).
 pub const SETTLE: Duration = Duration::from_secs(30);
 
-/// Heartbeats, probes and link timers short enough that a test sees a lapse within about a
-/// second, and the same on every node.
-pub const FAST: [&str; 7] = [
+/// Heartbeats and probes short enough that a test sees a node's or Redis's lapse within about
+/// a second, and the same on every node. The node links keep their defaults: shorter link
+/// timers close links that a loaded machine left silent for a second (see [`FAST_LINKS`]).
+pub const FAST: [&str; 4] = [
     "--cluster-heartbeat-interval-ms=200",
     "--cluster-heartbeat-ttl-ms=1000",
     "--cluster-probe-interval-ms=500",
     "--cluster-redis-timeout-ms=500",
+];
+
+/// Node-link timers for tests of a cut link: a silent link is found within a second and a
+/// request waits at most a second for it.
+pub const FAST_LINKS: [&str; 3] = [
     "--node-link-heartbeat-ms=200",
     "--node-link-idle-timeout-ms=1000",
     "--node-link-request-timeout-ms=1000",

@@ -139,8 +139,8 @@ struct User {
     repair_at: Option<Instant>,
     /// When its current connection last brought anything (or was opened).
     last_heard: Instant,
-    /// The reqs of sends whose reply timed out and that were sent again (a late reply to one
-    /// is not a violation).
+    /// The reqs of sends whose reply timed out or that were answered `unavailable`, and that
+    /// were sent again (a late reply to one is not a violation).
     abandoned: Vec<u64>,
 }
 
@@ -522,6 +522,9 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 for f in stale {
                     counts.timed_out += 1;
                     user.abandoned.push(f.req);
+                    if user.abandoned.len() > ABANDONED_MAX {
+                        user.abandoned.remove(0);
+                    }
                     send_numbered(user, i, writer, f.intended_ns, f.n, true, &mut body, args);
                 }
                 flush(
@@ -815,7 +818,13 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     {
                         let refused = user.in_flight.remove(at).unwrap_or_default();
                         if moves_on && unavailable {
-                            // It may or may not have been stored: send it again, same cmid.
+                            // It may or may not have been stored: send it again, same cmid. A
+                            // cluster may still answer it later (the owner did it, and its
+                            // reply came back after the link gave up on it): not a violation.
+                            user.abandoned.push(refused.req);
+                            if user.abandoned.len() > ABANDONED_MAX {
+                                user.abandoned.remove(0);
+                            }
                             let again = InFlight {
                                 resent: true,
                                 ..refused
@@ -989,6 +998,10 @@ fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(
     user.reconnect_due = true;
     moves.push_back((now + delay, i));
 }
+
+/// Reqs of abandoned sends remembered per user, at most (a late reply to an older one would
+/// count as a violation).
+const ABANDONED_MAX: usize = 1024;
 
 /// How long a client waits for a reply before it sends again or moves on (as the JavaScript
 /// client's `requestTimeoutMs`).
