@@ -21,7 +21,9 @@
 //! itself the owner); the owner answers with messages for the session's shard. A push for the
 //! members of a conversation goes as one [`Fanout`] to every shard, each of which knows only
 //! its own logged-in devices. Every queue is FIFO per pair of shards, so a device sees one
-//! conversation's pushes in the order the owner made them.
+//! conversation's pushes in the order the owner made them. In a cluster the owner may be on
+//! another node, and the session too: [`post::PostOffice::hop`] decides, and the node links
+//! carry the same messages (docs/cluster.md, "The message path").
 
 pub mod mailbox;
 pub mod partitions;
