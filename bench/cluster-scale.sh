@@ -9,10 +9,11 @@
 # second, from the first connect to the last login_ok), RSS of all nodes per logged-in
 # connection (the nodes' summed RSS at the peak of the run, less their summed RSS before any
 # client connected), node-link bytes and link messages per delivered message (the nodes'
-# chinwag_link_*_out_total over the run), and the run's violations and failures.
+# chinwag_link_*_out_total over the whole run, logins included), and the violations and failures.
 #   bench/cluster-scale.sh [USERS] [NODES] [RATE] [DURATION_S] [PROCS]
-# Release build (NO_BUILD=1 skips it); the nodes use 127.0.0.1:7711.. (clients), :7731..
-# (service), :7751.. (links), Redis :7799; connections come from 127.0.0.1..127.0.0.32.
+# Release build (NO_BUILD=1 skips it; BIN_DIR=DIR runs the binaries in DIR instead); the nodes
+# use 127.0.0.1:7711.. (clients), :7731.. (service), :7751.. (links), Redis :7799; connections
+# come from 127.0.0.1..127.0.0.32.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 users=${1:-100000}
@@ -24,7 +25,7 @@ procs=${5:-7}
 (( users / nodes < 19000 )) || { echo "USERS / NODES must stay under 19,000 (file limit)" >&2; exit 2; }
 (( users / procs < 19000 )) || { echo "USERS / PROCS must stay under 19,000 (file limit)" >&2; exit 2; }
 [ -n "${NO_BUILD:-}" ] || (cd "$repo" && cargo build --quiet --release -p chinwag-engine -p chinwag-loadgen)
-bin=${CARGO_TARGET_DIR:-$repo/target}/release
+bin=${BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/release}
 work=$(mktemp -d)
 secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 redis_port=7799
@@ -71,13 +72,14 @@ try:
 except Exception as e:
     print(f"unreachable: {e}")' "$1" "$2"
 }
+ready() { # node: its /healthz says 200-ok and every node alive
+  local health
+  health=$(metrics $((7710 + $1)) /healthz)
+  [[ $health == ok* && $health == *"peers: $nodes alive"* ]]
+}
 for n in $(seq 1 "$nodes"); do
-  for _ in $(seq 600); do
-    metrics $((7710 + n)) /healthz | grep -q "peers: $nodes alive" && break
-    sleep 0.2
-  done
-  metrics $((7710 + n)) /healthz | grep -q "peers: $nodes alive" \
-    || { echo "node $n is not ready:"; metrics $((7710 + n)) /healthz; tail "$work/node$n.log"; exit 1; }
+  for _ in $(seq 600); do ready "$n" && break; sleep 0.2; done
+  ready "$n" || { echo "node $n is not ready:"; metrics $((7710 + n)) /healthz; tail "$work/node$n.log"; exit 1; }
 done
 
 rss_sum() { # summed VmRSS of the nodes, bytes
@@ -138,7 +140,7 @@ delivered = max(r.get("delivered", 0), 1)
 print(f"logged in      {logged:,} of {users:,} in {login_s:.1f} s: {logged / login_s:,.0f} logins/s")
 print(f"RSS            nodes {rss_before / 2**20:,.0f} MiB before, {rss_peak / 2**20:,.0f} MiB at peak: "
       f"{(rss_peak - rss_before) / max(logged, 1):,.0f} bytes per connection")
-print(f"node links     {link_bytes:,} bytes, {link_messages:,} messages for {delivered:,} deliveries: "
+print(f"node links     {link_bytes:,} bytes, {link_messages:,} messages over the run (logins included) for {delivered:,} deliveries: "
       f"{link_bytes / delivered:,.1f} bytes and {link_messages / delivered:.3f} link messages per delivered message")
 print(f"chat           sent {r.get('sent', 0):,}, send_ok {r.get('send_ok', 0):,}, delivered {r.get('delivered', 0):,}, "
       f"violations {r['violations']}, failures {r['failures_total']} {r.get('failures', {})}, exit {code}")
