@@ -471,10 +471,13 @@ struct LinkProxy {
     addr: std::net::SocketAddr,
     /// The dialer nodes cut off.
     cut: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
-    /// Each connection's dialer node and its "dead" switch (once dead, dead for good: bytes
-    /// dropped mid-stream leave no framing to resume).
-    conns: Arc<std::sync::Mutex<Vec<(u16, Arc<AtomicBool>)>>>,
+    /// Each connection's dialer node and its "dead" switch.
+    conns: Arc<std::sync::Mutex<Vec<Proxied>>>,
 }
+
+/// A connection through a [`LinkProxy`]: the node that dialed it, and its switch (once dead,
+/// dead for good: bytes dropped mid-stream leave no framing to resume).
+type Proxied = (u16, Arc<AtomicBool>);
 
 impl LinkProxy {
     /// A proxy on a free port of 127.0.0.1 to `upstream`; `pids` maps node processes to their
