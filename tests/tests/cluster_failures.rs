@@ -73,6 +73,17 @@ fn stored(cluster: &Cluster) -> u64 {
 /// every member), everyone caught up, and messages acknowledged at all. On a violation, the
 /// message says what the cluster holds of the conversations it names.
 fn assert_nothing_lost(cluster: &Cluster, report: &Value) {
+    // What the load went through, for the log of a run that passes.
+    eprintln!(
+        "chat load: send_ok {}, delivered {}, reconnects {}, replies_timed_out {}, \
+         history_repairs {}, failures {}",
+        report["send_ok"],
+        report["delivered"],
+        report["reconnects"],
+        report["replies_timed_out"],
+        report["history_repairs"],
+        report["failures"]
+    );
     if report["violations"] != 0 {
         panic!(
             "the checker found gaps, duplicates or reorders: {}\n{}\nthe report: {report}",
