@@ -146,6 +146,9 @@ impl Inbox for OfficeInbox {
             }
             BusMsg::Convs { origin, token, .. } => {
                 // The asker counted this node's partitions; each shard answers for its own.
+                // Those of shards that cannot take it fail in one part: the gather then
+                // answers `unavailable` once.
+                let mut failed = 0;
                 for shard in 0..shards {
                     let partitions = self.office.partitions_of_shard(shard);
                     if partitions == 0 {
@@ -156,13 +159,16 @@ impl Inbox for OfficeInbox {
                         token,
                         partitions,
                     };
-                    if let Err(part) = self.office.post_from_outside(shard, part) {
-                        // Its failed part goes back: the gather answers `unavailable` once.
-                        let refusal = Refusal::of(&part)?;
-                        return Some(refusal.answer(ErrorCode::Unavailable, "overloaded"));
+                    if self.office.post_from_outside(shard, part).is_err() {
+                        failed += partitions;
                     }
                 }
-                None
+                (failed > 0).then(|| BusMsg::ConvsPart {
+                    session: origin.session,
+                    token,
+                    partitions: failed,
+                    convs: None,
+                })
             }
             msg => {
                 let shard = match msg.session() {
@@ -1810,6 +1816,71 @@ mod tests {
             .unwrap()
             .contains("not on this node"));
         assert_eq!(office.depths(), [1, 2], "nothing posted");
+    }
+
+    /// A peer's `convs` part request covers this node's partitions: each shard gets one with
+    /// its own count; a shard that cannot take it answers for the node with the failed part.
+    #[test]
+    fn the_office_inbox_splits_a_convs_request_over_the_shards_by_their_partitions() {
+        use crate::bus::mailbox::Mailbox;
+        let polls = [Poll::new().unwrap(), Poll::new().unwrap()];
+        let mailboxes = polls
+            .iter()
+            .map(|poll| Mailbox::new(1, Waker::new(poll.registry(), Token(0)).unwrap()))
+            .collect();
+        // Partitions 0..5 here: 0, 2, 4 on shard 0, 1 and 3 on shard 1; 5..8 another node's.
+        let partitions = Arc::new(PartitionMap::from_assignment(
+            (0..8u16).map(|p| (p < 5).then_some(p % 2)).collect(),
+            2,
+        ));
+        let office = Arc::new(PostOffice::new(mailboxes, Arc::clone(&partitions)));
+        let mut inbox = OfficeInbox {
+            office: Arc::clone(&office),
+            partitions,
+        };
+        let BusMsg::Read { origin, .. } = request(1, 4, 3) else {
+            unreachable!()
+        };
+        let convs = |origin: &crate::bus::Origin| BusMsg::Convs {
+            origin: Box::new(*origin),
+            token: 9,
+            partitions: 5,
+        };
+        assert!(inbox.deliver(1, convs(&origin)).is_none());
+        let mut counts = Vec::new();
+        for shard in 0..2 {
+            let mut got = Vec::new();
+            office.mailbox(shard).drain(8, |msg| got.push(msg));
+            let [BusMsg::Convs { partitions, .. }] = got.as_slice() else {
+                panic!("{got:?}");
+            };
+            counts.push(*partitions);
+        }
+        assert_eq!(counts, [3, 2]);
+        // Shard 0's mailbox (of one) full: its part fails, for the asker; shard 1's goes.
+        office
+            .post_from_outside(
+                0,
+                BusMsg::AgentOffline {
+                    shop: chinwag_protocol::ShopId(1),
+                    agent: Uid::new(UidKind::Agent, 1),
+                },
+            )
+            .unwrap();
+        let answer = inbox.deliver(1, convs(&origin)).expect("refused");
+        assert!(
+            matches!(
+                answer,
+                BusMsg::ConvsPart {
+                    token: 9,
+                    convs: None,
+                    partitions: 3,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+        assert_eq!(office.depths(), [1, 1]);
     }
 
     /// Counts what arrives, for the throughput measurement.
