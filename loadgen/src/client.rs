@@ -50,7 +50,8 @@ impl Pool {
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            target.path, target.addr
+            target.path,
+            target.addr.split(',').next().unwrap_or(&target.addr)
         );
         Pool {
             poll: Poll::new().expect("poll"),
@@ -61,9 +62,11 @@ impl Pool {
         }
     }
 
+    /// Starts connection `i` (the next one), to address `i` of the list in turn.
     fn connect(&mut self, target: &Target) -> io::Result<()> {
         let i = self.conns.len();
-        let addr = target.socket_addr()?;
+        let addrs = target.socket_addrs()?;
+        let addr = addrs[(self.first + i) % addrs.len()];
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;

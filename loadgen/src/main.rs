@@ -10,9 +10,11 @@
 //! - `group`: one group of many members over several processes (`scenarios::group`).
 //! - `storm`: `chat` with reconnect storms and `history` catch-up (`scenarios::chat`).
 //!
-//! Every run is bounded in connections and time and talks only to the address it is given (a
-//! host name or an IP address). Against a loopback address it binds its connections to source
-//! addresses in 127.0.0.0/8 (`--sources`), each with its own ephemeral ports.
+//! Every run is bounded in connections and time and talks only to the addresses it is given (a
+//! host name or an IP address each; several, comma-separated, are the nodes of a cluster:
+//! connections are spread over them in turn). Against loopback addresses it binds its
+//! connections to source addresses in 127.0.0.0/8 (`--sources`), each with its own ephemeral
+//! ports.
 
 mod check;
 mod client;
@@ -59,7 +61,8 @@ enum Command {
 
 #[derive(Args, Clone)]
 pub struct Target {
-    /// Server address (host:port; a host name or an IP address).
+    /// Server address (host:port; a host name or an IP address), or several comma-separated:
+    /// connections are spread over them in turn.
     #[arg(long, default_value = "127.0.0.1:7000")]
     pub addr: String,
     /// Request path of the WebSocket endpoint.
@@ -224,18 +227,18 @@ fn idle(args: &IdleArgs) -> ExitCode {
 }
 
 impl Target {
-    /// Checks what clap cannot: the address resolves, and there is a source.
+    /// Checks what clap cannot: the addresses resolve, and there is a source.
     fn validate(&self) -> Result<(), String> {
-        resolve(&self.addr)?;
+        resolve_list(&self.addr)?;
         if self.sources == 0 {
             return Err("--sources must be at least 1".into());
         }
         Ok(())
     }
 
-    /// The server's address (validated before any run starts).
-    pub fn socket_addr(&self) -> std::io::Result<SocketAddr> {
-        resolve(&self.addr).map_err(std::io::Error::other)
+    /// The servers' addresses (validated before any run starts).
+    pub fn socket_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        resolve_list(&self.addr).map_err(std::io::Error::other)
     }
 }
 
@@ -264,6 +267,15 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("--addr {addr}: the name has no address"))
 }
 
+/// Resolves a comma-separated list of `--addr`s (one or more, each as [`resolve`] takes it).
+pub fn resolve_list(addrs: &str) -> Result<Vec<SocketAddr>, String> {
+    let list: Vec<&str> = addrs.split(',').map(str::trim).collect();
+    if list.iter().any(|a| a.is_empty()) {
+        return Err(format!("--addr {addrs}: an empty address in the list"));
+    }
+    list.into_iter().map(resolve).collect()
+}
+
 /// Whether connections to `target` are bound to source addresses in 127.0.0.0/8: only a
 /// loopback server can be reached from them.
 pub fn binds_sources(target: SocketAddr) -> bool {
@@ -276,16 +288,19 @@ pub fn source(i: usize, sources: u8) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0))
 }
 
-/// One TCP connect to the server before a run, so that a wrong address or a closed port ends
-/// the run at once with the cause instead of after every connection's timeout.
-fn probe(addr: &str) -> Result<(), String> {
-    let target = resolve(addr)?;
-    match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!(
-            "cannot connect to {addr} ({target}): {e}; is the server running and listening there?"
-        )),
+/// One TCP connect to each server before a run, so that a wrong address or a closed port ends
+/// the run at once with the cause instead of after every connection's timeout. Every address
+/// of a list must answer at the start (a typo in one would otherwise look like a dead node).
+fn probe(addrs: &str) -> Result<(), String> {
+    for target in resolve_list(addrs)? {
+        if let Err(e) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            return Err(format!(
+                "cannot connect to {target} (of --addr {addrs}): {e}; is the server running \
+                 and listening there?"
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Runs a scenario (in `--procs` workers if asked) and prints its report. Exits 1 if the server
@@ -357,6 +372,20 @@ mod tests {
         assert!(
             resolve("127.0.0.1:70000").is_err(),
             "the port is out of range"
+        );
+    }
+
+    #[test]
+    fn addr_takes_a_comma_separated_list_of_nodes() {
+        let addrs = resolve_list("127.0.0.1:7001, 127.0.0.1:7002,localhost:7003").unwrap();
+        assert_eq!(addrs.len(), 3);
+        assert_eq!(addrs[1], "127.0.0.1:7002".parse().unwrap());
+        assert!(addrs[2].is_ipv4());
+        assert_eq!(resolve_list("127.0.0.1:7000").unwrap().len(), 1);
+        assert!(resolve_list("127.0.0.1:7001,").is_err(), "an empty entry");
+        assert!(
+            resolve_list("127.0.0.1:7001,127.0.0.1").is_err(),
+            "a port is required"
         );
     }
 

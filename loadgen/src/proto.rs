@@ -1,6 +1,10 @@
 //! Many chinwag connections on one `mio::Poll`: TCP connect from a chosen source address, the
 //! WebSocket upgrade, and protocol frames in and out in either encoding.
 //!
+//! A fleet may dial several servers (the nodes of a cluster): connection `i` goes to address
+//! `i % addrs.len()`, and [`Fleet::open_next`] opens a connection to the address after the one
+//! an earlier connection used, which is how a client moves on from a node that died.
+//!
 //! A [`Fleet`] owns the connections; a scenario drives it with [`Fleet::turn`], which hands
 //! every event of a connection (upgraded, a decoded frame, a failure) to the scenario together
 //! with that connection's [`Writer`], so the scenario can answer in place. Nothing the server
@@ -138,6 +142,8 @@ pub struct Conn {
     /// Bytes written to and read from the socket (WebSocket and HTTP included).
     bytes_out: u64,
     bytes_in: u64,
+    /// Which of the fleet's addresses it dialed.
+    target: usize,
 }
 
 impl Conn {
@@ -150,8 +156,8 @@ impl Conn {
 /// Where and how connections are opened.
 #[derive(Debug, Clone)]
 pub struct Dial {
-    /// The server.
-    pub addr: SocketAddr,
+    /// The servers (at least one), dialed in turn.
+    pub addrs: Vec<SocketAddr>,
     /// The request path, `/ws` for chinwag.
     pub path: String,
     /// Source addresses used in turn, so that many connections do not run out of ports; empty:
@@ -178,7 +184,7 @@ impl Fleet {
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            dial.path, dial.addr
+            dial.path, dial.addrs[0]
         );
         Ok(Fleet {
             poll: Poll::new()?,
@@ -190,9 +196,27 @@ impl Fleet {
         })
     }
 
-    /// Starts one more connection. Its index is `conns.len()` before the call. A connect that
-    /// fails at once is returned; the connection then exists and is done.
+    /// Starts one more connection, to address `conns.len() % addrs.len()`. Its index is
+    /// `conns.len()` before the call. A connect that fails at once is returned; the connection
+    /// then exists and is done.
     pub fn open(&mut self) -> Result<usize, Failure> {
+        let target = self.conns.len() % self.dial.addrs.len();
+        self.open_to(target)
+    }
+
+    /// Starts one more connection, to the address after the one connection `after` dialed
+    /// (the same one if the fleet has one address), as [`Fleet::open`] does.
+    pub fn open_next(&mut self, after: usize) -> Result<usize, Failure> {
+        let target = (self.conns[after].target + 1) % self.dial.addrs.len();
+        self.open_to(target)
+    }
+
+    /// How many addresses the fleet dials.
+    pub fn addr_count(&self) -> usize {
+        self.dial.addrs.len()
+    }
+
+    fn open_to(&mut self, target: usize) -> Result<usize, Failure> {
         let i = self.conns.len();
         let source = (!self.dial.sources.is_empty())
             .then(|| SocketAddr::from((self.dial.sources[i % self.dial.sources.len()], 0)));
@@ -210,8 +234,9 @@ impl Fleet {
             writer,
             bytes_out: 0,
             bytes_in: 0,
+            target,
         };
-        let result = connect(source, self.dial.addr)
+        let result = connect(source, self.dial.addrs[target])
             .map_err(Failure::Connect)
             .and_then(|mut stream| {
                 self.poll
@@ -285,7 +310,17 @@ impl Fleet {
             let Some(conn) = self.conns.get_mut(i) else {
                 continue;
             };
-            if let Err(failure) = drive(conn, &self.request, &mut self.read_buf, i, &mut on_event) {
+            // The peer closed (FIN or reset): read to the end, even past a short read, since
+            // no later edge will come for an end that arrived with the last data.
+            let closed = event.is_read_closed() || event.is_error();
+            if let Err(failure) = drive(
+                conn,
+                &self.request,
+                &mut self.read_buf,
+                i,
+                closed,
+                &mut on_event,
+            ) {
                 if let Some(mut stream) = conn.stream.take() {
                     let _ = self.poll.registry().deregister(&mut stream);
                 }
@@ -317,13 +352,14 @@ impl Traffic {
     }
 }
 
-/// Moves one connection forward after a readiness event. Returns an error if the connection is
-/// over.
+/// Moves one connection forward after a readiness event (`closed`: the event says the peer
+/// closed). Returns an error if the connection is over.
 fn drive(
     conn: &mut Conn,
     request: &[u8],
     read_buf: &mut [u8],
     i: usize,
+    closed: bool,
     on_event: &mut impl FnMut(usize, &mut Writer, Event<'_>),
 ) -> Result<(), Failure> {
     let Conn {
@@ -333,6 +369,7 @@ fn drive(
         writer,
         bytes_out,
         bytes_in,
+        ..
     } = conn;
     let Some(stream) = stream.as_mut() else {
         return Ok(());
@@ -357,11 +394,15 @@ fn drive(
                 if *phase == Phase::Upgrading {
                     return Err(Failure::Refused("eof before the upgrade answer".into()));
                 }
+                // What arrived before the end (the last pushes, a close frame) is handed on
+                // first.
+                let consumed = read_messages(inbound, writer, i, on_event)?;
+                inbound.drain(..consumed);
                 return Err(Failure::Eof);
             }
             // A short read emptied the socket; later data raises a new edge (epoll reports
             // every arrival), so the read that could only answer WouldBlock is skipped.
-            Ok(n) if n < read_buf.len() => {
+            Ok(n) if n < read_buf.len() && !closed => {
                 *bytes_in += n as u64;
                 inbound.extend_from_slice(&read_buf[..n]);
                 break;

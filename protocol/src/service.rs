@@ -20,10 +20,14 @@
 //! println!("{reply:?}");
 //! # Ok(()) }
 //! ```
+//!
+//! A cluster's nodes each have a service port; [`ServiceClient::connect_any`] takes their
+//! addresses and connects to the first that answers, so a service keeps working while one node
+//! is down (docs/backend.md, "Several nodes").
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -32,6 +36,22 @@ use crate::binary::{self, StreamDecoder};
 use crate::client::ClientError;
 use crate::ids::ShopId;
 use crate::message::{AgentStats, AgentStatsOk, AuthOk, Frame, Message};
+
+/// How long one connect may take before the next address is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP connection to the first address `addr` resolves to that answers within
+/// [`CONNECT_TIMEOUT`] (a host that is down does not hold the caller for minutes).
+fn connect_timeout(addr: &str) -> Result<TcpStream, ClientError> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: no address"));
+    for resolved in addr.to_socket_addrs().map_err(ClientError::Io)? {
+        match TcpStream::connect_timeout(&resolved, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(ClientError::Io(last))
+}
 
 /// The largest frame the client accepts from the server.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
@@ -50,7 +70,7 @@ impl ServiceClient {
     /// Connects to `addr` (`host:port`) and authenticates with `token`. Waits at most 10 s for
     /// any one reply (see [`ServiceClient::set_timeout`]).
     pub fn connect(addr: &str, token: &str) -> Result<ServiceClient, ClientError> {
-        let stream = TcpStream::connect(addr).map_err(ClientError::Io)?;
+        let stream = connect_timeout(addr)?;
         stream.set_nodelay(true).map_err(ClientError::Io)?;
         let mut client = ServiceClient::over(stream)?;
         match client.call(Message::Auth(token.into()))?.message {
@@ -60,6 +80,30 @@ impl ServiceClient {
             }
         }
         Ok(client)
+    }
+
+    /// Connects to the first of `addrs` (`host:port` each, tried in order) that accepts the
+    /// connection and authenticates `token`, the service ports of a cluster's nodes. Each
+    /// attempt waits at most 10 s; a node that refuses or does not answer is skipped. Returns
+    /// the client and the index in `addrs` of the address it connected to, or the last error
+    /// if none would (or [`ClientError::Io`] of kind `InvalidInput` for an empty list).
+    pub fn connect_any<A: AsRef<str>>(
+        addrs: &[A],
+        token: &str,
+    ) -> Result<(ServiceClient, usize), ClientError> {
+        let mut last = ClientError::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no service address given",
+        ));
+        for (i, addr) in addrs.iter().enumerate() {
+            match ServiceClient::connect(addr.as_ref(), token) {
+                Ok(client) => return Ok((client, i)),
+                // A token the server refuses is refused by every node: no point trying on.
+                Err(e @ ClientError::Rejected(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// A client on a connected stream that has not authenticated (tests of the port's
@@ -221,6 +265,73 @@ impl ServiceClient {
             self.decoder
                 .extend(&buf[..n])
                 .map_err(ClientError::Decode)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A port of 127.0.0.1 that refuses connections (bound, then closed).
+    fn closed_port() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    /// A one-connection service port that answers the `auth` frame with `auth_ok`.
+    fn fake_service_port() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut decoder = StreamDecoder::new(FRAME_BYTES_MAX);
+            let mut buf = [0u8; 4096];
+            let bytes = loop {
+                if let Some(bytes) = decoder.next_frame() {
+                    break bytes;
+                }
+                let n = stream.read(&mut buf).unwrap();
+                decoder.extend(&buf[..n]).unwrap();
+            };
+            let auth = binary::decode(&bytes).unwrap();
+            assert!(matches!(auth.message, Message::Auth(_)));
+            let uid = crate::Uid::new(crate::UidKind::Service, 9);
+            let reply = Frame {
+                req: auth.req,
+                message: Message::AuthOk(AuthOk { uid, ts: 1 }),
+            };
+            let mut out = BytesMut::new();
+            binary::encode(&reply, &mut out).unwrap();
+            stream.write_all(&out).unwrap();
+            // Hold the connection until the client is done with it.
+            let _ = stream.read(&mut buf);
+        });
+        addr
+    }
+
+    #[test]
+    fn connect_any_skips_addresses_that_refuse_and_says_which_it_reached() {
+        let addrs = [closed_port(), closed_port(), fake_service_port()];
+        let (client, at) = ServiceClient::connect_any(&addrs, "token").expect("the third answers");
+        assert_eq!(at, 2);
+        assert_eq!(client.auth().uid.to_string(), "service:9");
+    }
+
+    #[test]
+    fn connect_any_with_no_address_that_answers_returns_the_last_error() {
+        let none: [&str; 0] = [];
+        match ServiceClient::connect_any(&none, "token") {
+            Err(ClientError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::InvalidInput),
+            other => panic!("expected InvalidInput, got {:?}", other.map(|(_, i)| i)),
+        }
+        match ServiceClient::connect_any(&[closed_port(), closed_port()], "token") {
+            Err(ClientError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
+            other => panic!(
+                "expected a refused connect, got {:?}",
+                other.map(|(_, i)| i)
+            ),
         }
     }
 }

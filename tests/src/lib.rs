@@ -18,6 +18,7 @@ use chinwag_protocol::{
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::WebSocket;
 
+pub mod cluster;
 pub mod redis;
 pub mod wechat;
 

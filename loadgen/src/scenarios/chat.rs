@@ -25,6 +25,16 @@
 //! time from the drop to being caught up; a message neither pushed nor returned by `history`
 //! is a gap. Messages in flight when a connection drops may or may not have been stored; their
 //! seqs come back through `history` like everyone else's.
+//!
+//! With several addresses (`--addr` a comma-separated list: the nodes of a cluster) users are
+//! spread over them in turn, and a user whose connection fails (its node died, drained, or
+//! closed it) does what `storm` does, against the next address: connects, logs in, catches up
+//! with `history` and sends again what was unsure. A node that answers `unavailable` (the owner
+//! of the user's partition or conversation is down or cut off) is not the end either: a login
+//! or `history` so refused moves the user on to the next address after [`RECONNECT_AFTER`],
+//! and a `send` so refused (it may or may not have been stored) is sent again with its cmid
+//! after [`RETRY_AFTER`]. So every acknowledged message is still checked once, in order, at
+//! every member: a node's death costs failures (counted by cause), never a gap.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -32,8 +42,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{
-    ConvId, DeviceType, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId, Target,
-    Uid, UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId,
+    Target, Uid, UidKind,
 };
 use clap::Args;
 
@@ -115,6 +125,21 @@ struct User {
     sent: u64,
     track: Option<SeqTrack>,
     lost: bool,
+    /// A move to the next address is scheduled (several addresses only).
+    reconnect_due: bool,
+    /// Failed moves since it last caught up: the first goes at once, the following ones
+    /// wait [`RECONNECT_AFTER`].
+    failed_moves: u32,
+    /// Sends refused `unavailable` waiting to go again with their cmid.
+    resends_due: usize,
+    /// While draining with several addresses: when a user still missing seqs asks `history`
+    /// for them (a push can be lost in a cluster, docs/cluster.md).
+    repair_at: Option<Instant>,
+    /// When its current connection last brought anything (or was opened).
+    last_heard: Instant,
+    /// The reqs of sends whose reply timed out or that were answered `unavailable`, and that
+    /// were sent again (a late reply to one is not a violation).
+    abandoned: Vec<u64>,
 }
 
 /// A `send` waiting for its `send_ok`.
@@ -127,6 +152,8 @@ struct InFlight {
     n: u64,
     /// Sent again after a reconnect: its seq may already have come through `history`.
     resent: bool,
+    /// When it was written (for the reply timeout of several addresses).
+    sent_at: Option<Instant>,
 }
 
 /// What the run counts as it goes.
@@ -142,6 +169,10 @@ struct Counts {
     reconnects: u64,
     history_pages: u64,
     resent: u64,
+    /// `history` asked while draining for seqs no push brought (several addresses).
+    repairs: u64,
+    /// Replies not come within REPLY_TIMEOUT (several addresses).
+    timed_out: u64,
 }
 
 /// Runs `chat` and returns its report.
@@ -241,8 +272,19 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             sent: 0,
             track: built[i / k].map(|(conv, last)| SeqTrack::new(conv.0, last + 1)),
             lost: false,
+            reconnect_due: false,
+            failed_moves: 0,
+            resends_due: 0,
+            repair_at: None,
+            last_heard: Instant::now(),
+            abandoned: Vec::new(),
         })
         .collect();
+    // Several addresses: a failed connection moves on instead of losing its user.
+    let moves_on = fleet.addr_count() > 1;
+    let mut moves: VecDeque<(Instant, usize)> = VecDeque::new();
+    let mut resends: VecDeque<(Instant, usize, InFlight)> = VecDeque::new();
+    let mut next_timeout_scan = Instant::now();
 
     let closed_loop = args.rate_per_user_per_s <= 0.0;
     let mut counts = Counts::default();
@@ -297,7 +339,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     &mut counts,
                 );
             }
-            flush(&mut fleet, i, &mut report, user);
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                None,
+                &mut counts.reconnects,
+            );
         }
     }
     loop {
@@ -323,6 +372,40 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         if !sending && (now >= drain_end || drained(&users, k, &last_seq)) {
             break;
         }
+        if moves_on && !sending {
+            // A cluster may lose a push (a device whose route had not reached the owner's node
+            // yet, a push dropped with a link); a client repairs it from `history`. A user
+            // still missing seqs a while after sending stopped asks for them.
+            for (i, user) in users.iter_mut().enumerate() {
+                let Some(conv) = user.conv else { continue };
+                let next = user.track.as_ref().map_or(1, SeqTrack::next);
+                let behind = next <= last_seq.get(&conv).copied().unwrap_or(0);
+                let idle = user.in_flight.is_empty() && user.resends_due == 0;
+                if user.lost || user.catching_up.is_some() || !idle || !behind {
+                    user.repair_at = None;
+                    continue;
+                }
+                match user.repair_at {
+                    None => user.repair_at = Some(now + REPAIR_AFTER),
+                    Some(at) if at <= now => {
+                        user.repair_at = None;
+                        user.catching_up = Some(now);
+                        counts.repairs += 1;
+                        let writer = &mut fleet.conns[user.conn].writer;
+                        ask_history(user, writer, conv, next - 1, storm);
+                        flush(
+                            &mut fleet,
+                            i,
+                            &mut report,
+                            user,
+                            Some(&mut moves),
+                            &mut counts.reconnects,
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         if let (Some(storm), true) = (storm, sending && now >= next_storm) {
             next_storm += Duration::from_secs(1);
             let drops = (storm.drop_share_per_s * n as f64).round() as usize;
@@ -347,6 +430,111 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }
             }
         }
+        while moves.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, i)) = moves.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            user.reconnect_due = false;
+            if user.lost {
+                continue;
+            }
+            let old = user.conn;
+            fleet.close(old);
+            conn_user.push(i);
+            user.last_heard = now;
+            match fleet.open_next(old) {
+                Ok(conn) => user.conn = conn,
+                Err(failure) => {
+                    report.fail(failure.cause());
+                    user.conn = fleet.conns.len() - 1;
+                    user.failed_moves += 1;
+                    schedule_move(user, i, now, &mut moves);
+                }
+            }
+        }
+        while resends.front().is_some_and(|(at, _, _)| *at <= now) {
+            let Some((_, i, unsure)) = resends.pop_front() else {
+                break;
+            };
+            let user = &mut users[i];
+            user.resends_due -= 1;
+            if user.lost {
+                continue;
+            }
+            if user.catching_up.is_some() {
+                // Sent again once caught up, with the others that were unsure.
+                user.unsure.push(unsure);
+                continue;
+            }
+            counts.resent += 1;
+            let writer = &mut fleet.conns[user.conn].writer;
+            send_numbered(
+                user,
+                i,
+                writer,
+                unsure.intended_ns,
+                unsure.n,
+                true,
+                &mut body,
+                args,
+            );
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                moves_on.then_some(&mut moves),
+                &mut counts.reconnects,
+            );
+        }
+        if moves_on && now >= next_timeout_scan {
+            next_timeout_scan = now + Duration::from_millis(100);
+            // A cluster does not answer a request whose owner died after its node link
+            // acknowledged it (docs/cluster.md, "Node links"): as a client must, give such a
+            // reply REPLY_TIMEOUT, then send again with the cmid (a send) or move on (a login
+            // or `history` while catching up).
+            for (i, user) in users.iter_mut().enumerate() {
+                if user.lost || user.reconnect_due {
+                    continue;
+                }
+                if user.catching_up.is_some() {
+                    if now.duration_since(user.last_heard) > REPLY_TIMEOUT {
+                        counts.timed_out += 1;
+                        user.failed_moves += 1;
+                        schedule_move(user, i, now, &mut moves);
+                    }
+                    continue;
+                }
+                let late = |f: &InFlight| {
+                    f.sent_at
+                        .is_some_and(|at| now.duration_since(at) > REPLY_TIMEOUT)
+                };
+                if !user.in_flight.iter().any(late) {
+                    continue;
+                }
+                let (stale, fresh): (VecDeque<InFlight>, VecDeque<InFlight>) =
+                    user.in_flight.drain(..).partition(late);
+                user.in_flight = fresh;
+                let writer = &mut fleet.conns[user.conn].writer;
+                for f in stale {
+                    counts.timed_out += 1;
+                    user.abandoned.push(f.req);
+                    if user.abandoned.len() > ABANDONED_MAX {
+                        user.abandoned.remove(0);
+                    }
+                    send_numbered(user, i, writer, f.intended_ns, f.n, true, &mut body, args);
+                }
+                flush(
+                    &mut fleet,
+                    i,
+                    &mut report,
+                    user,
+                    Some(&mut moves),
+                    &mut counts.reconnects,
+                );
+            }
+        }
         while sending && retries.front().is_some_and(|(at, _)| *at <= now) {
             let Some((_, i)) = retries.pop_front() else {
                 break;
@@ -357,7 +545,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             }
             let writer = &mut fleet.conns[user.conn].writer;
             send(user, i, writer, now_ns, &mut body, args, &mut counts);
-            flush(&mut fleet, user.conn, &mut report, user);
+            flush(
+                &mut fleet,
+                i,
+                &mut report,
+                user,
+                moves_on.then_some(&mut moves),
+                &mut counts.reconnects,
+            );
         }
         if sending && !closed_loop {
             // Open loop: every user sends each message whose slot has come; users are spread
@@ -386,7 +581,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     queued = true;
                 }
                 if queued {
-                    flush(&mut fleet, user.conn, &mut report, user);
+                    flush(
+                        &mut fleet,
+                        i,
+                        &mut report,
+                        user,
+                        moves_on.then_some(&mut moves),
+                        &mut counts.reconnects,
+                    );
                 }
             }
         }
@@ -395,6 +597,13 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             let in_window = (measure_from_ns..measure_to_ns).contains(&now_ns);
             let i = conn_user[conn];
             let user = &mut users[i];
+            if conn != user.conn {
+                // A connection the user has left behind.
+                return;
+            }
+            if !matches!(event, Event::Failed(_)) {
+                user.last_heard = Instant::now();
+            }
             match event {
                 // Only reconnects upgrade here; the first logins happened before the loop.
                 Event::Upgraded => writer.send(&Frame::with_req(
@@ -444,6 +653,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             &mut body,
                             args,
                             &mut counts,
+                            now_ns < measure_to_ns,
                         ),
                     }
                 }
@@ -472,6 +682,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             &mut body,
                             args,
                             &mut counts,
+                            now_ns < measure_to_ns,
                         ),
                     }
                 }
@@ -481,6 +692,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }) => {
                     let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     else {
+                        if let Some(gone) =
+                            req.and_then(|r| user.abandoned.iter().position(|a| *a == r))
+                        {
+                            // The late reply of a send already sent again: its seq counts once.
+                            user.abandoned.swap_remove(gone);
+                            let conv_last = last_seq.entry(ok.conv).or_default();
+                            *conv_last = (*conv_last).max(ok.seq.0);
+                            if let Some(track) = user.track.as_mut() {
+                                track.recover(ok.seq.0);
+                            }
+                            return;
+                        }
                         violations.add(Violation::Other(format!(
                             "user {i}: send_ok for no request in flight (req {req:?})"
                         )));
@@ -564,7 +787,16 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }) => {
                     counts.errors += 1;
                     report.fail(format!("refused: {}", e.code));
+                    let unavailable = e.code == ErrorCode::Unavailable;
                     if user.catching_up.is_some() {
+                        if moves_on && unavailable {
+                            // This node cannot serve the login or history now: another may.
+                            if !user.reconnect_due {
+                                user.failed_moves += 1;
+                                schedule_move(user, i, Instant::now(), &mut moves);
+                            }
+                            return;
+                        }
                         // A refused login or history: this user cannot catch up.
                         user.lost = true;
                         return;
@@ -572,8 +804,22 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if let Some(at) =
                         req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     {
-                        user.in_flight.remove(at);
-                        if closed_loop && now_ns < measure_to_ns {
+                        let refused = user.in_flight.remove(at).unwrap_or_default();
+                        if moves_on && unavailable {
+                            // It may or may not have been stored: send it again, same cmid. A
+                            // cluster may still answer it later (the owner did it, and its
+                            // reply came back after the link gave up on it): not a violation.
+                            user.abandoned.push(refused.req);
+                            if user.abandoned.len() > ABANDONED_MAX {
+                                user.abandoned.remove(0);
+                            }
+                            let again = InFlight {
+                                resent: true,
+                                ..refused
+                            };
+                            user.resends_due += 1;
+                            resends.push_back((Instant::now() + RETRY_AFTER, i, again));
+                        } else if closed_loop && now_ns < measure_to_ns {
                             retries.push_back((Instant::now() + RETRY_AFTER, i));
                         }
                     }
@@ -593,7 +839,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 ))),
                 Event::Failed(failure) => {
                     report.fail(failure.cause());
-                    user.lost = true;
+                    if !moves_on {
+                        user.lost = true;
+                        return;
+                    }
+                    move_on(user, i, &mut moves, &mut counts.reconnects);
                 }
             }
         })?;
@@ -651,7 +901,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if !closed_loop {
         report.figure("open_loop_slipped", counts.behind);
     }
-    if storm.is_some() {
+    if moves_on {
+        report.figure("history_repairs", counts.repairs);
+        report.figure("replies_timed_out", counts.timed_out);
+    }
+    if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
         report.figure("resent_after_reconnect", counts.resent);
         report.figure("history_pages", counts.history_pages);
@@ -695,6 +949,56 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
 /// counts in one-second windows; a tenth of one keeps the retries few).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// How long a user whose move to another address failed (or whose login or `history` was
+/// answered `unavailable`) waits before trying the next one, so that a cluster with a node down
+/// is not hammered by every user of that node at once.
+const RECONNECT_AFTER: Duration = Duration::from_millis(200);
+
+/// User `i`'s connection failed, with several addresses: its node is gone (or closed it), so
+/// the next address takes the user, which catches up there and sends again what was unsure.
+fn move_on(
+    user: &mut User,
+    i: usize,
+    moves: &mut VecDeque<(Instant, usize)>,
+    reconnects: &mut u64,
+) {
+    let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
+    user.unsure.extend(unsure);
+    if user.catching_up.is_none() {
+        user.catching_up = Some(Instant::now());
+        *reconnects += 1;
+    }
+    if !user.reconnect_due {
+        schedule_move(user, i, Instant::now(), moves);
+        // Until it has caught up, the next failure waits before moving on.
+        user.failed_moves += 1;
+    }
+}
+
+/// Schedules user `i`'s move to the next address: at once after a connection that worked,
+/// after [`RECONNECT_AFTER`] after one that did not.
+fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(Instant, usize)>) {
+    let delay = if user.failed_moves == 0 {
+        Duration::ZERO
+    } else {
+        RECONNECT_AFTER
+    };
+    user.reconnect_due = true;
+    moves.push_back((now + delay, i));
+}
+
+/// Reqs of abandoned sends remembered per user, at most (a late reply to an older one would
+/// count as a violation).
+const ABANDONED_MAX: usize = 1024;
+
+/// How long a client waits for a reply before it sends again or moves on (as the JavaScript
+/// client's `requestTimeoutMs`).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a user still missing seqs after sending stopped waits for their pushes before it
+/// asks `history` for them.
+const REPAIR_AFTER: Duration = Duration::from_millis(500);
+
 /// A full `history` page when no storm says otherwise.
 const HISTORY_PAGE_FULL: u16 = chinwag_protocol::message::HISTORY_LIMIT_MAX;
 
@@ -719,6 +1023,7 @@ fn drained(users: &[User], k: usize, last_seq: &HashMap<ConvId, u64>) -> bool {
         let next = user.track.as_ref().map_or(1, SeqTrack::next);
         !group(i, k).any(|j| users[j].lost)
             && user.in_flight.is_empty()
+            && user.resends_due == 0
             && user.catching_up.is_none()
             && next > last
     })
@@ -744,7 +1049,8 @@ fn ask_history(
     ));
 }
 
-/// A reconnected user has caught up: record how long it took and start sending again.
+/// A reconnected user has caught up: record how long it took, send again what was unsure, and
+/// (`refill`: while the load lasts) fill its window again.
 #[allow(clippy::too_many_arguments)]
 fn caught_up(
     user: &mut User,
@@ -755,10 +1061,13 @@ fn caught_up(
     body: &mut String,
     args: &ChatArgs,
     counts: &mut Counts,
+    refill: bool,
 ) {
     let Some(dropped_at) = user.catching_up.take() else {
         return;
     };
+    // The connection worked: a later failure moves on at once again.
+    user.failed_moves = 0;
     report::record(catch_up, dropped_at.elapsed());
     for unsure in std::mem::take(&mut user.unsure) {
         counts.resent += 1;
@@ -773,7 +1082,7 @@ fn caught_up(
             args,
         );
     }
-    if args.rate_per_user_per_s <= 0.0 {
+    if refill && args.rate_per_user_per_s <= 0.0 {
         while user.in_flight.len() < args.window {
             send(user, i, writer, now_ns, body, args, counts);
         }
@@ -821,6 +1130,7 @@ fn send_numbered(
         intended_ns,
         n,
         resent,
+        sent_at: Some(Instant::now()),
     });
     let target = match user.conv {
         Some(conv) => Target::Conv(conv),
@@ -837,10 +1147,21 @@ fn send_numbered(
     ));
 }
 
-/// Writes what user `i` queued; a failure marks the user lost.
-fn flush(fleet: &mut crate::proto::Fleet, i: usize, report: &mut Report, user: &mut User) {
-    if let Err(failure) = fleet.flush(i) {
+/// Writes what user `i` queued on its connection. A failure marks the user lost, or moves it
+/// on with several addresses (`moves` is given).
+fn flush(
+    fleet: &mut crate::proto::Fleet,
+    i: usize,
+    report: &mut Report,
+    user: &mut User,
+    moves: Option<&mut VecDeque<(Instant, usize)>>,
+    reconnects: &mut u64,
+) {
+    if let Err(failure) = fleet.flush(user.conn) {
         report.fail(failure.cause());
-        user.lost = true;
+        match moves {
+            Some(moves) => move_on(user, i, moves, reconnects),
+            None => user.lost = true,
+        }
     }
 }

@@ -28,7 +28,9 @@ pub const LOGIN_REQ: u64 = 1;
 /// Flags every protocol scenario takes.
 #[derive(Args, Clone, Debug)]
 pub struct Common {
-    /// Server address (host:port; a host name or an IP address).
+    /// Server address (host:port; a host name or an IP address), or the nodes of a cluster as
+    /// a comma-separated list: connections are spread over them in turn, and a connection
+    /// whose node fails moves to the next address and catches up (docs/loadgen.md).
     #[arg(long, default_value = "127.0.0.1:7000")]
     pub addr: String,
     /// Request path of the chinwag WebSocket endpoint.
@@ -67,7 +69,7 @@ pub struct Common {
 impl Common {
     /// Checks what clap cannot: the address resolves, and the numbers are in range.
     pub fn validate(&self) -> Result<(), String> {
-        crate::resolve(&self.addr)?;
+        crate::resolve_list(&self.addr)?;
         if self.source_addrs.is_empty() && self.sources == 0 {
             return Err("--sources must be at least 1".into());
         }
@@ -95,10 +97,10 @@ impl Common {
 
     /// The fleet these flags describe.
     pub fn fleet(&self) -> std::io::Result<Fleet> {
-        let addr = crate::resolve(&self.addr).map_err(std::io::Error::other)?;
+        let addrs = crate::resolve_list(&self.addr).map_err(std::io::Error::other)?;
         let sources = if !self.source_addrs.is_empty() {
             self.source_addrs.clone()
-        } else if crate::binds_sources(addr) {
+        } else if addrs.iter().all(|a| crate::binds_sources(*a)) {
             (1..=self.sources)
                 .map(|n| Ipv4Addr::new(127, 0, 0, n))
                 .collect()
@@ -106,7 +108,7 @@ impl Common {
             Vec::new()
         };
         Fleet::new(Dial {
-            addr,
+            addrs,
             path: self.path.clone(),
             sources,
             encoding: if self.json {

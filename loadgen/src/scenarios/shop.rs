@@ -28,7 +28,9 @@ pub fn build(
     shop: ShopId,
     deadline: Instant,
 ) -> Result<(ConvId, u64), String> {
-    let url = format!("ws://{}{}", common.addr, common.path);
+    // Built through the first address; in a cluster that node forwards to the owners.
+    let first = common.addr.split(',').next().unwrap_or(&common.addr).trim();
+    let url = format!("ws://{first}{}", common.path);
     let encoding = if common.json {
         Encoding::Json
     } else {

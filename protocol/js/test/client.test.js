@@ -298,6 +298,39 @@ test('several URLs are tried in turn', async () => {
   c.disconnect();
 });
 
+test('a node that dies under a connected client: the next URL takes over, catches up, and the list wraps', async () => {
+  const net = new FakeNet();
+  const urls = ['ws://node-1/ws', 'ws://node-2/ws', 'ws://node-3/ws'];
+  const { c, ws } = await connected(net, { urls });
+  assert.equal(ws.url, urls[0]);
+  ws.push({ op: 'msg', ...msg('7', 1) });
+  const sent = c.send({ conv: '7', body: 'in flight when node 1 died' });
+  const first = await ws.next();
+  assert.equal(first.op, 'send');
+  ws.drop(1006); // node 1 is killed
+  const two = await net.nextSocket();
+  assert.equal(two.url, urls[1]);
+  two.drop(1006); // node 2 refuses too
+  const three = await net.nextSocket();
+  assert.equal(three.url, urls[2]);
+  await three.accept();
+  // On node 3: the missed messages from history, and the send again with its cmid.
+  const frames = [await three.next(), await three.next()];
+  const h = frames.find((f) => f.op === 'history');
+  const again = frames.find((f) => f.op === 'send');
+  assert.deepEqual({ conv: h.conv, after: h.after }, { conv: '7', after: 1 });
+  assert.equal(again.cmid, first.cmid, 'the same cmid, so the message is stored once');
+  three.push({ op: 'history_ok', req: h.req, conv: '7', msgs: [msg('7', 2)] });
+  three.push({ op: 'send_ok', req: again.req, conv: '7', seq: 3, ts: 3 });
+  assert.equal((await sent).seq, 3);
+  await tick();
+  assert.deepEqual(seqs(c), [1, 2, 3]);
+  three.drop(1006); // and node 3 dies: back to the first URL
+  const back = await net.nextSocket();
+  assert.equal(back.url, urls[0]);
+  c.disconnect();
+});
+
 test('the binary codec carries the same calls and pushes', async () => {
   const net = new FakeNet();
   const { c, ws } = await connected(net, { codec: 'binary' });

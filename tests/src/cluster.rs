@@ -1,0 +1,758 @@
+//! A cluster of real `chinwag` nodes for end-to-end tests: a `redis-server` of the test's own,
+//! `chinwag cluster init`, and N nodes (`chinwag serve --cluster ...`), each on its own data
+//! directory and on fixed ports, so that a node killed with SIGKILL comes back where its
+//! clients and peers look for it.
+//!
+//! What a test can do to the cluster, each as the real thing (docs/cluster.md, "Failures"):
+//! - [`Cluster::kill`] a node (SIGKILL) and [`Cluster::restart`] it on the same data directory
+//!   and ports;
+//! - [`Cluster::kill_redis`] and [`Cluster::start_redis`] (Redis keeps its data in an
+//!   append-only file, as docs/cluster.md tells operators to run it);
+//! - [`Cluster::cut_link`] the node link between two nodes and [`Cluster::heal_link`] it
+//!   (with [`ClusterSpec::link_proxies`]). The engine has no way to cut a link from outside;
+//!   but a node's peers dial the link address its registry entry in Redis names, so the harness
+//!   puts a TCP proxy in front of each node's link port and writes the proxy's address there
+//!   (again whenever the node registers again). A cut makes the proxy drop every byte between
+//!   the two nodes, both ways, on the open connection and on every new one, as a network that
+//!   loses packets does: only the links' heartbeats and timeouts can find it. The proxy tells
+//!   which node dialed by the process that owns the connection's other end (`ss -p`).
+//!
+//! Readiness is polled, never slept for: a node is ready when its `/healthz` answers 200 (Redis
+//! and its subscription up) and it sees every live node of the cluster as alive.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chinwag_protocol::client::{Client, Encoding};
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{DeviceType, Uid, UidKind};
+
+use crate::redis::{free_port, RedisServer};
+use crate::{binary, mint_token, Server};
+
+/// The token secret every node of a test cluster shares.
+pub const SECRET: &str = "cluster-secret-cluster-secret-0123";
+
+/// The longest the harness waits for the cluster to reach a state (a bound against hanging,
+/// not a measure of speed: a debug build on a loaded 2-core machine is slow).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+/// Heartbeats and probes short enough that a test sees a node's or Redis's lapse within about
+/// a second, and the same on every node. The node links keep their defaults: shorter link
+/// timers close links that a loaded machine left silent for a second (see [`FAST_LINKS`]).
+pub const FAST: [&str; 4] = [
+    "--cluster-heartbeat-interval-ms=200",
+    "--cluster-heartbeat-ttl-ms=1000",
+    "--cluster-probe-interval-ms=500",
+    "--cluster-redis-timeout-ms=500",
+];
+
+/// Node-link timers for tests of a cut link: a silent link is found within a second and a
+/// request waits at most a second for it.
+pub const FAST_LINKS: [&str; 3] = [
+    "--node-link-heartbeat-ms=200",
+    "--node-link-idle-timeout-ms=1000",
+    "--node-link-request-timeout-ms=1000",
+];
+
+/// How a test cluster is made.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Nodes 1..=nodes.
+    pub nodes: u16,
+    /// P, fixed when the cluster is created.
+    pub partitions: u32,
+    /// Shards per node.
+    pub shards: usize,
+    /// More flags for every node (after the harness's, so they override them).
+    pub extra: Vec<String>,
+    /// A proxy in front of every node's link port (needed by [`Cluster::cut_link`]).
+    pub link_proxies: bool,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> ClusterSpec {
+        ClusterSpec {
+            nodes: 3,
+            partitions: 8,
+            shards: 1,
+            extra: Vec::new(),
+            link_proxies: false,
+        }
+    }
+}
+
+/// One node's fixed places: its ports and, while it is down, its data directory.
+struct Slot {
+    client_port: u16,
+    backend_port: u16,
+    link_port: u16,
+    /// The running node, if it runs.
+    server: Option<Server>,
+    /// The data directory of a node that is down (a running node holds its own).
+    parked: Option<tempfile::TempDir>,
+    /// The proxy its peers dial instead of its link port, if the cluster has them.
+    proxy: Option<LinkProxy>,
+}
+
+/// A running cluster: Redis and its nodes, all stopped when dropped.
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub redis: RedisServer,
+    slots: Vec<Slot>,
+    /// Node processes by pid, for the link proxies to tell who dialed.
+    pids: Arc<std::sync::Mutex<HashMap<u32, u16>>>,
+}
+
+impl Cluster {
+    /// Redis, `chinwag cluster init --nodes 1,..,N --partitions P`, and every node, ready.
+    pub fn start(spec: ClusterSpec) -> Cluster {
+        let redis = RedisServer::start_persistent();
+        let nodes: Vec<String> = (1..=spec.nodes).map(|n| n.to_string()).collect();
+        let out = Command::new(binary())
+            .args(["cluster", "--cluster", &redis.url(), "init", "--nodes"])
+            .arg(nodes.join(","))
+            .arg("--partitions")
+            .arg(spec.partitions.to_string())
+            .output()
+            .expect("run chinwag cluster init");
+        assert!(
+            out.status.success(),
+            "chinwag cluster init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pids = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let slots = (1..=spec.nodes)
+            .map(|_| {
+                let link_port = free_port();
+                Slot {
+                    client_port: free_port(),
+                    backend_port: free_port(),
+                    link_port,
+                    server: None,
+                    parked: Some(tempfile::tempdir().expect("tempdir")),
+                    proxy: spec
+                        .link_proxies
+                        .then(|| LinkProxy::start(link_port, Arc::clone(&pids))),
+                }
+            })
+            .collect();
+        let mut cluster = Cluster {
+            spec,
+            redis,
+            slots,
+            pids,
+        };
+        // The highest number first: the lower number dials, so with proxies every node's
+        // registry entry names its proxy before any peer that dials it starts.
+        for n in (1..=cluster.spec.nodes).rev() {
+            cluster.launch(n);
+        }
+        cluster.wait_ready();
+        cluster
+    }
+
+    /// Node `n` (1-based); panics if it is down.
+    pub fn node(&self, n: u16) -> &Server {
+        self.slot(n)
+            .server
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {n} is down"))
+    }
+
+    /// Whether node `n` runs.
+    pub fn is_up(&self, n: u16) -> bool {
+        self.slot(n).server.is_some()
+    }
+
+    /// The client addresses of every node, `127.0.0.1:P1,127.0.0.1:P2,...`: what
+    /// `chinwag-loadgen --addr` and the client libraries take.
+    pub fn addrs(&self) -> String {
+        (1..=self.spec.nodes)
+            .map(|n| format!("127.0.0.1:{}", self.slot(n).client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The WebSocket URL of node `n` (known while it is down too: its port is fixed).
+    pub fn ws_url(&self, n: u16) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.slot(n).client_port)
+    }
+
+    /// The service-port address of node `n`.
+    pub fn backend_addr(&self, n: u16) -> String {
+        format!("127.0.0.1:{}", self.slot(n).backend_port)
+    }
+
+    /// The node-link port of node `n`.
+    pub fn link_port(&self, n: u16) -> u16 {
+        self.slot(n).link_port
+    }
+
+    /// A login token for `uid`.
+    pub fn token(&self, uid: Uid) -> String {
+        mint_token(SECRET, uid)
+    }
+
+    /// A client of node `n` in `encoding`, logged in as `uid` on a web device.
+    pub fn login(&self, n: u16, uid: Uid, encoding: Encoding) -> Client {
+        let mut client = Client::connect(&self.ws_url(n), encoding)
+            .unwrap_or_else(|e| panic!("connect to node {n}: {e}"));
+        client
+            .login(&self.token(uid), DeviceType::Web)
+            .unwrap_or_else(|e| panic!("login of {uid} on node {n}: {e:?}"));
+        client
+    }
+
+    /// A service-port client of node `n`, authenticated as `service:1`.
+    pub fn service(&self, n: u16) -> ServiceClient {
+        let token = mint_token(SECRET, Uid::new(UidKind::Service, 1));
+        ServiceClient::connect(&self.backend_addr(n), &token)
+            .unwrap_or_else(|e| panic!("service port of node {n}: {e}"))
+    }
+
+    /// Kills node `n` with SIGKILL and waits for it to be gone; its data directory is kept.
+    pub fn kill(&mut self, n: u16) {
+        let slot = self.slot_mut(n);
+        let server = slot
+            .server
+            .take()
+            .unwrap_or_else(|| panic!("node {n} is already down"));
+        server.signal(libc::SIGKILL);
+        slot.parked = Some(server.into_data_dir());
+    }
+
+    /// Starts node `n` again on its data directory and ports, once its last heartbeat has
+    /// expired (until then Redis says the number is held by a live node, and a node refuses
+    /// to start), and waits for the cluster to be ready.
+    pub fn restart(&mut self, n: u16) {
+        self.wait_until(&format!("node {n}'s last heartbeat to expire"), |c| {
+            !c.heartbeat_alive(n)
+        });
+        self.launch(n);
+        self.wait_ready();
+    }
+
+    /// Kills Redis (SIGKILL); the nodes see a Redis that stopped answering.
+    pub fn kill_redis(&mut self) {
+        self.redis.kill();
+    }
+
+    /// Starts Redis again on its port and data (a restart, after [`Cluster::kill_redis`]),
+    /// and waits for the nodes to be ready again.
+    pub fn start_redis(&mut self) {
+        self.redis.restart();
+        self.wait_ready();
+    }
+
+    /// Cuts the node link between `a` and `b` until [`Cluster::heal_link`]: nothing passes
+    /// between them, on the connection that is up and on every new one. Returns how many live
+    /// connections it silenced (1 when the link was up through the proxy).
+    pub fn cut_link(&mut self, a: u16, b: u16) -> usize {
+        let (low, high) = (a.min(b), a.max(b));
+        self.slot(high)
+            .proxy
+            .as_ref()
+            .expect("cut_link needs ClusterSpec::link_proxies")
+            .cut(low)
+    }
+
+    /// Ends a cut made by [`Cluster::cut_link`]: new connections pass again (the cut ones stay
+    /// dead until the nodes close them).
+    pub fn heal_link(&mut self, a: u16, b: u16) {
+        let (low, high) = (a.min(b), a.max(b));
+        self.slot(high)
+            .proxy
+            .as_ref()
+            .expect("heal_link needs ClusterSpec::link_proxies")
+            .heal(low);
+    }
+
+    /// Waits until every running node answers `/healthz` with 200, sees every running node
+    /// alive (`chinwag_cluster_peer_up`) and has its node link to each of them up
+    /// (`chinwag_link_connected`).
+    pub fn wait_ready(&self) {
+        let up: Vec<u16> = (1..=self.spec.nodes).filter(|&n| self.is_up(n)).collect();
+        self.wait_until(
+            "every running node to be healthy, see the others and link to them",
+            |c| {
+                up.iter().all(|&n| {
+                    let node = c.node(n);
+                    c.point_at_proxy(n);
+                    node.get("/healthz").0 == 200
+                        && up.iter().all(|&peer| {
+                            let alive = format!("node=\"{peer}\"");
+                            let linked = format!("peer=\"{peer}\"");
+                            node.metric("chinwag_cluster_peer_up", &alive) == 1
+                                && (peer == n
+                                    || node.metric("chinwag_link_connected", &linked) == 1)
+                        })
+                })
+            },
+        );
+    }
+
+    /// Waits until node `n`'s link to `peer` is up (`true`) or down.
+    pub fn wait_link(&self, n: u16, peer: u16, up: bool) {
+        let what = format!(
+            "node {n}'s link to node {peer} {}",
+            if up { "up" } else { "down" }
+        );
+        self.wait_until(&what, |c| {
+            let linked = format!("peer=\"{peer}\"");
+            (c.node(n).metric("chinwag_link_connected", &linked) == 1) == up
+        });
+    }
+
+    /// The node that owns conversation `conv`: its partition (the low 16 bits of the id) is
+    /// dealt round-robin by `chinwag cluster init`, partition p to node p % N + 1.
+    pub fn owner_of(&self, conv: chinwag_protocol::ConvId) -> u16 {
+        ((conv.0 & 0xffff) % u64::from(self.spec.nodes)) as u16 + 1
+    }
+
+    /// Waits until `done(self)`; fails the test with the nodes' logs after [`SETTLE`].
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + SETTLE;
+        while !done(self) {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of every running node's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.spec.nodes {
+            if let Some(server) = &self.slot(n).server {
+                let log = server.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(30)..];
+                out.push_str(&format!("--- node {n} (last lines)\n{}\n", tail.join("\n")));
+            } else {
+                out.push_str(&format!("--- node {n}: down\n"));
+            }
+        }
+        out
+    }
+
+    /// With link proxies: makes node `n`'s registry entry name its proxy as its link address,
+    /// if the node wrote its own since (at start, or registering again after Redis came back).
+    /// Quietly does nothing while Redis does not answer.
+    fn point_at_proxy(&self, n: u16) {
+        let Some(proxy) = &self.slot(n).proxy else {
+            return;
+        };
+        let Some(mut c) = self.try_redis() else {
+            return;
+        };
+        let key = format!("chinwag:node:{n}");
+        let link: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("link")
+            .query(&mut c)
+            .ok()
+            .flatten();
+        let own = format!("127.0.0.1:{}", self.slot(n).link_port);
+        if link.as_deref() == Some(own.as_str()) {
+            let _ = redis::cmd("HSET")
+                .arg(&key)
+                .arg("link")
+                .arg(proxy.addr.to_string())
+                .query::<()>(&mut c);
+        }
+    }
+
+    /// A connection to the cluster's Redis, if it answers within a second.
+    fn try_redis(&self) -> Option<redis::Connection> {
+        let client = redis::Client::open(self.redis.url()).ok()?;
+        let c = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        Some(c)
+    }
+
+    /// Whether Redis holds node `n`'s heartbeat (false when Redis does not answer).
+    fn heartbeat_alive(&self, n: u16) -> bool {
+        let Some(mut c) = self.try_redis() else {
+            return false;
+        };
+        redis::cmd("EXISTS")
+            .arg(format!("chinwag:node:{n}:alive"))
+            .query::<bool>(&mut c)
+            .unwrap_or(false)
+    }
+
+    /// Starts node `n` on its parked data directory; with link proxies, waits until its
+    /// registry entry names its proxy.
+    fn launch(&mut self, n: u16) {
+        let args = self.node_args(n);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let slot = self.slot_mut(n);
+        let dir = slot.parked.take().expect("a stopped node has its data dir");
+        let server = Server::start_in(dir, &args, &[]);
+        self.pids.lock().unwrap().insert(server.pid() as u32, n);
+        self.slot_mut(n).server = Some(server);
+        if let Some(proxy) = &self.slot(n).proxy {
+            let proxied = proxy.addr.to_string();
+            self.wait_until(&format!("node {n}'s link address to name its proxy"), |c| {
+                c.point_at_proxy(n);
+                let link: Option<String> = c.try_redis().and_then(|mut r| {
+                    redis::cmd("HGET")
+                        .arg(format!("chinwag:node:{n}"))
+                        .arg("link")
+                        .query(&mut r)
+                        .ok()
+                        .flatten()
+                });
+                link.as_deref() == Some(proxied.as_str())
+            });
+        }
+    }
+
+    /// The flags of node `n`.
+    fn node_args(&self, n: u16) -> Vec<String> {
+        let slot = self.slot(n);
+        let mut args: Vec<String> = vec![
+            "--jwt-secret".into(),
+            SECRET.into(),
+            format!("--cluster={}", self.redis.url()),
+            format!("--node={n}"),
+            format!("--node-listen=127.0.0.1:{}", slot.link_port),
+            format!("--listen=127.0.0.1:{}", slot.client_port),
+            format!("--backend-listen=127.0.0.1:{}", slot.backend_port),
+            format!("--partitions={}", self.spec.partitions),
+            format!("--shards={}", self.spec.shards),
+            // Small segments: a node starts fast and the temporary directories stay small.
+            "--log-segment-bytes=1048576".into(),
+        ];
+        args.extend(FAST.iter().map(|s| s.to_string()));
+        args.extend(self.spec.extra.iter().cloned());
+        args
+    }
+
+    fn slot(&self, n: u16) -> &Slot {
+        assert!(
+            (1..=self.spec.nodes).contains(&n),
+            "no node {n} in this cluster"
+        );
+        &self.slots[usize::from(n - 1)]
+    }
+
+    fn slot_mut(&mut self, n: u16) -> &mut Slot {
+        assert!(
+            (1..=self.spec.nodes).contains(&n),
+            "no node {n} in this cluster"
+        );
+        &mut self.slots[usize::from(n - 1)]
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The nodes go first (their Drop kills them), then Redis.
+        for slot in &mut self.slots {
+            slot.server = None;
+        }
+    }
+}
+
+/// A TCP proxy in front of a node's link port, registered in Redis as the node's link address,
+/// so its peers dial the proxy. It forwards each connection to the node until the dialer is
+/// cut off: then it drops every byte of that dialer's connections, both ways, as a network
+/// that loses packets does (the connections look open; only the links' heartbeats and
+/// timeouts find them dead), and so it does for new connections of that dialer until healed.
+struct LinkProxy {
+    addr: std::net::SocketAddr,
+    /// The dialer nodes cut off.
+    cut: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
+    /// Each connection's dialer node and its "dead" switch.
+    conns: Arc<std::sync::Mutex<Vec<Proxied>>>,
+}
+
+/// A connection through a [`LinkProxy`]: the node that dialed it, and its switch (once dead,
+/// dead for good: bytes dropped mid-stream leave no framing to resume).
+type Proxied = (u16, Arc<AtomicBool>);
+
+impl LinkProxy {
+    /// A proxy on a free port of 127.0.0.1 to `upstream`; `pids` maps node processes to their
+    /// numbers, to tell which node dialed.
+    fn start(upstream: u16, pids: Arc<std::sync::Mutex<HashMap<u32, u16>>>) -> LinkProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind link proxy");
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut_set, held) = (Arc::clone(&cut), Arc::clone(&conns));
+        std::thread::spawn(move || {
+            for dialer in listener.incoming() {
+                let Ok(dialer) = dialer else { continue };
+                let Ok(node) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let from = dialer_node(&dialer, addr.port(), &pids);
+                let dead = Arc::new(AtomicBool::new(false));
+                {
+                    // Under the lock `cut` takes, so a connection is never missed by a cut.
+                    let cut_set = cut_set.lock().unwrap();
+                    dead.store(cut_set.contains(&from), Ordering::SeqCst);
+                    held.lock().unwrap().push((from, Arc::clone(&dead)));
+                }
+                let _ = dialer.set_nodelay(true);
+                let _ = node.set_nodelay(true);
+                forward(
+                    dialer.try_clone().unwrap(),
+                    node.try_clone().unwrap(),
+                    Arc::clone(&dead),
+                );
+                forward(node, dialer, dead);
+            }
+        });
+        LinkProxy { addr, cut, conns }
+    }
+
+    /// Cuts node `from` off; returns how many of its connections were live.
+    fn cut(&self, from: u16) -> usize {
+        let mut cut = self.cut.lock().unwrap();
+        cut.insert(from);
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(node, dead)| *node == from && !dead.swap(true, Ordering::SeqCst))
+            .count()
+    }
+
+    fn heal(&self, from: u16) {
+        self.cut.lock().unwrap().remove(&from);
+    }
+}
+
+/// Which node dialed `stream` (accepted on the proxy's `port`): the process that owns the
+/// other end, by `ss`; 0 if unknown.
+fn dialer_node(
+    stream: &std::net::TcpStream,
+    port: u16,
+    pids: &std::sync::Mutex<HashMap<u32, u16>>,
+) -> u16 {
+    let Ok(peer) = stream.peer_addr() else {
+        return 0;
+    };
+    let out = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .arg(format!("( sport = :{} and dport = :{port} )", peer.port()))
+        .stderr(Stdio::null())
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse::<u32>().ok());
+    pid.and_then(|pid| pids.lock().unwrap().get(&pid).copied())
+        .unwrap_or(0)
+}
+
+/// Copies `from` to `to` on a thread of its own until either side ends; once `dead`, reads
+/// and drops everything.
+fn forward(mut from: std::net::TcpStream, mut to: std::net::TcpStream, dead: Arc<AtomicBool>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if dead.load(Ordering::SeqCst) {
+                continue;
+            }
+            if to.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// A TCP relay in front of a server: it forwards every connection it accepts to `upstream`
+/// until [`Relay::kill`], which resets every connection it holds and stops accepting (new
+/// connections are refused), as a node that died looks to its clients. It lets a test put
+/// "another node" in front of a single server.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    dead: Arc<AtomicBool>,
+    /// Bytes relayed from the server to clients so far.
+    pub bytes_down: Arc<AtomicU64>,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl Relay {
+    /// A relay on a free port of 127.0.0.1 to `upstream`.
+    pub fn start(upstream: std::net::SocketAddr) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().unwrap();
+        let dead = Arc::new(AtomicBool::new(false));
+        let bytes_down = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = listener.try_clone().expect("clone listener");
+        let (dead_flag, down, held) = (
+            Arc::clone(&dead),
+            Arc::clone(&bytes_down),
+            Arc::clone(&conns),
+        );
+        std::thread::spawn(move || {
+            for client in accept.incoming() {
+                if dead_flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut held = held.lock().unwrap();
+                    // Checked under the lock `kill` takes, so no connection slips past it.
+                    if dead_flag.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    held.push(client.try_clone().unwrap());
+                    held.push(server.try_clone().unwrap());
+                }
+                copy(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                copy(server, client, Some(Arc::clone(&down)));
+            }
+        });
+        Relay {
+            addr,
+            dead,
+            bytes_down,
+            conns,
+            listener: Some(listener),
+        }
+    }
+
+    /// Resets every relayed connection and refuses new ones from now on.
+    pub fn kill(&mut self) {
+        self.dead.store(true, Ordering::SeqCst);
+        // Closing the listener refuses connects; the accept thread ends at its next wake-up
+        // (a connect to its port, made here, wakes it before the socket closes).
+        let _ = std::net::TcpStream::connect(self.addr);
+        self.listener = None;
+        // Both directions end, as when the kernel closes a killed process's sockets.
+        for stream in self.conns.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until either side ends, counting the bytes in
+/// `count` if given.
+fn copy(mut from: std::net::TcpStream, mut to: std::net::TcpStream, count: Option<Arc<AtomicU64>>) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+            if let Some(count) = &count {
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// The `chinwag-loadgen` binary, built once per test process with this test's profile (as
+/// [`binary`] builds `chinwag`).
+pub fn loadgen_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let server = binary();
+            let profile_dir = server.parent().expect("target/<profile>").to_path_buf();
+            let target_dir = profile_dir.parent().expect("target/");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "-p", "chinwag-loadgen"]);
+            build.arg("--target-dir").arg(target_dir);
+            if profile_dir.file_name().is_some_and(|p| p == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "cargo build -p chinwag-loadgen failed");
+            profile_dir.join("chinwag-loadgen")
+        })
+        .clone()
+}
+
+/// A `chinwag-loadgen` run in the background, its JSON report read when it ends.
+pub struct LoadgenRun {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    json_path: std::path::PathBuf,
+}
+
+impl LoadgenRun {
+    /// Starts `chinwag-loadgen ARGS --quiet --json-out FILE`.
+    pub fn start(args: &[&str]) -> LoadgenRun {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json_path = dir.path().join("report.json");
+        let child = Command::new(loadgen_binary())
+            .args(args)
+            .arg("--quiet")
+            .arg("--json-out")
+            .arg(&json_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run chinwag-loadgen");
+        LoadgenRun {
+            child,
+            _dir: dir,
+            json_path,
+        }
+    }
+
+    /// Waits for the run to end (it is bounded by its own flags) and returns its exit code and
+    /// report; fails the test with its output if it wrote none.
+    pub fn finish(self) -> (Option<i32>, serde_json::Value) {
+        let output = self
+            .child
+            .wait_with_output()
+            .expect("wait for chinwag-loadgen");
+        let text = std::fs::read_to_string(&self.json_path).unwrap_or_else(|e| {
+            panic!(
+                "chinwag-loadgen wrote no report ({e}); stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        let report = serde_json::from_str(&text).expect("the report is JSON");
+        (output.status.code(), report)
+    }
+}
