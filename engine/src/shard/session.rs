@@ -646,13 +646,14 @@ mod tests {
         fn start(config: Config, uid: Uid) -> Node {
             let poll = Poll::new().unwrap();
             let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+            let map = Arc::new(crate::bus::PartitionMap::single_node(256, 1));
             let node = Arc::new(NodeState::new(
                 config,
                 SECRET.to_vec(),
-                Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
+                Arc::clone(&map),
                 None,
             ));
-            let office = Arc::new(PostOffice::new(vec![Mailbox::new(64, waker)]));
+            let office = Arc::new(PostOffice::new(vec![Mailbox::new(64, waker)], map));
             let listen = "127.0.0.1:0".parse().unwrap();
             let listener = crate::net::listener::bind(listen).unwrap();
             let addr = listener.local_addr().unwrap();
