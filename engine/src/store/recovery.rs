@@ -137,6 +137,7 @@ impl Store {
         if let Some(prepared) = store.take_prepared(start) {
             let fsync = store.config.fsync;
             store.config.preparer.hand_over(&dir, prepared, fsync);
+            store.next_asked = true;
         }
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.

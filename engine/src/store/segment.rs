@@ -270,12 +270,26 @@ impl std::fmt::Debug for Preparer {
 }
 
 /// One segment to create: which log, which id, how large, synced or not.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Job {
     dir: PathBuf,
     id: u64,
     bytes: u64,
     fsync: FsyncPolicy,
+}
+
+impl Job {
+    /// Whether this job is for the log in `dir`. The paths are compared as bytes: `Path`'s
+    /// own `==` walks components, and the gauges ask this of every job for every log of the
+    /// shard several times a second.
+    fn is_for(&self, dir: &Path) -> bool {
+        self.dir.as_os_str().as_encoded_bytes() == dir.as_os_str().as_encoded_bytes()
+    }
+
+    /// Whether this job makes segment `id` of the log in `dir`.
+    fn makes(&self, dir: &Path, id: u64) -> bool {
+        self.id == id && self.is_for(dir)
+    }
 }
 
 #[derive(Default)]
@@ -368,9 +382,10 @@ impl Preparer {
             fsync,
         };
         let mut jobs = self.shared.lock();
-        let known = jobs.busy.as_ref() == Some(&job)
-            || jobs.queue.contains(&job)
-            || jobs.ready.iter().any(|(j, _)| *j == job);
+        let same = |j: &Job| j.makes(dir, id) && j.bytes == bytes && j.fsync == fsync;
+        let known = jobs.busy.as_ref().is_some_and(same)
+            || jobs.queue.iter().any(same)
+            || jobs.ready.iter().any(|(j, _)| same(j));
         if known || jobs.stop {
             return;
         }
@@ -411,22 +426,15 @@ impl Preparer {
         fsync: FsyncPolicy,
     ) -> Result<Segment, StoreError> {
         let mut jobs = self.shared.lock();
-        while jobs
-            .busy
-            .as_ref()
-            .is_some_and(|j| j.dir == dir && j.id == id)
-        {
+        while jobs.busy.as_ref().is_some_and(|j| j.makes(dir, id)) {
             jobs = self
                 .shared
                 .changed
                 .wait(jobs)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        jobs.queue.retain(|j| j.dir != dir);
-        let at = jobs
-            .ready
-            .iter()
-            .position(|(j, _)| j.dir == dir && j.id == id);
+        jobs.queue.retain(|j| !j.is_for(dir));
+        let at = jobs.ready.iter().position(|(j, _)| j.makes(dir, id));
         if let Some(at) = at {
             let (_, segment) = jobs.ready.swap_remove(at);
             if segment.capacity() as u64 == bytes {
@@ -446,8 +454,12 @@ impl Preparer {
     /// about to be, on disk).
     pub fn bytes(&self, dir: &Path) -> u64 {
         let jobs = self.shared.lock();
-        let busy = jobs.busy.iter().chain(&jobs.queue).filter(|j| j.dir == dir);
-        let ready = jobs.ready.iter().map(|(j, _)| j).filter(|j| j.dir == dir);
+        let busy = jobs
+            .busy
+            .iter()
+            .chain(&jobs.queue)
+            .filter(|j| j.is_for(dir));
+        let ready = jobs.ready.iter().map(|(j, _)| j).filter(|j| j.is_for(dir));
         busy.chain(ready).map(|j| j.bytes).sum()
     }
 
@@ -456,8 +468,8 @@ impl Preparer {
     /// a directory its owner may be removing.
     pub fn abandon(&self, dir: &Path) {
         let mut jobs = self.shared.lock();
-        while jobs.busy.as_ref().is_some_and(|j| j.dir == dir)
-            || (jobs.worker && jobs.queue.iter().any(|j| j.dir == dir))
+        while jobs.busy.as_ref().is_some_and(|j| j.is_for(dir))
+            || (jobs.worker && jobs.queue.iter().any(|j| j.is_for(dir)))
         {
             jobs = self
                 .shared
@@ -465,7 +477,7 @@ impl Preparer {
                 .wait(jobs)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        jobs.ready.retain(|(j, _)| j.dir != dir);
+        jobs.ready.retain(|(j, _)| !j.is_for(dir));
     }
 }
 
