@@ -895,24 +895,11 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         }
         Message::HistoryOk(m) | Message::ConvHistoryOk(m) => {
             w.display("conv", m.conv);
-            w.raw(",\"msgs\":[");
-            for (i, msg) in m.msgs.iter().enumerate() {
-                if i > 0 {
-                    w.raw(",");
-                }
-                w.raw("{");
-                w.msg_fields(msg);
-                w.raw("}");
-            }
-            w.raw("]");
+            w.msgs(&m.msgs);
         }
         Message::Convs | Message::Ping | Message::Pong => {}
         Message::ConvsOk(convs) => {
-            w.raw(",\"convs\":[");
-            for (i, c) in convs.iter().enumerate() {
-                if i > 0 {
-                    w.raw(",");
-                }
+            w.array("convs", convs, |w, c| {
                 w.raw("{\"conv\":");
                 w.id(c.conv);
                 w.str("type", c.conv_type.name());
@@ -935,8 +922,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                 w.profile("name", "avatar", &c.profile);
                 w.user_profiles(&c.profiles);
                 w.raw("}");
-            }
-            w.raw("]");
+            });
         }
         Message::Msg(m) => {
             w.raw(",");
@@ -994,38 +980,21 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
             w.raw(",\"total\":{\"assigned\":");
             w.decimal(u64::from(m.total.assigned));
             w.stats_row_rest(&m.total);
-            w.raw("},\"agents\":[");
-            for (i, row) in m.agents.iter().enumerate() {
-                if i > 0 {
-                    w.raw(",");
-                }
+            w.raw("}");
+            w.array("agents", &m.agents, |w, row| {
                 w.raw("{\"agent\":");
                 w.id(row.agent);
                 w.num("assigned", u64::from(row.stats.assigned));
                 w.stats_row_rest(&row.stats);
                 w.raw("}");
-            }
-            w.raw("]");
+            });
         }
         Message::StreamBatch(m) => {
             w.str("position", &m.position);
-            w.raw(",\"msgs\":[");
-            for (i, msg) in m.msgs.iter().enumerate() {
-                if i > 0 {
-                    w.raw(",");
-                }
-                w.raw("{");
-                w.msg_fields(msg);
-                w.raw("}");
-            }
-            w.raw("]");
+            w.msgs(&m.msgs);
             // Only when there are any, as in the binary form.
             if !m.events.is_empty() {
-                w.raw(",\"events\":[");
-                for (i, event) in m.events.iter().enumerate() {
-                    if i > 0 {
-                        w.raw(",");
-                    }
+                w.array("events", &m.events, |w, event| {
                     w.raw("{\"event\":");
                     w.string(event.change.name());
                     w.num("after_msgs", u64::from(event.after_msgs));
@@ -1036,8 +1005,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
                         StreamChange::Read { seq } => w.num("seq", seq.0),
                     }
                     w.raw("}");
-                }
-                w.raw("]");
+                });
             }
         }
         Message::AuthOk(m) => {
@@ -1058,23 +1026,12 @@ pub fn encode(frame: &Frame<'_>, out: &mut BytesMut) {
         }
         Message::Presence(users) => w.uids("users", users),
         Message::PresenceOk(online) => {
-            w.raw(",\"online\":[");
-            for (i, entry) in online.iter().enumerate() {
-                if i > 0 {
-                    w.raw(",");
-                }
+            w.array("online", online, |w, entry| {
                 w.raw("{\"uid\":");
                 w.id(entry.uid);
-                w.raw(",\"devices\":[");
-                for (j, device) in entry.devices.iter().enumerate() {
-                    if j > 0 {
-                        w.raw(",");
-                    }
-                    w.id(*device);
-                }
-                w.raw("]}");
-            }
-            w.raw("]");
+                w.array("devices", &entry.devices, |w, device| w.id(*device));
+                w.raw("}");
+            });
         }
     }
     w.raw("}");
@@ -1161,16 +1118,30 @@ impl Writer<'_> {
         self.string(s);
     }
 
-    fn uids(&mut self, key: &str, uids: &[Uid]) {
+    /// `"key":[...]`, each of `items` written by `item`.
+    fn array<T>(&mut self, key: &str, items: &[T], mut item: impl FnMut(&mut Self, &T)) {
         self.key(key);
         self.raw("[");
-        for (i, uid) in uids.iter().enumerate() {
+        for (i, each) in items.iter().enumerate() {
             if i > 0 {
                 self.raw(",");
             }
-            self.id(*uid);
+            item(self, each);
         }
         self.raw("]");
+    }
+
+    fn uids(&mut self, key: &str, uids: &[Uid]) {
+        self.array(key, uids, |w, uid| w.id(*uid));
+    }
+
+    /// `"msgs":[...]`, each a `msg` entry.
+    fn msgs(&mut self, msgs: &[Msg<'_>]) {
+        self.array("msgs", msgs, |w, msg| {
+            w.raw("{");
+            w.msg_fields(msg);
+            w.raw("}");
+        });
     }
 
     fn send_fields(&mut self, m: &Send<'_>) {
@@ -1199,17 +1170,12 @@ impl Writer<'_> {
         if profiles.is_empty() {
             return;
         }
-        self.raw(",\"profiles\":[");
-        for (i, p) in profiles.iter().enumerate() {
-            if i > 0 {
-                self.raw(",");
-            }
-            self.raw("{\"uid\":");
-            self.id(p.uid);
-            self.profile("nick", "avatar", &p.profile);
-            self.raw("}");
-        }
-        self.raw("]");
+        self.array("profiles", profiles, |w, p| {
+            w.raw("{\"uid\":");
+            w.id(p.uid);
+            w.profile("nick", "avatar", &p.profile);
+            w.raw("}");
+        });
     }
 
     fn subject(&mut self, subject: Subject) {

@@ -9,8 +9,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::{
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, LoginOk, Message, Msg, Send, Seq,
+    Target, Uid, UidKind,
+};
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Message, WebSocket};
+use tungstenite::WebSocket;
 
 pub mod redis;
 pub mod wechat;
@@ -70,6 +76,8 @@ pub struct Server {
     pub backend_addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
     log: Arc<Mutex<Vec<String>>>,
+    /// The `--jwt-secret` (or `CHINWAG_JWT_SECRET`) it was started with, if any.
+    secret: Option<String>,
 }
 
 impl Server {
@@ -96,6 +104,7 @@ impl Server {
             command.arg("--shards=2");
         }
         command.args(args);
+        let secret = jwt_secret(args, env);
         // The tests' own environment must not leak settings into the server.
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHINWAG_")) {
             command.env_remove(key);
@@ -145,6 +154,7 @@ impl Server {
             backend_addr,
             data_dir,
             log,
+            secret,
         }
     }
 
@@ -217,7 +227,8 @@ impl Server {
 
     /// `POST path` on the client port with a JSON `body` and, if given, `Authorization:
     /// Bearer token`, as curl sends it (the HTTP form of the service ops, docs/backend.md);
-    /// returns the status code and body. The server closes the connection after its answer.
+    /// returns the status code and body, read by its `Content-Length` (the server may keep
+    /// the connection for another request).
     pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
         let mut stream = self.tcp();
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
@@ -228,24 +239,78 @@ impl Server {
             body.len()
         )
         .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        parse_response(&response)
+        let response = read_response(&mut stream);
+        (response.status, response.body)
     }
 
     /// `POST /api/<op>` (`op` may carry a query) with `body` and a bearer `token`: the status,
     /// and the body read as a message of the contract (its JSON mapping).
-    pub fn api(
-        &self,
-        op: &str,
-        token: &str,
-        body: &str,
-    ) -> (u16, chinwag_protocol::Message<'static>) {
+    pub fn api(&self, op: &str, token: &str, body: &str) -> (u16, Message<'static>) {
         let (status, text) = self.post(&format!("/api/{op}"), Some(token), body);
         let frame = chinwag_protocol::json::decode(text.trim_end())
             .unwrap_or_else(|e| panic!("{op}: the body {text:?} is no message: {e}"));
         assert_eq!(frame.req, None, "an HTTP answer carries no req: {text}");
         (status, frame.message.into_owned())
+    }
+
+    /// The `--jwt-secret` the server was started with; fails the test if it was given
+    /// otherwise (a file), since the harness then cannot sign tokens for it.
+    pub fn secret(&self) -> &str {
+        self.secret
+            .as_deref()
+            .expect("the server was started without --jwt-secret or CHINWAG_JWT_SECRET")
+    }
+
+    /// A login token for `uid`, signed with the server's secret, valid for ten minutes.
+    pub fn token(&self, uid: Uid) -> String {
+        mint_token(self.secret(), uid)
+    }
+
+    /// A client logged in as `uid` from a web device over JSON; fails the test unless the
+    /// login is accepted.
+    pub fn login(&self, uid: Uid) -> Client {
+        self.login_as(uid, None, DeviceType::Web, Encoding::Json).0
+    }
+
+    /// A client logged in as `uid` from `device` over `encoding`, with the `shop` claim in its
+    /// token if given (an agent's has it), and its `login_ok`; fails the test unless the login
+    /// is accepted.
+    pub fn login_as(
+        &self,
+        uid: Uid,
+        shop: Option<u64>,
+        device: DeviceType,
+        encoding: Encoding,
+    ) -> (Client, LoginOk) {
+        let mut client = Client::connect(&self.ws_url(), encoding).expect("connect");
+        let token = mint_token_in_shop(self.secret(), uid, shop);
+        let ok = client.login(&token, device).expect("login accepted");
+        (client, ok)
+    }
+
+    /// A service-port connection, authenticated as `service:1`.
+    pub fn service(&self) -> ServiceClient {
+        service_client(self, self.secret())
+    }
+
+    /// Runs `chinwag backend <args>` against the service port as `service:1`; returns whether
+    /// it succeeded and what it printed.
+    pub fn backend(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(binary())
+            .arg("backend")
+            .arg("--addr")
+            .arg(self.backend_addr.to_string())
+            .env(
+                "CHINWAG_SERVICE_TOKEN",
+                self.token(Uid::new(UidKind::Service, 1)),
+            )
+            .args(args)
+            .output()
+            .expect("run chinwag backend");
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).expect("UTF-8 output"),
+        )
     }
 
     /// The sum over shards of every sample of `name` whose labels contain `labels`
@@ -303,6 +368,23 @@ impl Drop for Server {
     }
 }
 
+/// The JWT secret `args` (`--jwt-secret X` or `--jwt-secret=X`) or else `env` give a server.
+fn jwt_secret(args: &[&str], env: &[(&str, &str)]) -> Option<String> {
+    let flag = args.iter().enumerate().find_map(|(i, arg)| {
+        if *arg == "--jwt-secret" {
+            args.get(i + 1).copied()
+        } else {
+            arg.strip_prefix("--jwt-secret=")
+        }
+    });
+    flag.or_else(|| {
+        env.iter()
+            .find(|(key, _)| *key == "CHINWAG_JWT_SECRET")
+            .map(|(_, value)| *value)
+    })
+    .map(str::to_string)
+}
+
 fn field(line: &str, key: &str) -> Option<String> {
     let start = line.find(key)? + key.len();
     Some(line[start..].split_whitespace().next()?.to_string())
@@ -319,6 +401,48 @@ pub fn read_head(stream: &mut TcpStream) -> String {
         }
     }
     String::from_utf8_lossy(&head).into_owned()
+}
+
+/// One HTTP response read from a connection that may stay open.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The status line and headers.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// Whether the server said it closes the connection after this response.
+    pub fn closes(&self) -> bool {
+        self.head
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n")
+    }
+}
+
+/// Reads one HTTP response: its head, then as many body bytes as its `Content-Length` says;
+/// fails the test if the connection ends first.
+pub fn read_response(stream: &mut TcpStream) -> HttpResponse {
+    let head = read_head(stream);
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "no whole response head: {head:?}"
+    );
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, value)| {
+            value.trim().parse().expect("a Content-Length")
+        });
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).expect("the whole body");
+    HttpResponse {
+        status: parse_response(&head).0,
+        head,
+        body: String::from_utf8(body).expect("a UTF-8 body"),
+    }
 }
 
 pub fn parse_response(response: &str) -> (u16, String) {
@@ -400,7 +524,7 @@ pub fn read_close_code(stream: &mut TcpStream) -> Option<u16> {
 pub fn ws_close_code(ws: &mut WebSocket<TcpStream>) -> Option<u16> {
     loop {
         match ws.read() {
-            Ok(Message::Close(frame)) => {
+            Ok(tungstenite::Message::Close(frame)) => {
                 // Send the close reply tungstenite queued, completing the handshake.
                 let _ = ws.flush();
                 return frame.map(|f| u16::from(f.code));
@@ -415,23 +539,92 @@ pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
 
+/// The uid of buyer `id`.
+pub fn buyer(id: u64) -> Uid {
+    Uid::new(UidKind::Buyer, id)
+}
+
+/// The uid of agent `id`.
+pub fn agent(id: u64) -> Uid {
+    Uid::new(UidKind::Agent, id)
+}
+
+/// The next frame `client` receives (a push, or a reply, in arrival order); fails the test if
+/// none comes within [`WAIT`].
+pub fn push(client: &mut Client) -> Message<'static> {
+    client
+        .next_push(WAIT)
+        .expect("connection open")
+        .expect("a push within the timeout")
+        .message
+}
+
+/// The next `msg` push `client` receives, skipping other pushes (members, receipts); fails the
+/// test if none comes within [`WAIT`].
+pub fn next_msg(client: &mut Client) -> Msg<'static> {
+    loop {
+        match push(client) {
+            Message::Msg(push) => return push.msg,
+            _ => continue,
+        }
+    }
+}
+
+/// Sends a text message; fails the test unless it is stored. Its conversation and seq.
+pub fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
+    let reply = client
+        .call(Message::Send(Send {
+            target,
+            cmid: cmid.into(),
+            kind: "text".into(),
+            body: body.into(),
+        }))
+        .expect("send accepted");
+    match reply.message {
+        Message::SendOk(ok) => (ok.conv, ok.seq),
+        other => panic!("expected send_ok, got {other:?}"),
+    }
+}
+
+/// A page of `conv`'s history; fails the test unless it is answered.
+pub fn history(
+    client: &mut Client,
+    conv: ConvId,
+    range: HistoryRange,
+    limit: u16,
+) -> Vec<Msg<'static>> {
+    let reply = client
+        .call(Message::History(History { conv, range, limit }))
+        .expect("history answered");
+    match reply.message {
+        Message::HistoryOk(ok) => ok.msgs,
+        other => panic!("expected history_ok, got {other:?}"),
+    }
+}
+
+/// The error code of a request's reply; fails the test unless the request was refused.
+pub fn rejected(reply: Result<Frame<'static>, ClientError>) -> ErrorCode {
+    match reply {
+        Err(ClientError::Rejected(e)) => e.code,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
 /// A service-port connection to `server`, authenticated as `service:1` with a token signed
-/// with `secret`.
-pub fn service_client(server: &Server, secret: &str) -> chinwag_protocol::service::ServiceClient {
-    let uid = chinwag_protocol::Uid::new(chinwag_protocol::UidKind::Service, 1);
-    let token = mint_token(secret, uid);
-    chinwag_protocol::service::ServiceClient::connect(&server.backend_addr.to_string(), &token)
-        .expect("service connects")
+/// with `secret` ([`Server::service`] when the server was started with the secret).
+pub fn service_client(server: &Server, secret: &str) -> ServiceClient {
+    let token = mint_token(secret, Uid::new(UidKind::Service, 1));
+    ServiceClient::connect(&server.backend_addr.to_string(), &token).expect("service connects")
 }
 
 /// A login token for `uid`, signed with `secret`, valid for ten minutes.
-pub fn mint_token(secret: &str, uid: chinwag_protocol::Uid) -> String {
+pub fn mint_token(secret: &str, uid: Uid) -> String {
     mint_token_in_shop(secret, uid, None)
 }
 
 /// A login token for `uid` with the `shop` claim (an agent's token names the shop it works
 /// for), signed with `secret`, valid for ten minutes.
-pub fn mint_token_in_shop(secret: &str, uid: chinwag_protocol::Uid, shop: Option<u64>) -> String {
+pub fn mint_token_in_shop(secret: &str, uid: Uid, shop: Option<u64>) -> String {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")

@@ -6,45 +6,15 @@ use std::time::Duration;
 
 use chinwag_protocol::client::{Client, Encoding};
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::token::{self, Claims};
-use chinwag_protocol::{
-    AgentStatsOk, ConvId, DeviceType, Message, Send, ShopId, Target, Uid, UidKind,
-};
-use chinwag_tests::Server;
+use chinwag_protocol::{AgentStatsOk, ConvId, DeviceType, Message, ShopId, Target, Uid, UidKind};
+use chinwag_tests::{agent, buyer, Server};
 
 const SECRET: &str = "stats-secret-stats-secret-stats-se";
 const ARGS: [&str; 3] = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
 const SHOP: ShopId = ShopId(5);
 
-fn login(server: &Server, uid: Uid, shop: Option<ShopId>) -> Client {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let token = token::mint(SECRET.as_bytes(), &Claims { uid, shop, exp });
-    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
-    client.login(&token, DeviceType::Web).unwrap();
-    client
-}
-
-fn service(server: &Server) -> ServiceClient {
-    chinwag_tests::service_client(server, SECRET)
-}
-
 fn send(client: &mut Client, target: Target, cmid: &str) -> ConvId {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: format!("message {cmid}").into(),
-        }))
-        .unwrap();
-    match reply.message {
-        Message::SendOk(ok) => ok.conv,
-        other => panic!("expected send_ok, got {other:?}"),
-    }
+    chinwag_tests::send(client, target, cmid, &format!("message {cmid}")).0
 }
 
 /// The agent assigned to `conv`, once there is one (an agent's coming online reaches the
@@ -69,7 +39,7 @@ fn stats(server: &Server) -> AgentStatsOk {
         .unwrap()
         .as_millis() as u64
         + 3_600_000;
-    service(server).agent_stats(SHOP, 0, to_ms).unwrap()
+    server.service().agent_stats(SHOP, 0, to_ms).unwrap()
 }
 
 fn restart(server: Server, signal: i32) -> Server {
@@ -81,13 +51,15 @@ fn restart(server: Server, signal: i32) -> Server {
 #[test]
 fn agent_stats_count_a_shops_reception_and_survive_restarts() {
     let server = Server::start(&ARGS);
-    let mut control = service(&server);
-    let (seven, eight) = (Uid::new(UidKind::Agent, 7), Uid::new(UidKind::Agent, 8));
-    let mut agent7 = login(&server, seven, Some(SHOP));
+    let mut control = server.service();
+    let (seven, eight) = (agent(7), agent(8));
+    let mut agent7 = server
+        .login_as(seven, Some(SHOP.0), DeviceType::Web, Encoding::Json)
+        .0;
 
     // Buyer 1 is served by agent 7 (the only one online): two replies to its first message,
     // one to its second, then agent 7 resolves.
-    let mut buyer1 = login(&server, Uid::new(UidKind::Buyer, 1), None);
+    let mut buyer1 = server.login(buyer(1));
     let conv1 = send(&mut buyer1, Target::Shop(SHOP), "b1-1");
     assert_eq!(assigned_agent(&mut control, conv1), seven);
     send(&mut agent7, Target::Conv(conv1), "a7-1");
@@ -99,8 +71,10 @@ fn agent_stats_count_a_shops_reception_and_survive_restarts() {
     assert!(matches!(resolved.message, Message::ResolveOk(_)));
 
     // Agent 8 comes online; buyer 2's conversation goes to one of the two, who answers.
-    let mut agent8 = login(&server, eight, Some(SHOP));
-    let mut buyer2 = login(&server, Uid::new(UidKind::Buyer, 2), None);
+    let mut agent8 = server
+        .login_as(eight, Some(SHOP.0), DeviceType::Web, Encoding::Json)
+        .0;
+    let mut buyer2 = server.login(buyer(2));
     let conv2 = send(&mut buyer2, Target::Shop(SHOP), "b2-1");
     let second = assigned_agent(&mut control, conv2);
     let replier = if second == seven {
@@ -141,24 +115,17 @@ fn agent_stats_count_a_shops_reception_and_survive_restarts() {
     assert_eq!(stats(&server), before);
 
     // And they go on from there: the second conversation is resolved.
-    let mut agent = login(&server, second, Some(SHOP));
+    let mut agent = server
+        .login_as(second, Some(SHOP.0), DeviceType::Web, Encoding::Json)
+        .0;
     let resolved = agent.call(Message::Resolve(conv2)).unwrap();
     assert!(matches!(resolved.message, Message::ResolveOk(_)));
     let after = stats(&server);
     assert_eq!((after.total.open, after.total.resolved), (0, 2));
 
     // From a shell, the same reply as one JSON line.
-    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
-    let output = std::process::Command::new(chinwag_tests::binary())
-        .arg("backend")
-        .arg("--addr")
-        .arg(server.backend_addr.to_string())
-        .env("CHINWAG_SERVICE_TOKEN", &token)
-        .args(["stats", "5", "--from-ms", "0"])
-        .output()
-        .unwrap();
-    let out = String::from_utf8(output.stdout).unwrap();
-    assert!(output.status.success(), "{out}");
+    let (ok, out) = server.backend(&["stats", "5", "--from-ms", "0"]);
+    assert!(ok, "{out}");
     assert!(
         out.starts_with(r#"{"op":"agent_stats_ok","req":2,"shop":"5","from_ms":"#),
         "{out}"
@@ -172,7 +139,7 @@ fn agent_stats_count_a_shops_reception_and_survive_restarts() {
 #[test]
 fn agent_stats_refuse_an_empty_window() {
     let server = Server::start(&ARGS);
-    let result = service(&server).agent_stats(SHOP, 10, 10);
+    let result = server.service().agent_stats(SHOP, 10, 10);
     match result {
         Err(chinwag_protocol::client::ClientError::Rejected(e)) => {
             assert_eq!(e.code, chinwag_protocol::ErrorCode::BadRequest)

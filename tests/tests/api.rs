@@ -7,12 +7,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::client::ClientError;
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::{
-    json, ConvId, ConvType, DeviceType, ErrorCode, Frame, Message, Uid, UidKind,
-};
-use chinwag_tests::{parse_response, Server};
+use chinwag_protocol::{json, ConvId, ConvType, ErrorCode, Frame, Message, Uid, UidKind};
+use chinwag_tests::{buyer, parse_response, push, read_response, Server};
 
 const SECRET: &str = "api-secret-api-secret-api-secret-api";
 const LONG: Duration = Duration::from_secs(5);
@@ -23,30 +21,8 @@ fn start(extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
-fn token_for(uid: Uid) -> String {
-    chinwag_tests::mint_token(SECRET, uid)
-}
-
 fn service_token() -> String {
-    token_for(Uid::new(UidKind::Service, 1))
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn client(server: &Server, uid: Uid) -> Client {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
-    client.login(&token_for(uid), DeviceType::Web).unwrap();
-    client
-}
-
-fn push(client: &mut Client) -> Message<'static> {
-    client
-        .next_push(LONG)
-        .unwrap()
-        .expect("a push within the timeout")
-        .message
+    chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1))
 }
 
 /// `POST /api/<op>` with the service token; fails the test unless it is answered 200.
@@ -68,7 +44,7 @@ fn refused(server: &Server, op: &str, body: &str) -> (u16, ErrorCode, String) {
 #[test]
 fn every_service_op_over_http_does_what_it_does_on_the_service_port() {
     let server = start(&[]);
-    let mut web = client(&server, buyer(1));
+    let mut web = server.login(buyer(1));
 
     // send_as: stored as the user, pushed to the other side, idempotent by cmid.
     let body = r#"{"from":"buyer:2","user":"buyer:1","cmid":"h-1","kind":"text","body":"hello"}"#;
@@ -224,7 +200,7 @@ fn bad_requests_get_the_status_and_error_code_that_say_why() {
         text.contains("Authorization"),
         "says what is missing: {text}"
     );
-    for token in ["a.b.c".to_string(), token_for(buyer(1))] {
+    for token in ["a.b.c".to_string(), server.token(buyer(1))] {
         let (status, message) = server.api("presence", &token, body);
         assert_eq!(status, 401);
         assert!(
@@ -232,7 +208,7 @@ fn bad_requests_get_the_status_and_error_code_that_say_why() {
             "{message:?}"
         );
     }
-    let (status, message) = server.api("notify_users", &token_for(buyer(1)), body);
+    let (status, message) = server.api("notify_users", &server.token(buyer(1)), body);
     assert_eq!(status, 401, "{message:?}");
 
     // 404: an op that is not a service request.
@@ -319,11 +295,9 @@ fn a_body_in_pieces_is_read_whole_and_a_missing_one_is_dropped() {
     stream.flush().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     stream.write_all(second.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (status, text) = parse_response(&response);
-    assert_eq!(status, 200, "{response}");
-    assert_eq!(text, "{\"op\":\"notify_users_ok\",\"count\":2}\n");
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.body, "{\"op\":\"notify_users_ok\",\"count\":2}\n");
 
     // Half a body, then nothing: the connection is dropped, unanswered, nothing done.
     let mut stalled = server.tcp();
@@ -478,6 +452,180 @@ fn requests_over_the_shard_limit_and_during_a_drain_are_unavailable() {
     assert!(body.contains(r#""code":"unavailable""#), "{body}");
     assert!(body.contains("draining"), "{body}");
     assert!(server.wait_exit().success());
+}
+
+/// `POST /api/<op>` with the service token as a client writes it on a connection it keeps,
+/// with `extra` header lines.
+fn api_request(op: &str, body: &str, extra: &str) -> String {
+    format!(
+        "POST /api/{op} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n{extra}\r\n{body}",
+        service_token(),
+        body.len()
+    )
+}
+
+/// Reads until the server closes the connection; fails the test if it sends anything more
+/// or does not close within the read timeout.
+fn assert_closed(stream: &mut std::net::TcpStream) {
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .expect("closed within the read timeout");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}
+
+/// HTTP/1.1 keep-alive (docs/backend.md "Over HTTP"): requests one after another on one
+/// connection, then ones sent ahead without waiting (pipelined) answered in order although
+/// the first waits and the second could be answered at once, two long polls in a row, and a
+/// request that says `Connection: close` answered and closed.
+#[test]
+fn one_connection_serves_requests_in_order_until_the_client_says_close() {
+    let server = start(&[]);
+    let mut web = server.login(buyer(1));
+    let mut stream = server.tcp();
+    let presence = r#"{"users":["buyer:1","buyer:2"]}"#;
+    stream
+        .write_all(api_request("presence", presence, "").as_bytes())
+        .unwrap();
+    let first = read_response(&mut stream);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(
+        first.head.contains("\r\nConnection: keep-alive\r\n"),
+        "{first:?}"
+    );
+    let Message::PresenceOk(online) = json::decode(first.body.trim_end()).unwrap().message else {
+        panic!("{first:?}")
+    };
+    assert_eq!(online.iter().map(|o| o.uid).collect::<Vec<_>>(), [buyer(1)]);
+    let notify = r#"{"users":["buyer:1","buyer:2"],"kind":"k","body":"second"}"#;
+    stream
+        .write_all(api_request("notify_users", notify, "").as_bytes())
+        .unwrap();
+    let second = read_response(&mut stream);
+    assert_eq!(second.body, "{\"op\":\"notify_users_ok\",\"count\":2}\n");
+    assert!(!second.closes(), "{second:?}");
+    assert!(matches!(push(&mut web), Message::Notify(n) if n.body == "second"));
+
+    // Sent ahead in one write: a long poll that waits 300 ms, then a notify the node could
+    // answer at once, then a long poll that answers at once. Answered in request order.
+    let ahead = [
+        api_request("subscribe?wait_ms=300", "", ""),
+        api_request(
+            "notify_users",
+            r#"{"users":["buyer:1"],"kind":"k","body":"b"}"#,
+            "",
+        ),
+        api_request("subscribe?wait_ms=0", "", ""),
+    ]
+    .concat();
+    stream.write_all(ahead.as_bytes()).unwrap();
+    let answers: Vec<String> = (0..3)
+        .map(|_| {
+            let answer = read_response(&mut stream);
+            assert_eq!(answer.status, 200, "{answer:?}");
+            answer.body
+        })
+        .collect();
+    assert!(
+        answers[0].starts_with("{\"op\":\"stream_batch\""),
+        "{answers:?}"
+    );
+    assert_eq!(answers[1], "{\"op\":\"notify_users_ok\",\"count\":1}\n");
+    assert!(
+        answers[2].starts_with("{\"op\":\"stream_batch\""),
+        "{answers:?}"
+    );
+
+    // The client says it is done: answered, said so, closed.
+    stream
+        .write_all(api_request("presence", presence, "Connection: close\r\n").as_bytes())
+        .unwrap();
+    let last = read_response(&mut stream);
+    assert_eq!(last.status, 200, "{last:?}");
+    assert!(last.closes(), "{last:?}");
+    assert_closed(&mut stream);
+}
+
+/// A request refused from its head on a kept connection (its body unread, so where a next
+/// request would start is unknown) gets its 4xx and the connection closes; so does a request
+/// the connection does not serve. A body that does not decode keeps it: its length was known.
+#[test]
+fn a_bad_request_on_a_kept_connection_gets_its_4xx_and_the_connection_closes() {
+    let server = start(&["--backend-frame-bytes-max=4096"]);
+    let presence = r#"{"users":["buyer:1"]}"#;
+    let no_token = format!(
+        "POST /api/presence HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{presence}",
+        presence.len()
+    );
+    let too_large = format!(
+        "POST /api/presence HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 100000\r\n\r\n",
+        service_token()
+    );
+    let cases = [
+        (no_token, 401),
+        (api_request("nope", presence, ""), 404),
+        (too_large, 413),
+        ("GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n".to_string(), 421),
+        ("NOT HTTP\r\n\r\n".to_string(), 400),
+    ];
+    for (bad, status) in cases {
+        let mut stream = server.tcp();
+        stream
+            .write_all(api_request("presence", presence, "").as_bytes())
+            .unwrap();
+        let good = read_response(&mut stream);
+        assert_eq!(good.status, 200, "{good:?}");
+        assert!(!good.closes(), "{good:?}");
+        stream.write_all(bad.as_bytes()).unwrap();
+        let answer = read_response(&mut stream);
+        assert_eq!(answer.status, status, "{bad:?}: {answer:?}");
+        assert!(answer.closes(), "{bad:?}: {answer:?}");
+        assert_closed(&mut stream);
+    }
+
+    let mut stream = server.tcp();
+    let bad_body = api_request("presence", r#"{"users":"nobody"}"#, "");
+    stream
+        .write_all(
+            [bad_body, api_request("presence", presence, "")]
+                .concat()
+                .as_bytes(),
+        )
+        .unwrap();
+    let refused = read_response(&mut stream);
+    assert_eq!(refused.status, 400, "{refused:?}");
+    assert!(!refused.closes(), "{refused:?}");
+    assert_eq!(read_response(&mut stream).status, 200);
+}
+
+/// A connection makes at most `api_requests_per_connection_max` requests (the last answer
+/// says `Connection: close`), and one idle for `api_idle_timeout_ms` is closed.
+#[test]
+fn a_kept_connection_closes_after_its_request_limit_and_when_idle() {
+    let server = start(&[
+        "--api-requests-per-connection-max=3",
+        "--api-idle-timeout-ms=300",
+    ]);
+    let presence = r#"{"users":["buyer:1"]}"#;
+    let mut stream = server.tcp();
+    for n in 1..=3 {
+        stream
+            .write_all(api_request("presence", presence, "").as_bytes())
+            .unwrap();
+        let answer = read_response(&mut stream);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.closes(), n == 3, "request {n}: {answer:?}");
+    }
+    assert_closed(&mut stream);
+
+    let mut idle = server.tcp();
+    idle.write_all(api_request("presence", presence, "").as_bytes())
+        .unwrap();
+    assert!(!read_response(&mut idle).closes());
+    // Nothing more sent: the server closes it (well within the read timeout).
+    assert_closed(&mut idle);
 }
 
 /// `None` if a presence request was served, else its refusal.

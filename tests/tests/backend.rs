@@ -10,7 +10,7 @@ use chinwag_protocol::{
     DeviceType, ErrorCode, History, HistoryRange, Kick, Message, NotifyUsers, Op, Send, SendAs,
     Target, Uid, UidKind,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{buyer, rejected, Server};
 
 const SECRET: &str = "backend-secret-backend-secret-back";
 const SHORT: Duration = Duration::from_millis(300);
@@ -18,31 +18,6 @@ const LONG: Duration = Duration::from_secs(5);
 
 fn start() -> Server {
     Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=0"])
-}
-
-fn token_for(uid: Uid) -> String {
-    chinwag_tests::mint_token(SECRET, uid)
-}
-
-fn service(server: &Server) -> ServiceClient {
-    chinwag_tests::service_client(server, SECRET)
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn client(server: &Server, uid: Uid, device: DeviceType) -> Client {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
-    client.login(&token_for(uid), device).unwrap();
-    client
-}
-
-fn rejected(result: Result<chinwag_protocol::Frame<'static>, ClientError>) -> ErrorCode {
-    match result {
-        Err(ClientError::Rejected(e)) => e.code,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
 }
 
 fn raw(server: &Server) -> ServiceClient {
@@ -76,7 +51,7 @@ fn auth_comes_first_and_a_bad_token_is_refused_and_closed() {
     // A client's token is not a service token.
     let mut wrong_kind = raw(&server);
     assert_eq!(
-        rejected(wrong_kind.call(Message::Auth(token_for(buyer(1)).into()))),
+        rejected(wrong_kind.call(Message::Auth(server.token(buyer(1)).into()))),
         ErrorCode::Unauthorized
     );
     assert_closed(&mut wrong_kind);
@@ -90,14 +65,14 @@ fn auth_comes_first_and_a_bad_token_is_refused_and_closed() {
     assert_closed(&mut forged);
 
     // A good one.
-    let service = service(&server);
+    let service = server.service();
     assert_eq!(service.auth().uid, Uid::new(UidKind::Service, 1));
 }
 
 #[test]
 fn bad_frames_get_clear_errors_and_an_oversized_one_closes_the_connection() {
     let server = Server::start(&["--jwt-secret", SECRET, "--backend-frame-bytes-max=4096"]);
-    let mut service = service(&server);
+    let mut service = server.service();
     // An unknown op, with a req: answered, the connection goes on.
     let unknown = [0, 0, 0, 16, 1, 0x2e, 0, 1, 0, 0, 0, 0, 0, 0, 0, 42];
     service.send_bytes(&unknown).unwrap();
@@ -154,8 +129,8 @@ fn bad_frames_get_clear_errors_and_an_oversized_one_closes_the_connection() {
 #[test]
 fn send_as_stores_as_the_user_idempotently_and_clients_receive_it() {
     let server = start();
-    let mut service = service(&server);
-    let mut bob = client(&server, buyer(2), DeviceType::Web);
+    let mut service = server.service();
+    let mut bob = server.login(buyer(2));
     let send = |cmid: &str| {
         Message::SendAs(SendAs {
             from: buyer(1),
@@ -224,12 +199,16 @@ fn send_as_stores_as_the_user_idempotently_and_clients_receive_it() {
 #[test]
 fn notify_reaches_every_device_of_the_users_and_no_one_else() {
     let server = start();
-    let mut service = service(&server);
-    let mut web = client(&server, buyer(1), DeviceType::Web);
-    let mut phone = client(&server, buyer(1), DeviceType::Ios);
-    let mut other = client(&server, buyer(2), DeviceType::Web);
+    let mut service = server.service();
+    let mut web = server.login(buyer(1));
+    let mut phone = server
+        .login_as(buyer(1), None, DeviceType::Ios, Encoding::Json)
+        .0;
+    let mut other = server.login(buyer(2));
     let mut binary = Client::connect(&server.ws_url(), Encoding::Binary).unwrap();
-    binary.login(&token_for(buyer(3)), DeviceType::Web).unwrap();
+    binary
+        .login(&server.token(buyer(3)), DeviceType::Web)
+        .unwrap();
     let reply = service
         .call(Message::NotifyUsers(NotifyUsers {
             users: vec![buyer(1), buyer(3), buyer(99)],
@@ -255,13 +234,64 @@ fn notify_reaches_every_device_of_the_users_and_no_one_else() {
     assert_eq!(convs.message, Message::ConvsOk(vec![]));
 }
 
+/// Regression test for the presence gather (session 3): a request's parts were matched by
+/// the service's `req`, so two requests in flight with the same `req` took each other's parts
+/// (one answered with a mix, or early and short). Parts are now matched by a token of the
+/// connection's own. Two requests with the same `req`, each spanning several of four shards,
+/// sent back to back again and again: each is answered once with exactly its own users.
+#[test]
+fn presence_requests_with_the_same_req_each_get_their_own_users() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--shards=4"]);
+    // Buyers 1..=8 online (their partitions spread them over the shards); 9..=24 offline.
+    let _online: Vec<Client> = (1..=8).map(|id| server.login(buyer(id))).collect();
+    let everyone: Vec<Uid> = (1..=8).chain(17..=24).map(buyer).collect();
+    let one: Vec<Uid> = std::iter::once(3).chain(9..=16).map(buyer).collect();
+    let online_of = |message: &Message<'static>| -> Vec<(Uid, usize)> {
+        let Message::PresenceOk(online) = message else {
+            panic!("expected presence_ok, got {message:?}")
+        };
+        online.iter().map(|o| (o.uid, o.devices.len())).collect()
+    };
+    let all_eight: Vec<(Uid, usize)> = (1..=8).map(|id| (buyer(id), 1)).collect();
+    let mut service = server.service();
+    for req in 100..130 {
+        for users in [&everyone, &one] {
+            let frame = chinwag_protocol::Frame::with_req(req, Message::Presence(users.clone()));
+            service.send_frame(&frame).unwrap();
+        }
+        let mut answers: Vec<Vec<(Uid, usize)>> = (0..2)
+            .map(|_| {
+                let frame = service.next_frame().expect("a presence answer");
+                assert_eq!(frame.req, Some(req), "{frame:?}");
+                online_of(&frame.message)
+            })
+            .collect();
+        // Replies may come in either order: each goes out when its last part is back.
+        answers.sort();
+        assert_eq!(
+            answers,
+            [all_eight.clone(), vec![(buyer(3), 1)]],
+            "round {req}"
+        );
+    }
+    // Nothing more comes: neither request was answered twice.
+    let mut quiet = service;
+    quiet.set_timeout(SHORT).unwrap();
+    assert!(
+        matches!(quiet.next_frame(), Err(ClientError::TimedOut)),
+        "an extra answer"
+    );
+}
+
 #[test]
 fn presence_lists_online_devices_and_kick_closes_them_with_4001() {
     let server = start();
-    let mut service = service(&server);
-    let mut web = client(&server, buyer(1), DeviceType::Web);
-    let mut phone = client(&server, buyer(1), DeviceType::Ios);
-    let _other = client(&server, buyer(2), DeviceType::Web);
+    let mut service = server.service();
+    let mut web = server.login(buyer(1));
+    let mut phone = server
+        .login_as(buyer(1), None, DeviceType::Ios, Encoding::Json)
+        .0;
+    let _other = server.login(buyer(2));
     let presence = service
         .call(Message::Presence(vec![buyer(3), buyer(1), buyer(2)]))
         .unwrap();
@@ -314,8 +344,8 @@ fn a_service_that_does_not_read_is_disconnected_and_others_are_unaffected() {
         "--send-queue-bytes-max=131072",
         "--shards=1",
     ]);
-    let mut stalled = service(&server);
-    let mut sender = service(&server);
+    let mut stalled = server.service();
+    let mut sender = server.service();
     let message = Message::SendAs(SendAs {
         from: buyer(1),
         send: Send {
@@ -369,23 +399,8 @@ fn a_service_that_does_not_read_is_disconnected_and_others_are_unaffected() {
 #[test]
 fn chinwag_backend_subcommands_print_the_reply_as_json() {
     let server = start();
-    let mut bob = client(&server, buyer(2), DeviceType::Web);
-    let token = token_for(Uid::new(UidKind::Service, 1));
-    let backend = |args: &[&str]| {
-        let output = std::process::Command::new(chinwag_tests::binary())
-            .arg("backend")
-            .arg("--addr")
-            .arg(server.backend_addr.to_string())
-            .env("CHINWAG_SERVICE_TOKEN", &token)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8(output.stdout).unwrap(),
-        )
-    };
-    let (ok, out) = backend(&[
+    let mut bob = server.login(buyer(2));
+    let (ok, out) = server.backend(&[
         "send", "--from", "buyer:1", "--user", "buyer:2", "--cmid", "k1", "hi",
     ]);
     assert!(ok, "{out}");
@@ -397,29 +412,29 @@ fn chinwag_backend_subcommands_print_the_reply_as_json() {
     let push = bob.next_push(LONG).unwrap().expect("the msg");
     assert!(matches!(push.message, Message::Msg(_)), "{push:?}");
 
-    let (ok, out) = backend(&["notify", "--users", "buyer:2,buyer:3", "ding"]);
+    let (ok, out) = server.backend(&["notify", "--users", "buyer:2,buyer:3", "ding"]);
     assert!(ok, "{out}");
     assert_eq!(out.trim(), r#"{"op":"notify_users_ok","req":2,"count":2}"#);
     let push = bob.next_push(LONG).unwrap().expect("the notify");
     assert!(matches!(push.message, Message::Notify(_)), "{push:?}");
 
-    let (ok, out) = backend(&["presence", "buyer:2,buyer:3"]);
+    let (ok, out) = server.backend(&["presence", "buyer:2,buyer:3"]);
     assert!(ok, "{out}");
     assert!(
         out.contains(r#""online":[{"uid":"buyer:2","devices":[""#),
         "{out}"
     );
 
-    let (ok, out) = backend(&["history", &conv]);
+    let (ok, out) = server.backend(&["history", &conv]);
     assert!(ok, "{out}");
     assert!(out.contains(r#""body":"hi""#), "{out}");
 
-    let (ok, out) = backend(&["kick", "buyer:2"]);
+    let (ok, out) = server.backend(&["kick", "buyer:2"]);
     assert!(ok, "{out}");
     assert_eq!(out.trim(), r#"{"op":"kick_ok","req":2,"count":1}"#);
 
     // An error reply: printed, exit code 1.
-    let (ok, out) = backend(&["history", "999999"]);
+    let (ok, out) = server.backend(&["history", "999999"]);
     assert!(!ok);
     assert!(out.contains(r#""code":"not_found""#), "{out}");
 }
@@ -508,9 +523,9 @@ fn subscribe(service: &mut ServiceClient, from: &str) -> Seen {
 #[test]
 fn the_stream_delivers_every_message_in_order_and_refuses_foreign_positions() {
     let server = start();
-    let mut writer = service(&server);
+    let mut writer = server.service();
     store_messages(&mut writer, "before", 4, 10);
-    let mut reader = service(&server);
+    let mut reader = server.service();
     let mut seen = subscribe(&mut reader, "");
     assert_eq!(seen.total, 0, "from now: nothing stored before");
     store_messages(&mut writer, "after", 4, 200);
@@ -525,16 +540,16 @@ fn the_stream_delivers_every_message_in_order_and_refuses_foreign_positions() {
 
     // From the start of the log (position of a fresh subscription's first answer replayed
     // from a second connection): everything after the position, again.
-    let mut again = service(&server);
+    let mut again = server.service();
     let mut replay = subscribe(&mut again, &seen.position);
     store_messages(&mut writer, "more", 4, 8);
     replay.read_until(&mut again, 8);
     assert_eq!(replay.total, 8, "exactly what came after the position");
 
-    let mut foreign = service(&server);
+    let mut foreign = server.service();
     let code = rejected(foreign.call(Message::Subscribe("00ff".into())));
     assert_eq!(code, ErrorCode::BadRequest);
-    let mut twice = service(&server);
+    let mut twice = server.service();
     subscribe(&mut twice, "");
     assert_eq!(
         rejected(twice.call(Message::Subscribe("".into()))),
@@ -546,8 +561,8 @@ fn the_stream_delivers_every_message_in_order_and_refuses_foreign_positions() {
 fn stream_resumes_across_a_restart(signal: i32) {
     let args = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
     let server = Server::start(&args);
-    let mut writer = service(&server);
-    let mut reader = service(&server);
+    let mut writer = server.service();
+    let mut reader = server.service();
     let mut seen = subscribe(&mut reader, "");
     store_messages(&mut writer, "a", 6, 120);
     seen.read_until(&mut reader, 60);
@@ -559,10 +574,10 @@ fn stream_resumes_across_a_restart(signal: i32) {
     server.signal(signal);
     let data_dir = server.into_data_dir();
     let server = Server::start_in(data_dir, &args, &[]);
-    let mut writer = service(&server);
+    let mut writer = server.service();
     store_messages(&mut writer, "c", 6, 30);
 
-    let mut reader = service(&server);
+    let mut reader = server.service();
     let mut resumed = subscribe(&mut reader, &position);
     // Everything after the position: the rest of "a", all of "b" and "c" (at least once).
     // The position came with the last batch read: everything seen is before it.
@@ -606,8 +621,8 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
         "--messages-per-s-max=0",
         "--send-queue-bytes-max=131072",
     ]);
-    let mut writer = service(&server);
-    let mut stalled = service(&server);
+    let mut writer = server.service();
+    let mut stalled = server.service();
     let mut seen = subscribe(&mut stalled, "");
     // Far more than the send queue (and the socket buffers) hold: 2,000 messages of 4 KB.
     let body = "y".repeat(4000);
@@ -630,7 +645,7 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
         }
     }
     // Meanwhile a client and another service are served.
-    let mut bob = client(&server, buyer(50), DeviceType::Web);
+    let mut bob = server.login(buyer(50));
     assert!(bob.call(Message::Ping).is_ok());
     assert!(writer.call(Message::Ping).is_ok());
     // The stalled subscriber was paused, not disconnected: reading now gets everything.
@@ -643,8 +658,8 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
 fn chinwag_backend_tail_prints_batches_as_json_lines_and_resumes() {
     use std::io::BufRead;
     let server = start();
-    let mut writer = service(&server);
-    let token = token_for(Uid::new(UidKind::Service, 1));
+    let mut writer = server.service();
+    let token = server.token(Uid::new(UidKind::Service, 1));
     let tail = |from: &str| {
         let mut child = std::process::Command::new(chinwag_tests::binary())
             .arg("backend")

@@ -8,9 +8,9 @@ use std::time::Duration;
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::{
     binary, Cursor, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq,
-    ShopId, Target, Uid, UidKind,
+    ShopId, Target,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{agent, buyer, Server};
 use tungstenite::Message as WsMessage;
 
 /// At least 32 bytes, as HS256 keys should be.
@@ -21,26 +21,6 @@ const LONG: Duration = Duration::from_secs(5);
 
 fn start() -> Server {
     Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=0"])
-}
-
-fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
-}
-
-fn login(server: &Server, uid: Uid, shop: Option<u64>, device: DeviceType) -> Client {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Json).expect("connect");
-    client
-        .login(&token_for(uid, shop), device)
-        .expect("login accepted");
-    client
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn agent(id: u64) -> Uid {
-    Uid::new(UidKind::Agent, id)
 }
 
 fn send_frame(req: u64, target: Target, cmid: &str) -> Frame<'static> {
@@ -73,10 +53,18 @@ fn assert_silent(client: &mut Client, who: &str) {
 #[test]
 fn msg_and_receipt_reach_every_device_but_the_acting_one() {
     let server = start();
-    let mut b_web = login(&server, buyer(1), None, DeviceType::Web);
-    let mut b_ios = login(&server, buyer(1), None, DeviceType::Ios);
-    let mut c_web = login(&server, buyer(2), None, DeviceType::Web);
-    let mut c_ios = login(&server, buyer(2), None, DeviceType::Ios);
+    let mut b_web = server
+        .login_as(buyer(1), None, DeviceType::Web, Encoding::Json)
+        .0;
+    let mut b_ios = server
+        .login_as(buyer(1), None, DeviceType::Ios, Encoding::Json)
+        .0;
+    let mut c_web = server
+        .login_as(buyer(2), None, DeviceType::Web, Encoding::Json)
+        .0;
+    let mut c_ios = server
+        .login_as(buyer(2), None, DeviceType::Ios, Encoding::Json)
+        .0;
 
     // msg: every device of every member but the sending one.
     b_web
@@ -139,7 +127,9 @@ fn dispatch_as_a_client_sees_it() {
     let server = start();
     let shop = 4242;
     // No agent online: the conversation waits, nothing but send_ok comes.
-    let mut b = login(&server, buyer(10), None, DeviceType::Web);
+    let mut b = server
+        .login_as(buyer(10), None, DeviceType::Web, Encoding::Json)
+        .0;
     b.send(&send_frame(1, Target::Shop(ShopId(shop)), "w-1"))
         .unwrap();
     let Message::SendOk(ok) = next_message(&mut b) else {
@@ -148,7 +138,9 @@ fn dispatch_as_a_client_sees_it() {
     assert_silent(&mut b, "the buyer while no agent is online");
 
     // Assigned at login: members after login_ok, and the waiting message is not pushed.
-    let mut a1 = login(&server, agent(11), Some(shop), DeviceType::Desktop);
+    let mut a1 = server
+        .login_as(agent(11), Some(shop), DeviceType::Desktop, Encoding::Json)
+        .0;
     match next_message(&mut a1) {
         Message::Members(m) => {
             assert_eq!(m.conv, ok.conv);
@@ -264,7 +256,7 @@ fn requests_before_login_ok_get_not_logged_in() {
     let login = Frame::with_req(
         1,
         Message::Login(Login {
-            token: token_for(buyer(20), None).into(),
+            token: server.token(buyer(20)).into(),
             device: DeviceType::Web,
         }),
     );
@@ -298,7 +290,9 @@ fn requests_before_login_ok_get_not_logged_in() {
 #[test]
 fn an_oversized_message_gets_close_1009_and_no_error_first() {
     let server = start();
-    let mut c = login(&server, buyer(30), None, DeviceType::Web);
+    let mut c = server
+        .login_as(buyer(30), None, DeviceType::Web, Encoding::Json)
+        .0;
     let pad = "x".repeat(70_000);
     c.send_raw(WsMessage::text(format!(
         r#"{{"op":"ping","req":1,"pad":"{pad}"}}"#
@@ -314,7 +308,7 @@ fn an_oversized_message_gets_close_1009_and_no_error_first() {
 fn the_rate_limit_counts_websocket_messages_not_frames() {
     let server = Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=3"]);
     let mut c = Client::connect(&server.ws_url(), Encoding::Binary).unwrap();
-    c.login(&token_for(buyer(40), None), DeviceType::Web)
+    c.login(&server.token(buyer(40)), DeviceType::Web)
         .expect("login: message 1 of the window");
     // Two more messages of five frames each: within the limit of 3 messages per second.
     let pings = |first_req: u64| {

@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
-    ConvId, ConvType, Cursor, DeviceType, ErrorCode, Frame, History, HistoryRange, LoginOk,
-    Message, Msg, Send, Seq, ShopId, Target, Uid, UidKind,
+    ConvId, ConvType, Cursor, DeviceType, ErrorCode, Frame, History, HistoryRange, Message, Msg,
+    Send, Seq, ShopId, Target, Uid,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{agent, buyer, history, next_msg, rejected, send, Server};
 
 const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 const SHORT: Duration = Duration::from_millis(300);
@@ -27,83 +27,8 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    chinwag_tests::mint_token_in_shop(SECRET, uid, shop)
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn agent(id: u64) -> Uid {
-    Uid::new(UidKind::Agent, id)
-}
-
-fn login_as(
-    server: &Server,
-    uid: Uid,
-    shop: Option<u64>,
-    device: DeviceType,
-    encoding: Encoding,
-) -> (Client, LoginOk) {
-    let mut client = Client::connect(&server.ws_url(), encoding).expect("connect");
-    let ok = client
-        .login(&token_for(uid, shop), device)
-        .expect("login accepted");
-    (client, ok)
-}
-
-fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: body.into(),
-        }))
-        .expect("send accepted");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
-    }
-}
-
-/// The next push that is a `msg`, skipping others (members, receipts).
-fn next_msg(client: &mut Client) -> Msg<'static> {
-    loop {
-        match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m.msg,
-            Some(_) => continue,
-            None => panic!("no msg push within {LONG:?}"),
-        }
-    }
-}
-
-/// The next push of any kind, or `None` if none comes within `wait`.
 fn next_push(client: &mut Client, wait: Duration) -> Option<Message<'static>> {
     client.next_push(wait).expect("push").map(|f| f.message)
-}
-
-fn rejected(result: Result<Frame<'static>, ClientError>) -> ErrorCode {
-    match result {
-        Err(ClientError::Rejected(e)) => e.code,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
-
-fn history(
-    client: &mut Client,
-    conv: ConvId,
-    range: HistoryRange,
-    limit: u16,
-) -> Vec<Msg<'static>> {
-    let reply = client
-        .call(Message::History(History { conv, range, limit }))
-        .expect("history");
-    match reply.message {
-        Message::HistoryOk(ok) => ok.msgs,
-        other => panic!("expected history_ok, got {other:?}"),
-    }
 }
 
 #[test]
@@ -111,9 +36,9 @@ fn direct_chat_in_both_encodings_reaches_every_other_device() {
     let server = start();
     let alice = buyer(1);
     let bob = buyer(2);
-    let (mut a_web, a_login) = login_as(&server, alice, None, DeviceType::Web, Encoding::Json);
-    let (mut a_ios, _) = login_as(&server, alice, None, DeviceType::Ios, Encoding::Binary);
-    let (mut b_web, b_login) = login_as(&server, bob, None, DeviceType::Web, Encoding::Binary);
+    let (mut a_web, a_login) = server.login_as(alice, None, DeviceType::Web, Encoding::Json);
+    let (mut a_ios, _) = server.login_as(alice, None, DeviceType::Ios, Encoding::Binary);
+    let (mut b_web, b_login) = server.login_as(bob, None, DeviceType::Web, Encoding::Binary);
     assert_eq!(a_login.uid, alice);
     assert_ne!(a_login.device_id, b_login.device_id);
     // The node id names the connector's address and port.
@@ -153,8 +78,8 @@ fn direct_chat_in_both_encodings_reaches_every_other_device() {
 #[test]
 fn pushes_arrive_in_seq_order_each_once() {
     let server = start();
-    let (mut a, _) = login_as(&server, buyer(10), None, DeviceType::Web, Encoding::Binary);
-    let (mut b, _) = login_as(&server, buyer(11), None, DeviceType::Web, Encoding::Json);
+    let (mut a, _) = server.login_as(buyer(10), None, DeviceType::Web, Encoding::Binary);
+    let (mut b, _) = server.login_as(buyer(11), None, DeviceType::Web, Encoding::Json);
     let mut conv = None;
     for i in 0..200 {
         // Pipelined: many sends in flight before the replies are read.
@@ -196,8 +121,8 @@ fn pushes_arrive_in_seq_order_each_once() {
 #[test]
 fn cmid_makes_send_idempotent() {
     let server = start();
-    let (mut a, _) = login_as(&server, buyer(20), None, DeviceType::Web, Encoding::Json);
-    let (mut b, _) = login_as(&server, buyer(21), None, DeviceType::Web, Encoding::Json);
+    let (mut a, _) = server.login_as(buyer(20), None, DeviceType::Web, Encoding::Json);
+    let (mut b, _) = server.login_as(buyer(21), None, DeviceType::Web, Encoding::Json);
     let first = send(&mut a, Target::User(buyer(21)), "same", "once");
     let again = send(&mut a, Target::User(buyer(21)), "same", "once");
     assert_eq!(first, again);
@@ -213,15 +138,9 @@ fn cmid_makes_send_idempotent() {
 #[test]
 fn read_cursors_unread_counts_and_receipts() {
     let server = start();
-    let (mut a, _) = login_as(&server, buyer(30), None, DeviceType::Web, Encoding::Json);
-    let (mut b, _) = login_as(&server, buyer(31), None, DeviceType::Web, Encoding::Binary);
-    let (mut b2, _) = login_as(
-        &server,
-        buyer(31),
-        None,
-        DeviceType::Android,
-        Encoding::Json,
-    );
+    let (mut a, _) = server.login_as(buyer(30), None, DeviceType::Web, Encoding::Json);
+    let (mut b, _) = server.login_as(buyer(31), None, DeviceType::Web, Encoding::Binary);
+    let (mut b2, _) = server.login_as(buyer(31), None, DeviceType::Android, Encoding::Json);
     let mut conv = ConvId(0);
     for i in 0..5 {
         conv = send(&mut a, Target::User(buyer(31)), &format!("c{i}"), "x").0;
@@ -277,7 +196,7 @@ fn read_cursors_unread_counts_and_receipts() {
 #[test]
 fn history_pages_before_and_after() {
     let server = start();
-    let (mut a, _) = login_as(&server, buyer(40), None, DeviceType::Web, Encoding::Binary);
+    let (mut a, _) = server.login_as(buyer(40), None, DeviceType::Web, Encoding::Binary);
     let mut conv = ConvId(0);
     for i in 1..=120 {
         conv = send(
@@ -308,7 +227,7 @@ fn history_pages_before_and_after() {
     assert_eq!(history(&mut a, conv, HistoryRange::Newest, 200).len(), 120);
     // Out-of-range limits are refused by the decoder, in JSON too.
     let mut json = Client::connect(&server.ws_url(), Encoding::Json).unwrap();
-    json.login(&token_for(buyer(40), None), DeviceType::Desktop)
+    json.login(&server.token(buyer(40)), DeviceType::Desktop)
         .unwrap();
     json.send_raw(tungstenite::Message::text(format!(
         r#"{{"op":"history","req":5,"conv":"{conv}","limit":201}}"#
@@ -371,7 +290,7 @@ fn errors_of_the_contract() {
     ));
 
     // After login: unknown op and malformed frames are bad_request, and the connection stays.
-    let (mut a, _) = login_as(&server, buyer(50), None, DeviceType::Web, Encoding::Json);
+    let (mut a, _) = server.login_as(buyer(50), None, DeviceType::Web, Encoding::Json);
     a.send_raw(tungstenite::Message::text(r#"{"op":"dance","req":10}"#))
         .unwrap();
     a.send_raw(tungstenite::Message::text("not json")).unwrap();
@@ -388,7 +307,7 @@ fn errors_of_the_contract() {
         Message::Pong
     ));
     // Not a member; no such conversation.
-    let (mut b, _) = login_as(&server, buyer(51), None, DeviceType::Web, Encoding::Json);
+    let (mut b, _) = server.login_as(buyer(51), None, DeviceType::Web, Encoding::Json);
     let (conv, _) = send(&mut b, Target::User(buyer(52)), "x", "private");
     assert_eq!(
         rejected(a.call(Message::History(History {
@@ -432,7 +351,7 @@ fn errors_of_the_contract() {
 #[test]
 fn over_the_rate_limit_requests_get_rate_limited() {
     let server = Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=20"]);
-    let (mut a, _) = login_as(&server, buyer(70), None, DeviceType::Web, Encoding::Json);
+    let (mut a, _) = server.login_as(buyer(70), None, DeviceType::Web, Encoding::Json);
     for req in 0..60 {
         a.send(&Frame::with_req(req, Message::Ping)).unwrap();
     }
@@ -454,8 +373,8 @@ fn over_the_rate_limit_requests_get_rate_limited() {
 #[test]
 fn second_login_of_a_device_kicks_the_first() {
     let server = start();
-    let (mut first, one) = login_as(&server, buyer(60), None, DeviceType::Ios, Encoding::Json);
-    let (mut second, two) = login_as(&server, buyer(60), None, DeviceType::Ios, Encoding::Binary);
+    let (mut first, one) = server.login_as(buyer(60), None, DeviceType::Ios, Encoding::Json);
+    let (mut second, two) = server.login_as(buyer(60), None, DeviceType::Ios, Encoding::Binary);
     assert_eq!(
         one.device_id, two.device_id,
         "the same (user, device type) keeps its DeviceId"
@@ -469,11 +388,11 @@ fn second_login_of_a_device_kicks_the_first() {
         other => panic!("expected close 4001, got {other:?}"),
     }
     // The new session gets the pushes.
-    let (mut other, _) = login_as(&server, buyer(61), None, DeviceType::Web, Encoding::Json);
+    let (mut other, _) = server.login_as(buyer(61), None, DeviceType::Web, Encoding::Json);
     send(&mut other, Target::User(buyer(60)), "k", "for the new one");
     assert_eq!(&*next_msg(&mut second).body, "for the new one");
     // And is kicked in its own (binary) encoding by a third login.
-    let (_third, _) = login_as(&server, buyer(60), None, DeviceType::Ios, Encoding::Json);
+    let (_third, _) = server.login_as(buyer(60), None, DeviceType::Ios, Encoding::Json);
     assert!(matches!(
         next_push(&mut second, LONG),
         Some(Message::Kicked(_))
@@ -495,20 +414,14 @@ fn dispatch_assigns_least_loaded_agents_and_serves_the_queue() {
     let server = start();
     const SHOP: u64 = 77;
     // Two buyers write before any agent is online: both wait.
-    let (mut b1, _) = login_as(&server, buyer(101), None, DeviceType::Web, Encoding::Json);
-    let (mut b2, _) = login_as(&server, buyer(102), None, DeviceType::Web, Encoding::Binary);
+    let (mut b1, _) = server.login_as(buyer(101), None, DeviceType::Web, Encoding::Json);
+    let (mut b2, _) = server.login_as(buyer(102), None, DeviceType::Web, Encoding::Binary);
     let (c1, _) = send(&mut b1, Target::Shop(ShopId(SHOP)), "q1", "anyone?");
     let (c2, _) = send(&mut b2, Target::Shop(ShopId(SHOP)), "q2", "hello?");
     assert_ne!(c1, c2);
 
     // The first agent to log in takes the waiting conversations in arrival order.
-    let (mut a1, _) = login_as(
-        &server,
-        agent(1),
-        Some(SHOP),
-        DeviceType::Desktop,
-        Encoding::Json,
-    );
+    let (mut a1, _) = server.login_as(agent(1), Some(SHOP), DeviceType::Desktop, Encoding::Json);
     let mut assigned = Vec::new();
     for _ in 0..2 {
         match next_push(&mut a1, LONG) {
@@ -527,14 +440,8 @@ fn dispatch_assigns_least_loaded_agents_and_serves_the_queue() {
     assert_eq!(&*next_msg(&mut b1).body, "how can I help?");
 
     // A second agent comes online; a new buyer goes to the least loaded (agent 2).
-    let (mut a2, _) = login_as(
-        &server,
-        agent(2),
-        Some(SHOP),
-        DeviceType::Web,
-        Encoding::Binary,
-    );
-    let (mut b3, _) = login_as(&server, buyer(103), None, DeviceType::Web, Encoding::Json);
+    let (mut a2, _) = server.login_as(agent(2), Some(SHOP), DeviceType::Web, Encoding::Binary);
+    let (mut b3, _) = server.login_as(buyer(103), None, DeviceType::Web, Encoding::Json);
     let (c3, _) = send(&mut b3, Target::Shop(ShopId(SHOP)), "q3", "hi");
     let m = members_push(&mut a2);
     assert!(m.contains(&agent(2)) && m.contains(&buyer(103)));
@@ -550,13 +457,8 @@ fn dispatch_assigns_least_loaded_agents_and_serves_the_queue() {
         }))),
         ErrorCode::NotMember
     );
-    let (mut stranger, _) = login_as(
-        &server,
-        agent(9),
-        Some(SHOP + 1),
-        DeviceType::Web,
-        Encoding::Json,
-    );
+    let (mut stranger, _) =
+        server.login_as(agent(9), Some(SHOP + 1), DeviceType::Web, Encoding::Json);
     assert_eq!(
         rejected(stranger.call(Message::History(History {
             conv: c3,
@@ -594,24 +496,12 @@ fn dispatch_assigns_least_loaded_agents_and_serves_the_queue() {
 fn an_offline_assigned_agent_keeps_the_assignment_and_gets_company() {
     let server = start();
     const SHOP: u64 = 88;
-    let (mut a1, _) = login_as(
-        &server,
-        agent(11),
-        Some(SHOP),
-        DeviceType::Web,
-        Encoding::Json,
-    );
-    let (mut b, _) = login_as(&server, buyer(201), None, DeviceType::Web, Encoding::Json);
+    let (mut a1, _) = server.login_as(agent(11), Some(SHOP), DeviceType::Web, Encoding::Json);
+    let (mut b, _) = server.login_as(buyer(201), None, DeviceType::Web, Encoding::Json);
     let (conv, _) = send(&mut b, Target::Shop(ShopId(SHOP)), "1", "hi");
     assert!(members_push(&mut a1).contains(&agent(11)));
     a1.close().unwrap();
-    let (mut a2, _) = login_as(
-        &server,
-        agent(12),
-        Some(SHOP),
-        DeviceType::Web,
-        Encoding::Json,
-    );
+    let (mut a2, _) = server.login_as(agent(12), Some(SHOP), DeviceType::Web, Encoding::Json);
     std::thread::sleep(Duration::from_millis(200));
     send(&mut b, Target::Shop(ShopId(SHOP)), "2", "still there?");
     let m = members_push(&mut a2);
@@ -624,14 +514,8 @@ fn restart_keeps_devices_conversations_cursors_assignments_and_cmids() {
     let args = ["--jwt-secret", SECRET, "--fsync=always"];
     let server = Server::start(&args);
     const SHOP: u64 = 5;
-    let (mut ag, ag_login) = login_as(
-        &server,
-        agent(3),
-        Some(SHOP),
-        DeviceType::Web,
-        Encoding::Json,
-    );
-    let (mut b, b_login) = login_as(&server, buyer(300), None, DeviceType::Ios, Encoding::Binary);
+    let (mut ag, ag_login) = server.login_as(agent(3), Some(SHOP), DeviceType::Web, Encoding::Json);
+    let (mut b, b_login) = server.login_as(buyer(300), None, DeviceType::Ios, Encoding::Binary);
     let (conv, _) = send(&mut b, Target::Shop(ShopId(SHOP)), "keep", "before restart");
     members_push(&mut ag);
     send(&mut b, Target::Conv(conv), "keep2", "second");
@@ -642,15 +526,9 @@ fn restart_keeps_devices_conversations_cursors_assignments_and_cmids() {
     let data = server.into_data_dir();
 
     let server = Server::start_in(data, &args, &[]);
-    let (mut b, again) = login_as(&server, buyer(300), None, DeviceType::Ios, Encoding::Binary);
+    let (mut b, again) = server.login_as(buyer(300), None, DeviceType::Ios, Encoding::Binary);
     assert_eq!(again.device_id, b_login.device_id, "devices survive");
-    let (mut ag, ag_again) = login_as(
-        &server,
-        agent(3),
-        Some(SHOP),
-        DeviceType::Web,
-        Encoding::Json,
-    );
+    let (mut ag, ag_again) = server.login_as(agent(3), Some(SHOP), DeviceType::Web, Encoding::Json);
     assert_eq!(ag_again.device_id, ag_login.device_id);
     // The same conversation, the next seq, and the cmid window remembers "keep".
     assert_eq!(
@@ -690,13 +568,12 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     let writers: Vec<_> = (0..6u64)
         .map(|w| {
             let url = server.ws_url();
+            let token = server.token(buyer(400 + w));
             let stop = std::sync::Arc::clone(&stop);
             let count = std::sync::Arc::clone(&count);
             std::thread::spawn(move || {
                 let mut client = Client::connect(&url, Encoding::Binary).unwrap();
-                client
-                    .login(&token_for(buyer(400 + w), None), DeviceType::Web)
-                    .unwrap();
+                client.login(&token, DeviceType::Web).unwrap();
                 let mut acked = Vec::new();
                 for i in 0..100_000u64 {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -755,14 +632,9 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
     let server = Server::start_in(data, &["--jwt-secret", SECRET, "--shards=3"], &[]);
     let mut readers: Vec<Client> = (500..504)
         .map(|id| {
-            login_as(
-                &server,
-                buyer(id),
-                None,
-                DeviceType::Desktop,
-                Encoding::Binary,
-            )
-            .0
+            server
+                .login_as(buyer(id), None, DeviceType::Desktop, Encoding::Binary)
+                .0
         })
         .collect();
     let mut convs: std::collections::BTreeMap<ConvId, (u64, Vec<(Seq, String)>)> =
@@ -831,7 +703,7 @@ fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
         "--log-maintenance-interval-ms=100",
     ];
     let server = Server::start(&args);
-    let (mut a, a_login) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    let (mut a, a_login) = server.login_as(buyer(600), None, DeviceType::Web, Encoding::Binary);
     let body = "x".repeat(1000);
     let mut conv = ConvId(0);
     for i in 0..1000 {
@@ -870,7 +742,7 @@ fn retention_deletes_old_segments_and_state_survives_in_snapshots() {
 
     // State records of deleted segments (the device, the conversation) live on in snapshots.
     let server = Server::start_in(data, &args, &[]);
-    let (mut a, again) = login_as(&server, buyer(600), None, DeviceType::Web, Encoding::Binary);
+    let (mut a, again) = server.login_as(buyer(600), None, DeviceType::Web, Encoding::Binary);
     assert_eq!(again.device_id, a_login.device_id);
     assert_eq!(
         send(&mut a, Target::User(buyer(601)), "after", "x"),
@@ -909,7 +781,7 @@ fn full_disk_answers_unavailable_and_keeps_what_is_stored() {
         "--message-bytes-max=16384",
     ];
     let server = Server::start_in(data, &args, &[]);
-    let (mut a, _) = login_as(&server, buyer(700), None, DeviceType::Web, Encoding::Binary);
+    let (mut a, _) = server.login_as(buyer(700), None, DeviceType::Web, Encoding::Binary);
     let body = "f".repeat(8000);
     let mut stored = Vec::new();
     let mut refused = None;
@@ -966,7 +838,7 @@ fn history_pages_fit_the_send_queue() {
     // 100 messages of 12 KB: 1.2 MB, more than the 1 MiB send queue. A page that held them all
     // would get the reader disconnected (1008); the page stops within half the queue instead.
     let server = start();
-    let (mut a, _) = login_as(&server, buyer(800), None, DeviceType::Web, Encoding::Json);
+    let (mut a, _) = server.login_as(buyer(800), None, DeviceType::Web, Encoding::Json);
     let body = "h".repeat(12_000);
     let mut conv = ConvId(0);
     for i in 0..100 {
@@ -1005,7 +877,7 @@ fn convs_list_fits_the_send_queue() {
         "--messages-per-s-max=0",
         "--message-bytes-max=65536",
     ]);
-    let (mut a, _) = login_as(&server, buyer(900), None, DeviceType::Web, Encoding::Binary);
+    let (mut a, _) = server.login_as(buyer(900), None, DeviceType::Web, Encoding::Binary);
     let body = "c".repeat(60_000);
     for peer in 0..30 {
         send(

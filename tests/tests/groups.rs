@@ -4,38 +4,18 @@
 
 use std::time::Duration;
 
-use chinwag_protocol::client::{Client, ClientError, Encoding};
-use chinwag_protocol::service::ServiceClient;
+use chinwag_protocol::client::{ClientError, Encoding};
 use chinwag_protocol::{
     ConvId, ConvInfo, ConvType, Cursor, DeviceType, ErrorCode, GroupCreate, GroupMembers, Message,
     Send, Seq, Target, Uid, UidKind,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{buyer, push, rejected, Server};
 
 const SECRET: &str = "groups-secret-groups-secret-groups";
 const SHORT: Duration = Duration::from_millis(300);
-const LONG: Duration = Duration::from_secs(5);
 
 fn start() -> Server {
     Server::start(&["--jwt-secret", SECRET, "--messages-per-s-max=0"])
-}
-
-fn token_for(uid: Uid) -> String {
-    chinwag_tests::mint_token(SECRET, uid)
-}
-
-fn service(server: &Server) -> ServiceClient {
-    chinwag_tests::service_client(server, SECRET)
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn client(server: &Server, uid: Uid, encoding: Encoding) -> Client {
-    let mut client = Client::connect(&server.ws_url(), encoding).unwrap();
-    client.login(&token_for(uid), DeviceType::Web).unwrap();
-    client
 }
 
 fn info(reply: Result<chinwag_protocol::Frame<'static>, ClientError>) -> ConvInfo {
@@ -50,22 +30,6 @@ fn info(reply: Result<chinwag_protocol::Frame<'static>, ClientError>) -> ConvInf
     }
 }
 
-fn rejected(reply: Result<chinwag_protocol::Frame<'static>, ClientError>) -> ErrorCode {
-    match reply {
-        Err(ClientError::Rejected(e)) => e.code,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
-
-/// The next push of `client`, skipping none.
-fn push(client: &mut Client) -> Message<'static> {
-    client
-        .next_push(LONG)
-        .unwrap()
-        .expect("a push within the timeout")
-        .message
-}
-
 fn send(conv: ConvId, cmid: &str, body: &str) -> Message<'static> {
     Message::Send(Send {
         target: Target::Conv(conv),
@@ -78,10 +42,12 @@ fn send(conv: ConvId, cmid: &str, body: &str) -> Message<'static> {
 #[test]
 fn a_service_makes_a_group_and_its_members_talk_in_both_encodings() {
     let server = start();
-    let mut service = service(&server);
-    let mut ann = client(&server, buyer(1), Encoding::Json);
-    let mut bob = client(&server, buyer(2), Encoding::Binary);
-    let mut cat = client(&server, buyer(3), Encoding::Json);
+    let mut service = server.service();
+    let mut ann = server.login(buyer(1));
+    let mut bob = server
+        .login_as(buyer(2), None, DeviceType::Web, Encoding::Binary)
+        .0;
+    let mut cat = server.login(buyer(3));
 
     let created = info(service.call(Message::GroupCreate(GroupCreate {
         key: 77,
@@ -191,9 +157,11 @@ fn a_service_makes_a_group_and_its_members_talk_in_both_encodings() {
 #[test]
 fn a_large_group_gets_member_deltas_and_no_receipts_from_others() {
     let server = start();
-    let mut service = service(&server);
-    let mut ann = client(&server, buyer(1), Encoding::Json);
-    let mut bob = client(&server, buyer(2), Encoding::Binary);
+    let mut service = server.service();
+    let mut ann = server.login(buyer(1));
+    let mut bob = server
+        .login_as(buyer(2), None, DeviceType::Web, Encoding::Binary)
+        .0;
     // 201 members: over the 200 that get whole lists. Built in one create (≤ 1,000 per op).
     let members: Vec<Uid> = (1..=201).map(buyer).collect();
     let created = info(service.call(Message::GroupCreate(GroupCreate {
@@ -246,23 +214,8 @@ fn bob_uid() -> Uid {
 #[test]
 fn chinwag_backend_group_subcommands_print_the_reply_as_json() {
     let server = start();
-    let mut ann = client(&server, buyer(1), Encoding::Json);
-    let token = token_for(Uid::new(UidKind::Service, 1));
-    let backend = |args: &[&str]| {
-        let output = std::process::Command::new(chinwag_tests::binary())
-            .arg("backend")
-            .arg("--addr")
-            .arg(server.backend_addr.to_string())
-            .env("CHINWAG_SERVICE_TOKEN", &token)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8(output.stdout).unwrap(),
-        )
-    };
-    let (ok, out) = backend(&["group", "create", "9", "buyer:1,agent:7"]);
+    let mut ann = server.login(buyer(1));
+    let (ok, out) = server.backend(&["group", "create", "9", "buyer:1,agent:7"]);
     assert!(ok, "{out}");
     assert!(
         out.starts_with(r#"{"op":"group_create_ok","req":2,"conv":""#),
@@ -275,18 +228,18 @@ fn chinwag_backend_group_subcommands_print_the_reply_as_json() {
     let conv = out.split('"').nth(9).unwrap().to_string();
     assert!(matches!(push(&mut ann), Message::Members(_)));
 
-    let (ok, out) = backend(&["group", "add", &conv, "buyer:2"]);
+    let (ok, out) = server.backend(&["group", "add", &conv, "buyer:2"]);
     assert!(ok, "{out}");
     assert!(out.contains(r#""member_count":3"#), "{out}");
-    let (ok, out) = backend(&["group", "remove", &conv, "agent:7"]);
+    let (ok, out) = server.backend(&["group", "remove", &conv, "agent:7"]);
     assert!(ok, "{out}");
     assert!(out.contains(r#""members":["buyer:1","buyer:2"]"#), "{out}");
-    let (ok, out) = backend(&["info", &conv]);
+    let (ok, out) = server.backend(&["info", &conv]);
     assert!(ok, "{out}");
     assert!(out.starts_with(r#"{"op":"conv_info_ok""#), "{out}");
 
     // An error reply: printed, exit code 1.
-    let (ok, out) = backend(&["group", "remove", &conv, "agent:7"]);
+    let (ok, out) = server.backend(&["group", "remove", &conv, "agent:7"]);
     assert!(!ok);
     assert!(out.contains(r#""code":"not_member""#), "{out}");
 }

@@ -5,58 +5,24 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
-use chinwag_protocol::token::{self, Claims};
 use chinwag_protocol::{
     ConvId, Cursor, DeviceType, ErrorCode, History, HistoryRange, Message, Msg, Send, Seq, ShopId,
-    Target, Uid, UidKind,
+    Target, Uid,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{buyer, history, Server};
 
 const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0";
 
-fn token_for(uid: Uid, shop: Option<u64>) -> String {
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    token::mint(
-        SECRET.as_bytes(),
-        &Claims {
-            uid,
-            shop: shop.map(ShopId),
-            exp: now_s + 3600,
-        },
-    )
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
+/// A binary client logged in as `uid`, and its device id.
 fn login(server: &Server, uid: Uid) -> (Client, u64) {
-    let mut client = Client::connect(&server.ws_url(), Encoding::Binary).expect("connect");
-    let ok = client
-        .login(&token_for(uid, None), DeviceType::Web)
-        .expect("login accepted");
+    let (client, ok) = server.login_as(uid, None, DeviceType::Web, Encoding::Binary);
     (client, ok.device_id.get())
 }
 
 fn send(client: &mut Client, target: Target, cmid: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: format!("body {cmid}").into(),
-        }))
-        .expect("send answered");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
-    }
+    chinwag_tests::send(client, target, cmid, &format!("body {cmid}"))
 }
 
 /// Every message of `conv`, paging forward.
@@ -64,21 +30,12 @@ fn all_messages(client: &mut Client, conv: ConvId) -> Vec<Msg<'static>> {
     let mut out = Vec::new();
     let mut after = Seq(0);
     loop {
-        let reply = client
-            .call(Message::History(History {
-                conv,
-                range: HistoryRange::After(after),
-                limit: 200,
-            }))
-            .expect("history answered");
-        let Message::HistoryOk(page) = reply.message else {
-            panic!("expected history_ok, got {reply:?}")
-        };
-        let Some(last) = page.msgs.last() else {
+        let page = history(client, conv, HistoryRange::After(after), 200);
+        let Some(last) = page.last() else {
             return out;
         };
         after = last.seq;
-        out.extend(page.msgs);
+        out.extend(page);
     }
 }
 

@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use chinwag_protocol::client::{Client, ClientError, Encoding};
+use chinwag_protocol::client::{Client, Encoding};
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{
-    ConvId, ConvSummary, DeviceType, ErrorCode, Frame, GroupCreate, Message, MsgPush, Profile,
-    ProfileOf, Send, SendAs, ShopId, Subject, Target, Uid, UidKind,
+    ConvId, ConvSummary, DeviceType, ErrorCode, GroupCreate, Message, MsgPush, Profile, ProfileOf,
+    Send, SendAs, ShopId, Subject, Target, Uid,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{agent, buyer, rejected, Server};
 
 const SECRET: &str = "profiles-secret-profiles-secret-pr";
 const LONG: Duration = Duration::from_secs(5);
@@ -26,43 +26,6 @@ fn args() -> [&'static str; 5] {
         "--shards=4",
         "--log-segment-bytes=1048576",
     ]
-}
-
-fn service(server: &Server) -> ServiceClient {
-    chinwag_tests::service_client(server, SECRET)
-}
-
-fn client(server: &Server, uid: Uid, encoding: Encoding) -> Client {
-    let mut client = Client::connect(&server.ws_url(), encoding).unwrap();
-    let token = if uid.kind == UidKind::Agent {
-        agent_token(uid)
-    } else {
-        chinwag_tests::mint_token(SECRET, uid)
-    };
-    client.login(&token, DeviceType::Web).unwrap();
-    client
-}
-
-fn agent_token(uid: Uid) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let claims = chinwag_protocol::token::Claims {
-        uid,
-        shop: Some(SHOP),
-        exp,
-    };
-    chinwag_protocol::token::mint(SECRET.as_bytes(), &claims)
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
-fn agent(id: u64) -> Uid {
-    Uid::new(UidKind::Agent, id)
 }
 
 fn profile(name: &str) -> Profile {
@@ -99,13 +62,6 @@ fn convs(client: &mut Client) -> Vec<ConvSummary<'static>> {
     }
 }
 
-fn rejected(reply: Result<Frame<'static>, ClientError>) -> ErrorCode {
-    match reply {
-        Err(ClientError::Rejected(e)) => e.code,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
-
 fn set(service: &mut ServiceClient, subject: Subject, p: Profile) {
     service.set_profile(subject, p).expect("set_profile_ok");
 }
@@ -120,7 +76,7 @@ fn nicks(profiles: &[chinwag_protocol::UserProfile]) -> Vec<(Uid, &str)> {
 #[test]
 fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
     let server = Server::start(&args());
-    let mut service = service(&server);
+    let mut service = server.service();
     set(&mut service, Subject::User(buyer(1)), profile("Ann"));
     set(&mut service, Subject::User(agent(7)), profile("Ted"));
     set(&mut service, Subject::Shop(SHOP), profile("Tea shop"));
@@ -129,8 +85,12 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
         profile("Ann")
     );
 
-    let mut ted = client(&server, agent(7), Encoding::Json);
-    let mut ann = client(&server, buyer(1), Encoding::Binary);
+    let mut ted = server
+        .login_as(agent(7), Some(SHOP.0), DeviceType::Web, Encoding::Json)
+        .0;
+    let mut ann = server
+        .login_as(buyer(1), None, DeviceType::Web, Encoding::Binary)
+        .0;
     let ok = ann.call(send(Target::Shop(SHOP), "a1")).unwrap();
     let Message::SendOk(ok) = ok.message else {
         panic!("{ok:?}")
@@ -209,7 +169,7 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
 
     // A group's own name: set by the service, pushed to its members as `conv_profile`, then
     // in its messages.
-    let mut bob = client(&server, buyer(2), Encoding::Json);
+    let mut bob = server.login(buyer(2));
     let created = service
         .call(Message::GroupCreate(GroupCreate {
             key: 5,
@@ -247,11 +207,11 @@ fn profiles_set_by_a_service_reach_clients_in_msg_members_and_convs() {
 
 fn profiles_survive_a_restart(signal: i32) {
     let server = Server::start(&args());
-    let mut service = service(&server);
+    let mut service = server.service();
     set(&mut service, Subject::User(buyer(1)), profile("Ann"));
     set(&mut service, Subject::User(buyer(2)), profile("Bob"));
-    let mut ann = client(&server, buyer(1), Encoding::Json);
-    let mut bob = client(&server, buyer(2), Encoding::Json);
+    let mut ann = server.login(buyer(1));
+    let mut bob = server.login(buyer(2));
     let ok = ann.call(send(Target::User(buyer(2)), "a1")).unwrap();
     let Message::SendOk(ok) = ok.message else {
         panic!("{ok:?}")
@@ -262,7 +222,7 @@ fn profiles_survive_a_restart(signal: i32) {
     server.signal(signal);
     let server = Server::start_in(server.into_data_dir(), &args(), &[]);
 
-    let mut service = self::service(&server);
+    let mut service = server.service();
     assert_eq!(
         service.get_profile(Subject::User(buyer(1))).unwrap(),
         profile("Ann")
@@ -271,7 +231,9 @@ fn profiles_survive_a_restart(signal: i32) {
         service.get_profile(Subject::Conv(ok.conv)).unwrap(),
         profile("Pair")
     );
-    let mut bob = client(&server, buyer(2), Encoding::Binary);
+    let mut bob = server
+        .login_as(buyer(2), None, DeviceType::Web, Encoding::Binary)
+        .0;
     let entry = convs(&mut bob)
         .into_iter()
         .find(|c| c.conv == ok.conv)
@@ -296,7 +258,7 @@ fn profiles_survive_a_sigkill() {
 #[test]
 fn bad_profiles_are_refused_and_store_nothing() {
     let server = Server::start(&args());
-    let mut service = service(&server);
+    let mut service = server.service();
 
     // Over the limits: 65 bytes of nickname, 513 of avatar URL.
     let long_name = Profile {
@@ -337,7 +299,7 @@ fn bad_profiles_are_refused_and_store_nothing() {
     }
 
     // A shop conversation shows its shop's profile: naming it is refused.
-    let mut ann = client(&server, buyer(1), Encoding::Json);
+    let mut ann = server.login(buyer(1));
     let ok = ann.call(send(Target::Shop(SHOP), "a1")).unwrap();
     let Message::SendOk(ok) = ok.message else {
         panic!("{ok:?}")
@@ -364,38 +326,23 @@ fn bad_profiles_are_refused_and_store_nothing() {
 #[test]
 fn chinwag_backend_profile_subcommands_print_the_reply_as_json() {
     let server = Server::start(&args());
-    let token = chinwag_tests::mint_token(SECRET, Uid::new(UidKind::Service, 1));
-    let backend = |args: &[&str]| {
-        let output = std::process::Command::new(chinwag_tests::binary())
-            .arg("backend")
-            .arg("--addr")
-            .arg(server.backend_addr.to_string())
-            .env("CHINWAG_SERVICE_TOKEN", &token)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8(output.stdout).unwrap(),
-        )
-    };
-    let (ok, out) = backend(&["profile", "set", "--user", "agent:7", "--nick", "Ted"]);
+    let (ok, out) = server.backend(&["profile", "set", "--user", "agent:7", "--nick", "Ted"]);
     assert!(ok, "{out}");
     assert_eq!(out.trim(), r#"{"op":"set_profile_ok","req":2}"#);
-    let (ok, out) = backend(&["profile", "set", "--shop", "42", "--name", "Tea shop"]);
+    let (ok, out) = server.backend(&["profile", "set", "--shop", "42", "--name", "Tea shop"]);
     assert!(ok, "{out}");
-    let (ok, out) = backend(&["profile", "get", "--user", "agent:7"]);
+    let (ok, out) = server.backend(&["profile", "get", "--user", "agent:7"]);
     assert!(ok, "{out}");
     assert_eq!(
         out.trim(),
         r#"{"op":"get_profile_ok","req":2,"user":"agent:7","nick":"Ted"}"#
     );
-    let (ok, out) = backend(&["profile", "get", "--shop", "42"]);
+    let (ok, out) = server.backend(&["profile", "get", "--shop", "42"]);
     assert!(ok, "{out}");
     assert!(out.contains(r#""name":"Tea shop""#), "{out}");
 
     // An error reply: printed, exit code 1.
-    let (ok, out) = backend(&["profile", "set", "--conv", "25600", "--name", "X"]);
+    let (ok, out) = server.backend(&["profile", "set", "--conv", "25600", "--name", "X"]);
     assert!(!ok);
     assert!(out.contains(r#""code":"not_found""#), "{out}");
 }

@@ -11,19 +11,15 @@ use chinwag_protocol::{
     ConvId, Cursor, DeviceType, GroupCreate, GroupMembers, Message, Send, SendAs, Seq,
     StreamChange, Target, Uid, UidKind,
 };
-use chinwag_tests::Server;
+use chinwag_tests::{buyer, Server};
 
 const SECRET: &str = "events-secret-events-secret-events";
 const ARGS: [&str; 3] = ["--jwt-secret", SECRET, "--messages-per-s-max=0"];
 
 fn service(server: &Server) -> ServiceClient {
-    let mut service = chinwag_tests::service_client(server, SECRET);
+    let mut service = server.service();
     service.set_timeout(Duration::from_secs(10)).unwrap();
     service
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
 }
 
 /// What happened to one conversation, as the stream tells it, in order.

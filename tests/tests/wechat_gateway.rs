@@ -10,14 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chinwag_engine::wechat::message::{Body, Message as WxMessage, OpenId};
 use chinwag_protocol::client::{Client, Encoding};
-use chinwag_protocol::token::{self, Claims};
-use chinwag_protocol::{
-    ConvId, DeviceType, History, HistoryRange, Message, Msg, Send, Seq, ShopId, Target, Uid,
-    UidKind,
-};
+use chinwag_protocol::{ConvId, DeviceType, HistoryRange, Msg, Seq, Target, Uid, UidKind};
 use chinwag_tests::wechat::driver::Driver;
 use chinwag_tests::wechat::standin::StandIn;
-use chinwag_tests::Server;
+use chinwag_tests::{next_msg, send, Server};
 
 const JWT: &str = "wechat-e2e-secret-of-at-least-32-bytes";
 const APP_ID: &str = "wx5823bf96d3bd56c7";
@@ -25,7 +21,6 @@ const APP_SECRET: &str = "standin-secret";
 const TOKEN: &str = "QDG6eK";
 const AES_KEY: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
 const SHOP: u64 = 42;
-const LONG: Duration = Duration::from_secs(10);
 
 struct Setup {
     standin: StandIn,
@@ -95,17 +90,11 @@ impl Setup {
     }
 
     fn agent(&self, id: u64) -> Client {
-        let mut client = Client::connect(&self.server.ws_url(), Encoding::Json).expect("connect");
-        let token = token::mint(
-            JWT.as_bytes(),
-            &Claims {
-                uid: Uid::new(UidKind::Agent, id),
-                shop: Some(ShopId(SHOP)),
-                exp: now_s() + 3600,
-            },
-        );
-        client.login(&token, DeviceType::Web).expect("login");
-        client
+        let uid = chinwag_tests::agent(id);
+        let shop = Some(SHOP);
+        self.server
+            .login_as(uid, shop, DeviceType::Web, Encoding::Json)
+            .0
     }
 }
 
@@ -128,44 +117,14 @@ fn text(from: &str, content: &str, msg_id: u64) -> WxMessage {
     }
 }
 
-/// The next `msg` push, skipping others (`members`).
-fn next_msg(client: &mut Client) -> Msg<'static> {
-    loop {
-        match client.next_push(LONG).expect("push").map(|f| f.message) {
-            Some(Message::Msg(m)) => return m.msg,
-            Some(_) => continue,
-            None => panic!("no msg push within {LONG:?}"),
-        }
-    }
-}
-
+/// An agent's answer in `conv`: its seq.
 fn reply(agent: &mut Client, conv: ConvId, cmid: &str, body: &str) -> Seq {
-    let answer = agent
-        .call(Message::Send(Send {
-            target: Target::Conv(conv),
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: body.into(),
-        }))
-        .expect("send accepted");
-    match answer.message {
-        Message::SendOk(ok) => ok.seq,
-        other => panic!("expected send_ok, got {other:?}"),
-    }
+    send(agent, Target::Conv(conv), cmid, body).1
 }
 
+/// The newest page of `conv`'s history.
 fn history(client: &mut Client, conv: ConvId) -> Vec<Msg<'static>> {
-    let answer = client
-        .call(Message::History(History {
-            conv,
-            range: HistoryRange::Newest,
-            limit: 50,
-        }))
-        .expect("history");
-    match answer.message {
-        Message::HistoryOk(ok) => ok.msgs,
-        other => panic!("expected history_ok, got {other:?}"),
-    }
+    chinwag_tests::history(client, conv, HistoryRange::Newest, 50)
 }
 
 #[test]

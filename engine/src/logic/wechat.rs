@@ -199,7 +199,7 @@ mod tests {
     use chinwag_protocol::{ConvId, Seq, ShopId, Target, Uid, UidKind};
 
     use super::NOTICE_SENDER;
-    use crate::bus::{BusMsg, WechatUndelivered};
+    use crate::bus::{BusMsg, Origin, WechatUndelivered};
     use crate::logic::testing::*;
     use crate::wechat::endpoint::Inbound;
     use crate::wechat::sender::{Reason, Undelivered};
@@ -218,15 +218,42 @@ mod tests {
         }))
     }
 
-    #[test]
-    fn a_wechat_message_is_stored_and_dispatched_as_a_buyers_and_stored_once() {
-        let mut h = Harness::new();
+    /// Agent 1, logged in and online for the shop.
+    fn online_agent(h: &mut Harness) -> Origin {
         let support = h.login(agent(1));
         h.turn(BusMsg::AgentOnline {
             shop: SHOP,
             agent: support.uid,
             profile: None,
         });
+        support
+    }
+
+    /// The shop's conversation with WeChat customer `customer`; it must exist.
+    fn shop_conv(h: &Harness, customer: u64) -> ConvId {
+        h.owner
+            .log_of(&SHOP)
+            .and_then(|log| log.shop_conv(SHOP, Uid::new(UidKind::Wechat, customer)))
+            .expect("the conversation")
+    }
+
+    /// The report that the reply at seq 2 of `conv` did not reach its customer.
+    fn undelivered(conv: ConvId, reason: Reason, errcode: i64, detail: &str) -> BusMsg {
+        BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
+            conv,
+            seq: Seq(2),
+            undelivered: Undelivered {
+                reason,
+                errcode: Some(errcode),
+                detail: detail.into(),
+            },
+        }))
+    }
+
+    #[test]
+    fn a_wechat_message_is_stored_and_dispatched_as_a_buyers_and_stored_once() {
+        let mut h = Harness::new();
+        let support = online_agent(&mut h);
         let out = h.turn(inbound(7, "wx-msg-1", "在吗"));
         let pushed = pushes(&out);
         // The assignment (`members`), then the message, to the customer and the agent.
@@ -244,11 +271,7 @@ mod tests {
         let again = h.turn(inbound(7, "wx-msg-1", "在吗"));
         assert!(pushes(&again).is_empty(), "{:?}", pushes(&again));
         // The agent answers in the same conversation.
-        let conv = h
-            .owner
-            .log_of(&SHOP)
-            .and_then(|log| log.shop_conv(SHOP, customer))
-            .expect("the conversation");
+        let conv = shop_conv(&h, 7);
         let out = h.turn(send(&support, Target::Conv(conv), "a1", "您好"));
         assert_eq!(send_ok(&replies(&out, support.session)), (conv, 2));
 
@@ -265,27 +288,15 @@ mod tests {
     #[test]
     fn an_undelivered_reply_leaves_a_notice_in_its_conversation() {
         let mut h = Harness::new();
-        let support = h.login(agent(1));
-        h.turn(BusMsg::AgentOnline {
-            shop: SHOP,
-            agent: support.uid,
-            profile: None,
-        });
+        online_agent(&mut h);
         h.turn(inbound(7, "wx-msg-1", "hi"));
-        let conv: ConvId = h
-            .owner
-            .log_of(&SHOP)
-            .and_then(|log| log.shop_conv(SHOP, Uid::new(UidKind::Wechat, 7)))
-            .unwrap();
-        let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
+        let conv = shop_conv(&h, 7);
+        let out = h.turn(undelivered(
             conv,
-            seq: Seq(2),
-            undelivered: Undelivered {
-                reason: Reason::ReplyWindowClosed,
-                errcode: Some(45015),
-                detail: "response out of time limit".into(),
-            },
-        })));
+            Reason::ReplyWindowClosed,
+            45015,
+            "response out of time limit",
+        ));
         let pushed = pushes(&out);
         assert_eq!(pushed.len(), 1, "{pushed:?}");
         let text = &pushed[0].3;
@@ -299,33 +310,13 @@ mod tests {
             "{text}"
         );
         // Reported twice (say a retried report): one notice.
-        let again = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
-            conv,
-            seq: Seq(2),
-            undelivered: Undelivered {
-                reason: Reason::ReplyWindowClosed,
-                errcode: Some(45015),
-                detail: String::new(),
-            },
-        })));
+        let again = h.turn(undelivered(conv, Reason::ReplyWindowClosed, 45015, ""));
         assert!(pushes(&again).is_empty());
 
         // Another conversation's notice for the same seq is its own message.
         h.turn(inbound(8, "wx-msg-2", "hello"));
-        let other = h
-            .owner
-            .log_of(&SHOP)
-            .and_then(|log| log.shop_conv(SHOP, Uid::new(UidKind::Wechat, 8)))
-            .unwrap();
-        let out = h.turn(BusMsg::WechatUndelivered(Box::new(WechatUndelivered {
-            conv: other,
-            seq: Seq(2),
-            undelivered: Undelivered {
-                reason: Reason::ReplyLimitReached,
-                errcode: Some(45047),
-                detail: String::new(),
-            },
-        })));
+        let other = shop_conv(&h, 8);
+        let out = h.turn(undelivered(other, Reason::ReplyLimitReached, 45047, ""));
         assert_eq!(
             pushes(&out).len(),
             1,

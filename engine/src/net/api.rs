@@ -6,8 +6,15 @@
 //! `chinwag_protocol::Message` a binary frame decodes to, and the service connection code
 //! (`shard::service`) answers it as it answers a frame of the service port; only the framing
 //! differs. This module is the part without I/O: telling an API request by its head, and
-//! writing a reply (or an error) as an HTTP response. One request per connection: every
-//! answer says `Connection: close`, as every plain HTTP answer of the client port does.
+//! writing a reply (or an error) as an HTTP response.
+//!
+//! **Keep-alive.** An HTTP/1.1 connection serves further API requests, one after another
+//! (pipelined ones in order), unless the client says `Connection: close`; HTTP/1.0 gets one
+//! request. The connection closes, its answer saying `Connection: close`, after a request
+//! refused from its head (its body unread, the framing is lost), after
+//! `api_requests_per_connection_max` requests, and when it sends no request for
+//! `api_idle_timeout_ms`. Another kind of request on a kept connection (`GET /healthz`, an
+//! upgrade) is answered `421 Misdirected Request` and closed: only the API is served there.
 //!
 //! Statuses: a reply is 200; an `error` reply gets the status of its code ([`status_of`]),
 //! with the contract's `error` object as the body, so a script reads the same `code` either
@@ -38,6 +45,9 @@ pub struct ApiHead {
     pub wait_ms: Option<u64>,
     /// The client sent `Expect: 100-continue`: it waits for `100 Continue` before the body.
     pub expect_continue: bool,
+    /// The client may send another request on the connection after this one: HTTP/1.1
+    /// without `Connection: close`.
+    pub keep_alive: bool,
 }
 
 /// Whether `op` is served at `POST /api/<op>`: every service request but `auth` (the bearer
@@ -80,21 +90,16 @@ pub fn classify(
             text,
         )));
     };
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let token = header("authorization").and_then(|value| {
+    let token = http::header(request, "authorization").and_then(|value| {
         let (scheme, token) = value.trim().split_once(' ')?;
         scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned())
     });
-    let expect_continue =
-        header("expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    let expect_continue = http::header(request, "expect")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    let keep_alive =
+        request.version == Some(1) && !http::header_has_token(request, "connection", "close");
     let mut wait_ms = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         if let Some(value) = pair.strip_prefix("wait_ms=") {
@@ -116,6 +121,7 @@ pub fn classify(
         body_len,
         wait_ms,
         expect_continue,
+        keep_alive,
     })))
 }
 
@@ -133,8 +139,9 @@ pub fn status_of(code: ErrorCode) -> &'static str {
     }
 }
 
-/// The HTTP response carrying `message` (a reply, or an `error`) as its JSON object.
-pub fn response(message: Message<'_>) -> Bytes {
+/// The HTTP response carrying `message` (a reply, or an `error`) as its JSON object; with
+/// `keep_alive`, the connection stays open for the client's next request.
+pub fn response(message: Message<'_>, keep_alive: bool) -> Bytes {
     let (status, extra) = match &message {
         Message::Error(error) => (
             status_of(error.code),
@@ -148,12 +155,25 @@ pub fn response(message: Message<'_>) -> Bytes {
     let mut body = BytesMut::new();
     json::encode(&Frame::new(message), &mut body);
     body.put_u8(b'\n');
-    with_body(status, extra, &body)
+    with_body(status, extra, &body, keep_alive)
 }
 
-/// An `error` answer with `code` and `text`.
+/// An `error` answer with `code` and `text`, closing the connection.
 pub fn error_response(code: ErrorCode, text: &str) -> Bytes {
-    response(crate::bus::error(code, text))
+    response(crate::bus::error(code, text), false)
+}
+
+/// `421`: a request other than `POST /api/<op>` on a connection kept alive for the API,
+/// which serves nothing else; the client may send it again on a new connection.
+pub fn misdirected() -> Bytes {
+    let mut body = BytesMut::new();
+    let text = "this connection serves POST /api/<op> only: send other requests on a new one";
+    json::encode(
+        &Frame::new(crate::bus::error(ErrorCode::BadRequest, text)),
+        &mut body,
+    );
+    body.put_u8(b'\n');
+    with_body("421 Misdirected Request", "", &body, false)
 }
 
 /// `405`: the API takes only `POST`.
@@ -162,7 +182,7 @@ fn method_not_allowed() -> Bytes {
     let error = crate::bus::error(ErrorCode::BadRequest, "the API takes POST only");
     json::encode(&Frame::new(error), &mut body);
     body.put_u8(b'\n');
-    with_body("405 Method Not Allowed", "Allow: POST\r\n", &body)
+    with_body("405 Method Not Allowed", "Allow: POST\r\n", &body, false)
 }
 
 /// `100 Continue`, for a client that waits for it before sending its body.
@@ -170,10 +190,11 @@ pub fn continue_100() -> Bytes {
     Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n")
 }
 
-fn with_body(status: &str, extra_headers: &str, body: &[u8]) -> Bytes {
+fn with_body(status: &str, extra_headers: &str, body: &[u8], keep_alive: bool) -> Bytes {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\n{extra_headers}Connection: close\r\n\r\n",
+         Cache-Control: no-store\r\n{extra_headers}Connection: {connection}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -219,6 +240,7 @@ mod tests {
                 body_len: 12,
                 wait_ms: Some(5),
                 expect_continue: false,
+                keep_alive: true,
             }))
         );
         let bare = "POST /api/subscribe HTTP/1.1\r\nExpect: 100-continue\r\n\r\n";
@@ -227,6 +249,35 @@ mod tests {
         };
         assert_eq!((head.token, head.body_len), (None, 0));
         assert!(head.expect_continue);
+    }
+
+    #[test]
+    fn http_1_1_keeps_the_connection_unless_the_client_says_close() {
+        let keep_alive = |head: &str| match request_of(head) {
+            Request::Api(head) => head.keep_alive,
+            other => panic!("not an API request: {other:?}"),
+        };
+        assert!(keep_alive("POST /api/kick HTTP/1.1\r\n\r\n"));
+        assert!(keep_alive(
+            "POST /api/kick HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        assert!(!keep_alive(
+            "POST /api/kick HTTP/1.1\r\nConnection: close\r\n\r\n"
+        ));
+        assert!(!keep_alive(
+            "POST /api/kick HTTP/1.1\r\nconnection: TE, Close\r\n\r\n"
+        ));
+        assert!(!keep_alive("POST /api/kick HTTP/1.0\r\n\r\n"));
+        assert!(!keep_alive(
+            "POST /api/kick HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        let kept = String::from_utf8(response(Message::KickOk(1), true).to_vec()).unwrap();
+        assert!(kept.contains("\r\nConnection: keep-alive\r\n"), "{kept}");
+        let closed = String::from_utf8(response(Message::KickOk(1), false).to_vec()).unwrap();
+        assert!(closed.contains("\r\nConnection: close\r\n"), "{closed}");
+        let other = String::from_utf8(misdirected().to_vec()).unwrap();
+        assert!(other.starts_with("HTTP/1.1 421 "), "{other}");
+        assert!(other.contains("\r\nConnection: close\r\n"), "{other}");
     }
 
     #[test]
@@ -256,7 +307,7 @@ mod tests {
 
     #[test]
     fn replies_are_200_and_errors_get_the_status_of_their_code() {
-        let ok = String::from_utf8(response(Message::KickOk(2)).to_vec()).unwrap();
+        let ok = String::from_utf8(response(Message::KickOk(2), false).to_vec()).unwrap();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(
             ok.ends_with("\r\n\r\n{\"op\":\"kick_ok\",\"count\":2}\n"),

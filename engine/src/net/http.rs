@@ -1,6 +1,7 @@
 //! The HTTP/1.1 side of the client port: parsing one request head, telling what it asks for, and the
 //! fixed responses the gateway gives. Every plain HTTP answer closes the connection
-//! (`Connection: close`); only a WebSocket upgrade keeps it.
+//! (`Connection: close`); only a WebSocket upgrade keeps it, and an API request, whose
+//! connection then serves further API requests (net::api, "Keep-alive").
 
 use bytes::Bytes;
 
@@ -146,6 +147,27 @@ pub fn missing_bytes(buf: &[u8]) -> usize {
     }
 }
 
+/// The value of the first header called `name` (in any case), if it is UTF-8.
+pub(crate) fn header<'b>(request: &httparse::Request<'_, 'b>, name: &str) -> Option<&'b str> {
+    request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+/// Whether a header called `name` lists `token` (comma-separated, in any case), as
+/// `Connection` and `Upgrade` do; every header of that name counts.
+pub(crate) fn header_has_token(request: &httparse::Request, name: &str, token: &str) -> bool {
+    request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|value| value.split(','))
+        .any(|listed| listed.trim().eq_ignore_ascii_case(token))
+}
+
 /// The request's `Content-Length` (0 when absent); a chunked or malformed body is a 400.
 pub(crate) fn content_length(request: &httparse::Request) -> Result<usize, Bytes> {
     let mut length = None;
@@ -201,24 +223,16 @@ fn classify(request: &httparse::Request, enable_echo: bool, wechat: bool) -> Req
     if method != "GET" || request.version != Some(1) {
         return Request::Respond(bad_request());
     }
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let has_token = |name: &str, token: &str| {
-        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    };
-    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+    if !header_has_token(request, "upgrade", "websocket")
+        || !header_has_token(request, "connection", "upgrade")
+    {
         return Request::Respond(upgrade_required());
     }
-    if header("sec-websocket-version").map(str::trim) != Some("13") {
+    if header(request, "sec-websocket-version").map(str::trim) != Some("13") {
         return Request::Respond(upgrade_required());
     }
     // The key is 16 random bytes in base64 (RFC 6455 §4.1): 24 characters.
-    match header("sec-websocket-key").map(str::trim) {
+    match header(request, "sec-websocket-key").map(str::trim) {
         Some(key) if key.len() == 24 => Request::Upgrade {
             endpoint,
             key: key.to_owned(),

@@ -114,6 +114,13 @@ settings! {
      (a request's ?wait_ms= may ask for less)"
     #[arg(value_name = "MS")]
     api_wait_ms_max: u64 = 30_000, "30000";
+    "HTTP API requests one client connection may send one after another (HTTP/1.1 keep-alive); \
+     the answer to the last says Connection: close. 1 = a connection per request"
+    #[arg(value_name = "N")]
+    api_requests_per_connection_max: u64 = 1_000, "1000";
+    "An HTTP API connection kept alive that sends no new request this long is closed"
+    #[arg(value_name = "MS")]
+    api_idle_timeout_ms: u64 = 5_000, "5000";
     "Data directory"
     #[arg(value_name = "DIR")]
     data_dir: PathBuf = PathBuf::from("./chinwag-data"), "./chinwag-data";
@@ -328,6 +335,11 @@ impl Config {
                 "api_requests_per_shard_max",
                 self.api_requests_per_shard_max as u64,
             ),
+            (
+                "api_requests_per_connection_max",
+                self.api_requests_per_connection_max,
+            ),
+            ("api_idle_timeout_ms", self.api_idle_timeout_ms),
             ("cluster_redis_timeout_ms", self.cluster_redis_timeout_ms),
             (
                 "cluster_heartbeat_interval_ms",

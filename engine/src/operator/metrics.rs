@@ -486,6 +486,13 @@ pub(crate) fn render_links(out: &mut String, peers: &[crate::cluster::link::Peer
 mod tests {
     use super::*;
 
+    /// Every line that is not a comment is `name{labels} value`.
+    fn assert_samples_are_name_and_value(text: &str) {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split(' ').count(), 2, "bad sample line {line:?}");
+        }
+    }
+
     #[test]
     fn renders_one_sample_per_peer_link() {
         let peers = [
@@ -508,9 +515,7 @@ mod tests {
         assert!(text.contains("chinwag_link_connected{peer=\"3\"} 0\n"));
         assert!(text.contains("chinwag_link_bytes_out_total{peer=\"2\"} 100\n"));
         assert!(text.contains("chinwag_link_reconnects_total{peer=\"3\"} 4\n"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert_eq!(line.split(' ').count(), 2, "bad sample line {line:?}");
-        }
+        assert_samples_are_name_and_value(&text);
     }
 
     #[test]
@@ -535,8 +540,6 @@ mod tests {
         assert!(text.contains("chinwag_loop_turn_seconds_bucket{shard=\"0\",le=\"0.0001\"} 2\n"));
         assert!(text.contains("chinwag_loop_turn_seconds_bucket{shard=\"0\",le=\"+Inf\"} 3\n"));
         assert!(text.contains("chinwag_mailbox_depth{shard=\"1\"} 2\n"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert_eq!(line.split(' ').count(), 2, "bad sample line {line:?}");
-        }
+        assert_samples_are_name_and_value(&text);
     }
 }

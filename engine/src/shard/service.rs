@@ -19,8 +19,13 @@
 //! the bearer token authenticates, the body is read (at most `backend_frame_bytes_max`) and
 //! decoded into the same `Message` a binary frame gives, and [`ServiceConn::on_request`]
 //! answers it as it answers the binary port. The one reply (for `subscribe`, the first batch
-//! with messages, or an empty one when the wait is over) goes out as an HTTP response, then
-//! the connection lingers until the client's EOF (`close_timeout_ms` at most).
+//! with messages, or an empty one when the wait is over) goes out as an HTTP response.
+//! Requests are served one at a time, each limited as the first: while one is being answered
+//! nothing more is read (TCP holds what the client sends ahead), and each carries its own
+//! number as the `req` of what it asks the owners, so a late reply to an earlier request is
+//! never taken for a later one's. After an answer the connection is kept for the next request
+//! (net::api, "Keep-alive") or closed: then it lingers until the client's EOF
+//! (`close_timeout_ms` at most).
 //!
 //! The connection acts for the service through the same bus as a client session: a request
 //! becomes a [`BusMsg`] with an [`Origin`] whose `service` flag lets the owner answer with the
@@ -48,6 +53,7 @@ use crate::bus::{
     ProfileRequest, SendRequest, SessionRef, StreamPart, STREAM_NOW,
 };
 use crate::net::api::{self, ApiHead};
+use crate::net::http::{self, Parsed, Request};
 use crate::operator::config::Config;
 
 /// A [`SessionRef`] slot with this bit set names a service connection, not a client session.
@@ -85,6 +91,9 @@ struct Stream {
     more: Vec<bool>,
     /// Every shard has answered once: the positions are all real, batches may go out.
     started: bool,
+    /// The HTTP request it served was answered: no more batches or reads; it goes once the
+    /// reads in flight are back (they would answer into the next request's subscription).
+    ended: bool,
 }
 
 impl Stream {
@@ -141,25 +150,47 @@ pub struct HttpHandover {
     pub rest: Vec<u8>,
 }
 
-/// The one HTTP exchange of a connection serving `POST /api/<op>`.
+/// The HTTP side of a connection serving `POST /api/<op>`: its requests one at a time, kept
+/// alive between them (net::api, "Keep-alive").
 #[derive(Debug)]
-struct HttpExchange {
+struct HttpConn {
+    /// The request being read or answered; `None` between requests.
+    request: Option<ApiRequest>,
+    /// Input not served yet: the rest of the current request's body, or the next request
+    /// (sent ahead). Nothing is read while a request is answered, so this holds at most one
+    /// read beyond a request head ([`http::HEAD_BYTES_MAX`]).
+    pending: Vec<u8>,
+    /// Requests whose head was read on this connection; the latest one's number.
+    requests: u64,
+    /// When the last answer was queued: with no request since, the connection is idle.
+    idle_since_ms: u64,
+    /// When the connection's last answer was queued; it lingers for the client's EOF after it.
+    closed_ms: Option<u64>,
+    /// The client's FIN was read.
+    peer_eof: bool,
+    write_shut: bool,
+}
+
+/// One API request of a connection.
+#[derive(Debug)]
+struct ApiRequest {
+    /// Its number on the connection, the `req` of what it asks the owners.
+    req: u64,
     op: Op,
     body_len: usize,
     /// The body read so far (at most `body_len`, which is at most `backend_frame_bytes_max`).
     body: Vec<u8>,
     /// How long a `subscribe` waits for messages.
     wait_ms: u64,
+    /// When its head was read: the body must follow within `handshake_timeout_ms`.
+    head_ms: u64,
+    /// The client may send another request after this one.
+    keep_alive: bool,
     /// The body is whole and the request was handed on.
     dispatched: bool,
     /// From when a waiting `subscribe` answers with what it has; for every request, from when
     /// a missing answer is `unavailable` (shard milliseconds, set at dispatch).
     deadline_ms: u64,
-    /// When the answer was queued; the connection lingers for the client's EOF after it.
-    answered_ms: Option<u64>,
-    /// The client's FIN was read.
-    peer_eof: bool,
-    write_shut: bool,
 }
 
 /// A service connection: its socket, its partial input, its outbox, and who it is.
@@ -181,8 +212,8 @@ pub struct ServiceConn {
     /// The token of the next `presence` request: parts are matched by it, not by `req`.
     next_gather_token: u64,
     subscription: Option<Box<Stream>>,
-    /// `Some` for a connection serving one HTTP API request rather than the binary port.
-    http: Option<Box<HttpExchange>>,
+    /// `Some` for a connection serving HTTP API requests rather than the binary port.
+    http: Option<Box<HttpConn>>,
 }
 
 enum ReadOutcome {
@@ -212,8 +243,7 @@ impl ServiceConn {
     }
 
     /// A connection serving the API request of `handover` on `stream` (taken from the
-    /// client-port session that read its head): authenticated by its bearer token, its body
-    /// limited to `backend_frame_bytes_max`, then read and answered.
+    /// client-port session that read its head), then the requests that follow it.
     pub fn for_api(
         stream: TcpStream,
         slot: usize,
@@ -222,47 +252,75 @@ impl ServiceConn {
         ctx: &mut Context,
     ) -> ServiceConn {
         let HttpHandover { head, rest } = handover;
+        let mut conn = ServiceConn::new(stream, slot, generation, ctx);
+        conn.http = Some(Box::new(HttpConn {
+            request: None,
+            pending: rest,
+            requests: 0,
+            idle_since_ms: ctx.now_ms,
+            closed_ms: None,
+            peer_eof: false,
+            write_shut: false,
+        }));
+        conn.start_request(head, ctx);
+        conn
+    }
+
+    /// Starts the API request of `head`, whose body comes first in `pending`: authenticated
+    /// by its bearer token, its body limited to `backend_frame_bytes_max`, then read and
+    /// answered.
+    fn start_request(&mut self, head: ApiHead, ctx: &mut Context) {
         let config = &ctx.node.config;
         let wait_ms = head
             .wait_ms
             .map_or(config.api_wait_ms_max, |ms| ms.min(config.api_wait_ms_max));
         let frame_bytes_max = config.backend_frame_bytes_max;
-        let mut conn = ServiceConn::new(stream, slot, generation, ctx);
-        conn.http = Some(Box::new(HttpExchange {
+        let Some(http) = self.http.as_mut() else {
+            return;
+        };
+        http.requests += 1;
+        http.request = Some(ApiRequest {
+            req: http.requests,
             op: head.op,
             body_len: head.body_len,
             body: Vec::new(),
             wait_ms,
+            head_ms: ctx.now_ms,
+            keep_alive: head.keep_alive,
             dispatched: false,
             deadline_ms: 0,
-            answered_ms: None,
-            peer_eof: false,
-            write_shut: false,
-        }));
+        });
+        let body_follows = http.pending.len() < head.body_len;
+        // Each request names its service: one connection may carry several tokens.
+        self.service = None;
         let verified = match head.token.as_deref() {
             Some(token) => verify_service(token, ctx),
             None => Err("no Authorization: Bearer <service token> header".to_string()),
         };
         match verified {
-            Ok(uid) => conn.service = Some(uid),
-            Err(text) => {
-                conn.refuse(None, &text, ctx);
-                return conn;
-            }
+            Ok(uid) => self.service = Some(uid),
+            Err(text) => return self.refuse_head(bus::error(ErrorCode::Unauthorized, &text), ctx),
         }
         if head.body_len > frame_bytes_max {
             let text = format!(
                 "a body of {} bytes is over backend_frame_bytes_max ({frame_bytes_max})",
                 head.body_len
             );
-            conn.reply(None, bus::error(ErrorCode::TooLarge, &text), ctx);
-            return conn;
+            return self.refuse_head(bus::error(ErrorCode::TooLarge, &text), ctx);
         }
-        if head.expect_continue && rest.len() < head.body_len {
-            conn.send(api::continue_100(), ctx);
+        if head.expect_continue && body_follows {
+            self.send(api::continue_100(), ctx);
         }
-        conn.on_api_bytes(&rest, ctx);
-        conn
+        self.take_body(ctx);
+    }
+
+    /// Answers the current API request from its head alone, and closes: its body is not
+    /// read, so where a next request would start is unknown.
+    fn refuse_head(&mut self, error: Message<'_>, ctx: &mut Context) {
+        if let Some(request) = self.http.as_mut().and_then(|http| http.request.as_mut()) {
+            request.keep_alive = false;
+        }
+        self.reply(None, error, ctx);
     }
 
     pub fn generation(&self) -> u32 {
@@ -312,78 +370,158 @@ impl ServiceConn {
         false
     }
 
-    /// Reads an API request's body (and, once it is answered, drops whatever else comes until
-    /// the client's EOF). Returns `true` if the connection is done.
+    /// Reads and serves API requests, one at a time: nothing is read while one is being
+    /// answered. Once the last answer is queued, whatever else comes is dropped until the
+    /// client's EOF. Returns `true` if the connection is done.
     fn on_api_readable(&mut self, rbuf: &mut [u8], ctx: &mut Context) -> bool {
         for _ in 0..READS_PER_TURN {
+            self.serve_pending(ctx);
+            if self.answering() {
+                return false;
+            }
             match read_some(&mut self.stream, rbuf) {
-                ReadOutcome::Data(n) => self.on_api_bytes(&rbuf[..n], ctx),
-                ReadOutcome::Blocked => return false,
-                ReadOutcome::Gone => return self.on_api_eof(),
+                ReadOutcome::Data(n) => {
+                    if let Some(http) = self.http.as_mut().filter(|_| !self.closing) {
+                        http.pending.extend_from_slice(&rbuf[..n]);
+                    }
+                }
+                ReadOutcome::Blocked => {
+                    self.serve_pending(ctx);
+                    return false;
+                }
+                ReadOutcome::Gone => return self.on_api_eof(ctx),
             }
         }
         ctx.read_again.push(self.token());
         false
     }
 
-    /// Bytes of an API request's body; the request is handed on when it is whole. Anything
-    /// after the body (or after the answer) is dropped: one request per connection.
-    fn on_api_bytes(&mut self, bytes: &[u8], ctx: &mut Context) {
-        let Some(exchange) = self.http.as_mut() else {
-            return;
+    /// Whether an API request is being answered (or the stream of the last one is still
+    /// winding down), so the next is not read yet.
+    fn answering(&self) -> bool {
+        let Some(http) = self.http.as_ref().filter(|_| !self.closing) else {
+            return false;
         };
-        if exchange.dispatched || self.closing {
+        match &http.request {
+            Some(request) => request.dispatched,
+            None => self.subscription.is_some(),
+        }
+    }
+
+    /// Serves what `pending` holds: more of the current request's body, or, between requests,
+    /// the next request's head.
+    fn serve_pending(&mut self, ctx: &mut Context) {
+        if self.closing || self.answering() {
             return;
         }
-        let take = (exchange.body_len - exchange.body.len()).min(bytes.len());
-        exchange.body.extend_from_slice(&bytes[..take]);
-        if exchange.body.len() == exchange.body_len {
+        let Some(state) = self.http.as_mut() else {
+            return;
+        };
+        if state.request.is_some() {
+            return self.take_body(ctx);
+        }
+        if state.pending.is_empty() {
+            return;
+        }
+        let (request, head_len) = match http::parse(&state.pending, false, false) {
+            Parsed::Partial => return,
+            Parsed::Complete { request, head_len } => (request, head_len),
+        };
+        state.pending.drain(..head_len.min(state.pending.len()));
+        match request {
+            Request::Api(_) if ctx.is_draining() => {
+                let answer = api::error_response(ErrorCode::Unavailable, "the node is draining");
+                self.close_with(answer, ctx);
+            }
+            Request::Api(head) => self.start_request(*head, ctx),
+            // The parser's own answer (400, 404, 405, 431): closes, as on a new connection.
+            Request::Respond(answer) => self.close_with(answer, ctx),
+            _ => self.close_with(api::misdirected(), ctx),
+        }
+    }
+
+    /// Moves the current API request's body out of `pending`; a whole body is dispatched.
+    fn take_body(&mut self, ctx: &mut Context) {
+        let Some(http) = self.http.as_mut() else {
+            return;
+        };
+        let Some(request) = http.request.as_mut() else {
+            return;
+        };
+        if request.dispatched || self.closing {
+            return;
+        }
+        let take = (request.body_len - request.body.len()).min(http.pending.len());
+        request.body.extend(http.pending.drain(..take));
+        if request.body.len() == request.body_len {
             self.dispatch_api(ctx);
         }
     }
 
-    /// The client's EOF. Returns `true` if the connection is done: its request was never
-    /// whole, or its answer is written. A client that shut its side after a whole request
-    /// still gets the answer.
-    fn on_api_eof(&mut self) -> bool {
-        let Some(exchange) = self.http.as_mut() else {
+    /// Queues `answer` as the connection's last, then closes it.
+    fn close_with(&mut self, answer: Bytes, ctx: &mut Context) {
+        self.send(answer, ctx);
+        if let Some(http) = self.http.as_mut() {
+            http.closed_ms.get_or_insert(ctx.now_ms);
+        }
+        self.closing = true;
+        self.mark_dirty(ctx);
+    }
+
+    /// The client's EOF. Returns `true` if the connection is done: it was between requests
+    /// or in one that can never be whole, and nothing is left to write. A client that shut
+    /// its side after a whole request still gets the answer.
+    fn on_api_eof(&mut self, ctx: &mut Context) -> bool {
+        let Some(http) = self.http.as_mut() else {
             return true;
         };
-        exchange.peer_eof = true;
+        http.peer_eof = true;
         if self.closing {
-            self.outbox.is_empty()
-        } else {
-            !exchange.dispatched
+            return self.outbox.is_empty();
         }
+        if http.request.as_ref().is_some_and(|r| r.dispatched) {
+            return false;
+        }
+        if self.outbox.is_empty() {
+            return true;
+        }
+        http.closed_ms.get_or_insert(ctx.now_ms);
+        self.closing = true;
+        self.mark_dirty(ctx);
+        false
     }
 
     /// A whole API request: its body decoded as the op of its path into the one typed model,
     /// then answered as the binary port answers that message.
     fn dispatch_api(&mut self, ctx: &mut Context) {
-        let (Some(exchange), Some(service)) = (self.http.as_mut(), self.service) else {
+        let (Some(http), Some(service)) = (self.http.as_mut(), self.service) else {
             return;
         };
-        exchange.dispatched = true;
-        let op = exchange.op;
+        let Some(request) = http.request.as_mut() else {
+            return;
+        };
+        request.dispatched = true;
+        let op = request.op;
+        let req = Some(request.req);
         let wait_ms = if op == Op::Subscribe {
-            exchange.wait_ms
+            request.wait_ms
         } else {
             0
         };
-        exchange.deadline_ms = ctx.now_ms.saturating_add(wait_ms);
-        let body = std::mem::take(&mut exchange.body);
+        request.deadline_ms = ctx.now_ms.saturating_add(wait_ms);
+        let body = std::mem::take(&mut request.body);
         // An empty body is an empty object: `subscribe` from now needs no field.
         let text = match std::str::from_utf8(&body) {
             Ok("") => "{}",
             Ok(text) => text,
             Err(_) => {
                 let error = bus::error(ErrorCode::BadRequest, "the body is not UTF-8");
-                return self.reply(None, error, ctx);
+                return self.reply(req, error, ctx);
             }
         };
         match json::decode_as(op, text) {
-            Ok(frame) => self.on_request(None, service, frame.message, ctx),
-            Err(e) => self.reply(None, bus::error(e.code(), &e.to_string()), ctx),
+            Ok(frame) => self.on_request(req, service, frame.message, ctx),
+            Err(e) => self.reply(req, bus::error(e.code(), &e.to_string()), ctx),
         }
     }
 
@@ -600,6 +738,7 @@ impl ServiceConn {
             in_flight: vec![false; shards],
             more: vec![false; shards],
             started: false,
+            ended: false,
         });
         let me = self.session_ref(ctx);
         for shard in 0..shards {
@@ -616,7 +755,8 @@ impl ServiceConn {
         let waits = self
             .http
             .as_ref()
-            .is_some_and(|exchange| ctx.now_ms < exchange.deadline_ms);
+            .and_then(|http| http.request.as_ref())
+            .is_some_and(|request| ctx.now_ms < request.deadline_ms);
         let Some(stream) = self.subscription.as_mut() else {
             return;
         };
@@ -625,11 +765,22 @@ impl ServiceConn {
             return;
         };
         *in_flight = false;
+        if stream.ended {
+            if !stream.in_flight.contains(&true) {
+                // The last read of an answered request is back: the next request may come.
+                self.subscription = None;
+                ctx.read_again.push(self.token());
+            }
+            return;
+        }
         let req = stream.req;
         let found = match part.result {
             Ok(found) => found,
             Err(text) => {
-                self.subscription = None;
+                // The HTTP form ends its stream with its answer (below).
+                if self.http.is_none() {
+                    self.subscription = None;
+                }
                 return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx);
             }
         };
@@ -679,16 +830,20 @@ impl ServiceConn {
     /// that got no answer `handshake_timeout_ms` after that is answered `unavailable`.
     pub fn on_tick(&mut self, ctx: &mut Context) {
         self.pump_stream(true, ctx);
-        let Some(exchange) = self.http.as_ref() else {
+        let Some(request) = self.http.as_ref().and_then(|http| http.request.as_ref()) else {
             return;
         };
-        if !exchange.dispatched || self.closing || ctx.now_ms < exchange.deadline_ms {
+        if !request.dispatched || self.closing || ctx.now_ms < request.deadline_ms {
             return;
         }
-        let give_up_ms = exchange
+        let give_up_ms = request
             .deadline_ms
             .saturating_add(ctx.node.config.handshake_timeout_ms);
-        if self.subscription.as_ref().is_some_and(|s| s.started) {
+        if self
+            .subscription
+            .as_ref()
+            .is_some_and(|s| s.started && !s.ended)
+        {
             self.send_batch(Vec::new(), Vec::new(), ctx);
         } else if ctx.now_ms >= give_up_ms {
             let error = bus::error(ErrorCode::Unavailable, "no answer in time; retry");
@@ -716,7 +871,7 @@ impl ServiceConn {
         let Some(stream) = self.subscription.as_mut() else {
             return;
         };
-        if !stream.started || backlog || self.closing {
+        if !stream.started || stream.ended || backlog || self.closing {
             return;
         }
         for shard in 0..stream.in_flight.len() {
@@ -810,17 +965,8 @@ impl ServiceConn {
     }
 
     fn reply(&mut self, req: Option<u64>, message: Message<'_>, ctx: &mut Context) {
-        if let Some(exchange) = self.http.as_mut() {
-            // One answer per HTTP request: the first reply is it, the rest (a stream's later
-            // parts) are dropped.
-            if self.closing {
-                return;
-            }
-            exchange.answered_ms = Some(ctx.now_ms);
-            self.send(api::response(message), ctx);
-            self.closing = true;
-            self.mark_dirty(ctx);
-            return;
+        if self.http.is_some() {
+            return self.answer_api(req, message, ctx);
         }
         match binary::encode_to_bytes(&Frame { req, message }) {
             Ok(bytes) => self.send(bytes, ctx),
@@ -835,6 +981,43 @@ impl ServiceConn {
                     self.send(bytes, ctx);
                 }
             }
+        }
+    }
+
+    /// The answer to the current API request: the first reply for it (`req` its number, or
+    /// `None` for one made here). A late reply to an earlier request, or a stream's later
+    /// parts, are dropped. The connection is then kept for the next request, or closed.
+    fn answer_api(&mut self, req: Option<u64>, message: Message<'_>, ctx: &mut Context) {
+        let requests_max = ctx.node.config.api_requests_per_connection_max;
+        let draining = ctx.is_draining();
+        let Some(http) = self.http.as_mut() else {
+            return;
+        };
+        let Some((number, kept)) = http.request.as_ref().map(|r| (r.req, r.keep_alive)) else {
+            return;
+        };
+        if self.closing || req.is_some_and(|req| req != number) {
+            return;
+        }
+        let keep_alive = kept && !http.peer_eof && http.requests < requests_max && !draining;
+        http.request = None;
+        if keep_alive {
+            http.idle_since_ms = ctx.now_ms;
+        } else {
+            http.closed_ms = Some(ctx.now_ms);
+        }
+        // A long poll's subscription ends with its answer.
+        match self.subscription.as_mut() {
+            Some(stream) if stream.in_flight.contains(&true) => stream.ended = true,
+            _ => self.subscription = None,
+        }
+        self.send(api::response(message, keep_alive), ctx);
+        if keep_alive {
+            // What the client sent meanwhile (its next request) is read now.
+            ctx.read_again.push(self.token());
+        } else {
+            self.closing = true;
+            self.mark_dirty(ctx);
         }
     }
 
@@ -878,6 +1061,9 @@ impl ServiceConn {
                 "service connection not reading: closed"
             );
             // Nothing more can be said on a connection that does not read: drop it.
+            if let Some(http) = self.http.as_mut() {
+                http.closed_ms.get_or_insert(ctx.now_ms);
+            }
             self.closing = true;
             let _ = self.stream.shutdown(Shutdown::Both);
             self.mark_dirty(ctx);
@@ -924,28 +1110,42 @@ impl ServiceConn {
             }
             // An HTTP client may still be sending (a body we did not read): closing now could
             // reset the connection and destroy the answer in flight. Linger until its EOF.
-            Some(exchange) => {
-                if !exchange.write_shut {
-                    exchange.write_shut = true;
+            Some(http) => {
+                if !http.write_shut {
+                    http.write_shut = true;
                     let _ = self.stream.shutdown(Shutdown::Write);
                 }
-                exchange.peer_eof
+                http.peer_eof
             }
         }
     }
 
     /// Whether the connection is over its time: on the binary port, not authenticated within
-    /// `handshake_timeout_ms` of its accept; an API request, its body not read within
-    /// `handshake_timeout_ms` of its head, or answered `close_timeout_ms` ago without the
-    /// client closing.
+    /// `handshake_timeout_ms` of its accept; on the HTTP form, a request's body not read within
+    /// `handshake_timeout_ms` of its head, no new request `api_idle_timeout_ms` after the last
+    /// answer, or the last answer queued `close_timeout_ms` ago without the client closing.
     pub fn timed_out(&self, now_ms: u64, config: &Config) -> bool {
-        let handshake_over = now_ms >= self.accepted_ms.saturating_add(config.handshake_timeout_ms);
-        match self.http.as_ref() {
-            None => self.service.is_none() && handshake_over,
-            Some(exchange) => match exchange.answered_ms {
-                Some(at) => now_ms >= at.saturating_add(config.close_timeout_ms),
-                None => !exchange.dispatched && handshake_over,
-            },
+        let Some(http) = self.http.as_ref() else {
+            let handshake_over =
+                now_ms >= self.accepted_ms.saturating_add(config.handshake_timeout_ms);
+            return self.service.is_none() && handshake_over;
+        };
+        if self.closing {
+            let closed_ms = http.closed_ms.unwrap_or(http.idle_since_ms);
+            return now_ms >= closed_ms.saturating_add(config.close_timeout_ms);
+        }
+        match &http.request {
+            Some(request) if !request.dispatched => {
+                now_ms >= request.head_ms.saturating_add(config.handshake_timeout_ms)
+            }
+            // Answered in time by `on_tick`.
+            Some(_) => false,
+            None => {
+                now_ms
+                    >= http
+                        .idle_since_ms
+                        .saturating_add(config.api_idle_timeout_ms)
+            }
         }
     }
 

@@ -205,6 +205,17 @@ mod tests {
         OpenId::parse(text).unwrap()
     }
 
+    /// A closed directory in a fresh folder with customers `oA` (id 1) and `oB` (id 2), and
+    /// its file.
+    fn two_customers() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let directory = Directory::open(dir.path(), false).unwrap();
+        directory.assign("wx1", &open_id("oA")).unwrap();
+        directory.assign("wx1", &open_id("oB")).unwrap();
+        let path = directory.path().to_path_buf();
+        (dir, path)
+    }
+
     #[test]
     fn assigns_once_and_keeps_ids_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,12 +241,7 @@ mod tests {
 
     #[test]
     fn cuts_off_a_torn_last_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let directory = Directory::open(dir.path(), false).unwrap();
-        directory.assign("wx1", &open_id("oA")).unwrap();
-        directory.assign("wx1", &open_id("oB")).unwrap();
-        let path = directory.path().to_path_buf();
-        drop(directory);
+        let (dir, path) = two_customers();
         let full = std::fs::read(&path).unwrap();
         // Every cut inside the last line loses that customer and nothing else.
         let second_line_start = full.iter().position(|&b| b == b'\n').unwrap() + 1;
@@ -253,12 +259,7 @@ mod tests {
 
     #[test]
     fn refuses_corruption_before_the_last_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let directory = Directory::open(dir.path(), false).unwrap();
-        directory.assign("wx1", &open_id("oA")).unwrap();
-        directory.assign("wx1", &open_id("oB")).unwrap();
-        let path = directory.path().to_path_buf();
-        drop(directory);
+        let (dir, path) = two_customers();
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[3] ^= 0x01; // inside the first line
         std::fs::write(&path, &bytes).unwrap();

@@ -46,27 +46,13 @@ impl Refusal {
     }
 }
 
-/// Every [`Reason`], in label order, for the replies counter.
-const REASONS: [Reason; 10] = [
-    Reason::ReplyWindowClosed,
-    Reason::ReplyLimitReached,
-    Reason::Recipient,
-    Reason::Content,
-    Reason::KfAccount,
-    Reason::Account,
-    Reason::Unreachable,
-    Reason::QueueFull,
-    Reason::UnknownAccount,
-    Reason::Stopped,
-];
-
 #[derive(Debug, Default)]
 pub struct Metrics {
     verified: AtomicU64,
     accepted: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
     delivered: AtomicU64,
-    undelivered: [AtomicU64; REASONS.len()],
+    undelivered: [AtomicU64; Reason::ALL.len()],
 }
 
 impl Metrics {
@@ -91,10 +77,10 @@ impl Metrics {
     }
 
     pub fn undelivered(&self, reason: Reason) {
-        let index = REASONS
+        let index = Reason::ALL
             .iter()
             .position(|r| *r == reason)
-            .expect("REASONS lists every Reason");
+            .expect("Reason::ALL lists every Reason");
         self.undelivered[index].fetch_add(1, Relaxed);
     }
 
@@ -145,7 +131,7 @@ impl Metrics {
             "{name}{{result=\"delivered\"}} {}",
             self.delivered.load(Relaxed)
         );
-        for (reason, count) in REASONS.iter().zip(&self.undelivered) {
+        for (reason, count) in Reason::ALL.iter().zip(&self.undelivered) {
             let _ = writeln!(
                 out,
                 "{name}{{result=\"{}\"}} {}",

@@ -146,6 +146,20 @@ impl Undelivered {
 }
 
 impl Reason {
+    /// Every reason, in the order of the metrics' labels.
+    pub const ALL: [Reason; 10] = [
+        Reason::ReplyWindowClosed,
+        Reason::ReplyLimitReached,
+        Reason::Recipient,
+        Reason::Content,
+        Reason::KfAccount,
+        Reason::Account,
+        Reason::Unreachable,
+        Reason::QueueFull,
+        Reason::UnknownAccount,
+        Reason::Stopped,
+    ];
+
     /// A stable name for the reason, for an error or push to the agent and for metrics.
     pub fn code(self) -> &'static str {
         match self {

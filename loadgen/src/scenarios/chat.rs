@@ -41,10 +41,8 @@ use crate::check::{SeqTrack, Violation, Violations};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
+use crate::scenarios::stamp::{self, STAMP_DIGITS};
 use crate::scenarios::{connect_and_login, shop, Common, LOGIN_REQ};
-
-/// Digits of the intended send time at the start of every body.
-const STAMP_DIGITS: usize = 20;
 
 /// Flags of `chat`.
 #[derive(Args, Debug)]
@@ -552,22 +550,12 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if user.catching_up.is_none() || !track.has_seen(msg.seq.0) {
                         violations.check(track.push(msg.seq.0));
                     }
-                    match msg
-                        .body
-                        .get(..STAMP_DIGITS)
-                        .and_then(|s| s.parse::<u64>().ok())
-                    {
-                        Some(intended_ns) => {
-                            if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
-                                let latency =
-                                    Duration::from_nanos(now_ns.saturating_sub(intended_ns));
-                                report::record(&mut send_to_push, latency);
-                            }
+                    let what = format_args!("conv {} seq {}", msg.conv, msg.seq);
+                    if let Some(intended_ns) = stamp::read(&msg.body, what, &mut violations) {
+                        if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
+                            let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
+                            report::record(&mut send_to_push, latency);
                         }
-                        None => violations.add(Violation::Other(format!(
-                            "conv {} seq {}: body is not what was sent",
-                            msg.conv, msg.seq
-                        ))),
                     }
                 }
                 Event::Frame(Frame {
@@ -802,11 +790,7 @@ fn send(
     args: &ChatArgs,
     counts: &mut Counts,
 ) {
-    body.clear();
-    let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
-    while body.len() < args.message_bytes {
-        body.push('.');
-    }
+    stamp::write(body, intended_ns, args.message_bytes);
     let n = user.sent;
     user.sent += 1;
     counts.sent += 1;
@@ -826,11 +810,7 @@ fn send_numbered(
     args: &ChatArgs,
 ) {
     if resent {
-        body.clear();
-        let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
-        while body.len() < args.message_bytes {
-            body.push('.');
-        }
+        stamp::write(body, intended_ns, args.message_bytes);
     }
     let mut cmid = String::with_capacity(24);
     let _ = write!(cmid, "{i}-{n}");

@@ -9,7 +9,6 @@
 //! through a [`SeqTrack`] starting after the last seq of the build.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -20,10 +19,9 @@ use crate::check::{SeqTrack, Violation, Violations};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
+use crate::scenarios::stamp::{self, STAMP_DIGITS};
 use crate::scenarios::{connect_and_login, shop, Common};
 
-/// Digits of the intended send time at the start of every body.
-const STAMP_DIGITS: usize = 20;
 /// How long a window slot of a refused send stays empty (the server's rate limit counts in
 /// one-second windows; a tenth of one keeps the retries few).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -142,11 +140,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     });
     let mut next_req = 2;
     let mut send = |writer: &mut Writer, now_ns: u64, in_flight: &mut VecDeque<(u64, u64)>| {
-        body.clear();
-        let _ = write!(body, "{now_ns:0STAMP_DIGITS$}");
-        while body.len() < args.message_bytes {
-            body.push('.');
-        }
+        stamp::write(&mut body, now_ns, args.message_bytes);
         let cmid = format!("f-{next_req}");
         in_flight.push_back((next_req, now_ns));
         writer.send(&Frame::with_req(
@@ -246,15 +240,8 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
                         return;
                     }
                     violations.check(tracks[i].push(msg.seq.0));
-                    let Some(intended_ns) = msg
-                        .body
-                        .get(..STAMP_DIGITS)
-                        .and_then(|s| s.parse::<u64>().ok())
-                    else {
-                        violations.add(Violation::Other(format!(
-                            "seq {}: body is not what was sent",
-                            msg.seq
-                        )));
+                    let what = format_args!("seq {}", msg.seq);
+                    let Some(intended_ns) = stamp::read(&msg.body, what, &mut violations) else {
                         return;
                     };
                     let in_window = (measure_from_ns..measure_to_ns).contains(&intended_ns);

@@ -25,7 +25,6 @@
 //! spread is its last member's arrival minus its first's, across all workers.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,10 +41,9 @@ use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report, SeqSpread};
 use crate::scenarios::rendezvous::Rendezvous;
+use crate::scenarios::stamp::{self, STAMP_DIGITS};
 use crate::scenarios::{connect_and_login, Common};
 
-/// Digits of the intended send time (ns since the Unix epoch) at the start of every body.
-const STAMP_DIGITS: usize = 20;
 /// The most users one group request may name (the engine's `GROUP_MEMBERS_PER_REQUEST_MAX`).
 const USERS_PER_GROUP_REQUEST_MAX: usize = 1_000;
 /// Between the last worker's logins and the first message: long enough for every worker to
@@ -290,11 +288,7 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
                 break;
             }
             let intended_ns = start_ns + next_slot * slot_ns;
-            body.clear();
-            let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
-            while body.len() < args.message_bytes {
-                body.push('.');
-            }
+            stamp::write(&mut body, intended_ns, args.message_bytes);
             let request = Message::NotifyUsers(NotifyUsers {
                 users: group.clone(),
                 kind: "text".into(),
@@ -320,11 +314,7 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
                     slipped += 1;
                     break;
                 }
-                body.clear();
-                let _ = write!(body, "{intended_ns:0STAMP_DIGITS$}");
-                while body.len() < args.message_bytes {
-                    body.push('.');
-                }
+                stamp::write(&mut body, intended_ns, args.message_bytes);
                 let cmid = format!("g-{next_slot}");
                 in_flight[i].push_back((next_req, intended_ns));
                 fleet.conns[i].writer.send(&Frame::with_req(
@@ -438,15 +428,9 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
                             return;
                         }
                         violations.check(tracks[i].push(msg.seq.0));
-                        let Some(intended_ns) = msg
-                            .body
-                            .get(..STAMP_DIGITS)
-                            .and_then(|s| s.parse::<u64>().ok())
+                        let what = format_args!("seq {}", msg.seq);
+                        let Some(intended_ns) = stamp::read(&msg.body, what, &mut violations)
                         else {
-                            violations.add(Violation::Other(format!(
-                                "seq {}: body is not what was sent",
-                                msg.seq
-                            )));
                             return;
                         };
                         if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
@@ -467,13 +451,8 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
                             delivered_measured += 1;
                         }
                         notified[i] += 1;
-                        let Some(intended_ns) = n
-                            .body
-                            .get(..STAMP_DIGITS)
-                            .and_then(|s| s.parse::<u64>().ok())
-                        else {
-                            violations
-                                .add(Violation::Other("notify: body is not what was sent".into()));
+                        let what = format_args!("notify");
+                        let Some(intended_ns) = stamp::read(&n.body, what, &mut violations) else {
                             return;
                         };
                         if (measure_from_ns..measure_to_ns).contains(&intended_ns) {

@@ -8,6 +8,7 @@ pub mod fanout;
 pub mod group;
 mod rendezvous;
 pub mod shop;
+pub mod stamp;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
