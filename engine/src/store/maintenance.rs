@@ -111,7 +111,13 @@ impl Store {
 
     /// Gauges for metrics.
     pub fn stats(&self) -> StoreStats {
-        let prepared = self.config.preparer.bytes(&self.config.dir);
+        // Only a log that asked for its next segment (or was handed one at open) has one in
+        // the preparer: the others' gauges cost no lock.
+        let prepared = if self.next_asked {
+            self.config.preparer.bytes(&self.config.dir)
+        } else {
+            0
+        };
         StoreStats {
             segments: self.segments.len() + usize::from(prepared > 0),
             segment_bytes: self

@@ -171,7 +171,8 @@ pub struct Store {
     config: StoreConfig,
     /// Live segments in log order; the last one is where appends go.
     segments: VecDeque<Segment>,
-    /// The next segment was asked of the preparer (the active one is half full).
+    /// The next segment was asked of the preparer (the active one is half full), or handed
+    /// to it at open: the preparer may hold a segment for this log.
     next_asked: bool,
     state: State,
     /// Everything before this position has been flushed to disk.

@@ -53,7 +53,54 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
 
 /// Makes a directory's entries (created, renamed, deleted files) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    synced::note(dir);
     File::open(dir)?.sync_all()
+}
+
+/// Makes `file` (at `path`), its data and its size, durable.
+pub fn sync_file(file: &File, path: &Path) -> io::Result<()> {
+    synced::note(path);
+    file.sync_all()
+}
+
+/// Writes the bytes `offset..offset + len` of a mapping of the file at `path` to disk (msync).
+pub fn sync_range(map: &MmapMut, path: &Path, offset: usize, len: usize) -> io::Result<()> {
+    synced::note(path);
+    map.flush_range(offset, len)
+}
+
+/// Which paths the store synced, for unit tests that check a policy's system calls: a record
+/// of every `sync_*` call, in every thread (tests tell theirs apart by their temporary
+/// directory). Compiled to nothing outside tests.
+pub mod synced {
+    use std::path::Path;
+
+    #[cfg(test)]
+    static PATHS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+    /// Records that `path` is being synced.
+    #[cfg_attr(not(test), inline(always))]
+    pub fn note(path: &Path) {
+        #[cfg(test)]
+        PATHS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(path.to_path_buf());
+        #[cfg(not(test))]
+        let _ = path;
+    }
+
+    /// The synced paths under `dir` (`dir` itself included), in the order of the calls.
+    #[cfg(test)]
+    pub fn under(dir: &Path) -> Vec<std::path::PathBuf> {
+        PATHS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|p| p.starts_with(dir))
+            .cloned()
+            .collect()
+    }
 }
 
 /// Whether an I/O error means the disk is full.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::record::{self, Record};
 use super::segment::{self, Segment};
 use super::state::{Limits, State};
-use super::{os, snapshot, Position, RecoveryReport, Store, StoreConfig, StoreError};
+use super::{os, snapshot, FsyncPolicy, Position, RecoveryReport, Store, StoreConfig, StoreError};
 
 impl Store {
     /// Opens the log in `config.dir` (creating it if needed), recovers it and rebuilds the
@@ -16,9 +16,10 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<(Store, RecoveryReport), StoreError> {
         config.validate().map_err(StoreError::Config)?;
         let dir = config.dir.clone();
+        let durable = config.fsync != FsyncPolicy::Never;
         if !dir.is_dir() {
             // The new directory's entry (and its parent's, if that is new too) must be as
-            // durable as what is written in it.
+            // durable as what is written in it: under `never`, that is the page cache.
             let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
             let parent_is_new = parent.is_some_and(|p| !p.is_dir());
             fs::create_dir_all(&dir)
@@ -26,7 +27,7 @@ impl Store {
             let grandparent = parent
                 .and_then(Path::parent)
                 .filter(|p| parent_is_new && !p.as_os_str().is_empty());
-            for made_in in parent.into_iter().chain(grandparent) {
+            for made_in in parent.into_iter().chain(grandparent).filter(|_| durable) {
                 os::sync_dir(made_in).map_err(|e| StoreError::io("sync directory", made_in, e))?;
             }
         }
@@ -37,7 +38,19 @@ impl Store {
             cmid_window_entries_max: config.cmid_window_entries_max,
         };
         let mut report = RecoveryReport::default();
-        let ids = segment::list(&dir)?;
+        let mut ids = segment::list(&dir)?;
+        // A segment created under `fsync = never` is not synced: a power loss may leave its
+        // name with nothing in it, not even its header. Like a `.tmp` file, it is an unfinished
+        // creation that holds nothing, and goes. (A header lost with records after it is
+        // corruption, as before.)
+        while let Some(&last) = ids.last() {
+            if !segment::is_blank(&dir, last)? {
+                break;
+            }
+            let path = dir.join(segment::file_name(last));
+            fs::remove_file(&path).map_err(|e| StoreError::io("delete segment", &path, e))?;
+            ids.pop();
+        }
         if let Some(pair) = ids.windows(2).find(|w| w[1] != w[0] + 1) {
             return Err(StoreError::corrupt(
                 segment::position(pair[0] + 1, 0),
@@ -87,8 +100,19 @@ impl Store {
             seg.end = seg.capacity();
             segments.push_back(seg);
         }
-        if segments.is_empty() {
-            segments.push_back(Segment::create(&dir, 1, config.segment_bytes_for(1))?);
+        // A new log (a partition's first write): nothing to replay, and its segment is known to
+        // be all zeros, so the replay's check of the tail is left out.
+        let fresh = segments.is_empty();
+        if fresh {
+            segments.push_back(Segment::create(
+                &dir,
+                1,
+                config.segment_bytes_for(1),
+                config.fsync,
+            )?);
+        } else if durable {
+            // A previous run under `never` may have left names only the page cache holds.
+            os::sync_dir(&dir).map_err(|e| StoreError::io("sync directory", &dir, e))?;
         }
         let snapshot_pos = report.snapshot;
         let mut store = Store {
@@ -102,14 +126,18 @@ impl Store {
             snapshot: snapshot_pos,
             poisoned: false,
         };
-        store.state.defer_cmid_index();
-        store.replay(start, &mut report)?;
-        store.state.index_cmids();
+        if !fresh {
+            store.state.defer_cmid_index();
+            store.replay(start, &mut report)?;
+            store.state.index_cmids();
+        }
         // A restart continues in the segment it stopped in: the empty one after it (prepared
         // for the next switch) stays prepared instead of becoming the active one, so restarts
         // do not add segments.
         if let Some(prepared) = store.take_prepared(start) {
-            store.config.preparer.hand_over(&dir, prepared);
+            let fsync = store.config.fsync;
+            store.config.preparer.hand_over(&dir, prepared, fsync);
+            store.next_asked = true;
         }
         // What survived the crash may sit only in the page cache: make it durable and mark it
         // acknowledged before anything new is appended after it.
@@ -239,6 +267,7 @@ impl Store {
         if dropped > 0 {
             seg.sync(seg.capacity())?;
         }
+        let deletes = self.segments.len() > idx + 1;
         while self.segments.len() > idx + 1 {
             if let Some(later) = self.segments.pop_back() {
                 dropped += later.map.iter().filter(|&&b| b != 0).count() as u64;
@@ -247,8 +276,12 @@ impl Store {
                 fs::remove_file(&path).map_err(|e| StoreError::io("delete segment", &path, e))?;
             }
         }
-        os::sync_dir(&self.config.dir)
-            .map_err(|e| StoreError::io("sync directory", &self.config.dir, e))?;
+        // Only deleted files change the directory (every open cuts the log at its end, most
+        // often deleting nothing).
+        if deletes {
+            os::sync_dir(&self.config.dir)
+                .map_err(|e| StoreError::io("sync directory", &self.config.dir, e))?;
+        }
         Ok(dropped)
     }
 }

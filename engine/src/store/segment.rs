@@ -1,8 +1,11 @@
 //! Segment files: one preallocated, memory-mapped file per stretch of the log.
 //!
 //! A segment is created whole (`NNNN.seg.tmp`, preallocated, header written and synced, then
-//! renamed to `NNNN.seg`), so a segment file with its final name always has a valid header and
-//! its full size on disk. Its 64-byte header:
+//! renamed to `NNNN.seg` and the directory synced), so a segment file with its final name
+//! always has a valid header and its full size on disk. Under `fsync = never` the two syncs are
+//! left out: that policy promises nothing past a crash of the process, and the page cache,
+//! which survives one, holds the header and the name (recovery removes a last segment that
+//! a power loss left without its header). Its 64-byte header:
 //!
 //! ```text
 //!  0  [8] magic "CHWGSEG1"      24 u64 file size
@@ -15,14 +18,14 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use memmap2::MmapMut;
 
 use super::error::{Position, StoreError};
-use super::os;
+use super::{os, FsyncPolicy};
 
 /// Bytes of the segment header; records start here.
 pub const HEADER_BYTES: usize = 64;
@@ -76,8 +79,15 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Creates segment `id` of `bytes` in `dir`: preallocated, header synced, renamed into place.
-    pub fn create(dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
+    /// Creates segment `id` of `bytes` in `dir`: preallocated, header written, renamed into
+    /// place; the header and the new name are synced to disk unless `fsync` is `never`.
+    pub fn create(
+        dir: &Path,
+        id: u64,
+        bytes: u64,
+        fsync: FsyncPolicy,
+    ) -> Result<Segment, StoreError> {
+        let durable = fsync != FsyncPolicy::Never;
         let path = dir.join(file_name(id));
         let tmp = path.with_extension("seg.tmp");
         let fail = |op: &'static str, p: &Path, e: io::Error| {
@@ -103,12 +113,16 @@ impl Segment {
         }
         let mut map = os::map(&file).map_err(|e| fail("map segment", &tmp, e))?;
         map[..HEADER_BYTES].copy_from_slice(&header(id, bytes));
-        map.flush_range(0, HEADER_BYTES)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| fail("sync segment", &tmp, e))?;
+        if durable {
+            os::sync_range(&map, &tmp, 0, HEADER_BYTES)
+                .and_then(|()| os::sync_file(&file, &tmp))
+                .map_err(|e| fail("sync segment", &tmp, e))?;
+        }
         os::prefault_for_writing(&mut map);
         fs::rename(&tmp, &path).map_err(|e| fail("rename segment", &path, e))?;
-        os::sync_dir(dir).map_err(|e| fail("sync directory", dir, e))?;
+        if durable {
+            os::sync_dir(dir).map_err(|e| fail("sync directory", dir, e))?;
+        }
         Ok(Segment {
             id,
             path,
@@ -170,8 +184,7 @@ impl Segment {
 
     /// Flushes the header and the records up to `end` to disk.
     pub fn sync(&self, end: usize) -> Result<(), StoreError> {
-        self.map
-            .flush_range(0, end)
+        os::sync_range(&self.map, &self.path, 0, end)
             .map_err(|e| StoreError::io("msync segment", &self.path, e))
     }
 
@@ -198,6 +211,25 @@ fn header(id: u64, bytes: u64) -> [u8; HEADER_BYTES] {
     h[32..36].copy_from_slice(&crc.to_le_bytes());
     h[ACKED_END_AT..ACKED_END_AT + 8].copy_from_slice(&(HEADER_BYTES as u64).to_le_bytes());
     h
+}
+
+/// Whether segment `id` in `dir` holds nothing at all, header included: all zeros (or
+/// empty), as a creation left it that never reached the disk.
+pub fn is_blank(dir: &Path, id: u64) -> Result<bool, StoreError> {
+    let path = dir.join(file_name(id));
+    let fail = |e| StoreError::io("read segment", &path, e);
+    let mut file = fs::File::open(&path).map_err(fail)?;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        // A segment with a header (every segment but a lost creation) costs one read.
+        let n = file.read(&mut chunk).map_err(fail)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
 }
 
 /// The segment ids in `dir`, ascending. Leftover `.seg.tmp` files (a creation interrupted by a
@@ -237,12 +269,27 @@ impl std::fmt::Debug for Preparer {
     }
 }
 
-/// One segment to create: which log, which id, how large.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One segment to create: which log, which id, how large, synced or not.
+#[derive(Debug, Clone)]
 struct Job {
     dir: PathBuf,
     id: u64,
     bytes: u64,
+    fsync: FsyncPolicy,
+}
+
+impl Job {
+    /// Whether this job is for the log in `dir`. The paths are compared as bytes: `Path`'s
+    /// own `==` walks components, and the gauges ask this of every job for every log of the
+    /// shard several times a second.
+    fn is_for(&self, dir: &Path) -> bool {
+        self.dir.as_os_str().as_encoded_bytes() == dir.as_os_str().as_encoded_bytes()
+    }
+
+    /// Whether this job makes segment `id` of the log in `dir`.
+    fn makes(&self, dir: &Path, id: u64) -> bool {
+        self.id == id && self.is_for(dir)
+    }
 }
 
 #[derive(Default)]
@@ -296,7 +343,7 @@ impl Shared {
                     jobs = self.changed.wait(jobs).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let made = Segment::create(&job.dir, job.id, job.bytes);
+            let made = Segment::create(&job.dir, job.id, job.bytes, job.fsync);
             let mut jobs = self.lock();
             jobs.busy = None;
             // A failure (a full disk) is not kept: the log tries again itself when it switches,
@@ -326,17 +373,19 @@ impl Preparer {
     }
 
     /// Asks for segment `id` of the log in `dir` in the background, unless that is already
-    /// under way (or done).
-    pub fn start(&self, dir: &Path, id: u64, bytes: u64) {
+    /// under way (or done); `fsync` is the log's policy (see [`Segment::create`]).
+    pub fn start(&self, dir: &Path, id: u64, bytes: u64, fsync: FsyncPolicy) {
         let job = Job {
             dir: dir.to_path_buf(),
             id,
             bytes,
+            fsync,
         };
         let mut jobs = self.shared.lock();
-        let known = jobs.busy.as_ref() == Some(&job)
-            || jobs.queue.contains(&job)
-            || jobs.ready.iter().any(|(j, _)| *j == job);
+        let same = |j: &Job| j.makes(dir, id) && j.bytes == bytes && j.fsync == fsync;
+        let known = jobs.busy.as_ref().is_some_and(same)
+            || jobs.queue.iter().any(same)
+            || jobs.ready.iter().any(|(j, _)| same(j));
         if known || jobs.stop {
             return;
         }
@@ -357,35 +406,35 @@ impl Preparer {
 
     /// Takes `segment`, already on disk and empty, as the next one of the log in `dir`, so a
     /// restart reuses the segment the previous run prepared instead of creating another.
-    pub fn hand_over(&self, dir: &Path, segment: Segment) {
+    pub fn hand_over(&self, dir: &Path, segment: Segment, fsync: FsyncPolicy) {
         let job = Job {
             dir: dir.to_path_buf(),
             id: segment.id,
             bytes: segment.capacity() as u64,
+            fsync,
         };
         self.shared.lock().ready.push((job, segment));
     }
 
     /// Segment `id` of the log in `dir`, waiting for its preparation if it is under way (or
     /// creating it now if it was never asked for, is still queued, or failed).
-    pub fn take(&self, dir: &Path, id: u64, bytes: u64) -> Result<Segment, StoreError> {
+    pub fn take(
+        &self,
+        dir: &Path,
+        id: u64,
+        bytes: u64,
+        fsync: FsyncPolicy,
+    ) -> Result<Segment, StoreError> {
         let mut jobs = self.shared.lock();
-        while jobs
-            .busy
-            .as_ref()
-            .is_some_and(|j| j.dir == dir && j.id == id)
-        {
+        while jobs.busy.as_ref().is_some_and(|j| j.makes(dir, id)) {
             jobs = self
                 .shared
                 .changed
                 .wait(jobs)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        jobs.queue.retain(|j| j.dir != dir);
-        let at = jobs
-            .ready
-            .iter()
-            .position(|(j, _)| j.dir == dir && j.id == id);
+        jobs.queue.retain(|j| !j.is_for(dir));
+        let at = jobs.ready.iter().position(|(j, _)| j.makes(dir, id));
         if let Some(at) = at {
             let (_, segment) = jobs.ready.swap_remove(at);
             if segment.capacity() as u64 == bytes {
@@ -398,15 +447,19 @@ impl Preparer {
         }
         drop(jobs);
         // Creation is idempotent: a failed attempt left at most a `.tmp` file, recreated here.
-        Segment::create(dir, id, bytes)
+        Segment::create(dir, id, bytes, fsync)
     }
 
     /// Bytes of the segments in preparation or ready for the log in `dir` (they are, or are
     /// about to be, on disk).
     pub fn bytes(&self, dir: &Path) -> u64 {
         let jobs = self.shared.lock();
-        let busy = jobs.busy.iter().chain(&jobs.queue).filter(|j| j.dir == dir);
-        let ready = jobs.ready.iter().map(|(j, _)| j).filter(|j| j.dir == dir);
+        let busy = jobs
+            .busy
+            .iter()
+            .chain(&jobs.queue)
+            .filter(|j| j.is_for(dir));
+        let ready = jobs.ready.iter().map(|(j, _)| j).filter(|j| j.is_for(dir));
         busy.chain(ready).map(|j| j.bytes).sum()
     }
 
@@ -415,8 +468,8 @@ impl Preparer {
     /// a directory its owner may be removing.
     pub fn abandon(&self, dir: &Path) {
         let mut jobs = self.shared.lock();
-        while jobs.busy.as_ref().is_some_and(|j| j.dir == dir)
-            || (jobs.worker && jobs.queue.iter().any(|j| j.dir == dir))
+        while jobs.busy.as_ref().is_some_and(|j| j.is_for(dir))
+            || (jobs.worker && jobs.queue.iter().any(|j| j.is_for(dir)))
         {
             jobs = self
                 .shared
@@ -424,7 +477,7 @@ impl Preparer {
                 .wait(jobs)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        jobs.ready.retain(|(j, _)| j.dir != dir);
+        jobs.ready.retain(|(j, _)| !j.is_for(dir));
     }
 }
 
@@ -435,7 +488,7 @@ mod tests {
     #[test]
     fn created_segment_reopens_with_its_header() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 3, 64 << 10).unwrap();
+        let seg = Segment::create(dir.path(), 3, 64 << 10, FsyncPolicy::Always).unwrap();
         assert_eq!(seg.capacity(), 64 << 10);
         drop(seg);
         assert_eq!(list(dir.path()).unwrap(), vec![3]);
@@ -447,7 +500,7 @@ mod tests {
     #[test]
     fn rejects_segment_with_a_damaged_header() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = Segment::create(dir.path(), 1, 64 << 10).unwrap();
+        let mut seg = Segment::create(dir.path(), 1, 64 << 10, FsyncPolicy::Always).unwrap();
         seg.map[20] ^= 1;
         seg.sync(HEADER_BYTES).unwrap();
         drop(seg);
@@ -461,12 +514,66 @@ mod tests {
     fn preparer_hands_over_the_segment_it_made() {
         let dir = tempfile::tempdir().unwrap();
         let p = Preparer::new();
-        p.start(dir.path(), 2, 64 << 10);
-        let seg = p.take(dir.path(), 2, 64 << 10).unwrap();
+        p.start(dir.path(), 2, 64 << 10, FsyncPolicy::Always);
+        let seg = p
+            .take(dir.path(), 2, 64 << 10, FsyncPolicy::Always)
+            .unwrap();
         assert_eq!(seg.id, 2);
         // Asked for one it did not prepare, it makes it on the spot.
-        let seg = p.take(dir.path(), 3, 64 << 10).unwrap();
+        let seg = p
+            .take(dir.path(), 3, 64 << 10, FsyncPolicy::Always)
+            .unwrap();
         assert_eq!(seg.id, 3);
         assert_eq!(list(dir.path()).unwrap(), vec![2, 3]);
+    }
+
+    #[test]
+    fn creating_a_segment_syncs_its_file_and_directory_unless_fsync_is_never() {
+        let synced = tempfile::tempdir().unwrap();
+        let seg = Segment::create(synced.path(), 1, 64 << 10, FsyncPolicy::Always).unwrap();
+        let tmp = seg.path.with_extension("seg.tmp");
+        let dir = synced.path().to_path_buf();
+        // The header (msync), the file, then the directory holding its new name.
+        assert_eq!(
+            os::synced::under(synced.path()),
+            vec![tmp.clone(), tmp, dir]
+        );
+
+        let unsynced = tempfile::tempdir().unwrap();
+        let seg = Segment::create(unsynced.path(), 1, 64 << 10, FsyncPolicy::Never).unwrap();
+        assert!(os::synced::under(unsynced.path()).is_empty());
+        drop(seg);
+        // The page cache holds a whole segment all the same.
+        let seg = Segment::open(unsynced.path(), 1).unwrap();
+        assert_eq!(seg.capacity(), 64 << 10);
+        assert_eq!(seg.acked_end(), HEADER_BYTES);
+    }
+
+    #[test]
+    fn preparer_creates_with_the_logs_policy() {
+        let never = tempfile::tempdir().unwrap();
+        let always = tempfile::tempdir().unwrap();
+        let p = Preparer::new();
+        p.start(never.path(), 2, 64 << 10, FsyncPolicy::Never);
+        p.start(always.path(), 2, 64 << 10, FsyncPolicy::Always);
+        p.take(never.path(), 2, 64 << 10, FsyncPolicy::Never)
+            .unwrap();
+        p.take(always.path(), 2, 64 << 10, FsyncPolicy::Always)
+            .unwrap();
+        assert!(os::synced::under(never.path()).is_empty());
+        assert_eq!(os::synced::under(always.path()).len(), 3);
+    }
+
+    #[test]
+    fn blank_segment_is_told_from_one_with_a_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 1, 64 << 10, FsyncPolicy::Never).unwrap();
+        assert!(!is_blank(dir.path(), 1).unwrap());
+        fs::write(&seg.path, vec![0u8; 64 << 10]).unwrap();
+        assert!(is_blank(dir.path(), 1).unwrap());
+        let mut late = vec![0u8; 64 << 10];
+        late[40_000] = 1;
+        fs::write(&seg.path, late).unwrap();
+        assert!(!is_blank(dir.path(), 1).unwrap());
     }
 }

@@ -1014,3 +1014,75 @@ fn one_preparer_serves_the_logs_of_a_shard() {
         );
     }
 }
+
+#[test]
+fn fsync_never_syncs_nothing_while_a_log_opens_fills_and_rolls_segments() {
+    let root = tempfile::tempdir().unwrap();
+    // A new partition directory under a new parent, as a node's first write makes it.
+    let dir = root.path().join("partitions").join("00007");
+    let (mut store, _) = open(config(&dir));
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    for i in 0..400 {
+        send(&mut store, 1, &format!("m{i}"), &[3; 1000]);
+        store.commit().unwrap();
+    }
+    assert!(store.segments.len() >= 3, "the test must roll segments");
+    assert_eq!(os::synced::under(root.path()), Vec::<PathBuf>::new());
+    drop(store);
+    let (store, _) = open(config(&dir));
+    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(400));
+
+    // The same under `always`: the new directories, every segment and its name are synced.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("partitions").join("00007");
+    let (mut store, _) = open(StoreConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(&dir)
+    });
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    for i in 0..400 {
+        send(&mut store, 1, &format!("m{i}"), &[3; 1000]);
+        store.commit().unwrap();
+    }
+    let synced = os::synced::under(root.path());
+    assert!(synced.contains(&root.path().to_path_buf()));
+    assert!(synced.contains(&root.path().join("partitions")));
+    for seg in &store.segments {
+        assert!(synced.contains(&seg.path.with_extension("seg.tmp")));
+    }
+    assert!(synced.iter().filter(|p| **p == dir).count() >= store.segments.len());
+}
+
+#[test]
+fn a_blank_last_segment_left_by_a_power_loss_under_fsync_never_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(config(dir.path()));
+    store.create_shop_conv(ConvId(1), ShopId(7), BUYER).unwrap();
+    for i in 0..10 {
+        send(&mut store, 1, &format!("m{i}"), b"kept");
+    }
+    store.commit().unwrap();
+    drop(store);
+    // Segment 2's name reached the disk, its header did not (nor anything else).
+    let blank = dir.path().join(segment::file_name(2));
+    fs::write(&blank, vec![0u8; 128 << 10]).unwrap();
+    let (store, _) = open(config(dir.path()));
+    assert_eq!(store.conv(ConvId(1)).unwrap().last_seq(), Seq(10));
+    assert_eq!(segment::list(dir.path()).unwrap(), [1]);
+    drop(store);
+
+    // A lost header with something after it is not an unfinished creation: it is refused.
+    let mut damaged = vec![0u8; 128 << 10];
+    damaged[4096] = 1;
+    fs::write(&blank, damaged).unwrap();
+    assert!(matches!(
+        Store::open(config(dir.path())),
+        Err(StoreError::Corrupt { .. })
+    ));
+
+    // A log whose only segment is blank starts empty.
+    let only = tempfile::tempdir().unwrap();
+    fs::write(only.path().join(segment::file_name(1)), vec![0u8; 64 << 10]).unwrap();
+    let (store, _) = open(config(only.path()));
+    assert!(store.conv(ConvId(1)).is_none());
+}

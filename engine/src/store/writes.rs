@@ -45,14 +45,19 @@ impl Store {
         }
         let id = active.id + 1;
         let bytes = self.config.segment_bytes_for(id);
-        self.config.preparer.start(&self.config.dir, id, bytes);
+        self.config
+            .preparer
+            .start(&self.config.dir, id, bytes, self.config.fsync);
         self.next_asked = true;
     }
 
     pub(super) fn switch_segment(&mut self) -> Result<(), StoreError> {
         let id = self.active().id + 1;
         let bytes = self.config.segment_bytes_for(id);
-        let next = self.config.preparer.take(&self.config.dir, id, bytes)?;
+        let next = self
+            .config
+            .preparer
+            .take(&self.config.dir, id, bytes, self.config.fsync)?;
         if let Some(sealed) = self.segments.back_mut() {
             sealed.store_newest_ts();
         }
