@@ -220,7 +220,8 @@ fn chat_members_3(server: &Server, procs: &str, uid_base: &str) {
         "--duration-s",
         "1",
     ]);
-    assert!(output.status.success(), "{report}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}\nstderr:\n{stderr}");
     assert_eq!(report["connections"], 12, "{report}");
     assert_eq!(report["kind"], "shop, 3 members", "{report}");
     let sent = report["sent"].as_u64().unwrap();
