@@ -217,7 +217,9 @@ impl PostOffice {
         };
         for &uid in &fanout.users {
             for route in c.cluster.devices_of(uid) {
-                if route.node != c.cluster.node && !nodes.contains(&route.node) {
+                // The device the push leaves out (the sender's) needs no trip to its node.
+                let skipped = fanout.except == Some(route.device);
+                if !skipped && route.node != c.cluster.node && !nodes.contains(&route.node) {
                     nodes.push(route.node);
                 }
             }
@@ -538,6 +540,20 @@ mod tests {
         assert!(office
             .fanout_nodes(&fanout(smallvec![Uid::new(UidKind::Buyer, 4)]))
             .is_empty());
+        // The push's `except` device (the sender's) takes no node into the list: `x`'s only
+        // device is on node 2.
+        let without = |users, except| {
+            Fanout::new(
+                users,
+                Some(DeviceId::from_u64(except).unwrap()),
+                chinwag_protocol::Message::Pong,
+            )
+        };
+        assert!(office.fanout_nodes(&without(smallvec![x], 14)).is_empty());
+        assert_eq!(
+            office.fanout_nodes(&without(smallvec![x], 10)).as_slice(),
+            [2]
+        );
         let (single, _polls, _) = self::office(false);
         assert!(single.fanout_nodes(&fanout(smallvec![a, b])).is_empty());
     }
