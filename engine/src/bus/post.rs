@@ -71,6 +71,17 @@ pub struct ClusterPost {
     node_partitions: Vec<(u16, u16)>,
 }
 
+impl ClusterPost {
+    /// Whether node `node` counts as up: its heartbeat was in Redis at the last read, or its
+    /// node link is connected now. The link keeps a peer up while Redis is away or restarted
+    /// (heartbeats lapse there, not between the nodes), so established sessions keep chatting;
+    /// a killed peer's link drops at once, and one that hangs is closed after
+    /// `node_link_idle_timeout_ms`.
+    fn reachable(&self, node: u16) -> bool {
+        self.cluster.is_alive(node) || self.links.is_connected(node)
+    }
+}
+
 /// Every shard's mailbox, and the way to the other nodes of a cluster.
 pub struct PostOffice {
     mailboxes: Box<[Mailbox]>,
@@ -136,7 +147,7 @@ impl PostOffice {
         }
         if let Some(c) = self.cluster.get() {
             for &(node, count) in &c.node_partitions {
-                if c.cluster.is_alive(node) {
+                if c.reachable(node) {
                     gather.parts.push((To::Node(node), count));
                     gather.asked += usize::from(count);
                 }
@@ -173,7 +184,7 @@ impl PostOffice {
             // message that names an owner (a push, a part request), or the map and the table
             // disagree. Neither happens when both come from the same table.
             Some(owner) if owner.node == c.cluster.node => Hop::Nowhere,
-            Some(owner) if owner.alive => Hop::Node(owner.node),
+            Some(owner) if owner.alive || c.links.is_connected(owner.node) => Hop::Node(owner.node),
             Some(_) => Hop::Down,
             None => Hop::Nowhere,
         }
@@ -216,7 +227,10 @@ impl PostOffice {
             return nodes;
         };
         for &uid in &fanout.users {
-            for route in c.cluster.devices_of(uid) {
+            for route in c.cluster.routes.of(uid) {
+                if !c.reachable(route.node) {
+                    continue;
+                }
                 // The device the push leaves out (the sender's) needs no trip to its node.
                 let skipped = fanout.except == Some(route.device);
                 if !skipped && route.node != c.cluster.node && !nodes.contains(&route.node) {
