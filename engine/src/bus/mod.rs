@@ -187,11 +187,12 @@ pub enum BusMsg {
         token: u64,
     },
     /// The message stream of a service: the next messages of the receiving shard's partitions'
-    /// logs.
+    /// logs (sent to another node: of that node's partitions; its inbox splits the read over
+    /// its shards, each answering for its own).
     StreamRead {
         /// The service connection.
         session: SessionRef,
-        /// Per partition of the receiving shard: from this position of its log
+        /// Per partition of the receiving shard (or node): from this position of its log
         /// ([`STREAM_NOW`]: from the end; 0: from the start).
         from: Box<[(PartitionId, u64)]>,
     },
@@ -336,11 +337,31 @@ pub const STREAM_NOW: u64 = u64::MAX;
 pub struct StreamPart {
     /// The service connection.
     pub session: SessionRef,
-    /// The shard whose partitions were read.
+    /// The shard whose partitions were read (on the node that owns them).
     pub shard: usize,
     /// The messages and events found and, per partition read, the position after them; or
-    /// why a position was refused.
-    pub result: Result<StreamFound, &'static str>,
+    /// why a position was refused. Either way it names the partitions it covers, which is how
+    /// a stream counts its reads in flight across shards and nodes.
+    pub result: Result<StreamFound, StreamRefused>,
+}
+
+/// Why a [`BusMsg::StreamRead`] was refused, and what it asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRefused {
+    pub text: &'static str,
+    /// The read's partitions and the positions it asked for.
+    pub from: Vec<(PartitionId, u64)>,
+}
+
+impl StreamPart {
+    /// The partitions this part answers for.
+    pub fn partitions(&self) -> impl Iterator<Item = PartitionId> + '_ {
+        let positions = match &self.result {
+            Ok(found) => &found.next,
+            Err(refused) => &refused.from,
+        };
+        positions.iter().map(|&(p, _)| p)
+    }
 }
 
 /// The messages and events one stream read found, and where each partition read is read on.

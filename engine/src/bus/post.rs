@@ -18,7 +18,7 @@ use chinwag_protocol::ErrorCode;
 use smallvec::SmallVec;
 
 use super::mailbox::Mailbox;
-use super::{BusMsg, Fanout, PartitionMap, Refusal};
+use super::{BusMsg, Fanout, PartitionId, PartitionMap, Refusal};
 use crate::cluster::link::Links;
 use crate::cluster::Cluster;
 use crate::operator::metrics::{self, ShardMetrics};
@@ -69,6 +69,8 @@ pub struct ClusterPost {
     pub links: Arc<Links>,
     /// Every other node that owns partitions, and how many.
     node_partitions: Vec<(u16, u16)>,
+    /// Every other node that owns partitions, and which (for a stream's reads).
+    node_partition_ids: Vec<(u16, Box<[PartitionId]>)>,
 }
 
 impl ClusterPost {
@@ -112,19 +114,28 @@ impl PostOffice {
     /// Makes this the post office of a cluster node: messages for other nodes leave by
     /// `links`. Called once, before the shards start.
     pub fn join_cluster(&self, cluster: Arc<Cluster>, links: Arc<Links>) {
-        let mut counts = std::collections::BTreeMap::<u16, u16>::new();
+        let mut owned = std::collections::BTreeMap::<u16, Vec<PartitionId>>::new();
         for p in 0..cluster.partitions.count() {
             if let Some(entry) = cluster.partitions.get(p) {
                 if entry.node != cluster.node {
-                    *counts.entry(entry.node).or_default() += 1;
+                    // A partition id is below `PARTITIONS_MAX`, which fits.
+                    owned.entry(entry.node).or_default().push(p as PartitionId);
                 }
             }
         }
-        let node_partitions = counts.into_iter().collect();
+        let node_partitions = owned
+            .iter()
+            .map(|(&node, ids)| (node, ids.len() as u16))
+            .collect();
+        let node_partition_ids = owned
+            .into_iter()
+            .map(|(node, ids)| (node, ids.into_boxed_slice()))
+            .collect();
         let _ = self.cluster.set(ClusterPost {
             cluster,
             links,
             node_partitions,
+            node_partition_ids,
         });
     }
 
@@ -154,6 +165,17 @@ impl PostOffice {
             }
         }
         gather
+    }
+
+    /// Every other node of a cluster that owns partitions, which ones, and whether its
+    /// heartbeat is there (a message stream reads a live node's partitions over the links and
+    /// skips a dead one's until it is back). Empty on the single node.
+    pub fn remote_partitions(&self) -> impl Iterator<Item = (u16, &[PartitionId], bool)> + '_ {
+        self.cluster.get().into_iter().flat_map(|c| {
+            c.node_partition_ids
+                .iter()
+                .map(move |(node, ids)| (*node, &ids[..], c.cluster.is_alive(*node)))
+        })
     }
 
     /// Where `msg` goes: the one routing decision, for a message that names its destination

@@ -47,7 +47,9 @@ use slab::Slab;
 
 use super::wire::{self, Hello, LinkFrame};
 use crate::bus::post::PostOffice;
-use crate::bus::{BusMsg, PartitionMap, Refusal, NODE_NUMBER_MAX};
+use crate::bus::{
+    BusMsg, PartitionId, PartitionMap, Refusal, StreamFound, StreamPart, NODE_NUMBER_MAX,
+};
 
 /// The limits and timers of a node's links.
 #[derive(Debug, Clone)]
@@ -122,7 +124,8 @@ pub trait Inbox: Send + 'static {
 }
 
 /// The node's inbox: a message for a session goes to the session's shard, a push to every
-/// shard, a `convs` part request to every shard (each answers for its partitions), anything
+/// shard, a `convs` part request to every shard (each answers for its partitions), a stream
+/// read split by the shards serving its partitions, anything
 /// else to the shard serving its subject's partition here ([`BusMsg::owner`]).
 pub struct OfficeInbox {
     pub office: Arc<PostOffice>,
@@ -168,6 +171,50 @@ impl Inbox for OfficeInbox {
                     token,
                     partitions: failed,
                     convs: None,
+                })
+            }
+            BusMsg::StreamRead { session, from } => {
+                // The asker read this node's partitions in one request; each shard reads its
+                // own. Partitions no shard can read now (its mailbox is full, or the maps of
+                // the two nodes disagree) are answered as not moved: the asker reads them
+                // again on its next poll, from the same position.
+                let mut skipped = Vec::new();
+                for shard in 0..shards {
+                    let part: Box<[(PartitionId, u64)]> = from
+                        .iter()
+                        .filter(|&&(p, _)| {
+                            self.partitions.shard_of_partition(u32::from(p)) == Some(shard)
+                        })
+                        .copied()
+                        .collect();
+                    if part.is_empty() {
+                        continue;
+                    }
+                    let read = BusMsg::StreamRead {
+                        session,
+                        from: part,
+                    };
+                    if let Err(BusMsg::StreamRead { from, .. }) =
+                        self.office.post_from_outside(shard, read)
+                    {
+                        skipped.extend_from_slice(&from);
+                    }
+                }
+                skipped.extend(
+                    from.iter().filter(|&&(p, _)| {
+                        self.partitions.shard_of_partition(u32::from(p)).is_none()
+                    }),
+                );
+                (!skipped.is_empty()).then(|| {
+                    BusMsg::StreamPart(Box::new(StreamPart {
+                        session,
+                        shard: 0,
+                        result: Ok(StreamFound {
+                            msgs: Vec::new(),
+                            events: Vec::new(),
+                            next: skipped,
+                        }),
+                    }))
                 })
             }
             msg => {
@@ -1816,6 +1863,77 @@ mod tests {
             .unwrap()
             .contains("not on this node"));
         assert_eq!(office.depths(), [1, 2], "nothing posted");
+    }
+
+    /// A peer's stream read covers this node's partitions: each shard gets a read of its own;
+    /// the partitions of a shard that cannot take it, and those not served here, come back to
+    /// the asker as not moved (it reads them again on its next poll).
+    #[test]
+    fn the_office_inbox_splits_a_stream_read_over_the_shards_and_answers_what_it_cannot_read() {
+        use crate::bus::mailbox::Mailbox;
+        let polls = [Poll::new().unwrap(), Poll::new().unwrap()];
+        let mailboxes = polls
+            .iter()
+            .map(|poll| Mailbox::new(1, Waker::new(poll.registry(), Token(0)).unwrap()))
+            .collect();
+        // Partitions 0..5 here: 0, 2, 4 on shard 0, 1 and 3 on shard 1; 5..8 another node's.
+        let partitions = Arc::new(PartitionMap::from_assignment(
+            (0..8u16).map(|p| (p < 5).then_some(p % 2)).collect(),
+            2,
+        ));
+        let office = Arc::new(PostOffice::new(mailboxes, Arc::clone(&partitions)));
+        let mut inbox = OfficeInbox {
+            office: Arc::clone(&office),
+            partitions,
+        };
+        let session = crate::bus::SessionRef {
+            node: 2,
+            shard: 1,
+            slot: 7,
+            generation: 1,
+        };
+        let read = |from: &[(PartitionId, u64)]| BusMsg::StreamRead {
+            session,
+            from: from.into(),
+        };
+        let all: Vec<(PartitionId, u64)> = (0..5).map(|p| (p, 10 + u64::from(p))).collect();
+        assert!(inbox.deliver(2, read(&all)).is_none());
+        let mut reads = Vec::new();
+        for shard in 0..2 {
+            let mut got = Vec::new();
+            office.mailbox(shard).drain(8, |msg| got.push(msg));
+            let [BusMsg::StreamRead { from, session: s }] = got.as_slice() else {
+                panic!("{got:?}");
+            };
+            assert_eq!(*s, session);
+            reads.push(from.to_vec());
+        }
+        assert_eq!(
+            reads,
+            [vec![(0, 10), (2, 12), (4, 14)], vec![(1, 11), (3, 13)]]
+        );
+        // Shard 0's mailbox (of one) full, and partition 6 not served here: those come back
+        // unmoved, for the session; shard 1's read goes.
+        office
+            .post_from_outside(
+                0,
+                BusMsg::AgentOffline {
+                    shop: chinwag_protocol::ShopId(1),
+                    agent: Uid::new(UidKind::Agent, 1),
+                },
+            )
+            .unwrap();
+        let answer = inbox
+            .deliver(2, read(&[(0, 10), (1, 11), (6, 16)]))
+            .expect("answered");
+        let BusMsg::StreamPart(part) = &answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(part.session, session);
+        let found = part.result.as_ref().expect("not refused");
+        assert!(found.msgs.is_empty() && found.events.is_empty());
+        assert_eq!(found.next, [(0, 10), (6, 16)]);
+        assert_eq!(office.depths(), [1, 1]);
     }
 
     /// A peer's `convs` part request covers this node's partitions: each shard gets one with

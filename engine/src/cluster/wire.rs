@@ -33,7 +33,7 @@ use smallvec::SmallVec;
 use crate::bus::partitions::PARTITIONS_MAX;
 use crate::bus::{
     BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp, ProfileRequest,
-    SendRequest, SessionRef, StreamFound, StreamPart, WechatUndelivered,
+    SendRequest, SessionRef, StreamFound, StreamPart, StreamRefused, WechatUndelivered,
     GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
 };
 use crate::store::StoredProfile;
@@ -489,12 +489,13 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
                         }),
                     )?;
                 }
-                Err(text) => {
+                Err(refused) => {
                     let code = STREAM_ERRORS
                         .iter()
-                        .find(|(_, known)| known == text)
+                        .find(|(_, known)| *known == refused.text)
                         .map_or(STREAM_REFUSED, |(code, _)| *code);
                     out.put_u8(code);
+                    put_positions(out, &refused.from)?;
                 }
             }
         }
@@ -924,11 +925,14 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
                         next,
                     })
                 }
-                code => Err(STREAM_ERRORS
-                    .iter()
-                    .find(|(known, _)| *known == code)
-                    .map(|(_, text)| *text)
-                    .ok_or(WireError::Malformed("stream part result"))?),
+                code => Err(StreamRefused {
+                    text: STREAM_ERRORS
+                        .iter()
+                        .find(|(known, _)| *known == code)
+                        .map(|(_, text)| *text)
+                        .ok_or(WireError::Malformed("stream part result"))?,
+                    from: r.positions()?,
+                }),
             };
             BusMsg::StreamPart(Box::new(StreamPart {
                 session,
@@ -1464,11 +1468,14 @@ mod tests {
         ]
     }
 
-    fn stream_result() -> impl Strategy<Value = std::result::Result<StreamFound, &'static str>> {
+    fn stream_result() -> impl Strategy<Value = std::result::Result<StreamFound, StreamRefused>> {
         prop_oneof![
             (vec(msg(), 0..5), vec(stream_event(), 0..4), positions())
                 .prop_map(|(msgs, events, next)| Ok(StreamFound { msgs, events, next })),
-            (0..STREAM_ERRORS.len()).prop_map(|i| Err(STREAM_ERRORS[i].1)),
+            (0..STREAM_ERRORS.len(), positions()).prop_map(|(i, from)| Err(StreamRefused {
+                text: STREAM_ERRORS[i].1,
+                from
+            })),
         ]
     }
 

@@ -11,7 +11,7 @@ use chinwag_protocol::limits::GROUP_FULL_LIST_MAX;
 
 use super::{store_error, Owner};
 use crate::bus::{
-    reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, STREAM_NOW,
+    reply_size, Origin, PartitionId, SessionRef, StreamFound, StreamPart, StreamRefused, STREAM_NOW,
 };
 use crate::store::{
     ConvKind, Conversation, HistoryFrom, MessageRef, ScanError, StoreError, STREAM_EVENT_BYTES,
@@ -135,9 +135,12 @@ impl Owner {
             shard: self.shard,
             result: result
                 .map(|()| StreamFound { msgs, events, next })
-                .map_err(|e| match e {
-                    ScanError::Retired => "the resume position was deleted by log retention",
-                    ScanError::NotOurs => "not a resume position of this node",
+                .map_err(|e| StreamRefused {
+                    text: match e {
+                        ScanError::Retired => "the resume position was deleted by log retention",
+                        ScanError::NotOurs => "not a resume position of this node",
+                    },
+                    from: from.to_vec(),
                 }),
         }
     }

@@ -77,42 +77,102 @@ fn service_device() -> DeviceId {
 }
 
 /// A subscription to the message stream: where each partition's log is read next. Reads go
-/// to the shards, each for the partitions it serves.
+/// to the shards here, each for the partitions it serves, and in a cluster to each other live
+/// node, for the partitions it owns (its node inbox splits the read over its shards).
 #[derive(Debug)]
 struct Stream {
     /// The `subscribe`'s `req`, echoed by every `stream_batch`.
     req: Option<u64>,
-    /// Per partition: the log position to read next (`STREAM_NOW` until its shard said where
-    /// its end is; 0: its start).
+    /// Per partition of the cluster: the log position to read next (`STREAM_NOW` until its
+    /// owner said where its end is; 0: its start).
     positions: Vec<u64>,
-    /// Per shard: a read is posted and not answered yet.
-    in_flight: Vec<bool>,
-    /// Per shard: its last read found messages, so there may be more right away.
+    /// Per partition: when (shard milliseconds) a read of it was posted that is not answered
+    /// yet. A read not answered in [`STREAM_READ_TIMEOUT_MS`] is given up (lost with a node
+    /// or a link): its partitions did not move and are read again on the next poll.
+    asked_ms: Vec<Option<u64>>,
+    /// Per partition: its last read found something, so there may be more right away.
     more: Vec<bool>,
-    /// Every shard has answered once: the positions are all real, batches may go out.
+    /// Every read of the first round is answered (or given up): the positions are all as
+    /// real as they can be, batches may go out.
     started: bool,
     /// The HTTP request it served was answered: no more batches or reads; it goes once the
     /// reads in flight are back (they would answer into the next request's subscription).
     ended: bool,
 }
 
+/// A stream read not answered after this long is given up and asked again on a later poll:
+/// the node that owns its partitions died, or the link lost it. Its partitions' positions
+/// did not move, so nothing is skipped (a late answer is still taken: at-least-once).
+const STREAM_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// Who a stream read goes to: a shard of this node, or another node.
+type StreamReader = (bus::post::To, Vec<PartitionId>);
+
 impl Stream {
-    /// Asks `shard` for the next messages of its partitions (a shard with none is not asked).
-    fn read(&mut self, shard: usize, me: SessionRef, ctx: &mut Context) {
-        let from: Box<[(PartitionId, u64)]> = ctx
-            .partitions()
-            .partitions_of(shard)
-            .map(|p| (p, self.positions[usize::from(p)]))
+    /// Every group of partitions read together: each shard's here, each other node's.
+    /// A node that is down is left out: its partitions wait, at their positions, until it is
+    /// back.
+    fn readers(ctx: &Context) -> Vec<StreamReader> {
+        let mut readers: Vec<StreamReader> = (0..ctx.shards())
+            .map(|shard| {
+                let partitions = ctx.partitions().partitions_of(shard).collect();
+                (bus::post::To::Shard(shard), partitions)
+            })
             .collect();
-        if from.is_empty() {
+        readers.extend(
+            ctx.post
+                .office()
+                .remote_partitions()
+                .filter(|&(_, _, alive)| alive)
+                .map(|(node, partitions, _)| (bus::post::To::Node(node), partitions.to_vec())),
+        );
+        readers
+    }
+
+    /// Asks `to` for the next messages of `partitions`, unless one of them is still in
+    /// flight or (without `poll`) none of them found something last time.
+    fn read(
+        &mut self,
+        (to, partitions): &StreamReader,
+        poll: bool,
+        me: SessionRef,
+        ctx: &mut Context,
+    ) {
+        let at = |p: &PartitionId| usize::from(*p);
+        if partitions.is_empty()
+            || partitions.iter().any(|p| self.asked_ms[at(p)].is_some())
+            || !(poll || partitions.iter().any(|p| self.more[at(p)]))
+        {
             return;
         }
-        self.in_flight[shard] = true;
-        ctx.post.to(shard, BusMsg::StreamRead { session: me, from });
+        let from: Box<[(PartitionId, u64)]> = partitions
+            .iter()
+            .map(|&p| (p, self.positions[at(&p)]))
+            .collect();
+        for p in partitions {
+            self.asked_ms[at(p)] = Some(ctx.now_ms);
+        }
+        ctx.post
+            .send_later(*to, BusMsg::StreamRead { session: me, from });
+    }
+
+    /// Whether any read is posted and not answered yet.
+    fn in_flight(&self) -> bool {
+        self.asked_ms.iter().any(Option::is_some)
+    }
+
+    /// Gives up the reads posted `STREAM_READ_TIMEOUT_MS` or more ago.
+    fn give_up_late_reads(&mut self, now_ms: u64) {
+        for asked in &mut self.asked_ms {
+            if asked.is_some_and(|ms| now_ms.saturating_sub(ms) >= STREAM_READ_TIMEOUT_MS) {
+                *asked = None;
+            }
+        }
     }
 
     /// The signed position string of where every partition is read next. A partition still
-    /// at `STREAM_NOW` (only one no shard here serves) is left at its start.
+    /// at `STREAM_NOW` (its owner has not answered yet: a node that was down) is left at its
+    /// start: resuming from it may repeat, never skip.
     fn position(&self, ctx: &Context) -> String {
         let named: Vec<(PartitionId, u64)> = self
             .positions
@@ -743,7 +803,6 @@ impl ServiceConn {
             let error = bus::error(ErrorCode::BadRequest, "already subscribed");
             return self.reply(req, error, ctx);
         }
-        let shards = ctx.shards();
         let partitions = ctx.partitions().count();
         let positions = if from.is_empty() {
             vec![STREAM_NOW; partitions]
@@ -762,16 +821,22 @@ impl ServiceConn {
         let mut stream = Box::new(Stream {
             req,
             positions,
-            in_flight: vec![false; shards],
-            more: vec![false; shards],
+            asked_ms: vec![None; partitions],
+            more: vec![false; partitions],
             started: false,
             ended: false,
         });
         let me = self.session_ref(ctx);
-        for shard in 0..shards {
-            stream.read(shard, me, ctx);
+        for reader in Stream::readers(ctx) {
+            stream.read(&reader, true, me, ctx);
         }
+        let started = !stream.in_flight();
+        stream.started = started;
         self.subscription = Some(stream);
+        if started && self.http.is_none() {
+            // Nothing to read (no node serving partitions is up): the first batch, empty.
+            self.send_batch(Vec::new(), Vec::new(), ctx);
+        }
     }
 
     /// One shard's next messages for the stream: sent on as a `stream_batch` with the position
@@ -787,13 +852,19 @@ impl ServiceConn {
         let Some(stream) = self.subscription.as_mut() else {
             return;
         };
-        let shard = part.shard;
-        let Some(in_flight) = stream.in_flight.get_mut(shard) else {
+        // Only the partitions still in flight are taken: a late answer to a read given up and
+        // asked again may come twice, and the second must not move a position back.
+        let mut answered = false;
+        for p in part.partitions() {
+            if let Some(asked) = stream.asked_ms.get_mut(usize::from(p)) {
+                answered |= asked.take().is_some();
+            }
+        }
+        if !answered {
             return;
-        };
-        *in_flight = false;
+        }
         if stream.ended {
-            if !stream.in_flight.contains(&true) {
+            if !stream.in_flight() {
                 // The last read of an answered request is back: the next request may come.
                 self.subscription = None;
                 ctx.read_again.push(self.token());
@@ -803,25 +874,25 @@ impl ServiceConn {
         let req = stream.req;
         let found = match part.result {
             Ok(found) => found,
-            Err(text) => {
+            Err(refused) => {
                 // The HTTP form ends its stream with its answer (below).
                 if self.http.is_none() {
                     self.subscription = None;
                 }
-                return self.reply(req, bus::error(ErrorCode::BadRequest, text), ctx);
+                let error = bus::error(ErrorCode::BadRequest, refused.text);
+                return self.reply(req, error, ctx);
             }
         };
         // A read that moved on found something (perhaps only records the stream leaves
         // out, such as device registrations): there may be more behind it.
-        let mut moved = false;
         for (p, pos) in found.next {
-            if let Some(at) = stream.positions.get_mut(usize::from(p)) {
-                moved |= *at != pos;
+            let p = usize::from(p);
+            if let Some(at) = stream.positions.get_mut(p) {
+                stream.more[p] = *at != pos;
                 *at = pos;
             }
         }
-        stream.more[shard] = moved;
-        let first_round_done = !stream.started && !stream.in_flight.iter().any(|&f| f);
+        let first_round_done = !stream.started && !stream.in_flight();
         if first_round_done {
             stream.started = true;
         }
@@ -856,6 +927,7 @@ impl ServiceConn {
     /// is answered (a long-polling `subscribe` with an empty batch and its position), and one
     /// that got no answer `handshake_timeout_ms` after that is answered `unavailable`.
     pub fn on_tick(&mut self, ctx: &mut Context) {
+        self.give_up_late_reads(ctx);
         self.pump_stream(true, ctx);
         let Some(request) = self.http.as_ref().and_then(|http| http.request.as_ref()) else {
             return;
@@ -888,10 +960,11 @@ impl ServiceConn {
         self.flush();
     }
 
-    /// Asks each shard with no read in flight for its next messages: those that just found
-    /// some, or all of them when `poll` (a timer tick, for shards that were caught up). A
-    /// service whose replies pile up (over a quarter of the send queue) is asked nothing more
-    /// until it reads them: the log is the buffer, not memory.
+    /// Asks each shard (and in a cluster each other live node) with no read in flight for the
+    /// next messages of its partitions: those that just found some, or all of them when
+    /// `poll` (a timer tick, for those that were caught up). A service whose replies pile up
+    /// (over a quarter of the send queue) is asked nothing more until it reads them: the log
+    /// is the buffer, not memory.
     pub fn pump_stream(&mut self, poll: bool, ctx: &mut Context) {
         let me = self.session_ref(ctx);
         let backlog = self.outbox.len_bytes() > ctx.node.config.send_queue_bytes_max / 4;
@@ -901,9 +974,33 @@ impl ServiceConn {
         if !stream.started || stream.ended || backlog || self.closing {
             return;
         }
-        for shard in 0..stream.in_flight.len() {
-            if !stream.in_flight[shard] && (poll || stream.more[shard]) {
-                stream.read(shard, me, ctx);
+        for reader in Stream::readers(ctx) {
+            stream.read(&reader, poll, me, ctx);
+        }
+    }
+
+    /// A tick's look at the reads in flight: those posted too long ago are given up (their
+    /// partitions are read again on a later poll). A first round complete by that is started
+    /// (its first batch goes out, on the binary port at once); an answered request's
+    /// subscription with nothing left in flight goes.
+    fn give_up_late_reads(&mut self, ctx: &mut Context) {
+        let Some(stream) = self.subscription.as_mut() else {
+            return;
+        };
+        if !stream.in_flight() {
+            return;
+        }
+        stream.give_up_late_reads(ctx.now_ms);
+        if stream.in_flight() {
+            return;
+        }
+        if stream.ended {
+            self.subscription = None;
+            ctx.read_again.push(self.token());
+        } else if !stream.started {
+            stream.started = true;
+            if self.http.is_none() {
+                self.send_batch(Vec::new(), Vec::new(), ctx);
             }
         }
     }
@@ -1032,7 +1129,7 @@ impl ServiceConn {
         }
         // A long poll's subscription ends with its answer.
         match self.subscription.as_mut() {
-            Some(stream) if stream.in_flight.contains(&true) => stream.ended = true,
+            Some(stream) if stream.in_flight() => stream.ended = true,
             _ => self.subscription = None,
         }
         self.send(api::response(message, keep_alive), ctx);
