@@ -91,7 +91,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     let links = match (&cluster, link_listener) {
         (Some(cluster), Some(listener)) => {
             for owner in &mut owners {
-                owner.set_cluster(cluster.node, Arc::clone(&cluster.peers));
+                owner.set_cluster(Arc::clone(cluster));
             }
             Some(start_links(&config, cluster, listener, &office, &map)?)
         }

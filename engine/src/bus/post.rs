@@ -73,17 +73,6 @@ pub struct ClusterPost {
     node_partition_ids: Vec<(u16, Box<[PartitionId]>)>,
 }
 
-impl ClusterPost {
-    /// Whether node `node` counts as up: its heartbeat was in Redis at the last read, or its
-    /// node link is connected now. The link keeps a peer up while Redis is away or restarted
-    /// (heartbeats lapse there, not between the nodes), so established sessions keep chatting;
-    /// a killed peer's link drops at once, and one that hangs is closed after
-    /// `node_link_idle_timeout_ms`.
-    fn reachable(&self, node: u16) -> bool {
-        self.cluster.is_alive(node) || self.links.is_connected(node)
-    }
-}
-
 /// Every shard's mailbox, and the way to the other nodes of a cluster.
 pub struct PostOffice {
     mailboxes: Box<[Mailbox]>,
@@ -158,7 +147,7 @@ impl PostOffice {
         }
         if let Some(c) = self.cluster.get() {
             for &(node, count) in &c.node_partitions {
-                if c.reachable(node) {
+                if c.cluster.is_alive(node) {
                     gather.parts.push((To::Node(node), count));
                     gather.asked += usize::from(count);
                 }
@@ -206,7 +195,7 @@ impl PostOffice {
             // message that names an owner (a push, a part request), or the map and the table
             // disagree. Neither happens when both come from the same table.
             Some(owner) if owner.node == c.cluster.node => Hop::Nowhere,
-            Some(owner) if owner.alive || c.links.is_connected(owner.node) => Hop::Node(owner.node),
+            Some(owner) if owner.alive => Hop::Node(owner.node),
             Some(_) => Hop::Down,
             None => Hop::Nowhere,
         }
@@ -249,10 +238,7 @@ impl PostOffice {
             return nodes;
         };
         for &uid in &fanout.users {
-            for route in c.cluster.routes.of(uid) {
-                if !c.reachable(route.node) {
-                    continue;
-                }
+            for route in c.cluster.devices_of(uid) {
                 // The device the push leaves out (the sender's) needs no trip to its node.
                 let skipped = fanout.except == Some(route.device);
                 if !skipped && route.node != c.cluster.node && !nodes.contains(&route.node) {

@@ -132,10 +132,14 @@ pub fn node_id(node: u16, link: SocketAddr) -> Result<NodeId, String> {
     .map_err(|e| e.to_string())
 }
 
-/// The routes of `uid` in `cache` whose node is `me` or a peer whose heartbeat is there.
-fn live_routes(cache: &RouteCache, peers: &Peers, me: u16, uid: Uid) -> SmallVec<[Route; 4]> {
+/// The routes of `uid` in `cache` whose node `is_alive` says is up.
+fn live_routes(
+    cache: &RouteCache,
+    uid: Uid,
+    is_alive: impl Fn(u16) -> bool,
+) -> SmallVec<[Route; 4]> {
     let mut routes = cache.of(uid);
-    routes.retain(|r| r.node == me || peers.is_alive(r.node));
+    routes.retain(|r| is_alive(r.node));
     routes
 }
 
@@ -245,9 +249,10 @@ impl Cluster {
     }
 
     /// Where `uid`'s devices are logged in: each device and the node holding its session,
-    /// from the cache, leaving out nodes whose heartbeat has lapsed. Never blocks on Redis.
+    /// from the cache, leaving out nodes that are down ([`Cluster::is_alive`]). Never blocks on
+    /// Redis.
     pub fn devices_of(&self, uid: Uid) -> SmallVec<[Route; 4]> {
-        live_routes(&self.routes, &self.peers, self.node, uid)
+        live_routes(&self.routes, uid, |node| self.is_alive(node))
     }
 
     /// Records that `session` of this node logged in as `device` of `uid` (queued; written to
@@ -286,13 +291,22 @@ impl Cluster {
         Some(PartitionOwner {
             node: entry.node,
             epoch: entry.epoch,
-            alive: entry.node == self.node || self.peers.is_alive(entry.node),
+            alive: self.is_alive(entry.node),
         })
     }
 
-    /// Whether node `node`'s heartbeat was there at the last read of the registry.
+    /// Whether node `node` counts as up: this node, a peer whose heartbeat was there at the
+    /// last read of the registry, or a peer whose node link is connected now. The link keeps a
+    /// peer up while Redis is away or restarted (heartbeats lapse there, not between the
+    /// nodes), so established sessions keep chatting; a killed peer's link drops at once, and
+    /// one that hangs is closed after `node_link_idle_timeout_ms`.
     pub fn is_alive(&self, node: u16) -> bool {
-        node == self.node || self.peers.is_alive(node)
+        node == self.node
+            || self.peers.is_alive(node)
+            || self
+                .links
+                .get()
+                .is_some_and(|links| links.is_connected(node))
     }
 
     /// Leaves the cluster: stops the threads; the registry thread writes the last routes,
@@ -385,7 +399,8 @@ mod tests {
         }
         peers.set_alive_for_tests(&[(1, true), (2, true), (3, false)]);
         let nodes = |me| -> Vec<u16> {
-            let mut n: Vec<u16> = live_routes(&cache, &peers, me, uid)
+            let alive = |node| node == me || peers.is_alive(node);
+            let mut n: Vec<u16> = live_routes(&cache, uid, alive)
                 .iter()
                 .map(|r| r.node)
                 .collect();

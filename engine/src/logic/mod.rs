@@ -170,9 +170,8 @@ pub struct Owner {
     pub commit_failures: u64,
     /// The WeChat channel, when the node serves WeChat accounts.
     wechat: Option<Arc<crate::wechat::channel::Channel>>,
-    /// In a cluster: this node's number and the peers' liveness. A session on a node whose
-    /// heartbeat lapsed does not count as online.
-    cluster: Option<(u16, Arc<crate::cluster::registry::Peers>)>,
+    /// In a cluster: its membership. A session on a node it counts as down is not online.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Agents' replies to WeChat customers stored this turn, for the sender after the commit.
     wechat_out: Vec<wechat::PendingReply>,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
@@ -232,18 +231,17 @@ impl Owner {
         self.wechat = channel;
     }
 
-    /// Serves a cluster node `node`: sessions of nodes that `peers` says are down are not
-    /// online.
-    pub fn set_cluster(&mut self, node: u16, peers: Arc<crate::cluster::registry::Peers>) {
-        self.cluster = Some((node, peers));
+    /// Serves a node of `cluster`: sessions of nodes it counts as down are not online.
+    pub fn set_cluster(&mut self, cluster: Arc<crate::cluster::Cluster>) {
+        self.cluster = Some(cluster);
     }
 
-    /// Whether a session of `node` may be live: this node's, or a peer's whose heartbeat is
-    /// there.
+    /// Whether a session of `node` may be live ([`crate::cluster::Cluster::is_alive`]; always
+    /// on the single node).
     fn node_alive(&self, node: u16) -> bool {
         self.cluster
             .as_ref()
-            .map_or(true, |(me, peers)| node == *me || peers.is_alive(node))
+            .map_or(true, |cluster| cluster.is_alive(node))
     }
 
     /// An owner of every partition of a one-shard node, with its logs under `dir`, for tests.
