@@ -809,34 +809,36 @@ fn session_in(sessions: &mut Slab<Session>, slot: u32, generation: u32) -> Optio
         .filter(|s| s.generation() == generation)
 }
 
+/// A one-shard node for in-process tests: its shard thread on an ephemeral port, and a client
+/// past its WebSocket handshake (the shard's first session: slot 0, generation 1).
 #[cfg(test)]
-mod tests {
-    use std::io::{Read, Write};
+pub(crate) struct TestShard {
+    pub node: Arc<NodeState>,
+    pub office: Arc<PostOffice>,
+    pub thread: std::thread::JoinHandle<io::Result<()>>,
+    pub client: std::net::TcpStream,
+    pub _dir: tempfile::TempDir,
+}
 
-    use super::*;
-    use crate::bus::mailbox::Mailbox;
-    use crate::net::ws::frame::{self, Opcode};
-    use crate::operator::config::Config;
-
-    /// A frame handed to the shard's mailbox by another thread reaches the right session, and
-    /// a frame addressed to an earlier session of the same slot is dropped.
-    #[test]
-    fn mailbox_frames_reach_their_session_only() {
+#[cfg(test)]
+impl TestShard {
+    pub fn start(config: crate::operator::config::Config, secret: &[u8]) -> TestShard {
+        use std::io::{Read, Write};
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
+        let map = Arc::new(crate::bus::PartitionMap::single_node(256, 1));
         let node = Arc::new(NodeState::new(
-            Config::default(),
-            b"secret".to_vec(),
-            Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
+            config,
+            secret.to_vec(),
+            Arc::clone(&map),
             None,
         ));
-        let office = Arc::new(PostOffice::new(
-            vec![Mailbox::new(16, waker)],
-            Arc::new(crate::bus::PartitionMap::single_node(256, 1)),
-        ));
-        let listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mailbox = crate::bus::mailbox::Mailbox::new(64, waker);
+        let office = Arc::new(PostOffice::new(vec![mailbox], map));
+        let listen = "127.0.0.1:0".parse().unwrap();
+        let listener = crate::net::listener::bind(listen).unwrap();
         let addr = listener.local_addr().unwrap();
-        let backend_listener = crate::net::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let backend_listener = crate::net::listener::bind(listen).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let owner = Owner::for_tests(0, 1, dir.path());
         let shard = Shard::new(
@@ -850,10 +852,11 @@ mod tests {
         )
         .unwrap();
         let thread = std::thread::spawn(move || shard.run());
-
         let mut client = std::net::TcpStream::connect(addr).unwrap();
+        // A guard against a hang, not a measurement: every frame these tests wait for is due
+        // within milliseconds.
         client
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         client
             .write_all(
@@ -868,6 +871,35 @@ mod tests {
             head.push(byte[0]);
         }
         assert!(head.starts_with(b"HTTP/1.1 101"));
+        TestShard {
+            node,
+            office,
+            thread,
+            client,
+            _dir: dir,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+    use crate::net::ws::frame::{self, Opcode};
+    use crate::operator::config::Config;
+
+    /// A frame handed to the shard's mailbox by another thread reaches the right session, and
+    /// a frame addressed to an earlier session of the same slot is dropped.
+    #[test]
+    fn mailbox_frames_reach_their_session_only() {
+        let TestShard {
+            node,
+            office,
+            thread,
+            mut client,
+            _dir,
+        } = TestShard::start(Config::default(), b"secret");
 
         // The first session of the shard is slot 0, generation 1.
         let stale = SessionRef {

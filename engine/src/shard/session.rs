@@ -615,20 +615,15 @@ fn wechat_callback(callback: &http::WechatRequest, ctx: &mut Context) -> bytes::
 mod tests {
     use std::io::{Read, Write};
     use std::sync::Arc;
-    use std::time::Duration;
 
     use chinwag_protocol::token::{self, Claims};
     use chinwag_protocol::{Uid, UidKind};
-    use mio::Poll;
 
     use super::*;
-    use crate::bus::mailbox::Mailbox;
     use crate::bus::post::PostOffice;
     use crate::bus::{BusMsg, Fanout};
-    use crate::logic::Owner;
     use crate::operator::config::Config;
     use crate::operator::NodeState;
-    use crate::shard::{Shard, WAKER};
 
     const SECRET: &[u8] = b"push-flush-secret-push-flush-secret";
 
@@ -644,52 +639,13 @@ mod tests {
 
     impl Node {
         fn start(config: Config, uid: Uid) -> Node {
-            let poll = Poll::new().unwrap();
-            let waker = mio::Waker::new(poll.registry(), WAKER).unwrap();
-            let map = Arc::new(crate::bus::PartitionMap::single_node(256, 1));
-            let node = Arc::new(NodeState::new(
-                config,
-                SECRET.to_vec(),
-                Arc::clone(&map),
-                None,
-            ));
-            let office = Arc::new(PostOffice::new(vec![Mailbox::new(64, waker)], map));
-            let listen = "127.0.0.1:0".parse().unwrap();
-            let listener = crate::net::listener::bind(listen).unwrap();
-            let addr = listener.local_addr().unwrap();
-            let backend_listener = crate::net::listener::bind(listen).unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let owner = Owner::for_tests(0, 1, dir.path());
-            let shard = Shard::new(
-                0,
-                Arc::clone(&node),
-                Arc::clone(&office),
-                poll,
-                listener,
-                backend_listener,
-                owner,
-            )
-            .unwrap();
-            let thread = std::thread::spawn(move || shard.run());
-            let mut client = std::net::TcpStream::connect(addr).unwrap();
-            // A guard against a hang, not a measurement: every frame these tests wait for
-            // is due within milliseconds.
-            client
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            client
-                .write_all(
-                    b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-                )
-                .unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                client.read_exact(&mut byte).unwrap();
-                head.push(byte[0]);
-            }
-            assert!(head.starts_with(b"HTTP/1.1 101"));
+            let crate::shard::TestShard {
+                node,
+                office,
+                thread,
+                mut client,
+                _dir: dir,
+            } = crate::shard::TestShard::start(config, SECRET);
             let claims = Claims {
                 uid,
                 shop: None,
