@@ -10,15 +10,11 @@ use std::time::Duration;
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::{
-    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Message, Send, Seq, Target, Uid,
-    UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Message, Send, Seq, Target,
 };
 use chinwag_tests::cluster::{Cluster, ClusterSpec, LoadgenRun, FAST_LINKS, SECRET};
+use chinwag_tests::{buyer, send};
 use serde_json::Value;
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
 
 /// Three nodes without the per-connection rate limit (a closed-loop load passes it at once).
 fn cluster() -> Cluster {
@@ -358,21 +354,6 @@ fn try_send(client: &mut Client, conv: ConvId, cmid: &str) -> Result<Seq, ErrorC
         }) => Ok(ok.seq),
         Err(ClientError::Rejected(e)) => Err(e.code),
         other => panic!("send {cmid}: expected send_ok or an error reply, got {other:?}"),
-    }
-}
-
-fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: body.into(),
-        }))
-        .expect("send accepted");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
     }
 }
 

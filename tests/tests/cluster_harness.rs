@@ -8,12 +8,9 @@ use std::time::Duration;
 use chinwag_protocol::client::Encoding;
 use chinwag_protocol::service::ServiceClient;
 use chinwag_protocol::{Frame, History, HistoryRange, Message, Send, Seq, Target, Uid, UidKind};
+use chinwag_tests::buyer;
 use chinwag_tests::cluster::{Cluster, ClusterSpec};
 use chinwag_tests::mint_token;
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
 
 #[test]
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::client::{Client, Encoding};
-use chinwag_protocol::{DeviceType, NodeId, NodeType, Uid, UidKind};
+use chinwag_protocol::{DeviceType, NodeId, NodeType, Uid};
+use chinwag_tests::buyer;
 use chinwag_tests::redis::{free_port, RedisServer};
 use chinwag_tests::{binary, mint_token, Server};
 
@@ -130,10 +131,6 @@ fn login(server: &Server, uid: Uid) -> (Client, u64) {
         .login(&mint_token(SECRET, uid), DeviceType::Web)
         .expect("login accepted");
     (client, ok.device_id.get())
-}
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
 }
 
 #[test]

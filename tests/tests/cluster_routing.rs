@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::{
-    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Kick, Message, Msg, Send, Seq,
-    Target, Uid, UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Kick, Message, Msg, Seq, Target,
+    Uid, UidKind,
 };
 use chinwag_tests::redis::RedisServer;
 use chinwag_tests::{binary, mint_token_in_shop, service_client, Server};
+use chinwag_tests::{buyer, send};
 
 const SECRET: &str = "cluster-secret-cluster-secret-0123";
 /// Partition p is node p % 3 + 1's (`chinwag cluster init` deals them round-robin).
@@ -97,31 +98,12 @@ fn wait_routes(nodes: &[&Server], routes: u64) {
     }
 }
 
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
-
 fn login(node: &Server, uid: Uid, shop: Option<u64>, encoding: Encoding) -> Client {
     let mut client = Client::connect(&node.ws_url(), encoding).expect("connect");
     client
         .login(&mint_token_in_shop(SECRET, uid, shop), DeviceType::Web)
         .expect("login accepted");
     client
-}
-
-fn send(client: &mut Client, target: Target, cmid: &str, body: &str) -> (ConvId, Seq) {
-    let reply = client
-        .call(Message::Send(Send {
-            target,
-            cmid: cmid.into(),
-            kind: "text".into(),
-            body: body.into(),
-        }))
-        .expect("send accepted");
-    match reply.message {
-        Message::SendOk(ok) => (ok.conv, ok.seq),
-        other => panic!("expected send_ok, got {other:?}"),
-    }
 }
 
 /// The next `msg` push, skipping others.

@@ -8,12 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chinwag_protocol::service::ServiceClient;
-use chinwag_protocol::{ConvId, Message, Send, SendAs, Target, Uid, UidKind};
+use chinwag_protocol::{ConvId, Message, Send, SendAs, Target};
+use chinwag_tests::buyer;
 use chinwag_tests::cluster::{Cluster, ClusterSpec};
-
-fn buyer(id: u64) -> Uid {
-    Uid::new(UidKind::Buyer, id)
-}
 
 /// Three nodes of two shards each (a remote node splits a read over its shards), without the
 /// per-connection rate limit.
