@@ -104,18 +104,7 @@ const STREAM_ERRORS: [(u8, &str); 3] = [
 ];
 
 /// WeChat's undelivered reasons, by their wire code (the index).
-const WECHAT_REASONS: [Reason; 10] = [
-    Reason::ReplyWindowClosed,
-    Reason::ReplyLimitReached,
-    Reason::Recipient,
-    Reason::Content,
-    Reason::KfAccount,
-    Reason::Account,
-    Reason::Unreachable,
-    Reason::QueueFull,
-    Reason::UnknownAccount,
-    Reason::Stopped,
-];
+const WECHAT_REASONS: [Reason; 10] = Reason::ALL;
 
 /// The first frame each side of a link sends: who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]

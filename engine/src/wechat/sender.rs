@@ -146,7 +146,8 @@ impl Undelivered {
 }
 
 impl Reason {
-    /// Every reason, in the order of the metrics' labels.
+    /// Every reason, in the order of the metrics' labels; the index is also the reason's code on
+    /// the node links (`cluster::wire`), so new reasons go at the end.
     pub const ALL: [Reason; 10] = [
         Reason::ReplyWindowClosed,
         Reason::ReplyLimitReached,
