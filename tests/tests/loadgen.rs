@@ -4,10 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -20,34 +19,11 @@ use tungstenite::Message as WsMessage;
 
 const SECRET: &str = "loadgen-secret-loadgen-secret-loadgen";
 
-/// The `chinwag-loadgen` binary, built once per test process with this test's profile (see
-/// `chinwag_tests::binary` for why a dependency is not enough).
-fn loadgen() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let server = chinwag_tests::binary();
-            let profile_dir = server.parent().expect("target/<profile>").to_path_buf();
-            let target_dir = profile_dir.parent().expect("target/");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut build = Command::new(cargo);
-            build.args(["build", "--quiet", "-p", "chinwag-loadgen"]);
-            build.arg("--target-dir").arg(target_dir);
-            if profile_dir.file_name().is_some_and(|p| p == "release") {
-                build.arg("--release");
-            }
-            let status = build.status().expect("run cargo build");
-            assert!(status.success(), "cargo build -p chinwag-loadgen failed");
-            profile_dir.join("chinwag-loadgen")
-        })
-        .clone()
-}
-
 /// Runs the load generator and returns its output and its JSON report.
 fn run(args: &[&str]) -> (Output, Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json_path = dir.path().join("report.json");
-    let output = Command::new(loadgen())
+    let output = Command::new(chinwag_tests::cluster::loadgen_binary())
         .args(args)
         .arg("--quiet")
         .arg("--json-out")
@@ -719,7 +695,7 @@ fn a_closed_port_ends_the_run_at_once_with_the_cause() {
         .local_addr()
         .unwrap()
         .port();
-    let output = Command::new(loadgen())
+    let output = Command::new(chinwag_tests::cluster::loadgen_binary())
         .args(["chat", "--secret", SECRET, "--quiet", "--addr"])
         .arg(format!("127.0.0.1:{port}"))
         .output()
@@ -812,7 +788,7 @@ fn every_bad_flag_exits_2() {
         &["connect", "--sources", "0"],
     ];
     for args in bad {
-        let output = Command::new(loadgen())
+        let output = Command::new(chinwag_tests::cluster::loadgen_binary())
             .args(args)
             .args(["--secret", SECRET])
             .output()
@@ -825,7 +801,10 @@ fn every_bad_flag_exits_2() {
         );
     }
     for args in [["echo", "--window", "0"], ["idle", "--sources", "0"]] {
-        let output = Command::new(loadgen()).args(args).output().unwrap();
+        let output = Command::new(chinwag_tests::cluster::loadgen_binary())
+            .args(args)
+            .output()
+            .unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
     }
 }
