@@ -255,25 +255,17 @@ fn start_links(
     let stop = Arc::clone(&watcher_stop);
     let cluster = Arc::clone(cluster);
     let interval = std::time::Duration::from_millis(config.cluster_heartbeat_interval_ms);
+    // Every peer registered now is added before the shards start, so a login's first
+    // request to another node finds its link (queued until the handshake). The watcher adds
+    // the peers that register later.
+    let mut known = std::collections::HashMap::<u16, std::net::SocketAddr>::new();
+    add_new_peers(&cluster, &links, &mut known);
     let watcher = thread::Builder::new()
         .name("chinwag-cluster-links".into())
         .spawn(move || {
-            let mut known = std::collections::HashMap::<u16, std::net::SocketAddr>::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for peer in cluster.peers.list() {
-                    if peer.number == cluster.node {
-                        continue;
-                    }
-                    let Ok(addr) = peer.link.parse::<std::net::SocketAddr>() else {
-                        continue;
-                    };
-                    if known.get(&peer.number) != Some(&addr) {
-                        tracing::info!(node = peer.number, %addr, "node link peer");
-                        links.add_peer(peer.number, addr);
-                        known.insert(peer.number, addr);
-                    }
-                }
                 crate::cluster::routes::sleep_unless_stopped(interval, &stop);
+                add_new_peers(&cluster, &links, &mut known);
             }
         })?;
     Ok(NodeLinks {
@@ -281,6 +273,27 @@ fn start_links(
         watcher_stop,
         watcher,
     })
+}
+
+/// Adds to `links` every registered peer not in `known` or whose link address changed.
+fn add_new_peers(
+    cluster: &crate::cluster::Cluster,
+    links: &crate::cluster::link::Links,
+    known: &mut std::collections::HashMap<u16, std::net::SocketAddr>,
+) {
+    for peer in cluster.peers.list() {
+        if peer.number == cluster.node {
+            continue;
+        }
+        let Ok(addr) = peer.link.parse::<std::net::SocketAddr>() else {
+            continue;
+        };
+        if known.get(&peer.number) != Some(&addr) {
+            tracing::info!(node = peer.number, %addr, "node link peer");
+            links.add_peer(peer.number, addr);
+            known.insert(peer.number, addr);
+        }
+    }
 }
 
 /// Dropped when a shard's thread ends, however it ends (an error, a panic): the other shards
