@@ -1,0 +1,170 @@
+//! What this node is for each partition of a replicated cluster (issue 14), and how the
+//! leadership thread tells the shards: the contract between the control plane (leases,
+//! epochs and in-sync sets in Redis, `cluster::lease`) and the data path (log shipping and
+//! held acknowledgements in the shards, `cluster::replica`).
+//!
+//! The leadership thread decides; the shards act. It never waits for a shard and a shard never
+//! waits for it: role changes go to the shards as [`RoleChange`]s through a [`RoleSink`] (the
+//! node posts each to the partition's shard), and the one thing a shard must check on every
+//! acknowledgement, whether this node's lease on a partition still runs, is an atomic read of
+//! [`Leases`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crossbeam::queue::ArrayQueue;
+use smallvec::SmallVec;
+
+use crate::bus::PartitionId;
+
+/// Node numbers of a partition's replicas (R is small: 1 to 3 in practice).
+pub type Replicas = SmallVec<[u16; 4]>;
+
+/// A change of this node's role for one partition, in the order the leadership thread made
+/// them (per partition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleChange {
+    /// This node leads `partition` from now on at `epoch`: it appends, ships its log to the
+    /// other `replicas` and acknowledges once every node of `isr` (this one included) has a
+    /// record. `replicas` lists every replica, leader first.
+    Lead {
+        partition: PartitionId,
+        epoch: u64,
+        replicas: Replicas,
+        isr: Replicas,
+    },
+    /// This node copies `partition` from `leader`, whose epoch is `epoch`: it refuses
+    /// anything from an older epoch and truncates what an older epoch wrote past what the
+    /// new leader has.
+    Follow {
+        partition: PartitionId,
+        leader: u16,
+        epoch: u64,
+    },
+    /// The in-sync set of `partition`, which this node leads at `epoch`, is `isr` in Redis
+    /// now (the answer to [`Leases::request_isr`], or a change made by an operator).
+    Isr {
+        partition: PartitionId,
+        epoch: u64,
+        isr: Replicas,
+    },
+    /// This node holds no replica of `partition` any more (it was moved away): close its log.
+    Drop { partition: PartitionId },
+}
+
+impl RoleChange {
+    /// The partition the change is about.
+    pub fn partition(&self) -> PartitionId {
+        match self {
+            RoleChange::Lead { partition, .. }
+            | RoleChange::Follow { partition, .. }
+            | RoleChange::Isr { partition, .. }
+            | RoleChange::Drop { partition } => *partition,
+        }
+    }
+}
+
+/// Where the leadership thread sends role changes (the node posts each to the shard that
+/// serves the partition). Must not block.
+pub trait RoleSink: Send + Sync + 'static {
+    fn changed(&self, change: RoleChange);
+}
+
+/// An epoch and lease deadline per partition, written by the leadership thread, read by the
+/// shards before every acknowledgement. Lock-free: one atomic pair per partition.
+pub struct Leases {
+    /// The instant the deadlines count from (deadlines are milliseconds after it).
+    start: Instant,
+    /// Per partition: the epoch this node leads it at (0: not the leader).
+    epoch: Vec<AtomicU64>,
+    /// Per partition: until when (ms after `start`) this node may acknowledge as its leader.
+    until_ms: Vec<AtomicU64>,
+    /// In-sync set changes the leading shards asked for, for the leadership thread to write.
+    isr_requests: ArrayQueue<IsrRequest>,
+}
+
+/// A leader's request to record a new in-sync set for its partition (a follower fell behind
+/// longer than the bound, or caught up again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsrRequest {
+    pub partition: PartitionId,
+    /// The epoch the asking leader leads at: Redis refuses the change if it is not current.
+    pub epoch: u64,
+    pub isr: Replicas,
+}
+
+impl Leases {
+    /// No lease on any of `partitions` partitions.
+    pub fn new(partitions: usize) -> Leases {
+        Leases {
+            start: Instant::now(),
+            epoch: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            until_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            isr_requests: ArrayQueue::new(4 * partitions.max(1)),
+        }
+    }
+
+    /// Records that this node holds the lease on `p` at `epoch` until `until` (the instant
+    /// before the renewal was asked plus the lease, minus a safety margin).
+    pub fn hold(&self, p: PartitionId, epoch: u64, until: Instant) {
+        let i = usize::from(p);
+        let ms = until.saturating_duration_since(self.start).as_millis() as u64;
+        // Epoch first: a reader that sees the new deadline also sees its epoch.
+        self.epoch[i].store(epoch, Ordering::Release);
+        self.until_ms[i].store(ms, Ordering::Release);
+    }
+
+    /// This node lost (or gave up) its lease on `p`.
+    pub fn lose(&self, p: PartitionId) {
+        let i = usize::from(p);
+        self.until_ms[i].store(0, Ordering::Release);
+        self.epoch[i].store(0, Ordering::Release);
+    }
+
+    /// Whether this node may acknowledge records of `p` written at `epoch` at `now`.
+    pub fn valid(&self, p: PartitionId, epoch: u64, now: Instant) -> bool {
+        let i = usize::from(p);
+        let (Some(until), Some(held)) = (self.until_ms.get(i), self.epoch.get(i)) else {
+            return false;
+        };
+        let until = until.load(Ordering::Acquire);
+        let now_ms = now.saturating_duration_since(self.start).as_millis() as u64;
+        held.load(Ordering::Acquire) == epoch && now_ms < until
+    }
+
+    /// Asks the leadership thread to record `request` in Redis; its answer comes back as a
+    /// [`RoleChange::Isr`]. Returns `false` when the queue is full (the shard asks again
+    /// later). Until the answer, the leader keeps waiting for every node of the old set.
+    pub fn request_isr(&self, request: IsrRequest) -> bool {
+        self.isr_requests.push(request).is_ok()
+    }
+
+    /// The next in-sync set change asked for (the leadership thread's side).
+    pub fn next_isr_request(&self) -> Option<IsrRequest> {
+        self.isr_requests.pop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_lease_is_valid_for_its_epoch_until_its_deadline_and_not_after_it_is_lost() {
+        let leases = Leases::new(4);
+        let now = Instant::now();
+        assert!(!leases.valid(1, 1, now), "no lease yet");
+        leases.hold(1, 3, now + Duration::from_secs(5));
+        assert!(leases.valid(1, 3, now));
+        assert!(!leases.valid(1, 2, now), "an older epoch's records");
+        assert!(!leases.valid(2, 3, now), "another partition");
+        assert!(
+            !leases.valid(1, 3, now + Duration::from_secs(6)),
+            "past the deadline"
+        );
+        leases.lose(1);
+        assert!(!leases.valid(1, 3, now));
+        assert!(!leases.valid(9, 3, now), "a partition past P");
+    }
+}
