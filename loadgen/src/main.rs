@@ -18,6 +18,7 @@
 
 mod check;
 mod client;
+mod ledger;
 mod procfs;
 mod procs;
 mod proto;

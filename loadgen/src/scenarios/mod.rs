@@ -9,6 +9,7 @@ pub mod group;
 mod rendezvous;
 pub mod shop;
 pub mod stamp;
+pub mod verify;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
