@@ -29,7 +29,8 @@ fn cluster() -> Cluster {
 const UID_BASE: u64 = 1_000_000;
 
 /// `chinwag-loadgen chat` over every node: 30 direct conversations (60 users, 20 per node),
-/// two messages in flight per user, for `duration_s`.
+/// two messages in flight per user, for `duration_s`; at the end it reads every conversation
+/// back (`--verify-log`) and checks it against every acknowledged send.
 fn chat_load(cluster: &Cluster, duration_s: u64) -> LoadgenRun {
     let addrs = cluster.addrs();
     let duration = duration_s.to_string();
@@ -54,6 +55,9 @@ fn chat_load(cluster: &Cluster, duration_s: u64) -> LoadgenRun {
         "60",
         "--login-timeout-s",
         "60",
+        "--verify-log",
+        "--verify-timeout-s",
+        "60",
     ])
 }
 
@@ -65,20 +69,32 @@ fn stored(cluster: &Cluster) -> u64 {
         .sum()
 }
 
-/// The checker's verdict: no violation (every acknowledged message seen once, in order, by
-/// every member), everyone caught up, and messages acknowledged at all. On a violation, the
-/// message says what the cluster holds of the conversations it names.
+/// The checkers' verdict: no violation (every acknowledged message seen once, in order, by
+/// every member; and in the stored log read back at the end, every acknowledged message once
+/// at its seq with its body, every conversation 1..n), everyone caught up, every conversation
+/// read back, and messages acknowledged at all. On a violation, the message says what the
+/// cluster holds of the conversations it names.
 fn assert_nothing_lost(cluster: &Cluster, report: &Value) {
     // What the load went through, for the log of a run that passes.
     eprintln!(
         "chat load: send_ok {}, delivered {}, reconnects {}, replies_timed_out {}, \
-         history_repairs {}, failures {}",
+         history_repairs {}, failures {}; stored log: {} conversations, {} stored, {} acked, \
+         {} unacknowledged but stored; write outages {} (unresolved {}), resumed after (µs) \
+         p50 {} max {}",
         report["send_ok"],
         report["delivered"],
         report["reconnects"],
         report["replies_timed_out"],
         report["history_repairs"],
-        report["failures"]
+        report["failures"],
+        report["verify_conversations"],
+        report["verify_stored"],
+        report["verify_acked"],
+        report["verify_unacked_stored"],
+        report["write_outages"],
+        report["write_outages_unresolved"],
+        report["latency"]["failure_to_write_resumed_us"]["p50"],
+        report["latency"]["failure_to_write_resumed_us"]["max"],
     );
     if report["violations"] != 0 {
         panic!(
@@ -90,6 +106,19 @@ fn assert_nothing_lost(cluster: &Cluster, report: &Value) {
     assert_eq!(report["not_caught_up_at_end"], 0, "{report}");
     let send_ok = report["send_ok"].as_u64().expect("send_ok");
     assert!(send_ok >= 300, "too little load to mean anything: {report}");
+    // Every conversation was read back and judged; each acknowledged cmid counted once (a
+    // send acknowledged again after a retry is one), so at most `send_ok` of them.
+    assert_eq!(report["verify_conversations"], 30, "{report}");
+    assert_eq!(report["verify_unread"], 0, "{report}");
+    let acked = report["verify_acked"].as_u64().expect("verify_acked");
+    assert!(
+        acked > 0 && acked <= send_ok,
+        "acknowledged sends checked: {report}"
+    );
+    assert!(
+        report["verify_stored"].as_u64().expect("verify_stored") >= acked,
+        "{report}"
+    );
 }
 
 /// The failures of `report` by cause; fails the test on a cause not in `allowed` (prefixes).
@@ -130,6 +159,18 @@ fn a_node_killed_and_restarted_under_chat_load_loses_no_acknowledged_message() {
     assert!(
         report["reconnects"].as_u64().unwrap() >= 20,
         "node 2's users moved on: {report}"
+    );
+    // Their sends in flight went unanswered, and every conversation so stopped took writes
+    // again (once node 2 was back, for its own partitions).
+    let outages = report["write_outages"].as_u64().expect("write_outages");
+    assert!(
+        outages >= 1,
+        "the kill cost some conversation a send: {report}"
+    );
+    assert_eq!(report["write_outages_unresolved"], 0, "{report}");
+    assert_eq!(
+        report["latency"]["failure_to_write_resumed_us"]["count"], outages,
+        "{report}"
     );
     failures(
         &report,
