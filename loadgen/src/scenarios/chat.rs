@@ -982,7 +982,6 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     fleet.traffic().report(&mut report);
     drop(fleet);
     if args.verify_log {
-        progress.phase("verify");
         if counts.ledger.full {
             report.fail(format!(
                 "verify-log: not verified: more than {} sends to record, or one out of order",
