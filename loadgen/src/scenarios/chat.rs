@@ -333,10 +333,6 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     } else {
         (1e9 / args.rate_per_user_per_s) as u64
     };
-    let server_sample = |pid: Option<u32>| -> io::Result<Option<f64>> {
-        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
-            .transpose()
-    };
     let (mut server_cpu_from, mut server_cpu_to) = (None, None);
     let (mut own_cpu_from, mut own_cpu_to) = (0.0, 0.0);
     let mut measuring = false;
@@ -369,7 +365,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             measuring = true;
             progress.phase("measured");
             report.window_unix_ns = Some((report::unix_ns(), 0));
-            server_cpu_from = server_sample(common.server_pid)?;
+            server_cpu_from = procfs::cpu_s(&common.server_pid)?;
             own_cpu_from = report::own_cpu_s();
             send_to_send_ok.reset();
             send_to_push.reset();
@@ -377,7 +373,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         let sending = now_ns < measure_to_ns;
         if !sending && server_cpu_to.is_none() {
             progress.phase("drain");
-            server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
+            server_cpu_to = procfs::cpu_s(&common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
             let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
             report.window_unix_ns = Some((from, report::unix_ns()));
@@ -956,8 +952,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             cpu_s * 1e6 / counts.delivered_measured.max(1) as f64,
         );
     }
-    if let Some(pid) = common.server_pid {
-        report.figure("server_rss_bytes", procfs::rss_bytes(pid)?);
+    if let Some(rss) = procfs::rss_bytes_sum(&common.server_pid)? {
+        report.figure("server_rss_bytes", rss);
     }
     let own_cpu_s = own_cpu_to - own_cpu_from;
     report.figure("loadgen_cpu_s", own_cpu_s);
