@@ -5,7 +5,7 @@
 //!
 //! What a test can do to the cluster, each as the real thing (docs/cluster.md, "Failures"):
 //! - [`Cluster::kill`] a node (SIGKILL) and [`Cluster::restart`] it on the same data directory
-//!   and ports;
+//!   and ports, or [`Cluster::wipe`] its data directory first (a lost disk);
 //! - [`Cluster::pause`] a node (SIGSTOP: a process that stops answering without closing
 //!   anything, as a long stall or a frozen VM) and [`Cluster::resume`] it (SIGCONT);
 //! - read who leads each partition, at which epoch and with which in-sync set, from Redis
@@ -243,6 +243,14 @@ impl Cluster {
             .unwrap_or_else(|| panic!("node {n} is already down"));
         server.signal(libc::SIGKILL);
         slot.parked = Some(server.into_data_dir());
+    }
+
+    /// Gives node `n`, which is down, an empty data directory in place of its own: its disk
+    /// is lost (what replication is for).
+    pub fn wipe(&mut self, n: u16) {
+        let slot = self.slot_mut(n);
+        assert!(slot.server.is_none(), "node {n} runs: kill it first");
+        slot.parked = Some(tempfile::tempdir().expect("tempdir"));
     }
 
     /// Starts node `n` again on its data directory and ports, once its last heartbeat has

@@ -17,14 +17,17 @@
 //!   --ignored --nocapture kill_the_leader
 //! ```
 //!
-//! **Until replication is on main** these tests cannot pass (the engine has no replicas, no
+//! One test runs now, without replication: the judge against a cluster that really loses
+//! acknowledged messages (a node's disk wiped), which must fail the run and name them.
+//!
+//! **Until replication is on main** the failover tests cannot pass (the engine has no replicas, no
 //! leases, no `init --replicas`): they sit in `awaiting_replication`, ignored with the reason,
 //! and `.ci/run` skips that module. Once the `repl` and `lease` work is merged, the module goes
 //! and CI runs them like the other cluster tests.
 
 use std::collections::BTreeMap;
 
-use chinwag_tests::cluster::{Cluster, ClusterSpec, PartitionEntry};
+use chinwag_tests::cluster::{Cluster, ClusterSpec, LoadgenRun, PartitionEntry, SECRET};
 use serde_json::Value;
 
 /// The first user of the chat load (conversation c is between users UID_BASE + 2c and + 1).
@@ -134,6 +137,81 @@ fn failures(report: &Value) -> BTreeMap<String, u64> {
         );
     }
     failures
+}
+
+/// The judge itself, against a cluster that really loses acknowledged messages: node 2 is
+/// killed under the chat load and comes back with an empty data directory (its disk lost, with
+/// nothing replicated). The checker must say so, by cmid and seq, and the run must fail. Runs
+/// without replication, so in CI from now on.
+#[test]
+#[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
+fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
+    let mut cluster = Cluster::start(ClusterSpec {
+        extra: vec!["--messages-per-s-max=0".into()],
+        ..ClusterSpec::default()
+    });
+    let addrs = cluster.addrs();
+    let uid_base = (UID_BASE + 1_000_000).to_string();
+    let run = LoadgenRun::start(&[
+        "chat",
+        "--uid-base",
+        &uid_base,
+        "--addr",
+        &addrs,
+        "--secret",
+        SECRET,
+        "--conversations",
+        "30",
+        "--window",
+        "2",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        "10",
+        "--drain-s",
+        "10",
+        "--login-timeout-s",
+        "60",
+        "--verify-log",
+        "--verify-timeout-s",
+        "30",
+    ]);
+    cluster.wait_until("node 2 to store chat messages", |c| {
+        c.node(2).metric("chinwag_messages_stored_total", "") >= 100
+    });
+    cluster.kill(2);
+    cluster.wipe(2);
+    cluster.restart(2);
+    let (code, report) = run.finish();
+    eprintln!(
+        "violations {}, first {}; verify_conversations {}, verify_not_found {}",
+        report["violations"],
+        report["violations_first"],
+        report["verify_conversations"],
+        report["verify_not_found"]
+    );
+    assert_eq!(
+        code,
+        Some(1),
+        "a run that lost acknowledged messages fails: {report}"
+    );
+    let first: Vec<String> =
+        serde_json::from_value(report["violations_first"].clone()).expect("violations_first");
+    assert!(
+        first
+            .iter()
+            .any(|v| v.contains("acknowledged at seq") && v.ends_with("is not stored (lost)")),
+        "the lost acknowledgements are named: {report}"
+    );
+    // Node 2's conversations are gone from every node's view: read as empty logs.
+    assert!(
+        report["verify_not_found"]
+            .as_u64()
+            .expect("verify_not_found")
+            > 0,
+        "{report}"
+    );
+    assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
 /// The failover tests, waiting for replication on main (see the module doc).

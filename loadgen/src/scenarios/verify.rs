@@ -5,7 +5,9 @@
 //! conversation's partition is moving) or does not answer within [`REPLY_TIMEOUT`] is left for
 //! the next address after [`RETRY_AFTER`]; the whole phase is bounded by
 //! `--verify-timeout-s`, and a conversation not read by then is a failure (the run was not
-//! verified), never a pass.
+//! verified), never a pass. A conversation that every address in a row (at least two answers)
+//! says does not exist (`not_found`) has no stored log: it is judged as an empty one, so
+//! whatever was acknowledged in it counts as lost.
 //!
 //! Blocking reads, one conversation after another, with the protocol crate's client: this
 //! phase measures nothing, and a login and a few pages per conversation take milliseconds.
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
-use chinwag_protocol::{ConvId, DeviceType, History, HistoryRange, Message, Seq};
+use chinwag_protocol::{ConvId, DeviceType, ErrorCode, History, HistoryRange, Message, Seq};
 
 use crate::ledger::{self, Sent, Stored, Verdict};
 use crate::report::Report;
@@ -55,6 +57,7 @@ pub fn run(common: &Common, timeout: Duration, convs: Vec<ToRead>, report: &mut 
     let mut total = Verdict::default();
     let (mut read, mut unread) = (0u64, 0u64);
     let mut retries = 0u64;
+    let mut not_found = 0u64;
     for (c, to_read) in convs.iter().enumerate() {
         let reader = Reader {
             addrs: &addrs,
@@ -65,8 +68,9 @@ pub fn run(common: &Common, timeout: Duration, convs: Vec<ToRead>, report: &mut 
         };
         // Conversations start at different addresses, so one slow node does not hold all.
         match reader.read(c, deadline, &mut retries) {
-            Ok(stored) => {
+            Ok((stored, found)) => {
                 read += 1;
+                not_found += u64::from(!found);
                 let verdict = ledger::judge(to_read.conv.0, to_read.first, &to_read.sends, &stored);
                 total.stored += verdict.stored;
                 total.acked += verdict.acked;
@@ -89,6 +93,7 @@ pub fn run(common: &Common, timeout: Duration, convs: Vec<ToRead>, report: &mut 
     report.figure("verify_unacked_stored", total.unacked_stored);
     report.figure("verify_unacked_absent", total.unacked_absent);
     report.figure("verify_retries", retries);
+    report.figure("verify_not_found", not_found);
     report.figure("verify_s", started.elapsed().as_secs_f64());
 }
 
@@ -103,27 +108,41 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     /// The whole stored log, from address `first_addr` (mod the count) on, trying the next
-    /// address after each failure until `deadline`; the last failure's cause if it could not.
+    /// address after each failure until `deadline`, and whether the conversation exists
+    /// (`false`: every address in a row answered `not_found`); the last failure's cause if it
+    /// could not be read.
     fn read(
         &self,
         first_addr: usize,
         deadline: Instant,
         retries: &mut u64,
-    ) -> Result<Vec<Stored>, String> {
+    ) -> Result<(Vec<Stored>, bool), String> {
         if self.addrs.is_empty() {
             return Err("no address".into());
         }
         let mut stored: Vec<Stored> = Vec::new();
         let mut attempt = first_addr;
+        let mut not_found_in_a_row = 0usize;
         loop {
             let addr = self.addrs[attempt % self.addrs.len()];
             // Pages already read are kept: the next address goes on after them.
             match self.read_from(addr, &mut stored) {
-                Ok(()) => return Ok(stored),
+                Ok(()) => return Ok((stored, true)),
+                Err(ClientError::Rejected(e)) if e.code == ErrorCode::NotFound => {
+                    not_found_in_a_row += 1;
+                    if not_found_in_a_row >= self.addrs.len().max(2) {
+                        return Ok((stored, false));
+                    }
+                    *retries += 1;
+                    attempt += 1;
+                    std::thread::sleep(RETRY_AFTER);
+                    continue;
+                }
                 Err(e) if Instant::now() + RETRY_AFTER >= deadline => {
                     return Err(format!("conv {}, last from {addr}: {e}", self.conv));
                 }
                 Err(_) => {
+                    not_found_in_a_row = 0;
                     *retries += 1;
                     attempt += 1;
                     std::thread::sleep(RETRY_AFTER);
