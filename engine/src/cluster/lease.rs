@@ -21,7 +21,10 @@
 //! It never waits for a shard (the sink must not block) and no shard waits for it. Redis away:
 //! no renewal and no takeover; the leaders' deadlines pass. Redis back: a leader whose lease
 //! is still its own (or free, with the table still naming it at its epoch) renews it; one that
-//! lost it is told to follow. After connecting, the thread takes nothing over for one lease
+//! lost it is told to follow. A *restarted* node does not lead on with a lease its earlier run
+//! still holds when an in-sync follower can take over: it deletes that lease, so the follower
+//! takes over at once with epoch + 1, and it follows (a process that died may have lost or
+//! half-written anything; its followers were in sync). After connecting, the thread takes nothing over for one lease
 //! length, so that a leader that reconnects a little later is not deposed for Redis's outage.
 //!
 //! Entry point: [`start`] (or `Cluster::start_leases`, which passes the cluster's Redis,
@@ -142,6 +145,7 @@ pub fn start(
         owners,
         told: vec![Told::Nothing; settings.partitions as usize],
         held: BTreeMap::new(),
+        declined: HashMap::new(),
         pending_isr: BTreeMap::new(),
         connection: None,
         takeover_after: Instant::now(),
@@ -195,6 +199,10 @@ struct LeaseState {
     told: Vec<Told>,
     /// The partitions whose lease this node holds in Redis, and at which epoch.
     held: BTreeMap<u32, u64>,
+    /// Partitions whose lease an earlier run of this node held and this process gave up, and
+    /// until when it does not take them again (if no follower took them by then, their
+    /// followers are away: this node leads them again).
+    declined: HashMap<u32, Instant>,
     /// In-sync set requests not yet written (the latest per partition).
     pending_isr: BTreeMap<PartitionId, IsrRequest>,
     connection: Option<redis::Connection>,
@@ -285,14 +293,19 @@ impl LeaseState {
         }
         // 2. The table.
         let mut table = PartitionTable::load(c, self.settings.partitions)?;
-        // 3. Renew what the table says this node leads.
-        let leading: Vec<(u32, u64)> = (0..table.count())
+        // 3. Renew what the table says this node leads (but not, for one lease, what this
+        //    process gave up as an earlier run's: its in-sync follower takes it meanwhile).
+        let now = Instant::now();
+        self.declined.retain(|_, until| *until > now);
+        let leading: Vec<(u32, u64, bool)> = (0..table.count())
+            .filter(|p| !self.declined.contains_key(p))
             .filter_map(|p| {
                 table
                     .get(p)
                     .filter(|e| e.node == node)
                     .map(|e| (p, e.epoch))
             })
+            .map(|(p, epoch)| (p, epoch, self.held.get(&p) == Some(&epoch)))
             .collect();
         let mut holding: HashMap<u32, u64> = HashMap::new();
         if !leading.is_empty() {
@@ -300,13 +313,26 @@ impl LeaseState {
             let renewed =
                 renew(c, node, self.settings.lease, &leading).map_err(|e| e.to_string())?;
             let until = deadline(&self.settings, before);
-            for (&(p, epoch), held) in leading.iter().zip(renewed) {
-                if held {
-                    self.leases.hold(p as PartitionId, epoch, until);
-                    self.held.insert(p, epoch);
-                    holding.insert(p, epoch);
-                } else if self.held.remove(&p).is_some() {
-                    self.leases.lose(p as PartitionId);
+            for (&(p, epoch, _), renewal) in leading.iter().zip(renewed) {
+                match renewal {
+                    Renewal::Held => {
+                        self.leases.hold(p as PartitionId, epoch, until);
+                        self.held.insert(p, epoch);
+                        holding.insert(p, epoch);
+                    }
+                    Renewal::GivenUp => {
+                        tracing::info!(
+                            partition = p,
+                            epoch,
+                            "cluster leases: gave up an earlier run's lease to an in-sync follower"
+                        );
+                        self.declined.insert(p, before + self.settings.lease);
+                    }
+                    Renewal::Lost => {
+                        if self.held.remove(&p).is_some() {
+                            self.leases.lose(p as PartitionId);
+                        }
+                    }
                 }
             }
         }
@@ -531,25 +557,44 @@ pub fn write_isr(
     })
 }
 
-/// Renews the leases of `leading` (partition, epoch) for `node`, one script call; per
-/// partition whether it is held now.
+/// How [`renew`] ended for one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Held for the lease length from before the call.
+    Held,
+    /// Not this node's: the table moved on, or another node holds the lease.
+    Lost,
+    /// An earlier run of this node held it and an in-sync follower can take over: given up.
+    GivenUp,
+}
+
+/// Renews the leases of `leading` (partition, epoch, whether this process holds the lease
+/// already) for `node`, one script call ([`keys::RENEW_SCRIPT`]).
 pub fn renew(
     connection: &mut redis::Connection,
     node: u16,
     lease: Duration,
-    leading: &[(u32, u64)],
-) -> redis::RedisResult<Vec<bool>> {
-    let mut lease_keys = vec![keys::PARTITIONS.to_string()];
+    leading: &[(u32, u64, bool)],
+) -> redis::RedisResult<Vec<Renewal>> {
+    let mut lease_keys = vec![keys::PARTITIONS.to_string(), keys::ISR.to_string()];
     let mut args = vec![node.to_string(), lease.as_millis().to_string()];
-    for &(p, epoch) in leading {
+    for &(p, epoch, holding) in leading {
         lease_keys.push(keys::lease(p));
         args.push(p.to_string());
         args.push(epoch.to_string());
+        args.push(if holding { "0" } else { "1" }.to_string());
     }
     let key_refs: Vec<&str> = lease_keys.iter().map(String::as_str).collect();
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let held: Vec<i64> = eval(connection, keys::RENEW_SCRIPT, &key_refs, &arg_refs)?;
-    Ok(held.into_iter().map(|h| h == 1).collect())
+    Ok(held
+        .into_iter()
+        .map(|h| match h {
+            1 => Renewal::Held,
+            2 => Renewal::GivenUp,
+            _ => Renewal::Lost,
+        })
+        .collect())
 }
 
 /// Tries to take over `candidates` for `node`, one script call; per partition the new epoch,

@@ -362,24 +362,41 @@ return 'created'
 ";
 
 /// Renews (or takes again, if it lapsed) the leases of the partitions the table names this
-/// node the leader of, at the epoch it names. KEYS: [`PARTITIONS`], then each partition's
-/// [`lease`] key. ARGV: node, lease length in ms, then per lease key its partition and the
-/// epoch this node leads it at. Returns per partition 1 (held for the lease length from now)
-/// or 0 (lost: the table names another leader or epoch, or another node holds the lease).
+/// node the leader of, at the epoch it names. KEYS: [`PARTITIONS`], [`ISR`], then each
+/// partition's [`lease`] key. ARGV: node, lease length in ms, then per lease key its
+/// partition, the epoch this node leads it at, and `1` if this process does not hold that
+/// lease yet (`0` if it does). Returns per partition 1 (held for the lease length from now),
+/// 0 (lost: the table names another leader or epoch, or another node holds the lease), or 2:
+/// the lease was held by this node's number at this epoch but not by this process — an
+/// earlier run of the node, which may have died in the middle of anything — and the in-sync
+/// set names another replica: the lease is deleted, so that an in-sync follower takes over at
+/// once rather than this process lead on from a log it has just recovered.
 pub const RENEW_SCRIPT: &str = concat!(
     lua_prelude!(),
     r"
 local node, ttl = ARGV[1], ARGV[2]
 local out = {}
-for i = 2, #KEYS do
-  local p, epoch = ARGV[2 * i - 1], ARGV[2 * i]
+for i = 3, #KEYS do
+  local p, epoch, fresh = ARGV[3 * i - 6], ARGV[3 * i - 5], ARGV[3 * i - 4]
   local mine = node .. ' ' .. epoch
   local holder = redis.call('GET', KEYS[i])
   local leader, current = parse_entry(redis.call('HGET', KEYS[1], p))
   local held = 0
   if leader == node and current == tonumber(epoch) and (holder == mine or not holder) then
-    redis.call('SET', KEYS[i], mine, 'PX', ttl)
-    held = 1
+    local others = false
+    if holder == mine and fresh == '1' then
+      local isr = redis.call('HGET', KEYS[2], p)
+      local isr_epoch, isr_list
+      if isr then isr_epoch, isr_list = string.match(isr, '^(%d+) ([%d,]+)$') end
+      others = isr_epoch and tonumber(isr_epoch) == current and without(isr_list, node) ~= ''
+    end
+    if others then
+      redis.call('DEL', KEYS[i])
+      held = 2
+    else
+      redis.call('SET', KEYS[i], mine, 'PX', ttl)
+      held = 1
+    end
   end
   out[#out + 1] = held
 end
