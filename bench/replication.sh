@@ -9,8 +9,9 @@
 # Release build (NO_BUILD=1 skips it; BIN_DIR=DIR runs the binaries in DIR instead); FSYNC
 # (default never) is the nodes' --fsync. The nodes use 127.0.0.1:7811.. (clients), :7831..
 # (service), :7851.. (links), Redis :7898; connections come from 127.0.0.1..127.0.0.4.
-# A chinwag without replication (no `cluster init --replicas`) runs the one-replica half and
-# says that the other is not available.
+# A chinwag without replication (no `cluster init --replicas`, or nodes that take no lease on
+# their partitions within 30 s) runs the one-replica half and says that the other is not
+# available, and why.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 conversations=${1:-1000}
@@ -91,11 +92,21 @@ run() { # R
     done
     [[ $health == ok* ]] || { echo "node $n is not ready: $health"; tail "$dir/node$n.log"; exit 1; }
   done
-  if [ "$replication" = yes ]; then
-    for _ in $(seq 300); do
-      (( $(redis-cli -p $redis_port --scan --pattern 'chinwag:lease:*' | wc -l) >= partitions )) && break
+  if (( r > 1 )); then
+    local held=0
+    for _ in $(seq 150); do
+      held=$(redis-cli -p $redis_port --scan --pattern 'chinwag:lease:*' | wc -l)
+      (( held >= partitions )) && break
       sleep 0.2
     done
+    if (( held < partitions )); then
+      echo "no lease held on $((partitions - held)) of $partitions partitions after 30 s: the" \
+           "nodes do not run the leadership thread (replication not wired into chinwag serve)" \
+           >"$work/r$r.unavailable"
+      for pid in "${run_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+      for pid in "${run_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+      return
+    fi
   fi
   local addr_list pid_list
   addr_list=$(IFS=,; echo "${addrs[*]}")
@@ -157,4 +168,6 @@ if runs[1] and runs[2] and runs[1].get("server_cpu_us_per_delivered") and runs[2
 elif replication == "no":
     print("--replicas 2: not available: this chinwag has no replication "
           "(chinwag cluster init has no --replicas)")
+elif os.path.exists(f"{work}/r2.unavailable"):
+    print("--replicas 2: not available: " + open(f"{work}/r2.unavailable").read().strip())
 EOF
