@@ -117,8 +117,11 @@ run() { # R
     --drain-s 30 --server-pid "$pid_list" --quiet --json-out "$work/r$r.json" >"$dir/chat.txt"
   echo $? >"$work/r$r.code"
   set -e
-  for pid in "${run_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${run_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # The nodes first (they deregister from Redis as they stop), then Redis.
+  for pid in "${node_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${node_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  kill "${run_pids[0]}" 2>/dev/null || true
+  wait "${run_pids[0]}" 2>/dev/null || true
 }
 
 run 1
