@@ -1011,7 +1011,8 @@ pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_m
 
 /// A `chinwag-loadgen` run in the background, its JSON report read when it ends.
 pub struct LoadgenRun {
-    child: std::process::Child,
+    /// The running load generator (taken by [`LoadgenRun::finish`]).
+    child: Option<std::process::Child>,
     _dir: tempfile::TempDir,
     json_path: std::path::PathBuf,
 }
@@ -1031,7 +1032,7 @@ impl LoadgenRun {
             .spawn()
             .expect("run chinwag-loadgen");
         LoadgenRun {
-            child,
+            child: Some(child),
             _dir: dir,
             json_path,
         }
@@ -1039,14 +1040,18 @@ impl LoadgenRun {
 
     /// Whether the run is still going (it has not exited).
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// Waits for the run to end (it is bounded by its own flags) and returns its exit code and
     /// report; fails the test with its output if it wrote none.
-    pub fn finish(self) -> (Option<i32>, serde_json::Value) {
+    pub fn finish(mut self) -> (Option<i32>, serde_json::Value) {
         let output = self
             .child
+            .take()
+            .expect("a run is finished once")
             .wait_with_output()
             .expect("wait for chinwag-loadgen");
         let text = std::fs::read_to_string(&self.json_path).unwrap_or_else(|e| {
@@ -1058,6 +1063,19 @@ impl LoadgenRun {
         });
         let report = serde_json::from_str(&text).expect("the report is JSON");
         (output.status.code(), report)
+    }
+}
+
+impl Drop for LoadgenRun {
+    /// A test that fails before [`LoadgenRun::finish`] stops its load at once rather than
+    /// leaving it to run out its own bounds against a cluster that is gone.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
     }
 }
 
