@@ -147,6 +147,23 @@ impl Inbox for OfficeInbox {
                 }
                 None
             }
+            BusMsg::Reannounce { partitions } => {
+                // Every shard announces its own sessions. A full mailbox drops the request:
+                // that shard's sessions stay unknown to the asker until it asks again.
+                for shard in 0..shards {
+                    let ask = BusMsg::Reannounce {
+                        partitions: partitions.clone(),
+                    };
+                    if self.office.post_from_outside(shard, ask).is_err() {
+                        tracing::warn!(
+                            from,
+                            shard,
+                            "request for announcements dropped: mailbox full"
+                        );
+                    }
+                }
+                None
+            }
             BusMsg::Convs { origin, token, .. } => {
                 // The asker counted this node's partitions; each shard answers for its own.
                 // Those of shards that cannot take it fail in one part: the gather then
@@ -243,6 +260,13 @@ impl Inbox for OfficeInbox {
 
     fn peer_changed(&mut self, node: u16, up: bool) {
         tracing::info!(node, up, "node link");
+        if up {
+            // This node may have just started (its owners know no sessions yet), or the peer
+            // may hold sessions of this node's users it could not tell while the link was
+            // down: it announces them (docs/cluster.md, "What a node's loss costs").
+            self.office
+                .ask_node_for_sessions(node, &self.office.own_partitions());
+        }
     }
 }
 
