@@ -2,7 +2,8 @@
 //! costs"): users whose devices node 2 owns are logged in on node 1; node 2 is SIGKILLed and
 //! restarted, knowing none of their sessions; once its links are up, node 1 announces them.
 //! Then a service's `presence` lists them, a service's `kick` closes one with 4001, and the same
-//! device logging in on node 3 kicks the other, as before the restart.
+//! device logging in on node 3 kicks the other, as before the restart. And the other way round:
+//! a session that died with node 2's earlier run is not listed once node 2 is back.
 
 use std::time::Duration;
 
@@ -32,7 +33,10 @@ fn assert_kicked(client: &mut Client, who: &str) {
         .next_push(LONG)
         .unwrap_or_else(|e| panic!("{who}: {e:?}"))
         .unwrap_or_else(|| panic!("{who} was not kicked"));
-    assert!(matches!(push.message, Message::Kicked(_)), "{who}: {push:?}");
+    assert!(
+        matches!(push.message, Message::Kicked(_)),
+        "{who}: {push:?}"
+    );
     match client.next_push(LONG) {
         Err(ClientError::Closed { code, .. }) => assert_eq!(code, Some(4001), "{who}"),
         other => panic!("{who}: expected close 4001, got {other:?}"),
@@ -60,6 +64,12 @@ fn a_restarted_owner_lists_kicks_and_replaces_sessions_that_stayed_up_on_another
         }
     }
     assert_eq!(users.len(), 2, "users owned by node 2");
+    // A user whose devices another node owns, logged in on node 2: its session dies with it.
+    let (died_uid, _died) = (200..400)
+        .map(|id| (buyer(id), login(&cluster, 2, buyer(id))))
+        .find(|(_, (_, owner))| *owner != 2)
+        .map(|(uid, (client, _))| (uid, client))
+        .expect("a user owned by node 1 or 3");
     let (kicked_uid, mut kicked_by_service) = users.remove(0);
     let (replaced_uid, mut replaced) = users.remove(0);
     let both = vec![kicked_uid, replaced_uid];
@@ -72,6 +82,11 @@ fn a_restarted_owner_lists_kicks_and_replaces_sessions_that_stayed_up_on_another
         online
     };
     assert_eq!(presence(&mut service).len(), 2, "both online before");
+    let online = |service: &mut chinwag_protocol::service::ServiceClient, uid| {
+        let reply = service.call(Message::Presence(vec![uid])).unwrap();
+        reply.message != Message::PresenceOk(Vec::new())
+    };
+    assert!(online(&mut service, died_uid));
 
     cluster.kill(2);
     cluster.restart(2);
@@ -82,6 +97,10 @@ fn a_restarted_owner_lists_kicks_and_replaces_sessions_that_stayed_up_on_another
     cluster.wait_until("node 2 to list both users online again", |_| {
         presence(&mut service).len() == 2
     });
+    // Its owner forgot the session that died with node 2's earlier run when the link came up.
+    cluster.wait_until("the user whose session died with node 2 offline", |_| {
+        !online(&mut service, died_uid)
+    });
 
     let reply = service
         .call(Message::Kick(Kick {
@@ -89,11 +108,18 @@ fn a_restarted_owner_lists_kicks_and_replaces_sessions_that_stayed_up_on_another
             device: None,
         }))
         .unwrap();
-    assert_eq!(reply.message, Message::KickOk(1), "the kick reached one session");
+    assert_eq!(
+        reply.message,
+        Message::KickOk(1),
+        "the kick reached one session"
+    );
     assert_kicked(&mut kicked_by_service, "the session a service kicked");
 
     // The same device logs in on node 3: the owner kicks the session on node 1.
     let (_again, owner) = login(&cluster, 3, replaced_uid);
     assert_eq!(owner, 2);
-    assert_kicked(&mut replaced, "the session of a device that logged in again");
+    assert_kicked(
+        &mut replaced,
+        "the session of a device that logged in again",
+    );
 }

@@ -340,6 +340,14 @@ pub enum BusMsg {
         /// The sessions.
         sessions: Vec<AnnouncedSession>,
     },
+    /// The link to node `node` came up again: the owner forgets the sessions on it it holds
+    /// (the node may have restarted, and its sessions died with its earlier run), and the node
+    /// announces those it holds now, asked by the same link-up. Posted by the link thread to
+    /// each shard of its node, ahead of anything the new link delivers.
+    ForgetNode {
+        /// The node whose link came up.
+        node: u16,
+    },
 }
 
 /// One logged-in session, as its shard announces it to the owner of its user's devices.
@@ -533,7 +541,10 @@ impl BusMsg {
             | BusMsg::ConvsPart { session, .. }
             | BusMsg::PresencePart { session, .. } => Some(session.shard as usize),
             // Posted to each shard in turn, not to an owner.
-            BusMsg::StreamRead { .. } | BusMsg::Push(_) | BusMsg::Reannounce { .. } => None,
+            BusMsg::StreamRead { .. }
+            | BusMsg::Push(_)
+            | BusMsg::Reannounce { .. }
+            | BusMsg::ForgetNode { .. } => None,
             _ => map.shard_of_partition(self.partition(map)?),
         }
     }
@@ -589,7 +600,8 @@ impl BusMsg {
             | BusMsg::StreamPart(_)
             | BusMsg::PresencePart { .. }
             | BusMsg::ConvsPart { .. }
-            | BusMsg::Reannounce { .. } => None,
+            | BusMsg::Reannounce { .. }
+            | BusMsg::ForgetNode { .. } => None,
         }
     }
 }

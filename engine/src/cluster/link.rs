@@ -261,9 +261,25 @@ impl Inbox for OfficeInbox {
     fn peer_changed(&mut self, node: u16, up: bool) {
         tracing::info!(node, up, "node link");
         if up {
-            // This node may have just started (its owners know no sessions yet), or the peer
-            // may hold sessions of this node's users it could not tell while the link was
-            // down: it announces them (docs/cluster.md, "What a node's loss costs").
+            // The peer may have restarted: its sessions this node's owners hold died with it.
+            // They forget them first (before anything the new link delivers: this thread
+            // posts both), then the peer announces those it holds now. It does so too if
+            // this node has just started (its owners know no sessions yet), or if it holds
+            // sessions of this node's users it could not tell while the link was down
+            // (docs/cluster.md, "What a node's loss costs").
+            for shard in 0..self.office.shards() {
+                if self
+                    .office
+                    .post_from_outside(shard, BusMsg::ForgetNode { node })
+                    .is_err()
+                {
+                    tracing::warn!(
+                        node,
+                        shard,
+                        "forgetting a node's sessions dropped: mailbox full"
+                    );
+                }
+            }
             self.office
                 .ask_node_for_sessions(node, &self.office.own_partitions());
         }

@@ -85,6 +85,7 @@ const OWN_PROFILE: u8 = 0x47;
 // An owner re-learning its users' sessions (after its start or a takeover):
 const REANNOUNCE: u8 = 0x48;
 const ANNOUNCE: u8 = 0x49;
+const FORGET_NODE: u8 = 0x4a;
 
 // Group op codes inside a GROUP frame.
 const GROUP_CREATE: u8 = 0;
@@ -240,6 +241,7 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::OwnProfile { .. } => OWN_PROFILE,
         BusMsg::Reannounce { .. } => REANNOUNCE,
         BusMsg::Announce { .. } => ANNOUNCE,
+        BusMsg::ForgetNode { .. } => FORGET_NODE,
     }
 }
 
@@ -550,6 +552,12 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
                 put_session(out, announced.session);
                 out.put_u64(announced.login_ms);
             }
+        }
+        BusMsg::ForgetNode { node } => {
+            if *node > NODE_NUMBER_MAX {
+                return Err(WireError::TooLarge("node number"));
+            }
+            out.put_u16(*node);
         }
     }
     Ok(())
@@ -1043,6 +1051,7 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
                 sessions,
             }
         }
+        FORGET_NODE => BusMsg::ForgetNode { node: r.node()? },
         kind => return Err(WireError::UnknownKind(kind)),
     })
 }
@@ -1774,6 +1783,7 @@ mod tests {
                         })
                         .collect(),
                 }),
+            (0..=NODE_NUMBER_MAX).prop_map(|node| BusMsg::ForgetNode { node }),
         ]
     }
 

@@ -181,6 +181,12 @@ impl Owner {
             .collect()
     }
 
+    /// The link to `node` came up again: forgets the sessions on it, which died with its
+    /// earlier run if it restarted; it announces those it holds now ([`BusMsg::ForgetNode`]).
+    pub(super) fn forget_node(&mut self, node: u16) {
+        self.sessions.retain(|_, held| held.session.node != node);
+    }
+
     fn merge_announced(&mut self, partition: PartitionId, a: &AnnouncedSession) -> Merge {
         let ours = self.map.partition_of(&a.uid) == partition
             && self.map.shard_of_partition(u32::from(partition)) == Some(self.shard);
@@ -456,6 +462,32 @@ mod tests {
                 device: first.device,
             });
             assert!(online(&h).is_empty());
+        }
+
+        /// A node restarted: the sessions of its earlier run are gone, and its link coming up
+        /// makes the owner forget them (its live ones are announced again after).
+        #[test]
+        fn a_node_whose_link_came_up_again_has_its_sessions_forgotten() {
+            let mut h = Harness::new();
+            let web = h.login(buyer(1));
+            let phone = SessionRef {
+                node: 2,
+                ..h.new_session()
+            };
+            h.turn(BusMsg::Register {
+                session: phone,
+                uid: buyer(1),
+                device_type: DeviceType::Ios,
+            });
+            assert_eq!(online(&h).len(), 2);
+            h.turn(BusMsg::ForgetNode { node: 3 });
+            assert_eq!(online(&h).len(), 2, "no session on node 3");
+            h.turn(BusMsg::ForgetNode { node: 2 });
+            assert_eq!(
+                online(&h),
+                [web.device],
+                "the phone's session on node 2 is forgotten"
+            );
         }
 
         #[test]

@@ -531,6 +531,7 @@ impl Owner {
             } => {
                 self.announced(partition, &sessions);
             }
+            BusMsg::ForgetNode { node } => self.forget_node(node),
             BusMsg::AgentOnline {
                 shop,
                 agent,
