@@ -13,14 +13,40 @@ use chinwag_protocol::{DeviceId, DeviceType, Kick, Online, Uid};
 use super::{unix_ms, Owner};
 use crate::bus::{AnnouncedSession, BusMsg, PartitionId, SessionRef};
 
-/// The session an owner holds for a device, and how it learned of it.
+/// The session an owner holds for a device, and how it learned of it. As small as the
+/// session address alone was in the map's entries (24 bytes with the key): the single node,
+/// which never learns from announcements, pays nothing for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Holder {
     pub session: SessionRef,
-    /// `None`: the session's `Register` reached this owner, which makes it the latest login of
-    /// the device (a later one would have replaced it). `Some(ms)`: its shard announced it,
-    /// logged in at `ms` Unix milliseconds by its node's clock.
-    pub announced_login_ms: Option<u64>,
+    /// 0: the session's `Register` reached this owner, which makes it the latest login of the
+    /// device (a later one would have replaced it). Else its shard announced it, logged in at
+    /// this Unix second (at least 1) by its node's clock.
+    announced_login_s: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<(DeviceId, Holder)>() == 24);
+
+impl Holder {
+    fn registered(session: SessionRef) -> Holder {
+        Holder {
+            session,
+            announced_login_s: 0,
+        }
+    }
+
+    fn announced(session: SessionRef, login_ms: u64) -> Holder {
+        let login_s = u32::try_from(login_ms / 1000).unwrap_or(u32::MAX).max(1);
+        Holder {
+            session,
+            announced_login_s: login_s,
+        }
+    }
+
+    /// When it logged in (Unix seconds), if it was announced rather than registered here.
+    fn announced_login_s(&self) -> Option<u32> {
+        (self.announced_login_s != 0).then_some(self.announced_login_s)
+    }
 }
 
 /// What [`Owner::announced`] did with one announced session.
@@ -61,10 +87,7 @@ impl Owner {
                 return;
             }
         };
-        let holder = Holder {
-            session,
-            announced_login_ms: None,
-        };
+        let holder = Holder::registered(session);
         if let Some(older) = self.sessions.insert(device, holder) {
             if older.session != session {
                 let kick = BusMsg::Kick {
@@ -164,8 +187,8 @@ impl Owner {
     ///   so it came after every login made before this owner started, and a login after it
     ///   would have replaced it. The announced session is kicked (if this owner saw its login
     ///   too, it kicked it then, and the kick is repeated);
-    /// - of two announced sessions the later login (by the clocks of their nodes) stays, the
-    ///   other is kicked; the one held stays on a tie;
+    /// - of two announced sessions the later login (by the clocks of their nodes, to the
+    ///   second) stays, the other is kicked; the one held stays on a tie;
     /// - a held session on a node counted as down is replaced.
     ///
     /// An announced session that ends sends its `Unregister` after its announcement, by the
@@ -198,10 +221,7 @@ impl Owner {
         if !registered || !self.node_alive(a.session.node) {
             return Merge::Ignored;
         }
-        let announced = Holder {
-            session: a.session,
-            announced_login_ms: Some(a.login_ms),
-        };
+        let announced = Holder::announced(a.session, a.login_ms);
         let held = match self.sessions.get(&a.device) {
             None => {
                 self.sessions.insert(a.device, announced);
@@ -210,10 +230,10 @@ impl Owner {
             Some(held) if held.session == a.session => return Merge::Known,
             Some(held) => *held,
         };
-        let announced_is_later = match held.announced_login_ms {
+        let announced_is_later = match (held.announced_login_s(), announced.announced_login_s()) {
             _ if !self.node_alive(held.session.node) => true,
-            None => false,
-            Some(held_login_ms) => a.login_ms > held_login_ms,
+            (None, _) => false,
+            (Some(held_s), announced_s) => announced_s > Some(held_s),
         };
         let (kept, kicked) = if announced_is_later {
             (announced, held.session)
@@ -423,10 +443,14 @@ mod tests {
             let mut h = Harness::new();
             let first = forgotten_login(&mut h);
             let (early, late) = (h.new_session(), h.new_session());
-            assert!(kicked(&announce(&mut h, first.session, first.device, 20)).is_empty());
-            let out = announce(&mut h, early, first.device, 10);
+            let ms = 1_700_000_000_000;
+            assert!(kicked(&announce(&mut h, first.session, first.device, ms)).is_empty());
+            let out = announce(&mut h, early, first.device, ms - 1000);
             assert_eq!(kicked(&out), [early], "logged in before the one held");
-            let out = announce(&mut h, late, first.device, 30);
+            let same_second = h.new_session();
+            let out = announce(&mut h, same_second, first.device, ms + 999);
+            assert_eq!(kicked(&out), [same_second], "a tie keeps the one held");
+            let out = announce(&mut h, late, first.device, ms + 1000);
             assert_eq!(
                 kicked(&out),
                 [first.session],
