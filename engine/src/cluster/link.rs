@@ -1460,8 +1460,15 @@ mod tests {
 
     #[test]
     fn two_nodes_exchange_messages_in_order() {
-        let a = start(config(1, any_port(1)));
-        let b = start(config(2, any_port(2)));
+        // 20,000 messages queued at once may wait longer than the tests' short request
+        // timeout on a loaded machine, and would then be dropped: this test is about order.
+        let patient = |node, addr| LinkConfig {
+            request_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            ..config(node, addr)
+        };
+        let a = start(patient(1, any_port(1)));
+        let b = start(patient(2, any_port(2)));
         mesh(&[&a, &b]);
         const N: u64 = 20_000;
         for n in 0..N {
