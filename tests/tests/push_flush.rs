@@ -191,3 +191,61 @@ fn held_group_pushes_reach_every_member_once_in_order() {
         );
     }
 }
+
+/// Held pushes stay within the send queue's limit: a member that never reads is closed with
+/// `send_queue_full` when the shard hands it its held pushes, the sender is unaffected, and
+/// the queue's memory goes with the connection.
+#[test]
+fn closes_a_member_that_never_reads_its_held_pushes() {
+    let server = Server::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--shards=1",
+        "--messages-per-s-max=0",
+        "--push-flush-delay-ms=20",
+        "--message-bytes-max=8192",
+        "--send-queue-bytes-max=65536",
+    ]);
+    let alice = Uid::new(UidKind::Buyer, 1);
+    let bob = Uid::new(UidKind::Buyer, 2);
+    let mut a = login(&server, alice);
+    // Bob never reads: his pushes fill the kernel's buffers, then his queue in the server.
+    let _b = login(&server, bob);
+    let body = "x".repeat(6000);
+    // Bounded: 5,000 messages of 6 kB (30 MB) are far more than the kernel buffers plus the
+    // 64 kB queue hold.
+    for i in 0..5000 {
+        let reply = a
+            .call(Message::Send(Send {
+                target: Target::User(bob),
+                cmid: format!("big{i}").into(),
+                kind: "text".into(),
+                body: body.as_str().into(),
+            }))
+            .expect("alice is unaffected");
+        assert!(matches!(reply.message, Message::SendOk(_)), "{reply:?}");
+        if i % 50 == 0
+            && server.metric(
+                "chinwag_connections_closed_total",
+                "reason=\"send_queue_full\"",
+            ) > 0
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        server.wait_metric(
+            "chinwag_connections_closed_total",
+            "reason=\"send_queue_full\"",
+            1
+        ),
+        1
+    );
+    // The queue's memory went with the connection (its close frame may take a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.metric("chinwag_send_queue_bytes", "") > 0 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.metric("chinwag_send_queue_bytes", ""), 0);
+}
