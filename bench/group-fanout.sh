@@ -102,13 +102,13 @@ if [ -n "${DELAYS:-}" ]; then
     done
   done
   python3 - "$work" "${MEMBERS:-10000}" "${BASELINE:+base}" "${names[@]}" <<'EOF'
-import json, os, sys
+import json, sys
 work, members, base, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 head = "| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s |"
 rule = "|---:|---:|---:|---:|---:|"
 if base:
-    head += " baseline: deliveries per server CPU s | ratio |"
-    rule += "---:|---:|"
+    head += " baseline: deliveries/s | baseline: deliveries per server CPU s | ratio |"
+    rule += "---:|---:|---:|"
 print(head + " spread p50 / p99 (ms) | send to push p50 / p99 (ms) | violations, failures |")
 print(rule + "---|---|---|")
 for n in names:
@@ -121,7 +121,7 @@ for n in names:
     if base:
         b = json.load(open(f"{work}/base-{n[4:]}.json"))
         ok = "" if b["violations"] == 0 and b["failures_total"] == 0 else " (!)"
-        row += (f" {b['deliveries_per_server_cpu_s']:,.0f}{ok} | "
+        row += (f" {b['deliveries_per_s']:,.0f} | {b['deliveries_per_server_cpu_s']:,.0f}{ok} | "
                 f"{j['deliveries_per_server_cpu_s'] / b['deliveries_per_server_cpu_s']:.2f} |")
     print(row + f" {s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {p['p50'] / 1000:.1f} / {p['p99'] / 1000:.1f} | "
           f"{j['violations']}, {j['failures_total']} |")

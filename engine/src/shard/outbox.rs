@@ -101,6 +101,11 @@ impl Outbox {
 /// a flood of pushes within one delay cannot hold memory without bound.
 pub const HELD_FANOUTS_MAX: usize = 4096;
 
+/// Users named by the held runs at most (the sum of each run's list; 2 MiB of uids); more
+/// release them at the end of the turn. It bounds the memory the lists pin and what a reply
+/// scans to find the held pushes it must take along ([`HeldPushes::take_for`]).
+pub const HELD_USERS_MAX: usize = 131_072;
+
 /// The pushes ([`Fanout`]s) a shard holds until its next push flush (`push_flush_delay_ms`),
 /// in arrival order, and which sessions already have some of them.
 ///
@@ -110,7 +115,8 @@ pub const HELD_FANOUTS_MAX: usize = 4096;
 /// it. So a group's messages cost one pass over its members per flush, not one per message,
 /// and one write per socket. The first fan-out held after a flush sets the deadline, so no
 /// push waits longer than the delay (plus the loop turn it is due in); more than
-/// [`HELD_FANOUTS_MAX`] fan-outs or `bytes_max` bytes of frames are released at once.
+/// [`HELD_FANOUTS_MAX`] fan-outs, [`HELD_USERS_MAX`] users or `bytes_max` bytes of frames are
+/// released at once.
 ///
 /// A reply to a session's own request is not held: it takes the session's held pushes along,
 /// ahead of it ([`HeldPushes::take_for`]), and the flush then gives that session only what
@@ -128,6 +134,8 @@ pub struct HeldPushes {
     /// Fan-outs held; a fan-out's index is its position in arrival order since the last flush.
     fanouts: usize,
     bytes: usize,
+    /// The users named by the runs (the sum of their lists).
+    users: usize,
     /// Slot → (generation, index of the first held fan-out that session still lacks), for the
     /// sessions that took held pushes with a reply or logged in during the delay.
     taken: AHashMap<u32, (u32, usize)>,
@@ -144,6 +152,7 @@ impl HeldPushes {
             runs: Vec::new(),
             fanouts: 0,
             bytes: 0,
+            users: 0,
             taken: AHashMap::new(),
         }
     }
@@ -166,10 +175,16 @@ impl HeldPushes {
         self.bytes += fanout.json.len() + fanout.binary.len();
         match self.runs.last_mut() {
             Some(run) if run.users() == &fanout.users[..] => run.push(fanout),
-            _ => self.runs.push(Run::new(self.fanouts, fanout)),
+            _ => {
+                self.users += fanout.users.len();
+                self.runs.push(Run::new(self.fanouts, fanout));
+            }
         }
         self.fanouts += 1;
-        if self.bytes >= self.bytes_max || self.fanouts >= HELD_FANOUTS_MAX {
+        if self.bytes >= self.bytes_max
+            || self.fanouts >= HELD_FANOUTS_MAX
+            || self.users >= HELD_USERS_MAX
+        {
             self.due_ms = now_ms;
         }
     }
@@ -188,6 +203,7 @@ impl HeldPushes {
     pub fn release(&mut self) -> Release {
         self.fanouts = 0;
         self.bytes = 0;
+        self.users = 0;
         Release {
             runs: std::mem::take(&mut self.runs),
             taken: std::mem::take(&mut self.taken),
@@ -515,6 +531,16 @@ mod tests {
         }
         assert!(!held.is_due(0));
         held.hold(fanout(&[1], None, "a"), 0);
+        assert!(held.is_due(0));
+        held.release();
+        // Users count once per run: a group's messages in one run count its members once.
+        let members: Vec<u64> = (0..HELD_USERS_MAX as u64 / 2).collect();
+        let mut held = HeldPushes::new(100, usize::MAX);
+        held.hold(fanout(&members, None, "a"), 0);
+        held.hold(fanout(&members, None, "b"), 0);
+        assert!(!held.is_due(0));
+        held.hold(fanout(&[1], None, "c"), 0);
+        held.hold(fanout(&members, None, "d"), 0);
         assert!(held.is_due(0));
     }
 
