@@ -101,10 +101,10 @@ impl Outbox {
 /// a flood of pushes within one delay cannot hold memory without bound.
 pub const HELD_FANOUTS_MAX: usize = 4096;
 
-/// Users named by the held runs at most (the sum of each run's list; 2 MiB of uids); more
-/// release them at the end of the turn. It bounds the memory the lists pin and what a reply
-/// scans to find the held pushes it must take along ([`HeldPushes::take_for`]).
-pub const HELD_USERS_MAX: usize = 131_072;
+/// Users named by the held runs at most (the sum of each run's list: one group of the largest
+/// `members_max` fits); more release them at the end of the turn. It bounds the memory the
+/// lists pin and the index of users to runs ([`HeldPushes::take_for`]), a few MiB at most.
+pub const HELD_USERS_MAX: usize = 65_536;
 
 /// The pushes ([`Fanout`]s) a shard holds until its next push flush (`push_flush_delay_ms`),
 /// in arrival order, and which sessions already have some of them.
@@ -136,6 +136,9 @@ pub struct HeldPushes {
     bytes: usize,
     /// The users named by the runs (the sum of their lists).
     users: usize,
+    /// User → the runs that name it (indices into `runs`), so that a reply finds its
+    /// session's held pushes without scanning every run: in chat each push is its own run.
+    runs_of: AHashMap<Uid, SmallVec<[u32; 2]>>,
     /// Slot → (generation, index of the first held fan-out that session still lacks), for the
     /// sessions that took held pushes with a reply or logged in during the delay.
     taken: AHashMap<u32, (u32, usize)>,
@@ -153,6 +156,7 @@ impl HeldPushes {
             fanouts: 0,
             bytes: 0,
             users: 0,
+            runs_of: AHashMap::new(),
             taken: AHashMap::new(),
         }
     }
@@ -177,6 +181,14 @@ impl HeldPushes {
             Some(run) if run.users() == &fanout.users[..] => run.push(fanout),
             _ => {
                 self.users += fanout.users.len();
+                // Fits: runs are at most HELD_FANOUTS_MAX.
+                let run = self.runs.len() as u32;
+                for uid in &fanout.users {
+                    let runs = self.runs_of.entry(*uid).or_default();
+                    if runs.last() != Some(&run) {
+                        runs.push(run);
+                    }
+                }
                 self.runs.push(Run::new(self.fanouts, fanout));
             }
         }
@@ -204,6 +216,8 @@ impl HeldPushes {
         self.fanouts = 0;
         self.bytes = 0;
         self.users = 0;
+        // Keeps its capacity for the next delay (at most HELD_USERS_MAX entries' worth).
+        self.runs_of.clear();
         Release {
             runs: std::mem::take(&mut self.runs),
             taken: std::mem::take(&mut self.taken),
@@ -229,19 +243,17 @@ impl HeldPushes {
         device: DeviceId,
         encoding: Encoding,
     ) -> Option<(Bytes, u64)> {
+        // No run names this user: nothing is held for it (and what comes later is later).
+        let runs = self.runs_of.get(&uid)?;
         let from = from_in(&self.taken, slot, generation);
         if from >= self.fanouts {
             return None;
         }
-        self.taken.insert(slot, (generation, self.fanouts));
-        // A scan of each run's users: this happens once per reply during a delay, far less
-        // often than the per-member work it saves at the flush.
-        let parts: SmallVec<[(Bytes, u64); 4]> = self
-            .runs
+        let parts: SmallVec<[(Bytes, u64); 4]> = runs
             .iter()
-            .filter(|run| run.users().contains(&uid))
-            .filter_map(|run| run.frames_for(from, device, encoding))
+            .filter_map(|&run| self.runs[run as usize].frames_for(from, device, encoding))
             .collect();
+        self.taken.insert(slot, (generation, self.fanouts));
         let frames = parts.iter().map(|(_, n)| n).sum();
         (frames > 0).then(|| (concat(parts.iter().map(|(b, _)| b)), frames))
     }
