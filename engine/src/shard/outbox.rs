@@ -490,6 +490,16 @@ mod tests {
             held.take_for(7, 2, uid(1), device(21), Encoding::Json),
             None
         );
+        // A user no held run names has nothing to take.
+        assert_eq!(
+            held.take_for(8, 1, uid(9), device(29), Encoding::Json),
+            None
+        );
+        // User 3's session takes both of its pushes in one buffer, in order.
+        assert_eq!(
+            held.take_for(9, 1, uid(3), device(23), Encoding::Json),
+            Some((Bytes::from("xy"), 2))
+        );
         held.hold(fanout(&[1, 2], None, "b"), 0);
         let release = held.release();
         let for_session = |slot, generation| -> Vec<Bytes> {
