@@ -437,7 +437,14 @@ impl Session {
         else {
             return true;
         };
-        if !self.admit(&held, ctx) {
+        // A session that is closing is queueing its close frame right now (nothing else is
+        // queued once closing): the held pushes go ahead of it, as they would have been in
+        // its outbox already, unless they do not fit; then the close frame goes alone.
+        if self.conn.is_closing() {
+            if self.outbox.len_bytes() + held.len() > ctx.node.config.send_queue_bytes_max {
+                return true;
+            }
+        } else if !self.within_limit(held.len(), ctx) {
             return false;
         }
         metrics::add(&ctx.metrics().frames_out, frames);
@@ -450,10 +457,13 @@ impl Session {
     /// Whether `frame` may be queued: the session is a WebSocket, and its queue stays within
     /// `send_queue_bytes_max`. Over it, the queue is dropped and the session closed with 1008.
     fn admit(&mut self, frame: &Bytes, ctx: &mut Context) -> bool {
-        if self.conn.endpoint().is_none() {
-            return false;
-        }
-        if self.outbox.len_bytes() + frame.len() > ctx.node.config.send_queue_bytes_max {
+        self.conn.endpoint().is_some() && self.within_limit(frame.len(), ctx)
+    }
+
+    /// Whether `len` more bytes keep the queue within `send_queue_bytes_max`. Over it, the
+    /// queue is dropped and the session closed with 1008.
+    fn within_limit(&mut self, len: usize, ctx: &mut Context) -> bool {
+        if self.outbox.len_bytes() + len > ctx.node.config.send_queue_bytes_max {
             let dropped = self.outbox.clear();
             metrics::sub(&ctx.metrics().send_queue_bytes, dropped as u64);
             self.close(
@@ -500,6 +510,12 @@ impl Session {
     /// Returns `true` if the connection is done.
     pub fn flush(&mut self, ctx: &mut Context) -> bool {
         self.dirty = false;
+        // The socket is written now anyway: pushes held for it leave in the same write (after
+        // what is queued: they came after it, or a reply would have taken them along). In chat,
+        // where each push is its own run, this saves the flush its own write to this socket.
+        if ctx.held.is_holding() && !self.conn.is_closing() {
+            self.take_held_pushes(self.outbox.frame_count(), ctx);
+        }
         while !self.outbox.is_empty() {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
@@ -768,6 +784,32 @@ mod tests {
         assert_eq!(node.read_text(), "push 1");
         assert_eq!(node.read_text(), "push 2");
         assert_eq!(node.read_text(), "reply");
+        node.stop();
+    }
+
+    /// A session that is kicked while pushes are held for it gets them first, then `kicked`,
+    /// then the close frame (the first version of held runs dropped the pushes here, and on a
+    /// drain the close frame).
+    #[test]
+    fn held_pushes_leave_ahead_of_a_kick_and_its_close_frame() {
+        let uid = Uid::new(UidKind::Buyer, 9);
+        let config = Config {
+            push_flush_delay_ms: 3_600_000,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        node.post(push(uid, "push 1"));
+        node.post(push(uid, "push 2"));
+        node.post(BusMsg::Kick {
+            session: first_session(),
+            by_service: true,
+        });
+        assert_eq!(node.read_text(), "push 1");
+        assert_eq!(node.read_text(), "push 2");
+        assert!(node.read_text().contains("kicked"));
+        let mut head = [0u8; 2];
+        node.client.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x88, "the close frame");
         node.stop();
     }
 
