@@ -509,13 +509,15 @@ impl Session {
     /// Writes what is queued, in as few `writev` calls as the socket allows.
     /// Returns `true` if the connection is done.
     pub fn flush(&mut self, ctx: &mut Context) -> bool {
-        self.dirty = false;
         // The socket is written now anyway: pushes held for it leave in the same write (after
         // what is queued: they came after it, or a reply would have taken them along). In chat,
         // where each push is its own run, this saves the flush its own write to this socket.
+        // Before `dirty` is cleared: taking them marks the session dirty, and a session marked
+        // dirty here would never be listed again.
         if ctx.held.is_holding() && !self.conn.is_closing() {
             self.take_held_pushes(self.outbox.frame_count(), ctx);
         }
+        self.dirty = false;
         while !self.outbox.is_empty() {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
