@@ -789,6 +789,37 @@ mod tests {
         node.stop();
     }
 
+    /// A push that comes after a reply, while the reply waits to be written, leaves in the
+    /// same write; and the session is written again for the next reply (a regression: taking
+    /// the held pushes in the flush left the session marked dirty, so it was never written
+    /// again).
+    #[test]
+    fn a_session_written_with_its_held_pushes_is_written_again_later() {
+        let uid = Uid::new(UidKind::Buyer, 10);
+        let config = Config {
+            push_flush_delay_ms: 3_600_000,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        // Fails the test rather than hanging it if a frame never comes.
+        node.client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let reply = |text: &str| BusMsg::Deliver {
+            to: first_session(),
+            ws_message: frame::encode(Opcode::Text, text.as_bytes()),
+        };
+        node.post(reply("reply 1"));
+        node.post(push(uid, "push 1"));
+        assert_eq!(node.read_text(), "reply 1");
+        // Whether "push 1" came in reply 1's turn (and left with it) or in a later one (and
+        // is taken along by reply 2), it comes before reply 2.
+        node.post(reply("reply 2"));
+        assert_eq!(node.read_text(), "push 1");
+        assert_eq!(node.read_text(), "reply 2");
+        node.stop();
+    }
+
     /// A session that is kicked while pushes are held for it gets them first, then `kicked`,
     /// then the close frame (the first version of held runs dropped the pushes here, and on a
     /// drain the close frame).
