@@ -190,6 +190,12 @@ impl Store {
     /// (replay). Used by a follower whose log has records a new leader does not have.
     pub fn truncated(mut self, to: Position) -> Result<(Store, RecoveryReport), StoreError> {
         if to >= self.tail() {
+            // Nothing to cut but epochs that start at the tail (they wrote nothing).
+            let before = self.epochs.len();
+            self.epochs.retain(|&(_, start)| start < to);
+            if self.epochs.len() != before {
+                self.write_epochs()?;
+            }
             return Ok((self, RecoveryReport::default()));
         }
         let id = segment::segment_of(to);
