@@ -546,3 +546,314 @@ impl Owner {
         self.replication.as_ref().map_or(0, |r| r.held.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_protocol::client::Encoding;
+    use chinwag_protocol::{DeviceType, History, HistoryRange, Message, Target, Uid};
+    use smallvec::smallvec;
+
+    use super::super::testing::*;
+    use crate::bus::Origin;
+    use super::*;
+
+    /// Two owners of every test partition, on nodes 1 and 2, passing the messages for each
+    /// other's node by hand; `cut` drops every message between them (a node link down).
+    struct Two {
+        nodes: [Harness; 2],
+        cut: bool,
+    }
+
+    fn setup(node: u16, ack_replicated: bool, leases: Option<Arc<Leases>>) -> ReplicationSetup {
+        ReplicationSetup {
+            node,
+            ack_replicated,
+            leases,
+            lag_max_ms: 2_000,
+            held_bytes_max: 1 << 20,
+        }
+    }
+
+    impl Two {
+        /// Node 1 leads every partition at epoch 1, node 2 follows.
+        fn new(ack_replicated: bool) -> Two {
+            let mut nodes = [Harness::new(), Harness::new()];
+            for (i, h) in nodes.iter_mut().enumerate() {
+                h.owner
+                    .set_replication(setup(i as u16 + 1, ack_replicated, None));
+            }
+            let mut two = Two { nodes, cut: false };
+            two.roles(1, 1);
+            two
+        }
+
+        /// Node `leader` leads every partition at `epoch`; the other follows it.
+        fn roles(&mut self, leader: u16, epoch: u64) {
+            for p in 0..PARTITIONS as PartitionId {
+                for node in [1u16, 2] {
+                    let change = if node == leader {
+                        RoleChange::Lead {
+                            partition: p,
+                            epoch,
+                            replicas: smallvec![leader, 3 - leader],
+                            isr: smallvec![1, 2],
+                        }
+                    } else {
+                        RoleChange::Follow {
+                            partition: p,
+                            leader,
+                            epoch,
+                        }
+                    };
+                    self.h(node).owner.handle(BusMsg::Role(Box::new(change)), 0);
+                }
+            }
+        }
+
+        fn h(&mut self, node: u16) -> &mut Harness {
+            &mut self.nodes[usize::from(node) - 1]
+        }
+
+        /// Commits both owners and passes messages between them until none is left. Returns
+        /// what each node's owner sent to its own shards.
+        fn settle(&mut self) -> [Vec<(usize, BusMsg)>; 2] {
+            let mut local: [Vec<(usize, BusMsg)>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..100 {
+                let mut moved = false;
+                for node in [1u16, 2] {
+                    let out = self.h(node).owner.commit();
+                    let (remote, here): (Vec<_>, Vec<_>) = out
+                        .into_iter()
+                        .partition(|(to, _)| matches!(to, To::Node(_)));
+                    let map = test_map();
+                    local[usize::from(node) - 1].extend(by_shard(here, &map));
+                    for (to, msg) in remote {
+                        let To::Node(target) = to else { unreachable!() };
+                        assert_eq!(target, 3 - node, "to the other node");
+                        if !self.cut {
+                            self.h(target).owner.handle(msg, 0);
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved {
+                    return local;
+                }
+            }
+            panic!("the nodes never settle");
+        }
+
+        fn login(&mut self, node: u16, uid: Uid) -> Origin {
+            let session = self.h(node).new_session();
+            self.h(node).owner.handle(
+                BusMsg::Register {
+                    session,
+                    uid,
+                    device_type: DeviceType::Web,
+                },
+                1,
+            );
+            let out = self.settle();
+            let device = registered(&out[usize::from(node) - 1], session).expect("registered");
+            Origin {
+                session,
+                uid,
+                device,
+                encoding: Encoding::Json,
+                req: Some(1),
+                service: false,
+                received: Instant::now(),
+            }
+        }
+
+        fn history(
+            &mut self,
+            node: u16,
+            origin: &Origin,
+            conv: chinwag_protocol::ConvId,
+        ) -> String {
+            self.h(node).owner.handle(
+                BusMsg::History {
+                    origin: Box::new(*origin),
+                    history: History {
+                        conv,
+                        range: HistoryRange::Newest,
+                        limit: 50,
+                    },
+                },
+                2,
+            );
+            let out = self.settle();
+            replies(&out[usize::from(node) - 1], origin.session).remove(0)
+        }
+    }
+
+    fn seqs_in(history: &str) -> Vec<u64> {
+        match chinwag_protocol::json::decode(history).unwrap().message {
+            Message::HistoryOk(ok) => ok.msgs.iter().map(|m| m.seq.0).collect(),
+            other => panic!("not a history page: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_send_is_acknowledged_only_once_the_follower_has_it() {
+        let mut two = Two::new(true);
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "1", "hello"), 3);
+        // The link is down: the record is shipped, nothing is acknowledged.
+        two.cut = true;
+        let out = two.settle();
+        assert!(
+            replies(&out[0], a.session).is_empty(),
+            "held: {:?}",
+            out[0].len()
+        );
+        assert!(pushes(&out[0]).is_empty(), "pushes are held too");
+        assert_eq!(two.h(1).owner.held_turns(), 1);
+        // The link is back: the follower asks again after the resend delay... here at once,
+        // from its handshake's retry.
+        two.cut = false;
+        std::thread::sleep(std::time::Duration::from_millis(
+            crate::cluster::replica::RESEND_AFTER_MS,
+        ));
+        let out = two.settle();
+        let (conv, seq) = send_ok(&replies(&out[0], a.session));
+        assert_eq!(seq, 1);
+        assert_eq!(pushes(&out[0]).len(), 1, "the push goes with it");
+        assert_eq!(two.h(1).owner.held_turns(), 0);
+        // The follower serves no reads.
+        let page = two.history(2, &a, conv);
+        assert!(page.contains("not_found"), "{page}");
+    }
+
+    #[test]
+    fn a_follower_takes_over_with_every_acknowledged_message_and_the_old_leader_follows_it() {
+        let mut two = Two::new(true);
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        let mut conv = None;
+        for i in 0..5 {
+            two.h(1)
+                .owner
+                .handle(send(&a, Target::User(b.uid), &i.to_string(), "x"), 3);
+            let out = two.settle();
+            conv = Some(send_ok(&replies(&out[0], a.session)).0);
+        }
+        let conv = conv.unwrap();
+        // Node 1 writes one more record that never reaches node 2, then loses the lead.
+        two.cut = true;
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "lost", "x"), 3);
+        two.settle();
+        two.roles(2, 2);
+        let out = two.settle();
+        assert!(
+            replies(&out[0], a.session)[0].contains("unavailable"),
+            "the unreplicated send is never acknowledged"
+        );
+        two.cut = false;
+        std::thread::sleep(std::time::Duration::from_millis(
+            crate::cluster::replica::QUERY_RETRY_MS,
+        ));
+        two.settle();
+        // Node 2 serves the conversation: every acknowledged message, and seqs go on.
+        assert_eq!(seqs_in(&two.history(2, &a, conv)), [1, 2, 3, 4, 5]);
+        two.h(2)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "6", "x"), 4);
+        let out = two.settle();
+        assert_eq!(send_ok(&replies(&out[1], a.session)), (conv, 6));
+        // A retry of the lost send is stored once, now.
+        two.h(2)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "lost", "x"), 4);
+        let out = two.settle();
+        assert_eq!(send_ok(&replies(&out[1], a.session)), (conv, 7));
+        // Node 1 cut its unacknowledged record and copied node 2's log.
+        for p in 0..PARTITIONS {
+            let tails: Vec<_> = (1..=2u16)
+                .map(|n| {
+                    two.h(n).owner.partitions[p]
+                        .as_ref()
+                        .map(|part| part.store.tail())
+                })
+                .collect();
+            assert_eq!(tails[0], tails[1], "partition {p}");
+        }
+        // Node 1 refuses writes for the partition: it follows now.
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "8", "x"), 5);
+        let out = two.settle();
+        assert!(replies(&out[0], a.session)[0].contains("error"));
+    }
+
+    #[test]
+    fn with_ack_leader_a_send_is_acknowledged_at_once_and_still_shipped() {
+        let mut two = Two::new(false);
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        two.cut = true;
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "1", "x"), 3);
+        let out = two.settle();
+        assert_eq!(send_ok(&replies(&out[0], a.session)).1, 1);
+    }
+
+    #[test]
+    fn an_expired_lease_acknowledges_nothing() {
+        let mut two = Two::new(true);
+        let leases = Arc::new(Leases::new(PARTITIONS));
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        two.h(1)
+            .owner
+            .set_replication(setup(1, true, Some(Arc::clone(&leases))));
+        two.roles(1, 1);
+        let p = test_map().partition_of(&crate::bus::user_pair(a.uid, b.uid));
+        leases.hold(p, 1, Instant::now() + std::time::Duration::from_secs(60));
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "1", "x"), 3);
+        let out = two.settle();
+        assert_eq!(send_ok(&replies(&out[0], a.session)).1, 1, "a valid lease");
+        leases.lose(p);
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "2", "x"), 3);
+        let out = two.settle();
+        assert!(replies(&out[0], a.session)[0].contains("unavailable"));
+    }
+
+    #[test]
+    fn held_outputs_are_bounded() {
+        let mut two = Two::new(true);
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        two.h(1).owner.set_replication(ReplicationSetup {
+            held_bytes_max: 4 << 10,
+            ..setup(1, true, None)
+        });
+        two.roles(1, 1);
+        two.cut = true;
+        let mut refused = 0;
+        for i in 0..40 {
+            two.h(1)
+                .owner
+                .handle(send(&a, Target::User(b.uid), &i.to_string(), "x"), 3);
+            let out = two.settle();
+            refused += replies(&out[0], a.session)
+                .iter()
+                .filter(|r| r.contains("unavailable"))
+                .count();
+        }
+        assert!(refused > 0, "past the bound, writes are refused");
+        let held = two.h(1).owner.replication.as_ref().unwrap().held_bytes;
+        assert!(held <= 4 << 10, "{held}");
+    }
+}
