@@ -17,6 +17,7 @@ use signal_hook::iterator::Signals;
 use crate::bus::mailbox::Mailbox;
 use crate::bus::post::PostOffice;
 use crate::bus::{PartitionId, PartitionMap};
+use crate::cluster::roles::RoleChange;
 use crate::logic::{parse_partition_dir, LogSetup, Owner};
 use crate::net::listener;
 use crate::operator::config::Config;
@@ -71,7 +72,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     // A cluster node learns its partitions from the cluster's table before it opens their logs.
     let cluster = join_cluster(&config, addr, backend_addr)?;
     let map = Arc::new(match &cluster {
-        Some(cluster) => cluster_map(cluster, shard_count),
+        Some(cluster) => cluster_map(cluster, shard_count, config.replicas),
         None => PartitionMap::single_node(config.partitions, shard_count),
     });
     let mut owners = match open_owners(&config, data_dir.path(), &map) {
@@ -93,6 +94,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
             for owner in &mut owners {
                 owner.set_cluster(Arc::clone(cluster));
             }
+            start_replication(&config, cluster, &map, &mut owners);
             Some(start_links(&config, cluster, listener, &office, &map)?)
         }
         _ => None,
@@ -194,24 +196,93 @@ fn join_cluster(
     }
 }
 
-/// This node's share of the cluster's partitions: those the table gives it, dealt to its
-/// shards round-robin; the others are "not here".
-fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize) -> PartitionMap {
+/// This node's share of the cluster's partitions: those it holds a replica of (with
+/// `--replicas 1`, those the table gives it), dealt to its shards round-robin, leading those
+/// the table gives it; the others are "not here".
+fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize, replicas: usize) -> PartitionMap {
     let shards = shards.max(1);
-    let mut next = 0usize;
-    let assignment = (0..cluster.partitions.count())
-        .map(|p| {
-            let entry = cluster.partitions.get(p)?;
-            (entry.node == cluster.node).then(|| {
-                let shard = next % shards;
-                next += 1;
-                // Below `SHARDS_MAX`, which fits.
-                shard as u16
-            })
-        })
-        .collect();
-    PartitionMap::from_assignment(assignment, shards)
+    let roles = static_roles(cluster, replicas);
+    let mut assignment = vec![None; cluster.partitions.count() as usize];
+    for (i, change) in roles.iter().enumerate() {
+        // Below `SHARDS_MAX`, which fits.
+        assignment[usize::from(change.partition())] = Some((i % shards) as u16);
+    }
+    let map = PartitionMap::from_assignment(assignment, shards);
+    for change in &roles {
+        if let RoleChange::Follow { partition, .. } = change {
+            let shard = map.replica_shard(u32::from(*partition));
+            map.set(*partition, shard.map(|s| s as u16), false);
+        }
+    }
+    map
 }
+
+/// This node's role for each partition it holds a replica of, when roles are static (until a
+/// leadership thread decides them): the table's owner leads at the table's epoch, the next
+/// `replicas - 1` nodes of the table follow (`cluster::replica::static_replicas`).
+fn static_roles(cluster: &crate::cluster::Cluster, replicas: usize) -> Vec<RoleChange> {
+    let mut nodes: Vec<u16> = (0..cluster.partitions.count())
+        .filter_map(|p| Some(cluster.partitions.get(p)?.node))
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut roles = Vec::new();
+    for p in 0..cluster.partitions.count() {
+        let Some(entry) = cluster.partitions.get(p) else {
+            continue;
+        };
+        // Below `PARTITIONS_MAX`, which fits.
+        let partition = p as PartitionId;
+        let set = crate::cluster::replica::static_replicas(entry.node, &nodes, replicas);
+        if entry.node == cluster.node {
+            roles.push(RoleChange::Lead {
+                partition,
+                epoch: entry.epoch,
+                isr: set.clone(),
+                replicas: set,
+            });
+        } else if set.contains(&cluster.node) {
+            roles.push(RoleChange::Follow {
+                partition,
+                leader: entry.node,
+                epoch: entry.epoch,
+            });
+        }
+    }
+    roles
+}
+
+/// With `--replicas` above 1: makes the owners replicate, and gives each its static roles.
+fn start_replication(
+    config: &Config,
+    cluster: &crate::cluster::Cluster,
+    map: &PartitionMap,
+    owners: &mut [Owner],
+) {
+    if config.replicas <= 1 {
+        return;
+    }
+    let setup = crate::logic::ReplicationSetup {
+        node: cluster.node,
+        ack_replicated: config.ack == crate::cluster::replica::AckPolicy::Replicated,
+        leases: None,
+        lag_max_ms: crate::cluster::replica::LAG_MAX_MS_DEFAULT,
+        held_bytes_max: HELD_BYTES_MAX,
+    };
+    for owner in owners.iter_mut() {
+        owner.set_replication(setup.clone());
+    }
+    let now_ms = crate::logic::unix_ms();
+    for change in static_roles(cluster, config.replicas) {
+        let msg = crate::bus::BusMsg::Role(Box::new(change));
+        if let Some(owner) = msg.owner(map).and_then(|shard| owners.get_mut(shard)) {
+            owner.handle(msg, now_ms);
+        }
+    }
+}
+
+/// Bytes of outputs one shard holds at most while their records reach the replicas.
+const HELD_BYTES_MAX: usize = 64 << 20;
 
 /// The node links of a cluster node, and the thread that keeps their peers in step with the
 /// registry.
@@ -395,7 +466,7 @@ fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Resu
     let mut per_shard: Vec<Vec<(PartitionId, Store)>> = (0..shards).map(|_| Vec::new()).collect();
     for (p, store) in opened {
         // `existing_partitions` kept only partitions this node's shards serve.
-        let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+        let shard = map.replica_shard(u32::from(p)).unwrap_or(0);
         per_shard[shard].push((p, store));
     }
     Ok(per_shard
@@ -430,8 +501,16 @@ fn existing_partitions(root: &Path, map: &PartitionMap) -> io::Result<Vec<Partit
         let p = name
             .to_str()
             .and_then(parse_partition_dir)
-            .filter(|&p| map.owns(u32::from(p)));
+            .filter(|&p| usize::from(p) < map.count());
         match p {
+            // A partition of the data that this node holds no replica of now (in a cluster,
+            // it moved to other nodes): its log stays on disk, unopened.
+            Some(p) if entry.path().is_dir() && map.replica_shard(u32::from(p)).is_none() => {
+                tracing::info!(
+                    partition = p,
+                    "a log of a partition held elsewhere now left unopened"
+                );
+            }
             Some(p) if entry.path().is_dir() => found.push(p),
             _ => {
                 return Err(io::Error::other(format!(
@@ -465,7 +544,7 @@ fn open_partitions(
                 let Some(&p) = partitions.get(i) else {
                     return;
                 };
-                let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+                let shard = map.replica_shard(u32::from(p)).unwrap_or(0);
                 let opened = Store::open(setups[shard].config_of(p));
                 let failed = opened.is_err();
                 results

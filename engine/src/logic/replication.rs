@@ -541,7 +541,8 @@ impl Owner {
         );
     }
 
-    /// Outputs held for replicas now (for metrics and tests).
+    /// Turns held for replicas now.
+    #[cfg(test)]
     pub fn held_turns(&self) -> usize {
         self.replication.as_ref().map_or(0, |r| r.held.len())
     }
@@ -554,8 +555,8 @@ mod tests {
     use smallvec::smallvec;
 
     use super::super::testing::*;
-    use crate::bus::Origin;
     use super::*;
+    use crate::bus::Origin;
 
     /// Two owners of every test partition, on nodes 1 and 2, passing the messages for each
     /// other's node by hand; `cut` drops every message between them (a node link down).

@@ -15,6 +15,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
+use crate::cluster::replica::AckPolicy;
 use crate::store::FsyncPolicy;
 use crate::wechat::account::WechatSection;
 
@@ -242,7 +243,34 @@ settings! {
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
+    "Replicas of each partition in a cluster, the leader included: the partition table's \
+     owner leads and the next nodes (by number) follow, copying its log (docs/cluster.md, \
+     \"Replication\"); 1 = no replication"
+    #[arg(value_name = "N")]
+    replicas: usize = 1, "1";
+    "When a replicated partition's leader acknowledges a write: leader (once its own log has \
+     it) or replicated (once every in-sync replica has it)"
+    #[arg(value_parser = ack_parser())]
+    ack: AckPolicy = AckPolicy::Replicated, "replicated";
 }
+
+/// `--ack`: the acknowledgement policy, by name.
+fn ack_parser() -> impl TypedValueParser<Value = AckPolicy> {
+    PossibleValuesParser::new(["leader", "replicated"])
+        // Cannot fail: only the listed names get this far, and each is a policy.
+        .map(|name| name.parse().unwrap_or_default())
+}
+
+/// The TOML file names the policy as the flag does.
+impl<'de> Deserialize<'de> for AckPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The most replicas a partition may have.
+pub const REPLICAS_MAX: usize = 5;
 
 /// The longest `push_flush_delay_ms` accepted.
 pub const PUSH_FLUSH_DELAY_MS_MAX: u64 = 1_000;
@@ -394,6 +422,12 @@ impl Config {
             ));
         }
         // A link's heartbeats must come often enough that its peer never takes it for silent.
+        if !(1..=REPLICAS_MAX).contains(&self.replicas) {
+            return Err(format!("replicas must be 1..={REPLICAS_MAX}"));
+        }
+        if self.replicas > 1 && self.cluster.is_none() {
+            return Err("replicas above 1 need --cluster".into());
+        }
         if self.node_link_heartbeat_ms >= self.node_link_idle_timeout_ms {
             return Err(format!(
                 "node_link_heartbeat_ms ({}) must be less than node_link_idle_timeout_ms ({})",
