@@ -89,6 +89,15 @@ fn followers_copy_the_leaders_log_and_take_over_with_every_acknowledged_message(
             lead == log_bytes(c.node(next(leader)).data_dir.path(), p)
         })
     });
+    for &conv in acked.keys() {
+        let p = conv.0 & 0xffff;
+        let follower = next(cluster.owner_of(conv));
+        let copied = log_bytes(cluster.node(follower).data_dir.path(), p);
+        assert!(
+            !copied.is_empty(),
+            "partition {p} has a log on node {follower}"
+        );
+    }
     drop(clients);
 
     // The leader of the first conversation dies; its partitions go to their followers at

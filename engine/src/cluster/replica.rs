@@ -192,9 +192,10 @@ impl Leader {
         if peer.acked != Some(ack.position) {
             peer.progress_at = now;
         }
-        // Its real position: what was shipped past it was lost (or is on its way, and is
-        // refused as a gap and sent again: correct, if wasteful).
-        if ack.position < peer.sent || peer.acked.is_none() {
+        // Shipping goes on from where it was: records shipped past the position are most
+        // likely on their way (an acknowledgement trails them by a round trip). Records that
+        // were lost stop the acknowledgements; they are sent again after `RESEND_AFTER_MS`.
+        if peer.acked.is_none() || ack.position > peer.sent {
             peer.sent = ack.position;
         }
         peer.acked = Some(ack.position);
@@ -203,9 +204,18 @@ impl Leader {
         }
     }
 
-    /// The answer to a follower's [`EpochQuery`] (`None` if it follows another epoch).
-    pub fn answer(&self, query: &EpochQuery, store: &Store) -> Option<EpochAnswer> {
-        (query.epoch == self.epoch).then(|| {
+    /// The answer to a follower's [`EpochQuery`] (`None` if it follows another epoch). The
+    /// follower may cut its log after it: it counts as having nothing until it says where it
+    /// is.
+    pub fn answer(&mut self, query: &EpochQuery, store: &Store) -> Option<EpochAnswer> {
+        if query.epoch != self.epoch {
+            return None;
+        }
+        if let Some(peer) = self.peers.iter_mut().find(|p| p.node == query.node) {
+            peer.acked = None;
+            peer.sent = 0;
+        }
+        Some({
             let (last_epoch, end) = store.epoch_end(query.last_epoch);
             EpochAnswer {
                 partition: self.partition,
@@ -651,6 +661,33 @@ mod tests {
         pair.pump(Outbox::new(), false);
         assert_eq!(pair.flog().tail(), tail);
         assert_eq!(pair.leader.acked(tail), tail);
+    }
+
+    #[test]
+    fn an_acknowledgement_trailing_records_in_flight_sends_nothing_again() {
+        let mut pair = Pair::new(1);
+        pair.run(false);
+        write(&mut pair.leader_log, 600, "a");
+        let mut shipped = Outbox::new();
+        pair.leader.ship(&pair.leader_log, pair.now, &mut shipped);
+        assert!(shipped.len() >= 2, "several chunks in flight");
+        let BusMsg::LogData(first) = &shipped[0].1 else {
+            panic!("records")
+        };
+        let log = pair.follower_log.as_mut().unwrap();
+        assert!(matches!(
+            pair.follower.on_data(first, log),
+            Followed::Appended
+        ));
+        log.commit().unwrap();
+        let (_, ack) = pair.follower.ack(log);
+        let BusMsg::ReplicaAck(ack) = ack else {
+            panic!("an ack")
+        };
+        pair.leader.on_ack(&ack, pair.leader_log.tail(), pair.now);
+        let mut again = Outbox::new();
+        pair.leader.ship(&pair.leader_log, pair.now, &mut again);
+        assert!(again.is_empty(), "the rest is on its way: {}", again.len());
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl Owner {
             BusMsg::ReplicaAck(ack) => self.on_replica_ack(&ack, now),
             BusMsg::EpochQuery(query) => {
                 let p = usize::from(query.partition);
-                let answer = match self.partitions.get(p).and_then(Option::as_ref) {
+                let answer = match self.partitions.get_mut(p).and_then(Option::as_mut) {
                     Some(Partition {
                         store,
                         role: Some(Role::Lead(leader)),
