@@ -281,6 +281,19 @@ fn start_replication(
     }
 }
 
+/// Where the leadership thread sends role changes: each to the mailbox of the shard that
+/// holds (or takes) the partition. Never blocks; a change that finds the mailbox full is
+/// logged and lost (the mailbox holds tens of thousands of messages; role changes are rare).
+pub struct ShardRoles(pub Arc<PostOffice>);
+
+impl crate::cluster::roles::RoleSink for ShardRoles {
+    fn changed(&self, change: RoleChange) {
+        if let Err(change) = self.0.post_role(change) {
+            tracing::error!(?change, "role change lost: the shard's mailbox is full");
+        }
+    }
+}
+
 /// Bytes of outputs one shard holds at most while their records reach the replicas.
 const HELD_BYTES_MAX: usize = 64 << 20;
 

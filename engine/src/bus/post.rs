@@ -225,6 +225,26 @@ impl PostOffice {
         self.mailboxes[shard].send(msg)
     }
 
+    /// Posts a role change (from the leadership thread) to the shard that holds its
+    /// partition here, or that takes it if none does ([`BusMsg::owner`]). Gives it back when
+    /// that mailbox is full.
+    pub fn post_role(
+        &self,
+        change: crate::cluster::roles::RoleChange,
+    ) -> Result<(), crate::cluster::roles::RoleChange> {
+        let msg = BusMsg::Role(Box::new(change));
+        let Some(shard) = msg.owner(&self.map).filter(|&s| s < self.mailboxes.len()) else {
+            let BusMsg::Role(change) = msg else {
+                unreachable!("made above")
+            };
+            return Err(*change);
+        };
+        self.mailboxes[shard].send(msg).map_err(|msg| match msg {
+            BusMsg::Role(change) => *change,
+            _ => unreachable!("the mailbox gives back what it was given"),
+        })
+    }
+
     /// Messages waiting in each shard's mailbox.
     pub fn depths(&self) -> Vec<usize> {
         self.mailboxes.iter().map(Mailbox::len).collect()
@@ -493,6 +513,31 @@ mod tests {
         );
         // A session's message goes to its shard; the shard checks the node.
         assert_eq!(office.hop(&deliver(session(9, 1))), Hop::Shard(1));
+    }
+
+    #[test]
+    fn replication_messages_reach_the_shard_holding_the_replica_and_a_follower_serves_nothing() {
+        let (office, _polls, _) = office(false);
+        // Partition 3 is shard 1's; it becomes a follower there.
+        office.map.set(3, Some(1), false);
+        assert_eq!(office.hop(&read(0, conv(3))), Hop::Nowhere, "no requests");
+        let ack = BusMsg::ReplicaAck(crate::bus::ReplicaAck {
+            partition: 3,
+            epoch: 1,
+            node: 2,
+            position: 9,
+        });
+        assert_eq!(office.hop(&ack), Hop::Shard(1));
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 3 };
+        assert!(office.post_role(change).is_ok());
+        assert_eq!(office.mailbox(1).len(), 1);
+        // A partition nothing of which is here goes to its home shard; one past P nowhere.
+        office.map.set(3, None, false);
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 3 };
+        assert!(office.post_role(change).is_ok());
+        assert_eq!(office.mailbox(1).len(), 2);
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 4000 };
+        assert!(office.post_role(change).is_err());
     }
 
     #[test]
