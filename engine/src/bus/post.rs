@@ -187,10 +187,17 @@ impl PostOffice {
         let Some(c) = self.cluster.get() else {
             return Hop::Nowhere;
         };
-        let owner = msg
-            .partition(&self.map)
-            .and_then(|p| c.cluster.partition_owner(p));
+        let partition = msg.partition(&self.map);
+        let owner = partition.and_then(|p| c.cluster.partition_owner(p));
         match owner {
+            // A partition this node follows while the table still names it the leader: it was
+            // demoted a moment ago and the table has not caught up. Try again.
+            Some(owner)
+                if owner.node == c.cluster.node
+                    && partition.is_some_and(|p| self.map.replica_shard(p).is_some()) =>
+            {
+                Hop::Down
+            }
             // This node's own partition, which the map does not give a shard: not a
             // message that names an owner (a push, a part request), or the map and the table
             // disagree. Neither happens when both come from the same table.

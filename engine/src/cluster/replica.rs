@@ -39,7 +39,7 @@ use crate::store::{Position, Store, StoreError};
 /// Bytes of records in one [`LogData`] at most (a single larger record goes alone).
 pub const CHUNK_BYTES: usize = 256 << 10;
 /// Bytes shipped to one follower and not yet acknowledged, at most.
-pub const IN_FLIGHT_BYTES_MAX: u64 = 4 << 20;
+pub const IN_FLIGHT_BYTES_MAX: u64 = 1 << 20;
 /// Shipped records that no acknowledgement covered for this long are sent again (the link
 /// may have dropped them).
 pub const RESEND_AFTER_MS: u64 = 1_000;
