@@ -65,10 +65,10 @@ fn followers_copy_the_leaders_log_and_take_over_with_every_acknowledged_message(
     // A conversation's sender (buyer `pair + 1`).
     let mut sender: BTreeMap<ConvId, u64> = BTreeMap::new();
     for i in 0..20 {
-        for pair in 0..5usize {
+        for (pair, client) in clients.iter_mut().take(5).enumerate() {
             let to = buyer(pair as u64 + 2);
             let (conv, seq) = send(
-                &mut clients[pair],
+                client,
                 Target::User(to),
                 &format!("{pair}-{i}"),
                 "replicated",

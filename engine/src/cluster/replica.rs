@@ -93,7 +93,7 @@ pub type Outbox = Vec<(u16, BusMsg)>;
 
 /// What this node is for one partition.
 pub enum Role {
-    Lead(Leader),
+    Lead(Box<Leader>),
     Follow(Follower),
 }
 
@@ -109,6 +109,15 @@ struct Peer {
     progress_at: Instant,
     /// When the follower last had everything the leader had.
     caught_up_at: Instant,
+}
+
+/// What a leader needs to know of its own node.
+#[derive(Debug, Clone, Copy)]
+pub struct ThisNode {
+    /// Its number.
+    pub node: u16,
+    /// A follower behind for longer than this leaves the in-sync set.
+    pub lag_max_ms: u64,
 }
 
 /// The leader of a partition.
@@ -133,13 +142,13 @@ impl Leader {
     pub fn start(
         partition: PartitionId,
         epoch: u64,
-        node: u16,
         replicas: Replicas,
         isr: Replicas,
         store: &mut Store,
-        lag_max_ms: u64,
+        this: ThisNode,
         now: Instant,
     ) -> Result<Leader, StoreError> {
+        let ThisNode { node, lag_max_ms } = this;
         store.begin_epoch(epoch, store.tail())?;
         let peers = replicas
             .iter()
@@ -534,11 +543,13 @@ mod tests {
             let leader = Leader::start(
                 7,
                 epoch,
-                1,
                 smallvec![1, 2],
                 smallvec![1, 2],
                 &mut leader_log,
-                LAG_MAX_MS_DEFAULT,
+                ThisNode {
+                    node: 1,
+                    lag_max_ms: LAG_MAX_MS_DEFAULT,
+                },
                 now,
             )
             .unwrap();
@@ -772,17 +783,12 @@ mod tests {
         write(&mut old, 4, "lost");
         let mut new = pair.follower_log.take().unwrap();
         let now = pair.now;
-        pair.leader = Leader::start(
-            7,
-            2,
-            1,
-            smallvec![1, 2],
-            smallvec![1, 2],
-            &mut new,
-            2_000,
-            now,
-        )
-        .unwrap();
+        let this = ThisNode {
+            node: 1,
+            lag_max_ms: 2_000,
+        };
+        pair.leader =
+            Leader::start(7, 2, smallvec![1, 2], smallvec![1, 2], &mut new, this, now).unwrap();
         write(&mut new, 2, "new");
         pair.leader_log = new;
         pair.follower_log = Some(old);

@@ -21,7 +21,7 @@ use smallvec::SmallVec;
 use super::{shop, Owner, Partition, Pending};
 use crate::bus::post::To;
 use crate::bus::{BusMsg, EpochAnswer, LogData, PartitionId, ReplicaAck};
-use crate::cluster::replica::{Followed, Follower, Leader, Outbox, Role};
+use crate::cluster::replica::{Followed, Follower, Leader, Outbox, Role, ThisNode};
 use crate::cluster::roles::{Leases, RoleChange};
 use crate::store::{Position, Store};
 
@@ -165,23 +165,16 @@ impl Owner {
                 else {
                     return;
                 };
-                let leader = match Leader::start(
-                    p,
-                    epoch,
-                    node,
-                    replicas,
-                    isr,
-                    &mut partition.store,
-                    lag_max_ms,
-                    now,
-                ) {
-                    Ok(leader) => leader,
-                    Err(e) => {
-                        tracing::error!(partition = p, error = %e, "cannot take the lead");
-                        return;
-                    }
-                };
-                partition.role = Some(Role::Lead(leader));
+                let this = ThisNode { node, lag_max_ms };
+                let leader =
+                    match Leader::start(p, epoch, replicas, isr, &mut partition.store, this, now) {
+                        Ok(leader) => leader,
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "cannot take the lead");
+                            return;
+                        }
+                    };
+                partition.role = Some(Role::Lead(Box::new(leader)));
                 if !was_leading {
                     // A takeover: the log holds what the old leader had; conversation ids go
                     // on after its greatest, and its shops' queues and counts are rebuilt.
