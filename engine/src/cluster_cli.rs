@@ -20,18 +20,25 @@ pub struct ClusterArgs {
 
 #[derive(clap::Subcommand)]
 enum ClusterOp {
-    /// Create the cluster: its partition count and the partition table, the partitions assigned
-    /// round-robin to the nodes. Refused if the Redis holds a cluster already.
+    /// Create the cluster: its partition count and the partition table, each partition's
+    /// leader and replicas placed round-robin over the nodes (partition p: leader node p mod n,
+    /// followers the next R-1 nodes), every replica in sync. Refused if the Redis holds a
+    /// cluster already.
     Init {
-        /// The node numbers that own partitions, comma-separated (e.g. 1,2,3).
+        /// The node numbers that hold partitions, comma-separated (e.g. 1,2,3).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u16>,
         /// Partitions (P), fixed for the cluster's life; every node is started with the same.
         #[arg(long, default_value_t = 256)]
         partitions: u32,
+        /// Replicas per partition (R), each on another node: the leader and R-1 followers.
+        /// Default: 2 with two nodes or more, else 1.
+        #[arg(long)]
+        replicas: Option<usize>,
     },
-    /// Print the cluster: its metadata, every registered node and whether it is alive, and
-    /// which partitions each node owns.
+    /// Print the cluster: its metadata, every registered node and whether it is alive, which
+    /// partitions each node leads, and per group of partitions their leader, epoch, replicas,
+    /// in-sync set and lease holder.
     Show,
 }
 
@@ -41,16 +48,23 @@ pub fn run(args: ClusterArgs) -> ExitCode {
         Err(e) => return fail(e, 2),
     };
     match args.op {
-        ClusterOp::Init { nodes, partitions } => {
-            match registry::init(&target, &nodes, partitions) {
+        ClusterOp::Init {
+            nodes,
+            partitions,
+            replicas,
+        } => {
+            let replicas = replicas.unwrap_or(registry::replicas_default(nodes.len()));
+            match registry::init(&target, &nodes, partitions, replicas) {
                 Ok(()) => {
                     println!(
-                        "created a cluster of {partitions} partitions over nodes {}",
+                        "created a cluster of {partitions} partitions over nodes {}, {replicas} \
+                         replica{} each",
                         nodes
                             .iter()
                             .map(u16::to_string)
                             .collect::<Vec<_>>()
-                            .join(",")
+                            .join(","),
+                        if replicas == 1 { "" } else { "s" }
                     );
                     ExitCode::SUCCESS
                 }
@@ -77,11 +91,16 @@ fn show(target: &RedisTarget) -> Result<String, String> {
     };
     let table = PartitionTable::load(&mut c, meta.partitions)?;
     let peers = registry::read_peers(&mut c).map_err(|e| e.to_string())?;
+    let holders = registry::lease_holders(&mut c, meta.partitions).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "cluster {}: {} partitions, created_ms {}",
-        target.url, meta.partitions, meta.created_ms
+        "cluster {}: {} partitions, {} replica{} each, created_ms {}",
+        target.url,
+        meta.partitions,
+        meta.replicas,
+        if meta.replicas == 1 { "" } else { "s" },
+        meta.created_ms
     );
     let _ = writeln!(out, "nodes:");
     for p in &peers {
@@ -97,18 +116,13 @@ fn show(target: &RedisTarget) -> Result<String, String> {
             p.routes
         );
     }
-    let _ = writeln!(out, "partitions (node: partitions, epoch 1 unless shown):");
+    let _ = writeln!(out, "leaders (node: partitions it leads):");
     for (node, ranges) in table.summary() {
         let _ = writeln!(out, "  {node}: {ranges}");
     }
-    for p in 0..table.count() {
-        if let Some(entry) = table.get(p).filter(|e| e.epoch != 1) {
-            let _ = writeln!(
-                out,
-                "  partition {p}: node {} epoch {}",
-                entry.node, entry.epoch
-            );
-        }
+    let _ = writeln!(out, "partitions:");
+    for (ranges, line) in registry::describe_partitions(&table, &holders) {
+        let _ = writeln!(out, "  {ranges}: {line}");
     }
     Ok(out)
 }

@@ -17,7 +17,7 @@ use signal_hook::iterator::Signals;
 use crate::bus::mailbox::Mailbox;
 use crate::bus::post::PostOffice;
 use crate::bus::{PartitionId, PartitionMap};
-use crate::cluster::roles::RoleChange;
+use crate::cluster::roles::{Leases, RoleChange};
 use crate::logic::{parse_partition_dir, LogSetup, Owner};
 use crate::net::listener;
 use crate::operator::config::Config;
@@ -72,7 +72,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     // A cluster node learns its partitions from the cluster's table before it opens their logs.
     let cluster = join_cluster(&config, addr, backend_addr)?;
     let map = Arc::new(match &cluster {
-        Some(cluster) => cluster_map(cluster, shard_count, config.replicas),
+        Some(cluster) => cluster_map(cluster, shard_count),
         None => PartitionMap::single_node(config.partitions, shard_count),
     });
     let mut owners = match open_owners(&config, data_dir.path(), &map) {
@@ -89,15 +89,33 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     for owner in &mut owners {
         owner.set_wechat(wechat.clone());
     }
+    let leases = Arc::new(Leases::new(map.count()));
     let links = match (&cluster, link_listener) {
         (Some(cluster), Some(listener)) => {
             for owner in &mut owners {
                 owner.set_cluster(Arc::clone(cluster));
             }
-            start_replication(&config, cluster, &map, &mut owners);
+            start_replication(&config, cluster.node, &leases, &mut owners);
             Some(start_links(&config, cluster, listener, &office, &map)?)
         }
         _ => None,
+    };
+    // The leadership thread, once the links run (a follower's first question goes by them).
+    // Its first round's role changes wait in the shards' mailboxes; the shards start once it
+    // is done (or after two lease lengths without Redis: the partitions then wait for a
+    // later round), so that a node serves its partitions from its first turn.
+    let lease_thread = match &cluster {
+        Some(cluster) => {
+            let sink = Arc::new(ShardRoles(Arc::clone(&office)));
+            let thread = cluster.start_leases(Arc::clone(&leases), sink)?;
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_millis(2 * config.cluster_lease_ms);
+            while thread.rounds() == 0 && std::time::Instant::now() < deadline {
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Some(thread)
+        }
+        None => None,
     };
     let mut state = NodeState::new(config, jwt_secret, Arc::clone(&map), wechat);
     if let Some(cluster) = &cluster {
@@ -164,6 +182,11 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
             result = Err(e);
         }
     }
+    // Gives this node's leases up so that its followers take over at once (its shards have
+    // stopped acknowledging: they are done).
+    if let Some(thread) = lease_thread {
+        thread.drain();
+    }
     // Deregisters once every session has ended (their logouts are in the queue by now).
     if let Some(cluster) = &state.cluster {
         cluster.leave();
@@ -196,88 +219,45 @@ fn join_cluster(
     }
 }
 
-/// This node's share of the cluster's partitions: those it holds a replica of (with
-/// `--replicas 1`, those the table gives it), dealt to its shards round-robin, leading those
-/// the table gives it; the others are "not here".
-fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize, replicas: usize) -> PartitionMap {
+/// This node's share of the cluster's partitions: those it holds a replica of, dealt to its
+/// shards round-robin; the others are "not here". None is led yet: the leadership thread's
+/// `Lead` makes a shard serve a partition, once this node holds its lease.
+fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize) -> PartitionMap {
     let shards = shards.max(1);
-    let roles = static_roles(cluster, replicas);
+    let held: Vec<u32> = (0..cluster.partitions.count())
+        .filter(|&p| {
+            cluster
+                .partitions
+                .record(p)
+                .is_some_and(|r| r.leader == cluster.node || r.replicas.contains(&cluster.node))
+        })
+        .collect();
     let mut assignment = vec![None; cluster.partitions.count() as usize];
-    for (i, change) in roles.iter().enumerate() {
+    for (i, &p) in held.iter().enumerate() {
         // Below `SHARDS_MAX`, which fits.
-        assignment[usize::from(change.partition())] = Some((i % shards) as u16);
+        assignment[p as usize] = Some((i % shards) as u16);
     }
     let map = PartitionMap::from_assignment(assignment, shards);
-    for change in &roles {
-        if let RoleChange::Follow { partition, .. } = change {
-            let shard = map.replica_shard(u32::from(*partition));
-            map.set(*partition, shard.map(|s| s as u16), false);
-        }
+    for &p in &held {
+        let shard = map.replica_shard(p).map(|s| s as u16);
+        // Below `PARTITIONS_MAX`, which fits.
+        map.set(p as PartitionId, shard, false);
     }
     map
 }
 
-/// This node's role for each partition it holds a replica of, when roles are static (until a
-/// leadership thread decides them): the table's owner leads at the table's epoch, the next
-/// `replicas - 1` nodes of the table follow (`cluster::replica::static_replicas`).
-fn static_roles(cluster: &crate::cluster::Cluster, replicas: usize) -> Vec<RoleChange> {
-    let mut nodes: Vec<u16> = (0..cluster.partitions.count())
-        .filter_map(|p| Some(cluster.partitions.get(p)?.node))
-        .collect();
-    nodes.sort_unstable();
-    nodes.dedup();
-    let mut roles = Vec::new();
-    for p in 0..cluster.partitions.count() {
-        let Some(entry) = cluster.partitions.get(p) else {
-            continue;
-        };
-        // Below `PARTITIONS_MAX`, which fits.
-        let partition = p as PartitionId;
-        let set = crate::cluster::replica::static_replicas(entry.node, &nodes, replicas);
-        if entry.node == cluster.node {
-            roles.push(RoleChange::Lead {
-                partition,
-                epoch: entry.epoch,
-                isr: set.clone(),
-                replicas: set,
-            });
-        } else if set.contains(&cluster.node) {
-            roles.push(RoleChange::Follow {
-                partition,
-                leader: entry.node,
-                epoch: entry.epoch,
-            });
-        }
-    }
-    roles
-}
-
-/// With `--replicas` above 1: makes the owners replicate, and gives each its static roles.
-fn start_replication(
-    config: &Config,
-    cluster: &crate::cluster::Cluster,
-    map: &PartitionMap,
-    owners: &mut [Owner],
-) {
-    if config.replicas <= 1 {
-        return;
-    }
+/// Makes the owners replicate their partitions: the leadership thread tells them their roles
+/// (through [`ShardRoles`]), `leases` holds its deadlines.
+fn start_replication(config: &Config, node: u16, leases: &Arc<Leases>, owners: &mut [Owner]) {
     let setup = crate::logic::ReplicationSetup {
-        node: cluster.node,
-        ack_replicated: config.ack == crate::cluster::replica::AckPolicy::Replicated,
-        leases: None,
-        lag_max_ms: crate::cluster::replica::LAG_MAX_MS_DEFAULT,
+        node,
+        ack_replicated: config.ack == crate::operator::config::AckPolicy::Replicated,
+        leases: Some(Arc::clone(leases)),
+        lag_max_ms: config.replica_lag_max_ms,
         held_bytes_max: HELD_BYTES_MAX,
     };
     for owner in owners.iter_mut() {
         owner.set_replication(setup.clone());
-    }
-    let now_ms = crate::logic::unix_ms();
-    for change in static_roles(cluster, config.replicas) {
-        let msg = crate::bus::BusMsg::Role(Box::new(change));
-        if let Some(owner) = msg.owner(map).and_then(|shard| owners.get_mut(shard)) {
-            owner.handle(msg, now_ms);
-        }
     }
 }
 

@@ -12,13 +12,19 @@
 //!
 //! The shards use [`Cluster`] and never wait: [`Cluster::devices_of`] reads the cache,
 //! [`Cluster::route_login`] and [`Cluster::route_logout`] queue a record without blocking,
-//! [`Cluster::partition_owner`] reads the table read at start and the peers' liveness.
+//! [`Cluster::partition_owner`] reads the owners the leadership thread keeps current (the
+//! table read at start until it runs) and the peers' liveness.
 //! Without `--cluster` there is no `Cluster` at all and the node is the embedded single node.
+//!
+//! The leadership thread ([`lease`], started by [`Cluster::start_leases`]) holds this node's
+//! leases on the partitions it leads, takes over partitions whose leader lapsed, and tells the
+//! shards their roles ([`roles`]).
 //!
 //! The node links ([`link`], their wire format [`wire`]) carry the bus between nodes; the
 //! post office (`bus::post`) sends through them what it routes to another node.
 
 pub mod health;
+pub mod lease;
 pub(crate) mod link;
 pub mod redis_conn;
 pub mod redis_keys;
@@ -42,8 +48,10 @@ use smallvec::SmallVec;
 use crate::bus::SessionRef;
 use crate::operator::config::Config;
 use health::ClusterHealth;
+use lease::{LeaseSettings, LeaseThread};
 use redis_conn::RedisTarget;
-use registry::{JoinError, PartitionTable, Peers, Registration, RegistryThread};
+use registry::{JoinError, PartitionOwners, PartitionTable, Peers, Registration, RegistryThread};
+use roles::{Leases, RoleSink};
 use routes::{Route, RouteCache, RouteOp, Subscriber};
 
 /// Logins and logouts waiting for the registry thread, at most. The thread drains the queue
@@ -70,7 +78,14 @@ pub struct Cluster {
     pub node: u16,
     /// This node's id: type connector, its number, its node-link IPv4 address and port.
     pub node_id: NodeId,
+    /// The partition table as read at join (the node's partition map at start). The live
+    /// leaders are [`Cluster::partition_owner`]'s.
     pub partitions: PartitionTable,
+    /// Every partition's leader and epoch now (kept current by the leadership thread).
+    pub owners: Arc<PartitionOwners>,
+    /// The cluster's Redis and the leadership thread's settings, for [`Cluster::start_leases`].
+    target: Option<RedisTarget>,
+    lease: LeaseSettings,
     pub peers: Arc<Peers>,
     pub routes: Arc<RouteCache>,
     pub health: Arc<ClusterHealth>,
@@ -93,6 +108,10 @@ pub struct JoinSettings {
     pub heartbeat_interval: Duration,
     pub heartbeat_ttl: Duration,
     pub probe_interval: Duration,
+    /// The leadership thread's lease timings (its node and P are the ones above).
+    pub lease: Duration,
+    pub lease_renew: Duration,
+    pub lease_margin: Duration,
 }
 
 impl JoinSettings {
@@ -112,6 +131,9 @@ impl JoinSettings {
             heartbeat_interval: Duration::from_millis(config.cluster_heartbeat_interval_ms),
             heartbeat_ttl: Duration::from_millis(config.cluster_heartbeat_ttl_ms),
             probe_interval: Duration::from_millis(config.cluster_probe_interval_ms),
+            lease: Duration::from_millis(config.cluster_lease_ms),
+            lease_renew: Duration::from_millis(config.cluster_lease_renew_ms),
+            lease_margin: Duration::from_millis(config.cluster_lease_margin_ms),
         }
     }
 }
@@ -189,6 +211,14 @@ impl Cluster {
             health: Arc::clone(&health),
             stop: Arc::clone(&stop),
         };
+        let lease = LeaseSettings {
+            node: settings.node,
+            partitions: settings.partitions,
+            lease: settings.lease,
+            renew: settings.lease_renew,
+            margin: settings.lease_margin,
+        };
+        let lease_target = target.clone();
         let subscriber = Subscriber {
             target,
             node: settings.node,
@@ -214,7 +244,10 @@ impl Cluster {
             name: format!("chinwag-{}", meta.created_ms),
             node: settings.node,
             node_id,
+            owners: Arc::new(PartitionOwners::new(&partitions)),
             partitions,
+            target: Some(lease_target),
+            lease,
             peers,
             routes,
             health,
@@ -234,7 +267,16 @@ impl Cluster {
             name: "test".into(),
             node,
             node_id: node_id(node, SocketAddr::from(([127, 0, 0, 1], 7000 + node))).unwrap(),
+            owners: Arc::new(PartitionOwners::new(&partitions)),
+            lease: LeaseSettings {
+                node,
+                partitions: partitions.count(),
+                lease: Duration::from_secs(3),
+                renew: Duration::from_secs(1),
+                margin: Duration::from_millis(300),
+            },
             partitions,
+            target: None,
             peers,
             routes: Arc::new(RouteCache::default()),
             health: Arc::new(ClusterHealth::default()),
@@ -286,10 +328,26 @@ impl Cluster {
         }
     }
 
-    /// Which node owns partition `p`, at which epoch, and whether it is alive; `None` for a
-    /// partition number ≥ P.
+    /// Starts the leadership thread (`chinwag-cluster-lease`, [`lease`]): it writes this
+    /// node's lease deadlines into `leases`, sends role changes to `sink` (which must not
+    /// block), and keeps [`Cluster::partition_owner`] current. Stop it with
+    /// [`LeaseThread::drain`] when the node drains (its followers take over at once).
+    pub fn start_leases(
+        &self,
+        leases: Arc<Leases>,
+        sink: Arc<dyn RoleSink>,
+    ) -> std::io::Result<LeaseThread> {
+        let target = self
+            .target
+            .clone()
+            .ok_or_else(|| std::io::Error::other("a cluster for tests has no Redis"))?;
+        lease::start(target, self.lease, leases, sink, Arc::clone(&self.owners))
+    }
+
+    /// Which node leads partition `p` now, at which epoch, and whether it is alive; `None`
+    /// for a partition number ≥ P. Lock-free (one atomic load).
     pub fn partition_owner(&self, p: u32) -> Option<PartitionOwner> {
-        let entry = self.partitions.get(p)?;
+        let entry = self.owners.get(p)?;
         Some(PartitionOwner {
             node: entry.node,
             epoch: entry.epoch,

@@ -5,7 +5,10 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `chinwag:cluster` | hash | `partitions` (P), `created_ms`, `layout` (this layout's version) |
-//! | `chinwag:partitions` | hash | partition number → `"NODE EPOCH"` (its owner and fencing epoch) |
+//! | `chinwag:cluster` | | also `replicas` (R, from `init`; layout 2) |
+//! | `chinwag:partitions` | hash | partition number → `"LEADER EPOCH REPLICAS"`: its leader, fencing epoch and replica set (comma-separated, placement order, the leader among them); `"NODE EPOCH"` (layout 1, or R = 1) is one replica |
+//! | `chinwag:isr` | hash | partition number → `"EPOCH NODES"`: the in-sync replicas (comma-separated) recorded at that epoch |
+//! | `chinwag:lease:P` | string, expires | partition P's leadership lease: `"NODE EPOCH"` of its holder, `PX` the lease length |
 //! | `chinwag:nodes` | set | every node number that ever registered |
 //! | `chinwag:node:N` | hash | node N's `id` (NodeId), `client`, `service`, `link` addresses, `started_ms`, `version` |
 //! | `chinwag:node:N:alive` | string, expires | the heartbeat: node N's instance token, `PX` heartbeat TTL |
@@ -20,6 +23,8 @@ use std::fmt::Write;
 
 use chinwag_protocol::{DeviceId, Uid};
 
+use super::roles::Replicas;
+
 /// Every key starts with this, so a Redis shared with other programs keeps them apart.
 pub const PREFIX: &str = "chinwag:";
 /// The cluster's metadata (a hash).
@@ -32,8 +37,18 @@ pub const NODES: &str = "chinwag:nodes";
 pub const ROUTES_CHANNEL: &str = "chinwag:routes";
 /// What a route key starts with; the uid follows.
 pub const ROUTE_PREFIX: &str = "chinwag:route:";
+/// The in-sync sets (a hash partition → [`IsrRecord`]).
+pub const ISR: &str = "chinwag:isr";
+/// What a lease key starts with; the partition number follows.
+pub const LEASE_PREFIX: &str = "chinwag:lease:";
 /// The version of this layout, stored in [`CLUSTER`]: a node refuses a cluster of another.
-pub const LAYOUT: u32 = 1;
+/// Layout 2 added replica sets, in-sync sets and leases; a layout 1 table (`"NODE EPOCH"`
+/// entries, no in-sync sets) reads as one replica per partition.
+pub const LAYOUT: u32 = 2;
+/// The layouts this build reads.
+pub const LAYOUTS_READ: std::ops::RangeInclusive<u32> = 1..=LAYOUT;
+/// The most replicas a partition may have.
+pub const REPLICAS_MAX: usize = 8;
 
 /// The largest node number (12 bits: the NodeId and DeviceId layouts' node field).
 pub const NODE_MAX: u16 = (1 << 12) - 1;
@@ -61,6 +76,11 @@ pub fn sweep_lock(n: u16) -> String {
 /// Node `n`'s probe channel.
 pub fn probe_channel(n: u16) -> String {
     format!("chinwag:probe:{n}")
+}
+
+/// Partition `p`'s leadership lease (a string with an expiry).
+pub fn lease(p: u32) -> String {
+    format!("{LEASE_PREFIX}{p}")
 }
 
 /// A user's routes (a hash device → node).
@@ -126,12 +146,107 @@ pub fn partition_entry(node: u16, epoch: u64) -> String {
     format!("{node} {epoch}")
 }
 
-/// Parses a [`partition_entry`].
+/// Parses a [`partition_entry`] (or the leader and epoch of a [`PartitionRecord`]).
 pub fn parse_partition_entry(text: &str) -> Option<(u16, u64)> {
-    let (node, epoch) = text.split_once(' ')?;
-    let node: u16 = node.parse().ok()?;
-    let epoch: u64 = epoch.parse().ok()?;
-    (1..=NODE_MAX).contains(&node).then_some((node, epoch))
+    PartitionRecord::parse(text).map(|r| (r.leader, r.epoch))
+}
+
+/// A list of node numbers as the keys hold it: `1,2,3`.
+pub fn node_list(nodes: &[u16]) -> String {
+    let mut text = String::with_capacity(nodes.len() * 5);
+    for (i, node) in nodes.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        let _ = write!(text, "{node}");
+    }
+    text
+}
+
+/// Parses a [`node_list`]: 1 to [`REPLICAS_MAX`] distinct numbers 1..=[`NODE_MAX`].
+pub fn parse_node_list(text: &str) -> Option<Replicas> {
+    let mut nodes = Replicas::new();
+    for word in text.split(',') {
+        let node: u16 = word.parse().ok()?;
+        if !(1..=NODE_MAX).contains(&node) || nodes.contains(&node) {
+            return None;
+        }
+        nodes.push(node);
+    }
+    (nodes.len() <= REPLICAS_MAX).then_some(nodes)
+}
+
+/// A partition's entry in [`PARTITIONS`]: its leader, its fencing epoch and its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRecord {
+    pub leader: u16,
+    pub epoch: u64,
+    /// Every replica, in placement order (the first is the preferred leader); the leader is
+    /// one of them.
+    pub replicas: Replicas,
+}
+
+impl PartitionRecord {
+    /// The entry's text: `"LEADER EPOCH R1,R2"`, or `"LEADER EPOCH"` for one replica (what a
+    /// layout 1 table holds).
+    pub fn to_entry(&self) -> String {
+        if self.replicas.as_slice() == [self.leader] {
+            return partition_entry(self.leader, self.epoch);
+        }
+        format!(
+            "{} {} {}",
+            self.leader,
+            self.epoch,
+            node_list(&self.replicas)
+        )
+    }
+
+    /// Parses an entry; `None` for anything else (a leader that is not a replica included).
+    pub fn parse(text: &str) -> Option<PartitionRecord> {
+        let mut words = text.split(' ');
+        let leader: u16 = words.next()?.parse().ok()?;
+        let epoch: u64 = words.next()?.parse().ok()?;
+        let replicas = match words.next() {
+            Some(list) => parse_node_list(list)?,
+            None => Replicas::from_slice(&[leader]),
+        };
+        let valid = words.next().is_none()
+            && (1..=NODE_MAX).contains(&leader)
+            && replicas.contains(&leader);
+        valid.then_some(PartitionRecord {
+            leader,
+            epoch,
+            replicas,
+        })
+    }
+
+    /// The replicas, leader first (as [`super::roles::RoleChange::Lead`] lists them).
+    pub fn leader_first(&self) -> Replicas {
+        let mut list = Replicas::from_slice(&[self.leader]);
+        list.extend(self.replicas.iter().copied().filter(|&n| n != self.leader));
+        list
+    }
+}
+
+/// A partition's in-sync set in [`ISR`]: `"EPOCH N1,N2"`, recorded at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsrRecord {
+    pub epoch: u64,
+    pub isr: Replicas,
+}
+
+impl IsrRecord {
+    pub fn to_entry(&self) -> String {
+        format!("{} {}", self.epoch, node_list(&self.isr))
+    }
+
+    pub fn parse(text: &str) -> Option<IsrRecord> {
+        let (epoch, list) = text.split_once(' ')?;
+        Some(IsrRecord {
+            epoch: epoch.parse().ok()?,
+            isr: parse_node_list(list)?,
+        })
+    }
 }
 
 /// Claims or refreshes a heartbeat. KEYS: the alive key. ARGV: instance token, TTL in ms.
@@ -200,19 +315,159 @@ end
 return #members
 ";
 
-/// Creates the cluster once. KEYS: [`CLUSTER`], [`PARTITIONS`]. ARGV: P, created_ms, layout,
-/// then the owner of each partition 0..P. Returns `created`, or the P of the cluster that
-/// exists already (nothing is changed then).
+/// Lua functions the partition scripts share (prepended to each: EVAL sends one text).
+/// `parse_entry` reads a [`PartitionRecord`] entry (leader and replicas as strings, the epoch
+/// as a number; `nil` for a missing or malformed entry), `has` finds a node in a list,
+/// `without` removes one from it.
+macro_rules! lua_prelude {
+    () => {
+        r"
+local function parse_entry(text)
+  if not text then return nil end
+  local leader, epoch, replicas = string.match(text, '^(%d+) (%d+) ?([%d,]*)$')
+  if not leader then return nil end
+  if replicas == '' then replicas = leader end
+  return leader, tonumber(epoch), replicas
+end
+local function has(list, node)
+  return string.find(',' .. list .. ',', ',' .. node .. ',', 1, true) ~= nil
+end
+local function without(list, node)
+  local out = {}
+  for n in string.gmatch(list, '[^,]+') do
+    if n ~= node then out[#out + 1] = n end
+  end
+  return table.concat(out, ',')
+end
+"
+    };
+}
+
+/// Creates the cluster once. KEYS: [`CLUSTER`], [`PARTITIONS`], [`ISR`]. ARGV: P, created_ms,
+/// layout, R, then the [`PartitionRecord`] entry of each partition 0..P, then the
+/// [`IsrRecord`] entry of each. Returns `created`, or the P of the cluster that exists already
+/// (nothing is changed then).
 pub const INIT_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return tostring(redis.call('HGET', KEYS[1], 'partitions'))
 end
 local count = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'partitions', ARGV[1], 'created_ms', ARGV[2], 'layout', ARGV[3])
+redis.call('HSET', KEYS[1], 'partitions', ARGV[1], 'created_ms', ARGV[2], 'layout', ARGV[3],
+  'replicas', ARGV[4])
 for p = 0, count - 1 do
-  redis.call('HSET', KEYS[2], tostring(p), ARGV[4 + p] .. ' 1')
+  redis.call('HSET', KEYS[2], tostring(p), ARGV[5 + p])
+  redis.call('HSET', KEYS[3], tostring(p), ARGV[5 + count + p])
 end
 return 'created'
+";
+
+/// Renews (or takes again, if it lapsed) the leases of the partitions the table names this
+/// node the leader of, at the epoch it names. KEYS: [`PARTITIONS`], [`ISR`], then each
+/// partition's [`lease`] key. ARGV: node, lease length in ms, then per lease key its
+/// partition, the epoch this node leads it at, and `1` if this process does not hold that
+/// lease yet (`0` if it does). Returns per partition 1 (held for the lease length from now),
+/// 0 (lost: the table names another leader or epoch, or another node holds the lease), or 2:
+/// the lease was held by this node's number at this epoch but not by this process — an
+/// earlier run of the node, which may have died in the middle of anything — and the in-sync
+/// set names another replica: the lease is deleted, so that an in-sync follower takes over at
+/// once rather than this process lead on from a log it has just recovered.
+pub const RENEW_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    r"
+local node, ttl = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #KEYS do
+  local p, epoch, fresh = ARGV[3 * i - 6], ARGV[3 * i - 5], ARGV[3 * i - 4]
+  local mine = node .. ' ' .. epoch
+  local holder = redis.call('GET', KEYS[i])
+  local leader, current = parse_entry(redis.call('HGET', KEYS[1], p))
+  local held = 0
+  if leader == node and current == tonumber(epoch) and (holder == mine or not holder) then
+    local others = false
+    if holder == mine and fresh == '1' then
+      local isr = redis.call('HGET', KEYS[2], p)
+      local isr_epoch, isr_list
+      if isr then isr_epoch, isr_list = string.match(isr, '^(%d+) ([%d,]+)$') end
+      others = isr_epoch and tonumber(isr_epoch) == current and without(isr_list, node) ~= ''
+    end
+    if others then
+      redis.call('DEL', KEYS[i])
+      held = 2
+    else
+      redis.call('SET', KEYS[i], mine, 'PX', ttl)
+      held = 1
+    end
+  end
+  out[#out + 1] = held
+end
+return out
+"
+);
+
+/// Takes the leadership of partitions whose lease lapsed, one by one. KEYS: [`PARTITIONS`],
+/// [`ISR`], then each partition's [`lease`] key. ARGV: node, lease length in ms, then each
+/// lease key's partition. A partition is taken only if its lease is free, the taker is a
+/// replica other than the leader and in the in-sync set recorded at the current epoch; then
+/// the lease, the entry (the taker leads at epoch + 1, the replicas unchanged) and the in-sync
+/// set (at epoch + 1, without the old leader, which must catch up to rejoin) are written
+/// together. Returns per partition the new epoch, or 0 (not taken).
+pub const TAKE_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    r"
+local node, ttl = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #KEYS do
+  local p = ARGV[i]
+  local taken = 0
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local leader, epoch, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+    local isr = redis.call('HGET', KEYS[2], p)
+    local isr_epoch, isr_list
+    if isr then isr_epoch, isr_list = string.match(isr, '^(%d+) ([%d,]+)$') end
+    if leader and leader ~= node and has(replicas, node) and isr_epoch
+        and tonumber(isr_epoch) == epoch and has(isr_list, node) then
+      local next = string.format('%d', epoch + 1)
+      redis.call('SET', KEYS[i], node .. ' ' .. next, 'PX', ttl)
+      redis.call('HSET', KEYS[1], p, node .. ' ' .. next .. ' ' .. replicas)
+      redis.call('HSET', KEYS[2], p, next .. ' ' .. without(isr_list, leader))
+      taken = epoch + 1
+    end
+  end
+  out[#out + 1] = taken
+end
+return out
+"
+);
+
+/// Records a leader's new in-sync set, fenced by its epoch. KEYS: [`PARTITIONS`], [`ISR`].
+/// ARGV: partition, epoch, node (the asking leader), the set as a [`node_list`]. Returns 1
+/// (written), 0 (refused: the table names another leader or epoch), -1 (refused: the set
+/// lacks the leader or names a node that is not a replica).
+pub const ISR_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    r"
+local leader, epoch, replicas = parse_entry(redis.call('HGET', KEYS[1], ARGV[1]))
+if not leader or leader ~= ARGV[3] or epoch ~= tonumber(ARGV[2]) then return 0 end
+if not has(ARGV[4], leader) then return -1 end
+for n in string.gmatch(ARGV[4], '[^,]+') do
+  if not has(replicas, n) then return -1 end
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[4])
+return 1
+"
+);
+
+/// Gives leases up (a draining leader, so that a follower takes over at once). KEYS: the
+/// lease keys. ARGV: per key the holder value this node wrote (`"NODE EPOCH"`). Deletes each
+/// that still holds it; returns how many.
+pub const RELEASE_LEASES_SCRIPT: &str = r"
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
+    released = released + redis.call('DEL', KEYS[i])
+  end
+end
+return released
 ";
 
 #[cfg(test)]
@@ -272,6 +527,35 @@ mod tests {
         ] {
             assert_eq!(RouteChange::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn partition_records_hold_a_leader_an_epoch_and_the_replicas() {
+        let record = PartitionRecord::parse("2 7 1,2,3").unwrap();
+        assert_eq!((record.leader, record.epoch), (2, 7));
+        assert_eq!(record.replicas.as_slice(), [1, 2, 3]);
+        assert_eq!(record.leader_first().as_slice(), [2, 1, 3]);
+        assert_eq!(record.to_entry(), "2 7 1,2,3");
+        // One replica: the layout 1 form, both ways.
+        let single = PartitionRecord::parse("3 1").unwrap();
+        assert_eq!(single.replicas.as_slice(), [3]);
+        assert_eq!(single.to_entry(), "3 1");
+        for bad in [
+            "2 7 1,3", // the leader is not a replica
+            "2 7 2,2", // twice the same node
+            "2 7 2,0", // no node 0
+            "2 7 2,",  // an empty name
+            "2 7 2 x", // a fourth word
+            "2 7 1,2,3,4,5,6,7,8,9",
+        ] {
+            assert_eq!(PartitionRecord::parse(bad), None, "{bad:?}");
+        }
+        let isr = IsrRecord::parse("4 1,3").unwrap();
+        assert_eq!((isr.epoch, isr.isr.as_slice()), (4, &[1, 3][..]));
+        assert_eq!(isr.to_entry(), "4 1,3");
+        assert_eq!(IsrRecord::parse("4"), None);
+        assert_eq!(IsrRecord::parse("x 1"), None);
+        assert_eq!(lease(17), "chinwag:lease:17");
     }
 
     #[test]

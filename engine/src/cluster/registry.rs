@@ -10,7 +10,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,8 @@ use crossbeam::channel::Receiver;
 
 use super::health::ClusterHealth;
 use super::redis_conn::{eval, RedisTarget};
-use super::redis_keys::{self as keys, RouteChange};
+use super::redis_keys::{self as keys, IsrRecord, PartitionRecord, RouteChange};
+use super::roles::Replicas;
 use super::routes::{self, OwnRoutes, RouteOp};
 use crate::logic::unix_ms;
 
@@ -39,75 +42,145 @@ impl std::fmt::Display for JoinError {
     }
 }
 
-/// One partition's owner and fencing epoch.
+/// One partition's owner (its leader) and fencing epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionEntry {
     pub node: u16,
     pub epoch: u64,
 }
 
-/// The partition → node table, as read at start (fixed while the node runs: moving
-/// partitions is issue 14's).
+/// The partition table as read at one instant: per partition its leader, epoch and replicas,
+/// and its in-sync set. The node keeps the one read at join (its partition map at start);
+/// the leadership thread reads it again every round and keeps [`PartitionOwners`] current.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionTable {
-    entries: Vec<PartitionEntry>,
+    records: Vec<PartitionRecord>,
+    isr: Vec<IsrRecord>,
 }
 
 impl PartitionTable {
-    /// Partitions `0..P` assigned round-robin over `nodes`, each at epoch 1.
+    /// Partitions `0..P` assigned round-robin over `nodes`, one replica each, at epoch 1.
     pub fn round_robin(partitions: u32, nodes: &[u16]) -> PartitionTable {
-        PartitionTable {
-            entries: (0..partitions as usize)
-                .map(|p| PartitionEntry {
-                    node: nodes[p % nodes.len()],
-                    epoch: 1,
-                })
-                .collect(),
-        }
+        PartitionTable::placed(partitions, nodes, 1)
+    }
+
+    /// Partitions `0..P` with `replicas` replicas each, at epoch 1: partition p's leader is
+    /// `nodes[p mod n]`, its followers the next `replicas - 1` nodes (wrapping); every replica
+    /// is in sync (all are empty). `replicas` is at least 1 and at most `nodes.len()`.
+    pub fn placed(partitions: u32, nodes: &[u16], replicas: usize) -> PartitionTable {
+        let n = nodes.len();
+        let records: Vec<PartitionRecord> = (0..partitions as usize)
+            .map(|p| PartitionRecord {
+                leader: nodes[p % n],
+                epoch: 1,
+                replicas: (0..replicas).map(|i| nodes[(p + i) % n]).collect(),
+            })
+            .collect();
+        let isr = records
+            .iter()
+            .map(|r| IsrRecord {
+                epoch: r.epoch,
+                isr: r.replicas.clone(),
+            })
+            .collect();
+        PartitionTable { records, isr }
     }
 
     /// P.
     pub fn count(&self) -> u32 {
-        self.entries.len() as u32
+        self.records.len() as u32
     }
 
-    /// The owner of partition `p`.
+    /// The leader and epoch of partition `p`.
     pub fn get(&self, p: u32) -> Option<PartitionEntry> {
-        self.entries.get(p as usize).copied()
+        self.records.get(p as usize).map(|r| PartitionEntry {
+            node: r.leader,
+            epoch: r.epoch,
+        })
     }
 
-    /// The partitions node `node` owns, ascending.
+    /// Partition `p`'s whole entry: leader, epoch, replicas.
+    pub fn record(&self, p: u32) -> Option<&PartitionRecord> {
+        self.records.get(p as usize)
+    }
+
+    /// Partition `p`'s in-sync set as recorded.
+    pub fn isr(&self, p: u32) -> Option<&IsrRecord> {
+        self.isr.get(p as usize)
+    }
+
+    /// The partitions node `node` leads, ascending.
     pub fn owned_by(&self, node: u16) -> Vec<u32> {
         (0..self.count())
-            .filter(|&p| self.entries[p as usize].node == node)
+            .filter(|&p| self.records[p as usize].leader == node)
             .collect()
     }
 
-    /// Reads the table of a cluster of `partitions` partitions.
+    /// Reads the table of a cluster of `partitions` partitions: every entry must be there and
+    /// well formed. A missing or malformed in-sync set (a layout 1 table has none) reads as
+    /// the leader alone, at the entry's epoch: nobody takes such a partition over.
     pub fn load(
         connection: &mut redis::Connection,
         partitions: u32,
     ) -> Result<PartitionTable, String> {
-        let table: HashMap<String, String> = redis::cmd("HGETALL")
+        let (table, isr): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+            .cmd("HGETALL")
             .arg(keys::PARTITIONS)
+            .cmd("HGETALL")
+            .arg(keys::ISR)
             .query(connection)
             .map_err(|e| format!("reading {}: {e}", keys::PARTITIONS))?;
-        let mut entries = Vec::with_capacity(partitions as usize);
-        for p in 0..partitions {
-            let text = table
-                .get(&p.to_string())
-                .ok_or_else(|| format!("{}: partition {p} has no owner", keys::PARTITIONS))?;
-            let (node, epoch) = keys::parse_partition_entry(text).ok_or_else(|| {
-                format!("{}: partition {p}: bad entry {text:?}", keys::PARTITIONS)
-            })?;
-            entries.push(PartitionEntry { node, epoch });
-        }
-        Ok(PartitionTable { entries })
+        PartitionTable::parse(&table, &isr, partitions)
     }
 
-    /// The partitions of each node as ranges (`0-3,8`), for `chinwag cluster show`.
+    /// The table from the two hashes' contents.
+    pub fn parse(
+        table: &HashMap<String, String>,
+        isr: &HashMap<String, String>,
+        partitions: u32,
+    ) -> Result<PartitionTable, String> {
+        let mut records = Vec::with_capacity(partitions as usize);
+        let mut sets = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let key = p.to_string();
+            let text = table
+                .get(&key)
+                .ok_or_else(|| format!("{}: partition {p} has no owner", keys::PARTITIONS))?;
+            let record = PartitionRecord::parse(text).ok_or_else(|| {
+                format!("{}: partition {p}: bad entry {text:?}", keys::PARTITIONS)
+            })?;
+            let set = isr
+                .get(&key)
+                .and_then(|text| IsrRecord::parse(text))
+                .unwrap_or_else(|| IsrRecord {
+                    epoch: record.epoch,
+                    isr: Replicas::from_slice(&[record.leader]),
+                });
+            records.push(record);
+            sets.push(set);
+        }
+        Ok(PartitionTable { records, isr: sets })
+    }
+
+    /// Records what [`keys::TAKE_SCRIPT`] wrote when `node` took partition `p` over at
+    /// `epoch`: it leads, and the old leader is out of the in-sync set.
+    pub fn took_over(&mut self, p: u32, node: u16, epoch: u64) {
+        let (Some(record), Some(set)) = (
+            self.records.get_mut(p as usize),
+            self.isr.get_mut(p as usize),
+        ) else {
+            return;
+        };
+        let old = record.leader;
+        record.leader = node;
+        record.epoch = epoch;
+        set.epoch = epoch;
+        set.isr.retain(|n| *n != old);
+    }
+
+    /// The partitions each node leads, as ranges (`0-3,8`), for `chinwag cluster show`.
     pub fn summary(&self) -> Vec<(u16, String)> {
-        let mut nodes: Vec<u16> = self.entries.iter().map(|e| e.node).collect();
+        let mut nodes: Vec<u16> = self.records.iter().map(|e| e.leader).collect();
         nodes.sort_unstable();
         nodes.dedup();
         nodes
@@ -115,6 +188,115 @@ impl PartitionTable {
             .map(|node| (node, ranges(&self.owned_by(node))))
             .collect()
     }
+}
+
+/// Every partition's leader and epoch as this node knows them now, lock-free: one atomic per
+/// partition holding the leader (16 bits) and the epoch (48 bits). The post office reads it
+/// for every message to another node ([`super::Cluster::partition_owner`]); the leadership
+/// thread writes it from each round's table.
+pub struct PartitionOwners {
+    packed: Box<[AtomicU64]>,
+}
+
+/// Epochs above this do not fit [`PartitionOwners`]' 48 bits (2.8 × 10¹⁴ failovers).
+pub const EPOCH_MAX: u64 = (1 << 48) - 1;
+
+impl PartitionOwners {
+    /// The owners `table` gives.
+    pub fn new(table: &PartitionTable) -> PartitionOwners {
+        let owners = PartitionOwners {
+            packed: (0..table.count()).map(|_| AtomicU64::new(0)).collect(),
+        };
+        for p in 0..table.count() {
+            if let Some(entry) = table.get(p) {
+                owners.set(p, entry);
+            }
+        }
+        owners
+    }
+
+    /// Partition `p`'s leader and epoch; `None` for a partition ≥ P.
+    pub fn get(&self, p: u32) -> Option<PartitionEntry> {
+        let packed = self.packed.get(p as usize)?.load(Acquire);
+        Some(PartitionEntry {
+            node: (packed >> 48) as u16,
+            epoch: packed & EPOCH_MAX,
+        })
+    }
+
+    /// Records `entry` as partition `p`'s (an epoch past [`EPOCH_MAX`] is kept at it).
+    pub fn set(&self, p: u32, entry: PartitionEntry) {
+        if let Some(slot) = self.packed.get(p as usize) {
+            slot.store(
+                u64::from(entry.node) << 48 | entry.epoch.min(EPOCH_MAX),
+                Release,
+            );
+        }
+    }
+
+    /// P.
+    pub fn count(&self) -> u32 {
+        self.packed.len() as u32
+    }
+}
+
+/// Every partition's lease holder (`"NODE EPOCH"`), or `None` where no lease is held now.
+pub fn lease_holders(
+    connection: &mut redis::Connection,
+    partitions: u32,
+) -> redis::RedisResult<Vec<Option<(u16, u64)>>> {
+    let lease_keys: Vec<String> = (0..partitions).map(keys::lease).collect();
+    if lease_keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg(&lease_keys).query(connection)?;
+    Ok(values
+        .iter()
+        .map(|v| v.as_deref().and_then(keys::parse_partition_entry))
+        .collect())
+}
+
+/// Each partition described in one line (leader, epoch, replicas, in-sync set, lease holder),
+/// partitions with the same line grouped as ranges (`0,3,6-8`), in the order of their first
+/// partition: what `chinwag cluster show` prints.
+pub fn describe_partitions(
+    table: &PartitionTable,
+    holders: &[Option<(u16, u64)>],
+) -> Vec<(String, String)> {
+    let mut groups: Vec<(String, Vec<u32>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for p in 0..table.count() {
+        let (Some(record), Some(isr)) = (table.record(p), table.isr(p)) else {
+            continue;
+        };
+        let lease = match holders.get(p as usize).copied().flatten() {
+            None => "none".to_string(),
+            Some((node, epoch)) if epoch == record.epoch => node.to_string(),
+            Some((node, epoch)) => format!("{node} (epoch {epoch})"),
+        };
+        let in_sync = if isr.epoch == record.epoch {
+            keys::node_list(&isr.isr)
+        } else {
+            format!("{} (epoch {})", keys::node_list(&isr.isr), isr.epoch)
+        };
+        let line = format!(
+            "leader {} epoch {} replicas {} isr {in_sync} lease {lease}",
+            record.leader,
+            record.epoch,
+            keys::node_list(&record.replicas)
+        );
+        match index.get(&line) {
+            Some(&i) => groups[i].1.push(p),
+            None => {
+                index.insert(line.clone(), groups.len());
+                groups.push((line, vec![p]));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(line, partitions)| (ranges(&partitions), line))
+        .collect()
 }
 
 /// `[0, 1, 2, 5]` as `0-2,5`.
@@ -143,6 +325,8 @@ fn ranges(sorted: &[u32]) -> String {
 pub struct ClusterMeta {
     pub partitions: u32,
     pub created_ms: u64,
+    /// R as `init` placed it (1 for a layout 1 cluster).
+    pub replicas: u32,
 }
 
 /// Reads the metadata; `Ok(None)` when no cluster was created in this Redis.
@@ -155,11 +339,11 @@ pub fn load_meta(connection: &mut redis::Connection) -> Result<Option<ClusterMet
         return Ok(None);
     }
     let layout = meta.get("layout").and_then(|l| l.parse::<u32>().ok());
-    if layout != Some(keys::LAYOUT) {
+    if !layout.is_some_and(|l| keys::LAYOUTS_READ.contains(&l)) {
         return Err(format!(
-            "{}: layout {layout:?}, this build reads layout {}",
+            "{}: layout {layout:?}, this build reads layouts {:?}",
             keys::CLUSTER,
-            keys::LAYOUT
+            keys::LAYOUTS_READ
         ));
     }
     let partitions = meta
@@ -173,15 +357,35 @@ pub fn load_meta(connection: &mut redis::Connection) -> Result<Option<ClusterMet
             .get("created_ms")
             .and_then(|c| c.parse().ok())
             .unwrap_or(0),
+        replicas: meta
+            .get("replicas")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1),
     }))
 }
 
 /// The most partitions a cluster may have (each is a log directory on its owner).
 pub const PARTITIONS_MAX: u32 = crate::bus::partitions::PARTITIONS_MAX as u32;
 
-/// Creates a cluster of `partitions` partitions assigned round-robin to `nodes`. Fails, and
-/// changes nothing, when one exists already.
-pub fn init(target: &RedisTarget, nodes: &[u16], partitions: u32) -> Result<(), String> {
+/// The replicas per partition when `init` is not told: 2 in a cluster of two nodes or more
+/// (a node's loss loses nothing acknowledged), else 1.
+pub fn replicas_default(nodes: usize) -> usize {
+    if nodes >= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Creates a cluster of `partitions` partitions placed round-robin over `nodes` with
+/// `replicas` replicas each ([`PartitionTable::placed`]). Fails, and changes nothing, when one
+/// exists already.
+pub fn init(
+    target: &RedisTarget,
+    nodes: &[u16],
+    partitions: u32,
+    replicas: usize,
+) -> Result<(), String> {
     if nodes.is_empty() || nodes.iter().any(|&n| n == 0 || n > keys::NODE_MAX) {
         return Err(format!("nodes must be numbers 1..={}", keys::NODE_MAX));
     }
@@ -194,21 +398,32 @@ pub fn init(target: &RedisTarget, nodes: &[u16], partitions: u32) -> Result<(), 
     if partitions == 0 || partitions > PARTITIONS_MAX {
         return Err(format!("partitions must be 1..={PARTITIONS_MAX}"));
     }
+    let replicas_max = nodes.len().min(keys::REPLICAS_MAX);
+    if replicas == 0 || replicas > replicas_max {
+        return Err(format!(
+            "replicas must be 1..={replicas_max} with {} nodes (each replica of a partition on \
+             another node, at most {})",
+            nodes.len(),
+            keys::REPLICAS_MAX
+        ));
+    }
     let mut connection = target
         .connect()
         .map_err(|e| format!("cannot reach Redis at {}: {e}", target.url))?;
-    let table = PartitionTable::round_robin(partitions, nodes);
+    let table = PartitionTable::placed(partitions, nodes, replicas);
     let mut args = vec![
         partitions.to_string(),
         unix_ms().to_string(),
         keys::LAYOUT.to_string(),
+        replicas.to_string(),
     ];
-    args.extend(table.entries.iter().map(|e| e.node.to_string()));
+    args.extend(table.records.iter().map(PartitionRecord::to_entry));
+    args.extend(table.isr.iter().map(IsrRecord::to_entry));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let outcome: String = eval(
         &mut connection,
         keys::INIT_SCRIPT,
-        &[keys::CLUSTER, keys::PARTITIONS],
+        &[keys::CLUSTER, keys::PARTITIONS, keys::ISR],
         &args,
     )
     .map_err(|e| format!("creating the cluster: {e}"))?;
@@ -714,5 +929,99 @@ mod tests {
         );
         assert_eq!(ranges(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
         assert_eq!(ranges(&[]), "");
+    }
+
+    #[test]
+    fn replicas_follow_the_leader_round_robin_and_start_in_sync() {
+        let table = PartitionTable::placed(4, &[1, 2, 3], 2);
+        let replicas = |p| table.record(p).unwrap().replicas.to_vec();
+        assert_eq!(replicas(0), [1, 2]);
+        assert_eq!(replicas(1), [2, 3]);
+        assert_eq!(replicas(2), [3, 1]);
+        assert_eq!(replicas(3), [1, 2]);
+        assert_eq!(table.isr(2).unwrap().isr.as_slice(), [3, 1]);
+        assert_eq!(table.isr(2).unwrap().epoch, 1);
+        assert_eq!(table.owned_by(1), [0, 3]);
+        let all = PartitionTable::placed(2, &[4, 5, 6], 3);
+        assert_eq!(all.record(1).unwrap().replicas.as_slice(), [5, 6, 4]);
+        assert_eq!(replicas_default(1), 1);
+        assert_eq!(replicas_default(3), 2);
+    }
+
+    #[test]
+    fn a_layout_1_table_reads_as_one_replica_in_sync_alone() {
+        let table: HashMap<String, String> = [("0", "1 1"), ("1", "2 3")]
+            .map(|(k, v)| (k.into(), v.into()))
+            .into();
+        let table = PartitionTable::parse(&table, &HashMap::new(), 2).unwrap();
+        assert_eq!(table.get(1), Some(PartitionEntry { node: 2, epoch: 3 }));
+        assert_eq!(table.record(1).unwrap().replicas.as_slice(), [2]);
+        let isr = table.isr(1).unwrap();
+        assert_eq!((isr.epoch, isr.isr.as_slice()), (3, &[2][..]));
+        let short: HashMap<String, String> = [("0".into(), "1 1".into())].into();
+        let e = PartitionTable::parse(&short, &HashMap::new(), 2).unwrap_err();
+        assert!(e.contains("partition 1 has no owner"), "{e}");
+    }
+
+    #[test]
+    fn show_groups_partitions_that_read_the_same() {
+        let mut table = PartitionTable::placed(6, &[1, 2, 3], 2);
+        table.took_over(4, 3, 2);
+        let holders = vec![
+            Some((1, 1)),
+            Some((2, 1)),
+            None,
+            Some((1, 1)),
+            Some((3, 2)),
+            Some((1, 3)),
+        ];
+        let lines = describe_partitions(&table, &holders);
+        assert_eq!(
+            lines,
+            [
+                (
+                    "0,3".to_string(),
+                    "leader 1 epoch 1 replicas 1,2 isr 1,2 lease 1".to_string()
+                ),
+                (
+                    "1".into(),
+                    "leader 2 epoch 1 replicas 2,3 isr 2,3 lease 2".into()
+                ),
+                (
+                    "2".into(),
+                    "leader 3 epoch 1 replicas 3,1 isr 3,1 lease none".into()
+                ),
+                (
+                    "4".into(),
+                    "leader 3 epoch 2 replicas 2,3 isr 3 lease 3".into()
+                ),
+                (
+                    "5".into(),
+                    "leader 3 epoch 1 replicas 3,1 isr 3,1 lease 1 (epoch 3)".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn partition_owners_pack_the_leader_and_the_epoch() {
+        let owners = PartitionOwners::new(&PartitionTable::round_robin(3, &[1, 2]));
+        assert_eq!(owners.get(2), Some(PartitionEntry { node: 1, epoch: 1 }));
+        owners.set(
+            2,
+            PartitionEntry {
+                node: 4095,
+                epoch: EPOCH_MAX,
+            },
+        );
+        assert_eq!(
+            owners.get(2),
+            Some(PartitionEntry {
+                node: 4095,
+                epoch: EPOCH_MAX
+            })
+        );
+        assert_eq!(owners.get(1), Some(PartitionEntry { node: 2, epoch: 1 }));
+        assert_eq!(owners.get(3), None);
     }
 }

@@ -48,46 +48,6 @@ pub const LAG_MAX_MS_DEFAULT: u64 = 2_000;
 /// A follower asks its leader again after this long without an answer.
 pub const QUERY_RETRY_MS: u64 = 500;
 
-/// When a leader acknowledges a write (`--ack`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AckPolicy {
-    /// Once its own log committed it (a record may be lost with the leader's disk).
-    Leader,
-    /// Once every in-sync replica has it.
-    #[default]
-    Replicated,
-}
-
-impl std::str::FromStr for AckPolicy {
-    type Err = &'static str;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "leader" => Ok(AckPolicy::Leader),
-            "replicated" => Ok(AckPolicy::Replicated),
-            _ => Err("ack must be leader or replicated"),
-        }
-    }
-}
-
-/// The replicas of partition `p` when roles are static (no leadership thread): the table's
-/// `owner` leads, the next `replicas - 1` nodes of `nodes` (ascending, cyclically after the
-/// owner) follow. Leader first.
-pub fn static_replicas(owner: u16, nodes: &[u16], replicas: usize) -> Replicas {
-    let mut set: Replicas = SmallVec::new();
-    set.push(owner);
-    let start = nodes.iter().position(|&n| n == owner).unwrap_or(0);
-    for i in 1..nodes.len() {
-        if set.len() >= replicas {
-            break;
-        }
-        let n = nodes[(start + i) % nodes.len()];
-        if !set.contains(&n) {
-            set.push(n);
-        }
-    }
-    set
-}
-
 /// Messages to send: the node, and the message.
 pub type Outbox = Vec<(u16, BusMsg)>;
 
@@ -835,21 +795,6 @@ mod tests {
         pair.pump(Outbox::new(), false);
         pair.leader.check_isr(tail, later, &leases);
         assert_eq!(leases.next_isr_request().unwrap().isr.as_slice(), [1, 2]);
-    }
-
-    #[test]
-    fn static_replicas_are_the_owner_and_the_next_nodes() {
-        assert_eq!(static_replicas(2, &[1, 2, 3], 2).as_slice(), [2, 3]);
-        assert_eq!(static_replicas(3, &[1, 2, 3], 2).as_slice(), [3, 1]);
-        assert_eq!(static_replicas(1, &[1, 2, 3], 3).as_slice(), [1, 2, 3]);
-        assert_eq!(
-            static_replicas(1, &[1, 2], 3).as_slice(),
-            [1, 2],
-            "at most the nodes"
-        );
-        assert_eq!(static_replicas(1, &[1, 2, 3], 1).as_slice(), [1]);
-        assert_eq!("leader".parse(), Ok(AckPolicy::Leader));
-        assert!("all".parse::<AckPolicy>().is_err());
     }
 
     #[test]

@@ -15,7 +15,6 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
 
-use crate::cluster::replica::AckPolicy;
 use crate::store::FsyncPolicy;
 use crate::wechat::account::WechatSection;
 
@@ -240,21 +239,58 @@ settings! {
      before the next is due marks the subscription dead (reconnected, routes reloaded)"
     #[arg(value_name = "MS")]
     cluster_probe_interval_ms: u64 = 2_000, "2000";
+    "Replicated partitions (docs/cluster.md): when a leader acknowledges a send (send_ok) and \
+     pushes it: replicated = once every in-sync replica has the record, leader = once the \
+     leader has it (a leader's loss may lose it)"
+    #[arg(value_parser = ack_parser())]
+    ack: AckPolicy = AckPolicy::Replicated, "replicated";
+    "How long a partition leader's lease lives in Redis after a renewal: a leader that stops \
+     renewing is replaced this long after its last renewal"
+    #[arg(value_name = "MS")]
+    cluster_lease_ms: u64 = 3_000, "3000";
+    "How often a cluster node renews its leases and reads the partition table (one Redis \
+     script call per round for all of its partitions)"
+    #[arg(value_name = "MS")]
+    cluster_lease_renew_ms: u64 = 1_000, "1000";
+    "Taken off every lease deadline a leader holds locally, so that it stops acknowledging \
+     before Redis lets the lease lapse even if its clock runs slower than Redis's"
+    #[arg(value_name = "MS")]
+    cluster_lease_margin_ms: u64 = 300, "300";
+    "A follower behind its leader for longer than this leaves the in-sync set (recorded in \
+     Redis before the leader acknowledges without it); it rejoins once caught up"
+    #[arg(value_name = "MS")]
+    replica_lag_max_ms: u64 = 5_000, "5000";
     "Start even if a record in the middle of the log is corrupt, skipping it (its messages are lost); without it such a node refuses to start"
     #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     skip_corrupt_records: bool = false, "false";
-    "Replicas of each partition in a cluster, the leader included: the partition table's \
-     owner leads and the next nodes (by number) follow, copying its log (docs/cluster.md, \
-     \"Replication\"); 1 = no replication"
-    #[arg(value_name = "N")]
-    replicas: usize = 1, "1";
-    "When a replicated partition's leader acknowledges a write: leader (once its own log has \
-     it) or replicated (once every in-sync replica has it)"
-    #[arg(value_parser = ack_parser())]
-    ack: AckPolicy = AckPolicy::Replicated, "replicated";
 }
 
-/// `--ack`: the acknowledgement policy, by name.
+/// The longest `push_flush_delay_ms` accepted.
+pub const PUSH_FLUSH_DELAY_MS_MAX: u64 = 1_000;
+
+/// When a leader of a replicated partition acknowledges a record (`--ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckPolicy {
+    /// Once the leader has it: a leader's loss may lose what it acknowledged.
+    Leader,
+    /// Once every in-sync replica has it.
+    #[default]
+    Replicated,
+}
+
+impl std::str::FromStr for AckPolicy {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<AckPolicy, String> {
+        match name {
+            "leader" => Ok(AckPolicy::Leader),
+            "replicated" => Ok(AckPolicy::Replicated),
+            _ => Err(format!("ack {name:?}: expected leader or replicated")),
+        }
+    }
+}
+
+/// `--ack`: the policy, by name.
 fn ack_parser() -> impl TypedValueParser<Value = AckPolicy> {
     PossibleValuesParser::new(["leader", "replicated"])
         // Cannot fail: only the listed names get this far, and each is a policy.
@@ -268,12 +304,6 @@ impl<'de> Deserialize<'de> for AckPolicy {
         name.parse().map_err(serde::de::Error::custom)
     }
 }
-
-/// The most replicas a partition may have.
-pub const REPLICAS_MAX: usize = 5;
-
-/// The longest `push_flush_delay_ms` accepted.
-pub const PUSH_FLUSH_DELAY_MS_MAX: u64 = 1_000;
 
 /// `--fsync`: the store's policy, by name.
 fn fsync_parser() -> impl TypedValueParser<Value = FsyncPolicy> {
@@ -384,6 +414,9 @@ impl Config {
             ),
             ("cluster_heartbeat_ttl_ms", self.cluster_heartbeat_ttl_ms),
             ("cluster_probe_interval_ms", self.cluster_probe_interval_ms),
+            ("cluster_lease_ms", self.cluster_lease_ms),
+            ("cluster_lease_renew_ms", self.cluster_lease_renew_ms),
+            ("replica_lag_max_ms", self.replica_lag_max_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -422,12 +455,6 @@ impl Config {
             ));
         }
         // A link's heartbeats must come often enough that its peer never takes it for silent.
-        if !(1..=REPLICAS_MAX).contains(&self.replicas) {
-            return Err(format!("replicas must be 1..={REPLICAS_MAX}"));
-        }
-        if self.replicas > 1 && self.cluster.is_none() {
-            return Err("replicas above 1 need --cluster".into());
-        }
         if self.node_link_heartbeat_ms >= self.node_link_idle_timeout_ms {
             return Err(format!(
                 "node_link_heartbeat_ms ({}) must be less than node_link_idle_timeout_ms ({})",
@@ -540,6 +567,32 @@ impl Config {
                 "cluster_heartbeat_ttl_ms ({}) must be at least twice \
                  cluster_heartbeat_interval_ms ({}), or one late heartbeat declares the node dead",
                 self.cluster_heartbeat_ttl_ms, self.cluster_heartbeat_interval_ms
+            ));
+        }
+        self.validate_lease()
+    }
+
+    /// The lease timings: a renewal (one interval, plus a Redis call that may take the whole
+    /// timeout) must land before the deadline the previous one gave, or a healthy leader
+    /// would stop acknowledging between two renewals.
+    fn validate_lease(&self) -> Result<(), String> {
+        if self.cluster_lease_margin_ms >= self.cluster_lease_ms {
+            return Err(format!(
+                "cluster_lease_margin_ms ({}) must be less than cluster_lease_ms ({})",
+                self.cluster_lease_margin_ms, self.cluster_lease_ms
+            ));
+        }
+        let deadline_ms = self.cluster_lease_ms - self.cluster_lease_margin_ms;
+        let renewal_ms = self.cluster_lease_renew_ms + self.cluster_redis_timeout_ms;
+        if renewal_ms >= deadline_ms {
+            return Err(format!(
+                "cluster_lease_renew_ms ({}) + cluster_redis_timeout_ms ({}) must be less than \
+                 cluster_lease_ms ({}) - cluster_lease_margin_ms ({}): a leader must renew before \
+                 its deadline passes",
+                self.cluster_lease_renew_ms,
+                self.cluster_redis_timeout_ms,
+                self.cluster_lease_ms,
+                self.cluster_lease_margin_ms
             ));
         }
         Ok(())
@@ -889,6 +942,11 @@ mod tests {
         let link = ("CHINWAG_NODE_LISTEN", "10.0.0.3:7200");
         let config = load(&[cluster, node, link]).unwrap();
         assert_eq!(config.node, 3);
+        assert_eq!(config.ack, AckPolicy::Replicated);
+        let leader = load(&[cluster, node, link, ("CHINWAG_ACK", "leader")]).unwrap();
+        assert_eq!(leader.ack, AckPolicy::Leader);
+        let e = load(&[cluster, node, link, ("CHINWAG_ACK", "all")]).unwrap_err();
+        assert!(e.contains("leader") && e.contains("replicated"), "{e}");
         for (pairs, expected) in [
             (vec![node], "give cluster too"),
             (vec![link], "give cluster too"),
@@ -915,6 +973,23 @@ mod tests {
                     ("CHINWAG_CLUSTER_HEARTBEAT_TTL_MS", "1500"),
                 ],
                 "at least twice",
+            ),
+            (
+                vec![cluster, node, link, ("CHINWAG_CLUSTER_LEASE_MS", "2000")],
+                "a leader must renew before its deadline passes",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_CLUSTER_LEASE_MARGIN_MS", "3000"),
+                ],
+                "must be less than cluster_lease_ms",
+            ),
+            (
+                vec![cluster, node, link, ("CHINWAG_CLUSTER_LEASE_RENEW_MS", "0")],
+                "cluster_lease_renew_ms must be greater than 0",
             ),
         ] {
             let e = load(&pairs).unwrap_err();
