@@ -67,10 +67,6 @@ pub enum Hop {
 pub struct ClusterPost {
     pub cluster: Arc<Cluster>,
     pub links: Arc<Links>,
-    /// Every other node that owns partitions, and how many.
-    node_partitions: Vec<(u16, u16)>,
-    /// Every other node that owns partitions, and which (for a stream's reads).
-    node_partition_ids: Vec<(u16, Box<[PartitionId]>)>,
 }
 
 /// Every shard's mailbox, and the way to the other nodes of a cluster.
@@ -78,8 +74,6 @@ pub struct PostOffice {
     mailboxes: Box<[Mailbox]>,
     /// Which partitions this node owns and which shard serves each.
     map: Arc<PartitionMap>,
-    /// Per shard: how many partitions it serves.
-    shard_partitions: Box<[u16]>,
     /// Set once, before the shards start, on a cluster node.
     cluster: OnceLock<ClusterPost>,
 }
@@ -88,14 +82,9 @@ impl PostOffice {
     /// The post office of a node whose shard `n` reads `mailboxes[n]`, serving the
     /// partitions as `map` says.
     pub fn new(mailboxes: Vec<Mailbox>, map: Arc<PartitionMap>) -> PostOffice {
-        let shard_partitions = (0..mailboxes.len())
-            // At most `PARTITIONS_MAX`, which fits.
-            .map(|shard| map.partitions_of(shard).count() as u16)
-            .collect();
         PostOffice {
             mailboxes: mailboxes.into_boxed_slice(),
             map,
-            shard_partitions,
             cluster: OnceLock::new(),
         }
     }
@@ -103,34 +92,29 @@ impl PostOffice {
     /// Makes this the post office of a cluster node: messages for other nodes leave by
     /// `links`. Called once, before the shards start.
     pub fn join_cluster(&self, cluster: Arc<Cluster>, links: Arc<Links>) {
-        let mut owned = std::collections::BTreeMap::<u16, Vec<PartitionId>>::new();
-        for p in 0..cluster.partitions.count() {
-            if let Some(entry) = cluster.partitions.get(p) {
-                if entry.node != cluster.node {
-                    // A partition id is below `PARTITIONS_MAX`, which fits.
-                    owned.entry(entry.node).or_default().push(p as PartitionId);
-                }
-            }
-        }
-        let node_partitions = owned
-            .iter()
-            .map(|(&node, ids)| (node, ids.len() as u16))
-            .collect();
-        let node_partition_ids = owned
-            .into_iter()
-            .map(|(node, ids)| (node, ids.into_boxed_slice()))
-            .collect();
-        let _ = self.cluster.set(ClusterPost {
-            cluster,
-            links,
-            node_partitions,
-            node_partition_ids,
-        });
+        let _ = self.cluster.set(ClusterPost { cluster, links });
     }
 
     /// How many partitions `shard` serves.
     pub fn partitions_of_shard(&self, shard: usize) -> u16 {
-        self.shard_partitions.get(shard).copied().unwrap_or(0)
+        // Read from the map each time: a takeover or a demotion changes it (P ≤ 1,024, and a
+        // gather is not on the message path). At most `PARTITIONS_MAX`, which fits.
+        self.map.partitions_of(shard).count() as u16
+    }
+
+    /// Every other node that leads partitions now (the live owner table), with those
+    /// partitions, ascending by node.
+    fn leaders_elsewhere(&self, c: &ClusterPost) -> Vec<(u16, Vec<PartitionId>)> {
+        let mut owned = std::collections::BTreeMap::<u16, Vec<PartitionId>>::new();
+        for p in 0..c.cluster.partitions.count() {
+            if let Some(owner) = c.cluster.partition_owner(p) {
+                if owner.node != c.cluster.node {
+                    // A partition id is below `PARTITIONS_MAX`, which fits.
+                    owned.entry(owner.node).or_default().push(p as PartitionId);
+                }
+            }
+        }
+        owned.into_iter().collect()
     }
 
     /// The part requests of a gather over every partition (a user's `convs`): one per shard
@@ -139,15 +123,18 @@ impl PostOffice {
     /// (docs/cluster.md, "What a node's loss costs").
     pub fn gather_parts(&self) -> GatherParts {
         let mut gather = GatherParts::default();
-        for (shard, &count) in self.shard_partitions.iter().enumerate() {
+        for shard in 0..self.shards() {
+            let count = self.partitions_of_shard(shard);
             if count > 0 {
                 gather.parts.push((To::Shard(shard), count));
                 gather.asked += usize::from(count);
             }
         }
         if let Some(c) = self.cluster.get() {
-            for &(node, count) in &c.node_partitions {
+            for (node, partitions) in self.leaders_elsewhere(c) {
                 if c.cluster.is_alive(node) {
+                    // At most `PARTITIONS_MAX`, which fits.
+                    let count = partitions.len() as u16;
                     gather.parts.push((To::Node(node), count));
                     gather.asked += usize::from(count);
                 }
@@ -159,12 +146,14 @@ impl PostOffice {
     /// Every other node of a cluster that owns partitions, which ones, and whether its
     /// heartbeat is there (a message stream reads a live node's partitions over the links and
     /// skips a dead one's until it is back). Empty on the single node.
-    pub fn remote_partitions(&self) -> impl Iterator<Item = (u16, &[PartitionId], bool)> + '_ {
-        self.cluster.get().into_iter().flat_map(|c| {
-            c.node_partition_ids
-                .iter()
-                .map(move |(node, ids)| (*node, &ids[..], c.cluster.is_alive(*node)))
-        })
+    pub fn remote_partitions(&self) -> Vec<(u16, Vec<PartitionId>, bool)> {
+        let Some(c) = self.cluster.get() else {
+            return Vec::new();
+        };
+        self.leaders_elsewhere(c)
+            .into_iter()
+            .map(|(node, partitions)| (node, partitions, c.cluster.is_alive(node)))
+            .collect()
     }
 
     /// Where `msg` goes: the one routing decision, for a message that names its destination
