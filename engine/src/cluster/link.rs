@@ -147,6 +147,23 @@ impl Inbox for OfficeInbox {
                 }
                 None
             }
+            BusMsg::Reannounce { partitions } => {
+                // Every shard announces its own sessions. A full mailbox drops the request:
+                // that shard's sessions stay unknown to the asker until it asks again.
+                for shard in 0..shards {
+                    let ask = BusMsg::Reannounce {
+                        partitions: partitions.clone(),
+                    };
+                    if self.office.post_from_outside(shard, ask).is_err() {
+                        tracing::warn!(
+                            from,
+                            shard,
+                            "request for announcements dropped: mailbox full"
+                        );
+                    }
+                }
+                None
+            }
             BusMsg::Convs { origin, token, .. } => {
                 // The asker counted this node's partitions; each shard answers for its own.
                 // Those of shards that cannot take it fail in one part: the gather then
@@ -243,6 +260,29 @@ impl Inbox for OfficeInbox {
 
     fn peer_changed(&mut self, node: u16, up: bool) {
         tracing::info!(node, up, "node link");
+        if up {
+            // The peer may have restarted: its sessions this node's owners hold died with it.
+            // They forget them first (before anything the new link delivers: this thread
+            // posts both), then the peer announces those it holds now. It does so too if
+            // this node has just started (its owners know no sessions yet), or if it holds
+            // sessions of this node's users it could not tell while the link was down
+            // (docs/cluster.md, "What a node's loss costs").
+            for shard in 0..self.office.shards() {
+                if self
+                    .office
+                    .post_from_outside(shard, BusMsg::ForgetNode { node })
+                    .is_err()
+                {
+                    tracing::warn!(
+                        node,
+                        shard,
+                        "forgetting a node's sessions dropped: mailbox full"
+                    );
+                }
+            }
+            self.office
+                .ask_node_for_sessions(node, &self.office.own_partitions());
+        }
     }
 }
 

@@ -62,6 +62,9 @@ pub(super) struct Replication {
     pub acks_due: Vec<PartitionId>,
     /// Partitions this shard leads or follows (those with a role).
     pub replicated: Vec<PartitionId>,
+    /// Partitions this shard took the lead of since the last [`Owner::take_taken_over`]:
+    /// their users' sessions are asked for (`PostOffice::ask_for_sessions`).
+    pub taken_over: Vec<PartitionId>,
 }
 
 impl Replication {
@@ -73,6 +76,7 @@ impl Replication {
             outbox: Vec::new(),
             acks_due: Vec::new(),
             replicated: Vec::new(),
+            taken_over: Vec::new(),
         }
     }
 }
@@ -185,6 +189,9 @@ impl Owner {
                     let store = &partition.store;
                     shop::restore_into(&mut self.dispatcher, std::iter::once(store));
                     tracing::info!(shard, partition = p, epoch, "partition taken over");
+                    if let Some(r) = self.replication.as_mut() {
+                        r.taken_over.push(p);
+                    }
                 }
                 self.map.set(p, Some(shard), true);
             }
@@ -532,6 +539,14 @@ impl Owner {
                     (None, msg) => Some((p.to, msg)),
                 }),
         );
+    }
+
+    /// The partitions this shard took the lead of since the last call.
+    pub fn take_taken_over(&mut self) -> Vec<PartitionId> {
+        self.replication
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.taken_over))
+            .unwrap_or_default()
     }
 
     /// Turns held for replicas now.

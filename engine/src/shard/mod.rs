@@ -15,6 +15,7 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
+mod announce;
 pub mod app;
 pub mod context;
 pub mod local;
@@ -467,6 +468,12 @@ impl Shard {
     /// a released message can post more (a completed login tells the shop's dispatcher), so
     /// this goes round until nothing is left.
     fn send_and_commit(&mut self) {
+        // Partitions this shard just took over: their owner has forgotten where their users'
+        // devices are logged in, so every shard and node is asked to announce them.
+        let taken = self.owner.take_taken_over();
+        if !taken.is_empty() {
+            self.ctx.post.office().ask_for_sessions(&taken);
+        }
         loop {
             for (to, msg) in self.ctx.post.take() {
                 self.deliver(to, msg);
@@ -622,6 +629,7 @@ impl Shard {
                     session.with_app(|app, s| app.on_convs_part(token, partitions, convs, s, ctx));
                 }
             }
+            BusMsg::Reannounce { partitions } => self.announce(&partitions),
             // Everything else is for this shard as an owner.
             request => self.owner.handle(request, self.ctx.unix_ms),
         }
