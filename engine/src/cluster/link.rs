@@ -1355,6 +1355,16 @@ mod tests {
         }
     }
 
+    /// [`config`] for tests of order under volume: thousands of messages queued at once may
+    /// wait longer than its short request timeout on a loaded machine, and would be dropped.
+    fn patient(node: u16, addr: SocketAddr) -> LinkConfig {
+        LinkConfig {
+            request_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            ..config(node, addr)
+        }
+    }
+
     fn any_port(ip: u8) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, ip), 0))
     }
@@ -1460,8 +1470,8 @@ mod tests {
 
     #[test]
     fn two_nodes_exchange_messages_in_order() {
-        let a = start(config(1, any_port(1)));
-        let b = start(config(2, any_port(2)));
+        let a = start(patient(1, any_port(1)));
+        let b = start(patient(2, any_port(2)));
         mesh(&[&a, &b]);
         const N: u64 = 20_000;
         for n in 0..N {
@@ -1517,7 +1527,7 @@ mod tests {
     #[test]
     fn three_nodes_keep_each_pairs_order() {
         let nodes: Vec<Node> = (1..=3)
-            .map(|n| start(config(n, any_port(n as u8))))
+            .map(|n| start(patient(n, any_port(n as u8))))
             .collect();
         mesh(&nodes.iter().collect::<Vec<_>>());
         const N: u64 = 5_000;
