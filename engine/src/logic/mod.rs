@@ -421,6 +421,7 @@ impl Owner {
     /// The log of `conv`'s partition, to write to; `UnknownConv` if it has none here (a
     /// conversation never creates its partition's log).
     fn conv_log_mut(&mut self, conv: ConvId) -> Result<&mut Store, StoreError> {
+        self.not_led_here(partition_of_conv(conv))?;
         let p = PartitionId::try_from(partition_of_conv(conv))
             .ok()
             .filter(|&p| self.log(p).is_some())
@@ -640,8 +641,21 @@ impl Owner {
         self.log.config.members_max
     }
 
+    /// `NotHere` (answered `unavailable`: retry) for a partition this shard holds a replica
+    /// of but does not lead now (it was demoted after the request was routed here).
+    fn not_led_here(&self, p: u32) -> Result<(), StoreError> {
+        let follows = self.map.replica_shard(p) == Some(self.shard)
+            && self.map.shard_of_partition(p) != Some(self.shard);
+        match follows {
+            true => Err(StoreError::NotHere { partition: p }),
+            false => Ok(()),
+        }
+    }
+
     /// The conversation, if it is here.
     fn local_conv(&self, conv: ConvId) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        self.not_led_here(partition_of_conv(conv))
+            .map_err(store_error)?;
         self.conv_log(conv)
             .and_then(|log| log.conv(conv))
             .ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))

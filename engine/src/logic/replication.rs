@@ -735,7 +735,7 @@ mod tests {
         assert_eq!(two.h(1).owner.held_turns(), 0);
         // The follower serves no reads.
         let page = two.history(2, &a, conv);
-        assert!(page.contains("not_found"), "{page}");
+        assert!(page.contains("unavailable"), "{page}");
     }
 
     #[test]
