@@ -29,6 +29,7 @@ pub(crate) mod link;
 pub mod redis_conn;
 pub mod redis_keys;
 pub mod registry;
+pub mod replica;
 pub mod roles;
 pub mod routes;
 pub(crate) mod wire;
