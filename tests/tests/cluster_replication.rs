@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use chinwag_tests::cluster::{Cluster, ClusterSpec, LoadgenRun, PartitionEntry, SECRET};
+use chinwag_tests::cluster::{self, Cluster, ClusterSpec, LoadgenRun, PartitionEntry, SECRET};
 use serde_json::Value;
 
 /// The first user of the chat load (conversation c is between users UID_BASE + 2c and + 1).
@@ -214,6 +214,22 @@ fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
     assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
+/// Waits until the chat load stores on every node.
+fn wait_loaded(cluster: &Cluster) {
+    cluster.wait_until("chat load on every node", |c| {
+        (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
+    });
+}
+
+/// Ends the chat load and judges it: every acknowledged message stored once, every write
+/// outage over, only the failures a failover may cause.
+fn judge(run: LoadgenRun) {
+    let (_, report) = run.finish();
+    cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
+    assert_eq!(report["write_outages_unresolved"], 0, "{report}");
+    failures(&report);
+}
+
 /// The failover tests against a replicated cluster.
 mod failover {
     use chinwag_tests::cluster::{self, Cluster};
@@ -228,9 +244,7 @@ mod failover {
         // Long enough for every cycle on a loaded 2-core machine; checked after each cycle.
         let duration_s = 20 + 20 * u64::from(cycles);
         let mut run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, duration_s);
-        cluster.wait_until("chat load on every node", |c| {
-            (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
-        });
+        wait_loaded(&cluster);
         for cycle in 1..=cycles {
             let leader = cluster.busiest_leader();
             let before = led(&cluster, leader);
@@ -250,10 +264,7 @@ mod failover {
                 "the chat load ended by cycle {cycle}: its duration must cover every cycle"
             );
         }
-        let (_, report) = run.finish();
-        cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
-        assert_eq!(report["write_outages_unresolved"], 0, "{report}");
-        failures(&report);
+        judge(run);
     }
 
     #[test]
@@ -262,9 +273,7 @@ mod failover {
     {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        cluster.wait_until("chat load on every node", |c| {
-            (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
-        });
+        wait_loaded(&cluster);
         let leader = cluster.busiest_leader();
         let before = led(&cluster, leader);
         // Stopped, it renews nothing: its leases lapse and its in-sync followers take over.
@@ -288,10 +297,7 @@ mod failover {
                 now.epoch
             );
         }
-        let (_, report) = run.finish();
-        cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
-        assert_eq!(report["write_outages_unresolved"], 0, "{report}");
-        failures(&report);
+        judge(run);
     }
 
     #[test]
@@ -299,9 +305,7 @@ mod failover {
     fn redis_restarted_during_a_failover_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        cluster.wait_until("chat load on every node", |c| {
-            (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
-        });
+        wait_loaded(&cluster);
         let leader = cluster.busiest_leader();
         let before = led(&cluster, leader);
         // The leader dies and Redis with it, before anyone could take its leases over: no
@@ -314,10 +318,7 @@ mod failover {
         wait_chat_goes_on(&cluster, "chat to go on after the failover", 100);
         cluster.restart(leader);
         wait_in_sync(&cluster, leader);
-        let (_, report) = run.finish();
-        cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
-        assert_eq!(report["write_outages_unresolved"], 0, "{report}");
-        failures(&report);
+        judge(run);
     }
 
     #[test]
@@ -325,9 +326,7 @@ mod failover {
     fn a_follower_killed_and_restarted_catches_up_and_rejoins() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        cluster.wait_until("chat load on every node", |c| {
-            (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
-        });
+        wait_loaded(&cluster);
         // The node that leads the fewest partitions; it follows others' partitions too.
         let follower = (1..=3u16)
             .min_by_key(|&n| (cluster.led_by(n).len(), n))
@@ -358,10 +357,7 @@ mod failover {
         // It catches up from the leaders and rejoins every in-sync set.
         wait_in_sync(&cluster, follower);
         wait_chat_goes_on(&cluster, "chat to go on after it rejoined", 100);
-        let (_, report) = run.finish();
-        cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
-        assert_eq!(report["write_outages_unresolved"], 0, "{report}");
-        failures(&report);
+        judge(run);
     }
 
     #[test]
@@ -369,9 +365,7 @@ mod failover {
     fn a_fourth_node_added_and_retired_under_load_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 60);
-        cluster.wait_until("chat load on every node", |c| {
-            (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
-        });
+        wait_loaded(&cluster);
         let added = cluster.add_node();
         cluster.cli(&["add-node", &added.to_string()]);
         // It follows its share, catches up, then leads it.
@@ -386,9 +380,6 @@ mod failover {
                 .is_some_and(|t| t.iter().all(|e| !e.replicas.contains(&added)))
         });
         wait_chat_goes_on(&cluster, "chat to go on after the retirement", 100);
-        let (_, report) = run.finish();
-        cluster::assert_verified(&report, u64::from(CONVERSATIONS), 300);
-        assert_eq!(report["write_outages_unresolved"], 0, "{report}");
-        failures(&report);
+        judge(run);
     }
 }
