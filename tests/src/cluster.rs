@@ -951,7 +951,7 @@ pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_m
         "chat load: send_ok {}, delivered {}, reconnects {}, replies_timed_out {}, \
          history_repairs {}, failures {}; stored log: {} conversations, {} stored, {} acked, \
          {} unacknowledged but stored; write outages {} (unresolved {}), writes resumed after \
-         the failure p50 {} µs, max {} µs",
+         the failure p50 {} µs, max {} µs; slowest acks {}",
         report["send_ok"],
         report["delivered"],
         report["reconnects"],
@@ -966,6 +966,7 @@ pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_m
         report["write_outages_unresolved"],
         resumed["p50"],
         resumed["max"],
+        report["slowest_acks"],
     );
     assert_eq!(
         report["violations"], 0,

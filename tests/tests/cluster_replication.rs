@@ -46,6 +46,11 @@ fn replicated() -> ClusterSpec {
             "--cluster-lease-renew-ms=300",
             "--cluster-lease-margin-ms=200",
             "--replica-lag-max-ms=2000",
+            // The closed-loop load stores over a million messages a minute in 8 partitions,
+            // past the default window's 125,000 cmids per partition, and a client the kills
+            // kept away may resend a minute later: size the window for the load, as an
+            // operator of a node that busy must (docs/storage.md, the cmid window).
+            "--cmid-window-entries-max=8000000",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -237,7 +242,7 @@ mod failover {
     use super::*;
 
     #[test]
-    #[ignore = "known bug (issue 14, open): after a takeover a resent cmid was once stored twice (seqs 107 and 15438 of one conversation); run by hand until fixed, .ci/run skips it"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn kill_the_leader_of_busy_partitions_cycles_lose_no_acknowledged_message() {
         let cycles = cycles();
         let mut cluster = Cluster::start(replicated());

@@ -42,8 +42,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{
-    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId,
-    Target, Uid, UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, SendOk, Seq,
+    ShopId, Target, Uid, UidKind,
 };
 use clap::Args;
 
@@ -191,7 +191,34 @@ struct Counts {
     ledger: Ledger,
     /// Conversations (by number) from a failed or unanswered send to the next write.
     outages: WriteOutages<usize>,
+    /// The slowest acknowledgements (from the intended send to the `send_ok`, resends
+    /// included), slowest first, with what they acknowledged: what a failure's report needs.
+    slowest: Vec<(Duration, String)>,
 }
+
+impl Counts {
+    /// Keeps the acknowledgement of user `i`'s message `n` among the [`SLOWEST_KEPT`] slowest.
+    fn slow(&mut self, latency: Duration, i: usize, n: u64, ok: &SendOk, resent: bool) {
+        if self.slowest.len() == SLOWEST_KEPT
+            && self.slowest.last().is_some_and(|(l, _)| *l >= latency)
+        {
+            return;
+        }
+        let again = if resent { ", sent again" } else { "" };
+        let what = format!(
+            "cmid {i}-{n}: conv {} seq {} after {:.1} s{again}",
+            ok.conv,
+            ok.seq,
+            latency.as_secs_f64()
+        );
+        let at = self.slowest.partition_point(|(l, _)| *l >= latency);
+        self.slowest.insert(at, (latency, what));
+        self.slowest.truncate(SLOWEST_KEPT);
+    }
+}
+
+/// Slowest acknowledgements a report names.
+const SLOWEST_KEPT: usize = 5;
 
 /// Runs `chat` and returns its report.
 pub fn run(args: &ChatArgs) -> io::Result<Report> {
@@ -742,10 +769,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if in_window {
                         counts.send_ok_measured += 1;
                     }
+                    let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
                     if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
-                        let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
                         report::record(&mut send_to_send_ok, latency);
                     }
+                    counts.slow(latency, i, n, &ok, resent);
                     let conv_last = last_seq.entry(ok.conv).or_default();
                     *conv_last = (*conv_last).max(ok.seq.0);
                     if user.conv.is_some_and(|c| c != ok.conv) {
@@ -937,6 +965,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
         report.figure("resent_after_reconnect", counts.resent);
+        report.figure(
+            "slowest_acks",
+            counts
+                .slowest
+                .iter()
+                .map(|(_, what)| what.clone())
+                .collect::<Vec<_>>(),
+        );
         report.figure("history_pages", counts.history_pages);
         let still = users.iter().filter(|u| u.catching_up.is_some()).count();
         report.figure("not_caught_up_at_end", still as u64);
