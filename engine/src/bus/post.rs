@@ -291,10 +291,12 @@ impl PostOffice {
     ) -> Result<(), crate::cluster::roles::RoleChange> {
         let msg = BusMsg::Role(Box::new(change));
         let Some(shard) = msg.owner(&self.map).filter(|&s| s < self.mailboxes.len()) else {
-            let BusMsg::Role(change) = msg else {
-                unreachable!("made above")
-            };
-            return Err(*change);
+            // A partition past the count: no shard will ever take it.
+            tracing::error!(
+                ?msg,
+                "role change for a partition this node cannot hold: dropped"
+            );
+            return Ok(());
         };
         self.mailboxes[shard].send(msg).map_err(|msg| match msg {
             BusMsg::Role(change) => *change,
