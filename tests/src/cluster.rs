@@ -940,6 +940,23 @@ pub fn chat_load(
     ])
 }
 
+/// The failures of a load report by cause; fails the test on a cause none of `allowed`
+/// (prefixes) begins.
+pub fn failures(
+    report: &serde_json::Value,
+    allowed: &[&str],
+) -> std::collections::BTreeMap<String, u64> {
+    let failures: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(report["failures"].clone()).expect("failures by cause");
+    for cause in failures.keys() {
+        assert!(
+            allowed.iter().any(|a| cause.starts_with(a)),
+            "unexpected failure {cause:?}: {report}"
+        );
+    }
+    failures
+}
+
 /// The verdict of a [`chat_load`] report that must have lost nothing: no violation (every
 /// acknowledged message seen once, in order, by every member; and in the stored log read back,
 /// every acknowledged message once at its seq with its body, every conversation 1..n), every

@@ -123,8 +123,6 @@ fn assert_clean_takeovers(before: &[(u32, PartitionEntry)], after: &[PartitionEn
 
 /// The failures of `report` by cause; fails the test on a cause a node's loss does not explain.
 fn failures(report: &Value) -> BTreeMap<String, u64> {
-    let failures: BTreeMap<String, u64> =
-        serde_json::from_value(report["failures"].clone()).expect("failures by cause");
     let allowed = [
         "eof",
         "io:",
@@ -133,13 +131,7 @@ fn failures(report: &Value) -> BTreeMap<String, u64> {
         "upgrade refused",
         "refused: unavailable",
     ];
-    for cause in failures.keys() {
-        assert!(
-            allowed.iter().any(|a| cause.starts_with(a)),
-            "unexpected failure {cause:?}: {report}"
-        );
-    }
-    failures
+    cluster::failures(report, &allowed)
 }
 
 /// The judge itself, against a cluster that really loses acknowledged messages: node 2 is
