@@ -911,10 +911,21 @@ pub fn chat_load(
     conversations: u32,
     duration_s: u64,
 ) -> LoadgenRun {
+    chat_load_with(cluster, uid_base, conversations, duration_s, &[])
+}
+
+/// [`chat_load`] with more `chinwag-loadgen chat` flags.
+pub fn chat_load_with(
+    cluster: &Cluster,
+    uid_base: u64,
+    conversations: u32,
+    duration_s: u64,
+    extra: &[&str],
+) -> LoadgenRun {
     let addrs = cluster.addrs();
     let (uid_base, conversations) = (uid_base.to_string(), conversations.to_string());
     let duration = duration_s.to_string();
-    LoadgenRun::start(&[
+    let mut args = vec![
         "chat",
         "--uid-base",
         &uid_base,
@@ -937,7 +948,9 @@ pub fn chat_load(
         "--verify-log",
         "--verify-timeout-s",
         "60",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    LoadgenRun::start(&args)
 }
 
 /// The failures of a load report by cause; fails the test on a cause none of `allowed`

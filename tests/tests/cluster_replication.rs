@@ -240,7 +240,16 @@ mod failover {
         let mut cluster = Cluster::start(replicated());
         // Long enough for every cycle on a loaded 2-core machine; checked after each cycle.
         let duration_s = 20 + 20 * u64::from(cycles);
-        let mut run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, duration_s);
+        // Clients give a reply 2 s (not the JavaScript client's 5 s): a send lost with the
+        // killed node is sent again sooner, so "writes resumed" measures the takeover more
+        // than the client's patience.
+        let mut run = cluster::chat_load_with(
+            &cluster,
+            UID_BASE,
+            CONVERSATIONS,
+            duration_s,
+            &["--reply-timeout-ms", "2000"],
+        );
         wait_loaded(&cluster);
         for cycle in 1..=cycles {
             let leader = cluster.busiest_leader();
