@@ -46,10 +46,11 @@ fn replicated() -> ClusterSpec {
             "--cluster-lease-renew-ms=300",
             "--cluster-lease-margin-ms=200",
             "--replica-lag-max-ms=2000",
-            // The closed-loop load stores over a million messages a minute in 8 partitions,
-            // past the default window's 125,000 cmids per partition, and a client the kills
-            // kept away may resend a minute later: size the window for the load, as an
-            // operator of a node that busy must (docs/storage.md, the cmid window).
+            // The closed-loop load stores over a million messages a minute, two thirds of
+            // them on each node (replicas count), about the default window of 1,000,000 cmids
+            // per node, and a client the kills kept away may resend a minute later: size the
+            // window for the load, as an operator of a node that busy must (docs/storage.md,
+            // the cmid window).
             "--cmid-window-entries-max=8000000",
         ]
         .iter()
