@@ -212,10 +212,25 @@ fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
     assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
-/// Waits until the chat load stores on every node.
+/// Waits until the chat load stores on every node and every replica is in sync. A node
+/// killed while a partition's in-sync set is its leader alone (a follower that fell behind for
+/// a moment, at the start or under load) leaves that partition to wait for it: by the rules,
+/// only an in-sync follower may take over.
 fn wait_loaded(cluster: &Cluster) {
     cluster.wait_until("chat load on every node", |c| {
         (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
+    });
+    wait_all_in_sync(cluster);
+}
+
+/// Waits until every partition's in-sync set holds all its replicas.
+fn wait_all_in_sync(cluster: &Cluster) {
+    cluster.wait_until("every replica in sync", |c| {
+        c.partitions().is_some_and(|table| {
+            table
+                .iter()
+                .all(|e| e.replicas.iter().all(|&n| e.in_sync(n)))
+        })
     });
 }
 
@@ -253,6 +268,7 @@ mod failover {
         );
         wait_loaded(&cluster);
         for cycle in 1..=cycles {
+            wait_all_in_sync(&cluster);
             let leader = cluster.busiest_leader();
             let before = led(&cluster, leader);
             assert!(!before.is_empty(), "node {leader} leads partitions");
