@@ -26,6 +26,7 @@
 //! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
 //!   commit), notices of replies that did not reach WeChat.
 
+mod cmid_budget;
 mod cursors;
 mod devices;
 pub mod dispatch;
@@ -181,6 +182,8 @@ pub struct Owner {
     wechat_out: Vec<wechat::PendingReply>,
     /// In a replicated cluster: roles, shipping, held acknowledgements (`replication`).
     replication: Option<replication::Replication>,
+    /// The shard's cmid budget, across its partitions' windows.
+    cmids: cmid_budget::CmidBudget,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
     #[cfg(test)]
     fail_next_commit: bool,
@@ -216,8 +219,11 @@ impl Owner {
                 .filter_map(|(_, slot)| slot.as_ref())
                 .map(Partition::store),
         );
+        // Each log's own limit is the shard's whole budget (`node.rs`).
+        let cmids = cmid_budget::CmidBudget::new(log.config.cmid_window_entries_max, map.count());
         Owner {
             shard,
+            cmids,
             written_mark: vec![false; map.count()],
             map,
             log,
@@ -642,14 +648,36 @@ impl Owner {
     }
 
     /// `NotHere` (answered `unavailable`: retry) for a partition this shard holds a replica
-    /// of but does not lead now (it was demoted after the request was routed here).
+    /// of but does not lead now (it was demoted after the request was routed here), or leads
+    /// on a lease that has run out (another node may lead it by now: what this log holds may
+    /// be stale, or hold records of its epoch that the new leader's log never will).
     fn not_led_here(&self, p: u32) -> Result<(), StoreError> {
         let follows = self.map.replica_shard(p) == Some(self.shard)
             && self.map.shard_of_partition(p) != Some(self.shard);
-        match follows {
+        match follows || self.lease_lapsed(p) {
             true => Err(StoreError::NotHere { partition: p }),
             false => Ok(()),
         }
+    }
+
+    /// Whether this shard leads `p` on a lease that is not valid now (always false without
+    /// a leadership thread: roles are static then).
+    fn lease_lapsed(&self, p: u32) -> bool {
+        let Some(leases) = self
+            .replication
+            .as_ref()
+            .and_then(|r| r.setup.leases.as_deref())
+        else {
+            return false;
+        };
+        let Some(Some(Partition {
+            role: Some(crate::cluster::replica::Role::Lead(leader)),
+            ..
+        })) = usize::try_from(p).ok().and_then(|i| self.partitions.get(i))
+        else {
+            return false;
+        };
+        !leases.valid(leader.partition, leader.epoch, std::time::Instant::now())
     }
 
     /// The conversation, if it is here.
@@ -723,7 +751,10 @@ impl Owner {
             if interval && partition.store.needs_flush() && !self.unflushed.contains(&p) {
                 self.unflushed.push(p);
             }
+            let (added, forgot) = partition.store.take_cmid_churn();
+            self.cmids.note(p, added, forgot);
         }
+        self.cmids.trim(&mut self.partitions);
         result
     }
 
