@@ -201,7 +201,11 @@ impl Leader {
     pub fn ship(&mut self, store: &Store, now: Instant, out: &mut Outbox) {
         let tail = store.tail();
         // Asked for only when a follower lacks something (every turn asks every partition).
-        if self.peers.iter().all(|p| p.acked.map_or(true, |a| a == tail)) {
+        if self
+            .peers
+            .iter()
+            .all(|p| p.acked.map_or(true, |a| a == tail))
+        {
             for peer in self.peers.iter_mut().filter(|p| p.acked == Some(tail)) {
                 peer.caught_up_at = now;
             }
