@@ -6,6 +6,8 @@
 # the measured window: `chinwag-loadgen --server-pid A,B,C`) and send → send_ok p50/p99.
 # Target: the replicated run's CPU per delivered message at most 1.5× the unreplicated one's.
 #   bench/replication.sh [CONVERSATIONS=1000] [DURATION_S=10] [NODES=3] [WINDOW=1]
+# REPEAT=N (default 1) runs the pair N times, alternating, and gives each pair's ratio and their
+# median (the machine's noise between two runs is often larger than the difference measured).
 # Release build (NO_BUILD=1 skips it; BIN_DIR=DIR runs the binaries in DIR instead); FSYNC
 # (default never) is the nodes' --fsync. The nodes use 127.0.0.1:7811.. (clients), :7831..
 # (service), :7851.. (links), Redis :7898; connections come from 127.0.0.1..127.0.0.4.
@@ -19,6 +21,7 @@ duration=${2:-10}
 nodes=${3:-3}
 window=${4:-1}
 fsync=${FSYNC:-never}
+repeat=${REPEAT:-1}
 (( nodes >= 2 )) || { echo "NODES must be at least 2 (two replicas need two nodes)" >&2; exit 2; }
 (( conversations * 2 / nodes < 19000 )) || { echo "too many connections per node (file limit)" >&2; exit 2; }
 [ -n "${NO_BUILD:-}" ] || (cd "$repo" && cargo build --quiet --release -p chinwag-engine -p chinwag-loadgen)
@@ -59,6 +62,7 @@ echo "nodes $nodes (one shard each), $partitions partitions, $conversations dire
 run() { # R
   local r=$1 node_pids=() addrs=() run_pids=()
   local dir="$work/r$r"
+  rm -rf "$dir" "$work/r$r.json" "$work/r$r.code" "$work/r$r.unavailable"
   mkdir -p "$dir"
   redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" \
     >"$dir/redis.log" 2>&1 &
@@ -124,11 +128,7 @@ run() { # R
   wait "${run_pids[0]}" 2>/dev/null || true
 }
 
-run 1
-if [ "$replication" = yes ]; then
-  run 2
-fi
-
+report() {
 python3 - "$work" "$replication" <<'EOF'
 import json, os, sys
 work, replication = sys.argv[1:]
@@ -168,9 +168,31 @@ if runs[1] and runs[2] and runs[1].get("server_cpu_us_per_delivered") and runs[2
     ratio = runs[2]["server_cpu_us_per_delivered"] / max(runs[1]["server_cpu_us_per_delivered"], 1e-9)
     verdict = "meets" if ratio <= 1.5 else "misses"
     print(f"replicated / unreplicated CPU per delivered message: {ratio:.2f}× ({verdict} the 1.5× target)")
+    with open(f"{work}/ratios", "a") as f:
+        f.write(f"{ratio}\n")
 elif replication == "no":
     print("--replicas 2: not available: this chinwag has no replication "
           "(chinwag cluster init has no --replicas)")
 elif os.path.exists(f"{work}/r2.unavailable"):
     print("--replicas 2: not available: " + open(f"{work}/r2.unavailable").read().strip())
 EOF
+}
+
+for i in $(seq "$repeat"); do
+  run 1
+  if [ "$replication" = yes ]; then
+    run 2
+  fi
+  (( repeat == 1 )) || echo "pair $i of $repeat:"
+  report
+done
+if (( repeat > 1 )); then
+  python3 - "$work" <<'EOF'
+import os, statistics, sys
+path = f"{sys.argv[1]}/ratios"
+ratios = [float(line) for line in open(path)] if os.path.exists(path) else []
+if ratios:
+    print(f"ratios of {len(ratios)} pairs: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}×")
+EOF
+fi

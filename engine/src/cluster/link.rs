@@ -612,6 +612,10 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_TURN_BYTES_MAX: usize = 1 << 20;
 /// The loop wakes at least this often to run its timers.
 const TICK: Duration = Duration::from_millis(20);
+/// Received frames are acknowledged with the next bus frames written to the peer, or on their
+/// own once this long passed since the last acknowledgement (at the latest a [`TICK`] later):
+/// not one heartbeat per loop turn, which doubled the segments on a busy link.
+const ACK_DELAY: Duration = Duration::from_millis(10);
 
 /// The link thread's view of a peer.
 struct Peer {
@@ -648,9 +652,11 @@ struct Conn {
     control: BytesMut,
     last_read: Instant,
     last_write: Instant,
-    /// Bus frames read on this connection, and the count last acknowledged to the peer.
+    /// Bus frames read on this connection, and the count last acknowledged to the peer (at
+    /// `acked_at`).
     received: u64,
     received_acked: u64,
+    acked_at: Instant,
     /// Bus frames written whole on this connection.
     sent: u64,
     /// Requests written whole and not yet acknowledged: their frame number and answer.
@@ -700,13 +706,16 @@ impl<I: Inbox> LinkLoop<I> {
                             self.on_writable(key);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(key);
+                            // A closing or failed connection is read to its end: no further
+                            // edge comes for it.
+                            let drain = event.is_read_closed() || event.is_error();
+                            self.on_readable(key, drain);
                         }
                     }
                 }
             }
             for key in std::mem::take(&mut self.read_again) {
-                self.on_readable(key);
+                self.on_readable(key, true);
             }
             self.links.wake_pending.store(false, Ordering::Release);
             self.take_control();
@@ -815,6 +824,7 @@ impl<I: Inbox> LinkLoop<I> {
             last_write: now,
             received: 0,
             received_acked: 0,
+            acked_at: now,
             sent: 0,
             unacked: VecDeque::new(),
         });
@@ -856,7 +866,10 @@ impl<I: Inbox> LinkLoop<I> {
         self.flush(key);
     }
 
-    fn on_readable(&mut self, key: usize) {
+    /// Reads what connection `key` has, up to the turn's budget. A read shorter than the
+    /// buffer emptied the socket: unless `drain`, no second read is tried (it would only say
+    /// `WouldBlock`; bytes that come later raise a new edge).
+    fn on_readable(&mut self, key: usize, drain: bool) {
         let mut frames = Vec::new();
         let mut read = 0;
         let outcome = loop {
@@ -883,6 +896,9 @@ impl<I: Inbox> LinkLoop<I> {
                     }
                     while let Some(frame) = conn.decoder.next_frame() {
                         frames.push(frame);
+                    }
+                    if !drain && n < self.read_buf.len() {
+                        break Ok(());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
@@ -1166,6 +1182,11 @@ impl<I: Inbox> LinkLoop<I> {
         let idle = Duration::from_millis(self.config.idle_timeout_ms);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
+            // Bus frames go out on this connection now: an acknowledgement rides along free.
+            let frames_out = self.conns[key]
+                .peer
+                .and_then(|node| self.peers.get(&node))
+                .is_some_and(|peer| peer.conn == Some(key) && !peer.pending.is_empty());
             let conn = &mut self.conns[key];
             if now.duration_since(conn.last_read) >= idle {
                 let what = if conn.open {
@@ -1180,12 +1201,12 @@ impl<I: Inbox> LinkLoop<I> {
                 self.close(key, "the peer does not acknowledge".into(), true);
                 continue;
             }
-            if conn.open
-                && (conn.received > conn.received_acked
-                    || now.duration_since(conn.last_write) >= heartbeat)
-            {
+            let ack_due = conn.received > conn.received_acked
+                && (frames_out || now.duration_since(conn.acked_at) >= ACK_DELAY);
+            if conn.open && (ack_due || now.duration_since(conn.last_write) >= heartbeat) {
                 wire::encode_heartbeat(conn.received, &mut conn.control);
                 conn.received_acked = conn.received;
+                conn.acked_at = now;
                 // Counts as a write, so an idle link sends one heartbeat per interval.
                 conn.last_write = now;
             }
@@ -1235,34 +1256,26 @@ impl<I: Inbox> LinkLoop<I> {
 }
 
 /// Writes `conn`'s control frames and, once the link is up, `peer`'s pending frames, in
-/// vectored writes of up to `frames_max` frames, until done or the socket would block.
+/// vectored writes of up to `frames_max` frames (control frames at a frame boundary ride in
+/// the same write, ahead of the bus frames), until done or the socket would block.
 fn write_out(conn: &mut Conn, mut peer: Option<&mut Peer>, frames_max: usize) -> io::Result<()> {
     loop {
         // Control frames go between bus frames, never inside one.
         let at_boundary = peer.as_ref().map_or(true, |p| p.head_written == 0);
-        if at_boundary && !conn.control.is_empty() {
-            match conn.stream.write(&conn.control) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    let _ = conn.control.split_to(n);
-                    conn.last_write = Instant::now();
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+        let control = if at_boundary { conn.control.len() } else { 0 };
+        let frames = peer.as_ref().map_or(0, |p| p.pending.len());
+        if control == 0 && frames == 0 {
+            return Ok(());
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + frames_max.min(frames));
+        if control > 0 {
+            slices.push(IoSlice::new(&conn.control));
+        }
+        if let Some(p) = peer.as_deref() {
+            for (i, out) in p.pending.iter().take(frames_max.max(1)).enumerate() {
+                let from = if i == 0 { p.head_written } else { 0 };
+                slices.push(IoSlice::new(&out.frame[from..]));
             }
-        }
-        let Some(p) = peer.as_deref_mut() else {
-            return Ok(());
-        };
-        if p.pending.is_empty() {
-            return Ok(());
-        }
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(frames_max.min(p.pending.len()));
-        for (i, out) in p.pending.iter().take(frames_max.max(1)).enumerate() {
-            let from = if i == 0 { p.head_written } else { 0 };
-            slices.push(IoSlice::new(&out.frame[from..]));
         }
         let written = match conn.stream.write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1274,6 +1287,18 @@ fn write_out(conn: &mut Conn, mut peer: Option<&mut Peer>, frames_max: usize) ->
         drop(slices);
         conn.last_write = Instant::now();
         let mut left = written;
+        if control > 0 {
+            let n = left.min(control);
+            let _ = conn.control.split_to(n);
+            left -= n;
+            if n < control {
+                // The rest of the control frames first, next time round.
+                continue;
+            }
+        }
+        let Some(p) = peer.as_deref_mut() else {
+            continue;
+        };
         while left > 0 {
             let front = p
                 .pending

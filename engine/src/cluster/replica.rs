@@ -200,6 +200,17 @@ impl Leader {
     /// [`RESEND_AFTER_MS`] are sent again.
     pub fn ship(&mut self, store: &Store, now: Instant, out: &mut Outbox) {
         let tail = store.tail();
+        // Asked for only when a follower lacks something (every turn asks every partition).
+        if self
+            .peers
+            .iter()
+            .all(|p| p.acked.map_or(true, |a| a == tail))
+        {
+            for peer in self.peers.iter_mut().filter(|p| p.acked == Some(tail)) {
+                peer.caught_up_at = now;
+            }
+            return;
+        }
         let leader_acked = self.acked(tail);
         for peer in self.peers.iter_mut() {
             let Some(acked) = peer.acked else { continue };
@@ -247,6 +258,15 @@ impl Leader {
     /// answer comes ([`Leader::on_isr`]).
     pub fn check_isr(&mut self, tail: Position, now: Instant, leases: &Leases) {
         if self.isr_asked.is_some() {
+            return;
+        }
+        // The usual case, without building a set: nobody to take out or back in.
+        let change = self.peers.iter().any(|peer| {
+            let in_set = self.isr.contains(&peer.node);
+            (in_set && now.duration_since(peer.caught_up_at) > self.lag_max)
+                || (!in_set && peer.acked == Some(tail))
+        });
+        if !change {
             return;
         }
         let mut wanted = self.isr.clone();
