@@ -56,6 +56,9 @@ pub struct PartitionEntry {
 pub struct PartitionTable {
     records: Vec<PartitionRecord>,
     isr: Vec<IsrRecord>,
+    /// Per partition, the replica set it is moving to (`chinwag:targets`), if a move is under
+    /// way.
+    targets: Vec<Option<Replicas>>,
 }
 
 impl PartitionTable {
@@ -83,7 +86,12 @@ impl PartitionTable {
                 isr: r.replicas.clone(),
             })
             .collect();
-        PartitionTable { records, isr }
+        let targets = vec![None; records.len()];
+        PartitionTable {
+            records,
+            isr,
+            targets,
+        }
     }
 
     /// P.
@@ -109,6 +117,17 @@ impl PartitionTable {
         self.isr.get(p as usize)
     }
 
+    /// The replica set partition `p` is moving to, if a move is under way.
+    pub fn target(&self, p: u32) -> Option<&Replicas> {
+        self.targets.get(p as usize).and_then(Option::as_ref)
+    }
+
+    /// Partition `p`'s replica set once its move is done: its target, else its replicas.
+    pub fn assignment(&self, p: u32) -> Option<&Replicas> {
+        self.target(p)
+            .or_else(|| self.record(p).map(|r| &r.replicas))
+    }
+
     /// The partitions node `node` leads, ascending.
     pub fn owned_by(&self, node: u16) -> Vec<u32> {
         (0..self.count())
@@ -123,14 +142,37 @@ impl PartitionTable {
         connection: &mut redis::Connection,
         partitions: u32,
     ) -> Result<PartitionTable, String> {
-        let (table, isr): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+        type Hash = HashMap<String, String>;
+        let (table, isr, targets): (Hash, Hash, Hash) = redis::pipe()
             .cmd("HGETALL")
             .arg(keys::PARTITIONS)
             .cmd("HGETALL")
             .arg(keys::ISR)
+            .cmd("HGETALL")
+            .arg(keys::TARGETS)
             .query(connection)
             .map_err(|e| format!("reading {}: {e}", keys::PARTITIONS))?;
-        PartitionTable::parse(&table, &isr, partitions)
+        let mut parsed = PartitionTable::parse(&table, &isr, partitions)?;
+        parsed.set_targets(&targets);
+        Ok(parsed)
+    }
+
+    /// Takes the targets of moves under way from `chinwag:targets`' contents. A malformed
+    /// one, or one for a partition ≥ P, is ignored (and logged): no move is better than a
+    /// move to a set nobody chose.
+    pub fn set_targets(&mut self, targets: &HashMap<String, String>) {
+        for (p, list) in targets {
+            let slot = p
+                .parse::<usize>()
+                .ok()
+                .and_then(|p| self.targets.get_mut(p));
+            match (slot, keys::parse_node_list(list)) {
+                (Some(slot), Some(nodes)) => *slot = Some(nodes),
+                _ => {
+                    tracing::warn!(partition = %p, target = %list, "{}: bad entry ignored", keys::TARGETS)
+                }
+            }
+        }
     }
 
     /// The table from the two hashes' contents.
@@ -159,7 +201,11 @@ impl PartitionTable {
             records.push(record);
             sets.push(set);
         }
-        Ok(PartitionTable { records, isr: sets })
+        Ok(PartitionTable {
+            targets: vec![None; records.len()],
+            records,
+            isr: sets,
+        })
     }
 
     /// Records what [`keys::TAKE_SCRIPT`] wrote when `node` took partition `p` over at
@@ -252,8 +298,35 @@ pub fn lease_holders(
     let values: Vec<Option<String>> = redis::cmd("MGET").arg(&lease_keys).query(connection)?;
     Ok(values
         .iter()
-        .map(|v| v.as_deref().and_then(keys::parse_partition_entry))
+        .map(|v| v.as_deref().and_then(keys::parse_lease_holder))
         .collect())
+}
+
+/// The replica lag the leaders among `nodes` published: per leader and partition, its
+/// followers ([`keys::lag`]; a malformed entry is skipped), by partition.
+pub fn read_lag(
+    connection: &mut redis::Connection,
+    nodes: &[u16],
+) -> redis::RedisResult<Vec<(u16, u32, Vec<super::roles::ReplicaLag>)>> {
+    if nodes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for &n in nodes {
+        pipe.cmd("HGETALL").arg(keys::lag(n));
+    }
+    let hashes: Vec<HashMap<String, String>> = pipe.query(connection)?;
+    let mut out: Vec<(u16, u32, Vec<super::roles::ReplicaLag>)> = nodes
+        .iter()
+        .zip(hashes)
+        .flat_map(|(&n, hash)| {
+            hash.into_iter().filter_map(move |(p, text)| {
+                Some((n, p.parse().ok()?, keys::parse_lag_entry(&text)?))
+            })
+        })
+        .collect();
+    out.sort_by_key(|&(n, p, _)| (p, n));
+    Ok(out)
 }
 
 /// Each partition described in one line (leader, epoch, replicas, in-sync set, lease holder),
@@ -279,12 +352,18 @@ pub fn describe_partitions(
         } else {
             format!("{} (epoch {})", keys::node_list(&isr.isr), isr.epoch)
         };
-        let line = format!(
+        let mut line = format!(
             "leader {} epoch {} replicas {} isr {in_sync} lease {lease}",
             record.leader,
             record.epoch,
             keys::node_list(&record.replicas)
         );
+        if let Some(target) = table.target(p) {
+            let _ = std::fmt::Write::write_fmt(
+                &mut line,
+                format_args!(" moving to {}", keys::node_list(target)),
+            );
+        }
         match index.get(&line) {
             Some(&i) => groups[i].1.push(p),
             None => {

@@ -81,6 +81,38 @@ pub struct Leases {
     until_ms: Vec<AtomicU64>,
     /// In-sync set changes the leading shards asked for, for the leadership thread to write.
     isr_requests: ArrayQueue<IsrRequest>,
+    /// Per partition: its leading shard's view of each follower (written by that shard,
+    /// read by the leadership thread, which publishes it for `chinwag cluster show`).
+    lag: Vec<[LagSlot; LAG_SLOTS]>,
+}
+
+/// Followers per partition whose lag is kept (R is at most `REPLICAS_MAX` = 8, a move adds
+/// one: 8 covers every follower of every partition but the largest sets in a move).
+pub const LAG_SLOTS: usize = 8;
+
+/// One follower as its leader sees it: what [`Leases::report_lag`] takes and
+/// [`Leases::lag`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLag {
+    /// The follower's node.
+    pub node: u16,
+    /// How far it has the log (its last acknowledged position, in bytes).
+    pub acked: u64,
+    /// How far it is behind the leader's tail, in bytes.
+    pub behind_bytes: u64,
+    /// When it last had everything the leader had (Unix ms).
+    pub caught_up_ms: u64,
+}
+
+/// One slot of the lag table: node 0 is an empty slot. Each field is its own atomic: a
+/// reader may see one follower's fields from two reports (a diagnostic figure, never a
+/// decision).
+#[derive(Default)]
+struct LagSlot {
+    node: AtomicU64,
+    acked: AtomicU64,
+    behind_bytes: AtomicU64,
+    caught_up_ms: AtomicU64,
 }
 
 /// A leader's request to record a new in-sync set for its partition (a follower fell behind
@@ -101,6 +133,7 @@ impl Leases {
             epoch: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             until_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             isr_requests: ArrayQueue::new(4 * partitions.max(1)),
+            lag: (0..partitions).map(|_| Default::default()).collect(),
         }
     }
 
@@ -143,6 +176,50 @@ impl Leases {
     pub fn next_isr_request(&self) -> Option<IsrRequest> {
         self.isr_requests.pop()
     }
+
+    /// The leading shard of `p` reports its followers (every one, each time: the slots past
+    /// them are emptied; more than [`LAG_SLOTS`] are not kept). Lock-free, never blocks.
+    pub fn report_lag(&self, p: PartitionId, followers: &[ReplicaLag]) {
+        let Some(slots) = self.lag.get(usize::from(p)) else {
+            return;
+        };
+        for (i, slot) in slots.iter().enumerate() {
+            match followers.get(i) {
+                Some(f) => {
+                    slot.acked.store(f.acked, Ordering::Relaxed);
+                    slot.behind_bytes.store(f.behind_bytes, Ordering::Relaxed);
+                    slot.caught_up_ms.store(f.caught_up_ms, Ordering::Relaxed);
+                    slot.node.store(u64::from(f.node), Ordering::Release);
+                }
+                None => slot.node.store(0, Ordering::Release),
+            }
+        }
+    }
+
+    /// Forgets `p`'s followers (this node no longer leads it).
+    pub fn clear_lag(&self, p: PartitionId) {
+        self.report_lag(p, &[]);
+    }
+
+    /// The followers of `p` as its leading shard last reported them (the leadership thread's
+    /// side).
+    pub fn lag(&self, p: PartitionId) -> SmallVec<[ReplicaLag; 4]> {
+        let Some(slots) = self.lag.get(usize::from(p)) else {
+            return SmallVec::new();
+        };
+        slots
+            .iter()
+            .filter_map(|slot| {
+                let node = slot.node.load(Ordering::Acquire) as u16;
+                (node != 0).then(|| ReplicaLag {
+                    node,
+                    acked: slot.acked.load(Ordering::Relaxed),
+                    behind_bytes: slot.behind_bytes.load(Ordering::Relaxed),
+                    caught_up_ms: slot.caught_up_ms.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -166,5 +243,38 @@ mod tests {
         leases.lose(1);
         assert!(!leases.valid(1, 3, now));
         assert!(!leases.valid(9, 3, now), "a partition past P");
+    }
+
+    #[test]
+    fn the_lag_table_keeps_the_last_report_of_each_partition() {
+        let leases = Leases::new(2);
+        assert!(leases.lag(0).is_empty());
+        let two = [
+            ReplicaLag {
+                node: 2,
+                acked: 100,
+                behind_bytes: 0,
+                caught_up_ms: 7,
+            },
+            ReplicaLag {
+                node: 3,
+                acked: 40,
+                behind_bytes: 60,
+                caught_up_ms: 5,
+            },
+        ];
+        leases.report_lag(1, &two);
+        assert_eq!(leases.lag(1).as_slice(), two);
+        assert!(leases.lag(0).is_empty(), "another partition");
+        leases.report_lag(1, &two[1..]);
+        assert_eq!(
+            leases.lag(1).as_slice(),
+            &two[1..],
+            "a smaller report empties the rest"
+        );
+        leases.clear_lag(1);
+        assert!(leases.lag(1).is_empty());
+        leases.report_lag(9, &two);
+        assert!(leases.lag(9).is_empty(), "a partition past P");
     }
 }
