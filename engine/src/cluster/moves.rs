@@ -221,24 +221,43 @@ pub fn set_targets(
     )
 }
 
-/// `chinwag cluster add-node N`: targets that give node `node` its fair share.
+/// `chinwag cluster add-node N`: targets that give node `node` its fair share (a node
+/// retired earlier is not retired any more).
 pub fn add_node(target: &RedisTarget, node: u16) -> Result<Planned, String> {
     check_node(node)?;
-    plan_and_record(target, |table, _| Ok(plan_add(&assignments(table), node)))
+    plan_and_record(target, |table, c| {
+        redis::cmd("SREM")
+            .arg(keys::RETIRED)
+            .arg(node)
+            .query::<()>(c)
+            .map_err(|e| e.to_string())?;
+        Ok(plan_add(&assignments(table), node))
+    })
 }
 
 /// `chinwag cluster retire-node N`: targets without node `node`, its replicas going to the
-/// other nodes that hold replicas or are registered and alive.
+/// other nodes that hold replicas or are registered, alive and not retired. Records `node`
+/// as retired (`add-node` takes it back).
 pub fn retire_node(target: &RedisTarget, node: u16) -> Result<Planned, String> {
     check_node(node)?;
     plan_and_record(target, |table, c| {
+        let retired: Vec<u16> = redis::cmd("SMEMBERS")
+            .arg(keys::RETIRED)
+            .query(c)
+            .map_err(|e| e.to_string())?;
         let spare: Vec<u16> = registry::read_peers(c)
             .map_err(|e| e.to_string())?
             .iter()
-            .filter(|p| p.alive && p.number != node)
+            .filter(|p| p.alive && p.number != node && !retired.contains(&p.number))
             .map(|p| p.number)
             .collect();
-        plan_retire(&assignments(table), node, &spare)
+        let sets = plan_retire(&assignments(table), node, &spare)?;
+        redis::cmd("SADD")
+            .arg(keys::RETIRED)
+            .arg(node)
+            .query::<()>(c)
+            .map_err(|e| e.to_string())?;
+        Ok(sets)
     })
 }
 

@@ -10,6 +10,7 @@
 //! | `chinwag:isr` | hash | partition number → `"EPOCH NODES"`: the in-sync replicas (comma-separated) recorded at that epoch |
 //! | `chinwag:lease:P` | string, expires | partition P's leadership lease: `"NODE EPOCH"` of its holder, `PX` the lease length; `"NODE EPOCH handoff"`: granted to NODE by the leader that handed it over, until NODE renews it |
 //! | `chinwag:targets` | hash | partition number → the replica set it is moving to ([`node_list`], placement order), while a move is under way (`chinwag cluster add-node` / `retire-node`) |
+//! | `chinwag:retired` | set | nodes `retire-node` retired: no plan gives them replicas until `add-node` names them |
 //! | `chinwag:node:N:lag` | hash, expires | partition number → node N's view, as its leader, of each follower: `"NODE ACKED BEHIND SINCE_MS"` per follower, `;`-separated |
 //! | `chinwag:nodes` | set | every node number that ever registered |
 //! | `chinwag:node:N` | hash | node N's `id` (NodeId), `client`, `service`, `link` addresses, `started_ms`, `version` |
@@ -45,6 +46,9 @@ pub const ISR: &str = "chinwag:isr";
 pub const LEASE_PREFIX: &str = "chinwag:lease:";
 /// The replica sets partitions are moving to (a hash partition → [`node_list`]).
 pub const TARGETS: &str = "chinwag:targets";
+/// The nodes `chinwag cluster retire-node` retired (a set): no plan gives them replicas
+/// again until `add-node` names them.
+pub const RETIRED: &str = "chinwag:retired";
 /// What a lease granted by a handover holds after its `"NODE EPOCH"`.
 pub const HANDOFF_SUFFIX: &str = " handoff";
 /// The version of this layout, stored in [`CLUSTER`]: a node refuses a cluster of another.
