@@ -323,7 +323,47 @@ pub enum BusMsg {
         /// the shard (its mailbox was full).
         convs: Option<Vec<ConvSummary<'static>>>,
     },
+    /// A node that now owns `partitions` (it started, or took them over) asks for the
+    /// sessions of their users: every shard that receives it (each shard of the node it is
+    /// sent to) answers with [`BusMsg::Announce`]s to the users' owners (docs/cluster.md,
+    /// "What a node's loss costs").
+    Reannounce {
+        /// The partitions whose users' sessions are asked for, ascending, each once.
+        partitions: Box<[PartitionId]>,
+    },
+    /// Logged-in sessions of users of one partition, for the owner of their devices, which
+    /// adds those it does not know a newer session for (`logic/devices.rs`). At most
+    /// [`ANNOUNCED_SESSIONS_MAX`]; a shard sends as many as it needs.
+    Announce {
+        /// The partition of every user below.
+        partition: PartitionId,
+        /// The sessions.
+        sessions: Vec<AnnouncedSession>,
+    },
+    /// The link to node `node` came up again: the owner forgets the sessions on it it holds
+    /// (the node may have restarted, and its sessions died with its earlier run), and the node
+    /// announces those it holds now, asked by the same link-up. Posted by the link thread to
+    /// each shard of its node, ahead of anything the new link delivers.
+    ForgetNode {
+        /// The node whose link came up.
+        node: u16,
+    },
 }
+
+/// One logged-in session, as its shard announces it to the owner of its user's devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnouncedSession {
+    pub uid: Uid,
+    pub device: DeviceId,
+    pub session: SessionRef,
+    /// When the login completed, by the clock of the session's node (Unix ms): of two
+    /// announced sessions of one device, the later login stays.
+    pub login_ms: u64,
+}
+
+/// The most sessions one [`BusMsg::Announce`] carries (37 bytes each on a node link: a frame
+/// of about 38 KB).
+pub const ANNOUNCED_SESSIONS_MAX: usize = 1024;
 
 // A mailbox preallocates its slots, and every message is moved through one: the bulky parts
 // (a client request's origin, a `send`'s strings) are boxed to keep a message small.
@@ -501,7 +541,10 @@ impl BusMsg {
             | BusMsg::ConvsPart { session, .. }
             | BusMsg::PresencePart { session, .. } => Some(session.shard as usize),
             // Posted to each shard in turn, not to an owner.
-            BusMsg::StreamRead { .. } | BusMsg::Push(_) => None,
+            BusMsg::StreamRead { .. }
+            | BusMsg::Push(_)
+            | BusMsg::Reannounce { .. }
+            | BusMsg::ForgetNode { .. } => None,
             _ => map.shard_of_partition(self.partition(map)?),
         }
     }
@@ -535,6 +578,7 @@ impl BusMsg {
             BusMsg::AgentOnline { shop, .. } | BusMsg::AgentOffline { shop, .. } => of!(shop),
             BusMsg::WechatInbound(inbound) => of!(&ShopId(inbound.shop)),
             BusMsg::WechatUndelivered(u) => of_conv(u.conv),
+            BusMsg::Announce { partition, .. } => Some(u32::from(*partition)),
             BusMsg::Profile(request) => match request.op.subject() {
                 Subject::User(uid) => of!(&uid),
                 Subject::Conv(conv) => of_conv(conv),
@@ -555,7 +599,9 @@ impl BusMsg {
             | BusMsg::Kick { .. }
             | BusMsg::StreamPart(_)
             | BusMsg::PresencePart { .. }
-            | BusMsg::ConvsPart { .. } => None,
+            | BusMsg::ConvsPart { .. }
+            | BusMsg::Reannounce { .. }
+            | BusMsg::ForgetNode { .. } => None,
         }
     }
 }
@@ -563,7 +609,8 @@ impl BusMsg {
 /// What answers a message that could not reach where it goes (a full mailbox, a node that is
 /// down, a congested or cut node link), kept without the message itself: the link keeps one
 /// per request in flight. Made by [`Refusal::of`]; a message that needs no answer (a push,
-/// a reply, a notice) has none and is dropped and counted where it was refused.
+/// a reply, a notice, a [`BusMsg::Reannounce`] or [`BusMsg::Announce`]: the next link-up
+/// asks again) has none and is dropped and counted where it was refused.
 #[derive(Debug, Clone, Copy)]
 pub enum Refusal {
     /// A client's or a service's request: an `error` reply to its session.

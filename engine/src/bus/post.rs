@@ -167,6 +167,67 @@ impl PostOffice {
         })
     }
 
+    /// The partitions this node owns, ascending.
+    pub fn own_partitions(&self) -> Vec<PartitionId> {
+        (0..self.map.count())
+            // Below the map's count, at most `PARTITIONS_MAX`, which fits.
+            .map(|p| p as PartitionId)
+            .filter(|&p| self.map.owns(u32::from(p)))
+            .collect()
+    }
+
+    /// Asks for the sessions of the users of `partitions`, whose owner this node has just
+    /// become (it took them over from another node): every shard of this node and every
+    /// other live node announce theirs to the owner ([`BusMsg::Reannounce`]; the shards answer
+    /// with [`BusMsg::Announce`]s, `shard/announce.rs`). Any thread may call it; it never
+    /// blocks. A request a full mailbox or link refuses is dropped (and counted by the link).
+    /// Call it once the partition table names this node as their owner: the announcements
+    /// follow the table. A node's start needs no call: each peer is asked when its link comes
+    /// up ([`PostOffice::ask_node_for_sessions`]).
+    // Called by the takeover of a partition (issue 14's replication), which is not on this
+    // branch yet; the unit test below calls it meanwhile.
+    #[allow(dead_code)]
+    pub fn ask_for_sessions(&self, partitions: &[PartitionId]) {
+        if partitions.is_empty() {
+            return;
+        }
+        for (shard, mailbox) in self.mailboxes.iter().enumerate() {
+            let ask = BusMsg::Reannounce {
+                partitions: partitions.into(),
+            };
+            if mailbox.send(ask).is_err() {
+                tracing::warn!(shard, "request for announcements dropped: mailbox full");
+            }
+        }
+        let Some(c) = self.cluster.get() else {
+            return;
+        };
+        for peer in c.cluster.peers.list() {
+            if peer.number != c.cluster.node && c.cluster.is_alive(peer.number) {
+                self.ask_node_for_sessions(peer.number, partitions);
+            }
+        }
+    }
+
+    /// Asks node `node` for its sessions of users of `partitions` (this node's): called when
+    /// the link to `node` comes up, since this node may have started, or `node` may hold
+    /// sessions this node could not hear of while the link was down. Nothing on the single
+    /// node.
+    pub fn ask_node_for_sessions(&self, node: u16, partitions: &[PartitionId]) {
+        let Some(c) = self.cluster.get() else {
+            return;
+        };
+        if partitions.is_empty() || node == c.cluster.node {
+            return;
+        }
+        let ask = BusMsg::Reannounce {
+            partitions: partitions.into(),
+        };
+        // Refused (queue full, unknown peer): dropped and counted by the link; the next
+        // link-up asks again.
+        let _ = c.links.send(node, ask);
+    }
+
     /// Where `msg` goes: the one routing decision, for a message that names its destination
     /// (every message but a gather's part requests and a push).
     ///
@@ -578,6 +639,23 @@ mod tests {
         );
         let (single, _polls, _) = self::office(false);
         assert!(single.fanout_nodes(&fanout(smallvec![a, b])).is_empty());
+    }
+
+    #[test]
+    fn a_node_taking_partitions_over_asks_its_own_shards_for_their_sessions() {
+        let (office, _polls, _links) = office(true);
+        assert_eq!(office.own_partitions(), [0, 3, 6, 9]);
+        office.ask_for_sessions(&[4, 7]);
+        for shard in 0..SHARDS {
+            let mut got = Vec::new();
+            office.mailbox(shard).drain(8, |m| got.push(m));
+            assert!(
+                matches!(&got[..], [BusMsg::Reannounce { partitions }] if partitions[..] == [4, 7]),
+                "shard {shard}: {got:?}"
+            );
+        }
+        office.ask_for_sessions(&[]);
+        assert_eq!(office.depths(), [0, 0], "nothing asked, nobody asked");
     }
 
     #[test]

@@ -147,6 +147,23 @@ impl Inbox for OfficeInbox {
                 }
                 None
             }
+            BusMsg::Reannounce { partitions } => {
+                // Every shard announces its own sessions. A full mailbox drops the request:
+                // that shard's sessions stay unknown to the asker until it asks again.
+                for shard in 0..shards {
+                    let ask = BusMsg::Reannounce {
+                        partitions: partitions.clone(),
+                    };
+                    if self.office.post_from_outside(shard, ask).is_err() {
+                        tracing::warn!(
+                            from,
+                            shard,
+                            "request for announcements dropped: mailbox full"
+                        );
+                    }
+                }
+                None
+            }
             BusMsg::Convs { origin, token, .. } => {
                 // The asker counted this node's partitions; each shard answers for its own.
                 // Those of shards that cannot take it fail in one part: the gather then
@@ -243,6 +260,29 @@ impl Inbox for OfficeInbox {
 
     fn peer_changed(&mut self, node: u16, up: bool) {
         tracing::info!(node, up, "node link");
+        if up {
+            // The peer may have restarted: its sessions this node's owners hold died with it.
+            // They forget them first (before anything the new link delivers: this thread
+            // posts both), then the peer announces those it holds now. It does so too if
+            // this node has just started (its owners know no sessions yet), or if it holds
+            // sessions of this node's users it could not tell while the link was down
+            // (docs/cluster.md, "What a node's loss costs").
+            for shard in 0..self.office.shards() {
+                if self
+                    .office
+                    .post_from_outside(shard, BusMsg::ForgetNode { node })
+                    .is_err()
+                {
+                    tracing::warn!(
+                        node,
+                        shard,
+                        "forgetting a node's sessions dropped: mailbox full"
+                    );
+                }
+            }
+            self.office
+                .ask_node_for_sessions(node, &self.office.own_partitions());
+        }
     }
 }
 
@@ -1315,6 +1355,16 @@ mod tests {
         }
     }
 
+    /// [`config`] for tests of order under volume: thousands of messages queued at once may
+    /// wait longer than its short request timeout on a loaded machine, and would be dropped.
+    fn patient(node: u16, addr: SocketAddr) -> LinkConfig {
+        LinkConfig {
+            request_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            ..config(node, addr)
+        }
+    }
+
     fn any_port(ip: u8) -> SocketAddr {
         SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, ip), 0))
     }
@@ -1420,8 +1470,8 @@ mod tests {
 
     #[test]
     fn two_nodes_exchange_messages_in_order() {
-        let a = start(config(1, any_port(1)));
-        let b = start(config(2, any_port(2)));
+        let a = start(patient(1, any_port(1)));
+        let b = start(patient(2, any_port(2)));
         mesh(&[&a, &b]);
         const N: u64 = 20_000;
         for n in 0..N {
@@ -1477,7 +1527,7 @@ mod tests {
     #[test]
     fn three_nodes_keep_each_pairs_order() {
         let nodes: Vec<Node> = (1..=3)
-            .map(|n| start(config(n, any_port(n as u8))))
+            .map(|n| start(patient(n, any_port(n as u8))))
             .collect();
         mesh(&nodes.iter().collect::<Vec<_>>());
         const N: u64 = 5_000;

@@ -32,9 +32,10 @@ use smallvec::SmallVec;
 
 use crate::bus::partitions::PARTITIONS_MAX;
 use crate::bus::{
-    BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp, ProfileRequest,
-    SendRequest, SessionRef, StreamFound, StreamPart, StreamRefused, WechatUndelivered,
-    GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
+    AnnouncedSession, BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp,
+    ProfileRequest, SendRequest, SessionRef, StreamFound, StreamPart, StreamRefused,
+    WechatUndelivered, ANNOUNCED_SESSIONS_MAX, GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX,
+    SHARDS_MAX,
 };
 use crate::store::StoredProfile;
 use crate::wechat::endpoint::Inbound;
@@ -81,6 +82,10 @@ const STREAM_PART: u8 = 0x44;
 const PRESENCE_PART: u8 = 0x45;
 const CONVS_PART: u8 = 0x46;
 const OWN_PROFILE: u8 = 0x47;
+// An owner re-learning its users' sessions (after its start or a takeover):
+const REANNOUNCE: u8 = 0x48;
+const ANNOUNCE: u8 = 0x49;
+const FORGET_NODE: u8 = 0x4a;
 
 // Group op codes inside a GROUP frame.
 const GROUP_CREATE: u8 = 0;
@@ -234,6 +239,9 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::PresencePart { .. } => PRESENCE_PART,
         BusMsg::ConvsPart { .. } => CONVS_PART,
         BusMsg::OwnProfile { .. } => OWN_PROFILE,
+        BusMsg::Reannounce { .. } => REANNOUNCE,
+        BusMsg::Announce { .. } => ANNOUNCE,
+        BusMsg::ForgetNode { .. } => FORGET_NODE,
     }
 }
 
@@ -520,7 +528,47 @@ fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
                 }
             }
         }
+        BusMsg::Reannounce { partitions } => {
+            if partitions.len() > PARTITIONS_MAX {
+                return Err(WireError::TooLarge("partitions"));
+            }
+            out.put_u16(partitions.len() as u16);
+            for &partition in partitions.iter() {
+                put_partition(out, partition)?;
+            }
+        }
+        BusMsg::Announce {
+            partition,
+            sessions,
+        } => {
+            put_partition(out, *partition)?;
+            if sessions.len() > ANNOUNCED_SESSIONS_MAX {
+                return Err(WireError::TooLarge("announced sessions"));
+            }
+            out.put_u16(sessions.len() as u16);
+            for announced in sessions {
+                put_uid(out, announced.uid);
+                out.put_u64(announced.device.get());
+                put_session(out, announced.session);
+                out.put_u64(announced.login_ms);
+            }
+        }
+        BusMsg::ForgetNode { node } => {
+            if *node > NODE_NUMBER_MAX {
+                return Err(WireError::TooLarge("node number"));
+            }
+            out.put_u16(*node);
+        }
     }
+    Ok(())
+}
+
+/// A partition id, below [`PARTITIONS_MAX`].
+fn put_partition(out: &mut BytesMut, partition: PartitionId) -> Result<()> {
+    if usize::from(partition) >= PARTITIONS_MAX {
+        return Err(WireError::TooLarge("partition"));
+    }
+    out.put_u16(partition);
     Ok(())
 }
 
@@ -972,12 +1020,46 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
                 convs,
             }
         }
+        REANNOUNCE => {
+            let count = r.partition_count()?;
+            let mut partitions = Vec::with_capacity(usize::from(count).min(r.left() / 2));
+            for _ in 0..count {
+                partitions.push(r.partition()?);
+            }
+            BusMsg::Reannounce {
+                partitions: partitions.into_boxed_slice(),
+            }
+        }
+        ANNOUNCE => {
+            let partition = r.partition()?;
+            let count = usize::from(r.u16()?);
+            if count > ANNOUNCED_SESSIONS_MAX {
+                return Err(WireError::Malformed("too many announced sessions"));
+            }
+            // Capped by the bytes left, so a forged count allocates no more than the frame.
+            let mut sessions = Vec::with_capacity(count.min(r.left() / ANNOUNCED_SESSION_LEN));
+            for _ in 0..count {
+                sessions.push(AnnouncedSession {
+                    uid: r.uid()?,
+                    device: r.device()?.ok_or(WireError::Malformed("device 0"))?,
+                    session: r.session()?,
+                    login_ms: r.u64()?,
+                });
+            }
+            BusMsg::Announce {
+                partition,
+                sessions,
+            }
+        }
+        FORGET_NODE => BusMsg::ForgetNode { node: r.node()? },
         kind => return Err(WireError::UnknownKind(kind)),
     })
 }
 
 /// A uid's size on the wire: kind and id.
 const UID_LEN: usize = 9;
+/// An announced session's size on the wire: uid, device, session, login time.
+const ANNOUNCED_SESSION_LEN: usize = UID_LEN + 8 + 12 + 8;
 
 /// A cursor over a frame. Every read checks the bytes left, so no input can make it panic.
 struct Reader<'a> {
@@ -1116,6 +1198,15 @@ impl<'a> Reader<'a> {
             return Err(WireError::Malformed("partition count out of range"));
         }
         Ok(count)
+    }
+
+    /// A partition id, below [`PARTITIONS_MAX`].
+    fn partition(&mut self) -> Result<PartitionId> {
+        let partition = self.u16()?;
+        if usize::from(partition) >= PARTITIONS_MAX {
+            return Err(WireError::Malformed("partition out of range"));
+        }
+        Ok(partition)
     }
 
     /// Per partition, a log position (see `put_positions`).
@@ -1673,6 +1764,26 @@ mod tests {
                     partitions,
                     convs
                 }),
+            vec(0..PARTITIONS_MAX as u16, 0..20).prop_map(|partitions| BusMsg::Reannounce {
+                partitions: partitions.into_boxed_slice(),
+            }),
+            (
+                0..PARTITIONS_MAX as u16,
+                vec((uid(), device(), session(), any::<u64>()), 0..6)
+            )
+                .prop_map(|(partition, sessions)| BusMsg::Announce {
+                    partition,
+                    sessions: sessions
+                        .into_iter()
+                        .map(|(uid, device, session, login_ms)| AnnouncedSession {
+                            uid,
+                            device,
+                            session,
+                            login_ms,
+                        })
+                        .collect(),
+                }),
+            (0..=NODE_NUMBER_MAX).prop_map(|node| BusMsg::ForgetNode { node }),
         ]
     }
 
@@ -1775,6 +1886,50 @@ mod tests {
         let mut out = BytesMut::from(&b"xy"[..]);
         assert!(encode(&send, &mut out).is_err());
         assert_eq!(&out[..], b"xy", "left as it was");
+    }
+
+    #[test]
+    fn an_announce_over_its_limit_neither_encodes_nor_decodes() {
+        let announced = AnnouncedSession {
+            uid: Uid::new(UidKind::Buyer, 1),
+            device: DeviceId::from_u64(7).unwrap(),
+            session: SessionRef {
+                node: 2,
+                shard: 0,
+                slot: 1,
+                generation: 1,
+            },
+            login_ms: 1,
+        };
+        let full = BusMsg::Announce {
+            partition: 3,
+            sessions: vec![announced; ANNOUNCED_SESSIONS_MAX],
+        };
+        let wire = encode_to_bytes(&full).unwrap();
+        assert_eq!(
+            wire.len(),
+            HEADER_LEN + 2 + 2 + ANNOUNCED_SESSIONS_MAX * ANNOUNCED_SESSION_LEN
+        );
+        let over = BusMsg::Announce {
+            partition: 3,
+            sessions: vec![announced; ANNOUNCED_SESSIONS_MAX + 1],
+        };
+        assert!(encode_to_bytes(&over).is_err());
+        // The count field says one more than the limit: refused before reading on.
+        let mut forged = wire.to_vec();
+        forged[HEADER_LEN + 2..HEADER_LEN + 4]
+            .copy_from_slice(&(ANNOUNCED_SESSIONS_MAX as u16 + 1).to_be_bytes());
+        assert!(matches!(
+            decode(&Bytes::from(forged)),
+            Err(WireError::Malformed(_))
+        ));
+        let past = BusMsg::Reannounce {
+            partitions: vec![PARTITIONS_MAX as u16].into_boxed_slice(),
+        };
+        assert!(
+            encode_to_bytes(&past).is_err(),
+            "a partition past the limit"
+        );
     }
 
     #[test]

@@ -51,7 +51,6 @@ use crate::bus::partitions::{conv_counter, partition_of_conv};
 use crate::bus::post::To;
 use crate::bus::{
     BusMsg, Fanout, GroupRequest, Origin, PartitionId, PartitionMap, ProfileRequest, SendRequest,
-    SessionRef,
 };
 use crate::store::{FsyncPolicy, Store, StoreConfig, StoreError};
 use dispatch::Dispatcher;
@@ -155,7 +154,7 @@ pub struct Owner {
     /// generator behind a lock keeps ids unique across shards at no cost to the message path.
     devices: Arc<Mutex<DeviceIdGenerator>>,
     /// For devices of users this shard owns: the session currently logged in as each.
-    sessions: AHashMap<DeviceId, SessionRef>,
+    sessions: AHashMap<DeviceId, devices::Holder>,
     pending: Vec<Pending>,
     /// The largest `history_ok` to build: half a connection's send queue.
     reply_bytes_max: usize,
@@ -526,6 +525,13 @@ impl Owner {
             BusMsg::Unregister {
                 session, device, ..
             } => self.unregister(session, device),
+            BusMsg::Announce {
+                partition,
+                sessions,
+            } => {
+                self.announced(partition, &sessions);
+            }
+            BusMsg::ForgetNode { node } => self.forget_node(node),
             BusMsg::AgentOnline {
                 shop,
                 agent,
@@ -549,7 +555,8 @@ impl Owner {
             | BusMsg::Kick { .. }
             | BusMsg::ConvsPart { .. }
             | BusMsg::PresencePart { .. }
-            | BusMsg::StreamPart(_) => {
+            | BusMsg::StreamPart(_)
+            | BusMsg::Reannounce { .. } => {
                 debug_assert!(false, "not a message for an owner: {msg:?}");
             }
         }

@@ -75,6 +75,11 @@ pub struct ShardMetrics {
     pub mailbox_full_drops: AtomicU64,
     /// Sessions of this shard that completed `login`.
     pub sessions_logged_in: AtomicU64,
+    /// This shard's sessions announced to the owner of their user's devices, when it asked
+    /// (its start, a takeover).
+    pub sessions_announced: AtomicU64,
+    /// Sessions not announced because their owner's node was down or unknown.
+    pub session_announcements_dropped: AtomicU64,
     /// Pushes (`msg`, `receipt`, `members`) queued to this shard's sessions.
     pub pushes_delivered: AtomicU64,
     /// Messages this shard stored in its partitions' logs (owner side).
@@ -358,6 +363,20 @@ pub fn render(scrape: &Scrape) -> String {
         "counter",
         "Messages for another shard dropped because its mailbox was full.",
         &|m| load(&m.mailbox_full_drops),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_sessions_announced_total",
+        "counter",
+        "Sessions of this shard announced to the owner of their user's devices when it asked (after its start or a takeover).",
+        &|m| load(&m.sessions_announced),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_session_announcements_dropped_total",
+        "counter",
+        "Sessions of this shard not announced because the owner of their user's devices was down or unknown.",
+        &|m| load(&m.session_announcements_dropped),
     );
     per_shard(
         &mut out,

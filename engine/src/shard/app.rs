@@ -42,6 +42,9 @@ pub struct LoginState {
     pub encoding: Encoding,
     /// `None` until the user's owner shard has found or registered the device.
     pub device: Option<DeviceId>,
+    /// When the login completed (Unix ms, this node's clock): an owner that re-learns the
+    /// session from its announcement keeps the later of two logins of one device.
+    login_ms: u64,
     /// The `login`'s `req`, for the `login_ok`.
     login_req: Option<u64>,
     /// The user's profile, from its owner shard at login and whenever a service sets it;
@@ -192,6 +195,7 @@ impl App {
                         .filter(|_| uid.kind == chinwag_protocol::UidKind::Agent),
                     encoding,
                     device: None,
+                    login_ms: 0,
                     login_req: req,
                     profile: None,
                     gathers: Vec::new(),
@@ -329,6 +333,7 @@ impl App {
             return false;
         };
         login.device = Some(device);
+        login.login_ms = ctx.unix_ms;
         let ok = Message::LoginOk(LoginOk {
             uid: login.uid,
             device_id: device,
@@ -435,6 +440,12 @@ impl App {
     pub fn logged_in(&self) -> Option<(Uid, DeviceId, Option<ShopId>, Encoding)> {
         let login = self.login.as_ref()?;
         Some((login.uid, login.device?, login.shop, login.encoding))
+    }
+
+    /// When the login completed (Unix ms, this node's clock), once it has.
+    pub fn login_ms(&self) -> Option<u64> {
+        let login = self.login.as_ref()?;
+        login.device.map(|_| login.login_ms)
     }
 
     fn is_logged_in(&self) -> bool {

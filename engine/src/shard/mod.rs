@@ -15,6 +15,7 @@
 //! 5. every few tens of milliseconds, sweep a share of the slab for handshake, idle and close
 //!    timeouts (every slot is checked once per pass of at most a second).
 
+mod announce;
 pub mod app;
 pub mod context;
 pub mod local;
@@ -622,6 +623,7 @@ impl Shard {
                     session.with_app(|app, s| app.on_convs_part(token, partitions, convs, s, ctx));
                 }
             }
+            BusMsg::Reannounce { partitions } => self.announce(&partitions),
             // Everything else is for this shard as an owner.
             request => self.owner.handle(request, self.ctx.unix_ms),
         }
