@@ -13,10 +13,14 @@
 //!    themselves;
 //! 4. takes over, in one script call, every partition whose lease lapsed and whose in-sync
 //!    set (at the current epoch) holds this node: epoch + 1, the old leader left out of the
-//!    in-sync set until it catches up;
+//!    in-sync set until it catches up.
+//!    Then, for the partitions it leads, the next step of a move under way or a handover to
+//!    the preferred replica ([`super::moves`]), one fenced script each;
 //! 5. tells the shards what changed for this node through the [`RoleSink`], per partition in
 //!    order (`Lead`, `Follow`, `Isr`, `Drop`), and keeps [`PartitionOwners`] (what
-//!    `Cluster::partition_owner` answers) current.
+//!    `Cluster::partition_owner` answers) current;
+//! 6. publishes the lag the leading shards report of their followers
+//!    ([`Leases::report_lag`]) in `chinwag:node:N:lag`.
 //!
 //! It never waits for a shard (the sink must not block) and no shard waits for it. Redis away:
 //! no renewal and no takeover; the leaders' deadlines pass. Redis back: a leader whose lease
