@@ -20,6 +20,11 @@
 # server per delay in DELAYS (`--push-flush-delay-ms`), all with the same binary, and prints one
 # table row per run.
 #
+# With BASELINE=<dir> (the release directory of another build, e.g. main's), every delay runs
+# first against that build's server, then against this one's, at the same rates, back to back;
+# the table gains the baseline's figure and the ratio this : baseline, so a comparison comes
+# from one run on a shared, noisy machine. The load generator is this build's for both.
+#
 # Environment: NO_BUILD=1 skips the release build; CARGO_TARGET_DIR picks the binaries;
 # SERVER_ARGS adds flags to the server; RT=1 runs the server and the load generator with
 # real-time priority (`chrt -f 50`, needs root) so that builds sharing the machine cannot take
@@ -42,11 +47,12 @@ ulimit -n 20000
 server=""
 trap '[ -z "$server" ] || kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-start_server() { # extra flags...
+start_server() { # server-binary-dir extra flags...
+  local dir=$1; shift
   rm -rf "$work/data"
   : >"$work/server.log"
   # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
-  "${prio[@]}" taskset -c 0 "$bin/chinwag" serve --listen 127.0.0.1:$port \
+  "${prio[@]}" taskset -c 0 "$dir/chinwag" serve --listen 127.0.0.1:$port \
     --backend-listen 127.0.0.1:$service --data-dir "$work/data" --shards 1 \
     --jwt-secret "$secret" --messages-per-s-max 0 --fsync never --members-max 10000 \
     --log-level warn ${SERVER_ARGS:-} "$@" 2>"$work/server.log" &
@@ -80,35 +86,50 @@ echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if [ -n "${DELAYS:-}" ]; then
   names=()
+  builds=(new)
+  [ -z "${BASELINE:-}" ] || builds=(base new)
   for delay in $DELAYS; do
-    start_server --push-flush-delay-ms "$delay"
-    for r in ${RATES:-$rate}; do
-      name="delay-$delay-rate-$r"
-      load "$name" --members "${MEMBERS:-10000}" --rate-per-s "$r" >/dev/null
-      names+=("$name")
-      echo "$name done; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+    for build in "${builds[@]}"; do
+      if [ "$build" = base ]; then start_server "$BASELINE" --push-flush-delay-ms "$delay"
+      else start_server "$bin" --push-flush-delay-ms "$delay"; fi
+      for r in ${RATES:-$rate}; do
+        name="$build-delay-$delay-rate-$r"
+        load "$name" --members "${MEMBERS:-10000}" --rate-per-s "$r" >/dev/null
+        [ "$build" = base ] || names+=("$name")
+        echo "$name done; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+      done
+      stop_server
     done
-    stop_server
   done
-  python3 - "$work" "${MEMBERS:-10000}" "${names[@]}" <<'EOF'
+  python3 - "$work" "${MEMBERS:-10000}" "${BASELINE:+base}" "${names[@]}" <<'EOF'
 import json, sys
-work, members, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-print("| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s | spread p50 / p99 (ms) | send to push p50 / p99 (ms) | violations, failures |")
-print("|---:|---:|---:|---:|---:|---|---|---|")
+work, members, base, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+head = "| delay (ms) | RATE (msg/s) | deliveries/s (of offered) | server CPU s | deliveries per server CPU s |"
+rule = "|---:|---:|---:|---:|---:|"
+if base:
+    head += " baseline: deliveries/s | baseline: deliveries per server CPU s | ratio |"
+    rule += "---:|---:|---:|"
+print(head + " spread p50 / p99 (ms) | send to push p50 / p99 (ms) | violations, failures |")
+print(rule + "---|---|---|")
 for n in names:
     j = json.load(open(f"{work}/{n}.json"))
-    _, delay, _, rate = n.split("-")
+    _, _, delay, _, rate = n.split("-")
     s = j["latency"]["delivery_spread_us"]
     p = j["latency"]["send_to_push_us"]
-    print(f"| {delay} | {int(rate):,} | {j['deliveries_per_s']:,.0f} ({int(rate) * members:,}) | "
-          f"{j['server_cpu_s']:.2f} | {j['deliveries_per_server_cpu_s']:,.0f} | "
-          f"{s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {p['p50'] / 1000:.1f} / {p['p99'] / 1000:.1f} | "
+    row = (f"| {delay} | {int(rate):,} | {j['deliveries_per_s']:,.0f} ({int(rate) * members:,}) | "
+           f"{j['server_cpu_s']:.2f} | {j['deliveries_per_server_cpu_s']:,.0f} |")
+    if base:
+        b = json.load(open(f"{work}/base-{n[4:]}.json"))
+        ok = "" if b["violations"] == 0 and b["failures_total"] == 0 else " (!)"
+        row += (f" {b['deliveries_per_s']:,.0f} | {b['deliveries_per_server_cpu_s']:,.0f}{ok} | "
+                f"{j['deliveries_per_server_cpu_s'] / b['deliveries_per_server_cpu_s']:.2f} |")
+    print(row + f" {s['p50'] / 1000:.1f} / {s['p99'] / 1000:.1f} | {p['p50'] / 1000:.1f} / {p['p99'] / 1000:.1f} | "
           f"{j['violations']}, {j['failures_total']} |")
 EOF
   exit 0
 fi
 
-start_server
+start_server "$bin"
 load group-10000 --members 10000 --rate-per-s "$rate"
 load group-1000 --members 1000 --rate-per-s "$rate"
 load notify-1000 --notify --members 1000 --rate-per-s "$notify_rate"

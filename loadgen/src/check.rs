@@ -42,6 +42,68 @@ pub enum Violation {
         /// Last missing seq.
         to: u64,
     },
+    /// The stored log (read back with `history`, `chat --verify-log`) lacks seqs
+    /// `from..=to` below its last seq: a conversation's seqs are 1..n with no hole.
+    Missing {
+        /// The conversation.
+        conv: u64,
+        /// First missing seq.
+        from: u64,
+        /// Last missing seq.
+        to: u64,
+    },
+    /// A send the server acknowledged at `seq` is not at `seq` in the stored log: the seq is
+    /// past its end (`found` is `None`) or holds another message (`found` names its cmid).
+    AckLost {
+        /// The conversation.
+        conv: u64,
+        /// The seq its `send_ok` named.
+        seq: u64,
+        /// The send's cmid.
+        cmid: String,
+        /// The cmid stored at `seq` instead, if any.
+        found: Option<String>,
+    },
+    /// One send (one cmid) is stored at two seqs: a retried send stored twice.
+    StoredTwice {
+        /// The conversation.
+        conv: u64,
+        /// The send's cmid.
+        cmid: String,
+        /// The first seq it is stored at.
+        first: u64,
+        /// Another seq it is stored at.
+        again: u64,
+    },
+    /// One send (one cmid) was acknowledged with two different seqs.
+    AckedTwice {
+        /// The conversation.
+        conv: u64,
+        /// The send's cmid.
+        cmid: String,
+        /// The seq of the first `send_ok`.
+        first: u64,
+        /// The seq of a later one.
+        again: u64,
+    },
+    /// The stored message at `seq` has the cmid of a send, but not its body.
+    BodyDiffers {
+        /// The conversation.
+        conv: u64,
+        /// The seq.
+        seq: u64,
+        /// The cmid.
+        cmid: String,
+    },
+    /// The stored log holds a message under a cmid this run never sent.
+    NeverSent {
+        /// The conversation.
+        conv: u64,
+        /// The seq.
+        seq: u64,
+        /// The cmid.
+        cmid: String,
+    },
     /// Something else the server sent that the contract does not allow.
     Other(String),
 }
@@ -50,7 +112,7 @@ impl Violation {
     /// How many messages the violation covers (a gap of three seqs counts three).
     pub fn count(&self) -> u64 {
         match self {
-            Violation::Gap { from, to, .. } => to - from + 1,
+            Violation::Gap { from, to, .. } | Violation::Missing { from, to, .. } => to - from + 1,
             _ => 1,
         }
     }
@@ -68,6 +130,52 @@ impl fmt::Display for Violation {
             }
             Violation::Gap { conv, from, to } => {
                 write!(f, "conv {conv}: seqs {from}..={to} never arrived")
+            }
+            Violation::Missing { conv, from, to } if from == to => {
+                write!(f, "conv {conv}: seq {from} missing from the stored log")
+            }
+            Violation::Missing { conv, from, to } => {
+                write!(f, "conv {conv}: seqs {from}..={to} missing from the stored log")
+            }
+            Violation::AckLost {
+                conv,
+                seq,
+                cmid,
+                found: None,
+            } => write!(
+                f,
+                "conv {conv}: cmid {cmid} acknowledged at seq {seq} is not stored (lost)"
+            ),
+            Violation::AckLost {
+                conv,
+                seq,
+                cmid,
+                found: Some(other),
+            } => write!(
+                f,
+                "conv {conv}: cmid {cmid} acknowledged at seq {seq}, but seq {seq} holds cmid {other}"
+            ),
+            Violation::StoredTwice {
+                conv,
+                cmid,
+                first,
+                again,
+            } => write!(f, "conv {conv}: cmid {cmid} stored twice, at seqs {first} and {again}"),
+            Violation::AckedTwice {
+                conv,
+                cmid,
+                first,
+                again,
+            } => write!(
+                f,
+                "conv {conv}: cmid {cmid} acknowledged at seq {first}, then at seq {again}"
+            ),
+            Violation::BodyDiffers { conv, seq, cmid } => write!(
+                f,
+                "conv {conv}: seq {seq} (cmid {cmid}) holds another body than was sent"
+            ),
+            Violation::NeverSent { conv, seq, cmid } => {
+                write!(f, "conv {conv}: seq {seq} holds cmid {cmid}, which was never sent")
             }
             Violation::Other(what) => f.write_str(what),
         }

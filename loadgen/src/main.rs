@@ -18,6 +18,7 @@
 
 mod check;
 mod client;
+mod ledger;
 mod procfs;
 mod procs;
 mod proto;
@@ -128,7 +129,7 @@ fn main() -> ExitCode {
             let launch = Launch {
                 flags: &a.run,
                 uid_base: None,
-                server_pid: a.target.server_pid,
+                server_pids: a.target.server_pid.as_slice(),
                 addr: &a.target.addr,
                 valid: a.target.validate().and(a.validate()),
                 settings,
@@ -181,7 +182,8 @@ struct Launch<'a> {
     flags: &'a procs::RunFlags,
     /// Passed to `--procs` workers so they share one set of users.
     uid_base: Option<u64>,
-    server_pid: Option<u32>,
+    /// The server's processes (a cluster's nodes), whose CPU time and memory are summed.
+    server_pids: &'a [u32],
     /// The server, as the user named it.
     addr: &'a str,
     /// The subcommand's own check of its flags.
@@ -199,7 +201,7 @@ impl Launch<'_> {
         Launch {
             flags: &common.run,
             uid_base: Some(common.uid_base()),
-            server_pid: common.server_pid,
+            server_pids: &common.server_pid,
             addr: &common.addr,
             valid: common.validate().and(own),
             settings,
@@ -320,7 +322,7 @@ fn run_scenario(launch: Launch, run: impl FnOnce() -> std::io::Result<report::Re
         }
     }
     let result = if common.procs > 1 {
-        procs::run(common.procs, launch.uid_base, launch.server_pid)
+        procs::run(common.procs, launch.uid_base, launch.server_pids)
     } else {
         run()
     };

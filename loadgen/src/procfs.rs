@@ -25,6 +25,31 @@ pub fn user_system_s(pid: u32) -> io::Result<(f64, f64)> {
     Ok((ticks(11)? as f64 / per_s, ticks(12)? as f64 / per_s))
 }
 
+/// The CPU time (user and system) of processes `pids` together, in seconds; `None` for none
+/// (a cluster's nodes: `--server-pid 1,2,3`).
+pub fn cpu_s(pids: &[u32]) -> io::Result<Option<f64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut total = 0.0;
+    for &pid in pids {
+        let (user, system) = user_system_s(pid)?;
+        total += user + system;
+    }
+    Ok(Some(total))
+}
+
+/// The resident set sizes of processes `pids` together, in bytes; `None` for none.
+pub fn rss_bytes_sum(pids: &[u32]) -> io::Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter()
+        .map(|&pid| rss_bytes(pid))
+        .sum::<io::Result<u64>>()
+        .map(Some)
+}
+
 /// Resident set size of process `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;

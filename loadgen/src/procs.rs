@@ -101,25 +101,25 @@ struct Sample {
     rss_bytes: u64,
 }
 
-fn sample(pid: u32) -> Option<Sample> {
-    let (user_s, system_s) = procfs::user_system_s(pid).ok()?;
+/// The server's processes' figures now, summed; `None` without any (or if one is gone).
+fn sample(pids: &[u32]) -> Option<Sample> {
     Some(Sample {
         unix_ns: report::unix_ns(),
-        cpu_s: user_s + system_s,
-        rss_bytes: procfs::rss_bytes(pid).ok()?,
+        cpu_s: procfs::cpu_s(pids).ok()??,
+        rss_bytes: procfs::rss_bytes_sum(pids).ok()??,
     })
 }
 
 /// Runs the command line of this process over `procs` workers; returns the merged report.
-/// Given `server_pid`, the parent reads the server's CPU time and RSS itself every
+/// Given `server_pids`, the parent reads the server's CPU time and RSS itself every
 /// [`SAMPLE_EVERY`] while the workers run, and takes the server figures from its own samples
 /// at the ends of the workers' measured windows.
-pub fn run(procs: usize, uid_base: Option<u64>, server_pid: Option<u32>) -> io::Result<Report> {
+pub fn run(procs: usize, uid_base: Option<u64>, server_pids: &[u32]) -> io::Result<Report> {
     let exe = std::env::current_exe()?;
     let args = worker_args(std::env::args().skip(1));
     let dir = std::env::temp_dir().join(format!("chinwag-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut samples: Vec<Sample> = server_pid.and_then(sample).into_iter().collect();
+    let mut samples: Vec<Sample> = sample(server_pids).into_iter().collect();
     let mut children: Vec<Child> = Vec::with_capacity(procs);
     for k in 0..procs {
         let mut command = Command::new(&exe);
@@ -139,7 +139,7 @@ pub fn run(procs: usize, uid_base: Option<u64>, server_pid: Option<u32>) -> io::
     // Workers bound their own runs in time; the parent waits for the last one to exit.
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; procs];
     while statuses.iter().any(Option::is_none) {
-        samples.extend(server_pid.and_then(sample));
+        samples.extend(sample(server_pids));
         for (child, status) in children.iter_mut().zip(&mut statuses) {
             if status.is_none() {
                 *status = child.try_wait()?;

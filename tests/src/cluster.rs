@@ -5,7 +5,12 @@
 //!
 //! What a test can do to the cluster, each as the real thing (docs/cluster.md, "Failures"):
 //! - [`Cluster::kill`] a node (SIGKILL) and [`Cluster::restart`] it on the same data directory
-//!   and ports;
+//!   and ports, or [`Cluster::wipe`] its data directory first (a lost disk);
+//! - [`Cluster::pause`] a node (SIGSTOP: a process that stops answering without closing
+//!   anything, as a long stall or a frozen VM) and [`Cluster::resume`] it (SIGCONT);
+//! - read who leads each partition, at which epoch and with which in-sync set, from Redis
+//!   ([`Cluster::partition`], [`Cluster::led_by`]), for replicated clusters (issue 14,
+//!   `chinwag cluster init --replicas R`, [`ClusterSpec::replicas`]);
 //! - [`Cluster::kill_redis`] and [`Cluster::start_redis`] (Redis keeps its data in an
 //!   append-only file, as docs/cluster.md tells operators to run it);
 //! - [`Cluster::cut_link`] the node link between two nodes and [`Cluster::heal_link`] it
@@ -71,6 +76,9 @@ pub struct ClusterSpec {
     pub extra: Vec<String>,
     /// A proxy in front of every node's link port (needed by [`Cluster::cut_link`]).
     pub link_proxies: bool,
+    /// Replicas per partition (`chinwag cluster init --replicas R`); `None`: init's default
+    /// (and no flag, for an engine that has none).
+    pub replicas: Option<u16>,
 }
 
 impl Default for ClusterSpec {
@@ -81,6 +89,7 @@ impl Default for ClusterSpec {
             shards: 1,
             extra: Vec::new(),
             link_proxies: false,
+            replicas: None,
         }
     }
 }
@@ -96,6 +105,8 @@ struct Slot {
     parked: Option<tempfile::TempDir>,
     /// The proxy its peers dial instead of its link port, if the cluster has them.
     proxy: Option<LinkProxy>,
+    /// Stopped by SIGSTOP ([`Cluster::pause`]).
+    paused: bool,
 }
 
 /// A running cluster: Redis and its nodes, all stopped when dropped.
@@ -112,13 +123,15 @@ impl Cluster {
     pub fn start(spec: ClusterSpec) -> Cluster {
         let redis = RedisServer::start_persistent();
         let nodes: Vec<String> = (1..=spec.nodes).map(|n| n.to_string()).collect();
-        let out = Command::new(binary())
-            .args(["cluster", "--cluster", &redis.url(), "init", "--nodes"])
+        let mut init = Command::new(binary());
+        init.args(["cluster", "--cluster", &redis.url(), "init", "--nodes"])
             .arg(nodes.join(","))
             .arg("--partitions")
-            .arg(spec.partitions.to_string())
-            .output()
-            .expect("run chinwag cluster init");
+            .arg(spec.partitions.to_string());
+        if let Some(r) = spec.replicas {
+            init.arg("--replicas").arg(r.to_string());
+        }
+        let out = init.output().expect("run chinwag cluster init");
         assert!(
             out.status.success(),
             "chinwag cluster init failed: {}",
@@ -137,6 +150,7 @@ impl Cluster {
                     proxy: spec
                         .link_proxies
                         .then(|| LinkProxy::start(link_port, Arc::clone(&pids))),
+                    paused: false,
                 }
             })
             .collect();
@@ -163,9 +177,14 @@ impl Cluster {
             .unwrap_or_else(|| panic!("node {n} is down"))
     }
 
-    /// Whether node `n` runs.
+    /// Whether node `n` runs (a paused node runs: it is only stopped).
     pub fn is_up(&self, n: u16) -> bool {
         self.slot(n).server.is_some()
+    }
+
+    /// Whether node `n` is stopped by [`Cluster::pause`].
+    pub fn is_paused(&self, n: u16) -> bool {
+        self.slot(n).paused
     }
 
     /// The client addresses of every node, `127.0.0.1:P1,127.0.0.1:P2,...`: what
@@ -217,12 +236,21 @@ impl Cluster {
     /// Kills node `n` with SIGKILL and waits for it to be gone; its data directory is kept.
     pub fn kill(&mut self, n: u16) {
         let slot = self.slot_mut(n);
+        slot.paused = false;
         let server = slot
             .server
             .take()
             .unwrap_or_else(|| panic!("node {n} is already down"));
         server.signal(libc::SIGKILL);
         slot.parked = Some(server.into_data_dir());
+    }
+
+    /// Gives node `n`, which is down, an empty data directory in place of its own: its disk
+    /// is lost (what replication is for).
+    pub fn wipe(&mut self, n: u16) {
+        let slot = self.slot_mut(n);
+        assert!(slot.server.is_none(), "node {n} runs: kill it first");
+        slot.parked = Some(tempfile::tempdir().expect("tempdir"));
     }
 
     /// Starts node `n` again on its data directory and ports, once its last heartbeat has
@@ -234,6 +262,138 @@ impl Cluster {
         });
         self.launch(n);
         self.wait_ready();
+    }
+
+    /// Stops node `n` with SIGSTOP: it answers nothing, renews nothing and closes nothing
+    /// (its sockets stay open, its peers' links to it go silent) until [`Cluster::resume`].
+    pub fn pause(&mut self, n: u16) {
+        let slot = self.slot(n);
+        let server = slot
+            .server
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {n} is down"));
+        server.signal(libc::SIGSTOP);
+        self.slot_mut(n).paused = true;
+    }
+
+    /// Lets a node stopped by [`Cluster::pause`] run again (SIGCONT).
+    pub fn resume(&mut self, n: u16) {
+        let slot = self.slot(n);
+        assert!(slot.paused, "node {n} is not paused");
+        slot.server
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {n} is down"))
+            .signal(libc::SIGCONT);
+        self.slot_mut(n).paused = false;
+    }
+
+    /// Partition `p`'s entry in Redis: `chinwag:partitions` (`"LEADER EPOCH [REPLICAS]"`) and
+    /// `chinwag:isr` (`"EPOCH NODES"`); `None` if Redis does not answer or has no entry.
+    pub fn partition(&self, p: u32) -> Option<PartitionEntry> {
+        let mut c = self.try_redis()?;
+        let entry: Option<String> = redis::cmd("HGET")
+            .arg("chinwag:partitions")
+            .arg(p)
+            .query(&mut c)
+            .ok()
+            .flatten();
+        let isr: Option<String> = redis::cmd("HGET")
+            .arg("chinwag:isr")
+            .arg(p)
+            .query(&mut c)
+            .ok()
+            .flatten();
+        PartitionEntry::parse(&entry?, isr.as_deref())
+    }
+
+    /// Every partition's entry, by partition number; `None` if any could not be read.
+    pub fn partitions(&self) -> Option<Vec<PartitionEntry>> {
+        (0..self.spec.partitions)
+            .map(|p| self.partition(p))
+            .collect()
+    }
+
+    /// The partitions node `n` leads now, by the table in Redis (empty if Redis does not
+    /// answer).
+    pub fn led_by(&self, n: u16) -> Vec<u32> {
+        let table = self.partitions().unwrap_or_default();
+        (0..self.spec.partitions)
+            .zip(table)
+            .filter(|(_, e)| e.leader == n)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// The running node that leads the most partitions now (the lowest number among equals):
+    /// the leader of the busiest share of a chat load that spreads its conversations over the
+    /// partitions.
+    pub fn busiest_leader(&self) -> u16 {
+        (1..=self.spec.nodes)
+            .filter(|&n| self.is_up(n))
+            .max_by_key(|&n| (self.led_by(n).len(), std::cmp::Reverse(n)))
+            .expect("a running node")
+    }
+
+    /// Waits until every partition of `partitions` is led by a running node other than
+    /// `from`, at an epoch above the one it had in `before` (a takeover happened), and
+    /// returns their new entries.
+    pub fn wait_taken_over(
+        &self,
+        from: u16,
+        before: &[(u32, PartitionEntry)],
+    ) -> Vec<PartitionEntry> {
+        let what = format!("node {from}'s partitions to be taken over");
+        self.wait_until(&what, |c| {
+            before.iter().all(|(p, old)| {
+                c.partition(*p).is_some_and(|now| {
+                    now.leader != from && c.is_up(now.leader) && now.epoch > old.epoch
+                })
+            })
+        });
+        before
+            .iter()
+            .map(|(p, _)| self.partition(*p).expect("read just now"))
+            .collect()
+    }
+
+    /// Starts one more node (number N + 1, not in the `init` list) on fresh ports and data,
+    /// waits for the cluster to be ready, and returns its number.
+    pub fn add_node(&mut self) -> u16 {
+        let link_port = free_port();
+        let proxy = self
+            .spec
+            .link_proxies
+            .then(|| LinkProxy::start(link_port, Arc::clone(&self.pids)));
+        self.slots.push(Slot {
+            client_port: free_port(),
+            backend_port: free_port(),
+            link_port,
+            server: None,
+            parked: Some(tempfile::tempdir().expect("tempdir")),
+            proxy,
+            paused: false,
+        });
+        self.spec.nodes += 1;
+        let n = self.spec.nodes;
+        self.launch(n);
+        self.wait_ready();
+        n
+    }
+
+    /// Runs `chinwag cluster --cluster URL ARGS` against this cluster's Redis; fails the test
+    /// if it fails, else returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(binary())
+            .args(["cluster", "--cluster", &self.redis.url()])
+            .args(args)
+            .output()
+            .expect("run chinwag cluster");
+        assert!(
+            out.status.success(),
+            "chinwag cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Kills Redis (SIGKILL); the nodes see a Redis that stopped answering.
@@ -273,9 +433,11 @@ impl Cluster {
 
     /// Waits until every running node answers `/healthz` with 200, sees every running node
     /// alive (`chinwag_cluster_peer_up`) and has its node link to each of them up
-    /// (`chinwag_link_connected`).
+    /// (`chinwag_link_connected`). A paused node counts as not running.
     pub fn wait_ready(&self) {
-        let up: Vec<u16> = (1..=self.spec.nodes).filter(|&n| self.is_up(n)).collect();
+        let up: Vec<u16> = (1..=self.spec.nodes)
+            .filter(|&n| self.is_up(n) && !self.slot(n).paused)
+            .collect();
         self.wait_until(
             "every running node to be healthy, see the others and link to them",
             |c| {
@@ -459,6 +621,56 @@ impl Drop for Cluster {
         for slot in &mut self.slots {
             slot.server = None;
         }
+    }
+}
+
+/// One partition's entry in Redis (docs/cluster.md, "What Redis holds").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionEntry {
+    /// The node that leads it.
+    pub leader: u16,
+    /// Its fencing epoch (1 at creation, + 1 at each takeover).
+    pub epoch: u64,
+    /// Its replicas in placement order (the leader alone for an unreplicated table).
+    pub replicas: Vec<u16>,
+    /// Its in-sync replicas as recorded at `isr_epoch` (the leader alone if none recorded).
+    pub isr: Vec<u16>,
+    /// The epoch the in-sync set was recorded at.
+    pub isr_epoch: u64,
+}
+
+impl PartitionEntry {
+    /// Parses `"LEADER EPOCH [REPLICAS]"` and `"EPOCH NODES"` (nodes comma-separated).
+    fn parse(entry: &str, isr: Option<&str>) -> Option<PartitionEntry> {
+        let nodes = |list: &str| -> Option<Vec<u16>> {
+            list.split(',').map(|n| n.trim().parse().ok()).collect()
+        };
+        let mut fields = entry.split_whitespace();
+        let leader: u16 = fields.next()?.parse().ok()?;
+        let epoch: u64 = fields.next()?.parse().ok()?;
+        let replicas = match fields.next() {
+            Some(list) => nodes(list)?,
+            None => vec![leader],
+        };
+        let (isr_epoch, isr) = match isr {
+            Some(text) => {
+                let (at, list) = text.trim().split_once(' ')?;
+                (at.parse().ok()?, nodes(list)?)
+            }
+            None => (epoch, vec![leader]),
+        };
+        Some(PartitionEntry {
+            leader,
+            epoch,
+            replicas,
+            isr,
+            isr_epoch,
+        })
+    }
+
+    /// Whether node `n` is in the in-sync set at the current epoch.
+    pub fn in_sync(&self, n: u16) -> bool {
+        self.isr_epoch == self.epoch && self.isr.contains(&n)
     }
 }
 
@@ -710,9 +922,97 @@ pub fn loadgen_binary() -> std::path::PathBuf {
         .clone()
 }
 
+/// A chat load over every node of a cluster, as the failure tests run it: `conversations`
+/// direct conversations of users `uid_base`.., two messages in flight per user, `duration_s`
+/// seconds of sending (no warm-up), up to 60 s of drain, and at the end every conversation
+/// read back and judged against every acknowledged send (`--verify-log`, docs/loadgen.md).
+pub fn chat_load(
+    cluster: &Cluster,
+    uid_base: u64,
+    conversations: u32,
+    duration_s: u64,
+) -> LoadgenRun {
+    let addrs = cluster.addrs();
+    let (uid_base, conversations) = (uid_base.to_string(), conversations.to_string());
+    let duration = duration_s.to_string();
+    LoadgenRun::start(&[
+        "chat",
+        "--uid-base",
+        &uid_base,
+        "--addr",
+        &addrs,
+        "--secret",
+        SECRET,
+        "--conversations",
+        &conversations,
+        "--window",
+        "2",
+        "--warmup-s",
+        "0",
+        "--duration-s",
+        &duration,
+        "--drain-s",
+        "60",
+        "--login-timeout-s",
+        "60",
+        "--verify-log",
+        "--verify-timeout-s",
+        "60",
+    ])
+}
+
+/// The verdict of a [`chat_load`] report that must have lost nothing: no violation (every
+/// acknowledged message seen once, in order, by every member; and in the stored log read back,
+/// every acknowledged message once at its seq with its body, every conversation 1..n), every
+/// user caught up, all `conversations` read back, and at least `send_ok_min` sends acknowledged.
+/// Prints what the load went through and the failover figures (`failure_to_write_resumed`).
+pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_min: u64) {
+    let resumed = &report["latency"]["failure_to_write_resumed_us"];
+    eprintln!(
+        "chat load: send_ok {}, delivered {}, reconnects {}, replies_timed_out {}, \
+         history_repairs {}, failures {}; stored log: {} conversations, {} stored, {} acked, \
+         {} unacknowledged but stored; write outages {} (unresolved {}), writes resumed after \
+         the failure p50 {} µs, max {} µs",
+        report["send_ok"],
+        report["delivered"],
+        report["reconnects"],
+        report["replies_timed_out"],
+        report["history_repairs"],
+        report["failures"],
+        report["verify_conversations"],
+        report["verify_stored"],
+        report["verify_acked"],
+        report["verify_unacked_stored"],
+        report["write_outages"],
+        report["write_outages_unresolved"],
+        resumed["p50"],
+        resumed["max"],
+    );
+    assert_eq!(
+        report["violations"], 0,
+        "the checkers found violations: {}\nthe report: {report}",
+        report["violations_first"]
+    );
+    assert_eq!(report["not_caught_up_at_end"], 0, "{report}");
+    let send_ok = report["send_ok"].as_u64().expect("send_ok");
+    assert!(
+        send_ok >= send_ok_min,
+        "too little load to mean anything: {report}"
+    );
+    assert_eq!(report["verify_conversations"], conversations, "{report}");
+    assert_eq!(report["verify_unread"], 0, "{report}");
+    let acked = report["verify_acked"].as_u64().expect("verify_acked");
+    // Each acknowledged cmid counts once (a retry acknowledged again is one).
+    assert!(
+        acked > 0 && acked <= send_ok,
+        "acknowledged sends checked: {report}"
+    );
+}
+
 /// A `chinwag-loadgen` run in the background, its JSON report read when it ends.
 pub struct LoadgenRun {
-    child: std::process::Child,
+    /// The running load generator (taken by [`LoadgenRun::finish`]).
+    child: Option<std::process::Child>,
     _dir: tempfile::TempDir,
     json_path: std::path::PathBuf,
 }
@@ -732,17 +1032,26 @@ impl LoadgenRun {
             .spawn()
             .expect("run chinwag-loadgen");
         LoadgenRun {
-            child,
+            child: Some(child),
             _dir: dir,
             json_path,
         }
     }
 
+    /// Whether the run is still going (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Waits for the run to end (it is bounded by its own flags) and returns its exit code and
     /// report; fails the test with its output if it wrote none.
-    pub fn finish(self) -> (Option<i32>, serde_json::Value) {
+    pub fn finish(mut self) -> (Option<i32>, serde_json::Value) {
         let output = self
             .child
+            .take()
+            .expect("a run is finished once")
             .wait_with_output()
             .expect("wait for chinwag-loadgen");
         let text = std::fs::read_to_string(&self.json_path).unwrap_or_else(|e| {
@@ -754,5 +1063,50 @@ impl LoadgenRun {
         });
         let report = serde_json::from_str(&text).expect("the report is JSON");
         (output.status.code(), report)
+    }
+}
+
+impl Drop for LoadgenRun {
+    /// A test that fails before [`LoadgenRun::finish`] stops its load at once rather than
+    /// leaving it to run out its own bounds against a cluster that is gone.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_entries_parse_with_and_without_replicas() {
+        let entry = PartitionEntry::parse("2 5 1,2", Some("5 2")).unwrap();
+        assert_eq!(
+            entry,
+            PartitionEntry {
+                leader: 2,
+                epoch: 5,
+                replicas: vec![1, 2],
+                isr: vec![2],
+                isr_epoch: 5,
+            }
+        );
+        assert!(entry.in_sync(2) && !entry.in_sync(1));
+        // An unreplicated table (issue 13's layout): the owner alone.
+        let single = PartitionEntry::parse("3 1", None).unwrap();
+        assert_eq!(
+            (single.replicas.clone(), single.isr.clone()),
+            (vec![3], vec![3])
+        );
+        // An in-sync set of an older epoch holds nobody in sync now.
+        let stale = PartitionEntry::parse("1 3 1,2", Some("2 1,2")).unwrap();
+        assert!(!stale.in_sync(1));
+        assert_eq!(PartitionEntry::parse("x 1", None), None);
+        assert_eq!(PartitionEntry::parse("1 2 1,y", None), None);
     }
 }

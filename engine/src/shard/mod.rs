@@ -101,7 +101,12 @@ impl Shard {
         poll.registry()
             .register(&mut backend_listener, BACKEND_LISTENER, Interest::READABLE)?;
         let ws_limits = context::ws_limits(&node.config);
-        let held = outbox::HeldPushes::new(node.config.push_flush_delay_ms);
+        // A session takes a run of held pushes in one piece: half its queue leaves room for
+        // what is queued around them (the same share as a reply's, Config::reply_bytes_max).
+        let held = outbox::HeldPushes::new(
+            node.config.push_flush_delay_ms,
+            node.config.reply_bytes_max(),
+        );
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -216,8 +221,9 @@ impl Shard {
             if drained && self.ctx.now_ms >= drain_started_ms.saturating_add(close_timeout_ms) {
                 self.stop_accepting();
             }
-            let ctx = &mut self.ctx;
-            ctx.held.release_due(ctx.now_ms, &mut ctx.dirty);
+            if self.ctx.held.is_due(self.ctx.now_ms) {
+                self.release_held_pushes();
+            }
             self.flush_dirty();
             if self.ctx.now_ms >= next_sweep_ms {
                 // Each tick covers tick/pass of the slab, so every slot is seen once a pass.
@@ -431,6 +437,33 @@ impl Shard {
         }
     }
 
+    /// Hands the held pushes out (`push_flush_delay_ms`): one pass over each run's users, and
+    /// one buffer with all of a run's frames for each recipient session, written with
+    /// whatever else the session has queued by the `flush_dirty` that follows.
+    fn release_held_pushes(&mut self) {
+        let release = self.ctx.held.release();
+        let mut delivered = 0;
+        for run in &release.runs {
+            for uid in run.users() {
+                for d in self.local.of(*uid) {
+                    // The table and the slab change together (login, `remove`).
+                    let Some(session) = self.sessions.get_mut(d.slot as usize) else {
+                        continue;
+                    };
+                    if session.generation() != d.generation {
+                        continue;
+                    }
+                    let from = release.from(d.slot, d.generation);
+                    if let Some((bytes, frames)) = run.frames_for(from, d.device, d.encoding) {
+                        session.push(bytes, frames, &mut self.ctx);
+                        delivered += frames;
+                    }
+                }
+            }
+        }
+        metrics::add(&self.ctx.metrics().pushes_delivered, delivered);
+    }
+
     fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.ctx.dirty);
         for token in dirty.drain(..) {
@@ -555,6 +588,9 @@ impl Shard {
                     session.send(ws_message, &mut self.ctx);
                 }
             }
+            BusMsg::Push(fanout) if self.ctx.held.enabled() => {
+                self.ctx.held.hold(fanout, self.ctx.now_ms);
+            }
             BusMsg::Push(fanout) => {
                 for uid in &fanout.users {
                     for d in self.local.of(*uid) {
@@ -564,7 +600,8 @@ impl Shard {
                         // The table and the slab change together (login, `remove`).
                         if let Some(session) = self.sessions.get_mut(d.slot as usize) {
                             if session.generation() == d.generation {
-                                session.push(fanout.ws_message(d.encoding).clone(), &mut self.ctx);
+                                let frame = fanout.ws_message(d.encoding).clone();
+                                session.push(frame, 1, &mut self.ctx);
                                 metrics::add(&self.ctx.metrics().pushes_delivered, 1);
                             }
                         }
@@ -578,10 +615,10 @@ impl Shard {
                 profile,
             } => {
                 let completed = match self.sessions.get_mut(to.slot as usize) {
-                    Some(session) if session.generation() == to.generation => {
-                        let ctx = &mut self.ctx;
-                        session.with_app(|app, s| app.on_registered(device, profile, s, ctx))
-                    }
+                    Some(session) if session.generation() == to.generation => session
+                        .with_app(&mut self.ctx, |app, s, ctx| {
+                            app.on_registered(device, profile, s, ctx)
+                        }),
                     _ => false,
                 };
                 match (completed, device) {
@@ -600,8 +637,7 @@ impl Shard {
                 by_service,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.kick(by_service, s, ctx));
+                    session.with_app(&mut self.ctx, |app, s, ctx| app.kick(by_service, s, ctx));
                 }
             }
             BusMsg::OwnProfile {
@@ -609,7 +645,7 @@ impl Shard {
                 profile,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    session.with_app(|app, _| app.on_own_profile(profile));
+                    session.with_app(&mut self.ctx, |app, _, _| app.on_own_profile(profile));
                 }
             }
             BusMsg::ConvsPart {
@@ -619,8 +655,9 @@ impl Shard {
                 convs,
             } => {
                 if let Some(session) = session_in(&mut self.sessions, to.slot, to.generation) {
-                    let ctx = &mut self.ctx;
-                    session.with_app(|app, s| app.on_convs_part(token, partitions, convs, s, ctx));
+                    session.with_app(&mut self.ctx, |app, s, ctx| {
+                        app.on_convs_part(token, partitions, convs, s, ctx)
+                    });
                 }
             }
             BusMsg::Reannounce { partitions } => self.announce(&partitions),
@@ -647,6 +684,8 @@ impl Shard {
         if let Some(cluster) = &self.ctx.node.cluster {
             cluster.route_login(uid, device, to);
         }
+        // Pushes held before the login were not for this session.
+        self.ctx.held.skip_for(to.slot, to.generation);
         self.local.insert(
             uid,
             LocalDevice {

@@ -49,8 +49,6 @@ pub struct Session {
     outbox: Outbox,
     /// Already in the shard's list of sessions to flush this turn.
     dirty: bool,
-    /// Pushes wait in the outbox for the shard's next push flush (listed in `ctx.held`).
-    held: bool,
     write_shut: bool,
     /// The peer's FIN was read while lingering: nothing more will come.
     peer_eof: bool,
@@ -94,7 +92,6 @@ impl Session {
             inbound: Vec::new(),
             outbox: Outbox::default(),
             dirty: false,
-            held: false,
             write_shut: false,
             peer_eof: false,
             app: App::default(),
@@ -131,10 +128,23 @@ impl Session {
 
     /// Lends the application layer and this session to `f`: the layer acts through the
     /// session (sends, closes) while it is out.
-    pub fn with_app<R>(&mut self, f: impl FnOnce(&mut App, &mut Session) -> R) -> R {
+    pub fn with_app<R>(
+        &mut self,
+        ctx: &mut Context,
+        f: impl FnOnce(&mut App, &mut Session, &mut Context) -> R,
+    ) -> R {
         let mut app = std::mem::take(&mut self.app);
-        let result = f(&mut app, self);
+        // While the layer is out, the session cannot tell who it is, so what the layer queues
+        // cannot take the held pushes along itself (Session::queue): they are put ahead of it
+        // here. Only for a session that was logged in before: one that logs in now was no
+        // recipient of the pushes held so far.
+        let queued_before = self.outbox.frame_count();
+        let was_logged_in = app.logged_in().is_some();
+        let result = f(&mut app, self, ctx);
         self.app = app;
+        if was_logged_in && ctx.held.is_holding() && self.outbox.frame_count() > queued_before {
+            self.take_held_pushes(queued_before, ctx);
+        }
         result
     }
 
@@ -277,7 +287,7 @@ impl Session {
                     // refused with `error` `rate_limited`.
                     metrics::add(&ctx.metrics().messages_rate_limited, 1);
                     if self.conn.endpoint() == Some(Endpoint::App) {
-                        self.with_app(|app, session| {
+                        self.with_app(ctx, |app, session, ctx| {
                             app.on_rate_limited(opcode, &payload, session, ctx)
                         });
                     }
@@ -373,9 +383,9 @@ impl Session {
     fn on_message(&mut self, opcode: Opcode, payload: &[u8], ctx: &mut Context) {
         match self.conn.endpoint() {
             Some(Endpoint::Echo) => self.send(frame::encode(opcode, payload), ctx),
-            Some(Endpoint::App) => {
-                self.with_app(|app, session| app.on_message(opcode, payload, session, ctx))
-            }
+            Some(Endpoint::App) => self.with_app(ctx, |app, session, ctx| {
+                app.on_message(opcode, payload, session, ctx)
+            }),
             None => {}
         }
     }
@@ -402,35 +412,58 @@ impl Session {
         }
     }
 
-    /// Queues a push (a message of others, a notify: a [`crate::bus::Fanout`]'s frame), within
-    /// the same limits as [`Session::send`]. With `push_flush_delay_ms` set it is written at the
-    /// shard's next push flush (outbox::HeldPushes), with every push that came meanwhile, unless
-    /// something else gets this session written sooner: then it leaves in the same write, ahead
-    /// of what was queued after it.
-    pub fn push(&mut self, frame: Bytes, ctx: &mut Context) {
-        if !self.admit(&frame, ctx) {
-            return;
+    /// Queues pushes (messages of others, notifies: [`crate::bus::Fanout`]s' frames): `frames`
+    /// whole frames in `bytes`, within the same limits as [`Session::send`]. With
+    /// `push_flush_delay_ms` set the shard calls this at its push flush, with every push that
+    /// came for this session meanwhile in one buffer (outbox::HeldPushes).
+    pub fn push(&mut self, bytes: Bytes, frames: u64, ctx: &mut Context) {
+        if self.admit(&bytes, ctx) {
+            metrics::add(&ctx.metrics().frames_out, frames);
+            self.queue(bytes, ctx);
         }
-        metrics::add(&ctx.metrics().frames_out, 1);
-        if !ctx.held.enabled() || self.dirty {
-            self.queue(frame, ctx);
-            return;
+    }
+
+    /// The shard holds pushes for this session and something else is queued for it (a reply,
+    /// a close frame): the held pushes go first, in the outbox ahead of the frame queued
+    /// `at` (everything queued before them stays ahead), so the reply does not overtake them.
+    /// Returns `false` if they overflowed the send queue and closed the session.
+    fn take_held_pushes(&mut self, at: usize, ctx: &mut Context) -> bool {
+        let Some((uid, device, _, encoding)) = self.app.logged_in() else {
+            return true;
+        };
+        let Some((held, frames)) =
+            ctx.held
+                .take_for(self.slot, self.generation, uid, device, encoding)
+        else {
+            return true;
+        };
+        // A session that is closing is queueing its close frame right now (nothing else is
+        // queued once closing): the held pushes go ahead of it, as they would have been in
+        // its outbox already, unless they do not fit; then the close frame goes alone.
+        if self.conn.is_closing() {
+            if self.outbox.len_bytes() + held.len() > ctx.node.config.send_queue_bytes_max {
+                return true;
+            }
+        } else if !self.within_limit(held.len(), ctx) {
+            return false;
         }
-        metrics::add(&ctx.metrics().send_queue_bytes, frame.len() as u64);
-        self.outbox.push(frame);
-        if !self.held {
-            self.held = true;
-            ctx.held.hold(Token(self.slot as usize), ctx.now_ms);
-        }
+        metrics::add(&ctx.metrics().frames_out, frames);
+        metrics::add(&ctx.metrics().send_queue_bytes, held.len() as u64);
+        self.outbox.insert(at, held);
+        self.mark_dirty(ctx);
+        true
     }
 
     /// Whether `frame` may be queued: the session is a WebSocket, and its queue stays within
     /// `send_queue_bytes_max`. Over it, the queue is dropped and the session closed with 1008.
     fn admit(&mut self, frame: &Bytes, ctx: &mut Context) -> bool {
-        if self.conn.endpoint().is_none() {
-            return false;
-        }
-        if self.outbox.len_bytes() + frame.len() > ctx.node.config.send_queue_bytes_max {
+        self.conn.endpoint().is_some() && self.within_limit(frame.len(), ctx)
+    }
+
+    /// Whether `len` more bytes keep the queue within `send_queue_bytes_max`. Over it, the
+    /// queue is dropped and the session closed with 1008.
+    fn within_limit(&mut self, len: usize, ctx: &mut Context) -> bool {
+        if self.outbox.len_bytes() + len > ctx.node.config.send_queue_bytes_max {
             let dropped = self.outbox.clear();
             metrics::sub(&ctx.metrics().send_queue_bytes, dropped as u64);
             self.close(
@@ -444,8 +477,14 @@ impl Session {
         true
     }
 
-    /// Queues bytes to be written at the end of this loop turn, with whatever is held.
+    /// Queues bytes to be written at the end of this loop turn, behind the pushes the shard
+    /// holds for this session.
     fn queue(&mut self, bytes: Bytes, ctx: &mut Context) {
+        if ctx.held.is_holding() && !self.take_held_pushes(self.outbox.frame_count(), ctx) {
+            // The held pushes overflowed the send queue: the session is closing, its close
+            // frame is queued, and nothing may follow it.
+            return;
+        }
         metrics::add(&ctx.metrics().send_queue_bytes, bytes.len() as u64);
         self.outbox.push(bytes);
         self.mark_dirty(ctx);
@@ -470,10 +509,15 @@ impl Session {
     /// Writes what is queued, in as few `writev` calls as the socket allows.
     /// Returns `true` if the connection is done.
     pub fn flush(&mut self, ctx: &mut Context) -> bool {
+        // The socket is written now anyway: pushes held for it leave in the same write (after
+        // what is queued: they came after it, or a reply would have taken them along). In chat,
+        // where each push is its own run, this saves the flush its own write to this socket.
+        // Before `dirty` is cleared: taking them marks the session dirty, and a session marked
+        // dirty here would never be listed again.
+        if ctx.held.is_holding() && !self.conn.is_closing() {
+            self.take_held_pushes(self.outbox.frame_count(), ctx);
+        }
         self.dirty = false;
-        // Held pushes go too: they are ahead of anything queued after them. The shard's list
-        // may still name this session; writing it again then finds nothing to write.
-        self.held = false;
         while !self.outbox.is_empty() {
             let mut slices = outbox::empty_slices();
             let n = self.outbox.slices(&mut slices);
@@ -742,6 +786,63 @@ mod tests {
         assert_eq!(node.read_text(), "push 1");
         assert_eq!(node.read_text(), "push 2");
         assert_eq!(node.read_text(), "reply");
+        node.stop();
+    }
+
+    /// A push that comes after a reply, while the reply waits to be written, leaves in the
+    /// same write; and the session is written again for the next reply (a regression: taking
+    /// the held pushes in the flush left the session marked dirty, so it was never written
+    /// again).
+    #[test]
+    fn a_session_written_with_its_held_pushes_is_written_again_later() {
+        let uid = Uid::new(UidKind::Buyer, 10);
+        let config = Config {
+            push_flush_delay_ms: 3_600_000,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        // Fails the test rather than hanging it if a frame never comes.
+        node.client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let reply = |text: &str| BusMsg::Deliver {
+            to: first_session(),
+            ws_message: frame::encode(Opcode::Text, text.as_bytes()),
+        };
+        node.post(reply("reply 1"));
+        node.post(push(uid, "push 1"));
+        assert_eq!(node.read_text(), "reply 1");
+        // Whether "push 1" came in reply 1's turn (and left with it) or in a later one (and
+        // is taken along by reply 2), it comes before reply 2.
+        node.post(reply("reply 2"));
+        assert_eq!(node.read_text(), "push 1");
+        assert_eq!(node.read_text(), "reply 2");
+        node.stop();
+    }
+
+    /// A session that is kicked while pushes are held for it gets them first, then `kicked`,
+    /// then the close frame (the first version of held runs dropped the pushes here, and on a
+    /// drain the close frame).
+    #[test]
+    fn held_pushes_leave_ahead_of_a_kick_and_its_close_frame() {
+        let uid = Uid::new(UidKind::Buyer, 9);
+        let config = Config {
+            push_flush_delay_ms: 3_600_000,
+            ..Config::default()
+        };
+        let mut node = Node::start(config, uid);
+        node.post(push(uid, "push 1"));
+        node.post(push(uid, "push 2"));
+        node.post(BusMsg::Kick {
+            session: first_session(),
+            by_service: true,
+        });
+        assert_eq!(node.read_text(), "push 1");
+        assert_eq!(node.read_text(), "push 2");
+        assert!(node.read_text().contains("kicked"));
+        let mut head = [0u8; 2];
+        node.client.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x88, "the close frame");
         node.stop();
     }
 

@@ -48,11 +48,12 @@ use chinwag_protocol::{
 use clap::Args;
 
 use crate::check::{SeqTrack, Violation, Violations};
+use crate::ledger::{Ledger, Sent, WriteOutages};
 use crate::procfs;
 use crate::proto::{Event, Writer};
 use crate::report::{self, Progress, Report};
 use crate::scenarios::stamp::{self, STAMP_DIGITS};
-use crate::scenarios::{connect_and_login, shop, Common, LOGIN_REQ};
+use crate::scenarios::{connect_and_login, shop, verify, Common, LOGIN_REQ};
 
 /// Flags of `chat`.
 #[derive(Args, Debug)]
@@ -91,6 +92,15 @@ pub struct ChatArgs {
     /// Seconds allowed after sending stops for every reply and push to arrive.
     #[arg(long, default_value_t = 10)]
     pub drain_s: u64,
+    /// After the drain, read every conversation back with `history` (from any node of
+    /// `--addr`) and check it against every acknowledged send: each stored exactly once at
+    /// the seq its `send_ok` named, with its body; seqs 1..n with no hole (docs/loadgen.md,
+    /// "Verifying the stored log").
+    #[arg(long)]
+    pub verify_log: bool,
+    /// Seconds allowed for `--verify-log` to read every conversation.
+    #[arg(long, default_value_t = 60)]
+    pub verify_timeout_s: u64,
 }
 
 /// Flags of `storm`: those of `chat`, plus the storm.
@@ -137,9 +147,13 @@ struct User {
     repair_at: Option<Instant>,
     /// When its current connection last brought anything (or was opened).
     last_heard: Instant,
-    /// The reqs of sends whose reply timed out or that were answered `unavailable`, and that
-    /// were sent again (a late reply to one is not a violation).
-    abandoned: Vec<u64>,
+    /// The reqs (and message numbers) of sends whose reply timed out or that were answered
+    /// `unavailable`, and that were sent again (a late reply to one is not a violation).
+    abandoned: Vec<(u64, u64)>,
+    /// Its conversation's number in this process (users `k·c` .. `k·c + k - 1`).
+    conversation: usize,
+    /// `--verify-log`: every send it made, by message number.
+    log: Vec<Sent>,
 }
 
 /// A `send` waiting for its `send_ok`.
@@ -173,6 +187,10 @@ struct Counts {
     repairs: u64,
     /// Replies not come within REPLY_TIMEOUT (several addresses).
     timed_out: u64,
+    /// `--verify-log`: what was recorded of the sends.
+    ledger: Ledger,
+    /// Conversations (by number) from a failed or unanswered send to the next write.
+    outages: WriteOutages<usize>,
 }
 
 /// Runs `chat` and returns its report.
@@ -278,6 +296,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             repair_at: None,
             last_heard: Instant::now(),
             abandoned: Vec::new(),
+            conversation: i / k,
+            log: Vec::new(),
         })
         .collect();
     // Several addresses: a failed connection moves on instead of losing its user.
@@ -313,10 +333,6 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     } else {
         (1e9 / args.rate_per_user_per_s) as u64
     };
-    let server_sample = |pid: Option<u32>| -> io::Result<Option<f64>> {
-        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
-            .transpose()
-    };
     let (mut server_cpu_from, mut server_cpu_to) = (None, None);
     let (mut own_cpu_from, mut own_cpu_to) = (0.0, 0.0);
     let mut measuring = false;
@@ -339,14 +355,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     &mut counts,
                 );
             }
-            flush(
-                &mut fleet,
-                i,
-                &mut report,
-                user,
-                None,
-                &mut counts.reconnects,
-            );
+            flush(&mut fleet, i, &mut report, user, None, &mut counts);
         }
     }
     loop {
@@ -356,7 +365,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             measuring = true;
             progress.phase("measured");
             report.window_unix_ns = Some((report::unix_ns(), 0));
-            server_cpu_from = server_sample(common.server_pid)?;
+            server_cpu_from = procfs::cpu_s(&common.server_pid)?;
             own_cpu_from = report::own_cpu_s();
             send_to_send_ok.reset();
             send_to_push.reset();
@@ -364,7 +373,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
         let sending = now_ns < measure_to_ns;
         if !sending && server_cpu_to.is_none() {
             progress.phase("drain");
-            server_cpu_to = server_sample(common.server_pid)?.or(Some(0.0));
+            server_cpu_to = procfs::cpu_s(&common.server_pid)?.or(Some(0.0));
             own_cpu_to = report::own_cpu_s();
             let from = report.window_unix_ns.map_or(report::unix_ns(), |w| w.0);
             report.window_unix_ns = Some((from, report::unix_ns()));
@@ -399,7 +408,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             &mut report,
                             user,
                             Some(&mut moves),
-                            &mut counts.reconnects,
+                            &mut counts,
                         );
                     }
                     Some(_) => {}
@@ -485,7 +494,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 &mut report,
                 user,
                 moves_on.then_some(&mut moves),
-                &mut counts.reconnects,
+                &mut counts,
             );
         }
         if moves_on && now >= next_timeout_scan {
@@ -519,7 +528,10 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 let writer = &mut fleet.conns[user.conn].writer;
                 for f in stale {
                     counts.timed_out += 1;
-                    user.abandoned.push(f.req);
+                    user.abandoned.push((f.req, f.n));
+                    counts
+                        .outages
+                        .failed(user.conversation, f.sent_at.unwrap_or(now), now);
                     if user.abandoned.len() > ABANDONED_MAX {
                         user.abandoned.remove(0);
                     }
@@ -531,7 +543,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     &mut report,
                     user,
                     Some(&mut moves),
-                    &mut counts.reconnects,
+                    &mut counts,
                 );
             }
         }
@@ -551,7 +563,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 &mut report,
                 user,
                 moves_on.then_some(&mut moves),
-                &mut counts.reconnects,
+                &mut counts,
             );
         }
         if sending && !closed_loop {
@@ -587,7 +599,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         &mut report,
                         user,
                         moves_on.then_some(&mut moves),
-                        &mut counts.reconnects,
+                        &mut counts,
                     );
                 }
             }
@@ -693,12 +705,15 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     let Some(at) = req.and_then(|r| user.in_flight.iter().position(|f| f.req == r))
                     else {
                         if let Some(gone) =
-                            req.and_then(|r| user.abandoned.iter().position(|a| *a == r))
+                            req.and_then(|r| user.abandoned.iter().position(|a| a.0 == r))
                         {
                             // The late reply of a send already sent again: its seq counts once.
-                            user.abandoned.swap_remove(gone);
+                            let (_, n) = user.abandoned.swap_remove(gone);
                             let conv_last = last_seq.entry(ok.conv).or_default();
                             *conv_last = (*conv_last).max(ok.seq.0);
+                            if let Some(v) = ack(user, i, n, ok.conv, ok.seq) {
+                                violations.add(v);
+                            }
                             if let Some(track) = user.track.as_mut() {
                                 track.recover(ok.seq.0);
                             }
@@ -712,9 +727,18 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     let InFlight {
                         intended_ns,
                         resent,
+                        n,
+                        sent_at,
                         ..
                     } = user.in_flight.remove(at).unwrap_or_default();
                     counts.send_ok += 1;
+                    let now = Instant::now();
+                    counts
+                        .outages
+                        .acked(user.conversation, sent_at.unwrap_or(now), now);
+                    if let Some(v) = ack(user, i, n, ok.conv, ok.seq) {
+                        violations.add(v);
+                    }
                     if in_window {
                         counts.send_ok_measured += 1;
                     }
@@ -809,7 +833,10 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                             // It may or may not have been stored: send it again, same cmid. A
                             // cluster may still answer it later (the owner did it, and its
                             // reply came back after the link gave up on it): not a violation.
-                            user.abandoned.push(refused.req);
+                            user.abandoned.push((refused.req, refused.n));
+                            let now = Instant::now();
+                            let sent_at = refused.sent_at.unwrap_or(now);
+                            counts.outages.failed(user.conversation, sent_at, now);
                             if user.abandoned.len() > ABANDONED_MAX {
                                 user.abandoned.remove(0);
                             }
@@ -843,7 +870,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                         user.lost = true;
                         return;
                     }
-                    move_on(user, i, &mut moves, &mut counts.reconnects);
+                    move_on(user, i, &mut moves, &mut counts);
                 }
             }
         })?;
@@ -904,6 +931,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if moves_on {
         report.figure("history_repairs", counts.repairs);
         report.figure("replies_timed_out", counts.timed_out);
+        report.figure("write_outages", counts.outages.begun);
+        report.figure("write_outages_unresolved", counts.outages.unresolved());
     }
     if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
@@ -923,8 +952,8 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             cpu_s * 1e6 / counts.delivered_measured.max(1) as f64,
         );
     }
-    if let Some(pid) = common.server_pid {
-        report.figure("server_rss_bytes", procfs::rss_bytes(pid)?);
+    if let Some(rss) = procfs::rss_bytes_sum(&common.server_pid)? {
+        report.figure("server_rss_bytes", rss);
     }
     let own_cpu_s = own_cpu_to - own_cpu_from;
     report.figure("loadgen_cpu_s", own_cpu_s);
@@ -936,13 +965,77 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     report
         .latencies
         .push(("connect_to_login".into(), opened.connect_to_login));
+    if moves_on {
+        let resumed = std::mem::replace(&mut counts.outages.resumed, report::latency_histogram());
+        report
+            .latencies
+            .push(("failure_to_write_resumed".into(), resumed));
+    }
     for v in violations.first.drain(..) {
         report.violations.first.push(v);
     }
     report.violations.count += violations.count;
     fleet.traffic().report(&mut report);
+    drop(fleet);
+    if args.verify_log {
+        if counts.ledger.full {
+            report.fail(format!(
+                "verify-log: not verified: more than {} sends to record, or one out of order",
+                Ledger::SENDS_MAX
+            ));
+        } else {
+            let to_read = logs_to_read(&users, k, &built, &tokens);
+            let timeout = Duration::from_secs(args.verify_timeout_s);
+            verify::run(common, timeout, to_read, &mut report);
+        }
+    }
     report.series = progress.series();
     Ok(report)
+}
+
+/// `--verify-log`: send number `n` of user `i` was acknowledged at `seq` of `conv`; a
+/// violation if the same cmid was acknowledged at another seq before.
+fn ack(user: &mut User, i: usize, n: u64, conv: ConvId, seq: Seq) -> Option<Violation> {
+    let sent = user.log.get_mut(usize::try_from(n).ok()?)?;
+    let first = sent.ack(seq.0).err()?;
+    Some(Violation::AckedTwice {
+        conv: conv.0,
+        cmid: format!("{i}-{n}"),
+        first,
+        again: seq.0,
+    })
+}
+
+/// The conversations of the run whose id some member learned, each with every send its
+/// members made (by cmid, `USER-N`) and the token of its first member.
+fn logs_to_read(
+    users: &[User],
+    k: usize,
+    built: &[Option<(ConvId, u64)>],
+    tokens: &[String],
+) -> Vec<verify::ToRead> {
+    let mut out = Vec::new();
+    for (c, build) in built.iter().enumerate() {
+        let members = group(c * k, k);
+        // A direct conversation no member got a `send_ok` or a push of has nothing
+        // acknowledged to check (and no id to read it by).
+        let Some(conv) = members.clone().find_map(|j| users[j].conv) else {
+            continue;
+        };
+        let mut sends = HashMap::new();
+        for j in members {
+            for (n, sent) in users[j].log.iter().enumerate() {
+                sends.insert(format!("{j}-{n}"), *sent);
+            }
+        }
+        out.push(verify::ToRead {
+            conv,
+            first: build.map_or(1, |(_, last)| last + 1),
+            token: tokens[c * k].clone(),
+            sends,
+        });
+    }
+    out
 }
 
 /// How long a closed-loop window slot of a refused send stays empty (the server's rate limit
@@ -956,17 +1049,19 @@ const RECONNECT_AFTER: Duration = Duration::from_millis(200);
 
 /// User `i`'s connection failed, with several addresses: its node is gone (or closed it), so
 /// the next address takes the user, which catches up there and sends again what was unsure.
-fn move_on(
-    user: &mut User,
-    i: usize,
-    moves: &mut VecDeque<(Instant, usize)>,
-    reconnects: &mut u64,
-) {
+fn move_on(user: &mut User, i: usize, moves: &mut VecDeque<(Instant, usize)>, counts: &mut Counts) {
+    let now = Instant::now();
+    // Sends in flight on the failed connection went unanswered.
+    for f in &user.in_flight {
+        counts
+            .outages
+            .failed(user.conversation, f.sent_at.unwrap_or(now), now);
+    }
     let unsure: Vec<InFlight> = user.in_flight.drain(..).collect();
     user.unsure.extend(unsure);
     if user.catching_up.is_none() {
-        user.catching_up = Some(Instant::now());
-        *reconnects += 1;
+        user.catching_up = Some(now);
+        counts.reconnects += 1;
     }
     if !user.reconnect_due {
         schedule_move(user, i, Instant::now(), moves);
@@ -1103,6 +1198,9 @@ fn send(
     let n = user.sent;
     user.sent += 1;
     counts.sent += 1;
+    if args.verify_log {
+        counts.ledger.record(&mut user.log, n, body.as_bytes());
+    }
     send_numbered(user, i, writer, intended_ns, n, false, body, args);
 }
 
@@ -1155,12 +1253,12 @@ fn flush(
     report: &mut Report,
     user: &mut User,
     moves: Option<&mut VecDeque<(Instant, usize)>>,
-    reconnects: &mut u64,
+    counts: &mut Counts,
 ) {
     if let Err(failure) = fleet.flush(user.conn) {
         report.fail(failure.cause());
         match moves {
-            Some(moves) => move_on(user, i, moves, reconnects),
+            Some(moves) => move_on(user, i, moves, counts),
             None => user.lost = true,
         }
     }

@@ -45,7 +45,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     let tokens: Vec<String> = (0..connections as u64)
         .map(|i| common.token(Uid::new(UidKind::Buyer, base + i)))
         .collect();
-    let rss_before = common.server_pid.map(procfs::rss_bytes).transpose()?;
+    let rss_before = procfs::rss_bytes_sum(&common.server_pid)?;
     // From before the first connect to the RSS read after the last login (for `--procs`).
     let window_from_ns = report::unix_ns();
     let cpu_start = report::own_cpu_s();
@@ -78,7 +78,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     while Instant::now() < hold_end {
         let now = Instant::now();
         if rss_after.is_none() && now >= settle_at {
-            rss_after = common.server_pid.map(procfs::rss_bytes).transpose()?;
+            rss_after = procfs::rss_bytes_sum(&common.server_pid)?;
             window_to_ns = report::unix_ns();
         }
         for i in 0..fleet.conns.len() {
@@ -135,7 +135,7 @@ pub fn run(args: &ConnectArgs) -> io::Result<Report> {
     }
     if rss_after.is_none() {
         // A hold no longer than the settle time ends before the loop read the RSS.
-        rss_after = common.server_pid.map(procfs::rss_bytes).transpose()?;
+        rss_after = procfs::rss_bytes_sum(&common.server_pid)?;
         window_to_ns = report::unix_ns();
     }
     report.window_unix_ns = Some((window_from_ns, window_to_ns));

@@ -126,10 +126,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
     let measure_from_ns = args.warmup_s * 1_000_000_000;
     let measure_to_ns = measure_from_ns + args.duration_s * 1_000_000_000;
     let drain_end = start + Duration::from_nanos(measure_to_ns) + Duration::from_secs(args.drain_s);
-    let server_cpu = |pid: Option<u32>| -> io::Result<Option<f64>> {
-        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
-            .transpose()
-    };
+    let server_cpu = |pids: &[u32]| procfs::cpu_s(pids);
     let (mut cpu_from, mut cpu_to) = (None, None);
     let (mut own_from, mut own_to) = (0.0, 0.0);
     let mut measuring = false;
@@ -168,7 +165,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         if !measuring && now_ns >= measure_from_ns && now_ns < measure_to_ns {
             measuring = true;
             progress.phase("measured");
-            cpu_from = server_cpu(common.server_pid)?;
+            cpu_from = server_cpu(&common.server_pid)?;
             own_from = report::own_cpu_s();
             send_to_push.reset();
             spread.reset();
@@ -187,7 +184,7 @@ pub fn run(args: &FanoutArgs) -> io::Result<Report> {
         if now_ns >= measure_to_ns {
             if cpu_to.is_none() {
                 progress.phase("drain");
-                cpu_to = server_cpu(common.server_pid)?.or(Some(0.0));
+                cpu_to = server_cpu(&common.server_pid)?.or(Some(0.0));
                 own_to = report::own_cpu_s();
             }
             let expected = send_ok * u64::from(members);

@@ -250,10 +250,7 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
     let mut body = String::new();
     let (mut cpu_from, mut cpu_to) = (None, None);
     let (mut own_from, mut own_to) = (0.0, 0.0);
-    let server_cpu = |pid: Option<u32>| -> io::Result<Option<f64>> {
-        pid.map(|p| procfs::user_system_s(p).map(|(u, s)| u + s))
-            .transpose()
-    };
+    let server_cpu = |pids: &[u32]| procfs::cpu_s(pids);
     let mut phase = "setup";
     let mut posted_last = false;
     let mut conv_last: Option<u64> = None;
@@ -271,13 +268,13 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
         if next_phase != phase {
             progress.phase(next_phase);
             if next_phase == "measured" {
-                cpu_from = server_cpu(common.server_pid)?;
+                cpu_from = server_cpu(&common.server_pid)?;
                 own_from = report::own_cpu_s();
                 send_to_push.reset();
                 send_to_send_ok.reset();
             }
             if next_phase == "drain" {
-                cpu_to = server_cpu(common.server_pid)?;
+                cpu_to = server_cpu(&common.server_pid)?;
                 own_to = report::own_cpu_s();
             }
             phase = next_phase;
@@ -500,7 +497,7 @@ pub fn run(args: &GroupArgs) -> io::Result<Report> {
         );
     }
     if cpu_to.is_none() {
-        cpu_to = server_cpu(common.server_pid)?;
+        cpu_to = server_cpu(&common.server_pid)?;
         own_to = report::own_cpu_s();
     }
     let conv_last = conv_last.or(meet

@@ -9,6 +9,7 @@ pub mod group;
 mod rendezvous;
 pub mod shop;
 pub mod stamp;
+pub mod verify;
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,9 +60,10 @@ pub struct Common {
     /// Seconds allowed for every connection to open and log in.
     #[arg(long, default_value_t = 60)]
     pub login_timeout_s: u64,
-    /// The server's pid, to read its CPU time and memory from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// The server's pid, to read its CPU time and memory from /proc; or several,
+    /// comma-separated (a cluster's nodes): their CPU time and memory are summed.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     #[command(flatten)]
     pub run: RunFlags,
 }
