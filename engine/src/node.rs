@@ -17,6 +17,7 @@ use signal_hook::iterator::Signals;
 use crate::bus::mailbox::Mailbox;
 use crate::bus::post::PostOffice;
 use crate::bus::{PartitionId, PartitionMap};
+use crate::cluster::roles::{Leases, RoleChange};
 use crate::logic::{parse_partition_dir, LogSetup, Owner};
 use crate::net::listener;
 use crate::operator::config::Config;
@@ -88,14 +89,33 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     for owner in &mut owners {
         owner.set_wechat(wechat.clone());
     }
+    let leases = Arc::new(Leases::new(map.count()));
     let links = match (&cluster, link_listener) {
         (Some(cluster), Some(listener)) => {
             for owner in &mut owners {
                 owner.set_cluster(Arc::clone(cluster));
             }
+            start_replication(&config, cluster.node, &leases, &mut owners);
             Some(start_links(&config, cluster, listener, &office, &map)?)
         }
         _ => None,
+    };
+    // The leadership thread, once the links run (a follower's first question goes by them).
+    // Its first round's role changes wait in the shards' mailboxes; the shards start once it
+    // is done (or after two lease lengths without Redis: the partitions then wait for a
+    // later round), so that a node serves its partitions from its first turn.
+    let lease_thread = match &cluster {
+        Some(cluster) => {
+            let sink = Arc::new(ShardRoles(Arc::clone(&office)));
+            let thread = cluster.start_leases(Arc::clone(&leases), sink)?;
+            let deadline = std::time::Instant::now()
+                + std::time::Duration::from_millis(2 * config.cluster_lease_ms);
+            while thread.rounds() == 0 && std::time::Instant::now() < deadline {
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Some(thread)
+        }
+        None => None,
     };
     let mut state = NodeState::new(config, jwt_secret, Arc::clone(&map), wechat);
     if let Some(cluster) = &cluster {
@@ -162,6 +182,11 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
             result = Err(e);
         }
     }
+    // Gives this node's leases up so that its followers take over at once (its shards have
+    // stopped acknowledging: they are done).
+    if let Some(thread) = lease_thread {
+        thread.drain();
+    }
     // Deregisters once every session has ended (their logouts are in the queue by now).
     if let Some(cluster) = &state.cluster {
         cluster.leave();
@@ -194,24 +219,63 @@ fn join_cluster(
     }
 }
 
-/// This node's share of the cluster's partitions: those the table gives it, dealt to its
-/// shards round-robin; the others are "not here".
+/// This node's share of the cluster's partitions: those it holds a replica of, dealt to its
+/// shards round-robin; the others are "not here". None is led yet: the leadership thread's
+/// `Lead` makes a shard serve a partition, once this node holds its lease.
 fn cluster_map(cluster: &crate::cluster::Cluster, shards: usize) -> PartitionMap {
     let shards = shards.max(1);
-    let mut next = 0usize;
-    let assignment = (0..cluster.partitions.count())
-        .map(|p| {
-            let entry = cluster.partitions.get(p)?;
-            (entry.node == cluster.node).then(|| {
-                let shard = next % shards;
-                next += 1;
-                // Below `SHARDS_MAX`, which fits.
-                shard as u16
-            })
+    let held: Vec<u32> = (0..cluster.partitions.count())
+        .filter(|&p| {
+            cluster
+                .partitions
+                .record(p)
+                .is_some_and(|r| r.leader == cluster.node || r.replicas.contains(&cluster.node))
         })
         .collect();
-    PartitionMap::from_assignment(assignment, shards)
+    let mut assignment = vec![None; cluster.partitions.count() as usize];
+    for (i, &p) in held.iter().enumerate() {
+        // Below `SHARDS_MAX`, which fits.
+        assignment[p as usize] = Some((i % shards) as u16);
+    }
+    let map = PartitionMap::from_assignment(assignment, shards);
+    for &p in &held {
+        let shard = map.replica_shard(p).map(|s| s as u16);
+        // Below `PARTITIONS_MAX`, which fits.
+        map.set(p as PartitionId, shard, false);
+    }
+    map
 }
+
+/// Makes the owners replicate their partitions: the leadership thread tells them their roles
+/// (through [`ShardRoles`]), `leases` holds its deadlines.
+fn start_replication(config: &Config, node: u16, leases: &Arc<Leases>, owners: &mut [Owner]) {
+    let setup = crate::logic::ReplicationSetup {
+        node,
+        ack_replicated: config.ack == crate::operator::config::AckPolicy::Replicated,
+        leases: Some(Arc::clone(leases)),
+        lag_max_ms: config.replica_lag_max_ms,
+        held_bytes_max: HELD_BYTES_MAX,
+    };
+    for owner in owners.iter_mut() {
+        owner.set_replication(setup.clone());
+    }
+}
+
+/// Where the leadership thread sends role changes: each to the mailbox of the shard that
+/// holds (or takes) the partition. Never blocks; a change that finds the mailbox full is
+/// logged and lost (the mailbox holds tens of thousands of messages; role changes are rare).
+pub struct ShardRoles(pub Arc<PostOffice>);
+
+impl crate::cluster::roles::RoleSink for ShardRoles {
+    fn changed(&self, change: RoleChange) {
+        if let Err(change) = self.0.post_role(change) {
+            tracing::error!(?change, "role change lost: the shard's mailbox is full");
+        }
+    }
+}
+
+/// Bytes of outputs one shard holds at most while their records reach the replicas.
+const HELD_BYTES_MAX: usize = 64 << 20;
 
 /// The node links of a cluster node, and the thread that keeps their peers in step with the
 /// registry.
@@ -395,7 +459,7 @@ fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Resu
     let mut per_shard: Vec<Vec<(PartitionId, Store)>> = (0..shards).map(|_| Vec::new()).collect();
     for (p, store) in opened {
         // `existing_partitions` kept only partitions this node's shards serve.
-        let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+        let shard = map.replica_shard(u32::from(p)).unwrap_or(0);
         per_shard[shard].push((p, store));
     }
     Ok(per_shard
@@ -430,8 +494,16 @@ fn existing_partitions(root: &Path, map: &PartitionMap) -> io::Result<Vec<Partit
         let p = name
             .to_str()
             .and_then(parse_partition_dir)
-            .filter(|&p| map.owns(u32::from(p)));
+            .filter(|&p| usize::from(p) < map.count());
         match p {
+            // A partition of the data that this node holds no replica of now (in a cluster,
+            // it moved to other nodes): its log stays on disk, unopened.
+            Some(p) if entry.path().is_dir() && map.replica_shard(u32::from(p)).is_none() => {
+                tracing::info!(
+                    partition = p,
+                    "a log of a partition held elsewhere now left unopened"
+                );
+            }
             Some(p) if entry.path().is_dir() => found.push(p),
             _ => {
                 return Err(io::Error::other(format!(
@@ -465,7 +537,7 @@ fn open_partitions(
                 let Some(&p) = partitions.get(i) else {
                     return;
                 };
-                let shard = map.shard_of_partition(u32::from(p)).unwrap_or(0);
+                let shard = map.replica_shard(u32::from(p)).unwrap_or(0);
                 let opened = Store::open(setups[shard].config_of(p));
                 let failed = opened.is_err();
                 results

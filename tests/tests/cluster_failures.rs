@@ -16,9 +16,12 @@ use chinwag_tests::cluster::{self, Cluster, ClusterSpec, LoadgenRun, FAST_LINKS}
 use chinwag_tests::{buyer, send};
 use serde_json::Value;
 
-/// Three nodes without the per-connection rate limit (a closed-loop load passes it at once).
+/// Three nodes, one replica per partition (issue 13's failures of an unreplicated cluster;
+/// cluster_replication.rs has the replicated ones), without the per-connection rate limit (a
+/// closed-loop load passes it at once).
 fn cluster() -> Cluster {
     Cluster::start(ClusterSpec {
+        replicas: Some(1),
         extra: vec!["--messages-per-s-max=0".into()],
         ..ClusterSpec::default()
     })
@@ -181,6 +184,7 @@ fn redis_restarted_under_chat_load_established_sessions_keep_chatting() {
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_cut_node_link_answers_unavailable_never_hangs_and_heals() {
     let mut cluster = Cluster::start(ClusterSpec {
+        replicas: Some(1),
         link_proxies: true,
         extra: FAST_LINKS.iter().map(|s| s.to_string()).collect(),
         ..ClusterSpec::default()

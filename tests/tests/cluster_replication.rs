@@ -20,10 +20,8 @@
 //! One test runs now, without replication: the judge against a cluster that really loses
 //! acknowledged messages (a node's disk wiped), which must fail the run and name them.
 //!
-//! **Until replication is on main** the failover tests cannot pass (the engine has no replicas, no
-//! leases, no `init --replicas`): they sit in `awaiting_replication`, ignored with the reason,
-//! and `.ci/run` skips that module. Once the `repl` and `lease` work is merged, the module goes
-//! and CI runs them like the other cluster tests.
+//! The failover tests are in `failover`; CI runs them like the other cluster tests (the kill
+//! loop with 2 cycles; `CHINWAG_FAILOVER_CYCLES=10` for the issue's 10).
 
 use std::collections::BTreeMap;
 
@@ -146,7 +144,9 @@ fn failures(report: &Value) -> BTreeMap<String, u64> {
 #[test]
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
+    // One replica: a wiped disk then really loses what it acknowledged.
     let mut cluster = Cluster::start(ClusterSpec {
+        replicas: Some(1),
         extra: vec!["--messages-per-s-max=0".into()],
         ..ClusterSpec::default()
     });
@@ -214,14 +214,14 @@ fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
     assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
-/// The failover tests, waiting for replication on main (see the module doc).
-mod awaiting_replication {
+/// The failover tests against a replicated cluster.
+mod failover {
     use chinwag_tests::cluster::{self, Cluster};
 
     use super::*;
 
     #[test]
-    #[ignore = "replication is not on main yet (issue 14: replicas, leases, init --replicas); .ci/run skips awaiting_replication:: until it is"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn kill_the_leader_of_busy_partitions_cycles_lose_no_acknowledged_message() {
         let cycles = cycles();
         let mut cluster = Cluster::start(replicated());
@@ -257,7 +257,7 @@ mod awaiting_replication {
     }
 
     #[test]
-    #[ignore = "replication is not on main yet (issue 14: replicas, leases, init --replicas); .ci/run skips awaiting_replication:: until it is"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_leader_paused_past_its_lease_acknowledges_nothing_after_and_its_late_writes_never_appear()
     {
         let mut cluster = Cluster::start(replicated());
@@ -295,7 +295,7 @@ mod awaiting_replication {
     }
 
     #[test]
-    #[ignore = "replication is not on main yet (issue 14: replicas, leases, init --replicas); .ci/run skips awaiting_replication:: until it is"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn redis_restarted_during_a_failover_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
@@ -321,7 +321,7 @@ mod awaiting_replication {
     }
 
     #[test]
-    #[ignore = "replication is not on main yet (issue 14: replicas, leases, init --replicas); .ci/run skips awaiting_replication:: until it is"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_follower_killed_and_restarted_catches_up_and_rejoins() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
@@ -365,7 +365,7 @@ mod awaiting_replication {
     }
 
     #[test]
-    #[ignore = "chinwag cluster add-node / retire-node do not exist yet (docs/cluster.md, what is not done yet), nor replication on main; .ci/run skips awaiting_replication::"]
+    #[ignore = "chinwag cluster add-node / retire-node are not on main yet (the move branch); .ci/run skips it"]
     fn a_fourth_node_added_and_retired_under_load_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 60);

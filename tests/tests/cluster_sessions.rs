@@ -50,6 +50,9 @@ fn a_restarted_owner_lists_kicks_and_replaces_sessions_that_stayed_up_on_another
         nodes: 3,
         partitions: 8,
         shards: 2,
+        // One replica: the restarted node owns its partitions again (with two, its follower
+        // takes them over and the restarted node follows: the takeover path).
+        replicas: Some(1),
         ..ClusterSpec::default()
     });
     // Two users whose devices node 2 owns, logged in on node 1.

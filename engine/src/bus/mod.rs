@@ -42,6 +42,7 @@ use chinwag_protocol::{
 };
 use smallvec::SmallVec;
 
+use crate::cluster::roles::RoleChange;
 use crate::net::ws::frame::{encode_with, Opcode};
 use crate::store::StoredProfile;
 pub use partitions::{PartitionId, PartitionMap};
@@ -348,6 +349,76 @@ pub enum BusMsg {
         /// The node whose link came up.
         node: u16,
     },
+
+    // ---- Replication (issue 14; cluster/replica.rs): one partition's log between its
+    // leader and a follower. They go to the shard holding the partition's replica here
+    // ([`PartitionMap::replica_shard`]), sent to a named node (`To::Node`). ----
+    /// This node's role for a partition changed (the leadership thread, through the node's
+    /// `RoleSink`; never sent over a link).
+    Role(Box<RoleChange>),
+    /// Leader → follower: records of the partition's log.
+    LogData(Box<LogData>),
+    /// Follower → leader: where its log is (committed under its fsync policy), at the epoch it
+    /// follows. Also the answer to records it could not append there (a gap, an older epoch).
+    ReplicaAck(ReplicaAck),
+    /// Follower → leader: where does my newest epoch end in your log?
+    EpochQuery(EpochQuery),
+    /// Leader → follower: the answer to an [`EpochQuery`].
+    EpochAnswer(EpochAnswer),
+}
+
+/// Records of a partition's log, for a follower (frames stay under the link's frame limit:
+/// the leader reads chunks of at most `cluster::replica::CHUNK_BYTES`, whole records).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogData {
+    pub partition: PartitionId,
+    /// The leader's epoch: a follower refuses records from an older one.
+    pub epoch: u64,
+    /// The epoch that wrote these records (a chunk never spans two).
+    pub data_epoch: u64,
+    /// The follower's log position these records continue, as the leader believes.
+    pub from: u64,
+    /// Where the records start: `from`, or the next segment's first record when `from` is the
+    /// end of a segment.
+    pub at: u64,
+    /// Whole records, the leader's bytes.
+    pub records: Bytes,
+    /// How far the leader's log is acknowledged (every in-sync replica has it).
+    pub leader_acked: u64,
+}
+
+/// A follower's position in a partition's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAck {
+    pub partition: PartitionId,
+    /// The epoch the follower follows (an older leader learns that it is stale).
+    pub epoch: u64,
+    /// The follower's node.
+    pub node: u16,
+    /// Its log's tail, committed.
+    pub position: u64,
+}
+
+/// A follower's question to its new leader (Kafka's `OffsetsForLeaderEpoch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochQuery {
+    pub partition: PartitionId,
+    /// The epoch of the leader the follower follows.
+    pub epoch: u64,
+    /// The follower's node.
+    pub node: u16,
+    /// The newest epoch of the follower's history.
+    pub last_epoch: u64,
+}
+
+/// The leader's answer: its newest epoch at or below the one asked, and where that epoch's
+/// stretch of its log ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochAnswer {
+    pub partition: PartitionId,
+    pub epoch: u64,
+    pub last_epoch: u64,
+    pub end: u64,
 }
 
 /// One logged-in session, as its shard announces it to the owner of its user's devices.
@@ -545,6 +616,17 @@ impl BusMsg {
             | BusMsg::Push(_)
             | BusMsg::Reannounce { .. }
             | BusMsg::ForgetNode { .. } => None,
+            // Replication: the shard holding a replica here, leader or follower; a role
+            // change for a partition this node holds nothing of yet goes to its home shard.
+            BusMsg::Role(change) => {
+                let p = change.partition();
+                map.replica_shard(u32::from(p))
+                    .or_else(|| map.home_shard(u32::from(p)))
+            }
+            BusMsg::LogData(_)
+            | BusMsg::ReplicaAck(_)
+            | BusMsg::EpochQuery(_)
+            | BusMsg::EpochAnswer(_) => map.replica_shard(self.replica_partition()?),
             _ => map.shard_of_partition(self.partition(map)?),
         }
     }
@@ -602,7 +684,26 @@ impl BusMsg {
             | BusMsg::ConvsPart { .. }
             | BusMsg::Reannounce { .. }
             | BusMsg::ForgetNode { .. } => None,
+            // Sent to a named node, never routed by a partition's leader.
+            BusMsg::Role(_)
+            | BusMsg::LogData(_)
+            | BusMsg::ReplicaAck(_)
+            | BusMsg::EpochQuery(_)
+            | BusMsg::EpochAnswer(_) => None,
         }
+    }
+
+    /// The partition of a replication message (`None` for any other).
+    pub fn replica_partition(&self) -> Option<u32> {
+        let p = match self {
+            BusMsg::Role(change) => change.partition(),
+            BusMsg::LogData(data) => data.partition,
+            BusMsg::ReplicaAck(ack) => ack.partition,
+            BusMsg::EpochQuery(query) => query.partition,
+            BusMsg::EpochAnswer(answer) => answer.partition,
+            _ => return None,
+        };
+        Some(u32::from(p))
     }
 }
 

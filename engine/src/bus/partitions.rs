@@ -18,6 +18,8 @@
 //! | counter (48 bits, from 1)          | partition     |
 //! ```
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use chinwag_protocol::ConvId;
 
 use super::placement::{self, Placed};
@@ -51,12 +53,65 @@ pub fn conv_counter(conv: ConvId) -> u64 {
     conv.0 >> CONV_PARTITION_BITS
 }
 
-/// Which partitions this node owns and which of its shards serves each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which partitions this node holds and which of its shards holds each; which of them it
+/// leads (serves requests for).
+///
+/// Changeable at run time, without a lock on the message path: one atomic per partition,
+/// written by the shard that holds the partition when its role changes (a takeover, a
+/// demotion; `cluster::replica`), read by every router. A reader between two changes sees one
+/// or the other; a request that reaches a shard that no longer leads the partition is
+/// answered as if it were another node's.
 pub struct PartitionMap {
-    /// Per partition: the shard that serves it here, or `None` (another node's).
-    shard_of: Vec<Option<u16>>,
+    /// Per partition: 0 if no replica is here, else the shard holding it plus one, with
+    /// [`LEADS`] set when this node leads it.
+    slots: Vec<AtomicU32>,
     shards: usize,
+}
+
+/// The bit of a [`PartitionMap`] slot that says this node leads the partition.
+const LEADS: u32 = 1 << 31;
+
+fn slot(shard: Option<u16>, leads: bool) -> u32 {
+    match shard {
+        None => 0,
+        Some(s) => (u32::from(s) + 1) | if leads { LEADS } else { 0 },
+    }
+}
+
+impl Clone for PartitionMap {
+    fn clone(&self) -> PartitionMap {
+        PartitionMap {
+            slots: self
+                .slots
+                .iter()
+                .map(|s| AtomicU32::new(s.load(Ordering::Acquire)))
+                .collect(),
+            shards: self.shards,
+        }
+    }
+}
+
+impl PartialEq for PartitionMap {
+    fn eq(&self, other: &PartitionMap) -> bool {
+        self.shards == other.shards
+            && self.slots.len() == other.slots.len()
+            && self
+                .slots
+                .iter()
+                .zip(&other.slots)
+                .all(|(a, b)| a.load(Ordering::Acquire) == b.load(Ordering::Acquire))
+    }
+}
+
+impl Eq for PartitionMap {}
+
+impl std::fmt::Debug for PartitionMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionMap")
+            .field("partitions", &self.slots.len())
+            .field("shards", &self.shards)
+            .finish()
+    }
 }
 
 impl PartitionMap {
@@ -68,22 +123,26 @@ impl PartitionMap {
         PartitionMap::from_assignment(assignment, shards)
     }
 
-    /// A map from an explicit assignment: entry `p` is the shard serving partition `p` here,
-    /// `None` for a partition of another node (what a cluster's partition table gives).
+    /// A map from an explicit assignment: entry `p` is the shard serving (leading) partition
+    /// `p` here, `None` for a partition of another node (what a cluster's partition table
+    /// gives).
     pub fn from_assignment(assignment: Vec<Option<u16>>, shards: usize) -> PartitionMap {
         debug_assert!(assignment
             .iter()
             .flatten()
             .all(|&s| usize::from(s) < shards));
         PartitionMap {
-            shard_of: assignment,
+            slots: assignment
+                .into_iter()
+                .map(|s| AtomicU32::new(slot(s, true)))
+                .collect(),
             shards: shards.max(1),
         }
     }
 
     /// P, the number of partitions of the data.
     pub fn count(&self) -> usize {
-        self.shard_of.len()
+        self.slots.len()
     }
 
     /// The node's shard count.
@@ -96,11 +155,38 @@ impl PartitionMap {
         placement::partition_of(key, self.count())
     }
 
-    /// The shard serving partition `p` here; `None` if `p` is another node's or past the
-    /// partition count.
+    fn load(&self, p: u32) -> u32 {
+        usize::try_from(p)
+            .ok()
+            .and_then(|i| self.slots.get(i))
+            .map_or(0, |s| s.load(Ordering::Acquire))
+    }
+
+    /// The shard serving partition `p` here: the one holding it, if this node leads it;
+    /// `None` if `p` is another node's, only followed here, or past the partition count.
     pub fn shard_of_partition(&self, p: u32) -> Option<usize> {
-        let shard = *self.shard_of.get(usize::try_from(p).ok()?)?;
-        shard.map(usize::from)
+        let slot = self.load(p);
+        (slot & LEADS != 0).then(|| ((slot & !LEADS) - 1) as usize)
+    }
+
+    /// The shard holding a replica of partition `p` here, leader or follower.
+    pub fn replica_shard(&self, p: u32) -> Option<usize> {
+        let slot = self.load(p) & !LEADS;
+        (slot != 0).then(|| (slot - 1) as usize)
+    }
+
+    /// The shard that takes partition `p` when a replica of it comes to this node at run time
+    /// (`p mod shards`); `None` past the partition count.
+    pub fn home_shard(&self, p: u32) -> Option<usize> {
+        (usize::try_from(p).ok()? < self.count()).then(|| p as usize % self.shards)
+    }
+
+    /// Records that `shard` holds partition `p` here (`None`: nothing of it is here any
+    /// more), leading it or not. Only the shard holding the partition calls this.
+    pub fn set(&self, p: PartitionId, shard: Option<u16>, leads: bool) {
+        if let Some(s) = self.slots.get(usize::from(p)) {
+            s.store(slot(shard, leads), Ordering::Release);
+        }
     }
 
     /// The shard serving the partition of `key` here, if this node owns it.
@@ -114,16 +200,21 @@ impl PartitionMap {
         self.shard_of_partition(partition_of_conv(conv))
     }
 
-    /// The partitions `shard` serves, ascending.
+    /// The partitions `shard` serves (leads), ascending.
     pub fn partitions_of(&self, shard: usize) -> impl Iterator<Item = PartitionId> + '_ {
-        self.shard_of
-            .iter()
-            .enumerate()
-            .filter(move |(_, s)| s.map(usize::from) == Some(shard))
-            .map(|(p, _)| p as PartitionId)
+        (0..self.slots.len())
+            .filter(move |&p| self.shard_of_partition(p as u32) == Some(shard))
+            .map(|p| p as PartitionId)
     }
 
-    /// Whether this node owns partition `p`.
+    /// The partitions `shard` holds a replica of, led or followed, ascending.
+    pub fn replicas_of(&self, shard: usize) -> impl Iterator<Item = PartitionId> + '_ {
+        (0..self.slots.len())
+            .filter(move |&p| self.replica_shard(p as u32) == Some(shard))
+            .map(|p| p as PartitionId)
+    }
+
+    /// Whether this node owns (leads) partition `p`.
     pub fn owns(&self, p: u32) -> bool {
         self.shard_of_partition(p).is_some()
     }
@@ -178,5 +269,24 @@ mod tests {
         let uid = Uid::new(UidKind::Buyer, 1);
         let p = map.partition_of(&uid);
         assert_eq!(map.shard_of(&uid).is_some(), p % 2 == 0);
+    }
+
+    #[test]
+    fn a_partition_changes_role_at_run_time_without_moving_shard() {
+        let map = PartitionMap::from_assignment(vec![Some(0), None, Some(1), None], 2);
+        assert_eq!(map.replica_shard(1), None);
+        assert_eq!(map.home_shard(1), Some(1));
+        assert_eq!(map.home_shard(4), None, "past the count");
+        map.set(1, Some(1), false);
+        assert_eq!(map.replica_shard(1), Some(1), "followed here");
+        assert_eq!(map.shard_of_partition(1), None, "a follower serves nothing");
+        map.set(1, Some(1), true);
+        assert_eq!(map.shard_of_partition(1), Some(1), "taken over");
+        map.set(0, Some(0), false);
+        assert!(!map.owns(0) && map.replica_shard(0) == Some(0), "demoted");
+        assert_eq!(map.partitions_of(1).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(map.replicas_of(0).collect::<Vec<_>>(), [0]);
+        map.set(0, None, false);
+        assert_eq!(map.replica_shard(0), None, "dropped");
     }
 }

@@ -67,10 +67,6 @@ pub enum Hop {
 pub struct ClusterPost {
     pub cluster: Arc<Cluster>,
     pub links: Arc<Links>,
-    /// Every other node that owns partitions, and how many.
-    node_partitions: Vec<(u16, u16)>,
-    /// Every other node that owns partitions, and which (for a stream's reads).
-    node_partition_ids: Vec<(u16, Box<[PartitionId]>)>,
 }
 
 /// Every shard's mailbox, and the way to the other nodes of a cluster.
@@ -78,8 +74,6 @@ pub struct PostOffice {
     mailboxes: Box<[Mailbox]>,
     /// Which partitions this node owns and which shard serves each.
     map: Arc<PartitionMap>,
-    /// Per shard: how many partitions it serves.
-    shard_partitions: Box<[u16]>,
     /// Set once, before the shards start, on a cluster node.
     cluster: OnceLock<ClusterPost>,
 }
@@ -88,14 +82,9 @@ impl PostOffice {
     /// The post office of a node whose shard `n` reads `mailboxes[n]`, serving the
     /// partitions as `map` says.
     pub fn new(mailboxes: Vec<Mailbox>, map: Arc<PartitionMap>) -> PostOffice {
-        let shard_partitions = (0..mailboxes.len())
-            // At most `PARTITIONS_MAX`, which fits.
-            .map(|shard| map.partitions_of(shard).count() as u16)
-            .collect();
         PostOffice {
             mailboxes: mailboxes.into_boxed_slice(),
             map,
-            shard_partitions,
             cluster: OnceLock::new(),
         }
     }
@@ -103,34 +92,29 @@ impl PostOffice {
     /// Makes this the post office of a cluster node: messages for other nodes leave by
     /// `links`. Called once, before the shards start.
     pub fn join_cluster(&self, cluster: Arc<Cluster>, links: Arc<Links>) {
-        let mut owned = std::collections::BTreeMap::<u16, Vec<PartitionId>>::new();
-        for p in 0..cluster.partitions.count() {
-            if let Some(entry) = cluster.partitions.get(p) {
-                if entry.node != cluster.node {
-                    // A partition id is below `PARTITIONS_MAX`, which fits.
-                    owned.entry(entry.node).or_default().push(p as PartitionId);
-                }
-            }
-        }
-        let node_partitions = owned
-            .iter()
-            .map(|(&node, ids)| (node, ids.len() as u16))
-            .collect();
-        let node_partition_ids = owned
-            .into_iter()
-            .map(|(node, ids)| (node, ids.into_boxed_slice()))
-            .collect();
-        let _ = self.cluster.set(ClusterPost {
-            cluster,
-            links,
-            node_partitions,
-            node_partition_ids,
-        });
+        let _ = self.cluster.set(ClusterPost { cluster, links });
     }
 
     /// How many partitions `shard` serves.
     pub fn partitions_of_shard(&self, shard: usize) -> u16 {
-        self.shard_partitions.get(shard).copied().unwrap_or(0)
+        // Read from the map each time: a takeover or a demotion changes it (P ≤ 1,024, and a
+        // gather is not on the message path). At most `PARTITIONS_MAX`, which fits.
+        self.map.partitions_of(shard).count() as u16
+    }
+
+    /// Every other node that leads partitions now (the live owner table), with those
+    /// partitions, ascending by node.
+    fn leaders_elsewhere(&self, c: &ClusterPost) -> Vec<(u16, Vec<PartitionId>)> {
+        let mut owned = std::collections::BTreeMap::<u16, Vec<PartitionId>>::new();
+        for p in 0..c.cluster.partitions.count() {
+            if let Some(owner) = c.cluster.partition_owner(p) {
+                if owner.node != c.cluster.node {
+                    // A partition id is below `PARTITIONS_MAX`, which fits.
+                    owned.entry(owner.node).or_default().push(p as PartitionId);
+                }
+            }
+        }
+        owned.into_iter().collect()
     }
 
     /// The part requests of a gather over every partition (a user's `convs`): one per shard
@@ -139,15 +123,18 @@ impl PostOffice {
     /// (docs/cluster.md, "What a node's loss costs").
     pub fn gather_parts(&self) -> GatherParts {
         let mut gather = GatherParts::default();
-        for (shard, &count) in self.shard_partitions.iter().enumerate() {
+        for shard in 0..self.shards() {
+            let count = self.partitions_of_shard(shard);
             if count > 0 {
                 gather.parts.push((To::Shard(shard), count));
                 gather.asked += usize::from(count);
             }
         }
         if let Some(c) = self.cluster.get() {
-            for &(node, count) in &c.node_partitions {
+            for (node, partitions) in self.leaders_elsewhere(c) {
                 if c.cluster.is_alive(node) {
+                    // At most `PARTITIONS_MAX`, which fits.
+                    let count = partitions.len() as u16;
                     gather.parts.push((To::Node(node), count));
                     gather.asked += usize::from(count);
                 }
@@ -159,12 +146,14 @@ impl PostOffice {
     /// Every other node of a cluster that owns partitions, which ones, and whether its
     /// heartbeat is there (a message stream reads a live node's partitions over the links and
     /// skips a dead one's until it is back). Empty on the single node.
-    pub fn remote_partitions(&self) -> impl Iterator<Item = (u16, &[PartitionId], bool)> + '_ {
-        self.cluster.get().into_iter().flat_map(|c| {
-            c.node_partition_ids
-                .iter()
-                .map(move |(node, ids)| (*node, &ids[..], c.cluster.is_alive(*node)))
-        })
+    pub fn remote_partitions(&self) -> Vec<(u16, Vec<PartitionId>, bool)> {
+        let Some(c) = self.cluster.get() else {
+            return Vec::new();
+        };
+        self.leaders_elsewhere(c)
+            .into_iter()
+            .map(|(node, partitions)| (node, partitions, c.cluster.is_alive(node)))
+            .collect()
     }
 
     /// The partitions this node owns, ascending.
@@ -248,10 +237,17 @@ impl PostOffice {
         let Some(c) = self.cluster.get() else {
             return Hop::Nowhere;
         };
-        let owner = msg
-            .partition(&self.map)
-            .and_then(|p| c.cluster.partition_owner(p));
+        let partition = msg.partition(&self.map);
+        let owner = partition.and_then(|p| c.cluster.partition_owner(p));
         match owner {
+            // A partition this node follows while the table still names it the leader: it was
+            // demoted a moment ago and the table has not caught up. Try again.
+            Some(owner)
+                if owner.node == c.cluster.node
+                    && partition.is_some_and(|p| self.map.replica_shard(p).is_some()) =>
+            {
+                Hop::Down
+            }
             // This node's own partition, which the map does not give a shard: not a
             // message that names an owner (a push, a part request), or the map and the table
             // disagree. Neither happens when both come from the same table.
@@ -284,6 +280,26 @@ impl PostOffice {
     /// thread). Gives it back when the mailbox is full.
     pub fn post_from_outside(&self, shard: usize, msg: BusMsg) -> Result<(), BusMsg> {
         self.mailboxes[shard].send(msg)
+    }
+
+    /// Posts a role change (from the leadership thread) to the shard that holds its
+    /// partition here, or that takes it if none does ([`BusMsg::owner`]). Gives it back when
+    /// that mailbox is full.
+    pub fn post_role(
+        &self,
+        change: crate::cluster::roles::RoleChange,
+    ) -> Result<(), crate::cluster::roles::RoleChange> {
+        let msg = BusMsg::Role(Box::new(change));
+        let Some(shard) = msg.owner(&self.map).filter(|&s| s < self.mailboxes.len()) else {
+            let BusMsg::Role(change) = msg else {
+                unreachable!("made above")
+            };
+            return Err(*change);
+        };
+        self.mailboxes[shard].send(msg).map_err(|msg| match msg {
+            BusMsg::Role(change) => *change,
+            _ => unreachable!("the mailbox gives back what it was given"),
+        })
     }
 
     /// Messages waiting in each shard's mailbox.
@@ -554,6 +570,31 @@ mod tests {
         );
         // A session's message goes to its shard; the shard checks the node.
         assert_eq!(office.hop(&deliver(session(9, 1))), Hop::Shard(1));
+    }
+
+    #[test]
+    fn replication_messages_reach_the_shard_holding_the_replica_and_a_follower_serves_nothing() {
+        let (office, _polls, _) = office(false);
+        // Partition 3 is shard 1's; it becomes a follower there.
+        office.map.set(3, Some(1), false);
+        assert_eq!(office.hop(&read(0, conv(3))), Hop::Nowhere, "no requests");
+        let ack = BusMsg::ReplicaAck(crate::bus::ReplicaAck {
+            partition: 3,
+            epoch: 1,
+            node: 2,
+            position: 9,
+        });
+        assert_eq!(office.hop(&ack), Hop::Shard(1));
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 3 };
+        assert!(office.post_role(change).is_ok());
+        assert_eq!(office.mailbox(1).len(), 1);
+        // A partition nothing of which is here goes to its home shard; one past P nowhere.
+        office.map.set(3, None, false);
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 3 };
+        assert!(office.post_role(change).is_ok());
+        assert_eq!(office.mailbox(1).len(), 2);
+        let change = crate::cluster::roles::RoleChange::Drop { partition: 4000 };
+        assert!(office.post_role(change).is_err());
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod moves;
 pub mod redis_conn;
 pub mod redis_keys;
 pub mod registry;
+pub mod replica;
 pub mod roles;
 pub mod routes;
 pub(crate) mod wire;

@@ -32,10 +32,10 @@ use smallvec::SmallVec;
 
 use crate::bus::partitions::PARTITIONS_MAX;
 use crate::bus::{
-    AnnouncedSession, BusMsg, Fanout, GroupOp, GroupRequest, Origin, PartitionId, ProfileOp,
-    ProfileRequest, SendRequest, SessionRef, StreamFound, StreamPart, StreamRefused,
-    WechatUndelivered, ANNOUNCED_SESSIONS_MAX, GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX,
-    SHARDS_MAX,
+    AnnouncedSession, BusMsg, EpochAnswer, EpochQuery, Fanout, GroupOp, GroupRequest, LogData,
+    Origin, PartitionId, ProfileOp, ProfileRequest, ReplicaAck, SendRequest, SessionRef,
+    StreamFound, StreamPart, StreamRefused, WechatUndelivered, ANNOUNCED_SESSIONS_MAX,
+    GROUP_MEMBERS_PER_REQUEST_MAX, NODE_NUMBER_MAX, SHARDS_MAX,
 };
 use crate::store::StoredProfile;
 use crate::wechat::endpoint::Inbound;
@@ -86,6 +86,11 @@ const OWN_PROFILE: u8 = 0x47;
 const REANNOUNCE: u8 = 0x48;
 const ANNOUNCE: u8 = 0x49;
 const FORGET_NODE: u8 = 0x4a;
+// Replication of a partition's log between its leader and a follower (issue 14):
+const LOG_DATA: u8 = 0x60;
+const REPLICA_ACK: u8 = 0x61;
+const EPOCH_QUERY: u8 = 0x62;
+const EPOCH_ANSWER: u8 = 0x63;
 
 // Group op codes inside a GROUP frame.
 const GROUP_CREATE: u8 = 0;
@@ -242,6 +247,12 @@ fn kind_of(msg: &BusMsg) -> u8 {
         BusMsg::Reannounce { .. } => REANNOUNCE,
         BusMsg::Announce { .. } => ANNOUNCE,
         BusMsg::ForgetNode { .. } => FORGET_NODE,
+        BusMsg::LogData(_) => LOG_DATA,
+        BusMsg::ReplicaAck(_) => REPLICA_ACK,
+        BusMsg::EpochQuery(_) => EPOCH_QUERY,
+        BusMsg::EpochAnswer(_) => EPOCH_ANSWER,
+        // Refused by `encode_body` (a role change never leaves its node); the kind is unused.
+        BusMsg::Role(_) => 0,
     }
 }
 
@@ -274,6 +285,36 @@ fn frame(
 
 fn encode_body(msg: &BusMsg, out: &mut BytesMut) -> Result<()> {
     match msg {
+        BusMsg::Role(_) => {
+            return Err(WireError::Malformed("a role change never leaves its node"));
+        }
+        BusMsg::LogData(data) => {
+            out.put_u16(data.partition);
+            out.put_u64(data.epoch);
+            out.put_u64(data.data_epoch);
+            out.put_u64(data.from);
+            out.put_u64(data.at);
+            out.put_u64(data.leader_acked);
+            put_bytes32(out, &data.records, "log records")?;
+        }
+        BusMsg::ReplicaAck(ack) => {
+            out.put_u16(ack.partition);
+            out.put_u64(ack.epoch);
+            out.put_u16(ack.node);
+            out.put_u64(ack.position);
+        }
+        BusMsg::EpochQuery(query) => {
+            out.put_u16(query.partition);
+            out.put_u64(query.epoch);
+            out.put_u16(query.node);
+            out.put_u64(query.last_epoch);
+        }
+        BusMsg::EpochAnswer(answer) => {
+            out.put_u16(answer.partition);
+            out.put_u64(answer.epoch);
+            out.put_u64(answer.last_epoch);
+            out.put_u64(answer.end);
+        }
         BusMsg::Send(send) => {
             // The peer decodes with the client's limits: refuse here what it would refuse.
             if !(1..=limits::CMID_LEN_MAX).contains(&send.cmid.len())
@@ -1052,6 +1093,41 @@ fn decode_bus(kind: u8, r: &mut Reader<'_>) -> Result<BusMsg> {
             }
         }
         FORGET_NODE => BusMsg::ForgetNode { node: r.node()? },
+        LOG_DATA => {
+            let partition = r.partition()?;
+            let (epoch, data_epoch, from, at, leader_acked) =
+                (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+            let len = r.u32()? as usize;
+            let start = r.at;
+            r.take(len)?;
+            BusMsg::LogData(Box::new(LogData {
+                partition,
+                epoch,
+                data_epoch,
+                from,
+                at,
+                records: r.frame.slice(start..start + len),
+                leader_acked,
+            }))
+        }
+        REPLICA_ACK => BusMsg::ReplicaAck(ReplicaAck {
+            partition: r.partition()?,
+            epoch: r.u64()?,
+            node: r.node()?,
+            position: r.u64()?,
+        }),
+        EPOCH_QUERY => BusMsg::EpochQuery(EpochQuery {
+            partition: r.partition()?,
+            epoch: r.u64()?,
+            node: r.node()?,
+            last_epoch: r.u64()?,
+        }),
+        EPOCH_ANSWER => BusMsg::EpochAnswer(EpochAnswer {
+            partition: r.partition()?,
+            epoch: r.u64()?,
+            last_epoch: r.u64()?,
+            end: r.u64()?,
+        }),
         kind => return Err(WireError::UnknownKind(kind)),
     })
 }
@@ -1787,6 +1863,63 @@ mod tests {
         ]
     }
 
+    fn replication_msg() -> impl Strategy<Value = BusMsg> {
+        let p = 0..PARTITIONS_MAX as u16;
+        let node = 0..=NODE_NUMBER_MAX;
+        prop_oneof![
+            (p.clone(), any::<[u64; 5]>(), vec(any::<u8>(), 0..300)).prop_map(
+                |(partition, v, records)| BusMsg::LogData(Box::new(LogData {
+                    partition,
+                    epoch: v[0],
+                    data_epoch: v[1],
+                    from: v[2],
+                    at: v[3],
+                    records: Bytes::from(records),
+                    leader_acked: v[4],
+                }))
+            ),
+            (p.clone(), any::<u64>(), node.clone(), any::<u64>()).prop_map(
+                |(partition, epoch, node, position)| BusMsg::ReplicaAck(ReplicaAck {
+                    partition,
+                    epoch,
+                    node,
+                    position
+                })
+            ),
+            (p.clone(), any::<u64>(), node, any::<u64>()).prop_map(
+                |(partition, epoch, node, last_epoch)| BusMsg::EpochQuery(EpochQuery {
+                    partition,
+                    epoch,
+                    node,
+                    last_epoch
+                })
+            ),
+            (p, any::<[u64; 3]>()).prop_map(|(partition, v)| BusMsg::EpochAnswer(EpochAnswer {
+                partition,
+                epoch: v[0],
+                last_epoch: v[1],
+                end: v[2],
+            })),
+        ]
+    }
+
+    #[test]
+    fn a_role_change_is_never_encoded_and_a_partition_past_the_maximum_is_refused() {
+        let role = BusMsg::Role(Box::new(crate::cluster::roles::RoleChange::Drop {
+            partition: 3,
+        }));
+        assert!(encode_to_bytes(&role).is_err());
+        let ack = BusMsg::ReplicaAck(ReplicaAck {
+            partition: 3,
+            epoch: 1,
+            node: 2,
+            position: 4,
+        });
+        let mut wire = encode_to_bytes(&ack).unwrap().to_vec();
+        wire[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&(PARTITIONS_MAX as u16).to_be_bytes());
+        assert!(decode(&Bytes::from(wire)).is_err());
+    }
+
     /// Everything a message holds but the instant a request was received (which does not
     /// cross processes), for comparing a decoded message with the original.
     fn fields(msg: &BusMsg) -> String {
@@ -1819,6 +1952,14 @@ mod tests {
             let decoded = decode_bus_msg(&wire);
             prop_assert_eq!(fields(&decoded), fields(&msg));
             // And the decoded message encodes to the very same bytes.
+            prop_assert_eq!(encode_to_bytes(&decoded).unwrap(), wire);
+        }
+
+        #[test]
+        fn every_replication_message_round_trips(msg in replication_msg()) {
+            let wire = encode_to_bytes(&msg).unwrap();
+            let decoded = decode_bus_msg(&wire);
+            prop_assert_eq!(format!("{decoded:?}"), format!("{msg:?}"));
             prop_assert_eq!(encode_to_bytes(&decoded).unwrap(), wire);
         }
 

@@ -83,6 +83,12 @@ impl Dispatcher {
         Dispatcher::default()
     }
 
+    /// Forgets every shop `gone` says (their partition moved away from this shard: its
+    /// dispatch state is rebuilt where the partition is led now).
+    pub fn forget(&mut self, gone: impl Fn(ShopId) -> bool) {
+        self.shops.retain(|&shop, _| !gone(shop));
+    }
+
     /// Counts an assignment read back from the log at startup.
     pub fn restore_assignment(&mut self, shop: ShopId, agent: Uid) {
         self.agent_mut(shop, agent).assigned += 1;

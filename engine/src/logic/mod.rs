@@ -32,6 +32,7 @@ pub mod dispatch;
 mod groups;
 mod profiles;
 mod reads;
+mod replication;
 mod send;
 mod shop;
 #[cfg(test)]
@@ -54,6 +55,7 @@ use crate::bus::{
 };
 use crate::store::{FsyncPolicy, Store, StoreConfig, StoreError};
 use dispatch::Dispatcher;
+pub use replication::ReplicationSetup;
 
 /// The directory of partition `p`'s log under `root` (`DATA_DIR/partitions`).
 pub fn partition_dir(root: &Path, p: PartitionId) -> PathBuf {
@@ -92,6 +94,9 @@ pub struct Partition {
     store: Store,
     /// The next conversation counter; ids are `counter << 16 | partition`.
     conv_counter: u64,
+    /// In a replicated cluster: whether this node leads or follows it (`None`: no replicas,
+    /// the single node's and an unreplicated cluster's partitions).
+    role: Option<crate::cluster::replica::Role>,
 }
 
 impl Partition {
@@ -101,6 +106,7 @@ impl Partition {
         Partition {
             store,
             conv_counter,
+            role: None,
         }
     }
 
@@ -173,6 +179,8 @@ pub struct Owner {
     cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Agents' replies to WeChat customers stored this turn, for the sender after the commit.
     wechat_out: Vec<wechat::PendingReply>,
+    /// In a replicated cluster: roles, shipping, held acknowledgements (`replication`).
+    replication: Option<replication::Replication>,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
     #[cfg(test)]
     fail_next_commit: bool,
@@ -193,13 +201,21 @@ impl Owner {
     ) -> Owner {
         let mut partitions: Vec<Option<Partition>> = (0..map.count()).map(|_| None).collect();
         for (p, store) in opened {
-            debug_assert_eq!(map.shard_of_partition(u32::from(p)), Some(shard));
+            debug_assert_eq!(map.replica_shard(u32::from(p)), Some(shard));
             if let Some(slot) = partitions.get_mut(usize::from(p)) {
                 *slot = Some(Partition::new(store));
             }
         }
-        let dispatcher =
-            shop::restore_dispatcher(partitions.iter().flatten().map(Partition::store));
+        // Only the partitions served here now: in a cluster none is led at start, and each
+        // `Lead` rebuilds its partition's part (`replication`).
+        let dispatcher = shop::restore_dispatcher(
+            partitions
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| map.shard_of_partition(*p as u32) == Some(shard))
+                .filter_map(|(_, slot)| slot.as_ref())
+                .map(Partition::store),
+        );
         Owner {
             shard,
             written_mark: vec![false; map.count()],
@@ -220,6 +236,7 @@ impl Owner {
             wechat: None,
             cluster: None,
             wechat_out: Vec::new(),
+            replication: None,
             #[cfg(test)]
             fail_next_commit: false,
         }
@@ -333,16 +350,25 @@ impl Owner {
             .filter_map(|(p, slot)| Some((p as PartitionId, slot.as_mut()?)))
     }
 
-    /// This shard's open logs, ascending by partition.
+    /// This shard's open logs of the partitions it serves (leads), ascending by partition.
     fn open_logs(&self) -> impl Iterator<Item = (PartitionId, &Store)> {
         self.partitions
             .iter()
             .enumerate()
+            .filter(|(p, _)| self.leads(*p as PartitionId))
             .filter_map(|(p, slot)| Some((p as PartitionId, &slot.as_ref()?.store)))
+    }
+
+    /// Whether this shard serves partition `p` (a follower's log serves no reads).
+    fn leads(&self, p: PartitionId) -> bool {
+        self.map.shard_of_partition(u32::from(p)) == Some(self.shard)
     }
 
     /// The log of partition `p`, if this shard serves it and it has one.
     fn log(&self, p: PartitionId) -> Option<&Store> {
+        if !self.leads(p) {
+            return None;
+        }
         Some(&self.partitions.get(usize::from(p))?.as_ref()?.store)
     }
 
@@ -395,6 +421,7 @@ impl Owner {
     /// The log of `conv`'s partition, to write to; `UnknownConv` if it has none here (a
     /// conversation never creates its partition's log).
     fn conv_log_mut(&mut self, conv: ConvId) -> Result<&mut Store, StoreError> {
+        self.not_led_here(partition_of_conv(conv))?;
         let p = PartitionId::try_from(partition_of_conv(conv))
             .ok()
             .filter(|&p| self.log(p).is_some())
@@ -548,6 +575,11 @@ impl Owner {
             BusMsg::WechatUndelivered(u) => {
                 self.wechat_notice(u.conv, u.seq, &u.undelivered, now_ms)
             }
+            msg @ (BusMsg::Role(_)
+            | BusMsg::LogData(_)
+            | BusMsg::ReplicaAck(_)
+            | BusMsg::EpochQuery(_)
+            | BusMsg::EpochAnswer(_)) => self.handle_replication(msg),
             BusMsg::Deliver { .. }
             | BusMsg::Push(_)
             | BusMsg::Registered { .. }
@@ -562,55 +594,46 @@ impl Owner {
         }
     }
 
-    /// Makes the turn's records durable and returns what may now go out, in order.
+    /// Makes the turn's records durable and returns what may now go out, in order: at once,
+    /// or in a replicated cluster with `ack = replicated` once every in-sync replica has the
+    /// turn's records (`replication`). Messages for other replicas (records, positions) are
+    /// among them.
     pub fn commit(&mut self) -> Vec<(To, BusMsg)> {
-        if self.pending.is_empty() {
+        let mut out = Vec::new();
+        if self.pending.is_empty() && self.replication.is_none() {
             // Nothing to acknowledge; still give an `interval` policy its periodic flush.
             if let Err(e) = self.commit_log() {
                 tracing::error!(shard = self.shard, error = %e, "log commit failed");
             }
-            return Vec::new();
+            return out;
         }
         let pending = std::mem::take(&mut self.pending);
+        let needs = self.replicated_writes();
         match self.commit_log() {
             Ok(()) => {
-                for received in pending.iter().filter_map(|p| p.send_received) {
-                    self.record_send_ok(received.elapsed().as_micros() as u64);
-                }
-                let mut out: Vec<(To, BusMsg)> =
-                    pending.into_iter().map(|p| (p.to, p.msg)).collect();
+                self.replicate(true, &mut out);
+                self.hold_or_release(needs, pending, &mut out);
                 // Only now that the agents' replies are durable do they go to WeChat.
                 out.extend(
                     self.wechat_submit()
                         .into_iter()
                         .map(|(shard, msg)| (To::Shard(shard), msg)),
                 );
-                out
             }
             Err(e) => {
+                self.replicate(false, &mut out);
+                if pending.is_empty() {
+                    tracing::error!(shard = self.shard, error = %e, "log commit failed");
+                    return out;
+                }
                 self.commit_failures += 1;
                 // The agents are answered `unavailable`: their replies do not go to WeChat.
                 self.wechat_out.clear();
                 tracing::error!(shard = self.shard, error = %e, "log commit failed; answering unavailable");
-                pending
-                    .into_iter()
-                    .filter_map(|p| match (p.if_lost, p.msg) {
-                        (Some(origin), _) => {
-                            let to = origin.session;
-                            let ws_message = origin.error(
-                                ErrorCode::Unavailable,
-                                "the log could not store the change",
-                            );
-                            Some((p.to, BusMsg::Deliver { to, ws_message }))
-                        }
-                        // Pushes of the turn are dropped; replies that did not depend on the
-                        // log (errors, history) still go.
-                        (None, BusMsg::Push(_)) => None,
-                        (None, msg) => Some((p.to, msg)),
-                    })
-                    .collect()
+                self.refuse(pending, &mut out, "the log could not store the change");
             }
         }
+        out
     }
 
     /// The most members a conversation may have (`members_max`).
@@ -618,8 +641,21 @@ impl Owner {
         self.log.config.members_max
     }
 
+    /// `NotHere` (answered `unavailable`: retry) for a partition this shard holds a replica
+    /// of but does not lead now (it was demoted after the request was routed here).
+    fn not_led_here(&self, p: u32) -> Result<(), StoreError> {
+        let follows = self.map.replica_shard(p) == Some(self.shard)
+            && self.map.shard_of_partition(p) != Some(self.shard);
+        match follows {
+            true => Err(StoreError::NotHere { partition: p }),
+            false => Ok(()),
+        }
+    }
+
     /// The conversation, if it is here.
     fn local_conv(&self, conv: ConvId) -> Result<&crate::store::Conversation, (ErrorCode, String)> {
+        self.not_led_here(partition_of_conv(conv))
+            .map_err(store_error)?;
         self.conv_log(conv)
             .and_then(|log| log.conv(conv))
             .ok_or_else(|| (ErrorCode::NotFound, format!("no conversation {conv}")))

@@ -13,6 +13,16 @@ use crate::store::{HistoryFrom, Store, StoreError};
 /// A dispatcher with the assignment counts and waiting queues of the conversations in `store`.
 pub(super) fn restore_dispatcher<'a>(stores: impl Iterator<Item = &'a Store>) -> Dispatcher {
     let mut dispatcher = Dispatcher::new();
+    restore_into(&mut dispatcher, stores);
+    dispatcher
+}
+
+/// Adds the assignment counts and waiting queues of the conversations in `stores` to
+/// `dispatcher` (at start, and when this shard takes the lead of a partition).
+pub(super) fn restore_into<'a>(
+    dispatcher: &mut Dispatcher,
+    stores: impl Iterator<Item = &'a Store>,
+) {
     let mut waiting: Vec<(ConvId, ShopId)> = Vec::new();
     for (store, (id, conv)) in stores.flat_map(|s| s.conversations().map(move |c| (s, c))) {
         let Some(shop) = conv.shop() else { continue };
@@ -38,7 +48,6 @@ pub(super) fn restore_dispatcher<'a>(stores: impl Iterator<Item = &'a Store>) ->
     for (conv, shop) in waiting {
         dispatcher.restore_waiting(shop, conv);
     }
-    dispatcher
 }
 
 impl Owner {

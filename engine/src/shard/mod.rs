@@ -501,6 +501,12 @@ impl Shard {
     /// a released message can post more (a completed login tells the shop's dispatcher), so
     /// this goes round until nothing is left.
     fn send_and_commit(&mut self) {
+        // Partitions this shard just took over: their owner has forgotten where their users'
+        // devices are logged in, so every shard and node is asked to announce them.
+        let taken = self.owner.take_taken_over();
+        if !taken.is_empty() {
+            self.ctx.post.office().ask_for_sessions(&taken);
+        }
         loop {
             for (to, msg) in self.ctx.post.take() {
                 self.deliver(to, msg);

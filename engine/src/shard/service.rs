@@ -123,8 +123,9 @@ impl Stream {
             ctx.post
                 .office()
                 .remote_partitions()
+                .into_iter()
                 .filter(|&(_, _, alive)| alive)
-                .map(|(node, partitions, _)| (bus::post::To::Node(node), partitions.to_vec())),
+                .map(|(node, partitions, _)| (bus::post::To::Node(node), partitions)),
         );
         readers
     }

@@ -36,6 +36,7 @@ mod os;
 mod reads;
 mod record;
 mod recovery;
+mod replication;
 mod segment;
 mod snapshot;
 mod state;
@@ -66,6 +67,7 @@ pub use error::{Position, StoreError};
 pub use os::try_lock_exclusive;
 pub use reads::{agent_stats_of_nothing, ScanError, STREAM_EVENT_BYTES};
 pub use record::{ConvKind, MessageRef};
+pub use replication::{RawChunk, EPOCHS_FILE};
 pub use state::{Conversation, StoredProfile};
 
 pub use segment::Preparer;
@@ -184,6 +186,8 @@ pub struct Store {
     snapshot: Option<Position>,
     /// A flush failed: durability can no longer be promised.
     poisoned: bool,
+    /// The epoch history: which leader epoch wrote from which position on (`replication`).
+    epochs: Vec<(u64, Position)>,
 }
 
 impl Store {

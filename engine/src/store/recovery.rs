@@ -125,6 +125,7 @@ impl Store {
             last_sync: Instant::now(),
             snapshot: snapshot_pos,
             poisoned: false,
+            epochs: super::replication::read_epochs(&dir)?,
         };
         if !fresh {
             store.state.defer_cmid_index();
@@ -143,6 +144,10 @@ impl Store {
         // acknowledged before anything new is appended after it.
         store.flush()?;
         store.prepare_next_if_half_full();
+        // A history that names positions past what survived (a power loss under `never`)
+        // forgets them.
+        let tail = store.tail();
+        store.epochs.retain(|&(_, start)| start <= tail);
         Ok((store, report))
     }
 
