@@ -365,7 +365,7 @@ mod failover {
     }
 
     #[test]
-    #[ignore = "chinwag cluster add-node / retire-node are not on main yet (the move branch); .ci/run skips it"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_fourth_node_added_and_retired_under_load_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 60);
