@@ -4,6 +4,7 @@
 //! The shards share two things, both read-only or lock-free: the [`NodeState`] (configuration,
 //! secret, metrics, drain flags) and the [`PostOffice`] (their mailboxes).
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -106,7 +107,7 @@ pub fn serve(mut config: Config, data_dir: DataDir, jwt_secret: Vec<u8>) -> io::
     // later round), so that a node serves its partitions from its first turn.
     let lease_thread = match &cluster {
         Some(cluster) => {
-            let sink = Arc::new(ShardRoles(Arc::clone(&office)));
+            let sink = Arc::new(ShardRoles::new(Arc::clone(&office)));
             let thread = cluster.start_leases(Arc::clone(&leases), sink)?;
             let deadline = std::time::Instant::now()
                 + std::time::Duration::from_millis(2 * config.cluster_lease_ms);
@@ -262,15 +263,49 @@ fn start_replication(config: &Config, node: u16, leases: &Arc<Leases>, owners: &
 }
 
 /// Where the leadership thread sends role changes: each to the mailbox of the shard that
-/// holds (or takes) the partition. Never blocks; a change that finds the mailbox full is
-/// logged and lost (the mailbox holds tens of thousands of messages; role changes are rare).
-pub struct ShardRoles(pub Arc<PostOffice>);
+/// holds (or takes) the partition. Never blocks: a change that finds the mailbox full waits
+/// here, with every later one (they must arrive in order), and is posted again at the next
+/// change or round of the thread.
+pub struct ShardRoles {
+    office: Arc<PostOffice>,
+    waiting: Mutex<VecDeque<RoleChange>>,
+}
+
+impl ShardRoles {
+    pub fn new(office: Arc<PostOffice>) -> ShardRoles {
+        ShardRoles {
+            office,
+            waiting: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Posts the waiting changes, oldest first, until one finds its mailbox full.
+    fn post_waiting(&self, waiting: &mut VecDeque<RoleChange>) {
+        while let Some(change) = waiting.pop_front() {
+            if let Err(change) = self.office.post_role(change) {
+                waiting.push_front(change);
+                return;
+            }
+        }
+    }
+}
 
 impl crate::cluster::roles::RoleSink for ShardRoles {
     fn changed(&self, change: RoleChange) {
-        if let Err(change) = self.0.post_role(change) {
-            tracing::error!(?change, "role change lost: the shard's mailbox is full");
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.push_back(change);
+        self.post_waiting(&mut waiting);
+        if !waiting.is_empty() {
+            tracing::warn!(
+                waiting = waiting.len(),
+                "role changes wait: a shard's mailbox is full"
+            );
         }
+    }
+
+    fn tick(&self) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        self.post_waiting(&mut waiting);
     }
 }
 
@@ -606,6 +641,36 @@ fn open_partitions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A role change that finds its shard's mailbox full is not lost: it waits, with every
+    /// later one, and all arrive in order once there is room.
+    #[test]
+    fn role_changes_wait_for_a_full_mailbox_and_arrive_in_order() {
+        use crate::cluster::roles::RoleSink;
+        let poll = Poll::new().unwrap();
+        let mailbox = Mailbox::new(2, Waker::new(poll.registry(), WAKER).unwrap());
+        let map = Arc::new(PartitionMap::single_node(8, 1));
+        let office = Arc::new(PostOffice::new(vec![mailbox], map));
+        let roles = ShardRoles::new(Arc::clone(&office));
+        let arrived = |office: &PostOffice| {
+            let mut got = Vec::new();
+            office.mailbox(0).drain(100, |msg| match msg {
+                crate::bus::BusMsg::Role(change) => got.push(change.partition()),
+                other => panic!("{other:?}"),
+            });
+            got
+        };
+        for p in 0..5 {
+            roles.changed(RoleChange::Drop { partition: p });
+        }
+        assert_eq!(arrived(&office), [0, 1], "the mailbox holds two");
+        roles.tick();
+        assert_eq!(arrived(&office), [2, 3]);
+        roles.changed(RoleChange::Drop { partition: 5 });
+        assert_eq!(arrived(&office), [4, 5], "after the waiting ones");
+        roles.tick();
+        assert!(arrived(&office).is_empty());
+    }
 
     #[test]
     fn the_partitions_with_a_log_are_found_and_anything_else_refuses_the_start() {

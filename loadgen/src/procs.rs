@@ -410,8 +410,12 @@ impl Merge {
 /// How one figure of two workers combines: the server's figures and durations are one
 /// measurement seen twice (keep the largest, except the RSS before any load: the smallest;
 /// the parent's own samples replace the server's figures where it has them);
-/// counts, rates and the workers' own CPU add up; text is the same for all.
+/// counts, rates and the workers' own CPU add up; lists (`slowest_acks`) join; text is the
+/// same for all.
 fn combine(name: &str, old: &Value, new: &Value) -> Value {
+    if let (Some(a), Some(b)) = (old.as_array(), new.as_array()) {
+        return Value::Array(a.iter().chain(b).cloned().collect());
+    }
     let (Some(a), Some(b)) = (old.as_f64(), new.as_f64()) else {
         return old.clone();
     };

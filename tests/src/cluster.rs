@@ -15,9 +15,9 @@
 //!   append-only file, as docs/cluster.md tells operators to run it);
 //! - [`Cluster::cut_link`] the node link between two nodes and [`Cluster::heal_link`] it
 //!   (with [`ClusterSpec::link_proxies`]). The engine has no way to cut a link from outside;
-//!   but a node's peers dial the link address its registry entry in Redis names, so the harness
-//!   puts a TCP proxy in front of each node's link port and writes the proxy's address there
-//!   (again whenever the node registers again). A cut makes the proxy drop every byte between
+//!   but a node's peers dial the link address it registers, so the harness puts a TCP proxy in
+//!   front of each node's link port and starts the node with `--node-advertise` naming the
+//!   proxy (as an operator would behind a NAT or a port map). A cut makes the proxy drop every byte between
 //!   the two nodes, both ways, on the open connection and on every new one, as a network that
 //!   loses packets does: only the links' heartbeats and timeouts can find it. The proxy tells
 //!   which node dialed by the process that owns the connection's other end (`ss -p`).
@@ -160,8 +160,8 @@ impl Cluster {
             slots,
             pids,
         };
-        // The highest number first: the lower number dials, so with proxies every node's
-        // registry entry names its proxy before any peer that dials it starts.
+        // The highest number first: the lower number dials, so a starting node finds the
+        // peers it dials registered.
         for n in (1..=cluster.spec.nodes).rev() {
             cluster.launch(n);
         }
@@ -443,7 +443,6 @@ impl Cluster {
             |c| {
                 up.iter().all(|&n| {
                     let node = c.node(n);
-                    c.point_at_proxy(n);
                     node.get("/healthz").0 == 200
                         && up.iter().all(|&peer| {
                             let alive = format!("node=\"{peer}\"");
@@ -502,33 +501,6 @@ impl Cluster {
         out
     }
 
-    /// With link proxies: makes node `n`'s registry entry name its proxy as its link address,
-    /// if the node wrote its own since (at start, or registering again after Redis came back).
-    /// Quietly does nothing while Redis does not answer.
-    fn point_at_proxy(&self, n: u16) {
-        let Some(proxy) = &self.slot(n).proxy else {
-            return;
-        };
-        let Some(mut c) = self.try_redis() else {
-            return;
-        };
-        let key = format!("chinwag:node:{n}");
-        let link: Option<String> = redis::cmd("HGET")
-            .arg(&key)
-            .arg("link")
-            .query(&mut c)
-            .ok()
-            .flatten();
-        let own = format!("127.0.0.1:{}", self.slot(n).link_port);
-        if link.as_deref() == Some(own.as_str()) {
-            let _ = redis::cmd("HSET")
-                .arg(&key)
-                .arg("link")
-                .arg(proxy.addr.to_string())
-                .query::<()>(&mut c);
-        }
-    }
-
     /// A connection to the cluster's Redis, if it answers within a second.
     fn try_redis(&self) -> Option<redis::Connection> {
         let client = redis::Client::open(self.redis.url()).ok()?;
@@ -550,8 +522,7 @@ impl Cluster {
             .unwrap_or(false)
     }
 
-    /// Starts node `n` on its parked data directory; with link proxies, waits until its
-    /// registry entry names its proxy.
+    /// Starts node `n` on its parked data directory.
     fn launch(&mut self, n: u16) {
         let args = self.node_args(n);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -560,21 +531,6 @@ impl Cluster {
         let server = Server::start_in(dir, &args, &[]);
         self.pids.lock().unwrap().insert(server.pid() as u32, n);
         self.slot_mut(n).server = Some(server);
-        if let Some(proxy) = &self.slot(n).proxy {
-            let proxied = proxy.addr.to_string();
-            self.wait_until(&format!("node {n}'s link address to name its proxy"), |c| {
-                c.point_at_proxy(n);
-                let link: Option<String> = c.try_redis().and_then(|mut r| {
-                    redis::cmd("HGET")
-                        .arg(format!("chinwag:node:{n}"))
-                        .arg("link")
-                        .query(&mut r)
-                        .ok()
-                        .flatten()
-                });
-                link.as_deref() == Some(proxied.as_str())
-            });
-        }
     }
 
     /// The flags of node `n`.
@@ -593,6 +549,10 @@ impl Cluster {
             // Small segments: a node starts fast and the temporary directories stay small.
             "--log-segment-bytes=1048576".into(),
         ];
+        if let Some(proxy) = &slot.proxy {
+            // Peers dial the proxy: the node registers its address as its link's.
+            args.push(format!("--node-advertise={}", proxy.addr));
+        }
         args.extend(FAST.iter().map(|s| s.to_string()));
         args.extend(self.spec.extra.iter().cloned());
         args
@@ -683,13 +643,23 @@ struct LinkProxy {
     addr: std::net::SocketAddr,
     /// The dialer nodes cut off.
     cut: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
-    /// Each connection's dialer node and its "dead" switch.
+    /// Every connection accepted.
     conns: Arc<std::sync::Mutex<Vec<Proxied>>>,
+    /// Node processes by pid, to tell which node dialed.
+    pids: Arc<std::sync::Mutex<HashMap<u32, u16>>>,
 }
 
-/// A connection through a [`LinkProxy`]: the node that dialed it, and its switch (once dead,
-/// dead for good: bytes dropped mid-stream leave no framing to resume).
-type Proxied = (u16, Arc<AtomicBool>);
+/// A connection through a [`LinkProxy`].
+struct Proxied {
+    /// The node that dialed it; 0 while unknown (a node dials its peers while it starts,
+    /// before the harness has its pid: it is asked again at the cut).
+    from: u16,
+    /// The dialer's port, to ask `ss` which process owns it.
+    dialer_port: u16,
+    /// Once set, every byte is dropped; dead for good (bytes dropped mid-stream leave no
+    /// framing to resume).
+    dead: Arc<AtomicBool>,
+}
 
 impl LinkProxy {
     /// A proxy on a free port of 127.0.0.1 to `upstream`; `pids` maps node processes to their
@@ -699,20 +669,25 @@ impl LinkProxy {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
         let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (cut_set, held) = (Arc::clone(&cut), Arc::clone(&conns));
+        let (cut_set, held, known) = (Arc::clone(&cut), Arc::clone(&conns), Arc::clone(&pids));
         std::thread::spawn(move || {
             for dialer in listener.incoming() {
                 let Ok(dialer) = dialer else { continue };
                 let Ok(node) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let from = dialer_node(&dialer, addr.port(), &pids);
+                let dialer_port = dialer.peer_addr().map_or(0, |a| a.port());
+                let from = dialer_node(dialer_port, addr.port(), &known);
                 let dead = Arc::new(AtomicBool::new(false));
                 {
                     // Under the lock `cut` takes, so a connection is never missed by a cut.
                     let cut_set = cut_set.lock().unwrap();
                     dead.store(cut_set.contains(&from), Ordering::SeqCst);
-                    held.lock().unwrap().push((from, Arc::clone(&dead)));
+                    held.lock().unwrap().push(Proxied {
+                        from,
+                        dialer_port,
+                        dead: Arc::clone(&dead),
+                    });
                 }
                 let _ = dialer.set_nodelay(true);
                 let _ = node.set_nodelay(true);
@@ -724,18 +699,29 @@ impl LinkProxy {
                 forward(node, dialer, dead);
             }
         });
-        LinkProxy { addr, cut, conns }
+        LinkProxy {
+            addr,
+            cut,
+            conns,
+            pids,
+        }
     }
 
     /// Cuts node `from` off; returns how many of its connections were live.
     fn cut(&self, from: u16) -> usize {
         let mut cut = self.cut.lock().unwrap();
         cut.insert(from);
-        let conns = self.conns.lock().unwrap();
-        conns
-            .iter()
-            .filter(|(node, dead)| *node == from && !dead.swap(true, Ordering::SeqCst))
-            .count()
+        let mut conns = self.conns.lock().unwrap();
+        let mut silenced = 0;
+        for conn in conns.iter_mut().filter(|c| !c.dead.load(Ordering::SeqCst)) {
+            if conn.from == 0 {
+                conn.from = dialer_node(conn.dialer_port, self.addr.port(), &self.pids);
+            }
+            if conn.from == from && !conn.dead.swap(true, Ordering::SeqCst) {
+                silenced += 1;
+            }
+        }
+        silenced
     }
 
     fn heal(&self, from: u16) {
@@ -743,19 +729,12 @@ impl LinkProxy {
     }
 }
 
-/// Which node dialed `stream` (accepted on the proxy's `port`): the process that owns the
-/// other end, by `ss`; 0 if unknown.
-fn dialer_node(
-    stream: &std::net::TcpStream,
-    port: u16,
-    pids: &std::sync::Mutex<HashMap<u32, u16>>,
-) -> u16 {
-    let Ok(peer) = stream.peer_addr() else {
-        return 0;
-    };
+/// Which node dialed from `dialer_port` to the proxy's `port`: the process that owns that
+/// end, by `ss`; 0 if unknown (closed, or a process the harness has not recorded yet).
+fn dialer_node(dialer_port: u16, port: u16, pids: &std::sync::Mutex<HashMap<u32, u16>>) -> u16 {
     let out = Command::new("ss")
         .args(["-tnpH", "state", "established"])
-        .arg(format!("( sport = :{} and dport = :{port} )", peer.port()))
+        .arg(format!("( sport = :{dialer_port} and dport = :{port} )"))
         .stderr(Stdio::null())
         .output()
         .expect("run ss (iproute2)");
@@ -932,10 +911,21 @@ pub fn chat_load(
     conversations: u32,
     duration_s: u64,
 ) -> LoadgenRun {
+    chat_load_with(cluster, uid_base, conversations, duration_s, &[])
+}
+
+/// [`chat_load`] with more `chinwag-loadgen chat` flags.
+pub fn chat_load_with(
+    cluster: &Cluster,
+    uid_base: u64,
+    conversations: u32,
+    duration_s: u64,
+    extra: &[&str],
+) -> LoadgenRun {
     let addrs = cluster.addrs();
     let (uid_base, conversations) = (uid_base.to_string(), conversations.to_string());
     let duration = duration_s.to_string();
-    LoadgenRun::start(&[
+    let mut args = vec![
         "chat",
         "--uid-base",
         &uid_base,
@@ -958,7 +948,26 @@ pub fn chat_load(
         "--verify-log",
         "--verify-timeout-s",
         "60",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    LoadgenRun::start(&args)
+}
+
+/// The failures of a load report by cause; fails the test on a cause none of `allowed`
+/// (prefixes) begins.
+pub fn failures(
+    report: &serde_json::Value,
+    allowed: &[&str],
+) -> std::collections::BTreeMap<String, u64> {
+    let failures: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(report["failures"].clone()).expect("failures by cause");
+    for cause in failures.keys() {
+        assert!(
+            allowed.iter().any(|a| cause.starts_with(a)),
+            "unexpected failure {cause:?}: {report}"
+        );
+    }
+    failures
 }
 
 /// The verdict of a [`chat_load`] report that must have lost nothing: no violation (every
@@ -972,7 +981,7 @@ pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_m
         "chat load: send_ok {}, delivered {}, reconnects {}, replies_timed_out {}, \
          history_repairs {}, failures {}; stored log: {} conversations, {} stored, {} acked, \
          {} unacknowledged but stored; write outages {} (unresolved {}), writes resumed after \
-         the failure p50 {} µs, max {} µs",
+         the failure p50 {} µs, max {} µs; slowest acks {}",
         report["send_ok"],
         report["delivered"],
         report["reconnects"],
@@ -987,6 +996,7 @@ pub fn assert_verified(report: &serde_json::Value, conversations: u64, send_ok_m
         report["write_outages_unresolved"],
         resumed["p50"],
         resumed["max"],
+        report["slowest_acks"],
     );
     assert_eq!(
         report["violations"], 0,

@@ -17,12 +17,27 @@ pub struct RedisServer {
     persistent: bool,
 }
 
-/// A port of 127.0.0.1 nothing listens on right now (bound, then released).
+/// A port of 127.0.0.1 nothing listens on right now (bound, then released), for a server a
+/// test starts on a fixed port (a node it restarts, Redis).
+///
+/// Taken below the kernel's ephemeral range (32768 and up here, `ip_local_port_range`), in
+/// turn from a start that differs per process: a port the kernel picks for a `:0` listener or
+/// an outgoing connection of another test can then never be the one a node is restarted on
+/// ("another chinwag node on this host serves port"), and two test processes rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000; // up to 31999, below the ephemeral range
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port of 127.0.0.1 in {FIRST}..{}", FIRST + SPAN)
 }
 
 impl RedisServer {

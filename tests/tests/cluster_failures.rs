@@ -5,14 +5,13 @@
 //! member, each acknowledged message seen exactly once, its users moving to another node when
 //! theirs dies and catching up with `history` (docs/loadgen.md, "A cluster").
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chinwag_protocol::client::{Client, ClientError, Encoding};
 use chinwag_protocol::{
     ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Message, Send, Seq, Target,
 };
-use chinwag_tests::cluster::{self, Cluster, ClusterSpec, LoadgenRun, FAST_LINKS};
+use chinwag_tests::cluster::{self, failures, Cluster, ClusterSpec, LoadgenRun, FAST_LINKS};
 use chinwag_tests::{buyer, send};
 use serde_json::Value;
 
@@ -58,19 +57,6 @@ fn assert_nothing_lost(cluster: &Cluster, report: &Value) {
         );
     }
     cluster::assert_verified(report, 30, 300);
-}
-
-/// The failures of `report` by cause; fails the test on a cause not in `allowed` (prefixes).
-fn failures(report: &Value, allowed: &[&str]) -> BTreeMap<String, u64> {
-    let failures: BTreeMap<String, u64> =
-        serde_json::from_value(report["failures"].clone()).expect("failures by cause");
-    for cause in failures.keys() {
-        assert!(
-            allowed.iter().any(|a| cause.starts_with(a)),
-            "unexpected failure {cause:?}: {report}"
-        );
-    }
-    failures
 }
 
 #[test]

@@ -12,10 +12,19 @@ use chinwag_tests::buyer;
 use chinwag_tests::cluster::{Cluster, ClusterSpec};
 use chinwag_tests::mint_token;
 
+/// The harness's own checks are of an unreplicated cluster (a killed node's partitions wait
+/// for it); cluster_replication.rs has the replicated ones.
+fn unreplicated() -> ClusterSpec {
+    ClusterSpec {
+        replicas: Some(1),
+        ..ClusterSpec::default()
+    }
+}
+
 #[test]
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn a_node_killed_comes_back_on_its_ports_with_what_it_stored() {
-    let mut cluster = Cluster::start(ClusterSpec::default());
+    let mut cluster = Cluster::start(unreplicated());
     // Every node answers on its fixed client port and sees the other two.
     for n in 1..=3 {
         let (status, body) = cluster.node(n).get("/healthz");
@@ -69,7 +78,7 @@ fn a_node_killed_comes_back_on_its_ports_with_what_it_stored() {
 #[test]
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn redis_killed_and_started_again_the_nodes_become_ready_again() {
-    let mut cluster = Cluster::start(ClusterSpec::default());
+    let mut cluster = Cluster::start(unreplicated());
     cluster.kill_redis();
     cluster.wait_until("every node to report Redis down", |c| {
         (1..=3).all(|n| {
@@ -86,7 +95,7 @@ fn redis_killed_and_started_again_the_nodes_become_ready_again() {
 #[test]
 #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
 fn the_service_client_skips_a_dead_node_in_its_list() {
-    let mut cluster = Cluster::start(ClusterSpec::default());
+    let mut cluster = Cluster::start(unreplicated());
     cluster.kill(1);
     let token = mint_token(
         chinwag_tests::cluster::SECRET,

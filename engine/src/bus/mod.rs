@@ -456,6 +456,10 @@ pub struct StreamPart {
     pub result: Result<StreamFound, StreamRefused>,
 }
 
+/// [`StreamRefused::text`] when a partition's leader is changing (the shard read leads it on
+/// a lease that ran out): answered `unavailable`, the subscriber asks again.
+pub const STREAM_NOT_LED: &str = "the partition's leader is changing: subscribe again";
+
 /// Why a [`BusMsg::StreamRead`] was refused, and what it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamRefused {

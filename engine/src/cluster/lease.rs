@@ -244,6 +244,7 @@ struct LeaseState {
 impl LeaseState {
     /// One round. Returns whether Redis answered all of it.
     fn round(&mut self) -> bool {
+        self.sink.tick();
         while let Some(request) = self.leases.next_isr_request() {
             self.pending_isr.insert(request.partition, request);
         }

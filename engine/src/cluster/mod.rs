@@ -127,8 +127,10 @@ impl JoinSettings {
             partitions: config.partitions as u32,
             client,
             service,
+            // What peers dial: the advertised address, else the one bound.
             link: config
-                .node_listen
+                .node_advertise
+                .or(config.node_listen)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
             timeout: Duration::from_millis(config.cluster_redis_timeout_ms),
             heartbeat_interval: Duration::from_millis(config.cluster_heartbeat_interval_ms),

@@ -65,9 +65,14 @@ impl RoleChange {
 }
 
 /// Where the leadership thread sends role changes (the node posts each to the shard that
-/// serves the partition). Must not block.
+/// serves the partition). Must not block. Every change must arrive, in order: the thread
+/// tells each change once.
 pub trait RoleSink: Send + Sync + 'static {
     fn changed(&self, change: RoleChange);
+
+    /// Called every round of the leadership thread: a sink that could not deliver a change
+    /// at once tries again here.
+    fn tick(&self) {}
 }
 
 /// An epoch and lease deadline per partition, written by the leadership thread, read by the

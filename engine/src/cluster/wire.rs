@@ -103,14 +103,16 @@ const STREAM_OK: u8 = 0;
 const STREAM_RETIRED: u8 = 1;
 const STREAM_NOT_OURS: u8 = 2;
 const STREAM_REFUSED: u8 = 3;
+const STREAM_LEADER_CHANGING: u8 = 4;
 /// The texts of [`StreamPart::result`]'s errors, by code (logic/reads.rs makes them).
-const STREAM_ERRORS: [(u8, &str); 3] = [
+const STREAM_ERRORS: [(u8, &str); 4] = [
     (
         STREAM_RETIRED,
         "the resume position was deleted by log retention",
     ),
     (STREAM_NOT_OURS, "not a resume position of this node"),
     (STREAM_REFUSED, "the owner refused the resume position"),
+    (STREAM_LEADER_CHANGING, crate::bus::STREAM_NOT_LED),
 ];
 
 /// WeChat's undelivered reasons, by their wire code (the index).

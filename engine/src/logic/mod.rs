@@ -642,14 +642,36 @@ impl Owner {
     }
 
     /// `NotHere` (answered `unavailable`: retry) for a partition this shard holds a replica
-    /// of but does not lead now (it was demoted after the request was routed here).
+    /// of but does not lead now (it was demoted after the request was routed here), or leads
+    /// on a lease that has run out (another node may lead it by now: what this log holds may
+    /// be stale, or hold records of its epoch that the new leader's log never will).
     fn not_led_here(&self, p: u32) -> Result<(), StoreError> {
         let follows = self.map.replica_shard(p) == Some(self.shard)
             && self.map.shard_of_partition(p) != Some(self.shard);
-        match follows {
+        match follows || self.lease_lapsed(p) {
             true => Err(StoreError::NotHere { partition: p }),
             false => Ok(()),
         }
+    }
+
+    /// Whether this shard leads `p` on a lease that is not valid now (always false without
+    /// a leadership thread: roles are static then).
+    fn lease_lapsed(&self, p: u32) -> bool {
+        let Some(leases) = self
+            .replication
+            .as_ref()
+            .and_then(|r| r.setup.leases.as_deref())
+        else {
+            return false;
+        };
+        let Some(Some(Partition {
+            role: Some(crate::cluster::replica::Role::Lead(leader)),
+            ..
+        })) = usize::try_from(p).ok().and_then(|i| self.partitions.get(i))
+        else {
+            return false;
+        };
+        !leases.valid(leader.partition, leader.epoch, std::time::Instant::now())
     }
 
     /// The conversation, if it is here.

@@ -86,14 +86,18 @@ impl Owner {
         let mut result = Ok(());
         for &(p, pos) in from {
             if self.map.shard_of_partition(u32::from(p)) != Some(self.shard) {
-                result = Err(ScanError::NotOurs);
+                result = Err(scan_text(ScanError::NotOurs));
+                break;
+            }
+            if self.lease_lapsed(u32::from(p)) {
+                result = Err(crate::bus::STREAM_NOT_LED);
                 break;
             }
             let Some(log) = self.log(p) else {
                 // No log: nothing was ever stored there, and its first record will be at the
                 // start.
                 if pos != STREAM_NOW && pos != 0 {
-                    result = Err(ScanError::NotOurs);
+                    result = Err(scan_text(ScanError::NotOurs));
                     break;
                 }
                 next.push((p, 0));
@@ -125,7 +129,7 @@ impl Owner {
                     next.push((p, end));
                 }
                 Err(e) => {
-                    result = Err(e);
+                    result = Err(scan_text(e));
                     break;
                 }
             }
@@ -135,11 +139,8 @@ impl Owner {
             shard: self.shard,
             result: result
                 .map(|()| StreamFound { msgs, events, next })
-                .map_err(|e| StreamRefused {
-                    text: match e {
-                        ScanError::Retired => "the resume position was deleted by log retention",
-                        ScanError::NotOurs => "not a resume position of this node",
-                    },
+                .map_err(|text| StreamRefused {
+                    text,
                     from: from.to_vec(),
                 }),
         }
@@ -205,6 +206,14 @@ pub(super) fn to_msg(m: &MessageRef<'_>) -> Msg<'static> {
         kind: text(m.kind),
         body: text(m.body),
         cmid: text(m.cmid),
+    }
+}
+
+/// What a subscriber is told of a position the log cannot read from.
+fn scan_text(e: ScanError) -> &'static str {
+    match e {
+        ScanError::Retired => "the resume position was deleted by log retention",
+        ScanError::NotOurs => "not a resume position of this node",
     }
 }
 

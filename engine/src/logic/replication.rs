@@ -815,7 +815,7 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_lease_acknowledges_nothing() {
+    fn an_expired_lease_acknowledges_nothing_and_serves_no_reads() {
         let mut two = Two::new(true);
         let leases = Arc::new(Leases::new(PARTITIONS));
         let a = two.login(1, buyer(1));
@@ -830,13 +830,24 @@ mod tests {
             .owner
             .handle(send(&a, Target::User(b.uid), "1", "x"), 3);
         let out = two.settle();
-        assert_eq!(send_ok(&replies(&out[0], a.session)).1, 1, "a valid lease");
+        let (conv, seq) = send_ok(&replies(&out[0], a.session));
+        assert_eq!(seq, 1, "a valid lease");
+        assert_eq!(
+            seqs_in(&two.history(1, &a, conv)),
+            vec![1],
+            "read while it runs"
+        );
         leases.lose(p);
         two.h(1)
             .owner
             .handle(send(&a, Target::User(b.uid), "2", "x"), 3);
         let out = two.settle();
         assert!(replies(&out[0], a.session)[0].contains("unavailable"));
+        // Nor does it serve reads: another node may lead the partition by now.
+        let page = two.history(1, &a, conv);
+        assert!(page.contains("unavailable"), "{page}");
+        leases.hold(p, 1, Instant::now() + std::time::Duration::from_secs(60));
+        assert_eq!(seqs_in(&two.history(1, &a, conv)), vec![1], "renewed");
     }
 
     #[test]

@@ -225,6 +225,11 @@ settings! {
      can reach (it goes into the NodeId); required with --cluster"
     #[arg(value_name = "ADDR", value_parser = parse_listen)]
     node_listen: Option<SocketAddr> => SocketAddr = None;
+    "The node-link address this node registers for its peers to dial, when they reach it \
+     through something in front of node_listen (a NAT, a container's port map, a TCP proxy): \
+     IPV4:PORT (it goes into the NodeId). Default: node_listen's bound address"
+    #[arg(value_name = "ADDR", value_parser = parse_listen)]
+    node_advertise: Option<SocketAddr> => SocketAddr = None;
     "Timeout of every Redis call of a cluster node: the connect, each read, each write"
     #[arg(value_name = "MS")]
     cluster_redis_timeout_ms: u64 = 1_000, "1000";
@@ -541,8 +546,11 @@ impl Config {
     /// The cluster settings: all or nothing, and an address peers can reach.
     fn validate_cluster(&self) -> Result<(), String> {
         let Some(url) = &self.cluster else {
-            if self.node != 0 || self.node_listen.is_some() {
-                return Err("node and node_listen are for a cluster node: give cluster too".into());
+            if self.node != 0 || self.node_listen.is_some() || self.node_advertise.is_some() {
+                return Err(
+                    "node, node_listen and node_advertise are for a cluster node: give cluster too"
+                        .into(),
+                );
             }
             return Ok(());
         };
@@ -566,6 +574,14 @@ impl Config {
                 "node_listen {link}: give the IPv4 address peers connect to (it goes into the \
                  NodeId), not a wildcard address"
             ));
+        }
+        if let Some(advertised) = self.node_advertise {
+            if !advertised.is_ipv4() || advertised.ip().is_unspecified() || advertised.port() == 0 {
+                return Err(format!(
+                    "node_advertise {advertised}: give the IPv4 address and port peers dial (it \
+                     goes into the NodeId), not a wildcard address or port 0"
+                ));
+            }
         }
         if self.cluster_heartbeat_ttl_ms < 2 * self.cluster_heartbeat_interval_ms {
             return Err(format!(
@@ -950,6 +966,22 @@ mod tests {
         assert_eq!(config.ack, AckPolicy::Replicated);
         let leader = load(&[cluster, node, link, ("CHINWAG_ACK", "leader")]).unwrap();
         assert_eq!(leader.ack, AckPolicy::Leader);
+        let advertised = load(&[
+            cluster,
+            node,
+            link,
+            ("CHINWAG_NODE_ADVERTISE", "10.0.0.9:7300"),
+        ]);
+        assert_eq!(
+            crate::cluster::JoinSettings::from_config(
+                &advertised.unwrap(),
+                "10.0.0.3:7000".parse().unwrap(),
+                "10.0.0.3:7001".parse().unwrap()
+            )
+            .link,
+            "10.0.0.9:7300".parse().unwrap(),
+            "peers dial the advertised address"
+        );
         let e = load(&[cluster, node, link, ("CHINWAG_ACK", "all")]).unwrap_err();
         assert!(e.contains("leader") && e.contains("replicated"), "{e}");
         for (pairs, expected) in [
@@ -969,6 +1001,28 @@ mod tests {
             (
                 vec![("CHINWAG_CLUSTER", "127.0.0.1:6379"), node, link],
                 "redis://",
+            ),
+            (
+                vec![("CHINWAG_NODE_ADVERTISE", "10.0.0.9:7200")],
+                "give cluster too",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_NODE_ADVERTISE", "0.0.0.0:7200"),
+                ],
+                "node_advertise",
+            ),
+            (
+                vec![
+                    cluster,
+                    node,
+                    link,
+                    ("CHINWAG_NODE_ADVERTISE", "10.0.0.9:0"),
+                ],
+                "port 0",
             ),
             (
                 vec![

@@ -880,7 +880,12 @@ impl ServiceConn {
                 if self.http.is_none() {
                     self.subscription = None;
                 }
-                let error = bus::error(ErrorCode::BadRequest, refused.text);
+                // A leader changing is passing; a position that is not ours is not.
+                let code = match refused.text {
+                    bus::STREAM_NOT_LED => ErrorCode::Unavailable,
+                    _ => ErrorCode::BadRequest,
+                };
+                let error = bus::error(code, refused.text);
                 return self.reply(req, error, ctx);
             }
         };

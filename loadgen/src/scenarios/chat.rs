@@ -42,8 +42,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use chinwag_protocol::{
-    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, Seq, ShopId,
-    Target, Uid, UidKind,
+    ConvId, DeviceType, ErrorCode, Frame, History, HistoryRange, Login, Message, Send, SendOk, Seq,
+    ShopId, Target, Uid, UidKind,
 };
 use clap::Args;
 
@@ -101,6 +101,11 @@ pub struct ChatArgs {
     /// Seconds allowed for `--verify-log` to read every conversation.
     #[arg(long, default_value_t = 60)]
     pub verify_timeout_s: u64,
+    /// With several `--addr`: how long a request waits for its reply before the user sends
+    /// it again (a send, same cmid) or moves to the next address (a login or `history` while
+    /// catching up). The JavaScript client's `requestTimeoutMs` is 5000.
+    #[arg(long, default_value_t = 5000)]
+    pub reply_timeout_ms: u64,
 }
 
 /// Flags of `storm`: those of `chat`, plus the storm.
@@ -185,13 +190,40 @@ struct Counts {
     resent: u64,
     /// `history` asked while draining for seqs no push brought (several addresses).
     repairs: u64,
-    /// Replies not come within REPLY_TIMEOUT (several addresses).
+    /// Replies not come within `--reply-timeout-ms` (several addresses).
     timed_out: u64,
     /// `--verify-log`: what was recorded of the sends.
     ledger: Ledger,
     /// Conversations (by number) from a failed or unanswered send to the next write.
     outages: WriteOutages<usize>,
+    /// The slowest acknowledgements (from the intended send to the `send_ok`, resends
+    /// included), slowest first, with what they acknowledged: what a failure's report needs.
+    slowest: Vec<(Duration, String)>,
 }
+
+impl Counts {
+    /// Keeps the acknowledgement of user `i`'s message `n` among the [`SLOWEST_KEPT`] slowest.
+    fn slow(&mut self, latency: Duration, i: usize, n: u64, ok: &SendOk, resent: bool) {
+        if self.slowest.len() == SLOWEST_KEPT
+            && self.slowest.last().is_some_and(|(l, _)| *l >= latency)
+        {
+            return;
+        }
+        let again = if resent { ", sent again" } else { "" };
+        let what = format!(
+            "cmid {i}-{n}: conv {} seq {} after {:.1} s{again}",
+            ok.conv,
+            ok.seq,
+            latency.as_secs_f64()
+        );
+        let at = self.slowest.partition_point(|(l, _)| *l >= latency);
+        self.slowest.insert(at, (latency, what));
+        self.slowest.truncate(SLOWEST_KEPT);
+    }
+}
+
+/// Slowest acknowledgements a report names.
+const SLOWEST_KEPT: usize = 5;
 
 /// Runs `chat` and returns its report.
 pub fn run(args: &ChatArgs) -> io::Result<Report> {
@@ -305,6 +337,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     let mut moves: VecDeque<(Instant, usize)> = VecDeque::new();
     let mut resends: VecDeque<(Instant, usize, InFlight)> = VecDeque::new();
     let mut next_timeout_scan = Instant::now();
+    let reply_timeout = Duration::from_millis(args.reply_timeout_ms.max(1));
 
     let closed_loop = args.rate_per_user_per_s <= 0.0;
     let mut counts = Counts::default();
@@ -501,14 +534,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
             next_timeout_scan = now + Duration::from_millis(100);
             // A cluster does not answer a request whose owner died after its node link
             // acknowledged it (docs/cluster.md, "Node links"): as a client must, give such a
-            // reply REPLY_TIMEOUT, then send again with the cmid (a send) or move on (a login
+            // reply `--reply-timeout-ms`, then send again with the cmid (a send) or move on (a login
             // or `history` while catching up).
             for (i, user) in users.iter_mut().enumerate() {
                 if user.lost || user.reconnect_due {
                     continue;
                 }
                 if user.catching_up.is_some() {
-                    if now.duration_since(user.last_heard) > REPLY_TIMEOUT {
+                    if now.duration_since(user.last_heard) > reply_timeout {
                         counts.timed_out += 1;
                         user.failed_moves += 1;
                         schedule_move(user, i, now, &mut moves);
@@ -517,7 +550,7 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                 }
                 let late = |f: &InFlight| {
                     f.sent_at
-                        .is_some_and(|at| now.duration_since(at) > REPLY_TIMEOUT)
+                        .is_some_and(|at| now.duration_since(at) > reply_timeout)
                 };
                 if !user.in_flight.iter().any(late) {
                     continue;
@@ -742,10 +775,11 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
                     if in_window {
                         counts.send_ok_measured += 1;
                     }
+                    let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
                     if (measure_from_ns..measure_to_ns).contains(&intended_ns) {
-                        let latency = Duration::from_nanos(now_ns.saturating_sub(intended_ns));
                         report::record(&mut send_to_send_ok, latency);
                     }
+                    counts.slow(latency, i, n, &ok, resent);
                     let conv_last = last_seq.entry(ok.conv).or_default();
                     *conv_last = (*conv_last).max(ok.seq.0);
                     if user.conv.is_some_and(|c| c != ok.conv) {
@@ -937,6 +971,14 @@ fn run_with(args: &ChatArgs, storm: Option<&StormArgs>) -> io::Result<Report> {
     if storm.is_some() || moves_on {
         report.figure("reconnects", counts.reconnects);
         report.figure("resent_after_reconnect", counts.resent);
+        report.figure(
+            "slowest_acks",
+            counts
+                .slowest
+                .iter()
+                .map(|(_, what)| what.clone())
+                .collect::<Vec<_>>(),
+        );
         report.figure("history_pages", counts.history_pages);
         let still = users.iter().filter(|u| u.catching_up.is_some()).count();
         report.figure("not_caught_up_at_end", still as u64);
@@ -1085,10 +1127,6 @@ fn schedule_move(user: &mut User, i: usize, now: Instant, moves: &mut VecDeque<(
 /// Reqs of abandoned sends remembered per user, at most (a late reply to an older one would
 /// count as a violation).
 const ABANDONED_MAX: usize = 1024;
-
-/// How long a client waits for a reply before it sends again or moves on (as the JavaScript
-/// client's `requestTimeoutMs`).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a user still missing seqs after sending stopped waits for their pushes before it
 /// asks `history` for them.
