@@ -166,7 +166,8 @@ fn moved(
         if std::time::Instant::now() >= deadline {
             return fail(
                 format!(
-                    "{left} moves not done after {wait_s} s: they go on; `chinwag cluster show`                      says which (a new replica still copying, or a leader away)"
+                    "{left} moves not done after {wait_s} s: they go on; `chinwag cluster show` \
+                     says which (a new replica still copying, or a leader away)"
                 ),
                 1,
             );
@@ -245,31 +246,7 @@ fn show(target: &RedisTarget) -> Result<String, String> {
         let _ = writeln!(out, "  {ranges}: {line}");
     }
     let lags = registry::read_lag(&mut c, &listed).map_err(|e| e.to_string())?;
-    let now_ms = unix_ms();
-    let behind: Vec<String> = lags
-        .iter()
-        .flat_map(|(leader, p, followers)| {
-            followers
-                .iter()
-                .filter(|f| f.behind_bytes > 0)
-                .map(move |f| {
-                    format!(
-                        "  {p}: node {} behind leader {leader} by {} bytes (at {}), caught up {:.1} s ago",
-                        f.node,
-                        f.behind_bytes,
-                        f.acked,
-                        now_ms.saturating_sub(f.caught_up_ms) as f64 / 1000.0
-                    )
-                })
-        })
-        .collect();
-    let followers: usize = lags.iter().map(|(_, _, f)| f.len()).sum();
-    let _ = writeln!(
-        out,
-        "replica lag ({followers} followers reported by their leaders, {} behind):",
-        behind.len()
-    );
-    for line in behind {
+    for line in registry::describe_lag(&table, &lags, unix_ms()) {
         let _ = writeln!(out, "{line}");
     }
     Ok(out)

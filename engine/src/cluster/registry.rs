@@ -378,6 +378,104 @@ pub fn describe_partitions(
         .collect()
 }
 
+/// Lines of `chinwag cluster show`'s lag section listing one partition behind each, at most.
+pub const LAG_LINES_MAX: usize = 16;
+
+/// The replica lag section of `chinwag cluster show`, from what the leaders published
+/// ([`read_lag`]; only a partition's current leader's report counts, an earlier leader's
+/// may still be in Redis). One line per follower node: over the partitions it follows, how
+/// far behind it is at most (bytes of log its leader has and it has not acknowledged) and
+/// how long ago it last had everything, at the oldest; a follower no leader reported is
+/// named as such. Then the partitions whose follower is behind, furthest first, at most
+/// [`LAG_LINES_MAX`]. `now_ms` is Unix ms.
+pub fn describe_lag(
+    table: &PartitionTable,
+    lags: &[(u16, u32, Vec<super::roles::ReplicaLag>)],
+    now_ms: u64,
+) -> Vec<String> {
+    use std::collections::BTreeMap;
+    let age = |caught_up_ms: u64| now_ms.saturating_sub(caught_up_ms) as f64 / 1000.0;
+    // Every follower the table names, with how many partitions it follows.
+    let mut following: BTreeMap<u16, usize> = BTreeMap::new();
+    for p in 0..table.count() {
+        if let Some(record) = table.record(p) {
+            for &n in record.replicas.iter().filter(|&&n| n != record.leader) {
+                *following.entry(n).or_default() += 1;
+            }
+        }
+    }
+    // Per follower: partitions reported, (most bytes behind, its partition), oldest catch-up.
+    let mut worst: BTreeMap<u16, (usize, (u64, u32), u64)> = BTreeMap::new();
+    let mut behind: Vec<(u64, String)> = Vec::new();
+    let mut reported = 0;
+    for (leader, p, followers) in lags {
+        if table.get(*p).map(|e| e.node) != Some(*leader) {
+            continue;
+        }
+        for f in followers {
+            reported += 1;
+            let w = worst.entry(f.node).or_insert((0, (0, *p), u64::MAX));
+            w.0 += 1;
+            if f.behind_bytes > w.1 .0 {
+                w.1 = (f.behind_bytes, *p);
+            }
+            w.2 = w.2.min(f.caught_up_ms);
+            if f.behind_bytes > 0 {
+                behind.push((
+                    f.behind_bytes,
+                    format!(
+                        "  {p}: node {} behind leader {leader} by {} bytes (at {}), caught up {:.1} s ago",
+                        f.node,
+                        f.behind_bytes,
+                        f.acked,
+                        age(f.caught_up_ms)
+                    ),
+                ));
+            }
+        }
+    }
+    let expected: usize = following.values().sum();
+    let mut out = vec![format!(
+        "replica lag ({reported} of {expected} followers reported by their leaders, {} behind):",
+        behind.len()
+    )];
+    for n in following
+        .keys()
+        .chain(worst.keys())
+        .copied()
+        .collect::<std::collections::BTreeSet<u16>>()
+    {
+        match worst.get(&n) {
+            Some(&(count, (bytes, p), caught_up_ms)) => {
+                let at = if bytes > 0 {
+                    format!(" (partition {p})")
+                } else {
+                    String::new()
+                };
+                out.push(format!(
+                    "  node {n}: {count} partitions, behind {bytes} bytes at most{at}, caught up {:.1} s ago at the oldest",
+                    age(caught_up_ms)
+                ));
+            }
+            None => out.push(format!(
+                "  node {n}: not reported (the leaders of its {} partitions publish nothing: down, or leading for less than a round)",
+                following[&n]
+            )),
+        }
+    }
+    if !behind.is_empty() {
+        behind.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let shown = behind.len().min(LAG_LINES_MAX);
+        out.push(if shown < behind.len() {
+            format!("behind (the {shown} furthest of {}):", behind.len())
+        } else {
+            "behind (furthest first):".to_string()
+        });
+        out.extend(behind.into_iter().take(shown).map(|(_, line)| line));
+    }
+    out
+}
+
 /// `[0, 1, 2, 5]` as `0-2,5`.
 fn ranges(sorted: &[u32]) -> String {
     let mut out = Vec::new();
@@ -1040,6 +1138,60 @@ mod tests {
         let short: HashMap<String, String> = [("0".into(), "1 1".into())].into();
         let e = PartitionTable::parse(&short, &HashMap::new(), 2).unwrap_err();
         assert!(e.contains("partition 1 has no owner"), "{e}");
+    }
+
+    #[test]
+    fn show_gives_each_follower_its_lag_and_lists_the_partitions_behind() {
+        use crate::cluster::roles::ReplicaLag;
+        // Partitions 0..4 over 1,2,3 with two replicas: 0 [1,2], 1 [2,3], 2 [3,1], 3 [1,2];
+        // node 3 took 1 over from node 2.
+        let mut table = PartitionTable::placed(4, &[1, 2, 3], 2);
+        table.took_over(1, 3, 2);
+        let now_ms = 1_000_000;
+        let f = |node, acked, behind_bytes, ago_ms| ReplicaLag {
+            node,
+            acked,
+            behind_bytes,
+            caught_up_ms: now_ms - ago_ms,
+        };
+        let lags = vec![
+            (1, 0, vec![f(2, 500, 0, 0)]),
+            // Node 2's report of partition 1 from before the takeover: not its leader now.
+            (2, 1, vec![f(3, 10, 90_000, 9_000)]),
+            (3, 1, vec![f(2, 100, 4_000, 2_500)]),
+            (1, 3, vec![f(2, 700, 300, 100)]),
+        ];
+        let lines = describe_lag(&table, &lags, now_ms);
+        assert_eq!(
+            lines,
+            [
+                "replica lag (3 of 4 followers reported by their leaders, 2 behind):",
+                "  node 1: not reported (the leaders of its 1 partitions publish nothing: down, \
+                 or leading for less than a round)",
+                "  node 2: 3 partitions, behind 4000 bytes at most (partition 1), caught up 2.5 s \
+                 ago at the oldest",
+                "behind (furthest first):",
+                "  1: node 2 behind leader 3 by 4000 bytes (at 100), caught up 2.5 s ago",
+                "  3: node 2 behind leader 1 by 300 bytes (at 700), caught up 0.1 s ago",
+            ]
+        );
+        // Many partitions behind: the furthest LAG_LINES_MAX.
+        let table = PartitionTable::placed(40, &[1, 2], 2);
+        let lags: Vec<_> = (0..40)
+            .map(|p| {
+                let leader = table.get(p).unwrap().node;
+                (leader, p, vec![f(3 - leader, 0, u64::from(p) + 1, 0)])
+            })
+            .collect();
+        let lines = describe_lag(&table, &lags, now_ms);
+        assert_eq!(lines.len(), 1 + 2 + 1 + LAG_LINES_MAX, "{lines:#?}");
+        assert_eq!(lines[3], "behind (the 16 furthest of 40):");
+        assert!(lines[4].starts_with("  39: node "), "{lines:#?}");
+        assert_eq!(
+            lines[1],
+            "  node 1: 20 partitions, behind 40 bytes at most (partition 39), caught up 0.0 s \
+             ago at the oldest"
+        );
     }
 
     #[test]
