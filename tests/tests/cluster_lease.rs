@@ -899,30 +899,24 @@ fn show_prints_the_lag_leaders_report() {
     let redis = RedisServer::start();
     init(&redis, "2");
     let nodes = steady(&redis);
-    nodes[0].leases.report_lag(
-        0,
-        &[chinwag_engine::cluster::roles::ReplicaLag {
-            node: 2,
-            acked: 1000,
-            behind_bytes: 500,
-            caught_up_ms: 1,
-        }],
-    );
-    nodes[1].leases.report_lag(
-        1,
-        &[chinwag_engine::cluster::roles::ReplicaLag {
-            node: 3,
-            acked: 700,
-            behind_bytes: 0,
-            caught_up_ms: 1,
-        }],
-    );
+    let now = Instant::now();
+    // Partition 0's leader (node 1) sees node 2 500 bytes behind; partition 1's (node 2) sees
+    // node 3 up to date. Node 1 follows partitions too, but nobody reports it.
+    assert_eq!((leader_of(0), leader_of(1)), (1, 2));
+    nodes[0]
+        .leases
+        .report_lag(0, 1500, [(2, Some(1000), now - Duration::from_secs(3))]);
+    nodes[1].leases.report_lag(1, 700, [(3, Some(700), now)]);
     wait_for("show prints both followers", || {
-        show(&redis).contains("replica lag (2 followers reported by their leaders, 1 behind)")
+        show(&redis).contains("replica lag (2 of 6 followers reported by their leaders, 1 behind)")
     });
     let shown = show(&redis);
-    assert!(
-        shown.contains("  0: node 2 behind leader 1 by 500 bytes (at 1000)"),
-        "{shown}"
-    );
+    for line in [
+        "  node 1: not reported (the leaders of its 2 partitions publish nothing",
+        "  node 2: 1 partition, behind 500 bytes at most (partition 0), caught up ",
+        "  node 3: 1 partition, behind 0 bytes at most, caught up ",
+        "behind (furthest first):\n  0: node 2 behind leader 1 by 500 bytes (at 1000), caught up ",
+    ] {
+        assert!(shown.contains(line), "{line:?} in:\n{shown}");
+    }
 }

@@ -453,13 +453,14 @@ pub fn describe_lag(
                     String::new()
                 };
                 out.push(format!(
-                    "  node {n}: {count} partitions, behind {bytes} bytes at most{at}, caught up {:.1} s ago at the oldest",
+                    "  node {n}: {}, behind {bytes} bytes at most{at}, caught up {:.1} s ago at the oldest",
+                    partitions(count),
                     age(caught_up_ms)
                 ));
             }
             None => out.push(format!(
-                "  node {n}: not reported (the leaders of its {} partitions publish nothing: down, or leading for less than a round)",
-                following[&n]
+                "  node {n}: not reported (the leaders of its {} publish nothing: down, or leading for less than a round)",
+                partitions(following[&n])
             )),
         }
     }
@@ -474,6 +475,11 @@ pub fn describe_lag(
         out.extend(behind.into_iter().take(shown).map(|(_, line)| line));
     }
     out
+}
+
+/// "1 partition", "2 partitions".
+fn partitions(n: usize) -> String {
+    format!("{n} partition{}", if n == 1 { "" } else { "s" })
 }
 
 /// `[0, 1, 2, 5]` as `0-2,5`.
@@ -1166,7 +1172,7 @@ mod tests {
             lines,
             [
                 "replica lag (3 of 4 followers reported by their leaders, 2 behind):",
-                "  node 1: not reported (the leaders of its 1 partitions publish nothing: down, \
+                "  node 1: not reported (the leaders of its 1 partition publish nothing: down, \
                  or leading for less than a round)",
                 "  node 2: 3 partitions, behind 4000 bytes at most (partition 1), caught up 2.5 s \
                  ago at the oldest",
