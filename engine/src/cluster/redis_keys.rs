@@ -11,7 +11,7 @@
 //! | `chinwag:lease:P` | string, expires | partition P's leadership lease: `"NODE EPOCH"` of its holder, `PX` the lease length; `"NODE EPOCH handoff"`: granted to NODE by the leader that handed it over, until NODE renews it |
 //! | `chinwag:targets` | hash | partition number → the replica set it is moving to ([`node_list`], placement order), while a move is under way (`chinwag cluster add-node` / `retire-node`) |
 //! | `chinwag:retired` | set | nodes `retire-node` retired: no plan gives them replicas until `add-node` names them |
-//! | `chinwag:node:N:lag` | hash, expires | partition number → node N's view, as its leader, of each follower: `"NODE ACKED BEHIND SINCE_MS"` per follower, `;`-separated |
+//! | `chinwag:node:N:lag` | hash, expires | partition number → node N's view, as its leader, of each follower: `"NODE ACKED BEHIND CAUGHT_UP_MS"` per follower, `;`-separated |
 //! | `chinwag:nodes` | set | every node number that ever registered |
 //! | `chinwag:node:N` | hash | node N's `id` (NodeId), `client`, `service`, `link` addresses, `started_ms`, `version` |
 //! | `chinwag:node:N:alive` | string, expires | the heartbeat: node N's instance token, `PX` heartbeat TTL |
