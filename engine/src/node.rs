@@ -466,8 +466,9 @@ fn open_owners(config: &Config, dir: &Path, map: &Arc<PartitionMap>) -> io::Resu
         (config.log_retention_bytes_max > 0).then_some(config.log_retention_bytes_max);
     template.skip_corrupt = config.skip_corrupt_records;
     template.body_bytes_max = config.message_bytes_max;
-    // The node's window, shared evenly by the partitions (placement spreads the load).
-    template.cmid_window_entries_max = config.cmid_window_entries_max.div_ceil(map.count()).max(1);
+    // The node's budget is shared by its shards; each shard's by its partitions, oldest cmid
+    // first across them (`logic/cmid_budget.rs`), so one log may use its shard's whole share.
+    template.cmid_window_entries_max = config.cmid_window_entries_max.div_ceil(shards).max(1);
     template.members_max = config.members_max;
     // One segment preparer per shard, shared by the logs of its partitions.
     let setups: Vec<LogSetup> = (0..shards)

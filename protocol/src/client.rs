@@ -151,6 +151,24 @@ impl Client {
         })
     }
 
+    /// Connects to the first of `urls` (tried in order) that completes the handshake: the
+    /// nodes of a cluster, where a client that loses its node moves to the next. Returns the
+    /// client and the index in `urls` of the one it reached, or the last error if none would
+    /// (or [`ClientError::Io`] of kind `InvalidInput` for an empty list).
+    pub fn connect_any<U: AsRef<str>>(
+        urls: &[U],
+        encoding: Encoding,
+    ) -> Result<(Client, usize), ClientError> {
+        let mut last = ClientError::Io(io::Error::new(io::ErrorKind::InvalidInput, "no url given"));
+        for (i, url) in urls.iter().enumerate() {
+            match Client::connect(url.as_ref(), encoding) {
+                Ok(client) => return Ok((client, i)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// How long [`Client::call`] waits for a reply (default 10 s).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

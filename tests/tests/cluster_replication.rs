@@ -46,10 +46,11 @@ fn replicated() -> ClusterSpec {
             "--cluster-lease-renew-ms=300",
             "--cluster-lease-margin-ms=200",
             "--replica-lag-max-ms=2000",
-            // The closed-loop load stores over a million messages a minute in 8 partitions,
-            // past the default window's 125,000 cmids per partition, and a client the kills
-            // kept away may resend a minute later: size the window for the load, as an
-            // operator of a node that busy must (docs/storage.md, the cmid window).
+            // The closed-loop load stores over a million messages a minute, two thirds of
+            // them on each node (replicas count), about the default window of 1,000,000 cmids
+            // per node, and a client the kills kept away may resend a minute later: size the
+            // window for the load, as an operator of a node that busy must (docs/storage.md,
+            // the cmid window).
             "--cmid-window-entries-max=8000000",
         ]
         .iter()
@@ -211,10 +212,25 @@ fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
     assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
-/// Waits until the chat load stores on every node.
+/// Waits until the chat load stores on every node and every replica is in sync. A node
+/// killed while a partition's in-sync set is its leader alone (a follower that fell behind for
+/// a moment, at the start or under load) leaves that partition to wait for it: by the rules,
+/// only an in-sync follower may take over.
 fn wait_loaded(cluster: &Cluster) {
     cluster.wait_until("chat load on every node", |c| {
         (1..=3).all(|n| c.node(n).metric("chinwag_messages_stored_total", "") >= 100)
+    });
+    wait_all_in_sync(cluster);
+}
+
+/// Waits until every partition's in-sync set holds all its replicas.
+fn wait_all_in_sync(cluster: &Cluster) {
+    cluster.wait_until("every replica in sync", |c| {
+        c.partitions().is_some_and(|table| {
+            table
+                .iter()
+                .all(|e| e.replicas.iter().all(|&n| e.in_sync(n)))
+        })
     });
 }
 
@@ -263,6 +279,7 @@ mod failover {
         );
         wait_loaded(&cluster);
         for cycle in 1..=cycles {
+            wait_all_in_sync(&cluster);
             let leader = cluster.busiest_leader();
             let before = led(&cluster, leader);
             assert!(!before.is_empty(), "node {leader} leads partitions");

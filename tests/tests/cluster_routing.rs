@@ -33,6 +33,9 @@ fn init(redis: &RedisServer) {
     let out = std::process::Command::new(binary())
         .args(["cluster", "--cluster", &redis.url(), "init"])
         .args(["--nodes", "1,2,3", "--partitions", &PARTITIONS.to_string()])
+        // One replica: these are the unreplicated cluster's tests (a killed node's partitions
+        // wait for it); cluster_replication.rs has the replicated ones.
+        .args(["--replicas", "1"])
         .output()
         .expect("run chinwag cluster init");
     assert!(

@@ -335,3 +335,19 @@ fn the_rate_limit_counts_websocket_messages_not_frames() {
     assert_eq!(pongs, [10, 11, 12, 13, 14, 20, 21, 22, 23, 24]);
     assert_eq!(errors, [(Some(30), ErrorCode::RateLimited)]);
 }
+
+/// A client given several nodes' addresses skips one that is down and says which it reached.
+#[test]
+fn a_client_with_a_list_of_addresses_skips_a_dead_one() {
+    let server = start();
+    let dead = format!("ws://127.0.0.1:{}/ws", chinwag_tests::redis::free_port());
+    let (mut client, at) =
+        Client::connect_any(&[dead.as_str(), &server.ws_url()], Encoding::Json).expect("connect");
+    assert_eq!(at, 1, "the second address");
+    client
+        .login(&server.token(buyer(1)), chinwag_protocol::DeviceType::Web)
+        .expect("login on the node it reached");
+    let none: [&str; 0] = [];
+    assert!(Client::connect_any(&none, Encoding::Json).is_err());
+    assert!(Client::connect_any(&[dead.as_str()], Encoding::Json).is_err());
+}

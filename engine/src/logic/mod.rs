@@ -26,6 +26,7 @@
 //! - [`wechat`]: WeChat customers' messages in, agents' replies to them out (after the
 //!   commit), notices of replies that did not reach WeChat.
 
+mod cmid_budget;
 mod cursors;
 mod devices;
 pub mod dispatch;
@@ -181,6 +182,8 @@ pub struct Owner {
     wechat_out: Vec<wechat::PendingReply>,
     /// In a replicated cluster: roles, shipping, held acknowledgements (`replication`).
     replication: Option<replication::Replication>,
+    /// The shard's cmid budget, across its partitions' windows.
+    cmids: cmid_budget::CmidBudget,
     /// Makes the next commit fail as a full or broken disk would (unit tests only).
     #[cfg(test)]
     fail_next_commit: bool,
@@ -216,8 +219,11 @@ impl Owner {
                 .filter_map(|(_, slot)| slot.as_ref())
                 .map(Partition::store),
         );
+        // Each log's own limit is the shard's whole budget (`node.rs`).
+        let cmids = cmid_budget::CmidBudget::new(log.config.cmid_window_entries_max, map.count());
         Owner {
             shard,
+            cmids,
             written_mark: vec![false; map.count()],
             map,
             log,
@@ -750,7 +756,10 @@ impl Owner {
             if interval && partition.store.needs_flush() && !self.unflushed.contains(&p) {
                 self.unflushed.push(p);
             }
+            let (added, forgot) = partition.store.take_cmid_churn();
+            self.cmids.note(p, added, forgot);
         }
+        self.cmids.trim(&mut self.partitions);
         result
     }
 

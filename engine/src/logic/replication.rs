@@ -154,6 +154,10 @@ impl Owner {
 
     fn role_change(&mut self, change: RoleChange, node: u16, now: Instant) {
         let p = change.partition();
+        if !matches!(change, RoleChange::Isr { .. }) {
+            // A log may be opened or dropped: its cmids join or leave the shard's budget.
+            self.cmids.mark_stale();
+        }
         let shard = self.shard as u16;
         match change {
             RoleChange::Lead {
@@ -305,6 +309,7 @@ impl Owner {
                             "follower log cut where it diverged from the leader"
                         );
                         partition.store = store;
+                        self.cmids.mark_stale();
                         if let (Some(Role::Follow(follower)), Some(r)) =
                             (partition.role.as_mut(), self.replication.as_mut())
                         {

@@ -26,6 +26,8 @@ pub struct Harness {
     dir: tempfile::TempDir,
     next_slot: u32,
     pub now_ms: u64,
+    /// The shard's cmid budget (`cmid_window_entries_max` of its logs).
+    cmids: usize,
 }
 
 impl Harness {
@@ -35,19 +37,29 @@ impl Harness {
 
     /// An owner whose replies (history pages) may use `reply_bytes_max` bytes.
     pub fn with_reply_bytes_max(reply_bytes_max: usize) -> Harness {
+        Harness::with(reply_bytes_max, crate::store::CMID_WINDOW_ENTRIES_DEFAULT)
+    }
+
+    /// An owner whose partitions remember `cmids` cmids together (the shard's budget).
+    pub fn with_cmid_budget(cmids: usize) -> Harness {
+        Harness::with(1 << 20, cmids)
+    }
+
+    fn with(reply_bytes_max: usize, cmids: usize) -> Harness {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let owner = open(dir.path(), reply_bytes_max);
+        let owner = open(dir.path(), reply_bytes_max, cmids);
         Harness {
             owner,
             dir,
             next_slot: 0,
             now_ms: 1_700_000_000_000,
+            cmids,
         }
     }
 
     /// Drops the owner and opens its log again, as a restart does.
     pub fn restart(&mut self) {
-        self.owner = open(self.dir.path(), 1 << 20);
+        self.owner = open(self.dir.path(), 1 << 20, self.cmids);
     }
 
     /// The log's directory.
@@ -146,9 +158,10 @@ pub fn test_map() -> PartitionMap {
 /// The partition count in the tests: few, so that tests see several conversations share one.
 pub const PARTITIONS: usize = 8;
 
-fn open(dir: &Path, reply_bytes_max: usize) -> Owner {
+fn open(dir: &Path, reply_bytes_max: usize, cmids: usize) -> Owner {
     let mut config = StoreConfig::new(dir);
     config.segment_bytes = 1 << 20;
+    config.cmid_window_entries_max = cmids;
     let setup = LogSetup {
         root: dir.to_path_buf(),
         config,

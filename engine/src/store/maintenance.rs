@@ -5,6 +5,29 @@ use std::fs;
 use super::{os, record, segment, snapshot};
 use super::{Position, Retained, Store, StoreError, StoreStats};
 
+/// The cmid window, for the shard's budget across its partitions (`logic`).
+impl Store {
+    /// Cmids this log's window remembers.
+    pub fn cmid_count(&self) -> usize {
+        self.state.cmid_count()
+    }
+
+    /// The times of the cmids remembered, oldest first.
+    pub fn cmid_times(&self) -> impl Iterator<Item = u64> + '_ {
+        self.state.cmid_times()
+    }
+
+    /// Cmids added, and evicted by the window itself (age, its own limit), since the last call.
+    pub fn take_cmid_churn(&mut self) -> (u64, u64) {
+        self.state.take_cmid_churn()
+    }
+
+    /// Forgets the oldest cmid; false if none is left.
+    pub fn evict_oldest_cmid(&mut self) -> bool {
+        self.state.evict_oldest_cmid()
+    }
+}
+
 impl Store {
     /// Flushes the log and writes a snapshot of the state at the tail, so the next open
     /// replays only what follows. Keeps [`StoreConfig::snapshots_kept`] snapshots.

@@ -120,6 +120,10 @@ pub struct CmidWindow {
     pub(super) order: VecDeque<(u64, u64, Position)>,
     /// During replay only `order` is kept up to date (see [`State::defer_cmid_index`]).
     pub(super) deferred: bool,
+    /// Entries added and evicted (by age or this window's own limit) since
+    /// [`State::take_cmid_churn`]: what the shard's budget across partitions keeps count of.
+    pub(super) added: u64,
+    pub(super) evicted: u64,
 }
 
 /// The window's key of a sender's cmid in a conversation. A fixed function (not a seeded
@@ -142,6 +146,9 @@ pub fn cmid_key(sender: Uid, conv: ConvId, cmid: &[u8]) -> u64 {
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ h >> 33
 }
+
+/// Entries a new window's table holds before it first grows.
+const CMID_TABLE_FIRST: usize = 64;
 
 /// Limits the state enforces, taken from the store's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -194,17 +201,51 @@ impl State {
             devices: AHashMap::new(),
             device_max: None,
             conv_max: None,
-            // Sized for its limit up front: growing a table of millions of entries would stall
-            // the shard for tens of ms at each doubling. Untouched memory costs no RSS.
+            // Small at first: the window grows as cmids come, within the shard's budget.
             cmids: CmidWindow {
-                by_key: CmidTable::with_capacity(limits.cmid_window_entries_max)?,
-                order: VecDeque::with_capacity(limits.cmid_window_entries_max),
+                by_key: CmidTable::with_capacity(
+                    CMID_TABLE_FIRST.min(limits.cmid_window_entries_max),
+                )?,
+                order: VecDeque::new(),
                 deferred: false,
+                added: 0,
+                evicted: 0,
             },
             chain_repairs: AHashMap::new(),
             profiles: AHashMap::new(),
             reception: Reception::default(),
         })
+    }
+
+    /// Cmids remembered.
+    pub fn cmid_count(&self) -> usize {
+        self.cmids.order.len()
+    }
+
+    /// The times of the cmids remembered, oldest first.
+    pub fn cmid_times(&self) -> impl Iterator<Item = u64> + '_ {
+        self.cmids.order.iter().map(|&(ts, _, _)| ts)
+    }
+
+    /// Cmids added and evicted by the window itself since the last call.
+    pub fn take_cmid_churn(&mut self) -> (u64, u64) {
+        let window = &mut self.cmids;
+        (
+            std::mem::take(&mut window.added),
+            std::mem::take(&mut window.evicted),
+        )
+    }
+
+    /// Forgets the oldest cmid (the shard's budget needs room); false if there is none.
+    pub fn evict_oldest_cmid(&mut self) -> bool {
+        let window = &mut self.cmids;
+        let Some((_, key, at)) = window.order.pop_front() else {
+            return false;
+        };
+        if !window.deferred {
+            window.by_key.remove_if(key, at);
+        }
+        true
     }
 
     /// Where the message is that this sender probably sent with this cmid (the caller
@@ -537,12 +578,14 @@ fn store_message(
         window.by_key.insert(key, pos);
     }
     window.order.push_back((m.ts_ms, key, pos));
+    window.added += 1;
     while let Some(&(ts, key, at)) = window.order.front() {
         let expired = ts.saturating_add(limits.cmid_window_age_ms) < m.ts_ms;
         if !expired && window.order.len() <= limits.cmid_window_entries_max {
             break;
         }
         window.order.pop_front();
+        window.evicted += 1;
         // A later message with a colliding key may own the entry now.
         if !window.deferred {
             window.by_key.remove_if(key, at);
