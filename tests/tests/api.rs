@@ -132,8 +132,25 @@ fn every_service_op_over_http_does_what_it_does_on_the_service_port() {
 
     // agent_stats: the shop's reception figures over a window.
     let body = r#"{"shop":"5","from_ms":0,"to_ms":99999999999999}"#;
-    let stats = ok(&server, "agent_stats", body);
-    assert!(matches!(stats, Message::AgentStatsOk(_)), "{stats:?}");
+    let Message::AgentStatsOk(stats) = ok(&server, "agent_stats", body) else {
+        panic!("agent_stats_ok")
+    };
+    assert_eq!(stats.shop.0, 5);
+    assert!(stats.from_ms <= stats.to_ms, "{stats:?}");
+
+    // set_profile / get_profile: stored, read back, and carried to the client in `msg`.
+    let body = r#"{"user":"buyer:2","nick":"Bo","avatar":"https://a/2.png"}"#;
+    assert_eq!(ok(&server, "set_profile", body), Message::SetProfileOk);
+    let Message::GetProfileOk(of) = ok(&server, "get_profile", r#"{"user":"buyer:2"}"#) else {
+        panic!("get_profile_ok")
+    };
+    assert_eq!(
+        (&*of.profile.name, &*of.profile.avatar),
+        ("Bo", "https://a/2.png")
+    );
+    let body = format!(r#"{{"user":"buyer:2","nick":"{}"}}"#, "n".repeat(65));
+    let bad = refused(&server, "set_profile", &body);
+    assert_eq!((bad.0, bad.1), (400, ErrorCode::BadRequest), "{bad:?}");
 
     // kick: the session is kicked and closed with 4001.
     assert_eq!(

@@ -624,6 +624,7 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
     let mut writer = server.service();
     let mut stalled = server.service();
     let mut seen = subscribe(&mut stalled, "");
+    let anon_before = rss_anon_kib(&server);
     // Far more than the send queue (and the socket buffers) hold: 2,000 messages of 4 KB.
     let body = "y".repeat(4000);
     for round in 0..20 {
@@ -644,6 +645,14 @@ fn a_stalled_subscriber_is_paused_not_buffered_and_others_are_served() {
             writer.wait(req).unwrap();
         }
     }
+    // The 8 MB the subscriber has not read are in the log, not in the server's memory: its
+    // anonymous memory grew by far less (the log's pages are file-backed, not anonymous).
+    // (About 2.5 MB here: the writer's requests, the allocator's arenas.)
+    let grown = rss_anon_kib(&server).saturating_sub(anon_before);
+    assert!(
+        grown < 6 * 1024,
+        "the server's anonymous memory grew {grown} KiB while 8 MB waited for the subscriber"
+    );
     // Meanwhile a client and another service are served.
     let mut bob = server.login(buyer(50));
     assert!(bob.call(Message::Ping).is_ok());
@@ -701,4 +710,15 @@ fn chinwag_backend_tail_prints_batches_as_json_lines_and_resumes() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The server's anonymous resident memory (`RssAnon`), in KiB.
+fn rss_anon_kib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("the server's /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssAnon in /proc/PID/status")
 }

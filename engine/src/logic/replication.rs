@@ -555,9 +555,13 @@ impl Owner {
     }
 
     /// Turns held for replicas now.
-    #[cfg(test)]
     pub fn held_turns(&self) -> usize {
         self.replication.as_ref().map_or(0, |r| r.held.len())
+    }
+
+    /// Bytes of outputs held for replicas now.
+    pub fn held_bytes(&self) -> usize {
+        self.replication.as_ref().map_or(0, |r| r.held_bytes)
     }
 }
 

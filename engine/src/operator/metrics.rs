@@ -92,6 +92,10 @@ pub struct ShardMetrics {
     pub log_devices: AtomicU64,
     pub log_segment_bytes: AtomicU64,
     pub log_partitions_open: AtomicU64,
+    /// Turns whose outputs wait for the in-sync replicas, and their bytes (replicated
+    /// clusters with `ack = replicated`).
+    pub replication_held_turns: AtomicU64,
+    pub replication_held_bytes: AtomicU64,
     pub accept_errors: AtomicU64,
     /// Cumulative counts per bucket of `TURN_BUCKETS_US`, plus one for +Inf.
     pub turn_buckets: [AtomicU64; TURN_BUCKETS_US.len() + 1],
@@ -356,6 +360,20 @@ pub fn render(scrape: &Scrape) -> String {
         "gauge",
         "Partitions this shard serves that have a log (one is created on a partition's first write).",
         &|m| load(&m.log_partitions_open),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_replication_held_turns",
+        "gauge",
+        "Loop turns whose acknowledgements and pushes wait for the partitions' in-sync replicas (ack = replicated).",
+        &|m| load(&m.replication_held_turns),
+    );
+    per_shard(
+        &mut out,
+        "chinwag_replication_held_bytes",
+        "gauge",
+        "Bytes of the outputs those turns hold (at most 64 MiB per shard; past it, writes are answered unavailable).",
+        &|m| load(&m.replication_held_bytes),
     );
     per_shard(
         &mut out,

@@ -538,6 +538,8 @@ impl Shard {
         set(&m.log_devices, stats.devices as u64);
         set(&m.log_segment_bytes, stats.segment_bytes);
         set(&m.log_partitions_open, stats.partitions as u64);
+        set(&m.replication_held_turns, self.owner.held_turns() as u64);
+        set(&m.replication_held_bytes, self.owner.held_bytes() as u64);
     }
 
     fn deliver(&mut self, to: To, msg: BusMsg) {
