@@ -243,6 +243,17 @@ fn judge(run: LoadgenRun) {
     failures(&report);
 }
 
+/// How far behind node `n` is at most, in bytes, by `chinwag cluster show`'s lag section
+/// (`  node N: K partitions, behind B bytes at most ...`); `None` if its leaders reported
+/// nothing of it.
+fn lag_of(shown: &str, n: u16) -> Option<u64> {
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with(&format!("  node {n}: ")))?;
+    let (_, rest) = line.split_once(", behind ")?;
+    rest.split(' ').next()?.parse().ok()
+}
+
 /// The failover tests against a replicated cluster.
 mod failover {
     use chinwag_tests::cluster::{self, Cluster};
@@ -384,7 +395,7 @@ mod failover {
     }
 
     #[test]
-    #[ignore = "chinwag cluster add-node / retire-node are not on main yet (the move branch); .ci/run skips it"]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_fourth_node_added_and_retired_under_load_loses_no_acknowledged_message() {
         let mut cluster = Cluster::start(replicated());
         let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 60);
@@ -403,6 +414,45 @@ mod failover {
                 .is_some_and(|t| t.iter().all(|e| !e.replicas.contains(&added)))
         });
         wait_chat_goes_on(&cluster, "chat to go on after the retirement", 100);
+        judge(run);
+    }
+
+    #[test]
+    #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
+    fn show_gives_each_follower_its_lag_and_a_stopped_followers_lag_grows() {
+        let mut cluster = Cluster::start(replicated());
+        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
+        wait_loaded(&cluster);
+        // Every node follows partitions of the others: each partition's leader reports its
+        // follower, and show gives each node a lag.
+        cluster.wait_until("show to give every follower a lag", |c| {
+            let shown = c.cli(&["show"]);
+            shown.contains("replica lag (8 of 8 followers reported by their leaders")
+                && (1..=3).all(|n| lag_of(&shown, n).is_some())
+        });
+        // Stopped, a follower acknowledges nothing: its leaders (and those that take over
+        // what it led) see it further behind at every look, the load going on.
+        let follower = (1..=3u16)
+            .min_by_key(|&n| (cluster.led_by(n).len(), n))
+            .expect("three nodes");
+        cluster.pause(follower);
+        let mut first = None;
+        cluster.wait_until("the stopped follower reported behind", |c| {
+            first = lag_of(&c.cli(&["show"]), follower).filter(|&b| b > 0);
+            first.is_some()
+        });
+        let first = first.expect("waited for");
+        let mut peak = 0;
+        cluster.wait_until("the stopped follower's lag to grow", |c| {
+            peak = lag_of(&c.cli(&["show"]), follower).unwrap_or(0);
+            peak > first
+        });
+        cluster.resume(follower);
+        // Back, it catches up: in sync everywhere, and its lag falls below what it was.
+        wait_in_sync(&cluster, follower);
+        cluster.wait_until("the resumed follower's lag to fall", |c| {
+            lag_of(&c.cli(&["show"]), follower).is_some_and(|b| b < peak)
+        });
         judge(run);
     }
 }

@@ -13,10 +13,14 @@
 //!    themselves;
 //! 4. takes over, in one script call, every partition whose lease lapsed and whose in-sync
 //!    set (at the current epoch) holds this node: epoch + 1, the old leader left out of the
-//!    in-sync set until it catches up;
+//!    in-sync set until it catches up.
+//!    Then, for the partitions it leads, the next step of a move under way or a handover to
+//!    the preferred replica ([`super::moves`]), one fenced script each;
 //! 5. tells the shards what changed for this node through the [`RoleSink`], per partition in
 //!    order (`Lead`, `Follow`, `Isr`, `Drop`), and keeps [`PartitionOwners`] (what
-//!    `Cluster::partition_owner` answers) current.
+//!    `Cluster::partition_owner` answers) current;
+//! 6. publishes the lag the leading shards report of their followers
+//!    ([`Leases::report_lag`]) in `chinwag:node:N:lag`.
 //!
 //! It never waits for a shard (the sink must not block) and no shard waits for it. Redis away:
 //! no renewal and no takeover; the leaders' deadlines pass. Redis back: a leader whose lease
@@ -40,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
+use super::moves;
 use super::redis_conn::{eval, eval_cmd, RedisTarget};
 use super::redis_keys::{self as keys, IsrRecord, PartitionRecord};
 use super::registry::{PartitionEntry, PartitionOwners, PartitionTable};
@@ -62,6 +67,9 @@ pub struct LeaseSettings {
     /// Taken off each deadline: covers a difference in clock rates between this node and
     /// Redis over one lease.
     pub margin: Duration,
+    /// Hand each partition's leadership to its preferred replica (the first of its set) once
+    /// that one is in sync and alive (`cluster_preferred_leader`).
+    pub preferred_leader: bool,
 }
 
 impl LeaseSettings {
@@ -73,6 +81,7 @@ impl LeaseSettings {
             lease: Duration::from_millis(config.cluster_lease_ms),
             renew: Duration::from_millis(config.cluster_lease_renew_ms),
             margin: Duration::from_millis(config.cluster_lease_margin_ms),
+            preferred_leader: config.cluster_preferred_leader,
         }
     }
 }
@@ -80,6 +89,19 @@ impl LeaseSettings {
 /// In-sync set requests taken from the shards per round, at most (each is one script call in
 /// the round's pipeline). The rest wait for the next round.
 const ISR_REQUESTS_PER_ROUND: usize = 1024;
+
+/// Move steps and handovers per round, at most (each is one script call); the rest wait for
+/// the next round.
+const MOVES_PER_ROUND: usize = 64;
+
+/// Rounds in a row a partition's preferred replica must be seen in sync before its leader
+/// hands it the leadership: a replica that just rejoined the set gets a moment to show it
+/// stays, and leaderships do not bounce while a node comes and goes.
+const PREFERRED_ROUNDS: u32 = 3;
+
+/// Preferred-leader handovers per round, at most: leaderships move back one at a time, so
+/// a returning node does not take every partition's writes in one turn.
+const HANDOFFS_PER_ROUND: usize = 1;
 
 /// The running thread.
 pub struct LeaseThread {
@@ -147,6 +169,8 @@ pub fn start(
         held: BTreeMap::new(),
         declined: HashMap::new(),
         pending_isr: BTreeMap::new(),
+        preferred_seen: HashMap::new(),
+        lag_published: false,
         connection: None,
         takeover_after: Instant::now(),
         backoff: Duration::from_millis(50),
@@ -205,6 +229,11 @@ struct LeaseState {
     declined: HashMap<u32, Instant>,
     /// In-sync set requests not yet written (the latest per partition).
     pending_isr: BTreeMap<PartitionId, IsrRequest>,
+    /// Per partition this node leads: rounds in a row its preferred replica (another node)
+    /// was seen in sync.
+    preferred_seen: HashMap<u32, u32>,
+    /// This node's lag hash in Redis holds something.
+    lag_published: bool,
     connection: Option<redis::Connection>,
     /// No takeover before this (one lease after connecting).
     takeover_after: Instant,
@@ -332,6 +361,7 @@ impl LeaseState {
                     Renewal::Lost => {
                         if self.held.remove(&p).is_some() {
                             self.leases.lose(p as PartitionId);
+                            self.leases.clear_lag(p as PartitionId);
                         }
                     }
                 }
@@ -371,6 +401,20 @@ impl LeaseState {
                 }
             }
         }
+        // 4b. Moves under way, and leaderships back to their preferred replicas.
+        let moved = step_moves(
+            c,
+            &self.settings,
+            &self.leases,
+            &mut self.held,
+            &mut self.preferred_seen,
+            &table,
+            &mut holding,
+        )
+        .map_err(|e| e.to_string())?;
+        if moved {
+            table = PartitionTable::load(c, self.settings.partitions)?;
+        }
         // 5. Tell the shards, keep the owners current.
         for p in 0..table.count() {
             let (Some(record), Some(isr)) = (table.record(p), table.isr(p)) else {
@@ -400,9 +444,36 @@ impl LeaseState {
                     && self.held.remove(&p).is_some()
                 {
                     self.leases.lose(id);
+                    self.leases.clear_lag(id);
                 }
                 self.sink.changed(change);
             }
+        }
+        // 6. Publish the lag of the followers of the partitions this node leads.
+        let mut lag = redis::pipe();
+        lag.cmd("DEL").arg(keys::lag(node)).ignore();
+        let mut published = false;
+        for (&p, &epoch) in &holding {
+            let followers = self.leases.lag(p as PartitionId);
+            if followers.is_empty() || table.get(p).map(|e| e.epoch) != Some(epoch) {
+                continue;
+            }
+            lag.cmd("HSET")
+                .arg(keys::lag(node))
+                .arg(p)
+                .arg(keys::lag_entry(&followers))
+                .ignore();
+            published = true;
+        }
+        if published || self.lag_published {
+            if published {
+                lag.cmd("PEXPIRE")
+                    .arg(keys::lag(node))
+                    .arg(lag_ttl(&self.settings).as_millis() as u64)
+                    .ignore();
+            }
+            lag.query::<()>(c).map_err(|e| e.to_string())?;
+            self.lag_published = published;
         }
         Ok(())
     }
@@ -447,6 +518,127 @@ impl LeaseState {
 /// The deadline of a lease asked for at `before`: the lease length, minus the margin.
 fn deadline(settings: &LeaseSettings, before: Instant) -> Instant {
     before + settings.lease.saturating_sub(settings.margin)
+}
+
+/// How long a node's published lag lives in Redis: a few rounds, so a node that stops leaves
+/// nothing stale for `show`.
+pub fn lag_ttl(settings: &LeaseSettings) -> Duration {
+    (settings.renew * 3).max(settings.lease)
+}
+
+/// Step 4b of a round: for every partition of `table` this node leads with its lease
+/// (`holding`, updated), the next step of its move if one is under way ([`moves::grow`]: its
+/// target's new nodes join; [`moves::shrink`]: once they are all in sync, the target becomes
+/// the replica set, and a leader outside it hands the leadership over), else, with
+/// `preferred_leader`, the handover to its preferred replica once that one has been seen in
+/// sync for [`PREFERRED_ROUNDS`] rounds ([`moves::handoff`]). A leader that hands over stops
+/// acknowledging first (as a draining one does). Returns whether anything changed (the table
+/// is read again).
+fn step_moves(
+    c: &mut redis::Connection,
+    settings: &LeaseSettings,
+    leases: &Leases,
+    held: &mut BTreeMap<u32, u64>,
+    preferred_seen: &mut HashMap<u32, u32>,
+    table: &PartitionTable,
+    holding: &mut HashMap<u32, u64>,
+) -> redis::RedisResult<bool> {
+    let node = settings.node;
+    let (mut steps, mut handoffs) = (0, 0);
+    let mut changed = false;
+    let led: Vec<u32> = {
+        let mut led: Vec<u32> = holding.keys().copied().collect();
+        led.sort_unstable();
+        led
+    };
+    preferred_seen.retain(|p, _| holding.contains_key(p));
+    for p in led {
+        if steps >= MOVES_PER_ROUND {
+            break;
+        }
+        let (Some(record), Some(isr)) = (table.record(p), table.isr(p)) else {
+            continue;
+        };
+        if record.leader != node || holding.get(&p) != Some(&record.epoch) {
+            continue;
+        }
+        let epoch = record.epoch;
+        let in_sync: Replicas = if isr.epoch == epoch {
+            isr.isr.clone()
+        } else {
+            Replicas::from_slice(&[node])
+        };
+        let id = p as PartitionId;
+        if let Some(target) = table.target(p).filter(|t| **t != record.replicas) {
+            preferred_seen.remove(&p);
+            let added = target.iter().any(|n| !record.replicas.contains(n));
+            if added {
+                steps += 1;
+                let before = Instant::now();
+                let next = moves::grow(c, p, node, epoch, target, settings.lease)?;
+                if next > 0 {
+                    tracing::info!(partition = p, epoch = next, target = ?target, "cluster moves: new replicas joined the replica set");
+                    leases.hold(id, next, deadline(settings, before));
+                    held.insert(p, next);
+                    holding.insert(p, next);
+                    changed = true;
+                }
+            } else if target.iter().all(|n| in_sync.contains(n)) {
+                steps += 1;
+                let leaving = !target.contains(&node);
+                if leaving {
+                    leases.lose(id);
+                }
+                let before = Instant::now();
+                let (next, leader) = moves::shrink(c, p, node, epoch, target, settings.lease)?;
+                if next == 0 {
+                    // Refused (a successor not alive yet, the table moved on): the next
+                    // round's renewal holds the lease again if it is still this node's.
+                    continue;
+                }
+                tracing::info!(partition = p, epoch = next, leader, replicas = ?target, "cluster moves: the replica set is the target now");
+                changed = true;
+                if leader == node {
+                    leases.hold(id, next, deadline(settings, before));
+                    held.insert(p, next);
+                    holding.insert(p, next);
+                } else {
+                    held.remove(&p);
+                    holding.remove(&p);
+                    leases.clear_lag(id);
+                }
+            }
+            continue;
+        }
+        let preferred = record.replicas[0];
+        if !settings.preferred_leader || preferred == node || !in_sync.contains(&preferred) {
+            preferred_seen.remove(&p);
+            continue;
+        }
+        let seen = preferred_seen.entry(p).or_insert(0);
+        *seen += 1;
+        if *seen < PREFERRED_ROUNDS || handoffs >= HANDOFFS_PER_ROUND {
+            continue;
+        }
+        steps += 1;
+        handoffs += 1;
+        leases.lose(id);
+        let next = moves::handoff(c, p, node, epoch, preferred, settings.lease)?;
+        if next > 0 {
+            tracing::info!(
+                partition = p,
+                epoch = next,
+                leader = preferred,
+                "cluster leases: leadership handed to the preferred replica"
+            );
+            preferred_seen.remove(&p);
+            held.remove(&p);
+            holding.remove(&p);
+            leases.clear_lag(id);
+            changed = true;
+        }
+    }
+    Ok(changed)
 }
 
 /// What partition `p`'s entry `record` and in-sync set `isr` mean for node `node`, given what

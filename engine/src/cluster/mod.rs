@@ -26,6 +26,7 @@
 pub mod health;
 pub mod lease;
 pub(crate) mod link;
+pub mod moves;
 pub mod redis_conn;
 pub mod redis_keys;
 pub mod registry;
@@ -112,6 +113,8 @@ pub struct JoinSettings {
     pub lease: Duration,
     pub lease_renew: Duration,
     pub lease_margin: Duration,
+    /// Leaderships go back to each partition's preferred replica.
+    pub preferred_leader: bool,
 }
 
 impl JoinSettings {
@@ -136,6 +139,7 @@ impl JoinSettings {
             lease: Duration::from_millis(config.cluster_lease_ms),
             lease_renew: Duration::from_millis(config.cluster_lease_renew_ms),
             lease_margin: Duration::from_millis(config.cluster_lease_margin_ms),
+            preferred_leader: config.cluster_preferred_leader,
         }
     }
 }
@@ -219,6 +223,7 @@ impl Cluster {
             lease: settings.lease,
             renew: settings.lease_renew,
             margin: settings.lease_margin,
+            preferred_leader: settings.preferred_leader,
         };
         let lease_target = target.clone();
         let subscriber = Subscriber {
@@ -276,6 +281,7 @@ impl Cluster {
                 lease: Duration::from_secs(3),
                 renew: Duration::from_secs(1),
                 margin: Duration::from_millis(300),
+                preferred_leader: true,
             },
             partitions,
             target: None,

@@ -8,7 +8,10 @@
 //! | `chinwag:cluster` | | also `replicas` (R, from `init`; layout 2) |
 //! | `chinwag:partitions` | hash | partition number → `"LEADER EPOCH REPLICAS"`: its leader, fencing epoch and replica set (comma-separated, placement order, the leader among them); `"NODE EPOCH"` (layout 1, or R = 1) is one replica |
 //! | `chinwag:isr` | hash | partition number → `"EPOCH NODES"`: the in-sync replicas (comma-separated) recorded at that epoch |
-//! | `chinwag:lease:P` | string, expires | partition P's leadership lease: `"NODE EPOCH"` of its holder, `PX` the lease length |
+//! | `chinwag:lease:P` | string, expires | partition P's leadership lease: `"NODE EPOCH"` of its holder, `PX` the lease length; `"NODE EPOCH handoff"`: granted to NODE by the leader that handed it over, until NODE renews it |
+//! | `chinwag:targets` | hash | partition number → the replica set it is moving to ([`node_list`], placement order), while a move is under way (`chinwag cluster add-node` / `retire-node`) |
+//! | `chinwag:retired` | set | nodes `retire-node` retired: no plan gives them replicas until `add-node` names them |
+//! | `chinwag:node:N:lag` | hash, expires | partition number → node N's view, as its leader, of each follower: `"NODE ACKED BEHIND CAUGHT_UP_MS"` per follower, `;`-separated |
 //! | `chinwag:nodes` | set | every node number that ever registered |
 //! | `chinwag:node:N` | hash | node N's `id` (NodeId), `client`, `service`, `link` addresses, `started_ms`, `version` |
 //! | `chinwag:node:N:alive` | string, expires | the heartbeat: node N's instance token, `PX` heartbeat TTL |
@@ -23,7 +26,7 @@ use std::fmt::Write;
 
 use chinwag_protocol::{DeviceId, Uid};
 
-use super::roles::Replicas;
+use super::roles::{ReplicaLag, Replicas};
 
 /// Every key starts with this, so a Redis shared with other programs keeps them apart.
 pub const PREFIX: &str = "chinwag:";
@@ -41,6 +44,13 @@ pub const ROUTE_PREFIX: &str = "chinwag:route:";
 pub const ISR: &str = "chinwag:isr";
 /// What a lease key starts with; the partition number follows.
 pub const LEASE_PREFIX: &str = "chinwag:lease:";
+/// The replica sets partitions are moving to (a hash partition → [`node_list`]).
+pub const TARGETS: &str = "chinwag:targets";
+/// The nodes `chinwag cluster retire-node` retired (a set): no plan gives them replicas
+/// again until `add-node` names them.
+pub const RETIRED: &str = "chinwag:retired";
+/// What a lease granted by a handover holds after its `"NODE EPOCH"`.
+pub const HANDOFF_SUFFIX: &str = " handoff";
 /// The version of this layout, stored in [`CLUSTER`]: a node refuses a cluster of another.
 /// Layout 2 added replica sets, in-sync sets and leases; a layout 1 table (`"NODE EPOCH"`
 /// entries, no in-sync sets) reads as one replica per partition.
@@ -81,6 +91,18 @@ pub fn probe_channel(n: u16) -> String {
 /// Partition `p`'s leadership lease (a string with an expiry).
 pub fn lease(p: u32) -> String {
     format!("{LEASE_PREFIX}{p}")
+}
+
+/// Node `n`'s replica lag, as the leader of its partitions sees its followers (a hash with an
+/// expiry: a node that stops publishing leaves nothing stale behind).
+pub fn lag(n: u16) -> String {
+    format!("chinwag:node:{n}:lag")
+}
+
+/// The holder of a lease as its value names it: `"NODE EPOCH"`, or a handover's grant
+/// `"NODE EPOCH handoff"` (the node it was handed to, which has not renewed it yet).
+pub fn parse_lease_holder(text: &str) -> Option<(u16, u64)> {
+    parse_partition_entry(text.strip_suffix(HANDOFF_SUFFIX).unwrap_or(text))
 }
 
 /// A user's routes (a hash device → node).
@@ -249,6 +271,39 @@ impl IsrRecord {
     }
 }
 
+/// A partition's followers as its leader publishes them in [`lag`]:
+/// `"NODE ACKED BEHIND CAUGHT_UP_MS"` per follower, `;`-separated.
+pub fn lag_entry(followers: &[ReplicaLag]) -> String {
+    let mut text = String::with_capacity(followers.len() * 40);
+    for (i, f) in followers.iter().enumerate() {
+        if i > 0 {
+            text.push(';');
+        }
+        let _ = write!(
+            text,
+            "{} {} {} {}",
+            f.node, f.acked, f.behind_bytes, f.caught_up_ms
+        );
+    }
+    text
+}
+
+/// Parses a [`lag_entry`]; `None` if any part is malformed.
+pub fn parse_lag_entry(text: &str) -> Option<Vec<ReplicaLag>> {
+    text.split(';')
+        .map(|part| {
+            let mut words = part.split(' ');
+            let lag = ReplicaLag {
+                node: words.next()?.parse().ok()?,
+                acked: words.next()?.parse().ok()?,
+                behind_bytes: words.next()?.parse().ok()?,
+                caught_up_ms: words.next()?.parse().ok()?,
+            };
+            (words.next().is_none() && (1..=NODE_MAX).contains(&lag.node)).then_some(lag)
+        })
+        .collect()
+}
+
 /// Claims or refreshes a heartbeat. KEYS: the alive key. ARGV: instance token, TTL in ms.
 /// Returns 1 when the key was ours and is refreshed, 2 when it was free and is now ours, 0 when
 /// another instance holds it.
@@ -370,7 +425,9 @@ return 'created'
 /// the lease was held by this node's number at this epoch but not by this process — an
 /// earlier run of the node, which may have died in the middle of anything — and the in-sync
 /// set names another replica: the lease is deleted, so that an in-sync follower takes over at
-/// once rather than this process lead on from a log it has just recovered.
+/// once rather than this process lead on from a log it has just recovered. A lease granted to
+/// this node by a handover (`"NODE EPOCH handoff"`, see [`SHRINK_SCRIPT`]) counts as free for
+/// it: it becomes `"NODE EPOCH"`.
 pub const RENEW_SCRIPT: &str = concat!(
     lua_prelude!(),
     r"
@@ -380,6 +437,7 @@ for i = 3, #KEYS do
   local p, epoch, fresh = ARGV[3 * i - 6], ARGV[3 * i - 5], ARGV[3 * i - 4]
   local mine = node .. ' ' .. epoch
   local holder = redis.call('GET', KEYS[i])
+  if holder == mine .. ' handoff' then holder = nil end
   local leader, current = parse_entry(redis.call('HGET', KEYS[1], p))
   local held = 0
   if leader == node and current == tonumber(epoch) and (holder == mine or not holder) then
@@ -454,6 +512,174 @@ for n in string.gmatch(ARGV[4], '[^,]+') do
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[4])
 return 1
+"
+);
+
+/// Lua helpers of the move scripts (after [`lua_prelude`]): `isr_of` reads a partition's
+/// in-sync list if it was recorded at `epoch` (else the leader alone), `all_in` says whether
+/// every node of one list is in another, `union` appends to a list the nodes of another it
+/// lacks, `keep` keeps the nodes of a list that are in another (in the other's order).
+macro_rules! lua_moves {
+    () => {
+        r"
+local function isr_of(text, epoch, leader)
+  local isr_epoch, isr_list
+  if text then isr_epoch, isr_list = string.match(text, '^(%d+) ([%d,]+)$') end
+  if isr_epoch and tonumber(isr_epoch) == epoch then return isr_list end
+  return leader
+end
+local function all_in(list, other)
+  for n in string.gmatch(list, '[^,]+') do
+    if not has(other, n) then return false end
+  end
+  return true
+end
+local function union(list, other)
+  local out = list
+  for n in string.gmatch(other, '[^,]+') do
+    if not has(out, n) then out = out .. ',' .. n end
+  end
+  return out
+end
+local function keep(list, order)
+  local out = {}
+  for n in string.gmatch(order, '[^,]+') do
+    if has(list, n) then out[#out + 1] = n end
+  end
+  return table.concat(out, ',')
+end
+"
+    };
+}
+
+/// Records the replica sets partitions move to (`chinwag cluster add-node` / `retire-node`),
+/// all or nothing. KEYS: [`PARTITIONS`], [`TARGETS`]. ARGV: triples of partition, the
+/// replica set the plan was made from (its target if it had one, else its replicas), and the
+/// new target. Nothing is written, and -1 returned, if any partition's set is no longer the
+/// one the plan was made from (another command ran meanwhile: plan again). A target equal to
+/// the replicas removes the target. Returns how many partitions changed.
+pub const SET_TARGETS_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    r"
+for i = 1, #ARGV, 3 do
+  local p = ARGV[i]
+  local leader, epoch, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+  if not leader then return -1 end
+  local current = redis.call('HGET', KEYS[2], p) or replicas
+  if current ~= ARGV[i + 1] then return -1 end
+end
+local changed = 0
+for i = 1, #ARGV, 3 do
+  local p, from, to = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local leader, epoch, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+  if to ~= from then changed = changed + 1 end
+  if to == replicas then
+    redis.call('HDEL', KEYS[2], p)
+  else
+    redis.call('HSET', KEYS[2], p, to)
+  end
+end
+return changed
+"
+);
+
+/// A move's first step, run by the partition's leader: the replicas the target adds join the
+/// replica set (out of the in-sync set: they copy the log from the leader and are asked into
+/// the set once caught up), at epoch + 1, so that every replica hears of the new set. KEYS:
+/// [`PARTITIONS`], [`ISR`], [`TARGETS`], the partition's [`lease`]. ARGV: partition, node (the
+/// leader), its epoch, the target it saw, lease length in ms. Refused (0) unless the node
+/// leads at that epoch, holds the lease and the target is still that one; else returns the
+/// new epoch. The replica set becomes the target's nodes in its order, then the ones leaving.
+pub const GROW_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    lua_moves!(),
+    r"
+local p, node, epoch, target, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local leader, current, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+if leader ~= node or current ~= epoch then return 0 end
+if redis.call('HGET', KEYS[3], p) ~= target then return 0 end
+if redis.call('GET', KEYS[4]) ~= node .. ' ' .. ARGV[3] then return 0 end
+if all_in(target, replicas) then return 0 end
+local isr = isr_of(redis.call('HGET', KEYS[2], p), epoch, leader)
+local next = string.format('%d', epoch + 1)
+redis.call('HSET', KEYS[1], p, node .. ' ' .. next .. ' ' .. union(target, replicas))
+redis.call('HSET', KEYS[2], p, next .. ' ' .. isr)
+redis.call('SET', KEYS[4], node .. ' ' .. next, 'PX', ttl)
+return epoch + 1
+"
+);
+
+/// A move's second step, run by the partition's leader once every node of the target is in
+/// the in-sync set: the replica set becomes the target, at epoch + 1, and the target is
+/// removed. A leader that is not in the target hands the leadership over in the same step to
+/// the target's first node that is in sync and alive (its heartbeat key exists): the lease is
+/// granted to it (`"NODE EPOCH handoff"`, for one lease length, so that no other follower
+/// takes over meanwhile; it becomes its own at its next renewal). KEYS: [`PARTITIONS`],
+/// [`ISR`], [`TARGETS`], the partition's [`lease`], then the heartbeat key of each node of
+/// the target, in its order. ARGV: partition, node, its epoch, the target it saw, lease
+/// length in ms. Returns `{new epoch, new leader}`, or `{0, 0}` (refused: not the leader at
+/// that epoch holding the lease, another target, a target node out of sync, or no successor
+/// alive).
+pub const SHRINK_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    lua_moves!(),
+    r"
+local p, node, epoch, target, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local leader, current, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+if leader ~= node or current ~= epoch then return {0, 0} end
+if redis.call('HGET', KEYS[3], p) ~= target then return {0, 0} end
+if redis.call('GET', KEYS[4]) ~= node .. ' ' .. ARGV[3] then return {0, 0} end
+local isr = isr_of(redis.call('HGET', KEYS[2], p), epoch, leader)
+if not all_in(target, replicas) or not all_in(target, isr) then return {0, 0} end
+local successor = nil
+if has(target, node) then
+  successor = node
+else
+  local i = 5
+  for n in string.gmatch(target, '[^,]+') do
+    if not successor and redis.call('EXISTS', KEYS[i]) == 1 then successor = n end
+    i = i + 1
+  end
+end
+if not successor then return {0, 0} end
+local next = string.format('%d', epoch + 1)
+redis.call('HSET', KEYS[1], p, successor .. ' ' .. next .. ' ' .. target)
+redis.call('HSET', KEYS[2], p, next .. ' ' .. keep(isr, target))
+redis.call('HDEL', KEYS[3], p)
+if successor == node then
+  redis.call('SET', KEYS[4], node .. ' ' .. next, 'PX', ttl)
+else
+  redis.call('SET', KEYS[4], successor .. ' ' .. next .. ' handoff', 'PX', ttl)
+end
+return {epoch + 1, tonumber(successor)}
+"
+);
+
+/// Hands the leadership of a partition to its preferred replica (the first of its replica
+/// set) when that one is in sync and alive and another leads. KEYS: [`PARTITIONS`], [`ISR`],
+/// [`TARGETS`], the partition's [`lease`], the successor's heartbeat key. ARGV: partition,
+/// node (the leader), its epoch, the successor, lease length in ms. Refused (0) unless the
+/// node leads at that epoch and holds the lease, no move is under way, and the successor is
+/// the first replica, in sync and alive; else the new epoch: the successor leads, the
+/// in-sync set is unchanged (the old leader has every acknowledged record), and the lease is
+/// granted to the successor as in [`SHRINK_SCRIPT`].
+pub const HANDOFF_SCRIPT: &str = concat!(
+    lua_prelude!(),
+    lua_moves!(),
+    r"
+local p, node, epoch, successor, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local leader, current, replicas = parse_entry(redis.call('HGET', KEYS[1], p))
+if leader ~= node or current ~= epoch or successor == node then return 0 end
+if redis.call('HEXISTS', KEYS[3], p) == 1 then return 0 end
+if redis.call('GET', KEYS[4]) ~= node .. ' ' .. ARGV[3] then return 0 end
+if string.match(replicas, '^(%d+)') ~= successor then return 0 end
+local isr = isr_of(redis.call('HGET', KEYS[2], p), epoch, leader)
+if not has(isr, successor) or redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
+local next = string.format('%d', epoch + 1)
+redis.call('HSET', KEYS[1], p, successor .. ' ' .. next .. ' ' .. replicas)
+redis.call('HSET', KEYS[2], p, next .. ' ' .. isr)
+redis.call('SET', KEYS[4], successor .. ' ' .. next .. ' handoff', 'PX', ttl)
+return epoch + 1
 "
 );
 
@@ -556,6 +782,34 @@ mod tests {
         assert_eq!(IsrRecord::parse("4"), None);
         assert_eq!(IsrRecord::parse("x 1"), None);
         assert_eq!(lease(17), "chinwag:lease:17");
+        assert_eq!(lag(3), "chinwag:node:3:lag");
+        assert_eq!(parse_lease_holder("2 7"), Some((2, 7)));
+        assert_eq!(parse_lease_holder("2 7 handoff"), Some((2, 7)));
+        assert_eq!(parse_lease_holder("2 7 other"), None);
+    }
+
+    #[test]
+    fn lag_entries_round_trip() {
+        let followers = [
+            ReplicaLag {
+                node: 2,
+                acked: 4096,
+                behind_bytes: 0,
+                caught_up_ms: 1_796_000_000_000,
+            },
+            ReplicaLag {
+                node: 4,
+                acked: 0,
+                behind_bytes: 4096,
+                caught_up_ms: 1_795_999_999_000,
+            },
+        ];
+        let text = lag_entry(&followers);
+        assert_eq!(text, "2 4096 0 1796000000000;4 0 4096 1795999999000");
+        assert_eq!(parse_lag_entry(&text).unwrap(), followers);
+        for bad in ["", "2 1 2", "2 1 2 3 4", "0 1 2 3", "2 1 2 3;", "x 1 2 3"] {
+            assert_eq!(parse_lag_entry(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

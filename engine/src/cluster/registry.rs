@@ -56,6 +56,9 @@ pub struct PartitionEntry {
 pub struct PartitionTable {
     records: Vec<PartitionRecord>,
     isr: Vec<IsrRecord>,
+    /// Per partition, the replica set it is moving to (`chinwag:targets`), if a move is under
+    /// way.
+    targets: Vec<Option<Replicas>>,
 }
 
 impl PartitionTable {
@@ -83,7 +86,12 @@ impl PartitionTable {
                 isr: r.replicas.clone(),
             })
             .collect();
-        PartitionTable { records, isr }
+        let targets = vec![None; records.len()];
+        PartitionTable {
+            records,
+            isr,
+            targets,
+        }
     }
 
     /// P.
@@ -109,6 +117,17 @@ impl PartitionTable {
         self.isr.get(p as usize)
     }
 
+    /// The replica set partition `p` is moving to, if a move is under way.
+    pub fn target(&self, p: u32) -> Option<&Replicas> {
+        self.targets.get(p as usize).and_then(Option::as_ref)
+    }
+
+    /// Partition `p`'s replica set once its move is done: its target, else its replicas.
+    pub fn assignment(&self, p: u32) -> Option<&Replicas> {
+        self.target(p)
+            .or_else(|| self.record(p).map(|r| &r.replicas))
+    }
+
     /// The partitions node `node` leads, ascending.
     pub fn owned_by(&self, node: u16) -> Vec<u32> {
         (0..self.count())
@@ -123,14 +142,37 @@ impl PartitionTable {
         connection: &mut redis::Connection,
         partitions: u32,
     ) -> Result<PartitionTable, String> {
-        let (table, isr): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+        type Hash = HashMap<String, String>;
+        let (table, isr, targets): (Hash, Hash, Hash) = redis::pipe()
             .cmd("HGETALL")
             .arg(keys::PARTITIONS)
             .cmd("HGETALL")
             .arg(keys::ISR)
+            .cmd("HGETALL")
+            .arg(keys::TARGETS)
             .query(connection)
             .map_err(|e| format!("reading {}: {e}", keys::PARTITIONS))?;
-        PartitionTable::parse(&table, &isr, partitions)
+        let mut parsed = PartitionTable::parse(&table, &isr, partitions)?;
+        parsed.set_targets(&targets);
+        Ok(parsed)
+    }
+
+    /// Takes the targets of moves under way from `chinwag:targets`' contents. A malformed
+    /// one, or one for a partition ≥ P, is ignored (and logged): no move is better than a
+    /// move to a set nobody chose.
+    pub fn set_targets(&mut self, targets: &HashMap<String, String>) {
+        for (p, list) in targets {
+            let slot = p
+                .parse::<usize>()
+                .ok()
+                .and_then(|p| self.targets.get_mut(p));
+            match (slot, keys::parse_node_list(list)) {
+                (Some(slot), Some(nodes)) => *slot = Some(nodes),
+                _ => {
+                    tracing::warn!(partition = %p, target = %list, "{}: bad entry ignored", keys::TARGETS)
+                }
+            }
+        }
     }
 
     /// The table from the two hashes' contents.
@@ -159,7 +201,11 @@ impl PartitionTable {
             records.push(record);
             sets.push(set);
         }
-        Ok(PartitionTable { records, isr: sets })
+        Ok(PartitionTable {
+            targets: vec![None; records.len()],
+            records,
+            isr: sets,
+        })
     }
 
     /// Records what [`keys::TAKE_SCRIPT`] wrote when `node` took partition `p` over at
@@ -252,8 +298,35 @@ pub fn lease_holders(
     let values: Vec<Option<String>> = redis::cmd("MGET").arg(&lease_keys).query(connection)?;
     Ok(values
         .iter()
-        .map(|v| v.as_deref().and_then(keys::parse_partition_entry))
+        .map(|v| v.as_deref().and_then(keys::parse_lease_holder))
         .collect())
+}
+
+/// The replica lag the leaders among `nodes` published: per leader and partition, its
+/// followers ([`keys::lag`]; a malformed entry is skipped), by partition.
+pub fn read_lag(
+    connection: &mut redis::Connection,
+    nodes: &[u16],
+) -> redis::RedisResult<Vec<(u16, u32, Vec<super::roles::ReplicaLag>)>> {
+    if nodes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for &n in nodes {
+        pipe.cmd("HGETALL").arg(keys::lag(n));
+    }
+    let hashes: Vec<HashMap<String, String>> = pipe.query(connection)?;
+    let mut out: Vec<(u16, u32, Vec<super::roles::ReplicaLag>)> = nodes
+        .iter()
+        .zip(hashes)
+        .flat_map(|(&n, hash)| {
+            hash.into_iter().filter_map(move |(p, text)| {
+                Some((n, p.parse().ok()?, keys::parse_lag_entry(&text)?))
+            })
+        })
+        .collect();
+    out.sort_by_key(|&(n, p, _)| (p, n));
+    Ok(out)
 }
 
 /// Each partition described in one line (leader, epoch, replicas, in-sync set, lease holder),
@@ -279,12 +352,18 @@ pub fn describe_partitions(
         } else {
             format!("{} (epoch {})", keys::node_list(&isr.isr), isr.epoch)
         };
-        let line = format!(
+        let mut line = format!(
             "leader {} epoch {} replicas {} isr {in_sync} lease {lease}",
             record.leader,
             record.epoch,
             keys::node_list(&record.replicas)
         );
+        if let Some(target) = table.target(p) {
+            let _ = std::fmt::Write::write_fmt(
+                &mut line,
+                format_args!(" moving to {}", keys::node_list(target)),
+            );
+        }
         match index.get(&line) {
             Some(&i) => groups[i].1.push(p),
             None => {
@@ -297,6 +376,110 @@ pub fn describe_partitions(
         .into_iter()
         .map(|(line, partitions)| (ranges(&partitions), line))
         .collect()
+}
+
+/// Lines of `chinwag cluster show`'s lag section listing one partition behind each, at most.
+pub const LAG_LINES_MAX: usize = 16;
+
+/// The replica lag section of `chinwag cluster show`, from what the leaders published
+/// ([`read_lag`]; only a partition's current leader's report counts, an earlier leader's
+/// may still be in Redis). One line per follower node: over the partitions it follows, how
+/// far behind it is at most (bytes of log its leader has and it has not acknowledged) and
+/// how long ago it last had everything, at the oldest; a follower no leader reported is
+/// named as such. Then the partitions whose follower is behind, furthest first, at most
+/// [`LAG_LINES_MAX`]. `now_ms` is Unix ms.
+pub fn describe_lag(
+    table: &PartitionTable,
+    lags: &[(u16, u32, Vec<super::roles::ReplicaLag>)],
+    now_ms: u64,
+) -> Vec<String> {
+    use std::collections::BTreeMap;
+    let age = |caught_up_ms: u64| now_ms.saturating_sub(caught_up_ms) as f64 / 1000.0;
+    // Every follower the table names, with how many partitions it follows.
+    let mut following: BTreeMap<u16, usize> = BTreeMap::new();
+    for p in 0..table.count() {
+        if let Some(record) = table.record(p) {
+            for &n in record.replicas.iter().filter(|&&n| n != record.leader) {
+                *following.entry(n).or_default() += 1;
+            }
+        }
+    }
+    // Per follower: partitions reported, (most bytes behind, its partition), oldest catch-up.
+    let mut worst: BTreeMap<u16, (usize, (u64, u32), u64)> = BTreeMap::new();
+    let mut behind: Vec<(u64, String)> = Vec::new();
+    let mut reported = 0;
+    for (leader, p, followers) in lags {
+        if table.get(*p).map(|e| e.node) != Some(*leader) {
+            continue;
+        }
+        for f in followers {
+            reported += 1;
+            let w = worst.entry(f.node).or_insert((0, (0, *p), u64::MAX));
+            w.0 += 1;
+            if f.behind_bytes > w.1 .0 {
+                w.1 = (f.behind_bytes, *p);
+            }
+            w.2 = w.2.min(f.caught_up_ms);
+            if f.behind_bytes > 0 {
+                behind.push((
+                    f.behind_bytes,
+                    format!(
+                        "  {p}: node {} behind leader {leader} by {} bytes (at {}), caught up {:.1} s ago",
+                        f.node,
+                        f.behind_bytes,
+                        f.acked,
+                        age(f.caught_up_ms)
+                    ),
+                ));
+            }
+        }
+    }
+    let expected: usize = following.values().sum();
+    let mut out = vec![format!(
+        "replica lag ({reported} of {expected} followers reported by their leaders, {} behind):",
+        behind.len()
+    )];
+    for n in following
+        .keys()
+        .chain(worst.keys())
+        .copied()
+        .collect::<std::collections::BTreeSet<u16>>()
+    {
+        match worst.get(&n) {
+            Some(&(count, (bytes, p), caught_up_ms)) => {
+                let at = if bytes > 0 {
+                    format!(" (partition {p})")
+                } else {
+                    String::new()
+                };
+                out.push(format!(
+                    "  node {n}: {}, behind {bytes} bytes at most{at}, caught up {:.1} s ago at the oldest",
+                    partitions(count),
+                    age(caught_up_ms)
+                ));
+            }
+            None => out.push(format!(
+                "  node {n}: not reported (the leaders of its {} publish nothing: down, or leading for less than a round)",
+                partitions(following[&n])
+            )),
+        }
+    }
+    if !behind.is_empty() {
+        behind.sort_by_key(|b| std::cmp::Reverse(b.0));
+        let shown = behind.len().min(LAG_LINES_MAX);
+        out.push(if shown < behind.len() {
+            format!("behind (the {shown} furthest of {}):", behind.len())
+        } else {
+            "behind (furthest first):".to_string()
+        });
+        out.extend(behind.into_iter().take(shown).map(|(_, line)| line));
+    }
+    out
+}
+
+/// "1 partition", "2 partitions".
+fn partitions(n: usize) -> String {
+    format!("{n} partition{}", if n == 1 { "" } else { "s" })
 }
 
 /// `[0, 1, 2, 5]` as `0-2,5`.
@@ -961,6 +1144,60 @@ mod tests {
         let short: HashMap<String, String> = [("0".into(), "1 1".into())].into();
         let e = PartitionTable::parse(&short, &HashMap::new(), 2).unwrap_err();
         assert!(e.contains("partition 1 has no owner"), "{e}");
+    }
+
+    #[test]
+    fn show_gives_each_follower_its_lag_and_lists_the_partitions_behind() {
+        use crate::cluster::roles::ReplicaLag;
+        // Partitions 0..4 over 1,2,3 with two replicas: 0 [1,2], 1 [2,3], 2 [3,1], 3 [1,2];
+        // node 3 took 1 over from node 2.
+        let mut table = PartitionTable::placed(4, &[1, 2, 3], 2);
+        table.took_over(1, 3, 2);
+        let now_ms = 1_000_000;
+        let f = |node, acked, behind_bytes, ago_ms| ReplicaLag {
+            node,
+            acked,
+            behind_bytes,
+            caught_up_ms: now_ms - ago_ms,
+        };
+        let lags = vec![
+            (1, 0, vec![f(2, 500, 0, 0)]),
+            // Node 2's report of partition 1 from before the takeover: not its leader now.
+            (2, 1, vec![f(3, 10, 90_000, 9_000)]),
+            (3, 1, vec![f(2, 100, 4_000, 2_500)]),
+            (1, 3, vec![f(2, 700, 300, 100)]),
+        ];
+        let lines = describe_lag(&table, &lags, now_ms);
+        assert_eq!(
+            lines,
+            [
+                "replica lag (3 of 4 followers reported by their leaders, 2 behind):",
+                "  node 1: not reported (the leaders of its 1 partition publish nothing: down, \
+                 or leading for less than a round)",
+                "  node 2: 3 partitions, behind 4000 bytes at most (partition 1), caught up 2.5 s \
+                 ago at the oldest",
+                "behind (furthest first):",
+                "  1: node 2 behind leader 3 by 4000 bytes (at 100), caught up 2.5 s ago",
+                "  3: node 2 behind leader 1 by 300 bytes (at 700), caught up 0.1 s ago",
+            ]
+        );
+        // Many partitions behind: the furthest LAG_LINES_MAX.
+        let table = PartitionTable::placed(40, &[1, 2], 2);
+        let lags: Vec<_> = (0..40)
+            .map(|p| {
+                let leader = table.get(p).unwrap().node;
+                (leader, p, vec![f(3 - leader, 0, u64::from(p) + 1, 0)])
+            })
+            .collect();
+        let lines = describe_lag(&table, &lags, now_ms);
+        assert_eq!(lines.len(), 1 + 2 + 1 + LAG_LINES_MAX, "{lines:#?}");
+        assert_eq!(lines[3], "behind (the 16 furthest of 40):");
+        assert!(lines[4].starts_with("  39: node "), "{lines:#?}");
+        assert_eq!(
+            lines[1],
+            "  node 1: 20 partitions, behind 40 bytes at most (partition 39), caught up 0.0 s \
+             ago at the oldest"
+        );
     }
 
     #[test]

@@ -257,6 +257,9 @@ impl Leader {
     /// take back one that caught up. One request at a time; the set changes only when the
     /// answer comes ([`Leader::on_isr`]).
     pub fn check_isr(&mut self, tail: Position, now: Instant, leases: &Leases) {
+        // For `chinwag cluster show`: each follower as this leader sees it.
+        let seen = self.peers.iter().map(|p| (p.node, p.acked, p.caught_up_at));
+        leases.report_lag(self.partition, tail, seen);
         if self.isr_asked.is_some() {
             return;
         }

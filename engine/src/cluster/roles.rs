@@ -10,7 +10,7 @@
 //! [`Leases`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::queue::ArrayQueue;
 use smallvec::SmallVec;
@@ -86,6 +86,38 @@ pub struct Leases {
     until_ms: Vec<AtomicU64>,
     /// In-sync set changes the leading shards asked for, for the leadership thread to write.
     isr_requests: ArrayQueue<IsrRequest>,
+    /// Per partition: its leading shard's view of each follower (written by that shard,
+    /// read by the leadership thread, which publishes it for `chinwag cluster show`).
+    lag: Vec<[LagSlot; LAG_SLOTS]>,
+}
+
+/// Followers per partition whose lag is kept (R is at most `REPLICAS_MAX` = 8, a move adds
+/// one: 8 covers every follower of every partition but the largest sets in a move).
+pub const LAG_SLOTS: usize = 8;
+
+/// One follower as its leader sees it: what [`Leases::lag`] gives (from what the leading
+/// shard told [`Leases::report_lag`]) and `chinwag:node:N:lag` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaLag {
+    /// The follower's node.
+    pub node: u16,
+    /// How far it has the log (its last acknowledged position, in bytes).
+    pub acked: u64,
+    /// How far it is behind the leader's tail, in bytes.
+    pub behind_bytes: u64,
+    /// When it last had everything the leader had (Unix ms).
+    pub caught_up_ms: u64,
+}
+
+/// One slot of the lag table: node 0 is an empty slot. Each field is its own atomic: a
+/// reader may see one follower's fields from two reports (a diagnostic figure, never a
+/// decision).
+#[derive(Default)]
+struct LagSlot {
+    node: AtomicU64,
+    acked: AtomicU64,
+    behind_bytes: AtomicU64,
+    caught_up_ms: AtomicU64,
 }
 
 /// A leader's request to record a new in-sync set for its partition (a follower fell behind
@@ -106,6 +138,7 @@ impl Leases {
             epoch: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             until_ms: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
             isr_requests: ArrayQueue::new(4 * partitions.max(1)),
+            lag: (0..partitions).map(|_| Default::default()).collect(),
         }
     }
 
@@ -148,6 +181,69 @@ impl Leases {
     pub fn next_isr_request(&self) -> Option<IsrRequest> {
         self.isr_requests.pop()
     }
+
+    /// The leading shard of `p` reports each follower as it sees it, every turn: its node,
+    /// how far it acknowledged the log (`None`: not yet), and when it last had everything;
+    /// `tail` is the leader's log end. The slots past them are emptied; more than
+    /// [`LAG_SLOTS`] are not kept. Lock-free, a few relaxed stores, no clock read: the
+    /// instants are kept relative to this table's start and turned into wall-clock time by
+    /// [`Leases::lag`].
+    pub fn report_lag(
+        &self,
+        p: PartitionId,
+        tail: u64,
+        followers: impl IntoIterator<Item = (u16, Option<u64>, Instant)>,
+    ) {
+        let Some(slots) = self.lag.get(usize::from(p)) else {
+            return;
+        };
+        let mut followers = followers.into_iter();
+        for slot in slots.iter() {
+            match followers.next() {
+                Some((node, acked, caught_up_at)) => {
+                    let acked = acked.unwrap_or(0);
+                    let caught_up = caught_up_at.saturating_duration_since(self.start);
+                    slot.acked.store(acked, Ordering::Relaxed);
+                    slot.behind_bytes
+                        .store(tail.saturating_sub(acked), Ordering::Relaxed);
+                    slot.caught_up_ms
+                        .store(caught_up.as_millis() as u64, Ordering::Relaxed);
+                    slot.node.store(u64::from(node), Ordering::Release);
+                }
+                None => slot.node.store(0, Ordering::Release),
+            }
+        }
+    }
+
+    /// Forgets `p`'s followers (this node no longer leads it).
+    pub fn clear_lag(&self, p: PartitionId) {
+        self.report_lag(p, 0, []);
+    }
+
+    /// The followers of `p` as its leading shard last reported them, `caught_up_ms` in Unix
+    /// ms (the leadership thread's side: it reads the clock once per call).
+    pub fn lag(&self, p: PartitionId) -> SmallVec<[ReplicaLag; 4]> {
+        let Some(slots) = self.lag.get(usize::from(p)) else {
+            return SmallVec::new();
+        };
+        let since_start = self.start.elapsed().as_millis() as u64;
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        slots
+            .iter()
+            .filter_map(|slot| {
+                let node = slot.node.load(Ordering::Acquire) as u16;
+                let caught_up = slot.caught_up_ms.load(Ordering::Relaxed);
+                (node != 0).then(|| ReplicaLag {
+                    node,
+                    acked: slot.acked.load(Ordering::Relaxed),
+                    behind_bytes: slot.behind_bytes.load(Ordering::Relaxed),
+                    caught_up_ms: unix_now.saturating_sub(since_start.saturating_sub(caught_up)),
+                })
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -171,5 +267,55 @@ mod tests {
         leases.lose(1);
         assert!(!leases.valid(1, 3, now));
         assert!(!leases.valid(9, 3, now), "a partition past P");
+    }
+
+    #[test]
+    fn the_lag_table_keeps_the_last_report_of_each_partition() {
+        let leases = Leases::new(2);
+        assert!(leases.lag(0).is_empty());
+        let unix_ms = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = unix_ms();
+        let now = Instant::now();
+        let two = [
+            (2, Some(100), now),
+            (3, Some(40), now - Duration::from_secs(3)),
+        ];
+        leases.report_lag(1, 100, two);
+        let lag = leases.lag(1);
+        let after = unix_ms();
+        assert_eq!(lag.len(), 2, "{lag:?}");
+        assert_eq!(
+            (lag[0].node, lag[0].acked, lag[0].behind_bytes),
+            (2, 100, 0)
+        );
+        assert_eq!(
+            (lag[1].node, lag[1].acked, lag[1].behind_bytes),
+            (3, 40, 60)
+        );
+        // The instants reported, in wall-clock time (to the ms each side rounds to; the
+        // table's start may be later than 3 s ago: then the oldest it tells is its start).
+        assert!(
+            (before - 2..=after + 2).contains(&lag[0].caught_up_ms),
+            "{before}..{after}: {lag:?}"
+        );
+        assert!(lag[1].caught_up_ms <= lag[0].caught_up_ms, "{lag:?}");
+        assert!(leases.lag(0).is_empty(), "another partition");
+        leases.report_lag(1, 250, [(3, None, now)]);
+        let lag = leases.lag(1);
+        assert_eq!(lag.len(), 1, "a smaller report empties the rest: {lag:?}");
+        assert_eq!(
+            (lag[0].node, lag[0].acked, lag[0].behind_bytes),
+            (3, 0, 250),
+            "a follower not heard from is behind by the whole log"
+        );
+        leases.clear_lag(1);
+        assert!(leases.lag(1).is_empty());
+        leases.report_lag(9, 100, two);
+        assert!(leases.lag(9).is_empty(), "a partition past P");
     }
 }

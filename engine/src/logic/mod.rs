@@ -648,13 +648,18 @@ impl Owner {
     }
 
     /// `NotHere` (answered `unavailable`: retry) for a partition this shard holds a replica
-    /// of but does not lead now (it was demoted after the request was routed here), or leads
-    /// on a lease that has run out (another node may lead it by now: what this log holds may
-    /// be stale, or hold records of its epoch that the new leader's log never will).
+    /// of but does not lead now (it was demoted after the request was routed here), or, in a
+    /// cluster, no longer holds at all (a move took it away after the request was routed
+    /// here: the retry goes to its new leader), or leads on a lease that has run out (another
+    /// node may lead it by now: what this log holds may be stale, or hold records of its
+    /// epoch that the new leader's log never will).
     fn not_led_here(&self, p: u32) -> Result<(), StoreError> {
         let follows = self.map.replica_shard(p) == Some(self.shard)
             && self.map.shard_of_partition(p) != Some(self.shard);
-        match follows || self.lease_lapsed(p) {
+        let moved_away = self.replication.is_some()
+            && (p as usize) < self.map.count()
+            && self.map.replica_shard(p).is_none();
+        match follows || moved_away || self.lease_lapsed(p) {
             true => Err(StoreError::NotHere { partition: p }),
             false => Ok(()),
         }

@@ -885,4 +885,31 @@ mod tests {
         let held = two.h(1).owner.replication.as_ref().unwrap().held_bytes;
         assert!(held <= 4 << 10, "{held}");
     }
+
+    #[test]
+    fn a_request_for_a_partition_moved_away_after_routing_is_answered_unavailable() {
+        let mut two = Two::new(true);
+        let a = two.login(1, buyer(1));
+        let b = two.login(1, buyer(2));
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::User(b.uid), "1", "x"), 3);
+        let out = two.settle();
+        let (conv, _) = send_ok(&replies(&out[0], a.session));
+        // A move takes the partition off node 1 (its shard drops it) while a read and a send
+        // routed to it are on their way: both are answered unavailable (the retry goes to
+        // the new leader), not not_found.
+        let p = test_map().partition_of(&crate::bus::user_pair(a.uid, b.uid));
+        two.h(1)
+            .owner
+            .handle(BusMsg::Role(Box::new(RoleChange::Drop { partition: p })), 0);
+        let page = two.history(1, &a, conv);
+        assert!(page.contains("unavailable"), "{page}");
+        two.h(1)
+            .owner
+            .handle(send(&a, Target::Conv(conv), "2", "x"), 4);
+        let out = two.settle();
+        let reply = &replies(&out[0], a.session)[0];
+        assert!(reply.contains("unavailable"), "{reply}");
+    }
 }

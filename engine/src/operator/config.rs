@@ -261,6 +261,11 @@ settings! {
      before Redis lets the lease lapse even if its clock runs slower than Redis's"
     #[arg(value_name = "MS")]
     cluster_lease_margin_ms: u64 = 300, "300";
+    "Hand each partition's leadership back to its preferred replica (the first of its replica \
+     set) once that one is in sync and alive again, so that leaderships do not pile up on the \
+     nodes that took over after failovers (one handover per node per round)"
+    #[arg(value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    cluster_preferred_leader: bool = true, "true";
     "A follower behind its leader for longer than this leaves the in-sync set (recorded in \
      Redis before the leader acknowledges without it); it rejoins once caught up"
     #[arg(value_name = "MS")]
