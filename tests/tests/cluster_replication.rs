@@ -436,6 +436,13 @@ mod failover {
             .min_by_key(|&n| (cluster.led_by(n).len(), n))
             .expect("three nodes");
         cluster.pause(follower);
+        // Its leaders hold their turns' acknowledgements for it until they record it out of
+        // sync (`--replica-lag-max-ms`, 2 s), and their metrics say so meanwhile.
+        cluster.wait_until("a leader holding turns for the stopped follower", |c| {
+            (1..=3)
+                .filter(|&n| n != follower)
+                .any(|n| c.node(n).metric("chinwag_replication_held_turns", "") > 0)
+        });
         let mut first = None;
         cluster.wait_until("the stopped follower reported behind", |c| {
             first = lag_of(&c.cli(&["show"]), follower).filter(|&b| b > 0);
