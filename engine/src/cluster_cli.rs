@@ -176,8 +176,10 @@ fn moved(
     }
 }
 
-/// How many partitions are moving.
-fn pending(target: &RedisTarget) -> Result<usize, String> {
+/// A connection to the cluster's Redis, its metadata and its partition table.
+fn load_cluster(
+    target: &RedisTarget,
+) -> Result<(redis::Connection, registry::ClusterMeta, PartitionTable), String> {
     let mut c = target
         .connect()
         .map_err(|e| format!("cannot reach Redis at {}: {e}", target.url))?;
@@ -185,18 +187,18 @@ fn pending(target: &RedisTarget) -> Result<usize, String> {
         return Err(format!("no cluster in Redis at {}", target.url));
     };
     let table = PartitionTable::load(&mut c, meta.partitions)?;
+    Ok((c, meta, table))
+}
+
+/// How many partitions are moving.
+fn pending(target: &RedisTarget) -> Result<usize, String> {
+    let (_, _, table) = load_cluster(target)?;
     Ok(moves::moving(&table).len())
 }
 
 fn show(target: &RedisTarget) -> Result<String, String> {
     use std::fmt::Write;
-    let mut c = target
-        .connect()
-        .map_err(|e| format!("cannot reach Redis at {}: {e}", target.url))?;
-    let Some(meta) = registry::load_meta(&mut c)? else {
-        return Err(format!("no cluster in Redis at {}", target.url));
-    };
-    let table = PartitionTable::load(&mut c, meta.partitions)?;
+    let (mut c, meta, table) = load_cluster(target)?;
     let peers = registry::read_peers(&mut c).map_err(|e| e.to_string())?;
     let holders = registry::lease_holders(&mut c, meta.partitions).map_err(|e| e.to_string())?;
     let mut out = String::new();

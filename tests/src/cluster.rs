@@ -383,17 +383,7 @@ impl Cluster {
     /// Runs `chinwag cluster --cluster URL ARGS` against this cluster's Redis; fails the test
     /// if it fails, else returns what it printed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(binary())
-            .args(["cluster", "--cluster", &self.redis.url()])
-            .args(args)
-            .output()
-            .expect("run chinwag cluster");
-        assert!(
-            out.status.success(),
-            "chinwag cluster {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.redis.cluster_cli(args)
     }
 
     /// Kills Redis (SIGKILL); the nodes see a Redis that stopped answering.

@@ -41,6 +41,22 @@ pub fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// Runs `chinwag cluster --cluster URL ARGS` against this Redis; fails the test if it
+    /// fails, else returns what it printed.
+    pub fn cluster_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(crate::binary())
+            .args(["cluster", "--cluster", &self.url()])
+            .args(args)
+            .output()
+            .expect("run chinwag cluster");
+        assert!(
+            out.status.success(),
+            "chinwag cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A Redis that keeps nothing on disk (`--save '' --appendonly no`).
     pub fn start() -> RedisServer {
         RedisServer::start_with(false)

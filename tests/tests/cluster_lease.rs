@@ -138,37 +138,36 @@ impl Node {
 }
 
 fn init(redis: &RedisServer, replicas: &str) -> String {
-    let out = Command::new(binary())
-        .args([
-            "cluster",
-            "--cluster",
-            &redis.url(),
-            "init",
-            "--nodes",
-            "1,2,3",
-        ])
-        .args(["--partitions", &P.to_string(), "--replicas", replicas])
-        .output()
-        .expect("run chinwag cluster init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let partitions = P.to_string();
+    redis.cluster_cli(&[
+        "init",
+        "--nodes",
+        "1,2,3",
+        "--partitions",
+        &partitions,
+        "--replicas",
+        replicas,
+    ])
 }
 
 fn show(redis: &RedisServer) -> String {
-    let out = Command::new(binary())
-        .args(["cluster", "--cluster", &redis.url(), "show"])
-        .output()
-        .expect("run chinwag cluster show");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    redis.cluster_cli(&["show"])
+}
+
+/// Waits until node 2 (`node`) leads partition `p` at epoch 2 with a valid lease: it took
+/// over from node 1.
+fn wait_taken_over(node: &Node, p: u16) {
+    wait_for(&format!("node 2 takes partition {p} over"), || {
+        node.sink.leads(p, 2) && node.valid(p, 2)
+    });
+}
+
+/// Who holds partition `p`'s lease in Redis ("NODE EPOCH"), if anyone.
+fn lease_holder(redis: &RedisServer, p: u32) -> Option<String> {
+    redis::cmd("GET")
+        .arg(format!("chinwag:lease:{p}"))
+        .query(&mut redis.connection())
+        .unwrap()
 }
 
 /// Waits, at most `WAIT`, until `ready` holds.
@@ -253,11 +252,7 @@ fn leaders_hold_their_leases_and_followers_are_told_whom_they_follow() {
     );
     // Only the leader may acknowledge.
     assert!(!nodes[1].valid(0, 1));
-    let holder: Option<String> = redis::cmd("GET")
-        .arg("chinwag:lease:0")
-        .query(&mut redis.connection())
-        .unwrap();
-    assert_eq!(holder.as_deref(), Some("1 1"));
+    assert_eq!(lease_holder(&redis, 0).as_deref(), Some("1 1"));
 }
 
 #[test]
@@ -269,9 +264,7 @@ fn an_in_sync_follower_takes_over_a_stopped_leader_at_the_next_epoch() {
     nodes[0].stop();
     // Node 1 led 0 and 3 (followed by 2); node 3 led 2 and 5, followed by node 1 — unchanged.
     for p in [0, 3] {
-        wait_for(&format!("node 2 takes partition {p} over"), || {
-            nodes[1].sink.leads(p, 2) && nodes[1].valid(p, 2)
-        });
+        wait_taken_over(&nodes[1], p);
         assert_eq!(entry(&redis, u32::from(p)), "2 2 1,2");
         // The old leader stays a replica, out of the in-sync set until it catches up.
         assert_eq!(isr(&redis, u32::from(p)), "2 2");
@@ -309,9 +302,7 @@ fn a_restarted_leader_gives_its_earlier_runs_lease_to_an_in_sync_follower() {
     nodes[0].stop();
     let back = Node::start(&redis, 1);
     for p in [0, 3] {
-        wait_for(&format!("node 2 takes partition {p} over"), || {
-            nodes[1].sink.leads(p, 2) && nodes[1].valid(p, 2)
-        });
+        wait_taken_over(&nodes[1], p);
         wait_for(
             &format!("the restarted node 1 follows node 2 on {p}"),
             || back.sink.follows(p, 2, 2),
@@ -451,16 +442,14 @@ fn a_draining_leader_gives_its_leases_up_to_its_followers() {
     // It stops acknowledging before it gives the leases up, and the leases are no longer its.
     assert!(!nodes[0].valid(0, 1) && !nodes[0].valid(3, 1));
     for p in [0u32, 3] {
-        let holder: Option<String> = redis::cmd("GET")
-            .arg(format!("chinwag:lease:{p}"))
-            .query(&mut redis.connection())
-            .unwrap();
-        assert_ne!(holder.as_deref(), Some("1 1"), "partition {p}");
+        assert_ne!(
+            lease_holder(&redis, p).as_deref(),
+            Some("1 1"),
+            "partition {p}"
+        );
     }
     for p in [0, 3] {
-        wait_for(&format!("node 2 takes partition {p} over"), || {
-            nodes[1].sink.leads(p, 2) && nodes[1].valid(p, 2)
-        });
+        wait_taken_over(&nodes[1], p);
     }
 }
 
@@ -518,17 +507,7 @@ fn cluster_show_prints_leaders_epochs_replicas_in_sync_sets_and_lease_holders() 
 // (`Leases::request_isr`); `catch_up` asks it for every partition whose leader holds its lease.
 
 fn cli(redis: &RedisServer, args: &[&str]) -> String {
-    let out = Command::new(binary())
-        .args(["cluster", "--cluster", &redis.url()])
-        .args(args)
-        .output()
-        .expect("run chinwag cluster");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    redis.cluster_cli(args)
 }
 
 /// Partition `p`'s entry as (leader, epoch, replicas).
@@ -819,9 +798,7 @@ fn leadership_goes_back_to_the_preferred_replica_once_it_is_in_sync() {
     let mut nodes = steady(&redis);
     nodes[0].stop();
     for p in [0, 3] {
-        wait_for(&format!("node 2 takes partition {p} over"), || {
-            nodes[1].sink.leads(p, 2) && nodes[1].valid(p, 2)
-        });
+        wait_taken_over(&nodes[1], p);
     }
     let back = Node::start(&redis, 1);
     wait_for("node 1 follows partition 0", || back.sink.follows(0, 2, 2));

@@ -34,36 +34,11 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn init(redis: &RedisServer, nodes: &str) {
-    let out = Command::new(binary())
-        .args([
-            "cluster",
-            "--cluster",
-            &redis.url(),
-            "init",
-            "--nodes",
-            nodes,
-        ])
-        .args(["--partitions", PARTITIONS])
-        .output()
-        .expect("run chinwag cluster init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    redis.cluster_cli(&["init", "--nodes", nodes, "--partitions", PARTITIONS]);
 }
 
 fn show(redis: &RedisServer) -> String {
-    let out = Command::new(binary())
-        .args(["cluster", "--cluster", &redis.url(), "show"])
-        .output()
-        .expect("run chinwag cluster show");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    redis.cluster_cli(&["show"])
 }
 
 /// The flags of cluster node `n` (its node link on a free port).

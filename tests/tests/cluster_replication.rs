@@ -212,6 +212,23 @@ fn the_checker_catches_acknowledged_messages_lost_with_a_wiped_node() {
     assert_eq!(report["verify_unread"], 0, "{report}");
 }
 
+/// A replicated cluster under a chat load of `duration_s` seconds, the load stored on every
+/// node and every replica in sync.
+fn loaded(duration_s: u64) -> (Cluster, LoadgenRun) {
+    let cluster = Cluster::start(replicated());
+    let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, duration_s);
+    wait_loaded(&cluster);
+    (cluster, run)
+}
+
+/// The node that leads the fewest partitions (the lowest number of those): it follows
+/// others' partitions too.
+fn least_leading(cluster: &Cluster) -> u16 {
+    (1..=cluster.spec.nodes)
+        .min_by_key(|&n| (cluster.led_by(n).len(), n))
+        .expect("nodes")
+}
+
 /// Waits until the chat load stores on every node and every replica is in sync. A node
 /// killed while a partition's in-sync set is its leader alone (a follower that fell behind for
 /// a moment, at the start or under load) leaves that partition to wait for it: by the rules,
@@ -305,9 +322,7 @@ mod failover {
     #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_leader_paused_past_its_lease_acknowledges_nothing_after_and_its_late_writes_never_appear()
     {
-        let mut cluster = Cluster::start(replicated());
-        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        wait_loaded(&cluster);
+        let (mut cluster, run) = loaded(40);
         let leader = cluster.busiest_leader();
         let before = led(&cluster, leader);
         // Stopped, it renews nothing: its leases lapse and its in-sync followers take over.
@@ -337,9 +352,7 @@ mod failover {
     #[test]
     #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn redis_restarted_during_a_failover_loses_no_acknowledged_message() {
-        let mut cluster = Cluster::start(replicated());
-        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        wait_loaded(&cluster);
+        let (mut cluster, run) = loaded(40);
         let leader = cluster.busiest_leader();
         let before = led(&cluster, leader);
         // The leader dies and Redis with it, before anyone could take its leases over: no
@@ -358,13 +371,8 @@ mod failover {
     #[test]
     #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_follower_killed_and_restarted_catches_up_and_rejoins() {
-        let mut cluster = Cluster::start(replicated());
-        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        wait_loaded(&cluster);
-        // The node that leads the fewest partitions; it follows others' partitions too.
-        let follower = (1..=3u16)
-            .min_by_key(|&n| (cluster.led_by(n).len(), n))
-            .expect("three nodes");
+        let (mut cluster, run) = loaded(40);
+        let follower = least_leading(&cluster);
         let table = cluster.partitions().expect("Redis answers");
         let followed: Vec<u32> = (0..cluster.spec.partitions)
             .zip(&table)
@@ -397,9 +405,7 @@ mod failover {
     #[test]
     #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn a_fourth_node_added_and_retired_under_load_loses_no_acknowledged_message() {
-        let mut cluster = Cluster::start(replicated());
-        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 60);
-        wait_loaded(&cluster);
+        let (mut cluster, run) = loaded(60);
         let added = cluster.add_node();
         cluster.cli(&["add-node", &added.to_string()]);
         // It follows its share, catches up, then leads it.
@@ -420,9 +426,7 @@ mod failover {
     #[test]
     #[ignore = "needs redis-server on the PATH (apt-get install redis-server); .ci/run installs it and runs these"]
     fn show_gives_each_follower_its_lag_and_a_stopped_followers_lag_grows() {
-        let mut cluster = Cluster::start(replicated());
-        let run = cluster::chat_load(&cluster, UID_BASE, CONVERSATIONS, 40);
-        wait_loaded(&cluster);
+        let (mut cluster, run) = loaded(40);
         // Every node follows partitions of the others: each partition's leader reports its
         // follower, and show gives each node a lag.
         cluster.wait_until("show to give every follower a lag", |c| {
@@ -432,9 +436,7 @@ mod failover {
         });
         // Stopped, a follower acknowledges nothing: its leaders (and those that take over
         // what it led) see it further behind at every look, the load going on.
-        let follower = (1..=3u16)
-            .min_by_key(|&n| (cluster.led_by(n).len(), n))
-            .expect("three nodes");
+        let follower = least_leading(&cluster);
         cluster.pause(follower);
         // Its leaders hold their turns' acknowledgements for it until they record it out of
         // sync (`--replica-lag-max-ms`, 2 s), and their metrics say so meanwhile.

@@ -12,8 +12,8 @@ use chinwag_protocol::{
     Uid, UidKind,
 };
 use chinwag_tests::redis::RedisServer;
-use chinwag_tests::{binary, mint_token_in_shop, service_client, Server};
 use chinwag_tests::{buyer, send};
+use chinwag_tests::{mint_token_in_shop, service_client, Server};
 
 const SECRET: &str = "cluster-secret-cluster-secret-0123";
 /// Partition p is node p % 3 + 1's (`chinwag cluster init` deals them round-robin).
@@ -30,19 +30,18 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn init(redis: &RedisServer) {
-    let out = std::process::Command::new(binary())
-        .args(["cluster", "--cluster", &redis.url(), "init"])
-        .args(["--nodes", "1,2,3", "--partitions", &PARTITIONS.to_string()])
-        // One replica: these are the unreplicated cluster's tests (a killed node's partitions
-        // wait for it); cluster_replication.rs has the replicated ones.
-        .args(["--replicas", "1"])
-        .output()
-        .expect("run chinwag cluster init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let partitions = PARTITIONS.to_string();
+    // One replica: these are the unreplicated cluster's tests (a killed node's partitions
+    // wait for it); cluster_replication.rs has the replicated ones.
+    redis.cluster_cli(&[
+        "init",
+        "--nodes",
+        "1,2,3",
+        "--partitions",
+        &partitions,
+        "--replicas",
+        "1",
+    ]);
 }
 
 /// The flags of node `n`: its node link on port 0 (bound before it registers), two shards,

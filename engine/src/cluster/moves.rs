@@ -305,21 +305,13 @@ pub fn grow(
     to: &[u16],
     lease: Duration,
 ) -> redis::RedisResult<u64> {
-    let args = [
-        p.to_string(),
-        node.to_string(),
-        epoch.to_string(),
-        keys::node_list(to),
-        lease.as_millis().to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let lease_key = keys::lease(p);
-    eval(
-        c,
-        keys::GROW_SCRIPT,
-        &[keys::PARTITIONS, keys::ISR, keys::TARGETS, &lease_key],
-        &args,
-    )
+    let step = Step {
+        p,
+        node,
+        epoch,
+        lease,
+    };
+    step.run(c, keys::GROW_SCRIPT, &keys::node_list(to), &[])
 }
 
 /// Step 3 of a move ([`keys::SHRINK_SCRIPT`]): the replica set becomes `to`. The new epoch
@@ -332,24 +324,14 @@ pub fn shrink(
     to: &[u16],
     lease: Duration,
 ) -> redis::RedisResult<(u64, u16)> {
-    let args = [
-        p.to_string(),
-        node.to_string(),
-        epoch.to_string(),
-        keys::node_list(to),
-        lease.as_millis().to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut key_names = vec![
-        keys::PARTITIONS.to_string(),
-        keys::ISR.to_string(),
-        keys::TARGETS.to_string(),
-        keys::lease(p),
-    ];
-    key_names.extend(to.iter().map(|&n| keys::alive(n)));
-    let key_refs: Vec<&str> = key_names.iter().map(String::as_str).collect();
-    let (epoch, leader): (u64, u16) = eval(c, keys::SHRINK_SCRIPT, &key_refs, &args)?;
-    Ok((epoch, leader))
+    let alive: Vec<String> = to.iter().map(|&n| keys::alive(n)).collect();
+    let step = Step {
+        p,
+        node,
+        epoch,
+        lease,
+    };
+    step.run(c, keys::SHRINK_SCRIPT, &keys::node_list(to), &alive)
 }
 
 /// The preferred leader ([`keys::HANDOFF_SCRIPT`]): `node`, leading `p` at `epoch`, hands it
@@ -362,28 +344,48 @@ pub fn handoff(
     successor: u16,
     lease: Duration,
 ) -> redis::RedisResult<u64> {
-    let args = [
-        p.to_string(),
-        node.to_string(),
-        epoch.to_string(),
-        successor.to_string(),
-        lease.as_millis().to_string(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let lease_key = keys::lease(p);
-    let alive = keys::alive(successor);
-    eval(
-        c,
-        keys::HANDOFF_SCRIPT,
-        &[
-            keys::PARTITIONS,
-            keys::ISR,
-            keys::TARGETS,
-            &lease_key,
-            &alive,
-        ],
-        &args,
-    )
+    let step = Step {
+        p,
+        node,
+        epoch,
+        lease,
+    };
+    let alive = [keys::alive(successor)];
+    step.run(c, keys::HANDOFF_SCRIPT, &successor.to_string(), &alive)
+}
+
+/// What every step script of a move is called with: the partition, the leader asking and
+/// its epoch, and the lease it renews.
+struct Step {
+    p: u32,
+    node: u16,
+    epoch: u64,
+    lease: Duration,
+}
+
+impl Step {
+    /// Runs `script` with keys partitions, in-sync sets, targets, `p`'s lease and `more`, and
+    /// arguments p, node, epoch, `what`, the lease in ms.
+    fn run<T: redis::FromRedisValue>(
+        &self,
+        c: &mut redis::Connection,
+        script: &str,
+        what: &str,
+        more: &[String],
+    ) -> redis::RedisResult<T> {
+        let args = [
+            self.p.to_string(),
+            self.node.to_string(),
+            self.epoch.to_string(),
+            what.to_string(),
+            self.lease.as_millis().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let lease_key = keys::lease(self.p);
+        let mut key_refs = vec![keys::PARTITIONS, keys::ISR, keys::TARGETS, &lease_key];
+        key_refs.extend(more.iter().map(String::as_str));
+        eval(c, script, &key_refs, &args)
+    }
 }
 
 #[cfg(test)]
